@@ -1,0 +1,36 @@
+# sdserve — the two commands the README promises: `make demo`, `make test`.
+SHELL := /bin/bash
+VENV := $(CURDIR)/.venv
+export PATH := $(VENV)/bin:$(PATH)
+export VIRTUAL_ENV := $(VENV)
+export LIBTORCH_USE_PYTORCH := 1
+export SD_FIXTURES ?= $(CURDIR)/target/sd-fixtures
+CARGO ?= cargo
+
+.PHONY: setup fixtures build test demo check fmt clippy
+
+## setup: project-local venv with pinned torch (libtorch for tch) and the reference implementation
+setup:
+	@scripts/setup.sh
+
+## fixtures: tiny random-weight pipelines in diffusers layout + reference outputs
+fixtures: setup
+	@python tests/fixtures/make_tiny_models.py $(SD_FIXTURES)
+
+## build: release binaries into target/release/
+build: setup
+	$(CARGO) build --release --workspace
+
+## test: set up, build and run every test
+test: setup fixtures
+	$(CARGO) test --workspace --no-fail-fast
+
+## demo: set up, write the tiny model (unless SD_MODEL is set), load it and run each network
+demo: build fixtures
+	target/release/sd-probe --model $${SD_MODEL:-$(SD_FIXTURES)/sd1-tiny} --prompt "a photograph of an astronaut riding a horse"
+
+check: fmt clippy
+fmt:
+	$(CARGO) fmt --all -- --check
+clippy: setup
+	$(CARGO) clippy --workspace --all-targets -- -D warnings

@@ -1,0 +1,168 @@
+//! The CLIP text transformer (transformers' `CLIPTextModel`): token and
+//! position embeddings, pre-norm encoder layers with causal self-attention,
+//! a final layer norm.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tch::{Kind, Tensor};
+
+use crate::config::{read_json, Activation, ClipConfig};
+use crate::device::Placement;
+use crate::error::{guarded, ModelError, Result};
+use crate::layers::{attention, LayerNorm, Linear};
+use crate::weights::{Vb, Weights};
+
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl EncoderLayer {
+    fn load(vb: &Vb, c: &ClipConfig) -> Result<Self> {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let attn = vb.pp("self_attn");
+        let mlp = vb.pp("mlp");
+        Ok(EncoderLayer {
+            layer_norm1: LayerNorm::load(&vb.pp("layer_norm1"), h, c.layer_norm_eps)?,
+            q_proj: Linear::load(&attn.pp("q_proj"), h, h, true)?,
+            k_proj: Linear::load(&attn.pp("k_proj"), h, h, true)?,
+            v_proj: Linear::load(&attn.pp("v_proj"), h, h, true)?,
+            out_proj: Linear::load(&attn.pp("out_proj"), h, h, true)?,
+            layer_norm2: LayerNorm::load(&vb.pp("layer_norm2"), h, c.layer_norm_eps)?,
+            fc1: Linear::load(&mlp.pp("fc1"), h, i, true)?,
+            fc2: Linear::load(&mlp.pp("fc2"), i, h, true)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, heads: i64, act: Activation) -> Tensor {
+        let h = self.layer_norm1.forward(xs);
+        let (q, k, v) = (
+            self.q_proj.forward(&h),
+            self.k_proj.forward(&h),
+            self.v_proj.forward(&h),
+        );
+        let h = self
+            .out_proj
+            .forward(&attention(&q, &k, &v, heads, true, false));
+        let xs = xs + h;
+        let h = self.fc1.forward(&self.layer_norm2.forward(&xs));
+        let h = match act {
+            Activation::QuickGelu => &h * (&h * 1.702).sigmoid(),
+            Activation::Gelu => h.gelu("none"),
+        };
+        xs + self.fc2.forward(&h)
+    }
+}
+
+/// CLIP's text transformer, loaded from `text_encoder/`.
+pub struct ClipTextModel {
+    config: ClipConfig,
+    activation: Activation,
+    token_embedding: Tensor,
+    position_embedding: Tensor,
+    layers: Vec<EncoderLayer>,
+    final_layer_norm: LayerNorm,
+    placement: Placement,
+    _storage: Arc<memmap2::Mmap>,
+}
+
+impl ClipTextModel {
+    /// Build from `config.json` and load from a safetensors file; the
+    /// published files carry a `text_model.` prefix that transformers 5 no
+    /// longer writes, so both are accepted.
+    pub fn load(config_path: &Path, weights: &Weights) -> Result<Self> {
+        let config: ClipConfig = read_json(config_path)?;
+        config.validate(config_path)?;
+        let activation = config.activation(config_path)?;
+        let prefix = if weights.contains("text_model.embeddings.token_embedding.weight") {
+            "text_model"
+        } else {
+            ""
+        };
+        let vb = Vb::root(weights, prefix);
+        let emb = vb.pp("embeddings");
+        let h = config.hidden_size;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| EncoderLayer::load(&vb.pp("encoder.layers").pp(i), &config))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ClipTextModel {
+            token_embedding: emb
+                .pp("token_embedding")
+                .get("weight", &[config.vocab_size, h])?,
+            position_embedding: emb
+                .pp("position_embedding")
+                .get("weight", &[config.max_position_embeddings, h])?,
+            layers,
+            final_layer_norm: LayerNorm::load(
+                &vb.pp("final_layer_norm"),
+                h,
+                config.layer_norm_eps,
+            )?,
+            activation,
+            placement: weights.placement(),
+            _storage: weights.storage(),
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &ClipConfig {
+        &self.config
+    }
+
+    pub fn hidden_size(&self) -> i64 {
+        self.config.hidden_size
+    }
+
+    /// Token ids (batch, seq) → hidden states (batch, seq, hidden).
+    ///
+    /// `clip_skip = 0` is the last hidden state after the final layer norm;
+    /// `clip_skip = k` is the hidden state k layers before the last, passed
+    /// through the final layer norm, as diffusers computes it.
+    pub fn forward(&self, ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+        let size = ids.size();
+        let [batch, seq] = size[..] else {
+            return Err(ModelError::Input(format!(
+                "token ids must be 2-d (batch, seq), got {size:?}"
+            )));
+        };
+        if batch < 1 || seq < 1 || seq > self.config.max_position_embeddings {
+            return Err(ModelError::Input(format!(
+                "token ids shape {size:?}: need batch >= 1 and 1..={} tokens",
+                self.config.max_position_embeddings
+            )));
+        }
+        if clip_skip >= self.layers.len() {
+            return Err(ModelError::Input(format!(
+                "clip_skip {clip_skip} must be below the text encoder's {} layers",
+                self.layers.len()
+            )));
+        }
+        let ids = ids.f_to_kind(Kind::Int64)?;
+        let (lo, hi) = (ids.f_min()?.int64_value(&[]), ids.f_max()?.int64_value(&[]));
+        if lo < 0 || hi >= self.config.vocab_size {
+            return Err(ModelError::Input(format!(
+                "token ids must lie in 0..{}, got {lo}..={hi}",
+                self.config.vocab_size
+            )));
+        }
+        guarded(|| {
+            let _guard = tch::no_grad_guard();
+            let ids = ids.to_device(self.placement.device);
+            let positions = self.position_embedding.narrow(0, 0, seq);
+            let mut xs =
+                Tensor::embedding(&self.token_embedding, &ids, -1, false, false) + positions;
+            let heads = self.config.num_attention_heads;
+            for layer in &self.layers[..self.layers.len() - clip_skip] {
+                xs = layer.forward(&xs, heads, self.activation);
+            }
+            Ok(self.final_layer_norm.forward(&xs))
+        })
+    }
+}

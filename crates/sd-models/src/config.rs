@@ -1,0 +1,455 @@
+//! The networks' `config.json` files, as diffusers and transformers write them.
+//! Every size comes from here; defaults are the library defaults for keys
+//! that older files omit.
+
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::error::{ModelError, Result};
+
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            ModelError::MissingFile {
+                path: path.to_path_buf(),
+            }
+        } else {
+            ModelError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })?;
+    serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// A value given once for all blocks or once per block.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum PerBlock {
+    One(i64),
+    Many(Vec<i64>),
+}
+
+impl PerBlock {
+    pub fn expand(&self, blocks: usize, key: &str, path: &Path) -> Result<Vec<i64>> {
+        match self {
+            PerBlock::One(v) => Ok(vec![*v; blocks]),
+            PerBlock::Many(v) if v.len() == blocks => Ok(v.clone()),
+            PerBlock::Many(v) => Err(config_err(
+                path,
+                format!("`{key}` has {} entries for {blocks} blocks", v.len()),
+            )),
+        }
+    }
+}
+
+pub(crate) fn config_err(path: &Path, message: String) -> ModelError {
+    ModelError::Config {
+        path: path.to_path_buf(),
+        message,
+    }
+}
+
+fn unsupported(path: &Path, message: String) -> ModelError {
+    ModelError::Unsupported {
+        path: path.to_path_buf(),
+        message,
+    }
+}
+
+fn d_true() -> bool {
+    true
+}
+fn d_one() -> PerBlock {
+    PerBlock::One(1)
+}
+fn d_groups() -> i64 {
+    32
+}
+fn d_eps5() -> f64 {
+    1e-5
+}
+fn d_four() -> i64 {
+    4
+}
+fn d_three() -> i64 {
+    3
+}
+fn d_unit() -> f64 {
+    1.0
+}
+fn d_scaling() -> f64 {
+    0.18215
+}
+fn d_act_silu() -> String {
+    "silu".into()
+}
+fn d_positional() -> String {
+    "positional".into()
+}
+fn d_default() -> String {
+    "default".into()
+}
+fn d_mid() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
+fn d_sample64() -> i64 {
+    64
+}
+
+/// `unet/config.json` (UNet2DConditionModel).
+#[derive(Debug, Clone, Deserialize)]
+pub struct UNetConfig {
+    #[serde(default = "d_four")]
+    pub in_channels: i64,
+    #[serde(default = "d_four")]
+    pub out_channels: i64,
+    pub block_out_channels: Vec<i64>,
+    pub layers_per_block: PerBlock,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    pub attention_head_dim: PerBlock,
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock>,
+    pub cross_attention_dim: PerBlock,
+    #[serde(default = "d_one")]
+    pub transformer_layers_per_block: PerBlock,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default)]
+    pub upcast_attention: bool,
+    #[serde(default = "d_groups")]
+    pub norm_num_groups: i64,
+    #[serde(default = "d_eps5")]
+    pub norm_eps: f64,
+    #[serde(default = "d_true")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    #[serde(default = "d_sample64")]
+    pub sample_size: i64,
+    #[serde(default = "d_mid")]
+    pub mid_block_type: Option<String>,
+    #[serde(default = "d_unit")]
+    pub mid_block_scale_factor: f64,
+    #[serde(default = "d_act_silu")]
+    pub act_fn: String,
+    #[serde(default = "d_positional")]
+    pub time_embedding_type: String,
+    #[serde(default = "d_default")]
+    pub resnet_time_scale_shift: String,
+    #[serde(default = "d_three")]
+    pub conv_in_kernel: i64,
+    #[serde(default = "d_three")]
+    pub conv_out_kernel: i64,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub encoder_hid_dim: Option<i64>,
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<i64>,
+    #[serde(default)]
+    pub dual_cross_attention: bool,
+    #[serde(default)]
+    pub center_input_sample: bool,
+    #[serde(default)]
+    pub only_cross_attention: serde_json::Value,
+    #[serde(default)]
+    pub downsample_padding: Option<i64>,
+}
+
+/// What the loader builds for one UNet block, all per-block values resolved.
+#[derive(Debug, Clone)]
+pub struct UNetBlock {
+    pub cross_attention: bool,
+    pub layers: i64,
+    pub heads: i64,
+    pub transformer_depth: i64,
+    pub cross_attention_dim: i64,
+}
+
+impl UNetConfig {
+    /// Check what this implementation supports (SD 1.x/2.x-style UNets) and
+    /// resolve per-block values. Returns (down blocks, up blocks), both in
+    /// execution order.
+    pub fn blocks(&self, path: &Path) -> Result<(Vec<UNetBlock>, Vec<UNetBlock>)> {
+        let n = self.block_out_channels.len();
+        if n == 0 {
+            return Err(config_err(path, "`block_out_channels` is empty".into()));
+        }
+        if self.down_block_types.len() != n || self.up_block_types.len() != n {
+            return Err(config_err(
+                path,
+                format!(
+                    "{} down and {} up block types for {n} block_out_channels",
+                    self.down_block_types.len(),
+                    self.up_block_types.len()
+                ),
+            ));
+        }
+        if self
+            .block_out_channels
+            .iter()
+            .any(|&c| c <= 0 || c % self.norm_num_groups != 0)
+        {
+            return Err(config_err(
+                path,
+                format!(
+                    "`block_out_channels` {:?} must be positive multiples of norm_num_groups {}",
+                    self.block_out_channels, self.norm_num_groups
+                ),
+            ));
+        }
+        for (key, ok) in [
+            (
+                "time_embedding_type",
+                self.time_embedding_type == "positional",
+            ),
+            (
+                "resnet_time_scale_shift",
+                self.resnet_time_scale_shift == "default",
+            ),
+            ("act_fn", self.act_fn == "silu"),
+            ("class_embed_type", self.class_embed_type.is_none()),
+            ("addition_embed_type", self.addition_embed_type.is_none()),
+            ("encoder_hid_dim", self.encoder_hid_dim.is_none()),
+            ("time_cond_proj_dim", self.time_cond_proj_dim.is_none()),
+            ("dual_cross_attention", !self.dual_cross_attention),
+            ("center_input_sample", !self.center_input_sample),
+            (
+                "only_cross_attention",
+                matches!(
+                    self.only_cross_attention,
+                    serde_json::Value::Null | serde_json::Value::Bool(false)
+                ),
+            ),
+            (
+                "mid_block_type",
+                matches!(
+                    self.mid_block_type.as_deref(),
+                    Some("UNetMidBlock2DCrossAttn")
+                ),
+            ),
+            (
+                "conv_in_kernel/conv_out_kernel",
+                self.conv_in_kernel == 3 && self.conv_out_kernel == 3,
+            ),
+        ] {
+            if !ok {
+                return Err(unsupported(
+                    path,
+                    format!("UNet option `{key}` is not supported (SD 1.x/2.x UNets only)"),
+                ));
+            }
+        }
+        let layers = self.layers_per_block.expand(n, "layers_per_block", path)?;
+        // diffusers' historical naming: `attention_head_dim` holds the number
+        // of heads unless `num_attention_heads` is given.
+        let heads = self
+            .num_attention_heads
+            .as_ref()
+            .unwrap_or(&self.attention_head_dim)
+            .expand(n, "attention_head_dim", path)?;
+        let depth =
+            self.transformer_layers_per_block
+                .expand(n, "transformer_layers_per_block", path)?;
+        let cross = self
+            .cross_attention_dim
+            .expand(n, "cross_attention_dim", path)?;
+        let mut down = Vec::with_capacity(n);
+        for (i, t) in self.down_block_types.iter().enumerate() {
+            let cross_attention = match t.as_str() {
+                "CrossAttnDownBlock2D" => true,
+                "DownBlock2D" => false,
+                other => {
+                    return Err(unsupported(
+                        path,
+                        format!("down block type `{other}` is not supported"),
+                    ))
+                }
+            };
+            let ch = self.block_out_channels[i];
+            if cross_attention && (heads[i] <= 0 || ch % heads[i] != 0) {
+                return Err(config_err(
+                    path,
+                    format!(
+                        "block {i}: {ch} channels do not split into {} heads",
+                        heads[i]
+                    ),
+                ));
+            }
+            down.push(UNetBlock {
+                cross_attention,
+                layers: layers[i],
+                heads: heads[i],
+                transformer_depth: depth[i],
+                cross_attention_dim: cross[i],
+            });
+        }
+        let mut up = Vec::with_capacity(n);
+        for (i, t) in self.up_block_types.iter().enumerate() {
+            let cross_attention = match t.as_str() {
+                "CrossAttnUpBlock2D" => true,
+                "UpBlock2D" => false,
+                other => {
+                    return Err(unsupported(
+                        path,
+                        format!("up block type `{other}` is not supported"),
+                    ))
+                }
+            };
+            let r = n - 1 - i;
+            up.push(UNetBlock {
+                cross_attention,
+                layers: layers[r] + 1,
+                heads: heads[r],
+                transformer_depth: depth[r],
+                cross_attention_dim: cross[r],
+            });
+        }
+        Ok((down, up))
+    }
+
+    /// The conditioning width the UNet expects (the text encoder's hidden size).
+    pub fn context_dim(&self) -> i64 {
+        match &self.cross_attention_dim {
+            PerBlock::One(v) => *v,
+            PerBlock::Many(v) => v.first().copied().unwrap_or(0),
+        }
+    }
+}
+
+/// `vae/config.json` (AutoencoderKL).
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeConfig {
+    #[serde(default = "d_three")]
+    pub in_channels: i64,
+    #[serde(default = "d_three")]
+    pub out_channels: i64,
+    pub block_out_channels: Vec<i64>,
+    #[serde(default = "d_one_i")]
+    pub layers_per_block: i64,
+    #[serde(default = "d_four")]
+    pub latent_channels: i64,
+    #[serde(default = "d_groups")]
+    pub norm_num_groups: i64,
+    #[serde(default = "d_scaling")]
+    pub scaling_factor: f64,
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    #[serde(default = "d_true")]
+    pub use_quant_conv: bool,
+    #[serde(default = "d_true")]
+    pub use_post_quant_conv: bool,
+    #[serde(default = "d_true")]
+    pub mid_block_add_attention: bool,
+    #[serde(default)]
+    pub sample_size: Option<i64>,
+    #[serde(default)]
+    pub down_block_types: Vec<String>,
+    #[serde(default)]
+    pub up_block_types: Vec<String>,
+    #[serde(default = "d_act_silu")]
+    pub act_fn: String,
+    #[serde(default)]
+    pub force_upcast: bool,
+}
+
+fn d_one_i() -> i64 {
+    1
+}
+
+impl VaeConfig {
+    /// Pixels per latent along each side: 2^(blocks - 1).
+    pub fn scale_factor(&self) -> i64 {
+        1 << (self.block_out_channels.len().saturating_sub(1))
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let n = self.block_out_channels.len();
+        if n == 0 {
+            return Err(config_err(path, "`block_out_channels` is empty".into()));
+        }
+        if self
+            .block_out_channels
+            .iter()
+            .any(|&c| c <= 0 || c % self.norm_num_groups != 0)
+        {
+            return Err(config_err(
+                path,
+                format!(
+                    "`block_out_channels` {:?} must be positive multiples of norm_num_groups {}",
+                    self.block_out_channels, self.norm_num_groups
+                ),
+            ));
+        }
+        if self
+            .down_block_types
+            .iter()
+            .any(|t| t != "DownEncoderBlock2D")
+            || self.up_block_types.iter().any(|t| t != "UpDecoderBlock2D")
+            || self.act_fn != "silu"
+        {
+            return Err(unsupported(
+                path,
+                "only DownEncoderBlock2D/UpDecoderBlock2D VAEs with silu are supported".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `text_encoder/config.json` (transformers' CLIPTextModel).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipConfig {
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub max_position_embeddings: i64,
+    pub hidden_act: String,
+    #[serde(default = "d_eps5")]
+    pub layer_norm_eps: f64,
+}
+
+/// The activations CLIP text encoders use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    QuickGelu,
+    Gelu,
+}
+
+impl ClipConfig {
+    pub fn activation(&self, path: &Path) -> Result<Activation> {
+        match self.hidden_act.as_str() {
+            "quick_gelu" => Ok(Activation::QuickGelu),
+            "gelu" => Ok(Activation::Gelu),
+            other => Err(unsupported(
+                path,
+                format!("hidden_act `{other}` is not supported"),
+            )),
+        }
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        if self.num_attention_heads <= 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return Err(config_err(
+                path,
+                format!(
+                    "hidden_size {} does not split into {} heads",
+                    self.hidden_size, self.num_attention_heads
+                ),
+            ));
+        }
+        self.activation(path).map(|_| ())
+    }
+}

@@ -1,0 +1,163 @@
+//! Devices and dtypes as users name them (`cpu`, `cuda`, `cuda:1`; `fp32`,
+//! `fp16`, `bf16`), checked against what this libtorch can do.
+
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+use crate::error::{ModelError, Result};
+
+/// Where the networks run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim().to_ascii_lowercase();
+        match s.as_str() {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+            _ => match s.strip_prefix("cuda:") {
+                Some(n) => n.parse().map(DeviceSpec::Cuda).map_err(|_| {
+                    ModelError::Device(format!("`{s}`: expected cuda:N with N a GPU index"))
+                }),
+                None => Err(ModelError::Device(format!(
+                    "`{s}`: expected cpu, cuda or cuda:N"
+                ))),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceSpec::Cpu => write!(f, "cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// The tch device, after checking that it exists. For CUDA this loads
+    /// `libtorch_cuda.so` first: the pip wheel's library is not linked into
+    /// our binaries (nothing references it, so `--as-needed` drops it), and
+    /// without it libtorch reports no GPU.
+    pub fn resolve(self) -> Result<tch::Device> {
+        match self {
+            DeviceSpec::Cpu => Ok(tch::Device::Cpu),
+            DeviceSpec::Cuda(n) => {
+                load_cuda_backend()?;
+                let count = tch::Cuda::device_count();
+                if count == 0 {
+                    return Err(ModelError::Device(format!(
+                        "{self} requested but libtorch sees no CUDA GPU (no device, or no driver)"
+                    )));
+                }
+                if n as i64 >= count {
+                    return Err(ModelError::Device(format!(
+                        "{self} requested but only {count} CUDA device(s) are visible"
+                    )));
+                }
+                Ok(tch::Device::Cuda(n))
+            }
+        }
+    }
+}
+
+fn load_cuda_backend() -> Result<()> {
+    static LOADED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    LOADED
+        .get_or_init(|| {
+            // Found through the binary's rpath to the venv's torch/lib (see sd-build).
+            // SAFETY: libtorch_cuda's initialisers only register the CUDA backend
+            // with the already-loaded libtorch; nothing else runs on load.
+            match unsafe { libloading::Library::new("libtorch_cuda.so") } {
+                Ok(lib) => {
+                    // Keep it loaded for the life of the process.
+                    std::mem::forget(lib);
+                    Ok(())
+                }
+                Err(e) => Err(format!(
+                    "CUDA requested but this libtorch has no CUDA backend ({e}); \
+                     install a CUDA build of torch==2.13.0 in the venv"
+                )),
+            }
+        })
+        .clone()
+        .map_err(ModelError::Device)
+}
+
+/// The floating-point type the weights and activations use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl FromStr for Precision {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "fp32" | "f32" | "float32" => Ok(Precision::F32),
+            "fp16" | "f16" | "float16" | "half" => Ok(Precision::F16),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            other => Err(ModelError::Device(format!(
+                "`{other}`: expected fp32, fp16 or bf16"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "fp32",
+            Precision::F16 => "fp16",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+impl Precision {
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            Precision::F32 => tch::Kind::Float,
+            Precision::F16 => tch::Kind::Half,
+            Precision::Bf16 => tch::Kind::BFloat16,
+        }
+    }
+}
+
+/// A device and a precision, checked together: half precision is for GPUs
+/// (CPU kernels for fp16 convolutions are slow or missing).
+#[derive(Debug, Clone, Copy)]
+pub struct Placement {
+    pub device: tch::Device,
+    pub kind: tch::Kind,
+}
+
+impl Placement {
+    pub fn cpu() -> Self {
+        Placement {
+            device: tch::Device::Cpu,
+            kind: tch::Kind::Float,
+        }
+    }
+
+    pub fn new(device: DeviceSpec, precision: Precision) -> Result<Self> {
+        if device == DeviceSpec::Cpu && precision != Precision::F32 {
+            return Err(ModelError::Device(format!(
+                "{precision} on cpu is not supported; use fp32 on cpu, fp16/bf16 on cuda"
+            )));
+        }
+        Ok(Placement {
+            device: device.resolve()?,
+            kind: precision.kind(),
+        })
+    }
+}

@@ -1,0 +1,158 @@
+//! The building blocks the three networks share, each loaded by shape from
+//! its weights (`load`) apart from running it (`forward`).
+
+use tch::Tensor;
+
+use crate::error::Result;
+use crate::weights::Vb;
+
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(vb: &Vb, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self> {
+        Ok(Linear {
+            weight: vb.get("weight", &[out_dim, in_dim])?,
+            bias: if bias {
+                Some(vb.get("bias", &[out_dim])?)
+            } else {
+                None
+            },
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        xs.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+    stride: i64,
+    padding: i64,
+}
+
+impl Conv2d {
+    pub fn load(
+        vb: &Vb,
+        cin: i64,
+        cout: i64,
+        kernel: i64,
+        stride: i64,
+        padding: i64,
+    ) -> Result<Self> {
+        Ok(Conv2d {
+            weight: vb.get("weight", &[cout, cin, kernel, kernel])?,
+            bias: vb.get("bias", &[cout])?,
+            stride,
+            padding,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        xs.conv2d(
+            &self.weight,
+            Some(&self.bias),
+            [self.stride, self.stride],
+            [self.padding, self.padding],
+            [1, 1],
+            1,
+        )
+    }
+}
+
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: i64,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn load(vb: &Vb, groups: i64, channels: i64, eps: f64) -> Result<Self> {
+        Ok(GroupNorm {
+            weight: vb.get("weight", &[channels])?,
+            bias: vb.get("bias", &[channels])?,
+            groups,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        xs.group_norm(
+            self.groups,
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
+    }
+}
+
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    dim: i64,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(vb: &Vb, dim: i64, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: vb.get("weight", &[dim])?,
+            bias: vb.get("bias", &[dim])?,
+            dim,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        xs.layer_norm(
+            [self.dim],
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
+    }
+}
+
+/// Multi-head attention over (batch, tokens, heads * head_dim) inputs via
+/// `scaled_dot_product_attention`, which picks fused kernels on CUDA.
+/// `upcast` computes it in fp32 when the model runs in half precision
+/// (diffusers' `upcast_attention`, needed by SD 2.x's 768 model in fp16).
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: i64,
+    causal: bool,
+    upcast: bool,
+) -> Tensor {
+    let (b, n, inner) = q.size3().expect("attention inputs are 3-d");
+    let m = k.size()[1];
+    let head_dim = inner / heads;
+    let split = |t: &Tensor, len: i64| t.view([b, len, heads, head_dim]).transpose(1, 2);
+    let (q, k, v) = (split(q, n), split(k, m), split(v, m));
+    let kind = q.kind();
+    let out = if upcast && kind != tch::Kind::Float {
+        let f = tch::Kind::Float;
+        Tensor::scaled_dot_product_attention::<Tensor>(
+            &q.to_kind(f),
+            &k.to_kind(f),
+            &v.to_kind(f),
+            None,
+            0.0,
+            causal,
+            None,
+            false,
+        )
+        .to_kind(kind)
+    } else {
+        Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, causal, None, false)
+    };
+    out.transpose(1, 2).reshape([b, n, inner])
+}

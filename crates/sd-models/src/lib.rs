@@ -1,0 +1,31 @@
+//! Stable Diffusion's three networks in tch, built from the diffusers
+//! layout's `config.json` files and loaded from safetensors:
+//!
+//! - [`ClipTokenizer`] + [`ClipTextModel`]: prompt → 77 token embeddings;
+//! - [`UNet`]: noisy latents + timestep + text embeddings → noise (or v);
+//! - [`Vae`]: pixels ↔ latents.
+//!
+//! Each network is loaded (`load`) apart from being run (`forward`,
+//! `encode`, `decode`); inputs are checked and libtorch failures come back as
+//! [`ModelError`], never as a panic.
+
+pub mod blocks;
+pub mod clip;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod layers;
+pub mod model_dir;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+pub use clip::ClipTextModel;
+pub use device::{DeviceSpec, Placement, Precision};
+pub use error::{ModelError, Result};
+pub use model_dir::{Component, ModelDir};
+pub use tokenizer::ClipTokenizer;
+pub use unet::UNet;
+pub use vae::{LatentDist, Vae};
+pub use weights::Weights;

@@ -1,0 +1,128 @@
+//! A model directory in the diffusers layout, as published for SD 1.x/2.x:
+//! `model_index.json`, `text_encoder/`, `tokenizer/`, `unet/`, `vae/`,
+//! `scheduler/scheduler_config.json`.
+
+use std::path::{Path, PathBuf};
+
+use crate::clip::ClipTextModel;
+use crate::device::Placement;
+use crate::error::{ModelError, Result};
+use crate::tokenizer::ClipTokenizer;
+use crate::unet::UNet;
+use crate::vae::Vae;
+use crate::weights::Weights;
+
+/// The networks a model directory holds, with their weight-file stems.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    TextEncoder,
+    Unet,
+    Vae,
+}
+
+impl Component {
+    pub fn dir(self) -> &'static str {
+        match self {
+            Component::TextEncoder => "text_encoder",
+            Component::Unet => "unet",
+            Component::Vae => "vae",
+        }
+    }
+
+    fn stem(self) -> &'static str {
+        match self {
+            Component::TextEncoder => "model",
+            Component::Unet | Component::Vae => "diffusion_pytorch_model",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelDir {
+    root: PathBuf,
+}
+
+const PICKLE_EXTS: [&str; 4] = ["bin", "ckpt", "pt", "pth"];
+
+impl ModelDir {
+    pub fn open(root: impl AsRef<Path>) -> Result<Self> {
+        let root = root.as_ref().to_path_buf();
+        if !root.is_dir() {
+            return Err(ModelError::MissingFile { path: root });
+        }
+        Ok(ModelDir { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn config_path(&self, c: Component) -> PathBuf {
+        self.root.join(c.dir()).join("config.json")
+    }
+
+    pub fn scheduler_config_path(&self) -> PathBuf {
+        self.root.join("scheduler").join("scheduler_config.json")
+    }
+
+    pub fn tokenizer_dir(&self) -> PathBuf {
+        self.root.join("tokenizer")
+    }
+
+    /// The safetensors file for a component: `<stem>.safetensors`, or the
+    /// `<stem>.fp16.safetensors` variant (preferred when running in half
+    /// precision). Pickle checkpoints are refused by name, never opened.
+    pub fn weights_path(&self, c: Component, prefer_fp16: bool) -> Result<PathBuf> {
+        let dir = self.root.join(c.dir());
+        let stem = c.stem();
+        let full = dir.join(format!("{stem}.safetensors"));
+        let half = dir.join(format!("{stem}.fp16.safetensors"));
+        let order = if prefer_fp16 {
+            [&half, &full]
+        } else {
+            [&full, &half]
+        };
+        if let Some(p) = order.into_iter().find(|p| p.is_file()) {
+            return Ok(p.clone());
+        }
+        for ext in PICKLE_EXTS {
+            for name in [format!("{stem}.{ext}"), format!("{stem}.fp16.{ext}")] {
+                let p = dir.join(name);
+                if p.is_file() {
+                    return Err(ModelError::Pickle { path: p });
+                }
+            }
+        }
+        if dir.join(format!("{stem}.safetensors.index.json")).is_file() {
+            return Err(ModelError::Unsupported {
+                path: dir.join(format!("{stem}.safetensors.index.json")),
+                message: "sharded weights are not supported for SD 1.x/2.x components".into(),
+            });
+        }
+        Err(ModelError::MissingFile { path: full })
+    }
+
+    pub fn open_weights(&self, c: Component, placement: Placement) -> Result<Weights> {
+        let half = placement.kind != tch::Kind::Float;
+        Weights::open(&self.weights_path(c, half)?, placement)
+    }
+
+    pub fn load_tokenizer(&self) -> Result<ClipTokenizer> {
+        ClipTokenizer::load(&self.tokenizer_dir())
+    }
+
+    pub fn load_text_encoder(&self, placement: Placement) -> Result<ClipTextModel> {
+        let w = self.open_weights(Component::TextEncoder, placement)?;
+        ClipTextModel::load(&self.config_path(Component::TextEncoder), &w)
+    }
+
+    pub fn load_unet(&self, placement: Placement) -> Result<UNet> {
+        let w = self.open_weights(Component::Unet, placement)?;
+        UNet::load(&self.config_path(Component::Unet), &w)
+    }
+
+    pub fn load_vae(&self, placement: Placement) -> Result<Vae> {
+        let w = self.open_weights(Component::Vae, placement)?;
+        Vae::load(&self.config_path(Component::Vae), &w)
+    }
+}

@@ -1,0 +1,199 @@
+//! CLIP's tokenizer with the `tokenizers` crate, giving the ids transformers'
+//! `CLIPTokenizer` gives: `tokenizer.json` when the model ships one,
+//! otherwise the byte-level BPE built from `vocab.json` + `merges.txt` with
+//! CLIP's normalisation (NFC, whitespace runs to one space, lower case), its
+//! word split, `</w>` word ends, BOS/EOS around at most `max_length - 2`
+//! tokens, and padding with the model's pad token.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::{Lowercase, Replace, Sequence as NormSeq, NFC};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreSeq;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::roberta::RobertaProcessing;
+use tokenizers::{
+    AddedToken, PaddingDirection, PaddingParams, PaddingStrategy, SplitDelimiterBehavior,
+    Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+};
+
+use crate::error::{ModelError, Result};
+
+const BOS: &str = "<|startoftext|>";
+const EOS: &str = "<|endoftext|>";
+/// CLIP's word split (from its reference tokenizer), special tokens first.
+const CLIP_SPLIT: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+
+/// A prompt tokenizer padded and truncated to the text encoder's length.
+pub struct ClipTokenizer {
+    inner: Tokenizer,
+    max_length: usize,
+    pad_id: u32,
+}
+
+fn tok_err(path: &Path, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Tokenizer {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// A special token as `tokenizer_config.json` writes it: a string or `{"content": ...}`.
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+fn read_optional_json(path: &Path) -> Result<Option<Value>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| tok_err(path, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+impl ClipTokenizer {
+    /// Load from a model's `tokenizer/` directory.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let config = read_optional_json(&dir.join("tokenizer_config.json"))?;
+        let special = read_optional_json(&dir.join("special_tokens_map.json"))?;
+        let lookup = |key: &str| {
+            token_text(config.as_ref().and_then(|c| c.get(key)))
+                .or_else(|| token_text(special.as_ref().and_then(|c| c.get(key))))
+        };
+        let pad_token = lookup("pad_token").unwrap_or_else(|| EOS.to_string());
+        let max_length = config
+            .as_ref()
+            .and_then(|c| c.get("model_max_length"))
+            .and_then(Value::as_u64)
+            .filter(|&n| (2..=4096).contains(&n))
+            .unwrap_or(77) as usize;
+
+        let json = dir.join("tokenizer.json");
+        let mut inner = if json.exists() {
+            Tokenizer::from_file(&json).map_err(|e| tok_err(&json, e))?
+        } else {
+            Self::build_bpe(dir)?
+        };
+        let pad_id = inner.token_to_id(&pad_token).ok_or_else(|| {
+            tok_err(
+                dir,
+                format!("pad token `{pad_token}` is not in the vocabulary"),
+            )
+        })?;
+        inner
+            .with_truncation(Some(TruncationParams {
+                direction: TruncationDirection::Right,
+                max_length,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+            }))
+            .map_err(|e| tok_err(dir, e))?;
+        inner.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::Fixed(max_length),
+            direction: PaddingDirection::Right,
+            pad_to_multiple_of: None,
+            pad_id,
+            pad_type_id: 0,
+            pad_token,
+        }));
+        Ok(ClipTokenizer {
+            inner,
+            max_length,
+            pad_id,
+        })
+    }
+
+    /// The CLIP pipeline over `vocab.json` + `merges.txt`, as SD 1.x ships it.
+    fn build_bpe(dir: &Path) -> Result<Tokenizer> {
+        let vocab = dir.join("vocab.json");
+        let merges = dir.join("merges.txt");
+        for p in [&vocab, &merges] {
+            if !p.exists() {
+                return Err(ModelError::MissingFile { path: p.clone() });
+            }
+        }
+        let path_str = |p: &PathBuf| p.to_string_lossy().into_owned();
+        let bpe = BPE::from_file(&path_str(&vocab), &path_str(&merges))
+            .continuing_subword_prefix(String::new())
+            .end_of_word_suffix("</w>".to_string())
+            .unk_token(EOS.to_string())
+            .fuse_unk(false)
+            .build()
+            .map_err(|e| tok_err(&vocab, e))?;
+        let mut tok = Tokenizer::new(bpe);
+        let normalizer = NormSeq::new(vec![
+            NFC.into(),
+            Replace::new(
+                tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+                " ",
+            )
+            .map_err(|e| tok_err(dir, e))?
+            .into(),
+            Lowercase.into(),
+        ]);
+        tok.with_normalizer(Some(normalizer))
+            .map_err(|e| tok_err(dir, e))?;
+        let split = Split::new(
+            SplitPattern::Regex(CLIP_SPLIT.into()),
+            SplitDelimiterBehavior::Removed,
+            true,
+        )
+        .map_err(|e| tok_err(dir, e))?;
+        tok.with_pre_tokenizer(Some(PreSeq::new(vec![
+            split.into(),
+            ByteLevel::new(false, true, true).into(),
+        ])));
+        tok.with_decoder(Some(ByteLevel::default()));
+        let id = |t: &str| {
+            tok.token_to_id(t)
+                .ok_or_else(|| tok_err(&vocab, format!("`{t}` is not in the vocabulary")))
+        };
+        let (bos, eos) = (id(BOS)?, id(EOS)?);
+        tok.with_post_processor(Some(
+            RobertaProcessing::new((EOS.to_string(), eos), (BOS.to_string(), bos))
+                .trim_offsets(false)
+                .add_prefix_space(false),
+        ));
+        tok.add_special_tokens([AddedToken::from(BOS, true), AddedToken::from(EOS, true)])
+            .map_err(|e| tok_err(dir, e))?;
+        Ok(tok)
+    }
+
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
+    /// Token ids for one prompt: BOS, at most `max_length - 2` tokens, EOS, padding.
+    pub fn encode(&self, prompt: &str) -> Result<Vec<i64>> {
+        let enc = self
+            .inner
+            .encode(prompt, true)
+            .map_err(|e| ModelError::Input(format!("tokenizing the prompt: {e}")))?;
+        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    }
+
+    /// Ids for several prompts as a (batch, max_length) int64 tensor.
+    pub fn encode_batch(&self, prompts: &[&str]) -> Result<tch::Tensor> {
+        let mut flat = Vec::with_capacity(prompts.len() * self.max_length);
+        for p in prompts {
+            flat.extend(self.encode(p)?);
+        }
+        Ok(tch::Tensor::from_slice(&flat).view([prompts.len() as i64, self.max_length as i64]))
+    }
+}

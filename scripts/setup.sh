@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for sdserve: a project-local venv with the pinned
+# torch wheel (libtorch for tch) and the reference implementation used by the
+# tests. Idempotent: a second run only checks a stamp.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+REQ=scripts/requirements.txt
+STAMP="$VENV/.sdserve-setup"
+WANT="$(cat "$REQ" "$0" | sha256sum | cut -d' ' -f1)"
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
+    exit 0
+fi
+
+command -v cargo >/dev/null || { echo "setup: cargo is required (https://rustup.rs)" >&2; exit 1; }
+if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
+    echo "setup: $PYTHON lacks venv/ensurepip; installing python3-venv" >&2
+    apt-get update -qq && apt-get install -y -qq python3-venv
+fi
+
+echo "setup: creating $VENV with pinned torch/diffusers/transformers (a few minutes the first time)"
+[[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -r "$REQ"
+# open-clip-torch only for its copy of the CLIP BPE vocabulary; --no-deps keeps
+# torchvision and friends out.
+"$VENV/bin/python" -m pip install -q --no-deps open-clip-torch==3.3.0
+
+"$VENV/bin/python" - <<'PY'
+import torch
+assert torch.__version__.split("+")[0] == "2.13.0", torch.__version__
+print(f"setup: torch {torch.__version__} ready")
+PY
+echo "$WANT" > "$STAMP"

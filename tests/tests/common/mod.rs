@@ -1,0 +1,56 @@
+//! Fixtures and tensor comparison shared by the integration tests.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use tch::Tensor;
+
+/// Where `make fixtures` writes the tiny pipelines (`SD_FIXTURES`, default
+/// `target/sd-fixtures` in the workspace).
+pub fn fixtures() -> PathBuf {
+    let dir = std::env::var_os("SD_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/sd-fixtures"));
+    assert!(
+        dir.join("STAMP").is_file(),
+        "fixtures missing in {}: run `make fixtures` (or `make test`)",
+        dir.display()
+    );
+    dir
+}
+
+pub fn model(name: &str) -> PathBuf {
+    fixtures().join(name)
+}
+
+/// The reference tensors diffusers/transformers computed for a fixture.
+pub fn reference(name: &str) -> HashMap<String, Tensor> {
+    let path = model(name).join("reference.safetensors");
+    Tensor::read_safetensors(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shapes differ");
+    (a.to_kind(tch::Kind::Double) - b.to_kind(tch::Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+/// The bound for CPU fp32 parity. The same libtorch kernels run on
+/// both sides, so real differences come only from op order (SDPA vs manual
+/// softmax, fused vs split adds) and stay near 1e-6; 1e-4 leaves headroom
+/// while still catching any wrong layer, norm or scale (those move outputs by
+/// 1e-2 or more on these random weights).
+pub const TOL: f64 = 1e-4;
+
+pub fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
+    let d = max_abs_diff(got, want);
+    let scale = want.abs().max().double_value(&[]);
+    eprintln!("{what}: max |diff| = {d:.3e} (max |ref| = {scale:.3e})");
+    assert!(d <= TOL, "{what}: max |diff| {d:.3e} exceeds {TOL:e}");
+}

@@ -1,0 +1,127 @@
+//! The three networks, loaded through sdserve's loader, against the outputs
+//! diffusers/transformers computed on the same weights and inputs (CPU fp32).
+
+mod common;
+
+use common::{assert_close, reference};
+use sd_models::{Component, ModelDir, Placement};
+use tch::Tensor;
+
+const MODELS: [&str; 2] = ["sd1-tiny", "sd2-tiny"];
+
+fn dir(model: &str) -> ModelDir {
+    ModelDir::open(common::model(model)).unwrap()
+}
+
+#[test]
+fn text_encoder_matches_transformers_with_and_without_clip_skip() {
+    for model in MODELS {
+        let r = reference(model);
+        let d = dir(model);
+        let tok = d.load_tokenizer().unwrap();
+        let prompts: Vec<String> = serde_json::from_str(
+            &std::fs::read_to_string(d.root().join("reference_prompts.json")).unwrap(),
+        )
+        .unwrap();
+        let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        let ids = tok.encode_batch(&refs).unwrap();
+        assert_eq!(ids, r["text.ids"], "{model}: token ids");
+        let clip = d.load_text_encoder(Placement::cpu()).unwrap();
+        for skip in 0..=2 {
+            let got = clip.forward(&ids, skip).unwrap();
+            assert_close(
+                &format!("{model} text clip_skip={skip}"),
+                &got,
+                &r[&format!("text.embeds.skip{skip}")],
+            );
+        }
+    }
+}
+
+#[test]
+fn unet_matches_diffusers_for_per_item_timesteps() {
+    for model in MODELS {
+        let r = reference(model);
+        let unet = dir(model).load_unet(Placement::cpu()).unwrap();
+        // Batch 3 with timesteps 999, 500.5 and 1 (one fractional).
+        let got = unet
+            .forward(&r["unet.latents"], &r["unet.timesteps"], &r["unet.context"])
+            .unwrap();
+        assert_close(&format!("{model} unet batch=3"), &got, &r["unet.out"]);
+        let one = r["unet.latents"].narrow(0, 0, 1);
+        let ctx = r["unet.context"].narrow(0, 0, 1);
+        let got = unet
+            .forward(&one, &Tensor::from_slice(&[250i64]), &ctx)
+            .unwrap();
+        assert_close(
+            &format!("{model} unet batch=1"),
+            &got,
+            &r["unet.out_single"],
+        );
+    }
+}
+
+#[test]
+fn vae_encode_and_decode_match_diffusers() {
+    for model in MODELS {
+        let r = reference(model);
+        let vae = dir(model).load_vae(Placement::cpu()).unwrap();
+        let dist = vae.encode(&r["vae.pixels"]).unwrap();
+        assert_close(&format!("{model} vae mean"), &dist.mean, &r["vae.mean"]);
+        assert_close(&format!("{model} vae std"), &dist.std, &r["vae.std"]);
+        assert_close(
+            &format!("{model} vae logvar"),
+            &dist.logvar,
+            &r["vae.logvar"],
+        );
+        let got = vae.decode(&r["vae.latents"]).unwrap();
+        assert_close(&format!("{model} vae decode"), &got, &r["vae.decoded"]);
+    }
+}
+
+#[test]
+fn vae_scale_follows_its_block_count() {
+    // sd1-tiny's VAE has 3 blocks (×4), sd2-tiny's 2 (×2); neither is 4 blocks
+    // and neither matches its UNet's block count.
+    assert_eq!(
+        dir("sd1-tiny")
+            .load_vae(Placement::cpu())
+            .unwrap()
+            .scale_factor(),
+        4
+    );
+    assert_eq!(
+        dir("sd2-tiny")
+            .load_vae(Placement::cpu())
+            .unwrap()
+            .scale_factor(),
+        2
+    );
+}
+
+#[test]
+fn every_tensor_in_the_files_is_used() {
+    // A weight the loader silently ignores would be a layer it forgot.
+    for model in MODELS {
+        let d = dir(model);
+        for c in [Component::TextEncoder, Component::Unet, Component::Vae] {
+            let w = d.open_weights(c, Placement::cpu()).unwrap();
+            let path = d.config_path(c);
+            match c {
+                Component::TextEncoder => drop(sd_models::ClipTextModel::load(&path, &w).unwrap()),
+                Component::Unet => drop(sd_models::UNet::load(&path, &w).unwrap()),
+                Component::Vae => drop(sd_models::Vae::load(&path, &w).unwrap()),
+            }
+            let unused: Vec<String> = w
+                .unused()
+                .into_iter()
+                .filter(|n| !n.ends_with("position_ids"))
+                .collect();
+            assert!(
+                unused.is_empty(),
+                "{model}/{}: unused tensors {unused:?}",
+                c.dir()
+            );
+        }
+    }
+}
