@@ -166,3 +166,8 @@ impl ClipTextModel {
         })
     }
 }
+
+// SAFETY: the weights are written once, at load, and only read afterwards;
+// libtorch allows concurrent reads of a tensor from several threads, and
+// `forward` creates all of its intermediate tensors per call.
+unsafe impl Sync for ClipTextModel {}

@@ -432,3 +432,8 @@ impl UNet {
         })
     }
 }
+
+// SAFETY: the weights are written once, at load, and only read afterwards;
+// libtorch allows concurrent reads of a tensor from several threads, and
+// `forward` creates all of its intermediate tensors per call.
+unsafe impl Sync for UNet {}

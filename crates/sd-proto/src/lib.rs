@@ -1,0 +1,18 @@
+//! The `sd.v1` protocol: generated messages, clients and servers, and the
+//! tensor wire format (raw little-endian bytes with shape and dtype).
+//!
+//! This crate does not link libtorch: the gateway uses it as it is, the model
+//! services convert to tch tensors on their side.
+
+pub mod wire;
+
+/// Generated code for `package sd.v1`.
+pub mod v1 {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("sd.v1");
+}
+
+/// Encoded `FileDescriptorSet` of `sd.v1`, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("sd_v1_descriptor");
+
+pub use wire::{HostTensor, WireError};

@@ -1,0 +1,130 @@
+//! Shared server plumbing for the sdserve binaries (gateway and model
+//! services alike): logging, the listening socket, grpc.health.v1 that tells
+//! the truth, server reflection, and shutdown on SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+/// Flags every server takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// Address to listen on; port 0 picks a free port (printed on stdout as
+    /// `listening on ADDR`).
+    #[arg(long, env = "SD_LISTEN", default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, env = "SD_LOG_JSON")]
+    pub log_json: bool,
+    /// Largest gRPC message accepted or sent, in MiB.
+    #[arg(long, env = "SD_MAX_MESSAGE_MIB", default_value_t = 64)]
+    pub max_message_mib: usize,
+}
+
+impl ServerArgs {
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_mib.saturating_mul(1 << 20)
+    }
+}
+
+/// Logging to stderr; `RUST_LOG` filters (default `info`).
+pub fn init_telemetry(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Bind the listening socket and announce it on stdout (launchers and tests
+/// read this line to learn the port).
+pub async fn listen(addr: SocketAddr) -> anyhow::Result<(TcpListenerStream, SocketAddr)> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
+    let local = listener.local_addr()?;
+    println!("listening on {local}");
+    tracing::info!(%local, "listening");
+    Ok((TcpListenerStream::new(listener), local))
+}
+
+/// A health service that starts NOT_SERVING for the overall status ("") and
+/// for `service`, until [`Health::serving`] is called.
+pub struct Health {
+    reporter: HealthReporter,
+    service: &'static str,
+}
+
+impl Health {
+    pub async fn new(
+        service: &'static str,
+    ) -> (
+        Self,
+        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    ) {
+        let (reporter, server) = tonic_health::server::health_reporter();
+        let h = Health { reporter, service };
+        h.set(ServingStatus::NotServing).await;
+        (h, server)
+    }
+
+    async fn set(&self, status: ServingStatus) {
+        self.reporter.set_service_status("", status).await;
+        self.reporter.set_service_status(self.service, status).await;
+    }
+
+    pub async fn serving(&self) {
+        self.set(ServingStatus::Serving).await;
+    }
+
+    pub async fn not_serving(&self) {
+        self.set(ServingStatus::NotServing).await;
+    }
+
+    pub fn reporter(&self) -> HealthReporter {
+        self.reporter.clone()
+    }
+}
+
+/// Server reflection for `sd.v1` (grpcurl and friends).
+pub fn reflection() -> anyhow::Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+> {
+    Ok(tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sd_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,188 @@
+//! sd-autoencoder: the VAE as a gRPC service. Decode turns scaled latents
+//! into RGB 8-bit images (for every generation); Encode turns pixels into the
+//! latent distribution (for image-to-image), leaving the sampling to the
+//! caller so seeds follow diffusers.
+
+use std::sync::Arc;
+
+use clap::Parser;
+use sd_models::{Component, ModelDir, Vae};
+use sd_proto::v1::autoencoder_server::{Autoencoder, AutoencoderServer};
+use sd_proto::v1::{
+    AutoencoderInfo, AutoencoderInfoRequest, DecodeRequest, DecodeResponse, Dtype,
+    EncodeImageRequest, EncodeImageResponse, RgbImage,
+};
+use sd_runtime::ServerArgs;
+use sd_service::{from_wire, status, to_wire, ModelArgs, Worker};
+use tch::{Kind, Tensor};
+use tonic::{Request, Response, Status};
+
+/// Serve a model's VAE over gRPC (sd.v1.Autoencoder).
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Most images one call may carry.
+    #[arg(long, env = "SD_MAX_BATCH", default_value_t = 16)]
+    max_batch: i64,
+    /// Largest image side in pixels.
+    #[arg(long, env = "SD_MAX_SIDE", default_value_t = 2048)]
+    max_side: i64,
+}
+
+struct Service {
+    vae: Arc<Vae>,
+    worker: Worker,
+    info: AutoencoderInfo,
+    max_batch: i64,
+    max_side: i64,
+}
+
+impl Service {
+    fn check(&self, t: &Tensor, field: &str, channels: i64, multiple: i64) -> Result<(), Status> {
+        let s = t.size();
+        let max = self.max_side / multiple;
+        let ok = s.len() == 4
+            && (1..=self.max_batch).contains(&s[0])
+            && s[1] == channels
+            && (1..=max).contains(&(s[2] / multiple))
+            && (1..=max).contains(&(s[3] / multiple))
+            && s[2] % multiple == 0
+            && s[3] % multiple == 0;
+        if ok {
+            Ok(())
+        } else {
+            Err(Status::invalid_argument(format!(
+                "{field}: shape {s:?}, expected (1..={}, {channels}, h, w) with h, w multiples of {multiple} up to {}",
+                self.max_batch,
+                max * multiple
+            )))
+        }
+    }
+}
+
+/// diffusers' postprocess: (x / 2 + 0.5) clamped to [0, 1], × 255, rounded.
+fn to_rgb8(pixels: &Tensor) -> Result<Vec<RgbImage>, Status> {
+    let (b, _, h, w) = pixels
+        .size4()
+        .map_err(|e| Status::internal(e.to_string()))?;
+    let rgb = (pixels.to_kind(Kind::Float) / 2.0 + 0.5)
+        .clamp(0.0, 1.0)
+        .to_device(tch::Device::Cpu)
+        .permute([0, 2, 3, 1])
+        .multiply_scalar(255.0)
+        .round()
+        .to_kind(Kind::Uint8)
+        .contiguous();
+    let per = (h * w * 3) as usize;
+    let total = per * b as usize;
+    let mut bytes = vec![0u8; total];
+    rgb.f_copy_data_u8(&mut bytes, total)
+        .map_err(|e| Status::internal(e.to_string()))?;
+    Ok(bytes
+        .chunks_exact(per)
+        .map(|c| RgbImage {
+            width: w as u32,
+            height: h as u32,
+            rgb: c.to_vec().into(),
+        })
+        .collect())
+}
+
+#[tonic::async_trait]
+impl Autoencoder for Service {
+    async fn decode(
+        &self,
+        request: Request<DecodeRequest>,
+    ) -> Result<Response<DecodeResponse>, Status> {
+        let latents = from_wire(request.get_ref().latents.as_ref(), "latents")?;
+        self.check(&latents, "latents", self.info.latent_channels as i64, 1)?;
+        let (vae, sf) = (self.vae.clone(), self.info.scaling_factor as f64);
+        let images = self
+            .worker
+            .run(move || {
+                let pixels = vae
+                    .decode(&(latents.to_kind(Kind::Float) / sf))
+                    .map_err(status)?;
+                to_rgb8(&pixels)
+            })
+            .await?;
+        Ok(Response::new(DecodeResponse { images }))
+    }
+
+    async fn encode(
+        &self,
+        request: Request<EncodeImageRequest>,
+    ) -> Result<Response<EncodeImageResponse>, Status> {
+        let pixels = from_wire(request.get_ref().pixels.as_ref(), "pixels")?;
+        self.check(&pixels, "pixels", 3, self.info.scale_factor as i64)?;
+        let vae = self.vae.clone();
+        let (mean, std) = self
+            .worker
+            .run(move || {
+                let d = vae.encode(&pixels).map_err(status)?;
+                Ok((
+                    to_wire(&d.mean, Dtype::Float32)?,
+                    to_wire(&d.std, Dtype::Float32)?,
+                ))
+            })
+            .await?;
+        Ok(Response::new(EncodeImageResponse {
+            mean: Some(mean),
+            std: Some(std),
+        }))
+    }
+
+    async fn info(
+        &self,
+        _: Request<AutoencoderInfoRequest>,
+    ) -> Result<Response<AutoencoderInfo>, Status> {
+        Ok(Response::new(self.info.clone()))
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    sd_runtime::init_telemetry(args.server.log_json);
+    let (health, health_svc) = sd_runtime::Health::new("sd.v1.Autoencoder").await;
+    let (incoming, _) = sd_runtime::listen(args.server.listen).await?;
+    let max = args.server.max_message_bytes();
+    let placement = args.model.placement()?;
+    let dir = ModelDir::open(&args.model.model)?;
+    let vae = sd_service::timed_load("vae", || dir.load_vae(placement))?;
+    let c = vae.config().clone();
+    // Warm up: one decode before reporting SERVING.
+    let _ = vae.decode(&Tensor::zeros(
+        [1, c.latent_channels, 4, 4],
+        (Kind::Float, tch::Device::Cpu),
+    ))?;
+    let info = AutoencoderInfo {
+        model_id: sd_service::model_id(&dir, &[Component::Vae]),
+        scale_factor: vae.scale_factor() as u32,
+        scaling_factor: c.scaling_factor as f32,
+        latent_channels: c.latent_channels as u32,
+    };
+    let service = Service {
+        vae: Arc::new(vae),
+        worker: Worker::new(args.model.concurrency),
+        info,
+        max_batch: args.max_batch,
+        max_side: args.max_side,
+    };
+    health.serving().await;
+    tonic::transport::Server::builder()
+        .add_service(health_svc)
+        .add_service(sd_runtime::reflection()?)
+        .add_service(
+            AutoencoderServer::new(service)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .serve_with_incoming_shutdown(incoming, sd_runtime::shutdown_signal())
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,261 @@
+//! sd-denoiser: the UNet as a gRPC service. One Predict is one denoising
+//! step for a batch of latents, with classifier-free guidance applied here
+//! so only the guided prediction travels back.
+
+mod cache;
+
+use std::sync::{Arc, Mutex};
+
+use clap::Parser;
+use sd_models::{Component, ModelDir, UNet};
+use sd_proto::v1::denoiser_server::{Denoiser, DenoiserServer};
+use sd_proto::v1::{
+    DenoiserInfo, DenoiserInfoRequest, Dtype, Embedding, PredictRequest, PredictResponse,
+};
+use sd_runtime::ServerArgs;
+use sd_service::{from_wire, status, to_wire, ModelArgs, Worker};
+use tch::Tensor;
+use tonic::{Request, Response, Status};
+
+use crate::cache::EmbeddingCache;
+
+/// Metadata key on a NOT_FOUND answer naming the embedding id to resend.
+pub const EMBEDDING_MISS: &str = "sd-embedding-miss";
+
+/// Serve a model's UNet over gRPC (sd.v1.Denoiser).
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Bytes of text embeddings kept by id (MiB).
+    #[arg(long, env = "SD_EMBEDDING_CACHE_MIB", default_value_t = 256)]
+    embedding_cache_mib: usize,
+    /// Largest batch (latents per call).
+    #[arg(long, env = "SD_MAX_BATCH", default_value_t = 16)]
+    max_batch: i64,
+}
+
+struct Service {
+    unet: Arc<UNet>,
+    cache: Arc<Mutex<EmbeddingCache>>,
+    worker: Worker,
+    info: DenoiserInfo,
+    max_batch: i64,
+}
+
+impl Service {
+    /// The embedding tensor for `e`: as sent (and then cached), or from the cache.
+    fn embedding(&self, e: Option<&Embedding>, field: &str) -> Result<Tensor, Status> {
+        let e = e.ok_or_else(|| Status::invalid_argument(format!("{field} is missing")))?;
+        let mut cache = self
+            .cache
+            .lock()
+            .map_err(|_| Status::internal("embedding cache poisoned"))?;
+        match &e.tensor {
+            Some(t) => {
+                let t = from_wire(Some(t), &format!("{field}.tensor"))?;
+                if !e.id.is_empty() {
+                    cache.insert(e.id.clone(), &t);
+                    tracing::debug!(id = %e.id, cached = cache.len(), "embedding cached");
+                }
+                Ok(t)
+            }
+            None => cache.get(&e.id).ok_or_else(|| {
+                let mut s = Status::not_found(format!(
+                    "{field}: embedding id `{}` is not cached; resend it",
+                    e.id
+                ));
+                if let Ok(v) = e.id.parse() {
+                    s.metadata_mut().insert(EMBEDDING_MISS, v);
+                }
+                s
+            }),
+        }
+    }
+}
+
+fn check_embedding(t: &Tensor, batch: i64, dim: i64, field: &str) -> Result<(), Status> {
+    let s = t.size();
+    if s.len() != 3 || !(s[0] == 1 || s[0] == batch) || s[1] < 1 || s[2] != dim {
+        return Err(Status::invalid_argument(format!(
+            "{field}: shape {s:?}, expected (1 or {batch}, tokens, {dim})"
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Denoiser for Service {
+    async fn predict(
+        &self,
+        request: Request<PredictRequest>,
+    ) -> Result<Response<PredictResponse>, Status> {
+        let req = request.into_inner();
+        let latents = from_wire(req.latents.as_ref(), "latents")?;
+        let shape = latents.size();
+        let c = self.info.latent_channels as i64;
+        if shape.len() != 4 || shape[1] != c || shape[0] < 1 || shape[2] < 1 || shape[3] < 1 {
+            return Err(Status::invalid_argument(format!(
+                "latents: shape {shape:?}, expected (batch, {c}, height, width)"
+            )));
+        }
+        let batch = shape[0];
+        if batch > self.max_batch {
+            return Err(Status::invalid_argument(format!(
+                "latents: batch {batch} exceeds {}",
+                self.max_batch
+            )));
+        }
+        if !(req.timesteps.len() == 1 || req.timesteps.len() as i64 == batch)
+            || req.timesteps.iter().any(|t| !t.is_finite())
+        {
+            return Err(Status::invalid_argument(format!(
+                "timesteps: {} finite values needed (or 1), got {:?}",
+                batch, req.timesteps
+            )));
+        }
+        if !req.guidance_scale.is_finite() {
+            return Err(Status::invalid_argument("guidance_scale must be finite"));
+        }
+        let out_dtype = match Dtype::try_from(req.output_dtype) {
+            Ok(Dtype::Unspecified) => Dtype::try_from(req.latents.as_ref().map_or(1, |l| l.dtype))
+                .unwrap_or(Dtype::Float32),
+            Ok(d) => d,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "output_dtype: unknown value {}",
+                    req.output_dtype
+                )))
+            }
+        };
+        let dim = self.info.context_dim as i64;
+        let cond = self.embedding(req.cond.as_ref(), "cond")?;
+        check_embedding(&cond, batch, dim, "cond")?;
+        let guided = req.uncond.is_some() && req.guidance_scale > 1.0;
+        let uncond = if guided {
+            let u = self.embedding(req.uncond.as_ref(), "uncond")?;
+            check_embedding(&u, batch, dim, "uncond")?;
+            if u.size()[1] != cond.size()[1] {
+                return Err(Status::invalid_argument(
+                    "uncond: token count differs from cond",
+                ));
+            }
+            Some(u)
+        } else {
+            None
+        };
+        let timesteps = Tensor::from_slice(&req.timesteps);
+        let g = req.guidance_scale as f64;
+        let unet = self.unet.clone();
+        let output = self
+            .worker
+            .run(move || {
+                let expand = |t: &Tensor| t.expand([batch, -1, -1], false);
+                let ts = timesteps.expand([batch], false);
+                let out = match uncond {
+                    Some(u) => {
+                        // diffusers' order: [uncond, cond] in one batch.
+                        let x = Tensor::cat(&[&latents, &latents], 0);
+                        let ctx = Tensor::cat(&[expand(&u), expand(&cond)], 0);
+                        let t = Tensor::cat(&[&ts, &ts], 0);
+                        let pred = unet.forward(&x, &t, &ctx).map_err(status)?;
+                        let parts = pred.chunk(2, 0);
+                        &parts[0] + (&parts[1] - &parts[0]) * g
+                    }
+                    None => unet
+                        .forward(&latents, &ts, &expand(&cond))
+                        .map_err(status)?,
+                };
+                to_wire(&out, out_dtype)
+            })
+            .await?;
+        Ok(Response::new(PredictResponse {
+            output: Some(output),
+        }))
+    }
+
+    async fn info(
+        &self,
+        _: Request<DenoiserInfoRequest>,
+    ) -> Result<Response<DenoiserInfo>, Status> {
+        Ok(Response::new(self.info.clone()))
+    }
+}
+
+/// The model's prediction type, from its scheduler config (diffusers' default: epsilon).
+fn prediction_type(scheduler_json: &str) -> anyhow::Result<String> {
+    let v: serde_json::Value = serde_json::from_str(scheduler_json)?;
+    Ok(v.get("prediction_type")
+        .and_then(|p| p.as_str())
+        .unwrap_or("epsilon")
+        .to_string())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    sd_runtime::init_telemetry(args.server.log_json);
+    let (health, health_svc) = sd_runtime::Health::new("sd.v1.Denoiser").await;
+    let (incoming, _) = sd_runtime::listen(args.server.listen).await?;
+    let max = args.server.max_message_bytes();
+    let placement = args.model.placement()?;
+    let dir = ModelDir::open(&args.model.model)?;
+    let unet = sd_service::timed_load("unet", || dir.load_unet(placement))?;
+    let vae: sd_models::config::VaeConfig =
+        sd_models::config::read_json(&dir.config_path(Component::Vae))?;
+    let scheduler_path = dir.scheduler_config_path();
+    let scheduler_config_json = std::fs::read_to_string(&scheduler_path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", scheduler_path.display()))?;
+    let c = unet.config().clone();
+    // Warm up: one forward before reporting SERVING.
+    let side = c.sample_size.clamp(1, 16);
+    let f = (tch::Kind::Float, tch::Device::Cpu);
+    let _ = unet.forward(
+        &Tensor::zeros([1, c.in_channels, side, side], f),
+        &Tensor::from_slice(&[1.0f32]),
+        &Tensor::zeros([1, 77, c.context_dim()], f),
+    )?;
+    let info = DenoiserInfo {
+        model_id: sd_service::model_id(
+            &dir,
+            &[Component::TextEncoder, Component::Unet, Component::Vae],
+        ),
+        model_name: dir
+            .root()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        latent_channels: c.in_channels as u32,
+        vae_scale_factor: vae.scale_factor() as u32,
+        sample_size: c.sample_size as u32,
+        prediction_type: prediction_type(&scheduler_config_json)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", scheduler_path.display()))?,
+        scheduler_config_json,
+        context_dim: c.context_dim() as u32,
+    };
+    tracing::info!(model = %info.model_id, "denoiser ready");
+    let service = Service {
+        unet: Arc::new(unet),
+        cache: Arc::new(Mutex::new(EmbeddingCache::new(
+            args.embedding_cache_mib << 20,
+        ))),
+        worker: Worker::new(args.model.concurrency),
+        info,
+        max_batch: args.max_batch,
+    };
+    health.serving().await;
+    tonic::transport::Server::builder()
+        .add_service(health_svc)
+        .add_service(sd_runtime::reflection()?)
+        .add_service(
+            DenoiserServer::new(service)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .serve_with_incoming_shutdown(incoming, sd_runtime::shutdown_signal())
+        .await?;
+    Ok(())
+}

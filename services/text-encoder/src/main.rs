@@ -1,0 +1,134 @@
+//! sd-text-encoder: the CLIP tokenizer and text transformer as a gRPC service.
+
+use std::sync::Arc;
+
+use clap::Parser;
+use sd_models::{ClipTextModel, ClipTokenizer, Component, ModelDir};
+use sd_proto::v1::text_encoder_server::{TextEncoder, TextEncoderServer};
+use sd_proto::v1::{
+    Dtype, EncodeTextRequest, EncodeTextResponse, EncodedPrompt, TextEncoderInfo,
+    TextEncoderInfoRequest,
+};
+use sd_runtime::ServerArgs;
+use sd_service::{status, to_wire, ModelArgs, Worker};
+use tonic::{Request, Response, Status};
+
+/// Serve a model's CLIP text encoder over gRPC (sd.v1.TextEncoder).
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Most prompts one Encode call may carry.
+    #[arg(long, env = "SD_MAX_PROMPTS", default_value_t = 64)]
+    max_prompts: usize,
+}
+
+struct Model {
+    tokenizer: ClipTokenizer,
+    clip: ClipTextModel,
+}
+
+struct Service {
+    model: Arc<Model>,
+    worker: Worker,
+    info: TextEncoderInfo,
+    max_prompts: usize,
+}
+
+#[tonic::async_trait]
+impl TextEncoder for Service {
+    async fn encode(
+        &self,
+        request: Request<EncodeTextRequest>,
+    ) -> Result<Response<EncodeTextResponse>, Status> {
+        let req = request.into_inner();
+        if req.prompts.is_empty() || req.prompts.len() > self.max_prompts {
+            return Err(Status::invalid_argument(format!(
+                "prompts: {} given, 1..={} allowed",
+                req.prompts.len(),
+                self.max_prompts
+            )));
+        }
+        if req.clip_skip >= self.info.num_layers {
+            return Err(Status::invalid_argument(format!(
+                "clip_skip: {} given, 0..{} allowed",
+                req.clip_skip, self.info.num_layers
+            )));
+        }
+        let dtype = Dtype::try_from(req.dtype)
+            .map_err(|_| Status::invalid_argument(format!("dtype: unknown value {}", req.dtype)))?;
+        let model = self.model.clone();
+        let prompts = req.prompts;
+        let clip_skip = req.clip_skip as usize;
+        let out = self
+            .worker
+            .run(move || {
+                let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+                let ids = model.tokenizer.encode_batch(&refs).map_err(status)?;
+                let hidden = model.clip.forward(&ids, clip_skip).map_err(status)?;
+                let ids: Vec<i64> = Vec::<i64>::try_from(ids.flatten(0, -1))
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                let per = ids.len() / prompts.len();
+                (0..prompts.len())
+                    .map(|i| {
+                        Ok(EncodedPrompt {
+                            token_ids: ids[i * per..(i + 1) * per].to_vec(),
+                            embeddings: Some(to_wire(&hidden.get(i as i64), dtype)?),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, Status>>()
+            })
+            .await?;
+        Ok(Response::new(EncodeTextResponse { prompts: out }))
+    }
+
+    async fn info(
+        &self,
+        _: Request<TextEncoderInfoRequest>,
+    ) -> Result<Response<TextEncoderInfo>, Status> {
+        Ok(Response::new(self.info.clone()))
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    sd_runtime::init_telemetry(args.server.log_json);
+    let (health, health_svc) = sd_runtime::Health::new("sd.v1.TextEncoder").await;
+    let (incoming, _) = sd_runtime::listen(args.server.listen).await?;
+    let max = args.server.max_message_bytes();
+    let placement = args.model.placement()?;
+    let dir = ModelDir::open(&args.model.model)?;
+    let tokenizer = sd_service::timed_load("tokenizer", || dir.load_tokenizer())?;
+    let clip = sd_service::timed_load("text encoder", || dir.load_text_encoder(placement))?;
+    // Warm up: one forward before reporting SERVING.
+    let warm = tokenizer.encode_batch(&[""])?;
+    let _ = clip.forward(&warm, 0)?;
+    let info = TextEncoderInfo {
+        model_id: sd_service::model_id(&dir, &[Component::TextEncoder]),
+        hidden_size: clip.hidden_size() as u32,
+        max_tokens: tokenizer.max_length() as u32,
+        num_layers: clip.config().num_hidden_layers as u32,
+    };
+    let service = Service {
+        model: Arc::new(Model { tokenizer, clip }),
+        worker: Worker::new(args.model.concurrency),
+        info,
+        max_prompts: args.max_prompts,
+    };
+    health.serving().await;
+    tonic::transport::Server::builder()
+        .add_service(health_svc)
+        .add_service(sd_runtime::reflection()?)
+        .add_service(
+            TextEncoderServer::new(service)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .serve_with_incoming_shutdown(incoming, sd_runtime::shutdown_signal())
+        .await?;
+    Ok(())
+}
