@@ -1,0 +1,209 @@
+//! The diffusers schedulers Stable Diffusion pipelines use, each equal to the
+//! diffusers class of the same job built with `from_config` on the model's
+//! `scheduler_config.json`: keys the class knows are taken from the file,
+//! the rest are that class's defaults.
+//!
+//! Latents are flat `f32` slices (any shape); per-element arithmetic is done
+//! in f32, as diffusers does on float32 tensors, and schedule tables in f64
+//! rounded where diffusers rounds them to float32.
+
+mod common;
+mod ddim;
+mod dpmpp;
+mod euler;
+mod heun;
+mod lms;
+mod pndm;
+mod unipc;
+
+use std::fmt;
+use std::str::FromStr;
+
+pub use common::{Prediction, SchedulerConfig, Spacing};
+
+/// The schedulers sdserve offers, by the names users type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchedulerKind {
+    Ddim,
+    Pndm,
+    Euler,
+    EulerAncestral,
+    Lms,
+    Heun,
+    DpmPp2m,
+    UniPc,
+}
+
+impl SchedulerKind {
+    pub const ALL: [SchedulerKind; 8] = [
+        SchedulerKind::Ddim,
+        SchedulerKind::Pndm,
+        SchedulerKind::Euler,
+        SchedulerKind::EulerAncestral,
+        SchedulerKind::Lms,
+        SchedulerKind::Heun,
+        SchedulerKind::DpmPp2m,
+        SchedulerKind::UniPc,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SchedulerKind::Ddim => "ddim",
+            SchedulerKind::Pndm => "pndm",
+            SchedulerKind::Euler => "euler",
+            SchedulerKind::EulerAncestral => "euler-a",
+            SchedulerKind::Lms => "lms",
+            SchedulerKind::Heun => "heun",
+            SchedulerKind::DpmPp2m => "dpmpp-2m",
+            SchedulerKind::UniPc => "unipc",
+        }
+    }
+
+    /// The diffusers class that does the same job.
+    pub fn diffusers_class(self) -> &'static str {
+        match self {
+            SchedulerKind::Ddim => "DDIMScheduler",
+            SchedulerKind::Pndm => "PNDMScheduler",
+            SchedulerKind::Euler => "EulerDiscreteScheduler",
+            SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
+            SchedulerKind::Lms => "LMSDiscreteScheduler",
+            SchedulerKind::Heun => "HeunDiscreteScheduler",
+            SchedulerKind::DpmPp2m => "DPMSolverMultistepScheduler",
+            SchedulerKind::UniPc => "UniPCMultistepScheduler",
+        }
+    }
+
+    pub fn from_diffusers_class(class: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.diffusers_class() == class)
+    }
+
+    /// Whether diffusers offers `use_karras_sigmas` for this scheduler.
+    pub fn supports_karras(self) -> bool {
+        matches!(
+            self,
+            SchedulerKind::Euler
+                | SchedulerKind::Lms
+                | SchedulerKind::Heun
+                | SchedulerKind::DpmPp2m
+                | SchedulerKind::UniPc
+        )
+    }
+
+    /// Whether `eta` means something (DDIM only).
+    pub fn supports_eta(self) -> bool {
+        self == SchedulerKind::Ddim
+    }
+
+    pub fn names() -> String {
+        Self::ALL
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+impl fmt::Display for SchedulerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for SchedulerKind {
+    type Err = SchedulerError;
+    fn from_str(s: &str) -> Result<Self, SchedulerError> {
+        let s = s.trim().to_ascii_lowercase();
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .or_else(|| match s.as_str() {
+                "euler_a" | "euler-ancestral" => Some(SchedulerKind::EulerAncestral),
+                "plms" => Some(SchedulerKind::Pndm),
+                "dpm++2m" | "dpmpp_2m" | "dpm-solver++" => Some(SchedulerKind::DpmPp2m),
+                _ => None,
+            })
+            .ok_or_else(|| SchedulerError::Unknown(s.to_string()))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("unknown scheduler `{0}` (one of: {names})", names = SchedulerKind::names())]
+    Unknown(String),
+    #[error("scheduler config: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// Options a request may set on top of the model's config.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SchedulerOptions {
+    pub karras: bool,
+    pub eta: f32,
+}
+
+/// One scheduler, set up for a number of inference steps.
+pub trait Scheduler: Send {
+    /// Timesteps to run the UNet at, in order (may be longer than the step
+    /// count: Heun evaluates twice per step, PNDM once more at the start).
+    fn timesteps(&self) -> &[f64];
+
+    /// How many timesteps make one step (Heun: 2), for image-to-image's start.
+    fn order(&self) -> usize {
+        1
+    }
+
+    /// Standard deviation of the initial noise.
+    fn init_noise_sigma(&self) -> f32;
+
+    /// The UNet's input for the latents at timestep index `i`.
+    fn scale_model_input(&self, sample: &[f32], i: usize) -> Vec<f32> {
+        let _ = i;
+        sample.to_vec()
+    }
+
+    /// The latents after timestep index `i`, from the model's output.
+    /// `noise(n)` draws `n` standard normals from the generation's generator
+    /// (ancestral sampling, DDIM with eta > 0).
+    fn step(
+        &mut self,
+        model_output: &[f32],
+        i: usize,
+        sample: &[f32],
+        noise: &mut dyn FnMut(usize) -> Vec<f32>,
+    ) -> Vec<f32>;
+
+    /// Image-to-image: noise `original` to the level of timestep index `i`.
+    fn add_noise(&self, original: &[f32], noise: &[f32], i: usize) -> Vec<f32>;
+}
+
+/// Build `kind` from the model's scheduler config, set to `steps` inference steps.
+pub fn build(
+    kind: SchedulerKind,
+    config: &SchedulerConfig,
+    steps: usize,
+    options: SchedulerOptions,
+) -> Result<Box<dyn Scheduler>, SchedulerError> {
+    if steps == 0 || steps > config.num_train_timesteps() {
+        return Err(SchedulerError::Unsupported(format!(
+            "steps must be in 1..={}",
+            config.num_train_timesteps()
+        )));
+    }
+    if options.karras && !kind.supports_karras() {
+        return Err(SchedulerError::Unsupported(format!(
+            "karras sigmas are not available for {kind}"
+        )));
+    }
+    Ok(match kind {
+        SchedulerKind::Ddim => Box::new(ddim::Ddim::new(config, steps, options.eta)?),
+        SchedulerKind::Pndm => Box::new(pndm::Pndm::new(config, steps)?),
+        SchedulerKind::Euler => Box::new(euler::Euler::new(config, steps, options.karras)?),
+        SchedulerKind::EulerAncestral => Box::new(euler::EulerAncestral::new(config, steps)?),
+        SchedulerKind::Lms => Box::new(lms::Lms::new(config, steps, options.karras)?),
+        SchedulerKind::Heun => Box::new(heun::Heun::new(config, steps, options.karras)?),
+        SchedulerKind::DpmPp2m => Box::new(dpmpp::DpmPp2m::new(config, steps, options.karras)?),
+        SchedulerKind::UniPc => Box::new(unipc::UniPc::new(config, steps, options.karras)?),
+    })
+}
