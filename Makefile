@@ -17,18 +17,20 @@ setup:
 fixtures: setup
 	@python tests/fixtures/make_tiny_models.py $(SD_FIXTURES)
 	@python tests/fixtures/make_sampling_reference.py $(SD_FIXTURES)
+	@python tests/fixtures/make_e2e_reference.py $(SD_FIXTURES)
 
 ## build: release binaries into target/release/
 build: setup
 	$(CARGO) build --release --workspace
 
-## test: set up, build and run every test
+## test: set up, build and run every test (end-to-end tests start the built binaries)
 test: setup fixtures
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
 
-## demo: set up, write the tiny model (unless SD_MODEL is set), load it and run each network
+## demo: set up, write the tiny model (unless SD_MODEL is set), start the stack, generate demo.png, stop
 demo: build fixtures
-	target/release/sd-probe --model $${SD_MODEL:-$(SD_FIXTURES)/sd1-tiny} --prompt "a photograph of an astronaut riding a horse"
+	@scripts/demo.sh "$${SD_MODEL:-$(SD_FIXTURES)/sd1-tiny}"
 
 check: fmt clippy
 fmt:

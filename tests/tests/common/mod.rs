@@ -1,6 +1,8 @@
 //! Fixtures and tensor comparison shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod stack;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 

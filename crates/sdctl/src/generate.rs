@@ -1,0 +1,235 @@
+//! `sdctl generate`: one GenerateStream call, a progress bar fed by its
+//! events, the images written to disk.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use sd_proto::v1::generation_client::GenerationClient;
+use sd_proto::v1::{generate_event, GenerateRequest, ImageFormat, ListModelsRequest};
+use tokio_stream::StreamExt;
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    /// What to draw.
+    #[arg(long)]
+    prompt: String,
+    /// What to steer away from.
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// Width in pixels (default: the model's).
+    #[arg(long)]
+    width: Option<u32>,
+    /// Height in pixels (default: the model's).
+    #[arg(long)]
+    height: Option<u32>,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 50)]
+    steps: u32,
+    /// Classifier-free guidance scale (<= 1 turns guidance off).
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f32,
+    /// ddim, pndm, euler, euler-a, lms, heun, dpmpp-2m, unipc (default: the model's own).
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// Karras sigmas (euler, lms, heun, dpmpp-2m, unipc).
+    #[arg(long)]
+    karras: bool,
+    /// DDIM eta.
+    #[arg(long, default_value_t = 0.0)]
+    eta: f32,
+    /// Seed (default: drawn by the gateway and printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Images to generate.
+    #[arg(long, default_value_t = 1)]
+    num_images: u32,
+    /// Use the text encoder's hidden state this many layers before the last.
+    #[arg(long, default_value_t = 0)]
+    clip_skip: u32,
+    /// Image-to-image: the initial image (PNG, JPEG or WebP).
+    #[arg(long)]
+    init_image: Option<PathBuf>,
+    /// Image-to-image: how much to change the initial image, in (0, 1].
+    #[arg(long, requires = "init_image")]
+    strength: Option<f32>,
+    /// Send a latent preview every this many steps, written next to the output.
+    #[arg(long, default_value_t = 0)]
+    preview_every: u32,
+    /// Gateway URL.
+    #[arg(long, env = "SD_GATEWAY", default_value = "http://127.0.0.1:50051")]
+    gateway: String,
+    /// Output file (.png, .jpg or .webp); N > 1 images become FILE-0.png, FILE-1.png, ...
+    #[arg(long, short)]
+    output: PathBuf,
+}
+
+fn format_of(path: &Path) -> ImageFormat {
+    match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        Some("jpg") | Some("jpeg") => ImageFormat::Jpeg,
+        Some("webp") => ImageFormat::Webp,
+        _ => ImageFormat::Png,
+    }
+}
+
+/// FILE.png for one image, FILE-i.png for several.
+pub fn output_path(base: &Path, i: usize, n: usize) -> PathBuf {
+    if n == 1 {
+        return base.to_path_buf();
+    }
+    let stem = base
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = match base.extension() {
+        Some(ext) => format!("{stem}-{i}.{}", ext.to_string_lossy()),
+        None => format!("{stem}-{i}"),
+    };
+    base.with_file_name(name)
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+async fn connect(url: &str) -> anyhow::Result<GenerationClient<tonic::transport::Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the gateway at {url}"))?;
+    Ok(GenerationClient::new(channel)
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(64 << 20))
+}
+
+pub async fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    let init_image = match &a.init_image {
+        Some(p) => std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+        None => Vec::new(),
+    };
+    let request = GenerateRequest {
+        prompt: a.prompt.clone(),
+        negative_prompt: a.negative_prompt.clone(),
+        width: a.width.unwrap_or(0),
+        height: a.height.unwrap_or(0),
+        steps: a.steps,
+        guidance_scale: Some(a.guidance),
+        scheduler: a.scheduler.clone().unwrap_or_default(),
+        karras: a.karras,
+        eta: a.eta,
+        seed: a.seed,
+        num_images: a.num_images,
+        clip_skip: a.clip_skip,
+        init_image: init_image.into(),
+        strength: a.strength,
+        format: format_of(&a.output) as i32,
+        preview_every: a.preview_every,
+        preview_mode: 0,
+        model: String::new(),
+    };
+    let mut client = connect(&a.gateway).await?;
+    let mut stream = client
+        .generate_stream(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:40.cyan/blue} {pos}/{len} steps  {per_sec}  ETA {eta}  {msg}",
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    while let Some(event) = stream.next().await {
+        match event
+            .map_err(|s| {
+                bar.abandon();
+                status_error(s)
+            })?
+            .event
+        {
+            Some(generate_event::Event::Progress(p)) => {
+                bar.set_length(p.total as u64);
+                bar.set_position(p.step as u64);
+                bar.set_message(format!("t={:.0}", p.timestep));
+            }
+            Some(generate_event::Event::Preview(p)) => {
+                for (i, img) in p.images.iter().enumerate() {
+                    let path = output_path(
+                        &a.output.with_extension(format!("preview-{}.png", p.step)),
+                        i,
+                        p.images.len(),
+                    );
+                    std::fs::write(&path, &img.data)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                }
+            }
+            Some(generate_event::Event::Result(r)) => {
+                bar.finish_and_clear();
+                let n = r.images.len();
+                for (i, img) in r.images.iter().enumerate() {
+                    let path = output_path(&a.output, i, n);
+                    std::fs::write(&path, &img.data)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    println!("wrote {} ({}x{})", path.display(), img.width, img.height);
+                }
+                if let Some(p) = r.parameters {
+                    println!(
+                        "seed {} · {} steps · {}{} · guidance {} · {}",
+                        p.seed,
+                        p.steps,
+                        p.scheduler,
+                        if p.karras { " karras" } else { "" },
+                        p.guidance_scale,
+                        p.model
+                    );
+                }
+                return Ok(());
+            }
+            None => {}
+        }
+    }
+    anyhow::bail!("the gateway closed the stream without a result")
+}
+
+pub async fn models(url: &str) -> anyhow::Result<()> {
+    let mut client = connect(url).await?;
+    let r = client
+        .list_models(ListModelsRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    for m in r.models {
+        println!(
+            "{}  {}x{}  scheduler {}  {}  ({})",
+            m.name, m.default_width, m.default_height, m.default_scheduler, m.prediction_type, m.id
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn several_images_get_numbered_names() {
+        assert_eq!(
+            output_path(Path::new("out/a.png"), 0, 1),
+            PathBuf::from("out/a.png")
+        );
+        assert_eq!(
+            output_path(Path::new("out/a.png"), 1, 2),
+            PathBuf::from("out/a-1.png")
+        );
+        assert_eq!(format_of(Path::new("x.JPG")), ImageFormat::Jpeg);
+    }
+}

@@ -1,0 +1,42 @@
+//! sdctl: `up` starts the four sdserve processes on localhost; `generate`
+//! asks a gateway for images, with a progress bar.
+
+mod generate;
+mod up;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "sdserve: Stable Diffusion as gRPC microservices")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start text-encoder, denoiser, autoencoder and gateway on localhost.
+    Up(up::UpArgs),
+    /// Generate images through a gateway.
+    Generate(generate::GenerateArgs),
+    /// List the models a gateway serves.
+    Models {
+        /// Gateway URL.
+        #[arg(long, env = "SD_GATEWAY", default_value = "http://127.0.0.1:50051")]
+        gateway: String,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Up(a) => up::run(a).await,
+        Command::Generate(a) => generate::run(a).await,
+        Command::Models { gateway } => generate::models(&gateway).await,
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,223 @@
+//! Images in and out of the gateway: init images (checked before they are
+//! decoded, then resized and normalised as diffusers' VaeImageProcessor
+//! does), result encoding (PNG with the generation parameters in text
+//! chunks, JPEG, WebP) and cheap latent previews.
+
+use std::io::Cursor;
+
+use image::{ImageFormat as Fmt, ImageReader};
+use sd_proto::v1::{GenerationParameters, ImageFormat};
+use sd_proto::wire::HostTensor;
+use tonic::Status;
+
+use crate::plan::Limits;
+
+fn invalid(msg: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("init_image: {msg}"))
+}
+
+/// Formats accepted for init images, by their magic bytes.
+fn sniff(bytes: &[u8]) -> Option<Fmt> {
+    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Some(Fmt::Png)
+    } else if bytes.starts_with(&[0xff, 0xd8, 0xff]) {
+        Some(Fmt::Jpeg)
+    } else if bytes.len() >= 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"WEBP" {
+        Some(Fmt::WebP)
+    } else {
+        None
+    }
+}
+
+/// Largest init image accepted before resizing, in pixels per side.
+const MAX_SOURCE_SIDE: u32 = 8192;
+
+/// Decode an init image to (1, 3, H, W) pixels in [-1, 1].
+///
+/// The size is `target` when given (0 in one side keeps the image's), else
+/// the image's own rounded down to a multiple of `scale`, as diffusers does.
+pub fn decode_init_image(
+    bytes: &[u8],
+    limits: &Limits,
+    scale: u32,
+    target: Option<(u32, u32)>,
+) -> Result<(HostTensor, u32, u32), Status> {
+    if bytes.len() > limits.max_init_image_bytes {
+        return Err(invalid(format!(
+            "{} bytes, at most {} allowed",
+            bytes.len(),
+            limits.max_init_image_bytes
+        )));
+    }
+    let format = sniff(bytes).ok_or_else(|| invalid("not a PNG, JPEG or WebP image"))?;
+    // Dimensions from the header alone, before any pixel is allocated.
+    let (w, h) = ImageReader::with_format(Cursor::new(bytes), format)
+        .into_dimensions()
+        .map_err(|e| invalid(format!("unreadable header: {e}")))?;
+    if w == 0 || h == 0 || w > MAX_SOURCE_SIDE || h > MAX_SOURCE_SIDE {
+        return Err(invalid(format!(
+            "{w}×{h}: each side must be 1..={MAX_SOURCE_SIDE}"
+        )));
+    }
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut decoder_limits = image::Limits::default();
+    decoder_limits.max_image_width = Some(MAX_SOURCE_SIDE);
+    decoder_limits.max_image_height = Some(MAX_SOURCE_SIDE);
+    decoder_limits.max_alloc = Some(w as u64 * h as u64 * 8 + (64 << 20));
+    reader.limits(decoder_limits);
+    let img = reader
+        .decode()
+        .map_err(|e| invalid(format!("cannot decode: {e}")))?;
+    let round = |v: u32| v - v % scale;
+    let (tw, th) = match target {
+        Some((tw, th)) => (
+            if tw == 0 { round(w) } else { tw },
+            if th == 0 { round(h) } else { th },
+        ),
+        None => (round(w), round(h)),
+    };
+    if tw == 0 || th == 0 {
+        return Err(invalid(format!(
+            "{w}×{h} is smaller than one latent ({scale}×{scale})"
+        )));
+    }
+    let rgb = img.to_rgb8();
+    let rgb = if (tw, th) == (w, h) {
+        rgb
+    } else {
+        image::imageops::resize(&rgb, tw, th, image::imageops::FilterType::Lanczos3)
+    };
+    let (tw, th) = rgb.dimensions();
+    let plane = (tw * th) as usize;
+    let mut data = vec![0f32; 3 * plane];
+    for (i, p) in rgb.pixels().enumerate() {
+        for c in 0..3 {
+            data[c * plane + i] = 2.0 * (p.0[c] as f32 / 255.0) - 1.0;
+        }
+    }
+    let t = HostTensor::new(vec![1, 3, th as i64, tw as i64], data)
+        .map_err(|e| Status::internal(e.to_string()))?;
+    Ok((t, tw, th))
+}
+
+/// The generation parameters as text chunks: one key each, plus the
+/// `parameters` summary other SD tools read.
+pub fn text_chunks(p: &GenerationParameters) -> Vec<(String, String)> {
+    let mut summary = format!(
+        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}{}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+        p.prompt,
+        p.negative_prompt,
+        p.steps,
+        p.scheduler,
+        if p.karras { " Karras" } else { "" },
+        p.guidance_scale,
+        p.seed,
+        p.width,
+        p.height,
+        p.model
+    );
+    if p.clip_skip > 0 {
+        summary.push_str(&format!(", Clip skip: {}", p.clip_skip + 1));
+    }
+    if p.strength > 0.0 {
+        summary.push_str(&format!(", Denoising strength: {}", p.strength));
+    }
+    vec![
+        ("parameters".into(), summary),
+        ("prompt".into(), p.prompt.clone()),
+        ("negative_prompt".into(), p.negative_prompt.clone()),
+        ("seed".into(), p.seed.to_string()),
+        ("steps".into(), p.steps.to_string()),
+        ("guidance_scale".into(), p.guidance_scale.to_string()),
+        ("scheduler".into(), p.scheduler.clone()),
+        ("karras".into(), p.karras.to_string()),
+        ("model".into(), p.model.clone()),
+        ("size".into(), format!("{}x{}", p.width, p.height)),
+        (
+            "software".into(),
+            format!("sdserve {}", env!("CARGO_PKG_VERSION")),
+        ),
+    ]
+}
+
+/// PNG with UTF-8 text chunks.
+pub fn encode_png(
+    rgb: &[u8],
+    w: u32,
+    h: u32,
+    text: &[(String, String)],
+) -> Result<Vec<u8>, Status> {
+    let err = |e: png::EncodingError| Status::internal(format!("png: {e}"));
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, w, h);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        for (k, v) in text {
+            enc.add_itxt_chunk(k.clone(), v.clone()).map_err(err)?;
+        }
+        let mut writer = enc.write_header().map_err(err)?;
+        writer.write_image_data(rgb).map_err(err)?;
+    }
+    Ok(out)
+}
+
+/// Encode RGB8 pixels as the requested format.
+pub fn encode(
+    rgb: &[u8],
+    w: u32,
+    h: u32,
+    format: ImageFormat,
+    params: &GenerationParameters,
+) -> Result<Vec<u8>, Status> {
+    match format {
+        ImageFormat::Png => encode_png(rgb, w, h, &text_chunks(params)),
+        ImageFormat::Jpeg | ImageFormat::Webp => {
+            let buf = image::RgbImage::from_raw(w, h, rgb.to_vec())
+                .ok_or_else(|| Status::internal("decoded image has the wrong size"))?;
+            let mut out = Cursor::new(Vec::new());
+            let fmt = if format == ImageFormat::Jpeg {
+                Fmt::Jpeg
+            } else {
+                Fmt::WebP
+            };
+            buf.write_to(&mut out, fmt)
+                .map_err(|e| Status::internal(format!("encoding {fmt:?}: {e}")))?;
+            Ok(out.into_inner())
+        }
+    }
+}
+
+/// Latent → RGB factors for SD's 4-channel latents (a least-squares fit of
+/// decoded colours on latents, widely used for live previews).
+const LATENT_RGB: [[f32; 3]; 4] = [
+    [0.298, 0.207, 0.208],
+    [0.187, 0.286, 0.173],
+    [-0.158, 0.189, 0.264],
+    [-0.184, -0.271, -0.473],
+];
+
+/// A preview of one image's (unscaled-by-VAE, model-space) latents: a linear
+/// projection to RGB at latent resolution, PNG-encoded.
+pub fn latent_preview(
+    latents: &[f32],
+    channels: usize,
+    h: usize,
+    w: usize,
+) -> Result<Vec<u8>, Status> {
+    let plane = h * w;
+    let mut rgb = vec![0u8; plane * 3];
+    for i in 0..plane {
+        for c in 0..3 {
+            let v: f32 = if channels == 4 {
+                (0..4)
+                    .map(|k| latents[k * plane + i] * LATENT_RGB[k][c])
+                    .sum()
+            } else {
+                (0..channels).map(|k| latents[k * plane + i]).sum::<f32>() / channels as f32 * 0.5
+            };
+            rgb[i * 3 + c] = ((v + 1.0) / 2.0 * 255.0).round().clamp(0.0, 255.0) as u8;
+        }
+    }
+    encode_png(&rgb, w as u32, h as u32, &[])
+}

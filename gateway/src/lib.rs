@@ -1,0 +1,12 @@
+//! The sdserve gateway: the public `sd.v1.Generation` API. It validates a
+//! request, encodes the prompts (through a cache of prompt embeddings), draws
+//! the seeded noise, calls the denoiser once per step, applies the scheduler
+//! and has the autoencoder decode — all in pure Rust; the networks live in
+//! the model services.
+
+pub mod backends;
+pub mod images;
+pub mod pipeline;
+pub mod plan;
+pub mod prompt_cache;
+pub mod service;

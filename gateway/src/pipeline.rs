@@ -1,0 +1,411 @@
+//! One generation, as diffusers' StableDiffusion(Img2Img)Pipeline runs it,
+//! with the networks behind gRPC: encode the prompts, draw the initial
+//! latents from the seeded generator, one Predict per timestep with the
+//! scheduler between them, one Decode at the end.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use sd_proto::v1::{
+    DecodeRequest, Dtype, Embedding, EncodeImageRequest, EncodeTextRequest, GenerateResponse,
+    GeneratedImage, ImageFormat, PredictRequest, PreviewMode, Tensor as WireTensor,
+};
+use sd_proto::wire::HostTensor;
+use sd_sampling::schedulers::{build, SchedulerOptions};
+use sd_sampling::TorchGenerator;
+use tokio::sync::mpsc;
+use tonic::{Code, Status};
+
+use crate::backends::{Backends, ModelFacts};
+use crate::images;
+use crate::plan::Plan;
+use crate::prompt_cache::{CachedEmbedding, PromptCache, PromptKey};
+
+/// What a streaming client hears while its images form.
+#[derive(Debug)]
+pub enum Event {
+    Progress {
+        step: u32,
+        total: u32,
+        timestep: f32,
+        elapsed: f64,
+    },
+    Preview {
+        step: u32,
+        images: Vec<GeneratedImage>,
+    },
+}
+
+/// Runs generations against the model services.
+#[derive(Clone)]
+pub struct Generator {
+    pub backends: Backends,
+    pub facts: Arc<ModelFacts>,
+    pub cache: Arc<Mutex<PromptCache>>,
+}
+
+fn wire_err(field: &str) -> impl Fn(sd_proto::WireError) -> Status + '_ {
+    move |e| Status::internal(format!("{field} from a model service: {e}"))
+}
+
+/// A text conditioning for Predict: sent in full the first time.
+struct Conditioning {
+    embedding: CachedEmbedding,
+    sent: bool,
+}
+
+impl Conditioning {
+    fn message(&self) -> Embedding {
+        Embedding {
+            id: self.embedding.id.clone(),
+            tensor: (!self.sent).then(|| self.embedding.tensor.clone()),
+        }
+    }
+}
+
+fn is_embedding_miss(s: &Status) -> bool {
+    s.code() == Code::NotFound && s.metadata().contains_key("sd-embedding-miss")
+}
+
+impl Generator {
+    /// Embeddings for each (prompt, clip_skip), from the cache or one Encode call.
+    async fn embeddings(&self, wanted: &[(&str, u32)]) -> Result<Vec<CachedEmbedding>, Status> {
+        let keys: Vec<PromptKey> = wanted
+            .iter()
+            .map(|(p, skip)| PromptKey {
+                model: self.facts.text_model_id.clone(),
+                clip_skip: *skip,
+                prompt: p.to_string(),
+            })
+            .collect();
+        let mut found: Vec<Option<CachedEmbedding>> = {
+            let mut cache = self
+                .cache
+                .lock()
+                .map_err(|_| Status::internal("prompt cache poisoned"))?;
+            keys.iter().map(|k| cache.get(k)).collect()
+        };
+        // Encode the misses, grouped by clip_skip (one call per group).
+        let mut skips: Vec<u32> = keys
+            .iter()
+            .zip(&found)
+            .filter(|(_, f)| f.is_none())
+            .map(|(k, _)| k.clip_skip)
+            .collect();
+        skips.dedup();
+        for skip in skips {
+            let idx: Vec<usize> = (0..keys.len())
+                .filter(|&i| found[i].is_none() && keys[i].clip_skip == skip)
+                .collect();
+            let prompts: Vec<String> = idx.iter().map(|&i| keys[i].prompt.clone()).collect();
+            let resp = self
+                .backends
+                .text
+                .clone()
+                .encode(EncodeTextRequest {
+                    prompts,
+                    clip_skip: skip,
+                    dtype: Dtype::Float32 as i32,
+                })
+                .await?
+                .into_inner();
+            if resp.prompts.len() != idx.len() {
+                return Err(Status::internal(
+                    "text encoder returned the wrong number of embeddings",
+                ));
+            }
+            for (&i, enc) in idx.iter().zip(resp.prompts) {
+                let mut tensor = enc
+                    .embeddings
+                    .ok_or_else(|| Status::internal("text encoder sent no embeddings"))?;
+                sd_proto::wire::validate(&tensor).map_err(wire_err("embeddings"))?;
+                tensor.shape.insert(0, 1);
+                let e = CachedEmbedding {
+                    id: keys[i].embedding_id(),
+                    tensor,
+                };
+                if let Ok(mut cache) = self.cache.lock() {
+                    cache.insert(keys[i].clone(), e.clone());
+                }
+                found[i] = Some(e);
+            }
+        }
+        found
+            .into_iter()
+            .map(|f| f.ok_or_else(|| Status::internal("prompt embedding missing")))
+            .collect()
+    }
+
+    /// One Predict, resending the embeddings if the denoiser lost them.
+    async fn predict(
+        &self,
+        latents: WireTensor,
+        timestep: f32,
+        cond: &mut Conditioning,
+        uncond: &mut Option<Conditioning>,
+        guidance: f32,
+    ) -> Result<HostTensor, Status> {
+        for attempt in 0..2 {
+            let req = PredictRequest {
+                latents: Some(latents.clone()),
+                timesteps: vec![timestep],
+                cond: Some(cond.message()),
+                uncond: uncond.as_ref().map(Conditioning::message),
+                guidance_scale: guidance,
+                output_dtype: Dtype::Float32 as i32,
+            };
+            match self.backends.denoiser.clone().predict(req).await {
+                Ok(r) => {
+                    cond.sent = true;
+                    if let Some(u) = uncond.as_mut() {
+                        u.sent = true;
+                    }
+                    let out = r
+                        .into_inner()
+                        .output
+                        .ok_or_else(|| Status::internal("denoiser sent no output"))?;
+                    return HostTensor::from_wire(&out).map_err(wire_err("prediction"));
+                }
+                Err(s) if attempt == 0 && is_embedding_miss(&s) => {
+                    tracing::debug!("denoiser lost an embedding; resending");
+                    cond.sent = false;
+                    if let Some(u) = uncond.as_mut() {
+                        u.sent = false;
+                    }
+                }
+                Err(s) => return Err(s),
+            }
+        }
+        Err(Status::internal("denoiser kept losing the embeddings"))
+    }
+
+    async fn decode(&self, latents: &HostTensor) -> Result<Vec<(Vec<u8>, u32, u32)>, Status> {
+        let resp = self
+            .backends
+            .autoencoder
+            .clone()
+            .decode(DecodeRequest {
+                latents: Some(latents.to_wire(Dtype::Float32)),
+            })
+            .await?
+            .into_inner();
+        Ok(resp
+            .images
+            .into_iter()
+            .map(|i| (i.rgb.to_vec(), i.width, i.height))
+            .collect())
+    }
+
+    async fn preview(
+        &self,
+        plan: &Plan,
+        latents: &HostTensor,
+        shape: &[i64],
+    ) -> Result<Vec<GeneratedImage>, Status> {
+        let (c, h, w) = (shape[1] as usize, shape[2] as usize, shape[3] as usize);
+        match plan.preview_mode {
+            PreviewMode::Latent => (0..plan.num_images as usize)
+                .map(|i| {
+                    let per = c * h * w;
+                    let data =
+                        images::latent_preview(&latents.data[i * per..(i + 1) * per], c, h, w)?;
+                    Ok(GeneratedImage {
+                        data: data.into(),
+                        format: ImageFormat::Png as i32,
+                        width: w as u32,
+                        height: h as u32,
+                    })
+                })
+                .collect(),
+            PreviewMode::Full => self
+                .decode(latents)
+                .await?
+                .into_iter()
+                .map(|(rgb, w, h)| {
+                    Ok(GeneratedImage {
+                        data: images::encode_png(&rgb, w, h, &[])?.into(),
+                        format: ImageFormat::Png as i32,
+                        width: w,
+                        height: h,
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// Run `plan`; progress and previews go to `events` when given. A
+    /// closed `events` (the client went away) stops the loop.
+    pub async fn run(
+        &self,
+        plan: Plan,
+        events: Option<mpsc::Sender<Event>>,
+    ) -> Result<GenerateResponse, Status> {
+        let start = Instant::now();
+        let facts = &self.facts;
+        let guided = plan.guidance > 1.0;
+        // diffusers applies clip_skip to the prompt, not to the negative prompt.
+        let mut wanted = vec![(plan.prompt.as_str(), plan.clip_skip)];
+        if guided {
+            wanted.push((plan.negative_prompt.as_str(), 0));
+        }
+        let mut embeds = self.embeddings(&wanted).await?.into_iter();
+        let mut cond = Conditioning {
+            embedding: embeds
+                .next()
+                .ok_or_else(|| Status::internal("no prompt embedding"))?,
+            sent: false,
+        };
+        let mut uncond = embeds.next().map(|embedding| Conditioning {
+            embedding,
+            sent: false,
+        });
+
+        let mut scheduler = build(
+            plan.scheduler,
+            &facts.scheduler_config,
+            plan.steps as usize,
+            SchedulerOptions {
+                karras: plan.karras,
+                eta: plan.eta,
+            },
+        )
+        .map_err(|e| Status::invalid_argument(format!("scheduler: {e}")))?;
+        let f = facts.scale_factor;
+        let shape = vec![
+            plan.num_images as i64,
+            facts.latent_channels as i64,
+            (plan.height / f) as i64,
+            (plan.width / f) as i64,
+        ];
+        let per_image: usize = shape[1..].iter().product::<i64>() as usize;
+        let n = per_image * plan.num_images as usize;
+        let mut rng = TorchGenerator::new(plan.seed);
+        let timesteps = scheduler.timesteps().to_vec();
+
+        let (first, mut latents) = match &plan.init {
+            None => {
+                let sigma = scheduler.init_noise_sigma();
+                (
+                    0,
+                    rng.randn(n)
+                        .into_iter()
+                        .map(|v| v * sigma)
+                        .collect::<Vec<f32>>(),
+                )
+            }
+            Some(init) => {
+                // diffusers' get_timesteps: skip the first (1 - strength) of the schedule.
+                let steps = plan.steps as usize;
+                let init_steps = ((steps as f32 * plan.strength) as usize).min(steps);
+                let t_start = (steps - init_steps) * scheduler.order();
+                let dist = self
+                    .backends
+                    .autoencoder
+                    .clone()
+                    .encode(EncodeImageRequest {
+                        pixels: Some(init.pixels.to_wire(Dtype::Float32)),
+                    })
+                    .await?
+                    .into_inner();
+                let mean =
+                    HostTensor::from_wire(&dist.mean.ok_or_else(|| Status::internal("no mean"))?)
+                        .map_err(wire_err("mean"))?;
+                let std =
+                    HostTensor::from_wire(&dist.std.ok_or_else(|| Status::internal("no std"))?)
+                        .map_err(wire_err("std"))?;
+                if mean.numel() != per_image || std.numel() != per_image {
+                    return Err(Status::internal(format!(
+                        "autoencoder latents {:?} do not match the expected {:?}",
+                        mean.shape,
+                        &shape[1..]
+                    )));
+                }
+                let sample = rng.randn(per_image);
+                let sf = facts.scaling_factor;
+                let one: Vec<f32> = (0..per_image)
+                    .map(|i| sf * (mean.data[i] + std.data[i] * sample[i]))
+                    .collect();
+                let init_latents: Vec<f32> = one.iter().copied().cycle().take(n).collect();
+                let noise = rng.randn(n);
+                (t_start, scheduler.add_noise(&init_latents, &noise, t_start))
+            }
+        };
+
+        let total = (timesteps.len() - first) as u32;
+        for (k, i) in (first..timesteps.len()).enumerate() {
+            let t = timesteps[i] as f32;
+            let input = HostTensor {
+                shape: shape.clone(),
+                data: scheduler.scale_model_input(&latents, i),
+            };
+            let out = self
+                .predict(
+                    input.to_wire(Dtype::Float32),
+                    t,
+                    &mut cond,
+                    &mut uncond,
+                    plan.guidance,
+                )
+                .await?;
+            if out.numel() != n {
+                return Err(Status::internal(format!(
+                    "denoiser output {:?} does not match {shape:?}",
+                    out.shape
+                )));
+            }
+            latents = scheduler.step(&out.data, i, &latents, &mut |m| rng.randn(m));
+            let step = k as u32 + 1;
+            if let Some(tx) = &events {
+                let progress = Event::Progress {
+                    step,
+                    total,
+                    timestep: t,
+                    elapsed: start.elapsed().as_secs_f64(),
+                };
+                tx.send(progress)
+                    .await
+                    .map_err(|_| Status::cancelled("client went away"))?;
+                if plan.preview_every > 0 && step % plan.preview_every == 0 && step < total {
+                    let current = HostTensor {
+                        shape: shape.clone(),
+                        data: latents.clone(),
+                    };
+                    let images = self.preview(&plan, &current, &shape).await?;
+                    tx.send(Event::Preview { step, images })
+                        .await
+                        .map_err(|_| Status::cancelled("client went away"))?;
+                }
+            }
+        }
+
+        let params = plan.parameters();
+        let decoded = self
+            .decode(&HostTensor {
+                shape: shape.clone(),
+                data: latents,
+            })
+            .await?;
+        let images = decoded
+            .into_iter()
+            .map(|(rgb, w, h)| {
+                Ok(GeneratedImage {
+                    data: images::encode(&rgb, w, h, plan.format, &params)?.into(),
+                    format: plan.format as i32,
+                    width: w,
+                    height: h,
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        tracing::info!(
+            seed = plan.seed,
+            steps = plan.steps,
+            images = images.len(),
+            seconds = start.elapsed().as_secs_f64(),
+            "generation done"
+        );
+        Ok(GenerateResponse {
+            images,
+            parameters: Some(params),
+        })
+    }
+}

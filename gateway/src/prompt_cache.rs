@@ -1,0 +1,154 @@
+//! Prompt embeddings the gateway has already paid for, by (text-encoder
+//! model id, clip_skip, prompt). Bounded in bytes, least recently used out
+//! first. Each entry also carries the id the denoiser caches it under, so a
+//! repeated prompt costs neither a text-encoder call nor an embedding
+//! transfer.
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+use sd_proto::v1::Tensor as WireTensor;
+
+#[derive(Clone, Debug)]
+pub struct CachedEmbedding {
+    /// Key the denoiser caches this tensor under.
+    pub id: String,
+    /// (1, tokens, hidden).
+    pub tensor: WireTensor,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PromptKey {
+    pub model: String,
+    pub clip_skip: u32,
+    pub prompt: String,
+}
+
+impl PromptKey {
+    /// A stable id for the denoiser's cache.
+    pub fn embedding_id(&self) -> String {
+        let mut h = DefaultHasher::new();
+        self.hash(&mut h);
+        let a = h.finish();
+        self.prompt.len().hash(&mut h);
+        format!("emb-{a:016x}{:016x}", h.finish())
+    }
+}
+
+pub struct PromptCache {
+    entries: HashMap<PromptKey, (CachedEmbedding, u64)>,
+    bytes: usize,
+    max_bytes: usize,
+    clock: u64,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+impl PromptCache {
+    pub fn new(max_bytes: usize) -> Self {
+        PromptCache {
+            entries: HashMap::new(),
+            bytes: 0,
+            max_bytes,
+            clock: 0,
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    pub fn get(&mut self, key: &PromptKey) -> Option<CachedEmbedding> {
+        self.clock += 1;
+        let now = self.clock;
+        match self.entries.get_mut(key) {
+            Some((e, used)) => {
+                *used = now;
+                self.hits += 1;
+                Some(e.clone())
+            }
+            None => {
+                self.misses += 1;
+                None
+            }
+        }
+    }
+
+    pub fn insert(&mut self, key: PromptKey, value: CachedEmbedding) {
+        let size = value.tensor.data.len() + key.prompt.len();
+        if size > self.max_bytes {
+            return;
+        }
+        if let Some((old, _)) = self.entries.remove(&key) {
+            self.bytes -= old.tensor.data.len() + key.prompt.len();
+        }
+        while self.bytes + size > self.max_bytes {
+            let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some((e, _)) = self.entries.remove(&oldest) {
+                self.bytes -= e.tensor.data.len() + oldest.prompt.len();
+            }
+        }
+        self.clock += 1;
+        self.bytes += size;
+        self.entries.insert(key, (value, self.clock));
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(bytes: usize) -> CachedEmbedding {
+        CachedEmbedding {
+            id: "x".into(),
+            tensor: WireTensor {
+                shape: vec![bytes as i64 / 4],
+                dtype: 1,
+                data: vec![0u8; bytes].into(),
+            },
+        }
+    }
+
+    fn key(p: &str) -> PromptKey {
+        PromptKey {
+            model: "m".into(),
+            clip_skip: 0,
+            prompt: p.into(),
+        }
+    }
+
+    #[test]
+    fn lru_within_bytes() {
+        let mut c = PromptCache::new(250);
+        c.insert(key("a"), entry(100));
+        c.insert(key("b"), entry(100));
+        assert!(c.get(&key("a")).is_some());
+        c.insert(key("c"), entry(100));
+        assert!(c.get(&key("b")).is_none(), "b was least recently used");
+        assert!(c.get(&key("a")).is_some() && c.get(&key("c")).is_some());
+        assert_eq!((c.len(), c.hits, c.misses), (2, 3, 1));
+    }
+
+    #[test]
+    fn ids_differ_by_model_prompt_and_clip_skip() {
+        let a = key("a").embedding_id();
+        assert_eq!(a, key("a").embedding_id());
+        assert_ne!(a, key("b").embedding_id());
+        let mut k = key("a");
+        k.clip_skip = 1;
+        assert_ne!(a, k.embedding_id());
+    }
+}
