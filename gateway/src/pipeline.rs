@@ -365,7 +365,8 @@ impl Generator {
                 tx.send(progress)
                     .await
                     .map_err(|_| Status::cancelled("client went away"))?;
-                if plan.preview_every > 0 && step % plan.preview_every == 0 && step < total {
+                if plan.preview_every > 0 && step.is_multiple_of(plan.preview_every) && step < total
+                {
                     let current = HostTensor {
                         shape: shape.clone(),
                         data: latents.clone(),

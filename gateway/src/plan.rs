@@ -182,7 +182,7 @@ impl Plan {
         })?;
 
         let check_side = |field: &str, v: u32| -> Result<u32, Status> {
-            if v < limits.min_side || v > limits.max_side || v % f != 0 {
+            if v < limits.min_side || v > limits.max_side || !v.is_multiple_of(f) {
                 return Err(invalid(
                     field,
                     format!(

@@ -2,6 +2,8 @@
 //! the gateway, PNGs compared with what diffusers generates for the same
 //! parameters and seed (`tests/fixtures/make_e2e_reference.py`).
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::stack::Stack;

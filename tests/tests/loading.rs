@@ -2,6 +2,8 @@
 //! files and tensors, tensors of the wrong shape, unsupported configs; plus
 //! the fp16 variant files and device checks.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::{Path, PathBuf};

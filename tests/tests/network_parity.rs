@@ -1,6 +1,8 @@
 //! The three networks, loaded through sdserve's loader, against the outputs
 //! diffusers/transformers computed on the same weights and inputs (CPU fp32).
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::{assert_close, reference};

@@ -1,6 +1,8 @@
 //! Token ids equal transformers' CLIPTokenizer on a corpus of edge cases, for
 //! both tokenizer formats (vocab.json + merges.txt, and tokenizer.json).
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use sd_models::ModelDir;

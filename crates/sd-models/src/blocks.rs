@@ -60,7 +60,7 @@ impl ResnetBlock {
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Tensor {
         let mut h = self.conv1.forward(&self.norm1.forward(xs).silu());
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
-            h = h + proj.forward(&t.silu()).unsqueeze(-1).unsqueeze(-1);
+            h += proj.forward(&t.silu()).unsqueeze(-1).unsqueeze(-1);
         }
         let h = self.conv2.forward(&self.norm2.forward(&h).silu());
         let shortcut = match &self.conv_shortcut {

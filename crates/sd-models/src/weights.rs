@@ -182,7 +182,7 @@ impl Weights {
         self.used.borrow_mut().insert(name.to_string());
         let bytes = &self.map[info.start..info.end];
         let Placement { device, kind } = self.placement;
-        let aligned = (bytes.as_ptr() as usize) % info.kind.elt_size_in_bytes() == 0;
+        let aligned = (bytes.as_ptr() as usize).is_multiple_of(info.kind.elt_size_in_bytes());
         let t = if device == tch::Device::Cpu && info.kind == kind && aligned && !bytes.is_empty() {
             // SAFETY: `bytes` lies within the mapping, is aligned for the element
             // type and holds exactly numel(shape) elements (checked in `open`).

@@ -1,6 +1,8 @@
 //! The RNG against torch.randn and every scheduler against diffusers, from
 //! numbers `tests/fixtures/make_sampling_reference.py` recorded.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 
 use sd_sampling::schedulers::{build, SchedulerOptions};

@@ -1,5 +1,6 @@
 //! Fixtures and tensor comparison shared by the integration tests.
 #![allow(dead_code)]
+#![allow(clippy::unwrap_used)]
 
 pub mod stack;
 

@@ -116,7 +116,7 @@ impl FromStr for SchedulerKind {
         Self::ALL
             .into_iter()
             .find(|k| k.name() == s)
-            .or_else(|| match s.as_str() {
+            .or(match s.as_str() {
                 "euler_a" | "euler-ancestral" => Some(SchedulerKind::EulerAncestral),
                 "plms" => Some(SchedulerKind::Pndm),
                 "dpm++2m" | "dpmpp_2m" | "dpm-solver++" => Some(SchedulerKind::DpmPp2m),

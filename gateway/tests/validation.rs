@@ -1,0 +1,249 @@
+//! Every Generate field is checked before any model work, and a bad value is
+//! INVALID_ARGUMENT naming the field.
+
+#![allow(clippy::unwrap_used)]
+
+use sd_gateway::backends::ModelFacts;
+use sd_gateway::plan::{Limits, Plan};
+use sd_proto::v1::GenerateRequest;
+use sd_sampling::{SchedulerConfig, SchedulerKind};
+use tonic::Code;
+
+fn facts() -> ModelFacts {
+    ModelFacts {
+        id: "tiny@1".into(),
+        name: "tiny".into(),
+        latent_channels: 4,
+        scale_factor: 8,
+        sample_size: 64,
+        scaling_factor: 0.18215,
+        scheduler_config: SchedulerConfig::from_json(r#"{"_class_name": "PNDMScheduler"}"#)
+            .unwrap(),
+        default_scheduler: SchedulerKind::Pndm,
+        prediction_type: "epsilon".into(),
+        text_layers: 12,
+        text_model_id: "tiny@1".into(),
+    }
+}
+
+fn req() -> GenerateRequest {
+    GenerateRequest {
+        prompt: "a cat".into(),
+        ..Default::default()
+    }
+}
+
+fn plan(r: GenerateRequest) -> Result<Plan, tonic::Status> {
+    Plan::new(r, &facts(), &Limits::default())
+}
+
+fn refused(r: GenerateRequest, field: &str) {
+    let e = plan(r).expect_err("should be refused");
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(
+        e.message().starts_with(field),
+        "`{}` should name {field}",
+        e.message()
+    );
+}
+
+#[test]
+fn defaults_follow_diffusers() {
+    let p = plan(req()).unwrap();
+    assert_eq!(
+        (p.width, p.height, p.steps, p.guidance, p.num_images),
+        (512, 512, 50, 7.5, 1)
+    );
+    assert_eq!(p.scheduler, SchedulerKind::Pndm);
+    assert!(p.seed <= u32::MAX as u64, "drawn seeds are 32-bit");
+    let params = p.parameters();
+    assert_eq!(params.seed, p.seed);
+}
+
+#[test]
+fn each_field_is_checked() {
+    refused(
+        GenerateRequest {
+            width: 500,
+            ..req()
+        },
+        "width",
+    );
+    refused(
+        GenerateRequest {
+            height: 4096,
+            ..req()
+        },
+        "height",
+    );
+    refused(
+        GenerateRequest {
+            steps: 1000,
+            ..req()
+        },
+        "steps",
+    );
+    refused(
+        GenerateRequest {
+            guidance_scale: Some(f32::NAN),
+            ..req()
+        },
+        "guidance_scale",
+    );
+    refused(
+        GenerateRequest {
+            guidance_scale: Some(f32::INFINITY),
+            ..req()
+        },
+        "guidance_scale",
+    );
+    refused(
+        GenerateRequest {
+            scheduler: "k_dpm_fast".into(),
+            ..req()
+        },
+        "scheduler",
+    );
+    refused(
+        GenerateRequest {
+            karras: true,
+            scheduler: "ddim".into(),
+            ..req()
+        },
+        "karras",
+    );
+    refused(
+        GenerateRequest {
+            eta: 0.5,
+            scheduler: "euler".into(),
+            ..req()
+        },
+        "eta",
+    );
+    refused(
+        GenerateRequest {
+            eta: -1.0,
+            scheduler: "ddim".into(),
+            ..req()
+        },
+        "eta",
+    );
+    refused(
+        GenerateRequest {
+            num_images: 9,
+            ..req()
+        },
+        "num_images",
+    );
+    refused(
+        GenerateRequest {
+            clip_skip: 12,
+            ..req()
+        },
+        "clip_skip",
+    );
+    refused(
+        GenerateRequest {
+            prompt: "x".repeat(5000),
+            ..req()
+        },
+        "prompt",
+    );
+    refused(
+        GenerateRequest {
+            negative_prompt: "x".repeat(5000),
+            ..req()
+        },
+        "negative_prompt",
+    );
+    refused(
+        GenerateRequest {
+            strength: Some(0.5),
+            ..req()
+        },
+        "strength",
+    );
+    refused(GenerateRequest { format: 9, ..req() }, "format");
+    refused(
+        GenerateRequest {
+            num_images: 8,
+            steps: 150,
+            width: 2048,
+            height: 2048,
+            ..req()
+        },
+        "num_images",
+    );
+}
+
+#[test]
+fn init_images_are_checked_before_decoding() {
+    refused(
+        GenerateRequest {
+            init_image: b"GIF89a....".to_vec().into(),
+            ..req()
+        },
+        "init_image",
+    );
+    // A PNG signature with a truncated header.
+    refused(
+        GenerateRequest {
+            init_image: b"\x89PNG\r\n\x1a\n\0\0".to_vec().into(),
+            ..req()
+        },
+        "init_image",
+    );
+    let png = {
+        let mut out = Vec::new();
+        let img = image::RgbImage::from_pixel(64, 48, image::Rgb([10, 20, 30]));
+        img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
+        out
+    };
+    let ok = plan(GenerateRequest {
+        init_image: png.clone().into(),
+        ..req()
+    })
+    .unwrap();
+    assert_eq!(
+        (ok.width, ok.height),
+        (64, 48),
+        "img2img keeps the init image's size"
+    );
+    assert_eq!(ok.strength, 0.8);
+    refused(
+        GenerateRequest {
+            init_image: png.clone().into(),
+            strength: Some(1.5),
+            ..req()
+        },
+        "strength",
+    );
+    refused(
+        GenerateRequest {
+            init_image: png.clone().into(),
+            strength: Some(0.01),
+            steps: 10,
+            ..req()
+        },
+        "strength",
+    );
+    let truncated = png[..png.len() / 2].to_vec();
+    refused(
+        GenerateRequest {
+            init_image: truncated.into(),
+            ..req()
+        },
+        "init_image",
+    );
+}
+
+#[test]
+fn unknown_models_are_not_found() {
+    let e = plan(GenerateRequest {
+        model: "sdxl".into(),
+        ..req()
+    })
+    .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+}
