@@ -1,37 +1,44 @@
-//! Clients for the three model services and what the gateway learns from
-//! them at start (it reads no model files).
+//! The three model stages as seen from the gateway: a pool of replicas each
+//! (see `pool.rs`), and what the gateway learns from them at start — it reads
+//! no model files.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sd_proto::v1::autoencoder_client::AutoencoderClient;
 use sd_proto::v1::denoiser_client::DenoiserClient;
 use sd_proto::v1::text_encoder_client::TextEncoderClient;
-use sd_proto::v1::{
-    AutoencoderInfo, AutoencoderInfoRequest, DenoiserInfo, DenoiserInfoRequest, TextEncoderInfo,
-    TextEncoderInfoRequest,
-};
+use sd_proto::v1::{AutoencoderInfoRequest, DenoiserInfoRequest, TextEncoderInfoRequest};
+use sd_runtime::deadline::Deadline;
+use sd_runtime::tls::ClientTls;
 use sd_sampling::{SchedulerConfig, SchedulerKind};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-/// Where the model services are.
+use crate::pool::Pool;
+
+/// Where the model services are: comma-separated URLs, or `dns://host:port`
+/// for every address a name resolves to (re-resolved while running).
 #[derive(clap::Args, Debug, Clone)]
 pub struct BackendArgs {
-    /// Text-encoder service URL.
+    /// Text-encoder replicas.
     #[arg(
         long,
         env = "SD_TEXT_ENCODER",
         default_value = "http://127.0.0.1:50052"
     )]
     pub text_encoder: String,
-    /// Denoiser service URL.
+    /// Denoiser replicas.
     #[arg(long, env = "SD_DENOISER", default_value = "http://127.0.0.1:50053")]
     pub denoiser: String,
-    /// Autoencoder service URL.
+    /// Autoencoder replicas.
     #[arg(long, env = "SD_AUTOENCODER", default_value = "http://127.0.0.1:50054")]
     pub autoencoder: String,
-    /// How long to wait at start for the services to answer.
+    /// How long to wait at start for the services to answer (seconds).
     #[arg(long, env = "SD_BACKEND_WAIT_SECS", default_value_t = 300)]
     pub backend_wait_secs: u64,
+    /// How often replicas are re-resolved and health-checked (milliseconds).
+    #[arg(long, env = "SD_BACKEND_REFRESH_MS", default_value_t = 1000)]
+    pub backend_refresh_ms: u64,
 }
 
 /// What the step loop needs to know about the model.
@@ -52,35 +59,59 @@ pub struct ModelFacts {
 
 #[derive(Clone)]
 pub struct Backends {
-    pub text: TextEncoderClient<Channel>,
-    pub denoiser: DenoiserClient<Channel>,
-    pub autoencoder: AutoencoderClient<Channel>,
-}
-
-fn channel(url: &str) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(url.to_string())
-        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect_lazy())
+    pub text: Arc<Pool>,
+    pub denoiser: Arc<Pool>,
+    pub autoencoder: Arc<Pool>,
+    pub max_message_bytes: usize,
 }
 
 impl Backends {
-    pub fn connect(args: &BackendArgs, max_message_bytes: usize) -> anyhow::Result<Self> {
-        Ok(Backends {
-            text: TextEncoderClient::new(channel(&args.text_encoder)?)
-                .max_decoding_message_size(max_message_bytes)
-                .max_encoding_message_size(max_message_bytes),
-            denoiser: DenoiserClient::new(channel(&args.denoiser)?)
-                .max_decoding_message_size(max_message_bytes)
-                .max_encoding_message_size(max_message_bytes),
-            autoencoder: AutoencoderClient::new(channel(&args.autoencoder)?)
-                .max_decoding_message_size(max_message_bytes)
-                .max_encoding_message_size(max_message_bytes),
-        })
+    pub fn connect(
+        args: &BackendArgs,
+        max_message_bytes: usize,
+        tls: Option<ClientTls>,
+    ) -> anyhow::Result<Self> {
+        let b = Backends {
+            text: Pool::new("text-encoder", &args.text_encoder, tls.clone())?,
+            denoiser: Pool::new("denoiser", &args.denoiser, tls.clone())?,
+            autoencoder: Pool::new("autoencoder", &args.autoencoder, tls)?,
+            max_message_bytes,
+        };
+        let every = Duration::from_millis(args.backend_refresh_ms.max(50));
+        for p in b.pools() {
+            p.watch(every);
+        }
+        Ok(b)
     }
 
-    /// Ask every service about the model, retrying until they answer or
+    pub fn pools(&self) -> [&Arc<Pool>; 3] {
+        [&self.text, &self.denoiser, &self.autoencoder]
+    }
+
+    /// Every stage has at least one SERVING replica.
+    pub fn all_serving(&self) -> bool {
+        self.pools().iter().all(|p| p.any_serving())
+    }
+
+    pub fn text_client(&self, ch: Channel) -> TextEncoderClient<Channel> {
+        TextEncoderClient::new(ch)
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes)
+    }
+
+    pub fn denoiser_client(&self, ch: Channel) -> DenoiserClient<Channel> {
+        DenoiserClient::new(ch)
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes)
+    }
+
+    pub fn autoencoder_client(&self, ch: Channel) -> AutoencoderClient<Channel> {
+        AutoencoderClient::new(ch)
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes)
+    }
+
+    /// Ask every stage about the model, retrying until they answer or
     /// `wait` runs out.
     pub async fn model_facts(&self, wait: Duration) -> anyhow::Result<ModelFacts> {
         let deadline = tokio::time::Instant::now() + wait;
@@ -97,24 +128,37 @@ impl Backends {
     }
 
     async fn try_facts(&self) -> anyhow::Result<ModelFacts> {
-        let d: DenoiserInfo = self
+        let dl = Deadline::after(Duration::from_secs(10));
+        let d = self
             .denoiser
-            .clone()
-            .info(DenoiserInfoRequest {})
-            .await?
-            .into_inner();
-        let a: AutoencoderInfo = self
+            .call(&dl, |ch, _| async move {
+                Ok(self
+                    .denoiser_client(ch)
+                    .info(DenoiserInfoRequest {})
+                    .await?
+                    .into_inner())
+            })
+            .await?;
+        let a = self
             .autoencoder
-            .clone()
-            .info(AutoencoderInfoRequest {})
-            .await?
-            .into_inner();
-        let t: TextEncoderInfo = self
+            .call(&dl, |ch, _| async move {
+                Ok(self
+                    .autoencoder_client(ch)
+                    .info(AutoencoderInfoRequest {})
+                    .await?
+                    .into_inner())
+            })
+            .await?;
+        let t = self
             .text
-            .clone()
-            .info(TextEncoderInfoRequest {})
-            .await?
-            .into_inner();
+            .call(&dl, |ch, _| async move {
+                Ok(self
+                    .text_client(ch)
+                    .info(TextEncoderInfoRequest {})
+                    .await?
+                    .into_inner())
+            })
+            .await?;
         let scheduler_config = SchedulerConfig::from_json(&d.scheduler_config_json)?;
         let default_scheduler = scheduler_config
             .class_name()

@@ -4,9 +4,11 @@
 //! and has the autoencoder decode — all in pure Rust; the networks live in
 //! the model services.
 
+pub mod auth;
 pub mod backends;
 pub mod images;
 pub mod pipeline;
 pub mod plan;
+pub mod pool;
 pub mod prompt_cache;
 pub mod service;

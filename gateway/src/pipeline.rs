@@ -11,10 +11,14 @@ use sd_proto::v1::{
     GeneratedImage, ImageFormat, PredictRequest, PreviewMode, Tensor as WireTensor,
 };
 use sd_proto::wire::HostTensor;
+use sd_runtime::deadline::Deadline;
+use sd_runtime::metrics::Metrics;
+use sd_runtime::telemetry::inject;
 use sd_sampling::schedulers::{build, SchedulerOptions};
 use sd_sampling::TorchGenerator;
 use tokio::sync::mpsc;
 use tonic::{Code, Status};
+use tracing::Instrument;
 
 use crate::backends::{Backends, ModelFacts};
 use crate::images;
@@ -42,6 +46,14 @@ pub struct Generator {
     pub backends: Backends,
     pub facts: Arc<ModelFacts>,
     pub cache: Arc<Mutex<PromptCache>>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// A request for a model service: the deadline's time left, and the trace context.
+fn outgoing<T>(deadline: &Deadline, msg: T) -> Result<tonic::Request<T>, Status> {
+    let mut r = deadline.request(msg)?;
+    inject(&mut r);
+    Ok(r)
 }
 
 fn wire_err(field: &str) -> impl Fn(sd_proto::WireError) -> Status + '_ {
@@ -69,7 +81,11 @@ fn is_embedding_miss(s: &Status) -> bool {
 
 impl Generator {
     /// Embeddings for each (prompt, clip_skip), from the cache or one Encode call.
-    async fn embeddings(&self, wanted: &[(&str, u32)]) -> Result<Vec<CachedEmbedding>, Status> {
+    async fn embeddings(
+        &self,
+        wanted: &[(&str, u32)],
+        deadline: &Deadline,
+    ) -> Result<Vec<CachedEmbedding>, Status> {
         let keys: Vec<PromptKey> = wanted
             .iter()
             .map(|(p, skip)| PromptKey {
@@ -85,6 +101,9 @@ impl Generator {
                 .map_err(|_| Status::internal("prompt cache poisoned"))?;
             keys.iter().map(|k| cache.get(k)).collect()
         };
+        for f in &found {
+            self.metrics.cache_lookup("prompt", f.is_some());
+        }
         // Encode the misses, grouped by clip_skip (one call per group).
         let mut skips: Vec<u32> = keys
             .iter()
@@ -98,17 +117,32 @@ impl Generator {
                 .filter(|&i| found[i].is_none() && keys[i].clip_skip == skip)
                 .collect();
             let prompts: Vec<String> = idx.iter().map(|&i| keys[i].prompt.clone()).collect();
+            let msg = EncodeTextRequest {
+                prompts,
+                clip_skip: skip,
+                dtype: Dtype::Float32 as i32,
+            };
             let resp = self
                 .backends
                 .text
-                .clone()
-                .encode(EncodeTextRequest {
-                    prompts,
-                    clip_skip: skip,
-                    dtype: Dtype::Float32 as i32,
+                .call(deadline, |ch, url| {
+                    let msg = msg.clone();
+                    async move {
+                        tracing::Span::current().record("replica", url.as_str());
+                        Ok(self
+                            .backends
+                            .text_client(ch)
+                            .encode(outgoing(deadline, msg)?)
+                            .await?
+                            .into_inner())
+                    }
                 })
-                .await?
-                .into_inner();
+                .instrument(tracing::info_span!(
+                    "text_encode",
+                    clip_skip = skip,
+                    replica = tracing::field::Empty
+                ))
+                .await?;
             if resp.prompts.len() != idx.len() {
                 return Err(Status::internal(
                     "text encoder returned the wrong number of embeddings",
@@ -144,6 +178,7 @@ impl Generator {
         cond: &mut Conditioning,
         uncond: &mut Option<Conditioning>,
         guidance: f32,
+        deadline: &Deadline,
     ) -> Result<HostTensor, Status> {
         for attempt in 0..2 {
             let req = PredictRequest {
@@ -154,7 +189,21 @@ impl Generator {
                 guidance_scale: guidance,
                 output_dtype: Dtype::Float32 as i32,
             };
-            match self.backends.denoiser.clone().predict(req).await {
+            let result = self
+                .backends
+                .denoiser
+                .call(deadline, |ch, url| {
+                    let req = req.clone();
+                    async move {
+                        tracing::Span::current().record("replica", url.as_str());
+                        self.backends
+                            .denoiser_client(ch)
+                            .predict(outgoing(deadline, req)?)
+                            .await
+                    }
+                })
+                .await;
+            match result {
                 Ok(r) => {
                     cond.sent = true;
                     if let Some(u) = uncond.as_mut() {
@@ -179,16 +228,34 @@ impl Generator {
         Err(Status::internal("denoiser kept losing the embeddings"))
     }
 
-    async fn decode(&self, latents: &HostTensor) -> Result<Vec<(Vec<u8>, u32, u32)>, Status> {
+    async fn decode(
+        &self,
+        latents: &HostTensor,
+        deadline: &Deadline,
+    ) -> Result<Vec<(Vec<u8>, u32, u32)>, Status> {
+        let msg = DecodeRequest {
+            latents: Some(latents.to_wire(Dtype::Float32)),
+        };
         let resp = self
             .backends
             .autoencoder
-            .clone()
-            .decode(DecodeRequest {
-                latents: Some(latents.to_wire(Dtype::Float32)),
+            .call(deadline, |ch, url| {
+                let msg = msg.clone();
+                async move {
+                    tracing::Span::current().record("replica", url.as_str());
+                    Ok(self
+                        .backends
+                        .autoencoder_client(ch)
+                        .decode(outgoing(deadline, msg)?)
+                        .await?
+                        .into_inner())
+                }
             })
-            .await?
-            .into_inner();
+            .instrument(tracing::info_span!(
+                "decode",
+                replica = tracing::field::Empty
+            ))
+            .await?;
         Ok(resp
             .images
             .into_iter()
@@ -201,6 +268,7 @@ impl Generator {
         plan: &Plan,
         latents: &HostTensor,
         shape: &[i64],
+        deadline: &Deadline,
     ) -> Result<Vec<GeneratedImage>, Status> {
         let (c, h, w) = (shape[1] as usize, shape[2] as usize, shape[3] as usize);
         match plan.preview_mode {
@@ -218,7 +286,7 @@ impl Generator {
                 })
                 .collect(),
             PreviewMode::Full => self
-                .decode(latents)
+                .decode(latents, deadline)
                 .await?
                 .into_iter()
                 .map(|(rgb, w, h)| {
@@ -239,7 +307,9 @@ impl Generator {
         &self,
         plan: Plan,
         events: Option<mpsc::Sender<Event>>,
+        deadline: Deadline,
     ) -> Result<GenerateResponse, Status> {
+        let deadline = &deadline;
         let start = Instant::now();
         let facts = &self.facts;
         let guided = plan.guidance > 1.0;
@@ -248,7 +318,7 @@ impl Generator {
         if guided {
             wanted.push((plan.negative_prompt.as_str(), 0));
         }
-        let mut embeds = self.embeddings(&wanted).await?.into_iter();
+        let mut embeds = self.embeddings(&wanted, deadline).await?.into_iter();
         let mut cond = Conditioning {
             embedding: embeds
                 .next()
@@ -298,15 +368,29 @@ impl Generator {
                 let steps = plan.steps as usize;
                 let init_steps = ((steps as f32 * plan.strength) as usize).min(steps);
                 let t_start = (steps - init_steps) * scheduler.order();
+                let msg = EncodeImageRequest {
+                    pixels: Some(init.pixels.to_wire(Dtype::Float32)),
+                };
                 let dist = self
                     .backends
                     .autoencoder
-                    .clone()
-                    .encode(EncodeImageRequest {
-                        pixels: Some(init.pixels.to_wire(Dtype::Float32)),
+                    .call(deadline, |ch, url| {
+                        let msg = msg.clone();
+                        async move {
+                            tracing::Span::current().record("replica", url.as_str());
+                            Ok(self
+                                .backends
+                                .autoencoder_client(ch)
+                                .encode(outgoing(deadline, msg)?)
+                                .await?
+                                .into_inner())
+                        }
                     })
-                    .await?
-                    .into_inner();
+                    .instrument(tracing::info_span!(
+                        "vae_encode",
+                        replica = tracing::field::Empty
+                    ))
+                    .await?;
                 let mean =
                     HostTensor::from_wire(&dist.mean.ok_or_else(|| Status::internal("no mean"))?)
                         .map_err(wire_err("mean"))?;
@@ -338,6 +422,15 @@ impl Generator {
                 shape: shape.clone(),
                 data: scheduler.scale_model_input(&latents, i),
             };
+            let step_start = Instant::now();
+            let span = tracing::info_span!(
+                "denoise_step",
+                step = k + 1,
+                timestep = t,
+                batch = plan.num_images,
+                guided,
+                replica = tracing::field::Empty
+            );
             let out = self
                 .predict(
                     input.to_wire(Dtype::Float32),
@@ -345,8 +438,11 @@ impl Generator {
                     &mut cond,
                     &mut uncond,
                     plan.guidance,
+                    deadline,
                 )
+                .instrument(span)
                 .await?;
+            self.metrics.step("denoise", step_start.elapsed());
             if out.numel() != n {
                 return Err(Status::internal(format!(
                     "denoiser output {:?} does not match {shape:?}",
@@ -371,7 +467,7 @@ impl Generator {
                         shape: shape.clone(),
                         data: latents.clone(),
                     };
-                    let images = self.preview(&plan, &current, &shape).await?;
+                    let images = self.preview(&plan, &current, &shape, deadline).await?;
                     tx.send(Event::Preview { step, images })
                         .await
                         .map_err(|_| Status::cancelled("client went away"))?;
@@ -381,10 +477,13 @@ impl Generator {
 
         let params = plan.parameters();
         let decoded = self
-            .decode(&HostTensor {
-                shape: shape.clone(),
-                data: latents,
-            })
+            .decode(
+                &HostTensor {
+                    shape: shape.clone(),
+                    data: latents,
+                },
+                deadline,
+            )
             .await?;
         let images = decoded
             .into_iter()

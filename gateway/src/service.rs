@@ -1,4 +1,5 @@
-//! `sd.v1.Generation`: the public API.
+//! `sd.v1.Generation`: the public API, with admission control, deadlines,
+//! draining, tracing and metrics around the step loop.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -9,9 +10,14 @@ use sd_proto::v1::{
     generate_event, GenerateEvent, GenerateRequest, GenerateResponse, ListModelsRequest,
     ListModelsResponse, ModelInfo, Preview, Progress,
 };
+use sd_runtime::admission::{Admission, Slot};
+use sd_runtime::deadline::Deadline;
+use sd_runtime::lifecycle::{InFlight, Lifecycle};
+use sd_runtime::metrics::Metrics;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::pipeline::{Event, Generator};
 use crate::plan::{Limits, Plan};
@@ -19,13 +25,87 @@ use crate::plan::{Limits, Plan};
 pub struct GenerationService {
     pub generator: Generator,
     pub limits: Arc<Limits>,
+    pub admission: Admission,
+    pub lifecycle: Lifecycle,
+    pub metrics: Arc<Metrics>,
+    /// Log prompts at info level (off by default: prompts can be private).
+    pub log_prompts: bool,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<GenerateEvent, Status>> + Send>>;
 
+/// What a generation holds while it runs: its place in the drain count and
+/// its admission slot (both freed on drop, also when the client goes away).
+struct Admitted {
+    _work: InFlight,
+    _slot: Slot,
+}
+
+fn request_span(method: &str) -> tracing::Span {
+    tracing::info_span!(
+        "generate",
+        method,
+        trace_id = tracing::field::Empty,
+        seed = tracing::field::Empty,
+        steps = tracing::field::Empty,
+        scheduler = tracing::field::Empty,
+        images = tracing::field::Empty,
+        size = tracing::field::Empty,
+    )
+}
+
 impl GenerationService {
-    fn plan(&self, req: GenerateRequest) -> Result<Plan, Status> {
-        Plan::new(req, &self.generator.facts, &self.limits)
+    /// Validate, then admit (or refuse at once with RESOURCE_EXHAUSTED),
+    /// waiting in the queue no longer than the deadline.
+    async fn admit(
+        &self,
+        req: GenerateRequest,
+        deadline: &Deadline,
+    ) -> Result<(Plan, Admitted), Status> {
+        let work = self.lifecycle.begin()?;
+        let plan = Plan::new(req, &self.generator.facts, &self.limits)?;
+        let span = tracing::Span::current();
+        span.record("seed", plan.seed);
+        span.record("steps", plan.steps);
+        span.record("scheduler", plan.scheduler.name());
+        span.record("images", plan.num_images);
+        span.record("size", format!("{}x{}", plan.width, plan.height).as_str());
+        if self.log_prompts {
+            tracing::info!(prompt = %plan.prompt, negative_prompt = %plan.negative_prompt, "request");
+        } else {
+            tracing::debug!(prompt = %plan.prompt, negative_prompt = %plan.negative_prompt, "request");
+        }
+        self.metrics
+            .queue_depth
+            .set(self.admission.queued() as i64 + 1);
+        let admit = self.admission.admit();
+        let slot = match deadline.instant() {
+            Some(at) => tokio::time::timeout_at(at, admit)
+                .await
+                .map_err(|_| Status::deadline_exceeded("the deadline passed while queued"))??,
+            None => admit.await?,
+        };
+        self.metrics.queue_depth.set(self.admission.queued() as i64);
+        Ok((
+            plan,
+            Admitted {
+                _work: work,
+                _slot: slot,
+            },
+        ))
+    }
+}
+
+/// Run `f` until the deadline, then DEADLINE_EXCEEDED.
+async fn within<T>(
+    deadline: Deadline,
+    f: impl std::future::Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    match deadline.instant() {
+        Some(at) => tokio::time::timeout_at(at, f).await.map_err(|_| {
+            Status::deadline_exceeded("the client's deadline passed mid-generation")
+        })?,
+        None => f.await,
     }
 }
 
@@ -35,8 +115,18 @@ impl Generation for GenerationService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        let plan = self.plan(request.into_inner())?;
-        Ok(Response::new(self.generator.run(plan, None).await?))
+        let span = request_span("Generate");
+        sd_runtime::telemetry::adopt(&request, &span);
+        let deadline = Deadline::from_metadata(request.metadata());
+        let work = async {
+            let (plan, _admitted) = self.admit(request.into_inner(), &deadline).await?;
+            within(deadline, self.generator.run(plan, None, deadline)).await
+        };
+        let out = self
+            .metrics
+            .observe("Generate", work.instrument(span))
+            .await?;
+        Ok(Response::new(out))
     }
 
     type GenerateStreamStream = EventStream;
@@ -45,10 +135,21 @@ impl Generation for GenerationService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        let plan = self.plan(request.into_inner())?;
+        let span = request_span("GenerateStream");
+        sd_runtime::telemetry::adopt(&request, &span);
+        let deadline = Deadline::from_metadata(request.metadata());
+        let (plan, admitted) = self
+            .admit(request.into_inner(), &deadline)
+            .instrument(span.clone())
+            .await
+            .inspect_err(|s| {
+                self.metrics
+                    .record("GenerateStream", std::time::Duration::ZERO, s.code())
+            })?;
         let (tx, rx) = mpsc::channel::<Result<GenerateEvent, Status>>(16);
         let (events_tx, mut events_rx) = mpsc::channel::<Event>(16);
         let generator = self.generator.clone();
+        let metrics = self.metrics.clone();
         // Forward progress events to the client as they come.
         let forward_tx = tx.clone();
         let forward = tokio::spawn(async move {
@@ -78,14 +179,19 @@ impl Generation for GenerationService {
                 }
             }
         });
-        tokio::spawn(async move {
-            let result = generator.run(plan, Some(events_tx)).await;
-            let _ = forward.await;
-            let msg = result.map(|r| GenerateEvent {
-                event: Some(generate_event::Event::Result(r)),
-            });
-            let _ = tx.send(msg).await;
-        });
+        tokio::spawn(
+            async move {
+                let _admitted = admitted;
+                let run = within(deadline, generator.run(plan, Some(events_tx), deadline));
+                let result = metrics.observe("GenerateStream", run).await;
+                let _ = forward.await;
+                let msg = result.map(|r| GenerateEvent {
+                    event: Some(generate_event::Event::Result(r)),
+                });
+                let _ = tx.send(msg).await;
+            }
+            .instrument(span),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

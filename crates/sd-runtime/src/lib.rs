@@ -2,6 +2,15 @@
 //! services alike): logging, the listening socket, grpc.health.v1 that tells
 //! the truth, server reflection, and shutdown on SIGTERM/SIGINT.
 
+pub mod admission;
+pub mod deadline;
+pub mod lifecycle;
+pub mod metrics;
+pub mod telemetry;
+pub mod tls;
+
+pub use telemetry::{init_telemetry, TelemetryGuard};
+
 use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
@@ -19,29 +28,22 @@ pub struct ServerArgs {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "SD_LOG_JSON")]
     pub log_json: bool,
-    /// Largest gRPC message accepted or sent, in MiB.
+    /// Largest gRPC message accepted or sent, in MiB (the default fits the
+    /// largest request the limits allow).
     #[arg(long, env = "SD_MAX_MESSAGE_MIB", default_value_t = 64)]
     pub max_message_mib: usize,
+    /// Serve Prometheus metrics on this address (`/metrics`); off when unset.
+    #[arg(long, env = "SD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// On SIGTERM, how long work in flight may take to finish (seconds).
+    #[arg(long, env = "SD_DRAIN_SECS", default_value_t = 30)]
+    pub drain_secs: u64,
 }
 
 impl ServerArgs {
     pub fn max_message_bytes(&self) -> usize {
         self.max_message_mib.saturating_mul(1 << 20)
     }
-}
-
-/// Logging to stderr; `RUST_LOG` filters (default `info`).
-pub fn init_telemetry(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
 }
 
 /// Bind the listening socket and announce it on stdout (launchers and tests
@@ -68,9 +70,12 @@ impl Health {
         service: &'static str,
     ) -> (
         Self,
-        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+        tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
     ) {
-        let (reporter, server) = tonic_health::server::health_reporter();
+        let reporter = HealthReporter::new();
+        let server = tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
+        );
         let h = Health { reporter, service };
         h.set(ServingStatus::NotServing).await;
         (h, server)

@@ -12,8 +12,11 @@ use sd_proto::v1::{
     AutoencoderInfo, AutoencoderInfoRequest, DecodeRequest, DecodeResponse, Dtype,
     EncodeImageRequest, EncodeImageResponse, RgbImage,
 };
+use sd_runtime::lifecycle::Lifecycle;
+use sd_runtime::metrics::Metrics;
+use sd_runtime::tls::ServerTlsArgs;
 use sd_runtime::ServerArgs;
-use sd_service::{from_wire, status, to_wire, ModelArgs, Worker};
+use sd_service::{from_wire, handle, status, to_wire, ModelArgs, Worker};
 use tch::{Kind, Tensor};
 use tonic::{Request, Response, Status};
 
@@ -25,6 +28,8 @@ struct Args {
     model: ModelArgs,
     #[command(flatten)]
     server: ServerArgs,
+    #[command(flatten)]
+    tls: ServerTlsArgs,
     /// Most images one call may carry.
     #[arg(long, env = "SD_MAX_BATCH", default_value_t = 16)]
     max_batch: i64,
@@ -39,6 +44,8 @@ struct Service {
     info: AutoencoderInfo,
     max_batch: i64,
     max_side: i64,
+    lifecycle: Lifecycle,
+    metrics: Arc<Metrics>,
 }
 
 impl Service {
@@ -98,7 +105,33 @@ impl Autoencoder for Service {
         &self,
         request: Request<DecodeRequest>,
     ) -> Result<Response<DecodeResponse>, Status> {
-        let latents = from_wire(request.get_ref().latents.as_ref(), "latents")?;
+        handle(&self.lifecycle, &self.metrics, "Decode", request, |r| {
+            self.decode_inner(r)
+        })
+        .await
+    }
+
+    async fn encode(
+        &self,
+        request: Request<EncodeImageRequest>,
+    ) -> Result<Response<EncodeImageResponse>, Status> {
+        handle(&self.lifecycle, &self.metrics, "Encode", request, |r| {
+            self.encode_inner(r)
+        })
+        .await
+    }
+
+    async fn info(
+        &self,
+        _: Request<AutoencoderInfoRequest>,
+    ) -> Result<Response<AutoencoderInfo>, Status> {
+        Ok(Response::new(self.info.clone()))
+    }
+}
+
+impl Service {
+    async fn decode_inner(&self, request: DecodeRequest) -> Result<DecodeResponse, Status> {
+        let latents = from_wire(request.latents.as_ref(), "latents")?;
         self.check(&latents, "latents", self.info.latent_channels as i64, 1)?;
         let (vae, sf) = (self.vae.clone(), self.info.scaling_factor as f64);
         let images = self
@@ -110,14 +143,14 @@ impl Autoencoder for Service {
                 to_rgb8(&pixels)
             })
             .await?;
-        Ok(Response::new(DecodeResponse { images }))
+        Ok(DecodeResponse { images })
     }
 
-    async fn encode(
+    async fn encode_inner(
         &self,
-        request: Request<EncodeImageRequest>,
-    ) -> Result<Response<EncodeImageResponse>, Status> {
-        let pixels = from_wire(request.get_ref().pixels.as_ref(), "pixels")?;
+        request: EncodeImageRequest,
+    ) -> Result<EncodeImageResponse, Status> {
+        let pixels = from_wire(request.pixels.as_ref(), "pixels")?;
         self.check(&pixels, "pixels", 3, self.info.scale_factor as i64)?;
         let vae = self.vae.clone();
         let (mean, std) = self
@@ -130,30 +163,21 @@ impl Autoencoder for Service {
                 ))
             })
             .await?;
-        Ok(Response::new(EncodeImageResponse {
+        Ok(EncodeImageResponse {
             mean: Some(mean),
             std: Some(std),
-        }))
-    }
-
-    async fn info(
-        &self,
-        _: Request<AutoencoderInfoRequest>,
-    ) -> Result<Response<AutoencoderInfo>, Status> {
-        Ok(Response::new(self.info.clone()))
+        })
     }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    sd_runtime::init_telemetry(args.server.log_json);
-    let (health, health_svc) = sd_runtime::Health::new("sd.v1.Autoencoder").await;
-    let (incoming, _) = sd_runtime::listen(args.server.listen).await?;
+    let start = sd_service::start("autoencoder", "sd.v1.Autoencoder", &args.server).await?;
     let max = args.server.max_message_bytes();
     let placement = args.model.placement()?;
     let dir = ModelDir::open(&args.model.model)?;
-    let vae = sd_service::timed_load("vae", || dir.load_vae(placement))?;
+    let vae = sd_service::timed_load(&start.metrics, "vae", || dir.load_vae(placement))?;
     let c = vae.config().clone();
     // Warm up: one decode before reporting SERVING.
     let _ = vae.decode(&Tensor::zeros(
@@ -168,21 +192,17 @@ async fn main() -> anyhow::Result<()> {
     };
     let service = Service {
         vae: Arc::new(vae),
-        worker: Worker::new(args.model.concurrency),
+        worker: Worker::new(&args.model, start.metrics.clone()),
         info,
         max_batch: args.max_batch,
         max_side: args.max_side,
+        lifecycle: start.lifecycle.clone(),
+        metrics: start.metrics.clone(),
     };
-    health.serving().await;
-    tonic::transport::Server::builder()
-        .add_service(health_svc)
-        .add_service(sd_runtime::reflection()?)
-        .add_service(
-            AutoencoderServer::new(service)
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-        )
-        .serve_with_incoming_shutdown(incoming, sd_runtime::shutdown_signal())
-        .await?;
-    Ok(())
+    let routes = tonic::service::Routes::new(
+        AutoencoderServer::new(service)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+    );
+    start.serve(routes, &args.server, &args.tls).await
 }

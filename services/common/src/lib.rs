@@ -5,8 +5,13 @@ use std::sync::Arc;
 
 use sd_models::{DeviceSpec, ModelError, Placement, Precision};
 use sd_proto::v1::{Dtype, Tensor as WireTensor};
+use sd_runtime::admission::Admission;
+use sd_runtime::lifecycle::Lifecycle;
+use sd_runtime::metrics::Metrics;
+use sd_runtime::tls::ServerTlsArgs;
+use sd_runtime::{Health, ServerArgs};
 use tch::{Kind, Tensor};
-use tokio::sync::Semaphore;
+use tokio_stream::wrappers::TcpListenerStream;
 use tonic::Status;
 
 /// Flags for the model a service loads and where it runs.
@@ -24,6 +29,9 @@ pub struct ModelArgs {
     /// Forward passes run at once (each uses libtorch's intra-op threads).
     #[arg(long, env = "SD_MODEL_CONCURRENCY", default_value_t = 1)]
     pub concurrency: usize,
+    /// Calls that may wait for a forward pass; beyond: RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SD_MODEL_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
     /// libtorch intra-op threads (0: libtorch's default, one per core).
     #[arg(long, env = "SD_TORCH_THREADS", default_value_t = 0)]
     pub torch_threads: i32,
@@ -100,16 +108,19 @@ pub fn to_wire(t: &Tensor, dtype: Dtype) -> Result<WireTensor, Status> {
     })
 }
 
-/// Runs model work on the blocking pool, at most `concurrency` at once.
+/// Runs model work on the blocking pool: at most `concurrency` at once, at
+/// most `max_queue` waiting (beyond: RESOURCE_EXHAUSTED).
 #[derive(Clone)]
 pub struct Worker {
-    permits: Arc<Semaphore>,
+    admission: Admission,
+    metrics: Arc<Metrics>,
 }
 
 impl Worker {
-    pub fn new(concurrency: usize) -> Self {
+    pub fn new(args: &ModelArgs, metrics: Arc<Metrics>) -> Self {
         Worker {
-            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            admission: Admission::new("model service", args.concurrency, args.max_queue),
+            metrics,
         }
     }
 
@@ -117,18 +128,89 @@ impl Worker {
         &self,
         f: impl FnOnce() -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
-        let _permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Status::unavailable("shutting down"))?;
-        tokio::task::spawn_blocking(move || {
+        self.metrics
+            .queue_depth
+            .set(self.admission.queued() as i64 + 1);
+        let slot = self.admission.admit().await;
+        self.metrics.queue_depth.set(self.admission.queued() as i64);
+        let slot = slot?;
+        let result = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
             let _guard = tch::no_grad_guard();
             f()
         })
         .await
-        .map_err(|e| Status::internal(format!("model task failed: {e}")))?
+        .map_err(|e| Status::internal(format!("model task failed: {e}")))?;
+        result
+    }
+}
+
+/// What every model service sets up before loading: telemetry, health
+/// (NOT_SERVING), the listening socket, metrics, the drain counter.
+pub struct Startup {
+    pub telemetry: sd_runtime::TelemetryGuard,
+    pub health: Arc<Health>,
+    pub health_service:
+        tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+    pub incoming: TcpListenerStream,
+    pub metrics: Arc<Metrics>,
+    pub lifecycle: Lifecycle,
+}
+
+pub async fn start(
+    service: &'static str,
+    grpc_name: &'static str,
+    args: &ServerArgs,
+) -> anyhow::Result<Startup> {
+    let telemetry = sd_runtime::init_telemetry(args.log_json, service);
+    let (health, health_service) = Health::new(grpc_name).await;
+    let (incoming, _) = sd_runtime::listen(args.listen).await?;
+    let metrics = Metrics::new(service);
+    if let Some(addr) = args.metrics_listen {
+        sd_runtime::metrics::serve(addr, metrics.clone()).await?;
+    }
+    Ok(Startup {
+        telemetry,
+        health: Arc::new(health),
+        health_service,
+        incoming,
+        metrics,
+        lifecycle: Lifecycle::new(),
+    })
+}
+
+impl Startup {
+    /// Report SERVING and serve `routes` (plus health and reflection) until
+    /// SIGTERM, then drain for at most `--drain-secs`.
+    pub async fn serve(
+        self,
+        routes: tonic::service::Routes,
+        args: &ServerArgs,
+        tls: &ServerTlsArgs,
+    ) -> anyhow::Result<()> {
+        self.health.serving().await;
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(cfg) = tls.config()? {
+            builder = builder.tls_config(cfg)?;
+        }
+        let drain = std::time::Duration::from_secs(args.drain_secs);
+        let (shutdown, bound) = self.lifecycle.shutdown_pair(
+            self.health.clone(),
+            drain,
+            std::time::Duration::from_secs(2),
+        );
+        let server = builder
+            .add_routes(routes)
+            .add_service(self.health_service)
+            .add_service(sd_runtime::reflection()?)
+            .serve_with_incoming_shutdown(self.incoming, shutdown);
+        tokio::select! {
+            r = server => r?,
+            _ = bound => {},
+        }
+        tracing::info!("stopped");
+        drop(self.telemetry);
+        Ok(())
     }
 }
 
@@ -166,9 +248,38 @@ pub fn model_id(dir: &sd_models::ModelDir, components: &[sd_models::Component]) 
 }
 
 /// Log a load and return how long it took.
-pub fn timed_load<T>(what: &str, f: impl FnOnce() -> sd_models::Result<T>) -> anyhow::Result<T> {
+pub fn timed_load<T>(
+    metrics: &Metrics,
+    what: &str,
+    f: impl FnOnce() -> sd_models::Result<T>,
+) -> anyhow::Result<T> {
     let start = std::time::Instant::now();
     let v = f().map_err(|e| anyhow::anyhow!("loading {what}: {e}"))?;
-    tracing::info!(what, seconds = start.elapsed().as_secs_f64(), "loaded");
+    let seconds = start.elapsed().as_secs_f64();
+    metrics.loaded(what, seconds);
+    tracing::info!(what, seconds, "loaded");
     Ok(v)
+}
+
+/// Run a handler: refused while draining, counted for the drain, timed in
+/// the metrics, in a span joined to the caller's trace.
+pub async fn handle<T, R, Fut>(
+    lifecycle: &Lifecycle,
+    metrics: &Metrics,
+    method: &'static str,
+    request: tonic::Request<R>,
+    f: impl FnOnce(R) -> Fut,
+) -> Result<tonic::Response<T>, Status>
+where
+    Fut: std::future::Future<Output = Result<T, Status>>,
+{
+    use tracing::Instrument;
+    let span = tracing::info_span!("rpc", method, trace_id = tracing::field::Empty);
+    sd_runtime::telemetry::adopt(&request, &span);
+    let _work = lifecycle.begin()?;
+    metrics
+        .observe(method, f(request.into_inner()))
+        .instrument(span)
+        .await
+        .map(tonic::Response::new)
 }

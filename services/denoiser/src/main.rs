@@ -12,8 +12,11 @@ use sd_proto::v1::denoiser_server::{Denoiser, DenoiserServer};
 use sd_proto::v1::{
     DenoiserInfo, DenoiserInfoRequest, Dtype, Embedding, PredictRequest, PredictResponse,
 };
+use sd_runtime::lifecycle::Lifecycle;
+use sd_runtime::metrics::Metrics;
+use sd_runtime::tls::ServerTlsArgs;
 use sd_runtime::ServerArgs;
-use sd_service::{from_wire, status, to_wire, ModelArgs, Worker};
+use sd_service::{from_wire, handle, status, to_wire, ModelArgs, Worker};
 use tch::Tensor;
 use tonic::{Request, Response, Status};
 
@@ -30,6 +33,8 @@ struct Args {
     model: ModelArgs,
     #[command(flatten)]
     server: ServerArgs,
+    #[command(flatten)]
+    tls: ServerTlsArgs,
     /// Bytes of text embeddings kept by id (MiB).
     #[arg(long, env = "SD_EMBEDDING_CACHE_MIB", default_value_t = 256)]
     embedding_cache_mib: usize,
@@ -44,6 +49,8 @@ struct Service {
     worker: Worker,
     info: DenoiserInfo,
     max_batch: i64,
+    lifecycle: Lifecycle,
+    metrics: Arc<Metrics>,
 }
 
 impl Service {
@@ -56,6 +63,7 @@ impl Service {
             .map_err(|_| Status::internal("embedding cache poisoned"))?;
         match &e.tensor {
             Some(t) => {
+                self.metrics.cache_lookup("embedding", false);
                 let t = from_wire(Some(t), &format!("{field}.tensor"))?;
                 if !e.id.is_empty() {
                     cache.insert(e.id.clone(), &t);
@@ -63,16 +71,19 @@ impl Service {
                 }
                 Ok(t)
             }
-            None => cache.get(&e.id).ok_or_else(|| {
-                let mut s = Status::not_found(format!(
-                    "{field}: embedding id `{}` is not cached; resend it",
-                    e.id
-                ));
-                if let Ok(v) = e.id.parse() {
-                    s.metadata_mut().insert(EMBEDDING_MISS, v);
-                }
-                s
-            }),
+            None => cache
+                .get(&e.id)
+                .inspect(|_| self.metrics.cache_lookup("embedding", true))
+                .ok_or_else(|| {
+                    let mut s = Status::not_found(format!(
+                        "{field}: embedding id `{}` is not cached; resend it",
+                        e.id
+                    ));
+                    if let Ok(v) = e.id.parse() {
+                        s.metadata_mut().insert(EMBEDDING_MISS, v);
+                    }
+                    s
+                }),
         }
     }
 }
@@ -93,7 +104,22 @@ impl Denoiser for Service {
         &self,
         request: Request<PredictRequest>,
     ) -> Result<Response<PredictResponse>, Status> {
-        let req = request.into_inner();
+        handle(&self.lifecycle, &self.metrics, "Predict", request, |req| {
+            self.predict_inner(req)
+        })
+        .await
+    }
+
+    async fn info(
+        &self,
+        _: Request<DenoiserInfoRequest>,
+    ) -> Result<Response<DenoiserInfo>, Status> {
+        Ok(Response::new(self.info.clone()))
+    }
+}
+
+impl Service {
+    async fn predict_inner(&self, req: PredictRequest) -> Result<PredictResponse, Status> {
         let latents = from_wire(req.latents.as_ref(), "latents")?;
         let shape = latents.size();
         let c = self.info.latent_channels as i64;
@@ -172,16 +198,9 @@ impl Denoiser for Service {
                 to_wire(&out, out_dtype)
             })
             .await?;
-        Ok(Response::new(PredictResponse {
+        Ok(PredictResponse {
             output: Some(output),
-        }))
-    }
-
-    async fn info(
-        &self,
-        _: Request<DenoiserInfoRequest>,
-    ) -> Result<Response<DenoiserInfo>, Status> {
-        Ok(Response::new(self.info.clone()))
+        })
     }
 }
 
@@ -197,13 +216,11 @@ fn prediction_type(scheduler_json: &str) -> anyhow::Result<String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    sd_runtime::init_telemetry(args.server.log_json);
-    let (health, health_svc) = sd_runtime::Health::new("sd.v1.Denoiser").await;
-    let (incoming, _) = sd_runtime::listen(args.server.listen).await?;
+    let start = sd_service::start("denoiser", "sd.v1.Denoiser", &args.server).await?;
     let max = args.server.max_message_bytes();
     let placement = args.model.placement()?;
     let dir = ModelDir::open(&args.model.model)?;
-    let unet = sd_service::timed_load("unet", || dir.load_unet(placement))?;
+    let unet = sd_service::timed_load(&start.metrics, "unet", || dir.load_unet(placement))?;
     let vae: sd_models::config::VaeConfig =
         sd_models::config::read_json(&dir.config_path(Component::Vae))?;
     let scheduler_path = dir.scheduler_config_path();
@@ -242,20 +259,16 @@ async fn main() -> anyhow::Result<()> {
         cache: Arc::new(Mutex::new(EmbeddingCache::new(
             args.embedding_cache_mib << 20,
         ))),
-        worker: Worker::new(args.model.concurrency),
+        worker: Worker::new(&args.model, start.metrics.clone()),
         info,
         max_batch: args.max_batch,
+        lifecycle: start.lifecycle.clone(),
+        metrics: start.metrics.clone(),
     };
-    health.serving().await;
-    tonic::transport::Server::builder()
-        .add_service(health_svc)
-        .add_service(sd_runtime::reflection()?)
-        .add_service(
-            DenoiserServer::new(service)
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-        )
-        .serve_with_incoming_shutdown(incoming, sd_runtime::shutdown_signal())
-        .await?;
-    Ok(())
+    let routes = tonic::service::Routes::new(
+        DenoiserServer::new(service)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+    );
+    start.serve(routes, &args.server, &args.tls).await
 }

@@ -9,8 +9,11 @@ use sd_proto::v1::{
     Dtype, EncodeTextRequest, EncodeTextResponse, EncodedPrompt, TextEncoderInfo,
     TextEncoderInfoRequest,
 };
+use sd_runtime::lifecycle::Lifecycle;
+use sd_runtime::metrics::Metrics;
+use sd_runtime::tls::ServerTlsArgs;
 use sd_runtime::ServerArgs;
-use sd_service::{status, to_wire, ModelArgs, Worker};
+use sd_service::{handle, status, to_wire, ModelArgs, Worker};
 use tonic::{Request, Response, Status};
 
 /// Serve a model's CLIP text encoder over gRPC (sd.v1.TextEncoder).
@@ -21,6 +24,8 @@ struct Args {
     model: ModelArgs,
     #[command(flatten)]
     server: ServerArgs,
+    #[command(flatten)]
+    tls: ServerTlsArgs,
     /// Most prompts one Encode call may carry.
     #[arg(long, env = "SD_MAX_PROMPTS", default_value_t = 64)]
     max_prompts: usize,
@@ -36,6 +41,8 @@ struct Service {
     worker: Worker,
     info: TextEncoderInfo,
     max_prompts: usize,
+    lifecycle: Lifecycle,
+    metrics: Arc<Metrics>,
 }
 
 #[tonic::async_trait]
@@ -44,7 +51,22 @@ impl TextEncoder for Service {
         &self,
         request: Request<EncodeTextRequest>,
     ) -> Result<Response<EncodeTextResponse>, Status> {
-        let req = request.into_inner();
+        handle(&self.lifecycle, &self.metrics, "Encode", request, |req| {
+            self.encode_inner(req)
+        })
+        .await
+    }
+
+    async fn info(
+        &self,
+        _: Request<TextEncoderInfoRequest>,
+    ) -> Result<Response<TextEncoderInfo>, Status> {
+        Ok(Response::new(self.info.clone()))
+    }
+}
+
+impl Service {
+    async fn encode_inner(&self, req: EncodeTextRequest) -> Result<EncodeTextResponse, Status> {
         if req.prompts.is_empty() || req.prompts.len() > self.max_prompts {
             return Err(Status::invalid_argument(format!(
                 "prompts: {} given, 1..={} allowed",
@@ -82,28 +104,21 @@ impl TextEncoder for Service {
                     .collect::<Result<Vec<_>, Status>>()
             })
             .await?;
-        Ok(Response::new(EncodeTextResponse { prompts: out }))
-    }
-
-    async fn info(
-        &self,
-        _: Request<TextEncoderInfoRequest>,
-    ) -> Result<Response<TextEncoderInfo>, Status> {
-        Ok(Response::new(self.info.clone()))
+        Ok(EncodeTextResponse { prompts: out })
     }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    sd_runtime::init_telemetry(args.server.log_json);
-    let (health, health_svc) = sd_runtime::Health::new("sd.v1.TextEncoder").await;
-    let (incoming, _) = sd_runtime::listen(args.server.listen).await?;
+    let start = sd_service::start("text-encoder", "sd.v1.TextEncoder", &args.server).await?;
     let max = args.server.max_message_bytes();
     let placement = args.model.placement()?;
     let dir = ModelDir::open(&args.model.model)?;
-    let tokenizer = sd_service::timed_load("tokenizer", || dir.load_tokenizer())?;
-    let clip = sd_service::timed_load("text encoder", || dir.load_text_encoder(placement))?;
+    let tokenizer = sd_service::timed_load(&start.metrics, "tokenizer", || dir.load_tokenizer())?;
+    let clip = sd_service::timed_load(&start.metrics, "text_encoder", || {
+        dir.load_text_encoder(placement)
+    })?;
     // Warm up: one forward before reporting SERVING.
     let warm = tokenizer.encode_batch(&[""])?;
     let _ = clip.forward(&warm, 0)?;
@@ -115,20 +130,16 @@ async fn main() -> anyhow::Result<()> {
     };
     let service = Service {
         model: Arc::new(Model { tokenizer, clip }),
-        worker: Worker::new(args.model.concurrency),
+        worker: Worker::new(&args.model, start.metrics.clone()),
         info,
         max_prompts: args.max_prompts,
+        lifecycle: start.lifecycle.clone(),
+        metrics: start.metrics.clone(),
     };
-    health.serving().await;
-    tonic::transport::Server::builder()
-        .add_service(health_svc)
-        .add_service(sd_runtime::reflection()?)
-        .add_service(
-            TextEncoderServer::new(service)
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-        )
-        .serve_with_incoming_shutdown(incoming, sd_runtime::shutdown_signal())
-        .await?;
-    Ok(())
+    let routes = tonic::service::Routes::new(
+        TextEncoderServer::new(service)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+    );
+    start.serve(routes, &args.server, &args.tls).await
 }

@@ -1,0 +1,216 @@
+//! Prometheus metrics, one registry per process, served on `/metrics`:
+//! request and per-step latency by method and stage, requests by gRPC code,
+//! queue depth and work in flight, cache hits and misses, model load time.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub method: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    pub stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub cache: String,
+    pub result: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~65 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<CodeLabels, Counter>,
+    pub request_seconds: HistogramFamily<MethodLabels>,
+    pub step_seconds: HistogramFamily<StageLabels>,
+    pub in_flight: Gauge,
+    pub queue_depth: Gauge,
+    pub cache: Family<CacheLabels, Counter>,
+    pub load_seconds: Family<StageLabels, Gauge<f64, AtomicU64>>,
+}
+
+impl Metrics {
+    /// Metrics of one service (`service` becomes a constant label).
+    pub fn new(service: &str) -> Arc<Self> {
+        let mut registry = Registry::with_prefix_and_labels(
+            "sd",
+            [(
+                std::borrow::Cow::Borrowed("service"),
+                std::borrow::Cow::Owned(service.to_string()),
+            )]
+            .into_iter(),
+        );
+        let requests = Family::<CodeLabels, Counter>::default();
+        let request_seconds: HistogramFamily<MethodLabels> =
+            Family::new_with_constructor(latency_histogram);
+        let step_seconds: HistogramFamily<StageLabels> =
+            Family::new_with_constructor(latency_histogram);
+        let in_flight = Gauge::default();
+        let queue_depth = Gauge::default();
+        let cache = Family::<CacheLabels, Counter>::default();
+        let load_seconds = Family::<StageLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "requests",
+            "Requests by method and gRPC status code",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Request latency by method",
+            request_seconds.clone(),
+        );
+        registry.register(
+            "step_duration_seconds",
+            "Latency of one denoising step by stage",
+            step_seconds.clone(),
+        );
+        registry.register("in_flight", "Requests being worked on", in_flight.clone());
+        registry.register(
+            "queue_depth",
+            "Requests waiting for a slot",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "cache_requests",
+            "Cache lookups by cache and result (hit/miss)",
+            cache.clone(),
+        );
+        registry.register(
+            "model_load_seconds",
+            "Time to load each model component",
+            load_seconds.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            requests,
+            request_seconds,
+            step_seconds,
+            in_flight,
+            queue_depth,
+            cache,
+            load_seconds,
+        })
+    }
+
+    /// Count one finished request.
+    pub fn record(&self, method: &str, elapsed: Duration, code: tonic::Code) {
+        self.requests
+            .get_or_create(&CodeLabels {
+                method: method.to_string(),
+                code: format!("{code:?}"),
+            })
+            .inc();
+        self.request_seconds
+            .get_or_create(&MethodLabels {
+                method: method.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Time `f` and record it under `method`.
+    pub async fn observe<T>(
+        &self,
+        method: &str,
+        f: impl std::future::Future<Output = Result<T, tonic::Status>>,
+    ) -> Result<T, tonic::Status> {
+        let start = std::time::Instant::now();
+        self.in_flight.inc();
+        let r = f.await;
+        self.in_flight.dec();
+        let code = match &r {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        self.record(method, start.elapsed(), code);
+        r
+    }
+
+    pub fn cache_lookup(&self, cache: &str, hit: bool) {
+        self.cache
+            .get_or_create(&CacheLabels {
+                cache: cache.to_string(),
+                result: if hit { "hit" } else { "miss" }.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn loaded(&self, component: &str, seconds: f64) {
+        self.load_seconds
+            .get_or_create(&StageLabels {
+                stage: component.to_string(),
+            })
+            .set(seconds);
+    }
+
+    pub fn step(&self, stage: &str, elapsed: Duration) {
+        self.step_seconds
+            .get_or_create(&StageLabels {
+                stage: stage.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Serve `/metrics` on `addr` (printed on stdout as `metrics on ADDR`).
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding metrics on {addr}: {e}"))?;
+    let local = listener.local_addr()?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let m = metrics.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    m.encode(),
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("metrics server: {e}");
+        }
+    });
+    println!("metrics on {local}");
+    Ok(local)
+}
