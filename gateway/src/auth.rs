@@ -1,4 +1,4 @@
-//! Optional API keys for the public API: `authorization: Bearer <key>`,
+//! Optional API keys for the public API (checked by every Generation call): `authorization: Bearer <key>`,
 //! compared in constant time; UNAUTHENTICATED otherwise. Health and
 //! reflection stay open for probes.
 
@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use subtle::ConstantTimeEq;
-use tonic::{Request, Status};
+use tonic::Status;
 
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct AuthArgs {
@@ -45,7 +45,7 @@ impl AuthArgs {
     }
 }
 
-/// A tonic interceptor checking bearer tokens.
+/// The accepted bearer tokens.
 #[derive(Clone)]
 pub struct ApiKeys {
     keys: Arc<Vec<Vec<u8>>>,
@@ -72,13 +72,13 @@ impl ApiKeys {
     }
 }
 
-impl tonic::service::Interceptor for ApiKeys {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+impl ApiKeys {
+    /// Check a request's bearer token (every call of the public API does).
+    pub fn check(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
         if !self.enabled() {
-            return Ok(request);
+            return Ok(());
         }
-        let token = request
-            .metadata()
+        let token = metadata
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| {
@@ -87,7 +87,7 @@ impl tonic::service::Interceptor for ApiKeys {
             })
             .map(str::trim);
         match token {
-            Some(t) if self.accepts(t.as_bytes()) => Ok(request),
+            Some(t) if self.accepts(t.as_bytes()) => Ok(()),
             Some(_) => Err(Status::unauthenticated("invalid API key")),
             None => Err(Status::unauthenticated(
                 "missing API key: send `authorization: Bearer <key>`",
@@ -99,7 +99,7 @@ impl tonic::service::Interceptor for ApiKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tonic::service::Interceptor;
+    use tonic::Request;
 
     fn with(auth: Option<&str>) -> Request<()> {
         let mut r = Request::new(());
@@ -111,18 +111,21 @@ mod tests {
 
     #[test]
     fn bearer_keys() {
-        let mut k = ApiKeys::new(vec!["s3cret".into(), "other".into()]);
-        assert!(k.call(with(Some("Bearer s3cret"))).is_ok());
-        assert!(k.call(with(Some("Bearer other"))).is_ok());
+        let k = ApiKeys::new(vec!["s3cret".into(), "other".into()]);
+        let check = |r: Request<()>| k.check(r.metadata());
+        assert!(check(with(Some("Bearer s3cret"))).is_ok());
+        assert!(check(with(Some("Bearer other"))).is_ok());
+        let code = |r: Result<(), Status>| r.unwrap_err().code();
         assert_eq!(
-            k.call(with(Some("Bearer s3cre"))).unwrap_err().code(),
+            code(check(with(Some("Bearer s3cre")))),
             tonic::Code::Unauthenticated
         );
         assert_eq!(
-            k.call(with(None)).unwrap_err().code(),
+            code(check(with(Some("s3cret")))),
             tonic::Code::Unauthenticated
         );
-        let mut open = ApiKeys::new(vec![]);
-        assert!(open.call(with(None)).is_ok());
+        assert_eq!(code(check(with(None))), tonic::Code::Unauthenticated);
+        let open = ApiKeys::new(vec![]);
+        assert!(open.check(with(None).metadata()).is_ok());
     }
 }

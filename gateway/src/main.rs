@@ -16,10 +16,9 @@ use sd_runtime::lifecycle::Lifecycle;
 use sd_runtime::metrics::Metrics;
 use sd_runtime::tls::{ClientTlsArgs, ServerTlsArgs};
 use sd_runtime::ServerArgs;
-use tonic::service::interceptor::InterceptedService;
 
 /// The sdserve gateway: text-to-image and image-to-image over gRPC.
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(version)]
 struct Args {
     #[command(flatten)]
@@ -51,14 +50,38 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let _telemetry = sd_runtime::init_telemetry(args.server.log_json, "sd-gateway");
-    let (health, health_svc) = sd_runtime::Health::new("sd.v1.Generation").await;
+    let telemetry = sd_runtime::init_telemetry(args.server.log_json, "sd-gateway");
+    let (health, health_service) = sd_runtime::Health::new("sd.v1.Generation").await;
     let health = Arc::new(health);
     let (incoming, _) = sd_runtime::listen(args.server.listen).await?;
     let metrics = Metrics::new("gateway");
     if let Some(addr) = args.server.metrics_listen {
         sd_runtime::metrics::serve(addr, metrics.clone()).await?;
     }
+    let lifecycle = Lifecycle::new();
+    let load = connect(&args, metrics, lifecycle.clone(), health.clone());
+    let result = sd_runtime::server::serve_loading(
+        incoming,
+        health,
+        health_service,
+        lifecycle,
+        &args.server,
+        &args.tls,
+        sd_runtime::server::Lazy::new(),
+        load,
+    )
+    .await;
+    drop(telemetry);
+    result
+}
+
+/// Reach the model services, learn the model, and build the service.
+async fn connect(
+    args: &Args,
+    metrics: Arc<Metrics>,
+    lifecycle: Lifecycle,
+    health: Arc<sd_runtime::Health>,
+) -> anyhow::Result<GenerationServer<GenerationService>> {
     // Public messages: a request carries at most an init image; a response
     // at most max_images encoded images (PNG ≤ 3 bytes/pixel + headers).
     let max_in = args.limits.max_init_image_bytes + (1 << 20);
@@ -70,7 +93,6 @@ async fn main() -> anyhow::Result<()> {
         .model_facts(Duration::from_secs(args.backends.backend_wait_secs))
         .await?;
     tracing::info!(model = %facts.id, scheduler = %facts.default_scheduler, "model services ready");
-    let lifecycle = Lifecycle::new();
     let keys = ApiKeys::new(args.auth.keys()?);
     if keys.enabled() {
         tracing::info!("API keys required");
@@ -82,49 +104,31 @@ async fn main() -> anyhow::Result<()> {
             cache: Arc::new(Mutex::new(PromptCache::new(args.prompt_cache_mib << 20))),
             metrics: metrics.clone(),
         },
-        limits: Arc::new(args.limits),
+        limits: Arc::new(args.limits.clone()),
         admission: Admission::new("gateway", args.max_concurrent, args.max_queue),
         lifecycle: lifecycle.clone(),
         metrics,
         log_prompts: args.log_prompts,
+        keys,
     };
     // SERVING only while every stage has a SERVING replica (and not draining).
-    let watch_health = health.clone();
-    let watch_life = lifecycle.clone();
     tokio::spawn(async move {
         let mut last = None;
         loop {
-            let ok = !watch_life.draining() && backends.all_serving();
-            if last != Some(ok) {
+            let ok = !lifecycle.draining() && backends.all_serving();
+            if last != Some(ok) && !lifecycle.draining() {
                 if ok {
-                    watch_health.serving().await;
-                } else if !watch_life.draining() {
+                    health.serving().await;
+                } else {
                     tracing::warn!("a stage has no SERVING replica: NOT_SERVING");
-                    watch_health.not_serving().await;
+                    health.not_serving().await;
                 }
                 last = Some(ok);
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     });
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = args.tls.config()? {
-        builder = builder.tls_config(tls)?;
-    }
-    let generation = GenerationServer::new(service)
+    Ok(GenerationServer::new(service)
         .max_decoding_message_size(max_in)
-        .max_encoding_message_size(max_out);
-    let drain = Duration::from_secs(args.server.drain_secs);
-    let (shutdown, bound) = lifecycle.shutdown_pair(health.clone(), drain, Duration::from_secs(2));
-    let server = builder
-        .add_service(health_svc)
-        .add_service(sd_runtime::reflection()?)
-        .add_service(InterceptedService::new(generation, keys))
-        .serve_with_incoming_shutdown(incoming, shutdown);
-    tokio::select! {
-        r = server => r?,
-        _ = bound => {},
-    }
-    tracing::info!("stopped");
-    Ok(())
+        .max_encoding_message_size(max_out))
 }

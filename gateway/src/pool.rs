@@ -275,6 +275,16 @@ impl Pool {
                     }
                     tokio::time::sleep(backoff).await;
                 }
+                // A model service that ran out of the time we passed on
+                // answers CANCELLED ("Timeout expired"): that is our deadline.
+                Err(s)
+                    if s.code() == Code::Cancelled && s.message().contains("Timeout expired") =>
+                {
+                    return Err(Status::deadline_exceeded(format!(
+                        "the client's deadline passed during a {} call",
+                        self.stage
+                    )));
+                }
                 other => return other,
             }
         }

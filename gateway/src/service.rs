@@ -30,6 +30,8 @@ pub struct GenerationService {
     pub metrics: Arc<Metrics>,
     /// Log prompts at info level (off by default: prompts can be private).
     pub log_prompts: bool,
+    /// API keys (none: open).
+    pub keys: crate::auth::ApiKeys,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<GenerateEvent, Status>> + Send>>;

@@ -6,6 +6,7 @@ pub mod admission;
 pub mod deadline;
 pub mod lifecycle;
 pub mod metrics;
+pub mod server;
 pub mod telemetry;
 pub mod tls;
 

@@ -37,6 +37,39 @@ pub struct UpArgs {
     /// Where the sd-* binaries are (default: next to sdctl).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Replicas per stage, e.g. `denoiser=2,text-encoder=1` (default 1 each);
+    /// the gateway balances across them and fails over.
+    #[arg(long, value_delimiter = ',')]
+    replicas: Vec<String>,
+    /// Extra flags for the gateway (e.g. `--gateway-arg=--max-concurrent=2`).
+    #[arg(long = "gateway-arg", allow_hyphen_values = true)]
+    gateway_args: Vec<String>,
+}
+
+/// `stage=n` pairs, checked.
+fn replica_counts(specs: &[String]) -> anyhow::Result<[usize; 3]> {
+    let mut counts = [1usize; 3];
+    for spec in specs {
+        let (stage, n) = spec
+            .split_once('=')
+            .with_context(|| format!("--replicas {spec}: expected stage=count"))?;
+        let n: usize = n
+            .parse()
+            .with_context(|| format!("--replicas {spec}: count must be a number"))?;
+        if !(1..=16).contains(&n) {
+            anyhow::bail!("--replicas {spec}: count must be 1..=16");
+        }
+        let i = match stage {
+            "text-encoder" => 0,
+            "denoiser" => 1,
+            "autoencoder" => 2,
+            other => anyhow::bail!(
+                "--replicas: unknown stage `{other}` (text-encoder, denoiser, autoencoder)"
+            ),
+        };
+        counts[i] = n;
+    }
+    Ok(counts)
 }
 
 struct Proc {
@@ -166,30 +199,40 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
+    let counts = replica_counts(&args.replicas)?;
     let mut procs = Vec::new();
+    let mut urls: [Vec<String>; 3] = Default::default();
     let started = async {
-        for (name, bin) in [
+        for (i, (name, bin)) in [
             ("text-encoder", "sd-text-encoder"),
             ("denoiser", "sd-denoiser"),
             ("autoencoder", "sd-autoencoder"),
-        ] {
-            procs.push(spawn(name, dir.join(bin), common(&[])).await?);
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            for _ in 0..counts[i] {
+                let p = spawn(name, dir.join(bin), common(&[])).await?;
+                urls[i].push(format!("http://{}", p.addr));
+                procs.push(p);
+            }
         }
         let timeout = Duration::from_secs(args.load_timeout);
         for p in procs.iter_mut() {
             wait_serving(p, timeout).await?;
             eprintln!("sdctl: {} SERVING on {}", p.name, p.addr);
         }
-        let gateway_args = vec![
+        let mut gateway_args = vec![
             "--listen".to_string(),
             format!("{}:{}", args.host, args.port),
             "--text-encoder".into(),
-            format!("http://{}", procs[0].addr),
+            urls[0].join(","),
             "--denoiser".into(),
-            format!("http://{}", procs[1].addr),
+            urls[1].join(","),
             "--autoencoder".into(),
-            format!("http://{}", procs[2].addr),
+            urls[2].join(","),
         ];
+        gateway_args.extend(args.gateway_args.iter().cloned());
         procs.push(spawn("gateway", dir.join("sd-gateway"), gateway_args).await?);
         let last = procs.len() - 1;
         wait_serving(&mut procs[last], timeout).await?;

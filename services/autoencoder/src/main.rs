@@ -21,7 +21,7 @@ use tch::{Kind, Tensor};
 use tonic::{Request, Response, Status};
 
 /// Serve a model's VAE over gRPC (sd.v1.Autoencoder).
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(version)]
 struct Args {
     #[command(flatten)]
@@ -174,10 +174,22 @@ impl Service {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let start = sd_service::start("autoencoder", "sd.v1.Autoencoder", &args.server).await?;
+    let (metrics, lifecycle) = (start.metrics.clone(), start.lifecycle.clone());
+    let a = args.clone();
+    let load = sd_service::blocking(move || load(a, metrics, lifecycle));
+    start.run(&args.server, &args.tls, load).await
+}
+
+/// Load the VAE; warm up.
+fn load(
+    args: Args,
+    metrics: Arc<Metrics>,
+    lifecycle: Lifecycle,
+) -> anyhow::Result<AutoencoderServer<Service>> {
     let max = args.server.max_message_bytes();
     let placement = args.model.placement()?;
     let dir = ModelDir::open(&args.model.model)?;
-    let vae = sd_service::timed_load(&start.metrics, "vae", || dir.load_vae(placement))?;
+    let vae = sd_service::timed_load(&metrics, "vae", || dir.load_vae(placement))?;
     let c = vae.config().clone();
     // Warm up: one decode before reporting SERVING.
     let _ = vae.decode(&Tensor::zeros(
@@ -192,17 +204,14 @@ async fn main() -> anyhow::Result<()> {
     };
     let service = Service {
         vae: Arc::new(vae),
-        worker: Worker::new(&args.model, start.metrics.clone()),
+        worker: Worker::new(&args.model, metrics.clone()),
         info,
         max_batch: args.max_batch,
         max_side: args.max_side,
-        lifecycle: start.lifecycle.clone(),
-        metrics: start.metrics.clone(),
+        lifecycle,
+        metrics,
     };
-    let routes = tonic::service::Routes::new(
-        AutoencoderServer::new(service)
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max),
-    );
-    start.serve(routes, &args.server, &args.tls).await
+    Ok(AutoencoderServer::new(service)
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max))
 }

@@ -35,10 +35,17 @@ pub struct ModelArgs {
     /// libtorch intra-op threads (0: libtorch's default, one per core).
     #[arg(long, env = "SD_TORCH_THREADS", default_value_t = 0)]
     pub torch_threads: i32,
+    /// Wait this long before loading (exercises start-up health in tests).
+    #[arg(long, env = "SD_LOAD_DELAY_MS", default_value_t = 0, hide = true)]
+    pub load_delay_ms: u64,
 }
 
 impl ModelArgs {
+    /// The placement to load to (after the optional start-up delay).
     pub fn placement(&self) -> anyhow::Result<Placement> {
+        if self.load_delay_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(self.load_delay_ms));
+        }
         if self.torch_threads > 0 {
             tch::set_num_threads(self.torch_threads);
         }
@@ -180,38 +187,50 @@ pub async fn start(
 }
 
 impl Startup {
-    /// Report SERVING and serve `routes` (plus health and reflection) until
-    /// SIGTERM, then drain for at most `--drain-secs`.
-    pub async fn serve(
+    /// Serve while `load` runs (health NOT_SERVING, calls UNAVAILABLE), then
+    /// SERVING with its service until SIGTERM and the drain.
+    pub async fn run<S, F>(
         self,
-        routes: tonic::service::Routes,
         args: &ServerArgs,
         tls: &ServerTlsArgs,
-    ) -> anyhow::Result<()> {
-        self.health.serving().await;
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(cfg) = tls.config()? {
-            builder = builder.tls_config(cfg)?;
-        }
-        let drain = std::time::Duration::from_secs(args.drain_secs);
-        let (shutdown, bound) = self.lifecycle.shutdown_pair(
-            self.health.clone(),
-            drain,
-            std::time::Duration::from_secs(2),
-        );
-        let server = builder
-            .add_routes(routes)
-            .add_service(self.health_service)
-            .add_service(sd_runtime::reflection()?)
-            .serve_with_incoming_shutdown(self.incoming, shutdown);
-        tokio::select! {
-            r = server => r?,
-            _ = bound => {},
-        }
-        tracing::info!("stopped");
+        load: F,
+    ) -> anyhow::Result<()>
+    where
+        S: tonic::codegen::Service<
+                tonic::codegen::http::Request<tonic::body::Body>,
+                Response = tonic::codegen::http::Response<tonic::body::Body>,
+                Error = std::convert::Infallible,
+            > + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+        F: std::future::Future<Output = anyhow::Result<S>>,
+    {
+        let result = sd_runtime::server::serve_loading(
+            self.incoming,
+            self.health,
+            self.health_service,
+            self.lifecycle,
+            args,
+            tls,
+            sd_runtime::server::Lazy::new(),
+            load,
+        )
+        .await;
         drop(self.telemetry);
-        Ok(())
+        result
     }
+}
+
+/// Run blocking model loading off the async runtime (health keeps answering).
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| anyhow::anyhow!("loading task failed: {e}"))?
 }
 
 /// A short identity for a model directory's weights: a hash of the configs,

@@ -26,7 +26,7 @@ use crate::cache::EmbeddingCache;
 pub const EMBEDDING_MISS: &str = "sd-embedding-miss";
 
 /// Serve a model's UNet over gRPC (sd.v1.Denoiser).
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(version)]
 struct Args {
     #[command(flatten)]
@@ -217,10 +217,22 @@ fn prediction_type(scheduler_json: &str) -> anyhow::Result<String> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let start = sd_service::start("denoiser", "sd.v1.Denoiser", &args.server).await?;
+    let (metrics, lifecycle) = (start.metrics.clone(), start.lifecycle.clone());
+    let a = args.clone();
+    let load = sd_service::blocking(move || load(a, metrics, lifecycle));
+    start.run(&args.server, &args.tls, load).await
+}
+
+/// Load the UNet and what the gateway needs to know; warm up.
+fn load(
+    args: Args,
+    metrics: Arc<Metrics>,
+    lifecycle: Lifecycle,
+) -> anyhow::Result<DenoiserServer<Service>> {
     let max = args.server.max_message_bytes();
     let placement = args.model.placement()?;
     let dir = ModelDir::open(&args.model.model)?;
-    let unet = sd_service::timed_load(&start.metrics, "unet", || dir.load_unet(placement))?;
+    let unet = sd_service::timed_load(&metrics, "unet", || dir.load_unet(placement))?;
     let vae: sd_models::config::VaeConfig =
         sd_models::config::read_json(&dir.config_path(Component::Vae))?;
     let scheduler_path = dir.scheduler_config_path();
@@ -259,16 +271,13 @@ async fn main() -> anyhow::Result<()> {
         cache: Arc::new(Mutex::new(EmbeddingCache::new(
             args.embedding_cache_mib << 20,
         ))),
-        worker: Worker::new(&args.model, start.metrics.clone()),
+        worker: Worker::new(&args.model, metrics.clone()),
         info,
         max_batch: args.max_batch,
-        lifecycle: start.lifecycle.clone(),
-        metrics: start.metrics.clone(),
+        lifecycle,
+        metrics,
     };
-    let routes = tonic::service::Routes::new(
-        DenoiserServer::new(service)
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max),
-    );
-    start.serve(routes, &args.server, &args.tls).await
+    Ok(DenoiserServer::new(service)
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max))
 }

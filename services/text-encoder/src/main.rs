@@ -17,7 +17,7 @@ use sd_service::{handle, status, to_wire, ModelArgs, Worker};
 use tonic::{Request, Response, Status};
 
 /// Serve a model's CLIP text encoder over gRPC (sd.v1.TextEncoder).
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(version)]
 struct Args {
     #[command(flatten)]
@@ -112,11 +112,23 @@ impl Service {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let start = sd_service::start("text-encoder", "sd.v1.TextEncoder", &args.server).await?;
+    let (metrics, lifecycle) = (start.metrics.clone(), start.lifecycle.clone());
+    let a = args.clone();
+    let load = sd_service::blocking(move || load(a, metrics, lifecycle));
+    start.run(&args.server, &args.tls, load).await
+}
+
+/// Load the tokenizer and text encoder; warm up.
+fn load(
+    args: Args,
+    metrics: Arc<Metrics>,
+    lifecycle: Lifecycle,
+) -> anyhow::Result<TextEncoderServer<Service>> {
     let max = args.server.max_message_bytes();
     let placement = args.model.placement()?;
     let dir = ModelDir::open(&args.model.model)?;
-    let tokenizer = sd_service::timed_load(&start.metrics, "tokenizer", || dir.load_tokenizer())?;
-    let clip = sd_service::timed_load(&start.metrics, "text_encoder", || {
+    let tokenizer = sd_service::timed_load(&metrics, "tokenizer", || dir.load_tokenizer())?;
+    let clip = sd_service::timed_load(&metrics, "text_encoder", || {
         dir.load_text_encoder(placement)
     })?;
     // Warm up: one forward before reporting SERVING.
@@ -130,16 +142,13 @@ async fn main() -> anyhow::Result<()> {
     };
     let service = Service {
         model: Arc::new(Model { tokenizer, clip }),
-        worker: Worker::new(&args.model, start.metrics.clone()),
+        worker: Worker::new(&args.model, metrics.clone()),
         info,
         max_prompts: args.max_prompts,
-        lifecycle: start.lifecycle.clone(),
-        metrics: start.metrics.clone(),
+        lifecycle,
+        metrics,
     };
-    let routes = tonic::service::Routes::new(
-        TextEncoderServer::new(service)
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max),
-    );
-    start.serve(routes, &args.server, &args.tls).await
+    Ok(TextEncoderServer::new(service)
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max))
 }

@@ -1,0 +1,140 @@
+//! Running a server the same way in every binary: listening (and answering
+//! health, NOT_SERVING) from the first moment, loading the model while
+//! doing so, reporting SERVING only once it is loaded and warm, and
+//! draining on SIGTERM.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::body::Body;
+use tonic::codegen::http::{Request, Response};
+use tonic::server::NamedService;
+
+use crate::lifecycle::Lifecycle;
+use crate::tls::ServerTlsArgs;
+use crate::{Health, ServerArgs};
+
+/// A gRPC service that exists before its model is loaded: until `set`, every
+/// call is UNAVAILABLE ("loading"), so clients retry elsewhere.
+pub struct Lazy<S> {
+    inner: Arc<OnceLock<S>>,
+}
+
+impl<S> Clone for Lazy<S> {
+    fn clone(&self) -> Self {
+        Lazy {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S> Default for Lazy<S> {
+    fn default() -> Self {
+        Lazy {
+            inner: Arc::new(OnceLock::new()),
+        }
+    }
+}
+
+impl<S> Lazy<S> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn set(&self, s: S) {
+        let _ = self.inner.set(s);
+    }
+}
+
+impl<S: NamedService> NamedService for Lazy<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S> tonic::codegen::Service<Request<Body>> for Lazy<S>
+where
+    S: tonic::codegen::Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        match self.inner.get() {
+            Some(s) => {
+                let mut s = s.clone();
+                Box::pin(async move { s.call(req).await })
+            }
+            None => Box::pin(async {
+                Ok(tonic::Status::unavailable("still loading the model").into_http())
+            }),
+        }
+    }
+}
+
+/// Serve `service` (plus health and reflection) on `incoming` while `load`
+/// runs; install its result and report SERVING when it succeeds; drain on
+/// SIGTERM. Returns when the server stops (or with `load`'s error).
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_loading<S, F>(
+    incoming: TcpListenerStream,
+    health: Arc<Health>,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        tonic_health::server::HealthService,
+    >,
+    lifecycle: Lifecycle,
+    args: &ServerArgs,
+    tls: &ServerTlsArgs,
+    service: Lazy<S>,
+    load: F,
+) -> anyhow::Result<()>
+where
+    S: tonic::codegen::Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    F: Future<Output = anyhow::Result<S>>,
+{
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(cfg) = tls.config()? {
+        builder = builder.tls_config(cfg)?;
+    }
+    let drain = Duration::from_secs(args.drain_secs);
+    let (shutdown, bound) = lifecycle.shutdown_pair(health.clone(), drain, Duration::from_secs(2));
+    let router = builder
+        .add_service(health_service)
+        .add_service(crate::reflection()?)
+        .add_service(service.clone());
+    let server = tokio::spawn(async move {
+        tokio::select! {
+            r = router.serve_with_incoming_shutdown(incoming, shutdown) => r.map_err(anyhow::Error::from),
+            _ = bound => Ok(()),
+        }
+    });
+    let loaded = load.await?;
+    service.set(loaded);
+    if !lifecycle.draining() {
+        health.serving().await;
+        tracing::info!("SERVING");
+    }
+    server.await??;
+    tracing::info!("stopped");
+    Ok(())
+}

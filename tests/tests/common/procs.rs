@@ -1,0 +1,255 @@
+//! Real sdserve processes for serving tests: each binary started on a free
+//! port (`--listen 127.0.0.1:0`, the port read from its stdout), stopped on
+//! drop.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use super::stack::bin_dir;
+
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub addr: String,
+    metrics: Arc<Mutex<Option<String>>>,
+}
+
+impl Proc {
+    /// Start `bin` with `args` (and `--listen 127.0.0.1:0` unless given).
+    pub fn spawn(bin: &str, args: &[String], env: &[(&str, String)]) -> Proc {
+        let mut cmd = Command::new(bin_dir().join(bin));
+        cmd.args(args);
+        if !args.iter().any(|a| a == "--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.env("SD_TORCH_THREADS", "1");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(if std::env::var_os("SD_TEST_LOGS").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let metrics = Arc::new(Mutex::new(None));
+        let m = metrics.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(a) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(a.trim().to_string());
+                } else if let Some(a) = line.strip_prefix("metrics on ") {
+                    *m.lock().unwrap() = Some(a.trim().to_string());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("{bin} did not report its address"));
+        Proc {
+            name: bin.to_string(),
+            child,
+            addr,
+            metrics,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port")
+    }
+
+    /// The status grpc.health.v1 reports for `service` ("" = overall), or None if unreachable.
+    pub async fn health(&self, service: &str) -> Option<i32> {
+        let ch = tonic::transport::Endpoint::from_shared(self.url())
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        let r = HealthClient::new(ch)
+            .check(HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await
+            .ok()?;
+        Some(r.into_inner().status)
+    }
+
+    pub async fn wait_serving(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.health("").await != Some(1) {
+            assert!(
+                Instant::now() < deadline,
+                "{} not SERVING in {timeout:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling a child we spawned.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Scrape `/metrics` and return the value of the first sample whose line
+    /// starts with `prefix` (0 when absent).
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let addr = self
+            .metrics
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("started with --metrics-listen");
+        let body = http_get(&addr, "/metrics").await;
+        body.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics connect");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// A stack of separate processes (so tests can kill and restart any of them).
+pub struct Cluster {
+    pub text: Proc,
+    pub denoisers: Vec<Proc>,
+    pub autoencoder: Proc,
+    pub gateway: Proc,
+}
+
+pub struct ClusterOptions<'a> {
+    pub denoisers: usize,
+    pub gateway_args: &'a [&'a str],
+    pub service_args: &'a [&'a str],
+    pub env: Vec<(&'a str, String)>,
+}
+
+impl Default for ClusterOptions<'_> {
+    fn default() -> Self {
+        ClusterOptions {
+            denoisers: 1,
+            gateway_args: &[],
+            service_args: &[],
+            env: vec![],
+        }
+    }
+}
+
+impl Cluster {
+    pub async fn start(model: &Path, o: ClusterOptions<'_>) -> Cluster {
+        let model_args = |extra: &[&str]| -> Vec<String> {
+            let mut v = vec![
+                "--model".to_string(),
+                model.to_string_lossy().into_owned(),
+                "--metrics-listen".into(),
+                "127.0.0.1:0".into(),
+            ];
+            v.extend(o.service_args.iter().map(|s| s.to_string()));
+            v.extend(extra.iter().map(|s| s.to_string()));
+            v
+        };
+        let with_name = |name: &str| {
+            let mut e = o.env.clone();
+            e.push(("OTEL_SERVICE_NAME", name.to_string()));
+            e
+        };
+        let text = Proc::spawn(
+            "sd-text-encoder",
+            &model_args(&[]),
+            &with_name("text-encoder"),
+        );
+        let denoisers: Vec<Proc> = (0..o.denoisers)
+            .map(|_| Proc::spawn("sd-denoiser", &model_args(&[]), &with_name("denoiser")))
+            .collect();
+        let autoencoder = Proc::spawn(
+            "sd-autoencoder",
+            &model_args(&[]),
+            &with_name("autoencoder"),
+        );
+        let scheme = if o
+            .gateway_args
+            .iter()
+            .any(|a| a.starts_with("--backend-tls-ca"))
+        {
+            "https"
+        } else {
+            "http"
+        };
+        let url = |p: &Proc| format!("{scheme}://{}", p.addr);
+        let mut gargs = vec![
+            "--text-encoder".to_string(),
+            url(&text),
+            "--denoiser".into(),
+            denoisers.iter().map(url).collect::<Vec<_>>().join(","),
+            "--autoencoder".into(),
+            url(&autoencoder),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+            "--backend-refresh-ms".into(),
+            "200".into(),
+        ];
+        gargs.extend(o.gateway_args.iter().map(|s| s.to_string()));
+        let gateway = Proc::spawn("sd-gateway", &gargs, &with_name("gateway"));
+        let c = Cluster {
+            text,
+            denoisers,
+            autoencoder,
+            gateway,
+        };
+        if scheme == "http" && !o.gateway_args.iter().any(|a| a.starts_with("--tls")) {
+            c.gateway.wait_serving(Duration::from_secs(60)).await;
+        }
+        c
+    }
+}

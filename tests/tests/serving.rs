@@ -1,0 +1,283 @@
+//! Production behaviour on real processes: truthful health, draining on
+//! SIGTERM, admission control, deadlines, cancellation, replica failover and
+//! the prompt-embedding cache.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::procs::{Cluster, ClusterOptions, Proc};
+use sd_proto::v1::generation_client::GenerationClient;
+use sd_proto::v1::{generate_event, GenerateRequest};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const SERVING: i32 = 1;
+const NOT_SERVING: i32 = 2;
+
+/// A generation that takes a few seconds on the tiny model (many steps).
+fn long(steps: u32) -> GenerateRequest {
+    GenerateRequest {
+        prompt: "a long generation".into(),
+        steps,
+        seed: Some(1),
+        ..Default::default()
+    }
+}
+
+fn short() -> GenerateRequest {
+    GenerateRequest {
+        prompt: "a short one".into(),
+        steps: 2,
+        seed: Some(2),
+        ..Default::default()
+    }
+}
+
+async fn client(url: String) -> GenerationClient<Channel> {
+    GenerationClient::connect(url).await.unwrap()
+}
+
+/// Start a stream and wait for its first progress event.
+async fn started_stream(
+    c: &mut GenerationClient<Channel>,
+    req: GenerateRequest,
+) -> tonic::Streaming<sd_proto::v1::GenerateEvent> {
+    let mut s = c.generate_stream(req).await.unwrap().into_inner();
+    match s.next().await.unwrap().unwrap().event.unwrap() {
+        generate_event::Event::Progress(_) => s,
+        other => panic!("expected progress first, got {other:?}"),
+    }
+}
+
+async fn finish(
+    mut s: tonic::Streaming<sd_proto::v1::GenerateEvent>,
+) -> Result<usize, tonic::Status> {
+    while let Some(ev) = s.next().await {
+        if let generate_event::Event::Result(r) = ev?.event.unwrap() {
+            return Ok(r.images.len());
+        }
+    }
+    Err(tonic::Status::unknown("stream ended without a result"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_is_not_serving_until_loaded_and_warm() {
+    let model = common::model("sd1-tiny");
+    let args = vec!["--model".to_string(), model.to_string_lossy().into_owned()];
+    let p = Proc::spawn(
+        "sd-text-encoder",
+        &args,
+        &[("SD_LOAD_DELAY_MS", "1500".into())],
+    );
+    // Listening, but still loading: NOT_SERVING overall and for the service.
+    assert_eq!(p.health("").await, Some(NOT_SERVING));
+    assert_eq!(p.health("sd.v1.TextEncoder").await, Some(NOT_SERVING));
+    p.wait_serving(Duration::from_secs(30)).await;
+    assert_eq!(p.health("sd.v1.TextEncoder").await, Some(SERVING));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_drains_the_generation_in_flight_and_refuses_new_ones() {
+    let mut cluster = Cluster::start(&common::model("sd1-tiny"), ClusterOptions::default()).await;
+    let mut c = client(cluster.gateway.url()).await;
+    let stream = started_stream(&mut c, long(150)).await;
+    cluster.gateway.signal(libc::SIGTERM);
+    // NOT_SERVING and refusing at once …
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while cluster.gateway.health("").await != Some(NOT_SERVING) {
+        assert!(
+            Instant::now() < deadline,
+            "gateway still SERVING after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = c.generate(short()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{}", refused.message());
+    // … while the generation in flight completes.
+    assert_eq!(finish(stream).await.unwrap(), 1);
+    let status = cluster
+        .gateway
+        .wait_exit(Duration::from_secs(20))
+        .expect("gateway exited");
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overload_is_refused_at_once_while_admitted_work_completes() {
+    let opts = ClusterOptions {
+        gateway_args: &["--max-concurrent", "1", "--max-queue", "1"],
+        ..Default::default()
+    };
+    let cluster = Cluster::start(&common::model("sd1-tiny"), opts).await;
+    let mut c = client(cluster.gateway.url()).await;
+    let running = started_stream(&mut c, long(150)).await;
+    // The second waits in the queue …
+    let mut c2 = c.clone();
+    let queued = tokio::spawn(async move {
+        c2.generate(long(5))
+            .await
+            .map(|r| r.into_inner().images.len())
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cluster.gateway.metric("sd_queue_depth").await < 1.0 {
+        assert!(Instant::now() < deadline, "second request never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // … and the third is refused at once.
+    let t = Instant::now();
+    let e = c.generate(short()).await.unwrap_err();
+    let took = t.elapsed();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    eprintln!("RESOURCE_EXHAUSTED after {took:?}");
+    assert!(took < Duration::from_secs(1), "refusal took {took:?}");
+    assert_eq!(finish(running).await.unwrap(), 1);
+    assert_eq!(queued.await.unwrap().unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_passed_deadline_stops_the_generation_and_frees_its_slot() {
+    let opts = ClusterOptions {
+        gateway_args: &["--max-concurrent", "1", "--max-queue", "0"],
+        ..Default::default()
+    };
+    let cluster = Cluster::start(&common::model("sd1-tiny"), opts).await;
+    let mut c = client(cluster.gateway.url()).await;
+    let mut req = tonic::Request::new(long(150));
+    req.set_timeout(Duration::from_millis(700));
+    let t = Instant::now();
+    let e = c.generate(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{}", e.message());
+    assert!(t.elapsed() < Duration::from_secs(5));
+    // The slot is free again: with no queue, a busy gateway would refuse.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match c.generate(short()).await {
+            Ok(_) => break,
+            Err(e) if e.code() == Code::ResourceExhausted && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_goes_away_frees_its_slot() {
+    let opts = ClusterOptions {
+        gateway_args: &["--max-concurrent", "1", "--max-queue", "0"],
+        ..Default::default()
+    };
+    let cluster = Cluster::start(&common::model("sd1-tiny"), opts).await;
+    let mut c = client(cluster.gateway.url()).await;
+    let stream = started_stream(&mut c, long(150)).await;
+    assert_eq!(
+        c.generate(short()).await.unwrap_err().code(),
+        Code::ResourceExhausted
+    );
+    drop(stream);
+    // Within about a step, the slot is free.
+    let t = Instant::now();
+    loop {
+        match c.generate(short()).await {
+            Ok(_) => break,
+            Err(e)
+                if e.code() == Code::ResourceExhausted && t.elapsed() < Duration::from_secs(3) =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("slot not freed after {:?}: {e}", t.elapsed()),
+        }
+    }
+    eprintln!("slot free {:?} after the client left", t.elapsed());
+    assert_eq!(cluster.gateway.metric("sd_in_flight").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_a_denoiser_replica_mid_generation_does_not_fail_it() {
+    let opts = ClusterOptions {
+        denoisers: 2,
+        ..Default::default()
+    };
+    let mut cluster = Cluster::start(&common::model("sd1-tiny"), opts).await;
+    let mut c = client(cluster.gateway.url()).await;
+    let stream = started_stream(&mut c, long(150)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    cluster.denoisers[0].signal(libc::SIGKILL);
+    assert_eq!(
+        finish(stream).await.unwrap(),
+        1,
+        "generation survived the kill"
+    );
+    assert!(cluster.denoisers[1].metric("sd_requests_total{").await > 0.0);
+
+    // With the only replica left gone, the client hears UNAVAILABLE within seconds …
+    let port = cluster.denoisers[1].port();
+    cluster.denoisers[1].signal(libc::SIGKILL);
+    cluster.denoisers[1].wait_exit(Duration::from_secs(5));
+    let t = Instant::now();
+    let e = c.generate(short()).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cluster.gateway.health("").await != Some(NOT_SERVING) {
+        assert!(
+            Instant::now() < deadline,
+            "gateway SERVING without a denoiser"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // … and once a denoiser is back on that address, requests succeed again.
+    let model = common::model("sd1-tiny");
+    let back = Proc::spawn(
+        "sd-denoiser",
+        &[
+            "--model".into(),
+            model.to_string_lossy().into_owned(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+        ],
+        &[],
+    );
+    back.wait_serving(Duration::from_secs(30)).await;
+    cluster.gateway.wait_serving(Duration::from_secs(10)).await;
+    let r = c.generate(short()).await.unwrap().into_inner();
+    assert_eq!(r.images.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repeated_prompt_skips_the_text_encoder_and_the_embedding_transfer() {
+    let cluster = Cluster::start(&common::model("sd1-tiny"), ClusterOptions::default()).await;
+    let mut c = client(cluster.gateway.url()).await;
+    let encodes = r#"sd_requests_total{service="text-encoder",method="Encode",code="Ok"}"#;
+    c.generate(short()).await.unwrap();
+    let after_first = cluster.text.metric(encodes).await;
+    assert_eq!(
+        after_first, 1.0,
+        "one Encode call for prompt + negative prompt"
+    );
+    c.generate(GenerateRequest {
+        seed: Some(99),
+        ..short()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        cluster.text.metric(encodes).await,
+        after_first,
+        "the text encoder was called again"
+    );
+    let hits = r#"sd_cache_requests_total{service="gateway",cache="prompt",result="hit"}"#;
+    assert_eq!(cluster.gateway.metric(hits).await, 2.0);
+    // The denoiser got the tensors once, then ids it had cached.
+    let d_hits = r#"sd_cache_requests_total{service="denoiser",cache="embedding",result="hit"}"#;
+    assert!(cluster.denoisers[0].metric(d_hits).await > 0.0);
+}
