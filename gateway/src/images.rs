@@ -29,8 +29,10 @@ fn sniff(bytes: &[u8]) -> Option<Fmt> {
     }
 }
 
-/// Largest init image accepted before resizing, in pixels per side.
+/// Largest init image accepted before resizing, in pixels per side …
 const MAX_SOURCE_SIDE: u32 = 8192;
+/// … and in pixels (4096², about 50 MB decoded).
+const MAX_SOURCE_PIXELS: u64 = 4096 * 4096;
 
 /// Decode an init image to (1, 3, H, W) pixels in [-1, 1].
 ///
@@ -57,6 +59,11 @@ pub fn decode_init_image(
     if w == 0 || h == 0 || w > MAX_SOURCE_SIDE || h > MAX_SOURCE_SIDE {
         return Err(invalid(format!(
             "{w}×{h}: each side must be 1..={MAX_SOURCE_SIDE}"
+        )));
+    }
+    if w as u64 * h as u64 > MAX_SOURCE_PIXELS {
+        return Err(invalid(format!(
+            "{w}×{h} is more than {MAX_SOURCE_PIXELS} pixels"
         )));
     }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);

@@ -117,6 +117,7 @@ impl Generation for GenerationService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
+        self.keys.check(request.metadata())?;
         let span = request_span("Generate");
         sd_runtime::telemetry::adopt(&request, &span);
         let deadline = Deadline::from_metadata(request.metadata());
@@ -137,6 +138,7 @@ impl Generation for GenerationService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        self.keys.check(request.metadata())?;
         let span = request_span("GenerateStream");
         sd_runtime::telemetry::adopt(&request, &span);
         let deadline = Deadline::from_metadata(request.metadata());
@@ -199,8 +201,9 @@ impl Generation for GenerationService {
 
     async fn list_models(
         &self,
-        _: Request<ListModelsRequest>,
+        request: Request<ListModelsRequest>,
     ) -> Result<Response<ListModelsResponse>, Status> {
+        self.keys.check(request.metadata())?;
         let f = &self.generator.facts;
         let side = f.sample_size * f.scale_factor;
         Ok(Response::new(ListModelsResponse {

@@ -247,3 +247,96 @@ fn unknown_models_are_not_found() {
     .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
 }
+
+/// CRC-32 (PNG's chunk checksum), to forge headers.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = 0xffff_ffffu32;
+    for &b in bytes {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+    let mut out = (data.len() as u32).to_be_bytes().to_vec();
+    let mut body = kind.to_vec();
+    body.extend_from_slice(data);
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&crc32(&body).to_be_bytes());
+    out
+}
+
+/// A few-hundred-byte PNG whose header claims `w`×`h` RGB pixels.
+fn png_claiming(w: u32, h: u32) -> Vec<u8> {
+    let mut ihdr = w.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(chunk(b"IHDR", &ihdr));
+    // A valid zlib stream of a few zero bytes: far too little data.
+    png.extend(chunk(
+        b"IDAT",
+        &[0x78, 0x9c, 0x63, 0x60, 0x00, 0x00, 0x00, 0x02, 0x00, 0x01],
+    ));
+    png.extend(chunk(b"IEND", &[]));
+    png
+}
+
+#[test]
+fn image_bombs_are_refused_without_allocating_their_pixels() {
+    // Dimension bombs: refused from the header alone.
+    for (w, h) in [(20_000, 20_000), (5000, 5000), (100_000, 1)] {
+        let bomb = png_claiming(w, h);
+        assert!(bomb.len() < 200);
+        let e = plan(GenerateRequest {
+            init_image: bomb.into(),
+            ..req()
+        })
+        .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(
+            e.message().starts_with("init_image") && e.message().contains(&w.to_string()),
+            "{}",
+            e.message()
+        );
+    }
+    // A plausible size but not enough data: a decode error, not a panic.
+    refused(
+        GenerateRequest {
+            init_image: png_claiming(64, 64).into(),
+            ..req()
+        },
+        "init_image",
+    );
+    // Oversize files are refused before anything is parsed.
+    let limits = Limits {
+        max_init_image_bytes: 1000,
+        ..Limits::default()
+    };
+    let big = vec![0x89u8; 1001];
+    let e = Plan::new(
+        GenerateRequest {
+            init_image: big.into(),
+            ..req()
+        },
+        &facts(),
+        &limits,
+    )
+    .unwrap_err();
+    assert!(e.message().contains("1001 bytes"), "{}", e.message());
+    // Wrong magic: a BMP and a GIF are not accepted even though `image` could decode them.
+    refused(
+        GenerateRequest {
+            init_image: b"BM\0\0\0\0\0\0".to_vec().into(),
+            ..req()
+        },
+        "init_image",
+    );
+}

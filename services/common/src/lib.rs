@@ -293,7 +293,12 @@ where
     Fut: std::future::Future<Output = Result<T, Status>>,
 {
     use tracing::Instrument;
-    let span = tracing::info_span!("rpc", method, trace_id = tracing::field::Empty);
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = method,
+        method,
+        trace_id = tracing::field::Empty
+    );
     sd_runtime::telemetry::adopt(&request, &span);
     let _work = lifecycle.begin()?;
     metrics
