@@ -7,7 +7,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export SD_FIXTURES ?= $(CURDIR)/target/sd-fixtures
 CARGO ?= cargo
 
-.PHONY: setup fixtures build test demo check fmt clippy
+.PHONY: setup fixtures build test demo check fmt clippy fuzz
 
 ## setup: project-local venv with pinned torch (libtorch for tch) and the reference implementation
 setup:
@@ -31,6 +31,11 @@ test: setup fixtures
 ## demo: set up, write the tiny model (unless SD_MODEL is set), start the stack, generate demo.png, stop
 demo: build fixtures
 	@scripts/demo.sh "$${SD_MODEL:-$(SD_FIXTURES)/sd1-tiny}"
+
+## fuzz: run a fuzz target for a minute (FUZZ=init_image or generate_request); needs cargo-fuzz
+FUZZ ?= init_image
+fuzz:
+	cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run $(FUZZ) -- -max_total_time=60
 
 check: fmt clippy
 fmt:

@@ -10,6 +10,33 @@ use sd_proto::v1::generation_client::GenerationClient;
 use sd_proto::v1::{generate_event, GenerateRequest, ImageFormat, ListModelsRequest};
 use tokio_stream::StreamExt;
 
+/// How to reach the gateway.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Connection {
+    /// Gateway URL (https:// for TLS).
+    #[arg(long, env = "SD_GATEWAY", default_value = "http://127.0.0.1:50051")]
+    pub gateway: String,
+    /// API key, sent as `authorization: Bearer KEY`.
+    #[arg(long, env = "SD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// CA certificate (PEM) to verify the gateway's TLS certificate.
+    #[arg(long, env = "SD_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl Connection {
+    fn request<T>(&self, msg: T) -> anyhow::Result<tonic::Request<T>> {
+        let mut r = tonic::Request::new(msg);
+        if let Some(k) = &self.api_key {
+            r.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {k}").parse().context("API key")?,
+            );
+        }
+        Ok(r)
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
     /// What to draw.
@@ -57,9 +84,8 @@ pub struct GenerateArgs {
     /// Send a latent preview every this many steps, written next to the output.
     #[arg(long, default_value_t = 0)]
     preview_every: u32,
-    /// Gateway URL.
-    #[arg(long, env = "SD_GATEWAY", default_value = "http://127.0.0.1:50051")]
-    gateway: String,
+    #[command(flatten)]
+    conn: Connection,
     /// Output file (.png, .jpg or .webp); N > 1 images become FILE-0.png, FILE-1.png, ...
     #[arg(long, short)]
     output: PathBuf,
@@ -98,9 +124,18 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
 
-async fn connect(url: &str) -> anyhow::Result<GenerationClient<tonic::transport::Channel>> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())?
-        .connect_timeout(Duration::from_secs(5))
+async fn connect(conn: &Connection) -> anyhow::Result<GenerationClient<tonic::transport::Channel>> {
+    let url = &conn.gateway;
+    let mut ep = tonic::transport::Endpoint::from_shared(url.to_string())?
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(ca) = &conn.tls_ca {
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        ep = ep.tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+        )?;
+    }
+    let channel = ep
         .connect()
         .await
         .with_context(|| format!("connecting to the gateway at {url}"))?;
@@ -134,9 +169,9 @@ pub async fn run(a: GenerateArgs) -> anyhow::Result<()> {
         preview_mode: 0,
         model: String::new(),
     };
-    let mut client = connect(&a.gateway).await?;
+    let mut client = connect(&a.conn).await?;
     let mut stream = client
-        .generate_stream(request)
+        .generate_stream(a.conn.request(request)?)
         .await
         .map_err(status_error)?
         .into_inner();
@@ -200,10 +235,10 @@ pub async fn run(a: GenerateArgs) -> anyhow::Result<()> {
     anyhow::bail!("the gateway closed the stream without a result")
 }
 
-pub async fn models(url: &str) -> anyhow::Result<()> {
-    let mut client = connect(url).await?;
+pub async fn models(conn: &Connection) -> anyhow::Result<()> {
+    let mut client = connect(conn).await?;
     let r = client
-        .list_models(ListModelsRequest {})
+        .list_models(conn.request(ListModelsRequest {})?)
         .await
         .map_err(status_error)?
         .into_inner();

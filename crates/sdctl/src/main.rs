@@ -21,9 +21,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// List the models a gateway serves.
     Models {
-        /// Gateway URL.
-        #[arg(long, env = "SD_GATEWAY", default_value = "http://127.0.0.1:50051")]
-        gateway: String,
+        #[command(flatten)]
+        conn: generate::Connection,
     },
 }
 
@@ -33,7 +32,7 @@ async fn main() {
     let result = match cli.command {
         Command::Up(a) => up::run(a).await,
         Command::Generate(a) => generate::run(a).await,
-        Command::Models { gateway } => generate::models(&gateway).await,
+        Command::Models { conn } => generate::models(&conn).await,
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
