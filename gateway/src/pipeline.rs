@@ -76,7 +76,7 @@ impl Conditioning {
 }
 
 fn is_embedding_miss(s: &Status) -> bool {
-    s.code() == Code::NotFound && s.metadata().contains_key("sd-embedding-miss")
+    s.code() == Code::FailedPrecondition && s.metadata().contains_key("sd-embedding-miss")
 }
 
 impl Generator {

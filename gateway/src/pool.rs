@@ -324,6 +324,8 @@ mod tests {
     fn transport_failures_are_retryable_bad_requests_are_not() {
         assert!(retryable(&Status::unavailable("x")));
         assert!(retryable(&Status::unknown("transport error")));
+        assert!(retryable(&Status::cancelled("operation was canceled")));
+        assert!(!retryable(&Status::cancelled("Timeout expired")));
         assert!(!retryable(&Status::invalid_argument("width")));
         assert!(!retryable(&Status::deadline_exceeded("late")));
     }

@@ -281,3 +281,230 @@ async fn a_repeated_prompt_skips_the_text_encoder_and_the_embedding_transfer() {
     let d_hits = r#"sd_cache_requests_total{service="denoiser",cache="embedding",result="hit"}"#;
     assert!(cluster.denoisers[0].metric(d_hits).await > 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn internal_services_refuse_bad_calls_with_clear_codes() {
+    use sd_proto::v1::autoencoder_client::AutoencoderClient;
+    use sd_proto::v1::denoiser_client::DenoiserClient;
+    use sd_proto::v1::text_encoder_client::TextEncoderClient;
+    use sd_proto::v1::{
+        DecodeRequest, Dtype, Embedding, EncodeImageRequest, EncodeTextRequest, PredictRequest,
+        Tensor,
+    };
+
+    let cluster = Cluster::start(&common::model("sd1-tiny"), ClusterOptions::default()).await;
+    let f32s = |shape: Vec<i64>| {
+        let n: i64 = shape.iter().product();
+        Tensor {
+            shape,
+            dtype: Dtype::Float32 as i32,
+            data: vec![0u8; n as usize * 4].into(),
+        }
+    };
+    let emb = |id: &str, t: Option<Tensor>| Embedding {
+        id: id.into(),
+        tensor: t,
+    };
+    let predict = |latents: Tensor, ts: Vec<f32>, cond: Embedding, g: f32| PredictRequest {
+        latents: Some(latents),
+        timesteps: ts,
+        cond: Some(cond),
+        uncond: None,
+        guidance_scale: g,
+        output_dtype: 0,
+    };
+    let mut d = DenoiserClient::connect(cluster.denoisers[0].url())
+        .await
+        .unwrap();
+    let good_ctx = || Some(f32s(vec![1, 77, 32]));
+    let cases: Vec<(&str, PredictRequest, Code)> = vec![
+        (
+            "bytes short of the shape",
+            {
+                let mut t = f32s(vec![1, 4, 8, 8]);
+                t.data = t.data.slice(..100);
+                predict(t, vec![1.0], emb("a", good_ctx()), 1.0)
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "wrong channels",
+            predict(f32s(vec![1, 3, 8, 8]), vec![1.0], emb("a", good_ctx()), 1.0),
+            Code::InvalidArgument,
+        ),
+        (
+            "unknown dtype",
+            {
+                let mut t = f32s(vec![1, 4, 8, 8]);
+                t.dtype = 42;
+                predict(t, vec![1.0], emb("a", good_ctx()), 1.0)
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "timesteps count",
+            predict(
+                f32s(vec![2, 4, 8, 8]),
+                vec![1.0, 2.0, 3.0],
+                emb("a", good_ctx()),
+                1.0,
+            ),
+            Code::InvalidArgument,
+        ),
+        (
+            "NaN timestep",
+            predict(
+                f32s(vec![1, 4, 8, 8]),
+                vec![f32::NAN],
+                emb("a", good_ctx()),
+                1.0,
+            ),
+            Code::InvalidArgument,
+        ),
+        (
+            "context width",
+            predict(
+                f32s(vec![1, 4, 8, 8]),
+                vec![1.0],
+                emb("b", Some(f32s(vec![1, 77, 31]))),
+                1.0,
+            ),
+            Code::InvalidArgument,
+        ),
+        (
+            "infinite guidance",
+            predict(
+                f32s(vec![1, 4, 8, 8]),
+                vec![1.0],
+                emb("a", good_ctx()),
+                f32::INFINITY,
+            ),
+            Code::InvalidArgument,
+        ),
+        (
+            "unknown embedding id",
+            predict(
+                f32s(vec![1, 4, 8, 8]),
+                vec![1.0],
+                emb("never-sent", None),
+                1.0,
+            ),
+            Code::FailedPrecondition,
+        ),
+        (
+            "negative dims",
+            predict(
+                Tensor {
+                    shape: vec![-1, 4, 8, 8],
+                    dtype: 1,
+                    data: Default::default(),
+                },
+                vec![1.0],
+                emb("a", good_ctx()),
+                1.0,
+            ),
+            Code::InvalidArgument,
+        ),
+    ];
+    for (what, req, code) in cases {
+        let e = d.predict(req).await.unwrap_err();
+        assert_eq!(e.code(), code, "{what}: {}", e.message());
+    }
+    // The denoiser still works after all that.
+    d.predict(predict(
+        f32s(vec![1, 4, 8, 8]),
+        vec![1.0],
+        emb("a", good_ctx()),
+        1.0,
+    ))
+    .await
+    .unwrap();
+
+    let mut t = TextEncoderClient::connect(cluster.text.url())
+        .await
+        .unwrap();
+    let enc = |prompts: Vec<String>, clip_skip| EncodeTextRequest {
+        prompts,
+        clip_skip,
+        dtype: 0,
+    };
+    assert_eq!(
+        t.encode(enc(vec![], 0)).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        t.encode(enc(vec!["x".into()], 99))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        t.encode(enc(vec!["x".into(); 1000], 0))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+
+    let mut a = AutoencoderClient::connect(cluster.autoencoder.url())
+        .await
+        .unwrap();
+    let e = a
+        .decode(DecodeRequest {
+            latents: Some(f32s(vec![1, 3, 8, 8])),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    let e = a.decode(DecodeRequest { latents: None }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    // Pixels must be a multiple of the VAE's scale (4 here) and within the size limit.
+    let e = a
+        .encode(EncodeImageRequest {
+            pixels: Some(f32s(vec![1, 3, 10, 8])),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    let e = a
+        .encode(EncodeImageRequest {
+            pixels: Some(f32s(vec![1, 3, 4096, 4])),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_can_be_found_by_dns_name() {
+    let model = common::model("sd1-tiny");
+    let args = || vec!["--model".to_string(), model.to_string_lossy().into_owned()];
+    let text = Proc::spawn("sd-text-encoder", &args(), &[]);
+    let denoiser = Proc::spawn("sd-denoiser", &args(), &[]);
+    let vae = Proc::spawn("sd-autoencoder", &args(), &[]);
+    // `localhost` resolves to every loopback address; only 127.0.0.1 answers,
+    // and the pool routes around the others.
+    let gateway = Proc::spawn(
+        "sd-gateway",
+        &[
+            "--text-encoder".into(),
+            text.url(),
+            "--denoiser".into(),
+            format!("dns://localhost:{}", denoiser.port()),
+            "--autoencoder".into(),
+            vae.url(),
+            "--backend-refresh-ms".into(),
+            "200".into(),
+        ],
+        &[],
+    );
+    gateway.wait_serving(Duration::from_secs(60)).await;
+    let r = client(gateway.url())
+        .await
+        .generate(short())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.images.len(), 1);
+}

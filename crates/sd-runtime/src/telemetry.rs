@@ -31,15 +31,17 @@ impl Drop for TelemetryGuard {
 pub fn init_telemetry(json: bool, default_service: &str) -> TelemetryGuard {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Without an OTLP endpoint, a provider that exports nothing still gives
+    // every request a trace id (in the logs, and passed on to other hops).
     let provider = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
         Ok(endpoint) if !endpoint.is_empty() => match build_provider(&endpoint, default_service) {
             Ok(p) => Some(p),
             Err(e) => {
                 eprintln!("telemetry: OTLP export disabled: {e}");
-                None
+                Some(SdkTracerProvider::builder().build())
             }
         },
-        _ => None,
+        _ => Some(SdkTracerProvider::builder().build()),
     };
     let otel_layer = provider
         .as_ref()

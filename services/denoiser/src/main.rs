@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status};
 
 use crate::cache::EmbeddingCache;
 
-/// Metadata key on a NOT_FOUND answer naming the embedding id to resend.
+/// Metadata key on a FAILED_PRECONDITION answer naming the embedding id to resend.
 pub const EMBEDDING_MISS: &str = "sd-embedding-miss";
 
 /// Serve a model's UNet over gRPC (sd.v1.Denoiser).
@@ -75,7 +75,7 @@ impl Service {
                 .get(&e.id)
                 .inspect(|_| self.metrics.cache_lookup("embedding", true))
                 .ok_or_else(|| {
-                    let mut s = Status::not_found(format!(
+                    let mut s = Status::failed_precondition(format!(
                         "{field}: embedding id `{}` is not cached; resend it",
                         e.id
                     ));
