@@ -27,6 +27,7 @@ build: setup
 test: setup fixtures
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
+	python -m pytest -q tests/deploy
 
 ## demo: set up, write the tiny model (unless SD_MODEL is set), start the stack, generate demo.png, stop
 demo: build fixtures

@@ -29,6 +29,12 @@ echo "setup: creating $VENV with pinned torch/diffusers/transformers (a few minu
 # torchvision and friends out.
 "$VENV/bin/python" -m pip install -q --no-deps open-clip-torch==3.3.0
 
+# kubectl renders the Kubernetes manifests in the tests (kustomize built in).
+if ! command -v kubectl >/dev/null; then
+    echo "setup: installing kubectl" >&2
+    apt-get update -qq && { apt-get install -y -qq kubectl || apt-get install -y -qq kubernetes-client; }
+fi
+
 "$VENV/bin/python" - <<'PY'
 import torch
 assert torch.__version__.split("+")[0] == "2.13.0", torch.__version__

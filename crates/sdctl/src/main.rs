@@ -19,6 +19,18 @@ enum Command {
     Up(up::UpArgs),
     /// Generate images through a gateway.
     Generate(generate::GenerateArgs),
+    /// Exit 0 if a server reports SERVING on grpc.health.v1 (container probes).
+    Probe {
+        /// Server address (host:port or URL).
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+        /// Service to ask about ("" = the server as a whole).
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 2)]
+        timeout: u64,
+    },
     /// List the models a gateway serves.
     Models {
         #[command(flatten)]
@@ -33,6 +45,7 @@ async fn main() {
         Command::Up(a) => up::run(a).await,
         Command::Generate(a) => generate::run(a).await,
         Command::Models { conn } => generate::models(&conn).await,
+        Command::Probe { addr, service, timeout } => up::probe(&addr, &service, timeout).await,
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

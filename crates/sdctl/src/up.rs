@@ -271,3 +271,26 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         Some(r) => Err(anyhow::anyhow!(r)),
     }
 }
+
+/// `sdctl probe`: SERVING → Ok, anything else → an error (exit 1).
+pub async fn probe(addr: &str, service: &str, timeout: u64) -> anyhow::Result<()> {
+    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    let check = async {
+        let ch = tonic::transport::Endpoint::from_shared(url.clone())?.connect().await?;
+        let r = HealthClient::new(ch)
+            .check(HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await?;
+        anyhow::Ok(r.into_inner().status)
+    };
+    let status = tokio::time::timeout(Duration::from_secs(timeout), check)
+        .await
+        .map_err(|_| anyhow::anyhow!("{url}: no answer in {timeout}s"))??;
+    if status == ServingStatus::Serving as i32 {
+        println!("SERVING");
+        Ok(())
+    } else {
+        anyhow::bail!("{url}: {}", ServingStatus::try_from(status).map(|s| s.as_str_name()).unwrap_or("UNKNOWN"))
+    }
+}

@@ -1,0 +1,178 @@
+"""The deployment: both kustomize overlays render, every object validates
+against the Kubernetes schemas (strict), the Dockerfiles pass hadolint, and
+the properties that matter are there (GPU limits, probes, headless Services,
+HPAs, PDBs, grace periods above the drain time, non-root)."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+DOCKER = ROOT / "deploy" / "docker"
+KUBE_VERSION = "1.32.0"
+MODEL_STAGES = ["text-encoder", "denoiser", "autoencoder"]
+STAGES = MODEL_STAGES + ["gateway"]
+
+
+def render(overlay):
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is required (scripts/setup.sh installs it)"
+    out = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)], check=True, capture_output=True, text=True)
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.fixture(scope="module", params=["cpu", "gpu"])
+def overlay(request):
+    return request.param, render(request.param)
+
+
+def find(docs, kind, name=None):
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def one(docs, kind, name):
+    found = find(docs, kind, name)
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} found"
+    return found[0]
+
+
+def container(deploy):
+    return deploy["spec"]["template"]["spec"]["containers"][0]
+
+
+def env(deploy):
+    return {e["name"]: e.get("value") for e in container(deploy).get("env", [])}
+
+
+def test_every_object_validates_strictly(overlay):
+    name, docs = overlay
+    assert len(docs) > 15
+    for d in docs:
+        kubernetes_validate.validate(d, KUBE_VERSION, strict=True)
+
+
+def test_each_stage_has_a_deployment_service_and_pdb(overlay):
+    _, docs = overlay
+    for stage in STAGES:
+        one(docs, "Deployment", stage)
+        one(docs, "Service", stage)
+        pdb = one(docs, "PodDisruptionBudget", stage)
+        assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == stage
+
+
+def test_model_services_are_headless_and_the_gateway_resolves_them(overlay):
+    _, docs = overlay
+    gateway_env = env(one(docs, "Deployment", "gateway"))
+    for stage in MODEL_STAGES:
+        svc = one(docs, "Service", stage)
+        assert svc["spec"]["clusterIP"] == "None", f"{stage} must be headless"
+        port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
+        key = "SD_" + stage.upper().replace("-", "_")
+        assert gateway_env[key] == f"dns://{stage}:{port}"
+    assert one(docs, "Service", "gateway")["spec"].get("clusterIP") != "None"
+
+
+def test_probes_grace_periods_and_non_root(overlay):
+    _, docs = overlay
+    drain = int(one(docs, "ConfigMap", "sdserve-config")["data"]["SD_DRAIN_SECS"])
+    for stage in STAGES:
+        d = one(docs, "Deployment", stage)
+        c = container(d)
+        assert "grpc" in c["readinessProbe"], f"{stage}: native gRPC readiness probe"
+        assert "livenessProbe" in c
+        if stage in MODEL_STAGES:
+            assert "grpc" in c["startupProbe"], f"{stage}: loading needs a startup probe"
+            assert "grpc" in c["livenessProbe"]
+        own_drain = int(env(d).get("SD_DRAIN_SECS") or drain)
+        assert d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > own_drain
+        pod_sc = d["spec"]["template"]["spec"]["securityContext"]
+        assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] != 0
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_autoscalers_for_denoiser_and_gateway(overlay):
+    _, docs = overlay
+    for name in ["denoiser", "gateway"]:
+        hpa = one(docs, "HorizontalPodAutoscaler", name)
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+        assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"] >= 1
+
+
+def test_weights_come_from_a_volume_filled_by_a_job(overlay):
+    _, docs = overlay
+    pvc = one(docs, "PersistentVolumeClaim", "sd-weights")
+    job = one(docs, "Job", "sd-weights-download")
+    job_env = {e["name"]: e for e in container(job)["env"]}
+    assert job_env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf-token"
+    for stage in MODEL_STAGES:
+        vols = one(docs, "Deployment", stage)["spec"]["template"]["spec"]["volumes"]
+        assert any(v.get("persistentVolumeClaim", {}).get("claimName") == pvc["metadata"]["name"] for v in vols)
+
+
+def test_observability_wiring(overlay):
+    _, docs = overlay
+    one(docs, "Deployment", "otel-collector")
+    one(docs, "Service", "otel-collector")
+    assert "scrape.yaml" in one(docs, "ConfigMap", "sdserve-prometheus-scrape")["data"]
+    assert one(docs, "ConfigMap", "sdserve-config")["data"]["OTEL_EXPORTER_OTLP_ENDPOINT"].endswith(":4317")
+    for stage in STAGES:
+        d = one(docs, "Deployment", stage)
+        ann = d["spec"]["template"]["metadata"]["annotations"]
+        assert ann["prometheus.io/scrape"] == "true"
+        assert env(d)["OTEL_SERVICE_NAME"] == stage
+
+
+def test_gpu_limits_and_placement():
+    gpu, cpu = render("gpu"), render("cpu")
+    den = one(gpu, "Deployment", "denoiser")
+    assert container(den)["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert den["spec"]["template"]["spec"]["nodeSelector"] == {"sdserve.io/pool": "denoiser-gpu"}
+    assert env(den)["SD_DEVICE"] == "cuda" and env(den)["SD_PRECISION"] == "fp16"
+    for stage in ["text-encoder", "autoencoder"]:
+        d = one(gpu, "Deployment", stage)
+        assert d["spec"]["template"]["spec"]["nodeSelector"] == {"sdserve.io/pool": "shared-gpu"}
+        assert container(d)["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert any(t["key"] == "nvidia.com/gpu" for t in d["spec"]["template"]["spec"]["tolerations"])
+    assert "nvidia.com/gpu" not in str(one(gpu, "Deployment", "gateway"))
+    assert "nvidia.com/gpu" not in yaml.safe_dump_all(cpu)
+    assert env(one(cpu, "Deployment", "denoiser"))["SD_DEVICE"] == "cpu"
+    assert container(den)["image"].endswith(":cuda")
+    assert container(one(cpu, "Deployment", "denoiser"))["image"].endswith(":cpu")
+
+
+def test_dockerfiles_pass_hadolint_and_are_lean():
+    venv_bin = Path(sys.executable).parent
+    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(venv_bin))
+    assert hadolint, "hadolint is required (installed by scripts/setup.sh)"
+    files = sorted(DOCKER.glob("*.Dockerfile"))
+    assert {f.stem for f in files} == set(STAGES)
+    r = subprocess.run([hadolint, "--config", str(DOCKER / ".hadolint.yaml"), *map(str, files)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for f in files:
+        text = f.read_text()
+        assert text.count("\nFROM ") + text.startswith("FROM ") >= 2, f"{f.name}: multi-stage"
+        assert "USER 10001" in text, f"{f.name}: non-root"
+        assert "sdctl" in text and "HEALTHCHECK" in text, f"{f.name}: health probe inside"
+    gateway = "\n".join(
+        line for line in (DOCKER / "gateway.Dockerfile").read_text().splitlines() if not line.lstrip().startswith("#")
+    )
+    assert "torch" not in gateway and "python" not in gateway.lower(), "the gateway image carries no libtorch"
+    for stage in MODEL_STAGES:
+        assert "TORCH_VARIANT" in (DOCKER / f"{stage}.Dockerfile").read_text(), "CPU and CUDA variants"
+
+
+def test_compose_runs_the_stack_on_one_gpu_machine():
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == set(STAGES)
+    devices = services["denoiser"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    gw = services["gateway"]["environment"]
+    for stage in MODEL_STAGES:
+        assert gw["SD_" + stage.upper().replace("-", "_")].startswith(f"http://{stage}:")
