@@ -52,6 +52,7 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub cache: Family<CacheLabels, Counter>,
     pub load_seconds: Family<StageLabels, Gauge<f64, AtomicU64>>,
+    pub batch_items: Histogram,
 }
 
 impl Metrics {
@@ -74,6 +75,7 @@ impl Metrics {
         let queue_depth = Gauge::default();
         let cache = Family::<CacheLabels, Counter>::default();
         let load_seconds = Family::<StageLabels, Gauge<f64, AtomicU64>>::default();
+        let batch_items = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]);
         registry.register(
             "requests",
             "Requests by method and gRPC status code",
@@ -105,6 +107,11 @@ impl Metrics {
             "Time to load each model component",
             load_seconds.clone(),
         );
+        registry.register(
+            "unet_batch_items",
+            "Latents per UNet forward (dynamic batching; a guided latent counts twice)",
+            batch_items.clone(),
+        );
         Arc::new(Metrics {
             registry,
             requests,
@@ -114,6 +121,7 @@ impl Metrics {
             queue_depth,
             cache,
             load_seconds,
+            batch_items,
         })
     }
 
@@ -165,6 +173,10 @@ impl Metrics {
                 stage: component.to_string(),
             })
             .set(seconds);
+    }
+
+    pub fn step_batch(&self, items: f64) {
+        self.batch_items.observe(items);
     }
 
     pub fn step(&self, stage: &str, elapsed: Duration) {

@@ -45,7 +45,11 @@ async fn main() {
         Command::Up(a) => up::run(a).await,
         Command::Generate(a) => generate::run(a).await,
         Command::Models { conn } => generate::models(&conn).await,
-        Command::Probe { addr, service, timeout } => up::probe(&addr, &service, timeout).await,
+        Command::Probe {
+            addr,
+            service,
+            timeout,
+        } => up::probe(&addr, &service, timeout).await,
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

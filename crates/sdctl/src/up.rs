@@ -274,9 +274,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
 /// `sdctl probe`: SERVING → Ok, anything else → an error (exit 1).
 pub async fn probe(addr: &str, service: &str, timeout: u64) -> anyhow::Result<()> {
-    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
     let check = async {
-        let ch = tonic::transport::Endpoint::from_shared(url.clone())?.connect().await?;
+        let ch = tonic::transport::Endpoint::from_shared(url.clone())?
+            .connect()
+            .await?;
         let r = HealthClient::new(ch)
             .check(HealthCheckRequest {
                 service: service.to_string(),
@@ -291,6 +297,11 @@ pub async fn probe(addr: &str, service: &str, timeout: u64) -> anyhow::Result<()
         println!("SERVING");
         Ok(())
     } else {
-        anyhow::bail!("{url}: {}", ServingStatus::try_from(status).map(|s| s.as_str_name()).unwrap_or("UNKNOWN"))
+        anyhow::bail!(
+            "{url}: {}",
+            ServingStatus::try_from(status)
+                .map(|s| s.as_str_name())
+                .unwrap_or("UNKNOWN")
+        )
     }
 }

@@ -2,6 +2,7 @@
 //! step for a batch of latents, with classifier-free guidance applied here
 //! so only the guided prediction travels back.
 
+mod batch;
 mod cache;
 
 use std::sync::{Arc, Mutex};
@@ -38,13 +39,21 @@ struct Args {
     /// Bytes of text embeddings kept by id (MiB).
     #[arg(long, env = "SD_EMBEDDING_CACHE_MIB", default_value_t = 256)]
     embedding_cache_mib: usize,
-    /// Largest batch (latents per call).
+    /// Largest batch: latents per call, and per UNet forward when batching
+    /// (a guided latent counts twice).
     #[arg(long, env = "SD_MAX_BATCH", default_value_t = 16)]
     max_batch: i64,
+    /// Run each Predict on its own instead of merging concurrent ones.
+    #[arg(long, env = "SD_NO_BATCHING")]
+    no_batching: bool,
+    /// How long a Predict may wait for others to share its UNet forward (ms).
+    #[arg(long, env = "SD_MAX_WAIT_MS", default_value_t = 2)]
+    max_wait_ms: u64,
 }
 
 struct Service {
     unet: Arc<UNet>,
+    batcher: Option<(batch::Batcher, sd_runtime::admission::Admission)>,
     cache: Arc<Mutex<EmbeddingCache>>,
     worker: Worker,
     info: DenoiserInfo,
@@ -175,6 +184,22 @@ impl Service {
         };
         let timesteps = Tensor::from_slice(&req.timesteps);
         let g = req.guidance_scale as f64;
+        if let Some((batcher, admission)) = &self.batcher {
+            let _slot = admission.admit().await?;
+            let (reply, _) = tokio::sync::oneshot::channel();
+            let job = batch::Job {
+                latents,
+                timesteps,
+                cond,
+                uncond,
+                guidance: g,
+                reply,
+            };
+            let out = batcher.submit(job).await?;
+            return Ok(PredictResponse {
+                output: Some(to_wire(&out, out_dtype)?),
+            });
+        }
         let unet = self.unet.clone();
         let output = self
             .worker
@@ -266,8 +291,25 @@ fn load(
         context_dim: c.context_dim() as u32,
     };
     tracing::info!(model = %info.model_id, "denoiser ready");
+    let unet = Arc::new(unet);
+    let batcher = (!args.no_batching).then(|| {
+        let config = batch::BatchConfig {
+            max_items: args.max_batch,
+            max_wait: std::time::Duration::from_millis(args.max_wait_ms),
+        };
+        let admission = sd_runtime::admission::Admission::new(
+            "denoiser",
+            (args.max_batch as usize).max(1) * 2,
+            args.model.max_queue,
+        );
+        (
+            batch::Batcher::start(unet.clone(), config, metrics.clone()),
+            admission,
+        )
+    });
     let service = Service {
-        unet: Arc::new(unet),
+        unet,
+        batcher,
         cache: Arc::new(Mutex::new(EmbeddingCache::new(
             args.embedding_cache_mib << 20,
         ))),
