@@ -11,6 +11,7 @@ use sd_gateway::plan::Limits;
 use sd_gateway::prompt_cache::PromptCache;
 use sd_gateway::service::GenerationService;
 use sd_proto::v1::generation_server::GenerationServer;
+use sd_proto::v1::Dtype;
 use sd_runtime::admission::Admission;
 use sd_runtime::lifecycle::Lifecycle;
 use sd_runtime::metrics::Metrics;
@@ -42,9 +43,21 @@ struct Args {
     /// Bytes of prompt embeddings kept in the gateway (MiB).
     #[arg(long, env = "SD_PROMPT_CACHE_MIB", default_value_t = 256)]
     prompt_cache_mib: usize,
+    /// Element type of latents on the wire each step: f32, f16 or bf16.
+    #[arg(long, env = "SD_WIRE_DTYPE", default_value = "f32", value_parser = parse_dtype)]
+    wire_dtype: Dtype,
     /// Log prompts at info level.
     #[arg(long, env = "SD_LOG_PROMPTS")]
     log_prompts: bool,
+}
+
+fn parse_dtype(s: &str) -> Result<Dtype, String> {
+    match s {
+        "f32" | "fp32" | "float32" => Ok(Dtype::Float32),
+        "f16" | "fp16" | "float16" => Ok(Dtype::Float16),
+        "bf16" | "bfloat16" => Ok(Dtype::Bfloat16),
+        other => Err(format!("`{other}`: expected f32, f16 or bf16")),
+    }
 }
 
 #[tokio::main]
@@ -103,6 +116,7 @@ async fn connect(
             facts: Arc::new(facts),
             cache: Arc::new(Mutex::new(PromptCache::new(args.prompt_cache_mib << 20))),
             metrics: metrics.clone(),
+            wire: args.wire_dtype,
         },
         limits: Arc::new(args.limits.clone()),
         admission: Admission::new("gateway", args.max_concurrent, args.max_queue),

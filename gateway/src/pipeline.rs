@@ -47,6 +47,9 @@ pub struct Generator {
     pub facts: Arc<ModelFacts>,
     pub cache: Arc<Mutex<PromptCache>>,
     pub metrics: Arc<Metrics>,
+    /// Element type of the latents and predictions sent to and from the
+    /// denoiser each step (float16 halves the bytes per step).
+    pub wire: Dtype,
 }
 
 /// A request for a model service: the deadline's time left, and the trace context.
@@ -187,7 +190,7 @@ impl Generator {
                 cond: Some(cond.message()),
                 uncond: uncond.as_ref().map(Conditioning::message),
                 guidance_scale: guidance,
-                output_dtype: Dtype::Float32 as i32,
+                output_dtype: self.wire as i32,
             };
             let result = self
                 .backends
@@ -433,7 +436,7 @@ impl Generator {
             );
             let out = self
                 .predict(
-                    input.to_wire(Dtype::Float32),
+                    input.to_wire(self.wire),
                     t,
                     &mut cond,
                     &mut uncond,
