@@ -81,6 +81,8 @@ pub fn retryable(s: &Status) -> bool {
                 "connection",
                 "broken pipe",
                 "stream no longer needed",
+                // hyper, when the connection under a call dies
+                "operation was canceled",
             ]
             .iter()
             .any(|k| m.contains(k))
