@@ -12,3 +12,4 @@ pub mod plan;
 pub mod pool;
 pub mod prompt_cache;
 pub mod service;
+pub mod stages;

@@ -112,7 +112,7 @@ async fn connect(
     }
     let service = GenerationService {
         generator: Generator {
-            backends: backends.clone(),
+            stages: Arc::new(backends.clone()),
             facts: Arc::new(facts),
             cache: Arc::new(Mutex::new(PromptCache::new(args.prompt_cache_mib << 20))),
             metrics: metrics.clone(),

@@ -13,17 +13,17 @@ use sd_proto::v1::{
 use sd_proto::wire::HostTensor;
 use sd_runtime::deadline::Deadline;
 use sd_runtime::metrics::Metrics;
-use sd_runtime::telemetry::inject;
 use sd_sampling::schedulers::{build, SchedulerOptions};
 use sd_sampling::TorchGenerator;
 use tokio::sync::mpsc;
 use tonic::{Code, Status};
 use tracing::Instrument;
 
-use crate::backends::{Backends, ModelFacts};
+use crate::backends::ModelFacts;
 use crate::images;
 use crate::plan::Plan;
 use crate::prompt_cache::{CachedEmbedding, PromptCache, PromptKey};
+use crate::stages::Stages;
 
 /// What a streaming client hears while its images form.
 #[derive(Debug)]
@@ -43,20 +43,13 @@ pub enum Event {
 /// Runs generations against the model services.
 #[derive(Clone)]
 pub struct Generator {
-    pub backends: Backends,
+    pub stages: Arc<dyn Stages>,
     pub facts: Arc<ModelFacts>,
     pub cache: Arc<Mutex<PromptCache>>,
     pub metrics: Arc<Metrics>,
     /// Element type of the latents and predictions sent to and from the
     /// denoiser each step (float16 halves the bytes per step).
     pub wire: Dtype,
-}
-
-/// A request for a model service: the deadline's time left, and the trace context.
-fn outgoing<T>(deadline: &Deadline, msg: T) -> Result<tonic::Request<T>, Status> {
-    let mut r = deadline.request(msg)?;
-    inject(&mut r);
-    Ok(r)
 }
 
 fn wire_err(field: &str) -> impl Fn(sd_proto::WireError) -> Status + '_ {
@@ -126,20 +119,8 @@ impl Generator {
                 dtype: Dtype::Float32 as i32,
             };
             let resp = self
-                .backends
-                .text
-                .call(deadline, |ch, url| {
-                    let msg = msg.clone();
-                    async move {
-                        tracing::Span::current().record("replica", url.as_str());
-                        Ok(self
-                            .backends
-                            .text_client(ch)
-                            .encode(outgoing(deadline, msg)?)
-                            .await?
-                            .into_inner())
-                    }
-                })
+                .stages
+                .encode_text(msg, deadline)
                 .instrument(tracing::info_span!(
                     "text_encode",
                     clip_skip = skip,
@@ -192,20 +173,7 @@ impl Generator {
                 guidance_scale: guidance,
                 output_dtype: self.wire as i32,
             };
-            let result = self
-                .backends
-                .denoiser
-                .call(deadline, |ch, url| {
-                    let req = req.clone();
-                    async move {
-                        tracing::Span::current().record("replica", url.as_str());
-                        self.backends
-                            .denoiser_client(ch)
-                            .predict(outgoing(deadline, req)?)
-                            .await
-                    }
-                })
-                .await;
+            let result = self.stages.predict(req, deadline).await;
             match result {
                 Ok(r) => {
                     cond.sent = true;
@@ -213,7 +181,6 @@ impl Generator {
                         u.sent = true;
                     }
                     let out = r
-                        .into_inner()
                         .output
                         .ok_or_else(|| Status::internal("denoiser sent no output"))?;
                     return HostTensor::from_wire(&out).map_err(wire_err("prediction"));
@@ -240,20 +207,8 @@ impl Generator {
             latents: Some(latents.to_wire(Dtype::Float32)),
         };
         let resp = self
-            .backends
-            .autoencoder
-            .call(deadline, |ch, url| {
-                let msg = msg.clone();
-                async move {
-                    tracing::Span::current().record("replica", url.as_str());
-                    Ok(self
-                        .backends
-                        .autoencoder_client(ch)
-                        .decode(outgoing(deadline, msg)?)
-                        .await?
-                        .into_inner())
-                }
-            })
+            .stages
+            .decode(msg, deadline)
             .instrument(tracing::info_span!(
                 "decode",
                 replica = tracing::field::Empty
@@ -375,20 +330,8 @@ impl Generator {
                     pixels: Some(init.pixels.to_wire(Dtype::Float32)),
                 };
                 let dist = self
-                    .backends
-                    .autoencoder
-                    .call(deadline, |ch, url| {
-                        let msg = msg.clone();
-                        async move {
-                            tracing::Span::current().record("replica", url.as_str());
-                            Ok(self
-                                .backends
-                                .autoencoder_client(ch)
-                                .encode(outgoing(deadline, msg)?)
-                                .await?
-                                .into_inner())
-                        }
-                    })
+                    .stages
+                    .encode_image(msg, deadline)
                     .instrument(tracing::info_span!(
                         "vae_encode",
                         replica = tracing::field::Empty
