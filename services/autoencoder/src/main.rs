@@ -10,12 +10,13 @@ use sd_models::{Component, ModelDir, Vae};
 use sd_proto::v1::autoencoder_server::{Autoencoder, AutoencoderServer};
 use sd_proto::v1::{
     AutoencoderInfo, AutoencoderInfoRequest, DecodeRequest, DecodeResponse, Dtype,
-    EncodeImageRequest, EncodeImageResponse, RgbImage,
+    EncodeImageRequest, EncodeImageResponse,
 };
 use sd_runtime::lifecycle::Lifecycle;
 use sd_runtime::metrics::Metrics;
 use sd_runtime::tls::ServerTlsArgs;
 use sd_runtime::ServerArgs;
+use sd_service::compute::to_rgb8;
 use sd_service::{from_wire, handle, status, to_wire, ModelArgs, Worker};
 use tch::{Kind, Tensor};
 use tonic::{Request, Response, Status};
@@ -69,34 +70,6 @@ impl Service {
             )))
         }
     }
-}
-
-/// diffusers' postprocess: (x / 2 + 0.5) clamped to [0, 1], × 255, rounded.
-fn to_rgb8(pixels: &Tensor) -> Result<Vec<RgbImage>, Status> {
-    let (b, _, h, w) = pixels
-        .size4()
-        .map_err(|e| Status::internal(e.to_string()))?;
-    let rgb = (pixels.to_kind(Kind::Float) / 2.0 + 0.5)
-        .clamp(0.0, 1.0)
-        .to_device(tch::Device::Cpu)
-        .permute([0, 2, 3, 1])
-        .multiply_scalar(255.0)
-        .round()
-        .to_kind(Kind::Uint8)
-        .contiguous();
-    let per = (h * w * 3) as usize;
-    let total = per * b as usize;
-    let mut bytes = vec![0u8; total];
-    rgb.f_copy_data_u8(&mut bytes, total)
-        .map_err(|e| Status::internal(e.to_string()))?;
-    Ok(bytes
-        .chunks_exact(per)
-        .map(|c| RgbImage {
-            width: w as u32,
-            height: h as u32,
-            rgb: c.to_vec().into(),
-        })
-        .collect())
 }
 
 #[tonic::async_trait]

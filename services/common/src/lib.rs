@@ -1,5 +1,7 @@
 //! Shared by the text-encoder, denoiser and autoencoder services.
 
+pub mod compute;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 

@@ -17,6 +17,7 @@ use sd_runtime::lifecycle::Lifecycle;
 use sd_runtime::metrics::Metrics;
 use sd_runtime::tls::ServerTlsArgs;
 use sd_runtime::ServerArgs;
+use sd_service::compute::{forward_calls, Call};
 use sd_service::{from_wire, handle, status, to_wire, ModelArgs, Worker};
 use tch::Tensor;
 use tonic::{Request, Response, Status};
@@ -186,16 +187,14 @@ impl Service {
         let g = req.guidance_scale as f64;
         if let Some((batcher, admission)) = &self.batcher {
             let _slot = admission.admit().await?;
-            let (reply, _) = tokio::sync::oneshot::channel();
-            let job = batch::Job {
+            let call = Call {
                 latents,
                 timesteps,
                 cond,
                 uncond,
                 guidance: g,
-                reply,
             };
-            let out = batcher.submit(job).await?;
+            let out = batcher.submit(call).await?;
             return Ok(PredictResponse {
                 output: Some(to_wire(&out, out_dtype)?),
             });
@@ -204,22 +203,14 @@ impl Service {
         let output = self
             .worker
             .run(move || {
-                let expand = |t: &Tensor| t.expand([batch, -1, -1], false);
-                let ts = timesteps.expand([batch], false);
-                let out = match uncond {
-                    Some(u) => {
-                        // diffusers' order: [uncond, cond] in one batch.
-                        let x = Tensor::cat(&[&latents, &latents], 0);
-                        let ctx = Tensor::cat(&[expand(&u), expand(&cond)], 0);
-                        let t = Tensor::cat(&[&ts, &ts], 0);
-                        let pred = unet.forward(&x, &t, &ctx).map_err(status)?;
-                        let parts = pred.chunk(2, 0);
-                        &parts[0] + (&parts[1] - &parts[0]) * g
-                    }
-                    None => unet
-                        .forward(&latents, &ts, &expand(&cond))
-                        .map_err(status)?,
+                let call = Call {
+                    latents,
+                    timesteps,
+                    cond,
+                    uncond,
+                    guidance: g,
                 };
+                let out = forward_calls(&unet, &[&call]).map_err(status)?.remove(0);
                 to_wire(&out, out_dtype)
             })
             .await?;
