@@ -1,0 +1,168 @@
+//! The step loop's stages run in this process, on the same model crates the
+//! services use, without gRPC: the baseline the stack is measured against.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use sd_gateway::backends::ModelFacts;
+use sd_gateway::stages::Stages;
+use sd_models::{ClipTextModel, ClipTokenizer, ModelDir, Placement, UNet, Vae};
+use sd_proto::v1::{
+    DecodeRequest, DecodeResponse, Dtype, Embedding, EncodeImageRequest, EncodeImageResponse,
+    EncodeTextRequest, EncodeTextResponse, EncodedPrompt, PredictRequest, PredictResponse,
+};
+use sd_runtime::deadline::Deadline;
+use sd_sampling::{SchedulerConfig, SchedulerKind};
+use sd_service::compute::{forward_calls, to_rgb8, Call};
+use sd_service::{from_wire, status, to_wire};
+use tch::Tensor;
+use tonic::Status;
+
+pub struct InProcess {
+    tokenizer: ClipTokenizer,
+    clip: ClipTextModel,
+    unet: UNet,
+    vae: Vae,
+    embeddings: Mutex<HashMap<String, Tensor>>,
+}
+
+// SAFETY: the models are read-only after load (see sd-models), and cached
+// embeddings are only read after insertion, under the mutex.
+unsafe impl Sync for InProcess {}
+unsafe impl Send for InProcess {}
+
+impl InProcess {
+    pub fn load(dir: &ModelDir) -> anyhow::Result<(Self, ModelFacts)> {
+        let p = Placement::cpu();
+        let me = InProcess {
+            tokenizer: dir.load_tokenizer()?,
+            clip: dir.load_text_encoder(p)?,
+            unet: dir.load_unet(p)?,
+            vae: dir.load_vae(p)?,
+            embeddings: Mutex::new(HashMap::new()),
+        };
+        let scheduler_config =
+            SchedulerConfig::from_json(&std::fs::read_to_string(dir.scheduler_config_path())?)?;
+        let c = me.unet.config();
+        let facts = ModelFacts {
+            id: format!("in-process:{}", dir.root().display()),
+            name: dir
+                .root()
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            latent_channels: c.in_channels as usize,
+            scale_factor: me.vae.scale_factor() as u32,
+            sample_size: c.sample_size as u32,
+            scaling_factor: me.vae.config().scaling_factor as f32,
+            default_scheduler: scheduler_config
+                .class_name()
+                .and_then(SchedulerKind::from_diffusers_class)
+                .unwrap_or(SchedulerKind::Pndm),
+            prediction_type: scheduler_config
+                .str_or("prediction_type", "epsilon")
+                .to_string(),
+            scheduler_config,
+            text_layers: me.clip.config().num_hidden_layers as u32,
+            text_model_id: format!("in-process:{}", dir.root().display()),
+        };
+        Ok((me, facts))
+    }
+
+    fn embedding(&self, e: Option<&Embedding>) -> Result<Tensor, Status> {
+        let e = e.ok_or_else(|| Status::invalid_argument("embedding missing"))?;
+        let mut cache = self
+            .embeddings
+            .lock()
+            .map_err(|_| Status::internal("cache poisoned"))?;
+        match &e.tensor {
+            Some(t) => {
+                let t = from_wire(Some(t), "embedding")?;
+                cache.insert(e.id.clone(), t.shallow_clone());
+                Ok(t)
+            }
+            None => cache
+                .get(&e.id)
+                .map(Tensor::shallow_clone)
+                .ok_or_else(|| Status::failed_precondition("unknown embedding id")),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Stages for InProcess {
+    async fn encode_text(
+        &self,
+        req: EncodeTextRequest,
+        _: &Deadline,
+    ) -> Result<EncodeTextResponse, Status> {
+        tokio::task::block_in_place(|| {
+            let refs: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
+            let ids = self.tokenizer.encode_batch(&refs).map_err(status)?;
+            let hidden = self
+                .clip
+                .forward(&ids, req.clip_skip as usize)
+                .map_err(status)?;
+            let prompts = (0..refs.len())
+                .map(|i| {
+                    Ok(EncodedPrompt {
+                        token_ids: Vec::new(),
+                        embeddings: Some(to_wire(&hidden.get(i as i64), Dtype::Float32)?),
+                    })
+                })
+                .collect::<Result<Vec<_>, Status>>()?;
+            Ok(EncodeTextResponse { prompts })
+        })
+    }
+
+    async fn predict(&self, req: PredictRequest, _: &Deadline) -> Result<PredictResponse, Status> {
+        tokio::task::block_in_place(|| {
+            let latents = from_wire(req.latents.as_ref(), "latents")?;
+            let guided = req.uncond.is_some() && req.guidance_scale > 1.0;
+            let call = Call {
+                timesteps: Tensor::from_slice(&req.timesteps).expand([latents.size()[0]], false),
+                latents,
+                cond: self.embedding(req.cond.as_ref())?,
+                uncond: if guided {
+                    Some(self.embedding(req.uncond.as_ref())?)
+                } else {
+                    None
+                },
+                guidance: req.guidance_scale as f64,
+            };
+            let out = forward_calls(&self.unet, &[&call])
+                .map_err(status)?
+                .remove(0);
+            let dtype = Dtype::try_from(req.output_dtype).unwrap_or(Dtype::Float32);
+            Ok(PredictResponse {
+                output: Some(to_wire(&out, dtype)?),
+            })
+        })
+    }
+
+    async fn decode(&self, req: DecodeRequest, _: &Deadline) -> Result<DecodeResponse, Status> {
+        tokio::task::block_in_place(|| {
+            let latents = from_wire(req.latents.as_ref(), "latents")?;
+            let sf = self.vae.config().scaling_factor;
+            let pixels = self.vae.decode(&(latents / sf)).map_err(status)?;
+            Ok(DecodeResponse {
+                images: to_rgb8(&pixels)?,
+            })
+        })
+    }
+
+    async fn encode_image(
+        &self,
+        req: EncodeImageRequest,
+        _: &Deadline,
+    ) -> Result<EncodeImageResponse, Status> {
+        tokio::task::block_in_place(|| {
+            let pixels = from_wire(req.pixels.as_ref(), "pixels")?;
+            let d = self.vae.encode(&pixels).map_err(status)?;
+            Ok(EncodeImageResponse {
+                mean: Some(to_wire(&d.mean, Dtype::Float32)?),
+                std: Some(to_wire(&d.std, Dtype::Float32)?),
+            })
+        })
+    }
+}

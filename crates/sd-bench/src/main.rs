@@ -1,0 +1,431 @@
+//! sd-bench: what the microservice split costs, in one run on one machine.
+//!
+//! 1. wall time per image: the gRPC stack, an in-process Rust pipeline (the
+//!    gateway's own step loop over in-process stages) and diffusers, same
+//!    weights, threads and steps;
+//! 2. per-step overhead: the gateway's mean step time minus the denoiser's
+//!    UNet forward time;
+//! 3. images/min and p50/p95 latency at several concurrencies, batching on
+//!    and off;
+//! 4. repeated-prompt latency, prompt-cache hit vs miss.
+//!
+//! Prints Markdown tables (for docs/BENCHMARKS.md).
+
+mod inprocess;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use sd_gateway::pipeline::Generator;
+use sd_gateway::plan::{Limits, Plan};
+use sd_gateway::prompt_cache::PromptCache;
+use sd_models::ModelDir;
+use sd_proto::v1::generation_client::GenerationClient;
+use sd_proto::v1::{Dtype, GenerateRequest};
+use sd_runtime::deadline::Deadline;
+use sd_runtime::metrics::Metrics;
+
+/// Measure the sdserve stack against in-process Rust and diffusers.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Model directory (diffusers layout).
+    #[arg(long)]
+    model: PathBuf,
+    /// Denoising steps per image.
+    #[arg(long, default_value_t = 20)]
+    steps: u32,
+    /// Image side in pixels (0: the model's default).
+    #[arg(long, default_value_t = 0)]
+    size: u32,
+    /// libtorch threads, for every process and for diffusers.
+    #[arg(long, default_value_t = 2)]
+    threads: i32,
+    /// Timed images per measurement.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Concurrency levels for the throughput table.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    concurrency: Vec<usize>,
+    /// Requests per worker at each concurrency level.
+    #[arg(long, default_value_t = 2)]
+    requests_per_worker: usize,
+    /// Python with diffusers (default: the project's venv).
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// Skip the diffusers measurement.
+    #[arg(long)]
+    no_diffusers: bool,
+}
+
+struct Proc {
+    child: Child,
+    addr: String,
+    metrics: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn bin_dir() -> anyhow::Result<PathBuf> {
+    Ok(std::env::current_exe()?
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("no bin dir"))?
+        .to_path_buf())
+}
+
+/// Start a server binary on free ports and read where it listens.
+fn spawn(bin: &str, args: &[String], env: &[(&str, String)]) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new(bin_dir()?.join(bin));
+    cmd.args(args)
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().map_err(|e| anyhow::anyhow!("{bin}: {e}"))?;
+    let mut lines = BufReader::new(
+        child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?,
+    )
+    .lines();
+    let (mut addr, mut metrics) = (None, None);
+    while addr.is_none() || metrics.is_none() {
+        let line = lines
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("{bin} exited early"))??;
+        if let Some(a) = line.strip_prefix("listening on ") {
+            addr = Some(a.trim().to_string());
+        } else if let Some(a) = line.strip_prefix("metrics on ") {
+            metrics = Some(a.trim().to_string());
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    Ok(Proc {
+        child,
+        addr: addr.unwrap_or_default(),
+        metrics: metrics.unwrap_or_default(),
+    })
+}
+
+/// Sum of the samples whose line starts with `prefix`.
+fn scrape(addr: &str, prefix: &str) -> anyhow::Result<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+struct Stack {
+    _services: Vec<Proc>,
+    denoiser_metrics: String,
+    gateway: Proc,
+}
+
+fn start_stack(model: &Path, threads: i32, batching: bool) -> anyhow::Result<Stack> {
+    let mut env = vec![("SD_TORCH_THREADS", threads.to_string())];
+    if !batching {
+        env.push(("SD_NO_BATCHING", "true".into()));
+    }
+    let margs = vec!["--model".to_string(), model.to_string_lossy().into_owned()];
+    let text = spawn("sd-text-encoder", &margs, &env)?;
+    let den = spawn("sd-denoiser", &margs, &env)?;
+    let vae = spawn("sd-autoencoder", &margs, &env)?;
+    let gargs = vec![
+        "--text-encoder".to_string(),
+        format!("http://{}", text.addr),
+        "--denoiser".into(),
+        format!("http://{}", den.addr),
+        "--autoencoder".into(),
+        format!("http://{}", vae.addr),
+        "--max-concurrent".into(),
+        "16".into(),
+    ];
+    let gateway = spawn("sd-gateway", &gargs, &[])?;
+    Ok(Stack {
+        denoiser_metrics: den.metrics.clone(),
+        _services: vec![text, den, vae],
+        gateway,
+    })
+}
+
+fn request(args: &Args, seed: u64, prompt: &str) -> GenerateRequest {
+    GenerateRequest {
+        prompt: prompt.into(),
+        steps: args.steps,
+        width: args.size,
+        height: args.size,
+        seed: Some(seed),
+        ..Default::default()
+    }
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len().max(1) as f64
+}
+
+fn percentile(xs: &[f64], p: f64) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn timed(
+    client: &mut GenerationClient<tonic::transport::Channel>,
+    req: GenerateRequest,
+) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    client.generate(req).await?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+async fn connect(stack: &Stack) -> anyhow::Result<GenerationClient<tonic::transport::Channel>> {
+    let url = format!("http://{}", stack.gateway.addr);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if let Ok(c) = GenerationClient::connect(url.clone()).await {
+            let mut probe = c.clone();
+            if probe
+                .list_models(sd_proto::v1::ListModelsRequest {})
+                .await
+                .is_ok()
+            {
+                return Ok(c.max_decoding_message_size(256 << 20));
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "stack did not come up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Seconds per image through the gRPC stack, and the mean step overhead.
+async fn stack_latency(args: &Args, stack: &Stack) -> anyhow::Result<(f64, f64, f64)> {
+    let mut c = connect(stack).await?;
+    timed(&mut c, request(args, 1, "warm up")).await?;
+    let step = |addr: &str, stage: &str| -> anyhow::Result<(f64, f64)> {
+        let sum = scrape(
+            addr,
+            &format!(
+                "sd_step_duration_seconds_sum{{service=\"{}\",stage=\"{stage}\"}}",
+                if stage == "denoise" {
+                    "gateway"
+                } else {
+                    "denoiser"
+                }
+            ),
+        )?;
+        let count = scrape(
+            addr,
+            &format!(
+                "sd_step_duration_seconds_count{{service=\"{}\",stage=\"{stage}\"}}",
+                if stage == "denoise" {
+                    "gateway"
+                } else {
+                    "denoiser"
+                }
+            ),
+        )?;
+        Ok((sum, count))
+    };
+    let (g0, gn0) = step(&stack.gateway.metrics, "denoise")?;
+    let (u0, un0) = step(&stack.denoiser_metrics, "unet_forward")?;
+    let mut times = Vec::new();
+    for i in 0..args.runs {
+        times.push(
+            timed(
+                &mut c,
+                request(args, 100 + i as u64, "a lighthouse at dusk"),
+            )
+            .await?,
+        );
+    }
+    let (g1, gn1) = step(&stack.gateway.metrics, "denoise")?;
+    let (u1, un1) = step(&stack.denoiser_metrics, "unet_forward")?;
+    let gateway_step = (g1 - g0) / (gn1 - gn0).max(1.0);
+    let unet_step = (u1 - u0) / (un1 - un0).max(1.0);
+    Ok((mean(&times), gateway_step, unet_step))
+}
+
+/// Seconds per image through the same step loop, in process.
+async fn in_process_latency(args: &Args) -> anyhow::Result<f64> {
+    tch::set_num_threads(args.threads);
+    let dir = ModelDir::open(&args.model)?;
+    let (stages, facts) = inprocess::InProcess::load(&dir)?;
+    let generator = Generator {
+        stages: Arc::new(stages),
+        facts: Arc::new(facts),
+        cache: Arc::new(Mutex::new(PromptCache::new(64 << 20))),
+        metrics: Metrics::new("bench"),
+        wire: Dtype::Float32,
+    };
+    let run = |seed: u64, prompt: &str| {
+        let plan = Plan::new(
+            request(args, seed, prompt),
+            &generator.facts,
+            &Limits::default(),
+        );
+        let g = generator.clone();
+        async move {
+            let t = Instant::now();
+            g.run(plan?, None, Deadline::none()).await?;
+            anyhow::Ok(t.elapsed().as_secs_f64())
+        }
+    };
+    run(1, "warm up").await?;
+    let mut times = Vec::new();
+    for i in 0..args.runs {
+        times.push(run(100 + i as u64, "a lighthouse at dusk").await?);
+    }
+    Ok(mean(&times))
+}
+
+fn diffusers_latency(args: &Args) -> anyhow::Result<f64> {
+    let python = args
+        .python
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(".venv/bin/python"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("diffusers_bench.py");
+    let out = Command::new(python)
+        .arg(script)
+        .args([
+            args.model.to_string_lossy().as_ref(),
+            &args.steps.to_string(),
+            &args.size.to_string(),
+            &args.threads.to_string(),
+            &args.runs.to_string(),
+        ])
+        .stderr(Stdio::inherit())
+        .output()?;
+    anyhow::ensure!(out.status.success(), "diffusers benchmark failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("seconds_per_image ")?.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no timing from the diffusers script: {text}"))
+}
+
+/// images/min, p50, p95 at `concurrency` workers.
+async fn throughput(
+    args: &Args,
+    stack: &Stack,
+    concurrency: usize,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let client = connect(stack).await?;
+    let t = Instant::now();
+    let mut handles = Vec::new();
+    for w in 0..concurrency {
+        let mut c = client.clone();
+        let reqs: Vec<GenerateRequest> = (0..args.requests_per_worker)
+            .map(|i| request(args, (w * 1000 + i) as u64, &format!("worker {w} prompt")))
+            .collect();
+        handles.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            for r in reqs {
+                lat.push(timed(&mut c, r).await?);
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let mut lat = Vec::new();
+    for h in handles {
+        lat.extend(h.await??);
+    }
+    let wall = t.elapsed().as_secs_f64();
+    Ok((
+        lat.len() as f64 / wall * 60.0,
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.95),
+    ))
+}
+
+/// Latency of a new prompt (text encoder called) and of the same prompt again.
+async fn cache_effect(args: &Args, stack: &Stack) -> anyhow::Result<(f64, f64)> {
+    let mut c = connect(stack).await?;
+    let mut miss = Vec::new();
+    let mut hit = Vec::new();
+    for i in 0..args.runs {
+        let prompt = format!("a never seen prompt number {i}");
+        miss.push(timed(&mut c, request(args, 7, &prompt)).await?);
+        hit.push(timed(&mut c, request(args, 7, &prompt)).await?);
+    }
+    Ok((mean(&miss), mean(&hit)))
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let name = args
+        .model
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    eprintln!(
+        "sd-bench: {name}, {} steps, {} threads",
+        args.steps, args.threads
+    );
+
+    let inproc = in_process_latency(&args).await?;
+    let stack = start_stack(&args.model, args.threads, true)?;
+    let (stack_s, gateway_step, unet_step) = stack_latency(&args, &stack).await?;
+    let diffusers = if args.no_diffusers {
+        None
+    } else {
+        Some(diffusers_latency(&args)?)
+    };
+
+    println!(
+        "## {name}: {} steps, {} torch threads, {} timed images each\n",
+        args.steps, args.threads, args.runs
+    );
+    println!("| pipeline | s/image | stack ÷ this |");
+    println!("|---|---:|---:|");
+    println!("| gRPC stack | {stack_s:.3} | 1.000 |");
+    println!(
+        "| in-process Rust | {inproc:.3} | {:.3} |",
+        stack_s / inproc
+    );
+    if let Some(d) = diffusers {
+        println!("| diffusers | {d:.3} | {:.3} |", stack_s / d);
+    }
+    println!(
+        "\nPer-step overhead: gateway step {:.2} ms − UNet forward {:.2} ms = {:.2} ms\n",
+        gateway_step * 1e3,
+        unet_step * 1e3,
+        (gateway_step - unet_step) * 1e3
+    );
+
+    let (miss, hit) = cache_effect(&args, &stack).await?;
+    println!("| repeated prompt | s/image |\n|---|---:|\n| new prompt (text encoder called) | {miss:.3} |\n| same prompt again (cache hit) | {hit:.3} |\n");
+
+    let mut rows = Vec::new();
+    for &c in &args.concurrency {
+        rows.push(("on", c, throughput(&args, &stack, c).await?));
+    }
+    drop(stack);
+    let unbatched = start_stack(&args.model, args.threads, false)?;
+    for &c in &args.concurrency {
+        rows.push(("off", c, throughput(&args, &unbatched, c).await?));
+    }
+    println!("| batching | concurrency | images/min | p50 s | p95 s |");
+    println!("|---|---:|---:|---:|---:|");
+    for (b, c, (ipm, p50, p95)) in rows {
+        println!("| {b} | {c} | {ipm:.1} | {p50:.3} | {p95:.3} |");
+    }
+    Ok(())
+}
