@@ -7,7 +7,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export SD_FIXTURES ?= $(CURDIR)/target/sd-fixtures
 CARGO ?= cargo
 
-.PHONY: setup fixtures build test demo check fmt clippy fuzz
+.PHONY: setup fixtures build test demo check fmt clippy fuzz bench
 
 ## setup: project-local venv with pinned torch (libtorch for tch) and the reference implementation
 setup:
@@ -32,6 +32,10 @@ test: setup fixtures
 ## demo: set up, write the tiny model (unless SD_MODEL is set), start the stack, generate demo.png, stop
 demo: build fixtures
 	@scripts/demo.sh "$${SD_MODEL:-$(SD_FIXTURES)/sd1-tiny}"
+
+## bench: the stack against in-process Rust and diffusers (SD_MODEL, default the tiny model); prints Markdown
+bench: build fixtures
+	target/release/sd-bench --model $${SD_MODEL:-$(SD_FIXTURES)/sd1-tiny} --python $(VENV)/bin/python $(BENCH_ARGS)
 
 ## fuzz: run a fuzz target for a minute (FUZZ=init_image or generate_request); needs cargo-fuzz
 FUZZ ?= init_image

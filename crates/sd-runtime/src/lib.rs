@@ -15,7 +15,7 @@ pub use telemetry::{init_telemetry, TelemetryGuard};
 use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
@@ -47,16 +47,17 @@ impl ServerArgs {
     }
 }
 
-/// Bind the listening socket and announce it on stdout (launchers and tests
+/// Bind the listening socket (TCP_NODELAY on accepted connections) and announce it on stdout (launchers and tests
 /// read this line to learn the port).
-pub async fn listen(addr: SocketAddr) -> anyhow::Result<(TcpListenerStream, SocketAddr)> {
+pub async fn listen(addr: SocketAddr) -> anyhow::Result<(TcpIncoming, SocketAddr)> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
     let local = listener.local_addr()?;
     println!("listening on {local}");
     tracing::info!(%local, "listening");
-    Ok((TcpListenerStream::new(listener), local))
+    // No Nagle: a step's small responses must not wait for delayed ACKs.
+    Ok((TcpIncoming::from(listener).with_nodelay(Some(true)), local))
 }
 
 /// A health service that starts NOT_SERVING for the overall status ("") and

@@ -10,10 +10,10 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::body::Body;
 use tonic::codegen::http::{Request, Response};
 use tonic::server::NamedService;
+use tonic::transport::server::TcpIncoming;
 
 use crate::lifecycle::Lifecycle;
 use crate::tls::ServerTlsArgs;
@@ -91,7 +91,7 @@ where
 /// SIGTERM. Returns when the server stops (or with `load`'s error).
 #[allow(clippy::too_many_arguments)]
 pub async fn serve_loading<S, F>(
-    incoming: TcpListenerStream,
+    incoming: TcpIncoming,
     health: Arc<Health>,
     health_service: tonic_health::pb::health_server::HealthServer<
         tonic_health::server::HealthService,

@@ -13,7 +13,7 @@ use sd_runtime::metrics::Metrics;
 use sd_runtime::tls::ServerTlsArgs;
 use sd_runtime::{Health, ServerArgs};
 use tch::{Kind, Tensor};
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::Status;
 
 /// Flags for the model a service loads and where it runs.
@@ -161,7 +161,7 @@ pub struct Startup {
     pub health: Arc<Health>,
     pub health_service:
         tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
-    pub incoming: TcpListenerStream,
+    pub incoming: TcpIncoming,
     pub metrics: Arc<Metrics>,
     pub lifecycle: Lifecycle,
 }

@@ -48,7 +48,9 @@ struct Args {
     #[arg(long, env = "SD_NO_BATCHING")]
     no_batching: bool,
     /// How long a Predict may wait for others to share its UNet forward (ms).
-    #[arg(long, env = "SD_MAX_WAIT_MS", default_value_t = 2)]
+    /// 0: never wait; calls that queued while the UNet was busy still share
+    /// the next forward, so batching costs nothing when the service is idle.
+    #[arg(long, env = "SD_MAX_WAIT_MS", default_value_t = 0)]
     max_wait_ms: u64,
 }
 
