@@ -4,10 +4,10 @@
 //! repeated prompt costs neither a text-encoder call nor an embedding
 //! transfer.
 
-use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use sd_proto::v1::Tensor as WireTensor;
+use sd_runtime::lru::ByteLru;
 
 #[derive(Clone, Debug)]
 pub struct CachedEmbedding {
@@ -35,75 +35,37 @@ impl PromptKey {
     }
 }
 
-pub struct PromptCache {
-    entries: HashMap<PromptKey, (CachedEmbedding, u64)>,
-    bytes: usize,
-    max_bytes: usize,
-    clock: u64,
-    pub hits: u64,
-    pub misses: u64,
-}
+/// Prompt embeddings by key, bounded in bytes.
+pub struct PromptCache(ByteLru<PromptKey, CachedEmbedding>);
 
 impl PromptCache {
     pub fn new(max_bytes: usize) -> Self {
-        PromptCache {
-            entries: HashMap::new(),
-            bytes: 0,
-            max_bytes,
-            clock: 0,
-            hits: 0,
-            misses: 0,
-        }
+        PromptCache(ByteLru::new(max_bytes))
     }
 
     pub fn get(&mut self, key: &PromptKey) -> Option<CachedEmbedding> {
-        self.clock += 1;
-        let now = self.clock;
-        match self.entries.get_mut(key) {
-            Some((e, used)) => {
-                *used = now;
-                self.hits += 1;
-                Some(e.clone())
-            }
-            None => {
-                self.misses += 1;
-                None
-            }
-        }
+        self.0.get(key)
     }
 
     pub fn insert(&mut self, key: PromptKey, value: CachedEmbedding) {
         let size = value.tensor.data.len() + key.prompt.len();
-        if size > self.max_bytes {
-            return;
-        }
-        if let Some((old, _)) = self.entries.remove(&key) {
-            self.bytes -= old.tensor.data.len() + key.prompt.len();
-        }
-        while self.bytes + size > self.max_bytes {
-            let Some(oldest) = self
-                .entries
-                .iter()
-                .min_by_key(|(_, (_, t))| *t)
-                .map(|(k, _)| k.clone())
-            else {
-                break;
-            };
-            if let Some((e, _)) = self.entries.remove(&oldest) {
-                self.bytes -= e.tensor.data.len() + oldest.prompt.len();
-            }
-        }
-        self.clock += 1;
-        self.bytes += size;
-        self.entries.insert(key, (value, self.clock));
+        self.0.insert(key, value, size);
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.0.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.0.is_empty()
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.0.hits
+    }
+
+    pub fn misses(&self) -> u64 {
+        self.0.misses
     }
 }
 
@@ -139,7 +101,7 @@ mod tests {
         c.insert(key("c"), entry(100));
         assert!(c.get(&key("b")).is_none(), "b was least recently used");
         assert!(c.get(&key("a")).is_some() && c.get(&key("c")).is_some());
-        assert_eq!((c.len(), c.hits, c.misses), (2, 3, 1));
+        assert_eq!((c.len(), c.hits(), c.misses()), (2, 3, 1));
     }
 
     #[test]

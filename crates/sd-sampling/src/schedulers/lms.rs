@@ -3,8 +3,8 @@
 //! integrates numerically, here they are integrated exactly (Gauss–Legendre
 //! with enough points for the polynomial's degree).
 
-use super::common::{add_sigma_noise, k_denoised, scale_by_sigma, SchedulerConfig};
-use super::euler::SigmaSchedule;
+use super::common::{k_denoised, SchedulerConfig};
+use super::euler::{sigma_schedule_methods, SigmaSchedule};
 use super::{Scheduler, SchedulerError};
 
 const ORDER: usize = 4;
@@ -58,17 +58,7 @@ impl Lms {
 }
 
 impl Scheduler for Lms {
-    fn timesteps(&self) -> &[f64] {
-        &self.s.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f32 {
-        self.s.init_noise_sigma()
-    }
-
-    fn scale_model_input(&self, sample: &[f32], i: usize) -> Vec<f32> {
-        scale_by_sigma(sample, self.s.sigmas[i])
-    }
+    sigma_schedule_methods!();
 
     fn step(
         &mut self,
@@ -107,9 +97,5 @@ impl Scheduler for Lms {
                 sample[k] + update
             })
             .collect()
-    }
-
-    fn add_noise(&self, original: &[f32], noise: &[f32], i: usize) -> Vec<f32> {
-        add_sigma_noise(original, noise, self.s.sigmas[i])
     }
 }
