@@ -107,6 +107,7 @@ impl Generator {
             .filter(|(_, f)| f.is_none())
             .map(|(k, _)| k.clip_skip)
             .collect();
+        skips.sort_unstable();
         skips.dedup();
         for skip in skips {
             let idx: Vec<usize> = (0..keys.len())

@@ -37,16 +37,13 @@ pub struct Limits {
 }
 
 impl Default for Limits {
+    /// The flags' defaults (one source for the numbers; `SD_*` variables
+    /// apply here as on the command line).
     fn default() -> Self {
-        Limits {
-            min_side: 8,
-            max_side: 2048,
-            max_steps: 150,
-            max_images: 8,
-            max_prompt_bytes: 4096,
-            max_init_image_bytes: 16 << 20,
-            max_cost: 8.0 * 150.0 * 1.05,
-        }
+        use clap::{Args, FromArgMatches};
+        let matches =
+            Limits::augment_args(clap::Command::new("limits")).get_matches_from(["limits"]);
+        Limits::from_arg_matches(&matches).expect("the limits' defaults parse")
     }
 }
 

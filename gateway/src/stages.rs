@@ -11,7 +11,10 @@ use sd_runtime::deadline::Deadline;
 use sd_runtime::telemetry::inject;
 use tonic::Status;
 
+use tonic::transport::Channel;
+
 use crate::backends::Backends;
+use crate::pool::Pool;
 
 /// Text encoding, one denoising prediction, VAE decode and encode.
 #[tonic::async_trait]
@@ -47,8 +50,21 @@ fn outgoing<T>(deadline: &Deadline, msg: T) -> Result<tonic::Request<T>, Status>
     Ok(r)
 }
 
-fn record_replica(url: &str) {
-    tracing::Span::current().record("replica", url);
+/// One idempotent call on a stage's pool: the replica recorded on the
+/// current span, the deadline and trace context on the request.
+async fn call<R, T, F, Fut>(pool: &Pool, deadline: &Deadline, req: R, rpc: F) -> Result<T, Status>
+where
+    R: Clone,
+    F: Fn(Channel, tonic::Request<R>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    pool.call(deadline, |ch, url| {
+        tracing::Span::current().record("replica", url.as_str());
+        let req = outgoing(deadline, req.clone());
+        let fut = req.map(|r| rpc(ch, r));
+        async move { Ok(fut?.await?.into_inner()) }
+    })
+    .await
 }
 
 #[tonic::async_trait]
@@ -58,19 +74,11 @@ impl Stages for Backends {
         req: EncodeTextRequest,
         deadline: &Deadline,
     ) -> Result<EncodeTextResponse, Status> {
-        self.text
-            .call(deadline, |ch, url| {
-                let req = req.clone();
-                async move {
-                    record_replica(&url);
-                    Ok(self
-                        .text_client(ch)
-                        .encode(outgoing(deadline, req)?)
-                        .await?
-                        .into_inner())
-                }
-            })
-            .await
+        call(&self.text, deadline, req, |ch, r| {
+            let mut c = self.text_client(ch);
+            async move { c.encode(r).await }
+        })
+        .await
     }
 
     async fn predict(
@@ -78,19 +86,11 @@ impl Stages for Backends {
         req: PredictRequest,
         deadline: &Deadline,
     ) -> Result<PredictResponse, Status> {
-        self.denoiser
-            .call(deadline, |ch, url| {
-                let req = req.clone();
-                async move {
-                    record_replica(&url);
-                    Ok(self
-                        .denoiser_client(ch)
-                        .predict(outgoing(deadline, req)?)
-                        .await?
-                        .into_inner())
-                }
-            })
-            .await
+        call(&self.denoiser, deadline, req, |ch, r| {
+            let mut c = self.denoiser_client(ch);
+            async move { c.predict(r).await }
+        })
+        .await
     }
 
     async fn decode(
@@ -98,19 +98,11 @@ impl Stages for Backends {
         req: DecodeRequest,
         deadline: &Deadline,
     ) -> Result<DecodeResponse, Status> {
-        self.autoencoder
-            .call(deadline, |ch, url| {
-                let req = req.clone();
-                async move {
-                    record_replica(&url);
-                    Ok(self
-                        .autoencoder_client(ch)
-                        .decode(outgoing(deadline, req)?)
-                        .await?
-                        .into_inner())
-                }
-            })
-            .await
+        call(&self.autoencoder, deadline, req, |ch, r| {
+            let mut c = self.autoencoder_client(ch);
+            async move { c.decode(r).await }
+        })
+        .await
     }
 
     async fn encode_image(
@@ -118,18 +110,10 @@ impl Stages for Backends {
         req: EncodeImageRequest,
         deadline: &Deadline,
     ) -> Result<EncodeImageResponse, Status> {
-        self.autoencoder
-            .call(deadline, |ch, url| {
-                let req = req.clone();
-                async move {
-                    record_replica(&url);
-                    Ok(self
-                        .autoencoder_client(ch)
-                        .encode(outgoing(deadline, req)?)
-                        .await?
-                        .into_inner())
-                }
-            })
-            .await
+        call(&self.autoencoder, deadline, req, |ch, r| {
+            let mut c = self.autoencoder_client(ch);
+            async move { c.encode(r).await }
+        })
+        .await
     }
 }

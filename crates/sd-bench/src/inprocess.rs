@@ -26,11 +26,6 @@ pub struct InProcess {
     embeddings: Mutex<HashMap<String, Tensor>>,
 }
 
-// SAFETY: the models are read-only after load (see sd-models), and cached
-// embeddings are only read after insertion, under the mutex.
-unsafe impl Sync for InProcess {}
-unsafe impl Send for InProcess {}
-
 impl InProcess {
     pub fn load(dir: &ModelDir) -> anyhow::Result<(Self, ModelFacts)> {
         let p = Placement::cpu();

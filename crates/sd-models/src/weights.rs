@@ -213,10 +213,6 @@ impl<'a> Vb<'a> {
         }
     }
 
-    pub fn weights(&self) -> &'a Weights {
-        self.weights
-    }
-
     pub fn name(&self, leaf: &str) -> String {
         if self.prefix.is_empty() {
             leaf.to_string()

@@ -3,7 +3,6 @@
 //! view (f32 values in memory); conversions check that the byte length fits
 //! the shape and dtype, so a bad message is an error, never a panic.
 
-use bytes_len::expected_len;
 use half::{bf16, f16};
 
 use crate::v1::{Dtype, Tensor};
@@ -38,34 +37,28 @@ impl std::fmt::Display for WireError {
 
 impl std::error::Error for WireError {}
 
-mod bytes_len {
-    use super::{WireError, MAX_ELEMENTS};
-
-    /// Element count of a shape, checked: no negative dims, no overflow.
-    pub fn numel(shape: &[i64]) -> Result<usize, WireError> {
-        let mut n: i64 = 1;
-        for &d in shape {
-            if d < 0 {
-                return Err(WireError::Shape(format!(
-                    "{shape:?} has a negative dimension"
-                )));
-            }
-            n = n.saturating_mul(d);
-            if n > MAX_ELEMENTS {
-                return Err(WireError::Shape(format!(
-                    "{shape:?} exceeds {MAX_ELEMENTS} elements"
-                )));
-            }
+/// Element count of a shape, checked: no negative dims, no overflow.
+pub fn numel(shape: &[i64]) -> Result<usize, WireError> {
+    let mut n: i64 = 1;
+    for &d in shape {
+        if d < 0 {
+            return Err(WireError::Shape(format!(
+                "{shape:?} has a negative dimension"
+            )));
         }
-        Ok(n as usize)
+        n = n.saturating_mul(d);
+        if n > MAX_ELEMENTS {
+            return Err(WireError::Shape(format!(
+                "{shape:?} exceeds {MAX_ELEMENTS} elements"
+            )));
+        }
     }
-
-    pub fn expected_len(shape: &[i64], elt: usize) -> Result<usize, WireError> {
-        Ok(numel(shape)? * elt)
-    }
+    Ok(n as usize)
 }
 
-pub use bytes_len::numel;
+fn expected_len(shape: &[i64], elt: usize) -> Result<usize, WireError> {
+    Ok(numel(shape)? * elt)
+}
 
 /// Bytes per element, or an error for an unknown dtype.
 pub fn elt_size(dtype: i32) -> Result<usize, WireError> {
@@ -105,14 +98,6 @@ impl HostTensor {
             )));
         }
         Ok(HostTensor { shape, data })
-    }
-
-    pub fn zeros(shape: Vec<i64>) -> Result<Self, WireError> {
-        let n = numel(&shape)?;
-        Ok(HostTensor {
-            shape,
-            data: vec![0.0; n],
-        })
     }
 
     pub fn numel(&self) -> usize {
@@ -172,38 +157,6 @@ impl HostTensor {
             data,
         })
     }
-
-    /// Items `start..start + len` along the first dimension.
-    pub fn slice0(&self, start: usize, len: usize) -> HostTensor {
-        let per: usize = self.shape[1..].iter().product::<i64>() as usize;
-        let mut shape = self.shape.clone();
-        shape[0] = len as i64;
-        HostTensor {
-            shape,
-            data: self.data[start * per..(start + len) * per].to_vec(),
-        }
-    }
-
-    /// Concatenate along the first dimension (shapes after it must agree).
-    pub fn cat0(parts: &[&HostTensor]) -> Result<HostTensor, WireError> {
-        let first = parts
-            .first()
-            .ok_or(WireError::Missing("tensors to concatenate"))?;
-        let mut shape = first.shape.clone();
-        let mut data = Vec::new();
-        shape[0] = 0;
-        for p in parts {
-            if p.shape[1..] != first.shape[1..] {
-                return Err(WireError::Shape(format!(
-                    "{:?} vs {:?}",
-                    p.shape, first.shape
-                )));
-            }
-            shape[0] += p.shape[0];
-            data.extend_from_slice(&p.data);
-        }
-        Ok(HostTensor { shape, data })
-    }
 }
 
 #[cfg(test)]
@@ -230,7 +183,7 @@ mod tests {
 
     #[test]
     fn rejects_lengths_shapes_and_dtypes_that_do_not_fit() {
-        let mut w = HostTensor::zeros(vec![2, 2])
+        let mut w = HostTensor::new(vec![2, 2], vec![0.0; 4])
             .unwrap()
             .to_wire(Dtype::Float32);
         w.data = w.data.slice(..15);

@@ -43,10 +43,6 @@ impl Admission {
         self.queued.load(Ordering::SeqCst)
     }
 
-    pub fn running(&self, concurrency: usize) -> usize {
-        concurrency.saturating_sub(self.permits.available_permits())
-    }
-
     /// A slot now, or a place in the queue, or RESOURCE_EXHAUSTED.
     pub async fn admit(&self) -> Result<Slot, Status> {
         if let Ok(p) = self.permits.clone().try_acquire_owned() {

@@ -96,10 +96,6 @@ impl Health {
     pub async fn not_serving(&self) {
         self.set(ServingStatus::NotServing).await;
     }
-
-    pub fn reporter(&self) -> HealthReporter {
-        self.reporter.clone()
-    }
 }
 
 /// Server reflection for `sd.v1` (grpcurl and friends).

@@ -85,18 +85,6 @@ impl ClientTlsArgs {
 }
 
 impl ClientTls {
-    pub fn new(
-        ca_pem: Vec<u8>,
-        identity: Option<(Vec<u8>, Vec<u8>)>,
-        domain: Option<String>,
-    ) -> Self {
-        ClientTls {
-            ca: Certificate::from_pem(ca_pem),
-            identity: identity.map(|(c, k)| Identity::from_pem(c, k)),
-            domain,
-        }
-    }
-
     /// The rustls client config for one endpoint URL.
     pub fn config_for(&self, url: &str) -> anyhow::Result<ClientTlsConfig> {
         let host = match &self.domain {

@@ -19,10 +19,6 @@ pub struct Call {
     pub guidance: f64,
 }
 
-// SAFETY: a Call's tensors are created for it and moved between threads
-// whole; nothing else holds them.
-unsafe impl Send for Call {}
-
 impl Call {
     pub fn batch(&self) -> i64 {
         self.latents.size()[0]

@@ -35,13 +35,16 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    pub fn start(unet: Arc<UNet>, config: BatchConfig, metrics: Arc<Metrics>) -> Self {
+    pub fn start(
+        unet: Arc<UNet>,
+        config: BatchConfig,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("unet-batcher".into())
-            .spawn(move || run(unet, rx, config, metrics))
-            .expect("spawning the batcher thread");
-        Batcher { tx }
+            .spawn(move || run(unet, rx, config, metrics))?;
+        Ok(Batcher { tx })
     }
 
     pub async fn submit(&self, call: Call) -> Result<Tensor, Status> {

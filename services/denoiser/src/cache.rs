@@ -35,10 +35,6 @@ impl EmbeddingCache {
     }
 }
 
-// SAFETY: cached tensors are never written to after insertion; the cache
-// itself sits behind a Mutex.
-unsafe impl Send for EmbeddingCache {}
-
 #[cfg(test)]
 mod tests {
     use super::*;

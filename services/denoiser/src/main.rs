@@ -285,7 +285,9 @@ fn load(
     };
     tracing::info!(model = %info.model_id, "denoiser ready");
     let unet = Arc::new(unet);
-    let batcher = (!args.no_batching).then(|| {
+    let batcher = if args.no_batching {
+        None
+    } else {
         let config = batch::BatchConfig {
             max_items: args.max_batch,
             max_wait: std::time::Duration::from_millis(args.max_wait_ms),
@@ -295,11 +297,11 @@ fn load(
             (args.max_batch as usize).max(1) * 2,
             args.model.max_queue,
         );
-        (
-            batch::Batcher::start(unet.clone(), config, metrics.clone()),
+        Some((
+            batch::Batcher::start(unet.clone(), config, metrics.clone())?,
             admission,
-        )
-    });
+        ))
+    };
     let service = Service {
         unet,
         batcher,

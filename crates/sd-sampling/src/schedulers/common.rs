@@ -193,6 +193,38 @@ impl Common {
         }
     }
 
+    /// Integer timesteps of the DDPM-family schedulers (DDIM, PNDM), descending.
+    pub fn ddpm_timesteps(&self, steps: usize) -> Vec<f64> {
+        let t = self.train_steps;
+        match self.spacing {
+            Spacing::Linspace => linspace(0.0, (t - 1) as f64, steps)
+                .into_iter()
+                .rev()
+                .map(f64::round_ties_even)
+                .collect(),
+            Spacing::Leading => {
+                let ratio = (t / steps) as f64;
+                (0..steps)
+                    .rev()
+                    .map(|i| i as f64 * ratio + self.steps_offset)
+                    .collect()
+            }
+            Spacing::Trailing => arange_desc(t as f64, t as f64 / steps as f64)
+                .into_iter()
+                .map(|x| x.round_ties_even() - 1.0)
+                .collect(),
+        }
+    }
+
+    /// ᾱ past the last step: 1 with `set_alpha_to_one`, else ᾱ₀.
+    pub fn final_alpha(&self, c: &SchedulerConfig, set_alpha_to_one_default: bool) -> f32 {
+        if c.bool_or("set_alpha_to_one", set_alpha_to_one_default) {
+            1.0
+        } else {
+            self.alphas_cumprod[0]
+        }
+    }
+
     /// ᾱ at an integer timestep; `final_alpha` below zero.
     pub fn alpha_at(&self, t: i64, final_alpha: f32) -> f32 {
         if t >= 0 {

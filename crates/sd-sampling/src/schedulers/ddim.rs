@@ -1,6 +1,6 @@
 //! DDIM (diffusers' `DDIMScheduler`), with eta for stochastic sampling.
 
-use super::common::{add_alpha_noise, linspace, Common, Prediction, SchedulerConfig, Spacing};
+use super::common::{add_alpha_noise, Common, Prediction, SchedulerConfig};
 use super::{Scheduler, SchedulerError};
 
 pub struct Ddim {
@@ -16,29 +16,8 @@ impl Ddim {
     pub fn new(c: &SchedulerConfig, steps: usize, eta: f32) -> Result<Self, SchedulerError> {
         let common = Common::new(c, "leading")?;
         let t = common.train_steps;
-        let timesteps: Vec<f64> = match common.spacing {
-            Spacing::Linspace => linspace(0.0, (t - 1) as f64, steps)
-                .into_iter()
-                .rev()
-                .map(f64::round_ties_even)
-                .collect(),
-            Spacing::Leading => {
-                let ratio = (t / steps) as f64;
-                (0..steps)
-                    .rev()
-                    .map(|i| i as f64 * ratio + common.steps_offset)
-                    .collect()
-            }
-            Spacing::Trailing => super::common::arange_desc(t as f64, t as f64 / steps as f64)
-                .into_iter()
-                .map(|x| x.round_ties_even() - 1.0)
-                .collect(),
-        };
-        let final_alpha = if c.bool_or("set_alpha_to_one", true) {
-            1.0
-        } else {
-            common.alphas_cumprod[0]
-        };
+        let timesteps = common.ddpm_timesteps(steps);
+        let final_alpha = common.final_alpha(c, true);
         let clip_sample = c
             .bool_or("clip_sample", true)
             .then(|| c.f64_or("clip_sample_range", 1.0) as f32);

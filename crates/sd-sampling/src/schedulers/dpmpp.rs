@@ -32,6 +32,56 @@ pub(super) fn vp_add_noise(original: &[f32], noise: &[f32], sigma: f32) -> Vec<f
         .collect()
 }
 
+/// Timesteps and sigmas of the multistep solvers (DPM-Solver++, UniPC):
+/// Karras sigmas between `karras = (min, max)` with rounded timesteps, or
+/// the spaced integer timesteps with interpolated sigmas.
+pub(super) fn multistep_schedule(
+    common: &Common,
+    steps: usize,
+    karras_range: Option<(f64, f64)>,
+) -> (Vec<f64>, Vec<f64>) {
+    let train = common.train_sigmas();
+    match karras_range {
+        Some((lo, hi)) => {
+            let log_sigmas: Vec<f32> = train.iter().map(|s| s.ln()).collect();
+            let sig = karras(lo, hi, steps);
+            let ts = sig
+                .iter()
+                .map(|&s| sigma_to_t(s, &log_sigmas).round_ties_even())
+                .collect();
+            (ts, sig)
+        }
+        None => {
+            let ts = common.multistep_timesteps(steps);
+            let sig = ts.iter().map(|&t| interp(t, &train)).collect();
+            (ts, sig)
+        }
+    }
+}
+
+/// The data (x0) prediction from the model output at noise level `sigma`,
+/// in the solvers' VP parameterisation.
+pub(super) fn data_prediction(
+    pred: Prediction,
+    model_output: &[f32],
+    sample: &[f32],
+    sigma: f32,
+) -> Vec<f32> {
+    let (a, s) = alpha_sigma(sigma);
+    match pred {
+        Prediction::Epsilon => sample
+            .iter()
+            .zip(model_output)
+            .map(|(x, m)| (x - s * m) / a)
+            .collect(),
+        Prediction::V => sample
+            .iter()
+            .zip(model_output)
+            .map(|(x, m)| a * x - s * m)
+            .collect(),
+    }
+}
+
 pub(super) fn lambda(sigma: f32) -> f32 {
     let (a, s) = alpha_sigma(sigma);
     a.ln() - s.ln()
@@ -45,21 +95,11 @@ impl DpmPp2m {
     ) -> Result<Self, SchedulerError> {
         let common = Common::new(c, "linspace")?;
         let train = common.train_sigmas();
-        let (timesteps, sigmas): (Vec<f64>, Vec<f64>) = if use_karras {
-            let log_sigmas: Vec<f32> = train.iter().map(|s| s.ln()).collect();
-            let lo = c.f64_or("sigma_min", train[0] as f64);
-            let hi = c.f64_or("sigma_max", train[train.len() - 1] as f64);
-            let sig = karras(lo, hi, steps);
-            let ts = sig
-                .iter()
-                .map(|&s| sigma_to_t(s, &log_sigmas).round_ties_even())
-                .collect();
-            (ts, sig)
-        } else {
-            let ts = common.multistep_timesteps(steps);
-            let sig = ts.iter().map(|&t| interp(t, &train)).collect();
-            (ts, sig)
-        };
+        let range = (
+            c.f64_or("sigma_min", train[0] as f64),
+            c.f64_or("sigma_max", train[train.len() - 1] as f64),
+        );
+        let (timesteps, sigmas) = multistep_schedule(&common, steps, use_karras.then_some(range));
         let last = match c.str_or("final_sigmas_type", "zero") {
             "sigma_min" => train[0],
             _ => 0.0,
@@ -99,19 +139,7 @@ impl Scheduler for DpmPp2m {
         let lower_final = i == n - 1 && ((self.lower_order_final && n < 15) || final_zero);
         // convert_model_output: the data (x0) prediction.
         let sigma = self.sigmas[i];
-        let (a_s, s_s) = alpha_sigma(sigma);
-        let x0: Vec<f32> = match self.common.prediction {
-            Prediction::Epsilon => sample
-                .iter()
-                .zip(model_output)
-                .map(|(x, m)| (x - s_s * m) / a_s)
-                .collect(),
-            Prediction::V => sample
-                .iter()
-                .zip(model_output)
-                .map(|(x, m)| a_s * x - s_s * m)
-                .collect(),
-        };
+        let x0 = data_prediction(self.common.prediction, model_output, sample, sigma);
         if self.outputs.len() == 2 {
             self.outputs.remove(0);
         }

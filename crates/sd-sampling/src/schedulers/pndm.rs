@@ -1,9 +1,7 @@
 //! PNDM as Stable Diffusion runs it: PLMS steps only (`skip_prk_steps`),
 //! diffusers' `PNDMScheduler` with a linear multistep history of four.
 
-use super::common::{
-    add_alpha_noise, arange_desc, linspace, Common, Prediction, SchedulerConfig, Spacing,
-};
+use super::common::{add_alpha_noise, Common, Prediction, SchedulerConfig};
 use super::{Scheduler, SchedulerError};
 
 pub struct Pndm {
@@ -21,26 +19,8 @@ impl Pndm {
         let common = Common::new(c, "leading")?;
         let t = common.train_steps;
         // Ascending, as diffusers' `_timesteps`.
-        let base: Vec<f64> = match common.spacing {
-            Spacing::Linspace => linspace(0.0, (t - 1) as f64, steps)
-                .into_iter()
-                .map(f64::round_ties_even)
-                .collect(),
-            Spacing::Leading => {
-                let ratio = (t / steps) as f64;
-                (0..steps)
-                    .map(|i| i as f64 * ratio + common.steps_offset)
-                    .collect()
-            }
-            Spacing::Trailing => {
-                let mut v: Vec<f64> = arange_desc(t as f64, t as f64 / steps as f64)
-                    .into_iter()
-                    .map(|x| x.round_ties_even() - 1.0)
-                    .collect();
-                v.reverse();
-                v
-            }
-        };
+        let mut base = common.ddpm_timesteps(steps);
+        base.reverse();
         // PLMS: [_t[:-1], _t[-2:-1], _t[-1:]] reversed; the second-to-last repeats.
         let n = base.len();
         let mut plms: Vec<f64> = base[..n - 1].to_vec();
@@ -49,11 +29,7 @@ impl Pndm {
         }
         plms.push(base[n - 1]);
         plms.reverse();
-        let final_alpha = if c.bool_or("set_alpha_to_one", false) {
-            1.0
-        } else {
-            common.alphas_cumprod[0]
-        };
+        let final_alpha = common.final_alpha(c, false);
         Ok(Pndm {
             step_ratio: (t / steps) as i64,
             common,

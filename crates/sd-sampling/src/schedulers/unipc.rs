@@ -2,8 +2,8 @@
 //! data prediction, the bh2 variant, the corrector on every step),
 //! optionally with Karras sigmas.
 
-use super::common::{interp, karras, sigma_to_t, Common, Prediction, SchedulerConfig};
-use super::dpmpp::{alpha_sigma, lambda, vp_add_noise};
+use super::common::{Common, SchedulerConfig};
+use super::dpmpp::{alpha_sigma, data_prediction, lambda, multistep_schedule, vp_add_noise};
 use super::{Scheduler, SchedulerError};
 
 pub struct UniPc {
@@ -30,19 +30,8 @@ impl UniPc {
         }
         let common = Common::new(c, "linspace")?;
         let train = common.train_sigmas();
-        let (timesteps, sigmas): (Vec<f64>, Vec<f64>) = if use_karras {
-            let log_sigmas: Vec<f32> = train.iter().map(|s| s.ln()).collect();
-            let sig = karras(train[0] as f64, train[train.len() - 1] as f64, steps);
-            let ts = sig
-                .iter()
-                .map(|&s| sigma_to_t(s, &log_sigmas).round_ties_even())
-                .collect();
-            (ts, sig)
-        } else {
-            let ts = common.multistep_timesteps(steps);
-            let sig = ts.iter().map(|&t| interp(t, &train)).collect();
-            (ts, sig)
-        };
+        let range = (train[0] as f64, train[train.len() - 1] as f64);
+        let (timesteps, sigmas) = multistep_schedule(&common, steps, use_karras.then_some(range));
         let last = match c.str_or("final_sigmas_type", "zero") {
             "sigma_min" => *sigmas.last().unwrap_or(&0.0) as f32,
             _ => 0.0,
@@ -161,19 +150,8 @@ impl Scheduler for UniPc {
         sample: &[f32],
         _: &mut dyn FnMut(usize) -> Vec<f32>,
     ) -> Vec<f32> {
-        let (a, s) = alpha_sigma(self.sigmas[i]);
-        let converted: Vec<f32> = match self.common.prediction {
-            Prediction::Epsilon => sample
-                .iter()
-                .zip(model_output)
-                .map(|(x, m)| (x - s * m) / a)
-                .collect(),
-            Prediction::V => sample
-                .iter()
-                .zip(model_output)
-                .map(|(x, m)| a * x - s * m)
-                .collect(),
-        };
+        let converted =
+            data_prediction(self.common.prediction, model_output, sample, self.sigmas[i]);
         let sample: Vec<f32> = match self.last_sample.take() {
             Some(last) if i > 0 && !self.outputs.is_empty() => {
                 self.corrector(i, &converted, &last, sample)
