@@ -170,6 +170,27 @@ pub fn encode_png(
 }
 
 /// Encode RGB8 pixels as the requested format.
+/// Images up to this many pixels are encoded or decoded on the I/O thread;
+/// larger ones go to the blocking pool, so one big image does not stall
+/// every other generation's steps (a hop costs more than a small image).
+pub const INLINE_PIXELS: u64 = 128 * 128;
+
+/// Encoded inputs up to this many bytes are decoded on the I/O thread.
+pub const INLINE_BYTES: usize = 32 << 10;
+
+/// Run image work `f` inline when `small`, else on the blocking pool.
+pub async fn off_thread<T: Send + 'static>(
+    small: bool,
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    if small {
+        return f();
+    }
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("image task failed: {e}")))?
+}
+
 pub fn encode(
     rgb: &[u8],
     w: u32,

@@ -60,9 +60,12 @@ fn parse_dtype(s: &str) -> Result<Dtype, String> {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    args.server.runtime()?.block_on(serve(args))
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
     let telemetry = sd_runtime::init_telemetry(args.server.log_json, "sd-gateway");
     let (health, health_service) = sd_runtime::Health::new("sd.v1.Generation").await;
     let health = Arc::new(health);

@@ -244,19 +244,22 @@ impl Generator {
                     })
                 })
                 .collect(),
-            PreviewMode::Full => self
-                .decode(latents, deadline)
-                .await?
-                .into_iter()
-                .map(|(rgb, w, h)| {
-                    Ok(GeneratedImage {
-                        data: images::encode_png(&rgb, w, h, &[])?.into(),
+            PreviewMode::Full => {
+                let mut out = Vec::new();
+                for (rgb, w, h) in self.decode(latents, deadline).await? {
+                    let small = w as u64 * h as u64 <= images::INLINE_PIXELS;
+                    let data =
+                        images::off_thread(small, move || images::encode_png(&rgb, w, h, &[]))
+                            .await?;
+                    out.push(GeneratedImage {
+                        data: data.into(),
                         format: ImageFormat::Png as i32,
                         width: w,
                         height: h,
-                    })
-                })
-                .collect(),
+                    });
+                }
+                Ok(out)
+            }
         }
     }
 
@@ -277,7 +280,9 @@ impl Generator {
         if guided {
             wanted.push((plan.negative_prompt.as_str(), 0));
         }
+        let text_start = Instant::now();
         let mut embeds = self.embeddings(&wanted, deadline).await?.into_iter();
+        self.metrics.step("text", text_start.elapsed());
         let mut cond = Conditioning {
             embedding: embeds
                 .next()
@@ -330,6 +335,7 @@ impl Generator {
                 let msg = EncodeImageRequest {
                     pixels: Some(init.pixels.to_wire(Dtype::Float32)),
                 };
+                let encode_start = Instant::now();
                 let dist = self
                     .stages
                     .encode_image(msg, deadline)
@@ -338,6 +344,7 @@ impl Generator {
                         replica = tracing::field::Empty
                     ))
                     .await?;
+                self.metrics.step("encode_image", encode_start.elapsed());
                 let mean =
                     HostTensor::from_wire(&dist.mean.ok_or_else(|| Status::internal("no mean"))?)
                         .map_err(wire_err("mean"))?;
@@ -423,6 +430,7 @@ impl Generator {
         }
 
         let params = plan.parameters();
+        let decode_start = Instant::now();
         let decoded = self
             .decode(
                 &HostTensor {
@@ -432,17 +440,25 @@ impl Generator {
                 deadline,
             )
             .await?;
-        let images = decoded
-            .into_iter()
-            .map(|(rgb, w, h)| {
-                Ok(GeneratedImage {
-                    data: images::encode(&rgb, w, h, plan.format, &params)?.into(),
-                    format: plan.format as i32,
-                    width: w,
-                    height: h,
+        self.metrics.step("decode", decode_start.elapsed());
+        let output_start = Instant::now();
+        let mut images = Vec::with_capacity(decoded.len());
+        for (rgb, w, h) in decoded {
+            let (format, params) = (plan.format, params.clone());
+            let data =
+                images::off_thread(w as u64 * h as u64 <= images::INLINE_PIXELS, move || {
+                    images::encode(&rgb, w, h, format, &params)
                 })
-            })
-            .collect::<Result<Vec<_>, Status>>()?;
+                .await?;
+            images.push(GeneratedImage {
+                data: data.into(),
+                format: format as i32,
+                width: w,
+                height: h,
+            });
+        }
+        self.metrics.step("image_encode", output_start.elapsed());
+        self.metrics.step("generation", start.elapsed());
         tracing::info!(
             seed = plan.seed,
             steps = plan.steps,

@@ -19,6 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::images;
 use crate::pipeline::{Event, Generator};
 use crate::plan::{Limits, Plan};
 
@@ -65,7 +66,11 @@ impl GenerationService {
         deadline: &Deadline,
     ) -> Result<(Plan, Admitted), Status> {
         let work = self.lifecycle.begin()?;
-        let plan = Plan::new(req, &self.generator.facts, &self.limits)?;
+        let plan = {
+            let (facts, limits) = (self.generator.facts.clone(), self.limits.clone());
+            let small = req.init_image.len() <= images::INLINE_BYTES;
+            images::off_thread(small, move || Plan::new(req, &facts, &limits)).await?
+        };
         let span = tracing::Span::current();
         span.record("seed", plan.seed);
         span.record("steps", plan.steps);

@@ -64,6 +64,23 @@ impl InProcess {
         Ok((me, facts))
     }
 
+    /// Mean milliseconds of one UNet forward over `rows` latents of `side`².
+    pub fn unet_forward_ms(&self, rows: i64, side: i64) -> anyhow::Result<f64> {
+        let _guard = tch::no_grad_guard();
+        let c = self.unet.config();
+        let f = (tch::Kind::Float, tch::Device::Cpu);
+        let x = Tensor::randn([rows, c.in_channels, side, side], f);
+        let t = Tensor::full([rows], 500.0, f);
+        let ctx = Tensor::randn([rows, 77, c.context_dim()], f);
+        let _ = self.unet.forward(&x, &t, &ctx)?;
+        let n = 5;
+        let start = std::time::Instant::now();
+        for _ in 0..n {
+            let _ = self.unet.forward(&x, &t, &ctx)?;
+        }
+        Ok(start.elapsed().as_secs_f64() * 1e3 / n as f64)
+    }
+
     fn embedding(&self, e: Option<&Embedding>) -> Result<Tensor, Status> {
         let e = e.ok_or_else(|| Status::invalid_argument("embedding missing"))?;
         let mut cache = self

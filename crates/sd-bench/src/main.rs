@@ -13,6 +13,7 @@
 
 mod inprocess;
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -56,6 +57,10 @@ struct Args {
     /// Python with diffusers (default: the project's venv).
     #[arg(long)]
     python: Option<PathBuf>,
+    /// Batch sizes (UNet rows; a guided image is two) for the table of
+    /// in-process UNet forward times.
+    #[arg(long, value_delimiter = ',', default_value = "2,4,8,16")]
+    forward_rows: Vec<i64>,
     /// Skip the diffusers measurement.
     #[arg(long)]
     no_diffusers: bool,
@@ -118,24 +123,77 @@ fn spawn(bin: &str, args: &[String], env: &[(&str, String)]) -> anyhow::Result<P
     })
 }
 
-/// Sum of the samples whose line starts with `prefix`.
-fn scrape(addr: &str, prefix: &str) -> anyhow::Result<f64> {
+/// The text exposition of a `/metrics` endpoint.
+fn fetch_metrics(addr: &str) -> anyhow::Result<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
     write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut body = String::new();
     s.read_to_string(&mut body)?;
-    Ok(body
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
+    Ok(body)
+}
+
+/// (sum of seconds, count) per stage of `sd_step_duration_seconds`.
+type StageTimes = BTreeMap<String, (f64, f64)>;
+
+fn stage_times(exposition: &str) -> StageTimes {
+    let mut out = StageTimes::new();
+    for line in exposition.lines() {
+        let (is_sum, rest) = if let Some(r) = line.strip_prefix("sd_step_duration_seconds_sum{") {
+            (true, r)
+        } else if let Some(r) = line.strip_prefix("sd_step_duration_seconds_count{") {
+            (false, r)
+        } else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let Some(stage) = labels
+            .split(',')
+            .find_map(|l| l.strip_prefix("stage=\""))
+            .map(|s| s.trim_end_matches('"'))
+        else {
+            continue;
+        };
+        let Ok(v) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let e = out.entry(stage.to_string()).or_insert((0.0, 0.0));
+        if is_sum {
+            e.0 += v;
+        } else {
+            e.1 += v;
+        }
+    }
+    out
+}
+
+/// Mean seconds per observation of each stage between two snapshots.
+fn stage_means(before: &StageTimes, after: &StageTimes) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .filter_map(|(k, (s1, n1))| {
+            let (s0, n0) = before.get(k).copied().unwrap_or((0.0, 0.0));
+            (n1 > &n0).then(|| (k.clone(), (s1 - s0) / (n1 - n0)))
+        })
+        .collect()
 }
 
 struct Stack {
-    _services: Vec<Proc>,
-    denoiser_metrics: String,
+    services: Vec<Proc>,
     gateway: Proc,
+}
+
+impl Stack {
+    /// Stage times of the gateway and the three model services.
+    fn stage_times(&self) -> anyhow::Result<StageTimes> {
+        let mut t = stage_times(&fetch_metrics(&self.gateway.metrics)?);
+        for s in &self.services {
+            t.extend(stage_times(&fetch_metrics(&s.metrics)?));
+        }
+        Ok(t)
+    }
 }
 
 fn start_stack(model: &Path, threads: i32, batching: bool) -> anyhow::Result<Stack> {
@@ -159,8 +217,7 @@ fn start_stack(model: &Path, threads: i32, batching: bool) -> anyhow::Result<Sta
     ];
     let gateway = spawn("sd-gateway", &gargs, &[])?;
     Ok(Stack {
-        denoiser_metrics: den.metrics.clone(),
-        _services: vec![text, den, vae],
+        services: vec![text, den, vae],
         gateway,
     })
 }
@@ -214,85 +271,69 @@ async fn connect(stack: &Stack) -> anyhow::Result<GenerationClient<tonic::transp
     }
 }
 
-/// Seconds per image through the gRPC stack, and the mean step overhead.
-async fn stack_latency(args: &Args, stack: &Stack) -> anyhow::Result<(f64, f64, f64)> {
-    let mut c = connect(stack).await?;
-    timed(&mut c, request(args, 1, "warm up")).await?;
-    let step = |addr: &str, stage: &str| -> anyhow::Result<(f64, f64)> {
-        let sum = scrape(
-            addr,
-            &format!(
-                "sd_step_duration_seconds_sum{{service=\"{}\",stage=\"{stage}\"}}",
-                if stage == "denoise" {
-                    "gateway"
-                } else {
-                    "denoiser"
-                }
-            ),
-        )?;
-        let count = scrape(
-            addr,
-            &format!(
-                "sd_step_duration_seconds_count{{service=\"{}\",stage=\"{stage}\"}}",
-                if stage == "denoise" {
-                    "gateway"
-                } else {
-                    "denoiser"
-                }
-            ),
-        )?;
-        Ok((sum, count))
-    };
-    let (g0, gn0) = step(&stack.gateway.metrics, "denoise")?;
-    let (u0, un0) = step(&stack.denoiser_metrics, "unet_forward")?;
-    let mut times = Vec::new();
-    for i in 0..args.runs {
-        times.push(
-            timed(
-                &mut c,
-                request(args, 100 + i as u64, "a lighthouse at dusk"),
-            )
-            .await?,
-        );
-    }
-    let (g1, gn1) = step(&stack.gateway.metrics, "denoise")?;
-    let (u1, un1) = step(&stack.denoiser_metrics, "unet_forward")?;
-    let gateway_step = (g1 - g0) / (gn1 - gn0).max(1.0);
-    let unet_step = (u1 - u0) / (un1 - un0).max(1.0);
-    Ok((mean(&times), gateway_step, unet_step))
+/// What one configuration measured: seconds per image and the mean of each
+/// gateway stage (and, for the stack, the denoiser's UNet forward).
+struct Latency {
+    per_image: f64,
+    stages: BTreeMap<String, f64>,
 }
 
-/// Seconds per image through the same step loop, in process.
-async fn in_process_latency(args: &Args) -> anyhow::Result<f64> {
+/// The gateway's step loop over in-process stages.
+fn in_process_generator(args: &Args) -> anyhow::Result<(Generator, Arc<inprocess::InProcess>)> {
     tch::set_num_threads(args.threads);
     let dir = ModelDir::open(&args.model)?;
     let (stages, facts) = inprocess::InProcess::load(&dir)?;
+    let stages = Arc::new(stages);
     let generator = Generator {
-        stages: Arc::new(stages),
+        stages: stages.clone(),
         facts: Arc::new(facts),
         cache: Arc::new(Mutex::new(PromptCache::new(64 << 20))),
         metrics: Metrics::new("bench"),
         wire: Dtype::Float32,
     };
-    let run = |seed: u64, prompt: &str| {
-        let plan = Plan::new(
-            request(args, seed, prompt),
-            &generator.facts,
-            &Limits::default(),
-        );
-        let g = generator.clone();
-        async move {
-            let t = Instant::now();
-            g.run(plan?, None, Deadline::none()).await?;
-            anyhow::Ok(t.elapsed().as_secs_f64())
-        }
-    };
-    run(1, "warm up").await?;
-    let mut times = Vec::new();
+    Ok((generator, stages))
+}
+
+async fn in_process_image(
+    args: &Args,
+    g: &Generator,
+    seed: u64,
+    prompt: &str,
+) -> anyhow::Result<f64> {
+    let plan = Plan::new(request(args, seed, prompt), &g.facts, &Limits::default())?;
+    let t = Instant::now();
+    g.run(plan, None, Deadline::none()).await?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Seconds per image in process and through the stack, measured
+/// alternately (image by image) so that a change in the machine's load
+/// during the run weighs on both alike.
+async fn compare_latency(
+    args: &Args,
+    g: &Generator,
+    stack: &Stack,
+) -> anyhow::Result<(Latency, Latency)> {
+    let mut c = connect(stack).await?;
+    in_process_image(args, g, 1, "warm up").await?;
+    timed(&mut c, request(args, 1, "warm up")).await?;
+    let (stack_before, local_before) = (stack.stage_times()?, stage_times(&g.metrics.encode()));
+    let (mut local, mut remote) = (Vec::new(), Vec::new());
     for i in 0..args.runs {
-        times.push(run(100 + i as u64, "a lighthouse at dusk").await?);
+        let seed = 100 + i as u64;
+        local.push(in_process_image(args, g, seed, "a lighthouse at dusk").await?);
+        remote.push(timed(&mut c, request(args, seed, "a lighthouse at dusk")).await?);
     }
-    Ok(mean(&times))
+    Ok((
+        Latency {
+            per_image: mean(&local),
+            stages: stage_means(&local_before, &stage_times(&g.metrics.encode())),
+        },
+        Latency {
+            per_image: mean(&remote),
+            stages: stage_means(&stack_before, &stack.stage_times()?),
+        },
+    ))
 }
 
 fn diffusers_latency(args: &Args) -> anyhow::Result<f64> {
@@ -380,9 +421,19 @@ async fn main() -> anyhow::Result<()> {
         args.steps, args.threads
     );
 
-    let inproc = in_process_latency(&args).await?;
+    let (generator, models) = in_process_generator(&args)?;
     let stack = start_stack(&args.model, args.threads, true)?;
-    let (stack_s, gateway_step, unet_step) = stack_latency(&args, &stack).await?;
+    let (inproc, st) = compare_latency(&args, &generator, &stack).await?;
+    let latent_side = i64::from(if args.size == 0 {
+        generator.facts.sample_size
+    } else {
+        args.size / generator.facts.scale_factor
+    });
+    let mut forwards = Vec::new();
+    for &rows in &args.forward_rows {
+        forwards.push((rows, models.unet_forward_ms(rows, latent_side)?));
+    }
+    drop((generator, models));
     let diffusers = if args.no_diffusers {
         None
     } else {
@@ -393,22 +444,43 @@ async fn main() -> anyhow::Result<()> {
         "## {name}: {} steps, {} torch threads, {} timed images each\n",
         args.steps, args.threads, args.runs
     );
+    let stack_s = st.per_image;
     println!("| pipeline | s/image | stack ÷ this |");
     println!("|---|---:|---:|");
     println!("| gRPC stack | {stack_s:.3} | 1.000 |");
     println!(
-        "| in-process Rust | {inproc:.3} | {:.3} |",
-        stack_s / inproc
+        "| in-process Rust | {:.3} | {:.3} |",
+        inproc.per_image,
+        stack_s / inproc.per_image
     );
     if let Some(d) = diffusers {
         println!("| diffusers | {d:.3} | {:.3} |", stack_s / d);
     }
+    let ms = |l: &Latency, k: &str| l.stages.get(k).copied().unwrap_or(f64::NAN) * 1e3;
+    println!("\n| stage (mean ms) | in-process | stack | stack − in-process |");
+    println!("|---|---:|---:|---:|");
+    for (k, label) in [
+        ("text", "prompt embeddings"),
+        ("denoise", "one denoising step"),
+        ("decode", "VAE decode"),
+        ("vae_decode", "… of which the VAE forward"),
+        ("image_encode", "image encoding (PNG)"),
+        ("generation", "whole generation"),
+    ] {
+        let (a, b) = (ms(&inproc, k), ms(&st, k));
+        println!("| {label} | {a:.2} | {b:.2} | {:.2} |", b - a);
+    }
+    let (gateway_step, unet_step) = (ms(&st, "denoise"), ms(&st, "unet_forward"));
     println!(
-        "\nPer-step overhead: gateway step {:.2} ms − UNet forward {:.2} ms = {:.2} ms\n",
-        gateway_step * 1e3,
-        unet_step * 1e3,
-        (gateway_step - unet_step) * 1e3
+        "\nPer-step overhead: gateway step {gateway_step:.2} ms − UNet forward {unet_step:.2} ms = {:.2} ms\n",
+        gateway_step - unet_step
     );
+
+    println!("| UNet forward, in process | ms | ms per row |\n|---:|---:|---:|");
+    for (rows, ms) in forwards {
+        println!("| {rows} rows | {ms:.2} | {:.2} |", ms / rows as f64);
+    }
+    println!();
 
     let (miss, hit) = cache_effect(&args, &stack).await?;
     println!("| repeated prompt | s/image |\n|---|---:|\n| new prompt (text encoder called) | {miss:.3} |\n| same prompt again (cache hit) | {hit:.3} |\n");

@@ -88,7 +88,7 @@ impl Metrics {
         );
         registry.register(
             "step_duration_seconds",
-            "Latency of one denoising step by stage",
+            "Latency by stage: a generation's phases (text, encode_image, denoise = one step, decode, image_encode, generation) and model forwards",
             step_seconds.clone(),
         );
         registry.register("in_flight", "Requests being worked on", in_flight.clone());

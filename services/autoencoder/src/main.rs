@@ -109,7 +109,7 @@ impl Service {
         let (vae, sf) = (self.vae.clone(), self.info.scaling_factor as f64);
         let images = self
             .worker
-            .run(move || {
+            .run("vae_decode", move || {
                 let pixels = vae
                     .decode(&(latents.to_kind(Kind::Float) / sf))
                     .map_err(status)?;
@@ -128,7 +128,7 @@ impl Service {
         let vae = self.vae.clone();
         let (mean, std) = self
             .worker
-            .run(move || {
+            .run("vae_encode", move || {
                 let d = vae.encode(&pixels).map_err(status)?;
                 Ok((
                     to_wire(&d.mean, Dtype::Float32)?,
@@ -143,9 +143,12 @@ impl Service {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    args.server.runtime()?.block_on(serve(args))
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
     let start = sd_service::start("autoencoder", "sd.v1.Autoencoder", &args.server).await?;
     let (metrics, lifecycle) = (start.metrics.clone(), start.lifecycle.clone());
     let a = args.clone();

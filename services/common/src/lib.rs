@@ -133,8 +133,10 @@ impl Worker {
         }
     }
 
+    /// Run `f` (timed as `stage` in the step-duration metric).
     pub async fn run<T: Send + 'static>(
         &self,
+        stage: &'static str,
         f: impl FnOnce() -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
         self.metrics
@@ -143,10 +145,14 @@ impl Worker {
         let slot = self.admission.admit().await;
         self.metrics.queue_depth.set(self.admission.queued() as i64);
         let slot = slot?;
+        let metrics = self.metrics.clone();
         let result = tokio::task::spawn_blocking(move || {
             let _slot = slot;
             let _guard = tch::no_grad_guard();
-            f()
+            let start = std::time::Instant::now();
+            let r = f();
+            metrics.step(stage, start.elapsed());
+            r
         })
         .await
         .map_err(|e| Status::internal(format!("model task failed: {e}")))?;

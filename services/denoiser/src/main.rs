@@ -204,7 +204,7 @@ impl Service {
         let unet = self.unet.clone();
         let output = self
             .worker
-            .run(move || {
+            .run("unet_forward", move || {
                 let call = Call {
                     latents,
                     timesteps,
@@ -231,9 +231,12 @@ fn prediction_type(scheduler_json: &str) -> anyhow::Result<String> {
         .to_string())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    args.server.runtime()?.block_on(serve(args))
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
     let start = sd_service::start("denoiser", "sd.v1.Denoiser", &args.server).await?;
     let (metrics, lifecycle) = (start.metrics.clone(), start.lifecycle.clone());
     let a = args.clone();

@@ -87,7 +87,7 @@ impl Service {
         let clip_skip = req.clip_skip as usize;
         let out = self
             .worker
-            .run(move || {
+            .run("text_forward", move || {
                 let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
                 let ids = model.tokenizer.encode_batch(&refs).map_err(status)?;
                 let hidden = model.clip.forward(&ids, clip_skip).map_err(status)?;
@@ -108,9 +108,12 @@ impl Service {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    args.server.runtime()?.block_on(serve(args))
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
     let start = sd_service::start("text-encoder", "sd.v1.TextEncoder", &args.server).await?;
     let (metrics, lifecycle) = (start.metrics.clone(), start.lifecycle.clone());
     let a = args.clone();
