@@ -18,6 +18,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     .iter()
     .map(|f| root.join(format!("sd/v1/{f}.proto")))
     .collect();
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("sd_v1_descriptor.bin"))

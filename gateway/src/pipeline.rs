@@ -71,6 +71,29 @@ impl Conditioning {
     }
 }
 
+/// A session id for the denoiser's batcher: distinct for each generation
+/// of this gateway, and random across gateways sharing a denoiser.
+fn new_session_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::LazyLock;
+    static BASE: LazyLock<u64> = LazyLock::new(|| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.finish()
+    });
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    BASE.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed))
+        .max(1)
+}
+
+/// Where a Predict stands in its generation (for the denoiser's batcher).
+#[derive(Clone, Copy)]
+struct StepOf {
+    session: u64,
+    steps_after: u32,
+}
+
 fn is_embedding_miss(s: &Status) -> bool {
     s.code() == Code::FailedPrecondition && s.metadata().contains_key("sd-embedding-miss")
 }
@@ -163,6 +186,7 @@ impl Generator {
         cond: &mut Conditioning,
         uncond: &mut Option<Conditioning>,
         guidance: f32,
+        step: StepOf,
         deadline: &Deadline,
     ) -> Result<HostTensor, Status> {
         for attempt in 0..2 {
@@ -173,6 +197,8 @@ impl Generator {
                 uncond: uncond.as_ref().map(Conditioning::message),
                 guidance_scale: guidance,
                 output_dtype: self.wire as i32,
+                session_id: step.session,
+                steps_after: step.steps_after,
             };
             let result = self.stages.predict(req, deadline).await;
             match result {
@@ -370,6 +396,7 @@ impl Generator {
         };
 
         let total = (timesteps.len() - first) as u32;
+        let session = new_session_id();
         for (k, i) in (first..timesteps.len()).enumerate() {
             let t = timesteps[i] as f32;
             let input = HostTensor {
@@ -392,6 +419,10 @@ impl Generator {
                     &mut cond,
                     &mut uncond,
                     plan.guidance,
+                    StepOf {
+                        session,
+                        steps_after: total - k as u32 - 1,
+                    },
                     deadline,
                 )
                 .instrument(span)

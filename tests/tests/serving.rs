@@ -312,6 +312,7 @@ async fn internal_services_refuse_bad_calls_with_clear_codes() {
         uncond: None,
         guidance_scale: g,
         output_dtype: 0,
+        ..Default::default()
     };
     let mut d = DenoiserClient::connect(cluster.denoisers[0].url())
         .await

@@ -61,6 +61,10 @@ struct Args {
     /// in-process UNet forward times.
     #[arg(long, value_delimiter = ',', default_value = "2,4,8,16")]
     forward_rows: Vec<i64>,
+    /// UNet workers (forward passes at once in the denoiser) for the
+    /// throughput table, one block of rows each.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    unet_workers: Vec<usize>,
     /// Skip the diffusers measurement.
     #[arg(long)]
     no_diffusers: bool,
@@ -196,8 +200,16 @@ impl Stack {
     }
 }
 
-fn start_stack(model: &Path, threads: i32, batching: bool) -> anyhow::Result<Stack> {
-    let mut env = vec![("SD_TORCH_THREADS", threads.to_string())];
+fn start_stack(
+    model: &Path,
+    threads: i32,
+    batching: bool,
+    unet_workers: usize,
+) -> anyhow::Result<Stack> {
+    let mut env = vec![
+        ("SD_TORCH_THREADS", threads.to_string()),
+        ("SD_MODEL_CONCURRENCY", unet_workers.to_string()),
+    ];
     if !batching {
         env.push(("SD_NO_BATCHING", "true".into()));
     }
@@ -395,6 +407,21 @@ async fn throughput(
     ))
 }
 
+/// (sum, count) of the denoiser's UNet rows per forward.
+fn batch_rows(metrics: &str) -> anyhow::Result<(f64, f64)> {
+    let text = fetch_metrics(metrics)?;
+    let value = |name: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    Ok((
+        value("sd_unet_batch_items_sum"),
+        value("sd_unet_batch_items_count"),
+    ))
+}
+
 /// Latency of a new prompt (text encoder called) and of the same prompt again.
 async fn cache_effect(args: &Args, stack: &Stack) -> anyhow::Result<(f64, f64)> {
     let mut c = connect(stack).await?;
@@ -422,7 +449,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let (generator, models) = in_process_generator(&args)?;
-    let stack = start_stack(&args.model, args.threads, true)?;
+    let stack = start_stack(&args.model, args.threads, true, 1)?;
     let (inproc, st) = compare_latency(&args, &generator, &stack).await?;
     let latent_side = i64::from(if args.size == 0 {
         generator.facts.sample_size
@@ -485,19 +512,31 @@ async fn main() -> anyhow::Result<()> {
     let (miss, hit) = cache_effect(&args, &stack).await?;
     println!("| repeated prompt | s/image |\n|---|---:|\n| new prompt (text encoder called) | {miss:.3} |\n| same prompt again (cache hit) | {hit:.3} |\n");
 
-    let mut rows = Vec::new();
-    for &c in &args.concurrency {
-        rows.push(("on", c, throughput(&args, &stack, c).await?));
-    }
     drop(stack);
-    let unbatched = start_stack(&args.model, args.threads, false)?;
-    for &c in &args.concurrency {
-        rows.push(("off", c, throughput(&args, &unbatched, c).await?));
-    }
-    println!("| batching | concurrency | images/min | p50 s | p95 s |");
-    println!("|---|---:|---:|---:|---:|");
-    for (b, c, (ipm, p50, p95)) in rows {
-        println!("| {b} | {c} | {ipm:.1} | {p50:.3} | {p95:.3} |");
+    println!(
+        "| UNet workers | batching | concurrency | images/min | p50 s | p95 s | UNet rows per forward |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|---:|");
+    for &workers in &args.unet_workers {
+        for batching in [true, false] {
+            let stack = start_stack(&args.model, args.threads, batching, workers)?;
+            for &c in &args.concurrency {
+                let den = &stack.services[1].metrics;
+                let rows_before = batch_rows(den)?;
+                let (ipm, p50, p95) = throughput(&args, &stack, c).await?;
+                let (sum, n) = batch_rows(den)?;
+                let per = if batching {
+                    format!(
+                        "{:.1}",
+                        (sum - rows_before.0) / (n - rows_before.1).max(1.0)
+                    )
+                } else {
+                    "—".into()
+                };
+                let b = if batching { "on" } else { "off" };
+                println!("| {workers} | {b} | {c} | {ipm:.1} | {p50:.3} | {p95:.3} | {per} |");
+            }
+        }
     }
     Ok(())
 }

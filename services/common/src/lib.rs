@@ -28,7 +28,9 @@ pub struct ModelArgs {
     /// Precision: fp32 (CPU), fp16 or bf16 (CUDA).
     #[arg(long, env = "SD_PRECISION", default_value = "fp32")]
     pub precision: Precision,
-    /// Forward passes run at once (each uses libtorch's intra-op threads).
+    /// Forward passes run at once, each on its own thread with libtorch's
+    /// intra-op threads (the denoiser: UNet workers, each taking batches).
+    /// On CPUs, small models gain from several single-threaded workers.
     #[arg(long, env = "SD_MODEL_CONCURRENCY", default_value_t = 1)]
     pub concurrency: usize,
     /// Calls that may wait for a forward pass; beyond: RESOURCE_EXHAUSTED.

@@ -3,11 +3,24 @@
 //! guidance scales — merged into one UNet forward. Each call keeps its
 //! conditional/unconditional pair together and its own guidance; a batch
 //! takes up to `max_items` latents (guided calls count twice, as they run
-//! twice) and waits at most `max_wait` for company.
+//! twice).
+//!
+//! Generations in flight come back every step. A call that names its
+//! session and says more steps follow makes the batcher *expect* that
+//! session: the next batch of the same shape waits (at most
+//! `session_wait`, and never longer than the last forward took) until the
+//! expected sessions are back, so concurrent generations stay in step and
+//! share every forward instead of drifting into separate ones. A session
+//! that misses the wait is no longer expected until its next call. Calls
+//! without a session wait at most `max_wait` for company (default: none).
+//!
+//! `workers` forward passes run at once, each on its own thread. A worker
+//! gathers at most its fair share of what is queued and expected, so idle
+//! workers get work too; the most recently busy idle worker gathers next
+//! (its caches are warm).
 
-use std::collections::VecDeque;
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use sd_models::UNet;
@@ -16,22 +29,94 @@ use sd_service::compute::{forward_calls, Call};
 use tch::Tensor;
 use tonic::Status;
 
-/// One Predict call waiting for its result.
-pub struct Job {
-    pub call: Call,
-    pub reply: tokio::sync::oneshot::Sender<Result<Tensor, Status>>,
+/// The generation a call belongs to (id 0: none) and how many calls it
+/// makes after this one.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Session {
+    pub id: u64,
+    pub steps_after: u32,
 }
+
+/// One Predict call waiting for its result.
+struct Job {
+    call: Call,
+    key: Key,
+    session: Session,
+    reply: tokio::sync::oneshot::Sender<Result<Tensor, Status>>,
+}
+
+type Key = (Vec<i64>, Vec<i64>);
 
 #[derive(Clone, Copy, Debug)]
 pub struct BatchConfig {
+    /// UNet rows per forward at most.
     pub max_items: i64,
+    /// How long a call without expected company waits for some.
     pub max_wait: Duration,
+    /// How long a batch waits for the sessions expected back.
+    pub session_wait: Duration,
+    /// Forward passes at once (threads).
+    pub workers: usize,
 }
 
-/// Queue of calls in front of the UNet, drained by one thread.
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Job>,
+    /// Sessions whose last step went out and that said they would be back:
+    /// their shape and UNet rows.
+    expected: HashMap<u64, (Key, i64)>,
+    /// Idle workers, the most recently busy last.
+    idle: Vec<usize>,
+    /// The worker gathering a batch (one at a time).
+    gatherer: Option<usize>,
+    /// How long the last forward of each shape took.
+    last_forward: HashMap<Key, Duration>,
+    stopped: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// One per worker: woken when it should gather, or when what it is
+    /// gathering for arrives.
+    wake: Vec<Condvar>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A worker that panicked mid-forward is caught (`guarded`); the
+        // state itself is never left half-updated, so poisoning is moot.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wake whoever should look at the queue now.
+    fn nudge(&self, state: &State) {
+        if let Some(g) = state.gatherer {
+            self.wake[g].notify_one();
+        } else if let Some(&w) = state.idle.last() {
+            self.wake[w].notify_one();
+        }
+    }
+}
+
+/// Stops the workers when the last handle goes.
+struct Stop(Arc<Shared>);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.stopped = true;
+        for c in &self.0.wake {
+            c.notify_all();
+        }
+        drop(state);
+    }
+}
+
+/// Queue of calls in front of the UNet, drained by `workers` threads.
 #[derive(Clone)]
 pub struct Batcher {
-    tx: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
+    _stop: Arc<Stop>,
 }
 
 impl Batcher {
@@ -40,70 +125,187 @@ impl Batcher {
         config: BatchConfig,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("unet-batcher".into())
-            .spawn(move || run(unet, rx, config, metrics))?;
-        Ok(Batcher { tx })
+        let workers = config.workers.max(1);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                idle: (0..workers).collect(),
+                ..Default::default()
+            }),
+            wake: (0..workers).map(|_| Condvar::new()).collect(),
+        });
+        for w in 0..workers {
+            let (unet, shared, metrics) = (unet.clone(), shared.clone(), metrics.clone());
+            std::thread::Builder::new()
+                .name(format!("unet-worker-{w}"))
+                .spawn(move || work(w, &unet, &shared, config, &metrics))?;
+        }
+        Ok(Batcher {
+            _stop: Arc::new(Stop(shared.clone())),
+            shared,
+        })
     }
 
-    pub async fn submit(&self, call: Call) -> Result<Tensor, Status> {
+    pub async fn submit(&self, call: Call, session: Session) -> Result<Tensor, Status> {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        self.tx
-            .send(Job { call, reply })
-            .map_err(|_| Status::unavailable("the UNet worker stopped"))?;
+        {
+            let mut state = self.shared.lock();
+            if state.stopped {
+                return Err(Status::unavailable("the UNet workers stopped"));
+            }
+            if session.id != 0 {
+                state.expected.remove(&session.id);
+            }
+            state.queue.push_back(Job {
+                key: call.key(),
+                call,
+                session,
+                reply,
+            });
+            self.shared.nudge(&state);
+        }
         rx.await
             .map_err(|_| Status::internal("the UNet worker dropped the call"))?
     }
 }
 
-fn run(unet: Arc<UNet>, rx: mpsc::Receiver<Job>, config: BatchConfig, metrics: Arc<Metrics>) {
-    let _guard = tch::no_grad_guard();
-    let mut pending: VecDeque<Job> = VecDeque::new();
+/// Move queued calls of `key` into `batch` while they fit in `limit` rows;
+/// drop calls whose caller went away.
+fn take_fitting(state: &mut State, key: &Key, rows: &mut i64, limit: i64, batch: &mut Vec<Job>) {
+    let mut keep = VecDeque::with_capacity(state.queue.len());
+    while let Some(j) = state.queue.pop_front() {
+        if j.reply.is_closed() {
+            continue;
+        }
+        if &j.key == key && *rows + j.call.rows() <= limit {
+            *rows += j.call.rows();
+            batch.push(j);
+        } else {
+            keep.push_back(j);
+        }
+    }
+    state.queue = keep;
+}
+
+/// Gather one batch (the caller is the gatherer); None when stopping.
+fn gather<'a>(
+    w: usize,
+    shared: &'a Shared,
+    mut state: MutexGuard<'a, State>,
+    config: BatchConfig,
+) -> (MutexGuard<'a, State>, Option<Vec<Job>>) {
+    let first = loop {
+        match state.queue.pop_front() {
+            Some(j) if j.reply.is_closed() => continue,
+            Some(j) => break j,
+            None => return (state, Some(Vec::new())),
+        }
+    };
+    let key = first.key.clone();
+    let mut rows = first.call.rows();
+    let mut batch = vec![first];
+    let start = Instant::now();
+    let company_until = start + config.max_wait;
+    let session_wait = state
+        .last_forward
+        .get(&key)
+        .map_or(config.session_wait, |d| (*d).min(config.session_wait));
+    let sessions_until = start + session_wait;
     loop {
-        let first = match pending.pop_front() {
-            Some(j) => j,
-            None => match rx.recv() {
-                Ok(j) => j,
-                Err(_) => return, // service shutting down
-            },
+        // This worker's fair share of what is here and what is coming.
+        let queued: i64 = state
+            .queue
+            .iter()
+            .filter(|j| j.key == key)
+            .map(|j| j.call.rows())
+            .sum();
+        let coming: i64 = state
+            .expected
+            .values()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, r)| r)
+            .sum();
+        let workers = state.idle.len() as i64 + 1;
+        let share =
+            ((rows + queued + coming + workers - 1) / workers).clamp(rows, config.max_items);
+        take_fitting(&mut state, &key, &mut rows, share, &mut batch);
+        if rows >= share {
+            break;
+        }
+        let expecting = state.expected.values().any(|(k, _)| *k == key);
+        let until = if expecting {
+            sessions_until.max(company_until)
+        } else {
+            company_until
         };
-        if first.reply.is_closed() {
-            continue; // the caller went away while queued
+        let now = Instant::now();
+        if now >= until {
+            break;
         }
-        let key = first.call.key();
-        let mut rows = first.call.rows();
-        let mut batch = vec![first];
-        // Calls already waiting that fit join first …
-        let mut keep = VecDeque::new();
-        while let Some(j) = pending.pop_front() {
-            if j.call.key() == key && rows + j.call.rows() <= config.max_items {
-                rows += j.call.rows();
-                batch.push(j);
-            } else {
-                keep.push_back(j);
-            }
+        state = shared.wake[w]
+            .wait_timeout(state, until - now)
+            .map(|(s, _)| s)
+            .unwrap_or_else(|e| e.into_inner().0);
+        if state.stopped {
+            return (state, None);
         }
-        pending = keep;
-        // … then new ones, for at most max_wait.
-        let deadline = Instant::now() + config.max_wait;
-        while rows < config.max_items {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(j) if j.call.key() == key && rows + j.call.rows() <= config.max_items => {
-                    rows += j.call.rows();
-                    batch.push(j);
-                }
-                Ok(j) => pending.push_back(j),
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
+    }
+    // Whoever was expected and did not come is on its own until its next call.
+    state.expected.retain(|_, (k, _)| *k != key);
+    (state, Some(batch))
+}
+
+fn work(w: usize, unet: &UNet, shared: &Shared, config: BatchConfig, metrics: &Metrics) {
+    let _guard = tch::no_grad_guard();
+    let mut state = shared.lock();
+    loop {
+        if state.stopped {
+            return;
         }
+        let my_turn =
+            state.gatherer.is_none() && !state.queue.is_empty() && state.idle.last() == Some(&w);
+        if !my_turn {
+            state = shared.wake[w]
+                .wait(state)
+                .unwrap_or_else(|e| e.into_inner());
+            continue;
+        }
+        state.idle.retain(|&i| i != w);
+        state.gatherer = Some(w);
+        let (mut s, batch) = gather(w, shared, state, config);
+        s.gatherer = None;
+        // Someone else may gather what is left while this worker computes.
+        shared.nudge(&s);
+        let Some(batch) = batch else { return };
+        if batch.is_empty() {
+            s.idle.push(w);
+            state = s;
+            continue;
+        }
+        drop(s);
+
+        let key = batch[0].key.clone();
+        let rows: i64 = batch.iter().map(|j| j.call.rows()).sum();
         let start = Instant::now();
         let refs: Vec<&Call> = batch.iter().map(|j| &j.call).collect();
-        let outcome = sd_models::error::guarded(|| forward_calls(&unet, &refs));
-        metrics.step("unet_forward", start.elapsed());
+        let outcome = sd_models::error::guarded(|| forward_calls(unet, &refs));
+        let took = start.elapsed();
+        metrics.step("unet_forward", took);
         metrics.step_batch(rows as f64);
+
+        state = shared.lock();
+        state.last_forward.insert(key.clone(), took);
+        if outcome.is_ok() {
+            // Expect them back before they can possibly return.
+            for j in &batch {
+                if j.session.id != 0 && j.session.steps_after > 0 && !j.reply.is_closed() {
+                    state
+                        .expected
+                        .insert(j.session.id, (key.clone(), j.call.rows()));
+                }
+            }
+        }
+        state.idle.push(w);
+        drop(state);
         match outcome {
             Ok(outs) => {
                 for (job, out) in batch.into_iter().zip(outs) {
@@ -117,6 +319,7 @@ fn run(unet: Arc<UNet>, rx: mpsc::Receiver<Job>, config: BatchConfig, metrics: A
                 }
             }
         }
+        state = shared.lock();
     }
 }
 
@@ -173,5 +376,123 @@ mod tests {
         unguided.uncond = None;
         let plain = forward_calls(&unet, &[&unguided]).unwrap().remove(0);
         assert!((&plain - &merged[0]).abs().max().double_value(&[]) > 1e-3);
+    }
+
+    fn metric(m: &Metrics, name: &str) -> f64 {
+        m.encode()
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Four generations of five steps each (guided and not, batch 1 and 2,
+    /// different guidance) through a batcher with `workers` workers, all
+    /// at once; every result must be the call's own. Returns the number of
+    /// forwards.
+    async fn run_sessions(workers: usize) -> f64 {
+        let unet = Arc::new(
+            ModelDir::open(fixture())
+                .unwrap()
+                .load_unet(Placement::cpu())
+                .unwrap(),
+        );
+        let metrics = Metrics::new("test");
+        let config = BatchConfig {
+            max_items: 16,
+            max_wait: Duration::ZERO,
+            session_wait: Duration::from_millis(50),
+            workers,
+        };
+        let batcher = Batcher::start(unet.clone(), config, metrics.clone()).unwrap();
+        let steps = 5u32;
+        // Inputs and expected outputs first, one at a time (the global torch
+        // RNG is not for concurrent use).
+        let sessions: Vec<Vec<(Call, Tensor)>> = (0..4u64)
+            .map(|s| {
+                (0..steps)
+                    .map(|k| {
+                        let (b, guided) = (1 + (s as i64 % 2), s != 3);
+                        let t = 900.0 - 100.0 * k as f32;
+                        let call = job((s * 100 + k as u64) as i64, b, t, guided, 2.0 + s as f64);
+                        let want = forward_calls(&unet, &[&call]).unwrap().remove(0);
+                        (call, want)
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut tasks = Vec::new();
+        for (s, work) in sessions.into_iter().enumerate() {
+            let batcher = batcher.clone();
+            tasks.push(tokio::spawn(async move {
+                for (k, (call, want)) in work.into_iter().enumerate() {
+                    let session = Session {
+                        id: s as u64 + 1,
+                        steps_after: steps - k as u32 - 1,
+                    };
+                    let got = batcher.submit(call, session).await.unwrap();
+                    let d = (&got - &want).abs().max().double_value(&[]);
+                    assert!(d < 1e-5, "session {s} step {k}: {d:e}");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        metric(&metrics, "sd_unet_batch_items_count")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn sessions_share_forwards_and_get_their_own_results() {
+        // One worker: generations in flight together share forwards.
+        let forwards = run_sessions(1).await;
+        assert!(forwards < 20.0, "{forwards} forwards for 20 calls");
+        // Two workers: the work spreads over both; results stay each call's own.
+        let forwards = run_sessions(2).await;
+        assert!((1.0..=20.0).contains(&forwards), "{forwards} forwards");
+    }
+
+    #[tokio::test]
+    async fn a_session_that_never_returns_does_not_stall_the_others() {
+        let unet = Arc::new(
+            ModelDir::open(fixture())
+                .unwrap()
+                .load_unet(Placement::cpu())
+                .unwrap(),
+        );
+        let config = BatchConfig {
+            max_items: 16,
+            max_wait: Duration::ZERO,
+            session_wait: Duration::from_millis(200),
+            workers: 1,
+        };
+        let batcher = Batcher::start(unet, config, Metrics::new("test")).unwrap();
+        // Session 1 promises more steps and vanishes.
+        let gone = Session {
+            id: 1,
+            steps_after: 10,
+        };
+        batcher
+            .submit(job(1, 1, 500.0, true, 3.0), gone)
+            .await
+            .unwrap();
+        // Session 2 still gets its steps done: the first waits (at most as
+        // long as a forward took) for session 1, which is then forgotten.
+        let start = Instant::now();
+        for k in 0..3 {
+            let s = Session {
+                id: 2,
+                steps_after: 2 - k,
+            };
+            let out = tokio::time::timeout(
+                Duration::from_secs(30),
+                batcher.submit(job(2, 1, 400.0, true, 3.0), s),
+            )
+            .await
+            .expect("the batcher stalled")
+            .unwrap();
+            assert_eq!(out.size(), vec![1, 4, 8, 8]);
+        }
+        assert!(start.elapsed() < Duration::from_secs(10));
     }
 }

@@ -47,11 +47,18 @@ struct Args {
     /// Run each Predict on its own instead of merging concurrent ones.
     #[arg(long, env = "SD_NO_BATCHING")]
     no_batching: bool,
-    /// How long a Predict may wait for others to share its UNet forward (ms).
-    /// 0: never wait; calls that queued while the UNet was busy still share
-    /// the next forward, so batching costs nothing when the service is idle.
+    /// How long a Predict may wait for others to share its UNet forward
+    /// when no session is expected back (ms). 0: never wait; calls that
+    /// queued while the UNet was busy still share the next forward, so
+    /// batching costs nothing when the service is idle.
     #[arg(long, env = "SD_MAX_WAIT_MS", default_value_t = 0)]
     max_wait_ms: u64,
+    /// How long a batch may wait for the generations expected back for
+    /// their next step (callers that send a session id), so concurrent
+    /// generations stay in step and share forwards; never longer than the
+    /// last forward of that shape took. 0 turns it off.
+    #[arg(long, env = "SD_SESSION_WAIT_MS", default_value_t = 20)]
+    session_wait_ms: u64,
 }
 
 struct Service {
@@ -196,7 +203,11 @@ impl Service {
                 uncond,
                 guidance: g,
             };
-            let out = batcher.submit(call).await?;
+            let session = batch::Session {
+                id: req.session_id,
+                steps_after: req.steps_after,
+            };
+            let out = batcher.submit(call, session).await?;
             return Ok(PredictResponse {
                 output: Some(to_wire(&out, out_dtype)?),
             });
@@ -294,6 +305,8 @@ fn load(
         let config = batch::BatchConfig {
             max_items: args.max_batch,
             max_wait: std::time::Duration::from_millis(args.max_wait_ms),
+            session_wait: std::time::Duration::from_millis(args.session_wait_ms),
+            workers: args.model.concurrency.max(1),
         };
         let admission = sd_runtime::admission::Admission::new(
             "denoiser",
