@@ -23,7 +23,7 @@ use crate::backends::ModelFacts;
 use crate::images;
 use crate::plan::Plan;
 use crate::prompt_cache::{CachedEmbedding, PromptCache, PromptKey};
-use crate::stages::Stages;
+use crate::stages::{Stages, StepSession};
 
 /// What a streaming client hears while its images form.
 #[derive(Debug)]
@@ -62,6 +62,14 @@ struct Conditioning {
     sent: bool,
 }
 
+/// What guides every step: the prompt, the negative prompt (when guided)
+/// and the guidance scale.
+struct Text {
+    cond: Conditioning,
+    uncond: Option<Conditioning>,
+    guidance: f32,
+}
+
 impl Conditioning {
     fn message(&self) -> Embedding {
         Embedding {
@@ -69,29 +77,6 @@ impl Conditioning {
             tensor: (!self.sent).then(|| self.embedding.tensor.clone()),
         }
     }
-}
-
-/// A session id for the denoiser's batcher: distinct for each generation
-/// of this gateway, and random across gateways sharing a denoiser.
-fn new_session_id() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::LazyLock;
-    static BASE: LazyLock<u64> = LazyLock::new(|| {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u32(std::process::id());
-        h.finish()
-    });
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    BASE.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed))
-        .max(1)
-}
-
-/// Where a Predict stands in its generation (for the denoiser's batcher).
-#[derive(Clone, Copy)]
-struct StepOf {
-    session: u64,
-    steps_after: u32,
 }
 
 fn is_embedding_miss(s: &Status) -> bool {
@@ -178,17 +163,21 @@ impl Generator {
             .collect()
     }
 
-    /// One Predict, resending the embeddings if the denoiser lost them.
+    /// One step, resending the embeddings if the denoiser lost them.
     async fn predict(
         &self,
+        steps: &mut (dyn StepSession + '_),
         latents: WireTensor,
         timestep: f32,
-        cond: &mut Conditioning,
-        uncond: &mut Option<Conditioning>,
-        guidance: f32,
-        step: StepOf,
-        deadline: &Deadline,
+        text: &mut Text,
+        steps_after: u32,
     ) -> Result<HostTensor, Status> {
+        let Text {
+            cond,
+            uncond,
+            guidance,
+        } = text;
+        let guidance = *guidance;
         for attempt in 0..2 {
             let req = PredictRequest {
                 latents: Some(latents.clone()),
@@ -197,10 +186,11 @@ impl Generator {
                 uncond: uncond.as_ref().map(Conditioning::message),
                 guidance_scale: guidance,
                 output_dtype: self.wire as i32,
-                session_id: step.session,
-                steps_after: step.steps_after,
+                session_id: 0,
+                steps_after,
+                trace_context: Default::default(),
             };
-            let result = self.stages.predict(req, deadline).await;
+            let result = steps.step(req).await;
             match result {
                 Ok(r) => {
                     cond.sent = true;
@@ -309,16 +299,19 @@ impl Generator {
         let text_start = Instant::now();
         let mut embeds = self.embeddings(&wanted, deadline).await?.into_iter();
         self.metrics.step("text", text_start.elapsed());
-        let mut cond = Conditioning {
-            embedding: embeds
-                .next()
-                .ok_or_else(|| Status::internal("no prompt embedding"))?,
-            sent: false,
+        let mut text = Text {
+            cond: Conditioning {
+                embedding: embeds
+                    .next()
+                    .ok_or_else(|| Status::internal("no prompt embedding"))?,
+                sent: false,
+            },
+            uncond: embeds.next().map(|embedding| Conditioning {
+                embedding,
+                sent: false,
+            }),
+            guidance: plan.guidance,
         };
-        let mut uncond = embeds.next().map(|embedding| Conditioning {
-            embedding,
-            sent: false,
-        });
 
         let mut scheduler = build(
             plan.scheduler,
@@ -396,7 +389,7 @@ impl Generator {
         };
 
         let total = (timesteps.len() - first) as u32;
-        let session = new_session_id();
+        let mut steps = self.stages.steps(deadline);
         for (k, i) in (first..timesteps.len()).enumerate() {
             let t = timesteps[i] as f32;
             let input = HostTensor {
@@ -414,16 +407,11 @@ impl Generator {
             );
             let out = self
                 .predict(
+                    &mut *steps,
                     input.to_wire(self.wire),
                     t,
-                    &mut cond,
-                    &mut uncond,
-                    plan.guidance,
-                    StepOf {
-                        session,
-                        steps_after: total - k as u32 - 1,
-                    },
-                    deadline,
+                    &mut text,
+                    total - k as u32 - 1,
                 )
                 .instrument(span)
                 .await?;

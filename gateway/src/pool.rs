@@ -61,6 +61,35 @@ pub struct Replica {
     serving: AtomicBool,
 }
 
+/// A replica in use: counted in flight (for the balancer) until dropped.
+pub struct Lease(Arc<Replica>);
+
+impl Lease {
+    fn new(replica: Arc<Replica>) -> Self {
+        replica.in_flight.fetch_add(1, Ordering::Relaxed);
+        Lease(replica)
+    }
+
+    pub fn channel(&self) -> Channel {
+        self.0.channel.clone()
+    }
+
+    pub fn url(&self) -> &str {
+        &self.0.url
+    }
+
+    /// The replica failed under us: avoid it until its health says otherwise.
+    pub fn failed(&self) {
+        self.0.serving.store(false, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 pub struct Pool {
     pub stage: &'static str,
     endpoints: Endpoints,
@@ -242,6 +271,36 @@ impl Pool {
         F: Fn(Channel, String) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
+        self.with_replica(deadline, |lease| {
+            let fut = f(lease.channel(), lease.url().to_string());
+            async move {
+                let out = fut.await;
+                drop(lease);
+                out
+            }
+        })
+        .await
+    }
+
+    /// Open something long-lived on a replica (a stream), failing over like
+    /// [`Pool::call`]; the lease counts the replica as busy until dropped.
+    pub async fn open<T, F, Fut>(&self, deadline: &Deadline, f: F) -> Result<(T, Lease), Status>
+    where
+        F: Fn(Channel, String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        self.with_replica(deadline, |lease| {
+            let fut = f(lease.channel(), lease.url().to_string());
+            async move { Ok((fut.await?, lease)) }
+        })
+        .await
+    }
+
+    async fn with_replica<T, F, Fut>(&self, deadline: &Deadline, f: F) -> Result<T, Status>
+    where
+        F: Fn(Lease) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
         let mut tried: Vec<String> = Vec::new();
         let mut last: Option<Status> = None;
         for attempt in 0..self.max_attempts {
@@ -258,9 +317,7 @@ impl Pool {
                 }
                 None => break,
             };
-            replica.in_flight.fetch_add(1, Ordering::Relaxed);
-            let result = f(replica.channel.clone(), replica.url.clone()).await;
-            replica.in_flight.fetch_sub(1, Ordering::Relaxed);
+            let result = f(Lease::new(replica.clone())).await;
             match result {
                 Err(s) if retryable(&s) => {
                     tracing::warn!(stage = self.stage, replica = %replica.url, attempt, "{}: {}", s.code(), s.message());

@@ -8,13 +8,14 @@ use sd_proto::v1::{
     EncodeTextResponse, PredictRequest, PredictResponse,
 };
 use sd_runtime::deadline::Deadline;
-use sd_runtime::telemetry::inject;
+use sd_runtime::telemetry::{context_map, inject};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 use tonic::Status;
 
-use tonic::transport::Channel;
-
 use crate::backends::Backends;
-use crate::pool::Pool;
+use crate::pool::{retryable, Lease, Pool};
 
 /// Text encoding, one denoising prediction, VAE decode and encode.
 #[tonic::async_trait]
@@ -24,13 +25,9 @@ pub trait Stages: Send + Sync + 'static {
         req: EncodeTextRequest,
         deadline: &Deadline,
     ) -> Result<EncodeTextResponse, Status>;
-    /// Errors keep their code: FAILED_PRECONDITION with `sd-embedding-miss`
-    /// asks for the embeddings again.
-    async fn predict(
-        &self,
-        req: PredictRequest,
-        deadline: &Deadline,
-    ) -> Result<PredictResponse, Status>;
+    /// A session for one generation's denoising steps (nothing is opened
+    /// before its first step).
+    fn steps<'a>(&'a self, deadline: &'a Deadline) -> Box<dyn StepSession + 'a>;
     async fn decode(
         &self,
         req: DecodeRequest,
@@ -41,6 +38,14 @@ pub trait Stages: Send + Sync + 'static {
         req: EncodeImageRequest,
         deadline: &Deadline,
     ) -> Result<EncodeImageResponse, Status>;
+}
+
+/// One generation's denoising steps, in order.
+#[tonic::async_trait]
+pub trait StepSession: Send {
+    /// Errors keep their code: FAILED_PRECONDITION with `sd-embedding-miss`
+    /// asks for the embeddings again.
+    async fn step(&mut self, req: PredictRequest) -> Result<PredictResponse, Status>;
 }
 
 /// A request for a model service: the deadline's time left, and the trace context.
@@ -81,16 +86,12 @@ impl Stages for Backends {
         .await
     }
 
-    async fn predict(
-        &self,
-        req: PredictRequest,
-        deadline: &Deadline,
-    ) -> Result<PredictResponse, Status> {
-        call(&self.denoiser, deadline, req, |ch, r| {
-            let mut c = self.denoiser_client(ch);
-            async move { c.predict(r).await }
+    fn steps<'a>(&'a self, deadline: &'a Deadline) -> Box<dyn StepSession + 'a> {
+        Box::new(RemoteSteps {
+            backends: self,
+            deadline,
+            open: None,
         })
-        .await
     }
 
     async fn decode(
@@ -115,5 +116,79 @@ impl Stages for Backends {
             async move { c.encode(r).await }
         })
         .await
+    }
+}
+
+/// A generation's steps over one PredictStream on one denoiser replica.
+/// If the replica fails, the step is retried on a new stream on another
+/// (which may ask for the embeddings again: the caller resends them).
+struct RemoteSteps<'a> {
+    backends: &'a Backends,
+    deadline: &'a Deadline,
+    open: Option<OpenStream>,
+}
+
+struct OpenStream {
+    tx: mpsc::Sender<PredictRequest>,
+    rx: tonic::Streaming<PredictResponse>,
+    lease: Lease,
+}
+
+impl RemoteSteps<'_> {
+    async fn open(&self) -> Result<OpenStream, Status> {
+        let deadline = self.deadline;
+        let ((tx, rx), lease) = self
+            .backends
+            .denoiser
+            .open(deadline, |ch, _| {
+                let (tx, requests) = mpsc::channel(1);
+                let req = outgoing(deadline, ReceiverStream::new(requests));
+                let mut c = self.backends.denoiser_client(ch);
+                async move { Ok((tx, c.predict_stream(req?).await?.into_inner())) }
+            })
+            .await?;
+        Ok(OpenStream { tx, rx, lease })
+    }
+}
+
+impl OpenStream {
+    async fn step(&mut self, req: PredictRequest) -> Result<PredictResponse, Status> {
+        // A send fails when the stream is gone; its status says why.
+        let sent = self.tx.send(req).await.is_ok();
+        match self.rx.message().await {
+            Ok(Some(r)) if sent => Ok(r),
+            Ok(_) => Err(Status::unavailable("the denoiser closed the step stream")),
+            Err(s) => Err(s),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl StepSession for RemoteSteps<'_> {
+    async fn step(&mut self, mut req: PredictRequest) -> Result<PredictResponse, Status> {
+        req.trace_context = context_map();
+        for _ in 0..3 {
+            self.deadline.remaining()?;
+            let mut stream = match self.open.take() {
+                Some(s) => s,
+                None => self.open().await?,
+            };
+            tracing::Span::current().record("replica", stream.lease.url());
+            match stream.step(req.clone()).await {
+                Ok(r) => {
+                    self.open = Some(stream);
+                    return Ok(r);
+                }
+                // The stream ends with an error; the next step opens another.
+                Err(s) if retryable(&s) => {
+                    tracing::warn!(replica = %stream.lease.url(), "step stream failed: {}: {}", s.code(), s.message());
+                    stream.lease.failed();
+                }
+                Err(s) => return Err(s),
+            }
+        }
+        Err(Status::unavailable(
+            "denoiser: the step streams kept failing",
+        ))
     }
 }

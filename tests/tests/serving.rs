@@ -509,3 +509,86 @@ async fn replicas_can_be_found_by_dns_name() {
         .into_inner();
     assert_eq!(r.images.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_step_stream_answers_each_step_in_order_and_ends_on_a_bad_one() {
+    use sd_proto::v1::denoiser_client::DenoiserClient;
+    use sd_proto::v1::{Dtype, Embedding, PredictRequest, Tensor};
+
+    // An embedding cache of 0 MiB keeps nothing: id-only steps work only
+    // because the stream holds what it was sent.
+    let cluster = Cluster::start(
+        &common::model("sd1-tiny"),
+        ClusterOptions {
+            env: vec![("SD_EMBEDDING_CACHE_MIB", "0".into())],
+            ..Default::default()
+        },
+    )
+    .await;
+    let f32s = |shape: Vec<i64>, value: f32| {
+        let n: i64 = shape.iter().product();
+        Tensor {
+            shape,
+            dtype: Dtype::Float32 as i32,
+            data: value.to_le_bytes().repeat(n as usize).into(),
+        }
+    };
+    let step = |latent: f32, t: f32, full: bool, steps_after: u32| PredictRequest {
+        latents: Some(f32s(vec![1, 4, 8, 8], latent)),
+        timesteps: vec![t],
+        cond: Some(Embedding {
+            id: "prompt".into(),
+            tensor: full.then(|| f32s(vec![1, 77, 32], 0.5)),
+        }),
+        uncond: Some(Embedding {
+            id: "negative".into(),
+            tensor: full.then(|| f32s(vec![1, 77, 32], -0.5)),
+        }),
+        guidance_scale: 7.5,
+        steps_after,
+        ..Default::default()
+    };
+    let mut d = DenoiserClient::connect(cluster.denoisers[0].url())
+        .await
+        .unwrap();
+    // What each step gives as a call of its own, embeddings sent in full.
+    let inputs = [(0.1f32, 900.0f32), (0.2, 500.0), (0.3, 100.0)];
+    let mut want = Vec::new();
+    for (x, t) in inputs {
+        let r = d.predict(step(x, t, true, 0)).await.unwrap().into_inner();
+        want.push(r.output.unwrap().data);
+    }
+    // The same steps on one stream, embeddings in full only the first time,
+    // then a step with latents of the wrong shape.
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    for (i, (x, t)) in inputs.iter().enumerate() {
+        tx.send(step(*x, *t, i == 0, (inputs.len() - i) as u32))
+            .await
+            .unwrap();
+    }
+    let mut bad = step(0.4, 50.0, false, 0);
+    bad.latents = Some(f32s(vec![1, 3, 8, 8], 0.0));
+    tx.send(bad).await.unwrap();
+    let mut stream = d
+        .predict_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for (i, w) in want.iter().enumerate() {
+        let got = stream
+            .message()
+            .await
+            .unwrap()
+            .unwrap()
+            .output
+            .unwrap()
+            .data;
+        assert_eq!(&got, w, "step {i} differs from the same call alone");
+    }
+    let e = stream.message().await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("latents"), "{}", e.message());
+    // The error ended the stream; the service goes on.
+    drop(tx);
+    assert!(d.predict(step(0.1, 900.0, true, 0)).await.is_ok());
+}

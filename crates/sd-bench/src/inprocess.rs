@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use sd_gateway::backends::ModelFacts;
-use sd_gateway::stages::Stages;
+use sd_gateway::stages::{Stages, StepSession};
 use sd_models::{ClipTextModel, ClipTokenizer, ModelDir, Placement, UNet, Vae};
 use sd_proto::v1::{
     DecodeRequest, DecodeResponse, Dtype, Embedding, EncodeImageRequest, EncodeImageResponse,
@@ -81,6 +81,32 @@ impl InProcess {
         Ok(start.elapsed().as_secs_f64() * 1e3 / n as f64)
     }
 
+    /// One step, on this thread.
+    fn predict(&self, req: PredictRequest) -> Result<PredictResponse, Status> {
+        tokio::task::block_in_place(|| {
+            let latents = from_wire(req.latents.as_ref(), "latents")?;
+            let guided = req.uncond.is_some() && req.guidance_scale > 1.0;
+            let call = Call {
+                timesteps: Tensor::from_slice(&req.timesteps).expand([latents.size()[0]], false),
+                latents,
+                cond: self.embedding(req.cond.as_ref())?,
+                uncond: if guided {
+                    Some(self.embedding(req.uncond.as_ref())?)
+                } else {
+                    None
+                },
+                guidance: req.guidance_scale as f64,
+            };
+            let out = forward_calls(&self.unet, &[&call])
+                .map_err(status)?
+                .remove(0);
+            let dtype = Dtype::try_from(req.output_dtype).unwrap_or(Dtype::Float32);
+            Ok(PredictResponse {
+                output: Some(to_wire(&out, dtype)?),
+            })
+        })
+    }
+
     fn embedding(&self, e: Option<&Embedding>) -> Result<Tensor, Status> {
         let e = e.ok_or_else(|| Status::invalid_argument("embedding missing"))?;
         let mut cache = self
@@ -127,29 +153,8 @@ impl Stages for InProcess {
         })
     }
 
-    async fn predict(&self, req: PredictRequest, _: &Deadline) -> Result<PredictResponse, Status> {
-        tokio::task::block_in_place(|| {
-            let latents = from_wire(req.latents.as_ref(), "latents")?;
-            let guided = req.uncond.is_some() && req.guidance_scale > 1.0;
-            let call = Call {
-                timesteps: Tensor::from_slice(&req.timesteps).expand([latents.size()[0]], false),
-                latents,
-                cond: self.embedding(req.cond.as_ref())?,
-                uncond: if guided {
-                    Some(self.embedding(req.uncond.as_ref())?)
-                } else {
-                    None
-                },
-                guidance: req.guidance_scale as f64,
-            };
-            let out = forward_calls(&self.unet, &[&call])
-                .map_err(status)?
-                .remove(0);
-            let dtype = Dtype::try_from(req.output_dtype).unwrap_or(Dtype::Float32);
-            Ok(PredictResponse {
-                output: Some(to_wire(&out, dtype)?),
-            })
-        })
+    fn steps<'a>(&'a self, _: &'a Deadline) -> Box<dyn StepSession + 'a> {
+        Box::new(LocalSteps(self))
     }
 
     async fn decode(&self, req: DecodeRequest, _: &Deadline) -> Result<DecodeResponse, Status> {
@@ -176,5 +181,15 @@ impl Stages for InProcess {
                 std: Some(to_wire(&d.std, Dtype::Float32)?),
             })
         })
+    }
+}
+
+/// A generation's steps, run in process.
+struct LocalSteps<'a>(&'a InProcess);
+
+#[tonic::async_trait]
+impl StepSession for LocalSteps<'_> {
+    async fn step(&mut self, req: PredictRequest) -> Result<PredictResponse, Status> {
+        self.0.predict(req)
     }
 }

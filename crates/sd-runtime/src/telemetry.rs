@@ -118,6 +118,19 @@ pub fn inject<T>(request: &mut tonic::Request<T>) {
         .inject_context(&cx, &mut MetadataInjector(request.metadata_mut()));
 }
 
+/// The current span's trace context as a map (for messages on a stream).
+pub fn context_map() -> std::collections::HashMap<String, String> {
+    let mut map = std::collections::HashMap::new();
+    TraceContextPropagator::new().inject_context(&tracing::Span::current().context(), &mut map);
+    map
+}
+
+/// Make `span` a child of the trace in `map` (see [`context_map`]).
+pub fn adopt_map(map: &std::collections::HashMap<String, String>, span: &tracing::Span) {
+    let _ = span.set_parent(TraceContextPropagator::new().extract(map));
+    record_trace_id(span);
+}
+
 /// Make `span` a child of the trace the caller sent (if any), and record the
 /// trace id on it so logs carry it.
 pub fn adopt<T>(request: &tonic::Request<T>, span: &tracing::Span) {

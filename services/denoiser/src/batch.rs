@@ -472,10 +472,11 @@ mod tests {
             id: 1,
             steps_after: 10,
         };
-        batcher
+        let first = batcher
             .submit(job(1, 1, 500.0, true, 3.0), gone)
             .await
             .unwrap();
+        assert_eq!(first.size(), vec![1, 4, 8, 8]);
         // Session 2 still gets its steps done: the first waits (at most as
         // long as a forward took) for session 1, which is then forgotten.
         let start = Instant::now();

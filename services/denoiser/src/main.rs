@@ -5,6 +5,9 @@
 mod batch;
 mod cache;
 
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use clap::Parser;
@@ -20,7 +23,10 @@ use sd_runtime::ServerArgs;
 use sd_service::compute::{forward_calls, Call};
 use sd_service::{from_wire, handle, status, to_wire, ModelArgs, Worker};
 use tch::Tensor;
-use tonic::{Request, Response, Status};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::cache::EmbeddingCache;
 
@@ -61,7 +67,10 @@ struct Args {
     session_wait_ms: u64,
 }
 
-struct Service {
+/// The gRPC service: a handle on the shared core (streams outlive a call).
+struct Service(Arc<Core>);
+
+struct Core {
     unet: Arc<UNet>,
     batcher: Option<(batch::Batcher, sd_runtime::admission::Admission)>,
     cache: Arc<Mutex<EmbeddingCache>>,
@@ -72,10 +81,26 @@ struct Service {
     metrics: Arc<Metrics>,
 }
 
-impl Service {
-    /// The embedding tensor for `e`: as sent (and then cached), or from the cache.
-    fn embedding(&self, e: Option<&Embedding>, field: &str) -> Result<Tensor, Status> {
+/// The embeddings a stream sent in full, by id (a stream's own survive
+/// cache eviction).
+type Held = HashMap<String, Tensor>;
+
+impl Core {
+    /// The embedding tensor for `e`: as sent (and then cached), or held by
+    /// the stream, or from the cache.
+    fn embedding(
+        &self,
+        e: Option<&Embedding>,
+        field: &str,
+        held: Option<&mut Held>,
+    ) -> Result<Tensor, Status> {
         let e = e.ok_or_else(|| Status::invalid_argument(format!("{field} is missing")))?;
+        if e.tensor.is_none() {
+            if let Some(t) = held.as_ref().and_then(|h| h.get(&e.id)) {
+                self.metrics.cache_lookup("embedding", true);
+                return Ok(t.shallow_clone());
+            }
+        }
         let mut cache = self
             .cache
             .lock()
@@ -87,6 +112,9 @@ impl Service {
                 if !e.id.is_empty() {
                     cache.insert(e.id.clone(), &t);
                     tracing::debug!(id = %e.id, cached = cache.len(), "embedding cached");
+                    if let Some(h) = held {
+                        h.insert(e.id.clone(), t.shallow_clone());
+                    }
                 }
                 Ok(t)
             }
@@ -123,22 +151,87 @@ impl Denoiser for Service {
         &self,
         request: Request<PredictRequest>,
     ) -> Result<Response<PredictResponse>, Status> {
-        handle(&self.lifecycle, &self.metrics, "Predict", request, |req| {
-            self.predict_inner(req)
+        let core = &self.0;
+        handle(&core.lifecycle, &core.metrics, "Predict", request, |req| {
+            let session = batch::Session {
+                id: req.session_id,
+                steps_after: req.steps_after,
+            };
+            core.predict_inner(req, session, None)
         })
         .await
+    }
+
+    type PredictStreamStream =
+        Pin<Box<dyn Stream<Item = Result<PredictResponse, Status>> + Send + 'static>>;
+
+    async fn predict_stream(
+        &self,
+        request: Request<Streaming<PredictRequest>>,
+    ) -> Result<Response<Self::PredictStreamStream>, Status> {
+        let core = self.0.clone();
+        // The stream is in flight until it ends: a drain waits for it.
+        let work = core.lifecycle.begin()?;
+        let mut inbound = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            let _work = work;
+            let id = STREAM_SESSIONS.fetch_add(1, Ordering::Relaxed) | (1 << 63);
+            let mut held = Held::new();
+            loop {
+                let req = match inbound.message().await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(s) => {
+                        tracing::debug!("predict stream ended: {s}");
+                        break;
+                    }
+                };
+                let span = tracing::info_span!(
+                    "rpc",
+                    otel.name = "Predict",
+                    method = "Predict",
+                    stream = true,
+                    trace_id = tracing::field::Empty
+                );
+                sd_runtime::telemetry::adopt_map(&req.trace_context, &span);
+                let session = batch::Session {
+                    id,
+                    steps_after: req.steps_after,
+                };
+                let result = core
+                    .metrics
+                    .observe("Predict", core.predict_inner(req, session, Some(&mut held)))
+                    .instrument(span)
+                    .await;
+                let failed = result.is_err();
+                if tx.send(result).await.is_err() || failed {
+                    break; // the caller went away, or the error ends the stream
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn info(
         &self,
         _: Request<DenoiserInfoRequest>,
     ) -> Result<Response<DenoiserInfo>, Status> {
-        Ok(Response::new(self.info.clone()))
+        Ok(Response::new(self.0.info.clone()))
     }
 }
 
-impl Service {
-    async fn predict_inner(&self, req: PredictRequest) -> Result<PredictResponse, Status> {
+/// Ids for stream sessions (high bit set, apart from callers' own ids; a
+/// clash would only affect batching, never results).
+static STREAM_SESSIONS: AtomicU64 = AtomicU64::new(1);
+
+impl Core {
+    async fn predict_inner(
+        &self,
+        req: PredictRequest,
+        session: batch::Session,
+        mut held: Option<&mut Held>,
+    ) -> Result<PredictResponse, Status> {
         let latents = from_wire(req.latents.as_ref(), "latents")?;
         let shape = latents.size();
         let c = self.info.latent_channels as i64;
@@ -177,11 +270,11 @@ impl Service {
             }
         };
         let dim = self.info.context_dim as i64;
-        let cond = self.embedding(req.cond.as_ref(), "cond")?;
+        let cond = self.embedding(req.cond.as_ref(), "cond", held.as_deref_mut())?;
         check_embedding(&cond, batch, dim, "cond")?;
         let guided = req.uncond.is_some() && req.guidance_scale > 1.0;
         let uncond = if guided {
-            let u = self.embedding(req.uncond.as_ref(), "uncond")?;
+            let u = self.embedding(req.uncond.as_ref(), "uncond", held)?;
             check_embedding(&u, batch, dim, "uncond")?;
             if u.size()[1] != cond.size()[1] {
                 return Err(Status::invalid_argument(
@@ -202,10 +295,6 @@ impl Service {
                 cond,
                 uncond,
                 guidance: g,
-            };
-            let session = batch::Session {
-                id: req.session_id,
-                steps_after: req.steps_after,
             };
             let out = batcher.submit(call, session).await?;
             return Ok(PredictResponse {
@@ -318,7 +407,7 @@ fn load(
             admission,
         ))
     };
-    let service = Service {
+    let service = Service(Arc::new(Core {
         unet,
         batcher,
         cache: Arc::new(Mutex::new(EmbeddingCache::new(
@@ -329,7 +418,7 @@ fn load(
         max_batch: args.max_batch,
         lifecycle,
         metrics,
-    };
+    }));
     Ok(DenoiserServer::new(service)
         .max_decoding_message_size(max)
         .max_encoding_message_size(max))
