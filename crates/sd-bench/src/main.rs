@@ -318,23 +318,97 @@ async fn in_process_image(
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// Seconds per image in process and through the stack, measured
-/// alternately (image by image) so that a change in the machine's load
-/// during the run weighs on both alike.
+/// diffusers in a Python process of its own, generating an image when asked
+/// (`diffusers_bench.py`).
+struct Diffusers {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Diffusers {
+    fn start(args: &Args) -> anyhow::Result<Self> {
+        let python = args
+            .python
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(".venv/bin/python"));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("diffusers_bench.py");
+        let mut child = Command::new(python)
+            .arg(script)
+            .args([
+                args.model.to_string_lossy().as_ref(),
+                &args.steps.to_string(),
+                &args.size.to_string(),
+                &args.threads.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("starting the diffusers benchmark: {e}"))?;
+        let stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdin"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let mut me = Diffusers {
+            child,
+            stdin,
+            lines: BufReader::new(stdout).lines(),
+        };
+        me.expect(|l| (l == "ready").then_some(()))?;
+        Ok(me)
+    }
+
+    fn expect<T>(&mut self, parse: impl Fn(&str) -> Option<T>) -> anyhow::Result<T> {
+        for line in self.lines.by_ref() {
+            if let Some(v) = parse(line?.trim()) {
+                return Ok(v);
+            }
+        }
+        anyhow::bail!("the diffusers benchmark stopped")
+    }
+
+    fn image(&mut self, seed: u64, prompt: &str) -> anyhow::Result<f64> {
+        use std::io::Write;
+        writeln!(self.stdin, "{seed}\t{prompt}")?;
+        self.stdin.flush()?;
+        self.expect(|l| l.strip_prefix("seconds_per_image ")?.parse().ok())
+    }
+}
+
+impl Drop for Diffusers {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Seconds per image in process, through the stack and (when given) in
+/// diffusers, measured in turn image by image so that a change in the
+/// machine's speed during the run weighs on all alike.
 async fn compare_latency(
     args: &Args,
     g: &Generator,
     stack: &Stack,
-) -> anyhow::Result<(Latency, Latency)> {
+    mut diffusers: Option<&mut Diffusers>,
+) -> anyhow::Result<(Latency, Latency, Option<f64>)> {
     let mut c = connect(stack).await?;
     in_process_image(args, g, 1, "warm up").await?;
     timed(&mut c, request(args, 1, "warm up")).await?;
     let (stack_before, local_before) = (stack.stage_times()?, stage_times(&g.metrics.encode()));
-    let (mut local, mut remote) = (Vec::new(), Vec::new());
+    let (mut local, mut remote, mut reference) = (Vec::new(), Vec::new(), Vec::new());
+    let prompt = "a lighthouse at dusk";
     for i in 0..args.runs {
         let seed = 100 + i as u64;
-        local.push(in_process_image(args, g, seed, "a lighthouse at dusk").await?);
-        remote.push(timed(&mut c, request(args, seed, "a lighthouse at dusk")).await?);
+        local.push(in_process_image(args, g, seed, prompt).await?);
+        remote.push(timed(&mut c, request(args, seed, prompt)).await?);
+        if let Some(d) = diffusers.as_deref_mut() {
+            reference.push(d.image(seed, prompt)?);
+        }
     }
     Ok((
         Latency {
@@ -345,32 +419,8 @@ async fn compare_latency(
             per_image: mean(&remote),
             stages: stage_means(&stack_before, &stack.stage_times()?),
         },
+        (!reference.is_empty()).then(|| mean(&reference)),
     ))
-}
-
-fn diffusers_latency(args: &Args) -> anyhow::Result<f64> {
-    let python = args
-        .python
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(".venv/bin/python"));
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("diffusers_bench.py");
-    let out = Command::new(python)
-        .arg(script)
-        .args([
-            args.model.to_string_lossy().as_ref(),
-            &args.steps.to_string(),
-            &args.size.to_string(),
-            &args.threads.to_string(),
-            &args.runs.to_string(),
-        ])
-        .stderr(Stdio::inherit())
-        .output()?;
-    anyhow::ensure!(out.status.success(), "diffusers benchmark failed");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("seconds_per_image ")?.trim().parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no timing from the diffusers script: {text}"))
 }
 
 /// images/min, p50, p95 at `concurrency` workers.
@@ -450,7 +500,14 @@ async fn main() -> anyhow::Result<()> {
 
     let (generator, models) = in_process_generator(&args)?;
     let stack = start_stack(&args.model, args.threads, true, 1)?;
-    let (inproc, st) = compare_latency(&args, &generator, &stack).await?;
+    let mut reference = if args.no_diffusers {
+        None
+    } else {
+        Some(Diffusers::start(&args)?)
+    };
+    let (inproc, st, diffusers) =
+        compare_latency(&args, &generator, &stack, reference.as_mut()).await?;
+    drop(reference);
     let latent_side = i64::from(if args.size == 0 {
         generator.facts.sample_size
     } else {
@@ -461,11 +518,6 @@ async fn main() -> anyhow::Result<()> {
         forwards.push((rows, models.unet_forward_ms(rows, latent_side)?));
     }
     drop((generator, models));
-    let diffusers = if args.no_diffusers {
-        None
-    } else {
-        Some(diffusers_latency(&args)?)
-    };
 
     println!(
         "## {name}: {} steps, {} torch threads, {} timed images each\n",

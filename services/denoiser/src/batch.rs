@@ -76,6 +76,7 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
+    metrics: Arc<Metrics>,
     /// One per worker: woken when it should gather, or when what it is
     /// gathering for arrives.
     wake: Vec<Condvar>,
@@ -132,6 +133,7 @@ impl Batcher {
                 ..Default::default()
             }),
             wake: (0..workers).map(|_| Condvar::new()).collect(),
+            metrics: metrics.clone(),
         });
         for w in 0..workers {
             let (unet, shared, metrics) = (unet.clone(), shared.clone(), metrics.clone());
@@ -161,6 +163,10 @@ impl Batcher {
                 session,
                 reply,
             });
+            self.shared
+                .metrics
+                .queue_depth
+                .set(state.queue.len() as i64);
             self.shared.nudge(&state);
         }
         rx.await
@@ -225,8 +231,10 @@ fn gather<'a>(
             .map(|(_, r)| r)
             .sum();
         let workers = state.idle.len() as i64 + 1;
-        let share =
-            ((rows + queued + coming + workers - 1) / workers).clamp(rows, config.max_items);
+        // (A single call may exceed max_items: it runs alone.)
+        let share = ((rows + queued + coming + workers - 1) / workers)
+            .min(config.max_items)
+            .max(rows);
         take_fitting(&mut state, &key, &mut rows, share, &mut batch);
         if rows >= share {
             break;
@@ -273,6 +281,7 @@ fn work(w: usize, unet: &UNet, shared: &Shared, config: BatchConfig, metrics: &M
         state.gatherer = Some(w);
         let (mut s, batch) = gather(w, shared, state, config);
         s.gatherer = None;
+        metrics.queue_depth.set(s.queue.len() as i64);
         // Someone else may gather what is left while this worker computes.
         shared.nudge(&s);
         let Some(batch) = batch else { return };
@@ -495,5 +504,33 @@ mod tests {
             assert_eq!(out.size(), vec![1, 4, 8, 8]);
         }
         assert!(start.elapsed() < Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn a_call_larger_than_a_batch_runs_alone() {
+        let unet = Arc::new(
+            ModelDir::open(fixture())
+                .unwrap()
+                .load_unet(Placement::cpu())
+                .unwrap(),
+        );
+        let config = BatchConfig {
+            max_items: 2,
+            max_wait: Duration::ZERO,
+            session_wait: Duration::ZERO,
+            workers: 2,
+        };
+        let batcher = Batcher::start(unet, config, Metrics::new("test")).unwrap();
+        // Guided, batch 2: four UNet rows against a limit of two.
+        for _ in 0..2 {
+            let out = tokio::time::timeout(
+                Duration::from_secs(30),
+                batcher.submit(job(5, 2, 300.0, true, 7.5), Session::default()),
+            )
+            .await
+            .expect("the batcher stalled")
+            .unwrap();
+            assert_eq!(out.size(), vec![2, 4, 8, 8]);
+        }
     }
 }
