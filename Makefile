@@ -34,6 +34,8 @@ demo: build fixtures
 	@scripts/demo.sh "$${SD_MODEL:-$(SD_FIXTURES)/sd1-tiny}"
 
 ## bench: the stack against in-process Rust and diffusers (SD_MODEL, default the tiny model); prints Markdown
+## (BENCH_ARGS: sd-bench flags; the default is the tiny-model run in docs/BENCHMARKS.md)
+BENCH_ARGS ?= --steps 20 --threads 1 --runs 20 --concurrency 1,2,4,8 --requests-per-worker 4 --unet-workers 1,2
 bench: build fixtures
 	target/release/sd-bench --model $${SD_MODEL:-$(SD_FIXTURES)/sd1-tiny} --python $(VENV)/bin/python $(BENCH_ARGS)
 

@@ -2,7 +2,8 @@
 //!
 //! 1. wall time per image: the gRPC stack, an in-process Rust pipeline (the
 //!    gateway's own step loop over in-process stages) and diffusers, same
-//!    weights, threads and steps;
+//!    weights, threads and steps, taking turns image by image; where the
+//!    difference goes, stage by stage;
 //! 2. per-step overhead: the gateway's mean step time minus the denoiser's
 //!    UNet forward time;
 //! 3. images/min and p50/p95 latency at several concurrencies, batching on
@@ -546,8 +547,15 @@ async fn main() -> anyhow::Result<()> {
         ("image_encode", "image encoding (PNG)"),
         ("generation", "whole generation"),
     ] {
+        let cell = |v: f64| {
+            if v.is_finite() {
+                format!("{v:.2}")
+            } else {
+                "—".to_string()
+            }
+        };
         let (a, b) = (ms(&inproc, k), ms(&st, k));
-        println!("| {label} | {a:.2} | {b:.2} | {:.2} |", b - a);
+        println!("| {label} | {} | {} | {} |", cell(a), cell(b), cell(b - a));
     }
     let (gateway_step, unet_step) = (ms(&st, "denoise"), ms(&st, "unet_forward"));
     println!(
