@@ -50,11 +50,15 @@ async fn concurrent_generations_batch_and_match_unbatched_ones() {
     }
     drop(alone);
 
-    // Batched, all at once.
+    // Batched, all at once (and on multi-threaded I/O runtimes, the
+    // non-default runtime, in every process).
     let batched = Cluster::start(
         &model,
         ClusterOptions {
-            env: vec![("SD_MAX_WAIT_MS", "20".into())],
+            env: vec![
+                ("SD_MAX_WAIT_MS", "20".into()),
+                ("SD_IO_THREADS", "2".into()),
+            ],
             ..Default::default()
         },
     )
