@@ -145,15 +145,14 @@ impl Service {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    args.server.runtime()?.block_on(serve(args))
-}
-
-async fn serve(args: Args) -> anyhow::Result<()> {
-    let start = sd_service::start("autoencoder", "sd.v1.Autoencoder", &args.server).await?;
-    let (metrics, lifecycle) = (start.metrics.clone(), start.lifecycle.clone());
-    let a = args.clone();
-    let load = sd_service::blocking(move || load(a, metrics, lifecycle));
-    start.run(&args.server, &args.tls, load).await
+    let (server, tls) = (args.server.clone(), args.tls.clone());
+    sd_service::serve_model(
+        "autoencoder",
+        "sd.v1.Autoencoder",
+        &server,
+        &tls,
+        move |metrics, lifecycle| load(args, metrics, lifecycle),
+    )
 }
 
 /// Load the VAE; warm up.

@@ -162,19 +162,50 @@ impl Worker {
     }
 }
 
-/// What every model service sets up before loading: telemetry, health
-/// (NOT_SERVING), the listening socket, metrics, the drain counter.
-pub struct Startup {
-    pub telemetry: sd_runtime::TelemetryGuard,
-    pub health: Arc<Health>,
-    pub health_service:
-        tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
-    pub incoming: TcpIncoming,
-    pub metrics: Arc<Metrics>,
-    pub lifecycle: Lifecycle,
+/// A model service's whole life: the async runtime; telemetry, health
+/// (NOT_SERVING), the listening socket and metrics; `load` on a blocking
+/// thread while health keeps answering; then serving until SIGTERM and the
+/// drain.
+pub fn serve_model<S>(
+    service: &'static str,
+    grpc_name: &'static str,
+    server: &ServerArgs,
+    tls: &ServerTlsArgs,
+    load: impl FnOnce(Arc<Metrics>, Lifecycle) -> anyhow::Result<S> + Send + 'static,
+) -> anyhow::Result<()>
+where
+    S: tonic::codegen::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    server.runtime()?.block_on(async {
+        let start = start(service, grpc_name, server).await?;
+        let (metrics, lifecycle) = (start.metrics.clone(), start.lifecycle.clone());
+        let load = blocking(move || load(metrics, lifecycle));
+        start.run(server, tls, load).await
+    })
 }
 
-pub async fn start(
+/// What every model service sets up before loading: telemetry, health
+/// (NOT_SERVING), the listening socket, metrics, the drain counter.
+struct Startup {
+    telemetry: sd_runtime::TelemetryGuard,
+    health: Arc<Health>,
+    health_service:
+        tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+    incoming: TcpIncoming,
+    metrics: Arc<Metrics>,
+    lifecycle: Lifecycle,
+}
+
+async fn start(
     service: &'static str,
     grpc_name: &'static str,
     args: &ServerArgs,
@@ -199,12 +230,7 @@ pub async fn start(
 impl Startup {
     /// Serve while `load` runs (health NOT_SERVING, calls UNAVAILABLE), then
     /// SERVING with its service until SIGTERM and the drain.
-    pub async fn run<S, F>(
-        self,
-        args: &ServerArgs,
-        tls: &ServerTlsArgs,
-        load: F,
-    ) -> anyhow::Result<()>
+    async fn run<S, F>(self, args: &ServerArgs, tls: &ServerTlsArgs, load: F) -> anyhow::Result<()>
     where
         S: tonic::codegen::Service<
                 tonic::codegen::http::Request<tonic::body::Body>,
@@ -235,7 +261,7 @@ impl Startup {
 }
 
 /// Run blocking model loading off the async runtime (health keeps answering).
-pub async fn blocking<T: Send + 'static>(
+async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(f)
@@ -290,6 +316,17 @@ pub fn timed_load<T>(
     Ok(v)
 }
 
+/// The span of one call (or one message of a stream) to `method`; the
+/// caller joins it to the sender's trace.
+pub fn rpc_span(method: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "rpc",
+        otel.name = method,
+        method,
+        trace_id = tracing::field::Empty
+    )
+}
+
 /// Run a handler: refused while draining, counted for the drain, timed in
 /// the metrics, in a span joined to the caller's trace.
 pub async fn handle<T, R, Fut>(
@@ -303,12 +340,7 @@ where
     Fut: std::future::Future<Output = Result<T, Status>>,
 {
     use tracing::Instrument;
-    let span = tracing::info_span!(
-        "rpc",
-        otel.name = method,
-        method,
-        trace_id = tracing::field::Empty
-    );
+    let span = rpc_span(method);
     sd_runtime::telemetry::adopt(&request, &span);
     let _work = lifecycle.begin()?;
     metrics

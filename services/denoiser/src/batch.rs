@@ -347,6 +347,15 @@ mod tests {
             .join("sd1-tiny")
     }
 
+    fn tiny_unet() -> Arc<UNet> {
+        Arc::new(
+            ModelDir::open(fixture())
+                .unwrap()
+                .load_unet(Placement::cpu())
+                .unwrap(),
+        )
+    }
+
     fn job(seed: i64, b: i64, t: f32, guided: bool, g: f64) -> Call {
         tch::manual_seed(seed);
         let f = (tch::Kind::Float, tch::Device::Cpu);
@@ -361,10 +370,7 @@ mod tests {
 
     #[test]
     fn merged_forwards_equal_separate_ones() {
-        let unet = ModelDir::open(fixture())
-            .unwrap()
-            .load_unet(Placement::cpu())
-            .unwrap();
+        let unet = tiny_unet();
         // Different generations: batch sizes, timesteps, guidance on and off.
         let jobs = [
             job(1, 1, 999.0, true, 7.5),
@@ -400,12 +406,7 @@ mod tests {
     /// at once; every result must be the call's own. Returns the number of
     /// forwards.
     async fn run_sessions(workers: usize) -> f64 {
-        let unet = Arc::new(
-            ModelDir::open(fixture())
-                .unwrap()
-                .load_unet(Placement::cpu())
-                .unwrap(),
-        );
+        let unet = tiny_unet();
         let metrics = Metrics::new("test");
         let config = BatchConfig {
             max_items: 16,
@@ -463,12 +464,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_session_that_never_returns_does_not_stall_the_others() {
-        let unet = Arc::new(
-            ModelDir::open(fixture())
-                .unwrap()
-                .load_unet(Placement::cpu())
-                .unwrap(),
-        );
+        let unet = tiny_unet();
         let config = BatchConfig {
             max_items: 16,
             max_wait: Duration::ZERO,
@@ -508,12 +504,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_larger_than_a_batch_runs_alone() {
-        let unet = Arc::new(
-            ModelDir::open(fixture())
-                .unwrap()
-                .load_unet(Placement::cpu())
-                .unwrap(),
-        );
+        let unet = tiny_unet();
         let config = BatchConfig {
             max_items: 2,
             max_wait: Duration::ZERO,

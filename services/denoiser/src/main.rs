@@ -187,13 +187,7 @@ impl Denoiser for Service {
                         break;
                     }
                 };
-                let span = tracing::info_span!(
-                    "rpc",
-                    otel.name = "Predict",
-                    method = "Predict",
-                    stream = true,
-                    trace_id = tracing::field::Empty
-                );
+                let span = sd_service::rpc_span("Predict");
                 sd_runtime::telemetry::adopt_map(&req.trace_context, &span);
                 let session = batch::Session {
                     id,
@@ -285,17 +279,15 @@ impl Core {
         } else {
             None
         };
-        let timesteps = Tensor::from_slice(&req.timesteps);
-        let g = req.guidance_scale as f64;
+        let call = Call {
+            latents,
+            timesteps: Tensor::from_slice(&req.timesteps),
+            cond,
+            uncond,
+            guidance: req.guidance_scale as f64,
+        };
         if let Some((batcher, admission)) = &self.batcher {
             let _slot = admission.admit().await?;
-            let call = Call {
-                latents,
-                timesteps,
-                cond,
-                uncond,
-                guidance: g,
-            };
             let out = batcher.submit(call, session).await?;
             return Ok(PredictResponse {
                 output: Some(to_wire(&out, out_dtype)?),
@@ -305,13 +297,6 @@ impl Core {
         let output = self
             .worker
             .run("unet_forward", move || {
-                let call = Call {
-                    latents,
-                    timesteps,
-                    cond,
-                    uncond,
-                    guidance: g,
-                };
                 let out = forward_calls(&unet, &[&call]).map_err(status)?.remove(0);
                 to_wire(&out, out_dtype)
             })
@@ -333,15 +318,14 @@ fn prediction_type(scheduler_json: &str) -> anyhow::Result<String> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    args.server.runtime()?.block_on(serve(args))
-}
-
-async fn serve(args: Args) -> anyhow::Result<()> {
-    let start = sd_service::start("denoiser", "sd.v1.Denoiser", &args.server).await?;
-    let (metrics, lifecycle) = (start.metrics.clone(), start.lifecycle.clone());
-    let a = args.clone();
-    let load = sd_service::blocking(move || load(a, metrics, lifecycle));
-    start.run(&args.server, &args.tls, load).await
+    let (server, tls) = (args.server.clone(), args.tls.clone());
+    sd_service::serve_model(
+        "denoiser",
+        "sd.v1.Denoiser",
+        &server,
+        &tls,
+        move |metrics, lifecycle| load(args, metrics, lifecycle),
+    )
 }
 
 /// Load the UNet and what the gateway needs to know; warm up.
