@@ -13,7 +13,6 @@ use sd_runtime::metrics::Metrics;
 use sd_runtime::tls::ServerTlsArgs;
 use sd_runtime::{Health, ServerArgs};
 use tch::{Kind, Tensor};
-use tonic::transport::server::TcpIncoming;
 use tonic::Status;
 
 /// Flags for the model a service loads and where it runs.
@@ -186,78 +185,29 @@ where
     S::Future: Send + 'static,
 {
     server.runtime()?.block_on(async {
-        let start = start(service, grpc_name, server).await?;
-        let (metrics, lifecycle) = (start.metrics.clone(), start.lifecycle.clone());
-        let load = blocking(move || load(metrics, lifecycle));
-        start.run(server, tls, load).await
-    })
-}
-
-/// What every model service sets up before loading: telemetry, health
-/// (NOT_SERVING), the listening socket, metrics, the drain counter.
-struct Startup {
-    telemetry: sd_runtime::TelemetryGuard,
-    health: Arc<Health>,
-    health_service:
-        tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
-    incoming: TcpIncoming,
-    metrics: Arc<Metrics>,
-    lifecycle: Lifecycle,
-}
-
-async fn start(
-    service: &'static str,
-    grpc_name: &'static str,
-    args: &ServerArgs,
-) -> anyhow::Result<Startup> {
-    let telemetry = sd_runtime::init_telemetry(args.log_json, service);
-    let (health, health_service) = Health::new(grpc_name).await;
-    let (incoming, _) = sd_runtime::listen(args.listen).await?;
-    let metrics = Metrics::new(service);
-    if let Some(addr) = args.metrics_listen {
-        sd_runtime::metrics::serve(addr, metrics.clone()).await?;
-    }
-    Ok(Startup {
-        telemetry,
-        health: Arc::new(health),
-        health_service,
-        incoming,
-        metrics,
-        lifecycle: Lifecycle::new(),
-    })
-}
-
-impl Startup {
-    /// Serve while `load` runs (health NOT_SERVING, calls UNAVAILABLE), then
-    /// SERVING with its service until SIGTERM and the drain.
-    async fn run<S, F>(self, args: &ServerArgs, tls: &ServerTlsArgs, load: F) -> anyhow::Result<()>
-    where
-        S: tonic::codegen::Service<
-                tonic::codegen::http::Request<tonic::body::Body>,
-                Response = tonic::codegen::http::Response<tonic::body::Body>,
-                Error = std::convert::Infallible,
-            > + tonic::server::NamedService
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
-        F: std::future::Future<Output = anyhow::Result<S>>,
-    {
+        let telemetry = sd_runtime::init_telemetry(server.log_json, service);
+        let (health, health_service) = Health::new(grpc_name).await;
+        let (incoming, _) = sd_runtime::listen(server.listen).await?;
+        let metrics = Metrics::new(service);
+        if let Some(addr) = server.metrics_listen {
+            sd_runtime::metrics::serve(addr, metrics.clone()).await?;
+        }
+        let lifecycle = Lifecycle::new();
+        let for_load = lifecycle.clone();
         let result = sd_runtime::server::serve_loading(
-            self.incoming,
-            self.health,
-            self.health_service,
-            self.lifecycle,
-            args,
+            incoming,
+            Arc::new(health),
+            health_service,
+            lifecycle,
+            server,
             tls,
             sd_runtime::server::Lazy::new(),
-            load,
+            blocking(move || load(metrics, for_load)),
         )
         .await;
-        drop(self.telemetry);
+        drop(telemetry);
         result
-    }
+    })
 }
 
 /// Run blocking model loading off the async runtime (health keeps answering).
