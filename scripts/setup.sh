@@ -23,11 +23,13 @@ fi
 
 echo "setup: creating $VENV with pinned torch/diffusers/transformers (a few minutes the first time)"
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -r "$REQ"
+"$VENV/bin/python" -m pip install -q --no-cache-dir --upgrade pip
+# --no-cache-dir: the torch wheel and its CUDA libraries are ~3 GB that a
+# cache would hold a second copy of.
+"$VENV/bin/python" -m pip install -q --no-cache-dir -r "$REQ"
 # open-clip-torch only for its copy of the CLIP BPE vocabulary; --no-deps keeps
 # torchvision and friends out.
-"$VENV/bin/python" -m pip install -q --no-deps open-clip-torch==3.3.0
+"$VENV/bin/python" -m pip install -q --no-cache-dir --no-deps open-clip-torch==3.3.0
 
 # kubectl renders the Kubernetes manifests in the tests (kustomize built in).
 if ! command -v kubectl >/dev/null; then
