@@ -154,7 +154,8 @@ impl Denoiser for Service {
         let core = &self.0;
         handle(&core.lifecycle, &core.metrics, "Predict", request, |req| {
             let session = batch::Session {
-                id: req.session_id,
+                // Callers' ids keep clear of the stream sessions' high bit.
+                id: req.session_id & !STREAM_BIT,
                 steps_after: req.steps_after,
             };
             core.predict_inner(req, session, None)
@@ -176,7 +177,7 @@ impl Denoiser for Service {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
             let _work = work;
-            let id = STREAM_SESSIONS.fetch_add(1, Ordering::Relaxed) | (1 << 63);
+            let id = STREAM_SESSIONS.fetch_add(1, Ordering::Relaxed) | STREAM_BIT;
             let mut held = Held::new();
             loop {
                 let req = match inbound.message().await {
@@ -215,9 +216,10 @@ impl Denoiser for Service {
     }
 }
 
-/// Ids for stream sessions (high bit set, apart from callers' own ids; a
-/// clash would only affect batching, never results).
+/// Ids for stream sessions: the high bit set, which unary callers' own
+/// `session_id`s have cleared, so the two never name the same session.
 static STREAM_SESSIONS: AtomicU64 = AtomicU64::new(1);
+const STREAM_BIT: u64 = 1 << 63;
 
 impl Core {
     async fn predict_inner(
