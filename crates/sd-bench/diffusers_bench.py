@@ -1,10 +1,13 @@
-"""diffusers' StableDiffusionPipeline on CPU, timed image by image for
-sd-bench: MODEL STEPS SIZE THREADS (SIZE 0: the model's default).
+"""diffusers' StableDiffusionPipeline, timed image by image for sd-bench:
+MODEL STEPS SIZE THREADS [DEVICE [PRECISION]] (SIZE 0: the model's default;
+DEVICE cpu, cuda or cuda:N; PRECISION fp32, fp16 or bf16).
 
 After loading and one warm-up image it prints `ready`; then, for each line
 `SEED<TAB>PROMPT` on stdin, it generates that image and prints
-`seconds_per_image S`. sd-bench interleaves these with its own images so
-that a change in the machine's speed during the run weighs on all alike."""
+`seconds_per_image S mean_step T`, T being the mean time between step
+callbacks (one UNet forward with guidance plus the scheduler step, the
+device waited for). sd-bench interleaves these with its own images so that
+a change in the machine's speed during the run weighs on all alike."""
 
 import sys
 import time
@@ -13,17 +16,57 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 model, steps, size, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+device = sys.argv[5] if len(sys.argv) > 5 else "cpu"
+dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+    sys.argv[6] if len(sys.argv) > 6 else "fp32"
+]
 torch.set_num_threads(threads)
-pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+pipe = StableDiffusionPipeline.from_pretrained(
+    model, dtype=dtype, safety_checker=None, requires_safety_checker=False
+).to(device)
 pipe.set_progress_bar_config(disable=True)
 kwargs = dict(num_inference_steps=steps, guidance_scale=7.5)
 if size:
     kwargs.update(height=size, width=size)
+cuda = device.startswith("cuda")
+
+
+def wait():
+    if cuda:
+        torch.cuda.synchronize(device)
+
+
+stamps = []
+
+
+def on_step_end(_pipe, _i, _t, callback_kwargs):
+    wait()
+    stamps.append(time.perf_counter())
+    return callback_kwargs
+
+
+def generate(seed, prompt):
+    stamps.clear()
+    wait()
+    t = time.perf_counter()
+    pipe(
+        prompt,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        callback_on_step_end=on_step_end,
+        **kwargs,
+    )
+    wait()
+    per_image = time.perf_counter() - t
+    # Intervals between step ends: the first step's start also holds the
+    # prompt encoding and set-up, so it is left out.
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return per_image, sum(gaps) / max(len(gaps), 1)
+
+
 with torch.inference_mode():
-    pipe("warm up", generator=torch.Generator("cpu").manual_seed(1), **kwargs)
+    generate(1, "warm up")
     print("ready", flush=True)
     for line in sys.stdin:
         seed, prompt = line.rstrip("\n").split("\t", 1)
-        t = time.perf_counter()
-        pipe(prompt, generator=torch.Generator("cpu").manual_seed(int(seed)), **kwargs)
-        print(f"seconds_per_image {time.perf_counter() - t:.6f}", flush=True)
+        per_image, step = generate(int(seed), prompt)
+        print(f"seconds_per_image {per_image:.6f} mean_step {step:.6f}", flush=True)

@@ -27,8 +27,7 @@ pub struct InProcess {
 }
 
 impl InProcess {
-    pub fn load(dir: &ModelDir) -> anyhow::Result<(Self, ModelFacts)> {
-        let p = Placement::cpu();
+    pub fn load(dir: &ModelDir, p: Placement) -> anyhow::Result<(Self, ModelFacts)> {
         let me = InProcess {
             tokenizer: dir.load_tokenizer()?,
             clip: dir.load_text_encoder(p)?,
@@ -72,11 +71,17 @@ impl InProcess {
         let x = Tensor::randn([rows, c.in_channels, side, side], f);
         let t = Tensor::full([rows], 500.0, f);
         let ctx = Tensor::randn([rows, 77, c.context_dim()], f);
-        let _ = self.unet.forward(&x, &t, &ctx)?;
+        // Reading a value back waits for the device (CUDA runs async).
+        let wait = |y: Tensor| y.sum(tch::Kind::Float).double_value(&[]);
+        wait(self.unet.forward(&x, &t, &ctx)?);
         let n = 5;
         let start = std::time::Instant::now();
+        let mut y = None;
         for _ in 0..n {
-            let _ = self.unet.forward(&x, &t, &ctx)?;
+            y = Some(self.unet.forward(&x, &t, &ctx)?);
+        }
+        if let Some(y) = y {
+            wait(y);
         }
         Ok(start.elapsed().as_secs_f64() * 1e3 / n as f64)
     }

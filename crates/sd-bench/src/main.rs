@@ -10,6 +10,10 @@
 //!    and off;
 //! 4. repeated-prompt latency, prompt-cache hit vs miss.
 //!
+//! `--device cuda --precision fp16` runs all three on a GPU; diffusers' step
+//! time (between its step callbacks, the device waited for) stands next to
+//! the stack's for the per-step comparison.
+//!
 //! Prints Markdown tables (for docs/BENCHMARKS.md).
 
 mod inprocess;
@@ -25,7 +29,7 @@ use clap::Parser;
 use sd_gateway::pipeline::Generator;
 use sd_gateway::plan::{Limits, Plan};
 use sd_gateway::prompt_cache::PromptCache;
-use sd_models::ModelDir;
+use sd_models::{DeviceSpec, ModelDir, Placement, Precision};
 use sd_proto::v1::generation_client::GenerationClient;
 use sd_proto::v1::{Dtype, GenerateRequest};
 use sd_runtime::deadline::Deadline;
@@ -69,6 +73,12 @@ struct Args {
     /// Skip the diffusers measurement.
     #[arg(long)]
     no_diffusers: bool,
+    /// Device for every pipeline: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    /// Precision for every pipeline: fp32, or fp16/bf16 on cuda.
+    #[arg(long, default_value = "fp32")]
+    precision: Precision,
 }
 
 struct Proc {
@@ -201,20 +211,20 @@ impl Stack {
     }
 }
 
-fn start_stack(
-    model: &Path,
-    threads: i32,
-    batching: bool,
-    unet_workers: usize,
-) -> anyhow::Result<Stack> {
+fn start_stack(args: &Args, batching: bool, unet_workers: usize) -> anyhow::Result<Stack> {
     let mut env = vec![
-        ("SD_TORCH_THREADS", threads.to_string()),
+        ("SD_TORCH_THREADS", args.threads.to_string()),
         ("SD_MODEL_CONCURRENCY", unet_workers.to_string()),
+        ("SD_DEVICE", args.device.to_string()),
+        ("SD_PRECISION", args.precision.to_string()),
     ];
     if !batching {
         env.push(("SD_NO_BATCHING", "true".into()));
     }
-    let margs = vec!["--model".to_string(), model.to_string_lossy().into_owned()];
+    let margs = vec![
+        "--model".to_string(),
+        args.model.to_string_lossy().into_owned(),
+    ];
     let text = spawn("sd-text-encoder", &margs, &env)?;
     let den = spawn("sd-denoiser", &margs, &env)?;
     let vae = spawn("sd-autoencoder", &margs, &env)?;
@@ -291,11 +301,19 @@ struct Latency {
     stages: BTreeMap<String, f64>,
 }
 
+/// diffusers' seconds per image and per denoising step (between its step
+/// callbacks: the UNet forward with guidance and the scheduler).
+struct DiffusersLatency {
+    per_image: f64,
+    step: f64,
+}
+
 /// The gateway's step loop over in-process stages.
 fn in_process_generator(args: &Args) -> anyhow::Result<(Generator, Arc<inprocess::InProcess>)> {
     tch::set_num_threads(args.threads);
     let dir = ModelDir::open(&args.model)?;
-    let (stages, facts) = inprocess::InProcess::load(&dir)?;
+    let placement = Placement::new(args.device, args.precision)?;
+    let (stages, facts) = inprocess::InProcess::load(&dir, placement)?;
     let stages = Arc::new(stages);
     let generator = Generator {
         stages: stages.clone(),
@@ -341,6 +359,8 @@ impl Diffusers {
                 &args.steps.to_string(),
                 &args.size.to_string(),
                 &args.threads.to_string(),
+                &args.device.to_string(),
+                &args.precision.to_string(),
             ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -373,11 +393,15 @@ impl Diffusers {
         anyhow::bail!("the diffusers benchmark stopped")
     }
 
-    fn image(&mut self, seed: u64, prompt: &str) -> anyhow::Result<f64> {
+    /// Seconds for the image and the mean seconds of one denoising step.
+    fn image(&mut self, seed: u64, prompt: &str) -> anyhow::Result<(f64, f64)> {
         use std::io::Write;
         writeln!(self.stdin, "{seed}\t{prompt}")?;
         self.stdin.flush()?;
-        self.expect(|l| l.strip_prefix("seconds_per_image ")?.parse().ok())
+        self.expect(|l| {
+            let mut f = l.strip_prefix("seconds_per_image ")?.split(" mean_step ");
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })
     }
 }
 
@@ -396,7 +420,7 @@ async fn compare_latency(
     g: &Generator,
     stack: &Stack,
     mut diffusers: Option<&mut Diffusers>,
-) -> anyhow::Result<(Latency, Latency, Option<f64>)> {
+) -> anyhow::Result<(Latency, Latency, Option<DiffusersLatency>)> {
     let mut c = connect(stack).await?;
     in_process_image(args, g, 1, "warm up").await?;
     timed(&mut c, request(args, 1, "warm up")).await?;
@@ -420,7 +444,13 @@ async fn compare_latency(
             per_image: mean(&remote),
             stages: stage_means(&stack_before, &stack.stage_times()?),
         },
-        (!reference.is_empty()).then(|| mean(&reference)),
+        (!reference.is_empty()).then(|| {
+            let (images, steps): (Vec<f64>, Vec<f64>) = reference.into_iter().unzip();
+            DiffusersLatency {
+                per_image: mean(&images),
+                step: mean(&steps),
+            }
+        }),
     ))
 }
 
@@ -500,7 +530,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let (generator, models) = in_process_generator(&args)?;
-    let stack = start_stack(&args.model, args.threads, true, 1)?;
+    let stack = start_stack(&args, true, 1)?;
     let mut reference = if args.no_diffusers {
         None
     } else {
@@ -533,12 +563,28 @@ async fn main() -> anyhow::Result<()> {
         inproc.per_image,
         stack_s / inproc.per_image
     );
-    if let Some(d) = diffusers {
-        println!("| diffusers | {d:.3} | {:.3} |", stack_s / d);
+    if let Some(d) = &diffusers {
+        println!(
+            "| diffusers | {:.3} | {:.3} |",
+            d.per_image,
+            stack_s / d.per_image
+        );
     }
     let ms = |l: &Latency, k: &str| l.stages.get(k).copied().unwrap_or(f64::NAN) * 1e3;
-    println!("\n| stage (mean ms) | in-process | stack | stack − in-process |");
-    println!("|---|---:|---:|---:|");
+    let cell = |v: f64| {
+        if v.is_finite() {
+            format!("{v:.2}")
+        } else {
+            "—".to_string()
+        }
+    };
+    let (d_head, d_rule) = if diffusers.is_some() {
+        (" diffusers |", "---:|")
+    } else {
+        ("", "")
+    };
+    println!("\n| stage (mean ms) | in-process | stack | stack − in-process |{d_head}");
+    println!("|---|---:|---:|---:|{d_rule}");
     for (k, label) in [
         ("text", "prompt embeddings"),
         ("denoise", "one denoising step"),
@@ -547,15 +593,26 @@ async fn main() -> anyhow::Result<()> {
         ("image_encode", "image encoding (PNG)"),
         ("generation", "whole generation"),
     ] {
-        let cell = |v: f64| {
-            if v.is_finite() {
-                format!("{v:.2}")
-            } else {
-                "—".to_string()
-            }
-        };
         let (a, b) = (ms(&inproc, k), ms(&st, k));
-        println!("| {label} | {} | {} | {} |", cell(a), cell(b), cell(b - a));
+        let d = match (&diffusers, k) {
+            (None, _) => String::new(),
+            (Some(d), "denoise") => format!(" {} |", cell(d.step * 1e3)),
+            (Some(d), "generation") => format!(" {} |", cell(d.per_image * 1e3)),
+            (Some(_), _) => " — |".to_string(),
+        };
+        println!(
+            "| {label} | {} | {} | {} |{d}",
+            cell(a),
+            cell(b),
+            cell(b - a)
+        );
+    }
+    if let Some(d) = &diffusers {
+        println!(
+            "\nStep time, stack ÷ diffusers: {:.3} (in-process ÷ diffusers: {:.3})",
+            ms(&st, "denoise") / (d.step * 1e3),
+            ms(&inproc, "denoise") / (d.step * 1e3)
+        );
     }
     let (gateway_step, unet_step) = (ms(&st, "denoise"), ms(&st, "unet_forward"));
     println!(
@@ -579,7 +636,7 @@ async fn main() -> anyhow::Result<()> {
     println!("|---:|---|---:|---:|---:|---:|---:|");
     for &workers in &args.unet_workers {
         for batching in [true, false] {
-            let stack = start_stack(&args.model, args.threads, batching, workers)?;
+            let stack = start_stack(&args, batching, workers)?;
             for &c in &args.concurrency {
                 let den = &stack.services[1].metrics;
                 let rows_before = batch_rows(den)?;
