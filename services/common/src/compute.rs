@@ -39,7 +39,10 @@ impl Call {
 }
 
 /// Run several calls as one UNet forward (classifier-free guidance per
-/// call: uncond + g · (cond − uncond)); outputs in call order.
+/// call: uncond + g · (cond − uncond)); outputs in call order, on the host.
+/// On a GPU the forward runs asynchronously: copying the results back here
+/// makes the caller's timing the forward's real time, and no gRPC I/O
+/// thread later blocks on the device when it serialises a result.
 pub fn forward_calls(unet: &UNet, calls: &[&Call]) -> sd_models::Result<Vec<Tensor>> {
     let mut xs = Vec::new();
     let mut ts = Vec::new();
@@ -68,15 +71,16 @@ pub fn forward_calls(unet: &UNet, calls: &[&Call]) -> sd_models::Result<Vec<Tens
     let mut offset = 0;
     for c in calls {
         let b = c.batch();
-        if c.uncond.is_some() {
+        let guided = if c.uncond.is_some() {
             let u = out.narrow(0, offset, b);
             let cond = out.narrow(0, offset + b, b);
-            results.push(&u + (&cond - &u) * c.guidance);
             offset += 2 * b;
+            &u + (&cond - &u) * c.guidance
         } else {
-            results.push(out.narrow(0, offset, b));
             offset += b;
-        }
+            out.narrow(0, offset - b, b)
+        };
+        results.push(guided.f_to_device(tch::Device::Cpu)?);
     }
     Ok(results)
 }
