@@ -1,6 +1,6 @@
 //! Images in and out of the gateway: init images (checked before they are
-//! decoded, then resized and normalised as diffusers' VaeImageProcessor
-//! does), result encoding (PNG with the generation parameters in text
+//! decoded, then resized (with Pillow's Lanczos arithmetic, `resample`)
+//! and normalised as diffusers' VaeImageProcessor does), result encoding (PNG with the generation parameters in text
 //! chunks, JPEG, WebP) and cheap latent previews.
 
 use std::io::Cursor;
@@ -92,7 +92,7 @@ pub fn decode_init_image(
     let rgb = if (tw, th) == (w, h) {
         rgb
     } else {
-        image::imageops::resize(&rgb, tw, th, image::imageops::FilterType::Lanczos3)
+        crate::resample::resize_lanczos(&rgb, tw, th)
     };
     let (tw, th) = rgb.dimensions();
     let plane = (tw * th) as usize;

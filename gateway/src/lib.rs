@@ -11,5 +11,6 @@ pub mod pipeline;
 pub mod plan;
 pub mod pool;
 pub mod prompt_cache;
+pub mod resample;
 pub mod service;
 pub mod stages;
