@@ -73,7 +73,9 @@ fn taps(in_size: usize, out_size: usize) -> Taps {
 }
 
 /// A weighted sum of 8-bit samples, rounded and clamped back to 8 bits.
-fn clip8(acc: i32) -> u8 {
+/// (Sums are i64: with extreme shrinking the window holds thousands of
+/// taps, and an overflow must not be possible.)
+fn clip8(acc: i64) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
@@ -111,14 +113,14 @@ fn rows(src: &[u8], w: usize, h: usize, ow: usize) -> Option<Vec<u8>> {
         return None;
     }
     let t = taps(w, ow);
-    let round = 1i32 << (PRECISION_BITS - 1);
+    let round = 1i64 << (PRECISION_BITS - 1);
     let mut out = vec![0u8; ow * h * 3];
     for (line, dst) in src.chunks_exact(w * 3).zip(out.chunks_exact_mut(ow * 3)) {
         for (px, (lo, ks)) in dst.chunks_exact_mut(3).zip(t.first.iter().zip(&t.weights)) {
             let mut acc = [round; 3];
             for (p, k) in line[lo * 3..].chunks_exact(3).zip(ks) {
                 for c in 0..3 {
-                    acc[c] += i32::from(p[c]) * k;
+                    acc[c] += i64::from(p[c]) * i64::from(*k);
                 }
             }
             for c in 0..3 {
@@ -135,7 +137,7 @@ fn columns(src: &[u8], w: usize, h: usize, oh: usize) -> Option<Vec<u8>> {
         return None;
     }
     let t = taps(h, oh);
-    let round = 1i32 << (PRECISION_BITS - 1);
+    let round = 1i64 << (PRECISION_BITS - 1);
     let stride = w * 3;
     let mut out = vec![0u8; oh * stride];
     for (dst, (lo, ks)) in out
@@ -145,7 +147,7 @@ fn columns(src: &[u8], w: usize, h: usize, oh: usize) -> Option<Vec<u8>> {
         for (j, d) in dst.iter_mut().enumerate() {
             let mut acc = round;
             for (i, k) in ks.iter().enumerate() {
-                acc += i32::from(src[(lo + i) * stride + j]) * k;
+                acc += i64::from(src[(lo + i) * stride + j]) * i64::from(*k);
             }
             *d = clip8(acc);
         }
