@@ -5,8 +5,8 @@ DEVICE cpu, cuda or cuda:N; PRECISION fp32, fp16 or bf16).
 After loading and one warm-up image it prints `ready`; then, for each line
 `SEED<TAB>PROMPT` on stdin, it generates that image and prints
 `seconds_per_image S mean_step T`, T being the mean time between step
-callbacks (one UNet forward with guidance plus the scheduler step, the
-device waited for). sd-bench interleaves these with its own images so that
+callbacks (one UNet forward with guidance plus the scheduler step; on a GPU
+from CUDA events, so the timing does not stall the pipeline). sd-bench interleaves these with its own images so that
 a change in the machine's speed during the run weighs on all alike."""
 
 import sys
@@ -36,17 +36,28 @@ def wait():
         torch.cuda.synchronize(device)
 
 
-stamps = []
+# Step ends: CUDA events on a GPU (recorded in stream order, so timing them
+# adds no synchronisation that would slow diffusers down), clock readings on
+# the CPU.
+marks = []
 
 
 def on_step_end(_pipe, _i, _t, callback_kwargs):
-    wait()
-    stamps.append(time.perf_counter())
+    if cuda:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        marks.append(event)
+    else:
+        marks.append(time.perf_counter())
     return callback_kwargs
 
 
+def gap_seconds(a, b):
+    return a.elapsed_time(b) / 1e3 if cuda else b - a
+
+
 def generate(seed, prompt):
-    stamps.clear()
+    marks.clear()
     wait()
     t = time.perf_counter()
     pipe(
@@ -59,7 +70,7 @@ def generate(seed, prompt):
     per_image = time.perf_counter() - t
     # Intervals between step ends: the first step's start also holds the
     # prompt encoding and set-up, so it is left out.
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    gaps = [gap_seconds(a, b) for a, b in zip(marks, marks[1:])]
     return per_image, sum(gaps) / max(len(gaps), 1)
 
 

@@ -1,7 +1,8 @@
 //! Images in and out of the gateway: init images (checked before they are
-//! decoded, then resized (with Pillow's Lanczos arithmetic, `resample`)
-//! and normalised as diffusers' VaeImageProcessor does), result encoding (PNG with the generation parameters in text
-//! chunks, JPEG, WebP) and cheap latent previews.
+//! decoded, then resized with Pillow's Lanczos arithmetic, `resample`, and
+//! normalised as diffusers' VaeImageProcessor does), result encoding (PNG
+//! with the generation parameters in text chunks, JPEG, WebP) and cheap
+//! latent previews.
 
 use std::io::Cursor;
 

@@ -11,7 +11,7 @@
 //! 4. repeated-prompt latency, prompt-cache hit vs miss.
 //!
 //! `--device cuda --precision fp16` runs all three on a GPU; diffusers' step
-//! time (between its step callbacks, the device waited for) stands next to
+//! time (between its step callbacks; CUDA events on a GPU) stands next to
 //! the stack's for the per-step comparison.
 //!
 //! Prints Markdown tables (for docs/BENCHMARKS.md).
