@@ -25,6 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("sd_v1_descriptor.bin"))
         .bytes(".sd.v1")
+        // Decode errors are the sender's: INVALID_ARGUMENT (see codec.rs).
+        .codec_path("crate::codec::SdCodec")
         .compile_protos(&files, &[root])?;
     Ok(())
 }

@@ -12,7 +12,7 @@ use sd_proto::v1::{
 };
 use sd_proto::wire::HostTensor;
 use sd_runtime::deadline::Deadline;
-use sd_runtime::metrics::Metrics;
+use sd_runtime::metrics::{Metrics, Stage};
 use sd_sampling::schedulers::{build, SchedulerOptions};
 use sd_sampling::TorchGenerator;
 use tokio::sync::mpsc;
@@ -298,7 +298,7 @@ impl Generator {
         }
         let text_start = Instant::now();
         let mut embeds = self.embeddings(&wanted, deadline).await?.into_iter();
-        self.metrics.step("text", text_start.elapsed());
+        self.metrics.step(Stage::Text, text_start.elapsed());
         let mut text = Text {
             cond: Conditioning {
                 embedding: embeds
@@ -363,7 +363,8 @@ impl Generator {
                         replica = tracing::field::Empty
                     ))
                     .await?;
-                self.metrics.step("encode_image", encode_start.elapsed());
+                self.metrics
+                    .step(Stage::EncodeImage, encode_start.elapsed());
                 let mean =
                     HostTensor::from_wire(&dist.mean.ok_or_else(|| Status::internal("no mean"))?)
                         .map_err(wire_err("mean"))?;
@@ -415,7 +416,7 @@ impl Generator {
                 )
                 .instrument(span)
                 .await?;
-            self.metrics.step("denoise", step_start.elapsed());
+            self.metrics.step(Stage::Denoise, step_start.elapsed());
             if out.numel() != n {
                 return Err(Status::internal(format!(
                     "denoiser output {:?} does not match {shape:?}",
@@ -459,7 +460,7 @@ impl Generator {
                 deadline,
             )
             .await?;
-        self.metrics.step("decode", decode_start.elapsed());
+        self.metrics.step(Stage::Decode, decode_start.elapsed());
         let output_start = Instant::now();
         let mut images = Vec::with_capacity(decoded.len());
         for (rgb, w, h) in decoded {
@@ -476,8 +477,9 @@ impl Generator {
                 height: h,
             });
         }
-        self.metrics.step("image_encode", output_start.elapsed());
-        self.metrics.step("generation", start.elapsed());
+        self.metrics
+            .step(Stage::ImageEncode, output_start.elapsed());
+        self.metrics.step(Stage::Generation, start.elapsed());
         tracing::info!(
             seed = plan.seed,
             steps = plan.steps,

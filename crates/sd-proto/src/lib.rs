@@ -4,6 +4,8 @@
 //! This crate does not link libtorch: the gateway uses it as it is, the model
 //! services convert to tch tensors on their side.
 
+pub mod codec;
+pub mod status;
 pub mod wire;
 
 /// Generated code for `package sd.v1`.

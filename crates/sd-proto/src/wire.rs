@@ -11,19 +11,45 @@ use crate::v1::{Dtype, Tensor};
 /// SD tensor, and small enough that shape products cannot overflow.
 pub const MAX_ELEMENTS: i64 = 1 << 31;
 
+/// Most dimensions a tensor may have (SD tensors have at most 4).
+pub const MAX_DIMS: usize = 8;
+
+/// What is wrong with a wire tensor. Messages quote sizes, never the data
+/// or an unbounded shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WireError {
     Missing(&'static str),
-    Shape(String),
+    /// More than [`MAX_DIMS`] dimensions.
+    TooManyDims(usize),
+    /// A dimension below zero.
+    NegativeDim(i64),
+    /// The elements (or the strides a tensor library would compute from
+    /// the shape) would exceed [`MAX_ELEMENTS`].
+    TooLarge,
+    /// Values do not fit the shape they claim.
+    Count {
+        expected: usize,
+        actual: usize,
+    },
     Dtype(i32),
-    Length { expected: usize, actual: usize },
+    Length {
+        expected: usize,
+        actual: usize,
+    },
 }
 
 impl std::fmt::Display for WireError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             WireError::Missing(what) => write!(f, "{what} is missing"),
-            WireError::Shape(s) => write!(f, "bad shape: {s}"),
+            WireError::TooManyDims(n) => {
+                write!(f, "bad shape: {n} dimensions, at most {MAX_DIMS}")
+            }
+            WireError::NegativeDim(d) => write!(f, "bad shape: dimension {d} is negative"),
+            WireError::TooLarge => write!(f, "bad shape: more than {MAX_ELEMENTS} elements"),
+            WireError::Count { expected, actual } => {
+                write!(f, "bad shape: it needs {expected} values, got {actual}")
+            }
             WireError::Dtype(d) => write!(f, "unsupported dtype {d}"),
             WireError::Length { expected, actual } => {
                 write!(
@@ -37,21 +63,26 @@ impl std::fmt::Display for WireError {
 
 impl std::error::Error for WireError {}
 
-/// Element count of a shape, checked: no negative dims, no overflow.
+/// Element count of a shape, checked before any tensor library sees it: at
+/// most [`MAX_DIMS`] dimensions, none negative, and the product of the
+/// dimensions — with zeros counted as ones, as stride computations do — at
+/// most [`MAX_ELEMENTS`]. (`[1, 4, 0, 2^62]` holds no element, yet its
+/// strides overflow.)
 pub fn numel(shape: &[i64]) -> Result<usize, WireError> {
+    if shape.len() > MAX_DIMS {
+        return Err(WireError::TooManyDims(shape.len()));
+    }
     let mut n: i64 = 1;
+    let mut strides: i64 = 1;
     for &d in shape {
         if d < 0 {
-            return Err(WireError::Shape(format!(
-                "{shape:?} has a negative dimension"
-            )));
+            return Err(WireError::NegativeDim(d));
         }
-        n = n.saturating_mul(d);
-        if n > MAX_ELEMENTS {
-            return Err(WireError::Shape(format!(
-                "{shape:?} exceeds {MAX_ELEMENTS} elements"
-            )));
+        strides = strides.saturating_mul(d.max(1));
+        if strides > MAX_ELEMENTS {
+            return Err(WireError::TooLarge);
         }
+        n *= d;
     }
     Ok(n as usize)
 }
@@ -92,10 +123,10 @@ impl HostTensor {
     pub fn new(shape: Vec<i64>, data: Vec<f32>) -> Result<Self, WireError> {
         let n = numel(&shape)?;
         if n != data.len() {
-            return Err(WireError::Shape(format!(
-                "{shape:?} needs {n} values, got {}",
-                data.len()
-            )));
+            return Err(WireError::Count {
+                expected: n,
+                actual: data.len(),
+            });
         }
         Ok(HostTensor { shape, data })
     }
@@ -199,19 +230,28 @@ mod tests {
             dtype: Dtype::Float32 as i32,
             data: Default::default(),
         };
-        assert!(matches!(
-            HostTensor::from_wire(&bad),
-            Err(WireError::Shape(_))
-        ));
+        assert_eq!(HostTensor::from_wire(&bad), Err(WireError::NegativeDim(-1)));
         let huge = Tensor {
             shape: vec![1 << 40, 1 << 40],
             dtype: Dtype::Float32 as i32,
             data: Default::default(),
         };
-        assert!(matches!(
-            HostTensor::from_wire(&huge),
-            Err(WireError::Shape(_))
-        ));
+        assert_eq!(HostTensor::from_wire(&huge), Err(WireError::TooLarge));
+        // No element, but strides that overflow: refused before libtorch.
+        let empty_but_huge = Tensor {
+            shape: vec![1, 4, 0, 1 << 62],
+            dtype: Dtype::Float32 as i32,
+            data: Default::default(),
+        };
+        assert_eq!(validate(&empty_but_huge), Err(WireError::TooLarge));
+        let many = Tensor {
+            shape: vec![1; 100_000],
+            dtype: Dtype::Float32 as i32,
+            data: vec![0u8; 4].into(),
+        };
+        let e = validate(&many).unwrap_err();
+        assert_eq!(e, WireError::TooManyDims(100_000));
+        assert!(e.to_string().len() < 64, "{e}");
         let dt = Tensor {
             shape: vec![1],
             dtype: 77,

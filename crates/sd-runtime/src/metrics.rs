@@ -30,6 +30,73 @@ pub struct StageLabels {
     pub stage: String,
 }
 
+/// The `stage` label of `sd_step_duration_seconds`: every phase a process
+/// times, named once (the docs list [`Stage::ALL`]).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Stage {
+    /// Gateway: the prompts' embeddings (cache or text encoder).
+    Text,
+    /// Gateway: the init image through the VAE encoder (image-to-image).
+    EncodeImage,
+    /// Gateway: one denoising step, as the step loop sees it.
+    Denoise,
+    /// Gateway: the final latents through the VAE decoder.
+    Decode,
+    /// Gateway: encoding the result images (PNG/JPEG/WebP).
+    ImageEncode,
+    /// Gateway: a whole generation.
+    Generation,
+    /// Text encoder: one CLIP forward.
+    TextForward,
+    /// Denoiser: time a call waited in the batcher's queue.
+    UnetQueue,
+    /// Denoiser: one UNet forward (a batch of calls).
+    UnetForward,
+    /// Autoencoder: one VAE decode.
+    VaeDecode,
+    /// Autoencoder: one VAE encode.
+    VaeEncode,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 11] = [
+        Stage::Text,
+        Stage::EncodeImage,
+        Stage::Denoise,
+        Stage::Decode,
+        Stage::ImageEncode,
+        Stage::Generation,
+        Stage::TextForward,
+        Stage::UnetQueue,
+        Stage::UnetForward,
+        Stage::VaeDecode,
+        Stage::VaeEncode,
+    ];
+
+    /// The label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Stage::Text => "text",
+            Stage::EncodeImage => "encode_image",
+            Stage::Denoise => "denoise",
+            Stage::Decode => "decode",
+            Stage::ImageEncode => "image_encode",
+            Stage::Generation => "generation",
+            Stage::TextForward => "text_forward",
+            Stage::UnetQueue => "unet_queue",
+            Stage::UnetForward => "unet_forward",
+            Stage::VaeDecode => "vae_decode",
+            Stage::VaeEncode => "vae_encode",
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabels {
     pub cache: String,
@@ -88,7 +155,7 @@ impl Metrics {
         );
         registry.register(
             "step_duration_seconds",
-            "Latency by stage: a generation's phases (text, encode_image, denoise = one step, decode, image_encode, generation) and model forwards",
+            "Latency by stage: a generation's phases (text, encode_image, denoise = one step, decode, image_encode, generation), model forwards (text_forward, unet_forward, vae_decode, vae_encode) and the UNet queue wait (unet_queue)",
             step_seconds.clone(),
         );
         registry.register("in_flight", "Requests being worked on", in_flight.clone());
@@ -179,10 +246,10 @@ impl Metrics {
         self.batch_items.observe(items);
     }
 
-    pub fn step(&self, stage: &str, elapsed: Duration) {
+    pub fn step(&self, stage: Stage, elapsed: Duration) {
         self.step_seconds
             .get_or_create(&StageLabels {
-                stage: stage.to_string(),
+                stage: stage.as_str().to_string(),
             })
             .observe(elapsed.as_secs_f64());
     }
@@ -225,4 +292,30 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<So
     });
     println!("metrics on {local}");
     Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_stage_has_its_own_label_and_the_help_names_it() {
+        let labels: std::collections::BTreeSet<&str> =
+            Stage::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(labels.len(), Stage::ALL.len());
+        let m = Metrics::new("test");
+        for s in Stage::ALL {
+            m.step(s, Duration::from_millis(1));
+        }
+        let text = m.encode();
+        let help = text
+            .lines()
+            .find(|l| l.starts_with("# HELP sd_step_duration_seconds"))
+            .unwrap_or_default()
+            .to_string();
+        for s in Stage::ALL {
+            assert!(help.contains(s.as_str()), "help misses {s}: {help}");
+            assert!(text.contains(&format!("stage=\"{s}\"")), "{s} not recorded");
+        }
+    }
 }

@@ -11,4 +11,4 @@ pub mod rng;
 pub mod schedulers;
 
 pub use rng::TorchGenerator;
-pub use schedulers::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind};
+pub use schedulers::{Prediction, Scheduler, SchedulerConfig, SchedulerError, SchedulerKind};

@@ -13,7 +13,7 @@ use sd_proto::v1::{
     EncodeImageRequest, EncodeImageResponse,
 };
 use sd_runtime::lifecycle::Lifecycle;
-use sd_runtime::metrics::Metrics;
+use sd_runtime::metrics::{Metrics, Stage};
 use sd_runtime::tls::ServerTlsArgs;
 use sd_runtime::ServerArgs;
 use sd_service::compute::to_rgb8;
@@ -109,7 +109,7 @@ impl Service {
         let (vae, sf) = (self.vae.clone(), self.info.scaling_factor as f64);
         let images = self
             .worker
-            .run("vae_decode", move || {
+            .run(Stage::VaeDecode, move || {
                 let pixels = vae
                     .decode(&(latents.to_kind(Kind::Float) / sf))
                     .map_err(status)?;
@@ -128,7 +128,7 @@ impl Service {
         let vae = self.vae.clone();
         let (mean, std) = self
             .worker
-            .run("vae_encode", move || {
+            .run(Stage::VaeEncode, move || {
                 let d = vae.encode(&pixels).map_err(status)?;
                 Ok((
                     to_wire(&d.mean, Dtype::Float32)?,

@@ -9,7 +9,7 @@ use sd_models::{DeviceSpec, ModelError, Placement, Precision};
 use sd_proto::v1::{Dtype, Tensor as WireTensor};
 use sd_runtime::admission::Admission;
 use sd_runtime::lifecycle::Lifecycle;
-use sd_runtime::metrics::Metrics;
+use sd_runtime::metrics::{Metrics, Stage};
 use sd_runtime::tls::ServerTlsArgs;
 use sd_runtime::{Health, ServerArgs};
 use tch::{Kind, Tensor};
@@ -137,7 +137,7 @@ impl Worker {
     /// Run `f` (timed as `stage` in the step-duration metric).
     pub async fn run<T: Send + 'static>(
         &self,
-        stage: &'static str,
+        stage: Stage,
         f: impl FnOnce() -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
         self.metrics

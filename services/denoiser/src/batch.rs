@@ -24,7 +24,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use sd_models::UNet;
-use sd_runtime::metrics::Metrics;
+use sd_runtime::metrics::{Metrics, Stage};
 use sd_service::compute::{forward_calls, Call};
 use tch::Tensor;
 use tonic::Status;
@@ -298,7 +298,7 @@ fn work(w: usize, unet: &UNet, shared: &Shared, config: BatchConfig, metrics: &M
         let refs: Vec<&Call> = batch.iter().map(|j| &j.call).collect();
         let outcome = sd_models::error::guarded(|| forward_calls(unet, &refs));
         let took = start.elapsed();
-        metrics.step("unet_forward", took);
+        metrics.step(Stage::UnetForward, took);
         metrics.step_batch(rows as f64);
 
         state = shared.lock();

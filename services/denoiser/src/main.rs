@@ -17,7 +17,7 @@ use sd_proto::v1::{
     DenoiserInfo, DenoiserInfoRequest, Dtype, Embedding, PredictRequest, PredictResponse,
 };
 use sd_runtime::lifecycle::Lifecycle;
-use sd_runtime::metrics::Metrics;
+use sd_runtime::metrics::{Metrics, Stage};
 use sd_runtime::tls::ServerTlsArgs;
 use sd_runtime::ServerArgs;
 use sd_service::compute::{forward_calls, Call};
@@ -298,7 +298,7 @@ impl Core {
         let unet = self.unet.clone();
         let output = self
             .worker
-            .run("unet_forward", move || {
+            .run(Stage::UnetForward, move || {
                 let out = forward_calls(&unet, &[&call]).map_err(status)?.remove(0);
                 to_wire(&out, out_dtype)
             })

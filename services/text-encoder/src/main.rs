@@ -10,7 +10,7 @@ use sd_proto::v1::{
     TextEncoderInfoRequest,
 };
 use sd_runtime::lifecycle::Lifecycle;
-use sd_runtime::metrics::Metrics;
+use sd_runtime::metrics::{Metrics, Stage};
 use sd_runtime::tls::ServerTlsArgs;
 use sd_runtime::ServerArgs;
 use sd_service::{handle, status, to_wire, ModelArgs, Worker};
@@ -87,7 +87,7 @@ impl Service {
         let clip_skip = req.clip_skip as usize;
         let out = self
             .worker
-            .run("text_forward", move || {
+            .run(Stage::TextForward, move || {
                 let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
                 let ids = model.tokenizer.encode_batch(&refs).map_err(status)?;
                 let hidden = model.clip.forward(&ids, clip_skip).map_err(status)?;

@@ -46,21 +46,50 @@ impl SchedulerConfig {
         self.f64_or("num_train_timesteps", 1000.0).max(1.0) as usize
     }
 
+    /// The model's prediction type (diffusers' default: epsilon).
     pub fn prediction(&self) -> Result<Prediction, SchedulerError> {
-        match self.str_or("prediction_type", "epsilon") {
-            "epsilon" => Ok(Prediction::Epsilon),
-            "v_prediction" => Ok(Prediction::V),
-            other => Err(SchedulerError::Unsupported(format!(
-                "prediction_type `{other}` is not supported"
-            ))),
-        }
+        self.str_or("prediction_type", Prediction::Epsilon.as_str())
+            .parse()
     }
 }
 
+/// What the UNet predicts: the noise, or v (Salimans & Ho), as diffusers'
+/// `prediction_type` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Prediction {
     Epsilon,
     V,
+}
+
+impl Prediction {
+    /// diffusers' name (`epsilon`, `v_prediction`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Prediction::Epsilon => "epsilon",
+            Prediction::V => "v_prediction",
+        }
+    }
+}
+
+impl std::fmt::Display for Prediction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Prediction {
+    type Err = SchedulerError;
+
+    fn from_str(s: &str) -> Result<Self, SchedulerError> {
+        match s {
+            "epsilon" => Ok(Prediction::Epsilon),
+            "v_prediction" => Ok(Prediction::V),
+            other => Err(SchedulerError::Unsupported(format!(
+                "prediction_type `{}` is not supported (epsilon, v_prediction)",
+                other.chars().take(40).collect::<String>()
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,73 @@
+//! The protobuf codec every sd.v1 client and server uses: prost's, except
+//! that a message that does not decode (truncated, a string that is not
+//! UTF-8) is INVALID_ARGUMENT with a short message, not INTERNAL — the
+//! sender's mistake, not ours.
+//!
+//! The generated clients use the same codec; a model service's reply that
+//! does not decode is reported to the gateway the same way.
+
+use std::marker::PhantomData;
+
+use prost::Message;
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
+use tonic::Status;
+use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+/// Longest decode error text passed on (prost's messages name the field).
+const MAX_DETAIL: usize = 160;
+
+#[derive(Debug, Clone)]
+pub struct SdCodec<T, U>(PhantomData<(T, U)>);
+
+impl<T, U> Default for SdCodec<T, U> {
+    fn default() -> Self {
+        SdCodec(PhantomData)
+    }
+}
+
+impl<T, U> Codec for SdCodec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = CheckedDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstCodec::<T, U>::raw_encoder(BufferSettings::default())
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        CheckedDecoder(ProstDecoder::new(BufferSettings::default()))
+    }
+}
+
+/// prost's decoder with decode errors as INVALID_ARGUMENT.
+#[derive(Debug)]
+pub struct CheckedDecoder<U>(ProstDecoder<U>);
+
+impl<U: Message + Default> Decoder for CheckedDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        self.0.decode(buf).map_err(|s| {
+            let mut detail = s.message().to_string();
+            if detail.len() > MAX_DETAIL {
+                let mut end = MAX_DETAIL;
+                while !detail.is_char_boundary(end) {
+                    end -= 1;
+                }
+                detail.truncate(end);
+                detail.push('…');
+            }
+            Status::invalid_argument(format!("the message could not be decoded: {detail}"))
+        })
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        self.0.buffer_settings()
+    }
+}
