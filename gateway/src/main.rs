@@ -13,8 +13,6 @@ use sd_gateway::service::GenerationService;
 use sd_proto::v1::generation_server::GenerationServer;
 use sd_proto::v1::Dtype;
 use sd_runtime::admission::Admission;
-use sd_runtime::lifecycle::Lifecycle;
-use sd_runtime::metrics::Metrics;
 use sd_runtime::tls::{ClientTlsArgs, ServerTlsArgs};
 use sd_runtime::ServerArgs;
 
@@ -62,42 +60,29 @@ fn parse_dtype(s: &str) -> Result<Dtype, String> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    args.server.runtime()?.block_on(serve(args))
-}
-
-async fn serve(args: Args) -> anyhow::Result<()> {
-    let telemetry = sd_runtime::init_telemetry(args.server.log_json, "sd-gateway");
-    let (health, health_service) = sd_runtime::Health::new("sd.v1.Generation").await;
-    let health = Arc::new(health);
-    let (incoming, _) = sd_runtime::listen(args.server.listen).await?;
-    let metrics = Metrics::new("gateway");
-    if let Some(addr) = args.server.metrics_listen {
-        sd_runtime::metrics::serve(addr, metrics.clone()).await?;
-    }
-    let lifecycle = Lifecycle::new();
-    let load = connect(&args, metrics, lifecycle.clone(), health.clone());
-    let result = sd_runtime::server::serve_loading(
-        incoming,
-        health,
-        health_service,
-        lifecycle,
+    let who = sd_runtime::server::Identity {
+        name: "gateway",
+        otel_name: "sd-gateway",
+        grpc_name: "sd.v1.Generation",
+    };
+    args.server.runtime()?.block_on(sd_runtime::server::run(
+        who,
         &args.server,
         &args.tls,
-        sd_runtime::server::Lazy::new(),
-        load,
-    )
-    .await;
-    drop(telemetry);
-    result
+        |cx| connect(&args, cx),
+    ))
 }
 
 /// Reach the model services, learn the model, and build the service.
 async fn connect(
     args: &Args,
-    metrics: Arc<Metrics>,
-    lifecycle: Lifecycle,
-    health: Arc<sd_runtime::Health>,
+    cx: sd_runtime::server::Context,
 ) -> anyhow::Result<GenerationServer<GenerationService>> {
+    let sd_runtime::server::Context {
+        metrics,
+        lifecycle,
+        health,
+    } = cx;
     // Public messages: a request carries at most an init image; a response
     // at most max_images encoded images (PNG ≤ 3 bytes/pixel + headers).
     let max_in = args.limits.max_init_image_bytes + (1 << 20);

@@ -5,8 +5,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::error::Refusal;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tonic::Status;
 
 #[derive(Clone)]
 pub struct Admission {
@@ -43,25 +43,25 @@ impl Admission {
         self.queued.load(Ordering::SeqCst)
     }
 
-    /// A slot now, or a place in the queue, or RESOURCE_EXHAUSTED.
-    pub async fn admit(&self) -> Result<Slot, Status> {
+    /// A slot now, or a place in the queue, or [`Refusal::Overloaded`].
+    pub async fn admit(&self) -> Result<Slot, Refusal> {
         if let Ok(p) = self.permits.clone().try_acquire_owned() {
             return Ok(Slot { _permit: p });
         }
         let q = self.queued.fetch_add(1, Ordering::SeqCst);
         let _guard = QueuedGuard(self.queued.clone());
         if q >= self.max_queue {
-            return Err(Status::resource_exhausted(format!(
-                "{}: all slots busy and the queue ({}) is full; retry later",
-                self.what, self.max_queue
-            )));
+            return Err(Refusal::Overloaded {
+                what: self.what,
+                max_queue: self.max_queue,
+            });
         }
         let p = self
             .permits
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| Status::unavailable("shutting down"))?;
+            .map_err(|_| Refusal::ShuttingDown)?;
         Ok(Slot { _permit: p })
     }
 }
@@ -79,7 +79,7 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert_eq!(a.queued(), 1);
         let e = a.admit().await.err().expect("queue full");
-        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(matches!(e, Refusal::Overloaded { max_queue: 1, .. }), "{e}");
         drop(s1);
         waiting.await.unwrap().unwrap();
         assert_eq!(a.queued(), 0);

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use crate::error::Refusal;
 use tokio::time::Instant;
-use tonic::Status;
 
 /// Parse a `grpc-timeout` header value: digits then one of H M S m u n.
 pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
@@ -47,14 +47,14 @@ impl Deadline {
         Deadline(t.map(|d| Instant::now() + d - (d / 10).min(Duration::from_millis(50))))
     }
 
-    /// Time left, or DEADLINE_EXCEEDED when none is.
-    pub fn remaining(&self) -> Result<Option<Duration>, Status> {
+    /// Time left, or [`Refusal::DeadlinePassed`] when none is.
+    pub fn remaining(&self) -> Result<Option<Duration>, Refusal> {
         match self.0 {
             None => Ok(None),
             Some(at) => {
                 let now = Instant::now();
                 if now >= at {
-                    Err(Status::deadline_exceeded("the client's deadline passed"))
+                    Err(Refusal::DeadlinePassed)
                 } else {
                     Ok(Some(at - now))
                 }
@@ -63,7 +63,7 @@ impl Deadline {
     }
 
     /// Wrap an outgoing request so it carries the time left.
-    pub fn request<T>(&self, msg: T) -> Result<tonic::Request<T>, Status> {
+    pub fn request<T>(&self, msg: T) -> Result<tonic::Request<T>, Refusal> {
         let mut r = tonic::Request::new(msg);
         if let Some(left) = self.remaining()? {
             r.set_timeout(left);
@@ -73,6 +73,13 @@ impl Deadline {
 
     pub fn instant(&self) -> Option<Instant> {
         self.0
+    }
+
+    /// Whether the deadline has passed, or is within `slack` of passing.
+    /// (A model service that runs out of the time passed on answers a
+    /// little before the gateway's own clock says so.)
+    pub fn passed_within(&self, slack: Duration) -> bool {
+        self.0.is_some_and(|at| Instant::now() + slack >= at)
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod admission;
 pub mod alloc;
 pub mod deadline;
+pub mod error;
 pub mod lifecycle;
 pub mod lru;
 pub mod metrics;
@@ -12,6 +13,7 @@ pub mod server;
 pub mod telemetry;
 pub mod tls;
 
+pub use error::Refusal;
 pub use telemetry::{init_telemetry, TelemetryGuard};
 
 use std::net::SocketAddr;

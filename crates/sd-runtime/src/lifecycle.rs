@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
-use tonic::Status;
 
+use crate::error::Refusal;
 use crate::Health;
 
 #[derive(Default)]
@@ -44,9 +44,9 @@ impl Lifecycle {
 
     /// Start a unit of work, unless the process is draining (UNAVAILABLE, so
     /// clients and the gateway try another replica).
-    pub fn begin(&self) -> Result<InFlight, Status> {
+    pub fn begin(&self) -> Result<InFlight, Refusal> {
         if self.inner.draining.load(Ordering::SeqCst) {
-            return Err(Status::unavailable("shutting down: not accepting new work"));
+            return Err(Refusal::ShuttingDown);
         }
         self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
         Ok(InFlight {

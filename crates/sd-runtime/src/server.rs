@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
 use tonic::body::Body;
@@ -16,8 +16,78 @@ use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
 
 use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
 use crate::tls::ServerTlsArgs;
 use crate::{Health, ServerArgs};
+
+/// Who a server process is.
+#[derive(Debug, Clone, Copy)]
+pub struct Identity {
+    /// The `service` label of its metrics (`gateway`, `denoiser`, …).
+    pub name: &'static str,
+    /// Its OpenTelemetry service name unless `OTEL_SERVICE_NAME` says otherwise.
+    pub otel_name: &'static str,
+    /// The gRPC service its health reports on (`sd.v1.Denoiser`, …).
+    pub grpc_name: &'static str,
+}
+
+/// What a server's `load` gets from the start-up path.
+#[derive(Clone)]
+pub struct Context {
+    pub metrics: Arc<Metrics>,
+    pub lifecycle: Lifecycle,
+    pub health: Arc<Health>,
+}
+
+/// A server process's whole life, the same for the gateway and the model
+/// services: telemetry; health (NOT_SERVING) on the listening socket from
+/// the first moment; metrics; `load` while health keeps answering; SERVING
+/// once it is done; serving until SIGTERM and the drain.
+pub async fn run<S, F, Fut>(
+    who: Identity,
+    args: &ServerArgs,
+    tls: &ServerTlsArgs,
+    load: F,
+) -> anyhow::Result<()>
+where
+    S: tonic::codegen::Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    F: FnOnce(Context) -> Fut,
+    Fut: Future<Output = anyhow::Result<S>>,
+{
+    let telemetry = crate::init_telemetry(args.log_json, who.otel_name);
+    let (health, health_service) = Health::new(who.grpc_name).await;
+    let health = Arc::new(health);
+    let (incoming, _) = crate::listen(args.listen).await?;
+    let metrics = Metrics::new(who.name);
+    if let Some(addr) = args.metrics_listen {
+        crate::metrics::serve(addr, metrics.clone()).await?;
+    }
+    let lifecycle = Lifecycle::new();
+    let context = Context {
+        metrics,
+        lifecycle: lifecycle.clone(),
+        health: health.clone(),
+    };
+    let result = serve_loading(
+        incoming,
+        health,
+        health_service,
+        lifecycle,
+        args,
+        tls,
+        Lazy::new(),
+        load(context),
+    )
+    .await;
+    drop(telemetry);
+    result
+}
 
 /// A gRPC service that exists before its model is loaded: until `set`, every
 /// call is UNAVAILABLE ("loading"), so clients retry elsewhere.
@@ -69,7 +139,7 @@ where
     type Error = Infallible;
     type Future = BoxFuture<Result<Response<Body>, Infallible>>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
@@ -90,7 +160,7 @@ where
 /// runs; install its result and report SERVING when it succeeds; drain on
 /// SIGTERM. Returns when the server stops (or with `load`'s error).
 #[allow(clippy::too_many_arguments)]
-pub async fn serve_loading<S, F>(
+async fn serve_loading<S, F>(
     incoming: TcpIncoming,
     health: Arc<Health>,
     health_service: tonic_health::pb::health_server::HealthServer<

@@ -11,7 +11,7 @@ use sd_runtime::admission::Admission;
 use sd_runtime::lifecycle::Lifecycle;
 use sd_runtime::metrics::{Metrics, Stage};
 use sd_runtime::tls::ServerTlsArgs;
-use sd_runtime::{Health, ServerArgs};
+use sd_runtime::ServerArgs;
 use tch::{Kind, Tensor};
 use tonic::Status;
 
@@ -161,10 +161,9 @@ impl Worker {
     }
 }
 
-/// A model service's whole life: the async runtime; telemetry, health
-/// (NOT_SERVING), the listening socket and metrics; `load` on a blocking
-/// thread while health keeps answering; then serving until SIGTERM and the
-/// drain.
+/// A model service's whole life: sd-runtime's one start-up path
+/// ([`sd_runtime::server::run`]) on the async runtime, with `load` on a
+/// blocking thread while health keeps answering.
 pub fn serve_model<S>(
     service: &'static str,
     grpc_name: &'static str,
@@ -184,30 +183,16 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    server.runtime()?.block_on(async {
-        let telemetry = sd_runtime::init_telemetry(server.log_json, service);
-        let (health, health_service) = Health::new(grpc_name).await;
-        let (incoming, _) = sd_runtime::listen(server.listen).await?;
-        let metrics = Metrics::new(service);
-        if let Some(addr) = server.metrics_listen {
-            sd_runtime::metrics::serve(addr, metrics.clone()).await?;
-        }
-        let lifecycle = Lifecycle::new();
-        let for_load = lifecycle.clone();
-        let result = sd_runtime::server::serve_loading(
-            incoming,
-            Arc::new(health),
-            health_service,
-            lifecycle,
-            server,
-            tls,
-            sd_runtime::server::Lazy::new(),
-            blocking(move || load(metrics, for_load)),
-        )
-        .await;
-        drop(telemetry);
-        result
-    })
+    let who = sd_runtime::server::Identity {
+        name: service,
+        otel_name: service,
+        grpc_name,
+    };
+    server
+        .runtime()?
+        .block_on(sd_runtime::server::run(who, server, tls, |cx| {
+            blocking(move || load(cx.metrics, cx.lifecycle))
+        }))
 }
 
 /// Run blocking model loading off the async runtime (health keeps answering).
