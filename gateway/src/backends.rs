@@ -14,6 +14,8 @@ use sd_runtime::tls::ClientTls;
 use sd_sampling::{SchedulerConfig, SchedulerKind};
 use tonic::transport::Channel;
 
+use crate::error::Stage;
+use crate::facts::ModelFacts;
 use crate::pool::Pool;
 
 /// Where the model services are: comma-separated URLs, or `dns://host:port`
@@ -41,22 +43,6 @@ pub struct BackendArgs {
     pub backend_refresh_ms: u64,
 }
 
-/// What the step loop needs to know about the model.
-#[derive(Debug, Clone)]
-pub struct ModelFacts {
-    pub id: String,
-    pub name: String,
-    pub latent_channels: usize,
-    pub scale_factor: u32,
-    pub sample_size: u32,
-    pub scaling_factor: f32,
-    pub scheduler_config: SchedulerConfig,
-    pub default_scheduler: SchedulerKind,
-    pub prediction_type: String,
-    pub text_layers: u32,
-    pub text_model_id: String,
-}
-
 #[derive(Clone)]
 pub struct Backends {
     pub text: Arc<Pool>,
@@ -72,9 +58,9 @@ impl Backends {
         tls: Option<ClientTls>,
     ) -> anyhow::Result<Self> {
         let b = Backends {
-            text: Pool::new("text-encoder", &args.text_encoder, tls.clone())?,
-            denoiser: Pool::new("denoiser", &args.denoiser, tls.clone())?,
-            autoencoder: Pool::new("autoencoder", &args.autoencoder, tls)?,
+            text: Pool::new(Stage::TextEncoder, &args.text_encoder, tls.clone())?,
+            denoiser: Pool::new(Stage::Denoiser, &args.denoiser, tls.clone())?,
+            autoencoder: Pool::new(Stage::Autoencoder, &args.autoencoder, tls)?,
             max_message_bytes,
         };
         let every = Duration::from_millis(args.backend_refresh_ms.max(50));
@@ -189,7 +175,7 @@ impl Backends {
             scaling_factor: a.scaling_factor,
             scheduler_config,
             default_scheduler,
-            prediction_type: d.prediction_type,
+            prediction: d.prediction_type.parse()?,
             text_layers: t.num_layers,
             text_model_id: t.model_id,
         })

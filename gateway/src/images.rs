@@ -9,12 +9,12 @@ use std::io::Cursor;
 use image::{ImageFormat as Fmt, ImageReader};
 use sd_proto::v1::{GenerationParameters, ImageFormat};
 use sd_proto::wire::HostTensor;
-use tonic::Status;
 
-use crate::plan::Limits;
+use crate::error::{Error, Result};
+use crate::limits::Limits;
 
-fn invalid(msg: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(format!("init_image: {msg}"))
+fn invalid(msg: impl std::fmt::Display) -> Error {
+    Error::invalid("init_image", msg)
 }
 
 /// Formats accepted for init images, by their magic bytes.
@@ -44,7 +44,7 @@ pub fn decode_init_image(
     limits: &Limits,
     scale: u32,
     target: Option<(u32, u32)>,
-) -> Result<(HostTensor, u32, u32), Status> {
+) -> Result<(HostTensor, u32, u32)> {
     if bytes.len() > limits.max_init_image_bytes {
         return Err(invalid(format!(
             "{} bytes, at most {} allowed",
@@ -104,7 +104,7 @@ pub fn decode_init_image(
         }
     }
     let t = HostTensor::new(vec![1, 3, th as i64, tw as i64], data)
-        .map_err(|e| Status::internal(e.to_string()))?;
+        .map_err(|e| Error::Internal(format!("init image tensor: {e}")))?;
     Ok((t, tw, th))
 }
 
@@ -149,13 +149,8 @@ pub fn text_chunks(p: &GenerationParameters) -> Vec<(String, String)> {
 }
 
 /// PNG with UTF-8 text chunks.
-pub fn encode_png(
-    rgb: &[u8],
-    w: u32,
-    h: u32,
-    text: &[(String, String)],
-) -> Result<Vec<u8>, Status> {
-    let err = |e: png::EncodingError| Status::internal(format!("png: {e}"));
+pub fn encode_png(rgb: &[u8], w: u32, h: u32, text: &[(String, String)]) -> Result<Vec<u8>> {
+    let err = |e: png::EncodingError| Error::Internal(format!("png: {e}"));
     let mut out = Vec::new();
     {
         let mut enc = png::Encoder::new(&mut out, w, h);
@@ -171,39 +166,18 @@ pub fn encode_png(
 }
 
 /// Encode RGB8 pixels as the requested format.
-/// Images up to this many pixels are encoded or decoded on the I/O thread;
-/// larger ones go to the blocking pool, so one big image does not stall
-/// every other generation's steps (a hop costs more than a small image).
-pub const INLINE_PIXELS: u64 = 128 * 128;
-
-/// Encoded inputs up to this many bytes are decoded on the I/O thread.
-pub const INLINE_BYTES: usize = 32 << 10;
-
-/// Run image work `f` inline when `small`, else on the blocking pool.
-pub async fn off_thread<T: Send + 'static>(
-    small: bool,
-    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
-) -> Result<T, Status> {
-    if small {
-        return f();
-    }
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Status::internal(format!("image task failed: {e}")))?
-}
-
 pub fn encode(
     rgb: &[u8],
     w: u32,
     h: u32,
     format: ImageFormat,
     params: &GenerationParameters,
-) -> Result<Vec<u8>, Status> {
+) -> Result<Vec<u8>> {
     match format {
         ImageFormat::Png => encode_png(rgb, w, h, &text_chunks(params)),
         ImageFormat::Jpeg | ImageFormat::Webp => {
             let buf = image::RgbImage::from_raw(w, h, rgb.to_vec())
-                .ok_or_else(|| Status::internal("decoded image has the wrong size"))?;
+                .ok_or_else(|| Error::Internal("decoded image has the wrong size".into()))?;
             let mut out = Cursor::new(Vec::new());
             let fmt = if format == ImageFormat::Jpeg {
                 Fmt::Jpeg
@@ -211,7 +185,7 @@ pub fn encode(
                 Fmt::WebP
             };
             buf.write_to(&mut out, fmt)
-                .map_err(|e| Status::internal(format!("encoding {fmt:?}: {e}")))?;
+                .map_err(|e| Error::Internal(format!("encoding {fmt:?}: {e}")))?;
             Ok(out.into_inner())
         }
     }
@@ -228,12 +202,7 @@ const LATENT_RGB: [[f32; 3]; 4] = [
 
 /// A preview of one image's (unscaled-by-VAE, model-space) latents: a linear
 /// projection to RGB at latent resolution, PNG-encoded.
-pub fn latent_preview(
-    latents: &[f32],
-    channels: usize,
-    h: usize,
-    w: usize,
-) -> Result<Vec<u8>, Status> {
+pub fn latent_preview(latents: &[f32], channels: usize, h: usize, w: usize) -> Result<Vec<u8>> {
     let plane = h * w;
     let mut rgb = vec![0u8; plane * 3];
     for i in 0..plane {

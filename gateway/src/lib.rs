@@ -6,7 +6,11 @@
 
 pub mod auth;
 pub mod backends;
+pub mod blocking;
+pub mod error;
+pub mod facts;
 pub mod images;
+pub mod limits;
 pub mod pipeline;
 pub mod plan;
 pub mod pool;

@@ -1,51 +1,22 @@
 //! A `GenerateRequest`, checked and with its defaults resolved, before any
 //! model work: every field outside its range is INVALID_ARGUMENT naming the
-//! field and what is allowed.
+//! field and what is allowed, and the scheduler is built here, so a bad
+//! combination is refused before the text encoder runs.
 
 use sd_proto::v1::{GenerateRequest, GenerationParameters, ImageFormat, PreviewMode};
 use sd_proto::wire::HostTensor;
-use sd_sampling::SchedulerKind;
-use tonic::Status;
+use sd_sampling::schedulers::{build, SchedulerOptions};
+use sd_sampling::{Scheduler, SchedulerKind};
 
-use crate::backends::ModelFacts;
+use crate::error::{Error, Result};
+use crate::facts::ModelFacts;
 use crate::images;
+use crate::limits::Limits;
 
-/// Bounds on what one request may ask for.
-#[derive(clap::Args, Debug, Clone)]
-pub struct Limits {
-    /// Smallest image side in pixels.
-    #[arg(long, env = "SD_MIN_SIDE", default_value_t = 8)]
-    pub min_side: u32,
-    /// Largest image side in pixels.
-    #[arg(long, env = "SD_MAX_SIDE", default_value_t = 2048)]
-    pub max_side: u32,
-    /// Most denoising steps per request.
-    #[arg(long, env = "SD_MAX_STEPS", default_value_t = 150)]
-    pub max_steps: u32,
-    /// Most images per request.
-    #[arg(long, env = "SD_MAX_IMAGES", default_value_t = 8)]
-    pub max_images: u32,
-    /// Longest prompt (and negative prompt) in bytes.
-    #[arg(long, env = "SD_MAX_PROMPT_BYTES", default_value_t = 4096)]
-    pub max_prompt_bytes: usize,
-    /// Largest init image in bytes.
-    #[arg(long, env = "SD_MAX_INIT_IMAGE_BYTES", default_value_t = 16 << 20)]
-    pub max_init_image_bytes: usize,
-    /// Most work per request: images × steps × megapixels.
-    #[arg(long, env = "SD_MAX_COST", default_value_t = 8.0 * 150.0 * 1.05)]
-    pub max_cost: f64,
-}
-
-impl Default for Limits {
-    /// The flags' defaults (one source for the numbers; `SD_*` variables
-    /// apply here as on the command line).
-    fn default() -> Self {
-        use clap::{Args, FromArgMatches};
-        let matches =
-            Limits::augment_args(clap::Command::new("limits")).get_matches_from(["limits"]);
-        Limits::from_arg_matches(&matches).expect("the limits' defaults parse")
-    }
-}
+/// diffusers' defaults where a request leaves a field unset.
+const DEFAULT_STEPS: u32 = 50;
+const DEFAULT_GUIDANCE: f32 = 7.5;
+const DEFAULT_STRENGTH: f32 = 0.8;
 
 /// The initial image of an image-to-image request, ready for the VAE.
 #[derive(Debug, Clone)]
@@ -54,7 +25,6 @@ pub struct InitImage {
     pub pixels: HostTensor,
 }
 
-#[derive(Debug, Clone)]
 pub struct Plan {
     pub prompt: String,
     pub negative_prompt: String,
@@ -74,10 +44,22 @@ pub struct Plan {
     pub preview_every: u32,
     pub preview_mode: PreviewMode,
     pub model_id: String,
+    /// The scheduler, built for this request's steps and options.
+    pub schedule: Box<dyn Scheduler>,
 }
 
-fn invalid(field: &str, msg: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(format!("{field}: {msg}"))
+impl std::fmt::Debug for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan")
+            .field("width", &self.width)
+            .field("height", &self.height)
+            .field("steps", &self.steps)
+            .field("scheduler", &self.scheduler)
+            .field("seed", &self.seed)
+            .field("num_images", &self.num_images)
+            .field("img2img", &self.init.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// A seed for requests that bring none (32 bits, as most SD tools show them).
@@ -92,167 +74,68 @@ pub fn random_seed() -> u64 {
     h.finish() & 0xffff_ffff
 }
 
+/// The scheduler a request asked for, checked against the model's config.
+struct Sampler {
+    kind: SchedulerKind,
+    karras: bool,
+    eta: f32,
+    schedule: Box<dyn Scheduler>,
+}
+
+/// Where the generation starts: noise at a size, or an init image.
+struct Source {
+    width: u32,
+    height: u32,
+    init: Option<InitImage>,
+    strength: f32,
+}
+
 impl Plan {
-    pub fn new(req: GenerateRequest, facts: &ModelFacts, limits: &Limits) -> Result<Plan, Status> {
-        if !req.model.is_empty() && req.model != facts.id && req.model != facts.name {
-            return Err(Status::not_found(format!(
-                "model: `{}` is not served here (this gateway serves `{}`)",
-                req.model, facts.name
-            )));
-        }
-        for (field, text) in [
-            ("prompt", &req.prompt),
-            ("negative_prompt", &req.negative_prompt),
-        ] {
-            if text.len() > limits.max_prompt_bytes {
-                return Err(invalid(
-                    field,
-                    format!(
-                        "{} bytes, at most {} allowed",
-                        text.len(),
-                        limits.max_prompt_bytes
-                    ),
-                ));
-            }
-        }
-        let f = facts.scale_factor;
-        let steps = if req.steps == 0 { 50 } else { req.steps };
-        if steps > limits.max_steps {
-            return Err(invalid(
-                "steps",
-                format!("{steps} given, 1..={} allowed", limits.max_steps),
-            ));
-        }
-        let guidance = req.guidance_scale.unwrap_or(7.5);
-        if !guidance.is_finite() || !(0.0..=100.0).contains(&guidance) {
-            return Err(invalid(
-                "guidance_scale",
-                format!("{guidance} given, a finite value in 0..=100 allowed"),
-            ));
-        }
-        let scheduler = if req.scheduler.is_empty() {
-            facts.default_scheduler
-        } else {
-            req.scheduler.parse().map_err(|e| invalid("scheduler", e))?
-        };
-        if req.karras && !scheduler.supports_karras() {
-            return Err(invalid(
-                "karras",
-                format!(
-                    "not available for {scheduler}; use one of euler, lms, heun, dpmpp-2m, unipc"
-                ),
-            ));
-        }
-        if !req.eta.is_finite() || !(0.0..=1.0).contains(&req.eta) {
-            return Err(invalid("eta", format!("{} given, 0..=1 allowed", req.eta)));
-        }
-        if req.eta > 0.0 && !scheduler.supports_eta() {
-            return Err(invalid(
-                "eta",
-                format!("applies to ddim only, not {scheduler}"),
-            ));
-        }
-        let num_images = if req.num_images == 0 {
-            1
-        } else {
-            req.num_images
-        };
-        if num_images > limits.max_images {
-            return Err(invalid(
-                "num_images",
-                format!("{num_images} given, 1..={} allowed", limits.max_images),
-            ));
-        }
-        if req.clip_skip >= facts.text_layers {
-            return Err(invalid(
-                "clip_skip",
-                format!("{} given, 0..{} allowed", req.clip_skip, facts.text_layers),
-            ));
-        }
+    pub fn new(req: GenerateRequest, facts: &ModelFacts, limits: &Limits) -> Result<Plan> {
+        check_model(&req.model, facts)?;
+        check_prompts(&req, limits)?;
+        let steps = steps(req.steps, limits)?;
+        let guidance = guidance(req.guidance_scale)?;
+        let sampler = Sampler::new(&req, facts, steps)?;
+        let num_images = num_images(req.num_images, limits)?;
+        check_clip_skip(req.clip_skip, facts)?;
         let format = ImageFormat::try_from(req.format)
-            .map_err(|_| invalid("format", format!("unknown value {}", req.format)))?;
+            .map_err(|_| Error::invalid("format", format!("unknown value {}", req.format)))?;
         let preview_mode = PreviewMode::try_from(req.preview_mode).map_err(|_| {
-            invalid(
+            Error::invalid(
                 "preview_mode",
                 format!("unknown value {}", req.preview_mode),
             )
         })?;
-
-        let check_side = |field: &str, v: u32| -> Result<u32, Status> {
-            if v < limits.min_side || v > limits.max_side || !v.is_multiple_of(f) {
-                return Err(invalid(
-                    field,
-                    format!(
-                        "{v} given, a multiple of {f} in {}..={} allowed",
-                        limits.min_side.max(f),
-                        limits.max_side
-                    ),
-                ));
-            }
-            Ok(v)
-        };
-        let default_side = facts.sample_size * f;
-        let (mut width, mut height) = (req.width, req.height);
-        let (init, strength) = if req.init_image.is_empty() {
-            if req.strength.is_some() {
-                return Err(invalid(
-                    "strength",
-                    "applies to image-to-image only (set init_image)",
-                ));
-            }
-            (None, 0.0)
-        } else {
-            let strength = req.strength.unwrap_or(0.8);
-            if !strength.is_finite() || strength <= 0.0 || strength > 1.0 {
-                return Err(invalid(
-                    "strength",
-                    format!("{strength} given, (0, 1] allowed"),
-                ));
-            }
-            if ((steps as f32 * strength) as u32) < 1 {
-                return Err(invalid(
-                    "strength",
-                    format!("{strength} × {steps} steps leaves no step to run"),
-                ));
-            }
-            let target = (width != 0 || height != 0).then_some((width, height));
-            let (pixels, w, h) = images::decode_init_image(&req.init_image, limits, f, target)?;
-            width = w;
-            height = h;
-            (Some(InitImage { pixels }), strength)
-        };
-        let width = check_side("width", if width == 0 { default_side } else { width })?;
-        let height = check_side("height", if height == 0 { default_side } else { height })?;
-        let cost = num_images as f64 * steps as f64 * (width as f64 * height as f64 / 1e6);
-        if cost > limits.max_cost {
-            return Err(invalid(
-                "num_images",
-                format!(
-                    "{num_images} images × {steps} steps × {width}×{height} is {cost:.0} image-step-megapixels, at most {:.0} allowed",
-                    limits.max_cost
-                ),
-            ));
-        }
+        let source = Source::new(&req, facts, limits, steps)?;
+        check_cost(num_images, steps, &source, limits)?;
         Ok(Plan {
             prompt: req.prompt,
             negative_prompt: req.negative_prompt,
-            width,
-            height,
+            width: source.width,
+            height: source.height,
             steps,
             guidance,
-            scheduler,
-            karras: req.karras,
-            eta: req.eta,
+            scheduler: sampler.kind,
+            karras: sampler.karras,
+            eta: sampler.eta,
             seed: req.seed.unwrap_or_else(random_seed),
             num_images,
             clip_skip: req.clip_skip,
-            init,
-            strength,
+            init: source.init,
+            strength: source.strength,
             format,
             preview_every: req.preview_every,
             preview_mode,
             model_id: facts.id.clone(),
+            schedule: sampler.schedule,
         })
+    }
+
+    /// Classifier-free guidance runs (a negative prompt and two UNet rows
+    /// per latent) when the scale is above 1, as in diffusers.
+    pub fn guided(&self) -> bool {
+        self.guidance > 1.0
     }
 
     pub fn parameters(&self) -> GenerationParameters {
@@ -273,4 +156,200 @@ impl Plan {
             model: self.model_id.clone(),
         }
     }
+}
+
+fn check_model(model: &str, facts: &ModelFacts) -> Result<()> {
+    if model.is_empty() || model == facts.id || model == facts.name {
+        Ok(())
+    } else {
+        Err(Error::unknown_model(model, &facts.name))
+    }
+}
+
+fn check_prompts(req: &GenerateRequest, limits: &Limits) -> Result<()> {
+    for (field, text) in [
+        ("prompt", &req.prompt),
+        ("negative_prompt", &req.negative_prompt),
+    ] {
+        if text.len() > limits.max_prompt_bytes {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "{} bytes, at most {} allowed",
+                    text.len(),
+                    limits.max_prompt_bytes
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn steps(requested: u32, limits: &Limits) -> Result<u32> {
+    let steps = if requested == 0 {
+        DEFAULT_STEPS
+    } else {
+        requested
+    };
+    if steps > limits.max_steps {
+        return Err(Error::invalid(
+            "steps",
+            format!("{steps} given, 1..={} allowed", limits.max_steps),
+        ));
+    }
+    Ok(steps)
+}
+
+fn guidance(requested: Option<f32>) -> Result<f32> {
+    let guidance = requested.unwrap_or(DEFAULT_GUIDANCE);
+    if !guidance.is_finite() || !(0.0..=100.0).contains(&guidance) {
+        return Err(Error::invalid(
+            "guidance_scale",
+            format!("{guidance} given, a finite value in 0..=100 allowed"),
+        ));
+    }
+    Ok(guidance)
+}
+
+impl Sampler {
+    fn new(req: &GenerateRequest, facts: &ModelFacts, steps: u32) -> Result<Sampler> {
+        let kind = if req.scheduler.is_empty() {
+            facts.default_scheduler
+        } else {
+            req.scheduler
+                .parse()
+                .map_err(|e| Error::invalid("scheduler", e))?
+        };
+        if req.karras && !kind.supports_karras() {
+            return Err(Error::invalid(
+                "karras",
+                format!("not available for {kind}; use one of euler, lms, heun, dpmpp-2m, unipc"),
+            ));
+        }
+        if !req.eta.is_finite() || !(0.0..=1.0).contains(&req.eta) {
+            return Err(Error::invalid(
+                "eta",
+                format!("{} given, 0..=1 allowed", req.eta),
+            ));
+        }
+        if req.eta > 0.0 && !kind.supports_eta() {
+            return Err(Error::invalid(
+                "eta",
+                format!("applies to ddim only, not {kind}"),
+            ));
+        }
+        let options = SchedulerOptions {
+            karras: req.karras,
+            eta: req.eta,
+        };
+        let schedule = build(kind, &facts.scheduler_config, steps as usize, options)
+            .map_err(|e| Error::invalid("scheduler", e))?;
+        Ok(Sampler {
+            kind,
+            karras: req.karras,
+            eta: req.eta,
+            schedule,
+        })
+    }
+}
+
+fn num_images(requested: u32, limits: &Limits) -> Result<u32> {
+    let n = if requested == 0 { 1 } else { requested };
+    if n > limits.max_images {
+        return Err(Error::invalid(
+            "num_images",
+            format!("{n} given, 1..={} allowed", limits.max_images),
+        ));
+    }
+    Ok(n)
+}
+
+fn check_clip_skip(clip_skip: u32, facts: &ModelFacts) -> Result<()> {
+    if clip_skip >= facts.text_layers {
+        return Err(Error::invalid(
+            "clip_skip",
+            format!("{clip_skip} given, 0..{} allowed", facts.text_layers),
+        ));
+    }
+    Ok(())
+}
+
+impl Source {
+    fn new(
+        req: &GenerateRequest,
+        facts: &ModelFacts,
+        limits: &Limits,
+        steps: u32,
+    ) -> Result<Source> {
+        let f = facts.scale_factor;
+        let (mut width, mut height) = (req.width, req.height);
+        let (init, strength) = if req.init_image.is_empty() {
+            if req.strength.is_some() {
+                return Err(Error::invalid(
+                    "strength",
+                    "applies to image-to-image only (set init_image)",
+                ));
+            }
+            (None, 0.0)
+        } else {
+            let strength = strength(req.strength, steps)?;
+            let target = (width != 0 || height != 0).then_some((width, height));
+            let (pixels, w, h) = images::decode_init_image(&req.init_image, limits, f, target)?;
+            (width, height) = (w, h);
+            (Some(InitImage { pixels }), strength)
+        };
+        let or_default = |v: u32| if v == 0 { facts.default_side() } else { v };
+        Ok(Source {
+            width: check_side("width", or_default(width), f, limits)?,
+            height: check_side("height", or_default(height), f, limits)?,
+            init,
+            strength,
+        })
+    }
+}
+
+fn strength(requested: Option<f32>, steps: u32) -> Result<f32> {
+    let strength = requested.unwrap_or(DEFAULT_STRENGTH);
+    if !strength.is_finite() || strength <= 0.0 || strength > 1.0 {
+        return Err(Error::invalid(
+            "strength",
+            format!("{strength} given, (0, 1] allowed"),
+        ));
+    }
+    if ((steps as f32 * strength) as u32) < 1 {
+        return Err(Error::invalid(
+            "strength",
+            format!("{strength} × {steps} steps leaves no step to run"),
+        ));
+    }
+    Ok(strength)
+}
+
+fn check_side(field: &'static str, v: u32, f: u32, limits: &Limits) -> Result<u32> {
+    if v < limits.min_side || v > limits.max_side || !v.is_multiple_of(f) {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{v} given, a multiple of {f} in {}..={} allowed",
+                limits.min_side.max(f),
+                limits.max_side
+            ),
+        ));
+    }
+    Ok(v)
+}
+
+fn check_cost(num_images: u32, steps: u32, source: &Source, limits: &Limits) -> Result<()> {
+    let (width, height) = (source.width, source.height);
+    let cost = num_images as f64 * steps as f64 * (width as f64 * height as f64 / 1e6);
+    if cost > limits.max_cost {
+        return Err(Error::invalid(
+            "num_images",
+            format!(
+                "{num_images} images × {steps} steps × {width}×{height} is {cost:.0} image-step-megapixels, at most {:.0} allowed",
+                limits.max_cost
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -4,6 +4,11 @@
 //! choices"); Predict, Encode and Decode are idempotent, so a call that finds
 //! a replica gone is retried on another, with bounded attempts and backoff,
 //! within the request's deadline.
+//!
+//! Whether a failure means "this replica is gone" is decided from the
+//! error's type — the transport errors in its source chain, the UNAVAILABLE
+//! code a service answers while loading or draining — and a deadline from
+//! the clock, never from message text (see [`classify`]).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -12,6 +17,8 @@ use std::time::Duration;
 use sd_runtime::deadline::Deadline;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+
+use crate::error::{Error, Result, Stage};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -91,33 +98,69 @@ impl Drop for Lease {
 }
 
 pub struct Pool {
-    pub stage: &'static str,
+    pub stage: Stage,
     endpoints: Endpoints,
     replicas: RwLock<Vec<Arc<Replica>>>,
     tls: Option<ClientTls>,
     max_attempts: usize,
 }
 
-/// Errors that mean "this replica is gone or going", not "this request is bad".
-pub fn retryable(s: &Status) -> bool {
-    match s.code() {
-        Code::Unavailable => true,
-        Code::Unknown | Code::Internal | Code::Cancelled => {
-            let m = s.message().to_ascii_lowercase();
-            [
-                "transport error",
-                "h2 protocol error",
-                "connection",
-                "broken pipe",
-                "stream no longer needed",
-                // hyper, when the connection under a call dies
-                "operation was canceled",
-            ]
-            .iter()
-            .any(|k| m.contains(k))
-        }
-        _ => false,
+/// Why a call to one replica failed, as failover sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The replica is gone or going: the connection was refused or broke
+    /// (a transport error in the status's source chain), or the service
+    /// said UNAVAILABLE (loading, draining). Another replica may serve.
+    ReplicaGone,
+    /// The client's deadline ran out during the call: the channel's own
+    /// timeout fired (the time left travels with each request), or the
+    /// service answered CANCELLED or DEADLINE_EXCEEDED as it ran out.
+    DeadlinePassed,
+    /// The replica answered; its status stands.
+    Answered,
+}
+
+/// How close to the deadline a CANCELLED answer counts as the deadline's:
+/// a service's timer starts when our request reaches it and fires a little
+/// before the gateway's own clock says the time is up.
+const DEADLINE_SLACK: Duration = Duration::from_millis(250);
+
+/// Classify a failed call by its type and the clock.
+pub fn classify(s: &Status, deadline: &Deadline) -> Failure {
+    let chain = source_chain(s);
+    if chain.iter().any(|e| e.is::<tonic::TimeoutExpired>()) {
+        // The channel enforces the time left that each request carries.
+        Failure::DeadlinePassed
+    } else if s.code() == Code::Unavailable || chain.iter().any(|e| is_transport(*e)) {
+        Failure::ReplicaGone
+    } else if s.code() == Code::DeadlineExceeded
+        || (s.code() == Code::Cancelled && deadline.passed_within(DEADLINE_SLACK))
+    {
+        Failure::DeadlinePassed
+    } else {
+        Failure::Answered
     }
+}
+
+/// The errors under a status: tonic keeps the transport's error (hyper's,
+/// h2's, the socket's, its own timeout) as the status's source.
+fn source_chain(s: &Status) -> Vec<&(dyn std::error::Error + 'static)> {
+    let mut chain = Vec::new();
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        chain.push(e);
+        source = e.source();
+    }
+    chain
+}
+
+/// Whether an error is the connection's rather than a service's answer.
+fn is_transport(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.is::<h2::Error>()
+        || e.is::<hyper::Error>()
+        || e.is::<std::io::Error>()
+        || e.is::<tonic::transport::Error>()
+        || e.is::<tonic::ConnectError>()
 }
 
 fn rand_index(n: usize) -> usize {
@@ -128,11 +171,7 @@ fn rand_index(n: usize) -> usize {
 }
 
 impl Pool {
-    pub fn new(
-        stage: &'static str,
-        spec: &str,
-        tls: Option<ClientTls>,
-    ) -> anyhow::Result<Arc<Self>> {
+    pub fn new(stage: Stage, spec: &str, tls: Option<ClientTls>) -> anyhow::Result<Arc<Self>> {
         let endpoints = Endpoints::parse(spec)?;
         let pool = Arc::new(Pool {
             stage,
@@ -202,10 +241,10 @@ impl Pool {
                     urls.sort();
                     urls.dedup();
                     if let Err(e) = self.set_urls(urls) {
-                        tracing::warn!(stage = self.stage, "resolving {host}: {e}");
+                        tracing::warn!(stage = %self.stage, "resolving {host}: {e}");
                     }
                 }
-                Err(e) => tracing::warn!(stage = self.stage, "resolving {host}: {e}"),
+                Err(e) => tracing::warn!(stage = %self.stage, "resolving {host}: {e}"),
             }
         }
         for r in self.replicas() {
@@ -218,7 +257,7 @@ impl Pool {
                 Ok(Ok(ref resp)) if resp.get_ref().status == ServingStatus::Serving as i32
             );
             if r.serving.swap(ok, Ordering::Relaxed) != ok {
-                tracing::info!(stage = self.stage, replica = %r.url, serving = ok, "replica health changed");
+                tracing::info!(stage = %self.stage, replica = %r.url, serving = ok, "replica health changed");
             }
         }
     }
@@ -266,7 +305,7 @@ impl Pool {
 
     /// Call an idempotent method, failing over between replicas.
     /// `f` gets the channel and the replica's URL (for tracing).
-    pub async fn call<T, F, Fut>(&self, deadline: &Deadline, f: F) -> Result<T, Status>
+    pub async fn call<T, F, Fut>(&self, deadline: &Deadline, f: F) -> Result<T>
     where
         F: Fn(Channel, String) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
@@ -284,7 +323,7 @@ impl Pool {
 
     /// Open something long-lived on a replica (a stream), failing over like
     /// [`Pool::call`]; the lease counts the replica as busy until dropped.
-    pub async fn open<T, F, Fut>(&self, deadline: &Deadline, f: F) -> Result<(T, Lease), Status>
+    pub async fn open<T, F, Fut>(&self, deadline: &Deadline, f: F) -> Result<(T, Lease)>
     where
         F: Fn(Channel, String) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
@@ -296,7 +335,7 @@ impl Pool {
         .await
     }
 
-    async fn with_replica<T, F, Fut>(&self, deadline: &Deadline, f: F) -> Result<T, Status>
+    async fn with_replica<T, F, Fut>(&self, deadline: &Deadline, f: F) -> Result<T>
     where
         F: Fn(Lease) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
@@ -305,56 +344,66 @@ impl Pool {
         let mut last: Option<Status> = None;
         for attempt in 0..self.max_attempts {
             deadline.remaining()?;
-            let replica = match self.pick(&tried) {
-                Some(r) => r,
-                None if !tried.is_empty() => {
-                    // Every replica failed once: start over after a pause.
-                    tried.clear();
-                    match self.pick(&tried) {
-                        Some(r) => r,
-                        None => break,
-                    }
-                }
-                None => break,
+            let Some(replica) = self.next_replica(&mut tried) else {
+                break;
             };
-            let result = f(Lease::new(replica.clone())).await;
-            match result {
-                Err(s) if retryable(&s) => {
-                    tracing::warn!(stage = self.stage, replica = %replica.url, attempt, "{}: {}", s.code(), s.message());
+            let status = match f(Lease::new(replica.clone())).await {
+                Ok(v) => return Ok(v),
+                Err(s) => s,
+            };
+            match classify(&status, deadline) {
+                Failure::ReplicaGone => {
+                    tracing::warn!(stage = %self.stage, replica = %replica.url, attempt, "{}: {}", status.code(), status.message());
                     replica.serving.store(false, Ordering::Relaxed);
                     tried.push(replica.url.clone());
-                    last = Some(s);
-                    let backoff = Duration::from_millis(50 << attempt.min(4));
-                    if let Some(left) = deadline.remaining()? {
-                        if left <= backoff {
-                            return Err(Status::deadline_exceeded(
-                                "the client's deadline passed while failing over",
-                            ));
-                        }
-                    }
-                    tokio::time::sleep(backoff).await;
+                    last = Some(status);
+                    self.back_off(attempt, deadline).await?;
                 }
-                // A model service that ran out of the time we passed on
-                // answers CANCELLED ("Timeout expired"): that is our deadline.
-                Err(s)
-                    if s.code() == Code::Cancelled && s.message().contains("Timeout expired") =>
-                {
-                    return Err(Status::deadline_exceeded(format!(
-                        "the client's deadline passed during a {} call",
-                        self.stage
-                    )));
+                Failure::DeadlinePassed => {
+                    return Err(Error::DeadlinePassed {
+                        when: format!("during a {} call", self.stage),
+                    })
                 }
-                other => return other,
+                Failure::Answered => {
+                    return Err(Error::Stage {
+                        stage: self.stage,
+                        status,
+                    })
+                }
             }
         }
-        Err(match last {
-            Some(s) => Status::unavailable(format!(
-                "{}: no replica could serve the call: {}",
-                self.stage,
-                s.message()
-            )),
-            None => Status::unavailable(format!("{}: no replicas", self.stage)),
+        Err(Error::Unavailable {
+            stage: self.stage,
+            reason: match last {
+                Some(s) => format!("no replica could serve the call: {}", s.message()),
+                None => "no replicas".into(),
+            },
         })
+    }
+
+    /// The next replica to try; when every replica failed once, start over.
+    fn next_replica(&self, tried: &mut Vec<String>) -> Option<Arc<Replica>> {
+        self.pick(tried).or_else(|| {
+            if tried.is_empty() {
+                return None;
+            }
+            tried.clear();
+            self.pick(tried)
+        })
+    }
+
+    /// Wait before the next attempt, unless the deadline would pass first.
+    async fn back_off(&self, attempt: usize, deadline: &Deadline) -> Result<()> {
+        let backoff = Duration::from_millis(50 << attempt.min(4));
+        if let Some(left) = deadline.remaining()? {
+            if left <= backoff {
+                return Err(Error::DeadlinePassed {
+                    when: "while failing over".into(),
+                });
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        Ok(())
     }
 }
 
@@ -380,12 +429,33 @@ mod tests {
     }
 
     #[test]
-    fn transport_failures_are_retryable_bad_requests_are_not() {
-        assert!(retryable(&Status::unavailable("x")));
-        assert!(retryable(&Status::unknown("transport error")));
-        assert!(retryable(&Status::cancelled("operation was canceled")));
-        assert!(!retryable(&Status::cancelled("Timeout expired")));
-        assert!(!retryable(&Status::invalid_argument("width")));
-        assert!(!retryable(&Status::deadline_exceeded("late")));
+    fn words_do_not_decide_failover() {
+        let none = Deadline::none();
+        // Text that used to mean "transport error" is just text now.
+        for s in [
+            Status::unknown("transport error"),
+            Status::internal("broken pipe"),
+            Status::cancelled("operation was canceled"),
+            Status::cancelled("Timeout expired"),
+        ] {
+            assert_eq!(classify(&s, &none), Failure::Answered, "{s:?}");
+        }
+        assert_eq!(
+            classify(&Status::unavailable("loading"), &none),
+            Failure::ReplicaGone
+        );
+        assert_eq!(
+            classify(&Status::invalid_argument("width"), &none),
+            Failure::Answered
+        );
+        // CANCELLED at the deadline is the deadline's.
+        let now = Deadline::after(Duration::from_millis(10));
+        assert_eq!(
+            classify(&Status::cancelled("whatever"), &now),
+            Failure::DeadlinePassed
+        );
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let broken = Status::from_error(Box::new(io));
+        assert_eq!(classify(&broken, &none), Failure::ReplicaGone);
     }
 }

@@ -19,9 +19,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::images;
+use crate::blocking::{off_thread, INLINE_BYTES};
+use crate::error::{Error, Result};
+use crate::limits::Limits;
 use crate::pipeline::{Event, Generator};
-use crate::plan::{Limits, Plan};
+use crate::plan::Plan;
 
 pub struct GenerationService {
     pub generator: Generator,
@@ -60,16 +62,12 @@ fn request_span(method: &str) -> tracing::Span {
 impl GenerationService {
     /// Validate, then admit (or refuse at once with RESOURCE_EXHAUSTED),
     /// waiting in the queue no longer than the deadline.
-    async fn admit(
-        &self,
-        req: GenerateRequest,
-        deadline: &Deadline,
-    ) -> Result<(Plan, Admitted), Status> {
+    async fn admit(&self, req: GenerateRequest, deadline: &Deadline) -> Result<(Plan, Admitted)> {
         let work = self.lifecycle.begin()?;
         let plan = {
             let (facts, limits) = (self.generator.facts.clone(), self.limits.clone());
-            let small = req.init_image.len() <= images::INLINE_BYTES;
-            images::off_thread(small, move || Plan::new(req, &facts, &limits)).await?
+            let small = req.init_image.len() <= INLINE_BYTES;
+            off_thread(small, move || Plan::new(req, &facts, &limits)).await?
         };
         let span = tracing::Span::current();
         span.record("seed", plan.seed);
@@ -86,12 +84,15 @@ impl GenerationService {
             .queue_depth
             .set(self.admission.queued() as i64 + 1);
         let admit = self.admission.admit();
-        let slot = match deadline.instant() {
-            Some(at) => tokio::time::timeout_at(at, admit)
-                .await
-                .map_err(|_| Status::deadline_exceeded("the deadline passed while queued"))??,
-            None => admit.await?,
-        };
+        let slot =
+            match deadline.instant() {
+                Some(at) => tokio::time::timeout_at(at, admit).await.map_err(|_| {
+                    Error::DeadlinePassed {
+                        when: "while queued".into(),
+                    }
+                })??,
+                None => admit.await?,
+            };
         self.metrics.queue_depth.set(self.admission.queued() as i64);
         Ok((
             plan,
@@ -106,14 +107,17 @@ impl GenerationService {
 /// Run `f` until the deadline, then DEADLINE_EXCEEDED.
 async fn within<T>(
     deadline: Deadline,
-    f: impl std::future::Future<Output = Result<T, Status>>,
+    f: impl std::future::Future<Output = Result<T>>,
 ) -> Result<T, Status> {
-    match deadline.instant() {
-        Some(at) => tokio::time::timeout_at(at, f).await.map_err(|_| {
-            Status::deadline_exceeded("the client's deadline passed mid-generation")
-        })?,
+    let out = match deadline.instant() {
+        Some(at) => tokio::time::timeout_at(at, f).await.unwrap_or_else(|_| {
+            Err(Error::DeadlinePassed {
+                when: "mid-generation".into(),
+            })
+        }),
         None => f.await,
-    }
+    };
+    out.map_err(Status::from)
 }
 
 #[tonic::async_trait]
@@ -151,6 +155,7 @@ impl Generation for GenerationService {
             .admit(request.into_inner(), &deadline)
             .instrument(span.clone())
             .await
+            .map_err(Status::from)
             .inspect_err(|s| {
                 self.metrics
                     .record("GenerateStream", std::time::Duration::ZERO, s.code())
@@ -210,7 +215,7 @@ impl Generation for GenerationService {
     ) -> Result<Response<ListModelsResponse>, Status> {
         self.keys.check(request.metadata())?;
         let f = &self.generator.facts;
-        let side = f.sample_size * f.scale_factor;
+        let side = f.default_side();
         Ok(Response::new(ListModelsResponse {
             models: vec![ModelInfo {
                 id: f.id.clone(),
@@ -218,7 +223,7 @@ impl Generation for GenerationService {
                 default_width: side,
                 default_height: side,
                 default_scheduler: f.default_scheduler.name().to_string(),
-                prediction_type: f.prediction_type.clone(),
+                prediction_type: f.prediction.as_str().to_string(),
             }],
         }))
     }

@@ -15,37 +15,36 @@ use tonic::transport::Channel;
 use tonic::Status;
 
 use crate::backends::Backends;
-use crate::pool::{retryable, Lease, Pool};
+use crate::error::{Error, Result, Stage};
+use crate::pool::{classify, Failure, Lease, Pool};
 
-/// Text encoding, one denoising prediction, VAE decode and encode.
+/// Text encoding, one denoising prediction, VAE decode and encode. Errors
+/// are the gateway's: a model service's own answer arrives as
+/// [`Error::Stage`] with its status whole.
 #[tonic::async_trait]
 pub trait Stages: Send + Sync + 'static {
     async fn encode_text(
         &self,
         req: EncodeTextRequest,
         deadline: &Deadline,
-    ) -> Result<EncodeTextResponse, Status>;
+    ) -> Result<EncodeTextResponse>;
     /// A session for one generation's denoising steps (nothing is opened
     /// before its first step).
     fn steps<'a>(&'a self, deadline: &'a Deadline) -> Box<dyn StepSession + 'a>;
-    async fn decode(
-        &self,
-        req: DecodeRequest,
-        deadline: &Deadline,
-    ) -> Result<DecodeResponse, Status>;
+    async fn decode(&self, req: DecodeRequest, deadline: &Deadline) -> Result<DecodeResponse>;
     async fn encode_image(
         &self,
         req: EncodeImageRequest,
         deadline: &Deadline,
-    ) -> Result<EncodeImageResponse, Status>;
+    ) -> Result<EncodeImageResponse>;
 }
 
 /// One generation's denoising steps, in order.
 #[tonic::async_trait]
 pub trait StepSession: Send {
-    /// Errors keep their code: FAILED_PRECONDITION with `sd-embedding-miss`
-    /// asks for the embeddings again.
-    async fn step(&mut self, req: PredictRequest) -> Result<PredictResponse, Status>;
+    /// An embedding miss ([`Error::is_embedding_miss`]) asks for the
+    /// embeddings again.
+    async fn step(&mut self, req: PredictRequest) -> Result<PredictResponse>;
 }
 
 /// A request for a model service: the deadline's time left, and the trace context.
@@ -57,7 +56,7 @@ fn outgoing<T>(deadline: &Deadline, msg: T) -> Result<tonic::Request<T>, Status>
 
 /// One idempotent call on a stage's pool: the replica recorded on the
 /// current span, the deadline and trace context on the request.
-async fn call<R, T, F, Fut>(pool: &Pool, deadline: &Deadline, req: R, rpc: F) -> Result<T, Status>
+async fn call<R, T, F, Fut>(pool: &Pool, deadline: &Deadline, req: R, rpc: F) -> Result<T>
 where
     R: Clone,
     F: Fn(Channel, tonic::Request<R>) -> Fut,
@@ -78,7 +77,7 @@ impl Stages for Backends {
         &self,
         req: EncodeTextRequest,
         deadline: &Deadline,
-    ) -> Result<EncodeTextResponse, Status> {
+    ) -> Result<EncodeTextResponse> {
         call(&self.text, deadline, req, |ch, r| {
             let mut c = self.text_client(ch);
             async move { c.encode(r).await }
@@ -94,11 +93,7 @@ impl Stages for Backends {
         })
     }
 
-    async fn decode(
-        &self,
-        req: DecodeRequest,
-        deadline: &Deadline,
-    ) -> Result<DecodeResponse, Status> {
+    async fn decode(&self, req: DecodeRequest, deadline: &Deadline) -> Result<DecodeResponse> {
         call(&self.autoencoder, deadline, req, |ch, r| {
             let mut c = self.autoencoder_client(ch);
             async move { c.decode(r).await }
@@ -110,7 +105,7 @@ impl Stages for Backends {
         &self,
         req: EncodeImageRequest,
         deadline: &Deadline,
-    ) -> Result<EncodeImageResponse, Status> {
+    ) -> Result<EncodeImageResponse> {
         call(&self.autoencoder, deadline, req, |ch, r| {
             let mut c = self.autoencoder_client(ch);
             async move { c.encode(r).await }
@@ -135,7 +130,7 @@ struct OpenStream {
 }
 
 impl RemoteSteps<'_> {
-    async fn open(&self) -> Result<OpenStream, Status> {
+    async fn open(&self) -> Result<OpenStream> {
         let deadline = self.deadline;
         let ((tx, rx), lease) = self
             .backends
@@ -165,7 +160,7 @@ impl OpenStream {
 
 #[tonic::async_trait]
 impl StepSession for RemoteSteps<'_> {
-    async fn step(&mut self, mut req: PredictRequest) -> Result<PredictResponse, Status> {
+    async fn step(&mut self, mut req: PredictRequest) -> Result<PredictResponse> {
         req.trace_context = context_map();
         for _ in 0..3 {
             self.deadline.remaining()?;
@@ -174,21 +169,35 @@ impl StepSession for RemoteSteps<'_> {
                 None => self.open().await?,
             };
             tracing::Span::current().record("replica", stream.lease.url());
-            match stream.step(req.clone()).await {
+            // An error ends the stream; the next attempt opens another.
+            let status = match stream.step(req.clone()).await {
                 Ok(r) => {
                     self.open = Some(stream);
                     return Ok(r);
                 }
-                // The stream ends with an error; the next step opens another.
-                Err(s) if retryable(&s) => {
-                    tracing::warn!(replica = %stream.lease.url(), "step stream failed: {}: {}", s.code(), s.message());
+                Err(s) => s,
+            };
+            match classify(&status, self.deadline) {
+                Failure::ReplicaGone => {
+                    tracing::warn!(replica = %stream.lease.url(), "step stream failed: {}: {}", status.code(), status.message());
                     stream.lease.failed();
                 }
-                Err(s) => return Err(s),
+                Failure::DeadlinePassed => {
+                    return Err(Error::DeadlinePassed {
+                        when: "during a denoising step".into(),
+                    })
+                }
+                Failure::Answered => {
+                    return Err(Error::Stage {
+                        stage: Stage::Denoiser,
+                        status,
+                    })
+                }
             }
         }
-        Err(Status::unavailable(
-            "denoiser: the step streams kept failing",
-        ))
+        Err(Error::Unavailable {
+            stage: Stage::Denoiser,
+            reason: "the step streams kept failing".into(),
+        })
     }
 }

@@ -3,11 +3,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use sd_gateway::backends::ModelFacts;
-use sd_gateway::plan::{Limits, Plan};
+use sd_gateway::facts::ModelFacts;
+use sd_gateway::limits::Limits;
+use sd_gateway::plan::Plan;
+use sd_proto::status::field_violations;
 use sd_proto::v1::GenerateRequest;
-use sd_sampling::{SchedulerConfig, SchedulerKind};
-use tonic::Code;
+use sd_sampling::{Prediction, SchedulerConfig, SchedulerKind};
+use tonic::{Code, Status};
 
 fn facts() -> ModelFacts {
     ModelFacts {
@@ -20,7 +22,7 @@ fn facts() -> ModelFacts {
         scheduler_config: SchedulerConfig::from_json(r#"{"_class_name": "PNDMScheduler"}"#)
             .unwrap(),
         default_scheduler: SchedulerKind::Pndm,
-        prediction_type: "epsilon".into(),
+        prediction: Prediction::Epsilon,
         text_layers: 12,
         text_model_id: "tiny@1".into(),
     }
@@ -33,8 +35,8 @@ fn req() -> GenerateRequest {
     }
 }
 
-fn plan(r: GenerateRequest) -> Result<Plan, tonic::Status> {
-    Plan::new(r, &facts(), &Limits::default())
+fn plan(r: GenerateRequest) -> Result<Plan, Status> {
+    Plan::new(r, &facts(), &Limits::default()).map_err(Status::from)
 }
 
 fn refused(r: GenerateRequest, field: &str) {
@@ -45,6 +47,10 @@ fn refused(r: GenerateRequest, field: &str) {
         "`{}` should name {field}",
         e.message()
     );
+    // Clients read the field from the details, not the text.
+    let violations = field_violations(&e);
+    assert_eq!(violations.len(), 1, "{e:?}");
+    assert_eq!(violations[0].field, field);
 }
 
 #[test]
@@ -55,9 +61,40 @@ fn defaults_follow_diffusers() {
         (512, 512, 50, 7.5, 1)
     );
     assert_eq!(p.scheduler, SchedulerKind::Pndm);
-    assert!(p.seed <= u32::MAX as u64, "drawn seeds are 32-bit");
     let params = p.parameters();
     assert_eq!(params.seed, p.seed);
+    // Unseeded requests draw their own seeds.
+    let seeds: std::collections::HashSet<u64> = (0..8).map(|_| plan(req()).unwrap().seed).collect();
+    assert!(seeds.len() > 1, "eight unseeded plans share {seeds:?}");
+}
+
+#[test]
+fn a_scheduler_that_cannot_run_the_request_is_refused_before_any_model_work() {
+    // 120 steps fit the limits but not a schedule trained on 100 timesteps.
+    let facts = ModelFacts {
+        scheduler_config: SchedulerConfig::from_json(
+            r#"{"_class_name": "DDIMScheduler", "num_train_timesteps": 100}"#,
+        )
+        .unwrap(),
+        ..facts()
+    };
+    let e = Plan::new(
+        GenerateRequest {
+            steps: 120,
+            ..req()
+        },
+        &facts,
+        &Limits::default(),
+    )
+    .map_err(Status::from)
+    .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(
+        field_violations(&e)[0].field,
+        "scheduler",
+        "{}",
+        e.message()
+    );
 }
 
 #[test]
@@ -97,6 +134,10 @@ fn each_field_is_checked() {
         },
         "guidance_scale",
     );
+}
+
+#[test]
+fn scheduler_options_are_checked() {
     refused(
         GenerateRequest {
             scheduler: "k_dpm_fast".into(),
@@ -128,6 +169,17 @@ fn each_field_is_checked() {
         },
         "eta",
     );
+    // A huge name is quoted, not echoed.
+    let e = plan(GenerateRequest {
+        scheduler: "x".repeat(1 << 20),
+        ..req()
+    })
+    .unwrap_err();
+    assert!(e.message().len() < 300, "{} bytes", e.message().len());
+}
+
+#[test]
+fn counts_prompts_and_formats_are_checked() {
     refused(
         GenerateRequest {
             num_images: 9,
@@ -329,6 +381,7 @@ fn image_bombs_are_refused_without_allocating_their_pixels() {
         &facts(),
         &limits,
     )
+    .map_err(Status::from)
     .unwrap_err();
     assert!(e.message().contains("1001 bytes"), "{}", e.message());
     // Wrong magic: a BMP and a GIF are not accepted even though `image` could decode them.

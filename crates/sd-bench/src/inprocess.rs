@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use sd_gateway::backends::ModelFacts;
+use sd_gateway::error::{Error, Stage};
+use sd_gateway::facts::ModelFacts;
 use sd_gateway::stages::{Stages, StepSession};
 use sd_models::{ClipTextModel, ClipTokenizer, ModelDir, Placement, UNet, Vae};
 use sd_proto::v1::{
@@ -53,9 +54,7 @@ impl InProcess {
                 .class_name()
                 .and_then(SchedulerKind::from_diffusers_class)
                 .unwrap_or(SchedulerKind::Pndm),
-            prediction_type: scheduler_config
-                .str_or("prediction_type", "epsilon")
-                .to_string(),
+            prediction: scheduler_config.prediction()?,
             scheduler_config,
             text_layers: me.clip.config().num_hidden_layers as u32,
             text_model_id: format!("in-process:{}", dir.root().display()),
@@ -132,13 +131,41 @@ impl InProcess {
     }
 }
 
+/// A stage's answer as the step loop takes it (a service's status would
+/// arrive the same way).
+fn staged<T>(stage: Stage, r: Result<T, Status>) -> Result<T, Error> {
+    r.map_err(|status| Error::Stage { stage, status })
+}
+
 #[tonic::async_trait]
 impl Stages for InProcess {
     async fn encode_text(
         &self,
         req: EncodeTextRequest,
         _: &Deadline,
-    ) -> Result<EncodeTextResponse, Status> {
+    ) -> Result<EncodeTextResponse, Error> {
+        staged(Stage::TextEncoder, self.encode_text_here(req))
+    }
+
+    fn steps<'a>(&'a self, _: &'a Deadline) -> Box<dyn StepSession + 'a> {
+        Box::new(LocalSteps(self))
+    }
+
+    async fn decode(&self, req: DecodeRequest, _: &Deadline) -> Result<DecodeResponse, Error> {
+        staged(Stage::Autoencoder, self.decode_here(req))
+    }
+
+    async fn encode_image(
+        &self,
+        req: EncodeImageRequest,
+        _: &Deadline,
+    ) -> Result<EncodeImageResponse, Error> {
+        staged(Stage::Autoencoder, self.encode_image_here(req))
+    }
+}
+
+impl InProcess {
+    fn encode_text_here(&self, req: EncodeTextRequest) -> Result<EncodeTextResponse, Status> {
         tokio::task::block_in_place(|| {
             let refs: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
             let ids = self.tokenizer.encode_batch(&refs).map_err(status)?;
@@ -158,11 +185,7 @@ impl Stages for InProcess {
         })
     }
 
-    fn steps<'a>(&'a self, _: &'a Deadline) -> Box<dyn StepSession + 'a> {
-        Box::new(LocalSteps(self))
-    }
-
-    async fn decode(&self, req: DecodeRequest, _: &Deadline) -> Result<DecodeResponse, Status> {
+    fn decode_here(&self, req: DecodeRequest) -> Result<DecodeResponse, Status> {
         tokio::task::block_in_place(|| {
             let latents = from_wire(req.latents.as_ref(), "latents")?;
             let sf = self.vae.config().scaling_factor;
@@ -173,11 +196,7 @@ impl Stages for InProcess {
         })
     }
 
-    async fn encode_image(
-        &self,
-        req: EncodeImageRequest,
-        _: &Deadline,
-    ) -> Result<EncodeImageResponse, Status> {
+    fn encode_image_here(&self, req: EncodeImageRequest) -> Result<EncodeImageResponse, Status> {
         tokio::task::block_in_place(|| {
             let pixels = from_wire(req.pixels.as_ref(), "pixels")?;
             let d = self.vae.encode(&pixels).map_err(status)?;
@@ -194,7 +213,7 @@ struct LocalSteps<'a>(&'a InProcess);
 
 #[tonic::async_trait]
 impl StepSession for LocalSteps<'_> {
-    async fn step(&mut self, req: PredictRequest) -> Result<PredictResponse, Status> {
-        self.0.predict(req)
+    async fn step(&mut self, req: PredictRequest) -> Result<PredictResponse, Error> {
+        staged(Stage::Denoiser, self.0.predict(req))
     }
 }

@@ -26,8 +26,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use sd_gateway::limits::Limits;
 use sd_gateway::pipeline::Generator;
-use sd_gateway::plan::{Limits, Plan};
+use sd_gateway::plan::Plan;
 use sd_gateway::prompt_cache::PromptCache;
 use sd_models::{DeviceSpec, ModelDir, Placement, Precision};
 use sd_proto::v1::generation_client::GenerationClient;

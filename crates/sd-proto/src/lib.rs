@@ -10,7 +10,7 @@ pub mod wire;
 
 /// Generated code for `package sd.v1`.
 pub mod v1 {
-    #![allow(clippy::all, missing_docs)]
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
     tonic::include_proto!("sd.v1");
 }
 

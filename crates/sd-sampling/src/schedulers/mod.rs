@@ -122,7 +122,16 @@ impl FromStr for SchedulerKind {
                 "dpm++2m" | "dpmpp_2m" | "dpm-solver++" => Some(SchedulerKind::DpmPp2m),
                 _ => None,
             })
-            .ok_or_else(|| SchedulerError::Unknown(s.to_string()))
+            .ok_or_else(|| SchedulerError::Unknown(quoted(&s)))
+    }
+}
+
+/// A name as an error may quote it: at most 40 characters of it.
+fn quoted(s: &str) -> String {
+    const MAX: usize = 40;
+    match s.char_indices().nth(MAX) {
+        None => s.to_string(),
+        Some((end, _)) => format!("{}… ({} bytes)", &s[..end], s.len()),
     }
 }
 
@@ -144,7 +153,7 @@ pub struct SchedulerOptions {
 }
 
 /// One scheduler, set up for a number of inference steps.
-pub trait Scheduler: Send {
+pub trait Scheduler: Send + Sync {
     /// Timesteps to run the UNet at, in order (may be longer than the step
     /// count: Heun evaluates twice per step, PNDM once more at the start).
     fn timesteps(&self) -> &[f64];
@@ -206,4 +215,21 @@ pub fn build(
         SchedulerKind::DpmPp2m => Box::new(dpmpp::DpmPp2m::new(config, steps, options.karras)?),
         SchedulerKind::UniPc => Box::new(unipc::UniPc::new(config, steps, options.karras)?),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_name_is_quoted_short() {
+        let e = "x".repeat(1 << 20).parse::<SchedulerKind>().unwrap_err();
+        let m = e.to_string();
+        assert!(m.len() < 300, "{} bytes", m.len());
+        assert!(m.contains("(1048576 bytes)"), "{m}");
+        assert_eq!(
+            "Euler_A".parse::<SchedulerKind>(),
+            Ok(SchedulerKind::EulerAncestral)
+        );
+    }
 }

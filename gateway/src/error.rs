@@ -1,0 +1,186 @@
+//! Everything the gateway refuses or fails at, with its one map to gRPC
+//! codes. A model service's own answer keeps its status (code, message and
+//! details) across the hop; anything a model service sends that the
+//! gateway cannot use is INTERNAL, never the client's fault.
+
+use sd_proto::status::{invalid_argument, is_embedding_miss, quote};
+use sd_runtime::Refusal;
+use tonic::Status;
+
+/// The three model services, as the gateway names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    TextEncoder,
+    Denoiser,
+    Autoencoder,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 3] = [Stage::TextEncoder, Stage::Denoiser, Stage::Autoencoder];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Stage::TextEncoder => "text-encoder",
+            Stage::Denoiser => "denoiser",
+            Stage::Autoencoder => "autoencoder",
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request field outside what is allowed.
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    /// The request names a model this gateway does not serve.
+    #[error("model: {requested} is not served here (this gateway serves `{served}`)")]
+    UnknownModel { requested: String, served: String },
+    /// Admission, draining or the deadline refused the work.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The client's deadline passed; `when` says during what.
+    #[error("the client's deadline passed {when}")]
+    DeadlinePassed { when: String },
+    /// The client went away (cancelled, disconnected, closed its stream).
+    #[error("client went away")]
+    ClientGone,
+    /// A model service answered with an error of its own.
+    #[error("{stage}: {}", .status.message())]
+    Stage { stage: Stage, status: Status },
+    /// No replica of a stage could take the call.
+    #[error("{stage}: {reason}")]
+    Unavailable { stage: Stage, reason: String },
+    /// A model service answered something the gateway cannot use.
+    #[error("{stage} sent {what}")]
+    BadReply { stage: Stage, what: String },
+    /// Work the gateway does itself failed (a task, an image encoder).
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn invalid(field: &'static str, message: impl std::fmt::Display) -> Self {
+        Error::Invalid {
+            field,
+            message: message.to_string(),
+        }
+    }
+
+    /// The model named by a request, quoted (it is the client's input).
+    pub fn unknown_model(requested: &str, served: &str) -> Self {
+        Error::UnknownModel {
+            requested: quote(requested).to_string(),
+            served: served.to_string(),
+        }
+    }
+
+    pub fn bad_reply(stage: Stage, what: impl std::fmt::Display) -> Self {
+        Error::BadReply {
+            stage,
+            what: what.to_string(),
+        }
+    }
+
+    /// Whether this is the denoiser asking for the embeddings again.
+    pub fn is_embedding_miss(&self) -> bool {
+        matches!(self, Error::Stage { status, .. } if is_embedding_miss(status))
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let message = e.to_string();
+        match e {
+            Error::Invalid { field, message } => invalid_argument(field, message),
+            Error::UnknownModel { .. } => Status::not_found(message),
+            Error::Refused(r) => r.into(),
+            Error::DeadlinePassed { .. } => Status::deadline_exceeded(message),
+            Error::ClientGone => Status::cancelled(message),
+            // The service's own status, details and all.
+            Error::Stage { status, .. } => status,
+            Error::Unavailable { .. } => Status::unavailable(message),
+            Error::BadReply { .. } | Error::Internal(_) => Status::internal(message),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sd_proto::status::field_violations;
+    use tonic::Code;
+
+    #[test]
+    fn each_error_has_its_code() {
+        let cases = [
+            (Error::invalid("width", "7 given"), Code::InvalidArgument),
+            (Error::unknown_model("x", "tiny"), Code::NotFound),
+            (Error::Refused(Refusal::ShuttingDown), Code::Unavailable),
+            (
+                Error::DeadlinePassed {
+                    when: "while queued".into(),
+                },
+                Code::DeadlineExceeded,
+            ),
+            (Error::ClientGone, Code::Cancelled),
+            (
+                Error::Stage {
+                    stage: Stage::Denoiser,
+                    status: Status::resource_exhausted("queue full"),
+                },
+                Code::ResourceExhausted,
+            ),
+            (
+                Error::Unavailable {
+                    stage: Stage::Autoencoder,
+                    reason: "no replicas".into(),
+                },
+                Code::Unavailable,
+            ),
+            (
+                Error::bad_reply(Stage::TextEncoder, "no embeddings"),
+                Code::Internal,
+            ),
+            (Error::Internal("png".into()), Code::Internal),
+        ];
+        for (e, code) in cases {
+            assert_eq!(Status::from(e).code(), code);
+        }
+    }
+
+    #[test]
+    fn invalid_fields_are_named_in_the_details() {
+        let s = Status::from(Error::invalid("steps", "0 given"));
+        assert_eq!(s.message(), "steps: 0 given");
+        assert_eq!(field_violations(&s)[0].field, "steps");
+    }
+
+    #[test]
+    fn a_model_services_status_crosses_the_hop_whole() {
+        let miss = sd_proto::status::embedding_miss("cond", "7");
+        let e = Error::Stage {
+            stage: Stage::Denoiser,
+            status: miss,
+        };
+        assert!(e.is_embedding_miss());
+        let s = Status::from(e);
+        assert!(is_embedding_miss(&s));
+    }
+
+    #[test]
+    fn a_huge_model_name_is_not_echoed() {
+        let s = Status::from(Error::unknown_model(&"m".repeat(1 << 20), "tiny"));
+        assert!(s.message().len() < 200, "{}", s.message().len());
+    }
+}

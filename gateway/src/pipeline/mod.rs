@@ -1,0 +1,108 @@
+//! One generation, as diffusers' StableDiffusion(Img2Img)Pipeline runs it,
+//! with the networks behind [`Stages`]: condition on the text → the initial
+//! latents (noise, or the init image noised to the start step) → the steps,
+//! the scheduler between UNet predictions → decode → encode the images.
+
+mod denoise;
+mod latents;
+mod output;
+#[cfg(test)]
+mod tests;
+mod text;
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use sd_proto::v1::{Dtype, GenerateResponse, GeneratedImage};
+use sd_runtime::deadline::Deadline;
+use sd_runtime::metrics::{Metrics, Stage};
+use sd_sampling::TorchGenerator;
+use tokio::sync::mpsc;
+
+use crate::error::Result;
+use crate::facts::ModelFacts;
+use crate::plan::Plan;
+use crate::prompt_cache::PromptCache;
+use crate::stages::Stages;
+
+pub use latents::{img2img_start, LatentShape};
+
+/// What a streaming client hears while its images form: after each step
+/// its progress, then (every `preview_every` steps, not after the last)
+/// a preview.
+#[derive(Debug)]
+pub enum Event {
+    Progress {
+        step: u32,
+        total: u32,
+        timestep: f32,
+        elapsed: f64,
+    },
+    Preview {
+        step: u32,
+        images: Vec<GeneratedImage>,
+    },
+}
+
+/// Runs generations against the model stages.
+#[derive(Clone)]
+pub struct Generator {
+    pub stages: Arc<dyn Stages>,
+    pub facts: Arc<ModelFacts>,
+    pub cache: Arc<Mutex<PromptCache>>,
+    pub metrics: Arc<Metrics>,
+    /// Element type of the latents and predictions sent to and from the
+    /// denoiser each step (float16 halves the bytes per step).
+    pub wire: Dtype,
+}
+
+impl Generator {
+    /// Run `plan`; progress and previews go to `events` when given. A
+    /// closed `events` (the client went away) stops the loop, as does the
+    /// deadline, between steps.
+    pub async fn run(
+        &self,
+        plan: Plan,
+        events: Option<mpsc::Sender<Event>>,
+        deadline: Deadline,
+    ) -> Result<GenerateResponse> {
+        let started = Instant::now();
+        let parameters = plan.parameters();
+        let shape = LatentShape::of(&plan, &self.facts);
+        let mut rng = TorchGenerator::new(plan.seed);
+
+        let text = self.condition(&plan, &deadline).await?;
+        let start = self
+            .initial_latents(&plan, &shape, &mut rng, &deadline)
+            .await?;
+        let steps = denoise::Denoising {
+            generator: self,
+            text,
+            rng,
+            shape,
+            events: events.as_ref(),
+            deadline: &deadline,
+            previews: denoise::Previews::of(&plan),
+            started,
+        };
+        let (format, num_images) = (plan.format, plan.num_images);
+        let latents = steps.run(plan.schedule, start).await?;
+        let decoded = self
+            .decode(shape.tensor(latents), num_images, &deadline)
+            .await?;
+        let images = self.encode_images(decoded, format, &parameters).await?;
+
+        self.metrics.step(Stage::Generation, started.elapsed());
+        tracing::info!(
+            seed = parameters.seed,
+            steps = parameters.steps,
+            images = images.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "generation done"
+        );
+        Ok(GenerateResponse {
+            images,
+            parameters: Some(parameters),
+        })
+    }
+}

@@ -1,0 +1,166 @@
+//! The end of a generation: the final latents through the VAE decoder, the
+//! pixels encoded as the client asked; and previews on the way.
+
+use std::time::Instant;
+
+use sd_proto::v1::{
+    DecodeRequest, Dtype, GeneratedImage, GenerationParameters, ImageFormat, PreviewMode,
+};
+use sd_proto::wire::HostTensor;
+use sd_runtime::deadline::Deadline;
+use sd_runtime::metrics::Stage as Phase;
+use tracing::Instrument;
+
+use super::Generator;
+use crate::blocking::{off_thread, INLINE_PIXELS};
+use crate::error::{Error, Result, Stage};
+use crate::images;
+
+/// Decoded pixels of one image: RGB8, row-major.
+pub(super) struct Pixels {
+    pub rgb: Vec<u8>,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl Pixels {
+    fn small(&self) -> bool {
+        self.width as u64 * self.height as u64 <= INLINE_PIXELS
+    }
+}
+
+impl Generator {
+    /// The images `latents` decode to (one per image, checked).
+    pub(super) async fn decode(
+        &self,
+        latents: HostTensor,
+        num_images: u32,
+        deadline: &Deadline,
+    ) -> Result<Vec<Pixels>> {
+        let started = Instant::now();
+        let pixels = self.decode_latents(&latents, deadline).await?;
+        if pixels.len() != num_images as usize {
+            return Err(Error::bad_reply(
+                Stage::Autoencoder,
+                format!("{} images for {num_images}", pixels.len()),
+            ));
+        }
+        self.metrics.step(Phase::Decode, started.elapsed());
+        Ok(pixels)
+    }
+
+    async fn decode_latents(
+        &self,
+        latents: &HostTensor,
+        deadline: &Deadline,
+    ) -> Result<Vec<Pixels>> {
+        let request = DecodeRequest {
+            latents: Some(latents.to_wire(Dtype::Float32)),
+        };
+        let span = tracing::info_span!("decode", replica = tracing::field::Empty);
+        let response = self
+            .stages
+            .decode(request, deadline)
+            .instrument(span)
+            .await?;
+        response
+            .images
+            .into_iter()
+            .map(|i| {
+                let want = i.width as usize * i.height as usize * 3;
+                if i.rgb.len() != want {
+                    return Err(Error::bad_reply(
+                        Stage::Autoencoder,
+                        format!(
+                            "{} bytes for a {}×{} RGB image",
+                            i.rgb.len(),
+                            i.width,
+                            i.height
+                        ),
+                    ));
+                }
+                Ok(Pixels {
+                    rgb: i.rgb.to_vec(),
+                    width: i.width,
+                    height: i.height,
+                })
+            })
+            .collect()
+    }
+
+    /// The result images in `format`, with the parameters as metadata.
+    pub(super) async fn encode_images(
+        &self,
+        decoded: Vec<Pixels>,
+        format: ImageFormat,
+        parameters: &GenerationParameters,
+    ) -> Result<Vec<GeneratedImage>> {
+        let started = Instant::now();
+        let mut images = Vec::with_capacity(decoded.len());
+        for p in decoded {
+            let params = parameters.clone();
+            let (width, height) = (p.width, p.height);
+            let data = off_thread(p.small(), move || {
+                images::encode(&p.rgb, p.width, p.height, format, &params)
+            })
+            .await?;
+            images.push(GeneratedImage {
+                data: data.into(),
+                format: format as i32,
+                width,
+                height,
+            });
+        }
+        self.metrics.step(Phase::ImageEncode, started.elapsed());
+        Ok(images)
+    }
+
+    /// Previews of `latents`: a cheap projection at latent resolution, or
+    /// the decoded images.
+    pub(super) async fn preview(
+        &self,
+        mode: PreviewMode,
+        latents: HostTensor,
+        deadline: &Deadline,
+    ) -> Result<Vec<GeneratedImage>> {
+        match mode {
+            PreviewMode::Latent => latent_previews(&latents),
+            PreviewMode::Full => {
+                let mut out = Vec::new();
+                for p in self.decode_latents(&latents, deadline).await? {
+                    let (width, height) = (p.width, p.height);
+                    let data = off_thread(p.small(), move || {
+                        images::encode_png(&p.rgb, p.width, p.height, &[])
+                    })
+                    .await?;
+                    out.push(GeneratedImage {
+                        data: data.into(),
+                        format: ImageFormat::Png as i32,
+                        width,
+                        height,
+                    });
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// One latent preview per image of `latents` (images, channels, h, w).
+fn latent_previews(latents: &HostTensor) -> Result<Vec<GeneratedImage>> {
+    let [n, c, h, w] = <[i64; 4]>::try_from(latents.shape.as_slice())
+        .map_err(|_| Error::Internal("latents are not 4-d".into()))?
+        .map(|d| d as usize);
+    let per = c * h * w;
+    (0..n)
+        .map(|i| {
+            let data = images::latent_preview(&latents.data[i * per..(i + 1) * per], c, h, w)?;
+            Ok(GeneratedImage {
+                data: data.into(),
+                format: ImageFormat::Png as i32,
+                width: w as u32,
+                height: h as u32,
+            })
+        })
+        .collect()
+}

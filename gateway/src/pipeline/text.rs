@@ -1,0 +1,197 @@
+//! Conditioning on the text: the prompt's (and, when guided, the negative
+//! prompt's) embeddings, from the prompt cache or one Encode call per
+//! clip_skip; and which of them the denoiser still has to be sent.
+
+use std::time::Instant;
+
+use sd_proto::v1::{Dtype, Embedding, EncodeTextRequest};
+use sd_runtime::deadline::Deadline;
+use sd_runtime::metrics::Stage as Phase;
+use tracing::Instrument;
+
+use super::Generator;
+use crate::error::{Error, Result, Stage};
+use crate::plan::Plan;
+use crate::prompt_cache::{CachedEmbedding, PromptKey};
+
+/// A text conditioning for Predict: sent in full until the denoiser has it.
+struct Conditioning {
+    embedding: CachedEmbedding,
+    sent: bool,
+}
+
+impl Conditioning {
+    fn new(embedding: CachedEmbedding) -> Self {
+        Conditioning {
+            embedding,
+            sent: false,
+        }
+    }
+
+    fn message(&self) -> Embedding {
+        Embedding {
+            id: self.embedding.id.clone(),
+            tensor: (!self.sent).then(|| self.embedding.tensor.clone()),
+        }
+    }
+}
+
+/// What guides every step: the prompt, the negative prompt (when guided)
+/// and the guidance scale.
+pub(super) struct Text {
+    cond: Conditioning,
+    uncond: Option<Conditioning>,
+    pub guidance: f32,
+}
+
+impl Text {
+    /// The conditionings as the next Predict carries them.
+    pub fn messages(&self) -> (Embedding, Option<Embedding>) {
+        (
+            self.cond.message(),
+            self.uncond.as_ref().map(Conditioning::message),
+        )
+    }
+
+    /// Whether the steps are guided (a negative prompt goes along).
+    pub fn guided(&self) -> bool {
+        self.uncond.is_some()
+    }
+
+    /// The denoiser has the tensors now: send ids only.
+    pub fn mark_sent(&mut self) {
+        self.set_sent(true);
+    }
+
+    /// The denoiser lost them (evicted, or a new replica): send them again.
+    pub fn resend(&mut self) {
+        self.set_sent(false);
+    }
+
+    fn set_sent(&mut self, sent: bool) {
+        self.cond.sent = sent;
+        if let Some(u) = self.uncond.as_mut() {
+            u.sent = sent;
+        }
+    }
+}
+
+impl Generator {
+    /// The text conditioning of `plan`.
+    pub(super) async fn condition(&self, plan: &Plan, deadline: &Deadline) -> Result<Text> {
+        // diffusers applies clip_skip to the prompt, not to the negative prompt.
+        let mut wanted = vec![(plan.prompt.as_str(), plan.clip_skip)];
+        if plan.guided() {
+            wanted.push((plan.negative_prompt.as_str(), 0));
+        }
+        let started = Instant::now();
+        let mut embeddings = self.embeddings(&wanted, deadline).await?.into_iter();
+        self.metrics.step(Phase::Text, started.elapsed());
+        let cond = embeddings
+            .next()
+            .ok_or_else(|| Error::Internal("no prompt embedding".into()))?;
+        Ok(Text {
+            cond: Conditioning::new(cond),
+            uncond: embeddings.next().map(Conditioning::new),
+            guidance: plan.guidance,
+        })
+    }
+
+    /// Embeddings for each (prompt, clip_skip), from the cache or the text
+    /// encoder, in order.
+    async fn embeddings(
+        &self,
+        wanted: &[(&str, u32)],
+        deadline: &Deadline,
+    ) -> Result<Vec<CachedEmbedding>> {
+        let keys: Vec<PromptKey> = wanted
+            .iter()
+            .map(|(prompt, clip_skip)| PromptKey {
+                model: self.facts.text_model_id.clone(),
+                clip_skip: *clip_skip,
+                prompt: prompt.to_string(),
+            })
+            .collect();
+        let mut found = self.cached(&keys)?;
+        let mut skips: Vec<u32> = keys
+            .iter()
+            .zip(&found)
+            .filter(|(_, f)| f.is_none())
+            .map(|(k, _)| k.clip_skip)
+            .collect();
+        skips.sort_unstable();
+        skips.dedup();
+        for clip_skip in skips {
+            self.encode_missing(&keys, &mut found, clip_skip, deadline)
+                .await?;
+        }
+        found
+            .into_iter()
+            .map(|f| f.ok_or_else(|| Error::Internal("prompt embedding missing".into())))
+            .collect()
+    }
+
+    fn cached(&self, keys: &[PromptKey]) -> Result<Vec<Option<CachedEmbedding>>> {
+        let mut cache = self
+            .cache
+            .lock()
+            .map_err(|_| Error::Internal("prompt cache poisoned".into()))?;
+        let found: Vec<_> = keys.iter().map(|k| cache.get(k)).collect();
+        for f in &found {
+            self.metrics.cache_lookup("prompt", f.is_some());
+        }
+        Ok(found)
+    }
+
+    /// One Encode call for the prompts with `clip_skip` not found yet; the
+    /// results go into `found` and the cache.
+    async fn encode_missing(
+        &self,
+        keys: &[PromptKey],
+        found: &mut [Option<CachedEmbedding>],
+        clip_skip: u32,
+        deadline: &Deadline,
+    ) -> Result<()> {
+        let missing: Vec<usize> = (0..keys.len())
+            .filter(|&i| found[i].is_none() && keys[i].clip_skip == clip_skip)
+            .collect();
+        let request = EncodeTextRequest {
+            prompts: missing.iter().map(|&i| keys[i].prompt.clone()).collect(),
+            clip_skip,
+            dtype: Dtype::Float32 as i32,
+        };
+        let span = tracing::info_span!("text_encode", clip_skip, replica = tracing::field::Empty);
+        let response = self
+            .stages
+            .encode_text(request, deadline)
+            .instrument(span)
+            .await?;
+        if response.prompts.len() != missing.len() {
+            return Err(Error::bad_reply(
+                Stage::TextEncoder,
+                format!(
+                    "{} embeddings for {} prompts",
+                    response.prompts.len(),
+                    missing.len()
+                ),
+            ));
+        }
+        for (&i, encoded) in missing.iter().zip(response.prompts) {
+            let mut tensor = encoded
+                .embeddings
+                .ok_or_else(|| Error::bad_reply(Stage::TextEncoder, "no embeddings"))?;
+            sd_proto::wire::validate(&tensor)
+                .map_err(|e| Error::bad_reply(Stage::TextEncoder, format!("embeddings: {e}")))?;
+            tensor.shape.insert(0, 1);
+            let embedding = CachedEmbedding {
+                id: keys[i].embedding_id(),
+                tensor,
+            };
+            if let Ok(mut cache) = self.cache.lock() {
+                cache.insert(keys[i].clone(), embedding.clone());
+            }
+            found[i] = Some(embedding);
+        }
+        Ok(())
+    }
+}
