@@ -101,16 +101,23 @@ fn the_stack_serves_streams_formats_and_metadata() {
             assert!(r.images[0].data.starts_with(magic), "{fmt:?}");
         }
 
-        // No seed: one is drawn and returned.
-        let r = client
-            .generate(GenerateRequest {
-                seed: None,
-                ..req(2)
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(r.parameters.unwrap().seed <= u32::MAX as u64);
+        // No seed: each request draws its own, returns it, and so gets an
+        // image of its own (JPEG: no seed in the metadata, only pixels).
+        let mut unseeded = Vec::new();
+        for _ in 0..2 {
+            let r = client
+                .generate(GenerateRequest {
+                    seed: None,
+                    format: ImageFormat::Jpeg as i32,
+                    ..req(2)
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            unseeded.push((r.parameters.unwrap().seed, r.images[0].data.clone()));
+        }
+        assert_ne!(unseeded[0].0, unseeded[1].0, "two unseeded requests, one seed");
+        assert_ne!(unseeded[0].1, unseeded[1].1, "two seeds, one image");
 
         let models = client
             .list_models(ListModelsRequest {})
