@@ -116,7 +116,10 @@ fn the_stack_serves_streams_formats_and_metadata() {
                 .into_inner();
             unseeded.push((r.parameters.unwrap().seed, r.images[0].data.clone()));
         }
-        assert_ne!(unseeded[0].0, unseeded[1].0, "two unseeded requests, one seed");
+        assert_ne!(
+            unseeded[0].0, unseeded[1].0,
+            "two unseeded requests, one seed"
+        );
         assert_ne!(unseeded[0].1, unseeded[1].1, "two seeds, one image");
 
         let models = client

@@ -1,5 +1,6 @@
 //! The RNG against torch.randn and every scheduler against diffusers, from
-//! numbers `tests/fixtures/make_sampling_reference.py` recorded.
+//! numbers `tests/fixtures/make_sampling_reference.py` recorded (a copy is
+//! committed in `tests/data/`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -46,15 +47,11 @@ struct Reference {
     runs: Vec<Run>,
 }
 
+/// The committed copy (`tests/data/`), so these tests need no venv and no
+/// fixtures; `tests/tests/sampling_reference.rs` checks it is current.
 fn reference() -> Reference {
-    let dir = std::env::var_os("SD_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/sd-fixtures")
-        });
-    let path = dir.join("sampling_reference.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (run `make fixtures`)", path.display()));
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/sampling_reference.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).expect("valid reference JSON")
 }
 
