@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use subtle::ConstantTimeEq;
-use tonic::Status;
+
+use crate::error::{Error, Result};
 
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct AuthArgs {
@@ -74,7 +75,7 @@ impl ApiKeys {
 
 impl ApiKeys {
     /// Check a request's bearer token (every call of the public API does).
-    pub fn check(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+    pub fn check(&self, metadata: &tonic::metadata::MetadataMap) -> Result<()> {
         if !self.enabled() {
             return Ok(());
         }
@@ -88,8 +89,8 @@ impl ApiKeys {
             .map(str::trim);
         match token {
             Some(t) if self.accepts(t.as_bytes()) => Ok(()),
-            Some(_) => Err(Status::unauthenticated("invalid API key")),
-            None => Err(Status::unauthenticated(
+            Some(_) => Err(Error::Unauthenticated("invalid API key")),
+            None => Err(Error::Unauthenticated(
                 "missing API key: send `authorization: Bearer <key>`",
             )),
         }
@@ -115,7 +116,7 @@ mod tests {
         let check = |r: Request<()>| k.check(r.metadata());
         assert!(check(with(Some("Bearer s3cret"))).is_ok());
         assert!(check(with(Some("Bearer other"))).is_ok());
-        let code = |r: Result<(), Status>| r.unwrap_err().code();
+        let code = |r: Result<()>| tonic::Status::from(r.unwrap_err()).code();
         assert_eq!(
             code(check(with(Some("Bearer s3cre")))),
             tonic::Code::Unauthenticated

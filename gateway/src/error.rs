@@ -41,6 +41,9 @@ pub enum Error {
         field: &'static str,
         message: String,
     },
+    /// API keys are required and the request brought none or a wrong one.
+    #[error("{0}")]
+    Unauthenticated(&'static str),
     /// The request names a model this gateway does not serve.
     #[error("model: {requested} is not served here (this gateway serves `{served}`)")]
     UnknownModel { requested: String, served: String },
@@ -103,6 +106,7 @@ impl From<Error> for Status {
         let message = e.to_string();
         match e {
             Error::Invalid { field, message } => invalid_argument(field, message),
+            Error::Unauthenticated(_) => Status::unauthenticated(message),
             Error::UnknownModel { .. } => Status::not_found(message),
             Error::Refused(r) => r.into(),
             Error::DeadlinePassed { .. } => Status::deadline_exceeded(message),
@@ -125,6 +129,7 @@ mod tests {
     fn each_error_has_its_code() {
         let cases = [
             (Error::invalid("width", "7 given"), Code::InvalidArgument),
+            (Error::Unauthenticated("no key"), Code::Unauthenticated),
             (Error::unknown_model("x", "tiny"), Code::NotFound),
             (Error::Refused(Refusal::ShuttingDown), Code::Unavailable),
             (

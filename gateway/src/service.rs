@@ -126,7 +126,7 @@ impl Generation for GenerationService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        self.keys.check(request.metadata())?;
+        self.keys.check(request.metadata()).map_err(Status::from)?;
         let span = request_span("Generate");
         sd_runtime::telemetry::adopt(&request, &span);
         let deadline = Deadline::from_metadata(request.metadata());
@@ -147,7 +147,7 @@ impl Generation for GenerationService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        self.keys.check(request.metadata())?;
+        self.keys.check(request.metadata()).map_err(Status::from)?;
         let span = request_span("GenerateStream");
         sd_runtime::telemetry::adopt(&request, &span);
         let deadline = Deadline::from_metadata(request.metadata());
@@ -213,7 +213,7 @@ impl Generation for GenerationService {
         &self,
         request: Request<ListModelsRequest>,
     ) -> Result<Response<ListModelsResponse>, Status> {
-        self.keys.check(request.metadata())?;
+        self.keys.check(request.metadata()).map_err(Status::from)?;
         let f = &self.generator.facts;
         let side = f.default_side();
         Ok(Response::new(ListModelsResponse {
