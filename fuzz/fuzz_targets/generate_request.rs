@@ -4,10 +4,12 @@
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use sd_gateway::backends::ModelFacts;
-use sd_gateway::plan::{Limits, Plan};
+use sd_gateway::error::Error;
+use sd_gateway::facts::ModelFacts;
+use sd_gateway::limits::Limits;
+use sd_gateway::plan::Plan;
 use sd_proto::v1::GenerateRequest;
-use sd_sampling::{SchedulerConfig, SchedulerKind};
+use sd_sampling::{Prediction, SchedulerConfig, SchedulerKind};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(req) = GenerateRequest::decode(data) else { return };
@@ -20,11 +22,12 @@ fuzz_target!(|data: &[u8]| {
         scaling_factor: 0.18215,
         scheduler_config: SchedulerConfig::from_json(r#"{"_class_name": "PNDMScheduler"}"#).expect("config"),
         default_scheduler: SchedulerKind::Pndm,
-        prediction_type: "epsilon".into(),
+        prediction: Prediction::Epsilon,
         text_layers: 12,
         text_model_id: "fuzz@1".into(),
     };
     if let Err(e) = Plan::new(req, &facts, &Limits::default()) {
-        assert!(matches!(e.code(), tonic::Code::InvalidArgument | tonic::Code::NotFound), "{e:?}");
+        assert!(matches!(e, Error::Invalid { .. } | Error::UnknownModel { .. }), "{e:?}");
+        assert!(tonic::Status::from(e).message().len() < 1024, "a short message");
     }
 });

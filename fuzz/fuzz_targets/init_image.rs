@@ -3,13 +3,14 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sd_gateway::plan::Limits;
+use sd_gateway::error::Error;
+use sd_gateway::limits::Limits;
 
 fuzz_target!(|data: &[u8]| {
     let limits = Limits::default();
     for target in [None, Some((64, 48))] {
         if let Err(e) = sd_gateway::images::decode_init_image(data, &limits, 8, target) {
-            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(matches!(e, Error::Invalid { field: "init_image", .. }), "{e:?}");
         }
     }
 });
