@@ -318,4 +318,13 @@ mod tests {
             assert!(text.contains(&format!("stage=\"{s}\"")), "{s} not recorded");
         }
     }
+
+    #[test]
+    fn the_architecture_doc_lists_every_stage() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/ARCHITECTURE.md");
+        let doc = std::fs::read_to_string(path).unwrap_or_default();
+        for s in Stage::ALL {
+            assert!(doc.contains(&format!("`{s}`")), "docs/ARCHITECTURE.md misses `{s}`");
+        }
+    }
 }
