@@ -380,3 +380,65 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod span_tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Collects the fields recorded on spans after they were created.
+    struct Recorded(Arc<Mutex<Vec<String>>>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Recorded {
+        fn on_record(
+            &self,
+            _: &tracing::span::Id,
+            values: &tracing::span::Record<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            struct Names<'a>(&'a mut Vec<String>);
+            impl tracing::field::Visit for Names<'_> {
+                fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                    self.0.push(format!("{}={v:?}", f.name()));
+                }
+            }
+            values.record(&mut Names(
+                &mut self.0.lock().unwrap_or_else(|e| e.into_inner()),
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_worker_call_reports_its_timings_on_the_rpc_span() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let subscriber = tracing_subscriber::registry().with(Recorded(seen.clone()));
+        let _default = tracing::subscriber::set_default(subscriber);
+        let args = ModelArgs {
+            model: PathBuf::new(),
+            device: DeviceSpec::Cpu,
+            precision: Precision::F32,
+            concurrency: 1,
+            max_queue: 1,
+            torch_threads: 0,
+            load_delay_ms: 0,
+        };
+        let worker = Worker::new(&args, Metrics::new("test"));
+        let span = rpc_span("Test");
+        let work = worker.run_timed(Stage::TextForward, || {
+            std::thread::sleep(Duration::from_millis(20));
+            Ok(())
+        });
+        let ((), t) = tracing::Instrument::instrument(work, span.clone())
+            .await
+            .unwrap();
+        assert!(t.forward >= Duration::from_millis(20), "{t:?}");
+        t.record(&span);
+        let seen = seen.lock().unwrap_or_else(|e| e.into_inner()).join(" ");
+        assert!(
+            seen.contains("queue_ms=") && seen.contains("forward_ms="),
+            "{seen}"
+        );
+    }
+}
