@@ -17,7 +17,7 @@ use sd_runtime::metrics::{Metrics, Stage};
 use sd_runtime::tls::ServerTlsArgs;
 use sd_runtime::ServerArgs;
 use sd_service::compute::to_rgb8;
-use sd_service::{from_wire, handle, status, to_wire, ModelArgs, Worker};
+use sd_service::{from_wire, handle, to_wire, ModelArgs, ServiceError, Worker};
 use tch::{Kind, Tensor};
 use tonic::{Request, Response, Status};
 
@@ -50,7 +50,15 @@ struct Service {
 }
 
 impl Service {
-    fn check(&self, t: &Tensor, field: &str, channels: i64, multiple: i64) -> Result<(), Status> {
+    /// `t` is (1..=max_batch, channels, h, w) with h and w positive
+    /// multiples of `multiple` up to `max_side`.
+    fn check(
+        &self,
+        t: &Tensor,
+        field: &str,
+        channels: i64,
+        multiple: i64,
+    ) -> Result<(), ServiceError> {
         let s = t.size();
         let max = self.max_side / multiple;
         let ok = s.len() == 4
@@ -63,11 +71,14 @@ impl Service {
         if ok {
             Ok(())
         } else {
-            Err(Status::invalid_argument(format!(
-                "{field}: shape {s:?}, expected (1..={}, {channels}, h, w) with h, w multiples of {multiple} up to {}",
-                self.max_batch,
-                max * multiple
-            )))
+            Err(ServiceError::invalid(
+                field,
+                format_args!(
+                    "shape {s:?}, expected (1..={}, {channels}, h, w) with h, w multiples of {multiple} up to {}",
+                    self.max_batch,
+                    max * multiple
+                ),
+            ))
         }
     }
 }
@@ -103,7 +114,7 @@ impl Autoencoder for Service {
 }
 
 impl Service {
-    async fn decode_inner(&self, request: DecodeRequest) -> Result<DecodeResponse, Status> {
+    async fn decode_inner(&self, request: DecodeRequest) -> Result<DecodeResponse, ServiceError> {
         let latents = from_wire(request.latents.as_ref(), "latents")?;
         self.check(&latents, "latents", self.info.latent_channels as i64, 1)?;
         let (vae, sf) = (self.vae.clone(), self.info.scaling_factor as f64);
@@ -112,7 +123,7 @@ impl Service {
             .run(Stage::VaeDecode, move || {
                 let pixels = vae
                     .decode(&(latents.to_kind(Kind::Float) / sf))
-                    .map_err(status)?;
+                    .map_err(|e| ServiceError::model_input("latents", e))?;
                 to_rgb8(&pixels)
             })
             .await?;
@@ -122,14 +133,16 @@ impl Service {
     async fn encode_inner(
         &self,
         request: EncodeImageRequest,
-    ) -> Result<EncodeImageResponse, Status> {
+    ) -> Result<EncodeImageResponse, ServiceError> {
         let pixels = from_wire(request.pixels.as_ref(), "pixels")?;
         self.check(&pixels, "pixels", 3, self.info.scale_factor as i64)?;
         let vae = self.vae.clone();
         let (mean, std) = self
             .worker
             .run(Stage::VaeEncode, move || {
-                let d = vae.encode(&pixels).map_err(status)?;
+                let d = vae
+                    .encode(&pixels)
+                    .map_err(|e| ServiceError::model_input("pixels", e))?;
                 Ok((
                     to_wire(&d.mean, Dtype::Float32)?,
                     to_wire(&d.std, Dtype::Float32)?,

@@ -5,7 +5,8 @@
 use sd_models::UNet;
 use sd_proto::v1::RgbImage;
 use tch::{Kind, Tensor};
-use tonic::Status;
+
+use crate::ServiceError;
 
 /// One Predict's tensors, checked.
 pub struct Call {
@@ -86,10 +87,8 @@ pub fn forward_calls(unet: &UNet, calls: &[&Call]) -> sd_models::Result<Vec<Tens
 }
 
 /// diffusers' postprocess: (x / 2 + 0.5) clamped to [0, 1], × 255, rounded.
-pub fn to_rgb8(pixels: &Tensor) -> Result<Vec<RgbImage>, Status> {
-    let (b, _, h, w) = pixels
-        .size4()
-        .map_err(|e| Status::internal(e.to_string()))?;
+pub fn to_rgb8(pixels: &Tensor) -> Result<Vec<RgbImage>, ServiceError> {
+    let (b, _, h, w) = pixels.size4()?;
     let rgb = (pixels.to_kind(Kind::Float) / 2.0 + 0.5)
         .clamp(0.0, 1.0)
         .to_device(tch::Device::Cpu)
@@ -101,8 +100,7 @@ pub fn to_rgb8(pixels: &Tensor) -> Result<Vec<RgbImage>, Status> {
     let per = (h * w * 3) as usize;
     let total = per * b as usize;
     let mut bytes = vec![0u8; total];
-    rgb.f_copy_data_u8(&mut bytes, total)
-        .map_err(|e| Status::internal(e.to_string()))?;
+    rgb.f_copy_data_u8(&mut bytes, total)?;
     Ok(bytes
         .chunks_exact(per)
         .map(|c| RgbImage {

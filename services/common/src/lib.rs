@@ -1,11 +1,15 @@
 //! Shared by the text-encoder, denoiser and autoencoder services.
 
 pub mod compute;
+pub mod error;
+
+pub use error::{status, ServiceError};
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use sd_models::{DeviceSpec, ModelError, Placement, Precision};
+use sd_models::{DeviceSpec, Placement, Precision};
 use sd_proto::v1::{Dtype, Tensor as WireTensor};
 use sd_runtime::admission::Admission;
 use sd_runtime::lifecycle::Lifecycle;
@@ -56,47 +60,28 @@ impl ModelArgs {
     }
 }
 
-/// The one map from model errors to gRPC codes.
-pub fn status(e: ModelError) -> Status {
-    match e {
-        ModelError::Input(m) => Status::invalid_argument(m),
-        ModelError::Torch(m) => Status::internal(format!("model failure: {m}")),
-        ModelError::Device(m) => Status::failed_precondition(m),
-        e @ (ModelError::Io { .. }
-        | ModelError::MissingFile { .. }
-        | ModelError::Pickle { .. }
-        | ModelError::Config { .. }
-        | ModelError::Unsupported { .. }
-        | ModelError::Safetensors { .. }
-        | ModelError::MissingTensor { .. }
-        | ModelError::Shape { .. }
-        | ModelError::Dtype { .. }
-        | ModelError::Tokenizer { .. }) => Status::failed_precondition(e.to_string()),
-    }
-}
-
 /// A wire tensor as a CPU tch tensor (f32/f16/bf16 as sent), after checking
-/// that its bytes fit its shape and dtype. `field` names it in errors.
-pub fn from_wire(t: Option<&WireTensor>, field: &str) -> Result<Tensor, Status> {
-    let t = t.ok_or_else(|| Status::invalid_argument(format!("{field} is missing")))?;
-    sd_proto::wire::validate(t).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))?;
+/// that its shape is sane (dimensions, strides) and its bytes fit it, so
+/// libtorch never sees an unchecked shape. `field` names it in errors.
+pub fn from_wire(t: Option<&WireTensor>, field: &str) -> Result<Tensor, ServiceError> {
+    let t = t.ok_or_else(|| ServiceError::invalid(field, "missing"))?;
+    sd_proto::wire::validate(t).map_err(|e| ServiceError::invalid(field, e))?;
     let kind = match Dtype::try_from(t.dtype) {
         Ok(Dtype::Float32) => Kind::Float,
         Ok(Dtype::Float16) => Kind::Half,
         Ok(Dtype::Bfloat16) => Kind::BFloat16,
         _ => {
-            return Err(Status::invalid_argument(format!(
-                "{field}: unsupported dtype {}",
-                t.dtype
-            )))
+            return Err(ServiceError::invalid(
+                field,
+                format_args!("unsupported dtype {}", t.dtype),
+            ))
         }
     };
-    Tensor::f_from_data_size(&t.data, &t.shape, kind)
-        .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+    Ok(Tensor::f_from_data_size(&t.data, &t.shape, kind)?)
 }
 
 /// A tch tensor on the wire as `dtype` (unspecified: float32).
-pub fn to_wire(t: &Tensor, dtype: Dtype) -> Result<WireTensor, Status> {
+pub fn to_wire(t: &Tensor, dtype: Dtype) -> Result<WireTensor, ServiceError> {
     let (kind, dtype) = match dtype {
         Dtype::Float16 => (Kind::Half, Dtype::Float16),
         Dtype::Bfloat16 => (Kind::BFloat16, Dtype::Bfloat16),
@@ -105,17 +90,31 @@ pub fn to_wire(t: &Tensor, dtype: Dtype) -> Result<WireTensor, Status> {
     let t = t
         .f_to_device(tch::Device::Cpu)
         .and_then(|t| t.f_to_kind(kind))
-        .and_then(|t| t.f_contiguous())
-        .map_err(|e| Status::internal(e.to_string()))?;
+        .and_then(|t| t.f_contiguous())?;
     let numel = t.numel();
     let mut data = vec![0u8; numel * kind.elt_size_in_bytes()];
-    t.f_copy_data_u8(&mut data, numel)
-        .map_err(|e| Status::internal(e.to_string()))?;
+    t.f_copy_data_u8(&mut data, numel)?;
     Ok(WireTensor {
         shape: t.size(),
         dtype: dtype as i32,
         data: data.into(),
     })
+}
+
+/// How long a call waited for the model and how long the model worked on
+/// it (for a batched call: the whole forward it shared).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timings {
+    pub queue: Duration,
+    pub forward: Duration,
+}
+
+impl Timings {
+    /// Record on `span` (an [`rpc_span`]) as `queue_ms` and `forward_ms`.
+    pub fn record(&self, span: &tracing::Span) {
+        span.record("queue_ms", self.queue.as_secs_f64() * 1e3);
+        span.record("forward_ms", self.forward.as_secs_f64() * 1e3);
+    }
 }
 
 /// Runs model work on the blocking pool: at most `concurrency` at once, at
@@ -138,26 +137,42 @@ impl Worker {
     pub async fn run<T: Send + 'static>(
         &self,
         stage: Stage,
-        f: impl FnOnce() -> Result<T, Status> + Send + 'static,
-    ) -> Result<T, Status> {
+        f: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
+    ) -> Result<T, ServiceError> {
+        self.run_timed(stage, f).await.map(|(v, _)| v)
+    }
+
+    /// Run `f` (timed as `stage` in the step-duration metric), and say how
+    /// long it waited for a slot and a thread, and how long it ran. `f`
+    /// runs in the caller's span.
+    pub async fn run_timed<T: Send + 'static>(
+        &self,
+        stage: Stage,
+        f: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
+    ) -> Result<(T, Timings), ServiceError> {
+        let queued = Instant::now();
         self.metrics
             .queue_depth
             .set(self.admission.queued() as i64 + 1);
         let slot = self.admission.admit().await;
         self.metrics.queue_depth.set(self.admission.queued() as i64);
-        let slot = slot?;
+        let slot = slot.map_err(ServiceError::Refused)?;
         let metrics = self.metrics.clone();
-        let result = tokio::task::spawn_blocking(move || {
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || {
             let _slot = slot;
+            let _span = span.enter();
             let _guard = tch::no_grad_guard();
-            let start = std::time::Instant::now();
+            let start = Instant::now();
             let r = f();
-            metrics.step(stage, start.elapsed());
-            r
+            let forward = start.elapsed();
+            metrics.step(stage, forward);
+            r.map(|v| {
+                let queue = start - queued;
+                (v, Timings { queue, forward })
+            })
         })
-        .await
-        .map_err(|e| Status::internal(format!("model task failed: {e}")))?;
-        result
+        .await?
     }
 }
 
@@ -258,7 +273,9 @@ pub fn rpc_span(method: &'static str) -> tracing::Span {
         "rpc",
         otel.name = method,
         method,
-        trace_id = tracing::field::Empty
+        trace_id = tracing::field::Empty,
+        queue_ms = tracing::field::Empty,
+        forward_ms = tracing::field::Empty,
     )
 }
 
@@ -272,15 +289,141 @@ pub async fn handle<T, R, Fut>(
     f: impl FnOnce(R) -> Fut,
 ) -> Result<tonic::Response<T>, Status>
 where
-    Fut: std::future::Future<Output = Result<T, Status>>,
+    Fut: std::future::Future<Output = Result<T, ServiceError>>,
 {
-    use tracing::Instrument;
     let span = rpc_span(method);
     sd_runtime::telemetry::adopt(&request, &span);
     let _work = lifecycle.begin()?;
-    metrics
-        .observe(method, f(request.into_inner()))
-        .instrument(span)
+    answer(metrics, method, span, f(request.into_inner()))
         .await
         .map(tonic::Response::new)
+}
+
+/// Answer one call (or one message of a stream) in `span`: the error
+/// becomes its status inside the span, so what it logs carries the
+/// caller's trace id; timed and counted by code in the metrics.
+pub async fn answer<T>(
+    metrics: &Metrics,
+    method: &'static str,
+    span: tracing::Span,
+    work: impl std::future::Future<Output = Result<T, ServiceError>>,
+) -> Result<T, Status> {
+    use tracing::Instrument;
+    metrics
+        .observe(method, async { work.await.map_err(Status::from) })
+        .instrument(span)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(shape: Vec<i64>, dtype: i32, bytes: usize) -> WireTensor {
+        WireTensor {
+            shape,
+            dtype,
+            data: vec![0u8; bytes].into(),
+        }
+    }
+
+    fn refusal(t: Option<&WireTensor>) -> Status {
+        Status::from(from_wire(t, "latents").expect_err("refused"))
+    }
+
+    #[test]
+    fn from_wire_refuses_bad_shapes_before_libtorch_sees_them() {
+        let f32 = Dtype::Float32 as i32;
+        for (t, words) in [
+            (wire(vec![1, 4, 0, 1 << 62], f32, 0), "bad shape"),
+            (wire(vec![1, -4], f32, 0), "negative"),
+            (wire(vec![1; 9], f32, 4), "dimensions"),
+            (wire(vec![2, 2], f32, 15), "bytes"),
+            (wire(vec![2], 9, 8), "unsupported dtype"),
+        ] {
+            let s = refusal(Some(&t));
+            assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+            assert!(s.message().starts_with("latents: "), "{s:?}");
+            assert!(s.message().contains(words), "{s:?}");
+            let v = sd_proto::status::field_violations(&s);
+            assert_eq!(v[0].field, "latents");
+        }
+        assert_eq!(refusal(None).message(), "latents: missing");
+    }
+
+    #[test]
+    fn tensors_cross_the_wire_in_each_dtype() {
+        let t = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 3.0]).view([2, 2]);
+        for d in [Dtype::Float32, Dtype::Float16, Dtype::Bfloat16] {
+            let w = to_wire(&t, d).unwrap();
+            assert_eq!(w.shape, vec![2, 2]);
+            let back = from_wire(Some(&w), "t").unwrap().to_kind(Kind::Float);
+            assert_eq!(
+                Vec::<f32>::try_from(back.flatten(0, -1)).unwrap(),
+                vec![0.5, -1.0, 2.0, 3.0]
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod span_tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Collects the fields recorded on spans after they were created.
+    struct Recorded(Arc<Mutex<Vec<String>>>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Recorded {
+        fn on_record(
+            &self,
+            _: &tracing::span::Id,
+            values: &tracing::span::Record<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            struct Names<'a>(&'a mut Vec<String>);
+            impl tracing::field::Visit for Names<'_> {
+                fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                    self.0.push(format!("{}={v:?}", f.name()));
+                }
+            }
+            values.record(&mut Names(
+                &mut self.0.lock().unwrap_or_else(|e| e.into_inner()),
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_worker_call_reports_its_timings_on_the_rpc_span() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let subscriber = tracing_subscriber::registry().with(Recorded(seen.clone()));
+        let _default = tracing::subscriber::set_default(subscriber);
+        let args = ModelArgs {
+            model: PathBuf::new(),
+            device: DeviceSpec::Cpu,
+            precision: Precision::F32,
+            concurrency: 1,
+            max_queue: 1,
+            torch_threads: 0,
+            load_delay_ms: 0,
+        };
+        let worker = Worker::new(&args, Metrics::new("test"));
+        let span = rpc_span("Test");
+        let work = worker.run_timed(Stage::TextForward, || {
+            std::thread::sleep(Duration::from_millis(20));
+            Ok(())
+        });
+        let ((), t) = tracing::Instrument::instrument(work, span.clone())
+            .await
+            .unwrap();
+        assert!(t.forward >= Duration::from_millis(20), "{t:?}");
+        t.record(&span);
+        let seen = seen.lock().unwrap_or_else(|e| e.into_inner()).join(" ");
+        assert!(
+            seen.contains("queue_ms=") && seen.contains("forward_ms="),
+            "{seen}"
+        );
+    }
 }

@@ -18,31 +18,71 @@
 //! gathers at most its fair share of what is queued and expected, so idle
 //! workers get work too; the most recently busy idle worker gathers next
 //! (its caches are warm).
+//!
+//! Seen from outside (as text-embeddings-inference's queue does it): each
+//! queued call carries its caller's span; each forward runs in a
+//! `unet_batch` span of its own that follows from the spans of the calls it
+//! serves; each call gets back how long it waited and how long its forward
+//! took.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use sd_models::UNet;
 use sd_runtime::metrics::{Metrics, Stage};
 use sd_service::compute::{forward_calls, Call};
+use sd_service::{ServiceError, Timings};
 use tch::Tensor;
-use tonic::Status;
 
-/// The generation a call belongs to (id 0: none) and how many calls it
-/// makes after this one.
+/// A generation whose steps come back: named by its caller (a unary
+/// Predict's `session_id`) or by the denoiser (a PredictStream). The two
+/// kinds never name the same session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SessionKey {
+    Caller(u64),
+    Stream(u64),
+}
+
+/// The generation a call belongs to (if any) and how many calls it makes
+/// after this one.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Session {
-    pub id: u64,
+    pub key: Option<SessionKey>,
     pub steps_after: u32,
 }
+
+impl Session {
+    /// A unary caller's session (`session_id` 0: none).
+    pub fn caller(session_id: u64, steps_after: u32) -> Self {
+        Session {
+            key: (session_id != 0).then_some(SessionKey::Caller(session_id)),
+            steps_after,
+        }
+    }
+
+    /// A stream's session (`id` from the denoiser's own counter).
+    pub fn stream(id: u64, steps_after: u32) -> Self {
+        Session {
+            key: Some(SessionKey::Stream(id)),
+            steps_after,
+        }
+    }
+}
+
+/// A call's answer: the guided prediction and its timings.
+pub type Reply = Result<(Tensor, Timings), ServiceError>;
 
 /// One Predict call waiting for its result.
 struct Job {
     call: Call,
     key: Key,
     session: Session,
-    reply: tokio::sync::oneshot::Sender<Result<Tensor, Status>>,
+    /// The caller's span: the forward that serves this call follows from it.
+    span: tracing::Span,
+    queued: Instant,
+    reply: tokio::sync::oneshot::Sender<Reply>,
 }
 
 type Key = (Vec<i64>, Vec<i64>);
@@ -64,7 +104,7 @@ struct State {
     queue: VecDeque<Job>,
     /// Sessions whose last step went out and that said they would be back:
     /// their shape and UNet rows.
-    expected: HashMap<u64, (Key, i64)>,
+    expected: HashMap<SessionKey, (Key, i64)>,
     /// Idle workers, the most recently busy last.
     idle: Vec<usize>,
     /// The worker gathering a batch (one at a time).
@@ -80,6 +120,8 @@ struct Shared {
     /// One per worker: woken when it should gather, or when what it is
     /// gathering for arrives.
     wake: Vec<Condvar>,
+    /// Forwards each worker ran.
+    forwards: Vec<AtomicU64>,
 }
 
 impl Shared {
@@ -133,13 +175,21 @@ impl Batcher {
                 ..Default::default()
             }),
             wake: (0..workers).map(|_| Condvar::new()).collect(),
+            forwards: (0..workers).map(|_| AtomicU64::new(0)).collect(),
             metrics: metrics.clone(),
         });
+        // The workers' spans go where the starting thread's go.
+        let dispatch = tracing::dispatcher::get_default(|d| d.clone());
         for w in 0..workers {
             let (unet, shared, metrics) = (unet.clone(), shared.clone(), metrics.clone());
+            let dispatch = dispatch.clone();
             std::thread::Builder::new()
                 .name(format!("unet-worker-{w}"))
-                .spawn(move || work(w, &unet, &shared, config, &metrics))?;
+                .spawn(move || {
+                    tracing::dispatcher::with_default(&dispatch, || {
+                        work(w, &unet, &shared, config, &metrics)
+                    })
+                })?;
         }
         Ok(Batcher {
             _stop: Arc::new(Stop(shared.clone())),
@@ -147,30 +197,50 @@ impl Batcher {
         })
     }
 
-    pub async fn submit(&self, call: Call, session: Session) -> Result<Tensor, Status> {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        {
-            let mut state = self.shared.lock();
-            if state.stopped {
-                return Err(Status::unavailable("the UNet workers stopped"));
-            }
-            if session.id != 0 {
-                state.expected.remove(&session.id);
-            }
-            state.queue.push_back(Job {
-                key: call.key(),
-                call,
-                session,
-                reply,
-            });
-            self.shared
-                .metrics
-                .queue_depth
-                .set(state.queue.len() as i64);
-            self.shared.nudge(&state);
-        }
+    /// Queue `call` (in the current span) and wait for its result.
+    pub async fn submit(&self, call: Call, session: Session) -> Reply {
+        let rx = self.enqueue(&mut self.shared.lock(), call, session)?;
         rx.await
-            .map_err(|_| Status::internal("the UNet worker dropped the call"))?
+            .map_err(|_| ServiceError::Internal("the UNet worker dropped the call"))?
+    }
+
+    fn enqueue(
+        &self,
+        state: &mut State,
+        call: Call,
+        session: Session,
+    ) -> Result<tokio::sync::oneshot::Receiver<Reply>, ServiceError> {
+        if state.stopped {
+            return Err(ServiceError::Stopped);
+        }
+        if let Some(key) = &session.key {
+            state.expected.remove(key);
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        state.queue.push_back(Job {
+            key: call.key(),
+            call,
+            session,
+            span: tracing::Span::current(),
+            queued: Instant::now(),
+            reply,
+        });
+        self.shared
+            .metrics
+            .queue_depth
+            .set(state.queue.len() as i64);
+        self.shared.nudge(state);
+        Ok(rx)
+    }
+
+    /// Forwards each worker ran so far.
+    #[cfg(test)]
+    fn forwards_per_worker(&self) -> Vec<u64> {
+        self.shared
+            .forwards
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
     }
 }
 
@@ -291,44 +361,69 @@ fn work(w: usize, unet: &UNet, shared: &Shared, config: BatchConfig, metrics: &M
             continue;
         }
         drop(s);
+        run_batch(w, unet, shared, batch, metrics);
+        state = shared.lock();
+    }
+}
 
-        let key = batch[0].key.clone();
-        let rows: i64 = batch.iter().map(|j| j.call.rows()).sum();
-        let start = Instant::now();
+/// Run a gathered batch as one UNet forward, in a `unet_batch` span that
+/// follows from each call's span; then answer each call with its own
+/// result, its queue wait and the forward's time.
+fn run_batch(w: usize, unet: &UNet, shared: &Shared, batch: Vec<Job>, metrics: &Metrics) {
+    let key = batch[0].key.clone();
+    let rows: i64 = batch.iter().map(|j| j.call.rows()).sum();
+    let span = tracing::info_span!(
+        parent: None,
+        "unet_batch",
+        worker = w,
+        rows,
+        calls = batch.len()
+    );
+    for j in &batch {
+        span.follows_from(&j.span);
+    }
+    let start = Instant::now();
+    let outcome = span.in_scope(|| {
         let refs: Vec<&Call> = batch.iter().map(|j| &j.call).collect();
-        let outcome = sd_models::error::guarded(|| forward_calls(unet, &refs));
-        let took = start.elapsed();
-        metrics.step(Stage::UnetForward, took);
-        metrics.step_batch(rows as f64);
+        sd_models::error::guarded(|| forward_calls(unet, &refs))
+    });
+    let took = start.elapsed();
+    metrics.step(Stage::UnetForward, took);
+    metrics.step_batch(rows as f64);
+    shared.forwards[w].fetch_add(1, Ordering::Relaxed);
 
-        state = shared.lock();
-        state.last_forward.insert(key.clone(), took);
-        if outcome.is_ok() {
-            // Expect them back before they can possibly return.
-            for j in &batch {
-                if j.session.id != 0 && j.session.steps_after > 0 && !j.reply.is_closed() {
-                    state
-                        .expected
-                        .insert(j.session.id, (key.clone(), j.call.rows()));
+    let mut state = shared.lock();
+    state.last_forward.insert(key.clone(), took);
+    if outcome.is_ok() {
+        // Expect them back before they can possibly return.
+        for j in &batch {
+            if let Some(session) = j.session.key {
+                if j.session.steps_after > 0 && !j.reply.is_closed() {
+                    state.expected.insert(session, (key.clone(), j.call.rows()));
                 }
             }
         }
-        state.idle.push(w);
-        drop(state);
-        match outcome {
-            Ok(outs) => {
-                for (job, out) in batch.into_iter().zip(outs) {
-                    let _ = job.reply.send(Ok(out));
-                }
-            }
-            Err(e) => {
-                let s = sd_service::status(e);
-                for job in batch {
-                    let _ = job.reply.send(Err(s.clone()));
-                }
+    }
+    state.idle.push(w);
+    drop(state);
+    let timings = |j: &Job| Timings {
+        queue: start.saturating_duration_since(j.queued),
+        forward: took,
+    };
+    match outcome {
+        Ok(outs) => {
+            for (job, out) in batch.into_iter().zip(outs) {
+                let t = timings(&job);
+                let _ = job.reply.send(Ok((out, t)));
             }
         }
-        state = shared.lock();
+        Err(e) => {
+            // Each caller logs it in its own span (with its trace id).
+            let e = ServiceError::from(e);
+            for job in batch {
+                let _ = job.reply.send(Err(e.clone()));
+            }
+        }
     }
 }
 
@@ -404,8 +499,8 @@ mod tests {
     /// Four generations of five steps each (guided and not, batch 1 and 2,
     /// different guidance) through a batcher with `workers` workers, all
     /// at once; every result must be the call's own. Returns the number of
-    /// forwards.
-    async fn run_sessions(workers: usize) -> f64 {
+    /// forwards each worker ran.
+    async fn run_sessions(workers: usize) -> Vec<u64> {
         let unet = tiny_unet();
         let metrics = Metrics::new("test");
         let config = BatchConfig {
@@ -436,11 +531,8 @@ mod tests {
             let batcher = batcher.clone();
             tasks.push(tokio::spawn(async move {
                 for (k, (call, want)) in work.into_iter().enumerate() {
-                    let session = Session {
-                        id: s as u64 + 1,
-                        steps_after: steps - k as u32 - 1,
-                    };
-                    let got = batcher.submit(call, session).await.unwrap();
+                    let session = Session::caller(s as u64 + 1, steps - k as u32 - 1);
+                    let (got, _) = batcher.submit(call, session).await.unwrap();
                     let d = (&got - &want).abs().max().double_value(&[]);
                     assert!(d < 1e-5, "session {s} step {k}: {d:e}");
                 }
@@ -449,17 +541,24 @@ mod tests {
         for t in tasks {
             t.await.unwrap();
         }
-        metric(&metrics, "sd_unet_batch_items_count")
+        let per_worker = batcher.forwards_per_worker();
+        // The metric counts the same forwards.
+        let total = metric(&metrics, "sd_unet_batch_items_count");
+        assert_eq!(total, per_worker.iter().sum::<u64>() as f64);
+        per_worker
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn sessions_share_forwards_and_get_their_own_results() {
         // One worker: generations in flight together share forwards.
-        let forwards = run_sessions(1).await;
-        assert!(forwards < 20.0, "{forwards} forwards for 20 calls");
+        let forwards: u64 = run_sessions(1).await.iter().sum();
+        assert!(forwards < 20, "{forwards} forwards for 20 calls");
         // Two workers: the work spreads over both; results stay each call's own.
-        let forwards = run_sessions(2).await;
-        assert!((1.0..=20.0).contains(&forwards), "{forwards} forwards");
+        let per_worker = run_sessions(2).await;
+        assert!(
+            per_worker.iter().all(|&n| n >= 1),
+            "forwards per worker: {per_worker:?}"
+        );
     }
 
     #[tokio::test]
@@ -473,11 +572,8 @@ mod tests {
         };
         let batcher = Batcher::start(unet, config, Metrics::new("test")).unwrap();
         // Session 1 promises more steps and vanishes.
-        let gone = Session {
-            id: 1,
-            steps_after: 10,
-        };
-        let first = batcher
+        let gone = Session::caller(1, 10);
+        let (first, _) = batcher
             .submit(job(1, 1, 500.0, true, 3.0), gone)
             .await
             .unwrap();
@@ -486,11 +582,8 @@ mod tests {
         // long as a forward took) for session 1, which is then forgotten.
         let start = Instant::now();
         for k in 0..3 {
-            let s = Session {
-                id: 2,
-                steps_after: 2 - k,
-            };
-            let out = tokio::time::timeout(
+            let s = Session::caller(2, 2 - k);
+            let (out, _) = tokio::time::timeout(
                 Duration::from_secs(30),
                 batcher.submit(job(2, 1, 400.0, true, 3.0), s),
             )
@@ -514,7 +607,7 @@ mod tests {
         let batcher = Batcher::start(unet, config, Metrics::new("test")).unwrap();
         // Guided, batch 2: four UNet rows against a limit of two.
         for _ in 0..2 {
-            let out = tokio::time::timeout(
+            let (out, _) = tokio::time::timeout(
                 Duration::from_secs(30),
                 batcher.submit(job(5, 2, 300.0, true, 7.5), Session::default()),
             )
@@ -522,6 +615,148 @@ mod tests {
             .expect("the batcher stalled")
             .unwrap();
             assert_eq!(out.size(), vec![2, 4, 8, 8]);
+        }
+    }
+
+    #[test]
+    fn caller_and_stream_sessions_never_meet() {
+        assert_eq!(Session::caller(0, 3).key, None);
+        assert_eq!(Session::caller(7, 3).key, Some(SessionKey::Caller(7)));
+        assert_ne!(Session::caller(7, 3).key, Session::stream(7, 3).key);
+    }
+
+    /// Queue `calls` (each in its span) at once, so that the next gather
+    /// finds them all; their replies.
+    fn enqueue_together(
+        batcher: &Batcher,
+        calls: Vec<(Call, tracing::Span)>,
+    ) -> Vec<tokio::sync::oneshot::Receiver<Reply>> {
+        let mut state = batcher.shared.lock();
+        calls
+            .into_iter()
+            .map(|(call, span)| {
+                span.in_scope(|| batcher.enqueue(&mut state, call, Session::default()))
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    async fn timings(rx: tokio::sync::oneshot::Receiver<Reply>) -> Timings {
+        rx.await.unwrap().unwrap().1
+    }
+
+    #[tokio::test]
+    async fn each_call_gets_its_queue_wait_and_forward_time() {
+        // Two rows a forward: each guided call runs alone, one after the other.
+        let config = BatchConfig {
+            max_items: 2,
+            max_wait: Duration::ZERO,
+            session_wait: Duration::ZERO,
+            workers: 1,
+        };
+        let batcher = Batcher::start(tiny_unet(), config, Metrics::new("test")).unwrap();
+        let calls = vec![
+            (job(1, 1, 500.0, true, 3.0), tracing::Span::none()),
+            (job(2, 1, 400.0, true, 3.0), tracing::Span::none()),
+        ];
+        let start = Instant::now();
+        let mut rxs = enqueue_together(&batcher, calls).into_iter();
+        let (a, b) = (rxs.next().unwrap(), rxs.next().unwrap());
+        let ta = timings(a).await;
+        let tb = timings(b).await;
+        let wall = start.elapsed();
+        for t in [ta, tb] {
+            assert!(t.forward > Duration::ZERO, "{t:?}");
+            assert!(t.queue + t.forward <= wall, "{t:?} in {wall:?}");
+        }
+        // Two forwards; the second call waited while the first's ran.
+        assert_eq!(batcher.forwards_per_worker(), vec![2]);
+        assert!(tb.queue >= ta.forward, "{ta:?} then {tb:?}");
+    }
+
+    /// What a test subscriber saw: spans by id (name and fields) and
+    /// follows-from links.
+    #[derive(Default)]
+    struct Seen {
+        spans: HashMap<u64, (String, String)>,
+        follows: Vec<(u64, u64)>,
+    }
+
+    struct Recorder(Arc<Mutex<Seen>>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Recorder {
+        fn on_new_span(
+            &self,
+            attrs: &tracing::span::Attributes<'_>,
+            id: &tracing::span::Id,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            struct Fields(String);
+            impl tracing::field::Visit for Fields {
+                fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                    self.0 += &format!("{}={v:?} ", f.name());
+                }
+            }
+            let mut fields = Fields(String::new());
+            attrs.record(&mut fields);
+            let name = attrs.metadata().name().to_string();
+            let mut seen = self.0.lock().unwrap();
+            seen.spans.insert(id.into_u64(), (name, fields.0));
+        }
+
+        fn on_follows_from(
+            &self,
+            span: &tracing::span::Id,
+            follows: &tracing::span::Id,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            let mut seen = self.0.lock().unwrap();
+            seen.follows.push((span.into_u64(), follows.into_u64()));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batched_forward_follows_from_the_calls_it_serves() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let subscriber = tracing_subscriber::registry().with(Recorder(seen.clone()));
+        let _default = tracing::subscriber::set_default(subscriber);
+        let config = BatchConfig {
+            max_items: 16,
+            max_wait: Duration::ZERO,
+            session_wait: Duration::ZERO,
+            workers: 1,
+        };
+        let batcher = Batcher::start(tiny_unet(), config, Metrics::new("test")).unwrap();
+        let spans: Vec<tracing::Span> = (0..2)
+            .map(|i| tracing::info_span!("rpc", call = i))
+            .collect();
+        let requests: Vec<u64> = spans.iter().map(|s| s.id().unwrap().into_u64()).collect();
+        let calls = vec![
+            (job(1, 1, 500.0, true, 3.0), spans[0].clone()),
+            (job(2, 2, 400.0, false, 1.0), spans[1].clone()),
+        ];
+        let mut rxs = enqueue_together(&batcher, calls).into_iter();
+        let (a, b) = (rxs.next().unwrap(), rxs.next().unwrap());
+        let (ta, tb) = (timings(a).await, timings(b).await);
+        // Queued together, the two calls shared one forward of four rows.
+        assert_eq!(ta.forward, tb.forward);
+        drop(batcher);
+        let seen = seen.lock().unwrap();
+        let batches: Vec<(&u64, &String)> = seen
+            .spans
+            .iter()
+            .filter(|(_, (name, _))| name == "unet_batch")
+            .map(|(id, (_, fields))| (id, fields))
+            .collect();
+        assert_eq!(batches.len(), 1, "{batches:?}");
+        let (batch, fields) = batches[0];
+        assert!(
+            fields.contains("rows=4") && fields.contains("calls=2"),
+            "{fields}"
+        );
+        for r in &requests {
+            assert!(seen.follows.contains(&(*batch, *r)), "{:?}", seen.follows);
         }
     }
 }

@@ -15,23 +15,26 @@ use sd_models::{Component, ModelDir, UNet};
 use sd_proto::v1::denoiser_server::{Denoiser, DenoiserServer};
 use sd_proto::v1::{
     DenoiserInfo, DenoiserInfoRequest, Dtype, Embedding, PredictRequest, PredictResponse,
+    Tensor as WireTensor,
 };
 use sd_runtime::lifecycle::Lifecycle;
 use sd_runtime::metrics::{Metrics, Stage};
 use sd_runtime::tls::ServerTlsArgs;
 use sd_runtime::ServerArgs;
+use sd_sampling::{Prediction, SchedulerConfig};
 use sd_service::compute::{forward_calls, Call};
-use sd_service::{from_wire, handle, status, to_wire, ModelArgs, Worker};
+use sd_service::{from_wire, handle, to_wire, ModelArgs, ServiceError, Timings, Worker};
 use tch::Tensor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::Instrument;
 
+use crate::batch::Session;
 use crate::cache::EmbeddingCache;
 
-/// Metadata key on a FAILED_PRECONDITION answer naming the embedding id to resend.
-pub const EMBEDDING_MISS: &str = "sd-embedding-miss";
+/// Longest embedding id kept (the gateway's are 36 bytes): an id travels
+/// back in the details of an embedding miss, so it must stay small.
+const MAX_EMBEDDING_ID_BYTES: usize = 128;
 
 /// Serve a model's UNet over gRPC (sd.v1.Denoiser).
 #[derive(Parser, Debug, Clone)]
@@ -85,66 +88,6 @@ struct Core {
 /// cache eviction).
 type Held = HashMap<String, Tensor>;
 
-impl Core {
-    /// The embedding tensor for `e`: as sent (and then cached), or held by
-    /// the stream, or from the cache.
-    fn embedding(
-        &self,
-        e: Option<&Embedding>,
-        field: &str,
-        held: Option<&mut Held>,
-    ) -> Result<Tensor, Status> {
-        let e = e.ok_or_else(|| Status::invalid_argument(format!("{field} is missing")))?;
-        if e.tensor.is_none() {
-            if let Some(t) = held.as_ref().and_then(|h| h.get(&e.id)) {
-                self.metrics.cache_lookup("embedding", true);
-                return Ok(t.shallow_clone());
-            }
-        }
-        let mut cache = self
-            .cache
-            .lock()
-            .map_err(|_| Status::internal("embedding cache poisoned"))?;
-        match &e.tensor {
-            Some(t) => {
-                self.metrics.cache_lookup("embedding", false);
-                let t = from_wire(Some(t), &format!("{field}.tensor"))?;
-                if !e.id.is_empty() {
-                    cache.insert(e.id.clone(), &t);
-                    tracing::debug!(id = %e.id, cached = cache.len(), "embedding cached");
-                    if let Some(h) = held {
-                        h.insert(e.id.clone(), t.shallow_clone());
-                    }
-                }
-                Ok(t)
-            }
-            None => cache
-                .get(&e.id)
-                .inspect(|_| self.metrics.cache_lookup("embedding", true))
-                .ok_or_else(|| {
-                    let mut s = Status::failed_precondition(format!(
-                        "{field}: embedding id `{}` is not cached; resend it",
-                        e.id
-                    ));
-                    if let Ok(v) = e.id.parse() {
-                        s.metadata_mut().insert(EMBEDDING_MISS, v);
-                    }
-                    s
-                }),
-        }
-    }
-}
-
-fn check_embedding(t: &Tensor, batch: i64, dim: i64, field: &str) -> Result<(), Status> {
-    let s = t.size();
-    if s.len() != 3 || !(s[0] == 1 || s[0] == batch) || s[1] < 1 || s[2] != dim {
-        return Err(Status::invalid_argument(format!(
-            "{field}: shape {s:?}, expected (1 or {batch}, tokens, {dim})"
-        )));
-    }
-    Ok(())
-}
-
 #[tonic::async_trait]
 impl Denoiser for Service {
     async fn predict(
@@ -153,11 +96,7 @@ impl Denoiser for Service {
     ) -> Result<Response<PredictResponse>, Status> {
         let core = &self.0;
         handle(&core.lifecycle, &core.metrics, "Predict", request, |req| {
-            let session = batch::Session {
-                // Callers' ids keep clear of the stream sessions' high bit.
-                id: req.session_id & !STREAM_BIT,
-                steps_after: req.steps_after,
-            };
+            let session = Session::caller(req.session_id, req.steps_after);
             core.predict_inner(req, session, None)
         })
         .await
@@ -177,7 +116,7 @@ impl Denoiser for Service {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
             let _work = work;
-            let id = STREAM_SESSIONS.fetch_add(1, Ordering::Relaxed) | STREAM_BIT;
+            let id = STREAM_SESSIONS.fetch_add(1, Ordering::Relaxed);
             let mut held = Held::new();
             loop {
                 let req = match inbound.message().await {
@@ -190,15 +129,9 @@ impl Denoiser for Service {
                 };
                 let span = sd_service::rpc_span("Predict");
                 sd_runtime::telemetry::adopt_map(&req.trace_context, &span);
-                let session = batch::Session {
-                    id,
-                    steps_after: req.steps_after,
-                };
-                let result = core
-                    .metrics
-                    .observe("Predict", core.predict_inner(req, session, Some(&mut held)))
-                    .instrument(span)
-                    .await;
+                let session = Session::stream(id, req.steps_after);
+                let work = core.predict_inner(req, session, Some(&mut held));
+                let result = sd_service::answer(&core.metrics, "Predict", span, work).await;
                 let failed = result.is_err();
                 if tx.send(result).await.is_err() || failed {
                     break; // the caller went away, or the error ends the stream
@@ -216,106 +149,216 @@ impl Denoiser for Service {
     }
 }
 
-/// Ids for stream sessions: the high bit set, which unary callers' own
-/// `session_id`s have cleared, so the two never name the same session.
+/// Ids of stream sessions (`SessionKey::Stream`), one per stream.
 static STREAM_SESSIONS: AtomicU64 = AtomicU64::new(1);
-const STREAM_BIT: u64 = 1 << 63;
 
 impl Core {
+    /// One step: check the request, resolve its embeddings, run the UNet
+    /// (batched or alone) and answer in the asked dtype.
     async fn predict_inner(
         &self,
         req: PredictRequest,
-        session: batch::Session,
-        mut held: Option<&mut Held>,
-    ) -> Result<PredictResponse, Status> {
-        let latents = from_wire(req.latents.as_ref(), "latents")?;
-        let shape = latents.size();
-        let c = self.info.latent_channels as i64;
-        if shape.len() != 4 || shape[1] != c || shape[0] < 1 || shape[2] < 1 || shape[3] < 1 {
-            return Err(Status::invalid_argument(format!(
-                "latents: shape {shape:?}, expected (batch, {c}, height, width)"
-            )));
-        }
-        let batch = shape[0];
-        if batch > self.max_batch {
-            return Err(Status::invalid_argument(format!(
-                "latents: batch {batch} exceeds {}",
-                self.max_batch
-            )));
-        }
-        if !(req.timesteps.len() == 1 || req.timesteps.len() as i64 == batch)
-            || req.timesteps.iter().any(|t| !t.is_finite())
-        {
-            return Err(Status::invalid_argument(format!(
-                "timesteps: {} finite values needed (or 1), got {:?}",
-                batch, req.timesteps
-            )));
-        }
-        if !req.guidance_scale.is_finite() {
-            return Err(Status::invalid_argument("guidance_scale must be finite"));
-        }
-        let out_dtype = match Dtype::try_from(req.output_dtype) {
-            Ok(Dtype::Unspecified) => Dtype::try_from(req.latents.as_ref().map_or(1, |l| l.dtype))
-                .unwrap_or(Dtype::Float32),
-            Ok(d) => d,
-            Err(_) => {
-                return Err(Status::invalid_argument(format!(
-                    "output_dtype: unknown value {}",
-                    req.output_dtype
-                )))
-            }
-        };
-        let dim = self.info.context_dim as i64;
-        let cond = self.embedding(req.cond.as_ref(), "cond", held.as_deref_mut())?;
-        check_embedding(&cond, batch, dim, "cond")?;
-        let guided = req.uncond.is_some() && req.guidance_scale > 1.0;
-        let uncond = if guided {
-            let u = self.embedding(req.uncond.as_ref(), "uncond", held)?;
-            check_embedding(&u, batch, dim, "uncond")?;
-            if u.size()[1] != cond.size()[1] {
-                return Err(Status::invalid_argument(
-                    "uncond: token count differs from cond",
-                ));
-            }
-            Some(u)
-        } else {
-            None
-        };
+        session: Session,
+        held: Option<&mut Held>,
+    ) -> Result<PredictResponse, ServiceError> {
+        let latents = self.checked_latents(req.latents.as_ref())?;
+        let batch = latents.size()[0];
+        let timesteps = checked_timesteps(&req.timesteps, batch)?;
+        let guidance = checked_guidance(req.guidance_scale)?;
+        let out_dtype = output_dtype(&req)?;
+        let (cond, uncond) = self.conditioning(&req, batch, held)?;
         let call = Call {
             latents,
-            timesteps: Tensor::from_slice(&req.timesteps),
+            timesteps,
             cond,
             uncond,
-            guidance: req.guidance_scale as f64,
+            guidance,
         };
-        if let Some((batcher, admission)) = &self.batcher {
-            let _slot = admission.admit().await?;
-            let out = batcher.submit(call, session).await?;
-            return Ok(PredictResponse {
-                output: Some(to_wire(&out, out_dtype)?),
-            });
-        }
-        let unet = self.unet.clone();
-        let output = self
-            .worker
-            .run(Stage::UnetForward, move || {
-                let out = forward_calls(&unet, &[&call]).map_err(status)?.remove(0);
-                to_wire(&out, out_dtype)
-            })
-            .await?;
+        let (output, timings) = self.forward(call, session, out_dtype).await?;
+        timings.record(&tracing::Span::current());
+        self.metrics.step(Stage::UnetQueue, timings.queue);
         Ok(PredictResponse {
             output: Some(output),
         })
     }
+
+    /// The latents, (1..=max_batch, latent channels, h >= 1, w >= 1).
+    fn checked_latents(&self, t: Option<&WireTensor>) -> Result<Tensor, ServiceError> {
+        let latents = from_wire(t, "latents")?;
+        let s = latents.size();
+        let c = self.info.latent_channels as i64;
+        if s.len() != 4 || s[1] != c || s[0] < 1 || s[2] < 1 || s[3] < 1 {
+            return Err(ServiceError::invalid(
+                "latents",
+                format_args!("shape {s:?}, expected (batch, {c}, height, width)"),
+            ));
+        }
+        if s[0] > self.max_batch {
+            return Err(ServiceError::invalid(
+                "latents",
+                format_args!("batch {} exceeds {}", s[0], self.max_batch),
+            ));
+        }
+        Ok(latents)
+    }
+
+    /// The text conditioning: cond, and uncond when guided (guidance > 1
+    /// and an uncond sent), each (1 or batch, tokens, context dim), with
+    /// the same tokens.
+    fn conditioning(
+        &self,
+        req: &PredictRequest,
+        batch: i64,
+        mut held: Option<&mut Held>,
+    ) -> Result<(Tensor, Option<Tensor>), ServiceError> {
+        let dim = self.info.context_dim as i64;
+        let cond = self.embedding(req.cond.as_ref(), "cond", held.as_deref_mut())?;
+        check_embedding(&cond, batch, dim, "cond")?;
+        if !(req.uncond.is_some() && req.guidance_scale > 1.0) {
+            return Ok((cond, None));
+        }
+        let uncond = self.embedding(req.uncond.as_ref(), "uncond", held)?;
+        check_embedding(&uncond, batch, dim, "uncond")?;
+        if uncond.size()[1] != cond.size()[1] {
+            return Err(ServiceError::invalid(
+                "uncond",
+                "token count differs from cond",
+            ));
+        }
+        Ok((cond, Some(uncond)))
+    }
+
+    /// The embedding tensor for `e`: as sent (and then cached), or held by
+    /// the stream, or from the cache.
+    fn embedding(
+        &self,
+        e: Option<&Embedding>,
+        field: &str,
+        held: Option<&mut Held>,
+    ) -> Result<Tensor, ServiceError> {
+        let e = e.ok_or_else(|| ServiceError::invalid(field, "missing"))?;
+        check_embedding_id(e, field)?;
+        if e.tensor.is_none() {
+            if let Some(t) = held.as_ref().and_then(|h| h.get(&e.id)) {
+                self.metrics.cache_lookup("embedding", true);
+                return Ok(t.shallow_clone());
+            }
+        }
+        let mut cache = self
+            .cache
+            .lock()
+            .map_err(|_| ServiceError::Internal("embedding cache poisoned"))?;
+        let Some(wire) = &e.tensor else {
+            return cache
+                .get(&e.id)
+                .inspect(|_| self.metrics.cache_lookup("embedding", true))
+                .ok_or_else(|| ServiceError::EmbeddingMiss {
+                    field: field.to_string(),
+                    id: e.id.clone(),
+                });
+        };
+        self.metrics.cache_lookup("embedding", false);
+        let t = from_wire(Some(wire), &format!("{field}.tensor"))?;
+        if !e.id.is_empty() {
+            cache.insert(e.id.clone(), &t);
+            tracing::debug!(id = %sd_proto::status::quote(&e.id), cached = cache.len(), "embedding cached");
+            if let Some(h) = held {
+                h.insert(e.id.clone(), t.shallow_clone());
+            }
+        }
+        Ok(t)
+    }
+
+    /// Run the call through the batcher, or alone on a worker; its output
+    /// on the wire and its timings.
+    async fn forward(
+        &self,
+        call: Call,
+        session: Session,
+        out_dtype: Dtype,
+    ) -> Result<(WireTensor, Timings), ServiceError> {
+        if let Some((batcher, admission)) = &self.batcher {
+            let _slot = admission.admit().await.map_err(ServiceError::Refused)?;
+            let (out, timings) = batcher.submit(call, session).await?;
+            return Ok((to_wire(&out, out_dtype)?, timings));
+        }
+        let unet = self.unet.clone();
+        self.worker
+            .run_timed(Stage::UnetForward, move || {
+                let out = forward_calls(&unet, &[&call])?.remove(0);
+                to_wire(&out, out_dtype)
+            })
+            .await
+    }
+}
+
+/// An embedding names a short id, or sends its tensor, or both.
+fn check_embedding_id(e: &Embedding, field: &str) -> Result<(), ServiceError> {
+    if e.id.len() > MAX_EMBEDDING_ID_BYTES {
+        return Err(ServiceError::invalid(
+            format!("{field}.id"),
+            format_args!("{} bytes, at most {MAX_EMBEDDING_ID_BYTES}", e.id.len()),
+        ));
+    }
+    if e.id.is_empty() && e.tensor.is_none() {
+        return Err(ServiceError::invalid(field, "neither an id nor a tensor"));
+    }
+    Ok(())
+}
+
+fn check_embedding(t: &Tensor, batch: i64, dim: i64, field: &str) -> Result<(), ServiceError> {
+    let s = t.size();
+    if s.len() != 3 || !(s[0] == 1 || s[0] == batch) || s[1] < 1 || s[2] != dim {
+        return Err(ServiceError::invalid(
+            field,
+            format_args!("shape {s:?}, expected (1 or {batch}, tokens, {dim})"),
+        ));
+    }
+    Ok(())
+}
+
+/// One finite timestep per latent, or one for all.
+fn checked_timesteps(timesteps: &[f32], batch: i64) -> Result<Tensor, ServiceError> {
+    if !(timesteps.len() == 1 || timesteps.len() as i64 == batch) {
+        return Err(ServiceError::invalid(
+            "timesteps",
+            format_args!("{} values given, 1 or {batch} needed", timesteps.len()),
+        ));
+    }
+    if let Some(i) = timesteps.iter().position(|t| !t.is_finite()) {
+        return Err(ServiceError::invalid(
+            "timesteps",
+            format_args!("value {i} is {}, finite values needed", timesteps[i]),
+        ));
+    }
+    Ok(Tensor::from_slice(timesteps))
+}
+
+fn checked_guidance(scale: f32) -> Result<f64, ServiceError> {
+    if !scale.is_finite() {
+        return Err(ServiceError::invalid("guidance_scale", "must be finite"));
+    }
+    Ok(scale as f64)
+}
+
+/// The dtype to answer in: as asked, or (unspecified) the latents' own.
+fn output_dtype(req: &PredictRequest) -> Result<Dtype, ServiceError> {
+    match Dtype::try_from(req.output_dtype) {
+        Ok(Dtype::Unspecified) => {
+            Ok(Dtype::try_from(req.latents.as_ref().map_or(1, |l| l.dtype))
+                .unwrap_or(Dtype::Float32))
+        }
+        Ok(d) => Ok(d),
+        Err(_) => Err(ServiceError::invalid(
+            "output_dtype",
+            format_args!("unknown value {}", req.output_dtype),
+        )),
+    }
 }
 
 /// The model's prediction type, from its scheduler config (diffusers' default: epsilon).
-fn prediction_type(scheduler_json: &str) -> anyhow::Result<String> {
-    let v: serde_json::Value = serde_json::from_str(scheduler_json)?;
-    Ok(v.get("prediction_type")
-        .and_then(|p| p.as_str())
-        .unwrap_or("epsilon")
-        .to_string())
+fn prediction_type(scheduler_json: &str) -> anyhow::Result<Prediction> {
+    Ok(SchedulerConfig::from_json(scheduler_json)?.prediction()?)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -368,7 +411,9 @@ fn load(
         vae_scale_factor: vae.scale_factor() as u32,
         sample_size: c.sample_size as u32,
         prediction_type: prediction_type(&scheduler_config_json)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", scheduler_path.display()))?,
+            .map_err(|e| anyhow::anyhow!("{}: {e}", scheduler_path.display()))?
+            .as_str()
+            .to_string(),
         scheduler_config_json,
         context_dim: c.context_dim() as u32,
     };

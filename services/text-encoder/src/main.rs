@@ -13,7 +13,7 @@ use sd_runtime::lifecycle::Lifecycle;
 use sd_runtime::metrics::{Metrics, Stage};
 use sd_runtime::tls::ServerTlsArgs;
 use sd_runtime::ServerArgs;
-use sd_service::{handle, status, to_wire, ModelArgs, Worker};
+use sd_service::{handle, to_wire, ModelArgs, ServiceError, Worker};
 use tonic::{Request, Response, Status};
 
 /// Serve a model's CLIP text encoder over gRPC (sd.v1.TextEncoder).
@@ -66,22 +66,32 @@ impl TextEncoder for Service {
 }
 
 impl Service {
-    async fn encode_inner(&self, req: EncodeTextRequest) -> Result<EncodeTextResponse, Status> {
+    async fn encode_inner(
+        &self,
+        req: EncodeTextRequest,
+    ) -> Result<EncodeTextResponse, ServiceError> {
         if req.prompts.is_empty() || req.prompts.len() > self.max_prompts {
-            return Err(Status::invalid_argument(format!(
-                "prompts: {} given, 1..={} allowed",
-                req.prompts.len(),
-                self.max_prompts
-            )));
+            return Err(ServiceError::invalid(
+                "prompts",
+                format_args!(
+                    "{} given, 1..={} allowed",
+                    req.prompts.len(),
+                    self.max_prompts
+                ),
+            ));
         }
         if req.clip_skip >= self.info.num_layers {
-            return Err(Status::invalid_argument(format!(
-                "clip_skip: {} given, 0..{} allowed",
-                req.clip_skip, self.info.num_layers
-            )));
+            return Err(ServiceError::invalid(
+                "clip_skip",
+                format_args!(
+                    "{} given, 0..{} allowed",
+                    req.clip_skip, self.info.num_layers
+                ),
+            ));
         }
-        let dtype = Dtype::try_from(req.dtype)
-            .map_err(|_| Status::invalid_argument(format!("dtype: unknown value {}", req.dtype)))?;
+        let dtype = Dtype::try_from(req.dtype).map_err(|_| {
+            ServiceError::invalid("dtype", format_args!("unknown value {}", req.dtype))
+        })?;
         let model = self.model.clone();
         let prompts = req.prompts;
         let clip_skip = req.clip_skip as usize;
@@ -89,10 +99,12 @@ impl Service {
             .worker
             .run(Stage::TextForward, move || {
                 let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-                let ids = model.tokenizer.encode_batch(&refs).map_err(status)?;
-                let hidden = model.clip.forward(&ids, clip_skip).map_err(status)?;
-                let ids: Vec<i64> = Vec::<i64>::try_from(ids.flatten(0, -1))
-                    .map_err(|e| Status::internal(e.to_string()))?;
+                let ids = model
+                    .tokenizer
+                    .encode_batch(&refs)
+                    .map_err(|e| ServiceError::model_input("prompts", e))?;
+                let hidden = model.clip.forward(&ids, clip_skip)?;
+                let ids: Vec<i64> = Vec::<i64>::try_from(ids.flatten(0, -1))?;
                 let per = ids.len() / prompts.len();
                 (0..prompts.len())
                     .map(|i| {
@@ -101,7 +113,7 @@ impl Service {
                             embeddings: Some(to_wire(&hidden.get(i as i64), dtype)?),
                         })
                     })
-                    .collect::<Result<Vec<_>, Status>>()
+                    .collect::<Result<Vec<_>, ServiceError>>()
             })
             .await?;
         Ok(EncodeTextResponse { prompts: out })
