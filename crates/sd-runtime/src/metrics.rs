@@ -324,7 +324,10 @@ mod tests {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/ARCHITECTURE.md");
         let doc = std::fs::read_to_string(path).unwrap_or_default();
         for s in Stage::ALL {
-            assert!(doc.contains(&format!("`{s}`")), "docs/ARCHITECTURE.md misses `{s}`");
+            assert!(
+                doc.contains(&format!("`{s}`")),
+                "docs/ARCHITECTURE.md misses `{s}`"
+            );
         }
     }
 }

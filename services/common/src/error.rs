@@ -28,9 +28,9 @@ pub enum ServiceError {
     #[error("{field}: embedding id {} is not cached", sd_proto::status::quote(id))]
     EmbeddingMiss { field: String, id: String },
     /// Refused before any work by sd-runtime's admission (queue full:
-    /// RESOURCE_EXHAUSTED) or drain (UNAVAILABLE); its status stands.
-    #[error("refused: {}", .0.message())]
-    Refused(Status),
+    /// RESOURCE_EXHAUSTED), drain (UNAVAILABLE) or deadline; its code stands.
+    #[error(transparent)]
+    Refused(#[from] sd_runtime::Refusal),
     /// The UNet workers have stopped (the service is shutting down).
     #[error("the model workers stopped")]
     Stopped,
@@ -94,7 +94,7 @@ impl From<ServiceError> for Status {
             ServiceError::EmbeddingMiss { field, id } => {
                 sd_proto::status::embedding_miss(&field, &id)
             }
-            ServiceError::Refused(s) => s,
+            ServiceError::Refused(r) => r.into(),
             ServiceError::Stopped => Status::unavailable("the model workers stopped"),
             ServiceError::Model(e) => model_status(&e),
             ServiceError::Task(text) => {
@@ -183,11 +183,14 @@ mod tests {
                 Code::FailedPrecondition,
             ),
             (
-                ServiceError::Refused(Status::resource_exhausted("queue full")),
+                ServiceError::Refused(sd_runtime::Refusal::Overloaded {
+                    what: "test",
+                    max_queue: 1,
+                }),
                 Code::ResourceExhausted,
             ),
             (
-                ServiceError::Refused(Status::unavailable("shutting down")),
+                ServiceError::Refused(sd_runtime::Refusal::ShuttingDown),
                 Code::Unavailable,
             ),
             (ServiceError::Stopped, Code::Unavailable),
