@@ -29,9 +29,10 @@ pub const METRICS: &str = "metrics on ";
 /// Why a server did not come up.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
-    #[error("starting {name}: {source}")]
+    #[error("cannot start {name} ({program})")]
     Spawn {
         name: String,
+        program: String,
         #[source]
         source: io::Error,
     },
@@ -98,8 +99,10 @@ impl Launch {
     /// Start `command` (its stdout is taken over; stdin, stderr, arguments
     /// and environment are the caller's) and wait until it prints its address.
     pub fn spawn(self, mut command: Command) -> Result<Process, LaunchError> {
+        let program = command.get_program().to_string_lossy().into_owned();
         let spawn_err = |source| LaunchError::Spawn {
             name: self.name.clone(),
+            program: program.clone(),
             source,
         };
         let mut child = command.stdout(Stdio::piped()).spawn().map_err(spawn_err)?;

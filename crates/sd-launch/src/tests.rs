@@ -112,6 +112,12 @@ fn a_missing_binary_is_a_spawn_error() {
         .err()
         .unwrap();
     assert!(matches!(err, LaunchError::Spawn { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "cannot start nothing (/nonexistent/sd-nothing)"
+    );
+    let source = std::error::Error::source(&err).map(ToString::to_string);
+    assert!(source.is_some_and(|s| s.contains("No such file")));
 }
 
 #[test]

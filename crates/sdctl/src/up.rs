@@ -74,11 +74,11 @@ fn bin_dir(args: &UpArgs) -> anyhow::Result<PathBuf> {
 fn spawn(name: &str, bin: &Path, args: &[String]) -> anyhow::Result<Process> {
     let mut command = std::process::Command::new(bin);
     command.args(args).stderr(Stdio::inherit());
-    Launch::new(name)
+    let process = Launch::new(name)
         .timeout(ADDRESS_TIMEOUT)
         .stop(Stop::Terminate { grace: STOP_GRACE })
-        .spawn(command)
-        .with_context(|| format!("starting {}", bin.display()))
+        .spawn(command)?;
+    Ok(process)
 }
 
 /// Wait until `proc` reports SERVING, failing early if it exits.

@@ -39,7 +39,7 @@ impl Proc {
         let process = Launch::new(bin)
             .timeout(Duration::from_secs(30))
             .spawn(cmd)
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap_or_else(|e| panic!("{:#}", anyhow::Error::new(e)));
         Proc {
             name: bin.to_string(),
             addr: process.addr().to_string(),

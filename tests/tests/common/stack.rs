@@ -52,7 +52,7 @@ impl Stack {
                 grace: Duration::from_secs(20),
             })
             .spawn(cmd)
-            .unwrap_or_else(|e| panic!("the stack did not come up: {e}"));
+            .unwrap_or_else(|e| panic!("the stack did not come up: {:#}", anyhow::Error::new(e)));
         Stack {
             url: sdctl.url(),
             _sdctl: sdctl,
