@@ -30,6 +30,7 @@ use sd_gateway::limits::Limits;
 use sd_gateway::pipeline::Generator;
 use sd_gateway::plan::Plan;
 use sd_gateway::prompt_cache::PromptCache;
+use sd_launch::{Launch, Process};
 use sd_models::{DeviceSpec, ModelDir, Placement, Precision};
 use sd_proto::v1::generation_client::GenerationClient;
 use sd_proto::v1::{Dtype, GenerateRequest};
@@ -82,17 +83,14 @@ struct Args {
     precision: Precision,
 }
 
-struct Proc {
-    child: Child,
-    addr: String,
-    metrics: String,
-}
+/// How long a server may take to print its addresses (it does so before
+/// loading its model).
+const ADDRESS_TIMEOUT: Duration = Duration::from_secs(120);
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A server of the stack, killed on drop, and where it serves `/metrics`.
+struct Server {
+    process: Process,
+    metrics: String,
 }
 
 fn bin_dir() -> anyhow::Result<PathBuf> {
@@ -103,40 +101,22 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
 }
 
 /// Start a server binary on free ports and read where it listens.
-fn spawn(bin: &str, args: &[String], env: &[(&str, String)]) -> anyhow::Result<Proc> {
+fn spawn(bin: &str, args: &[String], env: &[(&str, String)]) -> anyhow::Result<Server> {
     let mut cmd = Command::new(bin_dir()?.join(bin));
     cmd.args(args)
         .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
         .stderr(Stdio::null());
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().map_err(|e| anyhow::anyhow!("{bin}: {e}"))?;
-    let mut lines = BufReader::new(
-        child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("no stdout"))?,
-    )
-    .lines();
-    let (mut addr, mut metrics) = (None, None);
-    while addr.is_none() || metrics.is_none() {
-        let line = lines
-            .next()
-            .ok_or_else(|| anyhow::anyhow!("{bin} exited early"))??;
-        if let Some(a) = line.strip_prefix("listening on ") {
-            addr = Some(a.trim().to_string());
-        } else if let Some(a) = line.strip_prefix("metrics on ") {
-            metrics = Some(a.trim().to_string());
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    Ok(Proc {
-        child,
-        addr: addr.unwrap_or_default(),
-        metrics: metrics.unwrap_or_default(),
-    })
+    let process = Launch::new(bin)
+        .timeout(ADDRESS_TIMEOUT)
+        .wait_for_metrics()
+        .spawn(cmd)?;
+    let metrics = process
+        .metrics_addr()
+        .ok_or_else(|| anyhow::anyhow!("{bin} printed no metrics address"))?;
+    Ok(Server { process, metrics })
 }
 
 /// The text exposition of a `/metrics` endpoint.
@@ -197,8 +177,8 @@ fn stage_means(before: &StageTimes, after: &StageTimes) -> BTreeMap<String, f64>
 }
 
 struct Stack {
-    services: Vec<Proc>,
-    gateway: Proc,
+    services: Vec<Server>,
+    gateway: Server,
 }
 
 impl Stack {
@@ -231,11 +211,11 @@ fn start_stack(args: &Args, batching: bool, unet_workers: usize) -> anyhow::Resu
     let vae = spawn("sd-autoencoder", &margs, &env)?;
     let gargs = vec![
         "--text-encoder".to_string(),
-        format!("http://{}", text.addr),
+        text.process.url(),
         "--denoiser".into(),
-        format!("http://{}", den.addr),
+        den.process.url(),
         "--autoencoder".into(),
-        format!("http://{}", vae.addr),
+        vae.process.url(),
         "--max-concurrent".into(),
         "16".into(),
     ];
@@ -277,7 +257,7 @@ async fn timed(
 }
 
 async fn connect(stack: &Stack) -> anyhow::Result<GenerationClient<tonic::transport::Channel>> {
-    let url = format!("http://{}", stack.gateway.addr);
+    let url = stack.gateway.process.url();
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         if let Ok(c) = GenerationClient::connect(url.clone()).await {
@@ -517,6 +497,185 @@ async fn cache_effect(args: &Args, stack: &Stack) -> anyhow::Result<(f64, f64)> 
     Ok((mean(&miss), mean(&hit)))
 }
 
+/// Part 1's measurements: seconds per image and stage means for each
+/// pipeline, and in-process UNet forward times (rows, ms).
+struct LatencyReport {
+    inproc: Latency,
+    stack: Latency,
+    diffusers: Option<DiffusersLatency>,
+    forwards: Vec<(i64, f64)>,
+}
+
+/// Latency of the three pipelines, then UNet forward times in process; the
+/// in-process models and diffusers are gone when this returns.
+async fn measure_latency(
+    args: &Args,
+    generator: Generator,
+    models: Arc<inprocess::InProcess>,
+    stack: &Stack,
+) -> anyhow::Result<LatencyReport> {
+    let mut reference = if args.no_diffusers {
+        None
+    } else {
+        Some(Diffusers::start(args)?)
+    };
+    let (inproc, st, diffusers) =
+        compare_latency(args, &generator, stack, reference.as_mut()).await?;
+    drop(reference);
+    let latent_side = i64::from(if args.size == 0 {
+        generator.facts.sample_size
+    } else {
+        args.size / generator.facts.scale_factor
+    });
+    let mut forwards = Vec::new();
+    for &rows in &args.forward_rows {
+        forwards.push((rows, models.unet_forward_ms(rows, latent_side)?));
+    }
+    Ok(LatencyReport {
+        inproc,
+        stack: st,
+        diffusers,
+        forwards,
+    })
+}
+
+/// Mean milliseconds of stage `k`, NaN when it was not observed.
+fn stage_ms(l: &Latency, k: &str) -> f64 {
+    l.stages.get(k).copied().unwrap_or(f64::NAN) * 1e3
+}
+
+/// A table cell: two decimals, or a dash for what was not measured.
+fn cell(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.2}")
+    } else {
+        "—".to_string()
+    }
+}
+
+fn print_pipelines(name: &str, args: &Args, r: &LatencyReport) {
+    println!(
+        "## {name}: {} steps, {} torch threads, {} timed images each\n",
+        args.steps, args.threads, args.runs
+    );
+    let stack_s = r.stack.per_image;
+    println!("| pipeline | s/image | stack ÷ this |");
+    println!("|---|---:|---:|");
+    println!("| gRPC stack | {stack_s:.3} | 1.000 |");
+    println!(
+        "| in-process Rust | {:.3} | {:.3} |",
+        r.inproc.per_image,
+        stack_s / r.inproc.per_image
+    );
+    if let Some(d) = &r.diffusers {
+        println!(
+            "| diffusers | {:.3} | {:.3} |",
+            d.per_image,
+            stack_s / d.per_image
+        );
+    }
+}
+
+fn print_stages(r: &LatencyReport) {
+    let (d_head, d_rule) = if r.diffusers.is_some() {
+        (" diffusers |", "---:|")
+    } else {
+        ("", "")
+    };
+    println!("\n| stage (mean ms) | in-process | stack | stack − in-process |{d_head}");
+    println!("|---|---:|---:|---:|{d_rule}");
+    for (k, label) in [
+        ("text", "prompt embeddings"),
+        ("denoise", "one denoising step"),
+        ("decode", "VAE decode"),
+        ("vae_decode", "… of which the VAE forward"),
+        ("image_encode", "image encoding (PNG)"),
+        ("generation", "whole generation"),
+    ] {
+        let (a, b) = (stage_ms(&r.inproc, k), stage_ms(&r.stack, k));
+        let d = match (&r.diffusers, k) {
+            (None, _) => String::new(),
+            (Some(d), "denoise") => format!(" {} |", cell(d.step * 1e3)),
+            (Some(d), "generation") => format!(" {} |", cell(d.per_image * 1e3)),
+            (Some(_), _) => " — |".to_string(),
+        };
+        println!(
+            "| {label} | {} | {} | {} |{d}",
+            cell(a),
+            cell(b),
+            cell(b - a)
+        );
+    }
+}
+
+/// Step time against diffusers, and what the gateway adds to a UNet forward.
+fn print_step_overhead(r: &LatencyReport) {
+    if let Some(d) = &r.diffusers {
+        println!(
+            "\nStep time, stack ÷ diffusers: {:.3} (in-process ÷ diffusers: {:.3})",
+            stage_ms(&r.stack, "denoise") / (d.step * 1e3),
+            stage_ms(&r.inproc, "denoise") / (d.step * 1e3)
+        );
+    }
+    let (gateway_step, unet_step) = (
+        stage_ms(&r.stack, "denoise"),
+        stage_ms(&r.stack, "unet_forward"),
+    );
+    println!(
+        "\nPer-step overhead: gateway step {gateway_step:.2} ms − UNet forward {unet_step:.2} ms = {:.2} ms\n",
+        gateway_step - unet_step
+    );
+}
+
+fn print_forwards(forwards: &[(i64, f64)]) {
+    println!("| UNet forward, in process | ms | ms per row |\n|---:|---:|---:|");
+    for &(rows, ms) in forwards {
+        println!("| {rows} rows | {ms:.2} | {:.2} |", ms / rows as f64);
+    }
+    println!();
+}
+
+async fn print_cache_effect(args: &Args, stack: &Stack) -> anyhow::Result<()> {
+    let (miss, hit) = cache_effect(args, stack).await?;
+    println!("| repeated prompt | s/image |\n|---|---:|\n| new prompt (text encoder called) | {miss:.3} |\n| same prompt again (cache hit) | {hit:.3} |\n");
+    Ok(())
+}
+
+/// One throughput row per concurrency level, on a stack of its own.
+async fn print_throughput_rows(args: &Args, workers: usize, batching: bool) -> anyhow::Result<()> {
+    let stack = start_stack(args, batching, workers)?;
+    for &c in &args.concurrency {
+        let den = &stack.services[1].metrics;
+        let rows_before = batch_rows(den)?;
+        let (ipm, p50, p95) = throughput(args, &stack, c).await?;
+        let (sum, n) = batch_rows(den)?;
+        let per = if batching {
+            format!(
+                "{:.1}",
+                (sum - rows_before.0) / (n - rows_before.1).max(1.0)
+            )
+        } else {
+            "—".into()
+        };
+        let b = if batching { "on" } else { "off" };
+        println!("| {workers} | {b} | {c} | {ipm:.1} | {p50:.3} | {p95:.3} | {per} |");
+    }
+    Ok(())
+}
+
+async fn print_throughput(args: &Args) -> anyhow::Result<()> {
+    println!(
+        "| UNet workers | batching | concurrency | images/min | p50 s | p95 s | UNet rows per forward |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|---:|");
+    for &workers in &args.unet_workers {
+        for batching in [true, false] {
+            print_throughput_rows(args, workers, batching).await?;
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -532,129 +691,12 @@ async fn main() -> anyhow::Result<()> {
 
     let (generator, models) = in_process_generator(&args)?;
     let stack = start_stack(&args, true, 1)?;
-    let mut reference = if args.no_diffusers {
-        None
-    } else {
-        Some(Diffusers::start(&args)?)
-    };
-    let (inproc, st, diffusers) =
-        compare_latency(&args, &generator, &stack, reference.as_mut()).await?;
-    drop(reference);
-    let latent_side = i64::from(if args.size == 0 {
-        generator.facts.sample_size
-    } else {
-        args.size / generator.facts.scale_factor
-    });
-    let mut forwards = Vec::new();
-    for &rows in &args.forward_rows {
-        forwards.push((rows, models.unet_forward_ms(rows, latent_side)?));
-    }
-    drop((generator, models));
-
-    println!(
-        "## {name}: {} steps, {} torch threads, {} timed images each\n",
-        args.steps, args.threads, args.runs
-    );
-    let stack_s = st.per_image;
-    println!("| pipeline | s/image | stack ÷ this |");
-    println!("|---|---:|---:|");
-    println!("| gRPC stack | {stack_s:.3} | 1.000 |");
-    println!(
-        "| in-process Rust | {:.3} | {:.3} |",
-        inproc.per_image,
-        stack_s / inproc.per_image
-    );
-    if let Some(d) = &diffusers {
-        println!(
-            "| diffusers | {:.3} | {:.3} |",
-            d.per_image,
-            stack_s / d.per_image
-        );
-    }
-    let ms = |l: &Latency, k: &str| l.stages.get(k).copied().unwrap_or(f64::NAN) * 1e3;
-    let cell = |v: f64| {
-        if v.is_finite() {
-            format!("{v:.2}")
-        } else {
-            "—".to_string()
-        }
-    };
-    let (d_head, d_rule) = if diffusers.is_some() {
-        (" diffusers |", "---:|")
-    } else {
-        ("", "")
-    };
-    println!("\n| stage (mean ms) | in-process | stack | stack − in-process |{d_head}");
-    println!("|---|---:|---:|---:|{d_rule}");
-    for (k, label) in [
-        ("text", "prompt embeddings"),
-        ("denoise", "one denoising step"),
-        ("decode", "VAE decode"),
-        ("vae_decode", "… of which the VAE forward"),
-        ("image_encode", "image encoding (PNG)"),
-        ("generation", "whole generation"),
-    ] {
-        let (a, b) = (ms(&inproc, k), ms(&st, k));
-        let d = match (&diffusers, k) {
-            (None, _) => String::new(),
-            (Some(d), "denoise") => format!(" {} |", cell(d.step * 1e3)),
-            (Some(d), "generation") => format!(" {} |", cell(d.per_image * 1e3)),
-            (Some(_), _) => " — |".to_string(),
-        };
-        println!(
-            "| {label} | {} | {} | {} |{d}",
-            cell(a),
-            cell(b),
-            cell(b - a)
-        );
-    }
-    if let Some(d) = &diffusers {
-        println!(
-            "\nStep time, stack ÷ diffusers: {:.3} (in-process ÷ diffusers: {:.3})",
-            ms(&st, "denoise") / (d.step * 1e3),
-            ms(&inproc, "denoise") / (d.step * 1e3)
-        );
-    }
-    let (gateway_step, unet_step) = (ms(&st, "denoise"), ms(&st, "unet_forward"));
-    println!(
-        "\nPer-step overhead: gateway step {gateway_step:.2} ms − UNet forward {unet_step:.2} ms = {:.2} ms\n",
-        gateway_step - unet_step
-    );
-
-    println!("| UNet forward, in process | ms | ms per row |\n|---:|---:|---:|");
-    for (rows, ms) in forwards {
-        println!("| {rows} rows | {ms:.2} | {:.2} |", ms / rows as f64);
-    }
-    println!();
-
-    let (miss, hit) = cache_effect(&args, &stack).await?;
-    println!("| repeated prompt | s/image |\n|---|---:|\n| new prompt (text encoder called) | {miss:.3} |\n| same prompt again (cache hit) | {hit:.3} |\n");
-
+    let report = measure_latency(&args, generator, models, &stack).await?;
+    print_pipelines(&name, &args, &report);
+    print_stages(&report);
+    print_step_overhead(&report);
+    print_forwards(&report.forwards);
+    print_cache_effect(&args, &stack).await?;
     drop(stack);
-    println!(
-        "| UNet workers | batching | concurrency | images/min | p50 s | p95 s | UNet rows per forward |"
-    );
-    println!("|---:|---|---:|---:|---:|---:|---:|");
-    for &workers in &args.unet_workers {
-        for batching in [true, false] {
-            let stack = start_stack(&args, batching, workers)?;
-            for &c in &args.concurrency {
-                let den = &stack.services[1].metrics;
-                let rows_before = batch_rows(den)?;
-                let (ipm, p50, p95) = throughput(&args, &stack, c).await?;
-                let (sum, n) = batch_rows(den)?;
-                let per = if batching {
-                    format!(
-                        "{:.1}",
-                        (sum - rows_before.0) / (n - rows_before.1).max(1.0)
-                    )
-                } else {
-                    "—".into()
-                };
-                let b = if batching { "on" } else { "off" };
-                println!("| {workers} | {b} | {c} | {ipm:.1} | {p50:.3} | {p95:.3} | {per} |");
-            }
-        }
-    }
-    Ok(())
+    print_throughput(&args).await
 }

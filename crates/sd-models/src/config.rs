@@ -176,11 +176,65 @@ pub struct UNetBlock {
     pub cross_attention_dim: i64,
 }
 
+/// The per-block values of a `UNetConfig`, each expanded to one entry per
+/// block (in down-block order).
+struct PerBlockValues {
+    layers: Vec<i64>,
+    heads: Vec<i64>,
+    depth: Vec<i64>,
+    cross: Vec<i64>,
+}
+
+impl PerBlockValues {
+    /// The resolved block at index `i` (down-block order), with `layers` resnets.
+    fn block(&self, i: usize, cross_attention: bool, layers: i64) -> UNetBlock {
+        UNetBlock {
+            cross_attention,
+            layers,
+            heads: self.heads[i],
+            transformer_depth: self.depth[i],
+            cross_attention_dim: self.cross[i],
+        }
+    }
+}
+
+/// Whether a block type is the cross-attention variant (`cross`) or the plain
+/// one (`plain`); anything else is unsupported.
+fn has_cross_attention(
+    block_type: &str,
+    cross: &str,
+    plain: &str,
+    which: &str,
+    path: &Path,
+) -> Result<bool> {
+    if block_type == cross {
+        Ok(true)
+    } else if block_type == plain {
+        Ok(false)
+    } else {
+        Err(unsupported(
+            path,
+            format!("{which} block type `{block_type}` is not supported"),
+        ))
+    }
+}
+
 impl UNetConfig {
     /// Check what this implementation supports (SD 1.x/2.x-style UNets) and
     /// resolve per-block values. Returns (down blocks, up blocks), both in
     /// execution order.
     pub fn blocks(&self, path: &Path) -> Result<(Vec<UNetBlock>, Vec<UNetBlock>)> {
+        self.check_block_counts(path)?;
+        self.check_supported(path)?;
+        let values = self.per_block_values(path)?;
+        let down = self.down_blocks(&values, path)?;
+        let up = self.up_blocks(&values, path)?;
+        Ok((down, up))
+    }
+
+    /// One down and one up block type per `block_out_channels` entry, each
+    /// width a positive multiple of the group-norm groups.
+    fn check_block_counts(&self, path: &Path) -> Result<()> {
         let n = self.block_out_channels.len();
         if n == 0 {
             return Err(config_err(path, "`block_out_channels` is empty".into()));
@@ -208,7 +262,17 @@ impl UNetConfig {
                 ),
             ));
         }
-        for (key, ok) in [
+        Ok(())
+    }
+
+    /// Refuse the UNet options that SD 1.x/2.x do not use (and this
+    /// implementation does not build), naming the first one found.
+    fn check_supported(&self, path: &Path) -> Result<()> {
+        let only_cross_attention_off = matches!(
+            self.only_cross_attention,
+            serde_json::Value::Null | serde_json::Value::Bool(false)
+        );
+        let checks = [
             (
                 "time_embedding_type",
                 self.time_embedding_type == "positional",
@@ -224,13 +288,7 @@ impl UNetConfig {
             ("time_cond_proj_dim", self.time_cond_proj_dim.is_none()),
             ("dual_cross_attention", !self.dual_cross_attention),
             ("center_input_sample", !self.center_input_sample),
-            (
-                "only_cross_attention",
-                matches!(
-                    self.only_cross_attention,
-                    serde_json::Value::Null | serde_json::Value::Bool(false)
-                ),
-            ),
+            ("only_cross_attention", only_cross_attention_off),
             (
                 "mid_block_type",
                 matches!(
@@ -242,14 +300,18 @@ impl UNetConfig {
                 "conv_in_kernel/conv_out_kernel",
                 self.conv_in_kernel == 3 && self.conv_out_kernel == 3,
             ),
-        ] {
-            if !ok {
-                return Err(unsupported(
-                    path,
-                    format!("UNet option `{key}` is not supported (SD 1.x/2.x UNets only)"),
-                ));
-            }
+        ];
+        match checks.iter().find(|(_, ok)| !ok) {
+            Some((key, _)) => Err(unsupported(
+                path,
+                format!("UNet option `{key}` is not supported (SD 1.x/2.x UNets only)"),
+            )),
+            None => Ok(()),
         }
+    }
+
+    fn per_block_values(&self, path: &Path) -> Result<PerBlockValues> {
+        let n = self.block_out_channels.len();
         let layers = self.layers_per_block.expand(n, "layers_per_block", path)?;
         // diffusers' historical naming: `attention_head_dim` holds the number
         // of heads unless `num_attention_heads` is given.
@@ -264,58 +326,45 @@ impl UNetConfig {
         let cross = self
             .cross_attention_dim
             .expand(n, "cross_attention_dim", path)?;
-        let mut down = Vec::with_capacity(n);
+        Ok(PerBlockValues {
+            layers,
+            heads,
+            depth,
+            cross,
+        })
+    }
+
+    fn down_blocks(&self, values: &PerBlockValues, path: &Path) -> Result<Vec<UNetBlock>> {
+        let mut down = Vec::with_capacity(self.down_block_types.len());
         for (i, t) in self.down_block_types.iter().enumerate() {
-            let cross_attention = match t.as_str() {
-                "CrossAttnDownBlock2D" => true,
-                "DownBlock2D" => false,
-                other => {
-                    return Err(unsupported(
-                        path,
-                        format!("down block type `{other}` is not supported"),
-                    ))
-                }
-            };
-            let ch = self.block_out_channels[i];
-            if cross_attention && (heads[i] <= 0 || ch % heads[i] != 0) {
+            let cross_attention =
+                has_cross_attention(t, "CrossAttnDownBlock2D", "DownBlock2D", "down", path)?;
+            let (ch, heads) = (self.block_out_channels[i], values.heads[i]);
+            if cross_attention && (heads <= 0 || ch % heads != 0) {
                 return Err(config_err(
                     path,
-                    format!(
-                        "block {i}: {ch} channels do not split into {} heads",
-                        heads[i]
-                    ),
+                    format!("block {i}: {ch} channels do not split into {heads} heads"),
                 ));
             }
-            down.push(UNetBlock {
-                cross_attention,
-                layers: layers[i],
-                heads: heads[i],
-                transformer_depth: depth[i],
-                cross_attention_dim: cross[i],
-            });
+            down.push(values.block(i, cross_attention, values.layers[i]));
         }
+        Ok(down)
+    }
+
+    /// Up blocks mirror the down blocks (the last down block's values come
+    /// first) and take one resnet more than their down block: the skips are
+    /// conv_in's, every down resnet's and every downsampler's, one more per
+    /// block than it has resnets.
+    fn up_blocks(&self, values: &PerBlockValues, path: &Path) -> Result<Vec<UNetBlock>> {
+        let n = self.up_block_types.len();
         let mut up = Vec::with_capacity(n);
         for (i, t) in self.up_block_types.iter().enumerate() {
-            let cross_attention = match t.as_str() {
-                "CrossAttnUpBlock2D" => true,
-                "UpBlock2D" => false,
-                other => {
-                    return Err(unsupported(
-                        path,
-                        format!("up block type `{other}` is not supported"),
-                    ))
-                }
-            };
+            let cross_attention =
+                has_cross_attention(t, "CrossAttnUpBlock2D", "UpBlock2D", "up", path)?;
             let r = n - 1 - i;
-            up.push(UNetBlock {
-                cross_attention,
-                layers: layers[r] + 1,
-                heads: heads[r],
-                transformer_depth: depth[r],
-                cross_attention_dim: cross[r],
-            });
+            up.push(values.block(r, cross_attention, values.layers[r] + 1));
         }
-        Ok((down, up))
+        Ok(up)
     }
 
     /// The conditioning width the UNet expects (the text encoder's hidden size).

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tch::{Kind, Tensor};
 
 use crate::blocks::{Downsample, ResnetBlock, ResnetSpec, Upsample};
-use crate::config::{read_json, UNetBlock, UNetConfig};
+use crate::config::{config_err, read_json, UNetBlock, UNetConfig};
 use crate::device::Placement;
 use crate::error::{guarded, ModelError, Result};
 use crate::layers::{attention, Conv2d, GroupNorm, LayerNorm, Linear};
@@ -172,50 +172,81 @@ pub struct UNet {
     _storage: Arc<memmap2::Mmap>,
 }
 
-impl UNet {
-    pub fn load(config_path: &Path, weights: &Weights) -> Result<Self> {
-        let c: UNetConfig = read_json(config_path)?;
-        let (down_specs, up_specs) = c.blocks(config_path)?;
-        let vb = Vb::root(weights, "");
-        let ch = &c.block_out_channels;
-        let n = ch.len();
-        let temb = 4 * ch[0];
-        let resnet = |cin, cout, scale| ResnetSpec {
+/// Builds the UNet's parts from its config and weights, in diffusers'
+/// module layout (`down_blocks.{i}.resnets.{j}`, `mid_block`, `up_blocks.{i}`).
+struct UNetLoader<'a> {
+    vb: Vb<'a>,
+    c: &'a UNetConfig,
+    /// Width of the time embedding every resnet is conditioned on.
+    temb: i64,
+}
+
+/// A block's resnets and, in a cross-attention block, the transformer after each.
+type BlockLayers = (Vec<ResnetBlock>, Vec<SpatialTransformer>);
+
+impl<'a> UNetLoader<'a> {
+    fn new(weights: &'a Weights, c: &'a UNetConfig) -> Self {
+        UNetLoader {
+            vb: Vb::root(weights, ""),
+            c,
+            temb: 4 * c.block_out_channels[0],
+        }
+    }
+
+    fn resnet(&self, cin: i64, cout: i64, output_scale: f64) -> ResnetSpec {
+        ResnetSpec {
             cin,
             cout,
-            temb: Some(temb),
-            groups: c.norm_num_groups,
-            eps: c.norm_eps,
-            output_scale: scale,
-        };
+            temb: Some(self.temb),
+            groups: self.c.norm_num_groups,
+            eps: self.c.norm_eps,
+            output_scale,
+        }
+    }
 
+    /// Layer `j`'s resnet takes `resnet_in(j)` channels and gives `cout`.
+    fn block_layers(
+        &self,
+        b: &Vb,
+        spec: &UNetBlock,
+        cout: i64,
+        resnet_in: impl Fn(i64) -> i64,
+    ) -> Result<BlockLayers> {
+        let mut resnets = Vec::new();
+        let mut attentions = Vec::new();
+        for j in 0..spec.layers {
+            resnets.push(ResnetBlock::load(
+                &b.pp("resnets").pp(j),
+                self.resnet(resnet_in(j), cout, 1.0),
+            )?);
+            if spec.cross_attention {
+                attentions.push(SpatialTransformer::load(
+                    &b.pp("attentions").pp(j),
+                    cout,
+                    spec,
+                    self.c,
+                )?);
+            }
+        }
+        Ok((resnets, attentions))
+    }
+
+    /// Each down block but the last ends in a downsampler.
+    fn down_blocks(&self, specs: &[UNetBlock]) -> Result<Vec<DownBlock>> {
+        let ch = &self.c.block_out_channels;
+        let n = ch.len();
         let mut down = Vec::with_capacity(n);
         let mut cin = ch[0];
-        for (i, spec) in down_specs.iter().enumerate() {
-            let b = vb.pp("down_blocks").pp(i);
+        for (i, spec) in specs.iter().enumerate() {
+            let b = self.vb.pp("down_blocks").pp(i);
             let cout = ch[i];
-            let mut resnets = Vec::new();
-            let mut attentions = Vec::new();
-            for j in 0..spec.layers {
-                let rin = if j == 0 { cin } else { cout };
-                resnets.push(ResnetBlock::load(
-                    &b.pp("resnets").pp(j),
-                    resnet(rin, cout, 1.0),
-                )?);
-                if spec.cross_attention {
-                    attentions.push(SpatialTransformer::load(
-                        &b.pp("attentions").pp(j),
-                        cout,
-                        spec,
-                        &c,
-                    )?);
-                }
-            }
+            let (resnets, attentions) =
+                self.block_layers(&b, spec, cout, |j| if j == 0 { cin } else { cout })?;
             let downsample = if i + 1 < n {
                 Some(Downsample::load(
                     &b.pp("downsamplers.0"),
                     cout,
-                    c.downsample_padding.unwrap_or(1),
+                    self.c.downsample_padding.unwrap_or(1),
                 )?)
             } else {
                 None
@@ -227,51 +258,47 @@ impl UNet {
             });
             cin = cout;
         }
+        Ok(down)
+    }
 
-        let mid = vb.pp("mid_block");
-        let last = ch[n - 1];
-        let mid_spec = UNetBlock {
+    /// Resnet, cross-attention transformer, resnet at the narrowest width,
+    /// with the last down block's attention settings.
+    fn mid_block(&self, last_down: &UNetBlock) -> Result<([ResnetBlock; 2], SpatialTransformer)> {
+        let mid = self.vb.pp("mid_block");
+        let last = self.c.block_out_channels[self.c.block_out_channels.len() - 1];
+        let spec = UNetBlock {
             cross_attention: true,
             layers: 1,
-            ..down_specs[n - 1].clone()
+            ..last_down.clone()
         };
-        let mid_resnets = [
-            ResnetBlock::load(
-                &mid.pp("resnets.0"),
-                resnet(last, last, c.mid_block_scale_factor),
-            )?,
-            ResnetBlock::load(
-                &mid.pp("resnets.1"),
-                resnet(last, last, c.mid_block_scale_factor),
-            )?,
+        let scale = self.c.mid_block_scale_factor;
+        let resnets = [
+            ResnetBlock::load(&mid.pp("resnets.0"), self.resnet(last, last, scale))?,
+            ResnetBlock::load(&mid.pp("resnets.1"), self.resnet(last, last, scale))?,
         ];
-        let mid_attention = SpatialTransformer::load(&mid.pp("attentions.0"), last, &mid_spec, &c)?;
+        let attention = SpatialTransformer::load(&mid.pp("attentions.0"), last, &spec, self.c)?;
+        Ok((resnets, attention))
+    }
 
+    /// Up blocks run from the narrowest width back to the widest; each resnet
+    /// takes the previous output concatenated with one skip connection, and
+    /// each up block but the last ends in an upsampler.
+    fn up_blocks(&self, specs: &[UNetBlock]) -> Result<Vec<UpBlock>> {
+        let rev: Vec<i64> = self.c.block_out_channels.iter().rev().copied().collect();
+        let n = rev.len();
         let mut up = Vec::with_capacity(n);
-        let rev: Vec<i64> = ch.iter().rev().copied().collect();
         let mut prev_out = rev[0];
-        for (i, spec) in up_specs.iter().enumerate() {
-            let b = vb.pp("up_blocks").pp(i);
+        for (i, spec) in specs.iter().enumerate() {
+            let b = self.vb.pp("up_blocks").pp(i);
             let cout = rev[i];
+            // The last resnet meets the skip from the wider block before it.
             let block_in = rev[(i + 1).min(n - 1)];
-            let mut resnets = Vec::new();
-            let mut attentions = Vec::new();
-            for j in 0..spec.layers {
+            let resnet_in = |j: i64| {
                 let skip = if j == spec.layers - 1 { block_in } else { cout };
                 let rin = if j == 0 { prev_out } else { cout };
-                resnets.push(ResnetBlock::load(
-                    &b.pp("resnets").pp(j),
-                    resnet(rin + skip, cout, 1.0),
-                )?);
-                if spec.cross_attention {
-                    attentions.push(SpatialTransformer::load(
-                        &b.pp("attentions").pp(j),
-                        cout,
-                        spec,
-                        &c,
-                    )?);
-                }
-            }
+                rin + skip
+            };
+            let (resnets, attentions) = self.block_layers(&b, spec, cout, resnet_in)?;
             let upsample = if i + 1 < n {
                 Some(Upsample::load(&b.pp("upsamplers.0"), cout)?)
             } else {
@@ -284,22 +311,39 @@ impl UNet {
             });
             prev_out = cout;
         }
+        Ok(up)
+    }
+}
 
+impl UNet {
+    pub fn load(config_path: &Path, weights: &Weights) -> Result<Self> {
+        let c: UNetConfig = read_json(config_path)?;
+        let (down_specs, up_specs) = c.blocks(config_path)?;
+        let last_down = down_specs
+            .last()
+            .ok_or_else(|| config_err(config_path, "`block_out_channels` is empty".into()))?;
+        let loader = UNetLoader::new(weights, &c);
+        let down = loader.down_blocks(&down_specs)?;
+        let (mid_resnets, mid_attention) = loader.mid_block(last_down)?;
+        let up = loader.up_blocks(&up_specs)?;
+
+        let (vb, ch0, temb) = (&loader.vb, c.block_out_channels[0], loader.temb);
+        let conv_in = Conv2d::load(&vb.pp("conv_in"), c.in_channels, ch0, 3, 1, 1)?;
+        let time_linear_1 = Linear::load(&vb.pp("time_embedding.linear_1"), ch0, temb, true)?;
+        let time_linear_2 = Linear::load(&vb.pp("time_embedding.linear_2"), temb, temb, true)?;
+        let norm_out =
+            GroupNorm::load(&vb.pp("conv_norm_out"), c.norm_num_groups, ch0, c.norm_eps)?;
+        let conv_out = Conv2d::load(&vb.pp("conv_out"), ch0, c.out_channels, 3, 1, 1)?;
         Ok(UNet {
-            conv_in: Conv2d::load(&vb.pp("conv_in"), c.in_channels, ch[0], 3, 1, 1)?,
-            time_linear_1: Linear::load(&vb.pp("time_embedding.linear_1"), ch[0], temb, true)?,
-            time_linear_2: Linear::load(&vb.pp("time_embedding.linear_2"), temb, temb, true)?,
+            conv_in,
+            time_linear_1,
+            time_linear_2,
             down,
             mid_resnets,
             mid_attention,
             up,
-            norm_out: GroupNorm::load(
-                &vb.pp("conv_norm_out"),
-                c.norm_num_groups,
-                ch[0],
-                c.norm_eps,
-            )?,
-            conv_out: Conv2d::load(&vb.pp("conv_out"), ch[0], c.out_channels, 3, 1, 1)?,
+            norm_out,
+            conv_out,
             placement: weights.placement(),
             _storage: weights.storage(),
             config: c,

@@ -64,13 +64,26 @@ impl Weights {
             path: path.to_path_buf(),
             source,
         })?;
-        // SAFETY: the file is opened read-only and mapped private; weights
-        // files are not modified while a server runs (if one is, the model
-        // must be reloaded anyway).
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        // SAFETY: a mapped file is sound to read only while nobody changes
+        // it. The map is private and read-only (MAP_PRIVATE, PROT_READ): we
+        // never write through it, and it holds the inode it was made from.
+        // What holds: a weights file replaced by writing a new file and
+        // renaming it over the old path leaves this map on the old inode,
+        // whose pages stay readable for as long as the map lives (the
+        // `replacing_the_file_by_rename_*` test below). What does not hold:
+        // pages of a private map that were never written are the file's own
+        // page cache, so a file rewritten in place shows its new bytes to
+        // tensors already loaded, and a file truncated in place makes any
+        // read past its new end fault with SIGBUS, which kills the process.
+        // Replace weights files by rename; never rewrite or truncate them in
+        // place while a server has them open.
+        let map =
+            unsafe { memmap2::MmapOptions::new().map_copy_read_only(&file) }.map_err(|source| {
+                ModelError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?;
         if map.len() < 8 {
             return Err(bad(format!("{} bytes is too short", map.len())));
         }
@@ -186,8 +199,10 @@ impl Weights {
         let t = if device == tch::Device::Cpu && info.kind == kind && aligned && !bytes.is_empty() {
             // SAFETY: `bytes` lies within the mapping, is aligned for the element
             // type and holds exactly numel(shape) elements (checked in `open`).
-            // Models keep `storage()` alive for as long as the tensor lives, and
-            // weights are never written to.
+            // Models keep `storage()` alive for as long as the tensor lives.
+            // The mapping is read-only, and the networks never write to their
+            // weights (an in-place op on this tensor would fault, not corrupt);
+            // what the file itself may do underneath is stated in `open`.
             unsafe { Tensor::f_from_blob(bytes.as_ptr(), shape, &[], kind, device)? }
         } else {
             Tensor::f_from_data_size(bytes, shape, info.kind)?
@@ -235,5 +250,72 @@ impl<'a> Vb<'a> {
 
     pub fn contains(&self, leaf: &str) -> bool {
         self.weights.contains(&self.name(leaf))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file holding one F32 tensor `w`, its data 8-byte aligned.
+    fn write_safetensors(path: &Path, values: &[f32]) {
+        let bytes = values.len() * 4;
+        let mut header = format!(
+            r#"{{"w":{{"dtype":"F32","shape":[{}],"data_offsets":[0,{bytes}]}}}}"#,
+            values.len()
+        );
+        while header.len() % 8 != 0 {
+            header.push(' ');
+        }
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(header.as_bytes());
+        for v in values {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        std::fs::write(path, out).expect("write weights");
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        Vec::<f32>::try_from(t).expect("f32 values")
+    }
+
+    #[test]
+    fn replacing_the_file_by_rename_leaves_loaded_tensors_alone() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("model.safetensors");
+        write_safetensors(&path, &[1.0, 2.0, 3.0, 4.0]);
+        let weights = Weights::open(&path, Placement::cpu()).expect("open");
+        let w = weights.get("w", &[4]).expect("get");
+        let map = weights.storage();
+        let (start, end) = (map.as_ptr() as usize, map.as_ptr() as usize + map.len());
+        assert!(
+            (start..end).contains(&(w.data_ptr() as usize)),
+            "the tensor must be the zero-copy view over the mapping for this test to mean anything"
+        );
+        drop(weights);
+
+        let next = dir.path().join("model.safetensors.new");
+        write_safetensors(&next, &[9.0, 9.0, 9.0, 9.0]);
+        std::fs::rename(&next, &path).expect("rename over");
+
+        let reopened = Weights::open(&path, Placement::cpu()).expect("reopen");
+        assert_eq!(values(&reopened.get("w", &[4]).expect("get")), [9.0; 4]);
+        assert_eq!(values(&w), [1.0, 2.0, 3.0, 4.0]);
+        drop(map);
+    }
+
+    /// The case the SAFETY comment in `open` warns about: a private map is
+    /// no snapshot; a file rewritten in place shows through.
+    #[test]
+    fn a_file_rewritten_in_place_shows_through_the_private_map() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("model.safetensors");
+        write_safetensors(&path, &[1.0, 2.0, 3.0, 4.0]);
+        let weights = Weights::open(&path, Placement::cpu()).expect("open");
+        let w = weights.get("w", &[4]).expect("get");
+        let next = dir.path().join("other.safetensors");
+        write_safetensors(&next, &[9.0, 9.0, 9.0, 9.0]);
+        std::fs::copy(&next, &path).expect("rewrite in place");
+        assert_eq!(values(&w), [9.0; 4]);
     }
 }

@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use sd_proto::v1::generation_client::GenerationClient;
-use sd_proto::v1::{generate_event, GenerateRequest, ImageFormat, ListModelsRequest};
+use sd_proto::v1::{
+    generate_event, GenerateRequest, GenerateResponse, ImageFormat, ListModelsRequest, Preview,
+};
 use tokio_stream::StreamExt;
 
 /// How to reach the gateway.
@@ -144,12 +146,13 @@ async fn connect(conn: &Connection) -> anyhow::Result<GenerationClient<tonic::tr
         .max_encoding_message_size(64 << 20))
 }
 
-pub async fn run(a: GenerateArgs) -> anyhow::Result<()> {
+/// The request the flags describe (the init image read from disk).
+fn request(a: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
     let init_image = match &a.init_image {
         Some(p) => std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
         None => Vec::new(),
     };
-    let request = GenerateRequest {
+    Ok(GenerateRequest {
         prompt: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone(),
         width: a.width.unwrap_or(0),
@@ -168,13 +171,10 @@ pub async fn run(a: GenerateArgs) -> anyhow::Result<()> {
         preview_every: a.preview_every,
         preview_mode: 0,
         model: String::new(),
-    };
-    let mut client = connect(&a.conn).await?;
-    let mut stream = client
-        .generate_stream(a.conn.request(request)?)
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    })
+}
+
+fn progress_bar() -> anyhow::Result<ProgressBar> {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
@@ -183,51 +183,68 @@ pub async fn run(a: GenerateArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?,
     );
     bar.enable_steady_tick(Duration::from_millis(200));
+    Ok(bar)
+}
+
+/// Preview images go next to the output: FILE.preview-STEP.png.
+fn write_preview(output: &Path, p: &Preview) -> anyhow::Result<()> {
+    for (i, img) in p.images.iter().enumerate() {
+        let path = output_path(
+            &output.with_extension(format!("preview-{}.png", p.step)),
+            i,
+            p.images.len(),
+        );
+        std::fs::write(&path, &img.data).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Write the images and say what was written and with which parameters.
+fn write_result(output: &Path, r: &GenerateResponse) -> anyhow::Result<()> {
+    let n = r.images.len();
+    for (i, img) in r.images.iter().enumerate() {
+        let path = output_path(output, i, n);
+        std::fs::write(&path, &img.data).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {} ({}x{})", path.display(), img.width, img.height);
+    }
+    if let Some(p) = &r.parameters {
+        println!(
+            "seed {} · {} steps · {}{} · guidance {} · {}",
+            p.seed,
+            p.steps,
+            p.scheduler,
+            if p.karras { " karras" } else { "" },
+            p.guidance_scale,
+            p.model
+        );
+    }
+    Ok(())
+}
+
+pub async fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    let request = request(&a)?;
+    let mut client = connect(&a.conn).await?;
+    let mut stream = client
+        .generate_stream(a.conn.request(request)?)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let bar = progress_bar()?;
     while let Some(event) = stream.next().await {
-        match event
-            .map_err(|s| {
-                bar.abandon();
-                status_error(s)
-            })?
-            .event
-        {
+        let event = event.map_err(|s| {
+            bar.abandon();
+            status_error(s)
+        })?;
+        match event.event {
             Some(generate_event::Event::Progress(p)) => {
                 bar.set_length(p.total as u64);
                 bar.set_position(p.step as u64);
                 bar.set_message(format!("t={:.0}", p.timestep));
             }
-            Some(generate_event::Event::Preview(p)) => {
-                for (i, img) in p.images.iter().enumerate() {
-                    let path = output_path(
-                        &a.output.with_extension(format!("preview-{}.png", p.step)),
-                        i,
-                        p.images.len(),
-                    );
-                    std::fs::write(&path, &img.data)
-                        .with_context(|| format!("writing {}", path.display()))?;
-                }
-            }
+            Some(generate_event::Event::Preview(p)) => write_preview(&a.output, &p)?,
             Some(generate_event::Event::Result(r)) => {
                 bar.finish_and_clear();
-                let n = r.images.len();
-                for (i, img) in r.images.iter().enumerate() {
-                    let path = output_path(&a.output, i, n);
-                    std::fs::write(&path, &img.data)
-                        .with_context(|| format!("writing {}", path.display()))?;
-                    println!("wrote {} ({}x{})", path.display(), img.width, img.height);
-                }
-                if let Some(p) = r.parameters {
-                    println!(
-                        "seed {} · {} steps · {}{} · guidance {} · {}",
-                        p.seed,
-                        p.steps,
-                        p.scheduler,
-                        if p.karras { " karras" } else { "" },
-                        p.guidance_scale,
-                        p.model
-                    );
-                }
-                return Ok(());
+                return write_result(&a.output, &r);
             }
             None => {}
         }

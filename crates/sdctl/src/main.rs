@@ -2,6 +2,7 @@
 //! asks a gateway for images, with a progress bar.
 
 mod generate;
+mod stage;
 mod up;
 
 use clap::{Parser, Subcommand};

@@ -3,16 +3,18 @@
 //! front of them, prints its address, and stops everything on Ctrl-C or
 //! SIGTERM (or when any process dies).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use sd_launch::{Launch, Process, Stop, Stopped};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
+
+use crate::stage::{Replicas, Stage};
 
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
@@ -46,37 +48,11 @@ pub struct UpArgs {
     gateway_args: Vec<String>,
 }
 
-/// `stage=n` pairs, checked.
-fn replica_counts(specs: &[String]) -> anyhow::Result<[usize; 3]> {
-    let mut counts = [1usize; 3];
-    for spec in specs {
-        let (stage, n) = spec
-            .split_once('=')
-            .with_context(|| format!("--replicas {spec}: expected stage=count"))?;
-        let n: usize = n
-            .parse()
-            .with_context(|| format!("--replicas {spec}: count must be a number"))?;
-        if !(1..=16).contains(&n) {
-            anyhow::bail!("--replicas {spec}: count must be 1..=16");
-        }
-        let i = match stage {
-            "text-encoder" => 0,
-            "denoiser" => 1,
-            "autoencoder" => 2,
-            other => anyhow::bail!(
-                "--replicas: unknown stage `{other}` (text-encoder, denoiser, autoencoder)"
-            ),
-        };
-        counts[i] = n;
-    }
-    Ok(counts)
-}
-
-struct Proc {
-    name: &'static str,
-    child: Child,
-    addr: String,
-}
+/// How long a server may take to print its address (it does so before
+/// loading its model).
+const ADDRESS_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long each process may drain its work after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(15);
 
 fn bin_dir(args: &UpArgs) -> anyhow::Result<PathBuf> {
     if let Some(d) = &args.bin_dir {
@@ -89,40 +65,29 @@ fn bin_dir(args: &UpArgs) -> anyhow::Result<PathBuf> {
         .to_path_buf())
 }
 
-/// Spawn a server binary and read its `listening on ADDR` line.
-async fn spawn(name: &'static str, bin: PathBuf, args: Vec<String>) -> anyhow::Result<Proc> {
-    let mut child = Command::new(&bin)
-        .args(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await? {
-            if let Some(a) = line.strip_prefix("listening on ") {
-                return Ok::<_, std::io::Error>(Some(a.trim().to_string()));
-            }
-        }
-        Ok(None)
-    })
-    .await
-    .with_context(|| format!("{name} did not start listening"))??
-    .with_context(|| format!("{name} exited before listening"))?;
-    // Keep draining its stdout so it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(Proc { name, child, addr })
+/// Start a server binary and read its `listening on ADDR` line.
+///
+/// This blocks the task until the line comes, which the servers print
+/// before loading anything. Blocking, rather than awaiting, means a start-up
+/// cancelled by a signal can only stop at an `.await`, where every process
+/// already started is in the caller's list to be stopped.
+fn spawn(name: &str, bin: &Path, args: &[String]) -> anyhow::Result<Process> {
+    let mut command = std::process::Command::new(bin);
+    command.args(args).stderr(Stdio::inherit());
+    let process = Launch::new(name)
+        .timeout(ADDRESS_TIMEOUT)
+        .stop(Stop::Terminate { grace: STOP_GRACE })
+        .spawn(command)?;
+    Ok(process)
 }
 
 /// Wait until `proc` reports SERVING, failing early if it exits.
-async fn wait_serving(proc: &mut Proc, timeout: Duration) -> anyhow::Result<()> {
-    let url = format!("http://{}", proc.addr);
+async fn wait_serving(proc: &mut Process, timeout: Duration) -> anyhow::Result<()> {
+    let url = proc.url();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if let Some(status) = proc.child.try_wait()? {
-            anyhow::bail!("{} exited ({status}) while loading", proc.name);
+        if let Some(status) = proc.try_wait()? {
+            anyhow::bail!("{} exited ({status}) while loading", proc.name());
         }
         if let Ok(ch) = tonic::transport::Endpoint::from_shared(url.clone())?
             .connect()
@@ -138,132 +103,179 @@ async fn wait_serving(proc: &mut Proc, timeout: Duration) -> anyhow::Result<()> 
             }
         }
         if tokio::time::Instant::now() > deadline {
-            anyhow::bail!("{} not SERVING after {timeout:?}", proc.name);
+            anyhow::bail!("{} not SERVING after {timeout:?}", proc.name());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
-fn terminate(proc: &Proc) {
-    if let Some(pid) = proc.child.id() {
-        // SAFETY: kill(2) with a pid we spawned and still own.
-        unsafe {
-            libc::kill(pid as i32, libc::SIGTERM);
+/// SIGTERM to every process (the gateway first), SIGKILL to any still
+/// running after the grace period.
+fn stop_all(procs: &mut [Process]) {
+    let stopped = sd_launch::stop_all(procs);
+    for (p, stopped) in procs.iter().zip(stopped) {
+        match stopped {
+            Ok(Stopped::Exited(_)) => {}
+            Ok(Stopped::Killed(_)) => {
+                eprintln!("sdctl: {} did not stop in time; killed it", p.name());
+            }
+            Err(e) => eprintln!("sdctl: stopping {}: {e}", p.name()),
         }
     }
 }
 
-async fn stop_all(procs: &mut [Proc]) {
-    for p in procs.iter().rev() {
-        terminate(p);
+/// Ctrl-C and SIGTERM, listened for from the start, so that one arriving
+/// while a server is being launched is seen afterwards rather than lost.
+struct Interrupts {
+    int: Option<Signal>,
+    term: Option<Signal>,
+}
+
+impl Interrupts {
+    fn listen() -> Self {
+        Interrupts {
+            int: signal(SignalKind::interrupt()).ok(),
+            term: signal(SignalKind::terminate()).ok(),
+        }
     }
-    for p in procs.iter_mut().rev() {
-        match tokio::time::timeout(Duration::from_secs(15), p.child.wait()).await {
-            Ok(_) => {}
-            Err(_) => {
-                eprintln!("sdctl: {} did not stop in time; killing it", p.name);
-                let _ = p.child.kill().await;
+
+    /// Resolves on the first Ctrl-C or SIGTERM (never, if neither could be
+    /// listened for).
+    async fn recv(&mut self) {
+        async fn next(s: &mut Option<Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
             }
         }
+        tokio::select! {
+            _ = next(&mut self.int) => {},
+            _ = next(&mut self.term) => {},
+        }
     }
 }
 
-async fn signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
+/// The arguments every model service gets.
+fn service_args(args: &UpArgs) -> Vec<String> {
+    let model = args.model.to_string_lossy().into_owned();
+    [
+        "--model",
+        &model,
+        "--device",
+        &args.device,
+        "--precision",
+        &args.precision,
+        "--listen",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Every replica of every stage, started in stage order; returns each
+/// replica's stage and URL.
+fn start_services(
+    args: &UpArgs,
+    dir: &Path,
+    replicas: Replicas,
+    procs: &mut Vec<Process>,
+) -> anyhow::Result<Vec<(Stage, String)>> {
+    let mut urls = Vec::new();
+    for stage in Stage::ALL {
+        for _ in 0..replicas.of(stage) {
+            let p = spawn(
+                stage.cli_name(),
+                &dir.join(stage.binary()),
+                &service_args(args),
+            )?;
+            urls.push((stage, p.url()));
+            procs.push(p);
+        }
+    }
+    Ok(urls)
+}
+
+/// The gateway's flags: each stage's URLs, then the user's extra flags.
+fn gateway_args(args: &UpArgs, urls: &[(Stage, String)]) -> Vec<String> {
+    let mut v = vec![
+        "--listen".to_string(),
+        format!("{}:{}", args.host, args.port),
+    ];
+    for stage in Stage::ALL {
+        let of_stage: Vec<&str> = urls
+            .iter()
+            .filter(|(s, _)| *s == stage)
+            .map(|(_, url)| url.as_str())
+            .collect();
+        v.push(stage.gateway_flag().to_string());
+        v.push(of_stage.join(","));
+    }
+    v.extend(args.gateway_args.iter().cloned());
+    v
+}
+
+/// The model services, each SERVING, then the gateway in front of them,
+/// SERVING too. Every process started is pushed to `procs`, also on error.
+async fn start_stack(
+    args: &UpArgs,
+    dir: &Path,
+    replicas: Replicas,
+    procs: &mut Vec<Process>,
+) -> anyhow::Result<()> {
+    let urls = start_services(args, dir, replicas, procs)?;
+    let timeout = Duration::from_secs(args.load_timeout);
+    for p in procs.iter_mut() {
+        wait_serving(p, timeout).await?;
+        eprintln!("sdctl: {} SERVING on {}", p.name(), p.addr());
+    }
+    let gateway = spawn(
+        "gateway",
+        &dir.join("sd-gateway"),
+        &gateway_args(args, &urls),
+    )?;
+    procs.push(gateway);
+    let gateway = procs.last_mut().context("the gateway was just started")?;
+    wait_serving(gateway, timeout).await
+}
+
+/// Resolves when any process exits, naming it.
+async fn first_exit(procs: &mut [Process]) -> String {
+    loop {
+        for p in procs.iter_mut() {
+            if let Ok(Some(status)) = p.try_wait() {
+                return format!("{} exited ({status})", p.name());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let mut interrupts = Interrupts::listen();
     let dir = bin_dir(&args)?;
-    let model = args.model.to_string_lossy().into_owned();
-    let common = |extra: &[&str]| {
-        let mut v: Vec<String> = [
-            "--model",
-            &model,
-            "--device",
-            &args.device,
-            "--precision",
-            &args.precision,
-            "--listen",
-            "127.0.0.1:0",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
-    let counts = replica_counts(&args.replicas)?;
+    let replicas = Replicas::parse(&args.replicas)?;
     let mut procs = Vec::new();
-    let mut urls: [Vec<String>; 3] = Default::default();
-    let started = async {
-        for (i, (name, bin)) in [
-            ("text-encoder", "sd-text-encoder"),
-            ("denoiser", "sd-denoiser"),
-            ("autoencoder", "sd-autoencoder"),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            for _ in 0..counts[i] {
-                let p = spawn(name, dir.join(bin), common(&[])).await?;
-                urls[i].push(format!("http://{}", p.addr));
-                procs.push(p);
-            }
-        }
-        let timeout = Duration::from_secs(args.load_timeout);
-        for p in procs.iter_mut() {
-            wait_serving(p, timeout).await?;
-            eprintln!("sdctl: {} SERVING on {}", p.name, p.addr);
-        }
-        let mut gateway_args = vec![
-            "--listen".to_string(),
-            format!("{}:{}", args.host, args.port),
-            "--text-encoder".into(),
-            urls[0].join(","),
-            "--denoiser".into(),
-            urls[1].join(","),
-            "--autoencoder".into(),
-            urls[2].join(","),
-        ];
-        gateway_args.extend(args.gateway_args.iter().cloned());
-        procs.push(spawn("gateway", dir.join("sd-gateway"), gateway_args).await?);
-        let last = procs.len() - 1;
-        wait_serving(&mut procs[last], timeout).await?;
-        anyhow::Ok(())
+    let started = tokio::select! {
+        r = start_stack(&args, &dir, replicas, &mut procs) => r,
+        _ = interrupts.recv() => Err(anyhow::anyhow!("interrupted while starting")),
     };
-    let outcome = tokio::select! {
-        r = started => r,
-        _ = signal() => Err(anyhow::anyhow!("interrupted while starting")),
-    };
-    if let Err(e) = outcome {
-        stop_all(&mut procs).await;
+    if let Err(e) = started {
+        stop_all(&mut procs);
         return Err(e);
     }
-    println!("gateway ready on http://{}", procs[procs.len() - 1].addr);
+    if let Some(gateway) = procs.last() {
+        println!("gateway ready on {}", gateway.url());
+    }
     // Run until a signal, or until one of the processes dies.
-    let died = async {
-        loop {
-            for p in procs.iter_mut() {
-                if let Ok(Some(status)) = p.child.try_wait() {
-                    return format!("{} exited ({status})", p.name);
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+    let died = tokio::select! {
+        _ = interrupts.recv() => None,
+        r = first_exit(&mut procs) => Some(r),
     };
-    let reason = tokio::select! {
-        _ = signal() => None,
-        r = died => Some(r),
-    };
-    stop_all(&mut procs).await;
-    match reason {
+    stop_all(&mut procs);
+    match died {
         None => {
             eprintln!("sdctl: stopped");
             Ok(())

@@ -2,22 +2,21 @@
 //! port (`--listen 127.0.0.1:0`, the port read from its stdout), stopped on
 //! drop.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use sd_launch::{Launch, Process};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use super::stack::bin_dir;
 
+/// One server process, killed (SIGKILL) on drop.
 pub struct Proc {
     pub name: String,
-    child: Child,
     pub addr: String,
-    metrics: Arc<Mutex<Option<String>>>,
+    process: Process,
 }
 
 impl Proc {
@@ -32,49 +31,28 @@ impl Proc {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(if std::env::var_os("SD_TEST_LOGS").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        let metrics = Arc::new(Mutex::new(None));
-        let m = metrics.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(a) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(a.trim().to_string());
-                } else if let Some(a) = line.strip_prefix("metrics on ") {
-                    *m.lock().unwrap() = Some(a.trim().to_string());
-                }
-            }
+        cmd.stderr(if std::env::var_os("SD_TEST_LOGS").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
         });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("{bin} did not report its address"));
+        let process = Launch::new(bin)
+            .timeout(Duration::from_secs(30))
+            .spawn(cmd)
+            .unwrap_or_else(|e| panic!("{:#}", anyhow::Error::new(e)));
         Proc {
             name: bin.to_string(),
-            child,
-            addr,
-            metrics,
+            addr: process.addr().to_string(),
+            process,
         }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.process.url()
     }
 
     pub fn port(&self) -> u16 {
-        self.addr
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("port")
+        self.process.port().expect("port")
     }
 
     /// The status grpc.health.v1 reports for `service` ("" = overall), or None if unreachable.
@@ -105,45 +83,27 @@ impl Proc {
         }
     }
 
+    /// Send `sig`; a process already gone is not an error here.
     pub fn signal(&self, sig: i32) {
-        // SAFETY: signalling a child we spawned.
-        unsafe {
-            libc::kill(self.child.id() as i32, sig);
-        }
+        let _ = self.process.signal(sig);
     }
 
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        self.process.wait_exit(timeout).ok().flatten()
     }
 
     /// Scrape `/metrics` and return the value of the first sample whose line
     /// starts with `prefix` (0 when absent).
     pub async fn metric(&self, prefix: &str) -> f64 {
         let addr = self
-            .metrics
-            .lock()
-            .unwrap()
-            .clone()
+            .process
+            .metrics_addr()
             .expect("started with --metrics-listen");
         let body = http_get(&addr, "/metrics").await;
         body.lines()
             .filter(|l| l.starts_with(prefix))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -1,10 +1,11 @@
 //! A real sdserve stack for a test: `sdctl up --port 0` on a fixture model,
 //! stopped (SIGTERM, then SIGKILL) when dropped.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use sd_launch::{Launch, Process, Stop};
 
 /// The directory holding the built binaries (next to the test's own `deps/`).
 pub fn bin_dir() -> PathBuf {
@@ -30,57 +31,31 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
+/// `sdctl up` on a fixture model; dropping it stops the stack (SIGTERM, so
+/// sdctl stops its servers, then SIGKILL after 20 s).
 pub struct Stack {
-    child: Child,
     pub url: String,
+    _sdctl: Process,
 }
 
 impl Stack {
     pub fn start(model: &Path) -> Stack {
-        let mut child = Command::new(bin_dir().join("sdctl"))
-            .args(["up", "--port", "0", "--model"])
+        let mut cmd = Command::new(bin_dir().join("sdctl"));
+        cmd.args(["up", "--port", "0", "--model"])
             .arg(model)
             .env("SD_TORCH_THREADS", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn sdctl up");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(url) = line.strip_prefix("gateway ready on ") {
-                    let _ = tx.send(url.trim().to_string());
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Ok(url) = rx.recv_timeout(Duration::from_millis(200)) {
-                return Stack { child, url };
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("sdctl up exited early: {status}");
-            }
-            assert!(Instant::now() < deadline, "stack did not come up in time");
+            .stderr(Stdio::null());
+        let sdctl = Launch::new("sdctl up")
+            .address_prefix("gateway ready on http://")
+            .timeout(Duration::from_secs(120))
+            .stop(Stop::Terminate {
+                grace: Duration::from_secs(20),
+            })
+            .spawn(cmd)
+            .unwrap_or_else(|e| panic!("the stack did not come up: {:#}", anyhow::Error::new(e)));
+        Stack {
+            url: sdctl.url(),
+            _sdctl: sdctl,
         }
-    }
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        // SAFETY: signalling a child we spawned.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
