@@ -284,28 +284,36 @@ async fn a_repeated_prompt_skips_the_text_encoder_and_the_embedding_transfer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn internal_services_refuse_bad_calls_with_clear_codes() {
-    use sd_proto::v1::autoencoder_client::AutoencoderClient;
-    use sd_proto::v1::denoiser_client::DenoiserClient;
-    use sd_proto::v1::text_encoder_client::TextEncoderClient;
-    use sd_proto::v1::{
-        DecodeRequest, Dtype, Embedding, EncodeImageRequest, EncodeTextRequest, PredictRequest,
-        Tensor,
-    };
-
     let cluster = Cluster::start(&common::model("sd1-tiny"), ClusterOptions::default()).await;
-    let f32s = |shape: Vec<i64>| {
-        let n: i64 = shape.iter().product();
-        Tensor {
-            shape,
-            dtype: Dtype::Float32 as i32,
-            data: vec![0u8; n as usize * 4].into(),
-        }
-    };
-    let emb = |id: &str, t: Option<Tensor>| Embedding {
+    denoiser_refuses_bad_calls(&cluster.denoisers[0].url()).await;
+    text_encoder_refuses_bad_calls(&cluster.text.url()).await;
+    autoencoder_refuses_bad_calls(&cluster.autoencoder.url()).await;
+}
+
+/// Zeros of `shape` as a float32 wire tensor.
+fn f32s(shape: Vec<i64>) -> sd_proto::v1::Tensor {
+    let n: i64 = shape.iter().product();
+    sd_proto::v1::Tensor {
+        shape,
+        dtype: sd_proto::v1::Dtype::Float32 as i32,
+        data: vec![0u8; n as usize * 4].into(),
+    }
+}
+
+fn emb(id: &str, t: Option<sd_proto::v1::Tensor>) -> sd_proto::v1::Embedding {
+    sd_proto::v1::Embedding {
         id: id.into(),
         tensor: t,
-    };
-    let predict = |latents: Tensor, ts: Vec<f32>, cond: Embedding, g: f32| PredictRequest {
+    }
+}
+
+fn predict(
+    latents: sd_proto::v1::Tensor,
+    ts: Vec<f32>,
+    cond: sd_proto::v1::Embedding,
+    g: f32,
+) -> sd_proto::v1::PredictRequest {
+    sd_proto::v1::PredictRequest {
         latents: Some(latents),
         timesteps: ts,
         cond: Some(cond),
@@ -313,12 +321,36 @@ async fn internal_services_refuse_bad_calls_with_clear_codes() {
         guidance_scale: g,
         output_dtype: 0,
         ..Default::default()
-    };
-    let mut d = DenoiserClient::connect(cluster.denoisers[0].url())
-        .await
-        .unwrap();
-    let good_ctx = || Some(f32s(vec![1, 77, 32]));
-    let cases: Vec<(&str, PredictRequest, Code)> = vec![
+    }
+}
+
+fn good_ctx() -> Option<sd_proto::v1::Tensor> {
+    Some(f32s(vec![1, 77, 32]))
+}
+
+async fn denoiser_refuses_bad_calls(url: &str) {
+    use sd_proto::v1::denoiser_client::DenoiserClient;
+
+    let mut d = DenoiserClient::connect(url.to_string()).await.unwrap();
+    for (what, req, code) in bad_predicts() {
+        let e = d.predict(req).await.unwrap_err();
+        assert_eq!(e.code(), code, "{what}: {}", e.message());
+    }
+    // The denoiser still works after all that.
+    d.predict(predict(
+        f32s(vec![1, 4, 8, 8]),
+        vec![1.0],
+        emb("a", good_ctx()),
+        1.0,
+    ))
+    .await
+    .unwrap();
+}
+
+/// Predict calls the denoiser must refuse, and the code it refuses with.
+fn bad_predicts() -> Vec<(&'static str, sd_proto::v1::PredictRequest, Code)> {
+    use sd_proto::v1::Tensor;
+    vec![
         (
             "bytes short of the shape",
             {
@@ -406,24 +438,14 @@ async fn internal_services_refuse_bad_calls_with_clear_codes() {
             ),
             Code::InvalidArgument,
         ),
-    ];
-    for (what, req, code) in cases {
-        let e = d.predict(req).await.unwrap_err();
-        assert_eq!(e.code(), code, "{what}: {}", e.message());
-    }
-    // The denoiser still works after all that.
-    d.predict(predict(
-        f32s(vec![1, 4, 8, 8]),
-        vec![1.0],
-        emb("a", good_ctx()),
-        1.0,
-    ))
-    .await
-    .unwrap();
+    ]
+}
 
-    let mut t = TextEncoderClient::connect(cluster.text.url())
-        .await
-        .unwrap();
+async fn text_encoder_refuses_bad_calls(url: &str) {
+    use sd_proto::v1::text_encoder_client::TextEncoderClient;
+    use sd_proto::v1::EncodeTextRequest;
+
+    let mut t = TextEncoderClient::connect(url.to_string()).await.unwrap();
     let enc = |prompts: Vec<String>, clip_skip| EncodeTextRequest {
         prompts,
         clip_skip,
@@ -447,10 +469,13 @@ async fn internal_services_refuse_bad_calls_with_clear_codes() {
             .code(),
         Code::InvalidArgument
     );
+}
 
-    let mut a = AutoencoderClient::connect(cluster.autoencoder.url())
-        .await
-        .unwrap();
+async fn autoencoder_refuses_bad_calls(url: &str) {
+    use sd_proto::v1::autoencoder_client::AutoencoderClient;
+    use sd_proto::v1::{DecodeRequest, EncodeImageRequest};
+
+    let mut a = AutoencoderClient::connect(url.to_string()).await.unwrap();
     let e = a
         .decode(DecodeRequest {
             latents: Some(f32s(vec![1, 3, 8, 8])),
