@@ -715,8 +715,39 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_batched_forward_follows_from_the_calls_it_serves() {
+    /// tracing caches each callsite's interest process-wide: another test
+    /// creating `unet_batch` spans with no subscriber at the same moment can
+    /// leave the callsite disabled for this one. So this test runs alone, in
+    /// a process of its own (this test binary, re-run on just this test).
+    #[test]
+    fn a_batched_forward_follows_from_the_calls_it_serves() {
+        const ALONE: &str = "SD_TEST_ALONE";
+        if std::env::var_os(ALONE).is_some() {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            return rt.block_on(batched_forward_follows_from_the_calls_it_serves());
+        }
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new(exe)
+            .args([
+                "--exact",
+                "batch::tests::a_batched_forward_follows_from_the_calls_it_serves",
+                "--test-threads",
+                "1",
+                "--nocapture",
+            ])
+            .env(ALONE, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("1 passed"), "the test did not run: {text}");
+    }
+
+    async fn batched_forward_follows_from_the_calls_it_serves() {
         use tracing_subscriber::layer::SubscriberExt;
         let seen = Arc::new(Mutex::new(Seen::default()));
         let subscriber = tracing_subscriber::registry().with(Recorder(seen.clone()));
