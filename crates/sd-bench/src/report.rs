@@ -1,0 +1,144 @@
+//! The Markdown tables sd-bench prints.
+
+use super::*;
+
+/// Mean milliseconds of stage `k`, NaN when it was not observed.
+pub(crate) fn stage_ms(l: &Latency, k: &str) -> f64 {
+    l.stages.get(k).copied().unwrap_or(f64::NAN) * 1e3
+}
+
+/// A table cell: two decimals, or a dash for what was not measured.
+pub(crate) fn cell(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.2}")
+    } else {
+        "—".to_string()
+    }
+}
+
+pub(crate) fn print_pipelines(name: &str, args: &Args, r: &LatencyReport) {
+    println!(
+        "## {name}: {} steps, {} torch threads, {} timed images each\n",
+        args.steps, args.threads, args.runs
+    );
+    let stack_s = r.stack.per_image;
+    println!("| pipeline | s/image | stack ÷ this |");
+    println!("|---|---:|---:|");
+    println!("| gRPC stack | {stack_s:.3} | 1.000 |");
+    println!(
+        "| in-process Rust | {:.3} | {:.3} |",
+        r.inproc.per_image,
+        stack_s / r.inproc.per_image
+    );
+    if let Some(d) = &r.diffusers {
+        println!(
+            "| diffusers | {:.3} | {:.3} |",
+            d.per_image,
+            stack_s / d.per_image
+        );
+    }
+}
+
+pub(crate) fn print_stages(r: &LatencyReport) {
+    let (d_head, d_rule) = if r.diffusers.is_some() {
+        (" diffusers |", "---:|")
+    } else {
+        ("", "")
+    };
+    println!("\n| stage (mean ms) | in-process | stack | stack − in-process |{d_head}");
+    println!("|---|---:|---:|---:|{d_rule}");
+    for (k, label) in [
+        ("text", "prompt embeddings"),
+        ("denoise", "one denoising step"),
+        ("decode", "VAE decode"),
+        ("vae_decode", "… of which the VAE forward"),
+        ("image_encode", "image encoding (PNG)"),
+        ("generation", "whole generation"),
+    ] {
+        let (a, b) = (stage_ms(&r.inproc, k), stage_ms(&r.stack, k));
+        let d = match (&r.diffusers, k) {
+            (None, _) => String::new(),
+            (Some(d), "denoise") => format!(" {} |", cell(d.step * 1e3)),
+            (Some(d), "generation") => format!(" {} |", cell(d.per_image * 1e3)),
+            (Some(_), _) => " — |".to_string(),
+        };
+        println!(
+            "| {label} | {} | {} | {} |{d}",
+            cell(a),
+            cell(b),
+            cell(b - a)
+        );
+    }
+}
+
+/// Step time against diffusers, and what the gateway adds to a UNet forward.
+pub(crate) fn print_step_overhead(r: &LatencyReport) {
+    if let Some(d) = &r.diffusers {
+        println!(
+            "\nStep time, stack ÷ diffusers: {:.3} (in-process ÷ diffusers: {:.3})",
+            stage_ms(&r.stack, "denoise") / (d.step * 1e3),
+            stage_ms(&r.inproc, "denoise") / (d.step * 1e3)
+        );
+    }
+    let (gateway_step, unet_step) = (
+        stage_ms(&r.stack, "denoise"),
+        stage_ms(&r.stack, "unet_forward"),
+    );
+    println!(
+        "\nPer-step overhead: gateway step {gateway_step:.2} ms − UNet forward {unet_step:.2} ms = {:.2} ms\n",
+        gateway_step - unet_step
+    );
+}
+
+pub(crate) fn print_forwards(forwards: &[(i64, f64)]) {
+    println!("| UNet forward, in process | ms | ms per row |\n|---:|---:|---:|");
+    for &(rows, ms) in forwards {
+        println!("| {rows} rows | {ms:.2} | {:.2} |", ms / rows as f64);
+    }
+    println!();
+}
+
+pub(crate) async fn print_cache_effect(args: &Args, stack: &Stack) -> anyhow::Result<()> {
+    let (miss, hit) = cache_effect(args, stack).await?;
+    println!("| repeated prompt | s/image |\n|---|---:|\n| new prompt (text encoder called) | {miss:.3} |\n| same prompt again (cache hit) | {hit:.3} |\n");
+    Ok(())
+}
+
+/// One throughput row per concurrency level, on a stack of its own.
+pub(crate) async fn print_throughput_rows(
+    args: &Args,
+    workers: usize,
+    batching: bool,
+) -> anyhow::Result<()> {
+    let stack = start_stack(args, batching, workers)?;
+    for &c in &args.concurrency {
+        let den = &stack.services[1].metrics;
+        let rows_before = batch_rows(den)?;
+        let (ipm, p50, p95) = throughput(args, &stack, c).await?;
+        let (sum, n) = batch_rows(den)?;
+        let per = if batching {
+            format!(
+                "{:.1}",
+                (sum - rows_before.0) / (n - rows_before.1).max(1.0)
+            )
+        } else {
+            "—".into()
+        };
+        let b = if batching { "on" } else { "off" };
+        println!("| {workers} | {b} | {c} | {ipm:.1} | {p50:.3} | {p95:.3} | {per} |");
+    }
+    Ok(())
+}
+
+pub(crate) async fn print_throughput(args: &Args) -> anyhow::Result<()> {
+    println!(
+        "| UNet workers | batching | concurrency | images/min | p50 s | p95 s | UNet rows per forward |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|---:|");
+    for &workers in &args.unet_workers {
+        for batching in [true, false] {
+            print_throughput_rows(args, workers, batching).await?;
+        }
+    }
+    Ok(())
+}
