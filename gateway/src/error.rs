@@ -4,34 +4,9 @@
 //! gateway cannot use is INTERNAL, never the client's fault.
 
 use sd_proto::status::{invalid_argument, is_embedding_miss, quote};
+pub use sd_proto::Stage;
 use sd_runtime::Refusal;
 use tonic::Status;
-
-/// The three model services, as the gateway names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Stage {
-    TextEncoder,
-    Denoiser,
-    Autoencoder,
-}
-
-impl Stage {
-    pub const ALL: [Stage; 3] = [Stage::TextEncoder, Stage::Denoiser, Stage::Autoencoder];
-
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Stage::TextEncoder => "text-encoder",
-            Stage::Denoiser => "denoiser",
-            Stage::Autoencoder => "autoencoder",
-        }
-    }
-}
-
-impl std::fmt::Display for Stage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -5,6 +5,7 @@
 //! services convert to tch tensors on their side.
 
 pub mod codec;
+pub mod stage;
 pub mod status;
 pub mod wire;
 
@@ -17,4 +18,5 @@ pub mod v1 {
 /// Encoded `FileDescriptorSet` of `sd.v1`, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("sd_v1_descriptor");
 
+pub use stage::Stage;
 pub use wire::{HostTensor, WireError};

@@ -20,6 +20,35 @@ use crate::metrics::Metrics;
 use crate::tls::ServerTlsArgs;
 use crate::{Health, ServerArgs};
 
+/// A gRPC service as a server hosts it (what tonic's generated servers are).
+pub trait GrpcService:
+    tonic::codegen::Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + NamedService
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> GrpcService for S where
+    S: tonic::codegen::Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Who a server process is.
 #[derive(Debug, Clone, Copy)]
 pub struct Identity {
@@ -50,13 +79,7 @@ pub async fn run<S, F, Fut>(
     load: F,
 ) -> anyhow::Result<()>
 where
-    S: tonic::codegen::Service<Request<Body>, Response = Response<Body>, Error = Infallible>
-        + NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: GrpcService,
     F: FnOnce(Context) -> Fut,
     Fut: Future<Output = anyhow::Result<S>>,
 {
@@ -173,13 +196,7 @@ async fn serve_loading<S, F>(
     load: F,
 ) -> anyhow::Result<()>
 where
-    S: tonic::codegen::Service<Request<Body>, Response = Response<Body>, Error = Infallible>
-        + NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: GrpcService,
     F: Future<Output = anyhow::Result<S>>,
 {
     let mut builder = tonic::transport::Server::builder();

@@ -14,7 +14,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use crate::stage::{Replicas, Stage};
+use crate::stage::{gateway_flag, Replicas, Stage};
 
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
@@ -186,11 +186,7 @@ fn start_services(
     let mut urls = Vec::new();
     for stage in Stage::ALL {
         for _ in 0..replicas.of(stage) {
-            let p = spawn(
-                stage.cli_name(),
-                &dir.join(stage.binary()),
-                &service_args(args),
-            )?;
+            let p = spawn(stage.name(), &dir.join(stage.binary()), &service_args(args))?;
             urls.push((stage, p.url()));
             procs.push(p);
         }
@@ -210,7 +206,7 @@ fn gateway_args(args: &UpArgs, urls: &[(Stage, String)]) -> Vec<String> {
             .filter(|(s, _)| *s == stage)
             .map(|(_, url)| url.as_str())
             .collect();
-        v.push(stage.gateway_flag().to_string());
+        v.push(gateway_flag(stage));
         v.push(of_stage.join(","));
     }
     v.extend(args.gateway_args.iter().cloned());

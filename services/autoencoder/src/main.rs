@@ -160,8 +160,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let (server, tls) = (args.server.clone(), args.tls.clone());
     sd_service::serve_model(
-        "autoencoder",
-        "sd.v1.Autoencoder",
+        sd_proto::Stage::Autoencoder,
         &server,
         &tls,
         move |metrics, lifecycle| load(args, metrics, lifecycle),

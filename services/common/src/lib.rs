@@ -179,29 +179,16 @@ impl Worker {
 /// A model service's whole life: sd-runtime's one start-up path
 /// ([`sd_runtime::server::run`]) on the async runtime, with `load` on a
 /// blocking thread while health keeps answering.
-pub fn serve_model<S>(
-    service: &'static str,
-    grpc_name: &'static str,
+pub fn serve_model<S: sd_runtime::server::GrpcService>(
+    stage: sd_proto::Stage,
     server: &ServerArgs,
     tls: &ServerTlsArgs,
     load: impl FnOnce(Arc<Metrics>, Lifecycle) -> anyhow::Result<S> + Send + 'static,
-) -> anyhow::Result<()>
-where
-    S: tonic::codegen::Service<
-            tonic::codegen::http::Request<tonic::body::Body>,
-            Response = tonic::codegen::http::Response<tonic::body::Body>,
-            Error = std::convert::Infallible,
-        > + tonic::server::NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-{
+) -> anyhow::Result<()> {
     let who = sd_runtime::server::Identity {
-        name: service,
-        otel_name: service,
-        grpc_name,
+        name: stage.name(),
+        otel_name: stage.name(),
+        grpc_name: stage.grpc_service(),
     };
     server
         .runtime()?

@@ -365,8 +365,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let (server, tls) = (args.server.clone(), args.tls.clone());
     sd_service::serve_model(
-        "denoiser",
-        "sd.v1.Denoiser",
+        sd_proto::Stage::Denoiser,
         &server,
         &tls,
         move |metrics, lifecycle| load(args, metrics, lifecycle),

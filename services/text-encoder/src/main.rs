@@ -124,8 +124,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let (server, tls) = (args.server.clone(), args.tls.clone());
     sd_service::serve_model(
-        "text-encoder",
-        "sd.v1.TextEncoder",
+        sd_proto::Stage::TextEncoder,
         &server,
         &tls,
         move |metrics, lifecycle| load(args, metrics, lifecycle),
