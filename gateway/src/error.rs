@@ -3,7 +3,7 @@
 //! details) across the hop; anything a model service sends that the
 //! gateway cannot use is INTERNAL, never the client's fault.
 
-use sd_proto::status::{invalid_argument, is_embedding_miss, quote};
+use sd_proto::status::{invalid_argument, is_embedding_miss, quote, reason, Reason};
 pub use sd_proto::Stage;
 use sd_runtime::Refusal;
 use tonic::Status;
@@ -60,6 +60,18 @@ impl Error {
         Error::UnknownModel {
             requested: quote(requested).to_string(),
             served: served.to_string(),
+        }
+    }
+
+    /// A model service's failed call: its own status, kept whole — unless a
+    /// message between the gateway and the service did not decode (either
+    /// side's codec says so by its reason), which is no fault of the
+    /// client's: INTERNAL.
+    pub fn from_stage(stage: Stage, status: Status) -> Self {
+        if reason(&status) == Some(Reason::Undecodable) {
+            Error::Internal(format!("{stage}: {}", status.message()))
+        } else {
+            Error::Stage { stage, status }
         }
     }
 
@@ -156,6 +168,17 @@ mod tests {
         assert!(e.is_embedding_miss());
         let s = Status::from(e);
         assert!(is_embedding_miss(&s));
+    }
+
+    #[test]
+    fn a_message_that_did_not_decode_between_hops_is_internal() {
+        let e = Error::from_stage(Stage::Denoiser, sd_proto::status::undecodable("truncated"));
+        assert_eq!(Status::from(e).code(), Code::Internal);
+        let e = Error::from_stage(
+            Stage::Denoiser,
+            sd_proto::status::invalid_argument("x", "y"),
+        );
+        assert_eq!(Status::from(e).code(), Code::InvalidArgument);
     }
 
     #[test]

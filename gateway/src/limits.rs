@@ -54,6 +54,21 @@ mod tests {
     use clap::{Args, Command};
 
     #[test]
+    fn the_defaults_are_the_documented_numbers() {
+        // Whatever SD_* variables the environment holds.
+        let d = Limits::default();
+        assert_eq!(
+            (d.min_side, d.max_side, d.max_steps, d.max_images),
+            (8, 2048, 150, 8)
+        );
+        assert_eq!(
+            (d.max_prompt_bytes, d.max_init_image_bytes),
+            (4096, 16 << 20)
+        );
+        assert_eq!(d.max_cost, 1260.0);
+    }
+
+    #[test]
     fn the_flags_defaults_are_the_default() {
         // clap's declared defaults, without parsing (parsing would read SD_*).
         let cmd = Limits::augment_args(Command::new("limits"));

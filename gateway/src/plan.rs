@@ -3,10 +3,11 @@
 //! field and what is allowed, and the scheduler is built here, so a bad
 //! combination is refused before the text encoder runs.
 
+use sd_proto::status::quote;
 use sd_proto::v1::{GenerateRequest, GenerationParameters, ImageFormat, PreviewMode};
 use sd_proto::wire::HostTensor;
 use sd_sampling::schedulers::{build, SchedulerOptions};
-use sd_sampling::{Scheduler, SchedulerKind};
+use sd_sampling::{Scheduler, SchedulerError, SchedulerKind};
 
 use crate::error::{Error, Result};
 use crate::facts::ModelFacts;
@@ -216,9 +217,18 @@ impl Sampler {
         let kind = if req.scheduler.is_empty() {
             facts.default_scheduler
         } else {
-            req.scheduler
-                .parse()
-                .map_err(|e| Error::invalid("scheduler", e))?
+            req.scheduler.parse().map_err(|e| match e {
+                // The client's input: quoted, not echoed.
+                SchedulerError::Unknown(_) => Error::invalid(
+                    "scheduler",
+                    format!(
+                        "unknown scheduler {} (one of: {})",
+                        quote(&req.scheduler),
+                        SchedulerKind::names()
+                    ),
+                ),
+                other => Error::invalid("scheduler", other),
+            })?
         };
         if req.karras && !kind.supports_karras() {
             return Err(Error::invalid(

@@ -68,6 +68,13 @@ pub struct Replica {
     serving: AtomicBool,
 }
 
+impl Replica {
+    /// Whether health checks (or the last call) found it serving.
+    pub fn is_serving(&self) -> bool {
+        self.serving.load(Ordering::Relaxed)
+    }
+}
+
 /// A replica in use: counted in flight (for the balancer) until dropped.
 pub struct Lease(Arc<Replica>);
 
@@ -364,12 +371,7 @@ impl Pool {
                         when: format!("during a {} call", self.stage),
                     })
                 }
-                Failure::Answered => {
-                    return Err(Error::Stage {
-                        stage: self.stage,
-                        status,
-                    })
-                }
+                Failure::Answered => return Err(Error::from_stage(self.stage, status)),
             }
         }
         Err(Error::Unavailable {

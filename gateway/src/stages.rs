@@ -187,12 +187,7 @@ impl StepSession for RemoteSteps<'_> {
                         when: "during a denoising step".into(),
                     })
                 }
-                Failure::Answered => {
-                    return Err(Error::Stage {
-                        stage: Stage::Denoiser,
-                        status,
-                    })
-                }
+                Failure::Answered => return Err(Error::from_stage(Stage::Denoiser, status)),
             }
         }
         Err(Error::Unavailable {

@@ -216,10 +216,22 @@ async fn a_replica_that_is_gone_is_failed_over_by_type() {
     assert_eq!(Status::from(e).code(), tonic::Code::Unavailable);
 
     let live = serve(FakeDenoiser::default()).await;
-    for _ in 0..4 {
-        let both = Pool::new(Stage::Denoiser, &format!("{dead},http://{live}"), None).unwrap();
+    let both = Pool::new(Stage::Denoiser, &format!("{dead},http://{live}"), None).unwrap();
+    // The pick is random: call until the dead replica has been tried (and
+    // marked), every call succeeding on the live one meanwhile.
+    let dead_tried = |p: &Pool| {
+        p.replicas()
+            .iter()
+            .any(|r| r.url == dead && !r.is_serving())
+    };
+    for _ in 0..64 {
         unary(&both, &deadline).await.unwrap();
+        if dead_tried(&both) {
+            break;
+        }
     }
+    assert!(dead_tried(&both), "the dead replica was never picked");
+    unary(&both, &deadline).await.unwrap();
 }
 
 #[tokio::test]
@@ -311,4 +323,115 @@ async fn a_deadline_that_runs_out_in_a_model_service_is_the_deadlines() {
     assert!(matches!(e, Error::DeadlinePassed { .. }), "{e}");
     assert_eq!(Status::from(e).code(), tonic::Code::DeadlineExceeded);
     assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+/// A denoiser whose every reply is a truncated protobuf message.
+#[derive(Clone)]
+struct Garbled;
+
+impl tonic::server::NamedService for Garbled {
+    const NAME: &'static str = "sd.v1.Denoiser";
+}
+
+type HttpRequest = tonic::codegen::http::Request<tonic::body::Body>;
+type HttpResponse = tonic::codegen::http::Response<tonic::body::Body>;
+
+impl tonic::codegen::Service<HttpRequest> for Garbled {
+    type Response = HttpResponse;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<HttpResponse, std::convert::Infallible>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: HttpRequest) -> Self::Future {
+        Box::pin(async move {
+            Ok(tonic::server::Grpc::new(RawCodec)
+                .unary(Truncated, req)
+                .await)
+        })
+    }
+}
+
+/// Field 1, length-delimited, claiming 5 bytes and carrying 1.
+struct Truncated;
+
+impl tonic::server::UnaryService<bytes::Bytes> for Truncated {
+    type Response = bytes::Bytes;
+    type Future = std::future::Ready<Result<Response<bytes::Bytes>, Status>>;
+
+    fn call(&mut self, _: Request<bytes::Bytes>) -> Self::Future {
+        std::future::ready(Ok(Response::new(bytes::Bytes::from_static(&[
+            0x0a, 0x05, 0x01,
+        ]))))
+    }
+}
+
+/// Bytes as they are, both ways.
+#[derive(Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = bytes::Bytes;
+    type Decode = bytes::Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = bytes::Bytes;
+    type Error = Status;
+
+    fn encode(
+        &mut self,
+        item: bytes::Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = bytes::Bytes;
+    type Error = Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<bytes::Bytes>, Status> {
+        let n = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, n)))
+    }
+}
+
+#[tokio::test]
+async fn a_reply_that_does_not_decode_is_the_services_fault_not_the_clients() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(Garbled)
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let pool = Pool::new(Stage::Denoiser, &format!("http://{addr}"), None).unwrap();
+    let e = unary(&pool, &Deadline::after(Duration::from_secs(10)))
+        .await
+        .unwrap_err();
+    // The client's codec could not decode the reply: INTERNAL to the
+    // gateway's client, not the INVALID_ARGUMENT a bad request gets.
+    assert!(matches!(e, Error::Internal(_)), "{e}");
+    assert_eq!(Status::from(e).code(), tonic::Code::Internal);
 }

@@ -3,6 +3,8 @@
 //! the field (also as a BadRequest field violation) — never libtorch's text,
 //! a server path or a backtrace, never an input echoed whole — and the
 //! service still answers a good call afterwards. Each service starts once.
+//! The public gateway decodes with the same codec: an undecodable request
+//! is INVALID_ARGUMENT there too.
 
 #![allow(clippy::unwrap_used)]
 
@@ -362,4 +364,33 @@ async fn the_text_encoder_refuses_bad_input_briefly_and_keeps_serving() {
         .unwrap()
         .into_inner();
     assert_eq!(out.prompts.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_refuses_undecodable_requests_as_invalid_and_keeps_serving() {
+    use common::procs::{Cluster, ClusterOptions};
+    use sd_proto::v1::generation_client::GenerationClient;
+    use sd_proto::v1::GenerateRequest;
+
+    let cluster = Cluster::start(&common::model("sd1-tiny"), ClusterOptions::default()).await;
+    let ch = channel(&cluster.gateway).await;
+    const GENERATE: &str = "/sd.v1.Generation/Generate";
+    for (what, body) in [
+        ("a truncated request", truncated()),
+        ("a prompt that is not UTF-8", not_utf8(None, 1)),
+    ] {
+        let s = raw_call(ch.clone(), GENERATE, body).await.unwrap_err();
+        assert_brief(what, &s, Code::InvalidArgument, None);
+    }
+    let mut client = GenerationClient::new(ch);
+    let r = client
+        .generate(GenerateRequest {
+            prompt: "still serving".into(),
+            steps: 2,
+            seed: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().images.len(), 1);
 }

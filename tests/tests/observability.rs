@@ -179,6 +179,26 @@ async fn a_generation_is_one_trace_across_every_process() {
     assert_eq!(cluster.gateway.metric(per_step).await, steps as f64);
     let predict_ok = r#"sd_requests_total{service="denoiser",method="Predict",code="Ok"}"#;
     assert_eq!(cluster.denoisers[0].metric(predict_ok).await, steps as f64);
+    // Each step waited in the batcher's queue once, and ran in a forward.
+    let queued = r#"sd_step_duration_seconds_count{service="denoiser",stage="unet_queue"}"#;
+    assert_eq!(cluster.denoisers[0].metric(queued).await, steps as f64);
+    let forwards = r#"sd_step_duration_seconds_count{service="denoiser",stage="unet_forward"}"#;
+    assert!(cluster.denoisers[0].metric(forwards).await >= 1.0);
+    // The batched forwards are spans of their own (roots linked to the
+    // calls they served), exported by the denoiser too.
+    let batch_exported = || {
+        receiver
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|s| s.service == "denoiser" && s.name == "unet_batch")
+    };
+    let until = Instant::now() + Duration::from_secs(20);
+    while !batch_exported() {
+        assert!(Instant::now() < until, "no unet_batch span exported");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         cluster
             .autoencoder

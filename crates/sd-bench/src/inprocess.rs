@@ -134,7 +134,7 @@ impl InProcess {
 /// A stage's answer as the step loop takes it (a service's status would
 /// arrive the same way).
 fn staged<T>(stage: Stage, r: Result<T, Status>) -> Result<T, Error> {
-    r.map_err(|status| Error::Stage { stage, status })
+    r.map_err(|status| Error::from_stage(stage, status))
 }
 
 #[tonic::async_trait]

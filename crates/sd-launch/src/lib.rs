@@ -2,7 +2,7 @@
 //!
 //! Every sdserve server prints `listening on ADDR` on stdout once its gRPC
 //! socket is bound (before its model has loaded), and, when started with
-//! `--metrics-listen`, `metrics on ADDR` just before that. [`Launch`] starts
+//! `--metrics-listen`, `metrics on ADDR` right after it. [`Launch`] starts
 //! a [`Command`], reads those lines with a timeout, tells a process that
 //! exits (or closes stdout) before listening from one that is slow, and keeps
 //! draining stdout afterwards so the server never blocks on a full pipe. The

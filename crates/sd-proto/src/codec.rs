@@ -1,10 +1,11 @@
 //! The protobuf codec every sd.v1 client and server uses: prost's, except
 //! that a message that does not decode (truncated, a string that is not
-//! UTF-8) is INVALID_ARGUMENT with a short message, not INTERNAL — the
-//! sender's mistake, not ours.
+//! UTF-8) is INVALID_ARGUMENT with a short message and the UNDECODABLE
+//! reason, not INTERNAL — the sender's mistake, not ours.
 //!
-//! The generated clients use the same codec; a model service's reply that
-//! does not decode is reported to the gateway the same way.
+//! The generated clients use the same codec: a reply that does not decode
+//! carries the same reason, by which the gateway tells a model service's
+//! bad reply (INTERNAL to its client) from a client's bad request.
 
 use std::marker::PhantomData;
 
@@ -12,9 +13,6 @@ use prost::Message;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic::Status;
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
-
-/// Longest decode error text passed on (prost's messages name the field).
-const MAX_DETAIL: usize = 160;
 
 #[derive(Debug, Clone)]
 pub struct SdCodec<T, U>(PhantomData<(T, U)>);
@@ -53,18 +51,10 @@ impl<U: Message + Default> Decoder for CheckedDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        self.0.decode(buf).map_err(|s| {
-            let mut detail = s.message().to_string();
-            if detail.len() > MAX_DETAIL {
-                let mut end = MAX_DETAIL;
-                while !detail.is_char_boundary(end) {
-                    end -= 1;
-                }
-                detail.truncate(end);
-                detail.push('…');
-            }
-            Status::invalid_argument(format!("the message could not be decoded: {detail}"))
-        })
+        // prost's message names the field; `undecodable` cuts it short.
+        self.0
+            .decode(buf)
+            .map_err(|s| crate::status::undecodable(s.message()))
     }
 
     fn buffer_settings(&self) -> BufferSettings {

@@ -75,7 +75,7 @@ impl FromStr for Stage {
         Stage::ALL
             .into_iter()
             .find(|stage| stage.name() == s)
-            .ok_or_else(|| UnknownStage(s.chars().take(40).collect()))
+            .ok_or_else(|| UnknownStage(s.to_string()))
     }
 }
 

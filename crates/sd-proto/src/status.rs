@@ -21,12 +21,17 @@ pub enum Reason {
     /// The denoiser has no embedding under the id it was given (evicted, or
     /// another replica): send the tensor again. Metadata: `id`, `field`.
     EmbeddingMiss,
+    /// A message did not decode (truncated, a string not UTF-8): the
+    /// sender's fault — the client's when a server says it, the server's
+    /// when a client's codec says it of a reply.
+    Undecodable,
 }
 
 impl Reason {
     pub const fn as_str(self) -> &'static str {
         match self {
             Reason::EmbeddingMiss => "EMBEDDING_MISS",
+            Reason::Undecodable => "UNDECODABLE",
         }
     }
 }
@@ -49,11 +54,7 @@ impl fmt::Display for Quoted<'_> {
         if s.len() <= QUOTE_BYTES {
             return write!(f, "{s:?}");
         }
-        let mut end = QUOTE_BYTES;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        write!(f, "{:?}… ({} bytes)", &s[..end], s.len())
+        write!(f, "{:?}… ({} bytes)", cut(s, QUOTE_BYTES), s.len())
     }
 }
 
@@ -76,26 +77,41 @@ pub fn field_violations(s: &Status) -> Vec<FieldViolation> {
         .unwrap_or_default()
 }
 
-/// FAILED_PRECONDITION with an `ErrorInfo` of reason `reason` and `metadata`.
-pub fn failed_precondition(
+/// Longest metadata value an `ErrorInfo` carries (longer ones are cut).
+pub const MAX_METADATA_BYTES: usize = 128;
+
+/// `code` with an `ErrorInfo` of reason `reason` and `metadata` (values cut
+/// to [`MAX_METADATA_BYTES`]).
+pub fn with_reason(
+    code: Code,
     reason: Reason,
     message: impl Into<String>,
     metadata: &[(&str, &str)],
 ) -> Status {
     let metadata: std::collections::HashMap<String, String> = metadata
         .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .map(|(k, v)| (k.to_string(), cut(v, MAX_METADATA_BYTES).to_string()))
         .collect();
     Status::with_error_details(
-        Code::FailedPrecondition,
+        code,
         message,
         ErrorDetails::with_error_info(reason.as_str(), DOMAIN, metadata),
     )
 }
 
+/// The longest prefix of `s` of at most `max` bytes, on a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// The denoiser has no embedding `id` for `field`: the caller resends it.
 pub fn embedding_miss(field: &str, id: &str) -> Status {
-    failed_precondition(
+    with_reason(
+        Code::FailedPrecondition,
         Reason::EmbeddingMiss,
         format!(
             "{field}: embedding id {} is not cached; resend it",
@@ -105,13 +121,23 @@ pub fn embedding_miss(field: &str, id: &str) -> Status {
     )
 }
 
+/// A message that did not decode: INVALID_ARGUMENT, reason UNDECODABLE.
+pub fn undecodable(detail: &str) -> Status {
+    with_reason(
+        Code::InvalidArgument,
+        Reason::Undecodable,
+        format!("the message could not be decoded: {}", cut(detail, 160)),
+        &[],
+    )
+}
+
 /// The reason a status carries, when it is one of ours.
 pub fn reason(s: &Status) -> Option<Reason> {
     let info = s.get_details_error_info()?;
     if info.domain != DOMAIN {
         return None;
     }
-    [Reason::EmbeddingMiss]
+    [Reason::EmbeddingMiss, Reason::Undecodable]
         .into_iter()
         .find(|r| r.as_str() == info.reason)
 }
@@ -161,5 +187,25 @@ mod tests {
         assert!(is_embedding_miss(&back));
         let info = back.get_details_error_info().unwrap();
         assert_eq!(info.metadata.get("id").map(String::as_str), Some("42"));
+    }
+
+    #[test]
+    fn a_huge_id_is_cut_in_the_details_too() {
+        let s = embedding_miss("cond", &"i".repeat(1 << 20));
+        assert!(s.message().len() < 200, "{}", s.message().len());
+        assert!(
+            s.details().len() < 400,
+            "{} detail bytes",
+            s.details().len()
+        );
+        assert!(is_embedding_miss(&s));
+    }
+
+    #[test]
+    fn an_undecodable_message_says_so_by_its_reason() {
+        let s = undecodable(&"x".repeat(10_000));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(reason(&s), Some(Reason::Undecodable));
+        assert!(s.message().len() < 250);
     }
 }

@@ -85,8 +85,7 @@ impl std::str::FromStr for Prediction {
             "epsilon" => Ok(Prediction::Epsilon),
             "v_prediction" => Ok(Prediction::V),
             other => Err(SchedulerError::Unsupported(format!(
-                "prediction_type `{}` is not supported (epsilon, v_prediction)",
-                other.chars().take(40).collect::<String>()
+                "prediction_type `{other}` is not supported (epsilon, v_prediction)"
             ))),
         }
     }
