@@ -350,7 +350,7 @@ impl tonic::codegen::Service<HttpRequest> for Garbled {
 
     fn call(&mut self, req: HttpRequest) -> Self::Future {
         Box::pin(async move {
-            Ok(tonic::server::Grpc::new(RawCodec)
+            Ok(tonic::server::Grpc::new(sd_proto::codec::Raw)
                 .unary(Truncated, req)
                 .await)
         })
@@ -368,52 +368,6 @@ impl tonic::server::UnaryService<bytes::Bytes> for Truncated {
         std::future::ready(Ok(Response::new(bytes::Bytes::from_static(&[
             0x0a, 0x05, 0x01,
         ]))))
-    }
-}
-
-/// Bytes as they are, both ways.
-#[derive(Default)]
-struct RawCodec;
-
-impl tonic::codec::Codec for RawCodec {
-    type Encode = bytes::Bytes;
-    type Decode = bytes::Bytes;
-    type Encoder = RawCodec;
-    type Decoder = RawCodec;
-
-    fn encoder(&mut self) -> RawCodec {
-        RawCodec
-    }
-
-    fn decoder(&mut self) -> RawCodec {
-        RawCodec
-    }
-}
-
-impl tonic::codec::Encoder for RawCodec {
-    type Item = bytes::Bytes;
-    type Error = Status;
-
-    fn encode(
-        &mut self,
-        item: bytes::Bytes,
-        dst: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), Status> {
-        bytes::BufMut::put_slice(dst, &item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for RawCodec {
-    type Item = bytes::Bytes;
-    type Error = Status;
-
-    fn decode(
-        &mut self,
-        src: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<bytes::Bytes>, Status> {
-        let n = bytes::Buf::remaining(src);
-        Ok(Some(bytes::Buf::copy_to_bytes(src, n)))
     }
 }
 

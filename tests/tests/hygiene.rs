@@ -12,8 +12,9 @@ mod common;
 
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::Bytes;
 use common::procs::Proc;
+use sd_proto::codec::Raw;
 use sd_proto::status::{field_violations, is_embedding_miss};
 use sd_proto::v1::autoencoder_client::AutoencoderClient;
 use sd_proto::v1::denoiser_client::DenoiserClient;
@@ -22,7 +23,6 @@ use sd_proto::v1::{
     AutoencoderInfoRequest, DecodeRequest, DenoiserInfoRequest, Dtype, Embedding,
     EncodeImageRequest, EncodeTextRequest, PredictRequest, Tensor,
 };
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -73,59 +73,11 @@ fn assert_brief(what: &str, s: &Status, code: Code, field: Option<&str>) {
     }
 }
 
-fn f32_tensor(shape: &[i64]) -> Tensor {
-    let n: i64 = shape.iter().product();
-    Tensor {
-        shape: shape.to_vec(),
-        dtype: Dtype::Float32 as i32,
-        data: vec![0u8; n as usize * 4].into(),
-    }
-}
-
 fn overflowing() -> Tensor {
     Tensor {
         shape: OVERFLOWING.to_vec(),
         dtype: Dtype::Float32 as i32,
         data: Bytes::new(),
-    }
-}
-
-/// A gRPC codec that sends and receives bodies as they are, so a test can
-/// send what no generated client would.
-#[derive(Clone, Copy, Default)]
-struct Raw;
-
-impl Codec for Raw {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = Raw;
-    type Decoder = Raw;
-
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-impl Encoder for Raw {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for Raw {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining())))
     }
 }
 
@@ -168,11 +120,11 @@ fn not_utf8(within: Option<u8>, number: u8) -> Vec<u8> {
 /// sent in full with `context` dims.
 fn good_predict(context: i64) -> PredictRequest {
     PredictRequest {
-        latents: Some(f32_tensor(&[1, 4, 8, 8])),
+        latents: Some(common::wire_zeros(&[1, 4, 8, 8])),
         timesteps: vec![500.0],
         cond: Some(Embedding {
             id: "hygiene-cond".into(),
-            tensor: Some(f32_tensor(&[1, 77, context])),
+            tensor: Some(common::wire_zeros(&[1, 77, context])),
         }),
         guidance_scale: 1.0,
         ..Default::default()
@@ -301,7 +253,7 @@ async fn the_autoencoder_refuses_bad_input_briefly_and_keeps_serving() {
     );
     let s = c
         .decode(DecodeRequest {
-            latents: Some(f32_tensor(&[1, channels + 1, 4, 4])),
+            latents: Some(common::wire_zeros(&[1, channels + 1, 4, 4])),
         })
         .await
         .unwrap_err();
@@ -314,7 +266,7 @@ async fn the_autoencoder_refuses_bad_input_briefly_and_keeps_serving() {
 
     let out = c
         .decode(DecodeRequest {
-            latents: Some(f32_tensor(&[1, channels, 4, 4])),
+            latents: Some(common::wire_zeros(&[1, channels, 4, 4])),
         })
         .await
         .unwrap()

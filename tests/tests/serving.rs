@@ -290,16 +290,6 @@ async fn internal_services_refuse_bad_calls_with_clear_codes() {
     autoencoder_refuses_bad_calls(&cluster.autoencoder.url()).await;
 }
 
-/// Zeros of `shape` as a float32 wire tensor.
-fn f32s(shape: Vec<i64>) -> sd_proto::v1::Tensor {
-    let n: i64 = shape.iter().product();
-    sd_proto::v1::Tensor {
-        shape,
-        dtype: sd_proto::v1::Dtype::Float32 as i32,
-        data: vec![0u8; n as usize * 4].into(),
-    }
-}
-
 fn emb(id: &str, t: Option<sd_proto::v1::Tensor>) -> sd_proto::v1::Embedding {
     sd_proto::v1::Embedding {
         id: id.into(),
@@ -325,7 +315,7 @@ fn predict(
 }
 
 fn good_ctx() -> Option<sd_proto::v1::Tensor> {
-    Some(f32s(vec![1, 77, 32]))
+    Some(common::wire_zeros(&[1, 77, 32]))
 }
 
 async fn denoiser_refuses_bad_calls(url: &str) {
@@ -338,7 +328,7 @@ async fn denoiser_refuses_bad_calls(url: &str) {
     }
     // The denoiser still works after all that.
     d.predict(predict(
-        f32s(vec![1, 4, 8, 8]),
+        common::wire_zeros(&[1, 4, 8, 8]),
         vec![1.0],
         emb("a", good_ctx()),
         1.0,
@@ -354,7 +344,7 @@ fn bad_predicts() -> Vec<(&'static str, sd_proto::v1::PredictRequest, Code)> {
         (
             "bytes short of the shape",
             {
-                let mut t = f32s(vec![1, 4, 8, 8]);
+                let mut t = common::wire_zeros(&[1, 4, 8, 8]);
                 t.data = t.data.slice(..100);
                 predict(t, vec![1.0], emb("a", good_ctx()), 1.0)
             },
@@ -362,13 +352,18 @@ fn bad_predicts() -> Vec<(&'static str, sd_proto::v1::PredictRequest, Code)> {
         ),
         (
             "wrong channels",
-            predict(f32s(vec![1, 3, 8, 8]), vec![1.0], emb("a", good_ctx()), 1.0),
+            predict(
+                common::wire_zeros(&[1, 3, 8, 8]),
+                vec![1.0],
+                emb("a", good_ctx()),
+                1.0,
+            ),
             Code::InvalidArgument,
         ),
         (
             "unknown dtype",
             {
-                let mut t = f32s(vec![1, 4, 8, 8]);
+                let mut t = common::wire_zeros(&[1, 4, 8, 8]);
                 t.dtype = 42;
                 predict(t, vec![1.0], emb("a", good_ctx()), 1.0)
             },
@@ -377,7 +372,7 @@ fn bad_predicts() -> Vec<(&'static str, sd_proto::v1::PredictRequest, Code)> {
         (
             "timesteps count",
             predict(
-                f32s(vec![2, 4, 8, 8]),
+                common::wire_zeros(&[2, 4, 8, 8]),
                 vec![1.0, 2.0, 3.0],
                 emb("a", good_ctx()),
                 1.0,
@@ -387,7 +382,7 @@ fn bad_predicts() -> Vec<(&'static str, sd_proto::v1::PredictRequest, Code)> {
         (
             "NaN timestep",
             predict(
-                f32s(vec![1, 4, 8, 8]),
+                common::wire_zeros(&[1, 4, 8, 8]),
                 vec![f32::NAN],
                 emb("a", good_ctx()),
                 1.0,
@@ -397,9 +392,9 @@ fn bad_predicts() -> Vec<(&'static str, sd_proto::v1::PredictRequest, Code)> {
         (
             "context width",
             predict(
-                f32s(vec![1, 4, 8, 8]),
+                common::wire_zeros(&[1, 4, 8, 8]),
                 vec![1.0],
-                emb("b", Some(f32s(vec![1, 77, 31]))),
+                emb("b", Some(common::wire_zeros(&[1, 77, 31]))),
                 1.0,
             ),
             Code::InvalidArgument,
@@ -407,7 +402,7 @@ fn bad_predicts() -> Vec<(&'static str, sd_proto::v1::PredictRequest, Code)> {
         (
             "infinite guidance",
             predict(
-                f32s(vec![1, 4, 8, 8]),
+                common::wire_zeros(&[1, 4, 8, 8]),
                 vec![1.0],
                 emb("a", good_ctx()),
                 f32::INFINITY,
@@ -417,7 +412,7 @@ fn bad_predicts() -> Vec<(&'static str, sd_proto::v1::PredictRequest, Code)> {
         (
             "unknown embedding id",
             predict(
-                f32s(vec![1, 4, 8, 8]),
+                common::wire_zeros(&[1, 4, 8, 8]),
                 vec![1.0],
                 emb("never-sent", None),
                 1.0,
@@ -478,7 +473,7 @@ async fn autoencoder_refuses_bad_calls(url: &str) {
     let mut a = AutoencoderClient::connect(url.to_string()).await.unwrap();
     let e = a
         .decode(DecodeRequest {
-            latents: Some(f32s(vec![1, 3, 8, 8])),
+            latents: Some(common::wire_zeros(&[1, 3, 8, 8])),
         })
         .await
         .unwrap_err();
@@ -488,14 +483,14 @@ async fn autoencoder_refuses_bad_calls(url: &str) {
     // Pixels must be a multiple of the VAE's scale (4 here) and within the size limit.
     let e = a
         .encode(EncodeImageRequest {
-            pixels: Some(f32s(vec![1, 3, 10, 8])),
+            pixels: Some(common::wire_zeros(&[1, 3, 10, 8])),
         })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
     let e = a
         .encode(EncodeImageRequest {
-            pixels: Some(f32s(vec![1, 3, 4096, 4])),
+            pixels: Some(common::wire_zeros(&[1, 3, 4096, 4])),
         })
         .await
         .unwrap_err();

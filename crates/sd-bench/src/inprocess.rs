@@ -15,9 +15,8 @@ use sd_proto::v1::{
 use sd_runtime::deadline::Deadline;
 use sd_sampling::{SchedulerConfig, SchedulerKind};
 use sd_service::compute::{forward_calls, to_rgb8, Call};
-use sd_service::{from_wire, status, to_wire};
+use sd_service::{from_wire, to_wire, ServiceError};
 use tch::Tensor;
-use tonic::Status;
 
 pub struct InProcess {
     tokenizer: ClipTokenizer,
@@ -86,24 +85,22 @@ impl InProcess {
     }
 
     /// One step, on this thread.
-    fn predict(&self, req: PredictRequest) -> Result<PredictResponse, Status> {
+    fn predict(&self, req: PredictRequest) -> Result<PredictResponse, ServiceError> {
         tokio::task::block_in_place(|| {
             let latents = from_wire(req.latents.as_ref(), "latents")?;
             let guided = req.uncond.is_some() && req.guidance_scale > 1.0;
             let call = Call {
                 timesteps: Tensor::from_slice(&req.timesteps).expand([latents.size()[0]], false),
                 latents,
-                cond: self.embedding(req.cond.as_ref())?,
+                cond: self.embedding(req.cond.as_ref(), "cond")?,
                 uncond: if guided {
-                    Some(self.embedding(req.uncond.as_ref())?)
+                    Some(self.embedding(req.uncond.as_ref(), "uncond")?)
                 } else {
                     None
                 },
                 guidance: req.guidance_scale as f64,
             };
-            let out = forward_calls(&self.unet, &[&call])
-                .map_err(status)?
-                .remove(0);
+            let out = forward_calls(&self.unet, &[&call])?.remove(0);
             let dtype = Dtype::try_from(req.output_dtype).unwrap_or(Dtype::Float32);
             Ok(PredictResponse {
                 output: Some(to_wire(&out, dtype)?),
@@ -111,30 +108,32 @@ impl InProcess {
         })
     }
 
-    fn embedding(&self, e: Option<&Embedding>) -> Result<Tensor, Status> {
-        let e = e.ok_or_else(|| Status::invalid_argument("embedding missing"))?;
+    fn embedding(&self, e: Option<&Embedding>, field: &str) -> Result<Tensor, ServiceError> {
+        let e = e.ok_or_else(|| ServiceError::invalid(field, "missing"))?;
         let mut cache = self
             .embeddings
             .lock()
-            .map_err(|_| Status::internal("cache poisoned"))?;
+            .map_err(|_| ServiceError::Internal("embedding cache poisoned"))?;
         match &e.tensor {
             Some(t) => {
-                let t = from_wire(Some(t), "embedding")?;
+                let t = from_wire(Some(t), field)?;
                 cache.insert(e.id.clone(), t.shallow_clone());
                 Ok(t)
             }
-            None => cache
-                .get(&e.id)
-                .map(Tensor::shallow_clone)
-                .ok_or_else(|| Status::failed_precondition("unknown embedding id")),
+            None => cache.get(&e.id).map(Tensor::shallow_clone).ok_or_else(|| {
+                ServiceError::EmbeddingMiss {
+                    field: field.to_string(),
+                    id: e.id.clone(),
+                }
+            }),
         }
     }
 }
 
-/// A stage's answer as the step loop takes it (a service's status would
-/// arrive the same way).
-fn staged<T>(stage: Stage, r: Result<T, Status>) -> Result<T, Error> {
-    r.map_err(|status| Error::from_stage(stage, status))
+/// A stage's answer as the step loop takes it: the status a service would
+/// answer with, arriving as it would.
+fn staged<T>(stage: Stage, r: Result<T, ServiceError>) -> Result<T, Error> {
+    r.map_err(|e| Error::from_stage(stage, e.into()))
 }
 
 #[tonic::async_trait]
@@ -165,14 +164,11 @@ impl Stages for InProcess {
 }
 
 impl InProcess {
-    fn encode_text_here(&self, req: EncodeTextRequest) -> Result<EncodeTextResponse, Status> {
+    fn encode_text_here(&self, req: EncodeTextRequest) -> Result<EncodeTextResponse, ServiceError> {
         tokio::task::block_in_place(|| {
             let refs: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
-            let ids = self.tokenizer.encode_batch(&refs).map_err(status)?;
-            let hidden = self
-                .clip
-                .forward(&ids, req.clip_skip as usize)
-                .map_err(status)?;
+            let ids = self.tokenizer.encode_batch(&refs)?;
+            let hidden = self.clip.forward(&ids, req.clip_skip as usize)?;
             let prompts = (0..refs.len())
                 .map(|i| {
                     Ok(EncodedPrompt {
@@ -180,26 +176,29 @@ impl InProcess {
                         embeddings: Some(to_wire(&hidden.get(i as i64), Dtype::Float32)?),
                     })
                 })
-                .collect::<Result<Vec<_>, Status>>()?;
+                .collect::<Result<Vec<_>, ServiceError>>()?;
             Ok(EncodeTextResponse { prompts })
         })
     }
 
-    fn decode_here(&self, req: DecodeRequest) -> Result<DecodeResponse, Status> {
+    fn decode_here(&self, req: DecodeRequest) -> Result<DecodeResponse, ServiceError> {
         tokio::task::block_in_place(|| {
             let latents = from_wire(req.latents.as_ref(), "latents")?;
             let sf = self.vae.config().scaling_factor;
-            let pixels = self.vae.decode(&(latents / sf)).map_err(status)?;
+            let pixels = self.vae.decode(&(latents / sf))?;
             Ok(DecodeResponse {
                 images: to_rgb8(&pixels)?,
             })
         })
     }
 
-    fn encode_image_here(&self, req: EncodeImageRequest) -> Result<EncodeImageResponse, Status> {
+    fn encode_image_here(
+        &self,
+        req: EncodeImageRequest,
+    ) -> Result<EncodeImageResponse, ServiceError> {
         tokio::task::block_in_place(|| {
             let pixels = from_wire(req.pixels.as_ref(), "pixels")?;
-            let d = self.vae.encode(&pixels).map_err(status)?;
+            let d = self.vae.encode(&pixels)?;
             Ok(EncodeImageResponse {
                 mean: Some(to_wire(&d.mean, Dtype::Float32)?),
                 std: Some(to_wire(&d.std, Dtype::Float32)?),

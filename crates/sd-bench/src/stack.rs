@@ -13,16 +13,9 @@ pub(crate) struct Server {
     pub(crate) metrics: String,
 }
 
-pub(crate) fn bin_dir() -> anyhow::Result<PathBuf> {
-    Ok(std::env::current_exe()?
-        .parent()
-        .ok_or_else(|| anyhow::anyhow!("no bin dir"))?
-        .to_path_buf())
-}
-
 /// Start a server binary on free ports and read where it listens.
 pub(crate) fn spawn(bin: &str, args: &[String], env: &[(&str, String)]) -> anyhow::Result<Server> {
-    let mut cmd = Command::new(bin_dir()?.join(bin));
+    let mut cmd = Command::new(sd_launch::bin_dir()?.join(bin));
     cmd.args(args)
         .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
         .stderr(Stdio::null());

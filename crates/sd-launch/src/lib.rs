@@ -26,6 +26,15 @@ pub const LISTENING: &str = "listening on ";
 /// The line a server started with `--metrics-listen` prints for `/metrics`.
 pub const METRICS: &str = "metrics on ";
 
+/// The directory this program's executable is in: where `cargo build` and
+/// the release images put the sdserve binaries side by side.
+pub fn bin_dir() -> io::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    exe.parent()
+        .map(std::path::Path::to_path_buf)
+        .ok_or_else(|| io::Error::other(format!("{} has no directory", exe.display())))
+}
+
 /// Why a server did not come up.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {

@@ -54,7 +54,12 @@ impl fmt::Display for Quoted<'_> {
         if s.len() <= QUOTE_BYTES {
             return write!(f, "{s:?}");
         }
-        write!(f, "{:?}… ({} bytes)", cut(s, QUOTE_BYTES), s.len())
+        write!(
+            f,
+            "{:?}… ({} bytes)",
+            prefix_within(s, QUOTE_BYTES),
+            s.len()
+        )
     }
 }
 
@@ -90,7 +95,12 @@ pub fn with_reason(
 ) -> Status {
     let metadata: std::collections::HashMap<String, String> = metadata
         .iter()
-        .map(|(k, v)| (k.to_string(), cut(v, MAX_METADATA_BYTES).to_string()))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                prefix_within(v, MAX_METADATA_BYTES).to_string(),
+            )
+        })
         .collect();
     Status::with_error_details(
         code,
@@ -100,7 +110,7 @@ pub fn with_reason(
 }
 
 /// The longest prefix of `s` of at most `max` bytes, on a character boundary.
-fn cut(s: &str, max: usize) -> &str {
+pub fn prefix_within(s: &str, max: usize) -> &str {
     let mut end = max.min(s.len());
     while !s.is_char_boundary(end) {
         end -= 1;
@@ -126,7 +136,10 @@ pub fn undecodable(detail: &str) -> Status {
     with_reason(
         Code::InvalidArgument,
         Reason::Undecodable,
-        format!("the message could not be decoded: {}", cut(detail, 160)),
+        format!(
+            "the message could not be decoded: {}",
+            prefix_within(detail, 160)
+        ),
         &[],
     )
 }

@@ -58,11 +58,7 @@ fn bin_dir(args: &UpArgs) -> anyhow::Result<PathBuf> {
     if let Some(d) = &args.bin_dir {
         return Ok(d.clone());
     }
-    let exe = std::env::current_exe()?;
-    Ok(exe
-        .parent()
-        .context("sdctl has no parent directory")?
-        .to_path_buf())
+    Ok(sd_launch::bin_dir()?)
 }
 
 /// Start a server binary and read its `listening on ADDR` line.

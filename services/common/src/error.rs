@@ -139,23 +139,14 @@ fn model_status(e: &ModelError) -> Status {
     }
 }
 
-/// The model error as a status (for callers outside the services that
-/// answer with `Status` directly, such as the in-process benchmark).
-pub fn status(e: ModelError) -> Status {
-    ServiceError::from(e).into()
-}
-
 /// `text` cut so that `prefix: text` stays within [`MAX_MESSAGE_BYTES`].
 fn bounded(text: &str, prefix: &str) -> String {
     let room = MAX_MESSAGE_BYTES.saturating_sub(prefix.len() + 2);
     if text.len() <= room {
         return text.to_string();
     }
-    let mut end = room.saturating_sub('…'.len_utf8());
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
+    let cut = sd_proto::status::prefix_within(text, room.saturating_sub('…'.len_utf8()));
+    format!("{cut}…")
 }
 
 #[cfg(test)]

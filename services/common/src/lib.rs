@@ -3,7 +3,7 @@
 pub mod compute;
 pub mod error;
 
-pub use error::{status, ServiceError};
+pub use error::ServiceError;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -156,7 +156,7 @@ impl Worker {
             .set(self.admission.queued() as i64 + 1);
         let slot = self.admission.admit().await;
         self.metrics.queue_depth.set(self.admission.queued() as i64);
-        let slot = slot.map_err(ServiceError::Refused)?;
+        let slot = slot?;
         let metrics = self.metrics.clone();
         let span = tracing::Span::current();
         tokio::task::spawn_blocking(move || {

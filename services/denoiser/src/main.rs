@@ -278,7 +278,7 @@ impl Core {
         out_dtype: Dtype,
     ) -> Result<(WireTensor, Timings), ServiceError> {
         if let Some((batcher, admission)) = &self.batcher {
-            let _slot = admission.admit().await.map_err(ServiceError::Refused)?;
+            let _slot = admission.admit().await?;
             let (out, timings) = batcher.submit(call, session).await?;
             return Ok((to_wire(&out, out_dtype)?, timings));
         }

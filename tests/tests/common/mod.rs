@@ -58,3 +58,11 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
     eprintln!("{what}: max |diff| = {d:.3e} (max |ref| = {scale:.3e})");
     assert!(d <= TOL, "{what}: max |diff| {d:.3e} exceeds {TOL:e}");
 }
+
+/// Zeros of `shape` as a float32 wire tensor.
+pub fn wire_zeros(shape: &[i64]) -> sd_proto::v1::Tensor {
+    let n = shape.iter().product::<i64>() as usize;
+    sd_proto::wire::HostTensor::new(shape.to_vec(), vec![0.0; n])
+        .unwrap()
+        .to_wire(sd_proto::v1::Dtype::Float32)
+}
