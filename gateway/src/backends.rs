@@ -173,6 +173,7 @@ impl Backends {
             scale_factor: d.vae_scale_factor,
             sample_size: d.sample_size,
             scaling_factor: a.scaling_factor,
+            max_decode_pixels: a.max_pixels,
             scheduler_config,
             default_scheduler,
             prediction: d.prediction_type.parse()?,

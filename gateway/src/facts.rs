@@ -18,6 +18,8 @@ pub struct ModelFacts {
     pub sample_size: u32,
     /// The VAE's latent scaling factor (0.18215 for SD 1.x).
     pub scaling_factor: f32,
+    /// Most pixels one Decode may carry (0: no bound published).
+    pub max_decode_pixels: u64,
     pub scheduler_config: SchedulerConfig,
     pub default_scheduler: SchedulerKind,
     pub prediction: Prediction,

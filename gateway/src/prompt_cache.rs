@@ -48,7 +48,10 @@ impl PromptCache {
     }
 
     pub fn insert(&mut self, key: PromptKey, value: CachedEmbedding) {
-        let size = value.tensor.data.len() + key.prompt.len();
+        let size = value.tensor.data.len()
+            + value.tensor.shape.len() * 8
+            + value.id.len()
+            + 2 * (key.prompt.len() + key.model.len());
         self.0.insert(key, value, size);
     }
 
@@ -94,7 +97,9 @@ mod tests {
 
     #[test]
     fn lru_within_bytes() {
-        let mut c = PromptCache::new(250);
+        // Each entry: 100 data + 8 shape + 1 id + 2 × (1 + 1) key bytes + overhead.
+        let each = 113 + sd_runtime::lru::ENTRY_OVERHEAD;
+        let mut c = PromptCache::new(2 * each + each / 2);
         c.insert(key("a"), entry(100));
         c.insert(key("b"), entry(100));
         assert!(c.get(&key("a")).is_some());

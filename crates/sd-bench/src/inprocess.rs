@@ -49,6 +49,7 @@ impl InProcess {
             scale_factor: me.vae.scale_factor() as u32,
             sample_size: c.sample_size as u32,
             scaling_factor: me.vae.config().scaling_factor as f32,
+            max_decode_pixels: 0,
             default_scheduler: scheduler_config
                 .class_name()
                 .and_then(SchedulerKind::from_diffusers_class)

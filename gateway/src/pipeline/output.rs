@@ -49,11 +49,26 @@ impl Generator {
         Ok(pixels)
     }
 
+    /// Decode in as many calls as the autoencoder's pixel bound needs
+    /// (images in order).
     async fn decode_latents(
         &self,
         latents: &HostTensor,
         deadline: &Deadline,
     ) -> Result<Vec<Pixels>> {
+        let per_call = images_per_call(
+            &latents.shape,
+            self.facts.scale_factor,
+            self.facts.max_decode_pixels,
+        );
+        let mut pixels = Vec::new();
+        for chunk in batch_chunks(latents, per_call) {
+            pixels.extend(self.decode_call(&chunk, deadline).await?);
+        }
+        Ok(pixels)
+    }
+
+    async fn decode_call(&self, latents: &HostTensor, deadline: &Deadline) -> Result<Vec<Pixels>> {
         let request = DecodeRequest {
             latents: Some(latents.to_wire(Dtype::Float32)),
         };
@@ -163,4 +178,62 @@ fn latent_previews(latents: &HostTensor) -> Result<Vec<GeneratedImage>> {
             })
         })
         .collect()
+}
+
+/// Images of latents `shape` (batch, c, h, w) one Decode may carry within
+/// `max_pixels` (0: all of them; at least one).
+fn images_per_call(shape: &[i64], scale_factor: u32, max_pixels: u64) -> usize {
+    let batch = shape.first().copied().unwrap_or(1).max(1) as usize;
+    let side =
+        |i: usize| shape.get(i).copied().unwrap_or(1).max(1) as u64 * u64::from(scale_factor);
+    let per_image = side(2) * side(3);
+    if max_pixels == 0 {
+        return batch;
+    }
+    ((max_pixels / per_image.max(1)) as usize).clamp(1, batch)
+}
+
+/// `t` split along its first axis into tensors of at most `n` items.
+fn batch_chunks(t: &HostTensor, n: usize) -> Vec<HostTensor> {
+    let batch = t.shape.first().copied().unwrap_or(1).max(1) as usize;
+    if n >= batch {
+        return vec![t.clone()];
+    }
+    let per_item = t.data.len() / batch;
+    t.data
+        .chunks(per_item * n)
+        .map(|d| {
+            let mut shape = t.shape.clone();
+            shape[0] = (d.len() / per_item) as i64;
+            HostTensor {
+                shape,
+                data: d.to_vec(),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_split_to_the_autoencoders_pixel_bound() {
+        // 5 images of 64×64 latents (512² pixels): 262,144 pixels each.
+        let shape = [5, 4, 64, 64];
+        assert_eq!(images_per_call(&shape, 8, 0), 5, "no bound published");
+        assert_eq!(images_per_call(&shape, 8, 2048 * 2048), 5);
+        assert_eq!(images_per_call(&shape, 8, 3 * 262_144 + 1), 3);
+        assert_eq!(images_per_call(&shape, 8, 1000), 1, "at least one");
+        let t = HostTensor {
+            shape: vec![5, 1, 1, 2],
+            data: (0..10).map(|i| i as f32).collect(),
+        };
+        let chunks = batch_chunks(&t, 2);
+        let shapes: Vec<_> = chunks.iter().map(|c| c.shape[0]).collect();
+        assert_eq!(shapes, vec![2, 2, 1]);
+        assert_eq!(chunks[2].data, vec![8.0, 9.0]);
+        let whole: Vec<f32> = chunks.into_iter().flat_map(|c| c.data).collect();
+        assert_eq!(whole, t.data);
+    }
 }

@@ -169,6 +169,7 @@ fn facts() -> ModelFacts {
         scale_factor: 8,
         sample_size: 4,
         scaling_factor: 0.18215,
+        max_decode_pixels: 0,
         scheduler_config: SchedulerConfig::from_json(
             r#"{"_class_name": "DDIMScheduler", "steps_offset": 1}"#,
         )

@@ -34,9 +34,14 @@ struct Args {
     /// Most images one call may carry.
     #[arg(long, env = "SD_MAX_BATCH", default_value_t = 16)]
     max_batch: i64,
-    /// Largest image side in pixels.
+    /// Largest image side in pixels (decoded or encoded).
     #[arg(long, env = "SD_MAX_SIDE", default_value_t = 2048)]
     max_side: i64,
+    /// Most pixels one call may decode or encode, all its images together
+    /// (decoding takes ~0.5 KB of memory per output pixel on CPU). Larger
+    /// batches are split by the caller (published in Info).
+    #[arg(long, env = "SD_MAX_PIXELS", default_value_t = 2048 * 2048)]
+    max_pixels: i64,
 }
 
 struct Service {
@@ -45,42 +50,80 @@ struct Service {
     info: AutoencoderInfo,
     max_batch: i64,
     max_side: i64,
+    max_pixels: i64,
     lifecycle: Lifecycle,
     metrics: Arc<Metrics>,
 }
 
 impl Service {
-    /// `t` is (1..=max_batch, channels, h, w) with h and w positive
-    /// multiples of `multiple` up to `max_side`.
-    fn check(
-        &self,
-        t: &Tensor,
-        field: &str,
-        channels: i64,
-        multiple: i64,
-    ) -> Result<(), ServiceError> {
+    /// `t` is (1..=max_batch, channels, h, w) standing for images of
+    /// `h × per_unit` by `w × per_unit` pixels: h and w positive multiples
+    /// of `multiple`, each image side at most `max_side` pixels, the whole
+    /// call at most `max_pixels`, every value finite.
+    fn check(&self, t: &Tensor, field: &str, layout: Layout) -> Result<(), ServiceError> {
         let s = t.size();
-        let max = self.max_side / multiple;
+        let Layout {
+            channels,
+            multiple,
+            per_unit,
+        } = layout;
+        let max = self.max_side / per_unit;
         let ok = s.len() == 4
             && (1..=self.max_batch).contains(&s[0])
             && s[1] == channels
-            && (1..=max).contains(&(s[2] / multiple))
-            && (1..=max).contains(&(s[3] / multiple))
+            && (1..=max).contains(&s[2])
+            && (1..=max).contains(&s[3])
             && s[2] % multiple == 0
             && s[3] % multiple == 0;
-        if ok {
-            Ok(())
-        } else {
-            Err(ServiceError::invalid(
+        if !ok {
+            return Err(ServiceError::invalid(
                 field,
                 format_args!(
-                    "shape {s:?}, expected (1..={}, {channels}, h, w) with h, w multiples of {multiple} up to {}",
-                    self.max_batch,
-                    max * multiple
+                    "shape {s:?}, expected (1..={}, {channels}, h, w) with h, w multiples of {multiple} up to {max} ({} pixels)",
+                    self.max_batch, self.max_side
                 ),
-            ))
+            ));
+        }
+        let pixels = s[0] * s[2] * s[3] * per_unit * per_unit;
+        if pixels > self.max_pixels {
+            return Err(ServiceError::invalid(
+                field,
+                format_args!(
+                    "{} images of {}×{} pixels are {pixels} pixels, at most {} per call",
+                    s[0],
+                    s[3] * per_unit,
+                    s[2] * per_unit,
+                    self.max_pixels
+                ),
+            ));
+        }
+        sd_service::finite(t, field)
+    }
+
+    fn latents_layout(&self) -> Layout {
+        Layout {
+            channels: self.info.latent_channels as i64,
+            multiple: 1,
+            per_unit: self.info.scale_factor as i64,
         }
     }
+
+    fn pixels_layout(&self) -> Layout {
+        Layout {
+            channels: 3,
+            multiple: self.info.scale_factor as i64,
+            per_unit: 1,
+        }
+    }
+}
+
+/// How a tensor stands for images: its channels, the multiple its sides
+/// must be, and pixels per element along a side.
+#[derive(Clone, Copy)]
+struct Layout {
+    channels: i64,
+    multiple: i64,
+    per_unit: i64,
 }
 
 #[tonic::async_trait]
@@ -116,7 +159,7 @@ impl Autoencoder for Service {
 impl Service {
     async fn decode_inner(&self, request: DecodeRequest) -> Result<DecodeResponse, ServiceError> {
         let latents = from_wire(request.latents.as_ref(), "latents")?;
-        self.check(&latents, "latents", self.info.latent_channels as i64, 1)?;
+        self.check(&latents, "latents", self.latents_layout())?;
         let (vae, sf) = (self.vae.clone(), self.info.scaling_factor as f64);
         let images = self
             .worker
@@ -135,7 +178,7 @@ impl Service {
         request: EncodeImageRequest,
     ) -> Result<EncodeImageResponse, ServiceError> {
         let pixels = from_wire(request.pixels.as_ref(), "pixels")?;
-        self.check(&pixels, "pixels", 3, self.info.scale_factor as i64)?;
+        self.check(&pixels, "pixels", self.pixels_layout())?;
         let vae = self.vae.clone();
         let (mean, std) = self
             .worker
@@ -188,6 +231,7 @@ fn load(
         scale_factor: vae.scale_factor() as u32,
         scaling_factor: c.scaling_factor as f32,
         latent_channels: c.latent_channels as u32,
+        max_pixels: args.max_pixels.max(1) as u64,
     };
     let service = Service {
         vae: Arc::new(vae),
@@ -195,6 +239,7 @@ fn load(
         info,
         max_batch: args.max_batch,
         max_side: args.max_side,
+        max_pixels: args.max_pixels.max(1),
         lifecycle,
         metrics,
     };

@@ -27,6 +27,10 @@ pub enum ServiceError {
     /// the EMBEDDING_MISS reason, so the caller resends the tensor.
     #[error("{field}: embedding id {} is not cached", sd_proto::status::quote(id))]
     EmbeddingMiss { field: String, id: String },
+    /// The request would hold more than a bound allows (a stream's
+    /// embeddings): RESOURCE_EXHAUSTED naming `field`.
+    #[error("{field}: {description}")]
+    Exhausted { field: String, description: String },
     /// Refused before any work by sd-runtime's admission (queue full:
     /// RESOURCE_EXHAUSTED), drain (UNAVAILABLE) or deadline; its code stands.
     #[error(transparent)]
@@ -93,6 +97,9 @@ impl From<ServiceError> for Status {
             }
             ServiceError::EmbeddingMiss { field, id } => {
                 sd_proto::status::embedding_miss(&field, &id)
+            }
+            ServiceError::Exhausted { field, description } => {
+                Status::resource_exhausted(format!("{field}: {}", bounded(&description, &field)))
             }
             ServiceError::Refused(r) => r.into(),
             ServiceError::Stopped => Status::unavailable("the model workers stopped"),
@@ -185,6 +192,13 @@ mod tests {
                 Code::Unavailable,
             ),
             (ServiceError::Stopped, Code::Unavailable),
+            (
+                ServiceError::Exhausted {
+                    field: "cond".into(),
+                    description: "this stream holds 4 embeddings, at most 4".into(),
+                },
+                Code::ResourceExhausted,
+            ),
             (
                 ServiceError::Task(format!("task 7 panicked with message {TORCH_TEXT:?}")),
                 Code::Internal,

@@ -80,6 +80,15 @@ pub fn from_wire(t: Option<&WireTensor>, field: &str) -> Result<Tensor, ServiceE
     Ok(Tensor::f_from_data_size(&t.data, &t.shape, kind)?)
 }
 
+/// Refuse NaN and infinite values in `t` (the networks would only spread
+/// them through every later step).
+pub fn finite(t: &Tensor, field: &str) -> Result<(), ServiceError> {
+    if t.f_isfinite()?.f_all()?.f_int64_value(&[])? != 0 {
+        return Ok(());
+    }
+    Err(ServiceError::invalid(field, "holds NaN or infinite values"))
+}
+
 /// A tch tensor on the wire as `dtype` (unspecified: float32).
 pub fn to_wire(t: &Tensor, dtype: Dtype) -> Result<WireTensor, ServiceError> {
     let (kind, dtype) = match dtype {

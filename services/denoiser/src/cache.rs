@@ -2,7 +2,10 @@
 //! generation sends its 77×768 floats once, not once per step. Bounded in
 //! bytes; least recently used entries go first.
 
+use std::collections::HashMap;
+
 use sd_runtime::lru::ByteLru;
+use sd_service::ServiceError;
 use tch::Tensor;
 
 /// A cached tensor; clones share its storage.
@@ -13,6 +16,10 @@ impl Clone for Shared {
         Shared(self.0.shallow_clone())
     }
 }
+
+/// A libtorch tensor's own allocations beside its data (TensorImpl,
+/// storage, sizes and strides): a few hundred bytes.
+const TENSOR_OVERHEAD: usize = 512;
 
 pub struct EmbeddingCache(ByteLru<String, Shared>);
 
@@ -25,13 +32,74 @@ impl EmbeddingCache {
         self.0.get(&id.to_string()).map(|s| s.0)
     }
 
+    /// Keep `t` under `id`, counted as its bytes, the id's (twice: the map
+    /// and the LRU index each hold it) and the entry's bookkeeping.
     pub fn insert(&mut self, id: String, t: &Tensor) {
-        let size = t.numel() * t.kind().elt_size_in_bytes();
+        let size = t.numel() * t.kind().elt_size_in_bytes() + 2 * id.len() + TENSOR_OVERHEAD;
         self.0.insert(id, Shared(t.shallow_clone()), size);
     }
 
     pub fn len(&self) -> usize {
         self.0.len()
+    }
+}
+
+/// Most embeddings one stream holds: a generation sends two (cond and
+/// uncond); room for a changed prompt.
+pub const MAX_HELD: usize = 4;
+
+/// What a stream may hold even when the cache is smaller (or off): 16 MiB,
+/// some seventy 77×768 embeddings in fp32.
+pub const MIN_HELD_BYTES: usize = 16 << 20;
+
+/// The embeddings one PredictStream sent in full, by id: they outlive cache
+/// eviction for the stream's life, so a stream never misses its own. At
+/// most [`MAX_HELD`] of them, within the cache's byte bound; a stream that
+/// sends more is refused with RESOURCE_EXHAUSTED.
+pub struct Held {
+    by_id: HashMap<String, (Tensor, usize)>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl Held {
+    pub fn new(max_bytes: usize) -> Self {
+        Held {
+            by_id: HashMap::new(),
+            bytes: 0,
+            max_bytes,
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<Tensor> {
+        self.by_id.get(id).map(|(t, _)| t.shallow_clone())
+    }
+
+    /// Hold `t` under `id` (replacing what the id held), or refuse.
+    pub fn hold(&mut self, id: &str, t: &Tensor, field: &str) -> Result<(), ServiceError> {
+        let size = t.numel() * t.kind().elt_size_in_bytes() + id.len();
+        let old = self.by_id.get(id).map_or(0, |(_, s)| *s);
+        if old == 0 && self.by_id.len() >= MAX_HELD {
+            return Err(ServiceError::Exhausted {
+                field: field.to_string(),
+                description: format!(
+                    "this stream already holds {MAX_HELD} embeddings, at most {MAX_HELD}"
+                ),
+            });
+        }
+        if self.bytes - old + size > self.max_bytes {
+            return Err(ServiceError::Exhausted {
+                field: field.to_string(),
+                description: format!(
+                    "this stream's embeddings would take {} bytes, at most {} (--embedding-cache-mib)",
+                    self.bytes - old + size,
+                    self.max_bytes
+                ),
+            });
+        }
+        self.bytes = self.bytes - old + size;
+        self.by_id.insert(id.to_string(), (t.shallow_clone(), size));
+        Ok(())
     }
 }
 
@@ -42,13 +110,52 @@ mod tests {
     #[test]
     fn keeps_tensors_by_id_within_the_byte_bound() {
         let t = || Tensor::zeros([10], (tch::Kind::Float, tch::Device::Cpu)); // 40 bytes
-        let mut c = EmbeddingCache::new(100);
+        let entry = 40 + 2 + TENSOR_OVERHEAD + sd_runtime::lru::ENTRY_OVERHEAD;
+        let mut c = EmbeddingCache::new(2 * entry + entry / 2);
         c.insert("a".into(), &t());
         c.insert("b".into(), &t());
         assert!(c.get("a").is_some());
-        c.insert("c".into(), &t()); // 120 > 100: evict b
+        c.insert("c".into(), &t()); // 3 entries > 2.5: evict b
         assert!(c.get("b").is_none());
         assert_eq!(c.get("a").map(|t| t.size()), Some(vec![10]));
         assert_eq!(c.len(), 2);
+    }
+
+    #[test]
+    fn a_stream_holds_a_bounded_number_of_embeddings() {
+        let t = Tensor::zeros([1, 77, 8], (tch::Kind::Float, tch::Device::Cpu));
+        let mut h = Held::new(1 << 20);
+        for i in 0..MAX_HELD {
+            h.hold(&format!("e{i}"), &t, "cond").unwrap();
+        }
+        h.hold("e0", &t, "cond")
+            .expect("replacing one it holds is fine");
+        let e = h.hold("new", &t, "uncond").expect_err("one too many");
+        assert!(
+            matches!(&e, ServiceError::Exhausted { field, .. } if field == "uncond"),
+            "{e}"
+        );
+        assert!(h.get("e3").is_some() && h.get("new").is_none());
+        let mut small = Held::new(1000);
+        let e = small
+            .hold("big", &t, "cond")
+            .expect_err("77×8×4 bytes > 1000");
+        assert!(e.to_string().contains("at most 1000"), "{e}");
+    }
+
+    #[test]
+    fn long_ids_count_against_the_bound() {
+        let tiny = Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu));
+        let mut c = EmbeddingCache::new(1 << 20);
+        for i in 0..1000 {
+            c.insert(format!("{i:0>120}"), &tiny);
+        }
+        // 4 + 240 + 512 + 256 bytes each: about 1,040 fit in 1 MiB, not 250,000.
+        let each = 4 + 240 + TENSOR_OVERHEAD + sd_runtime::lru::ENTRY_OVERHEAD;
+        assert_eq!(c.len(), 1000.min((1 << 20) / each));
+        for i in 1000..3000 {
+            c.insert(format!("{i:0>120}"), &tiny);
+        }
+        assert_eq!(c.len(), (1 << 20) / each);
     }
 }

@@ -4,8 +4,8 @@
 
 mod batch;
 mod cache;
+mod checks;
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,11 +30,8 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::batch::Session;
-use crate::cache::EmbeddingCache;
-
-/// Longest embedding id kept (the gateway's are 36 bytes): an id travels
-/// back in the details of an embedding miss, so it must stay small.
-const MAX_EMBEDDING_ID_BYTES: usize = 128;
+use crate::cache::{EmbeddingCache, Held};
+use crate::checks::Bounds;
 
 /// Serve a model's UNet over gRPC (sd.v1.Denoiser).
 #[derive(Parser, Debug, Clone)]
@@ -46,9 +43,14 @@ struct Args {
     server: ServerArgs,
     #[command(flatten)]
     tls: ServerTlsArgs,
-    /// Bytes of text embeddings kept by id (MiB).
+    /// Bytes of text embeddings kept by id (MiB), ids and bookkeeping
+    /// counted; also what one stream may hold (at least 16 MiB).
     #[arg(long, env = "SD_EMBEDDING_CACHE_MIB", default_value_t = 256)]
     embedding_cache_mib: usize,
+    /// Largest image side in pixels: latents may be this over the VAE's
+    /// scale factor per side.
+    #[arg(long, env = "SD_MAX_SIDE", default_value_t = 2048)]
+    max_side: i64,
     /// Largest batch: latents per call, and per UNet forward when batching
     /// (a guided latent counts twice).
     #[arg(long, env = "SD_MAX_BATCH", default_value_t = 16)]
@@ -77,16 +79,15 @@ struct Core {
     unet: Arc<UNet>,
     batcher: Option<(batch::Batcher, sd_runtime::admission::Admission)>,
     cache: Arc<Mutex<EmbeddingCache>>,
+    /// The cache's bound, also what one stream may hold (at least
+    /// [`cache::MIN_HELD_BYTES`]).
+    cache_bytes: usize,
     worker: Worker,
     info: DenoiserInfo,
-    max_batch: i64,
+    bounds: Bounds,
     lifecycle: Lifecycle,
     metrics: Arc<Metrics>,
 }
-
-/// The embeddings a stream sent in full, by id (a stream's own survive
-/// cache eviction).
-type Held = HashMap<String, Tensor>;
 
 #[tonic::async_trait]
 impl Denoiser for Service {
@@ -117,7 +118,7 @@ impl Denoiser for Service {
         tokio::spawn(async move {
             let _work = work;
             let id = STREAM_SESSIONS.fetch_add(1, Ordering::Relaxed);
-            let mut held = Held::new();
+            let mut held = Held::new(core.cache_bytes.max(cache::MIN_HELD_BYTES));
             loop {
                 let req = match inbound.message().await {
                     Ok(Some(r)) => r,
@@ -131,7 +132,13 @@ impl Denoiser for Service {
                 sd_runtime::telemetry::adopt_map(&req.trace_context, &span);
                 let session = Session::stream(id, req.steps_after);
                 let work = core.predict_inner(req, session, Some(&mut held));
-                let result = sd_service::answer(&core.metrics, "Predict", span, work).await;
+                let answer = sd_service::answer(&core.metrics, "Predict", span, work);
+                // A caller gone mid-step takes its step with it: dropping the
+                // work drops its place in the batcher's queue.
+                let result = tokio::select! {
+                    r = answer => r,
+                    () = tx.closed() => break,
+                };
                 let failed = result.is_err();
                 if tx.send(result).await.is_err() || failed {
                     break; // the caller went away, or the error ends the stream
@@ -161,11 +168,11 @@ impl Core {
         session: Session,
         held: Option<&mut Held>,
     ) -> Result<PredictResponse, ServiceError> {
-        let latents = self.checked_latents(req.latents.as_ref())?;
+        let latents = self.bounds.latents(req.latents.as_ref())?;
         let batch = latents.size()[0];
-        let timesteps = checked_timesteps(&req.timesteps, batch)?;
-        let guidance = checked_guidance(req.guidance_scale)?;
-        let out_dtype = output_dtype(&req)?;
+        let timesteps = self.bounds.timesteps(&req.timesteps, batch)?;
+        let guidance = checks::guidance(req.guidance_scale)?;
+        let out_dtype = checks::output_dtype(&req)?;
         let (cond, uncond) = self.conditioning(&req, batch, held)?;
         let call = Call {
             latents,
@@ -182,26 +189,6 @@ impl Core {
         })
     }
 
-    /// The latents, (1..=max_batch, latent channels, h >= 1, w >= 1).
-    fn checked_latents(&self, t: Option<&WireTensor>) -> Result<Tensor, ServiceError> {
-        let latents = from_wire(t, "latents")?;
-        let s = latents.size();
-        let c = self.info.latent_channels as i64;
-        if s.len() != 4 || s[1] != c || s[0] < 1 || s[2] < 1 || s[3] < 1 {
-            return Err(ServiceError::invalid(
-                "latents",
-                format_args!("shape {s:?}, expected (batch, {c}, height, width)"),
-            ));
-        }
-        if s[0] > self.max_batch {
-            return Err(ServiceError::invalid(
-                "latents",
-                format_args!("batch {} exceeds {}", s[0], self.max_batch),
-            ));
-        }
-        Ok(latents)
-    }
-
     /// The text conditioning: cond, and uncond when guided (guidance > 1
     /// and an uncond sent), each (1 or batch, tokens, context dim), with
     /// the same tokens.
@@ -211,14 +198,11 @@ impl Core {
         batch: i64,
         mut held: Option<&mut Held>,
     ) -> Result<(Tensor, Option<Tensor>), ServiceError> {
-        let dim = self.info.context_dim as i64;
-        let cond = self.embedding(req.cond.as_ref(), "cond", held.as_deref_mut())?;
-        check_embedding(&cond, batch, dim, "cond")?;
+        let cond = self.embedding(req.cond.as_ref(), "cond", batch, held.as_deref_mut())?;
         if !(req.uncond.is_some() && req.guidance_scale > 1.0) {
             return Ok((cond, None));
         }
-        let uncond = self.embedding(req.uncond.as_ref(), "uncond", held)?;
-        check_embedding(&uncond, batch, dim, "uncond")?;
+        let uncond = self.embedding(req.uncond.as_ref(), "uncond", batch, held)?;
         if uncond.size()[1] != cond.size()[1] {
             return Err(ServiceError::invalid(
                 "uncond",
@@ -228,20 +212,33 @@ impl Core {
         Ok((cond, Some(uncond)))
     }
 
-    /// The embedding tensor for `e`: as sent (and then cached), or held by
-    /// the stream, or from the cache.
+    /// The embedding tensor for `e`, checked for a batch of `batch`: as
+    /// sent (checked in full, then cached and held by the stream), or held
+    /// by the stream, or from the cache.
     fn embedding(
         &self,
         e: Option<&Embedding>,
         field: &str,
+        batch: i64,
         held: Option<&mut Held>,
     ) -> Result<Tensor, ServiceError> {
         let e = e.ok_or_else(|| ServiceError::invalid(field, "missing"))?;
-        check_embedding_id(e, field)?;
+        checks::embedding_id(e, field)?;
+        let t = self.resolve(e, field, held)?;
+        self.bounds.embedding(&t, batch, field)?;
+        Ok(t)
+    }
+
+    fn resolve(
+        &self,
+        e: &Embedding,
+        field: &str,
+        held: Option<&mut Held>,
+    ) -> Result<Tensor, ServiceError> {
         if e.tensor.is_none() {
             if let Some(t) = held.as_ref().and_then(|h| h.get(&e.id)) {
                 self.metrics.cache_lookup("embedding", true);
-                return Ok(t.shallow_clone());
+                return Ok(t);
             }
         }
         let mut cache = self
@@ -259,12 +256,16 @@ impl Core {
         };
         self.metrics.cache_lookup("embedding", false);
         let t = from_wire(Some(wire), &format!("{field}.tensor"))?;
+        // Checked before it is kept (the batch is checked again per call).
+        self.bounds
+            .embedding(&t, t.size().first().copied().unwrap_or(1), field)?;
+        sd_service::finite(&t, &format!("{field}.tensor"))?;
         if !e.id.is_empty() {
+            if let Some(h) = held {
+                h.hold(&e.id, &t, field)?;
+            }
             cache.insert(e.id.clone(), &t);
             tracing::debug!(id = %sd_proto::status::quote(&e.id), cached = cache.len(), "embedding cached");
-            if let Some(h) = held {
-                h.insert(e.id.clone(), t.shallow_clone());
-            }
         }
         Ok(t)
     }
@@ -289,70 +290,6 @@ impl Core {
                 to_wire(&out, out_dtype)
             })
             .await
-    }
-}
-
-/// An embedding names a short id, or sends its tensor, or both.
-fn check_embedding_id(e: &Embedding, field: &str) -> Result<(), ServiceError> {
-    if e.id.len() > MAX_EMBEDDING_ID_BYTES {
-        return Err(ServiceError::invalid(
-            format!("{field}.id"),
-            format_args!("{} bytes, at most {MAX_EMBEDDING_ID_BYTES}", e.id.len()),
-        ));
-    }
-    if e.id.is_empty() && e.tensor.is_none() {
-        return Err(ServiceError::invalid(field, "neither an id nor a tensor"));
-    }
-    Ok(())
-}
-
-fn check_embedding(t: &Tensor, batch: i64, dim: i64, field: &str) -> Result<(), ServiceError> {
-    let s = t.size();
-    if s.len() != 3 || !(s[0] == 1 || s[0] == batch) || s[1] < 1 || s[2] != dim {
-        return Err(ServiceError::invalid(
-            field,
-            format_args!("shape {s:?}, expected (1 or {batch}, tokens, {dim})"),
-        ));
-    }
-    Ok(())
-}
-
-/// One finite timestep per latent, or one for all.
-fn checked_timesteps(timesteps: &[f32], batch: i64) -> Result<Tensor, ServiceError> {
-    if !(timesteps.len() == 1 || timesteps.len() as i64 == batch) {
-        return Err(ServiceError::invalid(
-            "timesteps",
-            format_args!("{} values given, 1 or {batch} needed", timesteps.len()),
-        ));
-    }
-    if let Some(i) = timesteps.iter().position(|t| !t.is_finite()) {
-        return Err(ServiceError::invalid(
-            "timesteps",
-            format_args!("value {i} is {}, finite values needed", timesteps[i]),
-        ));
-    }
-    Ok(Tensor::from_slice(timesteps))
-}
-
-fn checked_guidance(scale: f32) -> Result<f64, ServiceError> {
-    if !scale.is_finite() {
-        return Err(ServiceError::invalid("guidance_scale", "must be finite"));
-    }
-    Ok(scale as f64)
-}
-
-/// The dtype to answer in: as asked, or (unspecified) the latents' own.
-fn output_dtype(req: &PredictRequest) -> Result<Dtype, ServiceError> {
-    match Dtype::try_from(req.output_dtype) {
-        Ok(Dtype::Unspecified) => {
-            Ok(Dtype::try_from(req.latents.as_ref().map_or(1, |l| l.dtype))
-                .unwrap_or(Dtype::Float32))
-        }
-        Ok(d) => Ok(d),
-        Err(_) => Err(ServiceError::invalid(
-            "output_dtype",
-            format_args!("unknown value {}", req.output_dtype),
-        )),
     }
 }
 
@@ -386,6 +323,8 @@ fn load(
         sd_models::config::read_json(&dir.config_path(Component::Vae))?;
     let scheduler_path = dir.scheduler_config_path();
     let scheduler_config_json = std::fs::read_to_string(&scheduler_path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", scheduler_path.display()))?;
+    let scheduler = SchedulerConfig::from_json(&scheduler_config_json)
         .map_err(|e| anyhow::anyhow!("{}: {e}", scheduler_path.display()))?;
     let c = unet.config().clone();
     // Warm up: one forward before reporting SERVING.
@@ -437,15 +376,21 @@ fn load(
             admission,
         ))
     };
+    let cache_bytes = args.embedding_cache_mib << 20;
     let service = Service(Arc::new(Core {
         unet,
         batcher,
-        cache: Arc::new(Mutex::new(EmbeddingCache::new(
-            args.embedding_cache_mib << 20,
-        ))),
+        cache: Arc::new(Mutex::new(EmbeddingCache::new(cache_bytes))),
+        cache_bytes,
         worker: Worker::new(&args.model, metrics.clone()),
+        bounds: Bounds {
+            latent_channels: info.latent_channels as i64,
+            context_dim: info.context_dim as i64,
+            max_batch: args.max_batch,
+            max_latent_side: args.max_side / i64::from(info.vae_scale_factor.max(1)),
+            max_timestep: scheduler.num_train_timesteps() as f32,
+        },
         info,
-        max_batch: args.max_batch,
         lifecycle,
         metrics,
     }));

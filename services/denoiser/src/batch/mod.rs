@@ -141,17 +141,35 @@ impl Shared {
     }
 }
 
-/// Stops the workers when the last handle goes.
-struct Stop(Arc<Shared>);
+/// How long stopping waits for a forward in progress to finish: the
+/// process must not exit under a worker still inside libtorch.
+const STOP_WAIT: Duration = Duration::from_secs(120);
+
+/// Stops the workers when the last handle goes, and waits (at most
+/// [`STOP_WAIT`]) for those mid-forward to finish.
+struct Stop {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
 
 impl Drop for Stop {
     fn drop(&mut self) {
-        let mut state = self.0.lock();
+        let mut state = self.shared.lock();
         state.stopped = true;
-        for c in &self.0.wake {
+        for c in &self.shared.wake {
             c.notify_all();
         }
         drop(state);
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        let until = Instant::now() + STOP_WAIT;
+        while threads.iter().any(|t| !t.is_finished()) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for t in threads {
+            if t.is_finished() && t.join().is_err() {
+                tracing::error!("a UNet worker panicked");
+            }
+        }
     }
 }
 
@@ -180,19 +198,25 @@ impl Batcher {
         });
         // The workers' spans go where the starting thread's go.
         let dispatch = tracing::dispatcher::get_default(|d| d.clone());
+        let mut threads = Vec::with_capacity(workers);
         for w in 0..workers {
             let (unet, shared, metrics) = (unet.clone(), shared.clone(), metrics.clone());
             let dispatch = dispatch.clone();
-            std::thread::Builder::new()
-                .name(format!("unet-worker-{w}"))
-                .spawn(move || {
-                    tracing::dispatcher::with_default(&dispatch, || {
-                        work(w, &unet, &shared, config, &metrics)
-                    })
-                })?;
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("unet-worker-{w}"))
+                    .spawn(move || {
+                        tracing::dispatcher::with_default(&dispatch, || {
+                            work(w, &unet, &shared, config, &metrics)
+                        })
+                    })?,
+            );
         }
         Ok(Batcher {
-            _stop: Arc::new(Stop(shared.clone())),
+            _stop: Arc::new(Stop {
+                shared: shared.clone(),
+                threads: Mutex::new(threads),
+            }),
             shared,
         })
     }
@@ -354,7 +378,9 @@ fn work(w: usize, unet: &UNet, shared: &Shared, config: BatchConfig, metrics: &M
         metrics.queue_depth.set(s.queue.len() as i64);
         // Someone else may gather what is left while this worker computes.
         shared.nudge(&s);
-        let Some(batch) = batch else { return };
+        let Some(mut batch) = batch else { return };
+        // Calls whose callers left while the batch gathered are not computed.
+        batch.retain(|j| !j.reply.is_closed());
         if batch.is_empty() {
             s.idle.push(w);
             state = s;

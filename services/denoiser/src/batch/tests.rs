@@ -361,3 +361,83 @@ async fn batched_forward_follows_from_the_calls_it_serves() {
         assert!(seen.follows.contains(&(*batch, *r)), "{:?}", seen.follows);
     }
 }
+
+/// A call whose caller leaves while it waits in the queue (the UNet busy
+/// with another) is never computed; the next caller is served as usual.
+#[tokio::test]
+async fn calls_whose_callers_left_are_not_computed() {
+    let config = BatchConfig {
+        max_items: 16,
+        max_wait: Duration::ZERO,
+        session_wait: Duration::ZERO,
+        workers: 1,
+    };
+    let batcher = Batcher::start(tiny_unet(), config, Metrics::new("test")).unwrap();
+    let shared = batcher.shared.clone();
+    let mut busy = job(1, 4, 10.0, true, 7.5);
+    busy.latents = Tensor::randn([4, 4, 48, 48], (tch::Kind::Float, tch::Device::Cpu));
+    let busy = batcher
+        .enqueue(&mut shared.lock(), busy, Session::default())
+        .unwrap();
+    while !shared.lock().queue.is_empty() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let gone = batcher.submit(job(2, 1, 10.0, false, 1.0), Session::default());
+    assert!(tokio::time::timeout(Duration::from_millis(2), gone)
+        .await
+        .is_err());
+    assert_eq!(
+        batcher.forwards_per_worker(),
+        vec![0],
+        "the busy forward must still run when the caller leaves (make it bigger)"
+    );
+    let _ = busy.await.unwrap().unwrap();
+    let (out, _) = batcher
+        .submit(job(3, 1, 10.0, false, 1.0), Session::default())
+        .await
+        .unwrap();
+    assert_eq!(out.size(), vec![1, 4, 8, 8]);
+    assert_eq!(
+        batcher.forwards_per_worker(),
+        vec![2],
+        "the abandoned call ran"
+    );
+}
+
+/// Dropping the batcher waits for a forward in progress: when the drop
+/// returns, the forward has finished and its caller has its answer (no
+/// worker is left inside libtorch when the process exits).
+#[tokio::test]
+async fn stopping_waits_for_the_forward_in_progress() {
+    let config = BatchConfig {
+        max_items: 16,
+        max_wait: Duration::ZERO,
+        session_wait: Duration::ZERO,
+        workers: 1,
+    };
+    let batcher = Batcher::start(tiny_unet(), config, Metrics::new("test")).unwrap();
+    let shared = batcher.shared.clone();
+    let mut big = job(1, 4, 10.0, true, 7.5);
+    big.latents = Tensor::randn([4, 4, 32, 32], (tch::Kind::Float, tch::Device::Cpu));
+    let rx = batcher
+        .enqueue(&mut shared.lock(), big, Session::default())
+        .unwrap();
+    let answered = tokio::spawn(rx);
+    // Until the worker has taken the call off the queue.
+    while !shared.lock().queue.is_empty() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tokio::task::spawn_blocking(move || drop(batcher))
+        .await
+        .unwrap();
+    assert_eq!(
+        shared.forwards[0].load(Ordering::Relaxed),
+        1,
+        "forward finished"
+    );
+    let reply = tokio::time::timeout(Duration::from_millis(500), answered)
+        .await
+        .expect("answered by the time the drop returned")
+        .unwrap();
+    assert_eq!(reply.unwrap().unwrap().0.size(), vec![4, 4, 32, 32]);
+}
