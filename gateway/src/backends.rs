@@ -174,6 +174,7 @@ impl Backends {
             sample_size: d.sample_size,
             scaling_factor: a.scaling_factor,
             max_decode_pixels: a.max_pixels,
+            cost: d.cost,
             scheduler_config,
             default_scheduler,
             prediction: d.prediction_type.parse()?,

@@ -20,6 +20,9 @@ pub struct ModelFacts {
     pub scaling_factor: f32,
     /// Most pixels one Decode may carry (0: no bound published).
     pub max_decode_pixels: u64,
+    /// What a UNet forward costs, as the denoiser measured it (None: it
+    /// published nothing, and requests are not bounded in seconds).
+    pub cost: Option<sd_proto::v1::UnetCost>,
     pub scheduler_config: SchedulerConfig,
     pub default_scheduler: SchedulerKind,
     pub prediction: Prediction,

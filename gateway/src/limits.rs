@@ -24,9 +24,10 @@ pub struct Limits {
     /// Largest init image in bytes.
     #[arg(long, env = "SD_MAX_INIT_IMAGE_BYTES", default_value_t = Limits::DEFAULT.max_init_image_bytes)]
     pub max_init_image_bytes: usize,
-    /// Most work per request: images × steps × megapixels.
-    #[arg(long, env = "SD_MAX_COST", default_value_t = Limits::DEFAULT.max_cost)]
-    pub max_cost: f64,
+    /// Most UNet seconds one request may take, as the denoiser's measured
+    /// cost predicts them (images, size, steps and guidance together).
+    #[arg(long, env = "SD_MAX_REQUEST_SECONDS", default_value_t = Limits::DEFAULT.max_request_seconds)]
+    pub max_request_seconds: f64,
 }
 
 impl Limits {
@@ -38,7 +39,7 @@ impl Limits {
         max_images: 8,
         max_prompt_bytes: 4096,
         max_init_image_bytes: 16 << 20,
-        max_cost: 8.0 * 150.0 * 1.05,
+        max_request_seconds: 600.0,
     };
 }
 
@@ -65,7 +66,7 @@ mod tests {
             (d.max_prompt_bytes, d.max_init_image_bytes),
             (4096, 16 << 20)
         );
-        assert_eq!(d.max_cost, 1260.0);
+        assert_eq!(d.max_request_seconds, 600.0);
     }
 
     #[test]
@@ -80,7 +81,7 @@ mod tests {
             ("max_images", d.max_images.to_string()),
             ("max_prompt_bytes", d.max_prompt_bytes.to_string()),
             ("max_init_image_bytes", d.max_init_image_bytes.to_string()),
-            ("max_cost", d.max_cost.to_string()),
+            ("max_request_seconds", d.max_request_seconds.to_string()),
         ];
         for (id, value) in want {
             let arg = cmd

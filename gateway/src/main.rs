@@ -38,6 +38,11 @@ struct Args {
     /// Generations that may wait for a slot; beyond: RESOURCE_EXHAUSTED.
     #[arg(long, env = "SD_MAX_QUEUE", default_value_t = 16)]
     max_queue: usize,
+    /// Predicted UNet seconds that may wait for a slot, all queued
+    /// generations together (the denoiser's measured cost predicts them);
+    /// beyond: RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SD_MAX_QUEUE_SECONDS", default_value_t = 1200.0)]
+    max_queue_seconds: f64,
     /// Bytes of prompt embeddings kept in the gateway (MiB).
     #[arg(long, env = "SD_PROMPT_CACHE_MIB", default_value_t = 256)]
     prompt_cache_mib: usize,
@@ -107,7 +112,8 @@ async fn connect(
             wire: args.wire_dtype,
         },
         limits: Arc::new(args.limits.clone()),
-        admission: Admission::new("gateway", args.max_concurrent, args.max_queue),
+        admission: Admission::new("gateway", args.max_concurrent, args.max_queue)
+            .with_max_queue_seconds(args.max_queue_seconds),
         lifecycle: lifecycle.clone(),
         metrics,
         log_prompts: args.log_prompts,

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::facts::ModelFacts;
 use crate::images;
 use crate::limits::Limits;
+use crate::pipeline::img2img_start;
 
 /// diffusers' defaults where a request leaves a field unset.
 const DEFAULT_STEPS: u32 = 50;
@@ -47,6 +48,11 @@ pub struct Plan {
     pub model_id: String,
     /// The scheduler, built for this request's steps and options.
     pub schedule: Box<dyn Scheduler>,
+    /// UNet seconds this request is predicted to take on the model's
+    /// denoiser (None when it published no cost).
+    pub predicted_seconds: Option<f64>,
+    /// … and one of its UNet forwards.
+    pub predicted_step_seconds: Option<f64>,
 }
 
 impl std::fmt::Debug for Plan {
@@ -109,7 +115,16 @@ impl Plan {
             )
         })?;
         let source = Source::new(&req, facts, limits, steps)?;
-        check_cost(num_images, steps, &source, limits)?;
+        let predicted = predict_seconds(
+            facts,
+            &source,
+            num_images,
+            guidance > 1.0,
+            sampler.schedule.as_ref(),
+            steps,
+        );
+        let predicted_seconds = predicted.map(|p| p.0);
+        check_seconds(predicted_seconds, num_images, steps, &source, limits)?;
         Ok(Plan {
             prompt: req.prompt,
             negative_prompt: req.negative_prompt,
@@ -130,6 +145,8 @@ impl Plan {
             preview_mode,
             model_id: facts.id.clone(),
             schedule: sampler.schedule,
+            predicted_seconds,
+            predicted_step_seconds: predicted.map(|p| p.1),
         })
     }
 
@@ -349,17 +366,59 @@ fn check_side(field: &'static str, v: u32, f: u32, limits: &Limits) -> Result<u3
     Ok(v)
 }
 
-fn check_cost(num_images: u32, steps: u32, source: &Source, limits: &Limits) -> Result<()> {
-    let (width, height) = (source.width, source.height);
-    let cost = num_images as f64 * steps as f64 * (width as f64 * height as f64 / 1e6);
-    if cost > limits.max_cost {
-        return Err(Error::invalid(
-            "num_images",
-            format!(
-                "{num_images} images × {steps} steps × {width}×{height} is {cost:.0} image-step-megapixels, at most {:.0} allowed",
-                limits.max_cost
-            ),
-        ));
+/// Predicted UNet seconds of the whole request on the model's denoiser,
+/// and of one of its steps (None when it published no cost): forwards ×
+/// one forward of all its rows.
+fn predict_seconds(
+    facts: &ModelFacts,
+    source: &Source,
+    num_images: u32,
+    guided: bool,
+    schedule: &dyn Scheduler,
+    steps: u32,
+) -> Option<(f64, f64)> {
+    let cost = facts.cost.as_ref()?;
+    let sf = facts.scale_factor.max(1);
+    let positions = u64::from(source.width / sf) * u64::from(source.height / sf);
+    let rows = u64::from(num_images) * if guided { 2 } else { 1 };
+    let start = if source.init.is_some() {
+        img2img_start(steps, source.strength, schedule.order())
+    } else {
+        0
+    };
+    let forwards = schedule.timesteps().len().saturating_sub(start).max(1);
+    let step = cost.seconds(positions, rows)?;
+    Some((forwards as f64 * step, step))
+}
+
+/// Refuse a request predicted to take longer than `--max-request-seconds`,
+/// naming what to lower: the images, the steps, or the size.
+fn check_seconds(
+    predicted: Option<f64>,
+    num_images: u32,
+    steps: u32,
+    source: &Source,
+    limits: &Limits,
+) -> Result<()> {
+    let Some(seconds) = predicted else {
+        return Ok(());
+    };
+    let max = limits.max_request_seconds;
+    if seconds <= max {
+        return Ok(());
     }
-    Ok(())
+    let (width, height) = (source.width, source.height);
+    let field = if seconds / f64::from(num_images) <= max {
+        "num_images"
+    } else if seconds / f64::from(num_images) / f64::from(steps) <= max {
+        "steps"
+    } else {
+        "width"
+    };
+    Err(Error::invalid(
+        field,
+        format!(
+            "{num_images} images of {width}×{height} with {steps} steps are predicted to take {seconds:.0} s of UNet time on this model's denoiser, at most {max:.0} s allowed"
+        ),
+    ))
 }

@@ -83,7 +83,10 @@ impl GenerationService {
         self.metrics
             .queue_depth
             .set(self.admission.queued() as i64 + 1);
-        let admit = self.admission.admit();
+        check_step_fits(&plan, deadline)?;
+        let admit = self
+            .admission
+            .admit_costing(plan.predicted_seconds.unwrap_or(0.0));
         let slot =
             match deadline.instant() {
                 Some(at) => tokio::time::timeout_at(at, admit).await.map_err(|_| {
@@ -102,6 +105,24 @@ impl GenerationService {
             },
         ))
     }
+}
+
+/// Refuse at once a request whose deadline is shorter than one of its UNet
+/// steps is predicted to take: a forward, once started, runs to its end, so
+/// it would only hold the denoiser for a caller already gone.
+fn check_step_fits(plan: &Plan, deadline: &Deadline) -> Result<()> {
+    let (Some(per_step), Some(left)) = (plan.predicted_step_seconds, deadline.remaining()?) else {
+        return Ok(());
+    };
+    if per_step > left.as_secs_f64() {
+        return Err(Error::DeadlinePassed {
+            when: format!(
+                "before starting: one step is predicted to take {per_step:.1} s, {:.1} s left",
+                left.as_secs_f64()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Run `f` until the deadline, then DEADLINE_EXCEEDED.

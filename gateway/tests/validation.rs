@@ -7,7 +7,7 @@ use sd_gateway::facts::ModelFacts;
 use sd_gateway::limits::Limits;
 use sd_gateway::plan::Plan;
 use sd_proto::status::field_violations;
-use sd_proto::v1::GenerateRequest;
+use sd_proto::v1::{CostPoint, GenerateRequest, UnetCost};
 use sd_sampling::{Prediction, SchedulerConfig, SchedulerKind};
 use tonic::{Code, Status};
 
@@ -20,6 +20,7 @@ fn facts() -> ModelFacts {
         sample_size: 64,
         scaling_factor: 0.18215,
         max_decode_pixels: 0,
+        cost: None,
         scheduler_config: SchedulerConfig::from_json(r#"{"_class_name": "PNDMScheduler"}"#)
             .unwrap(),
         default_scheduler: SchedulerKind::Pndm,
@@ -217,16 +218,77 @@ fn counts_prompts_and_formats_are_checked() {
         "strength",
     );
     refused(GenerateRequest { format: 9, ..req() }, "format");
-    refused(
-        GenerateRequest {
-            num_images: 8,
-            steps: 150,
-            width: 2048,
-            height: 2048,
-            ..req()
-        },
-        "num_images",
-    );
+}
+
+/// A denoiser that measured 0.5 s for one row at 64×64 latents (512²).
+fn costed(max_request_seconds: f64) -> (ModelFacts, Limits) {
+    let cost = UnetCost {
+        points: vec![
+            CostPoint {
+                positions: 64,
+                seconds: 0.01,
+            },
+            CostPoint {
+                positions: 64 * 64,
+                seconds: 0.5,
+            },
+        ],
+        row_factor: 1.0,
+        growth_exponent: 2.0,
+    };
+    let facts = ModelFacts {
+        cost: Some(cost),
+        ..facts()
+    };
+    let limits = Limits {
+        max_request_seconds,
+        ..Limits::default()
+    };
+    (facts, limits)
+}
+
+#[test]
+fn requests_are_bounded_in_predicted_unet_seconds() {
+    let (facts, limits) = costed(600.0);
+    let sized = |n: u32, steps: u32, side: u32| GenerateRequest {
+        num_images: n,
+        steps,
+        width: side,
+        height: side,
+        scheduler: "ddim".into(),
+        ..req()
+    };
+    // 512², guided (2 rows), 50 DDIM steps: 50 × 1 s.
+    let p = Plan::new(sized(1, 50, 512), &facts, &limits).unwrap();
+    assert!((p.predicted_seconds.unwrap() - 50.0).abs() < 1e-6);
+    assert!((p.predicted_step_seconds.unwrap() - 1.0).abs() < 1e-6);
+    // Unguided: one row.
+    let one_row = GenerateRequest {
+        guidance_scale: Some(1.0),
+        ..sized(1, 50, 512)
+    };
+    let p = Plan::new(one_row, &facts, &limits).unwrap();
+    assert!((p.predicted_seconds.unwrap() - 25.0).abs() < 1e-6);
+    let refused_as = |r: GenerateRequest, limits: &Limits, field: &str| {
+        let e = Status::from(Plan::new(r, &facts, limits).expect_err("too long"));
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        assert_eq!(field_violations(&e)[0].field, field, "{}", e.message());
+        assert!(e.message().contains("predicted"), "{}", e.message());
+    };
+    // 8 images × 100 steps × 1 s each: 800 s; one image would fit.
+    refused_as(sized(8, 100, 512), &limits, "num_images");
+    // 2048²: 16× the positions, 256× the time: 256 s a step.
+    refused_as(sized(1, 10, 2048), &limits, "steps");
+    let (_, strict) = costed(100.0);
+    refused_as(sized(1, 1, 2048), &strict, "width");
+    // Image-to-image runs only the last `strength` of the steps.
+    let img2img = GenerateRequest {
+        init_image: tiny_png(512, 512),
+        strength: Some(0.5),
+        ..sized(1, 50, 512)
+    };
+    let p = Plan::new(img2img, &facts, &limits).unwrap();
+    assert!((p.predicted_seconds.unwrap() - 25.0).abs() < 1e-6);
 }
 
 #[test]
@@ -393,4 +455,12 @@ fn image_bombs_are_refused_without_allocating_their_pixels() {
         },
         "init_image",
     );
+}
+
+fn tiny_png(w: u32, h: u32) -> bytes::Bytes {
+    let mut out = Vec::new();
+    image::RgbImage::from_pixel(w, h, image::Rgb([10, 20, 30]))
+        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out.into()
 }

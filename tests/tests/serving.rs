@@ -9,8 +9,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::procs::{Cluster, ClusterOptions, Proc};
+use sd_proto::v1::denoiser_client::DenoiserClient;
 use sd_proto::v1::generation_client::GenerationClient;
-use sd_proto::v1::{generate_event, GenerateRequest};
+use sd_proto::v1::{generate_event, DenoiserInfoRequest, GenerateRequest};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -163,6 +164,62 @@ async fn a_passed_deadline_stops_the_generation_and_frees_its_slot() {
             Err(e) => panic!("{e}"),
         }
     }
+}
+
+/// The denoiser publishes what a forward costs; the gateway refuses what
+/// could never finish (a deadline shorter than one predicted step) at once,
+/// and what would take too long with the field to lower — before any model
+/// work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn work_is_admitted_by_the_denoisers_measured_cost() {
+    let opts = ClusterOptions {
+        gateway_args: &["--max-request-seconds", "60"],
+        ..Default::default()
+    };
+    let cluster = Cluster::start(&common::model("sd1-tiny"), opts).await;
+    let mut d = DenoiserClient::connect(cluster.denoisers[0].url())
+        .await
+        .unwrap();
+    let info = d.info(DenoiserInfoRequest {}).await.unwrap().into_inner();
+    let cost = info.cost.expect("the denoiser measured its cost");
+    let positions: Vec<u64> = cost.points.iter().map(|p| p.positions).collect();
+    assert_eq!(
+        positions,
+        vec![64, 256],
+        "8² and 16² latents for the tiny model"
+    );
+    // 64×64 latents: four times the side measured, sixteen times the positions.
+    let side = 64 * info.vae_scale_factor;
+    let step = cost.seconds(64 * 64, 2).unwrap();
+    let step_x8 = cost.seconds(64 * 64, 16).unwrap();
+    let mut c = client(cluster.gateway.url()).await;
+    let big = |steps: u32| GenerateRequest {
+        prompt: "a big one".into(),
+        steps,
+        width: side,
+        height: side,
+        scheduler: "ddim".into(),
+        ..Default::default()
+    };
+    let mut req = tonic::Request::new(big(2));
+    req.set_timeout(Duration::from_secs_f64((step / 2.0).min(0.5)));
+    let t = Instant::now();
+    let e = c.generate(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{}", e.message());
+    assert!(e.message().contains("predicted"), "{}", e.message());
+    assert!(t.elapsed() < Duration::from_secs(2), "refused at once");
+    let steps = ((60.0 / step_x8).ceil() as u32 + 1).min(150);
+    let e = c
+        .generate(GenerateRequest {
+            num_images: 8,
+            ..big(steps)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("predicted to take"), "{}", e.message());
+    // The stack serves what fits.
+    assert!(c.generate(short()).await.is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

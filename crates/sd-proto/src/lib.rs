@@ -5,6 +5,7 @@
 //! services convert to tch tensors on their side.
 
 pub mod codec;
+pub mod cost;
 pub mod stage;
 pub mod status;
 pub mod wire;

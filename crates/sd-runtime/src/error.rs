@@ -11,6 +11,13 @@ pub enum Refusal {
         what: &'static str,
         max_queue: usize,
     },
+    /// The work already waiting is predicted to take too long.
+    #[error("{what}: {queued_seconds} s of predicted work would be waiting, at most {max_seconds} s; retry later")]
+    Backlog {
+        what: &'static str,
+        queued_seconds: u64,
+        max_seconds: u64,
+    },
     /// The process is draining (SIGTERM) or its queue closed.
     #[error("shutting down: not accepting new work")]
     ShuttingDown,
@@ -23,7 +30,9 @@ impl From<Refusal> for Status {
     fn from(r: Refusal) -> Status {
         let message = r.to_string();
         match r {
-            Refusal::Overloaded { .. } => Status::resource_exhausted(message),
+            Refusal::Overloaded { .. } | Refusal::Backlog { .. } => {
+                Status::resource_exhausted(message)
+            }
             // UNAVAILABLE: clients and the gateway try another replica.
             Refusal::ShuttingDown => Status::unavailable(message),
             Refusal::DeadlinePassed => Status::deadline_exceeded(message),
@@ -43,6 +52,14 @@ mod tests {
                 Refusal::Overloaded {
                     what: "gateway",
                     max_queue: 4,
+                },
+                Code::ResourceExhausted,
+            ),
+            (
+                Refusal::Backlog {
+                    what: "gateway",
+                    queued_seconds: 700,
+                    max_seconds: 600,
                 },
                 Code::ResourceExhausted,
             ),

@@ -5,6 +5,7 @@
 mod batch;
 mod cache;
 mod checks;
+mod cost;
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,6 +56,11 @@ struct Args {
     /// (a guided latent counts twice).
     #[arg(long, env = "SD_MAX_BATCH", default_value_t = 16)]
     max_batch: i64,
+    /// Seconds to spend at start measuring what a UNet forward costs on
+    /// this device (published in Info; the gateway admits by it). 0: one
+    /// warm-up forward, no cost published.
+    #[arg(long, env = "SD_CALIBRATION_SECONDS", default_value_t = 10.0)]
+    calibration_seconds: f64,
     /// Run each Predict on its own instead of merging concurrent ones.
     #[arg(long, env = "SD_NO_BATCHING")]
     no_batching: bool,
@@ -309,6 +315,31 @@ fn main() -> anyhow::Result<()> {
     )
 }
 
+/// One forward before serving; with a calibration budget, the measured
+/// cost of a forward (which starts with one).
+fn warm_up(
+    unet: &UNet,
+    args: &Args,
+    scale_factor: i64,
+) -> anyhow::Result<Option<sd_proto::v1::UnetCost>> {
+    let budget = cost::Budget {
+        time: std::time::Duration::from_secs_f64(args.calibration_seconds.clamp(0.0, 3600.0)),
+        max_side: args.max_side / scale_factor.max(1),
+    };
+    if budget.time.is_zero() {
+        let c = unet.config();
+        let side = c.sample_size.clamp(1, 16);
+        let f = (tch::Kind::Float, tch::Device::Cpu);
+        let _ = unet.forward(
+            &Tensor::zeros([1, c.in_channels, side, side], f),
+            &Tensor::from_slice(&[1.0f32]),
+            &Tensor::zeros([1, 77, c.context_dim()], f),
+        )?;
+        return Ok(None);
+    }
+    Ok(Some(cost::measure(unet, budget)?))
+}
+
 /// Load the UNet and what the gateway needs to know; warm up.
 fn load(
     args: Args,
@@ -327,14 +358,8 @@ fn load(
     let scheduler = SchedulerConfig::from_json(&scheduler_config_json)
         .map_err(|e| anyhow::anyhow!("{}: {e}", scheduler_path.display()))?;
     let c = unet.config().clone();
-    // Warm up: one forward before reporting SERVING.
-    let side = c.sample_size.clamp(1, 16);
-    let f = (tch::Kind::Float, tch::Device::Cpu);
-    let _ = unet.forward(
-        &Tensor::zeros([1, c.in_channels, side, side], f),
-        &Tensor::from_slice(&[1.0f32]),
-        &Tensor::zeros([1, 77, c.context_dim()], f),
-    )?;
+    // Warm up (measuring the cost, unless told not to) before SERVING.
+    let cost = warm_up(&unet, &args, vae.scale_factor() as i64)?;
     let info = DenoiserInfo {
         model_id: sd_service::model_id(
             &dir,
@@ -354,6 +379,7 @@ fn load(
             .to_string(),
         scheduler_config_json,
         context_dim: c.context_dim() as u32,
+        cost,
     };
     tracing::info!(model = %info.model_id, "denoiser ready");
     let unet = Arc::new(unet);

@@ -83,6 +83,22 @@ impl Proc {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.process.id()
+    }
+
+    /// Resident memory now (VmRSS), in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("the process is alive");
+        let kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .expect("VmRSS");
+        kib * 1024
+    }
+
     /// Send `sig`; a process already gone is not an error here.
     pub fn signal(&self, sig: i32) {
         let _ = self.process.signal(sig);

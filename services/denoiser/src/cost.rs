@@ -1,0 +1,173 @@
+//! What a UNet forward costs on this replica's device, measured at start
+//! and published in `DenoiserInfo.cost`: one row's seconds at latent sides
+//! doubling from 8 up to twice the model's native side (while a time budget
+//! lasts), and what a second row adds. The gateway admits requests by the
+//! seconds this predicts (sd_proto's `UnetCost::seconds`).
+//!
+//! Attention makes the cost grow faster than the pixels (one SD 1.5 step
+//! on a 2-core CPU: 1.9 s at 256², ~30 s at 512², ~390 s at 1024²), so
+//! beyond the largest size measured the prediction grows with at least the
+//! square of the positions.
+
+use std::time::{Duration, Instant};
+
+use sd_models::UNet;
+use sd_proto::v1::{CostPoint, UnetCost};
+use tch::{Kind, Tensor};
+
+/// Forward passes per size; the fastest counts (the first at a new shape
+/// pays one-time set-up).
+const RUNS: usize = 2;
+
+/// How far to measure.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    /// Time the measurement may take in all.
+    pub time: Duration,
+    /// Largest latent side to try.
+    pub max_side: i64,
+}
+
+/// Measure `unet`; the first size is always measured (it is the warm-up).
+pub fn measure(unet: &UNet, budget: Budget) -> sd_models::error::Result<UnetCost> {
+    let started = Instant::now();
+    let native = unet.config().sample_size.max(1);
+    let mut side = native.min(8);
+    let mut points = Vec::new();
+    let mut last = Duration::ZERO;
+    loop {
+        let seconds = fastest(unet, 1, side)?;
+        points.push(CostPoint {
+            positions: (side * side) as u64,
+            seconds: seconds.as_secs_f64(),
+        });
+        last = last.max(seconds);
+        side *= 2;
+        // The next size: 4× the positions, at least 16× the time.
+        let next = last * 16 * RUNS as u32;
+        if side > (2 * native).min(budget.max_side) || started.elapsed() + next > budget.time {
+            break;
+        }
+    }
+    let row_factor = row_factor(unet, &points, budget.time.saturating_sub(started.elapsed()))?;
+    let cost = UnetCost {
+        growth_exponent: GROWTH_EXPONENT,
+        points,
+        row_factor,
+    };
+    tracing::info!(
+        took_s = started.elapsed().as_secs_f64(),
+        "UNet cost measured: {}",
+        describe(&cost)
+    );
+    Ok(cost)
+}
+
+/// What a second row adds, measured at the largest size that fits the
+/// time left (1, linear, when none does).
+fn row_factor(unet: &UNet, points: &[CostPoint], left: Duration) -> sd_models::error::Result<f64> {
+    let fits = points
+        .iter()
+        .rev()
+        .find(|p| Duration::from_secs_f64(p.seconds * 2.0 * RUNS as f64) <= left);
+    let Some(p) = fits else { return Ok(1.0) };
+    let side = (p.positions as f64).sqrt().round() as i64;
+    let two = fastest(unet, 2, side)?.as_secs_f64();
+    Ok((two / p.seconds - 1.0).clamp(0.05, 1.0))
+}
+
+/// Growth beyond the largest size measured: self-attention's square. (The
+/// slope between two small sizes is no guide: there, fixed costs dominate
+/// and timing noise decides.)
+const GROWTH_EXPONENT: f64 = 2.0;
+
+/// The fastest of [`RUNS`] guided-size forwards of `rows` rows at `side`².
+fn fastest(unet: &UNet, rows: i64, side: i64) -> sd_models::error::Result<Duration> {
+    let c = unet.config();
+    let f = (Kind::Float, tch::Device::Cpu);
+    let latents = Tensor::zeros([rows, c.in_channels, side, side], f);
+    let timesteps = Tensor::from_slice(&[500.0f32]);
+    let context = Tensor::zeros([rows, 77, c.context_dim()], f);
+    let mut best = Duration::MAX;
+    for _ in 0..RUNS {
+        let start = Instant::now();
+        let out = unet.forward(&latents, &timesteps, &context)?;
+        // Reading a value waits for the device to finish.
+        let _ = out.f_sum(Kind::Float)?.f_double_value(&[])?;
+        best = best.min(start.elapsed());
+    }
+    Ok(best)
+}
+
+/// `8²: 0.012 s, 16²: 0.040 s; a row more: ×0.80; beyond: ^2.0`.
+pub fn describe(cost: &UnetCost) -> String {
+    let points: Vec<String> = cost
+        .points
+        .iter()
+        .map(|p| {
+            let side = (p.positions as f64).sqrt().round();
+            format!("{side}²: {:.4} s", p.seconds)
+        })
+        .collect();
+    format!(
+        "{}; a row more: ×{:.2}; beyond: ^{:.1}",
+        points.join(", "),
+        cost.row_factor,
+        cost.growth_exponent
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sd_models::{ModelDir, Placement};
+
+    fn tiny_unet() -> UNet {
+        let dir = std::env::var_os("SD_FIXTURES")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join("../../target/sd-fixtures")
+            })
+            .join("sd1-tiny");
+        ModelDir::open(dir)
+            .unwrap()
+            .load_unet(Placement::cpu())
+            .unwrap()
+    }
+
+    #[test]
+    fn measures_doubling_sides_and_predicts_what_it_measured() {
+        let unet = tiny_unet();
+        let budget = Budget {
+            time: Duration::from_secs(30),
+            max_side: 256,
+        };
+        let cost = measure(&unet, budget).unwrap();
+        let sides: Vec<u64> = cost.points.iter().map(|p| p.positions).collect();
+        assert_eq!(sides, vec![64, 256], "8² and 16² (twice the native 8)");
+        assert!(cost.points.iter().all(|p| p.seconds > 0.0));
+        assert!(
+            (0.05..=1.0).contains(&cost.row_factor),
+            "{}",
+            cost.row_factor
+        );
+        assert_eq!(cost.growth_exponent, 2.0);
+        // (How close its predictions come is sd-bench's to show: timings
+        // in a test flake on a shared machine.)
+    }
+
+    #[test]
+    fn a_spent_budget_measures_only_the_first_size() {
+        let unet = tiny_unet();
+        let budget = Budget {
+            time: Duration::ZERO,
+            max_side: 256,
+        };
+        let cost = measure(&unet, budget).unwrap();
+        assert_eq!(cost.points.len(), 1);
+        assert_eq!(cost.row_factor, 1.0, "no time to measure rows: linear");
+        assert_eq!(cost.growth_exponent, 2.0);
+        assert!(describe(&cost).starts_with("8²: "), "{}", describe(&cost));
+    }
+}
