@@ -138,6 +138,88 @@ fn apng(w: u32, h: u32) -> Vec<u8> {
     out
 }
 
+/// A PNG written by the `png` crate as given: colour type, depth, raw rows,
+/// an optional palette with transparency, and an optional zTXt chunk.
+struct RawPng<'a> {
+    size: (u32, u32),
+    color: png::ColorType,
+    depth: png::BitDepth,
+    rows: &'a [u8],
+    palette: Option<(&'a [u8], &'a [u8])>,
+    ztxt: Option<String>,
+}
+
+impl RawPng<'_> {
+    fn encode(self) -> Vec<u8> {
+        let mut out = Vec::new();
+        {
+            let mut e = png::Encoder::new(&mut out, self.size.0, self.size.1);
+            e.set_color(self.color);
+            e.set_depth(self.depth);
+            if let Some((plte, trns)) = self.palette {
+                e.set_palette(plte);
+                e.set_trns(trns);
+            }
+            if let Some(text) = self.ztxt {
+                e.add_ztxt_chunk("Comment".into(), text).unwrap();
+            }
+            let mut writer = e.write_header().unwrap();
+            writer.write_image_data(self.rows).unwrap();
+            writer.finish().unwrap();
+        }
+        out
+    }
+}
+
+/// A palette PNG (red, transparent blue), 16×16.
+fn png_palette() -> Vec<u8> {
+    let rows: Vec<u8> = (0..16 * 16).map(|i| (i % 2) as u8).collect();
+    RawPng {
+        size: (16, 16),
+        color: png::ColorType::Indexed,
+        depth: png::BitDepth::Eight,
+        rows: &rows,
+        palette: Some((&[255, 0, 0, 0, 0, 255], &[255, 0])),
+        ztxt: None,
+    }
+    .encode()
+}
+
+/// A 1-bit grayscale PNG, 16×8, stripes.
+fn png_one_bit() -> Vec<u8> {
+    RawPng {
+        size: (16, 8),
+        color: png::ColorType::Grayscale,
+        depth: png::BitDepth::One,
+        rows: &[0b1010_1010; 16],
+        palette: None,
+        ztxt: None,
+    }
+    .encode()
+}
+
+/// A 16×16 PNG carrying a zTXt chunk that inflates to 32 MiB.
+fn png_text_bomb() -> Vec<u8> {
+    RawPng {
+        size: (16, 16),
+        color: png::ColorType::Rgb,
+        depth: png::BitDepth::Eight,
+        rows: &[90; 16 * 16 * 3],
+        palette: None,
+        ztxt: Some("A".repeat(32 << 20)),
+    }
+    .encode()
+}
+
+/// A PNG with its image data's checksum broken.
+fn png_bad_crc() -> Vec<u8> {
+    let mut png = encoded(&solid(16, 16, GREEN).into(), ImageFormat::Png);
+    let idat = png.windows(4).position(|w| w == b"IDAT").unwrap();
+    let len = u32::from_be_bytes(png[idat - 4..idat].try_into().unwrap()) as usize;
+    png[idat + 4 + len] ^= 0xff;
+    png
+}
+
 fn data_file(name: &str) -> Vec<u8> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("data/odd-images")
@@ -376,6 +458,16 @@ fn prompt_cases() -> Vec<Case> {
         ),
         p("combining marks", "e\u{301}\u{302}\u{303}".repeat(400), ok),
         p("empty", String::new(), ok),
+        p(
+            "ANSI escapes and CR/LF (log injection)",
+            "\u{1b}[31mred\r\nINFO fake log line\u{7}".into(),
+            ok,
+        ),
+        p(
+            "BOM and noncharacters",
+            "\u{feff}\u{fffe}\u{ffff}\u{fffd}\u{10ffff}".into(),
+            ok,
+        ),
         p("whitespace only", " \t\n\r".repeat(100), ok),
         p("4096 bytes (the limit)", "x".repeat(4096), ok),
         p("4097 bytes", "x".repeat(4097), Want::Invalid("prompt")),
@@ -447,6 +539,30 @@ fn number_cases() -> Vec<Case> {
         ),
         case("num_images 0: one", with(|r| r.num_images = 0), ok),
         case("seed u64::MAX", with(|r| r.seed = Some(u64::MAX)), ok),
+        case("steps 1", with(|r| r.steps = 1), ok),
+        case("steps 150 (the limit)", with(|r| r.steps = 150), ok),
+        case("steps 151", with(|r| r.steps = 151), Invalid("steps")),
+        case("num_images 8 (the limit)", with(|r| r.num_images = 8), ok),
+        case(
+            "num_images 9",
+            with(|r| r.num_images = 9),
+            Invalid("num_images"),
+        ),
+        case(
+            "eta 1 (the limit)",
+            with(|r| (r.scheduler, r.eta) = ("ddim".into(), 1.0)),
+            ok,
+        ),
+        case(
+            "eta just above 1",
+            with(|r| (r.scheduler, r.eta) = ("ddim".into(), 1.000_001)),
+            Invalid("eta"),
+        ),
+        case(
+            "eta -1",
+            with(|r| (r.scheduler, r.eta) = ("ddim".into(), -1.0)),
+            Invalid("eta"),
+        ),
         case("seed 0", with(|r| r.seed = Some(0)), ok),
         case(
             "clip_skip u32::MAX",
@@ -615,6 +731,47 @@ fn image_cases() -> Vec<Case> {
         i("16-bit gray PNG", png16_gray(24, 16, 60000), own(24, 16)),
         i("gray + alpha PNG", png_gray_alpha(32, 16, 90), own(32, 16)),
         i("CMYK JPEG", data_file("cmyk.jpg"), own(32, 32)),
+        i(
+            "progressive JPEG",
+            data_file("progressive.jpg"),
+            own(40, 24),
+        ),
+        i(
+            "grayscale JPEG",
+            encoded(
+                &DynamicImage::ImageLuma8(ImageBuffer::from_pixel(24, 16, Luma([99]))),
+                ImageFormat::Jpeg,
+            ),
+            own(24, 16),
+        ),
+        i(
+            "RGBA 16-bit PNG",
+            encoded(
+                &DynamicImage::ImageRgba16(ImageBuffer::from_pixel(
+                    16,
+                    16,
+                    image::Rgba([9000, 0, 65535, 100]),
+                )),
+                ImageFormat::Png,
+            ),
+            own(16, 16),
+        ),
+        i("palette PNG with transparency", png_palette(), own(16, 16)),
+        i("1-bit PNG", png_one_bit(), own(16, 8)),
+        i(
+            "RGBA lossless WebP",
+            encoded(
+                &DynamicImage::ImageRgba8(ImageBuffer::from_pixel(
+                    24,
+                    24,
+                    image::Rgba([1, 2, 3, 0]),
+                )),
+                ImageFormat::WebP,
+            ),
+            own(24, 24),
+        ),
+        i("zTXt bomb (32 MiB of text)", png_text_bomb(), own(16, 16)),
+        i("PNG with a broken checksum", png_bad_crc(), bad),
         i("APNG: first frame", apng(32, 24), own(32, 24)),
         i(
             "animated WebP: first frame",
