@@ -1,6 +1,8 @@
 //! Optional API keys for the public API (checked by every Generation call): `authorization: Bearer <key>`,
 //! compared in constant time; UNAUTHENTICATED otherwise. Health and
-//! reflection stay open for probes.
+//! reflection stay open for probes. Keys come from a file or the
+//! environment; `--api-keys` on the command line is refused at start (it
+//! would show in `ps`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,26 +11,36 @@ use subtle::ConstantTimeEq;
 
 use crate::error::{Error, Result};
 
+/// The environment variable holding API keys (comma-separated).
+pub const KEYS_ENV: &str = "SD_API_KEYS";
+
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct AuthArgs {
-    /// Accept these API keys (comma-separated); none: no authentication.
-    #[arg(
-        long,
-        env = "SD_API_KEYS",
-        value_delimiter = ',',
-        hide_env_values = true
-    )]
-    pub api_keys: Vec<String>,
-    /// Read more API keys from this file, one per line.
+    /// Read API keys from this file, one per line (`#` starts a comment);
+    /// or set SD_API_KEYS (comma-separated). Neither: no authentication.
     #[arg(long, env = "SD_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
+    /// Refused: keys on the command line show in `ps`.
+    #[arg(long = "api-keys", hide = true, value_name = "KEYS")]
+    pub api_keys_argv: Option<String>,
 }
 
 impl AuthArgs {
+    /// The keys from the file and from `SD_API_KEYS`, never from argv.
     pub fn keys(&self) -> anyhow::Result<Vec<String>> {
-        let mut keys: Vec<String> = self
-            .api_keys
+        self.keys_with(std::env::var(KEYS_ENV).ok())
+    }
+
+    fn keys_with(&self, env: Option<String>) -> anyhow::Result<Vec<String>> {
+        if self.api_keys_argv.is_some() {
+            anyhow::bail!(
+                "--api-keys is refused: keys on the command line show in `ps` to every user of \
+                 the machine; put them in a file (--api-keys-file) or in {KEYS_ENV}"
+            );
+        }
+        let mut keys: Vec<String> = env
             .iter()
+            .flat_map(|v| v.split(','))
             .map(|k| k.trim().to_string())
             .filter(|k| !k.is_empty())
             .collect();
@@ -128,5 +140,32 @@ mod tests {
         assert_eq!(code(check(with(None))), tonic::Code::Unauthenticated);
         let open = ApiKeys::new(vec![]);
         assert!(open.check(with(None).metadata()).is_ok());
+    }
+
+    #[test]
+    fn keys_come_from_a_file_or_the_environment_never_argv() {
+        let dir = std::env::temp_dir().join(format!("sd-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("keys");
+        std::fs::write(&file, "# ours\nk-file\n\n  k-two  \n").unwrap();
+        let args = AuthArgs {
+            api_keys_file: Some(file),
+            api_keys_argv: None,
+        };
+        assert_eq!(
+            args.keys_with(Some(" k-env, ,k-env2".into())).unwrap(),
+            ["k-env", "k-env2", "k-file", "k-two"]
+        );
+        assert!(AuthArgs::default().keys_with(None).unwrap().is_empty());
+        let argv = AuthArgs {
+            api_keys_argv: Some("k-argv".into()),
+            ..AuthArgs::default()
+        };
+        let e = argv.keys_with(None).unwrap_err().to_string();
+        assert!(
+            e.contains("--api-keys-file") && !e.contains("k-argv"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

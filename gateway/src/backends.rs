@@ -10,8 +10,10 @@ use sd_proto::v1::denoiser_client::DenoiserClient;
 use sd_proto::v1::text_encoder_client::TextEncoderClient;
 use sd_proto::v1::{AutoencoderInfoRequest, DenoiserInfoRequest, TextEncoderInfoRequest};
 use sd_runtime::deadline::Deadline;
+use sd_runtime::internal::SendToken;
 use sd_runtime::tls::ClientTls;
 use sd_sampling::{SchedulerConfig, SchedulerKind};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::error::Stage;
@@ -43,25 +45,49 @@ pub struct BackendArgs {
     pub backend_refresh_ms: u64,
 }
 
+/// A channel to a model service that puts the internal token (when there
+/// is one) on every call.
+pub type Internal = InterceptedService<Channel, SendToken>;
+
+/// How the gateway reaches the model services.
+#[derive(Clone, Default)]
+pub struct Transport {
+    /// TLS toward them (and a client certificate for mutual TLS).
+    pub tls: Option<ClientTls>,
+    /// The internal token they require.
+    pub token: SendToken,
+}
+
+/// Whether a start-up call failed because a model service refused the
+/// gateway's internal token.
+fn refused_token(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<crate::error::Error>()
+        .is_some_and(crate::error::Error::is_credentials)
+}
+
 #[derive(Clone)]
 pub struct Backends {
     pub text: Arc<Pool>,
     pub denoiser: Arc<Pool>,
     pub autoencoder: Arc<Pool>,
     pub max_message_bytes: usize,
+    /// Puts the internal token on every call.
+    pub token: SendToken,
 }
 
 impl Backends {
     pub fn connect(
         args: &BackendArgs,
         max_message_bytes: usize,
-        tls: Option<ClientTls>,
+        transport: Transport,
     ) -> anyhow::Result<Self> {
+        let tls = transport.tls;
         let b = Backends {
             text: Pool::new(Stage::TextEncoder, &args.text_encoder, tls.clone())?,
             denoiser: Pool::new(Stage::Denoiser, &args.denoiser, tls.clone())?,
             autoencoder: Pool::new(Stage::Autoencoder, &args.autoencoder, tls)?,
             max_message_bytes,
+            token: transport.token,
         };
         let every = Duration::from_millis(args.backend_refresh_ms.max(50));
         for p in b.pools() {
@@ -79,20 +105,24 @@ impl Backends {
         self.pools().iter().all(|p| p.any_serving())
     }
 
-    pub fn text_client(&self, ch: Channel) -> TextEncoderClient<Channel> {
-        TextEncoderClient::new(ch)
+    fn internal(&self, ch: Channel) -> Internal {
+        InterceptedService::new(ch, self.token.clone())
+    }
+
+    pub fn text_client(&self, ch: Channel) -> TextEncoderClient<Internal> {
+        TextEncoderClient::new(self.internal(ch))
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes)
     }
 
-    pub fn denoiser_client(&self, ch: Channel) -> DenoiserClient<Channel> {
-        DenoiserClient::new(ch)
+    pub fn denoiser_client(&self, ch: Channel) -> DenoiserClient<Internal> {
+        DenoiserClient::new(self.internal(ch))
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes)
     }
 
-    pub fn autoencoder_client(&self, ch: Channel) -> AutoencoderClient<Channel> {
-        AutoencoderClient::new(ch)
+    pub fn autoencoder_client(&self, ch: Channel) -> AutoencoderClient<Internal> {
+        AutoencoderClient::new(self.internal(ch))
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes)
     }
@@ -104,7 +134,8 @@ impl Backends {
         loop {
             match self.try_facts().await {
                 Ok(f) => return Ok(f),
-                Err(e) if tokio::time::Instant::now() < deadline => {
+                // A refused token does not get better by waiting.
+                Err(e) if tokio::time::Instant::now() < deadline && !refused_token(&e) => {
                     tracing::info!("waiting for model services: {e}");
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }

@@ -37,6 +37,10 @@ pub enum Error {
     /// No replica of a stage could take the call.
     #[error("{stage}: {reason}")]
     Unavailable { stage: Stage, reason: String },
+    /// A model service refused the gateway's internal token (or its lack):
+    /// a deployment error, never the client's.
+    #[error("{stage} refused the gateway's internal token ({message}): give the gateway the model services' token (--internal-token-file or SD_INTERNAL_TOKEN)")]
+    Credentials { stage: Stage, message: String },
     /// A model service answered something the gateway cannot use.
     #[error("{stage} sent {what}")]
     BadReply { stage: Stage, what: String },
@@ -68,7 +72,12 @@ impl Error {
     /// side's codec says so by its reason), which is no fault of the
     /// client's: INTERNAL.
     pub fn from_stage(stage: Stage, status: Status) -> Self {
-        if reason(&status) == Some(Reason::Undecodable) {
+        if status.code() == tonic::Code::Unauthenticated {
+            Error::Credentials {
+                stage,
+                message: status.message().to_string(),
+            }
+        } else if reason(&status) == Some(Reason::Undecodable) {
             Error::Internal(format!("{stage}: {}", status.message()))
         } else {
             Error::Stage { stage, status }
@@ -80,6 +89,11 @@ impl Error {
             stage,
             what: what.to_string(),
         }
+    }
+
+    /// Whether a model service refused the gateway's internal token.
+    pub fn is_credentials(&self) -> bool {
+        matches!(self, Error::Credentials { .. })
     }
 
     /// Whether this is the denoiser asking for the embeddings again.
@@ -101,7 +115,9 @@ impl From<Error> for Status {
             // The service's own status, details and all.
             Error::Stage { status, .. } => status,
             Error::Unavailable { .. } => Status::unavailable(message),
-            Error::BadReply { .. } | Error::Internal(_) => Status::internal(message),
+            Error::Credentials { .. } | Error::BadReply { .. } | Error::Internal(_) => {
+                Status::internal(message)
+            }
         }
     }
 }
@@ -179,6 +195,18 @@ mod tests {
             sd_proto::status::invalid_argument("x", "y"),
         );
         assert_eq!(Status::from(e).code(), Code::InvalidArgument);
+    }
+
+    #[test]
+    fn a_refused_internal_token_is_internal_not_the_clients() {
+        let e = Error::from_stage(
+            Stage::Denoiser,
+            Status::unauthenticated("invalid internal token"),
+        );
+        assert!(e.is_credentials());
+        let s = Status::from(e);
+        assert_eq!(s.code(), Code::Internal);
+        assert!(s.message().contains("SD_INTERNAL_TOKEN"), "{}", s.message());
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use std::io::Cursor;
 
-use image::{ImageFormat as Fmt, ImageReader};
+use image::{DynamicImage, ImageDecoder, ImageFormat as Fmt, ImageReader};
 use sd_proto::v1::{GenerationParameters, ImageFormat};
 use sd_proto::wire::HostTensor;
 
@@ -39,6 +39,10 @@ const MAX_SOURCE_PIXELS: u64 = 4096 * 4096;
 ///
 /// The size is `target` when given (0 in one side keeps the image's), else
 /// the image's own rounded down to a multiple of `scale`, as diffusers does.
+/// The image is taken as diffusers' `load_image` takes it: turned as its
+/// EXIF orientation says (PIL's `ImageOps.exif_transpose`, and what
+/// browsers show), the first frame of an animation, converted to 8-bit RGB
+/// (alpha dropped, 16-bit scaled, CMYK converted).
 pub fn decode_init_image(
     bytes: &[u8],
     limits: &Limits,
@@ -53,29 +57,15 @@ pub fn decode_init_image(
         )));
     }
     let format = sniff(bytes).ok_or_else(|| invalid("not a PNG, JPEG or WebP image"))?;
-    // Dimensions from the header alone, before any pixel is allocated.
-    let (w, h) = ImageReader::with_format(Cursor::new(bytes), format)
-        .into_dimensions()
-        .map_err(|e| invalid(format!("unreadable header: {e}")))?;
-    if w == 0 || h == 0 || w > MAX_SOURCE_SIDE || h > MAX_SOURCE_SIDE {
-        return Err(invalid(format!(
-            "{w}×{h}: each side must be 1..={MAX_SOURCE_SIDE}"
-        )));
+    if format == Fmt::Jpeg && !jpeg_ends(bytes) {
+        // The decoder would fill what is missing with gray; PIL refuses.
+        return Err(invalid(
+            "truncated JPEG: no end-of-image marker after its scans",
+        ));
     }
-    if w as u64 * h as u64 > MAX_SOURCE_PIXELS {
-        return Err(invalid(format!(
-            "{w}×{h} is more than {MAX_SOURCE_PIXELS} pixels"
-        )));
-    }
-    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-    let mut decoder_limits = image::Limits::default();
-    decoder_limits.max_image_width = Some(MAX_SOURCE_SIDE);
-    decoder_limits.max_image_height = Some(MAX_SOURCE_SIDE);
-    decoder_limits.max_alloc = Some(w as u64 * h as u64 * 8 + (64 << 20));
-    reader.limits(decoder_limits);
-    let img = reader
-        .decode()
-        .map_err(|e| invalid(format!("cannot decode: {e}")))?;
+    let stored = checked_dimensions(bytes, format)?;
+    let img = decode_oriented(bytes, format, stored)?;
+    let (w, h) = (img.width(), img.height());
     let round = |v: u32| v - v % scale;
     let (tw, th) = match target {
         Some((tw, th)) => (
@@ -96,16 +86,88 @@ pub fn decode_init_image(
         crate::resample::resize_lanczos(&rgb, tw, th)
     };
     let (tw, th) = rgb.dimensions();
-    let plane = (tw * th) as usize;
+    Ok((normalized(&rgb)?, tw, th))
+}
+
+/// Whether a JPEG's scans end with an end-of-image marker (FF D9), as
+/// libjpeg (and so PIL, and so diffusers) insists. The marker segments
+/// before the first scan are skipped by their lengths (an EXIF thumbnail
+/// has markers of its own); after it, FF D9 cannot occur inside
+/// entropy-coded data (an FF there is followed by 00 or a restart marker).
+fn jpeg_ends(bytes: &[u8]) -> bool {
+    let mut i = 2; // after SOI
+    while i + 4 <= bytes.len() {
+        if bytes[i] != 0xff {
+            return false;
+        }
+        let marker = bytes[i + 1];
+        if marker == 0xff {
+            i += 1; // fill byte
+            continue;
+        }
+        let len = u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize;
+        if marker == 0xda {
+            let scans = bytes.get(i + 2 + len..).unwrap_or_default();
+            return scans.windows(2).any(|w| w == [0xff, 0xd9]);
+        }
+        i += 2 + len;
+    }
+    false
+}
+
+/// The stored size from the header alone, before any pixel is allocated,
+/// checked against the limits.
+fn checked_dimensions(bytes: &[u8], format: Fmt) -> Result<(u32, u32)> {
+    let (w, h) = ImageReader::with_format(Cursor::new(bytes), format)
+        .into_dimensions()
+        .map_err(|e| invalid(format!("unreadable header: {e}")))?;
+    if w == 0 || h == 0 || w > MAX_SOURCE_SIDE || h > MAX_SOURCE_SIDE {
+        return Err(invalid(format!(
+            "{w}×{h}: each side must be 1..={MAX_SOURCE_SIDE}"
+        )));
+    }
+    if w as u64 * h as u64 > MAX_SOURCE_PIXELS {
+        return Err(invalid(format!(
+            "{w}×{h} is more than {MAX_SOURCE_PIXELS} pixels"
+        )));
+    }
+    Ok((w, h))
+}
+
+/// Decode within allocation limits for the checked `(w, h)`, then turn the
+/// image as its EXIF orientation says (an orientation that cannot be read
+/// leaves it as stored, as PIL does). Animated images give their first
+/// frame.
+fn decode_oriented(bytes: &[u8], format: Fmt, (w, h): (u32, u32)) -> Result<DynamicImage> {
+    let cannot = |e: image::ImageError| invalid(format!("cannot decode: {e}"));
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SOURCE_SIDE);
+    limits.max_image_height = Some(MAX_SOURCE_SIDE);
+    limits.max_alloc = Some(w as u64 * h as u64 * 8 + (64 << 20));
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    reader.limits(limits.clone());
+    let mut decoder = reader.into_decoder().map_err(cannot)?;
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    limits.reserve(decoder.total_bytes()).map_err(cannot)?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(cannot)?;
+    img.apply_orientation(orientation);
+    Ok(img)
+}
+
+/// RGB8 pixels as a (1, 3, H, W) tensor in [-1, 1].
+fn normalized(rgb: &image::RgbImage) -> Result<HostTensor> {
+    let (w, h) = rgb.dimensions();
+    let plane = (w * h) as usize;
     let mut data = vec![0f32; 3 * plane];
     for (i, p) in rgb.pixels().enumerate() {
         for c in 0..3 {
             data[c * plane + i] = 2.0 * (p.0[c] as f32 / 255.0) - 1.0;
         }
     }
-    let t = HostTensor::new(vec![1, 3, th as i64, tw as i64], data)
-        .map_err(|e| Error::Internal(format!("init image tensor: {e}")))?;
-    Ok((t, tw, th))
+    HostTensor::new(vec![1, 3, h as i64, w as i64], data)
+        .map_err(|e| Error::Internal(format!("init image tensor: {e}")))
 }
 
 /// The generation parameters as text chunks: one key each, plus the
@@ -218,4 +280,38 @@ pub fn latent_preview(latents: &[f32], channels: usize, h: usize, w: usize) -> R
         }
     }
     encode_png(&rgb, w as u32, h as u32, &[])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jpeg(w: u32, h: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_pixel(w, h, image::Rgb([200, 30, 60]));
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, Fmt::Jpeg).unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn a_jpeg_must_reach_its_end_marker() {
+        let whole = jpeg(40, 24);
+        assert!(jpeg_ends(&whole));
+        assert!(!jpeg_ends(&whole[..whole.len() - 2]));
+        assert!(!jpeg_ends(&whole[..whole.len() / 2]));
+        assert!(!jpeg_ends(&whole[..3]));
+        // Trailing bytes after the end are tolerated, as by libjpeg.
+        assert!(jpeg_ends(&[&whole[..], b"trailer"].concat()));
+        // A whole thumbnail inside an APP1 segment does not end the image.
+        let thumb = jpeg(8, 8);
+        let mut app1 = vec![0xff, 0xe1];
+        app1.extend_from_slice(&((thumb.len() + 2) as u16).to_be_bytes());
+        app1.extend_from_slice(&thumb);
+        let with_thumb = [&whole[..2], &app1[..], &whole[2..]].concat();
+        assert!(jpeg_ends(&with_thumb));
+        assert!(!jpeg_ends(&with_thumb[..with_thumb.len() - 2]));
+        let e =
+            decode_init_image(&whole[..whole.len() - 2], &Limits::default(), 8, None).unwrap_err();
+        assert!(e.to_string().contains("truncated JPEG"), "{e}");
+    }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use sd_gateway::auth::{ApiKeys, AuthArgs};
-use sd_gateway::backends::{BackendArgs, Backends};
+use sd_gateway::backends::{BackendArgs, Backends, Transport};
 use sd_gateway::limits::Limits;
 use sd_gateway::pipeline::Generator;
 use sd_gateway::prompt_cache::PromptCache;
@@ -13,6 +13,8 @@ use sd_gateway::service::GenerationService;
 use sd_proto::v1::generation_server::GenerationServer;
 use sd_proto::v1::Dtype;
 use sd_runtime::admission::Admission;
+use sd_runtime::internal::{InternalToken, SendToken};
+use sd_runtime::server::Access;
 use sd_runtime::tls::{ClientTlsArgs, ServerTlsArgs};
 use sd_runtime::ServerArgs;
 
@@ -63,8 +65,19 @@ fn parse_dtype(s: &str) -> Result<Dtype, String> {
     }
 }
 
+/// What the gateway reads from files and the environment before it
+/// listens, so a mistake there stops it at once.
+struct Secrets {
+    keys: ApiKeys,
+    token: Option<InternalToken>,
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let secrets = Secrets {
+        keys: ApiKeys::new(args.auth.keys()?),
+        token: args.tls.internal.load()?,
+    };
     let who = sd_runtime::server::Identity {
         name: "gateway",
         otel_name: "sd-gateway",
@@ -74,13 +87,15 @@ fn main() -> anyhow::Result<()> {
         who,
         &args.server,
         &args.tls,
-        |cx| connect(&args, cx),
+        Access::Public,
+        |cx| connect(&args, secrets, cx),
     ))
 }
 
 /// Reach the model services, learn the model, and build the service.
 async fn connect(
     args: &Args,
+    secrets: Secrets,
     cx: sd_runtime::server::Context,
 ) -> anyhow::Result<GenerationServer<GenerationService>> {
     let sd_runtime::server::Context {
@@ -94,12 +109,19 @@ async fn connect(
     let max_out =
         (args.limits.max_images as usize) * (args.limits.max_side as usize).pow(2) * 3 + (4 << 20);
     let internal = args.server.max_message_bytes();
-    let backends = Backends::connect(&args.backends, internal, args.backend_tls.load()?)?;
+    let Secrets { keys, token } = secrets;
+    if token.is_none() {
+        tracing::info!("no internal token: calling the model services without one");
+    }
+    let transport = Transport {
+        tls: args.backend_tls.load()?,
+        token: SendToken::new(token),
+    };
+    let backends = Backends::connect(&args.backends, internal, transport)?;
     let facts = backends
         .model_facts(Duration::from_secs(args.backends.backend_wait_secs))
         .await?;
     tracing::info!(model = %facts.id, scheduler = %facts.default_scheduler, "model services ready");
-    let keys = ApiKeys::new(args.auth.keys()?);
     if keys.enabled() {
         tracing::info!("API keys required");
     }

@@ -179,6 +179,7 @@ fn backends(denoiser: &str) -> Backends {
         denoiser: Pool::new(Stage::Denoiser, denoiser, None).unwrap(),
         autoencoder: Pool::new(Stage::Autoencoder, "http://127.0.0.1:1", None).unwrap(),
         max_message_bytes: 4 << 20,
+        token: Default::default(),
     }
 }
 

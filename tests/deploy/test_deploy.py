@@ -1,8 +1,13 @@
 """The deployment: both kustomize overlays render, every object validates
 against the Kubernetes schemas (strict), the Dockerfiles pass hadolint, and
 the properties that matter are there (GPU limits, probes, headless Services,
-HPAs, PDBs, grace periods above the drain time, non-root)."""
+HPAs, PDBs, grace periods above the drain time, non-root), and internal
+traffic is locked: only the gateway reaches the model services (a
+NetworkPolicy; compose: an internal network, no published port), all of them
+share the internal token from a Secret or an env file, and no secret is on
+any command line."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -176,3 +181,126 @@ def test_compose_runs_the_stack_on_one_gpu_machine():
     gw = services["gateway"]["environment"]
     for stage in MODEL_STAGES:
         assert gw["SD_" + stage.upper().replace("-", "_")].startswith(f"http://{stage}:")
+
+
+# A secret on a command line: a flag that takes one (not its `-file`
+# form), a NAME=value of one, an expansion of a secret variable
+# (`$(SD_INTERNAL_TOKEN)` in Kubernetes args, `$HF_TOKEN` in a shell), or a
+# Hugging Face token itself.
+SECRET_ON_ARGV = re.compile(
+    r"--[\w-]*(token|api-keys?|password|secret)(?!-file)\b"
+    r"|\b\w*(TOKEN|KEYS?|PASSWORD|SECRET)="
+    r"|\$\(?\{?\w*(TOKEN|KEYS?|PASSWORD|SECRET)\b"
+    r"|\bhf_[A-Za-z0-9]{8,}",
+    re.IGNORECASE,
+)
+
+
+def test_the_secret_pattern_catches_secrets_and_passes_the_rest():
+    for bad in ["--api-keys=a,b", "--internal-token", "x --token abc", "SD_API_KEYS=k", "$(SD_INTERNAL_TOKEN)", "$HF_TOKEN", "hf_abcdefghijkl"]:
+        assert SECRET_ON_ARGV.search(bad), bad
+    for ok in ['"tokenizer/*"', "--internal-token-file /run/t", "--api-keys-file /k", "--include text_encoder/*.json"]:
+        assert not SECRET_ON_ARGV.search(ok), ok
+
+
+def env_from(deploy, name):
+    return next((e for e in container(deploy).get("env", []) if e["name"] == name), None)
+
+
+def test_model_services_take_grpc_only_from_the_gateway(overlay):
+    _, docs = overlay
+    policies = find(docs, "NetworkPolicy")
+    labels = lambda stage: one(docs, "Deployment", stage)["spec"]["template"]["metadata"]["labels"]
+
+    def selects(policy, stage):
+        sel = policy["spec"]["podSelector"]
+        have = labels(stage)
+        ok = all(have.get(k) == v for k, v in sel.get("matchLabels", {}).items())
+        for expr in sel.get("matchExpressions", []):
+            assert expr["operator"] == "In", expr
+            ok = ok and have.get(expr["key"]) in expr["values"]
+        return ok
+
+    def sources(policy, port):
+        return [f for rule in policy["spec"]["ingress"] if any(p["port"] == port for p in rule["ports"]) for f in rule["from"]]
+
+    gateway_labels = labels("gateway")
+    for stage in MODEL_STAGES:
+        mine = [p for p in policies if selects(p, stage)]
+        assert len(mine) == 1, f"{stage}: {len(mine)} NetworkPolicies"
+        policy = mine[0]
+        assert "Ingress" in policy["spec"]["policyTypes"]
+        c = container(one(docs, "Deployment", stage))
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert set(ports) == {"grpc", "metrics"}
+        # Every rule names its ports: nothing else is open.
+        assert all(rule.get("ports") for rule in policy["spec"]["ingress"])
+        grpc = sources(policy, "grpc") + sources(policy, ports["grpc"])
+        assert grpc, f"{stage}: nobody may call it"
+        for src in grpc:
+            assert "namespaceSelector" not in src and "ipBlock" not in src, src
+            want = src["podSelector"]["matchLabels"]
+            assert want["app.kubernetes.io/component"] == "gateway"
+            assert all(gateway_labels.get(k) == v for k, v in want.items()), "the selector matches the gateway's pods"
+        metrics = sources(policy, "metrics") + sources(policy, ports["metrics"])
+        assert metrics and all(s["podSelector"]["matchLabels"] for s in metrics), "metrics: only from Prometheus"
+    assert not any(selects(p, "gateway") for p in policies), "the public gateway stays reachable"
+
+
+def test_the_internal_token_comes_from_one_secret(overlay):
+    _, docs = overlay
+    for stage in STAGES:
+        e = env_from(one(docs, "Deployment", stage), "SD_INTERNAL_TOKEN")
+        assert e is not None and "value" not in e, f"{stage}: the token from a Secret"
+        ref = e["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"]) == ("sdserve-internal-token", "token")
+        assert not ref.get("optional"), f"{stage}: must not start without it"
+    keys = env_from(one(docs, "Deployment", "gateway"), "SD_API_KEYS")
+    assert "secretKeyRef" in keys["valueFrom"]
+
+
+def argv(c):
+    return [str(a) for a in (c.get("command") or []) + (c.get("args") or [])]
+
+
+def test_no_secret_on_any_command_line_or_in_plain_env(overlay):
+    _, docs = overlay
+    for d in docs:
+        spec = d.get("spec", {}).get("template", {}).get("spec", {})
+        for c in spec.get("containers", []) + spec.get("initContainers", []):
+            for a in argv(c):
+                assert not SECRET_ON_ARGV.search(a), f"{d['metadata']['name']}: {a!r} on a command line"
+            for e in c.get("env", []):
+                name = e["name"].lower()
+                if any(w in name for w in ["token", "key", "password", "secret"]) and not name.endswith("_file"):
+                    assert "value" not in e, f"{d['metadata']['name']}: {e['name']} in plain text"
+    assert find(docs, "Secret") == [], "secrets are made by the operator, never checked in"
+
+
+def test_compose_keeps_the_model_services_internal():
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    services, networks = compose["services"], compose["networks"]
+    internal = {n for n, cfg in networks.items() if (cfg or {}).get("internal")}
+    assert internal, "an internal network"
+
+    def env_files(svc):
+        return [f["path"] if isinstance(f, dict) else f for f in svc.get("env_file", [])]
+
+    for stage in MODEL_STAGES:
+        svc = services[stage]
+        assert "ports" not in svc, f"{stage}: published on the host"
+        assert set(svc["networks"]) <= internal, f"{stage}: on a network with a way out"
+        assert "internal-token.env" in env_files(svc), f"{stage}: the token"
+    gw = services["gateway"]
+    assert set(gw["networks"]) & internal and set(gw["networks"]) - internal
+    assert "internal-token.env" in env_files(gw)
+    text = (DOCKER / "compose.yaml").read_text()
+    for name, svc in services.items():
+        for a in [svc.get("command") or [], svc.get("entrypoint") or []]:
+            a = " ".join(a) if isinstance(a, list) else a
+            assert not SECRET_ON_ARGV.search(a), f"{name}: {a!r}"
+        env = svc.get("environment") or {}
+        assert not any(k in env for k in ["SD_INTERNAL_TOKEN", "SD_API_KEYS"]), f"{name}: a secret in the file"
+    assert "SD_INTERNAL_TOKEN=" not in text.replace("echo \"SD_INTERNAL_TOKEN=", "")
+    ignored = (ROOT / ".gitignore").read_text()
+    assert "/deploy/docker/*.env" in ignored, "the env files stay out of git"

@@ -104,6 +104,12 @@ async fn tls_mtls_and_api_keys_accept_and_refuse() {
     let key = write(dir.path(), "server.key", &p.server.1);
     let ccert = write(dir.path(), "client.pem", &p.client.0);
     let ckey = write(dir.path(), "client.key", &p.client.1);
+    // API keys from a file (argv would show them in `ps`; it is refused).
+    let keys = write(
+        dir.path(),
+        "api-keys",
+        "# the gateway's keys\nk-one\nk-two\n",
+    );
     let service_args = [
         "--tls-cert",
         &cert,
@@ -125,8 +131,8 @@ async fn tls_mtls_and_api_keys_accept_and_refuse() {
         &ckey,
         "--backend-tls-domain",
         "localhost",
-        "--api-keys",
-        "k-one,k-two",
+        "--api-keys-file",
+        &keys,
     ];
     let cluster = Cluster::start(
         &common::model("sd1-tiny"),

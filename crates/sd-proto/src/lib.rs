@@ -19,5 +19,13 @@ pub mod v1 {
 /// Encoded `FileDescriptorSet` of `sd.v1`, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("sd_v1_descriptor");
 
+/// The environment variable that carries the internal token the model
+/// services require and the gateway sends (`authorization: Bearer TOKEN`;
+/// sd-runtime's `internal` module checks and sends it).
+pub const INTERNAL_TOKEN_ENV: &str = "SD_INTERNAL_TOKEN";
+/// The environment variable naming a file that holds the internal token
+/// (the `--internal-token-file` flag's).
+pub const INTERNAL_TOKEN_FILE_ENV: &str = "SD_INTERNAL_TOKEN_FILE";
+
 pub use stage::Stage;
 pub use wire::{HostTensor, WireError};

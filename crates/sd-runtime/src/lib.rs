@@ -6,6 +6,7 @@ pub mod admission;
 pub mod alloc;
 pub mod deadline;
 pub mod error;
+pub mod internal;
 pub mod lifecycle;
 pub mod lru;
 pub mod metrics;
@@ -123,16 +124,46 @@ impl Health {
     }
 }
 
-/// Server reflection for `sd.v1` (grpcurl and friends).
-pub fn reflection() -> anyhow::Result<
+/// The services a server hosts beside its own.
+const HOSTED: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+fn reflection_builder(served: &str) -> tonic_reflection::server::Builder<'static> {
+    let mut b = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sd_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+        .with_service_name(served);
+    for s in HOSTED {
+        b = b.with_service_name(s);
+    }
+    b
+}
+
+/// Server reflection for a server whose own service is `served`
+/// (`sd.v1.Denoiser`, …): that service, health and reflection itself are
+/// listed, every `sd.v1` type is described. Both versions clients speak:
+/// `grpc.reflection.v1` (grpcurl) and `grpc.reflection.v1alpha` (grpcio's
+/// reflection client and older tools).
+#[allow(clippy::type_complexity)]
+pub fn reflection(
+    served: &str,
+) -> anyhow::Result<(
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
     >,
-> {
-    Ok(tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(sd_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?)
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+)> {
+    Ok((
+        reflection_builder(served).build_v1()?,
+        reflection_builder(served).build_v1alpha()?,
+    ))
 }
 
 /// Resolves on SIGTERM or SIGINT.

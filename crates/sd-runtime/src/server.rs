@@ -15,6 +15,7 @@ use tonic::codegen::http::{Request, Response};
 use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
 
+use crate::internal::InternalToken;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::tls::ServerTlsArgs;
@@ -60,6 +61,38 @@ pub struct Identity {
     pub grpc_name: &'static str,
 }
 
+/// Who may call a server's own service (health and reflection are open to
+/// all, for probes and tools).
+#[derive(Debug, Clone)]
+pub enum Access {
+    /// The public API: the gateway checks its API keys itself.
+    Public,
+    /// A model service behind the gateway: with a token, every call must
+    /// carry it; without one, the service is open (local development).
+    Internal(Option<InternalToken>),
+}
+
+impl Access {
+    /// Say at start who may call; the token to require, if any.
+    fn announce(self) -> Option<InternalToken> {
+        match self {
+            Access::Public => None,
+            Access::Internal(Some(token)) => {
+                tracing::info!("internal token required on every call but health and reflection");
+                Some(token)
+            }
+            Access::Internal(None) => {
+                tracing::warn!(
+                    "no internal token (--internal-token-file or SD_INTERNAL_TOKEN): this service \
+                     takes calls from anyone who can reach its port; fine for local development, \
+                     not for a network others share"
+                );
+                None
+            }
+        }
+    }
+}
+
 /// What a server's `load` gets from the start-up path.
 #[derive(Clone)]
 pub struct Context {
@@ -71,11 +104,13 @@ pub struct Context {
 /// A server process's whole life, the same for the gateway and the model
 /// services: telemetry; health (NOT_SERVING) on the listening socket from
 /// the first moment; metrics; `load` while health keeps answering; SERVING
-/// once it is done; serving until SIGTERM and the drain.
+/// once it is done; serving until SIGTERM and the drain. `access` says who
+/// may call the service itself.
 pub async fn run<S, F, Fut>(
     who: Identity,
     args: &ServerArgs,
     tls: &ServerTlsArgs,
+    access: Access,
     load: F,
 ) -> anyhow::Result<()>
 where
@@ -84,6 +119,7 @@ where
     Fut: Future<Output = anyhow::Result<S>>,
 {
     let telemetry = crate::init_telemetry(args.log_json, who.otel_name);
+    let guard = access.announce();
     let (health, health_service) = Health::new(who.grpc_name).await;
     let health = Arc::new(health);
     let (incoming, _) = crate::listen(args.listen).await?;
@@ -104,7 +140,7 @@ where
         lifecycle,
         args,
         tls,
-        Lazy::new(),
+        Lazy::guarded(guard),
         load(context),
     )
     .await;
@@ -113,15 +149,19 @@ where
 }
 
 /// A gRPC service that exists before its model is loaded: until `set`, every
-/// call is UNAVAILABLE ("loading"), so clients retry elsewhere.
+/// call is UNAVAILABLE ("loading"), so clients retry elsewhere. With a
+/// guard, a call without the internal token is UNAUTHENTICATED, loaded or
+/// not.
 pub struct Lazy<S> {
     inner: Arc<OnceLock<S>>,
+    guard: Option<Arc<InternalToken>>,
 }
 
 impl<S> Clone for Lazy<S> {
     fn clone(&self) -> Self {
         Lazy {
             inner: self.inner.clone(),
+            guard: self.guard.clone(),
         }
     }
 }
@@ -130,6 +170,7 @@ impl<S> Default for Lazy<S> {
     fn default() -> Self {
         Lazy {
             inner: Arc::new(OnceLock::new()),
+            guard: None,
         }
     }
 }
@@ -137,6 +178,14 @@ impl<S> Default for Lazy<S> {
 impl<S> Lazy<S> {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Requiring `token` on every call, when there is one.
+    pub fn guarded(token: Option<InternalToken>) -> Self {
+        Lazy {
+            guard: token.map(Arc::new),
+            ..Self::default()
+        }
     }
 
     pub fn set(&self, s: S) {
@@ -167,6 +216,16 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
+        if let Some(guard) = &self.guard {
+            if let Err(refused) = guard.check(req.headers()) {
+                tracing::warn!(
+                    path = req.uri().path(),
+                    "refused a call: {}",
+                    refused.message()
+                );
+                return Box::pin(async move { Ok(refused.into_http()) });
+            }
+        }
         match self.inner.get() {
             Some(s) => {
                 let mut s = s.clone();
@@ -205,9 +264,11 @@ where
     }
     let drain = Duration::from_secs(args.drain_secs);
     let (shutdown, bound) = lifecycle.shutdown_pair(health.clone(), drain, Duration::from_secs(2));
+    let (reflection_v1, reflection_v1alpha) = crate::reflection(S::NAME)?;
     let router = builder
         .add_service(health_service)
-        .add_service(crate::reflection()?)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(service.clone());
     let server = tokio::spawn(async move {
         tokio::select! {

@@ -4,13 +4,15 @@
 
 use std::path::PathBuf;
 
+use crate::internal::InternalTokenArgs;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 fn read(path: &PathBuf, what: &str) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| anyhow::anyhow!("{what} {}: {e}", path.display()))
 }
 
-/// A server's TLS flags.
+/// A server's transport security: TLS, mutual TLS, and the internal token
+/// (which the model services require and the gateway sends).
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ServerTlsArgs {
     /// Serve TLS with this certificate chain (PEM); needs --tls-key.
@@ -22,6 +24,8 @@ pub struct ServerTlsArgs {
     /// Require client certificates signed by this CA (PEM): mutual TLS.
     #[arg(long, env = "SD_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub internal: InternalTokenArgs,
 }
 
 impl ServerTlsArgs {

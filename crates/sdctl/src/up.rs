@@ -1,7 +1,8 @@
 //! `sdctl up`: a whole stack on localhost. Starts the three model services
 //! on free ports, waits until each reports SERVING, starts the gateway in
 //! front of them, prints its address, and stops everything on Ctrl-C or
-//! SIGTERM (or when any process dies).
+//! SIGTERM (or when any process dies). Every process gets the stack's
+//! random internal token in its environment.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -70,11 +71,35 @@ fn bin_dir(args: &UpArgs) -> anyhow::Result<PathBuf> {
 fn spawn(name: &str, bin: &Path, args: &[String]) -> anyhow::Result<Process> {
     let mut command = std::process::Command::new(bin);
     command.args(args).stderr(Stdio::inherit());
+    stack_token()?.give_to(&mut command);
     let process = Launch::new(name)
         .timeout(ADDRESS_TIMEOUT)
         .stop(Stop::Terminate { grace: STOP_GRACE })
         .spawn(command)?;
     Ok(process)
+}
+
+/// The internal token of this stack: random, made once, given to every
+/// child in its environment (never its command line, which `ps` shows).
+struct StackToken(String);
+
+impl StackToken {
+    fn give_to(&self, command: &mut std::process::Command) {
+        command
+            .env(sd_proto::INTERNAL_TOKEN_ENV, &self.0)
+            .env_remove(sd_proto::INTERNAL_TOKEN_FILE_ENV);
+    }
+}
+
+fn stack_token() -> anyhow::Result<&'static StackToken> {
+    static TOKEN: std::sync::OnceLock<StackToken> = std::sync::OnceLock::new();
+    if let Some(t) = TOKEN.get() {
+        return Ok(t);
+    }
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no random internal token: {e}"))?;
+    let hex = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(TOKEN.get_or_init(|| StackToken(hex)))
 }
 
 /// Wait until `proc` reports SERVING, failing early if it exits.

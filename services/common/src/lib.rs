@@ -187,7 +187,9 @@ impl Worker {
 
 /// A model service's whole life: sd-runtime's one start-up path
 /// ([`sd_runtime::server::run`]) on the async runtime, with `load` on a
-/// blocking thread while health keeps answering.
+/// blocking thread while health keeps answering. With an internal token
+/// (`--internal-token-file` or `SD_INTERNAL_TOKEN`), every call but health
+/// and reflection must carry it.
 pub fn serve_model<S: sd_runtime::server::GrpcService>(
     stage: sd_proto::Stage,
     server: &ServerArgs,
@@ -199,9 +201,10 @@ pub fn serve_model<S: sd_runtime::server::GrpcService>(
         otel_name: stage.name(),
         grpc_name: stage.grpc_service(),
     };
+    let access = sd_runtime::server::Access::Internal(tls.internal.load()?);
     server
         .runtime()?
-        .block_on(sd_runtime::server::run(who, server, tls, |cx| {
+        .block_on(sd_runtime::server::run(who, server, tls, access, |cx| {
             blocking(move || load(cx.metrics, cx.lifecycle))
         }))
 }

@@ -51,6 +51,10 @@ impl Proc {
         self.process.url()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.process.id()
+    }
+
     pub fn port(&self) -> u16 {
         self.process.port().expect("port")
     }

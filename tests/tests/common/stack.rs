@@ -58,4 +58,9 @@ impl Stack {
             _sdctl: sdctl,
         }
     }
+
+    /// sdctl's process id (its children are the stack's servers).
+    pub fn pid(&self) -> u32 {
+        self._sdctl.id()
+    }
 }
