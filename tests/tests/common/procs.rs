@@ -87,10 +87,6 @@ impl Proc {
         }
     }
 
-    pub fn pid(&self) -> u32 {
-        self.process.id()
-    }
-
     /// Resident memory now (VmRSS), in bytes.
     pub fn rss_bytes(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
