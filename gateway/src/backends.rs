@@ -8,7 +8,7 @@ use std::time::Duration;
 use sd_proto::v1::autoencoder_client::AutoencoderClient;
 use sd_proto::v1::denoiser_client::DenoiserClient;
 use sd_proto::v1::text_encoder_client::TextEncoderClient;
-use sd_proto::v1::{AutoencoderInfoRequest, DenoiserInfoRequest, TextEncoderInfoRequest};
+use sd_proto::v1::{AutoencoderInfoRequest, DenoiserInfoRequest, TextEncoderInfoRequest, UnetCost};
 use sd_runtime::deadline::Deadline;
 use sd_runtime::internal::SendToken;
 use sd_runtime::tls::ClientTls;
@@ -17,7 +17,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::error::Stage;
-use crate::facts::ModelFacts;
+use crate::facts::{ModelFacts, SharedCost};
 use crate::pool::Pool;
 
 /// Where the model services are: comma-separated URLs, or `dns://host:port`
@@ -144,6 +144,22 @@ impl Backends {
         }
     }
 
+    /// The denoiser's current UNet cost (it keeps it current as it runs).
+    pub async fn denoiser_cost(&self) -> anyhow::Result<Option<UnetCost>> {
+        let dl = Deadline::after(Duration::from_secs(10));
+        let info = self
+            .denoiser
+            .call(&dl, |ch, _| async move {
+                Ok(self
+                    .denoiser_client(ch)
+                    .info(DenoiserInfoRequest {})
+                    .await?
+                    .into_inner())
+            })
+            .await?;
+        Ok(info.cost)
+    }
+
     async fn try_facts(&self) -> anyhow::Result<ModelFacts> {
         let dl = Deadline::after(Duration::from_secs(10));
         let d = self
@@ -205,7 +221,7 @@ impl Backends {
             sample_size: d.sample_size,
             scaling_factor: a.scaling_factor,
             max_decode_pixels: a.max_pixels,
-            cost: d.cost,
+            cost: SharedCost::new(d.cost),
             scheduler_config,
             default_scheduler,
             prediction: d.prediction_type.parse()?,

@@ -1,7 +1,30 @@
 //! What the gateway knows about the model it serves, learnt from the model
 //! services at start (it reads no model files).
 
+use std::sync::{Arc, RwLock};
+
+use sd_proto::v1::UnetCost;
 use sd_sampling::{Prediction, SchedulerConfig, SchedulerKind};
+
+/// The denoiser's published UNet cost, shared by every request and
+/// replaced when the gateway reads a newer one (the denoiser keeps it
+/// current with the forwards it runs).
+#[derive(Clone, Debug, Default)]
+pub struct SharedCost(Arc<RwLock<Option<UnetCost>>>);
+
+impl SharedCost {
+    pub fn new(cost: Option<UnetCost>) -> Self {
+        SharedCost(Arc::new(RwLock::new(cost)))
+    }
+
+    pub fn get(&self) -> Option<UnetCost> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set(&self, cost: Option<UnetCost>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = cost;
+    }
+}
 
 /// What the step loop and the checks need to know about the model.
 #[derive(Debug, Clone)]
@@ -21,8 +44,9 @@ pub struct ModelFacts {
     /// Most pixels one Decode may carry (0: no bound published).
     pub max_decode_pixels: u64,
     /// What a UNet forward costs, as the denoiser measured it (None: it
-    /// published nothing, and requests are not bounded in seconds).
-    pub cost: Option<sd_proto::v1::UnetCost>,
+    /// published nothing, and requests are not bounded in seconds);
+    /// refreshed while serving.
+    pub cost: SharedCost,
     pub scheduler_config: SchedulerConfig,
     pub default_scheduler: SchedulerKind,
     pub prediction: Prediction,

@@ -92,6 +92,24 @@ fn main() -> anyhow::Result<()> {
     ))
 }
 
+/// How often the gateway rereads the denoiser's UNet cost.
+const COST_REFRESH: Duration = Duration::from_secs(30);
+
+/// Keep `cost` as the denoiser publishes it (it mends its start-up
+/// measurement with the forwards it runs).
+fn refresh_cost(backends: Backends, cost: sd_gateway::facts::SharedCost) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(COST_REFRESH).await;
+            match backends.denoiser_cost().await {
+                Ok(Some(c)) => cost.set(Some(c)),
+                Ok(None) => {}
+                Err(e) => tracing::debug!("UNet cost not refreshed: {e:#}"),
+            }
+        }
+    });
+}
+
 /// Reach the model services, learn the model, and build the service.
 async fn connect(
     args: &Args,
@@ -125,6 +143,12 @@ async fn connect(
     if keys.enabled() {
         tracing::info!("API keys required");
     }
+    if facts.cost.get().is_none() {
+        tracing::warn!(
+            "the denoiser published no UNet cost: requests are not bounded in predicted seconds"
+        );
+    }
+    refresh_cost(backends.clone(), facts.cost.clone());
     let service = GenerationService {
         generator: Generator {
             stages: Arc::new(backends.clone()),

@@ -377,7 +377,7 @@ fn predict_seconds(
     schedule: &dyn Scheduler,
     steps: u32,
 ) -> Option<(f64, f64)> {
-    let cost = facts.cost.as_ref()?;
+    let cost = facts.cost.get()?;
     let sf = facts.scale_factor.max(1);
     let positions = u64::from(source.width / sf) * u64::from(source.height / sf);
     let rows = u64::from(num_images) * if guided { 2 } else { 1 };

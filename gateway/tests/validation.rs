@@ -20,7 +20,7 @@ fn facts() -> ModelFacts {
         sample_size: 64,
         scaling_factor: 0.18215,
         max_decode_pixels: 0,
-        cost: None,
+        cost: Default::default(),
         scheduler_config: SchedulerConfig::from_json(r#"{"_class_name": "PNDMScheduler"}"#)
             .unwrap(),
         default_scheduler: SchedulerKind::Pndm,
@@ -237,7 +237,7 @@ fn costed(max_request_seconds: f64) -> (ModelFacts, Limits) {
         growth_exponent: 2.0,
     };
     let facts = ModelFacts {
-        cost: Some(cost),
+        cost: sd_gateway::facts::SharedCost::new(Some(cost)),
         ..facts()
     };
     let limits = Limits {

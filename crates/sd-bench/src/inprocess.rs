@@ -50,7 +50,7 @@ impl InProcess {
             sample_size: c.sample_size as u32,
             scaling_factor: me.vae.config().scaling_factor as f32,
             max_decode_pixels: 0,
-            cost: None,
+            cost: Default::default(),
             default_scheduler: scheduler_config
                 .class_name()
                 .and_then(SchedulerKind::from_diffusers_class)

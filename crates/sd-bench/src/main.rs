@@ -10,12 +10,16 @@
 //!    and off;
 //! 4. repeated-prompt latency, prompt-cache hit vs miss.
 //!
+//! `--cost-check SIDES` instead checks the UNet cost a denoiser publishes
+//! (predicted vs measured forwards, see `cost.rs`).
+//!
 //! `--device cuda --precision fp16` runs all three on a GPU; diffusers' step
 //! time (between its step callbacks; CUDA events on a GPU) stands next to
 //! the stack's for the per-step comparison.
 //!
 //! Prints Markdown tables (for docs/BENCHMARKS.md).
 
+mod cost;
 mod diffusers;
 mod inprocess;
 mod report;
@@ -88,6 +92,13 @@ struct Args {
     /// Precision for every pipeline: fp32, or fp16/bf16 on cuda.
     #[arg(long, default_value = "fp32")]
     precision: Precision,
+    /// Only check the denoiser's published UNet cost against forwards
+    /// timed at these image sides (pixels), e.g. `256,384,512`.
+    #[arg(long, value_delimiter = ',')]
+    cost_check: Vec<u32>,
+    /// The denoiser's `--calibration-seconds` for `--cost-check`.
+    #[arg(long, default_value_t = 10.0)]
+    calibration_seconds: f64,
 }
 
 /// What one configuration measured: seconds per image and the mean of each
@@ -291,6 +302,9 @@ async fn main() -> anyhow::Result<()> {
         "sd-bench: {name}, {} steps, {} threads",
         args.steps, args.threads
     );
+    if !args.cost_check.is_empty() {
+        return cost::check(&args, &args.cost_check).await;
+    }
 
     let (generator, models) = in_process_generator(&args)?;
     let stack = start_stack(&args, true, 1)?;

@@ -170,7 +170,7 @@ fn facts() -> ModelFacts {
         sample_size: 4,
         scaling_factor: 0.18215,
         max_decode_pixels: 0,
-        cost: None,
+        cost: Default::default(),
         scheduler_config: SchedulerConfig::from_json(
             r#"{"_class_name": "DDIMScheduler", "steps_offset": 1}"#,
         )

@@ -30,6 +30,12 @@ impl Call {
         self.batch() * if self.uncond.is_some() { 2 } else { 1 }
     }
 
+    /// Latent positions (height × width).
+    pub fn positions(&self) -> u64 {
+        let s = self.latents.size();
+        (s[2] * s[3]).max(0) as u64
+    }
+
     /// Calls merge when latents and text embeddings have the same shape past the batch.
     pub fn key(&self) -> (Vec<i64>, Vec<i64>) {
         (

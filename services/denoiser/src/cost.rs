@@ -9,6 +9,7 @@
 //! beyond the largest size measured the prediction grows with at least the
 //! square of the positions.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use sd_models::UNet;
@@ -16,8 +17,53 @@ use sd_proto::v1::{CostPoint, UnetCost};
 use tch::{Kind, Tensor};
 
 /// Forward passes per size; the fastest counts (the first at a new shape
-/// pays one-time set-up).
-const RUNS: usize = 2;
+/// pays one-time set-up, and a busy machine slows some).
+const RUNS: usize = 3;
+
+/// Most points a live cost keeps (forwards at sizes not measured at start
+/// add theirs).
+const MAX_POINTS: usize = 24;
+
+/// Weight of one observed forward in a point's running average.
+const OBSERVED_WEIGHT: f64 = 0.2;
+
+/// The cost as measured at start, kept current by the forwards the service
+/// runs: each one moves the point of its size toward what it took (or adds
+/// that size), so a start-up measurement skewed by a busy machine mends
+/// with use. Info publishes the current one.
+pub struct LiveCost(Mutex<UnetCost>);
+
+impl LiveCost {
+    pub fn new(cost: UnetCost) -> Self {
+        LiveCost(Mutex::new(cost))
+    }
+
+    pub fn snapshot(&self) -> UnetCost {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A forward of `rows` rows at `positions` latent positions took `took`.
+    pub fn observe(&self, positions: u64, rows: i64, took: Duration) {
+        let mut cost = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let extra = (rows.max(1) - 1) as f64 * cost.row_factor.clamp(0.0, 1.0);
+        let one = took.as_secs_f64() / (1.0 + extra);
+        if !(one.is_finite() && one > 0.0) {
+            return;
+        }
+        if let Some(p) = cost.points.iter_mut().find(|p| p.positions == positions) {
+            p.seconds += OBSERVED_WEIGHT * (one - p.seconds);
+        } else if cost.points.len() < MAX_POINTS {
+            let at = cost.points.partition_point(|p| p.positions < positions);
+            cost.points.insert(
+                at,
+                CostPoint {
+                    positions,
+                    seconds: one,
+                },
+            );
+        }
+    }
+}
 
 /// How far to measure.
 #[derive(Clone, Copy, Debug)]
@@ -33,10 +79,12 @@ pub fn measure(unet: &UNet, budget: Budget) -> sd_models::error::Result<UnetCost
     let started = Instant::now();
     let native = unet.config().sample_size.max(1);
     let mut side = native.min(8);
+    // Untimed: the very first forward sets up libtorch's kernels and pools.
+    let _ = fastest(unet, 1, side, 1)?;
     let mut points = Vec::new();
     let mut last = Duration::ZERO;
     loop {
-        let seconds = fastest(unet, 1, side)?;
+        let seconds = fastest(unet, 1, side, RUNS)?;
         points.push(CostPoint {
             positions: (side * side) as u64,
             seconds: seconds.as_secs_f64(),
@@ -72,7 +120,7 @@ fn row_factor(unet: &UNet, points: &[CostPoint], left: Duration) -> sd_models::e
         .find(|p| Duration::from_secs_f64(p.seconds * 2.0 * RUNS as f64) <= left);
     let Some(p) = fits else { return Ok(1.0) };
     let side = (p.positions as f64).sqrt().round() as i64;
-    let two = fastest(unet, 2, side)?.as_secs_f64();
+    let two = fastest(unet, 2, side, RUNS)?.as_secs_f64();
     Ok((two / p.seconds - 1.0).clamp(0.05, 1.0))
 }
 
@@ -81,15 +129,15 @@ fn row_factor(unet: &UNet, points: &[CostPoint], left: Duration) -> sd_models::e
 /// and timing noise decides.)
 const GROWTH_EXPONENT: f64 = 2.0;
 
-/// The fastest of [`RUNS`] guided-size forwards of `rows` rows at `side`².
-fn fastest(unet: &UNet, rows: i64, side: i64) -> sd_models::error::Result<Duration> {
+/// The fastest of `runs` forwards of `rows` rows at `side`².
+fn fastest(unet: &UNet, rows: i64, side: i64, runs: usize) -> sd_models::error::Result<Duration> {
     let c = unet.config();
     let f = (Kind::Float, tch::Device::Cpu);
     let latents = Tensor::zeros([rows, c.in_channels, side, side], f);
     let timesteps = Tensor::from_slice(&[500.0f32]);
     let context = Tensor::zeros([rows, 77, c.context_dim()], f);
     let mut best = Duration::MAX;
-    for _ in 0..RUNS {
+    for _ in 0..runs {
         let start = Instant::now();
         let out = unet.forward(&latents, &timesteps, &context)?;
         // Reading a value waits for the device to finish.
@@ -155,6 +203,37 @@ mod tests {
         assert_eq!(cost.growth_exponent, 2.0);
         // (How close its predictions come is sd-bench's to show: timings
         // in a test flake on a shared machine.)
+    }
+
+    #[test]
+    fn observed_forwards_mend_and_extend_the_cost() {
+        let live = LiveCost::new(UnetCost {
+            points: vec![CostPoint {
+                positions: 64,
+                seconds: 1.0,
+            }],
+            row_factor: 0.5,
+            growth_exponent: 2.0,
+        });
+        // A start-up measurement ten times too slow mends toward the truth.
+        for _ in 0..30 {
+            live.observe(64, 1, Duration::from_millis(100));
+        }
+        let p = live.snapshot().points[0].seconds;
+        assert!((p - 0.1).abs() < 0.01, "{p}");
+        // Three rows at row factor 0.5 are twice one row: 0.8 s is 0.4 s a row.
+        live.observe(256, 3, Duration::from_millis(800));
+        let c = live.snapshot();
+        assert_eq!(
+            c.points.iter().map(|p| p.positions).collect::<Vec<_>>(),
+            vec![64, 256]
+        );
+        assert!((c.points[1].seconds - 0.4).abs() < 1e-9);
+        assert!((c.seconds(256, 1).unwrap() - 0.4).abs() < 1e-9);
+        for n in 0..100 {
+            live.observe(1000 + n, 1, Duration::from_millis(5));
+        }
+        assert_eq!(live.snapshot().points.len(), MAX_POINTS);
     }
 
     #[test]

@@ -90,6 +90,8 @@ struct Core {
     cache_bytes: usize,
     worker: Worker,
     info: DenoiserInfo,
+    /// What a forward costs, kept current (None: not measured).
+    cost: Option<Arc<cost::LiveCost>>,
     bounds: Bounds,
     lifecycle: Lifecycle,
     metrics: Arc<Metrics>,
@@ -158,7 +160,9 @@ impl Denoiser for Service {
         &self,
         _: Request<DenoiserInfoRequest>,
     ) -> Result<Response<DenoiserInfo>, Status> {
-        Ok(Response::new(self.0.info.clone()))
+        let mut info = self.0.info.clone();
+        info.cost = self.0.cost.as_ref().map(|c| c.snapshot());
+        Ok(Response::new(info))
     }
 }
 
@@ -290,12 +294,18 @@ impl Core {
             return Ok((to_wire(&out, out_dtype)?, timings));
         }
         let unet = self.unet.clone();
-        self.worker
+        let (positions, rows) = (call.positions(), call.rows());
+        let (out, timings) = self
+            .worker
             .run_timed(Stage::UnetForward, move || {
                 let out = forward_calls(&unet, &[&call])?.remove(0);
                 to_wire(&out, out_dtype)
             })
-            .await
+            .await?;
+        if let Some(cost) = &self.cost {
+            cost.observe(positions, rows, timings.forward);
+        }
+        Ok((out, timings))
     }
 }
 
@@ -403,11 +413,16 @@ fn load(
         ))
     };
     let cache_bytes = args.embedding_cache_mib << 20;
+    let live_cost = info.cost.clone().map(|c| Arc::new(cost::LiveCost::new(c)));
+    if let (Some((batcher, _)), Some(c)) = (&batcher, &live_cost) {
+        batcher.observe(c.clone());
+    }
     let service = Service(Arc::new(Core {
         unet,
         batcher,
         cache: Arc::new(Mutex::new(EmbeddingCache::new(cache_bytes))),
         cache_bytes,
+        cost: live_cost,
         worker: Worker::new(&args.model, metrics.clone()),
         bounds: Bounds {
             latent_channels: info.latent_channels as i64,

@@ -33,6 +33,8 @@ use std::time::{Duration, Instant};
 use sd_models::UNet;
 use sd_runtime::metrics::{Metrics, Stage};
 use sd_service::compute::{forward_calls, Call};
+
+use crate::cost::LiveCost;
 use sd_service::{ServiceError, Timings};
 use tch::Tensor;
 
@@ -117,6 +119,8 @@ struct State {
 struct Shared {
     state: Mutex<State>,
     metrics: Arc<Metrics>,
+    /// Told what each forward took (see [`Batcher::observe`]).
+    cost: std::sync::OnceLock<Arc<LiveCost>>,
     /// One per worker: woken when it should gather, or when what it is
     /// gathering for arrives.
     wake: Vec<Condvar>,
@@ -195,6 +199,7 @@ impl Batcher {
             wake: (0..workers).map(|_| Condvar::new()).collect(),
             forwards: (0..workers).map(|_| AtomicU64::new(0)).collect(),
             metrics: metrics.clone(),
+            cost: std::sync::OnceLock::new(),
         });
         // The workers' spans go where the starting thread's go.
         let dispatch = tracing::dispatcher::get_default(|d| d.clone());
@@ -219,6 +224,11 @@ impl Batcher {
             }),
             shared,
         })
+    }
+
+    /// Tell `cost` what each forward from now on takes.
+    pub fn observe(&self, cost: Arc<LiveCost>) {
+        let _ = self.shared.cost.set(cost);
     }
 
     /// Queue `call` (in the current span) and wait for its result.
@@ -414,6 +424,9 @@ fn run_batch(w: usize, unet: &UNet, shared: &Shared, batch: Vec<Job>, metrics: &
         sd_models::error::guarded(|| forward_calls(unet, &refs))
     });
     let took = start.elapsed();
+    if let (Some(cost), Ok(_)) = (shared.cost.get(), &outcome) {
+        cost.observe(batch[0].call.positions(), rows, took);
+    }
     metrics.step(Stage::UnetForward, took);
     metrics.step_batch(rows as f64);
     shared.forwards[w].fetch_add(1, Ordering::Relaxed);
