@@ -8,7 +8,9 @@ use std::time::Duration;
 use sd_proto::v1::autoencoder_client::AutoencoderClient;
 use sd_proto::v1::denoiser_client::DenoiserClient;
 use sd_proto::v1::text_encoder_client::TextEncoderClient;
-use sd_proto::v1::{AutoencoderInfoRequest, DenoiserInfoRequest, TextEncoderInfoRequest, UnetCost};
+use sd_proto::v1::{
+    AutoencoderInfoRequest, DenoiserInfo, DenoiserInfoRequest, TextEncoderInfoRequest, UnetCost,
+};
 use sd_runtime::deadline::Deadline;
 use sd_runtime::internal::SendToken;
 use sd_runtime::tls::ClientTls;
@@ -147,31 +149,25 @@ impl Backends {
     /// The denoiser's current UNet cost (it keeps it current as it runs).
     pub async fn denoiser_cost(&self) -> anyhow::Result<Option<UnetCost>> {
         let dl = Deadline::after(Duration::from_secs(10));
-        let info = self
+        Ok(self.denoiser_info(&dl).await?.cost)
+    }
+
+    async fn denoiser_info(&self, dl: &Deadline) -> anyhow::Result<DenoiserInfo> {
+        Ok(self
             .denoiser
-            .call(&dl, |ch, _| async move {
+            .call(dl, |ch, _| async move {
                 Ok(self
                     .denoiser_client(ch)
                     .info(DenoiserInfoRequest {})
                     .await?
                     .into_inner())
             })
-            .await?;
-        Ok(info.cost)
+            .await?)
     }
 
     async fn try_facts(&self) -> anyhow::Result<ModelFacts> {
         let dl = Deadline::after(Duration::from_secs(10));
-        let d = self
-            .denoiser
-            .call(&dl, |ch, _| async move {
-                Ok(self
-                    .denoiser_client(ch)
-                    .info(DenoiserInfoRequest {})
-                    .await?
-                    .into_inner())
-            })
-            .await?;
+        let d = self.denoiser_info(&dl).await?;
         let a = self
             .autoencoder
             .call(&dl, |ch, _| async move {

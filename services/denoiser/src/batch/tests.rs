@@ -362,17 +362,22 @@ async fn batched_forward_follows_from_the_calls_it_serves() {
     }
 }
 
-/// A call whose caller leaves while it waits in the queue (the UNet busy
-/// with another) is never computed; the next caller is served as usual.
-#[tokio::test]
-async fn calls_whose_callers_left_are_not_computed() {
+/// A batcher with one worker that never waits for company.
+fn one_worker() -> Batcher {
     let config = BatchConfig {
         max_items: 16,
         max_wait: Duration::ZERO,
         session_wait: Duration::ZERO,
         workers: 1,
     };
-    let batcher = Batcher::start(tiny_unet(), config, Metrics::new("test")).unwrap();
+    Batcher::start(tiny_unet(), config, Metrics::new("test")).unwrap()
+}
+
+/// A call whose caller leaves while it waits in the queue (the UNet busy
+/// with another) is never computed; the next caller is served as usual.
+#[tokio::test]
+async fn calls_whose_callers_left_are_not_computed() {
+    let batcher = one_worker();
     let shared = batcher.shared.clone();
     let mut busy = job(1, 4, 10.0, true, 7.5);
     busy.latents = Tensor::randn([4, 4, 48, 48], (tch::Kind::Float, tch::Device::Cpu));
@@ -409,13 +414,7 @@ async fn calls_whose_callers_left_are_not_computed() {
 /// worker is left inside libtorch when the process exits).
 #[tokio::test]
 async fn stopping_waits_for_the_forward_in_progress() {
-    let config = BatchConfig {
-        max_items: 16,
-        max_wait: Duration::ZERO,
-        session_wait: Duration::ZERO,
-        workers: 1,
-    };
-    let batcher = Batcher::start(tiny_unet(), config, Metrics::new("test")).unwrap();
+    let batcher = one_worker();
     let shared = batcher.shared.clone();
     let mut big = job(1, 4, 10.0, true, 7.5);
     big.latents = Tensor::randn([4, 4, 32, 32], (tch::Kind::Float, tch::Device::Cpu));
