@@ -3,6 +3,8 @@
 //! bytes; least recently used entries go first.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use sd_runtime::lru::ByteLru;
 use sd_service::ServiceError;
@@ -48,26 +50,59 @@ impl EmbeddingCache {
 /// uncond); room for a changed prompt.
 pub const MAX_HELD: usize = 4;
 
-/// What a stream may hold even when the cache is smaller (or off): 16 MiB,
+/// What streams may hold even when the cache is smaller (or off): 16 MiB,
 /// some seventy 77×768 embeddings in fp32.
 pub const MIN_HELD_BYTES: usize = 16 << 20;
 
+/// Bytes all streams together may hold (one budget, shared by clones).
+#[derive(Clone)]
+pub struct HeldBudget {
+    used: Arc<AtomicUsize>,
+    max: usize,
+}
+
+impl HeldBudget {
+    pub fn new(max: usize) -> Self {
+        HeldBudget {
+            used: Arc::new(AtomicUsize::new(0)),
+            max,
+        }
+    }
+
+    /// Take `bytes` from the budget, or say how much is held.
+    fn take(&self, bytes: usize) -> Result<(), usize> {
+        self.used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                (u + bytes <= self.max).then_some(u + bytes)
+            })
+            .map(|_| ())
+    }
+
+    fn give(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::SeqCst);
+    }
+
+    #[cfg(test)]
+    fn used(&self) -> usize {
+        self.used.load(Ordering::SeqCst)
+    }
+}
+
 /// The embeddings one PredictStream sent in full, by id: they outlive cache
 /// eviction for the stream's life, so a stream never misses its own. At
-/// most [`MAX_HELD`] of them, within the cache's byte bound; a stream that
-/// sends more is refused with RESOURCE_EXHAUSTED.
+/// most [`MAX_HELD`] of them, their bytes taken from the budget all streams
+/// share (given back when the stream ends); a stream that would hold more
+/// is refused with RESOURCE_EXHAUSTED.
 pub struct Held {
     by_id: HashMap<String, (Tensor, usize)>,
-    bytes: usize,
-    max_bytes: usize,
+    budget: HeldBudget,
 }
 
 impl Held {
-    pub fn new(max_bytes: usize) -> Self {
+    pub fn new(budget: HeldBudget) -> Self {
         Held {
             by_id: HashMap::new(),
-            bytes: 0,
-            max_bytes,
+            budget,
         }
     }
 
@@ -78,28 +113,36 @@ impl Held {
     /// Hold `t` under `id` (replacing what the id held), or refuse.
     pub fn hold(&mut self, id: &str, t: &Tensor, field: &str) -> Result<(), ServiceError> {
         let size = t.numel() * t.kind().elt_size_in_bytes() + id.len();
+        let exhausted = |description: String| ServiceError::Exhausted {
+            field: field.to_string(),
+            description,
+        };
+        if !self.by_id.contains_key(id) && self.by_id.len() >= MAX_HELD {
+            return Err(exhausted(format!(
+                "this stream already holds {MAX_HELD} embeddings, at most {MAX_HELD}"
+            )));
+        }
         let old = self.by_id.get(id).map_or(0, |(_, s)| *s);
-        if old == 0 && self.by_id.len() >= MAX_HELD {
-            return Err(ServiceError::Exhausted {
-                field: field.to_string(),
-                description: format!(
-                    "this stream already holds {MAX_HELD} embeddings, at most {MAX_HELD}"
-                ),
-            });
+        if size > old {
+            let more = size - old;
+            self.budget.take(more).map_err(|used| {
+                exhausted(format!(
+                    "streams hold {used} bytes of embeddings; {more} more would pass {} (--embedding-cache-mib)",
+                    self.budget.max
+                ))
+            })?;
+        } else {
+            self.budget.give(old - size);
         }
-        if self.bytes - old + size > self.max_bytes {
-            return Err(ServiceError::Exhausted {
-                field: field.to_string(),
-                description: format!(
-                    "this stream's embeddings would take {} bytes, at most {} (--embedding-cache-mib)",
-                    self.bytes - old + size,
-                    self.max_bytes
-                ),
-            });
-        }
-        self.bytes = self.bytes - old + size;
         self.by_id.insert(id.to_string(), (t.shallow_clone(), size));
         Ok(())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let bytes = self.by_id.values().map(|(_, s)| s).sum();
+        self.budget.give(bytes);
     }
 }
 
@@ -124,7 +167,7 @@ mod tests {
     #[test]
     fn a_stream_holds_a_bounded_number_of_embeddings() {
         let t = Tensor::zeros([1, 77, 8], (tch::Kind::Float, tch::Device::Cpu));
-        let mut h = Held::new(1 << 20);
+        let mut h = Held::new(HeldBudget::new(1 << 20));
         for i in 0..MAX_HELD {
             h.hold(&format!("e{i}"), &t, "cond").unwrap();
         }
@@ -136,11 +179,26 @@ mod tests {
             "{e}"
         );
         assert!(h.get("e3").is_some() && h.get("new").is_none());
-        let mut small = Held::new(1000);
-        let e = small
-            .hold("big", &t, "cond")
-            .expect_err("77×8×4 bytes > 1000");
-        assert!(e.to_string().contains("at most 1000"), "{e}");
+    }
+
+    #[test]
+    fn all_streams_share_one_byte_budget() {
+        let t = Tensor::zeros([1, 77, 8], (tch::Kind::Float, tch::Device::Cpu)); // 2,464 bytes
+        let each = 2464 + 2;
+        let budget = HeldBudget::new(3 * each);
+        let mut a = Held::new(budget.clone());
+        let mut b = Held::new(budget.clone());
+        a.hold("a1", &t, "cond").unwrap();
+        a.hold("a2", &t, "uncond").unwrap();
+        b.hold("b1", &t, "cond").unwrap();
+        let e = b.hold("b2", &t, "uncond").expect_err("the budget is spent");
+        assert!(e.to_string().contains("streams hold"), "{e}");
+        a.hold("a1", &t, "cond")
+            .expect("replacing gives back the old bytes");
+        assert_eq!(budget.used(), 3 * each);
+        drop(a);
+        assert_eq!(budget.used(), each, "an ended stream gives its bytes back");
+        b.hold("b2", &t, "uncond").unwrap();
     }
 
     #[test]

@@ -31,7 +31,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::batch::Session;
-use crate::cache::{EmbeddingCache, Held};
+use crate::cache::{EmbeddingCache, Held, HeldBudget};
 use crate::checks::Bounds;
 
 /// Serve a model's UNet over gRPC (sd.v1.Denoiser).
@@ -45,7 +45,8 @@ struct Args {
     #[command(flatten)]
     tls: ServerTlsArgs,
     /// Bytes of text embeddings kept by id (MiB), ids and bookkeeping
-    /// counted; also what one stream may hold (at least 16 MiB).
+    /// counted; also what all step streams together may hold (at least
+    /// 16 MiB).
     #[arg(long, env = "SD_EMBEDDING_CACHE_MIB", default_value_t = 256)]
     embedding_cache_mib: usize,
     /// Largest image side in pixels: latents may be this over the VAE's
@@ -85,9 +86,9 @@ struct Core {
     unet: Arc<UNet>,
     batcher: Option<(batch::Batcher, sd_runtime::admission::Admission)>,
     cache: Arc<Mutex<EmbeddingCache>>,
-    /// The cache's bound, also what one stream may hold (at least
-    /// [`cache::MIN_HELD_BYTES`]).
-    cache_bytes: usize,
+    /// What all streams together may hold: the cache's bound, at least
+    /// [`cache::MIN_HELD_BYTES`].
+    held: HeldBudget,
     worker: Worker,
     info: DenoiserInfo,
     /// What a forward costs, kept current (None: not measured).
@@ -126,7 +127,7 @@ impl Denoiser for Service {
         tokio::spawn(async move {
             let _work = work;
             let id = STREAM_SESSIONS.fetch_add(1, Ordering::Relaxed);
-            let mut held = Held::new(core.cache_bytes.max(cache::MIN_HELD_BYTES));
+            let mut held = Held::new(core.held.clone());
             loop {
                 let req = match inbound.message().await {
                     Ok(Some(r)) => r,
@@ -421,7 +422,7 @@ fn load(
         unet,
         batcher,
         cache: Arc::new(Mutex::new(EmbeddingCache::new(cache_bytes))),
-        cache_bytes,
+        held: HeldBudget::new(cache_bytes.max(cache::MIN_HELD_BYTES)),
         cost: live_cost,
         worker: Worker::new(&args.model, metrics.clone()),
         bounds: Bounds {
