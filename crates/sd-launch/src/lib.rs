@@ -15,7 +15,7 @@ mod stdout;
 
 use std::io;
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 pub use process::{stop_all, Process, Stop, Stopped};
@@ -66,6 +66,7 @@ pub struct Launch {
     timeout: Duration,
     wait_for_metrics: bool,
     stop: Stop,
+    forward: Option<Sender<String>>,
 }
 
 impl Launch {
@@ -77,6 +78,7 @@ impl Launch {
             timeout: Duration::from_secs(60),
             wait_for_metrics: false,
             stop: Stop::Kill,
+            forward: None,
         }
     }
 
@@ -105,6 +107,14 @@ impl Launch {
         self
     }
 
+    /// Send every line the process prints on stdout (the address lines
+    /// too) to `lines`, for as long as the process runs: for a process that
+    /// reports more than its address (`sdctl up`'s process lines).
+    pub fn forward_lines(mut self, lines: Sender<String>) -> Self {
+        self.forward = Some(lines);
+        self
+    }
+
     /// Start `command` (its stdout is taken over; stdin, stderr, arguments
     /// and environment are the caller's) and wait until it prints its address.
     pub fn spawn(self, mut command: Command) -> Result<Process, LaunchError> {
@@ -119,13 +129,14 @@ impl Launch {
             process::abandon(&mut child);
             return Err(spawn_err(io::Error::other("no stdout pipe")));
         };
-        let (watch, lines) = match stdout::watch(stdout, self.address_prefix.clone()) {
-            Ok(w) => w,
-            Err(e) => {
-                process::abandon(&mut child);
-                return Err(spawn_err(e));
-            }
-        };
+        let (watch, lines) =
+            match stdout::watch(stdout, self.address_prefix.clone(), self.forward.clone()) {
+                Ok(w) => w,
+                Err(e) => {
+                    process::abandon(&mut child);
+                    return Err(spawn_err(e));
+                }
+            };
         match self.await_address(&watch, &lines, &mut child) {
             Ok(addr) => Ok(Process::new(self.name, child, addr, watch, self.stop)),
             Err(e) => {

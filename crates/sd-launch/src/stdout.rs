@@ -4,7 +4,7 @@
 
 use std::io::{self, BufRead, BufReader};
 use std::process::ChildStdout;
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::METRICS;
@@ -39,10 +39,12 @@ impl Watch {
     }
 }
 
-/// Start reading `stdout` on a thread of its own.
+/// Start reading `stdout` on a thread of its own; every line also goes to
+/// `forward`, when given (sends stop once its receiver is gone).
 pub(crate) fn watch(
     stdout: ChildStdout,
     address_prefix: String,
+    forward: Option<Sender<String>>,
 ) -> io::Result<(Watch, Receiver<Line>)> {
     let watch = Watch::default();
     let (tx, rx) = mpsc::channel();
@@ -63,6 +65,9 @@ pub(crate) fn watch(
                 } else if let Some(addr) = line.strip_prefix(METRICS) {
                     seen.set_metrics(addr.trim().to_string());
                     let _ = tx.send(Line::Metrics);
+                }
+                if let Some(f) = &forward {
+                    let _ = f.send(line.to_string());
                 }
                 buf.clear();
             }

@@ -56,6 +56,22 @@ fn a_custom_address_prefix_is_read_instead() {
 }
 
 #[test]
+fn every_line_can_be_forwarded() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut p = Launch::new("reporter")
+        .forward_lines(tx)
+        .spawn(sh("echo 'started a 0'; echo 'listening on 127.0.0.1:1'; \
+             sleep 0.1; echo 'started b 1'; exit 0"))
+        .unwrap();
+    assert!(p.wait_exit(Duration::from_secs(10)).unwrap().is_some());
+    let lines: Vec<String> = rx.iter().collect();
+    assert_eq!(
+        lines,
+        ["started a 0", "listening on 127.0.0.1:1", "started b 1"]
+    );
+}
+
+#[test]
 fn a_process_that_exits_before_listening_is_an_error_with_its_status() {
     let err = Launch::new("fake")
         .spawn(sh("echo loading; exit 3"))
