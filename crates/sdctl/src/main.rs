@@ -1,8 +1,12 @@
-//! sdctl: `up` starts the four sdserve processes on localhost; `generate`
+//! sdctl: `up` starts the four sdserve processes on localhost and keeps
+//! them up; `generate`
 //! asks a gateway for images, with a progress bar.
 
+mod child;
 mod generate;
 mod stage;
+mod supervise;
+mod token;
 mod up;
 
 use clap::{Parser, Subcommand};

@@ -1,21 +1,22 @@
 //! `sdctl up`: a whole stack on localhost. Starts the three model services
 //! on free ports, waits until each reports SERVING, starts the gateway in
-//! front of them, prints its address, and stops everything on Ctrl-C or
-//! SIGTERM (or when any process dies). Every process gets the stack's
-//! random internal token in its environment.
+//! front of them and prints its address; then keeps every process up
+//! (restarting one that exits, on its address: see [`crate::supervise`])
+//! until Ctrl-C or SIGTERM, when it stops them in order, the gateway first.
+//! Every process gets the stack's random internal token in its environment.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::Context;
-use sd_launch::{Launch, Process, Stop, Stopped};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
+use crate::child::{Child, Spec, GATEWAY};
 use crate::stage::{gateway_flag, Replicas, Stage};
+use crate::supervise::{Policy, Supervisor};
+use crate::token::{stack_token, StackToken};
 
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
@@ -47,102 +48,41 @@ pub struct UpArgs {
     /// Extra flags for the gateway (e.g. `--gateway-arg=--max-concurrent=2`).
     #[arg(long = "gateway-arg", allow_hyphen_values = true)]
     gateway_args: Vec<String>,
+    /// How long each process may finish its work in flight after SIGTERM
+    /// (each gets `--drain-secs`; the gateway's own, when given as a
+    /// `--gateway-arg`, wins for it). sdctl waits that long and 10 s more
+    /// before killing a process that is stopping.
+    #[arg(long, env = "SD_DRAIN_SECS", default_value_t = 30)]
+    drain_secs: u64,
+    /// Give up (stop the stack, exit 1) when a process exits this many
+    /// times in a row without reaching SERVING.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    max_failed_starts: u32,
+    /// The wait before restarting a process that exited, in ms; it doubles
+    /// with each restart, up to 30 s, and starts again from this once the
+    /// process has served for 30 s.
+    #[arg(long, default_value_t = 500)]
+    restart_backoff_ms: u64,
 }
 
-/// How long a server may take to print its address (it does so before
-/// loading its model).
-const ADDRESS_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long each process may drain its work after SIGTERM before it is killed.
-const STOP_GRACE: Duration = Duration::from_secs(15);
+impl UpArgs {
+    fn policy(&self) -> Policy {
+        Policy {
+            first_backoff: Duration::from_millis(self.restart_backoff_ms),
+            max_backoff: Duration::from_secs(30)
+                .max(Duration::from_millis(self.restart_backoff_ms)),
+            reset_after: Duration::from_secs(30),
+            max_failed_starts: self.max_failed_starts,
+            load_timeout: Duration::from_secs(self.load_timeout),
+        }
+    }
+}
 
 fn bin_dir(args: &UpArgs) -> anyhow::Result<PathBuf> {
     if let Some(d) = &args.bin_dir {
         return Ok(d.clone());
     }
     Ok(sd_launch::bin_dir()?)
-}
-
-/// Start a server binary and read its `listening on ADDR` line.
-///
-/// This blocks the task until the line comes, which the servers print
-/// before loading anything. Blocking, rather than awaiting, means a start-up
-/// cancelled by a signal can only stop at an `.await`, where every process
-/// already started is in the caller's list to be stopped.
-fn spawn(name: &str, bin: &Path, args: &[String]) -> anyhow::Result<Process> {
-    let mut command = std::process::Command::new(bin);
-    command.args(args).stderr(Stdio::inherit());
-    stack_token()?.give_to(&mut command);
-    let process = Launch::new(name)
-        .timeout(ADDRESS_TIMEOUT)
-        .stop(Stop::Terminate { grace: STOP_GRACE })
-        .spawn(command)?;
-    Ok(process)
-}
-
-/// The internal token of this stack: random, made once, given to every
-/// child in its environment (never its command line, which `ps` shows).
-struct StackToken(String);
-
-impl StackToken {
-    fn give_to(&self, command: &mut std::process::Command) {
-        command
-            .env(sd_proto::INTERNAL_TOKEN_ENV, &self.0)
-            .env_remove(sd_proto::INTERNAL_TOKEN_FILE_ENV);
-    }
-}
-
-fn stack_token() -> anyhow::Result<&'static StackToken> {
-    static TOKEN: std::sync::OnceLock<StackToken> = std::sync::OnceLock::new();
-    if let Some(t) = TOKEN.get() {
-        return Ok(t);
-    }
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no random internal token: {e}"))?;
-    let hex = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(TOKEN.get_or_init(|| StackToken(hex)))
-}
-
-/// Wait until `proc` reports SERVING, failing early if it exits.
-async fn wait_serving(proc: &mut Process, timeout: Duration) -> anyhow::Result<()> {
-    let url = proc.url();
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(status) = proc.try_wait()? {
-            anyhow::bail!("{} exited ({status}) while loading", proc.name());
-        }
-        if let Ok(ch) = tonic::transport::Endpoint::from_shared(url.clone())?
-            .connect()
-            .await
-        {
-            let r = HealthClient::new(ch)
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await;
-            if matches!(r, Ok(ref r) if r.get_ref().status == ServingStatus::Serving as i32) {
-                return Ok(());
-            }
-        }
-        if tokio::time::Instant::now() > deadline {
-            anyhow::bail!("{} not SERVING after {timeout:?}", proc.name());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// SIGTERM to every process (the gateway first), SIGKILL to any still
-/// running after the grace period.
-fn stop_all(procs: &mut [Process]) {
-    let stopped = sd_launch::stop_all(procs);
-    for (p, stopped) in procs.iter().zip(stopped) {
-        match stopped {
-            Ok(Stopped::Exited(_)) => {}
-            Ok(Stopped::Killed(_)) => {
-                eprintln!("sdctl: {} did not stop in time; killed it", p.name());
-            }
-            Err(e) => eprintln!("sdctl: stopping {}: {e}", p.name()),
-        }
-    }
 }
 
 /// Ctrl-C and SIGTERM, listened for from the start, so that one arriving
@@ -178,9 +118,10 @@ impl Interrupts {
     }
 }
 
-/// The arguments every model service gets.
+/// The flags every model service gets.
 fn service_args(args: &UpArgs) -> Vec<String> {
     let model = args.model.to_string_lossy().into_owned();
+    let drain = args.drain_secs.to_string();
     [
         "--model",
         &model,
@@ -188,117 +129,133 @@ fn service_args(args: &UpArgs) -> Vec<String> {
         &args.device,
         "--precision",
         &args.precision,
-        "--listen",
-        "127.0.0.1:0",
+        "--drain-secs",
+        &drain,
     ]
     .iter()
     .map(|s| s.to_string())
     .collect()
 }
 
-/// Every replica of every stage, started in stage order; returns each
-/// replica's stage and URL.
-fn start_services(
+/// Every replica of every stage, in stage order, each on a free port.
+fn service_specs(
     args: &UpArgs,
     dir: &Path,
     replicas: Replicas,
-    procs: &mut Vec<Process>,
-) -> anyhow::Result<Vec<(Stage, String)>> {
-    let mut urls = Vec::new();
+    token: &'static StackToken,
+) -> Vec<Spec> {
+    let mut specs = Vec::new();
     for stage in Stage::ALL {
-        for _ in 0..replicas.of(stage) {
-            let p = spawn(stage.name(), &dir.join(stage.binary()), &service_args(args))?;
-            urls.push((stage, p.url()));
-            procs.push(p);
+        for replica in 0..replicas.of(stage) {
+            specs.push(Spec {
+                name: stage.name(),
+                replica,
+                bin: dir.join(stage.binary()),
+                args: service_args(args),
+                listen: "127.0.0.1:0".to_string(),
+                drain: Duration::from_secs(args.drain_secs),
+                token,
+            });
         }
     }
-    Ok(urls)
+    specs
 }
 
-/// The gateway's flags: each stage's URLs, then the user's extra flags.
-fn gateway_args(args: &UpArgs, urls: &[(Stage, String)]) -> Vec<String> {
-    let mut v = vec![
-        "--listen".to_string(),
-        format!("{}:{}", args.host, args.port),
-    ];
+/// The gateway in front of `services`: each stage's URLs, sdctl's drain
+/// time unless the extra flags set their own, then the extra flags.
+fn gateway_spec(
+    args: &UpArgs,
+    dir: &Path,
+    services: &[Child],
+    token: &'static StackToken,
+) -> anyhow::Result<Spec> {
+    let mut v = Vec::new();
     for stage in Stage::ALL {
-        let of_stage: Vec<&str> = urls
+        let of_stage: Vec<String> = services
             .iter()
-            .filter(|(s, _)| *s == stage)
-            .map(|(_, url)| url.as_str())
+            .filter(|c| c.spec.name == stage.name())
+            .map(Child::url)
             .collect();
         v.push(gateway_flag(stage));
         v.push(of_stage.join(","));
     }
+    let drain = match drain_flag(&args.gateway_args)? {
+        Some(secs) => secs,
+        None => {
+            v.extend(["--drain-secs".to_string(), args.drain_secs.to_string()]);
+            args.drain_secs
+        }
+    };
     v.extend(args.gateway_args.iter().cloned());
-    v
+    Ok(Spec {
+        name: GATEWAY,
+        replica: 0,
+        bin: dir.join("sd-gateway"),
+        args: v,
+        listen: format!("{}:{}", args.host, args.port),
+        drain: Duration::from_secs(drain),
+        token,
+    })
+}
+
+/// The `--drain-secs` among the gateway's extra flags, if any.
+fn drain_flag(extra: &[String]) -> anyhow::Result<Option<u64>> {
+    let mut found = None;
+    for (i, a) in extra.iter().enumerate() {
+        let value = match a.strip_prefix("--drain-secs") {
+            Some(rest) if rest.starts_with('=') => Some(&rest[1..]),
+            Some("") => extra.get(i + 1).map(String::as_str),
+            _ => continue,
+        };
+        let secs = value
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("--gateway-arg --drain-secs: expected seconds"))?;
+        found = Some(secs);
+    }
+    Ok(found)
 }
 
 /// The model services, each SERVING, then the gateway in front of them,
-/// SERVING too. Every process started is pushed to `procs`, also on error.
+/// SERVING too. Every process started stays in `sup`, also on error.
 async fn start_stack(
     args: &UpArgs,
     dir: &Path,
     replicas: Replicas,
-    procs: &mut Vec<Process>,
+    sup: &mut Supervisor,
 ) -> anyhow::Result<()> {
-    let urls = start_services(args, dir, replicas, procs)?;
-    let timeout = Duration::from_secs(args.load_timeout);
-    for p in procs.iter_mut() {
-        wait_serving(p, timeout).await?;
-        eprintln!("sdctl: {} SERVING on {}", p.name(), p.addr());
-    }
-    let gateway = spawn(
-        "gateway",
-        &dir.join("sd-gateway"),
-        &gateway_args(args, &urls),
-    )?;
-    procs.push(gateway);
-    let gateway = procs.last_mut().context("the gateway was just started")?;
-    wait_serving(gateway, timeout).await
-}
-
-/// Resolves when any process exits, naming it.
-async fn first_exit(procs: &mut [Process]) -> String {
-    loop {
-        for p in procs.iter_mut() {
-            if let Ok(Some(status)) = p.try_wait() {
-                return format!("{} exited ({status})", p.name());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let token = stack_token()?;
+    sup.bring_up(service_specs(args, dir, replicas, token))
+        .await?;
+    let gateway = gateway_spec(args, dir, sup.children(), token)?;
+    sup.bring_up(vec![gateway]).await
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let mut interrupts = Interrupts::listen();
     let dir = bin_dir(&args)?;
     let replicas = Replicas::parse(&args.replicas)?;
-    let mut procs = Vec::new();
+    let mut sup = Supervisor::new(args.policy());
     let started = tokio::select! {
-        r = start_stack(&args, &dir, replicas, &mut procs) => r,
+        r = start_stack(&args, &dir, replicas, &mut sup) => r,
         _ = interrupts.recv() => Err(anyhow::anyhow!("interrupted while starting")),
     };
     if let Err(e) = started {
-        stop_all(&mut procs);
+        sup.shutdown();
         return Err(e);
     }
-    if let Some(gateway) = procs.last() {
+    if let Some(gateway) = sup.children().last() {
         println!("gateway ready on {}", gateway.url());
     }
-    // Run until a signal, or until one of the processes dies.
-    let died = tokio::select! {
-        _ = interrupts.recv() => None,
-        r = first_exit(&mut procs) => Some(r),
-    };
-    stop_all(&mut procs);
-    match died {
-        None => {
-            eprintln!("sdctl: stopped");
-            Ok(())
-        }
-        Some(r) => Err(anyhow::anyhow!(r)),
+    // Run until a signal, or until a process cannot be kept up.
+    let supervised = sup.supervise(interrupts.recv()).await;
+    if let Err(e) = &supervised {
+        eprintln!("sdctl: {e}; stopping");
     }
+    sup.shutdown();
+    if supervised.is_ok() {
+        eprintln!("sdctl: stopped");
+    }
+    supervised
 }
 
 /// `sdctl probe`: SERVING → Ok, anything else → an error (exit 1).
@@ -332,5 +289,24 @@ pub async fn probe(addr: &str, service: &str, timeout: u64) -> anyhow::Result<()
                 .map(|s| s.as_str_name())
                 .unwrap_or("UNKNOWN")
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::drain_flag;
+
+    fn flag(args: &[&str]) -> anyhow::Result<Option<u64>> {
+        drain_flag(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn the_gateways_own_drain_time_is_read_from_its_extra_flags() {
+        assert_eq!(flag(&["--max-concurrent=2"]).unwrap(), None);
+        assert_eq!(flag(&["--drain-secs=5"]).unwrap(), Some(5));
+        assert_eq!(flag(&["--drain-secs", "7", "--x"]).unwrap(), Some(7));
+        assert_eq!(flag(&["--drain-secs-extra=1"]).unwrap(), None);
+        let e = flag(&["--drain-secs"]).unwrap_err().to_string();
+        assert!(e.contains("--drain-secs: expected seconds"), "{e}");
     }
 }
