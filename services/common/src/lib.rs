@@ -202,11 +202,29 @@ pub fn serve_model<S: sd_runtime::server::GrpcService>(
         grpc_name: stage.grpc_service(),
     };
     let access = sd_runtime::server::Access::Internal(tls.internal.load()?);
-    server
-        .runtime()?
-        .block_on(sd_runtime::server::run(who, server, tls, access, |cx| {
-            blocking(move || load(cx.metrics, cx.lifecycle))
-        }))
+    let runtime = server.runtime()?;
+    runtime.block_on(sd_runtime::server::run(who, server, tls, access, |cx| {
+        blocking(move || load(cx.metrics, cx.lifecycle))
+    }))?;
+    exit_leaving_model_threads(runtime)
+}
+
+/// End a model service that has stopped serving, at once and with status
+/// 0, without running libtorch's static destructors. A forward may still
+/// be running on a model thread — one whose caller left (its result is no
+/// longer wanted) or one still running when the drain time ran out — and
+/// returning from `main` would destroy libtorch's globals under it: the
+/// forward then fails inside libtorch, and the process ends with a worker
+/// panic and a libtorch backtrace. Nothing of ours needs those destructors:
+/// telemetry was flushed when the server stopped, stdout is flushed here.
+fn exit_leaving_model_threads(runtime: tokio::runtime::Runtime) -> ! {
+    // Tasks still on the runtime get a moment to end; model work on the
+    // blocking pool is not waited for.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    // SAFETY: _exit(2) takes no pointers and ends the process; it skips
+    // exit handlers by design (see above).
+    unsafe { libc::_exit(0) }
 }
 
 /// Run blocking model loading off the async runtime (health keeps answering).
