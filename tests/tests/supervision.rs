@@ -62,6 +62,15 @@ struct Sdctl {
 
 impl Sdctl {
     fn start(extra: &[&str]) -> Sdctl {
+        let stderr = if std::env::var_os("SD_TEST_LOGS").is_some() {
+            std::process::Stdio::inherit()
+        } else {
+            std::process::Stdio::null()
+        };
+        Self::start_logging(extra, stderr)
+    }
+
+    fn start_logging(extra: &[&str], stderr: std::process::Stdio) -> Sdctl {
         let (tx, lines) = std::sync::mpsc::channel();
         let mut cmd = std::process::Command::new(bin_dir().join("sdctl"));
         cmd.args(["up", "--port", "0", "--model"])
@@ -69,11 +78,7 @@ impl Sdctl {
             .args(["--gateway-arg=--backend-refresh-ms=200"])
             .args(extra)
             .env("SD_TORCH_THREADS", "1")
-            .stderr(if std::env::var_os("SD_TEST_LOGS").is_some() {
-                std::process::Stdio::inherit()
-            } else {
-                std::process::Stdio::null()
-            });
+            .stderr(stderr);
         let process = Launch::new("sdctl up")
             .address_prefix("gateway ready on http://")
             .timeout(Duration::from_secs(120))
@@ -263,6 +268,45 @@ async fn sigterm_to_sdctl_finishes_the_generation_in_flight_then_stops_in_order(
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sdctl_gives_up_on_a_process_that_keeps_failing_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr");
+    let file = std::fs::File::create(&log).unwrap();
+    let mut sdctl = Sdctl::start_logging(
+        &["--max-failed-starts", "2", "--restart-backoff-ms", "100"],
+        file.into(),
+    );
+    let victim = sdctl.wait_for(Duration::ZERO, |e| {
+        e.event == "serving" && e.name == "autoencoder"
+    });
+    // SAFETY: kill(2) takes no pointers; the pid is sdctl's live child.
+    assert_eq!(unsafe { libc::kill(victim.pid as i32, libc::SIGKILL) }, 0);
+    // Someone else takes its port, so every restart fails to listen.
+    let taken = loop {
+        match std::net::TcpListener::bind(&victim.addr) {
+            Ok(l) => break l,
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    let status = sdctl
+        .process
+        .wait_exit(Duration::from_secs(60))
+        .unwrap()
+        .expect("sdctl gave up");
+    drop(taken);
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("autoencoder[0] failed 2 times in a row before SERVING")
+            && stderr.contains("giving up"),
+        "{stderr}"
+    );
+    // It stopped the rest of the stack on its way out.
+    let exits = sdctl.drain().iter().filter(|e| e.event == "exited").count();
+    assert!(exits >= 4, "{:#?}", sdctl.seen);
+}
+
 /// The state letter of `pid`'s thread named `name` (R: running).
 fn thread_state(pid: u32, name: &str) -> Option<char> {
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
@@ -314,7 +358,10 @@ async fn a_denoiser_stopped_mid_forward_exits_cleanly() {
     let e = client.predict(call).await.unwrap_err();
     // (tonic's own timer may end the call before the server's deadline.)
     assert!(
-        matches!(e.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled),
+        matches!(
+            e.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
         "{e:?}"
     );
     assert_eq!(
