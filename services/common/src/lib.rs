@@ -203,8 +203,17 @@ pub fn serve_model<S: sd_runtime::server::GrpcService>(
     };
     let access = sd_runtime::server::Access::Internal(tls.internal.load()?);
     let runtime = server.runtime()?;
+    // The loaded service outlives the server, to the end of the process:
+    // dropping it would free the model under a forward still running, or
+    // wait for that forward, past the drain.
+    let kept = Arc::new(std::sync::OnceLock::new());
+    let keep = kept.clone();
     runtime.block_on(sd_runtime::server::run(who, server, tls, access, |cx| {
-        blocking(move || load(cx.metrics, cx.lifecycle))
+        blocking(move || {
+            let service = load(cx.metrics, cx.lifecycle)?;
+            let _ = keep.set(service.clone());
+            Ok(service)
+        })
     }))?;
     exit_leaving_model_threads(runtime)
 }
@@ -215,8 +224,11 @@ pub fn serve_model<S: sd_runtime::server::GrpcService>(
 /// longer wanted) or one still running when the drain time ran out — and
 /// returning from `main` would destroy libtorch's globals under it: the
 /// forward then fails inside libtorch, and the process ends with a worker
-/// panic and a libtorch backtrace. Nothing of ours needs those destructors:
-/// telemetry was flushed when the server stopped, stdout is flushed here.
+/// panic and a libtorch backtrace. Waiting for that forward instead would
+/// hold the process past its drain time (a forward at a large size takes
+/// minutes on a CPU), until whoever stops it kills it. Nothing of ours
+/// needs those destructors: telemetry was flushed when the server stopped,
+/// stdout is flushed here.
 fn exit_leaving_model_threads(runtime: tokio::runtime::Runtime) -> ! {
     // Tasks still on the runtime get a moment to end; model work on the
     // blocking pool is not waited for.
