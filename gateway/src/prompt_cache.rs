@@ -47,7 +47,11 @@ impl PromptCache {
         self.0.get(key)
     }
 
-    pub fn insert(&mut self, key: PromptKey, value: CachedEmbedding) {
+    pub fn insert(&mut self, key: PromptKey, mut value: CachedEmbedding) {
+        // A decoded tensor's bytes are a slice of the buffer the whole
+        // response was read into, and keep all of it alive (about 3× the
+        // tensor on the tiny model); keep a copy of exactly what is counted.
+        value.tensor.data = value.tensor.data.to_vec().into();
         let size = value.tensor.data.len()
             + value.tensor.shape.len() * 8
             + value.id.len()
@@ -107,6 +111,22 @@ mod tests {
         assert!(c.get(&key("b")).is_none(), "b was least recently used");
         assert!(c.get(&key("a")).is_some() && c.get(&key("c")).is_some());
         assert_eq!((c.len(), c.hits(), c.misses()), (2, 3, 1));
+    }
+
+    #[test]
+    fn an_entry_holds_its_own_bytes_not_the_buffer_they_came_in() {
+        let buffer = bytes::Bytes::from(vec![7u8; 1 << 20]);
+        let mut e = entry(0);
+        e.tensor.data = buffer.slice(1000..1100);
+        let mut c = PromptCache::new(1 << 20);
+        c.insert(key("a"), e);
+        let kept = c.get(&key("a")).unwrap().tensor.data;
+        assert_eq!(&kept[..], &buffer[1000..1100]);
+        let inside = buffer.as_ptr_range();
+        assert!(
+            !inside.contains(&kept.as_ptr()),
+            "the entry keeps the whole 1 MiB buffer alive"
+        );
     }
 
     #[test]
