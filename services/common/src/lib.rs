@@ -2,6 +2,7 @@
 
 pub mod compute;
 pub mod error;
+pub mod threads;
 
 pub use error::ServiceError;
 
@@ -126,12 +127,14 @@ impl Timings {
     }
 }
 
-/// Runs model work on the blocking pool: at most `concurrency` at once, at
-/// most `max_queue` waiting (beyond: RESOURCE_EXHAUSTED).
+/// Runs model work on `concurrency` model threads of its own (see
+/// [`threads`]), at most `max_queue` calls waiting (beyond:
+/// RESOURCE_EXHAUSTED).
 #[derive(Clone)]
 pub struct Worker {
     admission: Admission,
     metrics: Arc<Metrics>,
+    threads: Arc<threads::ModelThreads>,
 }
 
 impl Worker {
@@ -139,6 +142,7 @@ impl Worker {
         Worker {
             admission: Admission::new("model service", args.concurrency, args.max_queue),
             metrics,
+            threads: Arc::new(threads::ModelThreads::new(args.concurrency)),
         }
     }
 
@@ -168,20 +172,21 @@ impl Worker {
         let slot = slot?;
         let metrics = self.metrics.clone();
         let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || {
-            let _slot = slot;
-            let _span = span.enter();
-            let _guard = tch::no_grad_guard();
-            let start = Instant::now();
-            let r = f();
-            let forward = start.elapsed();
-            metrics.step(stage, forward);
-            r.map(|v| {
-                let queue = start - queued;
-                (v, Timings { queue, forward })
+        self.threads
+            .run(move || {
+                let _slot = slot;
+                let _span = span.enter();
+                let _guard = tch::no_grad_guard();
+                let start = Instant::now();
+                let r = f();
+                let forward = start.elapsed();
+                metrics.step(stage, forward);
+                r.map(|v| {
+                    let queue = start - queued;
+                    (v, Timings { queue, forward })
+                })
             })
-        })
-        .await?
+            .await?
     }
 }
 
