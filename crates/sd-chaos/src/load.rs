@@ -179,13 +179,17 @@ impl Load {
     }
 }
 
-/// The share of each kind, in percent: unary, stream, img2img, cancel, deadline.
+/// The share of each kind, in percent (unary, stream, img2img, cancel,
+/// deadline), and the percentage of prompts never seen before.
 #[derive(Debug, Clone, Copy)]
-pub struct Mix(pub [u64; 5]);
+pub struct Mix {
+    pub kinds: [u64; 5],
+    pub unique_prompts: u64,
+}
 
 impl Mix {
     fn kind(&self, rng: &mut Rng) -> Kind {
-        let total: u64 = self.0.iter().sum();
+        let total: u64 = self.kinds.iter().sum();
         let mut x = rng.below(total);
         let kinds = [
             Kind::Unary,
@@ -194,7 +198,7 @@ impl Mix {
             Kind::Cancel,
             Kind::Deadline,
         ];
-        for (k, share) in kinds.into_iter().zip(self.0) {
+        for (k, share) in kinds.into_iter().zip(self.kinds) {
             if x < share {
                 return k;
             }
@@ -214,7 +218,7 @@ pub async fn client(url: String, load: Arc<Load>, mix: Mix, seed: u64) {
     let mut client = GenerationClient::new(channel).max_decoding_message_size(64 << 20);
     while let Some(n) = load.claim().await {
         let kind = mix.kind(&mut rng);
-        let req = request(&mut rng, kind, n, &load.init_image);
+        let req = request(&mut rng, kind, n, &load.init_image, mix.unique_prompts);
         let phase = load.phase.load(Ordering::SeqCst);
         let started = Instant::now();
         let outcome = run(&mut client, kind, req, &mut rng).await;
@@ -237,11 +241,11 @@ pub async fn client(url: String, load: Arc<Load>, mix: Mix, seed: u64) {
 const AFTER_FAILURE: Duration = Duration::from_millis(250);
 
 /// A request of `kind`: a small size, a few steps, any scheduler; prompts
-/// from a short list (the caches hit) or, one in three, of their own (the
-/// text encoder works).
-fn request(rng: &mut Rng, kind: Kind, n: usize, init: &[u8]) -> GenerateRequest {
+/// from a short list (the caches hit) or, `unique` percent of them, of
+/// their own (the text encoder works, the caches fill).
+fn request(rng: &mut Rng, kind: Kind, n: usize, init: &[u8], unique: u64) -> GenerateRequest {
     let side = *rng.pick(&[32u32, 48, 64]);
-    let prompt = if rng.below(3) == 0 {
+    let prompt = if rng.below(100) < unique {
         format!("{} #{n}", rng.pick(PROMPTS))
     } else {
         rng.pick(PROMPTS).to_string()
@@ -361,7 +365,10 @@ mod tests {
 
     #[test]
     fn the_mix_follows_its_shares_and_its_seed() {
-        let mix = Mix([50, 20, 10, 10, 10]);
+        let mix = Mix {
+            kinds: [50, 20, 10, 10, 10],
+            unique_prompts: 0,
+        };
         let mut rng = Rng::new(7);
         let kinds: Vec<Kind> = (0..10_000).map(|_| mix.kind(&mut rng)).collect();
         let share = |k| kinds.iter().filter(|&&x| x == k).count();

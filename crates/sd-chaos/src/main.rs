@@ -59,6 +59,10 @@ struct Args {
     /// requests (percent).
     #[arg(long, value_delimiter = ',', default_value = "40,25,15,10,10")]
     mix: Vec<u64>,
+    /// Percent of requests with a prompt of their own (the others repeat a
+    /// few prompts, which the caches then serve).
+    #[arg(long, default_value_t = 33, value_parser = clap::value_parser!(u64).range(0..=100))]
+    unique_prompts: u64,
     /// Soak instead: this many generations, no faults.
     #[arg(long)]
     soak: Option<usize>,
@@ -96,7 +100,10 @@ impl Args {
             anyhow::anyhow!("--mix: five shares (unary, stream, img2img, cancel, deadline)")
         })?;
         anyhow::ensure!(shares.iter().sum::<u64>() > 0, "--mix: all shares are 0");
-        Ok(Mix(shares))
+        Ok(Mix {
+            kinds: shares,
+            unique_prompts: self.unique_prompts,
+        })
     }
 }
 

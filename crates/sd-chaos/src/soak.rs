@@ -120,7 +120,10 @@ mod tests {
             baseline,
             every,
             clients: 1,
-            mix: Mix([1, 0, 0, 0, 0]),
+            mix: Mix {
+                kinds: [1, 0, 0, 0, 0],
+                unique_prompts: 0,
+            },
             seed: 0,
             max_time: Duration::from_secs(1),
         }
