@@ -7,7 +7,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export SD_FIXTURES ?= $(CURDIR)/target/sd-fixtures
 CARGO ?= cargo
 
-.PHONY: setup fixtures build test demo check fmt clippy fuzz bench
+.PHONY: setup fixtures build test demo check fmt clippy fuzz bench chaos
 
 ## setup: project-local venv with pinned torch (libtorch for tch) and the reference implementation
 setup:
@@ -39,6 +39,16 @@ demo: build fixtures
 BENCH_ARGS ?= --steps 20 --threads 1 --runs 20 --concurrency 1,2,4,8 --requests-per-worker 4 --unet-workers 1,2
 bench: build fixtures
 	target/release/sd-bench --model $${SD_MODEL:-$(SD_FIXTURES)/sd1-tiny} --python $(VENV)/bin/python $(BENCH_ARGS)
+
+## chaos: the chaos run (faults under load) and a 1,000-generation soak on the tiny model (SD_MODEL to change),
+## through `sdctl up` with two denoiser replicas; prints Markdown and fails if a target is missed
+## (CHAOS_ARGS, SOAK_ARGS: sd-chaos flags; debug binaries, as `make test` builds them)
+CHAOS_ARGS ?=
+SOAK_ARGS ?= --soak 1000 --unique-prompts 0
+chaos: setup fixtures
+	$(CARGO) build --workspace --bins
+	target/debug/sd-chaos --model $${SD_MODEL:-$(SD_FIXTURES)/sd1-tiny} --check $(CHAOS_ARGS)
+	target/debug/sd-chaos --model $${SD_MODEL:-$(SD_FIXTURES)/sd1-tiny} --check $(SOAK_ARGS)
 
 ## fuzz: run a fuzz target for a minute (FUZZ=init_image or generate_request); needs cargo-fuzz
 FUZZ ?= init_image

@@ -109,11 +109,8 @@ mod tests {
             names.iter().all(|n| n == "model-0" || n == "model-1"),
             "{names:?}"
         );
-        let e = threads
-            .run(|| panic!("boom"))
-            .await
-            .map(|()| ())
-            .unwrap_err();
+        let r: Result<(), ServiceError> = threads.run(|| panic!("boom")).await;
+        let e = r.unwrap_err();
         assert!(e.to_string().contains("model work panicked: boom"), "{e}");
         assert_eq!(threads.run(|| 7).await.unwrap(), 7, "the thread lives on");
     }
