@@ -1,5 +1,6 @@
 //! `sdctl up` keeping a stack up: a killed denoiser replica is restarted on
-//! its address while generations keep succeeding through the other one;
+//! its address while generations keep succeeding through the other one (a
+//! killed gateway too, on its port);
 //! SIGTERM to sdctl lets the generation in flight finish (the model
 //! services stop only after the gateway) and exits 0. And a model service
 //! stopped while a forward still runs exits cleanly.
@@ -165,7 +166,7 @@ async fn load(url: String, clients: u64, n: u64, done: Arc<AtomicUsize>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_killed_denoiser_replica_comes_back_on_its_address_and_no_generation_fails() {
+async fn killed_replicas_and_gateway_come_back_on_their_addresses_and_no_generation_fails() {
     let mut sdctl = Sdctl::start(&["--replicas", "denoiser=2"]);
     let url = sdctl.process.url();
     let victim = sdctl.wait_for(Duration::ZERO, |e| {
@@ -217,6 +218,23 @@ async fn a_killed_denoiser_replica_comes_back_on_its_address_and_no_generation_f
     sdctl.wait_for(Duration::from_secs(60), |e| {
         e.event == "serving" && e.name == "denoiser" && e.replica == 1 && e.restarts == 1
     });
+
+    // A killed gateway comes back on its port: the same URL serves again.
+    let gateway = sdctl.wait_for(Duration::ZERO, |e| {
+        e.event == "serving" && e.name == "gateway"
+    });
+    // SAFETY: as above, for the gateway.
+    assert_eq!(unsafe { libc::kill(gateway.pid as i32, libc::SIGKILL) }, 0);
+    let back = sdctl.wait_for(Duration::from_secs(60), |e| {
+        e.event == "serving" && e.name == "gateway" && e.restarts == 1
+    });
+    assert_eq!(back.addr, gateway.addr);
+    let mut r = tonic::Request::new(req(4, 9));
+    r.set_timeout(Duration::from_secs(60));
+    client
+        .generate(r)
+        .await
+        .expect("served by the restarted gateway");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
