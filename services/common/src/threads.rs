@@ -7,7 +7,7 @@
 //! time — and every new thread that runs a forward gets a glibc malloc
 //! arena of its own, which keeps its peak (see `sd_runtime::alloc`). A soak
 //! of 1,000 generations saw the autoencoder go from 3 to 4 threads and
-//! +3.7 MB RSS at once.
+//! +3.5 MB RSS at once.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::mpsc::{self, Receiver, Sender};
