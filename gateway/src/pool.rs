@@ -2,8 +2,8 @@
 //! every few seconds (a Kubernetes headless Service). Calls go to the better
 //! of two random SERVING replicas (fewer calls in flight: "power of two
 //! choices"); Predict, Encode and Decode are idempotent, so a call that finds
-//! a replica gone is retried on another, with bounded attempts and backoff,
-//! within the request's deadline.
+//! a replica gone is retried on another, with backoff, for at most
+//! [`FAILOVER_WINDOW`] (a restart outlasted), never past the deadline.
 //!
 //! Whether a failure means "this replica is gone" is decided from the
 //! error's type — the transport errors in its source chain, the UNAVAILABLE
@@ -109,8 +109,14 @@ pub struct Pool {
     endpoints: Endpoints,
     replicas: RwLock<Vec<Arc<Replica>>>,
     tls: Option<ClientTls>,
-    max_attempts: usize,
+    /// How long a call keeps failing over while replicas are gone.
+    failover_window: Duration,
 }
+
+/// How long a call keeps trying when every replica it tried was gone: long
+/// enough to outlast a supervised restart (about a second; `sdctl up`
+/// restarts a process on its address), never past the caller's deadline.
+pub const FAILOVER_WINDOW: Duration = Duration::from_secs(5);
 
 /// Why a call to one replica failed, as failover sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,7 +191,7 @@ impl Pool {
             endpoints: endpoints.clone(),
             replicas: RwLock::new(Vec::new()),
             tls,
-            max_attempts: 4,
+            failover_window: FAILOVER_WINDOW,
         });
         if let Endpoints::Static(urls) = &endpoints {
             pool.set_urls(urls.clone())?;
@@ -349,8 +355,12 @@ impl Pool {
     {
         let mut tried: Vec<String> = Vec::new();
         let mut last: Option<Status> = None;
-        for attempt in 0..self.max_attempts {
+        let started = std::time::Instant::now();
+        for attempt in 0.. {
             deadline.remaining()?;
+            if attempt > 0 && started.elapsed() >= self.failover_window {
+                break;
+            }
             let Some(replica) = self.next_replica(&mut tried) else {
                 break;
             };
@@ -394,7 +404,8 @@ impl Pool {
         })
     }
 
-    /// Wait before the next attempt, unless the deadline would pass first.
+    /// Wait before the next attempt (50 ms doubling to 800 ms), unless the
+    /// deadline would pass first.
     async fn back_off(&self, attempt: usize, deadline: &Deadline) -> Result<()> {
         let backoff = Duration::from_millis(50 << attempt.min(4));
         if let Some(left) = deadline.remaining()? {
