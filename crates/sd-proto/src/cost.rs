@@ -16,7 +16,7 @@ impl UnetCost {
     }
 
     /// One row's seconds: the first point's below it, log-log interpolation
-    /// between points, growth by `growth_exponent` (at least 2) beyond.
+    /// between points, growth by `growth_exponent` (1 to 4) beyond.
     fn one_row(&self, n: u64) -> Option<f64> {
         let mut points: Vec<(f64, f64)> = self
             .points
@@ -32,7 +32,7 @@ impl UnetCost {
         }
         if n >= last.0 {
             let exponent = if self.growth_exponent.is_finite() {
-                self.growth_exponent.clamp(2.0, 4.0)
+                self.growth_exponent.clamp(1.0, 4.0)
             } else {
                 2.0
             };
@@ -90,11 +90,19 @@ mod tests {
             ..cost()
         };
         assert!(close(steeper.seconds(4096, 1), 1.6 * 32.0));
-        let flat = UnetCost {
+        let linear = UnetCost {
             growth_exponent: 1.0,
             ..cost()
         };
-        assert!(close(flat.seconds(4096, 1), 1.6 * 16.0), "never below 2");
+        assert!(close(linear.seconds(4096, 1), 1.6 * 4.0));
+        let falling = UnetCost {
+            growth_exponent: 0.2,
+            ..cost()
+        };
+        assert!(
+            close(falling.seconds(4096, 1), 1.6 * 4.0),
+            "never below linear"
+        );
     }
 
     #[test]
