@@ -3,7 +3,8 @@ MODEL STEPS SIZE THREADS [DEVICE [PRECISION]] (SIZE 0: the model's default;
 DEVICE cpu, cuda or cuda:N; PRECISION fp32, fp16 or bf16).
 
 After loading and one warm-up image it prints `ready`; then, for each line
-`SEED<TAB>PROMPT` on stdin, it generates that image and prints
+`SEED<TAB>PROMPT[<TAB>PNG]` on stdin, it generates that image (saving it
+to PNG when a path is given) and prints
 `seconds_per_image S mean_step T`, T being the mean time between step
 callbacks (one UNet forward with guidance plus the scheduler step; on a GPU
 from CUDA events, so the timing does not stall the pipeline). sd-bench interleaves these with its own images so that
@@ -56,11 +57,11 @@ def gap_seconds(a, b):
     return a.elapsed_time(b) / 1e3 if cuda else b - a
 
 
-def generate(seed, prompt):
+def generate(seed, prompt, png=None):
     marks.clear()
     wait()
     t = time.perf_counter()
-    pipe(
+    out = pipe(
         prompt,
         generator=torch.Generator("cpu").manual_seed(seed),
         callback_on_step_end=on_step_end,
@@ -68,6 +69,8 @@ def generate(seed, prompt):
     )
     wait()
     per_image = time.perf_counter() - t
+    if png:
+        out.images[0].save(png)
     # Intervals between step ends: the first step's start also holds the
     # prompt encoding and set-up, so it is left out.
     gaps = [gap_seconds(a, b) for a, b in zip(marks, marks[1:])]
@@ -78,6 +81,6 @@ with torch.inference_mode():
     generate(1, "warm up")
     print("ready", flush=True)
     for line in sys.stdin:
-        seed, prompt = line.rstrip("\n").split("\t", 1)
-        per_image, step = generate(int(seed), prompt)
+        seed, prompt, *png = line.rstrip("\n").split("\t")
+        per_image, step = generate(int(seed), prompt, png[0] if png else None)
         print(f"seconds_per_image {per_image:.6f} mean_step {step:.6f}", flush=True)

@@ -12,6 +12,11 @@ pub(crate) struct Diffusers {
 
 impl Diffusers {
     pub(crate) fn start(args: &Args) -> anyhow::Result<Self> {
+        Self::start_in(args, args.precision)
+    }
+
+    /// diffusers in `precision`, whatever `args` says.
+    pub(crate) fn start_in(args: &Args, precision: Precision) -> anyhow::Result<Self> {
         let python = args
             .python
             .clone()
@@ -25,7 +30,7 @@ impl Diffusers {
                 &args.size.to_string(),
                 &args.threads.to_string(),
                 &args.device.to_string(),
-                &args.precision.to_string(),
+                &precision.to_string(),
             ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -60,8 +65,21 @@ impl Diffusers {
 
     /// Seconds for the image and the mean seconds of one denoising step.
     pub(crate) fn image(&mut self, seed: u64, prompt: &str) -> anyhow::Result<(f64, f64)> {
+        self.image_to(seed, prompt, None)
+    }
+
+    /// As [`Diffusers::image`], saving the image to `png` when given.
+    pub(crate) fn image_to(
+        &mut self,
+        seed: u64,
+        prompt: &str,
+        png: Option<&Path>,
+    ) -> anyhow::Result<(f64, f64)> {
         use std::io::Write;
-        writeln!(self.stdin, "{seed}\t{prompt}")?;
+        match png {
+            Some(p) => writeln!(self.stdin, "{seed}\t{prompt}\t{}", p.display())?,
+            None => writeln!(self.stdin, "{seed}\t{prompt}")?,
+        }
         self.stdin.flush()?;
         self.expect(|l| {
             let mut f = l.strip_prefix("seconds_per_image ")?.split(" mean_step ");

@@ -11,7 +11,8 @@
 //! 4. repeated-prompt latency, prompt-cache hit vs miss.
 //!
 //! `--cost-check SIDES` instead checks the UNet cost a denoiser publishes
-//! (predicted vs measured forwards, see `cost.rs`).
+//! (predicted vs measured forwards, see `cost.rs`); `--precision-check`
+//! compares bf16 with fp32 for time and image (`precision.rs`).
 //!
 //! `--device cuda --precision fp16` runs all three on a GPU; diffusers' step
 //! time (between its step callbacks; CUDA events on a GPU) stands next to
@@ -22,6 +23,7 @@
 mod cost;
 mod diffusers;
 mod inprocess;
+mod precision;
 mod report;
 mod stack;
 
@@ -49,7 +51,7 @@ use sd_runtime::deadline::Deadline;
 use sd_runtime::metrics::Metrics;
 
 /// Measure the sdserve stack against in-process Rust and diffusers.
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 struct Args {
     /// Model directory (diffusers layout).
     #[arg(long)]
@@ -96,6 +98,10 @@ struct Args {
     /// timed at these image sides (pixels), e.g. `256,384,512`.
     #[arg(long, value_delimiter = ',')]
     cost_check: Vec<u32>,
+    /// Only compare bf16 with fp32 on this device: diffusers fp32,
+    /// diffusers bf16 and the stack in bf16, for time and image (PSNR).
+    #[arg(long)]
+    precision_check: bool,
     /// The denoiser's `--calibration-seconds` for `--cost-check`.
     #[arg(long, default_value_t = 10.0)]
     calibration_seconds: f64,
@@ -304,6 +310,9 @@ async fn main() -> anyhow::Result<()> {
     );
     if !args.cost_check.is_empty() {
         return cost::check(&args, &args.cost_check).await;
+    }
+    if args.precision_check {
+        return precision::check(&args).await;
     }
 
     let (generator, models) = in_process_generator(&args)?;

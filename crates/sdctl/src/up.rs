@@ -32,7 +32,8 @@ pub struct UpArgs {
     /// Device for the model services: cpu, cuda or cuda:N.
     #[arg(long, env = "SD_DEVICE", default_value = "cpu")]
     device: String,
-    /// Precision for the model services: fp32, fp16 or bf16.
+    /// Precision for the model services: fp32 or bf16 on a CPU, fp16 or
+    /// bf16 on CUDA.
     #[arg(long, env = "SD_PRECISION", default_value = "fp32")]
     precision: String,
     /// How long a service may take to load before giving up (seconds).

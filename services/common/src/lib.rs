@@ -29,7 +29,8 @@ pub struct ModelArgs {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, env = "SD_DEVICE", default_value = "cpu")]
     pub device: DeviceSpec,
-    /// Precision: fp32 (CPU), fp16 or bf16 (CUDA).
+    /// Precision: fp32 or bf16 on a CPU (bf16 about twice as fast where the
+    /// CPU has AVX512-BF16 or AMX), fp16 or bf16 on CUDA.
     #[arg(long, env = "SD_PRECISION", default_value = "fp32")]
     pub precision: Precision,
     /// Forward passes run at once, each on its own thread with libtorch's
@@ -57,7 +58,23 @@ impl ModelArgs {
         if self.torch_threads > 0 {
             tch::set_num_threads(self.torch_threads);
         }
-        Ok(Placement::new(self.device, self.precision)?)
+        let placement = Placement::new(self.device, self.precision)?;
+        if placement.device == tch::Device::Cpu && self.precision == Precision::Bf16 {
+            warn_without_native_bf16();
+        }
+        Ok(placement)
+    }
+}
+
+/// bf16 on a CPU without native bf16 runs (oneDNN converts to fp32 and
+/// back), but slower than fp32: say so at start rather than refuse.
+fn warn_without_native_bf16() {
+    match sd_models::device::cpu_has_native_bf16() {
+        Some(true) => tracing::info!("bf16 on a CPU with native bf16 (AVX512-BF16 or AMX)"),
+        Some(false) => tracing::warn!(
+            "bf16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo): it runs emulated, slower than fp32; use --precision fp32 here"
+        ),
+        None => tracing::warn!("bf16 on a CPU whose bf16 support is unknown (/proc/cpuinfo unreadable)"),
     }
 }
 

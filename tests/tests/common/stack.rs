@@ -40,9 +40,15 @@ pub struct Stack {
 
 impl Stack {
     pub fn start(model: &Path) -> Stack {
+        Stack::start_with(model, &[])
+    }
+
+    /// A stack with more `sdctl up` flags (e.g. `--precision bf16`).
+    pub fn start_with(model: &Path, flags: &[&str]) -> Stack {
         let mut cmd = Command::new(bin_dir().join("sdctl"));
         cmd.args(["up", "--port", "0", "--model"])
             .arg(model)
+            .args(flags)
             .env("SD_TORCH_THREADS", "1")
             .stderr(Stdio::null());
         let sdctl = Launch::new("sdctl up")

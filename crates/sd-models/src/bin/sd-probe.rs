@@ -19,7 +19,7 @@ struct Args {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, env = "SD_DEVICE", default_value = "cpu")]
     device: DeviceSpec,
-    /// Precision: fp32 (CPU), fp16 or bf16 (CUDA).
+    /// Precision: fp32 or bf16 (CPU), fp16 or bf16 (CUDA).
     #[arg(long, env = "SD_PRECISION", default_value = "fp32")]
     precision: Precision,
     /// Prompt to encode.
