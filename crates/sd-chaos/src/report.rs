@@ -89,6 +89,22 @@ fn first_ok_after(records: &[Record], at: Instant) -> Option<Duration> {
         .min()
 }
 
+impl Tally {
+    /// sent | ok | failed | cancelled | deadline | p50 | p99, as table cells.
+    fn cells(&self) -> String {
+        format!(
+            "{} | {} | {} | {} | {} | {} | {}",
+            self.sent,
+            self.ok,
+            self.failed_cell(),
+            self.cancelled,
+            self.deadline,
+            secs(self.quantile(0.5)),
+            secs(self.quantile(0.99)),
+        )
+    }
+}
+
 /// Requests by phase, with recovery times for the fault phases.
 pub fn phases_table(phases: &[Phase], records: &[Record]) -> String {
     let mut s = String::from(
@@ -107,30 +123,13 @@ pub fn phases_table(phases: &[Phase], records: &[Record]) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {first_ok} | {back} |",
+            "| {} | {:.1} | {} | {first_ok} | {back} |",
             p.name,
             (p.end - p.start).as_secs_f64(),
-            t.sent,
-            t.ok,
-            t.failed_cell(),
-            t.cancelled,
-            t.deadline,
-            secs(t.quantile(0.5)),
-            secs(t.quantile(0.99)),
+            t.cells(),
         );
     }
-    let t = Tally::of(records);
-    let _ = writeln!(
-        s,
-        "| **all** | | {} | {} | {} | {} | {} | {} | {} | | |",
-        t.sent,
-        t.ok,
-        t.failed_cell(),
-        t.cancelled,
-        t.deadline,
-        secs(t.quantile(0.5)),
-        secs(t.quantile(0.99)),
-    );
+    let _ = writeln!(s, "| **all** | | {} | | |", Tally::of(records).cells());
     s
 }
 

@@ -61,6 +61,9 @@ impl Generator {
             self.facts.scale_factor,
             self.facts.max_decode_pixels,
         );
+        if per_call >= batch_of(&latents.shape) {
+            return self.decode_call(latents, deadline).await;
+        }
         let mut pixels = Vec::new();
         for chunk in batch_chunks(latents, per_call) {
             pixels.extend(self.decode_call(&chunk, deadline).await?);
@@ -180,10 +183,15 @@ fn latent_previews(latents: &HostTensor) -> Result<Vec<GeneratedImage>> {
         .collect()
 }
 
+/// Images in a (batch, …) tensor's shape (at least one).
+fn batch_of(shape: &[i64]) -> usize {
+    shape.first().copied().unwrap_or(1).max(1) as usize
+}
+
 /// Images of latents `shape` (batch, c, h, w) one Decode may carry within
 /// `max_pixels` (0: all of them; at least one).
 fn images_per_call(shape: &[i64], scale_factor: u32, max_pixels: u64) -> usize {
-    let batch = shape.first().copied().unwrap_or(1).max(1) as usize;
+    let batch = batch_of(shape);
     let side =
         |i: usize| shape.get(i).copied().unwrap_or(1).max(1) as u64 * u64::from(scale_factor);
     let per_image = side(2) * side(3);
@@ -195,11 +203,7 @@ fn images_per_call(shape: &[i64], scale_factor: u32, max_pixels: u64) -> usize {
 
 /// `t` split along its first axis into tensors of at most `n` items.
 fn batch_chunks(t: &HostTensor, n: usize) -> Vec<HostTensor> {
-    let batch = t.shape.first().copied().unwrap_or(1).max(1) as usize;
-    if n >= batch {
-        return vec![t.clone()];
-    }
-    let per_item = t.data.len() / batch;
+    let per_item = (t.data.len() / batch_of(&t.shape)).max(1);
     t.data
         .chunks(per_item * n)
         .map(|d| {

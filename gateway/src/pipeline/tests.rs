@@ -356,6 +356,21 @@ async fn an_embedding_miss_resends_the_tensors_once() {
     assert!(uncond_resent);
 }
 
+/// `e` is the denoiser's bad reply, answered to the client as INTERNAL.
+fn assert_denoiser_fault(e: Error) {
+    assert!(
+        matches!(
+            e,
+            Error::BadReply {
+                stage: Stage::Denoiser,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(tonic::Status::from(e).code(), tonic::Code::Internal);
+}
+
 #[tokio::test]
 async fn a_denoiser_that_keeps_missing_is_an_error_not_a_loop() {
     let fake = Arc::new(Fake {
@@ -369,18 +384,8 @@ async fn a_denoiser_that_keeps_missing_is_an_error_not_a_loop() {
     // The tensors went with the first call and were resent once: a miss
     // after that is the denoiser's fault (INTERNAL), not a reason to resend
     // forever nor a FAILED_PRECONDITION for the client to puzzle over.
-    assert!(
-        matches!(
-            e,
-            Error::BadReply {
-                stage: Stage::Denoiser,
-                ..
-            }
-        ),
-        "{e}"
-    );
     assert_eq!(fake.predicts().len(), 2);
-    assert_eq!(tonic::Status::from(e).code(), tonic::Code::Internal);
+    assert_denoiser_fault(e);
 }
 
 #[tokio::test]
@@ -474,17 +479,7 @@ async fn a_malformed_prediction_is_the_denoisers_fault_not_the_clients() {
         .run(plan(request(2)), None, Deadline::none())
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::BadReply {
-                stage: Stage::Denoiser,
-                ..
-            }
-        ),
-        "{e}"
-    );
-    assert_eq!(tonic::Status::from(e).code(), tonic::Code::Internal);
+    assert_denoiser_fault(e);
 }
 
 #[test]

@@ -235,21 +235,11 @@ impl Core {
     ) -> Result<Tensor, ServiceError> {
         let e = e.ok_or_else(|| ServiceError::invalid(field, "missing"))?;
         checks::embedding_id(e, field)?;
-        let t = self.resolve(e, field, held)?;
-        self.bounds.embedding(&t, batch, field)?;
-        Ok(t)
-    }
-
-    fn resolve(
-        &self,
-        e: &Embedding,
-        field: &str,
-        held: Option<&mut Held>,
-    ) -> Result<Tensor, ServiceError> {
+        let checked = |t: Tensor| self.bounds.embedding(&t, batch, field).map(|()| t);
         if e.tensor.is_none() {
             if let Some(t) = held.as_ref().and_then(|h| h.get(&e.id)) {
                 self.metrics.cache_lookup("embedding", true);
-                return Ok(t);
+                return checked(t);
             }
         }
         let mut cache = self
@@ -257,19 +247,18 @@ impl Core {
             .lock()
             .map_err(|_| ServiceError::Internal("embedding cache poisoned"))?;
         let Some(wire) = &e.tensor else {
-            return cache
+            let t = cache
                 .get(&e.id)
                 .inspect(|_| self.metrics.cache_lookup("embedding", true))
                 .ok_or_else(|| ServiceError::EmbeddingMiss {
                     field: field.to_string(),
                     id: e.id.clone(),
-                });
+                })?;
+            return checked(t);
         };
         self.metrics.cache_lookup("embedding", false);
-        let t = from_wire(Some(wire), &format!("{field}.tensor"))?;
-        // Checked before it is kept (the batch is checked again per call).
-        self.bounds
-            .embedding(&t, t.size().first().copied().unwrap_or(1), field)?;
+        // Checked in full before it is kept.
+        let t = checked(from_wire(Some(wire), &format!("{field}.tensor"))?)?;
         sd_service::finite(&t, &format!("{field}.tensor"))?;
         if !e.id.is_empty() {
             if let Some(h) = held {
