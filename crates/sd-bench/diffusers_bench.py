@@ -57,13 +57,27 @@ def gap_seconds(a, b):
     return a.elapsed_time(b) / 1e3 if cuda else b - a
 
 
+def initial_noise(generator):
+    """The first latents, drawn in fp32 from the CPU generator and cast, as
+    sdserve draws them. diffusers draws them in the pipeline's dtype, which
+    is the same on torch >= 2.13; torch 2.11 (the GPU machine's) draws
+    half-precision normals differently on the CPU, so they are drawn here
+    and passed in. The generator goes on to the pipeline in the state this
+    leaves it, as if the pipeline had drawn them itself."""
+    side_h = (size or pipe.unet.config.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
+    shape = (1, pipe.unet.config.in_channels, side_h, side_h)
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(dtype)
+
+
 def generate(seed, prompt, png=None):
     marks.clear()
     wait()
     t = time.perf_counter()
+    generator = torch.Generator("cpu").manual_seed(seed)
     out = pipe(
         prompt,
-        generator=torch.Generator("cpu").manual_seed(seed),
+        generator=generator,
+        latents=initial_noise(generator),
         callback_on_step_end=on_step_end,
         **kwargs,
     )

@@ -21,7 +21,7 @@ impl Diffusers {
             .python
             .clone()
             .unwrap_or_else(|| PathBuf::from(".venv/bin/python"));
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("diffusers_bench.py");
+        let script = diffusers_script()?;
         let mut child = Command::new(python)
             .arg(script)
             .args([
@@ -86,6 +86,17 @@ impl Diffusers {
             Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
         })
     }
+}
+
+/// `diffusers_bench.py`: beside this binary where it was shipped so (the
+/// GPU bundle), else in this crate's source.
+fn diffusers_script() -> anyhow::Result<PathBuf> {
+    const NAME: &str = "diffusers_bench.py";
+    let beside = sd_launch::bin_dir()?.join(NAME);
+    if beside.is_file() {
+        return Ok(beside);
+    }
+    Ok(Path::new(env!("CARGO_MANIFEST_DIR")).join(NAME))
 }
 
 impl Drop for Diffusers {

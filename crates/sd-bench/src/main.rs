@@ -12,7 +12,9 @@
 //!
 //! `--cost-check SIDES` instead checks the UNet cost a denoiser publishes
 //! (predicted vs measured forwards, see `cost.rs`); `--precision-check`
-//! compares bf16 with fp32 for time and image (`precision.rs`).
+//! compares bf16 with fp32 for time and image (`precision.rs`);
+//! `--parity-check` compares the stack's images with diffusers' on the
+//! device and precision given (`parity.rs`, run by the GPU bundle).
 //!
 //! `--device cuda --precision fp16` runs all three on a GPU; diffusers' step
 //! time (between its step callbacks; CUDA events on a GPU) stands next to
@@ -23,6 +25,7 @@
 mod cost;
 mod diffusers;
 mod inprocess;
+mod parity;
 mod precision;
 mod report;
 mod stack;
@@ -102,6 +105,10 @@ struct Args {
     /// diffusers bf16 and the stack in bf16, for time and image (PSNR).
     #[arg(long)]
     precision_check: bool,
+    /// Only compare the stack's images with diffusers' on `--device` in
+    /// `--precision` (three seeds and prompts); fails beyond the tolerance.
+    #[arg(long)]
+    parity_check: bool,
     /// The denoiser's `--calibration-seconds` for `--cost-check`.
     #[arg(long, default_value_t = 10.0)]
     calibration_seconds: f64,
@@ -314,6 +321,9 @@ async fn main() -> anyhow::Result<()> {
     if args.precision_check {
         return precision::check(&args).await;
     }
+    if args.parity_check {
+        return parity::check(&args).await;
+    }
 
     let (generator, models) = in_process_generator(&args)?;
     let stack = start_stack(&args, true, 1)?;
@@ -323,6 +333,9 @@ async fn main() -> anyhow::Result<()> {
     print_step_overhead(&report);
     print_forwards(&report.forwards);
     print_cache_effect(&args, &stack).await?;
+    if args.device != DeviceSpec::Cpu {
+        print_vram(&stack);
+    }
     drop(stack);
     print_throughput(&args).await
 }

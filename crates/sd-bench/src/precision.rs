@@ -12,7 +12,7 @@ const PROMPT: &str = "a photograph of an astronaut riding a horse";
 
 /// Run the three and print the table.
 pub(crate) async fn check(args: &Args) -> anyhow::Result<()> {
-    let dir = tempfile_dir()?;
+    let dir = scratch_dir("precision")?;
     let (fp32_s, fp32_png) = diffusers_image(args, Precision::F32, &dir)?;
     let (bf16_s, bf16_png) = diffusers_image(args, Precision::Bf16, &dir)?;
     let mut stack_args = args.clone();
@@ -83,18 +83,19 @@ fn diffusers_image(
     Ok((seconds, png))
 }
 
-fn tempfile_dir() -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("sd-bench-precision-{}", std::process::id()));
+/// A fresh directory for this run's images.
+pub(crate) fn scratch_dir(what: &str) -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("sd-bench-{what}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
 
-fn rgb(png: &[u8]) -> anyhow::Result<image::RgbImage> {
+pub(crate) fn rgb(png: &[u8]) -> anyhow::Result<image::RgbImage> {
     Ok(image::load_from_memory(png)?.to_rgb8())
 }
 
 /// Peak signal-to-noise ratio of `b` against `a` (8-bit), in dB.
-fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> anyhow::Result<f64> {
+pub(crate) fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> anyhow::Result<f64> {
     anyhow::ensure!(
         a.dimensions() == b.dimensions(),
         "images of {:?} and {:?}",

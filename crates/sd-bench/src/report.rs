@@ -142,3 +142,58 @@ pub(crate) async fn print_throughput(args: &Args) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// GPU memory each model service holds after the runs above (libtorch's
+/// caching allocator keeps what it reserved, so this is its peak), as
+/// `nvidia-smi` reports it per process.
+pub(crate) fn print_vram(stack: &Stack) {
+    let out = Command::new("nvidia-smi")
+        .args([
+            "--query-compute-apps=pid,used_memory",
+            "--format=csv,noheader,nounits",
+        ])
+        .output();
+    let text = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Ok(o) => {
+            println!("VRAM per service: nvidia-smi failed ({})\n", o.status);
+            return;
+        }
+        Err(e) => {
+            println!("VRAM per service: nvidia-smi not run ({e})\n");
+            return;
+        }
+    };
+    let used = vram_by_pid(&text);
+    println!("| service | VRAM (MiB, after the runs above) |\n|---|---:|");
+    for s in &stack.services {
+        let cell = used
+            .get(&s.process.id())
+            .map_or_else(|| "not listed".to_string(), |m| m.to_string());
+        println!("| {} | {cell} |", s.process.name());
+    }
+    println!();
+}
+
+/// `pid, MiB` lines of `nvidia-smi --query-compute-apps` as a map.
+pub(crate) fn vram_by_pid(csv: &str) -> BTreeMap<u32, u64> {
+    csv.lines()
+        .filter_map(|l| {
+            let (pid, mib) = l.split_once(',')?;
+            Some((pid.trim().parse().ok()?, mib.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nvidia_smi_lines_by_pid() {
+        let m = vram_by_pid("1234, 2050\n77, 512\nbad line\n9, [N/A]\n");
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[&1234], 2050);
+        assert_eq!(m[&77], 512);
+    }
+}
