@@ -58,6 +58,10 @@ async fn concurrent_generations_batch_and_match_unbatched_ones() {
             env: vec![
                 ("SD_MAX_WAIT_MS", "20".into()),
                 ("SD_IO_THREADS", "2".into()),
+                // One UNet worker, so that every concurrent call meets the
+                // others in its batches (the machine's rule would give a
+                // small UNet one worker per core).
+                ("SD_MODEL_CONCURRENCY", "1".into()),
             ],
             ..Default::default()
         },

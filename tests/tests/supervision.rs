@@ -348,6 +348,8 @@ async fn a_denoiser_stopped_mid_forward_exits_cleanly() {
         .arg(common::model("sd1-tiny"))
         .args(["--listen", "127.0.0.1:0", "--drain-secs", "1"])
         .env("SD_TORCH_THREADS", "1")
+        // One UNet worker, the thread watched below.
+        .env("SD_MODEL_CONCURRENCY", "1")
         .env("RUST_BACKTRACE", "1")
         .stderr(std::fs::File::create(&log).unwrap());
     let mut p = Launch::new("sd-denoiser").spawn(cmd).unwrap();

@@ -83,7 +83,8 @@ fn load_cuda_backend() -> Result<()> {
                 }
                 Err(e) => Err(format!(
                     "CUDA requested but this libtorch has no CUDA backend ({e}); \
-                     install a CUDA build of torch==2.13.0 in the venv"
+                     the binaries need a CUDA build of the torch they were built against \
+                     (torch 2.13 for `make build`, 2.11 for the GPU bundle)"
                 )),
             }
         })

@@ -169,6 +169,7 @@ pub struct UNet {
     norm_out: GroupNorm,
     conv_out: Conv2d,
     placement: Placement,
+    parameters: u64,
     _storage: Arc<memmap2::Mmap>,
 }
 
@@ -345,6 +346,7 @@ impl UNet {
             norm_out,
             conv_out,
             placement: weights.placement(),
+            parameters: weights.parameter_count(),
             _storage: weights.storage(),
             config: c,
         })
@@ -352,6 +354,11 @@ impl UNet {
 
     pub fn config(&self) -> &UNetConfig {
         &self.config
+    }
+
+    /// Parameters in its weights file (SD 1.5: 859.5M).
+    pub fn parameters(&self) -> u64 {
+        self.parameters
     }
 
     pub fn placement(&self) -> Placement {

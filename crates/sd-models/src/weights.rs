@@ -152,6 +152,14 @@ impl Weights {
         self.tensors.contains_key(name)
     }
 
+    /// Values in the file, every tensor's elements together.
+    pub fn parameter_count(&self) -> u64 {
+        self.tensors
+            .values()
+            .map(|i| i.shape.iter().map(|&d| d.max(0) as u64).product::<u64>())
+            .sum()
+    }
+
     /// Names present in the file that no `get` asked for.
     pub fn unused(&self) -> Vec<String> {
         let used = self.used.borrow();

@@ -98,6 +98,11 @@ impl std::fmt::Display for Stage {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ThreadLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabels {
     pub cache: String,
     pub result: String,
@@ -120,6 +125,7 @@ pub struct Metrics {
     pub cache: Family<CacheLabels, Counter>,
     pub load_seconds: Family<StageLabels, Gauge<f64, AtomicU64>>,
     pub batch_items: Histogram,
+    pub threads: Family<ThreadLabels, Gauge>,
 }
 
 impl Metrics {
@@ -143,6 +149,7 @@ impl Metrics {
         let cache = Family::<CacheLabels, Counter>::default();
         let load_seconds = Family::<StageLabels, Gauge<f64, AtomicU64>>::default();
         let batch_items = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]);
+        let threads = Family::<ThreadLabels, Gauge>::default();
         registry.register(
             "requests",
             "Requests by method and gRPC status code",
@@ -179,6 +186,11 @@ impl Metrics {
             "Latents per UNet forward (dynamic batching; a guided latent counts twice)",
             batch_items.clone(),
         );
+        registry.register(
+            "model_threads",
+            "A model service's forwards at once (workers) and libtorch threads (intra_op per forward, inter_op)",
+            threads.clone(),
+        );
         Arc::new(Metrics {
             registry,
             requests,
@@ -189,7 +201,17 @@ impl Metrics {
             cache,
             load_seconds,
             batch_items,
+            threads,
         })
+    }
+
+    /// Publish a model service's thread choice (`kind`: workers, intra_op, inter_op).
+    pub fn set_threads(&self, kind: &str, n: usize) {
+        self.threads
+            .get_or_create(&ThreadLabels {
+                kind: kind.to_string(),
+            })
+            .set(n as i64);
     }
 
     /// Count one finished request.

@@ -218,6 +218,9 @@ fn load(
 ) -> anyhow::Result<AutoencoderServer<Service>> {
     let max = args.server.max_message_bytes();
     let placement = args.model.placement()?;
+    let threads = args
+        .model
+        .apply_threads(sd_service::machine::Role::Autoencoder, &metrics);
     let dir = ModelDir::open(&args.model.model)?;
     let vae = sd_service::timed_load(&metrics, "vae", || dir.load_vae(placement))?;
     let c = vae.config().clone();
@@ -235,7 +238,7 @@ fn load(
     };
     let service = Service {
         vae: Arc::new(vae),
-        worker: Worker::new(&args.model, metrics.clone()),
+        worker: Worker::new(threads.workers, args.model.max_queue, metrics.clone()),
         info,
         max_batch: args.max_batch,
         max_side: args.max_side,

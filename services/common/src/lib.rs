@@ -2,6 +2,7 @@
 
 pub mod compute;
 pub mod error;
+pub mod machine;
 pub mod threads;
 
 pub use error::ServiceError;
@@ -35,15 +36,22 @@ pub struct ModelArgs {
     pub precision: Precision,
     /// Forward passes run at once, each on its own thread with libtorch's
     /// intra-op threads (the denoiser: UNet workers, each taking batches).
-    /// On CPUs, small models gain from several single-threaded workers.
-    #[arg(long, env = "SD_MODEL_CONCURRENCY", default_value_t = 1)]
-    pub concurrency: usize,
+    /// Unset: from the machine (see `machine`: one on a GPU; on a CPU one,
+    /// or one per core for a denoiser with a small UNet).
+    #[arg(long, env = "SD_MODEL_CONCURRENCY")]
+    pub concurrency: Option<usize>,
     /// Calls that may wait for a forward pass; beyond: RESOURCE_EXHAUSTED.
     #[arg(long, env = "SD_MODEL_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
-    /// libtorch intra-op threads (0: libtorch's default, one per core).
+    /// libtorch intra-op threads per forward (0: from the machine — the
+    /// cores this process may use, divided between the workers; at most 4
+    /// on a GPU).
     #[arg(long, env = "SD_TORCH_THREADS", default_value_t = 0)]
-    pub torch_threads: i32,
+    pub torch_threads: usize,
+    /// libtorch inter-op threads (0: from the machine, 1: the services'
+    /// eager forwards never use more).
+    #[arg(long, env = "SD_INTEROP_THREADS", default_value_t = 0)]
+    pub interop_threads: usize,
     /// Wait this long before loading (exercises start-up health in tests).
     #[arg(long, env = "SD_LOAD_DELAY_MS", default_value_t = 0, hide = true)]
     pub load_delay_ms: u64,
@@ -55,14 +63,54 @@ impl ModelArgs {
         if self.load_delay_ms > 0 {
             std::thread::sleep(std::time::Duration::from_millis(self.load_delay_ms));
         }
-        if self.torch_threads > 0 {
-            tch::set_num_threads(self.torch_threads);
-        }
         let placement = Placement::new(self.device, self.precision)?;
         if placement.device == tch::Device::Cpu && self.precision == Precision::Bf16 {
             warn_without_native_bf16();
         }
         Ok(placement)
+    }
+}
+
+impl ModelArgs {
+    /// Workers and libtorch threads for `role` on this machine, the flags
+    /// on top of [`machine::rule`].
+    pub fn threads(&self, role: machine::Role) -> machine::Threads {
+        let given = |n: usize| (n > 0).then_some(n);
+        machine::choose(
+            role,
+            self.device,
+            machine::available_cores(),
+            machine::Overrides {
+                workers: self.concurrency.and_then(given),
+                intra_op: given(self.torch_threads),
+                inter_op: given(self.interop_threads),
+            },
+        )
+    }
+
+    /// Choose the threads for `role`, set libtorch's to them and publish
+    /// them (`sd_model_threads`); call once, before the first forward.
+    pub fn apply_threads(&self, role: machine::Role, metrics: &Metrics) -> machine::Threads {
+        let t = self.threads(role);
+        metrics.set_threads("workers", t.workers);
+        metrics.set_threads("intra_op", t.intra_op);
+        metrics.set_threads("inter_op", t.inter_op);
+        tch::set_num_threads(t.intra_op as i32);
+        // libtorch refuses a second setting (or one after its pool
+        // started); the first call per process is this one.
+        if tch::get_num_interop_threads() != t.inter_op as i32 {
+            tch::set_num_interop_threads(t.inter_op as i32);
+        }
+        tracing::info!(
+            cores = machine::available_cores(),
+            "{t} ({})",
+            if self.concurrency.is_some() || self.torch_threads > 0 || self.interop_threads > 0 {
+                "flags over the machine's rule"
+            } else {
+                "the machine's rule"
+            }
+        );
+        t
     }
 }
 
@@ -155,11 +203,12 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(args: &ModelArgs, metrics: Arc<Metrics>) -> Self {
+    /// `workers` forwards at once, `max_queue` calls waiting.
+    pub fn new(workers: usize, max_queue: usize, metrics: Arc<Metrics>) -> Self {
         Worker {
-            admission: Admission::new("model service", args.concurrency, args.max_queue),
+            admission: Admission::new("model service", workers, max_queue),
             metrics,
-            threads: Arc::new(threads::ModelThreads::new(args.concurrency)),
+            threads: Arc::new(threads::ModelThreads::new(workers)),
         }
     }
 
@@ -451,16 +500,7 @@ mod span_tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let subscriber = tracing_subscriber::registry().with(Recorded(seen.clone()));
         let _default = tracing::subscriber::set_default(subscriber);
-        let args = ModelArgs {
-            model: PathBuf::new(),
-            device: DeviceSpec::Cpu,
-            precision: Precision::F32,
-            concurrency: 1,
-            max_queue: 1,
-            torch_threads: 0,
-            load_delay_ms: 0,
-        };
-        let worker = Worker::new(&args, Metrics::new("test"));
+        let worker = Worker::new(1, 1, Metrics::new("test"));
         let span = rpc_span("Test");
         let work = worker.run_timed(Stage::TextForward, || {
             std::thread::sleep(Duration::from_millis(20));

@@ -358,6 +358,12 @@ fn load(
     let scheduler = SchedulerConfig::from_json(&scheduler_config_json)
         .map_err(|e| anyhow::anyhow!("{}: {e}", scheduler_path.display()))?;
     let c = unet.config().clone();
+    let threads = args.model.apply_threads(
+        sd_service::machine::Role::Denoiser {
+            unet_parameters: unet.parameters(),
+        },
+        &metrics,
+    );
     // Warm up (measuring the cost, unless told not to) before SERVING.
     let cost = warm_up(&unet, &args, vae.scale_factor() as i64)?;
     let info = DenoiserInfo {
@@ -390,7 +396,7 @@ fn load(
             max_items: args.max_batch,
             max_wait: std::time::Duration::from_millis(args.max_wait_ms),
             session_wait: std::time::Duration::from_millis(args.session_wait_ms),
-            workers: args.model.concurrency.max(1),
+            workers: threads.workers,
         };
         let admission = sd_runtime::admission::Admission::new(
             "denoiser",
@@ -413,7 +419,7 @@ fn load(
         cache: Arc::new(Mutex::new(EmbeddingCache::new(cache_bytes))),
         held: HeldBudget::new(cache_bytes.max(cache::MIN_HELD_BYTES)),
         cost: live_cost,
-        worker: Worker::new(&args.model, metrics.clone()),
+        worker: Worker::new(threads.workers, args.model.max_queue, metrics.clone()),
         bounds: Bounds {
             latent_channels: info.latent_channels as i64,
             context_dim: info.context_dim as i64,

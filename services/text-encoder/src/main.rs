@@ -139,6 +139,9 @@ fn load(
 ) -> anyhow::Result<TextEncoderServer<Service>> {
     let max = args.server.max_message_bytes();
     let placement = args.model.placement()?;
+    let threads = args
+        .model
+        .apply_threads(sd_service::machine::Role::TextEncoder, &metrics);
     let dir = ModelDir::open(&args.model.model)?;
     let tokenizer = sd_service::timed_load(&metrics, "tokenizer", || dir.load_tokenizer())?;
     let clip = sd_service::timed_load(&metrics, "text_encoder", || {
@@ -155,7 +158,7 @@ fn load(
     };
     let service = Service {
         model: Arc::new(Model { tokenizer, clip }),
-        worker: Worker::new(&args.model, metrics.clone()),
+        worker: Worker::new(threads.workers, args.model.max_queue, metrics.clone()),
         info,
         max_prompts: args.max_prompts,
         lifecycle,
