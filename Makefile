@@ -7,7 +7,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export SD_FIXTURES ?= $(CURDIR)/target/sd-fixtures
 CARGO ?= cargo
 
-.PHONY: setup fixtures build test demo check fmt clippy fuzz bench chaos
+.PHONY: setup fixtures build test demo check fmt clippy fuzz bench chaos gpu-bundle gpu-bundle-check
 
 ## setup: project-local venv with pinned torch (libtorch for tch) and the reference implementation
 setup:
@@ -50,6 +50,15 @@ chaos: setup fixtures
 	$(CARGO) build --workspace --bins
 	target/debug/sd-chaos --model $${SD_MODEL:-$(SD_FIXTURES)/sd1-tiny} --check $(CHAOS_ARGS)
 	target/debug/sd-chaos --model $${SD_MODEL:-$(SD_FIXTURES)/sd1-tiny} --check $(SOAK_ARGS)
+
+## gpu-bundle: release binaries against PyPI torch==2.11.0 (tch 0.24, venv .venv-gpu) with the wheels,
+## fixture scripts and run-checks.sh into target/gpu-bundle/ (< 48 MiB), for the GPU machine (docs/GPU.md)
+gpu-bundle:
+	@scripts/gpu-bundle.sh
+
+## gpu-bundle-check: the bundle's checks here on CPU (tiny models), against the torch 2.11 venv
+gpu-bundle-check: gpu-bundle
+	bash target/gpu-bundle/run-checks.sh --device cpu --python $(CURDIR)/.venv-gpu/bin/python --out target/gpu-checks
 
 ## fuzz: run a fuzz target for a minute (FUZZ=init_image or generate_request); needs cargo-fuzz
 FUZZ ?= init_image

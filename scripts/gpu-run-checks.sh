@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# The GPU bundle's one command (docs/GPU.md):
+#
+#   bash target/gpu-bundle/run-checks.sh --device cuda    # on the GPU machine
+#   bash target/gpu-bundle/run-checks.sh --device cpu     # here, tiny models
+#
+# Unpacks the bundle's binaries, installs its wheels beside the machine's
+# Python (nothing is fetched), writes the fixtures with diffusers there,
+# checks the stack's images against diffusers' on the device (fp32, then
+# half precision), then benchmarks the SD 1.5 architecture (on CUDA: fp16,
+# 512², 20 steps; stack vs in-process vs diffusers with SDPA, batching at
+# concurrency 1-8, VRAM per service). Everything lands in $OUT (default
+# target/gpu-checks) as gpu-checks.md, with the full log beside it. Each
+# step has a time limit and a failed step does not stop the others; the
+# exit status says whether all passed.
+set -uo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+DEVICE=cuda
+PYTHON=""
+OUTDIR=${OUT:-}
+THREADS=""
+while (($#)); do
+    case "$1" in
+        --device) DEVICE=$2; shift 2 ;;
+        --python) PYTHON=$2; shift 2 ;;
+        --out) OUTDIR=$2; shift 2 ;;
+        --threads) THREADS=$2; shift 2 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        *) echo "run-checks: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+case "$DEVICE" in cuda|cuda:*|cpu) ;; *) echo "run-checks: --device cuda or cpu" >&2; exit 2 ;; esac
+if [[ -z "$PYTHON" ]]; then
+    if [[ -x /opt/torch/.venv/bin/python3 ]]; then PYTHON=/opt/torch/.venv/bin/python3; else PYTHON=python3; fi
+fi
+OUTDIR=${OUTDIR:-$HERE/../gpu-checks}
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+REPORT=$OUTDIR/gpu-checks.md
+LOG=$OUTDIR/run-checks.log
+WORK=${TMPDIR:-/tmp}/sdserve-gpu-checks
+rm -rf "$WORK"
+mkdir -p "$WORK/bin" "$WORK/site" "$WORK/fixtures"
+: > "$LOG"
+STARTED=$SECONDS
+FAILED=()
+
+say() { echo "$*" | tee -a "$REPORT"; }
+log() { echo "run-checks [$((SECONDS - STARTED)) s]: $*" | tee -a "$LOG" >&2; }
+
+# Run a step with a time limit; its output to the log, its stdout's tables
+# (lines from the first blank or Markdown line on) to the report.
+step() {
+    local name=$1 limit=$2; shift 2
+    log "$name"
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" > "$WORK/step.out" 2>> "$LOG"
+    local rc=$?
+    cat "$WORK/step.out" >> "$LOG"
+    grep -E '^(\||#|Tolerance|Targets|VRAM|$)' "$WORK/step.out" >> "$REPORT"
+    if ((rc == 0)); then
+        log "$name: passed in $((SECONDS - t0)) s"
+    else
+        log "$name: FAILED (exit $rc$( ((rc == 124)) && echo ', time limit'), after $((SECONDS - t0)) s)"
+        FAILED+=("$name")
+        say ""
+        say "**$name failed** (exit $rc), after $((SECONDS - t0)) s; see run-checks.log."
+    fi
+    return 0
+}
+
+: > "$REPORT"
+say "# sdserve GPU bundle checks: --device $DEVICE"
+say ""
+log "unpacking binaries and wheels into $WORK"
+tar -xJf "$HERE/bin.tar.xz" -C "$WORK/bin" || { log "cannot unpack bin.tar.xz"; exit 1; }
+"$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" "$HERE"/wheels/*.whl >> "$LOG" 2>&1 \
+    || { log "cannot install the bundle's wheels with $PYTHON"; exit 1; }
+export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+TORCH_LIB=$("$PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))') \
+    || { log "$PYTHON has no torch"; exit 1; }
+export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 RUST_BACKTRACE=0
+BENCH=$WORK/bin/sd-bench
+if [[ -z "$THREADS" ]]; then
+    cores=$(nproc)
+    if [[ "$DEVICE" == cpu ]]; then THREADS=$cores; else THREADS=$((cores < 8 ? cores : 8)); fi
+fi
+
+say "| | |"
+say "|---|---|"
+say "| date | $(date -u +%Y-%m-%d) |"
+say "| bundle | $(head -2 "$HERE/VERSION" | tail -1) |"
+say "| python | $("$PYTHON" -c 'import sys, torch, diffusers, transformers; print(f"{sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), diffusers {diffusers.__version__}, transformers {transformers.__version__}")' 2>>"$LOG") |"
+say "| CPU | $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; $THREADS libtorch threads |"
+if [[ "$DEVICE" != cpu ]]; then
+    say "| GPU | $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>>"$LOG") |"
+fi
+say ""
+
+# 1. Fixtures, written by diffusers on this machine.
+step "tiny fixtures" 300 "$PYTHON" "$HERE/fixtures/make_tiny_models.py" "$WORK/fixtures"
+if [[ "$DEVICE" != cpu ]]; then
+    step "SD 1.5-architecture random model" 300 "$PYTHON" "$HERE/fixtures/make_sd15_random.py" "$WORK/fixtures/sd15-random"
+fi
+
+# 2. Parity with diffusers on the device.
+if [[ "$DEVICE" == cpu ]]; then HALF=bf16; else HALF=fp16; fi
+for model in sd1-tiny sd2-tiny; do
+    for precision in fp32 "$HALF"; do
+        step "parity $model $precision" 240 "$BENCH" --model "$WORK/fixtures/$model" --parity-check \
+            --device "$DEVICE" --precision "$precision" --steps 10 --threads "$THREADS" --python "$PYTHON"
+    done
+done
+if [[ "$DEVICE" != cpu ]]; then
+    step "parity sd15-random fp16 512²" 300 "$BENCH" --model "$WORK/fixtures/sd15-random" --parity-check \
+        --device "$DEVICE" --precision fp16 --size 512 --steps 20 --threads "$THREADS" --python "$PYTHON"
+fi
+
+# 3. Speed.
+if [[ "$DEVICE" == cpu ]]; then
+    # One thread per process: the tiny UNet's operators are too small to
+    # split (docs/BENCHMARKS.md, "Threads per service").
+    step "bench sd1-tiny fp32" 300 "$BENCH" --model "$WORK/fixtures/sd1-tiny" --device cpu --precision fp32 \
+        --steps 10 --threads 1 --runs 2 --concurrency 1,2 --requests-per-worker 2 --forward-rows 2,4 \
+        --python "$PYTHON"
+else
+    step "bench sd15-random fp16 512²" 420 "$BENCH" --model "$WORK/fixtures/sd15-random" --device "$DEVICE" \
+        --precision fp16 --size 512 --steps 20 --threads "$THREADS" --runs 3 --concurrency 1,2,4,8 \
+        --requests-per-worker 2 --forward-rows 2,4,8,16 --python "$PYTHON"
+fi
+
+say ""
+if ((${#FAILED[@]})); then
+    say "Failed: ${FAILED[*]}. Total $((SECONDS - STARTED)) s."
+    log "done with failures: ${FAILED[*]}"
+    exit 1
+fi
+say "All checks passed. Total $((SECONDS - STARTED)) s."
+log "done: $REPORT"
