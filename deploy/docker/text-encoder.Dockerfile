@@ -21,13 +21,16 @@ RUN cargo build --release --locked -p text-encoder -p sdctl
 
 FROM python:3.11-slim-bookworm AS runtime
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libgomp1 \
+    && apt-get install -y --no-install-recommends libgomp1 libtcmalloc-minimal4 \
     && rm -rf /var/lib/apt/lists/* \
+    && ln -s "$(find /usr/lib -name libtcmalloc_minimal.so.4 -print -quit)" /usr/local/lib/libtcmalloc_minimal.so.4 \
     && useradd --system --uid 10001 --no-create-home sdserve
 # libtorch at the path the binary's rpath names.
 COPY --from=build /opt/venv/lib/python3.11/site-packages /opt/venv/lib/python3.11/site-packages
 COPY --from=build /src/target/release/sd-text-encoder /src/target/release/sdctl /usr/local/bin/
 USER 10001
+# tcmalloc for libtorch's allocations: 10-20% faster forwards on CPUs (docs/BENCHMARKS.md).
+ENV LD_PRELOAD=/usr/local/lib/libtcmalloc_minimal.so.4
 ENV SD_LISTEN=0.0.0.0:50052 SD_METRICS_LISTEN=0.0.0.0:9090
 EXPOSE 50052 9090
 HEALTHCHECK --interval=10s --timeout=3s --start-period=300s CMD ["sdctl", "probe", "--addr", "127.0.0.1:50052"]

@@ -15,6 +15,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
+use common::procfs::{children, cmdline, environ};
 use common::procs::{Cluster, ClusterOptions, Proc};
 use common::stack::{bin_dir, Stack};
 use sd_proto::v1::denoiser_client::DenoiserClient;
@@ -252,45 +253,6 @@ async fn model_services_require_the_token_and_the_gateway_sends_it() {
         matches!(status, Some(s) if !s.success()),
         "a gateway with the wrong token: {status:?}"
     );
-}
-
-/// A process's command line, its arguments joined by spaces.
-fn cmdline(pid: u32) -> String {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
-        .unwrap_or_default()
-}
-
-/// One variable of a process's environment (our own children: readable).
-fn environ(pid: u32, name: &str) -> Option<String> {
-    let bytes = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    let prefix = format!("{name}=");
-    bytes
-        .split(|&b| b == 0)
-        .map(String::from_utf8_lossy)
-        .find_map(|kv| kv.strip_prefix(&prefix).map(String::from))
-}
-
-/// The processes whose parent is `pid`.
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(child) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid …: comm may hold spaces, so after the last ')'.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(pid) {
-            out.push(child);
-        }
-    }
-    out
 }
 
 /// The value after `flag` on a command line.

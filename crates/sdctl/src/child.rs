@@ -55,6 +55,8 @@ pub struct Spec {
     pub drain: Duration,
     /// The stack's internal token, given in its environment.
     pub token: &'static StackToken,
+    /// More environment (the model services' `LD_PRELOAD`).
+    pub env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
 }
 
 /// Where a supervised process is in its life.
@@ -127,6 +129,7 @@ impl Child {
             .args(["--listen", &self.spec.listen])
             .stderr(Stdio::inherit());
         self.spec.token.give_to(&mut command);
+        command.envs(self.spec.env.iter().map(|(k, v)| (k, v)));
         detach(&mut command);
         let process = Launch::new(self.label())
             .timeout(ADDRESS_TIMEOUT)

@@ -2,6 +2,7 @@
 //! them up; `generate`
 //! asks a gateway for images, with a progress bar.
 
+mod alloc;
 mod child;
 mod generate;
 mod stage;

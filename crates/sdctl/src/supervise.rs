@@ -259,6 +259,7 @@ mod tests {
                 listen: "127.0.0.1:0".into(),
                 drain: Duration::from_secs(30),
                 token: crate::token::stack_token().unwrap(),
+                env: Vec::new(),
             },
             policy().first_backoff,
         );

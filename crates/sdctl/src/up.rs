@@ -64,6 +64,10 @@ pub struct UpArgs {
     /// process has served for 30 s.
     #[arg(long, default_value_t = 500)]
     restart_backoff_ms: u64,
+    /// malloc for the model services: tcmalloc (10-20% faster forwards on
+    /// CPUs) where installed, or as asked.
+    #[arg(long, env = "SD_ALLOCATOR", value_enum, default_value = "auto")]
+    allocator: crate::alloc::Allocator,
 }
 
 impl UpArgs {
@@ -144,7 +148,19 @@ fn service_specs(
     dir: &Path,
     replicas: Replicas,
     token: &'static StackToken,
-) -> Vec<Spec> {
+) -> anyhow::Result<Vec<Spec>> {
+    let preload = crate::alloc::preload(args.allocator, std::env::var_os("LD_PRELOAD"))?;
+    match &preload {
+        Some(p) => eprintln!(
+            "model services' allocator: LD_PRELOAD={}",
+            p.to_string_lossy()
+        ),
+        None => eprintln!("model services' allocator: glibc malloc"),
+    }
+    let env: Vec<_> = preload
+        .into_iter()
+        .map(|p| (std::ffi::OsString::from("LD_PRELOAD"), p))
+        .collect();
     let mut specs = Vec::new();
     for stage in Stage::ALL {
         for replica in 0..replicas.of(stage) {
@@ -156,10 +172,11 @@ fn service_specs(
                 listen: "127.0.0.1:0".to_string(),
                 drain: Duration::from_secs(args.drain_secs),
                 token,
+                env: env.clone(),
             });
         }
     }
-    specs
+    Ok(specs)
 }
 
 /// The gateway in front of `services`: each stage's URLs, sdctl's drain
@@ -196,6 +213,7 @@ fn gateway_spec(
         listen: format!("{}:{}", args.host, args.port),
         drain: Duration::from_secs(drain),
         token,
+        env: Vec::new(),
     })
 }
 
@@ -225,7 +243,7 @@ async fn start_stack(
     sup: &mut Supervisor,
 ) -> anyhow::Result<()> {
     let token = stack_token()?;
-    sup.bring_up(service_specs(args, dir, replicas, token))
+    sup.bring_up(service_specs(args, dir, replicas, token)?)
         .await?;
     let gateway = gateway_spec(args, dir, sup.children(), token)?;
     sup.bring_up(vec![gateway]).await
