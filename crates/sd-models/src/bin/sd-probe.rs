@@ -28,6 +28,20 @@ struct Args {
     /// Use the hidden state this many layers before the last.
     #[arg(long, default_value_t = 0)]
     clip_skip: usize,
+    /// Image side in pixels for the UNet and VAE (0: the model's default).
+    #[arg(long, default_value_t = 0)]
+    size: i64,
+    /// UNet rows per forward (a guided step is 2).
+    #[arg(long, default_value_t = 1)]
+    rows: i64,
+    /// Time the UNet forward this many times (after the first) and print
+    /// the fastest and the median: a quick harness for threads, allocator
+    /// and libtorch settings.
+    #[arg(long, default_value_t = 0)]
+    repeat: usize,
+    /// libtorch intra-op threads (0: libtorch's default).
+    #[arg(long, default_value_t = 0)]
+    threads: i32,
 }
 
 fn main() {
@@ -48,6 +62,9 @@ fn timed<T>(label: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Resul
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    if args.threads > 0 {
+        tch::set_num_threads(args.threads);
+    }
     let placement = Placement::new(args.device, args.precision)?;
     let dir = ModelDir::open(&args.model)?;
     println!(
@@ -69,12 +86,36 @@ fn run(args: Args) -> anyhow::Result<()> {
         Ok(clip.forward(&ids, args.clip_skip)?)
     })?;
     let c = unet.config();
-    let (lc, side) = (c.in_channels, c.sample_size);
+    let side = if args.size > 0 {
+        args.size / vae.scale_factor()
+    } else {
+        c.sample_size
+    };
+    let rows = args.rows.max(1);
     tch::manual_seed(0);
-    let latents = Tensor::randn([1, lc, side, side], (Kind::Float, tch::Device::Cpu));
-    let t = Tensor::from_slice(&[999.0f32]);
+    let latents = Tensor::randn(
+        [rows, c.in_channels, side, side],
+        (Kind::Float, tch::Device::Cpu),
+    );
+    let t = Tensor::full([rows], 999.0, (Kind::Float, tch::Device::Cpu));
+    let context = context.repeat([rows, 1, 1]);
     let eps = timed("unet forward", || Ok(unet.forward(&latents, &t, &context)?))?;
-    let pixels = timed("vae decode", || Ok(vae.decode(&latents)?))?;
+    if args.repeat > 0 {
+        let mut ms = Vec::with_capacity(args.repeat);
+        for _ in 0..args.repeat {
+            let start = Instant::now();
+            let _ = unet.forward(&latents, &t, &context)?;
+            ms.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        ms.sort_by(f64::total_cmp);
+        println!(
+            "unet forward ×{} ({rows} rows, latent {side}²): fastest {:.1} ms, median {:.1} ms",
+            ms.len(),
+            ms[0],
+            ms[ms.len() / 2]
+        );
+    }
+    let pixels = timed("vae decode", || Ok(vae.decode(&latents.narrow(0, 0, 1))?))?;
     let dist = timed("vae encode", || Ok(vae.encode(&pixels.clamp(-1.0, 1.0))?))?;
     println!(
         "tokens        {:?} (first 8: {:?})",
