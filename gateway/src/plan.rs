@@ -250,7 +250,15 @@ impl Sampler {
         if req.karras && !kind.supports_karras() {
             return Err(Error::invalid(
                 "karras",
-                format!("not available for {kind}; use one of euler, lms, heun, dpmpp-2m, unipc"),
+                format!(
+                    "not available for {kind}; use one of {}",
+                    SchedulerKind::ALL
+                        .into_iter()
+                        .filter(|k| k.supports_karras())
+                        .map(SchedulerKind::name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             ));
         }
         if !req.eta.is_finite() || !(0.0..=1.0).contains(&req.eta) {
@@ -269,8 +277,11 @@ impl Sampler {
             karras: req.karras,
             eta: req.eta,
         };
-        let schedule = build(kind, &facts.scheduler_config, steps as usize, options)
-            .map_err(|e| Error::invalid("scheduler", e))?;
+        let schedule =
+            build(kind, &facts.scheduler_config, steps as usize, options).map_err(|e| match e {
+                SchedulerError::Steps(m) => Error::invalid("steps", m),
+                other => Error::invalid("scheduler", other),
+            })?;
         Ok(Sampler {
             kind,
             karras: req.karras,

@@ -91,12 +91,8 @@ fn a_scheduler_that_cannot_run_the_request_is_refused_before_any_model_work() {
     .map_err(Status::from)
     .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert_eq!(
-        field_violations(&e)[0].field,
-        "scheduler",
-        "{}",
-        e.message()
-    );
+    // The step count is what cannot be run: the field named is `steps`.
+    assert_eq!(field_violations(&e)[0].field, "steps", "{}", e.message());
 }
 
 #[test]
@@ -463,4 +459,29 @@ fn tiny_png(w: u32, h: u32) -> bytes::Bytes {
         .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
         .unwrap();
     out.into()
+}
+
+#[test]
+fn lcm_refuses_more_steps_than_its_distillation_schedule_names_steps() {
+    let e = Plan::new(
+        GenerateRequest {
+            scheduler: "lcm".into(),
+            steps: 60,
+            ..req()
+        },
+        &facts(),
+        &Limits::default(),
+    )
+    .map_err(Status::from)
+    .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(field_violations(&e)[0].field, "steps", "{}", e.message());
+    assert!(e.message().contains("1..=50"), "{}", e.message());
+    let p = plan(GenerateRequest {
+        scheduler: "lcm".into(),
+        steps: 4,
+        ..req()
+    })
+    .unwrap();
+    assert_eq!(p.scheduler, SchedulerKind::Lcm);
 }

@@ -79,7 +79,7 @@ impl Rng {
 }
 
 const SCHEDULERS: &[&str] = &[
-    "ddim", "pndm", "euler", "euler-a", "lms", "heun", "dpmpp-2m", "unipc",
+    "ddim", "pndm", "euler", "euler-a", "lms", "heun", "dpmpp-2m", "unipc", "lcm",
 ];
 const PROMPTS: &[&str] = &[
     "a lighthouse at dusk",

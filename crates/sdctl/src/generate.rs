@@ -59,7 +59,7 @@ pub struct GenerateArgs {
     /// Classifier-free guidance scale (<= 1 turns guidance off).
     #[arg(long, default_value_t = 7.5)]
     guidance: f32,
-    /// ddim, pndm, euler, euler-a, lms, heun, dpmpp-2m, unipc (default: the model's own).
+    /// ddim, pndm, euler, euler-a, lms, heun, dpmpp-2m, unipc, lcm (default: the model's own).
     #[arg(long)]
     scheduler: Option<String>,
     /// Karras sigmas (euler, lms, heun, dpmpp-2m, unipc).

@@ -22,6 +22,18 @@ impl SchedulerConfig {
         }
     }
 
+    /// This config with `defaults` for the keys it does not set (another
+    /// class's defaults, for a scheduler built from a model's config).
+    pub fn with_defaults(&self, defaults: &[(&str, Value)]) -> SchedulerConfig {
+        let mut raw = self.raw.clone();
+        for (k, v) in defaults {
+            if raw.get(*k).is_none_or(Value::is_null) {
+                raw.insert((*k).to_string(), v.clone());
+            }
+        }
+        SchedulerConfig { raw }
+    }
+
     /// The diffusers class the model ships with (`_class_name`).
     pub fn class_name(&self) -> Option<&str> {
         self.raw.get("_class_name").and_then(Value::as_str)

@@ -12,6 +12,7 @@ mod ddim;
 mod dpmpp;
 mod euler;
 mod heun;
+mod lcm;
 mod lms;
 mod pndm;
 mod unipc;
@@ -32,10 +33,11 @@ pub enum SchedulerKind {
     Heun,
     DpmPp2m,
     UniPc,
+    Lcm,
 }
 
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 8] = [
+    pub const ALL: [SchedulerKind; 9] = [
         SchedulerKind::Ddim,
         SchedulerKind::Pndm,
         SchedulerKind::Euler,
@@ -44,6 +46,7 @@ impl SchedulerKind {
         SchedulerKind::Heun,
         SchedulerKind::DpmPp2m,
         SchedulerKind::UniPc,
+        SchedulerKind::Lcm,
     ];
 
     pub fn name(self) -> &'static str {
@@ -56,6 +59,7 @@ impl SchedulerKind {
             SchedulerKind::Heun => "heun",
             SchedulerKind::DpmPp2m => "dpmpp-2m",
             SchedulerKind::UniPc => "unipc",
+            SchedulerKind::Lcm => "lcm",
         }
     }
 
@@ -70,6 +74,7 @@ impl SchedulerKind {
             SchedulerKind::Heun => "HeunDiscreteScheduler",
             SchedulerKind::DpmPp2m => "DPMSolverMultistepScheduler",
             SchedulerKind::UniPc => "UniPCMultistepScheduler",
+            SchedulerKind::Lcm => "LCMScheduler",
         }
     }
 
@@ -135,6 +140,9 @@ pub enum SchedulerError {
     Config(String),
     #[error("{0}")]
     Unsupported(String),
+    /// A step count this scheduler cannot take for this model.
+    #[error("{0}")]
+    Steps(String),
 }
 
 /// Options a request may set on top of the model's config.
@@ -187,7 +195,7 @@ pub fn build(
     options: SchedulerOptions,
 ) -> Result<Box<dyn Scheduler>, SchedulerError> {
     if steps == 0 || steps > config.num_train_timesteps() {
-        return Err(SchedulerError::Unsupported(format!(
+        return Err(SchedulerError::Steps(format!(
             "steps must be in 1..={}",
             config.num_train_timesteps()
         )));
@@ -206,5 +214,6 @@ pub fn build(
         SchedulerKind::Heun => Box::new(heun::Heun::new(config, steps, options.karras)?),
         SchedulerKind::DpmPp2m => Box::new(dpmpp::DpmPp2m::new(config, steps, options.karras)?),
         SchedulerKind::UniPc => Box::new(unipc::UniPc::new(config, steps, options.karras)?),
+        SchedulerKind::Lcm => Box::new(lcm::Lcm::new(config, steps)?),
     })
 }
