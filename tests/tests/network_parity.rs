@@ -6,7 +6,7 @@
 mod common;
 
 use common::{assert_close, reference};
-use sd_models::{Component, ModelDir, Placement};
+use sd_models::{Added, Component, ModelDir, Placement, UNet, Weights};
 use tch::Tensor;
 
 const MODELS: [&str; 2] = ["sd1-tiny", "sd2-tiny"];
@@ -126,4 +126,115 @@ fn every_tensor_in_the_files_is_used() {
             );
         }
     }
+}
+
+/// A UNet of the SDXL family (`make_xl_unets.py`), every weight used, and
+/// its reference outputs.
+fn xl_unet(name: &str) -> (UNet, std::collections::HashMap<String, Tensor>) {
+    let d = common::model(&format!("unets/{name}"));
+    let w = Weights::open(
+        &d.join("unet/diffusion_pytorch_model.safetensors"),
+        Placement::cpu(),
+    )
+    .unwrap();
+    let unet = UNet::load(&d.join("unet/config.json"), &w).unwrap();
+    assert!(w.unused().is_empty(), "{name}: unused weights {:?}", w.unused());
+    (unet, reference(&format!("unets/{name}")))
+}
+
+#[test]
+fn sdxl_family_unets_match_diffusers_with_their_added_conditioning_per_row() {
+    for name in ["xl-unet", "lcm-unet"] {
+        let (unet, r) = xl_unet(name);
+        assert!(unet.takes_text_time());
+        assert_eq!(unet.time_cond_dim().is_some(), name == "lcm-unet");
+        // Batch 3: a timestep, a size/crop conditioning and (LCM) a guidance
+        // embedding of its own per row.
+        let added = Added {
+            text_embeds: Some(&r["text_embeds"]),
+            time_ids: Some(&r["time_ids"]),
+            timestep_cond: r.get("timestep_cond"),
+        };
+        let got = unet
+            .forward_with(&r["latents"], &r["timesteps"], &r["context"], added)
+            .unwrap();
+        assert_close(&format!("{name} batch=3"), &got, &r["out"]);
+        let row = |t: &Tensor| t.narrow(0, 1, 1);
+        let (text, ids) = (row(&r["text_embeds"]), row(&r["time_ids"]));
+        let cond = r.get("timestep_cond").map(row);
+        let one = Added {
+            text_embeds: Some(&text),
+            time_ids: Some(&ids),
+            timestep_cond: cond.as_ref(),
+        };
+        let got = unet
+            .forward_with(
+                &row(&r["latents"]),
+                &row(&r["timesteps"]),
+                &row(&r["context"]),
+                one,
+            )
+            .unwrap();
+        assert_close(&format!("{name} row 1 alone"), &got, &r["out_row1"]);
+    }
+}
+
+#[test]
+fn added_conditioning_is_checked_against_the_unet() {
+    let (xl, r) = xl_unet("xl-unet");
+    let (latents, t, ctx) = (&r["latents"], &r["timesteps"], &r["context"]);
+    let err = |res: sd_models::Result<Tensor>| res.unwrap_err().to_string();
+    // SDXL without its conditioning, or with widths that do not add up.
+    assert!(err(xl.forward(latents, t, ctx)).contains("text_embeds and time_ids"));
+    let short = r["time_ids"].narrow(1, 0, 5);
+    let e = err(xl.forward_with(
+        latents,
+        t,
+        ctx,
+        Added {
+            text_embeds: Some(&r["text_embeds"]),
+            time_ids: Some(&short),
+            timestep_cond: None,
+        },
+    ));
+    assert!(e.contains("add_embedding takes 80"), "{e}");
+    let two_rows = r["text_embeds"].narrow(0, 0, 2);
+    let e = err(xl.forward_with(
+        latents,
+        t,
+        ctx,
+        Added {
+            text_embeds: Some(&two_rows),
+            time_ids: Some(&r["time_ids"]),
+            timestep_cond: None,
+        },
+    ));
+    assert!(e.contains("text_embeds"), "{e}");
+    // A guidance embedding for a UNet that has no use for it.
+    let cond = Tensor::zeros([3, 16], (tch::Kind::Float, tch::Device::Cpu));
+    let e = err(xl.forward_with(
+        latents,
+        t,
+        ctx,
+        Added {
+            text_embeds: Some(&r["text_embeds"]),
+            time_ids: Some(&r["time_ids"]),
+            timestep_cond: Some(&cond),
+        },
+    ));
+    assert!(e.contains("not an LCM UNet"), "{e}");
+    // SD 1.x: no added conditioning.
+    let sd1 = dir("sd1-tiny").load_unet(Placement::cpu()).unwrap();
+    let r1 = reference("sd1-tiny");
+    let e = err(sd1.forward_with(
+        &r1["unet.latents"],
+        &r1["unet.timesteps"],
+        &r1["unet.context"],
+        Added {
+            text_embeds: Some(&r["text_embeds"]),
+            time_ids: Some(&r["time_ids"]),
+            timestep_cond: None,
+        },
+    ));
+    assert!(e.contains("not an SDXL-family UNet"), "{e}");
 }

@@ -164,6 +164,20 @@ pub struct UNetConfig {
     pub only_cross_attention: serde_json::Value,
     #[serde(default)]
     pub downsample_padding: Option<i64>,
+    /// SDXL (`addition_embed_type: "text_time"`): the sinusoidal width of
+    /// each size/crop time id.
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<i64>,
+    /// SDXL: the pooled text embedding and the time ids' embeddings,
+    /// concatenated, go through `add_embedding` from this width.
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<i64>,
+    #[serde(default)]
+    pub time_embedding_dim: Option<i64>,
+    #[serde(default)]
+    pub time_embedding_act_fn: Option<String>,
+    #[serde(default)]
+    pub reverse_transformer_layers_per_block: serde_json::Value,
 }
 
 /// What the loader builds for one UNet block, all per-block values resolved.
@@ -283,9 +297,23 @@ impl UNetConfig {
             ),
             ("act_fn", self.act_fn == "silu"),
             ("class_embed_type", self.class_embed_type.is_none()),
-            ("addition_embed_type", self.addition_embed_type.is_none()),
+            (
+                "addition_embed_type",
+                matches!(
+                    self.addition_embed_type.as_deref(),
+                    None | Some("text_time")
+                ),
+            ),
             ("encoder_hid_dim", self.encoder_hid_dim.is_none()),
-            ("time_cond_proj_dim", self.time_cond_proj_dim.is_none()),
+            ("time_embedding_dim", self.time_embedding_dim.is_none()),
+            (
+                "time_embedding_act_fn",
+                self.time_embedding_act_fn.is_none(),
+            ),
+            (
+                "reverse_transformer_layers_per_block",
+                self.reverse_transformer_layers_per_block.is_null(),
+            ),
             ("dual_cross_attention", !self.dual_cross_attention),
             ("center_input_sample", !self.center_input_sample),
             ("only_cross_attention", only_cross_attention_off),
@@ -304,9 +332,44 @@ impl UNetConfig {
         match checks.iter().find(|(_, ok)| !ok) {
             Some((key, _)) => Err(unsupported(
                 path,
-                format!("UNet option `{key}` is not supported (SD 1.x/2.x UNets only)"),
+                format!(
+                    "UNet option `{key}` is not supported (SD 1.x/2.x and SDXL-family UNets only)"
+                ),
             )),
-            None => Ok(()),
+            None => self.check_added_conditioning(path),
+        }
+    }
+
+    /// SDXL's added conditioning, where the config asks for it: its widths
+    /// present and positive.
+    fn check_added_conditioning(&self, path: &Path) -> Result<()> {
+        if self.addition_embed_type.is_some() && self.text_time().is_none() {
+            return Err(config_err(
+                path,
+                "addition_embed_type `text_time` needs positive addition_time_embed_dim and \
+                 projection_class_embeddings_input_dim"
+                    .into(),
+            ));
+        }
+        if self.time_cond_proj_dim.is_some_and(|d| d <= 0) {
+            return Err(config_err(
+                path,
+                "time_cond_proj_dim must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// SDXL's `text_time` conditioning: (the width of each time id's
+    /// embedding, the width `add_embedding` takes), when configured.
+    pub fn text_time(&self) -> Option<(i64, i64)> {
+        match (
+            self.addition_embed_type.as_deref(),
+            self.addition_time_embed_dim,
+            self.projection_class_embeddings_input_dim,
+        ) {
+            (Some("text_time"), Some(t), Some(p)) if t > 0 && p > 0 => Some((t, p)),
+            _ => None,
         }
     }
 

@@ -26,6 +26,6 @@ pub use device::{DeviceSpec, Placement, Precision};
 pub use error::{ModelError, Result};
 pub use model_dir::{Component, ModelDir};
 pub use tokenizer::ClipTokenizer;
-pub use unet::UNet;
+pub use unet::{Added, UNet};
 pub use vae::{LatentDist, Vae};
 pub use weights::Weights;

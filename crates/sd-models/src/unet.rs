@@ -1,7 +1,9 @@
-//! diffusers' `UNet2DConditionModel` as SD 1.x and 2.x use it: a sinusoidal
-//! time embedding, down blocks (resnets, optional cross-attention
-//! transformers, a downsampler), a mid block, up blocks fed the skip
-//! connections, and an output head.
+//! diffusers' `UNet2DConditionModel` as SD 1.x, 2.x and the SDXL family use
+//! it: a sinusoidal time embedding (for SDXL plus the pooled text embedding
+//! and the size/crop time ids through `add_embedding`; for LCM UNets plus
+//! the guidance scale's embedding through `cond_proj`), down blocks
+//! (resnets, optional cross-attention transformers, a downsampler), a mid
+//! block, up blocks fed the skip connections, and an output head.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -156,12 +158,40 @@ struct UpBlock {
     upsample: Option<Upsample>,
 }
 
+/// SDXL's `add_embedding`: the pooled text embedding and the sinusoidal
+/// embeddings of the time ids, concatenated, through two linear layers.
+struct AddEmbedding {
+    /// Sinusoidal width of each time id (`addition_time_embed_dim`).
+    time_dim: i64,
+    /// What `linear_1` takes (`projection_class_embeddings_input_dim`).
+    input_dim: i64,
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+/// What SDXL-family UNets take beside the latents, timesteps and text
+/// embeddings: one row per batch item each.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Added<'a> {
+    /// The pooled, projected text embedding (batch, d): SDXL.
+    pub text_embeds: Option<&'a Tensor>,
+    /// Size and crop conditioning (batch, n): SDXL's `original_size +
+    /// crops_coords_top_left + target_size`, the refiner's with an
+    /// aesthetic score.
+    pub time_ids: Option<&'a Tensor>,
+    /// The guidance scale's embedding (batch, `time_cond_proj_dim`): LCM.
+    pub timestep_cond: Option<&'a Tensor>,
+}
+
 /// The denoising UNet, loaded from `unet/`.
 pub struct UNet {
     config: UNetConfig,
     conv_in: Conv2d,
     time_linear_1: Linear,
     time_linear_2: Linear,
+    /// LCM: the guidance embedding's projection, added before `linear_1`.
+    time_cond_proj: Option<Linear>,
+    add_embedding: Option<AddEmbedding>,
     down: Vec<DownBlock>,
     mid_resnets: [ResnetBlock; 2],
     mid_attention: SpatialTransformer,
@@ -332,6 +362,26 @@ impl UNet {
         let conv_in = Conv2d::load(&vb.pp("conv_in"), c.in_channels, ch0, 3, 1, 1)?;
         let time_linear_1 = Linear::load(&vb.pp("time_embedding.linear_1"), ch0, temb, true)?;
         let time_linear_2 = Linear::load(&vb.pp("time_embedding.linear_2"), temb, temb, true)?;
+        let time_cond_proj = c
+            .time_cond_proj_dim
+            .map(|d| Linear::load(&vb.pp("time_embedding.cond_proj"), d, ch0, false))
+            .transpose()?;
+        let add_embedding = c
+            .text_time()
+            .map(|(time_dim, input_dim)| -> Result<AddEmbedding> {
+                Ok(AddEmbedding {
+                    time_dim,
+                    input_dim,
+                    linear_1: Linear::load(
+                        &vb.pp("add_embedding.linear_1"),
+                        input_dim,
+                        temb,
+                        true,
+                    )?,
+                    linear_2: Linear::load(&vb.pp("add_embedding.linear_2"), temb, temb, true)?,
+                })
+            })
+            .transpose()?;
         let norm_out =
             GroupNorm::load(&vb.pp("conv_norm_out"), c.norm_num_groups, ch0, c.norm_eps)?;
         let conv_out = Conv2d::load(&vb.pp("conv_out"), ch0, c.out_channels, 3, 1, 1)?;
@@ -339,6 +389,8 @@ impl UNet {
             conv_in,
             time_linear_1,
             time_linear_2,
+            time_cond_proj,
+            add_embedding,
             down,
             mid_resnets,
             mid_attention,
@@ -367,22 +419,101 @@ impl UNet {
 
     /// Sinusoidal embedding of one (possibly fractional) timestep per item, in fp32.
     fn timestep_embedding(&self, timesteps: &Tensor) -> Tensor {
-        let dim = self.config.block_out_channels[0];
-        let half = dim / 2;
-        let device = timesteps.device();
-        let exponent = Tensor::arange(half, (Kind::Float, device)) * (-(10000f64.ln()))
-            / (half as f64 - self.config.freq_shift);
-        let emb = timesteps.to_kind(Kind::Float).unsqueeze(1) * exponent.exp().unsqueeze(0);
-        let (sin, cos) = (emb.sin(), emb.cos());
-        let emb = if self.config.flip_sin_to_cos {
-            Tensor::cat(&[cos, sin], -1)
-        } else {
-            Tensor::cat(&[sin, cos], -1)
+        sinusoidal(timesteps, self.config.block_out_channels[0], &self.config)
+    }
+
+    /// Whether this UNet takes SDXL's added conditioning (pooled text
+    /// embeddings and time ids).
+    pub fn takes_text_time(&self) -> bool {
+        self.add_embedding.is_some()
+    }
+
+    /// LCM UNets: the width of the guidance embedding they take.
+    pub fn time_cond_dim(&self) -> Option<i64> {
+        self.config.time_cond_proj_dim
+    }
+
+    /// The embedding every resnet is conditioned on: the timesteps' (with
+    /// the guidance embedding for LCM UNets) plus, for SDXL, the added
+    /// conditioning's. `added` is checked.
+    fn embedding(&self, timesteps: &Tensor, added: &Added, b: i64) -> Tensor {
+        let Placement { device, kind } = self.placement;
+        let mut t_emb = self.timestep_embedding(timesteps).to_kind(kind);
+        if let (Some(proj), Some(cond)) = (&self.time_cond_proj, added.timestep_cond) {
+            t_emb = t_emb + proj.forward(&cond.to_device(device).to_kind(kind));
+        }
+        let emb = self
+            .time_linear_2
+            .forward(&self.time_linear_1.forward(&t_emb).silu());
+        let (Some(add), Some(text), Some(ids)) =
+            (&self.add_embedding, added.text_embeds, added.time_ids)
+        else {
+            return emb;
         };
-        if dim % 2 == 1 {
-            emb.constant_pad_nd([0, 1])
-        } else {
-            emb
+        // diffusers: the time ids' embeddings in fp32, concatenated with the
+        // text embeddings (promoted), then cast to the model's dtype.
+        let ids = ids.to_device(device).to_kind(Kind::Float).flatten(0, -1);
+        let time_embeds = sinusoidal(&ids, add.time_dim, &self.config).reshape([b, -1]);
+        let text = text.to_device(device).to_kind(Kind::Float);
+        let add_embeds = Tensor::cat(&[text, time_embeds], -1).to_kind(kind);
+        emb + add
+            .linear_2
+            .forward(&add.linear_1.forward(&add_embeds).silu())
+    }
+
+    /// `added` as this UNet needs it for a batch of `b`.
+    fn check_added(&self, added: &Added, b: i64) -> Result<()> {
+        let rows = |t: &Tensor, name: &str, width: Option<i64>| -> Result<i64> {
+            let s = t.size();
+            match s[..] {
+                [n, w]
+                    if n == b
+                        && w >= 1
+                        && width.is_none_or(|x| x == w)
+                        && t.is_floating_point() =>
+                {
+                    Ok(w)
+                }
+                _ => Err(ModelError::Input(format!(
+                    "{name} {s:?}: expected a float ({b}, {}) tensor",
+                    width.map_or("n".to_string(), |w| w.to_string())
+                ))),
+            }
+        };
+        match (&self.add_embedding, added.text_embeds, added.time_ids) {
+            (Some(add), Some(text), Some(ids)) => {
+                let (d, n) = (
+                    rows(text, "text_embeds", None)?,
+                    rows(ids, "time_ids", None)?,
+                );
+                if d + n * add.time_dim != add.input_dim {
+                    return Err(ModelError::Input(format!(
+                        "text_embeds width {d} and {n} time ids × {} make {}, but this UNet's \
+                         add_embedding takes {}",
+                        add.time_dim,
+                        d + n * add.time_dim,
+                        add.input_dim
+                    )));
+                }
+            }
+            (Some(_), _, _) => {
+                return Err(ModelError::Input(
+                    "this UNet (SDXL family) needs text_embeds and time_ids".into(),
+                ))
+            }
+            (None, None, None) => {}
+            (None, _, _) => {
+                return Err(ModelError::Input(
+                    "this UNet takes no text_embeds or time_ids (not an SDXL-family UNet)".into(),
+                ))
+            }
+        }
+        match (self.config.time_cond_proj_dim, added.timestep_cond) {
+            (Some(d), Some(c)) => rows(c, "timestep_cond", Some(d)).map(|_| ()),
+            (None, Some(_)) => Err(ModelError::Input(
+                "this UNet takes no timestep_cond (not an LCM UNet)".into(),
+            )),
+            (_, None) => Ok(()),
         }
     }
 
@@ -426,7 +557,20 @@ impl UNet {
     /// Predict the model output (noise, or v for v-prediction models) for a
     /// batch of latents, one timestep per item, and the text conditioning.
     pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<Tensor> {
+        self.forward_with(sample, timesteps, context, Added::default())
+    }
+
+    /// [`UNet::forward`] with SDXL's added conditioning and LCM's guidance
+    /// embedding, one row per batch item each.
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        added: Added,
+    ) -> Result<Tensor> {
         self.check_inputs(sample, timesteps, context)?;
+        self.check_added(&added, sample.size()[0])?;
         guarded(|| {
             let _guard = tch::no_grad_guard();
             let Placement { device, kind } = self.placement;
@@ -434,10 +578,7 @@ impl UNet {
             let context = context.to_device(device).to_kind(kind);
             let b = sample.size()[0];
             let timesteps = timesteps.to_device(device).expand([b], false);
-            let t_emb = self.timestep_embedding(&timesteps).to_kind(kind);
-            let emb = self
-                .time_linear_2
-                .forward(&self.time_linear_1.forward(&t_emb).silu());
+            let emb = self.embedding(&timesteps, &added, b);
 
             let mut xs = self.conv_in.forward(&sample);
             let mut skips = vec![xs.shallow_clone()];
@@ -481,6 +622,27 @@ impl UNet {
             }
             Ok(self.conv_out.forward(&self.norm_out.forward(&xs).silu()))
         })
+    }
+}
+
+/// diffusers' `get_timestep_embedding`: `dim` sinusoids of each value, in
+/// fp32, cos first when the config flips them.
+fn sinusoidal(timesteps: &Tensor, dim: i64, c: &UNetConfig) -> Tensor {
+    let half = dim / 2;
+    let device = timesteps.device();
+    let exponent = Tensor::arange(half, (Kind::Float, device)) * (-(10000f64.ln()))
+        / (half as f64 - c.freq_shift);
+    let emb = timesteps.to_kind(Kind::Float).unsqueeze(1) * exponent.exp().unsqueeze(0);
+    let (sin, cos) = (emb.sin(), emb.cos());
+    let emb = if c.flip_sin_to_cos {
+        Tensor::cat(&[cos, sin], -1)
+    } else {
+        Tensor::cat(&[sin, cos], -1)
+    };
+    if dim % 2 == 1 {
+        emb.constant_pad_nd([0, 1])
+    } else {
+        emb
     }
 }
 
