@@ -138,7 +138,11 @@ fn xl_unet(name: &str) -> (UNet, std::collections::HashMap<String, Tensor>) {
     )
     .unwrap();
     let unet = UNet::load(&d.join("unet/config.json"), &w).unwrap();
-    assert!(w.unused().is_empty(), "{name}: unused weights {:?}", w.unused());
+    assert!(
+        w.unused().is_empty(),
+        "{name}: unused weights {:?}",
+        w.unused()
+    );
     (unet, reference(&format!("unets/{name}")))
 }
 

@@ -440,7 +440,7 @@ impl UNet {
         let Placement { device, kind } = self.placement;
         let mut t_emb = self.timestep_embedding(timesteps).to_kind(kind);
         if let (Some(proj), Some(cond)) = (&self.time_cond_proj, added.timestep_cond) {
-            t_emb = t_emb + proj.forward(&cond.to_device(device).to_kind(kind));
+            t_emb += proj.forward(&cond.to_device(device).to_kind(kind));
         }
         let emb = self
             .time_linear_2
