@@ -6,7 +6,7 @@
 mod common;
 
 use common::{assert_close, reference};
-use sd_models::{Added, Component, ModelDir, Placement, UNet, Weights};
+use sd_models::{Added, ClipTextModel, Component, ModelDir, Placement, UNet, Weights};
 use tch::Tensor;
 
 const MODELS: [&str; 2] = ["sd1-tiny", "sd2-tiny"];
@@ -241,4 +241,35 @@ fn added_conditioning_is_checked_against_the_unet() {
         },
     ));
     assert!(e.contains("not an SDXL-family UNet"), "{e}");
+}
+
+#[test]
+fn sdxl_text_encoders_give_penultimate_hidden_states_and_pooled_outputs() {
+    let d = common::model("unets/xl-text");
+    let r = reference("unets/xl-text");
+    for (name, dir, projected) in [
+        ("proj", "text_encoder_2", true),
+        ("plain", "text_encoder", false),
+    ] {
+        let w = Weights::open(&d.join(dir).join("model.safetensors"), Placement::cpu()).unwrap();
+        let clip = ClipTextModel::load(&d.join(dir).join("config.json"), &w).unwrap();
+        assert!(w.unused().is_empty(), "{dir}: unused {:?}", w.unused());
+        assert_eq!(clip.has_projection(), projected);
+        for skip in [0usize, 1] {
+            let out = clip.forward_xl(&r["ids"], skip).unwrap();
+            assert_close(
+                &format!("{dir} hidden, clip_skip {skip}"),
+                &out.hidden,
+                &r[&format!("{name}.hidden.skip{skip}")],
+            );
+            assert_close(
+                &format!("{dir} pooled"),
+                &out.pooled,
+                &r[&format!("{name}.pooled")],
+            );
+        }
+        // Too deep a skip for a 5-layer encoder is refused, named.
+        let e = clip.forward_xl(&r["ids"], 4).unwrap_err().to_string();
+        assert!(e.contains("clip_skip 4"), "{e}");
+    }
 }

@@ -1,6 +1,8 @@
-//! The CLIP text transformer (transformers' `CLIPTextModel`): token and
-//! position embeddings, pre-norm encoder layers with causal self-attention,
-//! a final layer norm.
+//! The CLIP text transformer (transformers' `CLIPTextModel`, and
+//! `CLIPTextModelWithProjection` when the weights hold a `text_projection`):
+//! token and position embeddings, pre-norm encoder layers with causal
+//! self-attention, a final layer norm; SDXL also reads the pooled output at
+//! the end-of-text token, projected.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -69,8 +71,21 @@ pub struct ClipTextModel {
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
+    /// CLIPTextModelWithProjection's projection of the pooled output.
+    text_projection: Option<Linear>,
     placement: Placement,
     _storage: Arc<memmap2::Mmap>,
+}
+
+/// What the SDXL family takes from a text encoder.
+#[derive(Debug)]
+pub struct XlOutput {
+    /// `hidden_states[-(clip_skip + 2)]`, without the final layer norm
+    /// (batch, seq, hidden).
+    pub hidden: Tensor,
+    /// The final hidden state at each sequence's end-of-text token,
+    /// through `text_projection` where the model has one (batch, width).
+    pub pooled: Tensor,
 }
 
 impl ClipTextModel {
@@ -105,6 +120,14 @@ impl ClipTextModel {
                 h,
                 config.layer_norm_eps,
             )?,
+            // At the root, beside `text_model.` where that prefix is used.
+            text_projection: weights
+                .contains("text_projection.weight")
+                .then(|| {
+                    let width = config.projection_dim.unwrap_or(h);
+                    Linear::load(&Vb::root(weights, "text_projection"), h, width, false)
+                })
+                .transpose()?,
             activation,
             placement: weights.placement(),
             _storage: weights.storage(),
@@ -120,12 +143,81 @@ impl ClipTextModel {
         self.config.hidden_size
     }
 
+    /// Whether this is a CLIPTextModelWithProjection (SDXL's second encoder).
+    pub fn has_projection(&self) -> bool {
+        self.text_projection.is_some()
+    }
+
     /// Token ids (batch, seq) → hidden states (batch, seq, hidden).
     ///
     /// `clip_skip = 0` is the last hidden state after the final layer norm;
     /// `clip_skip = k` is the hidden state k layers before the last, passed
     /// through the final layer norm, as diffusers computes it.
     pub fn forward(&self, ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+        let ids = self.check_ids(ids, clip_skip)?;
+        guarded(|| {
+            let _guard = tch::no_grad_guard();
+            let mut xs = self.embed(&ids);
+            let heads = self.config.num_attention_heads;
+            for layer in &self.layers[..self.layers.len() - clip_skip] {
+                xs = layer.forward(&xs, heads, self.activation);
+            }
+            Ok(self.final_layer_norm.forward(&xs))
+        })
+    }
+
+    /// The SDXL family's reading: the hidden state `clip_skip + 1` layers
+    /// before the last with no final layer norm (`hidden_states[-(k + 2)]`),
+    /// and the pooled output of the whole model, projected.
+    pub fn forward_xl(&self, ids: &Tensor, clip_skip: usize) -> Result<XlOutput> {
+        if clip_skip + 1 >= self.layers.len() {
+            return Err(ModelError::Input(format!(
+                "clip_skip {clip_skip} must be below {} for this {}-layer text encoder \
+                 (SDXL reads the layer before the one clip_skip names)",
+                self.layers.len().saturating_sub(1),
+                self.layers.len()
+            )));
+        }
+        let ids = self.check_ids(ids, 0)?;
+        guarded(|| {
+            let _guard = tch::no_grad_guard();
+            let mut xs = self.embed(&ids);
+            let heads = self.config.num_attention_heads;
+            let keep = self.layers.len() - 1 - clip_skip;
+            let mut hidden = None;
+            for (i, layer) in self.layers.iter().enumerate() {
+                if i == keep {
+                    hidden = Some(xs.shallow_clone());
+                }
+                xs = layer.forward(&xs, heads, self.activation);
+            }
+            let last = self.final_layer_norm.forward(&xs);
+            let ids = ids.to_device(last.device());
+            // transformers: with eos_token_id 2 (legacy configs) the largest
+            // id marks the end of the text; else the first eos_token_id.
+            let eos = if self.config.eos_token_id == 2 {
+                ids.argmax(-1, false)
+            } else {
+                ids.eq(self.config.eos_token_id)
+                    .to_kind(Kind::Int)
+                    .argmax(-1, false)
+            };
+            let rows = Tensor::arange(ids.size()[0], (Kind::Int64, last.device()));
+            let pooled = last.index(&[Some(rows), Some(eos)]);
+            let pooled = match &self.text_projection {
+                Some(p) => p.forward(&pooled),
+                None => pooled,
+            };
+            Ok(XlOutput {
+                hidden: hidden.unwrap_or(xs),
+                pooled,
+            })
+        })
+    }
+
+    /// The ids as int64 after checking their shape and range, and that
+    /// `skip` layers can be skipped.
+    fn check_ids(&self, ids: &Tensor, skip: usize) -> Result<Tensor> {
         let size = ids.size();
         let [batch, seq] = size[..] else {
             return Err(ModelError::Input(format!(
@@ -138,9 +230,9 @@ impl ClipTextModel {
                 self.config.max_position_embeddings
             )));
         }
-        if clip_skip >= self.layers.len() {
+        if skip >= self.layers.len() {
             return Err(ModelError::Input(format!(
-                "clip_skip {clip_skip} must be below the text encoder's {} layers",
+                "clip_skip {skip} must be below the text encoder's {} layers",
                 self.layers.len()
             )));
         }
@@ -152,18 +244,14 @@ impl ClipTextModel {
                 self.config.vocab_size
             )));
         }
-        guarded(|| {
-            let _guard = tch::no_grad_guard();
-            let ids = ids.to_device(self.placement.device);
-            let positions = self.position_embedding.narrow(0, 0, seq);
-            let mut xs =
-                Tensor::embedding(&self.token_embedding, &ids, -1, false, false) + positions;
-            let heads = self.config.num_attention_heads;
-            for layer in &self.layers[..self.layers.len() - clip_skip] {
-                xs = layer.forward(&xs, heads, self.activation);
-            }
-            Ok(self.final_layer_norm.forward(&xs))
-        })
+        Ok(ids)
+    }
+
+    /// Token plus position embeddings.
+    fn embed(&self, ids: &Tensor) -> Tensor {
+        let ids = ids.to_device(self.placement.device);
+        let positions = self.position_embedding.narrow(0, 0, ids.size()[1]);
+        Tensor::embedding(&self.token_embedding, &ids, -1, false, false) + positions
     }
 }
 

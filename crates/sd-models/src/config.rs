@@ -531,6 +531,18 @@ pub struct ClipConfig {
     pub hidden_act: String,
     #[serde(default = "d_eps5")]
     pub layer_norm_eps: f64,
+    /// The end-of-text token the pooled output is read at; 2 (transformers'
+    /// default, and what SD's and SDXL's configs say) means "the largest
+    /// id", the legacy rule, as transformers reads it.
+    #[serde(default = "d_eos")]
+    pub eos_token_id: i64,
+    /// The width of `text_projection` (CLIPTextModelWithProjection).
+    #[serde(default)]
+    pub projection_dim: Option<i64>,
+}
+
+fn d_eos() -> i64 {
+    2
 }
 
 /// The activations CLIP text encoders use.

@@ -21,7 +21,7 @@ pub mod unet;
 pub mod vae;
 pub mod weights;
 
-pub use clip::ClipTextModel;
+pub use clip::{ClipTextModel, XlOutput};
 pub use device::{DeviceSpec, Placement, Precision};
 pub use error::{ModelError, Result};
 pub use model_dir::{Component, ModelDir};
