@@ -16,7 +16,7 @@ setup:
 ## fixtures: tiny random-weight pipelines in diffusers layout + reference outputs
 fixtures: setup
 	@python tests/fixtures/make_tiny_models.py $(SD_FIXTURES)
-	@python tests/fixtures/make_xl_unets.py $(SD_FIXTURES)
+	@python tests/fixtures/make_xl_models.py $(SD_FIXTURES)
 	@python tests/fixtures/make_sampling_reference.py $(SD_FIXTURES)
 	@python tests/fixtures/make_e2e_reference.py $(SD_FIXTURES)
 	@python tests/fixtures/make_bf16_reference.py $(SD_FIXTURES)

@@ -176,6 +176,7 @@ impl InProcess {
                     Ok(EncodedPrompt {
                         token_ids: Vec::new(),
                         embeddings: Some(to_wire(&hidden.get(i as i64), Dtype::Float32)?),
+                        pooled: None,
                     })
                 })
                 .collect::<Result<Vec<_>, ServiceError>>()?;

@@ -1,6 +1,7 @@
 //! A model directory in the diffusers layout, as published for SD 1.x/2.x:
 //! `model_index.json`, `text_encoder/`, `tokenizer/`, `unet/`, `vae/`,
-//! `scheduler/scheduler_config.json`.
+//! `scheduler/scheduler_config.json`; the SDXL family adds
+//! `text_encoder_2/` and `tokenizer_2/` (the refiner has only those).
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +17,8 @@ use crate::weights::Weights;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Component {
     TextEncoder,
+    /// SDXL's second text encoder (CLIPTextModelWithProjection).
+    TextEncoder2,
     Unet,
     Vae,
 }
@@ -24,6 +27,7 @@ impl Component {
     pub fn dir(self) -> &'static str {
         match self {
             Component::TextEncoder => "text_encoder",
+            Component::TextEncoder2 => "text_encoder_2",
             Component::Unet => "unet",
             Component::Vae => "vae",
         }
@@ -31,7 +35,7 @@ impl Component {
 
     fn stem(self) -> &'static str {
         match self {
-            Component::TextEncoder => "model",
+            Component::TextEncoder | Component::TextEncoder2 => "model",
             Component::Unet | Component::Vae => "diffusion_pytorch_model",
         }
     }
@@ -109,6 +113,51 @@ impl ModelDir {
 
     pub fn load_tokenizer(&self) -> Result<ClipTokenizer> {
         ClipTokenizer::load(&self.tokenizer_dir())
+    }
+
+    /// `model_index.json`, parsed (an empty object where there is none).
+    fn index(&self) -> Result<serde_json::Value> {
+        let path = self.root.join("model_index.json");
+        if !path.is_file() {
+            return Ok(serde_json::Value::Object(Default::default()));
+        }
+        crate::config::read_json(&path)
+    }
+
+    /// Whether the pipeline has `name` (`text_encoder_2`, ...): listed in
+    /// `model_index.json` with a class, or, without an index, its folder.
+    pub fn has(&self, name: &str) -> Result<bool> {
+        let index = self.index()?;
+        Ok(match index.get(name) {
+            Some(entry) => entry.get(1).is_some_and(|class| !class.is_null()),
+            None => {
+                index.as_object().is_some_and(|o| o.is_empty()) && self.root.join(name).is_dir()
+            }
+        })
+    }
+
+    /// An SDXL-family pipeline: it has a second text encoder.
+    pub fn is_xl(&self) -> Result<bool> {
+        self.has(Component::TextEncoder2.dir())
+    }
+
+    /// SDXL's `force_zeros_for_empty_prompt` (the pipeline's default, true,
+    /// where the index does not say).
+    pub fn force_zeros_for_empty_prompt(&self) -> Result<bool> {
+        Ok(self
+            .index()?
+            .get("force_zeros_for_empty_prompt")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(true))
+    }
+
+    pub fn load_tokenizer_2(&self) -> Result<ClipTokenizer> {
+        ClipTokenizer::load(&self.root.join("tokenizer_2"))
+    }
+
+    pub fn load_text_encoder_2(&self, placement: Placement) -> Result<ClipTextModel> {
+        let w = self.open_weights(Component::TextEncoder2, placement)?;
+        ClipTextModel::load(&self.config_path(Component::TextEncoder2), &w)
     }
 
     pub fn load_text_encoder(&self, placement: Placement) -> Result<ClipTextModel> {

@@ -86,6 +86,12 @@ impl ClipTokenizer {
         } else {
             Self::build_bpe(dir)?
         };
+        // transformers splits the text on every special token, the pad token
+        // too: with SDXL's second tokenizer, a "!" in a prompt is the pad
+        // token, not part of a word (`tokenizer.json` files list it already).
+        inner
+            .add_special_tokens([AddedToken::from(pad_token.clone(), true)])
+            .map_err(|e| tok_err(dir, e))?;
         let pad_id = inner.token_to_id(&pad_token).ok_or_else(|| {
             tok_err(
                 dir,

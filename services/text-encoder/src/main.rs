@@ -1,4 +1,5 @@
-//! sd-text-encoder: the CLIP tokenizer and text transformer as a gRPC service.
+//! sd-text-encoder: the CLIP tokenizer and text transformer as a gRPC service
+//! (both of them for SDXL-family models).
 
 use std::sync::Arc;
 
@@ -31,9 +32,139 @@ struct Args {
     max_prompts: usize,
 }
 
-struct Model {
+/// A tokenizer and the text encoder it feeds.
+struct Encoder {
     tokenizer: ClipTokenizer,
     clip: ClipTextModel,
+}
+
+/// The text encoders of a model.
+enum Model {
+    /// SD 1.x/2.x: one encoder; `clip_skip` counts from the last layer.
+    Single(Box<Encoder>),
+    /// The SDXL family: the first encoder (none for the refiner) and the
+    /// second, with a projection; their penultimate hidden states
+    /// concatenated, the second's pooled output beside them.
+    Xl {
+        first: Option<Box<Encoder>>,
+        second: Box<Encoder>,
+    },
+}
+
+impl Model {
+    fn load(
+        dir: &ModelDir,
+        placement: sd_models::Placement,
+        metrics: &Metrics,
+    ) -> anyhow::Result<Self> {
+        let encoder = |c: Component| -> anyhow::Result<Encoder> {
+            let second = c == Component::TextEncoder2;
+            let tokenizer = sd_service::timed_load(
+                metrics,
+                if second { "tokenizer_2" } else { "tokenizer" },
+                || {
+                    if second {
+                        dir.load_tokenizer_2()
+                    } else {
+                        dir.load_tokenizer()
+                    }
+                },
+            )?;
+            let clip = sd_service::timed_load(metrics, c.dir(), || {
+                if second {
+                    dir.load_text_encoder_2(placement)
+                } else {
+                    dir.load_text_encoder(placement)
+                }
+            })?;
+            Ok(Encoder { tokenizer, clip })
+        };
+        if !dir.is_xl()? {
+            return Ok(Model::Single(Box::new(encoder(Component::TextEncoder)?)));
+        }
+        let first = if dir.has(Component::TextEncoder.dir())? {
+            Some(Box::new(encoder(Component::TextEncoder)?))
+        } else {
+            None
+        };
+        Ok(Model::Xl {
+            first,
+            second: Box::new(encoder(Component::TextEncoder2)?),
+        })
+    }
+
+    fn encoders(&self) -> Vec<&Encoder> {
+        match self {
+            Model::Single(e) => vec![e.as_ref()],
+            Model::Xl { first, second } => {
+                first.iter().chain([second]).map(|e| e.as_ref()).collect()
+            }
+        }
+    }
+
+    /// What the Info call says: (hidden size, max tokens, clip_skip bound,
+    /// pooled size).
+    fn shape(&self) -> (i64, i64, i64, i64) {
+        let encoders = self.encoders();
+        let hidden = encoders.iter().map(|e| e.clip.hidden_size()).sum();
+        let tokens = encoders
+            .iter()
+            .map(|e| e.tokenizer.max_length() as i64)
+            .min()
+            .unwrap_or(0);
+        let layers = encoders
+            .iter()
+            .map(|e| e.clip.config().num_hidden_layers)
+            .min()
+            .unwrap_or(0);
+        match self {
+            Model::Single(_) => (hidden, tokens, layers, 0),
+            Model::Xl { second, .. } => (
+                hidden,
+                tokens,
+                layers - 1,
+                second
+                    .clip
+                    .config()
+                    .projection_dim
+                    .unwrap_or(second.clip.hidden_size()),
+            ),
+        }
+    }
+
+    /// Token ids (the first encoder's), hidden states and, for SDXL, the
+    /// pooled embeddings of `prompts`.
+    fn encode(
+        &self,
+        prompts: &[&str],
+        clip_skip: usize,
+    ) -> Result<(tch::Tensor, tch::Tensor, Option<tch::Tensor>), ServiceError> {
+        let tokens = |e: &Encoder| {
+            e.tokenizer
+                .encode_batch(prompts)
+                .map_err(|e| ServiceError::model_input("prompts", e))
+        };
+        match self {
+            Model::Single(e) => {
+                let ids = tokens(e)?;
+                let hidden = e.clip.forward(&ids, clip_skip)?;
+                Ok((ids, hidden, None))
+            }
+            Model::Xl { .. } => {
+                let mut hidden = Vec::new();
+                let (mut first_ids, mut pooled) = (None, None);
+                for e in self.encoders() {
+                    let ids = tokens(e)?;
+                    let out = e.clip.forward_xl(&ids, clip_skip)?;
+                    hidden.push(out.hidden);
+                    pooled = Some(out.pooled);
+                    first_ids.get_or_insert(ids);
+                }
+                let ids = first_ids.ok_or_else(|| ServiceError::Task("no text encoder".into()))?;
+                Ok((ids, tch::Tensor::f_cat(&hidden, -1)?, pooled))
+            }
+        }
+    }
 }
 
 struct Service {
@@ -99,11 +230,7 @@ impl Service {
             .worker
             .run(Stage::TextForward, move || {
                 let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-                let ids = model
-                    .tokenizer
-                    .encode_batch(&refs)
-                    .map_err(|e| ServiceError::model_input("prompts", e))?;
-                let hidden = model.clip.forward(&ids, clip_skip)?;
+                let (ids, hidden, pooled) = model.encode(&refs, clip_skip)?;
                 let ids: Vec<i64> = Vec::<i64>::try_from(ids.flatten(0, -1))?;
                 let per = ids.len() / prompts.len();
                 (0..prompts.len())
@@ -111,6 +238,10 @@ impl Service {
                         Ok(EncodedPrompt {
                             token_ids: ids[i * per..(i + 1) * per].to_vec(),
                             embeddings: Some(to_wire(&hidden.get(i as i64), dtype)?),
+                            pooled: pooled
+                                .as_ref()
+                                .map(|p| to_wire(&p.get(i as i64), dtype))
+                                .transpose()?,
                         })
                     })
                     .collect::<Result<Vec<_>, ServiceError>>()
@@ -143,21 +274,24 @@ fn load(
         .model
         .apply_threads(sd_service::machine::Role::TextEncoder, &metrics);
     let dir = ModelDir::open(&args.model.model)?;
-    let tokenizer = sd_service::timed_load(&metrics, "tokenizer", || dir.load_tokenizer())?;
-    let clip = sd_service::timed_load(&metrics, "text_encoder", || {
-        dir.load_text_encoder(placement)
-    })?;
+    let model = Model::load(&dir, placement, &metrics)?;
     // Warm up: one forward before reporting SERVING.
-    let warm = tokenizer.encode_batch(&[""])?;
-    let _ = clip.forward(&warm, 0)?;
+    let _warm = model.encode(&[""], 0)?;
+    let (hidden, tokens, layers, pooled) = model.shape();
+    let components: &[Component] = match &model {
+        Model::Single(_) => &[Component::TextEncoder],
+        Model::Xl { first: Some(_), .. } => &[Component::TextEncoder, Component::TextEncoder2],
+        Model::Xl { first: None, .. } => &[Component::TextEncoder2],
+    };
     let info = TextEncoderInfo {
-        model_id: sd_service::model_id(&dir, &[Component::TextEncoder]),
-        hidden_size: clip.hidden_size() as u32,
-        max_tokens: tokenizer.max_length() as u32,
-        num_layers: clip.config().num_hidden_layers as u32,
+        model_id: sd_service::model_id(&dir, components),
+        hidden_size: hidden as u32,
+        max_tokens: tokens as u32,
+        num_layers: layers.max(0) as u32,
+        pooled_size: pooled as u32,
     };
     let service = Service {
-        model: Arc::new(Model { tokenizer, clip }),
+        model: Arc::new(model),
         worker: Worker::new(threads.workers, args.model.max_queue, metrics.clone()),
         info,
         max_prompts: args.max_prompts,
