@@ -44,6 +44,8 @@ impl Component {
 #[derive(Debug, Clone)]
 pub struct ModelDir {
     root: PathBuf,
+    /// Another VAE served with the model (`--vae`), in place of `vae/`.
+    vae: Option<PathBuf>,
 }
 
 const PICKLE_EXTS: [&str; 4] = ["bin", "ckpt", "pt", "pth"];
@@ -54,7 +56,30 @@ impl ModelDir {
         if !root.is_dir() {
             return Err(ModelError::MissingFile { path: root });
         }
-        Ok(ModelDir { root })
+        Ok(ModelDir { root, vae: None })
+    }
+
+    /// Serve the VAE in `dir` instead of the model's own: a VAE folder
+    /// (`config.json` and its weights, as VAE-only repositories publish it)
+    /// or a model directory with a `vae/` folder.
+    pub fn with_vae(mut self, dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let found = [dir.to_path_buf(), dir.join("vae")]
+            .into_iter()
+            .find(|d| d.join("config.json").is_file())
+            .ok_or_else(|| ModelError::MissingFile {
+                path: dir.join("config.json"),
+            })?;
+        self.vae = Some(found);
+        Ok(self)
+    }
+
+    /// Where component `c`'s config and weights are.
+    fn component_dir(&self, c: Component) -> PathBuf {
+        match (c, &self.vae) {
+            (Component::Vae, Some(v)) => v.clone(),
+            _ => self.root.join(c.dir()),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -62,7 +87,7 @@ impl ModelDir {
     }
 
     pub fn config_path(&self, c: Component) -> PathBuf {
-        self.root.join(c.dir()).join("config.json")
+        self.component_dir(c).join("config.json")
     }
 
     pub fn scheduler_config_path(&self) -> PathBuf {
@@ -77,7 +102,7 @@ impl ModelDir {
     /// `<stem>.fp16.safetensors` variant (preferred when running in half
     /// precision). Pickle checkpoints are refused by name, never opened.
     pub fn weights_path(&self, c: Component, prefer_fp16: bool) -> Result<PathBuf> {
-        let dir = self.root.join(c.dir());
+        let dir = self.component_dir(c);
         let stem = c.stem();
         let full = dir.join(format!("{stem}.safetensors"));
         let half = dir.join(format!("{stem}.fp16.safetensors"));

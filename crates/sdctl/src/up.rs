@@ -68,6 +68,9 @@ pub struct UpArgs {
     /// CPUs) where installed, or as asked.
     #[arg(long, env = "SD_ALLOCATOR", value_enum, default_value = "auto")]
     allocator: crate::alloc::Allocator,
+    /// Serve this VAE instead of the model's own (the autoencoder's `--vae`).
+    #[arg(long)]
+    vae: Option<PathBuf>,
 }
 
 impl UpArgs {
@@ -142,6 +145,16 @@ fn service_args(args: &UpArgs) -> Vec<String> {
     .collect()
 }
 
+/// The flags one stage's services get: every service's, and the
+/// autoencoder's `--vae`.
+fn stage_args(args: &UpArgs, stage: Stage) -> Vec<String> {
+    let mut v = service_args(args);
+    if let (Stage::Autoencoder, Some(vae)) = (stage, &args.vae) {
+        v.extend(["--vae".to_string(), vae.to_string_lossy().into_owned()]);
+    }
+    v
+}
+
 /// Every replica of every stage, in stage order, each on a free port.
 fn service_specs(
     args: &UpArgs,
@@ -168,7 +181,7 @@ fn service_specs(
                 name: stage.name(),
                 replica,
                 bin: dir.join(stage.binary()),
-                args: service_args(args),
+                args: stage_args(args, stage),
                 listen: "127.0.0.1:0".to_string(),
                 drain: Duration::from_secs(args.drain_secs),
                 token,
@@ -313,7 +326,26 @@ pub async fn probe(addr: &str, service: &str, timeout: u64) -> anyhow::Result<()
 
 #[cfg(test)]
 mod tests {
-    use super::drain_flag;
+    use super::{drain_flag, stage_args, Stage, UpArgs};
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        up: UpArgs,
+    }
+
+    #[test]
+    fn only_the_autoencoder_gets_the_vae() {
+        let cli = Cli::parse_from(["sdctl", "--model", "/m", "--vae", "/v"]);
+        let args = stage_args(&cli.up, Stage::Autoencoder);
+        assert!(args.windows(2).any(|w| w == ["--vae", "/v"]), "{args:?}");
+        for stage in [Stage::TextEncoder, Stage::Denoiser] {
+            assert!(!stage_args(&cli.up, stage).contains(&"--vae".to_string()));
+        }
+        let cli = Cli::parse_from(["sdctl", "--model", "/m"]);
+        assert!(!stage_args(&cli.up, Stage::Autoencoder).contains(&"--vae".to_string()));
+    }
 
     fn flag(args: &[&str]) -> anyhow::Result<Option<u64>> {
         drain_flag(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())

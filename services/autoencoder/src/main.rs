@@ -42,6 +42,12 @@ struct Args {
     /// batches are split by the caller (published in Info).
     #[arg(long, env = "SD_MAX_PIXELS", default_value_t = 2048 * 2048)]
     max_pixels: i64,
+    /// Serve this VAE instead of the model's own (e.g. a fine-tuned or
+    /// fp16-safe VAE): a VAE folder with `config.json` and weights, or a
+    /// model directory with `vae/`. It must fit the model: the same latent
+    /// channels and scale factor.
+    #[arg(long, env = "SD_VAE")]
+    vae: Option<std::path::PathBuf>,
 }
 
 struct Service {
@@ -210,6 +216,22 @@ fn main() -> anyhow::Result<()> {
     )
 }
 
+/// A VAE given with `--vae` must fit the model it is served with: its
+/// latents as many channels and its scale factor the same as the model's
+/// own VAE's (which the UNet and the gateway's sizes assume).
+fn check_fits(vae: &Vae, own: &ModelDir) -> anyhow::Result<()> {
+    let theirs: sd_models::config::VaeConfig =
+        sd_models::config::read_json(&own.config_path(Component::Vae))?;
+    let (c, f) = (vae.config().latent_channels, vae.scale_factor());
+    let (want_c, want_f) = (theirs.latent_channels, theirs.scale_factor());
+    anyhow::ensure!(
+        (c, f) == (want_c, want_f),
+        "--vae: this VAE has {c} latent channels and scale factor {f}; the model's has \
+         {want_c} and {want_f}"
+    );
+    Ok(())
+}
+
 /// Load the VAE; warm up.
 fn load(
     args: Args,
@@ -221,8 +243,18 @@ fn load(
     let threads = args
         .model
         .apply_threads(sd_service::machine::Role::Autoencoder, &metrics);
-    let dir = ModelDir::open(&args.model.model)?;
+    let own = ModelDir::open(&args.model.model)?;
+    let dir = match &args.vae {
+        Some(v) => own
+            .clone()
+            .with_vae(v)
+            .map_err(|e| anyhow::anyhow!("--vae: {e}"))?,
+        None => own.clone(),
+    };
     let vae = sd_service::timed_load(&metrics, "vae", || dir.load_vae(placement))?;
+    if args.vae.is_some() {
+        check_fits(&vae, &own)?;
+    }
     let c = vae.config().clone();
     // Warm up: one decode before reporting SERVING.
     let _ = vae.decode(&Tensor::zeros(
