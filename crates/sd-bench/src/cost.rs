@@ -121,7 +121,14 @@ async fn time_predict(
             cond: Some(Embedding {
                 id: String::new(),
                 tensor: Some(cond.clone()),
+                // SDXL-family models: their added conditioning, zeros.
+                pooled: (info.pooled_dim > 0)
+                    .then(|| zeros(vec![1, i64::from(info.pooled_dim)]))
+                    .transpose()?,
             }),
+            time_ids: (info.time_ids_len > 0)
+                .then(|| zeros(vec![1, i64::from(info.time_ids_len)]))
+                .transpose()?,
             guidance_scale: 1.0,
             ..Default::default()
         };

@@ -59,6 +59,7 @@ impl InProcess {
             scheduler_config,
             text_layers: me.clip.config().num_hidden_layers as u32,
             text_model_id: format!("in-process:{}", dir.root().display()),
+            family: Default::default(),
         };
         Ok((me, facts))
     }
@@ -73,12 +74,12 @@ impl InProcess {
         let ctx = Tensor::randn([rows, 77, c.context_dim()], f);
         // Reading a value back waits for the device (CUDA runs async).
         let wait = |y: Tensor| y.sum(tch::Kind::Float).double_value(&[]);
-        wait(self.unet.forward(&x, &t, &ctx)?);
+        wait(self.unet.forward_probe(&x, &t, &ctx)?);
         let n = 5;
         let start = std::time::Instant::now();
         let mut y = None;
         for _ in 0..n {
-            y = Some(self.unet.forward(&x, &t, &ctx)?);
+            y = Some(self.unet.forward_probe(&x, &t, &ctx)?);
         }
         if let Some(y) = y {
             wait(y);
@@ -101,6 +102,8 @@ impl InProcess {
                     None
                 },
                 guidance: req.guidance_scale as f64,
+                // The in-process pipeline runs SD 1.x/2.x models.
+                xl: None,
             };
             let out = forward_calls(&self.unet, &[&call])?.remove(0);
             let dtype = Dtype::try_from(req.output_dtype).unwrap_or(Dtype::Float32);

@@ -176,6 +176,15 @@ impl ModelDir {
             .unwrap_or(true))
     }
 
+    /// The refiner's `requires_aesthetics_score` (false where unsaid).
+    pub fn requires_aesthetics_score(&self) -> Result<bool> {
+        Ok(self
+            .index()?
+            .get("requires_aesthetics_score")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false))
+    }
+
     pub fn load_tokenizer_2(&self) -> Result<ClipTokenizer> {
         ClipTokenizer::load(&self.root.join("tokenizer_2"))
     }

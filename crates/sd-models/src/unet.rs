@@ -560,6 +560,40 @@ impl UNet {
         self.forward_with(sample, timesteps, context, Added::default())
     }
 
+    /// A forward with zeros for whatever added conditioning this UNet takes:
+    /// warm-up and timing, where only the cost matters.
+    pub fn forward_probe(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+    ) -> Result<Tensor> {
+        let b = sample.size().first().copied().unwrap_or(1);
+        let f = (Kind::Float, tch::Device::Cpu);
+        let (text, ids) = match &self.add_embedding {
+            // Any split of add_embedding's width between the two costs the same.
+            Some(add) => (
+                Some(Tensor::zeros([b, add.input_dim - add.time_dim], f)),
+                Some(Tensor::zeros([b, 1], f)),
+            ),
+            None => (None, None),
+        };
+        let cond = self
+            .config
+            .time_cond_proj_dim
+            .map(|d| Tensor::zeros([b, d], f));
+        self.forward_with(
+            sample,
+            timesteps,
+            context,
+            Added {
+                text_embeds: text.as_ref(),
+                time_ids: ids.as_ref(),
+                timestep_cond: cond.as_ref(),
+            },
+        )
+    }
+
     /// [`UNet::forward`] with SDXL's added conditioning and LCM's guidance
     /// embedding, one row per batch item each.
     pub fn forward_with(

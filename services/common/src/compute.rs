@@ -8,6 +8,19 @@ use tch::{Kind, Tensor};
 
 use crate::ServiceError;
 
+/// SDXL's added conditioning of one call: pooled text embeddings and the
+/// size/crop time ids, for each half.
+pub struct XlConditioning {
+    /// (1 or B, pooled)
+    pub cond_pooled: Tensor,
+    /// (1 or B, pooled), present when the call is guided.
+    pub uncond_pooled: Option<Tensor>,
+    /// (B, n)
+    pub time_ids: Tensor,
+    /// (B, n) for the unconditional half.
+    pub negative_time_ids: Tensor,
+}
+
 /// One Predict's tensors, checked.
 pub struct Call {
     /// (B, C, h, w)
@@ -18,6 +31,8 @@ pub struct Call {
     pub cond: Tensor,
     pub uncond: Option<Tensor>,
     pub guidance: f64,
+    /// The SDXL family's added conditioning (for a UNet that takes it).
+    pub xl: Option<XlConditioning>,
 }
 
 impl Call {
@@ -45,35 +60,115 @@ impl Call {
     }
 }
 
+/// diffusers' `get_guidance_scale_embedding` of `w` (the guidance scale
+/// less one, as the LCM pipelines pass it): `dim` sinusoids, fp32.
+pub fn guidance_embedding(w: f64, rows: i64, dim: i64) -> Tensor {
+    // In float32 throughout, as torch computes it.
+    let half = dim / 2;
+    let scale = (10000f64.ln() as f32) / (half - 1).max(1) as f32;
+    let w = (w as f32) * 1000.0;
+    let freqs = (Tensor::arange(half, (Kind::Float, tch::Device::Cpu)) * f64::from(-scale)).exp();
+    let emb = freqs * f64::from(w);
+    let emb = Tensor::cat(&[emb.sin(), emb.cos()], 0);
+    let emb = if dim % 2 == 1 {
+        emb.constant_pad_nd([0, 1])
+    } else {
+        emb
+    };
+    emb.unsqueeze(0).expand([rows, dim], false)
+}
+
+/// The UNet's inputs for several calls, in diffusers' order within each
+/// call ([uncond, cond]).
+#[derive(Default)]
+struct Inputs {
+    xs: Vec<Tensor>,
+    ts: Vec<Tensor>,
+    ctxs: Vec<Tensor>,
+    text_embeds: Vec<Tensor>,
+    time_ids: Vec<Tensor>,
+    conds: Vec<Tensor>,
+}
+
+impl Inputs {
+    fn add(&mut self, c: &Call, time_cond_dim: Option<i64>) {
+        let b = c.batch();
+        let rows = |t: &Tensor| {
+            let mut size = t.size();
+            size[0] = b;
+            t.expand(size, false)
+        };
+        let t = c.timesteps.expand([b], false);
+        let guided = c.uncond.is_some();
+        for uncond_half in [true, false] {
+            if uncond_half && !guided {
+                continue;
+            }
+            self.xs.push(c.latents.shallow_clone());
+            self.ts.push(t.shallow_clone());
+            let ctx = if uncond_half {
+                c.uncond.as_ref()
+            } else {
+                Some(&c.cond)
+            };
+            if let Some(ctx) = ctx {
+                self.ctxs.push(rows(ctx));
+            }
+            if let Some(xl) = &c.xl {
+                let pooled = if uncond_half {
+                    xl.uncond_pooled.as_ref()
+                } else {
+                    Some(&xl.cond_pooled)
+                };
+                if let Some(p) = pooled {
+                    self.text_embeds.push(rows(p));
+                }
+                let ids = if uncond_half {
+                    &xl.negative_time_ids
+                } else {
+                    &xl.time_ids
+                };
+                self.time_ids.push(ids.shallow_clone());
+            }
+            if let Some(dim) = time_cond_dim {
+                self.conds
+                    .push(guidance_embedding(c.guidance - 1.0, b, dim));
+            }
+        }
+    }
+
+    fn forward(&self, unet: &UNet) -> sd_models::Result<Tensor> {
+        let cat = |v: &[Tensor]| (!v.is_empty()).then(|| Tensor::cat(v, 0));
+        let (text_embeds, time_ids, cond) = (
+            cat(&self.text_embeds),
+            cat(&self.time_ids),
+            cat(&self.conds),
+        );
+        unet.forward_with(
+            &Tensor::cat(&self.xs, 0),
+            &Tensor::cat(&self.ts, 0),
+            &Tensor::cat(&self.ctxs, 0),
+            sd_models::Added {
+                text_embeds: text_embeds.as_ref(),
+                time_ids: time_ids.as_ref(),
+                timestep_cond: cond.as_ref(),
+            },
+        )
+    }
+}
+
 /// Run several calls as one UNet forward (classifier-free guidance per
-/// call: uncond + g · (cond − uncond)); outputs in call order, on the host.
+/// call: uncond + g · (cond − uncond); an LCM UNet takes the guidance as an
+/// embedding instead); outputs in call order, on the host.
 /// On a GPU the forward runs asynchronously: copying the results back here
 /// makes the caller's timing the forward's real time, and no gRPC I/O
 /// thread later blocks on the device when it serialises a result.
 pub fn forward_calls(unet: &UNet, calls: &[&Call]) -> sd_models::Result<Vec<Tensor>> {
-    let mut xs = Vec::new();
-    let mut ts = Vec::new();
-    let mut ctxs = Vec::new();
+    let mut inputs = Inputs::default();
     for c in calls {
-        let b = c.batch();
-        let expand = |t: &Tensor| t.expand([b, -1, -1], false);
-        let t = c.timesteps.expand([b], false);
-        if let Some(u) = &c.uncond {
-            // diffusers' order within a call: [uncond, cond].
-            xs.extend([c.latents.shallow_clone(), c.latents.shallow_clone()]);
-            ts.extend([t.shallow_clone(), t]);
-            ctxs.extend([expand(u), expand(&c.cond)]);
-        } else {
-            xs.push(c.latents.shallow_clone());
-            ts.push(t);
-            ctxs.push(expand(&c.cond));
-        }
+        inputs.add(c, unet.time_cond_dim());
     }
-    let out = unet.forward(
-        &Tensor::cat(&xs, 0),
-        &Tensor::cat(&ts, 0),
-        &Tensor::cat(&ctxs, 0),
-    )?;
+    let out = inputs.forward(unet)?;
     let mut results = Vec::with_capacity(calls.len());
     let mut offset = 0;
     for c in calls {

@@ -10,12 +10,27 @@ use sd_runtime::lru::ByteLru;
 use sd_service::ServiceError;
 use tch::Tensor;
 
-/// A cached tensor; clones share its storage.
-struct Shared(Tensor);
+/// A text conditioning: the hidden states and, for the SDXL family, the
+/// pooled embedding. Clones share the tensors' storage.
+pub struct Cond {
+    pub hidden: Tensor,
+    pub pooled: Option<Tensor>,
+}
 
-impl Clone for Shared {
+impl Clone for Cond {
     fn clone(&self) -> Self {
-        Shared(self.0.shallow_clone())
+        Cond {
+            hidden: self.hidden.shallow_clone(),
+            pooled: self.pooled.as_ref().map(Tensor::shallow_clone),
+        }
+    }
+}
+
+impl Cond {
+    /// Bytes of its tensors' data.
+    fn data_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        bytes(&self.hidden) + self.pooled.as_ref().map_or(0, bytes)
     }
 }
 
@@ -23,22 +38,23 @@ impl Clone for Shared {
 /// storage, sizes and strides): a few hundred bytes.
 const TENSOR_OVERHEAD: usize = 512;
 
-pub struct EmbeddingCache(ByteLru<String, Shared>);
+pub struct EmbeddingCache(ByteLru<String, Cond>);
 
 impl EmbeddingCache {
     pub fn new(max_bytes: usize) -> Self {
         EmbeddingCache(ByteLru::new(max_bytes))
     }
 
-    pub fn get(&mut self, id: &str) -> Option<Tensor> {
-        self.0.get(&id.to_string()).map(|s| s.0)
+    pub fn get(&mut self, id: &str) -> Option<Cond> {
+        self.0.get(&id.to_string())
     }
 
-    /// Keep `t` under `id`, counted as its bytes, the id's (twice: the map
+    /// Keep `c` under `id`, counted as its bytes, the id's (twice: the map
     /// and the LRU index each hold it) and the entry's bookkeeping.
-    pub fn insert(&mut self, id: String, t: &Tensor) {
-        let size = t.numel() * t.kind().elt_size_in_bytes() + 2 * id.len() + TENSOR_OVERHEAD;
-        self.0.insert(id, Shared(t.shallow_clone()), size);
+    pub fn insert(&mut self, id: String, c: &Cond) {
+        let tensors = 1 + usize::from(c.pooled.is_some());
+        let size = c.data_bytes() + 2 * id.len() + tensors * TENSOR_OVERHEAD;
+        self.0.insert(id, c.clone(), size);
     }
 
     pub fn len(&self) -> usize {
@@ -94,7 +110,7 @@ impl HeldBudget {
 /// share (given back when the stream ends); a stream that would hold more
 /// is refused with RESOURCE_EXHAUSTED.
 pub struct Held {
-    by_id: HashMap<String, (Tensor, usize)>,
+    by_id: HashMap<String, (Cond, usize)>,
     budget: HeldBudget,
 }
 
@@ -106,13 +122,13 @@ impl Held {
         }
     }
 
-    pub fn get(&self, id: &str) -> Option<Tensor> {
-        self.by_id.get(id).map(|(t, _)| t.shallow_clone())
+    pub fn get(&self, id: &str) -> Option<Cond> {
+        self.by_id.get(id).map(|(c, _)| c.clone())
     }
 
-    /// Hold `t` under `id` (replacing what the id held), or refuse.
-    pub fn hold(&mut self, id: &str, t: &Tensor, field: &str) -> Result<(), ServiceError> {
-        let size = t.numel() * t.kind().elt_size_in_bytes() + id.len();
+    /// Hold `c` under `id` (replacing what the id held), or refuse.
+    pub fn hold(&mut self, id: &str, c: &Cond, field: &str) -> Result<(), ServiceError> {
+        let size = c.data_bytes() + id.len();
         let exhausted = |description: String| ServiceError::Exhausted {
             field: field.to_string(),
             description,
@@ -134,7 +150,7 @@ impl Held {
         } else {
             self.budget.give(old - size);
         }
-        self.by_id.insert(id.to_string(), (t.shallow_clone(), size));
+        self.by_id.insert(id.to_string(), (c.clone(), size));
         Ok(())
     }
 }
@@ -150,17 +166,42 @@ impl Drop for Held {
 mod tests {
     use super::*;
 
+    fn cond(t: &Tensor) -> Cond {
+        Cond {
+            hidden: t.shallow_clone(),
+            pooled: None,
+        }
+    }
+
+    #[test]
+    fn a_pooled_embedding_counts_too() {
+        let f = (tch::Kind::Float, tch::Device::Cpu);
+        let c = Cond {
+            hidden: Tensor::zeros([10], f),
+            pooled: Some(Tensor::zeros([5], f)),
+        };
+        let entry = 60 + 2 + 2 * TENSOR_OVERHEAD + sd_runtime::lru::ENTRY_OVERHEAD;
+        let mut cache = EmbeddingCache::new(2 * entry);
+        cache.insert("a".into(), &c);
+        cache.insert("b".into(), &c);
+        assert_eq!(cache.len(), 2);
+        cache.insert("c".into(), &c);
+        assert_eq!(cache.len(), 2, "two such entries fill the bound");
+        let got = cache.get("c").unwrap();
+        assert_eq!(got.pooled.map(|p| p.size()), Some(vec![5]));
+    }
+
     #[test]
     fn keeps_tensors_by_id_within_the_byte_bound() {
         let t = || Tensor::zeros([10], (tch::Kind::Float, tch::Device::Cpu)); // 40 bytes
         let entry = 40 + 2 + TENSOR_OVERHEAD + sd_runtime::lru::ENTRY_OVERHEAD;
         let mut c = EmbeddingCache::new(2 * entry + entry / 2);
-        c.insert("a".into(), &t());
-        c.insert("b".into(), &t());
+        c.insert("a".into(), &cond(&t()));
+        c.insert("b".into(), &cond(&t()));
         assert!(c.get("a").is_some());
-        c.insert("c".into(), &t()); // 3 entries > 2.5: evict b
+        c.insert("c".into(), &cond(&t())); // 3 entries > 2.5: evict b
         assert!(c.get("b").is_none());
-        assert_eq!(c.get("a").map(|t| t.size()), Some(vec![10]));
+        assert_eq!(c.get("a").map(|c| c.hidden.size()), Some(vec![10]));
         assert_eq!(c.len(), 2);
     }
 
@@ -169,11 +210,13 @@ mod tests {
         let t = Tensor::zeros([1, 77, 8], (tch::Kind::Float, tch::Device::Cpu));
         let mut h = Held::new(HeldBudget::new(1 << 20));
         for i in 0..MAX_HELD {
-            h.hold(&format!("e{i}"), &t, "cond").unwrap();
+            h.hold(&format!("e{i}"), &cond(&t), "cond").unwrap();
         }
-        h.hold("e0", &t, "cond")
+        h.hold("e0", &cond(&t), "cond")
             .expect("replacing one it holds is fine");
-        let e = h.hold("new", &t, "uncond").expect_err("one too many");
+        let e = h
+            .hold("new", &cond(&t), "uncond")
+            .expect_err("one too many");
         assert!(
             matches!(&e, ServiceError::Exhausted { field, .. } if field == "uncond"),
             "{e}"
@@ -188,17 +231,19 @@ mod tests {
         let budget = HeldBudget::new(3 * each);
         let mut a = Held::new(budget.clone());
         let mut b = Held::new(budget.clone());
-        a.hold("a1", &t, "cond").unwrap();
-        a.hold("a2", &t, "uncond").unwrap();
-        b.hold("b1", &t, "cond").unwrap();
-        let e = b.hold("b2", &t, "uncond").expect_err("the budget is spent");
+        a.hold("a1", &cond(&t), "cond").unwrap();
+        a.hold("a2", &cond(&t), "uncond").unwrap();
+        b.hold("b1", &cond(&t), "cond").unwrap();
+        let e = b
+            .hold("b2", &cond(&t), "uncond")
+            .expect_err("the budget is spent");
         assert!(e.to_string().contains("streams hold"), "{e}");
-        a.hold("a1", &t, "cond")
+        a.hold("a1", &cond(&t), "cond")
             .expect("replacing gives back the old bytes");
         assert_eq!(budget.used(), 3 * each);
         drop(a);
         assert_eq!(budget.used(), each, "an ended stream gives its bytes back");
-        b.hold("b2", &t, "uncond").unwrap();
+        b.hold("b2", &cond(&t), "uncond").unwrap();
     }
 
     #[test]
@@ -206,13 +251,13 @@ mod tests {
         let tiny = Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu));
         let mut c = EmbeddingCache::new(1 << 20);
         for i in 0..1000 {
-            c.insert(format!("{i:0>120}"), &tiny);
+            c.insert(format!("{i:0>120}"), &cond(&tiny));
         }
         // 4 + 240 + 512 + 256 bytes each: about 1,040 fit in 1 MiB, not 250,000.
         let each = 4 + 240 + TENSOR_OVERHEAD + sd_runtime::lru::ENTRY_OVERHEAD;
         assert_eq!(c.len(), 1000.min((1 << 20) / each));
         for i in 1000..3000 {
-            c.insert(format!("{i:0>120}"), &tiny);
+            c.insert(format!("{i:0>120}"), &cond(&tiny));
         }
         assert_eq!(c.len(), (1 << 20) / each);
     }

@@ -25,6 +25,8 @@ pub struct Bounds {
     pub max_latent_side: i64,
     /// The scheduler's training timesteps: timesteps lie in [0, this].
     pub max_timestep: f32,
+    /// SDXL family: (pooled embedding width, time ids per latent).
+    pub xl: Option<(i64, i64)>,
 }
 
 impl Bounds {
@@ -97,6 +99,86 @@ impl Bounds {
     }
 }
 
+impl Bounds {
+    /// SDXL: a pooled embedding (1 or batch, pooled width), finite; other
+    /// models take none.
+    pub fn pooled(
+        &self,
+        t: Option<&WireTensor>,
+        batch: i64,
+        field: &str,
+    ) -> Result<Option<Tensor>, ServiceError> {
+        let field = format!("{field}.pooled");
+        match (self.xl, t) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err(ServiceError::invalid(
+                field,
+                "this model takes none (not an SDXL-family model)",
+            )),
+            (Some(_), None) => Err(ServiceError::invalid(
+                field,
+                "missing: an SDXL-family model needs the pooled embedding",
+            )),
+            (Some(_), Some(w)) => {
+                let t = from_wire(Some(w), &field)?;
+                self.pooled_fits(&t, batch, &field)?;
+                finite(&t, &field)?;
+                Ok(Some(t))
+            }
+        }
+    }
+
+    /// A pooled embedding (kept or sent) fits a call of `batch`.
+    pub fn pooled_fits(&self, t: &Tensor, batch: i64, field: &str) -> Result<(), ServiceError> {
+        let dim = self.xl.map_or(0, |(d, _)| d);
+        let s = t.size();
+        if s.len() != 2 || !(s[0] == 1 || s[0] == batch) || s[1] != dim {
+            return Err(ServiceError::invalid(
+                field,
+                format_args!("shape {s:?}, expected (1 or {batch}, {dim})"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// SDXL: the time ids of each latent, (batch, time ids per latent),
+    /// finite and within 0..=65536 (sizes and crops in pixels, scores).
+    pub fn time_ids(
+        &self,
+        t: Option<&WireTensor>,
+        batch: i64,
+        field: &str,
+    ) -> Result<Option<Tensor>, ServiceError> {
+        let Some((_, n)) = self.xl else {
+            return match t {
+                None => Ok(None),
+                Some(_) => Err(ServiceError::invalid(
+                    field,
+                    "this model takes none (not an SDXL-family model)",
+                )),
+            };
+        };
+        let Some(w) = t else { return Ok(None) };
+        let t = from_wire(Some(w), field)?;
+        let s = t.size();
+        if s != [batch, n] {
+            return Err(ServiceError::invalid(
+                field,
+                format_args!("shape {s:?}, expected ({batch}, {n})"),
+            ));
+        }
+        finite(&t, field)?;
+        let (lo, hi) = (t.min().double_value(&[]), t.max().double_value(&[]));
+        if lo < 0.0 || hi > 65536.0 {
+            return Err(ServiceError::invalid(
+                field,
+                format_args!("values {lo}..={hi}, expected 0..=65536"),
+            ));
+        }
+        Ok(Some(t.to_kind(tch::Kind::Float)))
+    }
+}
+
 /// An embedding names a short id, or sends its tensor, or both.
 pub fn embedding_id(e: &Embedding, field: &str) -> Result<(), ServiceError> {
     if e.id.len() > MAX_EMBEDDING_ID_BYTES {
@@ -144,6 +226,7 @@ mod tests {
         max_batch: 2,
         max_latent_side: 16,
         max_timestep: 1000.0,
+        xl: None,
     };
 
     fn wire(t: &Tensor) -> WireTensor {

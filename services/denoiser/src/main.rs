@@ -23,7 +23,7 @@ use sd_runtime::metrics::{Metrics, Stage};
 use sd_runtime::tls::ServerTlsArgs;
 use sd_runtime::ServerArgs;
 use sd_sampling::{Prediction, SchedulerConfig};
-use sd_service::compute::{forward_calls, Call};
+use sd_service::compute::{forward_calls, Call, XlConditioning};
 use sd_service::{from_wire, handle, to_wire, ModelArgs, ServiceError, Timings, Worker};
 use tch::Tensor;
 use tokio_stream::wrappers::ReceiverStream;
@@ -31,7 +31,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::batch::Session;
-use crate::cache::{EmbeddingCache, Held, HeldBudget};
+use crate::cache::{Cond, EmbeddingCache, Held, HeldBudget};
 use crate::checks::Bounds;
 
 /// Serve a model's UNet over gRPC (sd.v1.Denoiser).
@@ -185,12 +185,40 @@ impl Core {
         let guidance = checks::guidance(req.guidance_scale)?;
         let out_dtype = checks::output_dtype(&req)?;
         let (cond, uncond) = self.conditioning(&req, batch, held)?;
+        let xl = match (
+            cond.pooled,
+            self.bounds
+                .time_ids(req.time_ids.as_ref(), batch, "time_ids")?,
+        ) {
+            (Some(cond_pooled), Some(time_ids)) => {
+                let negative_time_ids = self
+                    .bounds
+                    .time_ids(req.negative_time_ids.as_ref(), batch, "negative_time_ids")?
+                    .unwrap_or_else(|| time_ids.shallow_clone());
+                Some(XlConditioning {
+                    cond_pooled,
+                    uncond_pooled: uncond
+                        .as_ref()
+                        .and_then(|u| u.pooled.as_ref().map(Tensor::shallow_clone)),
+                    time_ids,
+                    negative_time_ids,
+                })
+            }
+            (Some(_), None) => {
+                return Err(ServiceError::invalid(
+                    "time_ids",
+                    "missing: an SDXL-family model needs the size and crop conditioning",
+                ))
+            }
+            (None, _) => None,
+        };
         let call = Call {
             latents,
             timesteps,
-            cond,
-            uncond,
+            cond: cond.hidden,
+            uncond: uncond.map(|u| u.hidden),
             guidance,
+            xl,
         };
         let (output, timings) = self.forward(call, session, out_dtype).await?;
         timings.record(&tracing::Span::current());
@@ -202,19 +230,26 @@ impl Core {
 
     /// The text conditioning: cond, and uncond when guided (guidance > 1
     /// and an uncond sent), each (1 or batch, tokens, context dim), with
-    /// the same tokens.
+    /// the same tokens, and their pooled embeddings for SDXL models. An
+    /// LCM UNet takes the guidance as an embedding: no uncond.
     fn conditioning(
         &self,
         req: &PredictRequest,
         batch: i64,
         mut held: Option<&mut Held>,
-    ) -> Result<(Tensor, Option<Tensor>), ServiceError> {
+    ) -> Result<(Cond, Option<Cond>), ServiceError> {
         let cond = self.embedding(req.cond.as_ref(), "cond", batch, held.as_deref_mut())?;
         if !(req.uncond.is_some() && req.guidance_scale > 1.0) {
             return Ok((cond, None));
         }
+        if self.info.time_cond_dim > 0 {
+            return Err(ServiceError::invalid(
+                "uncond",
+                "this LCM UNet takes guidance_scale as an embedding, with no unconditional branch: send no uncond",
+            ));
+        }
         let uncond = self.embedding(req.uncond.as_ref(), "uncond", batch, held)?;
-        if uncond.size()[1] != cond.size()[1] {
+        if uncond.hidden.size()[1] != cond.hidden.size()[1] {
             return Err(ServiceError::invalid(
                 "uncond",
                 "token count differs from cond",
@@ -223,23 +258,30 @@ impl Core {
         Ok((cond, Some(uncond)))
     }
 
-    /// The embedding tensor for `e`, checked for a batch of `batch`: as
-    /// sent (checked in full, then cached and held by the stream), or held
-    /// by the stream, or from the cache.
+    /// The embedding (and pooled embedding) for `e`, checked for a batch
+    /// of `batch`: as sent (checked in full, then cached and held by the
+    /// stream), or held by the stream, or from the cache.
     fn embedding(
         &self,
         e: Option<&Embedding>,
         field: &str,
         batch: i64,
         held: Option<&mut Held>,
-    ) -> Result<Tensor, ServiceError> {
+    ) -> Result<Cond, ServiceError> {
         let e = e.ok_or_else(|| ServiceError::invalid(field, "missing"))?;
         checks::embedding_id(e, field)?;
-        let checked = |t: Tensor| self.bounds.embedding(&t, batch, field).map(|()| t);
+        let checked = |c: Cond| -> Result<Cond, ServiceError> {
+            self.bounds.embedding(&c.hidden, batch, field)?;
+            if let Some(p) = &c.pooled {
+                self.bounds
+                    .pooled_fits(p, batch, &format!("{field}.pooled"))?;
+            }
+            Ok(c)
+        };
         if e.tensor.is_none() {
-            if let Some(t) = held.as_ref().and_then(|h| h.get(&e.id)) {
+            if let Some(c) = held.as_ref().and_then(|h| h.get(&e.id)) {
                 self.metrics.cache_lookup("embedding", true);
-                return checked(t);
+                return checked(c);
             }
         }
         let mut cache = self
@@ -247,27 +289,32 @@ impl Core {
             .lock()
             .map_err(|_| ServiceError::Internal("embedding cache poisoned"))?;
         let Some(wire) = &e.tensor else {
-            let t = cache
+            let c = cache
                 .get(&e.id)
                 .inspect(|_| self.metrics.cache_lookup("embedding", true))
                 .ok_or_else(|| ServiceError::EmbeddingMiss {
                     field: field.to_string(),
                     id: e.id.clone(),
                 })?;
-            return checked(t);
+            return checked(c);
         };
         self.metrics.cache_lookup("embedding", false);
         // Checked in full before it is kept.
-        let t = checked(from_wire(Some(wire), &format!("{field}.tensor"))?)?;
-        sd_service::finite(&t, &format!("{field}.tensor"))?;
+        let hidden = from_wire(Some(wire), &format!("{field}.tensor"))?;
+        self.bounds.embedding(&hidden, batch, field)?;
+        sd_service::finite(&hidden, &format!("{field}.tensor"))?;
+        let c = Cond {
+            hidden,
+            pooled: self.bounds.pooled(e.pooled.as_ref(), batch, field)?,
+        };
         if !e.id.is_empty() {
             if let Some(h) = held {
-                h.hold(&e.id, &t, field)?;
+                h.hold(&e.id, &c, field)?;
             }
-            cache.insert(e.id.clone(), &t);
+            cache.insert(e.id.clone(), &c);
             tracing::debug!(id = %sd_proto::status::quote(&e.id), cached = cache.len(), "embedding cached");
         }
-        Ok(t)
+        Ok(c)
     }
 
     /// Run the call through the batcher, or alone on a worker; its output
@@ -330,7 +377,7 @@ fn warm_up(
         let c = unet.config();
         let side = c.sample_size.clamp(1, 16);
         let f = (tch::Kind::Float, tch::Device::Cpu);
-        let _ = unet.forward(
+        let _ = unet.forward_probe(
             &Tensor::zeros([1, c.in_channels, side, side], f),
             &Tensor::from_slice(&[1.0f32]),
             &Tensor::zeros([1, 77, c.context_dim()], f),
@@ -338,6 +385,64 @@ fn warm_up(
         return Ok(None);
     }
     Ok(Some(cost::measure(unet, budget)?))
+}
+
+/// What the model's family changes in the pipeline (SDXL, its refiner, LCM
+/// UNets), as diffusers' pipelines have it.
+struct Family {
+    /// The pooled embedding's width (0: not SDXL).
+    pooled_dim: i64,
+    /// Time ids per latent: 6, the refiner's 5 (0: not SDXL).
+    time_ids_len: i64,
+    force_zeros: bool,
+    requires_aesthetics: bool,
+    default_guidance: f32,
+}
+
+impl Family {
+    /// The components whose weights make the model's identity.
+    fn components(&self) -> &'static [Component] {
+        if self.pooled_dim > 0 {
+            &[
+                Component::TextEncoder,
+                Component::TextEncoder2,
+                Component::Unet,
+                Component::Vae,
+            ]
+        } else {
+            &[Component::TextEncoder, Component::Unet, Component::Vae]
+        }
+    }
+
+    fn of(dir: &ModelDir, unet: &UNet) -> anyhow::Result<Self> {
+        let Some((time_dim, input_dim)) = unet.config().text_time() else {
+            return Ok(Family {
+                pooled_dim: 0,
+                time_ids_len: 0,
+                force_zeros: false,
+                requires_aesthetics: false,
+                default_guidance: 7.5,
+            });
+        };
+        // SDXL: original size, crop and target size; the refiner: original
+        // size, crop and an aesthetic score. The rest of add_embedding's
+        // width is the pooled embedding.
+        let requires_aesthetics = dir.requires_aesthetics_score()?;
+        let n = if requires_aesthetics { 5 } else { 6 };
+        let pooled_dim = input_dim - n * time_dim;
+        anyhow::ensure!(
+            pooled_dim > 0,
+            "unet/config.json: projection_class_embeddings_input_dim {input_dim} leaves no room \
+             for a pooled embedding beside {n} time ids of {time_dim}"
+        );
+        Ok(Family {
+            pooled_dim,
+            time_ids_len: n,
+            force_zeros: dir.force_zeros_for_empty_prompt()?,
+            requires_aesthetics,
+            default_guidance: 5.0,
+        })
+    }
 }
 
 /// Load the UNet and what the gateway needs to know; warm up.
@@ -364,13 +469,11 @@ fn load(
         },
         &metrics,
     );
+    let family = Family::of(&dir, &unet)?;
     // Warm up (measuring the cost, unless told not to) before SERVING.
     let cost = warm_up(&unet, &args, vae.scale_factor() as i64)?;
     let info = DenoiserInfo {
-        model_id: sd_service::model_id(
-            &dir,
-            &[Component::TextEncoder, Component::Unet, Component::Vae],
-        ),
+        model_id: sd_service::model_id(&dir, family.components()),
         model_name: dir
             .root()
             .file_name()
@@ -386,6 +489,12 @@ fn load(
         scheduler_config_json,
         context_dim: c.context_dim() as u32,
         cost,
+        pooled_dim: family.pooled_dim as u32,
+        time_ids_len: family.time_ids_len as u32,
+        time_cond_dim: c.time_cond_proj_dim.unwrap_or(0).max(0) as u32,
+        force_zeros_for_empty_prompt: family.force_zeros,
+        requires_aesthetics_score: family.requires_aesthetics,
+        default_guidance: family.default_guidance,
     };
     tracing::info!(model = %info.model_id, "denoiser ready");
     let unet = Arc::new(unet);
@@ -426,6 +535,7 @@ fn load(
             max_batch: args.max_batch,
             max_latent_side: args.max_side / i64::from(info.vae_scale_factor.max(1)),
             max_timestep: scheduler.num_train_timesteps() as f32,
+            xl: (family.pooled_dim > 0).then_some((family.pooled_dim, family.time_ids_len)),
         },
         info,
         lifecycle,

@@ -31,6 +31,7 @@ fn job(seed: i64, b: i64, t: f32, guided: bool, g: f64) -> Call {
         cond: Tensor::randn([1, 77, 32], f),
         uncond: guided.then(|| Tensor::randn([1, 77, 32], f)),
         guidance: g,
+        xl: None,
     }
 }
 
@@ -439,4 +440,121 @@ async fn stopping_waits_for_the_forward_in_progress() {
         .expect("answered by the time the drop returned")
         .unwrap();
     assert_eq!(reply.unwrap().unwrap().0.size(), vec![4, 4, 32, 32]);
+}
+
+/// A UNet of the SDXL family written by `make_xl_models.py`.
+fn xl_unet(name: &str) -> UNet {
+    let dir = fixture().parent().unwrap().join("unets").join(name);
+    let w = sd_models::Weights::open(
+        &dir.join("unet/diffusion_pytorch_model.safetensors"),
+        Placement::cpu(),
+    )
+    .unwrap();
+    UNet::load(&dir.join("unet/config.json"), &w).unwrap()
+}
+
+fn xl_job(seed: i64, b: i64, t: f32, guided: bool, g: f64) -> Call {
+    tch::manual_seed(seed);
+    let f = (tch::Kind::Float, tch::Device::Cpu);
+    let ids = |w: f64| {
+        Tensor::from_slice(&[64.0f32, 80.0, 8.0, 0.0, 64.0, 80.0])
+            .unsqueeze(0)
+            .repeat([b, 1])
+            * w
+    };
+    Call {
+        latents: Tensor::randn([b, 4, 8, 8], f),
+        timesteps: Tensor::from_slice(&vec![t; b as usize]),
+        cond: Tensor::randn([1, 77, 64], f),
+        uncond: guided.then(|| Tensor::randn([1, 77, 64], f)),
+        guidance: g,
+        xl: Some(sd_service::compute::XlConditioning {
+            cond_pooled: Tensor::randn([1, 32], f),
+            uncond_pooled: guided.then(|| Tensor::randn([1, 32], f)),
+            time_ids: ids(1.0 + seed as f64),
+            negative_time_ids: ids(0.5),
+        }),
+    }
+}
+
+#[test]
+fn sdxl_calls_merge_and_each_gets_its_own_guided_result() {
+    let unet = xl_unet("xl-unet");
+    let jobs = [
+        xl_job(1, 1, 999.0, true, 5.0),
+        xl_job(2, 2, 500.0, true, 3.0),
+        xl_job(3, 1, 20.5, false, 1.0),
+    ];
+    let refs: Vec<&Call> = jobs.iter().collect();
+    let merged = forward_calls(&unet, &refs).unwrap();
+    for (j, m) in jobs.iter().zip(&merged) {
+        // Written out: each half with its own embeddings and time ids.
+        let xl = j.xl.as_ref().unwrap();
+        let b = j.batch();
+        let half = |ctx: &Tensor, pooled: &Tensor, ids: &Tensor| {
+            unet.forward_with(
+                &j.latents,
+                &j.timesteps,
+                &ctx.expand([b, -1, -1], false),
+                sd_models::Added {
+                    text_embeds: Some(&pooled.expand([b, -1], false)),
+                    time_ids: Some(ids),
+                    timestep_cond: None,
+                },
+            )
+            .unwrap()
+        };
+        let cond = half(&j.cond, &xl.cond_pooled, &xl.time_ids);
+        let want = match (&j.uncond, &xl.uncond_pooled) {
+            (Some(u), Some(up)) => {
+                let uncond = half(u, up, &xl.negative_time_ids);
+                &uncond + (&cond - &uncond) * j.guidance
+            }
+            _ => cond,
+        };
+        let d = (&want - m).abs().max().double_value(&[]);
+        assert!(d < 1e-5, "merged vs written out: {d:e}");
+    }
+}
+
+#[test]
+fn an_lcm_unet_takes_the_guidance_as_an_embedding() {
+    let unet = xl_unet("lcm-unet");
+    let dir = fixture().parent().unwrap().join("unets/lcm-unet");
+    let r: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(dir.join("reference.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    // diffusers' get_guidance_scale_embedding of w = [6.5, 0, 2].
+    for (row, w) in [6.5, 0.0, 2.0].into_iter().enumerate() {
+        let got = sd_service::compute::guidance_embedding(w, 1, 16);
+        let want = r["timestep_cond"].narrow(0, row as i64, 1);
+        let d = (&got - &want).abs().max().double_value(&[]);
+        assert!(d < 1e-6, "guidance embedding of {w}: {d:e}");
+    }
+    let jobs = [
+        xl_job(4, 1, 999.0, false, 7.5),
+        xl_job(5, 1, 259.0, false, 2.0),
+    ];
+    let refs: Vec<&Call> = jobs.iter().collect();
+    let merged = forward_calls(&unet, &refs).unwrap();
+    for (j, m) in jobs.iter().zip(&merged) {
+        let xl = j.xl.as_ref().unwrap();
+        let cond = sd_service::compute::guidance_embedding(j.guidance - 1.0, 1, 16);
+        let want = unet
+            .forward_with(
+                &j.latents,
+                &j.timesteps,
+                &j.cond,
+                sd_models::Added {
+                    text_embeds: Some(&xl.cond_pooled),
+                    time_ids: Some(&xl.time_ids),
+                    timestep_cond: Some(&cond),
+                },
+            )
+            .unwrap();
+        let d = (&want - m).abs().max().double_value(&[]);
+        assert!(d < 1e-5, "lcm merged vs written out: {d:e}");
+    }
 }
