@@ -19,7 +19,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::error::Stage;
-use crate::facts::{ModelFacts, SharedCost};
+use crate::facts::{Family, ModelFacts, SharedCost};
 use crate::pool::Pool;
 
 /// Where the model services are: comma-separated URLs, or `dns://host:port`
@@ -223,6 +223,19 @@ impl Backends {
             prediction: d.prediction_type.parse()?,
             text_layers: t.num_layers,
             text_model_id: t.model_id,
+            family: Family {
+                pooled_dim: d.pooled_dim,
+                time_ids_len: d.time_ids_len,
+                time_cond_dim: d.time_cond_dim,
+                force_zeros_for_empty_prompt: d.force_zeros_for_empty_prompt,
+                requires_aesthetics_score: d.requires_aesthetics_score,
+                // Older denoisers publish none.
+                default_guidance: if d.default_guidance > 0.0 {
+                    d.default_guidance
+                } else {
+                    Family::default().default_guidance
+                },
+            },
         })
     }
 }

@@ -54,11 +54,86 @@ pub struct ModelFacts {
     pub text_layers: u32,
     /// The text encoder's identity (prompt-cache key).
     pub text_model_id: String,
+    /// What the model's family changes in the pipeline (SDXL, LCM UNets).
+    pub family: Family,
+}
+
+/// What a model family changes in the pipeline, as the denoiser publishes
+/// it; the default is SD 1.x/2.x.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Family {
+    /// SDXL: the pooled embedding's width (0: not SDXL).
+    pub pooled_dim: u32,
+    /// SDXL: time ids per latent (6; the refiner's 5; 0: none).
+    pub time_ids_len: u32,
+    /// LCM UNets: guidance goes in as an embedding, unguided (0: none).
+    pub time_cond_dim: u32,
+    /// SDXL: an empty negative prompt is zeros.
+    pub force_zeros_for_empty_prompt: bool,
+    /// The refiner's time ids (aesthetic scores).
+    pub requires_aesthetics_score: bool,
+    /// The guidance scale a request that sets none gets.
+    pub default_guidance: f32,
+}
+
+impl Family {
+    /// "sd", "sdxl" or "sdxl-refiner", with "+lcm" for an LCM UNet.
+    pub fn name(&self) -> String {
+        let base = match (self.time_ids_len, self.requires_aesthetics_score) {
+            (0, _) => "sd",
+            (_, true) => "sdxl-refiner",
+            _ => "sdxl",
+        };
+        if self.time_cond_dim > 0 {
+            format!("{base}+lcm")
+        } else {
+            base.to_string()
+        }
+    }
+}
+
+impl Default for Family {
+    fn default() -> Self {
+        Family {
+            pooled_dim: 0,
+            time_ids_len: 0,
+            time_cond_dim: 0,
+            force_zeros_for_empty_prompt: false,
+            requires_aesthetics_score: false,
+            default_guidance: 7.5,
+        }
+    }
 }
 
 impl ModelFacts {
     /// The default image side in pixels.
     pub fn default_side(&self) -> u32 {
         self.sample_size * self.scale_factor
+    }
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+
+    /// An SD 1.x model's facts, for unit tests.
+    pub fn facts() -> ModelFacts {
+        ModelFacts {
+            id: "tiny@1".into(),
+            name: "tiny".into(),
+            latent_channels: 4,
+            scale_factor: 8,
+            sample_size: 64,
+            scaling_factor: 0.18215,
+            max_decode_pixels: 0,
+            cost: Default::default(),
+            scheduler_config: SchedulerConfig::from_json(r#"{"_class_name": "PNDMScheduler"}"#)
+                .expect("a config"),
+            default_scheduler: SchedulerKind::Pndm,
+            prediction: Prediction::Epsilon,
+            text_layers: 12,
+            text_model_id: "tiny@1".into(),
+            family: Family::default(),
+        }
     }
 }

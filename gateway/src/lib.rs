@@ -11,6 +11,7 @@ pub mod error;
 pub mod facts;
 pub mod images;
 pub mod limits;
+pub mod micro;
 pub mod pipeline;
 pub mod plan;
 pub mod pool;

@@ -17,7 +17,6 @@ use crate::pipeline::img2img_start;
 
 /// diffusers' defaults where a request leaves a field unset.
 const DEFAULT_STEPS: u32 = 50;
-const DEFAULT_GUIDANCE: f32 = 7.5;
 const DEFAULT_STRENGTH: f32 = 0.8;
 
 /// The initial image of an image-to-image request, ready for the VAE.
@@ -53,6 +52,10 @@ pub struct Plan {
     pub predicted_seconds: Option<f64>,
     /// … and one of its UNet forwards.
     pub predicted_step_seconds: Option<f64>,
+    /// SDXL family: each latent's time ids (size and crop conditioning).
+    pub time_ids: Option<crate::micro::TimeIds>,
+    /// An LCM UNet: the guidance goes in as an embedding; no negative branch.
+    pub guidance_embedded: bool,
 }
 
 impl std::fmt::Debug for Plan {
@@ -102,7 +105,8 @@ impl Plan {
         check_model(&req.model, facts)?;
         check_prompts(&req, limits)?;
         let steps = steps(req.steps, limits)?;
-        let guidance = guidance(req.guidance_scale)?;
+        let guidance = guidance(req.guidance_scale, facts.family.default_guidance)?;
+        let guidance_embedded = facts.family.time_cond_dim > 0;
         let sampler = Sampler::new(&req, facts, steps)?;
         let num_images = num_images(req.num_images, limits)?;
         check_clip_skip(req.clip_skip, facts)?;
@@ -119,12 +123,18 @@ impl Plan {
             facts,
             &source,
             num_images,
-            guidance > 1.0,
+            guidance > 1.0 && !guidance_embedded,
             sampler.schedule.as_ref(),
             steps,
         );
         let predicted_seconds = predicted.map(|p| p.0);
         check_seconds(predicted_seconds, num_images, steps, &source, limits)?;
+        let time_ids = crate::micro::time_ids(
+            req.conditioning.as_ref(),
+            facts,
+            (source.height, source.width),
+            source.init.is_some(),
+        )?;
         Ok(Plan {
             prompt: req.prompt,
             negative_prompt: req.negative_prompt,
@@ -147,13 +157,16 @@ impl Plan {
             schedule: sampler.schedule,
             predicted_seconds,
             predicted_step_seconds: predicted.map(|p| p.1),
+            time_ids,
+            guidance_embedded,
         })
     }
 
     /// Classifier-free guidance runs (a negative prompt and two UNet rows
-    /// per latent) when the scale is above 1, as in diffusers.
+    /// per latent) when the scale is above 1, as in diffusers — except for
+    /// an LCM UNet, which takes the scale as an embedding.
     pub fn guided(&self) -> bool {
-        self.guidance > 1.0
+        self.guidance > 1.0 && !self.guidance_embedded
     }
 
     pub fn parameters(&self) -> GenerationParameters {
@@ -218,8 +231,8 @@ fn steps(requested: u32, limits: &Limits) -> Result<u32> {
     Ok(steps)
 }
 
-fn guidance(requested: Option<f32>) -> Result<f32> {
-    let guidance = requested.unwrap_or(DEFAULT_GUIDANCE);
+fn guidance(requested: Option<f32>, default: f32) -> Result<f32> {
+    let guidance = requested.unwrap_or(default);
     if !guidance.is_finite() || !(0.0..=100.0).contains(&guidance) {
         return Err(Error::invalid(
             "guidance_scale",

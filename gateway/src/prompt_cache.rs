@@ -15,6 +15,8 @@ pub struct CachedEmbedding {
     pub id: String,
     /// (1, tokens, hidden).
     pub tensor: WireTensor,
+    /// SDXL family: the pooled embedding, (1, pooled).
+    pub pooled: Option<WireTensor>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -52,7 +54,15 @@ impl PromptCache {
         // response was read into, and keep all of it alive (about 3× the
         // tensor on the tiny model); keep a copy of exactly what is counted.
         value.tensor.data = value.tensor.data.to_vec().into();
+        if let Some(p) = value.pooled.as_mut() {
+            p.data = p.data.to_vec().into();
+        }
+        let pooled = value
+            .pooled
+            .as_ref()
+            .map_or(0, |p| p.data.len() + p.shape.len() * 8);
         let size = value.tensor.data.len()
+            + pooled
             + value.tensor.shape.len() * 8
             + value.id.len()
             + 2 * (key.prompt.len() + key.model.len());
@@ -83,6 +93,7 @@ mod tests {
     fn entry(bytes: usize) -> CachedEmbedding {
         CachedEmbedding {
             id: "x".into(),
+            pooled: None,
             tensor: WireTensor {
                 shape: vec![bytes as i64 / 4],
                 dtype: 1,

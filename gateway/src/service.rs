@@ -239,6 +239,8 @@ impl Generation for GenerationService {
         let side = f.default_side();
         Ok(Response::new(ListModelsResponse {
             models: vec![ModelInfo {
+                default_guidance: f.family.default_guidance,
+                family: f.family.name(),
                 id: f.id.clone(),
                 name: f.name.clone(),
                 default_width: side,

@@ -166,6 +166,7 @@ fn step(id: &str, with_tensor: bool) -> PredictRequest {
         latents: Some(zeros(&[1, 4, 2, 2])),
         timesteps: vec![999.0],
         cond: Some(Embedding {
+            pooled: None,
             id: id.into(),
             tensor: with_tensor.then(|| zeros(&[1, 2, 2])),
         }),

@@ -27,6 +27,7 @@ fn facts() -> ModelFacts {
         prediction: Prediction::Epsilon,
         text_layers: 12,
         text_model_id: "tiny@1".into(),
+        family: Default::default(),
     }
 }
 

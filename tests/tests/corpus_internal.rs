@@ -81,6 +81,7 @@ fn predict_cases(good: &PredictRequest, context: i64) -> Vec<Case> {
     let cond = |t: Tensor| {
         with(&|r| {
             r.cond = Some(Embedding {
+                pooled: None,
                 id: String::new(),
                 tensor: Some(t.clone()),
             })
@@ -177,6 +178,7 @@ fn predict_cases(good: &PredictRequest, context: i64) -> Vec<Case> {
             name: "cond id never sent",
             request: with(&|r| {
                 r.cond = Some(Embedding {
+                    pooled: None,
                     id: "never-sent".into(),
                     tensor: None,
                 })
@@ -192,6 +194,7 @@ fn good_predict(context: i64) -> PredictRequest {
         latents: Some(f32s(&[1, 4, 8, 8], 0.1)),
         timesteps: vec![500.0],
         cond: Some(Embedding {
+            pooled: None,
             id: "corpus-cond".into(),
             tensor: Some(f32s(&[1, 77, context], 0.5)),
         }),
@@ -241,6 +244,7 @@ async fn embeddings_are_bounded_in_memory_ids_included() {
     // refused (uncond's tokens differ) before any forward.
     let flood = |i: usize| {
         let e = |id: String, tokens| Embedding {
+            pooled: None,
             id,
             tensor: Some(f32s(&[1, tokens, context], 0.5)),
         };
@@ -269,6 +273,7 @@ async fn embeddings_are_bounded_in_memory_ids_included() {
     let steps: Vec<PredictRequest> = (0..6)
         .map(|i| PredictRequest {
             cond: Some(Embedding {
+                pooled: None,
                 id: format!("stream-{i}"),
                 tensor: Some(f32s(&[1, 77, context], 0.5)),
             }),

@@ -8,7 +8,6 @@ mod common;
 
 use common::stack::Stack;
 use sd_proto::v1::generation_client::GenerationClient;
-use sd_proto::v1::GenerateRequest;
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -21,65 +20,6 @@ struct Case {
 #[derive(Deserialize)]
 struct Manifest {
     models: std::collections::HashMap<String, Vec<Case>>,
-}
-
-fn request(p: &serde_json::Value, e2e: &std::path::Path) -> GenerateRequest {
-    let s = |k: &str| p.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
-    let u = |k: &str| p.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as u32;
-    let f = |k: &str| p.get(k).and_then(|v| v.as_f64());
-    GenerateRequest {
-        prompt: s("prompt"),
-        negative_prompt: s("negative_prompt"),
-        width: u("width"),
-        height: u("height"),
-        steps: u("steps"),
-        guidance_scale: f("guidance").map(|g| g as f32),
-        scheduler: s("scheduler"),
-        karras: p.get("karras").and_then(|v| v.as_bool()).unwrap_or(false),
-        eta: f("eta").unwrap_or(0.0) as f32,
-        seed: p.get("seed").and_then(|v| v.as_u64()),
-        num_images: u("num_images"),
-        clip_skip: u("clip_skip"),
-        init_image: match p.get("init_image").and_then(|v| v.as_str()) {
-            Some(f) => std::fs::read(e2e.join(f)).expect("init image").into(),
-            None => Default::default(),
-        },
-        strength: f("strength").map(|v| v as f32),
-        ..Default::default()
-    }
-}
-
-/// The bound: per channel at most 2/255 apart, and 99.9% of values
-/// within 1/255 (rounding of values that land on a .5 boundary after float
-/// differences of ~1e-6 between libtorch call orders).
-fn compare(name: &str, got_png: &[u8], want_path: &std::path::Path) -> Result<(), String> {
-    let got = image::load_from_memory(got_png)
-        .map_err(|e| format!("{name}: {e}"))?
-        .to_rgb8();
-    let want = image::open(want_path)
-        .map_err(|e| format!("{}: {e}", want_path.display()))?
-        .to_rgb8();
-    if got.dimensions() != want.dimensions() {
-        return Err(format!(
-            "{name}: size {:?} vs {:?}",
-            got.dimensions(),
-            want.dimensions()
-        ));
-    }
-    let (mut max, mut within) = (0u8, 0usize);
-    for (a, b) in got.as_raw().iter().zip(want.as_raw()) {
-        let d = a.abs_diff(*b);
-        max = max.max(d);
-        within += (d <= 1) as usize;
-    }
-    let frac = within as f64 / got.as_raw().len() as f64;
-    if max > 2 || frac < 0.999 {
-        return Err(format!(
-            "{name}: max diff {max}/255, {:.3}% within 1/255",
-            frac * 100.0
-        ));
-    }
-    Ok(())
 }
 
 fn run_model(model: &str) {
@@ -96,7 +36,10 @@ fn run_model(model: &str) {
         let mut client = GenerationClient::connect(stack.url.clone()).await.unwrap();
         let mut failures = Vec::new();
         for case in cases {
-            let resp = match client.generate(request(&case.params, &e2e)).await {
+            let resp = match client
+                .generate(common::e2e::request(&case.params, &e2e))
+                .await
+            {
                 Ok(r) => r.into_inner(),
                 Err(s) => {
                     failures.push(format!("{}: {:?} {}", case.name, s.code(), s.message()));
@@ -112,7 +55,7 @@ fn run_model(model: &str) {
             let params = resp.parameters.unwrap();
             assert_eq!(Some(params.seed), case.params["seed"].as_u64());
             for (img, file) in resp.images.iter().zip(&case.files) {
-                if let Err(e) = compare(
+                if let Err(e) = common::e2e::compare(
                     &format!("{model}/{file}"),
                     &img.data,
                     &e2e.join(model).join(file),

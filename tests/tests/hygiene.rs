@@ -123,6 +123,7 @@ fn good_predict(context: i64) -> PredictRequest {
         latents: Some(common::wire_zeros(&[1, 4, 8, 8])),
         timesteps: vec![500.0],
         cond: Some(Embedding {
+            pooled: None,
             id: "hygiene-cond".into(),
             tensor: Some(common::wire_zeros(&[1, 77, context])),
         }),
@@ -191,6 +192,7 @@ async fn the_denoiser_refuses_bad_input_briefly_and_keeps_serving() {
     // An id the denoiser never saw: the miss is known by its reason.
     let mut unknown = good();
     unknown.cond = Some(Embedding {
+        pooled: None,
         id: "never-sent".into(),
         tensor: None,
     });

@@ -1,8 +1,9 @@
-//! The SDXL family through the services (issue 13, in progress): the text
-//! encoder service gives both encoders' penultimate hidden states,
-//! concatenated, and the pooled embedding, equal to diffusers'
-//! `StableDiffusionXLPipeline.encode_prompt` on `sdxl-tiny` (whose second
-//! tokenizer pads with "!", which a prompt's "!" must then be split as).
+//! The SDXL family through the services: the text encoder service gives
+//! both encoders' penultimate hidden states, concatenated, and the pooled
+//! embedding, equal to diffusers' `StableDiffusionXLPipeline.encode_prompt`
+//! on `sdxl-tiny` (whose second tokenizer pads with "!", which a prompt's
+//! "!" must then be split as); and whole generations through `sdctl up`
+//! equal the pipeline's images (`make_xl_models.py` writes both).
 
 #![allow(clippy::unwrap_used)]
 
@@ -86,4 +87,58 @@ async fn the_text_encoder_service_encodes_with_both_sdxl_encoders() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("clip_skip"), "{}", e.message());
+}
+
+#[derive(serde::Deserialize)]
+struct Case {
+    name: String,
+    params: serde_json::Value,
+    files: Vec<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct Cases {
+    cases: Vec<Case>,
+}
+
+#[test]
+fn sdxl_generations_match_diffusers_images() {
+    use sd_proto::v1::generation_client::GenerationClient;
+    let model = common::model("sdxl-tiny");
+    let e2e = model.join("e2e");
+    let cases: Cases =
+        serde_json::from_str(&std::fs::read_to_string(e2e.join("cases.json")).unwrap()).unwrap();
+    let stack = common::stack::Stack::start(&model);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let failures: Vec<String> = rt.block_on(async {
+        let mut client = GenerationClient::connect(stack.url.clone()).await.unwrap();
+        let mut failures = Vec::new();
+        for case in &cases.cases {
+            let resp = match client
+                .generate(common::e2e::request(&case.params, &e2e))
+                .await
+            {
+                Ok(r) => r.into_inner(),
+                Err(s) => {
+                    failures.push(format!("{}: {:?} {}", case.name, s.code(), s.message()));
+                    continue;
+                }
+            };
+            assert_eq!(resp.images.len(), case.files.len(), "{}", case.name);
+            for (img, file) in resp.images.iter().zip(&case.files) {
+                if let Err(e) =
+                    common::e2e::compare(&format!("sdxl/{file}"), &img.data, &e2e.join(file))
+                {
+                    failures.push(e);
+                }
+            }
+        }
+        failures
+    });
+    assert!(
+        failures.is_empty(),
+        "{} differ from diffusers:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -349,6 +349,7 @@ async fn internal_services_refuse_bad_calls_with_clear_codes() {
 
 fn emb(id: &str, t: Option<sd_proto::v1::Tensor>) -> sd_proto::v1::Embedding {
     sd_proto::v1::Embedding {
+        pooled: None,
         id: id.into(),
         tensor: t,
     }
@@ -614,10 +615,12 @@ async fn a_step_stream_answers_each_step_in_order_and_ends_on_a_bad_one() {
         latents: Some(f32s(vec![1, 4, 8, 8], latent)),
         timesteps: vec![t],
         cond: Some(Embedding {
+            pooled: None,
             id: "prompt".into(),
             tensor: full.then(|| f32s(vec![1, 77, 32], 0.5)),
         }),
         uncond: Some(Embedding {
+            pooled: None,
             id: "negative".into(),
             tensor: full.then(|| f32s(vec![1, 77, 32], -0.5)),
         }),

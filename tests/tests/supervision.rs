@@ -368,6 +368,7 @@ async fn a_denoiser_stopped_mid_forward_exits_cleanly() {
         latents: Some(common::wire_zeros(&[1, 4, 128, 128])),
         timesteps: vec![500.0],
         cond: Some(sd_proto::v1::Embedding {
+            pooled: None,
             id: String::new(),
             tensor: Some(common::wire_zeros(&[1, 77, info.context_dim as i64])),
         }),

@@ -56,9 +56,10 @@ pub struct GenerateArgs {
     /// Denoising steps.
     #[arg(long, default_value_t = 50)]
     steps: u32,
-    /// Classifier-free guidance scale (<= 1 turns guidance off).
-    #[arg(long, default_value_t = 7.5)]
-    guidance: f32,
+    /// Classifier-free guidance scale (<= 1 turns guidance off; default:
+    /// the model's, 7.5, SDXL 5.0).
+    #[arg(long)]
+    guidance: Option<f32>,
     /// ddim, pndm, euler, euler-a, lms, heun, dpmpp-2m, unipc, lcm (default: the model's own).
     #[arg(long)]
     scheduler: Option<String>,
@@ -77,6 +78,24 @@ pub struct GenerateArgs {
     /// Use the text encoder's hidden state this many layers before the last.
     #[arg(long, default_value_t = 0)]
     clip_skip: u32,
+    /// SDXL: the original size conditioning, width (with --original-height).
+    #[arg(long, default_value_t = 0)]
+    original_width: u32,
+    #[arg(long, default_value_t = 0)]
+    original_height: u32,
+    /// SDXL: the crop conditioning's top-left corner.
+    #[arg(long, default_value_t = 0)]
+    crop_top: u32,
+    #[arg(long, default_value_t = 0)]
+    crop_left: u32,
+    /// SDXL: the target size conditioning (with --target-height).
+    #[arg(long, default_value_t = 0)]
+    target_width: u32,
+    #[arg(long, default_value_t = 0)]
+    target_height: u32,
+    /// SDXL refiner: the aesthetic score (default 6.0).
+    #[arg(long)]
+    aesthetic_score: Option<f32>,
     /// Image-to-image: the initial image (PNG, JPEG or WebP).
     #[arg(long)]
     init_image: Option<PathBuf>,
@@ -158,7 +177,7 @@ fn request(a: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
         width: a.width.unwrap_or(0),
         height: a.height.unwrap_or(0),
         steps: a.steps,
-        guidance_scale: Some(a.guidance),
+        guidance_scale: a.guidance,
         scheduler: a.scheduler.clone().unwrap_or_default(),
         karras: a.karras,
         eta: a.eta,
@@ -171,7 +190,23 @@ fn request(a: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
         preview_every: a.preview_every,
         preview_mode: 0,
         model: String::new(),
+        conditioning: conditioning(a),
     })
+}
+
+/// The size conditioning flags, when any is given.
+fn conditioning(a: &GenerateArgs) -> Option<sd_proto::v1::SizeConditioning> {
+    let c = sd_proto::v1::SizeConditioning {
+        original_width: a.original_width,
+        original_height: a.original_height,
+        crop_top: a.crop_top,
+        crop_left: a.crop_left,
+        target_width: a.target_width,
+        target_height: a.target_height,
+        aesthetic_score: a.aesthetic_score,
+        ..Default::default()
+    };
+    (c != sd_proto::v1::SizeConditioning::default()).then_some(c)
 }
 
 fn progress_bar() -> anyhow::Result<ProgressBar> {

@@ -118,6 +118,8 @@ impl Denoising<'_> {
                 session_id: 0,
                 steps_after,
                 trace_context: Default::default(),
+                time_ids: self.text.time_ids.as_ref().map(|t| t.0.clone()),
+                negative_time_ids: self.text.time_ids.as_ref().map(|t| t.1.clone()),
             };
             match session.step(request).await {
                 Ok(response) => {

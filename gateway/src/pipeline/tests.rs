@@ -179,6 +179,7 @@ fn facts() -> ModelFacts {
         prediction: Prediction::Epsilon,
         text_layers: 2,
         text_model_id: "fake@1".into(),
+        family: Default::default(),
     }
 }
 

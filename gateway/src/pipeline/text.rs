@@ -4,7 +4,8 @@
 
 use std::time::Instant;
 
-use sd_proto::v1::{Dtype, Embedding, EncodeTextRequest};
+use sd_proto::v1::{Dtype, Embedding, EncodeTextRequest, Tensor as WireTensor};
+use sd_proto::wire::HostTensor;
 use sd_runtime::deadline::Deadline;
 use sd_runtime::metrics::Stage as Phase;
 use tracing::Instrument;
@@ -32,16 +33,23 @@ impl Conditioning {
         Embedding {
             id: self.embedding.id.clone(),
             tensor: (!self.sent).then(|| self.embedding.tensor.clone()),
+            pooled: if self.sent {
+                None
+            } else {
+                self.embedding.pooled.clone()
+            },
         }
     }
 }
 
-/// What guides every step: the prompt, the negative prompt (when guided)
-/// and the guidance scale.
+/// What guides every step: the prompt, the negative prompt (when guided),
+/// the guidance scale, and for SDXL models each latent's time ids.
 pub(super) struct Text {
     cond: Conditioning,
     uncond: Option<Conditioning>,
     pub guidance: f32,
+    /// (time ids, negative time ids), (images, n) each.
+    pub time_ids: Option<(WireTensor, WireTensor)>,
 }
 
 impl Text {
@@ -79,9 +87,14 @@ impl Text {
 impl Generator {
     /// The text conditioning of `plan`.
     pub(super) async fn condition(&self, plan: &Plan, deadline: &Deadline) -> Result<Text> {
-        // diffusers applies clip_skip to the prompt, not to the negative prompt.
+        // diffusers applies clip_skip to the prompt, not to the negative
+        // prompt; SDXL pipelines with force_zeros_for_empty_prompt guide
+        // an empty negative prompt by zeros instead of an encoded "".
+        let zeros = plan.guided()
+            && plan.negative_prompt.is_empty()
+            && self.facts.family.force_zeros_for_empty_prompt;
         let mut wanted = vec![(plan.prompt.as_str(), plan.clip_skip)];
-        if plan.guided() {
+        if plan.guided() && !zeros {
             wanted.push((plan.negative_prompt.as_str(), 0));
         }
         let started = Instant::now();
@@ -90,10 +103,16 @@ impl Generator {
         let cond = embeddings
             .next()
             .ok_or_else(|| Error::Internal("no prompt embedding".into()))?;
+        let uncond = if zeros {
+            Some(zeros_like(&cond, &self.facts.text_model_id))
+        } else {
+            embeddings.next()
+        };
         Ok(Text {
             cond: Conditioning::new(cond),
-            uncond: embeddings.next().map(Conditioning::new),
+            uncond: uncond.map(Conditioning::new),
             guidance: plan.guidance,
+            time_ids: time_id_rows(plan)?,
         })
     }
 
@@ -183,9 +202,20 @@ impl Generator {
             sd_proto::wire::validate(&tensor)
                 .map_err(|e| Error::bad_reply(Stage::TextEncoder, format!("embeddings: {e}")))?;
             tensor.shape.insert(0, 1);
+            let pooled = match encoded.pooled {
+                Some(mut p) => {
+                    sd_proto::wire::validate(&p).map_err(|e| {
+                        Error::bad_reply(Stage::TextEncoder, format!("pooled: {e}"))
+                    })?;
+                    p.shape.insert(0, 1);
+                    Some(p)
+                }
+                None => None,
+            };
             let embedding = CachedEmbedding {
                 id: keys[i].embedding_id(),
                 tensor,
+                pooled,
             };
             if let Ok(mut cache) = self.cache.lock() {
                 cache.insert(keys[i].clone(), embedding.clone());
@@ -194,4 +224,45 @@ impl Generator {
         }
         Ok(())
     }
+}
+
+/// An embedding of zeros shaped like `like` (and its pooled embedding):
+/// SDXL's unconditional embedding for an empty negative prompt. Its id
+/// names the shape and the text model, so the denoiser caches it once.
+fn zeros_like(like: &CachedEmbedding, model: &str) -> CachedEmbedding {
+    let zeros = |t: &WireTensor| WireTensor {
+        shape: t.shape.clone(),
+        dtype: t.dtype,
+        data: vec![0u8; t.data.len()].into(),
+    };
+    let key = PromptKey {
+        model: model.to_string(),
+        clip_skip: u32::MAX,
+        prompt: format!(
+            "zeros {:?} {:?}",
+            like.tensor.shape,
+            like.pooled.as_ref().map(|p| &p.shape)
+        ),
+    };
+    CachedEmbedding {
+        id: key.embedding_id(),
+        tensor: zeros(&like.tensor),
+        pooled: like.pooled.as_ref().map(zeros),
+    }
+}
+
+/// The plan's time ids as (images, n) tensors, positive and negative.
+fn time_id_rows(plan: &Plan) -> Result<Option<(WireTensor, WireTensor)>> {
+    let Some(t) = &plan.time_ids else {
+        return Ok(None);
+    };
+    let rows = |v: &[f32]| -> Result<WireTensor> {
+        let data: Vec<f32> = (0..plan.num_images)
+            .flat_map(|_| v.iter().copied())
+            .collect();
+        HostTensor::new(vec![i64::from(plan.num_images), v.len() as i64], data)
+            .map(|h| h.to_wire(Dtype::Float32))
+            .map_err(|e| Error::Internal(format!("time ids: {e}")))
+    };
+    Ok(Some((rows(&t.positive)?, rows(&t.negative)?)))
 }

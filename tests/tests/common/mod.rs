@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 #![allow(clippy::unwrap_used)]
 
+pub mod e2e;
 pub mod procfs;
 pub mod procs;
 pub mod stack;
