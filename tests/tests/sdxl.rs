@@ -101,35 +101,54 @@ struct Cases {
     cases: Vec<Case>,
 }
 
-#[test]
-fn sdxl_generations_match_diffusers_images() {
+/// Every case of `model` through `sdctl up`, one at a time, then all at
+/// once (the denoiser batches their steps; results must not change).
+fn run_model(model: &str) {
     use sd_proto::v1::generation_client::GenerationClient;
-    let model = common::model("sdxl-tiny");
-    let e2e = model.join("e2e");
+    let dir = common::model(model);
+    let e2e = dir.join("e2e");
     let cases: Cases =
         serde_json::from_str(&std::fs::read_to_string(e2e.join("cases.json")).unwrap()).unwrap();
-    let stack = common::stack::Stack::start(&model);
+    let stack = common::stack::Stack::start(&dir);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let failures: Vec<String> = rt.block_on(async {
-        let mut client = GenerationClient::connect(stack.url.clone()).await.unwrap();
+        let client = GenerationClient::connect(stack.url.clone()).await.unwrap();
         let mut failures = Vec::new();
-        for case in &cases.cases {
-            let resp = match client
-                .generate(common::e2e::request(&case.params, &e2e))
-                .await
-            {
-                Ok(r) => r.into_inner(),
-                Err(s) => {
-                    failures.push(format!("{}: {:?} {}", case.name, s.code(), s.message()));
-                    continue;
+        for together in [false, true] {
+            let mut set = tokio::task::JoinSet::new();
+            let mut results = Vec::new();
+            for (i, case) in cases.cases.iter().enumerate() {
+                let mut c = client.clone();
+                let req = common::e2e::request(&case.params, &e2e);
+                if together {
+                    set.spawn(async move { (i, c.generate(req).await) });
+                } else {
+                    results.push((i, c.generate(req).await));
                 }
-            };
-            assert_eq!(resp.images.len(), case.files.len(), "{}", case.name);
-            for (img, file) in resp.images.iter().zip(&case.files) {
-                if let Err(e) =
-                    common::e2e::compare(&format!("sdxl/{file}"), &img.data, &e2e.join(file))
-                {
-                    failures.push(e);
+            }
+            while let Some(done) = set.join_next().await {
+                results.push(done.unwrap());
+            }
+            results.sort_by_key(|(i, _)| *i);
+            let results = results.into_iter().map(|(i, r)| (&cases.cases[i], r));
+            for (case, result) in results {
+                let name = format!(
+                    "{model}/{}{}",
+                    case.name,
+                    if together { " (batched)" } else { "" }
+                );
+                let resp = match result {
+                    Ok(r) => r.into_inner(),
+                    Err(s) => {
+                        failures.push(format!("{name}: {:?} {}", s.code(), s.message()));
+                        continue;
+                    }
+                };
+                assert_eq!(resp.images.len(), case.files.len(), "{name}");
+                for (img, file) in resp.images.iter().zip(&case.files) {
+                    if let Err(e) = common::e2e::compare(&name, &img.data, &e2e.join(file)) {
+                        failures.push(e);
+                    }
                 }
             }
         }
@@ -141,4 +160,24 @@ fn sdxl_generations_match_diffusers_images() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+#[test]
+fn sdxl_generations_match_diffusers_images() {
+    run_model("sdxl-tiny");
+}
+
+#[test]
+fn turbo_style_generations_match_diffusers_images() {
+    run_model("sdxl-turbo-tiny");
+}
+
+#[test]
+fn an_lcm_unet_takes_guidance_as_diffusers_does() {
+    run_model("sdxl-lcm-tiny");
+}
+
+#[test]
+fn the_refiner_matches_diffusers_image_to_image() {
+    run_model("sdxl-refiner-tiny");
 }

@@ -3,21 +3,34 @@
 
 use sd_proto::v1::{GenerateRequest, SizeConditioning};
 
-/// SDXL's size conditioning from diffusers' (height, width) pairs:
-/// `original`, `crop` (top, left), `target`.
+/// SDXL's size conditioning from diffusers' (height, width) pairs —
+/// `original`, `crop` (top, left), `target` — and the refiner's
+/// `aesthetic` and `negative_aesthetic` scores; None when the case has none.
 fn conditioning(p: &serde_json::Value) -> Option<SizeConditioning> {
     let pair = |k: &str| -> Option<(u32, u32)> {
         let v = p.get(k)?.as_array()?;
         Some((v.first()?.as_u64()? as u32, v.get(1)?.as_u64()? as u32))
     };
-    let (original, crop, target) = (pair("original")?, pair("crop")?, pair("target")?);
+    let score = |k: &str| p.get(k).and_then(|v| v.as_f64()).map(|v| v as f32);
+    let (original, crop, target) = (pair("original"), pair("crop"), pair("target"));
+    let (aesthetic, negative_aesthetic) = (score("aesthetic"), score("negative_aesthetic"));
+    if original.is_none() && aesthetic.is_none() {
+        return None;
+    }
+    let (o, c, t) = (
+        original.unwrap_or((0, 0)),
+        crop.unwrap_or((0, 0)),
+        target.unwrap_or((0, 0)),
+    );
     Some(SizeConditioning {
-        original_height: original.0,
-        original_width: original.1,
-        crop_top: crop.0,
-        crop_left: crop.1,
-        target_height: target.0,
-        target_width: target.1,
+        original_height: o.0,
+        original_width: o.1,
+        crop_top: c.0,
+        crop_left: c.1,
+        target_height: t.0,
+        target_width: t.1,
+        aesthetic_score: aesthetic,
+        negative_aesthetic_score: negative_aesthetic,
         ..Default::default()
     })
 }
