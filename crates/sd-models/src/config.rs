@@ -471,7 +471,9 @@ pub struct VaeConfig {
     pub up_block_types: Vec<String>,
     #[serde(default = "d_act_silu")]
     pub act_fn: String,
-    #[serde(default)]
+    /// SDXL pipelines run this VAE in fp32 when the rest runs in fp16
+    /// (diffusers' default: true; the fp16-fix VAE says false).
+    #[serde(default = "d_true")]
     pub force_upcast: bool,
 }
 

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use clap::Parser;
-use sd_models::{Component, ModelDir, Vae};
+use sd_models::{Component, ModelDir, Placement, Vae};
 use sd_proto::v1::autoencoder_server::{Autoencoder, AutoencoderServer};
 use sd_proto::v1::{
     AutoencoderInfo, AutoencoderInfoRequest, DecodeRequest, DecodeResponse, Dtype,
@@ -232,6 +232,20 @@ fn check_fits(vae: &Vae, own: &ModelDir) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// diffusers' SDXL pipelines decode in fp32 when the VAE is in fp16 and
+/// its config says `force_upcast` (SDXL's VAE overflows in fp16); the SD
+/// 1.x/2.x pipelines never do.
+fn upcast(placement: Placement, xl: bool, force_upcast: bool) -> Placement {
+    if xl && force_upcast && placement.kind == Kind::Half {
+        Placement {
+            kind: Kind::Float,
+            ..placement
+        }
+    } else {
+        placement
+    }
+}
+
 /// Load the VAE; warm up.
 fn load(
     args: Args,
@@ -251,7 +265,13 @@ fn load(
             .map_err(|e| anyhow::anyhow!("--vae: {e}"))?,
         None => own.clone(),
     };
-    let vae = sd_service::timed_load(&metrics, "vae", || dir.load_vae(placement))?;
+    let vae_config: sd_models::config::VaeConfig =
+        sd_models::config::read_json(&dir.config_path(Component::Vae))?;
+    let vae_placement = upcast(placement, dir.is_xl()?, vae_config.force_upcast);
+    if vae_placement.kind != placement.kind {
+        tracing::info!("the VAE runs in fp32 (force_upcast), as diffusers' SDXL pipelines run it");
+    }
+    let vae = sd_service::timed_load(&metrics, "vae", || dir.load_vae(vae_placement))?;
     if args.vae.is_some() {
         check_fits(&vae, &own)?;
     }
@@ -281,4 +301,25 @@ fn load(
     Ok(AutoencoderServer::new(service)
         .max_decoding_message_size(max)
         .max_encoding_message_size(max))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_sdxl_in_fp16_with_force_upcast_decodes_in_fp32() {
+        let half = Placement {
+            device: tch::Device::Cpu,
+            kind: Kind::Half,
+        };
+        assert_eq!(upcast(half, true, true).kind, Kind::Float);
+        assert_eq!(upcast(half, true, false).kind, Kind::Half);
+        assert_eq!(upcast(half, false, true).kind, Kind::Half);
+        let bf16 = Placement {
+            kind: Kind::BFloat16,
+            ..half
+        };
+        assert_eq!(upcast(bf16, true, true).kind, Kind::BFloat16);
+    }
 }
