@@ -290,11 +290,22 @@ impl Sampler {
             karras: req.karras,
             eta: req.eta,
         };
-        let schedule =
-            build(kind, &facts.scheduler_config, steps as usize, options).map_err(|e| match e {
-                SchedulerError::Steps(m) => Error::invalid("steps", m),
-                other => Error::invalid("scheduler", other),
-            })?;
+        let config = match req.timestep_spacing.as_str() {
+            "" => facts.scheduler_config.clone(),
+            s @ ("leading" | "trailing" | "linspace") => {
+                facts.scheduler_config.with_str("timestep_spacing", s)
+            }
+            other => {
+                return Err(Error::invalid(
+                    "timestep_spacing",
+                    format!("{} given; leading, trailing or linspace", quote(other)),
+                ))
+            }
+        };
+        let schedule = build(kind, &config, steps as usize, options).map_err(|e| match e {
+            SchedulerError::Steps(m) => Error::invalid("steps", m),
+            other => Error::invalid("scheduler", other),
+        })?;
         Ok(Sampler {
             kind,
             karras: req.karras,

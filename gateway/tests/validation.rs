@@ -486,3 +486,30 @@ fn lcm_refuses_more_steps_than_its_distillation_schedule_names_steps() {
     .unwrap();
     assert_eq!(p.scheduler, SchedulerKind::Lcm);
 }
+
+#[test]
+fn a_request_may_set_the_timestep_spacing() {
+    // Euler's own spacing here (linspace, diffusers' default for the
+    // class) and trailing (what Turbo models ship) start at 999; leading
+    // (SD's configs) at 750 for 4 steps.
+    let first = |spacing: &str| {
+        plan(GenerateRequest {
+            scheduler: "euler".into(),
+            steps: 4,
+            timestep_spacing: spacing.into(),
+            ..req()
+        })
+        .unwrap()
+        .schedule
+        .timesteps()[0]
+    };
+    assert_eq!(first(""), 999.0);
+    assert_eq!(first("trailing"), 999.0);
+    assert_eq!(first("leading"), 750.0);
+    let e = plan(GenerateRequest {
+        timestep_spacing: "sideways".into(),
+        ..req()
+    })
+    .unwrap_err();
+    assert_eq!(field_violations(&e)[0].field, "timestep_spacing");
+}

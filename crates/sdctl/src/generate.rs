@@ -96,6 +96,10 @@ pub struct GenerateArgs {
     /// SDXL refiner: the aesthetic score (default 6.0).
     #[arg(long)]
     aesthetic_score: Option<f32>,
+    /// The scheduler's timestep spacing: leading, trailing or linspace
+    /// (default: the model's).
+    #[arg(long, default_value = "")]
+    timestep_spacing: String,
     /// Image-to-image: the initial image (PNG, JPEG or WebP).
     #[arg(long)]
     init_image: Option<PathBuf>,
@@ -191,6 +195,7 @@ fn request(a: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
         preview_mode: 0,
         model: String::new(),
         conditioning: conditioning(a),
+        timestep_spacing: a.timestep_spacing.clone(),
     })
 }
 

@@ -34,6 +34,14 @@ impl SchedulerConfig {
         SchedulerConfig { raw }
     }
 
+    /// This config with `key` set to the string `value` (a request's
+    /// override, e.g. `timestep_spacing`).
+    pub fn with_str(&self, key: &str, value: &str) -> SchedulerConfig {
+        let mut raw = self.raw.clone();
+        raw.insert(key.to_string(), Value::from(value));
+        SchedulerConfig { raw }
+    }
+
     /// The diffusers class the model ships with (`_class_name`).
     pub fn class_name(&self) -> Option<&str> {
         self.raw.get("_class_name").and_then(Value::as_str)
