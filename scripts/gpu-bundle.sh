@@ -99,7 +99,8 @@ for pin in "${WHEEL_PINS[@]}"; do
     name=${pin%%==*}; version=${pin##*==}
     cp "$WHEELS"/"${name//-/_}"-"$version"-*.whl "$BUNDLE/wheels/"
 done
-cp tests/fixtures/make_tiny_models.py tests/fixtures/make_sd15_random.py "$BUNDLE/fixtures/"
+cp tests/fixtures/make_tiny_models.py tests/fixtures/make_sd15_random.py tests/fixtures/make_xl_models.py \
+    tests/fixtures/make_sdxl_random.py "$BUNDLE/fixtures/"
 cp scripts/gpu-run-checks.sh "$BUNDLE/run-checks.sh"
 chmod +x "$BUNDLE/run-checks.sh"
 {

@@ -9,7 +9,9 @@
 # checks the stack's images against diffusers' on the device (fp32, then
 # half precision), then benchmarks the SD 1.5 architecture (on CUDA: fp16,
 # 512², 20 steps; stack vs in-process vs diffusers with SDPA, batching at
-# concurrency 1-8, VRAM per service). Everything lands in $OUT (default
+# concurrency 1-8, VRAM per service). `--family sdxl` checks the SDXL family
+# instead: tiny SDXL pipelines, and on CUDA the SDXL architecture at 1024²
+# in fp16 (parity and seconds per image). Everything lands in $OUT (default
 # target/gpu-checks) as gpu-checks.md, with the full log beside it. Each
 # step has a time limit and a failed step does not stop the others; the
 # exit status says whether all passed.
@@ -20,17 +22,20 @@ DEVICE=cuda
 PYTHON=""
 OUTDIR=${OUT:-}
 THREADS=""
+FAMILY=sd
 while (($#)); do
     case "$1" in
         --device) DEVICE=$2; shift 2 ;;
         --python) PYTHON=$2; shift 2 ;;
         --out) OUTDIR=$2; shift 2 ;;
         --threads) THREADS=$2; shift 2 ;;
+        --family) FAMILY=$2; shift 2 ;;
         -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "run-checks: unknown argument $1" >&2; exit 2 ;;
     esac
 done
 case "$DEVICE" in cuda|cuda:*|cpu) ;; *) echo "run-checks: --device cuda or cpu" >&2; exit 2 ;; esac
+case "$FAMILY" in sd|sdxl) ;; *) echo "run-checks: --family sd or sdxl" >&2; exit 2 ;; esac
 if [[ -z "$PYTHON" ]]; then
     if [[ -x /opt/torch/.venv/bin/python3 ]]; then PYTHON=/opt/torch/.venv/bin/python3; else PYTHON=python3; fi
 fi
@@ -71,7 +76,7 @@ step() {
 }
 
 : > "$REPORT"
-say "# sdserve GPU bundle checks: --device $DEVICE"
+say "# sdserve GPU bundle checks: --device $DEVICE --family $FAMILY"
 say ""
 log "unpacking binaries and wheels into $WORK"
 tar -xJf "$HERE/bin.tar.xz" -C "$WORK/bin" || { log "cannot unpack bin.tar.xz"; exit 1; }
@@ -99,36 +104,49 @@ if [[ "$DEVICE" != cpu ]]; then
 fi
 say ""
 
+if [[ "$DEVICE" == cpu ]]; then HALF=bf16; else HALF=fp16; fi
+parity() { # MODEL PRECISION [sd-bench flags]
+    local model=$1 precision=$2; shift 2
+    step "parity $model $precision $*" 300 "$BENCH" --model "$WORK/fixtures/$model" --parity-check \
+        --device "$DEVICE" --precision "$precision" --threads "$THREADS" --python "$PYTHON" "$@"
+}
+
 # 1. Fixtures, written by diffusers on this machine.
 step "tiny fixtures" 300 "$PYTHON" "$HERE/fixtures/make_tiny_models.py" "$WORK/fixtures"
-if [[ "$DEVICE" != cpu ]]; then
-    step "SD 1.5-architecture random model" 300 "$PYTHON" "$HERE/fixtures/make_sd15_random.py" "$WORK/fixtures/sd15-random"
-fi
 
-# 2. Parity with diffusers on the device.
-if [[ "$DEVICE" == cpu ]]; then HALF=bf16; else HALF=fp16; fi
-for model in sd1-tiny sd2-tiny; do
-    for precision in fp32 "$HALF"; do
-        step "parity $model $precision" 240 "$BENCH" --model "$WORK/fixtures/$model" --parity-check \
-            --device "$DEVICE" --precision "$precision" --steps 10 --threads "$THREADS" --python "$PYTHON"
+if [[ "$FAMILY" == sd ]]; then
+    if [[ "$DEVICE" != cpu ]]; then
+        step "SD 1.5-architecture random model" 300 "$PYTHON" "$HERE/fixtures/make_sd15_random.py" "$WORK/fixtures/sd15-random"
+    fi
+    # 2. Parity with diffusers on the device.
+    for model in sd1-tiny sd2-tiny; do
+        for precision in fp32 "$HALF"; do parity "$model" "$precision" --steps 10; done
     done
-done
-if [[ "$DEVICE" != cpu ]]; then
-    step "parity sd15-random fp16 512²" 300 "$BENCH" --model "$WORK/fixtures/sd15-random" --parity-check \
-        --device "$DEVICE" --precision fp16 --size 512 --steps 20 --threads "$THREADS" --python "$PYTHON"
-fi
-
-# 3. Speed.
-if [[ "$DEVICE" == cpu ]]; then
-    # One thread per process: the tiny UNet's operators are too small to
-    # split (docs/BENCHMARKS.md, "Threads per service").
-    step "bench sd1-tiny fp32" 300 "$BENCH" --model "$WORK/fixtures/sd1-tiny" --device cpu --precision fp32 \
-        --steps 10 --threads 1 --runs 2 --concurrency 1,2 --requests-per-worker 2 --forward-rows 2,4 \
-        --python "$PYTHON"
+    if [[ "$DEVICE" != cpu ]]; then
+        parity sd15-random fp16 --size 512 --steps 20
+    fi
+    # 3. Speed.
+    if [[ "$DEVICE" == cpu ]]; then
+        # One thread per process: the tiny UNet's operators are too small to
+        # split (docs/BENCHMARKS.md, "Threads per service").
+        step "bench sd1-tiny fp32" 300 "$BENCH" --model "$WORK/fixtures/sd1-tiny" --device cpu --precision fp32 \
+            --steps 10 --threads 1 --runs 2 --concurrency 1,2 --requests-per-worker 2 --forward-rows 2,4 \
+            --python "$PYTHON"
+    else
+        step "bench sd15-random fp16 512²" 420 "$BENCH" --model "$WORK/fixtures/sd15-random" --device "$DEVICE" \
+            --precision fp16 --size 512 --steps 20 --threads "$THREADS" --runs 3 --concurrency 1,2,4,8 \
+            --requests-per-worker 2 --forward-rows 2,4,8,16 --python "$PYTHON"
+    fi
 else
-    step "bench sd15-random fp16 512²" 420 "$BENCH" --model "$WORK/fixtures/sd15-random" --device "$DEVICE" \
-        --precision fp16 --size 512 --steps 20 --threads "$THREADS" --runs 3 --concurrency 1,2,4,8 \
-        --requests-per-worker 2 --forward-rows 2,4,8,16 --python "$PYTHON"
+    # The SDXL family: tiny SDXL pipelines, parity on the device; on a GPU
+    # also the SDXL architecture at 1024², fp16, 20 steps (parity and time).
+    step "SDXL tiny fixtures" 300 "$PYTHON" "$HERE/fixtures/make_xl_models.py" "$WORK/fixtures"
+    for precision in fp32 "$HALF"; do parity sdxl-tiny "$precision" --size 32 --steps 6; done
+    parity sdxl-turbo-tiny "$HALF" --size 32 --steps 2
+    if [[ "$DEVICE" != cpu ]]; then
+        step "SDXL-architecture random model" 400 "$PYTHON" "$HERE/fixtures/make_sdxl_random.py" "$WORK/fixtures/sdxl-random"
+        parity sdxl-random fp16 --size 1024 --steps 20
+    fi
 fi
 
 say ""

@@ -1,4 +1,6 @@
-"""diffusers' StableDiffusionPipeline, timed image by image for sd-bench:
+"""diffusers' text-to-image pipeline for the model (StableDiffusionPipeline,
+or StableDiffusionXLPipeline for the SDXL family), timed image by image for
+sd-bench:
 MODEL STEPS SIZE THREADS [DEVICE [PRECISION]] (SIZE 0: the model's default;
 DEVICE cpu, cuda or cuda:N; PRECISION fp32, fp16 or bf16).
 
@@ -14,7 +16,7 @@ import sys
 import time
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoPipelineForText2Image
 
 model, steps, size, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 device = sys.argv[5] if len(sys.argv) > 5 else "cpu"
@@ -22,9 +24,19 @@ dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
     sys.argv[6] if len(sys.argv) > 6 else "fp32"
 ]
 torch.set_num_threads(threads)
-pipe = StableDiffusionPipeline.from_pretrained(
-    model, dtype=dtype, safety_checker=None, requires_safety_checker=False
-).to(device)
+extra = {}
+if "XL" in __import__("json").load(open(f"{model}/model_index.json"))["_class_name"]:
+    extra["add_watermarker"] = False
+else:
+    extra.update(safety_checker=None, requires_safety_checker=False)
+# Models stored in fp16 only (`*.fp16.safetensors`, as the random benchmark
+# models are) load as that variant.
+unet_dir = __import__("pathlib").Path(model) / "unet"
+if not (unet_dir / "diffusion_pytorch_model.safetensors").exists() and (
+    unet_dir / "diffusion_pytorch_model.fp16.safetensors"
+).exists():
+    extra["variant"] = "fp16"
+pipe = AutoPipelineForText2Image.from_pretrained(model, dtype=dtype, **extra).to(device)
 pipe.set_progress_bar_config(disable=True)
 kwargs = dict(num_inference_steps=steps, guidance_scale=7.5)
 if size:

@@ -88,11 +88,12 @@ impl Difference {
 pub(crate) async fn check(args: &Args) -> anyhow::Result<()> {
     let dir = precision::scratch_dir("parity")?;
     let mut reference = Vec::new();
+    let mut diffusers_seconds = Vec::new();
     {
         let mut d = Diffusers::start(args)?;
         for (i, (seed, prompt)) in CASES.iter().enumerate() {
             let png = dir.join(format!("diffusers-{i}.png"));
-            d.image_to(*seed, prompt, Some(&png))?;
+            diffusers_seconds.push(d.image_to(*seed, prompt, Some(&png))?.0);
             reference.push(precision::rgb(&std::fs::read(&png)?)?);
         }
     }
@@ -100,11 +101,14 @@ pub(crate) async fn check(args: &Args) -> anyhow::Result<()> {
     let stack = start_stack(args, true, 1)?;
     let mut client = connect(&stack).await?;
     let mut diffs = Vec::new();
+    let mut stack_seconds = Vec::new();
     for ((seed, prompt), want) in CASES.iter().zip(&reference) {
+        let t = Instant::now();
         let reply = client
             .generate(request(args, *seed, prompt))
             .await?
             .into_inner();
+        stack_seconds.push(t.elapsed().as_secs_f64());
         let png = reply
             .images
             .first()
@@ -113,6 +117,14 @@ pub(crate) async fn check(args: &Args) -> anyhow::Result<()> {
     }
     let tolerance = Tolerance::for_precision(args.precision);
     print_table(args, tolerance, &diffs);
+    // The first image of each also pays for warm-up (cuDNN's choices, the
+    // caches): the rest are the steady state.
+    let steady = |v: &[f64]| mean(&v[1.min(v.len())..]);
+    println!(
+        "\nSeconds per image after the first: diffusers {:.3}, stack {:.3}.",
+        steady(&diffusers_seconds),
+        steady(&stack_seconds)
+    );
     let missed = diffs.iter().filter(|d| !tolerance.met(d)).count();
     anyhow::ensure!(
         missed == 0,

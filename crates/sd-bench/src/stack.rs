@@ -143,6 +143,10 @@ pub(crate) fn start_stack(
     })
 }
 
+/// The guidance every pipeline is measured at (diffusers_bench.py's too),
+/// whatever the model family's default.
+pub(crate) const GUIDANCE: f32 = 7.5;
+
 pub(crate) fn request(args: &Args, seed: u64, prompt: &str) -> GenerateRequest {
     GenerateRequest {
         prompt: prompt.into(),
@@ -150,6 +154,7 @@ pub(crate) fn request(args: &Args, seed: u64, prompt: &str) -> GenerateRequest {
         width: args.size,
         height: args.size,
         seed: Some(seed),
+        guidance_scale: Some(GUIDANCE),
         ..Default::default()
     }
 }
