@@ -128,6 +128,21 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let pixels = timed("vae decode", || Ok(vae.decode(&latents.narrow(0, 0, 1))?))?;
+    if args.repeat > 0 {
+        let mut ms = Vec::with_capacity(args.repeat);
+        for _ in 0..args.repeat {
+            let start = Instant::now();
+            let _ = vae.decode(&latents.narrow(0, 0, 1))?;
+            ms.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        ms.sort_by(f64::total_cmp);
+        println!(
+            "vae decode ×{}: fastest {:.1} ms, median {:.1} ms",
+            ms.len(),
+            ms[0],
+            ms[ms.len() / 2]
+        );
+    }
     let dist = timed("vae encode", || Ok(vae.encode(&pixels.clamp(-1.0, 1.0))?))?;
     println!(
         "tokens        {:?} (first 8: {:?})",
