@@ -6,16 +6,9 @@
 
 mod common;
 
+use common::e2e::{assert_all_match, check_cases, Case};
 use common::stack::Stack;
-use sd_proto::v1::generation_client::GenerationClient;
 use serde::Deserialize;
-
-#[derive(Deserialize)]
-struct Case {
-    name: String,
-    params: serde_json::Value,
-    files: Vec<String>,
-}
 
 #[derive(Deserialize)]
 struct Manifest {
@@ -32,46 +25,15 @@ fn run_model(model: &str) {
     let cases = &manifest.models[model];
     let stack = Stack::start(&fixtures.join(model));
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let failures: Vec<String> = rt.block_on(async {
-        let mut client = GenerationClient::connect(stack.url.clone()).await.unwrap();
-        let mut failures = Vec::new();
-        for case in cases {
-            let resp = match client
-                .generate(common::e2e::request(&case.params, &e2e))
-                .await
-            {
-                Ok(r) => r.into_inner(),
-                Err(s) => {
-                    failures.push(format!("{}: {:?} {}", case.name, s.code(), s.message()));
-                    continue;
-                }
-            };
-            assert_eq!(
-                resp.images.len(),
-                case.files.len(),
-                "{}: image count",
-                case.name
-            );
-            let params = resp.parameters.unwrap();
-            assert_eq!(Some(params.seed), case.params["seed"].as_u64());
-            for (img, file) in resp.images.iter().zip(&case.files) {
-                if let Err(e) = common::e2e::compare(
-                    &format!("{model}/{file}"),
-                    &img.data,
-                    &e2e.join(model).join(file),
-                ) {
-                    failures.push(e);
-                }
-            }
-        }
-        failures
-    });
-    assert!(
-        failures.is_empty(),
-        "{} differ from diffusers:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    let failures = rt.block_on(check_cases(
+        &stack.url,
+        cases,
+        &e2e,
+        &e2e.join(model),
+        model,
+        false,
+    ));
+    assert_all_match(&failures);
 }
 
 #[test]

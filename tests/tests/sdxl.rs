@@ -90,76 +90,31 @@ async fn the_text_encoder_service_encodes_with_both_sdxl_encoders() {
 }
 
 #[derive(serde::Deserialize)]
-struct Case {
-    name: String,
-    params: serde_json::Value,
-    files: Vec<String>,
-}
-
-#[derive(serde::Deserialize)]
 struct Cases {
-    cases: Vec<Case>,
+    cases: Vec<common::e2e::Case>,
 }
 
 /// Every case of `model` through `sdctl up`, one at a time, then all at
 /// once (the denoiser batches their steps; results must not change).
 fn run_model(model: &str) {
-    use sd_proto::v1::generation_client::GenerationClient;
     let dir = common::model(model);
     let e2e = dir.join("e2e");
     let cases: Cases =
         serde_json::from_str(&std::fs::read_to_string(e2e.join("cases.json")).unwrap()).unwrap();
     let stack = common::stack::Stack::start(&dir);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let failures: Vec<String> = rt.block_on(async {
-        let client = GenerationClient::connect(stack.url.clone()).await.unwrap();
-        let mut failures = Vec::new();
-        for together in [false, true] {
-            let mut set = tokio::task::JoinSet::new();
-            let mut results = Vec::new();
-            for (i, case) in cases.cases.iter().enumerate() {
-                let mut c = client.clone();
-                let req = common::e2e::request(&case.params, &e2e);
-                if together {
-                    set.spawn(async move { (i, c.generate(req).await) });
-                } else {
-                    results.push((i, c.generate(req).await));
-                }
-            }
-            while let Some(done) = set.join_next().await {
-                results.push(done.unwrap());
-            }
-            results.sort_by_key(|(i, _)| *i);
-            let results = results.into_iter().map(|(i, r)| (&cases.cases[i], r));
-            for (case, result) in results {
-                let name = format!(
-                    "{model}/{}{}",
-                    case.name,
-                    if together { " (batched)" } else { "" }
-                );
-                let resp = match result {
-                    Ok(r) => r.into_inner(),
-                    Err(s) => {
-                        failures.push(format!("{name}: {:?} {}", s.code(), s.message()));
-                        continue;
-                    }
-                };
-                assert_eq!(resp.images.len(), case.files.len(), "{name}");
-                for (img, file) in resp.images.iter().zip(&case.files) {
-                    if let Err(e) = common::e2e::compare(&name, &img.data, &e2e.join(file)) {
-                        failures.push(e);
-                    }
-                }
-            }
-        }
-        failures
-    });
-    assert!(
-        failures.is_empty(),
-        "{} differ from diffusers:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    let mut failures = Vec::new();
+    for together in [false, true] {
+        failures.extend(rt.block_on(common::e2e::check_cases(
+            &stack.url,
+            &cases.cases,
+            &e2e,
+            &e2e,
+            model,
+            together,
+        )));
+    }
+    common::e2e::assert_all_match(&failures);
 }
 
 #[test]

@@ -1,7 +1,89 @@
 //! The end-to-end parity cases the fixture scripts write: a case's
-//! parameters as a GenerateRequest, and the image comparison.
+//! parameters as a GenerateRequest, the image comparison, and the run of a
+//! model's cases against a stack.
 
+use std::path::Path;
+
+use sd_proto::v1::generation_client::GenerationClient;
 use sd_proto::v1::{GenerateRequest, SizeConditioning};
+
+/// One case as the fixture scripts list it: parameters and the reference
+/// images diffusers made for them.
+#[derive(serde::Deserialize)]
+pub struct Case {
+    pub name: String,
+    pub params: serde_json::Value,
+    pub files: Vec<String>,
+}
+
+/// Generate `cases` through the gateway at `url` — one at a time, or all
+/// at once when `together` (the denoiser then batches their steps) — and
+/// compare each image with its reference in `references`; init images are
+/// read from `inputs`. The failures, each named `label/case`.
+pub async fn check_cases(
+    url: &str,
+    cases: &[Case],
+    inputs: &Path,
+    references: &Path,
+    label: &str,
+    together: bool,
+) -> Vec<String> {
+    let client = GenerationClient::connect(url.to_string()).await.unwrap();
+    let mut set = tokio::task::JoinSet::new();
+    let mut results = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        let mut c = client.clone();
+        let req = request(&case.params, inputs);
+        if together {
+            set.spawn(async move { (i, c.generate(req).await) });
+        } else {
+            results.push((i, c.generate(req).await));
+        }
+    }
+    while let Some(done) = set.join_next().await {
+        results.push(done.unwrap());
+    }
+    results.sort_by_key(|(i, _)| *i);
+    let mut failures = Vec::new();
+    for (i, result) in results {
+        let case = &cases[i];
+        let name = format!(
+            "{label}/{}{}",
+            case.name,
+            if together { " (batched)" } else { "" }
+        );
+        let resp = match result {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                failures.push(format!("{name}: {:?} {}", s.code(), s.message()));
+                continue;
+            }
+        };
+        assert_eq!(resp.images.len(), case.files.len(), "{name}: image count");
+        let params = resp.parameters.unwrap();
+        assert_eq!(
+            Some(params.seed),
+            case.params["seed"].as_u64(),
+            "{name}: seed"
+        );
+        for (img, file) in resp.images.iter().zip(&case.files) {
+            if let Err(e) = compare(&format!("{name} {file}"), &img.data, &references.join(file)) {
+                failures.push(e);
+            }
+        }
+    }
+    failures
+}
+
+/// Fail the test listing every image that differs.
+pub fn assert_all_match(failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{} differ from diffusers:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
 
 /// SDXL's size conditioning from diffusers' (height, width) pairs —
 /// `original`, `crop` (top, left), `target` — and the refiner's
