@@ -11,7 +11,8 @@
 # 512², 20 steps; stack vs in-process vs diffusers with SDPA, batching at
 # concurrency 1-8, VRAM per service). `--family sdxl` checks the SDXL family
 # instead: tiny SDXL pipelines, and on CUDA the SDXL architecture at 1024²
-# in fp16 (parity and seconds per image). Everything lands in $OUT (default
+# in fp16 (parity and seconds per image); `--family all` runs both, the
+# large models' checks first. Everything lands in $OUT (default
 # target/gpu-checks) as gpu-checks.md, with the full log beside it. Each
 # step has a time limit and a failed step does not stop the others; the
 # exit status says whether all passed.
@@ -30,12 +31,12 @@ while (($#)); do
         --out) OUTDIR=$2; shift 2 ;;
         --threads) THREADS=$2; shift 2 ;;
         --family) FAMILY=$2; shift 2 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "run-checks: unknown argument $1" >&2; exit 2 ;;
     esac
 done
 case "$DEVICE" in cuda|cuda:*|cpu) ;; *) echo "run-checks: --device cuda or cpu" >&2; exit 2 ;; esac
-case "$FAMILY" in sd|sdxl) ;; *) echo "run-checks: --family sd or sdxl" >&2; exit 2 ;; esac
+case "$FAMILY" in sd|sdxl|all) ;; *) echo "run-checks: --family sd, sdxl or all" >&2; exit 2 ;; esac
 if [[ -z "$PYTHON" ]]; then
     if [[ -x /opt/torch/.venv/bin/python3 ]]; then PYTHON=/opt/torch/.venv/bin/python3; else PYTHON=python3; fi
 fi
@@ -111,21 +112,44 @@ parity() { # MODEL PRECISION [sd-bench flags]
         --device "$DEVICE" --precision "$precision" --threads "$THREADS" --python "$PYTHON" "$@"
 }
 
-# 1. Fixtures, written by diffusers on this machine.
-step "tiny fixtures" 300 "$PYTHON" "$HERE/fixtures/make_tiny_models.py" "$WORK/fixtures"
-
-if [[ "$FAMILY" == sd ]]; then
-    if [[ "$DEVICE" != cpu ]]; then
-        step "SD 1.5-architecture random model" 300 "$PYTHON" "$HERE/fixtures/make_sd15_random.py" "$WORK/fixtures/sd15-random"
+# The SDXL-architecture model (7 GB in fp16) is written in the background
+# with --family all, while the SD checks run; the benchmark waits for it, so
+# no timing shares the machine with it.
+XL_PID=""
+XL_T0=0
+start_xl_writer() {
+    log "SDXL-architecture random model: writing in the background"
+    XL_T0=$SECONDS
+    timeout --kill-after=10 400 "$PYTHON" "$HERE/fixtures/make_sdxl_random.py" "$WORK/fixtures/sdxl-random" \
+        > "$WORK/xl-writer.out" 2>&1 &
+    XL_PID=$!
+}
+wait_xl_writer() {
+    [[ -n "$XL_PID" ]] || return 0
+    wait "$XL_PID"
+    local rc=$?
+    XL_PID=""
+    cat "$WORK/xl-writer.out" >> "$LOG"
+    if ((rc == 0)); then
+        log "SDXL-architecture random model: passed in $((SECONDS - XL_T0)) s"
+    else
+        log "SDXL-architecture random model: FAILED (exit $rc)"
+        FAILED+=("SDXL-architecture random model")
+        say ""
+        say "**SDXL-architecture random model failed** (exit $rc); see run-checks.log."
     fi
-    # 2. Parity with diffusers on the device.
+}
+
+sd_tiny_parity() {
     for model in sd1-tiny sd2-tiny; do
         for precision in fp32 "$HALF"; do parity "$model" "$precision" --steps 10; done
     done
-    if [[ "$DEVICE" != cpu ]]; then
-        parity sd15-random fp16 --size 512 --steps 20
-    fi
-    # 3. Speed.
+}
+sd15_fixture() {
+    step "SD 1.5-architecture random model" 300 "$PYTHON" "$HERE/fixtures/make_sd15_random.py" "$WORK/fixtures/sd15-random"
+}
+sd15_parity() { parity sd15-random fp16 --size 512 --steps 20; }
+sd_bench() {
     if [[ "$DEVICE" == cpu ]]; then
         # One thread per process: the tiny UNet's operators are too small to
         # split (docs/BENCHMARKS.md, "Threads per service").
@@ -137,17 +161,53 @@ if [[ "$FAMILY" == sd ]]; then
             --precision fp16 --size 512 --steps 20 --threads "$THREADS" --runs 3 --concurrency 1,2,4,8 \
             --requests-per-worker 2 --forward-rows 2,4,8,16 --python "$PYTHON"
     fi
-else
-    # The SDXL family: tiny SDXL pipelines, parity on the device; on a GPU
-    # also the SDXL architecture at 1024², fp16, 20 steps (parity and time).
-    step "SDXL tiny fixtures" 300 "$PYTHON" "$HERE/fixtures/make_xl_models.py" "$WORK/fixtures"
+}
+xl_tiny_fixtures() { step "SDXL tiny fixtures" 300 "$PYTHON" "$HERE/fixtures/make_xl_models.py" "$WORK/fixtures"; }
+xl_tiny_parity() {
     for precision in fp32 "$HALF"; do parity sdxl-tiny "$precision" --size 32 --steps 6; done
     parity sdxl-turbo-tiny "$HALF" --size 32 --steps 2
+}
+xl_big_parity() { parity sdxl-random fp16 --size 1024 --steps 20; }
+
+# 1. Fixtures, written by diffusers on this machine.
+step "tiny fixtures" 300 "$PYTHON" "$HERE/fixtures/make_tiny_models.py" "$WORK/fixtures"
+
+case "$FAMILY" in
+sd)
+    # 2. Parity with diffusers on the device; 3. speed.
+    if [[ "$DEVICE" != cpu ]]; then sd15_fixture; fi
+    sd_tiny_parity
+    if [[ "$DEVICE" != cpu ]]; then sd15_parity; fi
+    sd_bench
+    ;;
+sdxl)
+    # Tiny SDXL pipelines, parity on the device; on a GPU also the SDXL
+    # architecture at 1024², fp16, 20 steps (parity and time).
+    xl_tiny_fixtures
+    xl_tiny_parity
     if [[ "$DEVICE" != cpu ]]; then
         step "SDXL-architecture random model" 400 "$PYTHON" "$HERE/fixtures/make_sdxl_random.py" "$WORK/fixtures/sdxl-random"
-        parity sdxl-random fp16 --size 1024 --steps 20
+        xl_big_parity
     fi
-fi
+    ;;
+all)
+    # Both families in one call, the most telling checks first, so that a
+    # call cut short by its time limit still has them: the SD 1.5
+    # architecture's parity and benchmark, the SDXL architecture's parity,
+    # then the tiny pipelines of both families.
+    if [[ "$DEVICE" != cpu ]]; then
+        start_xl_writer
+        sd15_fixture
+        sd15_parity
+    fi
+    wait_xl_writer
+    sd_bench
+    if [[ "$DEVICE" != cpu ]]; then xl_big_parity; fi
+    xl_tiny_fixtures
+    xl_tiny_parity
+    sd_tiny_parity
+    ;;
+esac
 
 say ""
 if ((${#FAILED[@]})); then

@@ -111,6 +111,17 @@ pub(crate) async fn print_throughput_rows(
     batching: bool,
 ) -> anyhow::Result<()> {
     let stack = start_stack(args, batching, workers)?;
+    // A fresh stack's first requests pay for warm-up (lazy CUDA and cuDNN
+    // setup, each new batch shape's first forward): one request per worker
+    // at the highest concurrency first, untimed, so the rows measure a
+    // warm stack.
+    if let Some(&top) = args.concurrency.iter().max() {
+        let warm = Args {
+            requests_per_worker: 1,
+            ..args.clone()
+        };
+        throughput(&warm, &stack, top).await?;
+    }
     for &c in &args.concurrency {
         let den = &stack.services[1].metrics;
         let rows_before = batch_rows(den)?;
