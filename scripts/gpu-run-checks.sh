@@ -168,6 +168,11 @@ xl_tiny_parity() {
     parity sdxl-turbo-tiny "$HALF" --size 32 --steps 2
 }
 xl_big_parity() { parity sdxl-random fp16 --size 1024 --steps 20; }
+xl_bench() {
+    step "bench sdxl-random fp16 1024²" 420 "$BENCH" --model "$WORK/fixtures/sdxl-random" --device "$DEVICE" \
+        --precision fp16 --size 1024 --steps 20 --threads "$THREADS" --runs 2 --concurrency 1,2,4 \
+        --requests-per-worker 2 --forward-rows 2,4,8 --no-diffusers --python "$PYTHON"
+}
 
 # 1. Fixtures, written by diffusers on this machine.
 step "tiny fixtures" 300 "$PYTHON" "$HERE/fixtures/make_tiny_models.py" "$WORK/fixtures"
@@ -188,6 +193,7 @@ sdxl)
     if [[ "$DEVICE" != cpu ]]; then
         step "SDXL-architecture random model" 400 "$PYTHON" "$HERE/fixtures/make_sdxl_random.py" "$WORK/fixtures/sdxl-random"
         xl_big_parity
+        xl_bench
     fi
     ;;
 all)

@@ -1,38 +1,47 @@
 //! The step loop's stages run in this process, on the same model crates the
 //! services use, without gRPC: the baseline the stack is measured against.
+//! SD 1.x/2.x and the SDXL family (both text encoders, pooled embeddings
+//! and size/crop time ids, the VAE's `force_upcast`), as the services run
+//! them.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use sd_gateway::error::{Error, Stage};
-use sd_gateway::facts::ModelFacts;
+use sd_gateway::facts::{Family as GatewayFamily, ModelFacts};
 use sd_gateway::stages::{Stages, StepSession};
-use sd_models::{ClipTextModel, ClipTokenizer, ModelDir, Placement, UNet, Vae};
+use sd_models::{Component, ModelDir, Placement, UNet, Vae};
 use sd_proto::v1::{
     DecodeRequest, DecodeResponse, Dtype, Embedding, EncodeImageRequest, EncodeImageResponse,
     EncodeTextRequest, EncodeTextResponse, EncodedPrompt, PredictRequest, PredictResponse,
 };
 use sd_runtime::deadline::Deadline;
 use sd_sampling::{SchedulerConfig, SchedulerKind};
-use sd_service::compute::{forward_calls, to_rgb8, Call};
+use sd_service::compute::{forward_calls, to_rgb8, Call, XlConditioning};
+use sd_service::family::{vae_placement, Family};
+use sd_service::text::TextEncoders;
 use sd_service::{from_wire, to_wire, ServiceError};
 use tch::Tensor;
 
 pub struct InProcess {
-    tokenizer: ClipTokenizer,
-    clip: ClipTextModel,
+    text: TextEncoders,
     unet: UNet,
     vae: Vae,
-    embeddings: Mutex<HashMap<String, Tensor>>,
+    family: Family,
+    /// Embeddings by id: hidden states and, for SDXL, the pooled one.
+    embeddings: Mutex<HashMap<String, (Tensor, Option<Tensor>)>>,
 }
 
 impl InProcess {
     pub fn load(dir: &ModelDir, p: Placement) -> anyhow::Result<(Self, ModelFacts)> {
+        let unet = dir.load_unet(p)?;
+        let vae_config: sd_models::config::VaeConfig =
+            sd_models::config::read_json(&dir.config_path(Component::Vae))?;
         let me = InProcess {
-            tokenizer: dir.load_tokenizer()?,
-            clip: dir.load_text_encoder(p)?,
-            unet: dir.load_unet(p)?,
-            vae: dir.load_vae(p)?,
+            text: TextEncoders::load(dir, p, None)?,
+            family: Family::of(dir, &unet)?,
+            unet,
+            vae: dir.load_vae(vae_placement(p, dir.is_xl()?, vae_config.force_upcast))?,
             embeddings: Mutex::new(HashMap::new()),
         };
         let scheduler_config =
@@ -57,9 +66,16 @@ impl InProcess {
                 .unwrap_or(SchedulerKind::Pndm),
             prediction: scheduler_config.prediction()?,
             scheduler_config,
-            text_layers: me.clip.config().num_hidden_layers as u32,
+            text_layers: me.text.shape().2.max(0) as u32,
             text_model_id: format!("in-process:{}", dir.root().display()),
-            family: Default::default(),
+            family: GatewayFamily {
+                pooled_dim: me.family.pooled_dim as u32,
+                time_ids_len: me.family.time_ids_len as u32,
+                time_cond_dim: c.time_cond_proj_dim.unwrap_or(0).max(0) as u32,
+                force_zeros_for_empty_prompt: me.family.force_zeros,
+                requires_aesthetics_score: me.family.requires_aesthetics,
+                default_guidance: me.family.default_guidance,
+            },
         };
         Ok((me, facts))
     }
@@ -91,19 +107,39 @@ impl InProcess {
     fn predict(&self, req: PredictRequest) -> Result<PredictResponse, ServiceError> {
         tokio::task::block_in_place(|| {
             let latents = from_wire(req.latents.as_ref(), "latents")?;
+            let batch = latents.size()[0];
             let guided = req.uncond.is_some() && req.guidance_scale > 1.0;
+            let (cond, cond_pooled) = self.embedding(req.cond.as_ref(), "cond")?;
+            let uncond = if guided {
+                Some(self.embedding(req.uncond.as_ref(), "uncond")?)
+            } else {
+                None
+            };
+            let xl = match cond_pooled {
+                Some(cond_pooled) if self.family.pooled_dim > 0 => {
+                    let time_ids = from_wire(req.time_ids.as_ref(), "time_ids")?;
+                    let negative_time_ids = match &req.negative_time_ids {
+                        Some(t) => from_wire(Some(t), "negative_time_ids")?,
+                        None => time_ids.shallow_clone(),
+                    };
+                    Some(XlConditioning {
+                        cond_pooled,
+                        uncond_pooled: uncond
+                            .as_ref()
+                            .and_then(|(_, p)| p.as_ref().map(Tensor::shallow_clone)),
+                        time_ids,
+                        negative_time_ids,
+                    })
+                }
+                _ => None,
+            };
             let call = Call {
-                timesteps: Tensor::from_slice(&req.timesteps).expand([latents.size()[0]], false),
+                timesteps: Tensor::from_slice(&req.timesteps).expand([batch], false),
                 latents,
-                cond: self.embedding(req.cond.as_ref(), "cond")?,
-                uncond: if guided {
-                    Some(self.embedding(req.uncond.as_ref(), "uncond")?)
-                } else {
-                    None
-                },
+                cond,
+                uncond: uncond.map(|(hidden, _)| hidden),
                 guidance: req.guidance_scale as f64,
-                // The in-process pipeline runs SD 1.x/2.x models.
-                xl: None,
+                xl,
             };
             let out = forward_calls(&self.unet, &[&call])?.remove(0);
             let dtype = Dtype::try_from(req.output_dtype).unwrap_or(Dtype::Float32);
@@ -113,24 +149,39 @@ impl InProcess {
         })
     }
 
-    fn embedding(&self, e: Option<&Embedding>, field: &str) -> Result<Tensor, ServiceError> {
+    fn embedding(
+        &self,
+        e: Option<&Embedding>,
+        field: &str,
+    ) -> Result<(Tensor, Option<Tensor>), ServiceError> {
         let e = e.ok_or_else(|| ServiceError::invalid(field, "missing"))?;
         let mut cache = self
             .embeddings
             .lock()
             .map_err(|_| ServiceError::Internal("embedding cache poisoned"))?;
+        let copy = |(h, p): &(Tensor, Option<Tensor>)| {
+            (h.shallow_clone(), p.as_ref().map(Tensor::shallow_clone))
+        };
         match &e.tensor {
             Some(t) => {
-                let t = from_wire(Some(t), field)?;
-                cache.insert(e.id.clone(), t.shallow_clone());
-                Ok(t)
+                let hidden = from_wire(Some(t), field)?;
+                let pooled = e
+                    .pooled
+                    .as_ref()
+                    .map(|p| from_wire(Some(p), field))
+                    .transpose()?;
+                let entry = (hidden, pooled);
+                let out = copy(&entry);
+                cache.insert(e.id.clone(), entry);
+                Ok(out)
             }
-            None => cache.get(&e.id).map(Tensor::shallow_clone).ok_or_else(|| {
-                ServiceError::EmbeddingMiss {
+            None => cache
+                .get(&e.id)
+                .map(copy)
+                .ok_or_else(|| ServiceError::EmbeddingMiss {
                     field: field.to_string(),
                     id: e.id.clone(),
-                }
-            }),
+                }),
         }
     }
 }
@@ -172,14 +223,16 @@ impl InProcess {
     fn encode_text_here(&self, req: EncodeTextRequest) -> Result<EncodeTextResponse, ServiceError> {
         tokio::task::block_in_place(|| {
             let refs: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
-            let ids = self.tokenizer.encode_batch(&refs)?;
-            let hidden = self.clip.forward(&ids, req.clip_skip as usize)?;
+            let (_, hidden, pooled) = self.text.encode(&refs, req.clip_skip as usize)?;
             let prompts = (0..refs.len())
                 .map(|i| {
                     Ok(EncodedPrompt {
                         token_ids: Vec::new(),
                         embeddings: Some(to_wire(&hidden.get(i as i64), Dtype::Float32)?),
-                        pooled: None,
+                        pooled: pooled
+                            .as_ref()
+                            .map(|p| to_wire(&p.get(i as i64), Dtype::Float32))
+                            .transpose()?,
                     })
                 })
                 .collect::<Result<Vec<_>, ServiceError>>()?;

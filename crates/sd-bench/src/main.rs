@@ -49,7 +49,7 @@ use sd_gateway::prompt_cache::PromptCache;
 use sd_launch::{Launch, Process};
 use sd_models::{DeviceSpec, ModelDir, Placement, Precision};
 use sd_proto::v1::generation_client::GenerationClient;
-use sd_proto::v1::{Dtype, GenerateRequest};
+use sd_proto::v1::{Dtype, GenerateRequest, GenerateResponse};
 use sd_runtime::deadline::Deadline;
 use sd_runtime::metrics::Metrics;
 
@@ -150,11 +150,20 @@ async fn in_process_image(
     g: &Generator,
     seed: u64,
     prompt: &str,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, GenerateResponse)> {
     let plan = Plan::new(request(args, seed, prompt), &g.facts, &Limits::default())?;
     let t = Instant::now();
-    g.run(plan, None, Deadline::none()).await?;
-    Ok(t.elapsed().as_secs_f64())
+    let reply = g.run(plan, None, Deadline::none()).await?;
+    Ok((t.elapsed().as_secs_f64(), reply))
+}
+
+/// The first image of each reply, decoded.
+fn first_image(reply: &GenerateResponse, whose: &str) -> anyhow::Result<image::RgbImage> {
+    let png = reply
+        .images
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("{whose} returned no image"))?;
+    precision::rgb(&png.data)
 }
 
 /// Seconds per image in process, through the stack and (when given) in
@@ -165,17 +174,31 @@ async fn compare_latency(
     g: &Generator,
     stack: &Stack,
     mut diffusers: Option<&mut Diffusers>,
-) -> anyhow::Result<(Latency, Latency, Option<DiffusersLatency>)> {
+) -> anyhow::Result<(
+    Latency,
+    Latency,
+    Option<DiffusersLatency>,
+    parity::Difference,
+)> {
     let mut c = connect(stack).await?;
     in_process_image(args, g, 1, "warm up").await?;
     timed(&mut c, request(args, 1, "warm up")).await?;
     let (stack_before, local_before) = (stack.stage_times()?, stage_times(&g.metrics.encode()));
     let (mut local, mut remote, mut reference) = (Vec::new(), Vec::new(), Vec::new());
+    let mut agreement = None;
     let prompt = "a lighthouse at dusk";
     for i in 0..args.runs {
         let seed = 100 + i as u64;
-        local.push(in_process_image(args, g, seed, prompt).await?);
-        remote.push(timed(&mut c, request(args, seed, prompt)).await?);
+        let (t, here) = in_process_image(args, g, seed, prompt).await?;
+        local.push(t);
+        let (t, there) = timed_reply(&mut c, request(args, seed, prompt)).await?;
+        remote.push(t);
+        if agreement.is_none() {
+            agreement = Some(parity::Difference::between(
+                &first_image(&here, "the in-process pipeline")?,
+                &first_image(&there, "the stack")?,
+            )?);
+        }
         if let Some(d) = diffusers.as_deref_mut() {
             reference.push(d.image(seed, prompt)?);
         }
@@ -196,6 +219,7 @@ async fn compare_latency(
                 step: mean(&steps),
             }
         }),
+        agreement.ok_or_else(|| anyhow::anyhow!("--runs must be at least 1"))?,
     ))
 }
 
@@ -266,6 +290,8 @@ async fn cache_effect(args: &Args, stack: &Stack) -> anyhow::Result<(f64, f64)> 
 struct LatencyReport {
     inproc: Latency,
     stack: Latency,
+    /// The first timed seed's image, in process against through the stack.
+    agreement: parity::Difference,
     diffusers: Option<DiffusersLatency>,
     forwards: Vec<(i64, f64)>,
 }
@@ -283,7 +309,7 @@ async fn measure_latency(
     } else {
         Some(Diffusers::start(args)?)
     };
-    let (inproc, st, diffusers) =
+    let (inproc, st, diffusers, agreement) =
         compare_latency(args, &generator, stack, reference.as_mut()).await?;
     drop(reference);
     let latent_side = i64::from(if args.size == 0 {
@@ -298,6 +324,7 @@ async fn measure_latency(
     Ok(LatencyReport {
         inproc,
         stack: st,
+        agreement,
         diffusers,
         forwards,
     })
@@ -329,11 +356,14 @@ async fn main() -> anyhow::Result<()> {
     let stack = start_stack(&args, true, 1)?;
     let report = measure_latency(&args, generator, models, &stack).await?;
     print_pipelines(&name, &args, &report);
+    check_agreement(&args, &report.agreement)?;
     print_stages(&report);
     print_step_overhead(&report);
     print_forwards(&report.forwards);
     print_cache_effect(&args, &stack).await?;
-    if args.device != DeviceSpec::Cpu {
+    if args.device == DeviceSpec::Cpu {
+        print_peak_rss(&stack);
+    } else {
         print_vram(&stack);
     }
     drop(stack);

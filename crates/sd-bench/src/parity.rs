@@ -24,7 +24,7 @@ const CASES: [(u64, &str); 3] = [
 ];
 
 /// fp32: every value within this many 1/255 steps of diffusers'.
-const MAX_DIFF: u8 = 2;
+pub(crate) const MAX_DIFF: u8 = 2;
 /// Half precision: the stack's PSNR against the fp32 image at most this
 /// far below diffusers' own.
 const FIDELITY_DB: f64 = 3.0;

@@ -39,6 +39,25 @@ pub(crate) fn print_pipelines(name: &str, args: &Args, r: &LatencyReport) {
     }
 }
 
+/// The in-process pipeline and the stack run the same step loop on the same
+/// model code: the same seed must give the same image (in fp32 within the
+/// parity tolerance), or the comparison compares different work.
+pub(crate) fn check_agreement(args: &Args, d: &parity::Difference) -> anyhow::Result<()> {
+    println!(
+        "\nSame seed, in process and through the stack: max |Δ| {}/255, mean {:.3}/255, PSNR {:.1} dB.",
+        d.max, d.mean, d.psnr
+    );
+    if args.precision == Precision::F32 {
+        anyhow::ensure!(
+            d.max <= parity::MAX_DIFF,
+            "the in-process pipeline's image differs from the stack's by {}/255 (at most {} allowed)",
+            d.max,
+            parity::MAX_DIFF
+        );
+    }
+    Ok(())
+}
+
 pub(crate) fn print_stages(r: &LatencyReport) {
     let (d_head, d_rule) = if r.diffusers.is_some() {
         (" diffusers |", "---:|")
@@ -186,6 +205,38 @@ pub(crate) fn print_vram(stack: &Stack) {
     println!();
 }
 
+/// Peak resident memory of each model service (the kernel's `VmHWM`) and
+/// of this process, which holds the in-process pipeline: what each needs
+/// on a CPU machine.
+pub(crate) fn print_peak_rss(stack: &Stack) {
+    let peak = |pid: u32| -> String {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| vm_hwm_kib(&s))
+            .map_or_else(
+                || "not read".to_string(),
+                |k| format!("{:.0}", k as f64 / 1024.0),
+            )
+    };
+    println!("| process | peak RSS (MiB, after the runs above) |\n|---|---:|");
+    for s in &stack.services {
+        println!("| {} | {} |", s.process.name(), peak(s.process.id()));
+    }
+    println!(
+        "| sd-bench (the in-process pipeline) | {} |",
+        peak(std::process::id())
+    );
+    println!();
+}
+
+/// `VmHWM` of a `/proc/PID/status` text, in KiB.
+fn vm_hwm_kib(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 /// `pid, MiB` lines of `nvidia-smi --query-compute-apps` as a map.
 pub(crate) fn vram_by_pid(csv: &str) -> BTreeMap<u32, u64> {
     csv.lines()
@@ -206,5 +257,16 @@ mod tests {
         assert_eq!(m.len(), 2);
         assert_eq!(m[&1234], 2050);
         assert_eq!(m[&77], 512);
+    }
+
+    #[test]
+    fn peak_rss_from_proc_status() {
+        let status =
+            "Name:\tsd-denoiser\nVmPeak:\t 9000 kB\nVmHWM:\t  524288 kB\nVmRSS:\t 1000 kB\n";
+        assert_eq!(vm_hwm_kib(status), Some(524_288));
+        assert_eq!(vm_hwm_kib("Name:\tx\n"), None);
+        // This process's own status has it.
+        let own = std::fs::read_to_string("/proc/self/status").unwrap();
+        assert!(vm_hwm_kib(&own).unwrap() > 0);
     }
 }

@@ -173,9 +173,17 @@ pub(crate) async fn timed(
     client: &mut GenerationClient<tonic::transport::Channel>,
     req: GenerateRequest,
 ) -> anyhow::Result<f64> {
+    Ok(timed_reply(client, req).await?.0)
+}
+
+/// Seconds for one Generate through the stack, and its reply.
+pub(crate) async fn timed_reply(
+    client: &mut GenerationClient<tonic::transport::Channel>,
+    req: GenerateRequest,
+) -> anyhow::Result<(f64, GenerateResponse)> {
     let t = Instant::now();
-    client.generate(req).await?;
-    Ok(t.elapsed().as_secs_f64())
+    let reply = client.generate(req).await?.into_inner();
+    Ok((t.elapsed().as_secs_f64(), reply))
 }
 
 pub(crate) async fn connect(

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use clap::Parser;
-use sd_models::{Component, ModelDir, Placement, Vae};
+use sd_models::{Component, ModelDir, Vae};
 use sd_proto::v1::autoencoder_server::{Autoencoder, AutoencoderServer};
 use sd_proto::v1::{
     AutoencoderInfo, AutoencoderInfoRequest, DecodeRequest, DecodeResponse, Dtype,
@@ -232,20 +232,6 @@ fn check_fits(vae: &Vae, own: &ModelDir) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// diffusers' SDXL pipelines decode in fp32 when the VAE is in fp16 and
-/// its config says `force_upcast` (SDXL's VAE overflows in fp16); the SD
-/// 1.x/2.x pipelines never do.
-fn upcast(placement: Placement, xl: bool, force_upcast: bool) -> Placement {
-    if xl && force_upcast && placement.kind == Kind::Half {
-        Placement {
-            kind: Kind::Float,
-            ..placement
-        }
-    } else {
-        placement
-    }
-}
-
 /// Load the VAE; warm up.
 fn load(
     args: Args,
@@ -267,7 +253,8 @@ fn load(
     };
     let vae_config: sd_models::config::VaeConfig =
         sd_models::config::read_json(&dir.config_path(Component::Vae))?;
-    let vae_placement = upcast(placement, dir.is_xl()?, vae_config.force_upcast);
+    let vae_placement =
+        sd_service::family::vae_placement(placement, dir.is_xl()?, vae_config.force_upcast);
     if vae_placement.kind != placement.kind {
         tracing::info!("the VAE runs in fp32 (force_upcast), as diffusers' SDXL pipelines run it");
     }
@@ -301,25 +288,4 @@ fn load(
     Ok(AutoencoderServer::new(service)
         .max_decoding_message_size(max)
         .max_encoding_message_size(max))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_sdxl_in_fp16_with_force_upcast_decodes_in_fp32() {
-        let half = Placement {
-            device: tch::Device::Cpu,
-            kind: Kind::Half,
-        };
-        assert_eq!(upcast(half, true, true).kind, Kind::Float);
-        assert_eq!(upcast(half, true, false).kind, Kind::Half);
-        assert_eq!(upcast(half, false, true).kind, Kind::Half);
-        let bf16 = Placement {
-            kind: Kind::BFloat16,
-            ..half
-        };
-        assert_eq!(upcast(bf16, true, true).kind, Kind::BFloat16);
-    }
 }

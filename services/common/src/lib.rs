@@ -2,7 +2,9 @@
 
 pub mod compute;
 pub mod error;
+pub mod family;
 pub mod machine;
+pub mod text;
 pub mod threads;
 
 pub use error::ServiceError;
@@ -352,7 +354,19 @@ pub fn model_id(dir: &sd_models::ModelDir, components: &[sd_models::Component]) 
     format!("{name}@{:016x}", h.finish())
 }
 
-/// Log a load and return how long it took.
+/// [`timed_load`] when there are metrics to record into; else just load.
+pub fn maybe_timed_load<T>(
+    metrics: Option<&Metrics>,
+    what: &str,
+    f: impl FnOnce() -> sd_models::Result<T>,
+) -> anyhow::Result<T> {
+    match metrics {
+        Some(m) => timed_load(m, what, f),
+        None => f().map_err(|e| anyhow::anyhow!("loading {what}: {e}")),
+    }
+}
+
+/// Load, log how long it took and record it in `metrics`.
 pub fn timed_load<T>(
     metrics: &Metrics,
     what: &str,

@@ -387,64 +387,6 @@ fn warm_up(
     Ok(Some(cost::measure(unet, budget)?))
 }
 
-/// What the model's family changes in the pipeline (SDXL, its refiner, LCM
-/// UNets), as diffusers' pipelines have it.
-struct Family {
-    /// The pooled embedding's width (0: not SDXL).
-    pooled_dim: i64,
-    /// Time ids per latent: 6, the refiner's 5 (0: not SDXL).
-    time_ids_len: i64,
-    force_zeros: bool,
-    requires_aesthetics: bool,
-    default_guidance: f32,
-}
-
-impl Family {
-    /// The components whose weights make the model's identity.
-    fn components(&self) -> &'static [Component] {
-        if self.pooled_dim > 0 {
-            &[
-                Component::TextEncoder,
-                Component::TextEncoder2,
-                Component::Unet,
-                Component::Vae,
-            ]
-        } else {
-            &[Component::TextEncoder, Component::Unet, Component::Vae]
-        }
-    }
-
-    fn of(dir: &ModelDir, unet: &UNet) -> anyhow::Result<Self> {
-        let Some((time_dim, input_dim)) = unet.config().text_time() else {
-            return Ok(Family {
-                pooled_dim: 0,
-                time_ids_len: 0,
-                force_zeros: false,
-                requires_aesthetics: false,
-                default_guidance: 7.5,
-            });
-        };
-        // SDXL: original size, crop and target size; the refiner: original
-        // size, crop and an aesthetic score. The rest of add_embedding's
-        // width is the pooled embedding.
-        let requires_aesthetics = dir.requires_aesthetics_score()?;
-        let n = if requires_aesthetics { 5 } else { 6 };
-        let pooled_dim = input_dim - n * time_dim;
-        anyhow::ensure!(
-            pooled_dim > 0,
-            "unet/config.json: projection_class_embeddings_input_dim {input_dim} leaves no room \
-             for a pooled embedding beside {n} time ids of {time_dim}"
-        );
-        Ok(Family {
-            pooled_dim,
-            time_ids_len: n,
-            force_zeros: dir.force_zeros_for_empty_prompt()?,
-            requires_aesthetics,
-            default_guidance: 5.0,
-        })
-    }
-}
-
 /// Load the UNet and what the gateway needs to know; warm up.
 fn load(
     args: Args,
@@ -469,7 +411,7 @@ fn load(
         },
         &metrics,
     );
-    let family = Family::of(&dir, &unet)?;
+    let family = sd_service::family::Family::of(&dir, &unet)?;
     // Warm up (measuring the cost, unless told not to) before SERVING.
     let cost = warm_up(&unet, &args, vae.scale_factor() as i64)?;
     let info = DenoiserInfo {

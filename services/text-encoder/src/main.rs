@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use clap::Parser;
-use sd_models::{ClipTextModel, ClipTokenizer, Component, ModelDir};
+use sd_models::ModelDir;
 use sd_proto::v1::text_encoder_server::{TextEncoder, TextEncoderServer};
 use sd_proto::v1::{
     Dtype, EncodeTextRequest, EncodeTextResponse, EncodedPrompt, TextEncoderInfo,
@@ -14,6 +14,7 @@ use sd_runtime::lifecycle::Lifecycle;
 use sd_runtime::metrics::{Metrics, Stage};
 use sd_runtime::tls::ServerTlsArgs;
 use sd_runtime::ServerArgs;
+use sd_service::text::TextEncoders;
 use sd_service::{handle, to_wire, ModelArgs, ServiceError, Worker};
 use tonic::{Request, Response, Status};
 
@@ -32,143 +33,8 @@ struct Args {
     max_prompts: usize,
 }
 
-/// A tokenizer and the text encoder it feeds.
-struct Encoder {
-    tokenizer: ClipTokenizer,
-    clip: ClipTextModel,
-}
-
-/// The text encoders of a model.
-enum Model {
-    /// SD 1.x/2.x: one encoder; `clip_skip` counts from the last layer.
-    Single(Box<Encoder>),
-    /// The SDXL family: the first encoder (none for the refiner) and the
-    /// second, with a projection; their penultimate hidden states
-    /// concatenated, the second's pooled output beside them.
-    Xl {
-        first: Option<Box<Encoder>>,
-        second: Box<Encoder>,
-    },
-}
-
-impl Model {
-    fn load(
-        dir: &ModelDir,
-        placement: sd_models::Placement,
-        metrics: &Metrics,
-    ) -> anyhow::Result<Self> {
-        let encoder = |c: Component| -> anyhow::Result<Encoder> {
-            let second = c == Component::TextEncoder2;
-            let tokenizer = sd_service::timed_load(
-                metrics,
-                if second { "tokenizer_2" } else { "tokenizer" },
-                || {
-                    if second {
-                        dir.load_tokenizer_2()
-                    } else {
-                        dir.load_tokenizer()
-                    }
-                },
-            )?;
-            let clip = sd_service::timed_load(metrics, c.dir(), || {
-                if second {
-                    dir.load_text_encoder_2(placement)
-                } else {
-                    dir.load_text_encoder(placement)
-                }
-            })?;
-            Ok(Encoder { tokenizer, clip })
-        };
-        if !dir.is_xl()? {
-            return Ok(Model::Single(Box::new(encoder(Component::TextEncoder)?)));
-        }
-        let first = if dir.has(Component::TextEncoder.dir())? {
-            Some(Box::new(encoder(Component::TextEncoder)?))
-        } else {
-            None
-        };
-        Ok(Model::Xl {
-            first,
-            second: Box::new(encoder(Component::TextEncoder2)?),
-        })
-    }
-
-    fn encoders(&self) -> Vec<&Encoder> {
-        match self {
-            Model::Single(e) => vec![e.as_ref()],
-            Model::Xl { first, second } => {
-                first.iter().chain([second]).map(|e| e.as_ref()).collect()
-            }
-        }
-    }
-
-    /// What the Info call says: (hidden size, max tokens, clip_skip bound,
-    /// pooled size).
-    fn shape(&self) -> (i64, i64, i64, i64) {
-        let encoders = self.encoders();
-        let hidden = encoders.iter().map(|e| e.clip.hidden_size()).sum();
-        let tokens = encoders
-            .iter()
-            .map(|e| e.tokenizer.max_length() as i64)
-            .min()
-            .unwrap_or(0);
-        let layers = encoders
-            .iter()
-            .map(|e| e.clip.config().num_hidden_layers)
-            .min()
-            .unwrap_or(0);
-        match self {
-            Model::Single(_) => (hidden, tokens, layers, 0),
-            Model::Xl { second, .. } => (
-                hidden,
-                tokens,
-                layers - 1,
-                second
-                    .clip
-                    .config()
-                    .projection_dim
-                    .unwrap_or(second.clip.hidden_size()),
-            ),
-        }
-    }
-
-    /// Token ids (the first encoder's), hidden states and, for SDXL, the
-    /// pooled embeddings of `prompts`.
-    fn encode(
-        &self,
-        prompts: &[&str],
-        clip_skip: usize,
-    ) -> Result<(tch::Tensor, tch::Tensor, Option<tch::Tensor>), ServiceError> {
-        let tokens = |e: &Encoder| {
-            e.tokenizer
-                .encode_batch(prompts)
-                .map_err(|e| ServiceError::model_input("prompts", e))
-        };
-        match self {
-            Model::Single(e) => {
-                let ids = tokens(e)?;
-                let hidden = e.clip.forward(&ids, clip_skip)?;
-                Ok((ids, hidden, None))
-            }
-            Model::Xl { .. } => {
-                let mut hidden = Vec::new();
-                let (mut first_ids, mut pooled) = (None, None);
-                for e in self.encoders() {
-                    let ids = tokens(e)?;
-                    let out = e.clip.forward_xl(&ids, clip_skip)?;
-                    hidden.push(out.hidden);
-                    pooled = Some(out.pooled);
-                    first_ids.get_or_insert(ids);
-                }
-                let ids = first_ids.ok_or_else(|| ServiceError::Task("no text encoder".into()))?;
-                Ok((ids, tch::Tensor::f_cat(&hidden, -1)?, pooled))
-            }
-        }
-    }
-}
-
 struct Service {
-    model: Arc<Model>,
+    model: Arc<TextEncoders>,
     worker: Worker,
     info: TextEncoderInfo,
     max_prompts: usize,
@@ -274,15 +140,11 @@ fn load(
         .model
         .apply_threads(sd_service::machine::Role::TextEncoder, &metrics);
     let dir = ModelDir::open(&args.model.model)?;
-    let model = Model::load(&dir, placement, &metrics)?;
+    let model = TextEncoders::load(&dir, placement, Some(&metrics))?;
     // Warm up: one forward before reporting SERVING.
     let _warm = model.encode(&[""], 0)?;
     let (hidden, tokens, layers, pooled) = model.shape();
-    let components: &[Component] = match &model {
-        Model::Single(_) => &[Component::TextEncoder],
-        Model::Xl { first: Some(_), .. } => &[Component::TextEncoder, Component::TextEncoder2],
-        Model::Xl { first: None, .. } => &[Component::TextEncoder2],
-    };
+    let components = model.components();
     let info = TextEncoderInfo {
         model_id: sd_service::model_id(&dir, components),
         hidden_size: hidden as u32,

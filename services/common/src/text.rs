@@ -1,0 +1,159 @@
+//! The text encoders of a model, as the text-encoder service and the
+//! in-process benchmark pipeline run them: one CLIP for SD 1.x/2.x; for the
+//! SDXL family both (the refiner: the second alone), their penultimate
+//! hidden states concatenated and the second's pooled, projected output.
+
+use sd_models::{ClipTextModel, ClipTokenizer, Component, ModelDir};
+use sd_runtime::metrics::Metrics;
+
+use crate::ServiceError;
+
+/// A tokenizer and the text encoder it feeds.
+pub struct Encoder {
+    pub tokenizer: ClipTokenizer,
+    pub clip: ClipTextModel,
+}
+
+/// The text encoders of a model.
+pub enum TextEncoders {
+    /// SD 1.x/2.x: one encoder; `clip_skip` counts from the last layer.
+    Single(Box<Encoder>),
+    /// The SDXL family: the first encoder (none for the refiner) and the
+    /// second, with a projection; their penultimate hidden states
+    /// concatenated, the second's pooled output beside them.
+    Xl {
+        first: Option<Box<Encoder>>,
+        second: Box<Encoder>,
+    },
+}
+
+impl TextEncoders {
+    /// Load the model's tokenizers and text encoders (timed into `metrics`
+    /// when given).
+    pub fn load(
+        dir: &ModelDir,
+        placement: sd_models::Placement,
+        metrics: Option<&Metrics>,
+    ) -> anyhow::Result<Self> {
+        let encoder = |c: Component| -> anyhow::Result<Encoder> {
+            let second = c == Component::TextEncoder2;
+            let tokenizer = crate::maybe_timed_load(
+                metrics,
+                if second { "tokenizer_2" } else { "tokenizer" },
+                || {
+                    if second {
+                        dir.load_tokenizer_2()
+                    } else {
+                        dir.load_tokenizer()
+                    }
+                },
+            )?;
+            let clip = crate::maybe_timed_load(metrics, c.dir(), || {
+                if second {
+                    dir.load_text_encoder_2(placement)
+                } else {
+                    dir.load_text_encoder(placement)
+                }
+            })?;
+            Ok(Encoder { tokenizer, clip })
+        };
+        if !dir.is_xl()? {
+            return Ok(TextEncoders::Single(Box::new(encoder(
+                Component::TextEncoder,
+            )?)));
+        }
+        let first = if dir.has(Component::TextEncoder.dir())? {
+            Some(Box::new(encoder(Component::TextEncoder)?))
+        } else {
+            None
+        };
+        Ok(TextEncoders::Xl {
+            first,
+            second: Box::new(encoder(Component::TextEncoder2)?),
+        })
+    }
+
+    pub fn encoders(&self) -> Vec<&Encoder> {
+        match self {
+            TextEncoders::Single(e) => vec![e.as_ref()],
+            TextEncoders::Xl { first, second } => {
+                first.iter().chain([second]).map(|e| e.as_ref()).collect()
+            }
+        }
+    }
+
+    /// What the Info call says: (hidden size, max tokens, clip_skip bound,
+    /// pooled size).
+    pub fn shape(&self) -> (i64, i64, i64, i64) {
+        let encoders = self.encoders();
+        let hidden = encoders.iter().map(|e| e.clip.hidden_size()).sum();
+        let tokens = encoders
+            .iter()
+            .map(|e| e.tokenizer.max_length() as i64)
+            .min()
+            .unwrap_or(0);
+        let layers = encoders
+            .iter()
+            .map(|e| e.clip.config().num_hidden_layers)
+            .min()
+            .unwrap_or(0);
+        match self {
+            TextEncoders::Single(_) => (hidden, tokens, layers, 0),
+            TextEncoders::Xl { second, .. } => (
+                hidden,
+                tokens,
+                layers - 1,
+                second
+                    .clip
+                    .config()
+                    .projection_dim
+                    .unwrap_or(second.clip.hidden_size()),
+            ),
+        }
+    }
+
+    /// Token ids (the first encoder's), hidden states and, for SDXL, the
+    /// pooled embeddings of `prompts`.
+    pub fn encode(
+        &self,
+        prompts: &[&str],
+        clip_skip: usize,
+    ) -> Result<(tch::Tensor, tch::Tensor, Option<tch::Tensor>), ServiceError> {
+        let tokens = |e: &Encoder| {
+            e.tokenizer
+                .encode_batch(prompts)
+                .map_err(|e| ServiceError::model_input("prompts", e))
+        };
+        match self {
+            TextEncoders::Single(e) => {
+                let ids = tokens(e)?;
+                let hidden = e.clip.forward(&ids, clip_skip)?;
+                Ok((ids, hidden, None))
+            }
+            TextEncoders::Xl { .. } => {
+                let mut hidden = Vec::new();
+                let (mut first_ids, mut pooled) = (None, None);
+                for e in self.encoders() {
+                    let ids = tokens(e)?;
+                    let out = e.clip.forward_xl(&ids, clip_skip)?;
+                    hidden.push(out.hidden);
+                    pooled = Some(out.pooled);
+                    first_ids.get_or_insert(ids);
+                }
+                let ids = first_ids.ok_or_else(|| ServiceError::Task("no text encoder".into()))?;
+                Ok((ids, tch::Tensor::f_cat(&hidden, -1)?, pooled))
+            }
+        }
+    }
+
+    /// The components whose weights make this model's identity.
+    pub fn components(&self) -> &'static [Component] {
+        match self {
+            TextEncoders::Single(_) => &[Component::TextEncoder],
+            TextEncoders::Xl { first: Some(_), .. } => {
+                &[Component::TextEncoder, Component::TextEncoder2]
+            }
+            TextEncoders::Xl { first: None, .. } => &[Component::TextEncoder2],
+        }
+    }
+}
