@@ -61,7 +61,7 @@ gpu-bundle:
 gpu-bundle-check: gpu-bundle
 	bash target/gpu-bundle/run-checks.sh --device cpu --python $(CURDIR)/.venv-gpu/bin/python --out target/gpu-checks
 
-## fuzz: run a fuzz target for a minute (FUZZ=init_image or generate_request); needs cargo-fuzz
+## fuzz: run a fuzz target for a minute (FUZZ=init_image, generate_request or http_request); needs cargo-fuzz
 FUZZ ?= init_image
 fuzz:
 	cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run $(FUZZ) -- -max_total_time=60

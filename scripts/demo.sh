@@ -8,7 +8,7 @@ BIN=target/release
 PORT=${SD_DEMO_PORT:-50051}
 LOG=$(mktemp)
 
-"$BIN/sdctl" up --model "$MODEL" --port "$PORT" >"$LOG" 2>&1 &
+"$BIN/sdctl" up --model "$MODEL" --port "$PORT" --http-port "${SD_DEMO_HTTP_PORT:-0}" >"$LOG" 2>&1 &
 UP=$!
 trap 'kill -TERM $UP 2>/dev/null; wait $UP 2>/dev/null || true; rm -f "$LOG"' EXIT
 

@@ -13,7 +13,7 @@ RUN apt-get update \
     && useradd --system --uid 10001 --no-create-home sdserve
 COPY --from=build /src/target/release/sd-gateway /src/target/release/sdctl /usr/local/bin/
 USER 10001
-ENV SD_LISTEN=0.0.0.0:50051 SD_METRICS_LISTEN=0.0.0.0:9090
-EXPOSE 50051 9090
+ENV SD_LISTEN=0.0.0.0:50051 SD_HTTP_LISTEN=0.0.0.0:7860 SD_METRICS_LISTEN=0.0.0.0:9090
+EXPOSE 50051 7860 9090
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s CMD ["sdctl", "probe", "--addr", "127.0.0.1:50051"]
 ENTRYPOINT ["sd-gateway"]

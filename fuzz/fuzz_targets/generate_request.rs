@@ -20,11 +20,14 @@ fuzz_target!(|data: &[u8]| {
         scale_factor: 8,
         sample_size: 64,
         scaling_factor: 0.18215,
+        max_decode_pixels: 0,
+        cost: Default::default(),
         scheduler_config: SchedulerConfig::from_json(r#"{"_class_name": "PNDMScheduler"}"#).expect("config"),
         default_scheduler: SchedulerKind::Pndm,
         prediction: Prediction::Epsilon,
         text_layers: 12,
         text_model_id: "fuzz@1".into(),
+        family: Default::default(),
     };
     if let Err(e) = Plan::new(req, &facts, &Limits::default()) {
         assert!(matches!(e, Error::Invalid { .. } | Error::UnknownModel { .. }), "{e:?}");

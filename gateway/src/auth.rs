@@ -88,25 +88,55 @@ impl ApiKeys {
 impl ApiKeys {
     /// Check a request's bearer token (every call of the public API does).
     pub fn check(&self, metadata: &tonic::metadata::MetadataMap) -> Result<()> {
+        self.check_authorization(metadata.get("authorization").and_then(|v| v.to_str().ok()))
+    }
+
+    /// Check an `authorization` value: `Bearer <key>`, or (for
+    /// AUTOMATIC1111 clients, whose API takes HTTP Basic) `Basic` with the
+    /// key as the password.
+    pub fn check_authorization(&self, value: Option<&str>) -> Result<()> {
         if !self.enabled() {
             return Ok(());
         }
-        let token = metadata
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim);
+        let token = value.and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+                .map(|t| t.trim().as_bytes().to_vec())
+                .or_else(|| basic_password(v))
+        });
         match token {
-            Some(t) if self.accepts(t.as_bytes()) => Ok(()),
+            Some(t) if self.accepts(&t) => Ok(()),
             Some(_) => Err(Error::Unauthenticated("invalid API key")),
             None => Err(Error::Unauthenticated(
                 "missing API key: send `authorization: Bearer <key>`",
             )),
         }
     }
+
+    /// A short digest of the caller's key (None without keys): tells
+    /// callers apart without keeping their keys.
+    pub fn caller(&self, value: Option<&str>) -> Option<u64> {
+        use std::hash::{Hash, Hasher};
+        if !self.enabled() {
+            return None;
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        value.unwrap_or("").hash(&mut h);
+        Some(h.finish())
+    }
+}
+
+/// The password of an HTTP Basic `authorization` value.
+fn basic_password(v: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let b64 = v
+        .strip_prefix("Basic ")
+        .or_else(|| v.strip_prefix("basic "))?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let colon = raw.iter().position(|&b| b == b':')?;
+    Some(raw[colon + 1..].to_vec())
 }
 
 #[cfg(test)]
@@ -138,6 +168,14 @@ mod tests {
             tonic::Code::Unauthenticated
         );
         assert_eq!(code(check(with(None))), tonic::Code::Unauthenticated);
+        // HTTP Basic, the key as the password (AUTOMATIC1111 clients).
+        assert!(k
+            .check_authorization(Some("Basic dXNlcjpzM2NyZXQ="))
+            .is_ok());
+        assert!(k
+            .check_authorization(Some("Basic dXNlcjp3cm9uZw=="))
+            .is_err());
+        assert!(k.check_authorization(Some("Basic !!!")).is_err());
         let open = ApiKeys::new(vec![]);
         assert!(open.check(with(None).metadata()).is_ok());
     }

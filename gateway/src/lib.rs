@@ -2,13 +2,16 @@
 //! request, encodes the prompts (through a cache of prompt embeddings), draws
 //! the seeded noise, calls the denoiser once per step, applies the scheduler
 //! and has the autoencoder decode — all in pure Rust; the networks live in
-//! the model services.
+//! the model services. The same service answers HTTP too (`http`: the
+//! OpenAI Images API and an AUTOMATIC1111 subset).
 
+pub mod a1111_prompt;
 pub mod auth;
 pub mod backends;
 pub mod blocking;
 pub mod error;
 pub mod facts;
+pub mod http;
 pub mod images;
 pub mod limits;
 pub mod micro;

@@ -34,6 +34,8 @@ struct Args {
     limits: Limits,
     #[command(flatten)]
     auth: AuthArgs,
+    #[command(flatten)]
+    http: sd_gateway::http::HttpArgs,
     /// Generations run at once.
     #[arg(long, env = "SD_MAX_CONCURRENT", default_value_t = 4)]
     max_concurrent: usize,
@@ -83,13 +85,23 @@ fn main() -> anyhow::Result<()> {
         otel_name: "sd-gateway",
         grpc_name: "sd.v1.Generation",
     };
-    args.server.runtime()?.block_on(sd_runtime::server::run(
-        who,
-        &args.server,
-        &args.tls,
-        Access::Public,
-        |cx| connect(&args, secrets, cx),
-    ))
+    args.server.runtime()?.block_on(async {
+        // HTTP listens from the start (503 until the model is reached), and
+        // says where before gRPC's `listening on` line.
+        let door = match args.http.http_listen {
+            Some(addr) => {
+                let timeout = Duration::from_secs(args.http.http_read_timeout_secs.max(1));
+                let door = sd_gateway::http::Door::bind(addr, timeout).await?;
+                println!("{}{}", sd_gateway::http::HTTP_LINE, door.local_addr());
+                Some(door)
+            }
+            None => None,
+        };
+        sd_runtime::server::run(who, &args.server, &args.tls, Access::Public, |cx| {
+            connect(&args, secrets, cx, door)
+        })
+        .await
+    })
 }
 
 /// How often the gateway rereads the denoiser's UNet cost.
@@ -115,6 +127,7 @@ async fn connect(
     args: &Args,
     secrets: Secrets,
     cx: sd_runtime::server::Context,
+    door: Option<sd_gateway::http::Door>,
 ) -> anyhow::Result<GenerationServer<GenerationService>> {
     let sd_runtime::server::Context {
         metrics,
@@ -149,7 +162,7 @@ async fn connect(
         );
     }
     refresh_cost(backends.clone(), facts.cost.clone());
-    let service = GenerationService {
+    let service = Arc::new(GenerationService {
         generator: Generator {
             stages: Arc::new(backends.clone()),
             facts: Arc::new(facts),
@@ -164,7 +177,13 @@ async fn connect(
         metrics,
         log_prompts: args.log_prompts,
         keys,
-    };
+    });
+    if let Some(door) = door {
+        door.open(Arc::new(sd_gateway::http::Http::new(
+            service.clone(),
+            &args.http,
+        )));
+    }
     // SERVING only while every stage has a SERVING replica (and not draining).
     tokio::spawn(async move {
         let mut last = None;
@@ -182,7 +201,7 @@ async fn connect(
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     });
-    Ok(GenerationServer::new(service)
+    Ok(GenerationServer::from_arc(service)
         .max_decoding_message_size(max_in)
         .max_encoding_message_size(max_out))
 }

@@ -56,6 +56,8 @@ pub struct Plan {
     pub time_ids: Option<crate::micro::TimeIds>,
     /// An LCM UNet: the guidance goes in as an embedding; no negative branch.
     pub guidance_embedded: bool,
+    /// Set by the HTTP front door: stop early and return the image so far.
+    pub stop: Option<crate::pipeline::Stop>,
 }
 
 impl std::fmt::Debug for Plan {
@@ -159,6 +161,7 @@ impl Plan {
             predicted_step_seconds: predicted.map(|p| p.1),
             time_ids,
             guidance_embedded,
+            stop: None,
         })
     }
 

@@ -22,7 +22,7 @@ use tracing::Instrument;
 use crate::blocking::{off_thread, INLINE_BYTES};
 use crate::error::{Error, Result};
 use crate::limits::Limits;
-use crate::pipeline::{Event, Generator};
+use crate::pipeline::{Event, Generator, Stop};
 use crate::plan::Plan;
 
 pub struct GenerationService {
@@ -104,6 +104,41 @@ impl GenerationService {
                 _slot: slot,
             },
         ))
+    }
+}
+
+/// A generation asked for over HTTP: what it brings beyond the request.
+pub struct HttpCall {
+    /// The `authorization` header, checked as gRPC checks its metadata.
+    pub authorization: Option<String>,
+    pub deadline: Deadline,
+    /// Progress and previews, as GenerateStream sends them.
+    pub events: Option<mpsc::Sender<Event>>,
+    /// Stop early and answer with the image so far.
+    pub stop: Option<Stop>,
+}
+
+impl GenerationService {
+    /// One generation for the HTTP front door, through the same keys,
+    /// validation, admission, deadline, tracing and metrics as `Generate`
+    /// (counted as `method` in the metrics).
+    pub async fn generate_http(
+        &self,
+        method: &'static str,
+        req: GenerateRequest,
+        call: HttpCall,
+    ) -> Result<GenerateResponse, Status> {
+        self.keys
+            .check_authorization(call.authorization.as_deref())
+            .map_err(Status::from)?;
+        let span = request_span(method);
+        let deadline = call.deadline;
+        let work = async {
+            let (mut plan, _admitted) = self.admit(req, &deadline).await?;
+            plan.stop = call.stop;
+            within(deadline, self.generator.run(plan, call.events, deadline)).await
+        };
+        self.metrics.observe(method, work.instrument(span)).await
     }
 }
 

@@ -74,7 +74,7 @@ impl Sdctl {
     fn start_logging(extra: &[&str], stderr: std::process::Stdio) -> Sdctl {
         let (tx, lines) = std::sync::mpsc::channel();
         let mut cmd = std::process::Command::new(bin_dir().join("sdctl"));
-        cmd.args(["up", "--port", "0", "--model"])
+        cmd.args(["up", "--port", "0", "--http-port", "0", "--model"])
             .arg(common::model("sd1-tiny"))
             .args(["--gateway-arg=--backend-refresh-ms=200"])
             .args(extra)

@@ -89,7 +89,7 @@ impl Stack {
     pub fn start(a: &StackArgs) -> anyhow::Result<Stack> {
         let (tx, rx) = std::sync::mpsc::channel();
         let mut cmd = Command::new(a.bin_dir.join("sdctl"));
-        cmd.args(["up", "--port", "0", "--model"])
+        cmd.args(["up", "--port", "0", "--http-port", "0", "--model"])
             .arg(a.model)
             .args(["--replicas", &format!("denoiser={}", a.denoisers)])
             .args(a.gateway_args.iter().map(|g| format!("--gateway-arg={g}")))

@@ -25,6 +25,9 @@ use stdout::{Line, Watch};
 pub const LISTENING: &str = "listening on ";
 /// The line a server started with `--metrics-listen` prints for `/metrics`.
 pub const METRICS: &str = "metrics on ";
+/// The line the gateway started with `--http-listen` prints for HTTP (and
+/// `sdctl up` after it).
+pub const HTTP: &str = "http on ";
 
 /// The directory this program's executable is in: where `cargo build` and
 /// the release images put the sdserve binaries side by side.

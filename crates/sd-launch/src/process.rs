@@ -85,6 +85,11 @@ impl Process {
         self.watch.metrics()
     }
 
+    /// Where it serves HTTP, if it printed `http on ADDR`.
+    pub fn http_addr(&self) -> Option<String> {
+        self.watch.http()
+    }
+
     pub fn id(&self) -> u32 {
         self.child.id()
     }

@@ -7,7 +7,7 @@ use std::process::ChildStdout;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::METRICS;
+use crate::{HTTP, METRICS};
 
 /// What the launcher hears from the reader thread.
 pub(crate) enum Line {
@@ -23,12 +23,21 @@ pub(crate) enum Line {
 #[derive(Clone, Default)]
 pub(crate) struct Watch {
     metrics: Arc<Mutex<Option<String>>>,
+    http: Arc<Mutex<Option<String>>>,
 }
 
 impl Watch {
     /// The last `metrics on ADDR` address printed, if any.
     pub(crate) fn metrics(&self) -> Option<String> {
         self.metrics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The last `http on ADDR` address printed, if any.
+    pub(crate) fn http(&self) -> Option<String> {
+        self.http
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
@@ -62,6 +71,9 @@ pub(crate) fn watch(
                 let line = line.trim_end_matches(['\n', '\r']);
                 if let Some(addr) = line.strip_prefix(address_prefix.as_str()) {
                     let _ = tx.send(Line::Address(addr.trim().to_string()));
+                } else if let Some(addr) = line.strip_prefix(HTTP) {
+                    *seen.http.lock().unwrap_or_else(PoisonError::into_inner) =
+                        Some(addr.trim().to_string());
                 } else if let Some(addr) = line.strip_prefix(METRICS) {
                     seen.set_metrics(addr.trim().to_string());
                     let _ = tx.send(Line::Metrics);

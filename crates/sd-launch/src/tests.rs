@@ -23,14 +23,17 @@ fn alive(pid: u32) -> bool {
 #[test]
 fn reads_the_address_and_the_metrics_address_before_it() {
     let p = Launch::new("fake")
-        .spawn(sh("echo loading; echo 'metrics on 127.0.0.1:9100'; \
-             echo 'listening on 127.0.0.1:1234'; exec sleep 30"))
+        .spawn(sh(
+            "echo loading; echo 'metrics on 127.0.0.1:9100'; \
+             echo 'http on 127.0.0.1:7860'; echo 'listening on 127.0.0.1:1234'; exec sleep 30",
+        ))
         .unwrap();
     assert_eq!(p.name(), "fake");
     assert_eq!(p.addr(), "127.0.0.1:1234");
     assert_eq!(p.url(), "http://127.0.0.1:1234");
     assert_eq!(p.port(), Some(1234));
     assert_eq!(p.metrics_addr().as_deref(), Some("127.0.0.1:9100"));
+    assert_eq!(p.http_addr().as_deref(), Some("127.0.0.1:7860"));
 }
 
 #[test]

@@ -50,6 +50,9 @@ pub struct Spec {
     /// `--listen`: port 0 until it first listens, then the address it got,
     /// so a restarted replica comes back where the gateway looks for it.
     pub listen: String,
+    /// The gateway's `--http-listen`, like `listen`: port 0 until it first
+    /// listens, then the address it got.
+    pub http_listen: Option<String>,
     /// Its `--drain-secs`: how long its work in flight may take to finish
     /// after SIGTERM.
     pub drain: Duration,
@@ -128,6 +131,9 @@ impl Child {
             .args(&self.spec.args)
             .args(["--listen", &self.spec.listen])
             .stderr(Stdio::inherit());
+        if let Some(http) = &self.spec.http_listen {
+            command.args(["--http-listen", http]);
+        }
         self.spec.token.give_to(&mut command);
         command.envs(self.spec.env.iter().map(|(k, v)| (k, v)));
         detach(&mut command);
@@ -138,6 +144,9 @@ impl Child {
             })
             .spawn(command)?;
         self.spec.listen = process.addr().to_string();
+        if let (Some(_), Some(http)) = (&self.spec.http_listen, process.http_addr()) {
+            self.spec.http_listen = Some(http);
+        }
         self.pid = process.id();
         self.process = Some(process);
         self.state = State::Starting {

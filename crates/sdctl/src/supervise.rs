@@ -257,6 +257,7 @@ mod tests {
                 bin: "sd-denoiser".into(),
                 args: Vec::new(),
                 listen: "127.0.0.1:0".into(),
+                http_listen: None,
                 drain: Duration::from_secs(30),
                 token: crate::token::stack_token().unwrap(),
                 env: Vec::new(),

@@ -29,6 +29,13 @@ pub struct UpArgs {
     /// Address to bind the gateway to.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
+    /// HTTP port of the gateway (OpenAI Images API, AUTOMATIC1111 API):
+    /// 7860 as A1111 users expect; 0: a free one (printed).
+    #[arg(long, default_value_t = 7860)]
+    http_port: u16,
+    /// Serve gRPC only.
+    #[arg(long)]
+    no_http: bool,
     /// Device for the model services: cpu, cuda or cuda:N.
     #[arg(long, env = "SD_DEVICE", default_value = "cpu")]
     device: String,
@@ -183,6 +190,7 @@ fn service_specs(
                 bin: dir.join(stage.binary()),
                 args: stage_args(args, stage),
                 listen: "127.0.0.1:0".to_string(),
+                http_listen: None,
                 drain: Duration::from_secs(args.drain_secs),
                 token,
                 env: env.clone(),
@@ -224,6 +232,7 @@ fn gateway_spec(
         bin: dir.join("sd-gateway"),
         args: v,
         listen: format!("{}:{}", args.host, args.port),
+        http_listen: (!args.no_http).then(|| format!("{}:{}", args.host, args.http_port)),
         drain: Duration::from_secs(drain),
         token,
         env: Vec::new(),
@@ -276,6 +285,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         return Err(e);
     }
     if let Some(gateway) = sup.children().last() {
+        if let Some(http) = &gateway.spec.http_listen {
+            // Machine-readable first (sd-launch reads it), then for people.
+            println!("{}{http}", sd_launch::HTTP);
+            println!("HTTP ready on http://{http} (OpenAI: /v1, AUTOMATIC1111: /sdapi/v1)");
+        }
         println!("gateway ready on {}", gateway.url());
     }
     // Run until a signal, or until a process cannot be kept up.

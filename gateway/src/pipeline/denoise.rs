@@ -1,7 +1,8 @@
 //! The steps: one UNet prediction per timestep over one step session, the
 //! scheduler between them; progress and previews to a streaming client.
 //! Between steps the loop stops when the client went away or the deadline
-//! passed.
+//! passed (an error), or when asked to stop early (the latents so far are
+//! the result).
 
 use std::time::Instant;
 
@@ -53,6 +54,8 @@ pub(super) struct Denoising<'a> {
     pub previews: Previews,
     /// When the generation started (progress reports the time since).
     pub started: Instant,
+    /// Asked to stop early: the latents so far are the result.
+    pub stop: Option<super::Stop>,
 }
 
 impl Denoising<'_> {
@@ -68,6 +71,10 @@ impl Denoising<'_> {
         let mut latents = start.latents;
         for (k, i) in (start.first..timesteps.len()).enumerate() {
             let step = k as u32 + 1;
+            if self.stop.as_ref().is_some_and(super::Stop::stopped) {
+                tracing::info!(step, total, "stopped early on request");
+                break;
+            }
             if self.deadline.remaining().is_err() {
                 return Err(Error::DeadlinePassed {
                     when: format!("before step {step} of {total}"),

@@ -44,6 +44,27 @@ pub enum Event {
     },
 }
 
+/// Asks a running generation to stop after the step in progress and return
+/// the image its latents make so far (AUTOMATIC1111's "interrupt"), unlike
+/// a client going away, which abandons it. Cheap to clone; all clones
+/// share one flag.
+#[derive(Debug, Clone, Default)]
+pub struct Stop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Stop {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn stop(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// Runs generations against the model stages.
 #[derive(Clone)]
 pub struct Generator {
@@ -84,6 +105,7 @@ impl Generator {
             deadline: &deadline,
             previews: denoise::Previews::of(&plan),
             started,
+            stop: plan.stop.clone(),
         };
         let (format, num_images) = (plan.format, plan.num_images);
         let latents = steps.run(plan.schedule, start).await?;

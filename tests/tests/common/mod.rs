@@ -26,6 +26,15 @@ pub fn fixtures() -> PathBuf {
     dir
 }
 
+/// The project venv's Python (`make setup` makes it; `VIRTUAL_ENV` when
+/// set), with the reference implementation and the third-party clients.
+pub fn python() -> PathBuf {
+    std::env::var_os("VIRTUAL_ENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv"))
+        .join("bin/python")
+}
+
 pub fn model(name: &str) -> PathBuf {
     fixtures().join(name)
 }

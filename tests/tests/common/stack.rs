@@ -35,6 +35,8 @@ pub fn bin_dir() -> PathBuf {
 /// sdctl stops its servers, then SIGKILL after 20 s).
 pub struct Stack {
     pub url: String,
+    /// The gateway's HTTP base URL (`http://host:port`).
+    pub http: String,
     _sdctl: Process,
 }
 
@@ -46,7 +48,7 @@ impl Stack {
     /// A stack with more `sdctl up` flags (e.g. `--precision bf16`).
     pub fn start_with(model: &Path, flags: &[&str]) -> Stack {
         let mut cmd = Command::new(bin_dir().join("sdctl"));
-        cmd.args(["up", "--port", "0", "--model"])
+        cmd.args(["up", "--port", "0", "--http-port", "0", "--model"])
             .arg(model)
             .args(flags)
             .env("SD_TORCH_THREADS", "1")
@@ -59,8 +61,15 @@ impl Stack {
             })
             .spawn(cmd)
             .unwrap_or_else(|e| panic!("the stack did not come up: {:#}", anyhow::Error::new(e)));
+        let http = format!(
+            "http://{}",
+            sdctl
+                .http_addr()
+                .expect("sdctl up printed no `http on ADDR` line")
+        );
         Stack {
             url: sdctl.url(),
+            http,
             _sdctl: sdctl,
         }
     }

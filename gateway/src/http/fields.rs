@@ -1,0 +1,154 @@
+//! Reading request fields by name, so that a wrong one is a 400 naming it:
+//! JSON bodies (AUTOMATIC1111's pydantic models coerce numeric strings, and
+//! so does this) and multipart forms (whose fields are all text). `null`
+//! is the same as absent; unknown fields are left alone.
+
+use serde_json::{Map, Value};
+
+use super::error::{HttpError, HttpResult};
+
+pub struct Fields<'a>(pub &'a Map<String, Value>);
+
+impl<'a> Fields<'a> {
+    /// The field's value, unless absent or null.
+    pub fn get(&self, name: &str) -> Option<&'a Value> {
+        self.0.get(name).filter(|v| !v.is_null())
+    }
+
+    pub fn str(&self, name: &str) -> HttpResult<Option<&'a str>> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(wrong(name, "a string", v)),
+        }
+    }
+
+    pub fn string_or(&self, name: &str, default: &str) -> HttpResult<String> {
+        Ok(self.str(name)?.unwrap_or(default).to_string())
+    }
+
+    /// A number (or a numeric string).
+    pub fn f64(&self, name: &str) -> HttpResult<Option<f64>> {
+        let v = match self.get(name) {
+            None => return Ok(None),
+            Some(v) => v,
+        };
+        let n = match v {
+            Value::Number(n) => n.as_f64(),
+            Value::String(s) => s.trim().parse::<f64>().ok(),
+            _ => None,
+        };
+        match n {
+            Some(x) if x.is_finite() => Ok(Some(x)),
+            _ => Err(wrong(name, "a number", v)),
+        }
+    }
+
+    /// A whole number (or a numeric string of one).
+    pub fn i64(&self, name: &str) -> HttpResult<Option<i64>> {
+        let Some(x) = self.f64(name)? else {
+            return Ok(None);
+        };
+        if x.fract() != 0.0 || x.abs() > 9.0e15 {
+            return Err(HttpError::invalid(
+                name,
+                format_args!("{x} is not a whole number"),
+            ));
+        }
+        Ok(Some(x as i64))
+    }
+
+    /// A whole number in `lo..=hi`.
+    pub fn int_in(&self, name: &str, lo: i64, hi: i64) -> HttpResult<Option<i64>> {
+        match self.i64(name)? {
+            Some(x) if x < lo || x > hi => Err(HttpError::invalid(
+                name,
+                format_args!("{x} is outside {lo}..={hi}"),
+            )),
+            x => Ok(x),
+        }
+    }
+
+    pub fn bool(&self, name: &str) -> HttpResult<Option<bool>> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(Value::String(s)) if s == "true" || s == "false" => Ok(Some(s == "true")),
+            Some(v) => Err(wrong(name, "true or false", v)),
+        }
+    }
+
+    /// A list of strings.
+    pub fn strings(&self, name: &str) -> HttpResult<Vec<&'a str>> {
+        match self.get(name) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s.as_str()),
+                    v => Err(wrong(name, "a list of strings", v)),
+                })
+                .collect(),
+            Some(v) => Err(wrong(name, "a list of strings", v)),
+        }
+    }
+
+    /// An object.
+    pub fn object(&self, name: &str) -> HttpResult<Option<&'a Map<String, Value>>> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Object(m)) => Ok(Some(m)),
+            Some(v) => Err(wrong(name, "an object", v)),
+        }
+    }
+}
+
+fn wrong(name: &str, expected: &str, got: &Value) -> HttpError {
+    let what = match got {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    };
+    HttpError::invalid(name, format_args!("expected {expected}, got {what}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn with(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn fields_by_type_naming_the_wrong_one() {
+        let m = with(json!({
+            "prompt": "a cat", "steps": 20, "cfg": "7.5", "n": "3", "seed": -1,
+            "frac": 2.5, "flag": true, "none": null, "list": ["a", "b"], "bad": {"x": 1}
+        }));
+        let f = Fields(&m);
+        assert_eq!(f.str("prompt").unwrap(), Some("a cat"));
+        assert_eq!(f.i64("steps").unwrap(), Some(20));
+        assert_eq!(f.f64("cfg").unwrap(), Some(7.5));
+        assert_eq!(f.i64("n").unwrap(), Some(3));
+        assert_eq!(f.i64("seed").unwrap(), Some(-1));
+        assert_eq!(f.bool("flag").unwrap(), Some(true));
+        assert_eq!(f.str("none").unwrap(), None);
+        assert_eq!(f.str("absent").unwrap(), None);
+        assert_eq!(f.strings("list").unwrap(), vec!["a", "b"]);
+        for (name, e) in [
+            ("steps", f.str("steps").unwrap_err()),
+            ("frac", f.i64("frac").unwrap_err()),
+            ("prompt", f.f64("prompt").unwrap_err()),
+            ("bad", f.strings("bad").unwrap_err()),
+            ("steps", f.int_in("steps", 1, 10).unwrap_err()),
+        ] {
+            assert_eq!(e.param.as_deref(), Some(name));
+            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+        }
+    }
+}

@@ -1,0 +1,381 @@
+//! The OpenAI Images API: `POST /v1/images/generations`, `POST
+//! /v1/images/edits` (image-to-image), `GET /v1/models`, and the image URLs
+//! `response_format: "url"` hands out. Works with the official `openai`
+//! client pointed at `base_url=http://HOST:PORT/v1`.
+//!
+//! OpenAI's own model names (`dall-e-2`, `dall-e-3`, `gpt-image-1`) mean the
+//! model this gateway serves, so clients that send their default work
+//! unchanged; any other name must be the served model's id or name.
+//! Extensions beyond OpenAI's fields: `negative_prompt`, `steps`, `seed`,
+//! `guidance_scale`, `scheduler`, and for edits `strength`.
+
+use axum::body::Body;
+use axum::extract::{FromRequest, Multipart, Path, Request, State as S};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Map, Value};
+
+use super::error::{HttpError, HttpResult};
+use super::fields::Fields;
+use super::{encode_base64, parse_size, State};
+use sd_proto::v1::{GenerateRequest, GenerateResponse, ImageFormat};
+
+/// OpenAI's model names, taken to mean the served model.
+const OPENAI_MODELS: [&str; 4] = ["dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini"];
+
+pub fn routes() -> Router<State> {
+    Router::new()
+        .route("/v1/images/generations", post(generations))
+        .route("/v1/images/edits", post(edits))
+        .route("/v1/images/files/{file}", get(file))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
+}
+
+/// gRPC's field names as OpenAI's clients know them.
+const RENAMES: &[(&str, &str)] = &[
+    ("width", "size"),
+    ("height", "size"),
+    ("num_images", "n"),
+    ("init_image", "image"),
+];
+
+/// How the images come back.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Delivery {
+    B64,
+    Url,
+}
+
+/// An OpenAI request's fields as a GenerateRequest, and how to answer.
+fn request(f: &Fields, served: &str) -> HttpResult<(GenerateRequest, Delivery)> {
+    let prompt = f.str("prompt")?.unwrap_or("");
+    if prompt.trim().is_empty() {
+        return Err(HttpError::invalid("prompt", "required: what to draw"));
+    }
+    let model = match f.str("model")? {
+        None => String::new(),
+        Some(m) if OPENAI_MODELS.contains(&m) => String::new(),
+        Some(m) if m == served => String::new(),
+        Some(m) => m.to_string(),
+    };
+    let (width, height) = match f.str("size")? {
+        None | Some("auto") => (0, 0),
+        Some(s) => parse_size("size", s)?,
+    };
+    let delivery = match f.str("response_format")? {
+        None | Some("b64_json") => Delivery::B64,
+        Some("url") => Delivery::Url,
+        Some(other) => {
+            return Err(HttpError::invalid(
+                "response_format",
+                format_args!("`{other}`: expected b64_json or url"),
+            ))
+        }
+    };
+    let format = match f.str("output_format")? {
+        None | Some("png") => ImageFormat::Png,
+        Some("jpeg") | Some("jpg") => ImageFormat::Jpeg,
+        Some("webp") => ImageFormat::Webp,
+        Some(other) => {
+            return Err(HttpError::invalid(
+                "output_format",
+                format_args!("`{other}`: expected png, jpeg or webp"),
+            ))
+        }
+    };
+    let req = GenerateRequest {
+        prompt: prompt.to_string(),
+        negative_prompt: f.string_or("negative_prompt", "")?,
+        width,
+        height,
+        steps: f.int_in("steps", 1, 10_000)?.unwrap_or(0) as u32,
+        guidance_scale: f.f64("guidance_scale")?.map(|g| g as f32),
+        scheduler: f.string_or("scheduler", "")?,
+        seed: f.int_in("seed", 0, i64::MAX)?.map(|s| s as u64),
+        num_images: f.int_in("n", 1, 10)?.unwrap_or(1) as u32,
+        strength: f.f64("strength")?.map(|s| s as f32),
+        format: format as i32,
+        model,
+        ..Default::default()
+    };
+    Ok((req, delivery))
+}
+
+/// An OpenAI generations body as a GenerateRequest, or the error a client
+/// would get: for fuzzing and tests.
+pub fn parse(body: &[u8]) -> HttpResult<GenerateRequest> {
+    let m = super::json_object_from(body)?;
+    request(&Fields(&m), "").map(|(r, _)| r)
+}
+
+async fn generations(S(http): S<State>, headers: HeaderMap, body: Body) -> Response {
+    let run = async {
+        http.check_key(&headers)?;
+        let body = http.json_object(body).await?;
+        answer(&http, &headers, &body, None).await
+    };
+    run.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Generate for an OpenAI request (with an init image for edits).
+async fn answer(
+    http: &State,
+    headers: &HeaderMap,
+    body: &Map<String, Value>,
+    init_image: Option<Vec<u8>>,
+) -> HttpResult<Response> {
+    let served = http.service.generator.facts.name.clone();
+    let (mut req, delivery) = request(&Fields(body), &served)?;
+    if let Some(image) = init_image {
+        req.init_image = image.into();
+    }
+    let reply = http
+        .generate("OpenAI", headers, req, None, None)
+        .await
+        .map_err(|e| e.renamed(RENAMES))?;
+    Ok(super::json(images_json(http, headers, &reply, delivery)?))
+}
+
+/// `{created, data: [{b64_json} | {url}]}`.
+fn images_json(
+    http: &State,
+    headers: &HeaderMap,
+    reply: &GenerateResponse,
+    delivery: Delivery,
+) -> HttpResult<Value> {
+    let mut data = Vec::new();
+    let mut format = "png";
+    for image in &reply.images {
+        let (ext, mime) = match ImageFormat::try_from(image.format).unwrap_or(ImageFormat::Png) {
+            ImageFormat::Png => ("png", "image/png"),
+            ImageFormat::Jpeg => ("jpeg", "image/jpeg"),
+            ImageFormat::Webp => ("webp", "image/webp"),
+        };
+        format = ext;
+        data.push(match delivery {
+            Delivery::B64 => json!({ "b64_json": encode_base64(&image.data) }),
+            Delivery::Url => {
+                let id = http
+                    .store
+                    .put(image.data.clone(), mime)
+                    .ok_or_else(|| HttpError {
+                        status: StatusCode::INSUFFICIENT_STORAGE,
+                        param: Some("response_format".into()),
+                        message: "response_format: the image is larger than the URL store \
+                              (--http-url-store-mib); ask for b64_json"
+                            .into(),
+                    })?;
+                json!({ "url": format!("{}/v1/images/files/{id}.{ext}", origin(headers)) })
+            }
+        });
+    }
+    let size = reply
+        .images
+        .first()
+        .map(|i| format!("{}x{}", i.width, i.height));
+    Ok(json!({
+        "created": now_secs(),
+        "data": data,
+        "output_format": format,
+        "size": size,
+    }))
+}
+
+/// `http://host:port` as the client reached us (a TLS proxy in front says
+/// so in `X-Forwarded-Proto`).
+fn origin(headers: &HeaderMap) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("localhost");
+    let scheme = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| *s == "https" || *s == "http")
+        .unwrap_or("http");
+    format!("{scheme}://{host}")
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `POST /v1/images/edits`: multipart with `image` (one file), `prompt`,
+/// `n`, `size`, `response_format`, and the extensions; image-to-image.
+async fn edits(S(http): S<State>, headers: HeaderMap, req: Request) -> Response {
+    let run = async {
+        http.check_key(&headers)?;
+        let (fields, image) = read_form(&http, req).await?;
+        let image =
+            image.ok_or_else(|| HttpError::invalid("image", "required: the image to edit"))?;
+        answer(&http, &headers, &fields, Some(image)).await
+    };
+    run.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// A multipart form's text fields, and its one `image` file.
+async fn read_form(
+    http: &State,
+    req: Request,
+) -> HttpResult<(Map<String, Value>, Option<Vec<u8>>)> {
+    let (parts, body) = req.into_parts();
+    let bytes = http.body(body).await?;
+    let req = Request::from_parts(parts, Body::from(bytes));
+    let mut form = Multipart::from_request(req, &()).await.map_err(|e| {
+        HttpError::invalid("body", format_args!("expected multipart/form-data: {e}"))
+    })?;
+    let (mut fields, mut image) = (Map::new(), None);
+    while let Some(field) = form
+        .next_field()
+        .await
+        .map_err(|e| HttpError::invalid("body", format_args!("a malformed form: {e}")))?
+    {
+        let name = field.name().unwrap_or("").to_string();
+        let is_file = field.file_name().is_some();
+        let data = field
+            .bytes()
+            .await
+            .map_err(|e| HttpError::invalid(&name, format_args!("could not be read: {e}")))?;
+        match name.as_str() {
+            "image" | "image[]" => {
+                if image.is_some() {
+                    return Err(HttpError::invalid("image", "one image at a time"));
+                }
+                image = Some(data.to_vec());
+            }
+            "mask" => {
+                return Err(HttpError::invalid(
+                    "mask",
+                    "inpainting is not supported: send no mask (the whole image is changed)",
+                ))
+            }
+            _ if is_file => {
+                return Err(HttpError::invalid(&name, "a file where text was expected"));
+            }
+            _ => {
+                let text = String::from_utf8(data.to_vec())
+                    .map_err(|_| HttpError::invalid(&name, "not UTF-8 text"))?;
+                fields.insert(name, Value::String(text));
+            }
+        }
+    }
+    Ok((fields, image))
+}
+
+/// An image handed out by URL, while the store keeps it.
+async fn file(S(http): S<State>, Path(file): Path<String>) -> Response {
+    let id = file.split('.').next().unwrap_or("");
+    match http.store.get(id) {
+        Some((bytes, mime)) => ([(header::CONTENT_TYPE, mime)], bytes).into_response(),
+        None => {
+            HttpError::not_found("no such image (image URLs answer for an hour)").into_response()
+        }
+    }
+}
+
+fn model_json(http: &State) -> Value {
+    let f = &http.service.generator.facts;
+    json!({
+        "id": f.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "sdserve",
+        "sdserve": { "model_id": f.id, "family": f.family.name() },
+    })
+}
+
+async fn models(S(http): S<State>, headers: HeaderMap) -> Response {
+    match http.check_key(&headers) {
+        Ok(()) => super::json(json!({ "object": "list", "data": [model_json(&http)] })),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn model(S(http): S<State>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(e) = http.check_key(&headers) {
+        return e.into_response();
+    }
+    let f = &http.service.generator.facts;
+    if id == f.name || id == f.id || OPENAI_MODELS.contains(&id.as_str()) {
+        super::json(model_json(&http))
+    } else {
+        HttpError::not_found(format!(
+            "model `{id}` is not served here (this gateway serves `{}`)",
+            f.name
+        ))
+        .into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(v: Value) -> HttpResult<(GenerateRequest, Delivery)> {
+        let m = v.as_object().cloned().unwrap_or_default();
+        request(&Fields(&m), "tiny")
+    }
+
+    #[test]
+    fn openai_fields_become_a_generate_request() {
+        let (r, d) = req(json!({
+            "prompt": "a cat", "n": 2, "size": "64x32", "response_format": "url",
+            "model": "dall-e-3", "quality": "hd", "style": "vivid", "user": "u1",
+            "negative_prompt": "blurry", "steps": 4, "seed": 7, "guidance_scale": 6.5,
+            "scheduler": "euler", "output_format": "webp"
+        }))
+        .unwrap();
+        assert_eq!((r.width, r.height, r.num_images, r.steps), (64, 32, 2, 4));
+        assert_eq!((r.seed, r.guidance_scale), (Some(7), Some(6.5)));
+        assert_eq!(
+            (r.negative_prompt.as_str(), r.scheduler.as_str()),
+            ("blurry", "euler")
+        );
+        assert_eq!(r.model, "");
+        assert_eq!(r.format, ImageFormat::Webp as i32);
+        assert_eq!(d, Delivery::Url);
+        let (r, d) = req(json!({"prompt": "x", "model": "other"})).unwrap();
+        assert_eq!(
+            (r.model.as_str(), r.num_images, d),
+            ("other", 1, Delivery::B64)
+        );
+    }
+
+    #[test]
+    fn bad_openai_fields_are_named() {
+        for (body, field) in [
+            (json!({}), "prompt"),
+            (json!({"prompt": "x", "n": 0}), "n"),
+            (json!({"prompt": "x", "n": "two"}), "n"),
+            (json!({"prompt": "x", "size": "big"}), "size"),
+            (
+                json!({"prompt": "x", "response_format": "gif"}),
+                "response_format",
+            ),
+            (
+                json!({"prompt": "x", "output_format": "gif"}),
+                "output_format",
+            ),
+            (json!({"prompt": "x", "seed": -1}), "seed"),
+            (json!({"prompt": 3}), "prompt"),
+        ] {
+            let e = req(body.clone()).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(field), "{body}");
+        }
+    }
+
+    #[test]
+    fn urls_name_the_host_the_client_used() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "gw:7860".parse().unwrap());
+        assert_eq!(origin(&h), "http://gw:7860");
+        h.insert("x-forwarded-proto", "https".parse().unwrap());
+        assert_eq!(origin(&h), "https://gw:7860");
+    }
+}
