@@ -19,6 +19,7 @@ fixtures: setup
 	@python tests/fixtures/make_xl_models.py $(SD_FIXTURES)
 	@python tests/fixtures/make_sampling_reference.py $(SD_FIXTURES)
 	@python tests/fixtures/make_e2e_reference.py $(SD_FIXTURES)
+	@python tests/fixtures/make_a1111_reference.py $(SD_FIXTURES)
 	@python tests/fixtures/make_bf16_reference.py $(SD_FIXTURES)
 	@python tests/fixtures/make_resize_reference.py $(SD_FIXTURES)
 

@@ -5,7 +5,6 @@
 //! the model services. The same service answers HTTP too (`http`: the
 //! OpenAI Images API and an AUTOMATIC1111 subset).
 
-pub mod a1111_prompt;
 pub mod auth;
 pub mod backends;
 pub mod blocking;

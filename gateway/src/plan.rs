@@ -4,7 +4,7 @@
 //! combination is refused before the text encoder runs.
 
 use sd_proto::status::quote;
-use sd_proto::v1::{GenerateRequest, GenerationParameters, ImageFormat, PreviewMode};
+use sd_proto::v1::{GenerateRequest, GenerationParameters, ImageFormat, PreviewMode, PromptSyntax};
 use sd_proto::wire::HostTensor;
 use sd_sampling::schedulers::{build, SchedulerOptions};
 use sd_sampling::{Scheduler, SchedulerError, SchedulerKind};
@@ -56,6 +56,8 @@ pub struct Plan {
     pub time_ids: Option<crate::micro::TimeIds>,
     /// An LCM UNet: the guidance goes in as an embedding; no negative branch.
     pub guidance_embedded: bool,
+    /// How the prompts are read (plain, or AUTOMATIC1111's syntax).
+    pub prompt_syntax: PromptSyntax,
     /// Set by the HTTP front door: stop early and return the image so far.
     pub stop: Option<crate::pipeline::Stop>,
 }
@@ -105,7 +107,7 @@ struct Source {
 impl Plan {
     pub fn new(req: GenerateRequest, facts: &ModelFacts, limits: &Limits) -> Result<Plan> {
         check_model(&req.model, facts)?;
-        check_prompts(&req, limits)?;
+        let prompt_syntax = check_prompts(&req, limits)?;
         let steps = steps(req.steps, limits)?;
         let guidance = guidance(req.guidance_scale, facts.family.default_guidance)?;
         let guidance_embedded = facts.family.time_cond_dim > 0;
@@ -161,6 +163,7 @@ impl Plan {
             predicted_step_seconds: predicted.map(|p| p.1),
             time_ids,
             guidance_embedded,
+            prompt_syntax,
             stop: None,
         })
     }
@@ -200,11 +203,22 @@ fn check_model(model: &str, facts: &ModelFacts) -> Result<()> {
     }
 }
 
-fn check_prompts(req: &GenerateRequest, limits: &Limits) -> Result<()> {
+fn check_prompts(req: &GenerateRequest, limits: &Limits) -> Result<PromptSyntax> {
+    let syntax = PromptSyntax::try_from(req.prompt_syntax).map_err(|_| {
+        Error::invalid(
+            "prompt_syntax",
+            format!("unknown value {}", req.prompt_syntax),
+        )
+    })?;
     for (field, text) in [
         ("prompt", &req.prompt),
         ("negative_prompt", &req.negative_prompt),
     ] {
+        if syntax == PromptSyntax::A1111 {
+            if let Some(what) = sd_prompt::unsupported(text) {
+                return Err(Error::invalid(field, what));
+            }
+        }
         if text.len() > limits.max_prompt_bytes {
             return Err(Error::invalid(
                 field,
@@ -216,7 +230,7 @@ fn check_prompts(req: &GenerateRequest, limits: &Limits) -> Result<()> {
             ));
         }
     }
-    Ok(())
+    Ok(syntax)
 }
 
 fn steps(requested: u32, limits: &Limits) -> Result<u32> {

@@ -23,6 +23,8 @@ pub struct CachedEmbedding {
 pub struct PromptKey {
     pub model: String,
     pub clip_skip: u32,
+    /// `PromptSyntax` as sent to the text encoder.
+    pub syntax: i32,
     pub prompt: String,
 }
 
@@ -104,6 +106,7 @@ mod tests {
 
     fn key(p: &str) -> PromptKey {
         PromptKey {
+            syntax: 0,
             model: "m".into(),
             clip_skip: 0,
             prompt: p.into(),

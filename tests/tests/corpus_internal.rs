@@ -241,16 +241,16 @@ async fn embeddings_are_bounded_in_memory_ids_included() {
     let p = start("sd-denoiser", &["--embedding-cache-mib", "1"]).await;
     let (mut c, context) = denoiser(&p).await;
     // Each call caches a 128-byte id with a (1, 1, context) tensor, then is
-    // refused (uncond's tokens differ) before any forward.
+    // refused (uncond's width is not the context's) before any forward.
     let flood = |i: usize| {
-        let e = |id: String, tokens| Embedding {
+        let e = |id: String, width| Embedding {
             pooled: None,
             id,
-            tensor: Some(f32s(&[1, tokens, context], 0.5)),
+            tensor: Some(f32s(&[1, 1, width], 0.5)),
         };
         PredictRequest {
-            cond: Some(e(format!("{i:0>128}"), 1)),
-            uncond: Some(e(String::new(), 2)),
+            cond: Some(e(format!("{i:0>128}"), context)),
+            uncond: Some(e(String::new(), context + 1)),
             guidance_scale: 7.5,
             ..good_predict(context)
         }

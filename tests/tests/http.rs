@@ -1,5 +1,6 @@
 //! The HTTP door of a live stack: the official `openai` client and the
 //! PyPI `webuiapi` client work unchanged (tests/clients/http_clients.py),
+//! the web page works in headless Chromium (tests/clients/web_page.py),
 //! and bad input — malformed JSON, wrong types, oversized bodies, bad
 //! base64, unknown samplers, sizes off the VAE's grid, missing keys, a
 //! slow client — gets its status and names its field.
@@ -156,7 +157,7 @@ fn bad_input_cases() -> Vec<(&'static str, String, u16, Option<&'static str>)> {
         ),
         (
             "/sdapi/v1/txt2img",
-            r#"{"prompt": "(x:1.3)"}"#.into(),
+            r#"{"prompt": "a [cat:dog:0.5]"}"#.into(),
             400,
             Some("prompt"),
         ),
@@ -191,6 +192,24 @@ fn bad_input_cases() -> Vec<(&'static str, String, u16, Option<&'static str>)> {
             Some("sd_model_checkpoint"),
         ),
     ]
+}
+
+#[test]
+fn the_web_page_works_in_headless_chromium() {
+    let stack = stack(&[]);
+    let out = Command::new(common::python())
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/web_page.py"))
+        .arg(&stack.http)
+        .arg("32")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "web_page.py failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -503,6 +503,7 @@ async fn text_encoder_refuses_bad_calls(url: &str) {
         prompts,
         clip_skip,
         dtype: 0,
+        syntax: 0,
     };
     assert_eq!(
         t.encode(enc(vec![], 0)).await.unwrap_err().code(),
@@ -522,6 +523,35 @@ async fn text_encoder_refuses_bad_calls(url: &str) {
             .code(),
         Code::InvalidArgument
     );
+    // AUTOMATIC1111's syntax: a prompt in three chunks is 231 tokens; more
+    // than 8 chunks is refused, naming the prompts; an unknown syntax too.
+    let a1111 = |prompts: Vec<String>| EncodeTextRequest {
+        syntax: sd_proto::v1::PromptSyntax::A1111 as i32,
+        ..enc(prompts, 0)
+    };
+    let r = t
+        .encode(a1111(vec![
+            "a cat BREAK a (dog:1.2) BREAK [a bird]".into(),
+            "x".into(),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    let shape = |i: usize| r.prompts[i].embeddings.as_ref().unwrap().shape.clone();
+    assert_eq!(shape(0)[0], 231);
+    assert_eq!(shape(1)[0], 77);
+    let long = vec!["word ".repeat(700)];
+    let e = t.encode(a1111(long)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("prompts"), "{}", e.message());
+    let e = t
+        .encode(EncodeTextRequest {
+            syntax: 9,
+            ..enc(vec!["x".into()], 0)
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().starts_with("syntax"), "{}", e.message());
 }
 
 async fn autoencoder_refuses_bad_calls(url: &str) {

@@ -30,6 +30,9 @@ const CLIP_SPLIT: &str =
 /// A prompt tokenizer padded and truncated to the text encoder's length.
 pub struct ClipTokenizer {
     inner: Tokenizer,
+    /// The same, without special tokens, truncation or padding: the words
+    /// of a prompt fragment (AUTOMATIC1111's syntax).
+    words: Tokenizer,
     max_length: usize,
     pad_id: u32,
 }
@@ -81,7 +84,7 @@ impl ClipTokenizer {
             .unwrap_or(77) as usize;
 
         let json = dir.join("tokenizer.json");
-        let mut inner = if json.exists() {
+        let mut inner: Tokenizer = if json.exists() {
             Tokenizer::from_file(&json).map_err(|e| tok_err(&json, e))?
         } else {
             Self::build_bpe(dir)?
@@ -98,6 +101,9 @@ impl ClipTokenizer {
                 format!("pad token `{pad_token}` is not in the vocabulary"),
             )
         })?;
+        let mut words = inner.clone();
+        words.with_truncation(None).map_err(|e| tok_err(dir, e))?;
+        words.with_padding(None);
         inner
             .with_truncation(Some(TruncationParams {
                 direction: TruncationDirection::Right,
@@ -116,6 +122,7 @@ impl ClipTokenizer {
         }));
         Ok(ClipTokenizer {
             inner,
+            words,
             max_length,
             pad_id,
         })
@@ -183,6 +190,32 @@ impl ClipTokenizer {
 
     pub fn pad_id(&self) -> u32 {
         self.pad_id
+    }
+
+    /// The start, end and pad tokens and `,</w>`, for chunking prompts.
+    pub fn vocab(&self) -> Result<sd_prompt::Vocab> {
+        let id = |t: &str| {
+            self.inner
+                .token_to_id(t)
+                .map(i64::from)
+                .ok_or_else(|| ModelError::Input(format!("the tokenizer has no `{t}` token")))
+        };
+        Ok(sd_prompt::Vocab {
+            bos: id(BOS)?,
+            eos: id(EOS)?,
+            pad: i64::from(self.pad_id),
+            comma: self.inner.token_to_id(",</w>").map(i64::from),
+        })
+    }
+
+    /// A fragment's token ids: no start or end token, no truncation, no
+    /// padding (transformers' `add_special_tokens=False, truncation=False`).
+    pub fn encode_words(&self, text: &str) -> Result<Vec<i64>> {
+        let enc = self
+            .words
+            .encode(text, false)
+            .map_err(|e| ModelError::Input(format!("tokenizing the prompt: {e}")))?;
+        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
 
     /// Token ids for one prompt: BOS, at most `max_length - 2` tokens, EOS, padding.

@@ -100,6 +100,10 @@ pub struct GenerateArgs {
     /// (default: the model's).
     #[arg(long, default_value = "")]
     timestep_spacing: String,
+    /// How the prompts are read: plain (as diffusers) or a1111
+    /// (AUTOMATIC1111's attention weights, BREAK, long prompts in chunks).
+    #[arg(long, default_value = "plain", value_parser = ["plain", "a1111"])]
+    prompt_syntax: String,
     /// Image-to-image: the initial image (PNG, JPEG or WebP).
     #[arg(long)]
     init_image: Option<PathBuf>,
@@ -196,6 +200,11 @@ fn request(a: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
         model: String::new(),
         conditioning: conditioning(a),
         timestep_spacing: a.timestep_spacing.clone(),
+        prompt_syntax: if a.prompt_syntax == "a1111" {
+            sd_proto::v1::PromptSyntax::A1111 as i32
+        } else {
+            sd_proto::v1::PromptSyntax::Plain as i32
+        },
     })
 }
 

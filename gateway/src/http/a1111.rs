@@ -26,9 +26,8 @@ use super::error::{HttpError, HttpResult};
 use super::fields::Fields;
 use super::jobs::{Caller, Job};
 use super::{decode_base64, encode_base64, State};
-use crate::a1111_prompt;
 use crate::pipeline::Event;
-use sd_proto::v1::{GenerateRequest, GenerateResponse};
+use sd_proto::v1::{GenerateRequest, GenerateResponse, PromptSyntax};
 
 /// A1111's sampler names, the diffusers scheduler each is here, and
 /// whether its "Automatic" schedule is Karras (DPM++ 2M's, since A1111 1.9).
@@ -193,34 +192,6 @@ fn refuse_unsupported(f: &Fields) -> HttpResult<()> {
     Ok(())
 }
 
-/// A prompt in A1111's attention syntax, as far as this server encodes it:
-/// text whose weights are all 1 (escapes resolved). Emphasis, `BREAK` and
-/// prompt editing are refused, naming the field, until the A1111 encoding
-/// (per-token weights, 75-token chunks) lands.
-pub fn plain_prompt(field: &str, prompt: &str) -> HttpResult<String> {
-    if prompt.contains("<lora:") || prompt.contains("<lyco:") {
-        return Err(HttpError::invalid(
-            field,
-            "LoRA tags (<lora:…>) are not supported yet",
-        ));
-    }
-    let fragments = a1111_prompt::parse(prompt);
-    if fragments.iter().any(a1111_prompt::Fragment::is_break) {
-        return Err(HttpError::invalid(field, "BREAK is not supported yet"));
-    }
-    if let Some(f) = fragments.iter().find(|f| f.weight != 1.0) {
-        return Err(HttpError::invalid(
-            field,
-            format_args!(
-                "attention weights are not supported yet (\"{}\" has weight {}); \
-                 write literal brackets as \\( \\) \\[ \\]",
-                f.text, f.weight
-            ),
-        ));
-    }
-    Ok(fragments.into_iter().map(|f| f.text).collect())
-}
-
 /// One A1111 request, checked: what each of its images is asked.
 struct Asked {
     base: GenerateRequest,
@@ -266,8 +237,10 @@ fn read_request(f: &Fields, img2img: bool) -> HttpResult<Asked> {
     };
     let cfg_scale = f.f64("cfg_scale")?.unwrap_or(7.0);
     let base = GenerateRequest {
-        prompt: plain_prompt("prompt", &f.string_or("prompt", "")?)?,
-        negative_prompt: plain_prompt("negative_prompt", &f.string_or("negative_prompt", "")?)?,
+        prompt: f.string_or("prompt", "")?,
+        negative_prompt: f.string_or("negative_prompt", "")?,
+        prompt_syntax: PromptSyntax::A1111 as i32,
+        clip_skip: clip_stop(f)?.saturating_sub(1),
         width: f.int_in("width", 1, 16_384)?.unwrap_or(512) as u32,
         height: f.int_in("height", 1, 16_384)?.unwrap_or(512) as u32,
         steps: f.int_in("steps", 1, 10_000)?.unwrap_or(50) as u32,
@@ -300,8 +273,23 @@ fn read_request(f: &Fields, img2img: bool) -> HttpResult<Asked> {
     })
 }
 
-/// `override_settings.sd_model_checkpoint`, if given, must be this model;
-/// a `CLIP_stop_at_last_layers` other than 1 waits for the A1111 encoding.
+/// `override_settings.CLIP_stop_at_last_layers` (1: the last layer).
+fn clip_stop(f: &Fields) -> HttpResult<u32> {
+    let Some(o) = f.object("override_settings")? else {
+        return Ok(1);
+    };
+    Ok(Fields(o)
+        .int_in("CLIP_stop_at_last_layers", 1, 12)
+        .map_err(|e| {
+            e.renamed(&[(
+                "CLIP_stop_at_last_layers",
+                "override_settings.CLIP_stop_at_last_layers",
+            )])
+        })?
+        .unwrap_or(1) as u32)
+}
+
+/// `override_settings.sd_model_checkpoint`, if given, must be this model.
 fn check_checkpoint(http: &State, f: &Fields) -> HttpResult<()> {
     let Some(o) = f.object("override_settings")? else {
         return Ok(());
@@ -317,12 +305,6 @@ fn check_checkpoint(http: &State, f: &Fields) -> HttpResult<()> {
                 ),
             ));
         }
-    }
-    if o.i64("CLIP_stop_at_last_layers")?.unwrap_or(1) != 1 {
-        return Err(HttpError::invalid(
-            "override_settings.CLIP_stop_at_last_layers",
-            "only 1 is supported yet",
-        ));
     }
     Ok(())
 }
@@ -380,7 +362,12 @@ async fn generate(S(http): S<State>, headers: HeaderMap, body: Body, img2img: bo
         http.check_key(&headers)?;
         let body = http.json_object(body).await?;
         check_checkpoint(&http, &Fields(&body))?;
-        let asked = read_request(&Fields(&body), img2img)?;
+        let mut asked = read_request(&Fields(&body), img2img)?;
+        if http.service.generator.facts.family.pooled_dim > 0 {
+            // A1111 reads SDXL's penultimate layers whatever
+            // CLIP_stop_at_last_layers says (its sdxl_clip_l_skip is off).
+            asked.base.clip_skip = 0;
+        }
         let caller = Caller(
             http.service
                 .keys
@@ -485,6 +472,9 @@ fn answer(
             b.width,
             b.height
         ));
+        if b.clip_skip > 0 {
+            t.push_str(&format!(", Clip skip: {}", b.clip_skip + 1));
+        }
         if let Some(d) = asked.denoising_strength {
             t.push_str(&format!(", Denoising strength: {d}"));
         }
@@ -522,7 +512,7 @@ fn answer(
         "infotexts": seeds.iter().map(|s| infotext(*s)).collect::<Vec<_>>(),
         "styles": [],
         "job_timestamp": super::jobs::timestamp(std::time::SystemTime::now()),
-        "clip_skip": 1,
+        "clip_skip": b.clip_skip + 1,
         "is_using_inpainting_conditioning": false,
         "version": format!("sdserve {}", env!("CARGO_PKG_VERSION")),
     });
@@ -744,23 +734,24 @@ mod tests {
     }
 
     #[test]
-    fn plain_prompts_pass_and_emphasis_is_refused_by_name() {
-        assert_eq!(plain_prompt("prompt", "a red cube").unwrap(), "a red cube");
+    fn a1111_requests_read_prompts_in_a1111_syntax() {
+        let body = br#"{"prompt": "a (red:1.3) cube", "negative_prompt": "[blurry]",
+                        "override_settings": {"CLIP_stop_at_last_layers": 2}, "batch_size": 2, "seed": 5}"#;
+        let reqs = parse(body, false).unwrap();
+        assert_eq!(reqs.len(), 2);
+        assert_eq!(reqs[0].prompt, "a (red:1.3) cube");
+        assert_eq!(reqs[0].prompt_syntax, PromptSyntax::A1111 as i32);
+        assert_eq!(reqs[0].clip_skip, 1);
+        assert_eq!((reqs[0].seed, reqs[1].seed), (Some(5), Some(6)));
+        let e = parse(
+            br#"{"override_settings": {"CLIP_stop_at_last_layers": 0}}"#,
+            false,
+        )
+        .unwrap_err();
         assert_eq!(
-            plain_prompt("prompt", "a \\(red\\) cube").unwrap(),
-            "a (red) cube"
+            e.param.as_deref(),
+            Some("override_settings.CLIP_stop_at_last_layers")
         );
-        assert_eq!(plain_prompt("prompt", "a: b) c").unwrap(), "a: b) c");
-        for bad in [
-            "a (red) cube",
-            "[dim]",
-            "(x:1.3)",
-            "a BREAK b",
-            "<lora:style:0.8> cat",
-        ] {
-            let e = plain_prompt("negative_prompt", bad).unwrap_err();
-            assert_eq!(e.param.as_deref(), Some("negative_prompt"), "{bad}");
-        }
     }
 
     #[test]

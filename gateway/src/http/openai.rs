@@ -7,7 +7,8 @@
 //! model this gateway serves, so clients that send their default work
 //! unchanged; any other name must be the served model's id or name.
 //! Extensions beyond OpenAI's fields: `negative_prompt`, `steps`, `seed`,
-//! `guidance_scale`, `scheduler`, and for edits `strength`.
+//! `guidance_scale`, `scheduler`, `prompt_syntax` (`plain` or `a1111`), and
+//! for edits `strength`.
 
 use axum::body::Body;
 use axum::extract::{FromRequest, Multipart, Path, Request, State as S};
@@ -20,7 +21,7 @@ use serde_json::{json, Map, Value};
 use super::error::{HttpError, HttpResult};
 use super::fields::Fields;
 use super::{encode_base64, parse_size, State};
-use sd_proto::v1::{GenerateRequest, GenerateResponse, ImageFormat};
+use sd_proto::v1::{GenerateRequest, GenerateResponse, ImageFormat, PromptSyntax};
 
 /// OpenAI's model names, taken to mean the served model.
 const OPENAI_MODELS: [&str; 4] = ["dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini"];
@@ -86,8 +87,19 @@ fn request(f: &Fields, served: &str) -> HttpResult<(GenerateRequest, Delivery)> 
             ))
         }
     };
+    let prompt_syntax = match f.str("prompt_syntax")? {
+        None | Some("plain") => PromptSyntax::Plain,
+        Some("a1111") => PromptSyntax::A1111,
+        Some(other) => {
+            return Err(HttpError::invalid(
+                "prompt_syntax",
+                format_args!("`{other}`: expected plain or a1111"),
+            ))
+        }
+    };
     let req = GenerateRequest {
         prompt: prompt.to_string(),
+        prompt_syntax: prompt_syntax as i32,
         negative_prompt: f.string_or("negative_prompt", "")?,
         width,
         height,
@@ -286,7 +298,12 @@ fn model_json(http: &State) -> Value {
         "object": "model",
         "created": 0,
         "owned_by": "sdserve",
-        "sdserve": { "model_id": f.id, "family": f.family.name() },
+        "sdserve": {
+            "model_id": f.id,
+            "family": f.family.name(),
+            "default_size": f.default_side(),
+            "default_guidance": f.family.default_guidance,
+        },
     })
 }
 

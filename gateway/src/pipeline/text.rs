@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use sd_proto::v1::{Dtype, Embedding, EncodeTextRequest, Tensor as WireTensor};
+use sd_proto::v1::{Dtype, Embedding, EncodeTextRequest, PromptSyntax, Tensor as WireTensor};
 use sd_proto::wire::HostTensor;
 use sd_runtime::deadline::Deadline;
 use sd_runtime::metrics::Stage as Phase;
@@ -88,14 +88,21 @@ impl Generator {
     /// The text conditioning of `plan`.
     pub(super) async fn condition(&self, plan: &Plan, deadline: &Deadline) -> Result<Text> {
         // diffusers applies clip_skip to the prompt, not to the negative
-        // prompt; SDXL pipelines with force_zeros_for_empty_prompt guide
-        // an empty negative prompt by zeros instead of an encoded "".
+        // prompt (AUTOMATIC1111 to both); SDXL pipelines with
+        // force_zeros_for_empty_prompt guide an empty negative prompt by
+        // zeros instead of an encoded "" (A1111's too).
         let zeros = plan.guided()
             && plan.negative_prompt.is_empty()
             && self.facts.family.force_zeros_for_empty_prompt;
-        let mut wanted = vec![(plan.prompt.as_str(), plan.clip_skip)];
+        let syntax = plan.prompt_syntax as i32;
+        let negative_skip = if plan.prompt_syntax == PromptSyntax::A1111 {
+            plan.clip_skip
+        } else {
+            0
+        };
+        let mut wanted = vec![(plan.prompt.as_str(), plan.clip_skip, syntax)];
         if plan.guided() && !zeros {
-            wanted.push((plan.negative_prompt.as_str(), 0));
+            wanted.push((plan.negative_prompt.as_str(), negative_skip, syntax));
         }
         let started = Instant::now();
         let mut embeddings = self.embeddings(&wanted, deadline).await?.into_iter();
@@ -116,32 +123,33 @@ impl Generator {
         })
     }
 
-    /// Embeddings for each (prompt, clip_skip), from the cache or the text
-    /// encoder, in order.
+    /// Embeddings for each (prompt, clip_skip, syntax), from the cache or
+    /// the text encoder, in order.
     async fn embeddings(
         &self,
-        wanted: &[(&str, u32)],
+        wanted: &[(&str, u32, i32)],
         deadline: &Deadline,
     ) -> Result<Vec<CachedEmbedding>> {
         let keys: Vec<PromptKey> = wanted
             .iter()
-            .map(|(prompt, clip_skip)| PromptKey {
+            .map(|(prompt, clip_skip, syntax)| PromptKey {
                 model: self.facts.text_model_id.clone(),
                 clip_skip: *clip_skip,
+                syntax: *syntax,
                 prompt: prompt.to_string(),
             })
             .collect();
         let mut found = self.cached(&keys)?;
-        let mut skips: Vec<u32> = keys
+        let mut calls: Vec<(u32, i32)> = keys
             .iter()
             .zip(&found)
             .filter(|(_, f)| f.is_none())
-            .map(|(k, _)| k.clip_skip)
+            .map(|(k, _)| (k.clip_skip, k.syntax))
             .collect();
-        skips.sort_unstable();
-        skips.dedup();
-        for clip_skip in skips {
-            self.encode_missing(&keys, &mut found, clip_skip, deadline)
+        calls.sort_unstable();
+        calls.dedup();
+        for call in calls {
+            self.encode_missing(&keys, &mut found, call, deadline)
                 .await?;
         }
         found
@@ -162,22 +170,25 @@ impl Generator {
         Ok(found)
     }
 
-    /// One Encode call for the prompts with `clip_skip` not found yet; the
-    /// results go into `found` and the cache.
+    /// One Encode call for the prompts with this (clip_skip, syntax) not
+    /// found yet; the results go into `found` and the cache.
     async fn encode_missing(
         &self,
         keys: &[PromptKey],
         found: &mut [Option<CachedEmbedding>],
-        clip_skip: u32,
+        (clip_skip, syntax): (u32, i32),
         deadline: &Deadline,
     ) -> Result<()> {
         let missing: Vec<usize> = (0..keys.len())
-            .filter(|&i| found[i].is_none() && keys[i].clip_skip == clip_skip)
+            .filter(|&i| {
+                found[i].is_none() && keys[i].clip_skip == clip_skip && keys[i].syntax == syntax
+            })
             .collect();
         let request = EncodeTextRequest {
             prompts: missing.iter().map(|&i| keys[i].prompt.clone()).collect(),
             clip_skip,
             dtype: Dtype::Float32 as i32,
+            syntax,
         };
         let span = tracing::info_span!("text_encode", clip_skip, replica = tracing::field::Empty);
         let response = self
@@ -238,6 +249,7 @@ fn zeros_like(like: &CachedEmbedding, model: &str) -> CachedEmbedding {
     let key = PromptKey {
         model: model.to_string(),
         clip_skip: u32::MAX,
+        syntax: 0,
         prompt: format!(
             "zeros {:?} {:?}",
             like.tensor.shape,

@@ -91,49 +91,43 @@ struct Inputs {
 }
 
 impl Inputs {
-    fn add(&mut self, c: &Call, time_cond_dim: Option<i64>) {
+    /// One half of call `c` (its uncond rows, or its cond rows).
+    fn add_half(&mut self, c: &Call, uncond_half: bool, time_cond_dim: Option<i64>) {
         let b = c.batch();
         let rows = |t: &Tensor| {
             let mut size = t.size();
             size[0] = b;
             t.expand(size, false)
         };
-        let t = c.timesteps.expand([b], false);
-        let guided = c.uncond.is_some();
-        for uncond_half in [true, false] {
-            if uncond_half && !guided {
-                continue;
-            }
-            self.xs.push(c.latents.shallow_clone());
-            self.ts.push(t.shallow_clone());
-            let ctx = if uncond_half {
-                c.uncond.as_ref()
+        self.xs.push(c.latents.shallow_clone());
+        self.ts.push(c.timesteps.expand([b], false));
+        let ctx = if uncond_half {
+            c.uncond.as_ref()
+        } else {
+            Some(&c.cond)
+        };
+        if let Some(ctx) = ctx {
+            self.ctxs.push(rows(ctx));
+        }
+        if let Some(xl) = &c.xl {
+            let pooled = if uncond_half {
+                xl.uncond_pooled.as_ref()
             } else {
-                Some(&c.cond)
+                Some(&xl.cond_pooled)
             };
-            if let Some(ctx) = ctx {
-                self.ctxs.push(rows(ctx));
+            if let Some(p) = pooled {
+                self.text_embeds.push(rows(p));
             }
-            if let Some(xl) = &c.xl {
-                let pooled = if uncond_half {
-                    xl.uncond_pooled.as_ref()
-                } else {
-                    Some(&xl.cond_pooled)
-                };
-                if let Some(p) = pooled {
-                    self.text_embeds.push(rows(p));
-                }
-                let ids = if uncond_half {
-                    &xl.negative_time_ids
-                } else {
-                    &xl.time_ids
-                };
-                self.time_ids.push(ids.shallow_clone());
-            }
-            if let Some(dim) = time_cond_dim {
-                self.conds
-                    .push(guidance_embedding(c.guidance - 1.0, b, dim));
-            }
+            let ids = if uncond_half {
+                &xl.negative_time_ids
+            } else {
+                &xl.time_ids
+            };
+            self.time_ids.push(ids.shallow_clone());
+        }
+        if let Some(dim) = time_cond_dim {
+            self.conds
+                .push(guidance_embedding(c.guidance - 1.0, b, dim));
         }
     }
 
@@ -157,34 +151,77 @@ impl Inputs {
     }
 }
 
-/// Run several calls as one UNet forward (classifier-free guidance per
+/// Rows of one forward: their text's token count, the inputs, and whose
+/// halves they are (call index, uncond half).
+type Group = (i64, Inputs, Vec<(usize, bool)>);
+
+/// Run several calls as one UNet forward — one per token count of their
+/// texts — (classifier-free guidance per
 /// call: uncond + g · (cond − uncond); an LCM UNet takes the guidance as an
 /// embedding instead); outputs in call order, on the host.
 /// On a GPU the forward runs asynchronously: copying the results back here
 /// makes the caller's timing the forward's real time, and no gRPC I/O
 /// thread later blocks on the device when it serialises a result.
 pub fn forward_calls(unet: &UNet, calls: &[&Call]) -> sd_models::Result<Vec<Tensor>> {
-    let mut inputs = Inputs::default();
-    for c in calls {
-        inputs.add(c, unet.time_cond_dim());
-    }
-    let out = inputs.forward(unet)?;
-    let mut results = Vec::with_capacity(calls.len());
-    let mut offset = 0;
-    for c in calls {
-        let b = c.batch();
-        let guided = if c.uncond.is_some() {
-            let u = out.narrow(0, offset, b);
-            let cond = out.narrow(0, offset + b, b);
-            offset += 2 * b;
-            &u + (&cond - &u) * c.guidance
+    // Rows whose text conditionings have the same number of tokens go in
+    // one forward; a call whose prompt and negative prompt differ in length
+    // (AUTOMATIC1111's syntax) has its halves in two, as A1111 runs them.
+    let mut groups: Vec<Group> = Vec::new();
+    for (i, c) in calls.iter().enumerate() {
+        let halves: &[bool] = if c.uncond.is_some() {
+            &[true, false]
         } else {
-            offset += b;
-            out.narrow(0, offset - b, b)
+            &[false]
         };
-        results.push(guided.f_to_device(tch::Device::Cpu)?);
+        for &uncond_half in halves {
+            let ctx = if uncond_half {
+                c.uncond.as_ref()
+            } else {
+                Some(&c.cond)
+            };
+            let tokens = ctx.map_or(0, |t| t.size()[1]);
+            let at = match groups.iter().position(|g| g.0 == tokens) {
+                Some(at) => at,
+                None => {
+                    groups.push((tokens, Inputs::default(), Vec::new()));
+                    groups.len() - 1
+                }
+            };
+            groups[at].1.add_half(c, uncond_half, unet.time_cond_dim());
+            groups[at].2.push((i, uncond_half));
+        }
     }
-    Ok(results)
+    // Each call's (uncond, cond) outputs.
+    let mut halves: Vec<(Option<Tensor>, Option<Tensor>)> =
+        calls.iter().map(|_| (None, None)).collect();
+    for (_, inputs, members) in &groups {
+        let out = inputs.forward(unet)?;
+        let mut offset = 0;
+        for &(i, uncond_half) in members {
+            let b = calls[i].batch();
+            let part = out.narrow(0, offset, b);
+            offset += b;
+            if uncond_half {
+                halves[i].0 = Some(part);
+            } else {
+                halves[i].1 = Some(part);
+            }
+        }
+    }
+    calls
+        .iter()
+        .zip(halves)
+        .map(|(c, (u, cond))| {
+            let cond = cond.ok_or_else(|| {
+                sd_models::ModelError::Input("a call's conditioned rows were not computed".into())
+            })?;
+            let guided = match u {
+                Some(u) => &u + (&cond - &u) * c.guidance,
+                None => cond,
+            };
+            Ok(guided.f_to_device(tch::Device::Cpu)?)
+        })
+        .collect()
 }
 
 /// diffusers' postprocess: (x / 2 + 0.5) clamped to [0, 1], × 255, rounded.

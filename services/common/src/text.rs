@@ -8,6 +8,66 @@ use sd_runtime::metrics::Metrics;
 
 use crate::ServiceError;
 
+/// Most 75-token chunks one A1111 prompt may take (8 × 77 = 616 tokens,
+/// what the denoiser takes).
+pub const MAX_CHUNKS: usize = 8;
+
+/// `fragments`' tokens for encoder `e`, in chunks.
+fn a1111_chunks(
+    e: &Encoder,
+    fragments: &[sd_prompt::Fragment],
+) -> Result<Vec<sd_prompt::Chunk>, ServiceError> {
+    let words = fragments
+        .iter()
+        .map(|f| {
+            if f.is_break() {
+                Ok(None)
+            } else {
+                let ids = e
+                    .tokenizer
+                    .encode_words(&f.text)
+                    .map_err(|err| ServiceError::model_input("prompts", err))?;
+                Ok(Some((ids, f.weight)))
+            }
+        })
+        .collect::<Result<Vec<_>, ServiceError>>()?;
+    let vocab = e
+        .tokenizer
+        .vocab()
+        .map_err(|err| ServiceError::model_input("prompts", err))?;
+    let chunks = sd_prompt::chunks(&words, vocab, sd_prompt::chunks::COMMA_BACKTRACK);
+    if chunks.len() > MAX_CHUNKS {
+        return Err(ServiceError::invalid(
+            "prompts",
+            format_args!(
+                "a prompt of {} chunks of 75 tokens; at most {MAX_CHUNKS}",
+                chunks.len()
+            ),
+        ));
+    }
+    Ok(chunks)
+}
+
+/// A1111's "Original" emphasis on `z` (chunks, 77, hidden): each chunk
+/// scaled by its tokens' weights, then by its mean before over its mean
+/// after.
+fn emphasis(z: &tch::Tensor, chunks: &[sd_prompt::Chunk]) -> Result<tch::Tensor, ServiceError> {
+    let weights: Vec<f32> = chunks
+        .iter()
+        .flat_map(|c| c.weights.iter().map(|&w| w as f32))
+        .collect();
+    let (k, t, _) = z.size3()?;
+    let w = tch::Tensor::from_slice(&weights)
+        .view([k, t, 1])
+        .to_device(z.device())
+        .to_kind(z.kind());
+    let dims: &[i64] = &[1, 2];
+    let before = z.f_mean_dim(dims, true, z.kind())?;
+    let scaled = z * &w;
+    let after = scaled.f_mean_dim(dims, true, z.kind())?;
+    Ok(scaled * (before / after))
+}
+
 /// A tokenizer and the text encoder it feeds.
 pub struct Encoder {
     pub tokenizer: ClipTokenizer,
@@ -144,6 +204,43 @@ impl TextEncoders {
                 Ok((ids, tch::Tensor::f_cat(&hidden, -1)?, pooled))
             }
         }
+    }
+
+    /// One prompt in AUTOMATIC1111's syntax (1.10): attention weights,
+    /// `BREAK`, any length in 75-token chunks. Each 77-token chunk goes
+    /// through the encoder on its own; its hidden states are scaled by the
+    /// per-token weights and brought back to the chunk's mean before
+    /// (A1111's "Original" emphasis) — per encoder for SDXL, whose pooled
+    /// embedding is the first chunk's. The chunks are concatenated: hidden
+    /// states (77·k, hidden), and the first encoder's ids.
+    pub fn encode_a1111(
+        &self,
+        prompt: &str,
+        clip_skip: usize,
+    ) -> Result<(Vec<i64>, tch::Tensor, Option<tch::Tensor>), ServiceError> {
+        let fragments = sd_prompt::parse(prompt);
+        let mut hidden = Vec::new();
+        let (mut first_ids, mut pooled) = (None, None);
+        for e in self.encoders() {
+            let chunks = a1111_chunks(e, &fragments)?;
+            let ids: Vec<i64> = chunks.iter().flat_map(|c| c.ids.iter().copied()).collect();
+            let k = chunks.len() as i64;
+            let ids_t = tch::Tensor::from_slice(&ids).view([k, -1]);
+            let z = match self {
+                TextEncoders::Single(_) => e.clip.forward(&ids_t, clip_skip)?,
+                TextEncoders::Xl { .. } => {
+                    let out = e.clip.forward_xl(&ids_t, clip_skip)?;
+                    pooled = Some(out.pooled.narrow(0, 0, 1));
+                    out.hidden
+                }
+            };
+            let z = emphasis(&z, &chunks)?;
+            let c = z.size()[2];
+            hidden.push(z.reshape([1, -1, c]));
+            first_ids.get_or_insert(ids);
+        }
+        let ids = first_ids.ok_or_else(|| ServiceError::Task("no text encoder".into()))?;
+        Ok((ids, tch::Tensor::f_cat(&hidden, -1)?, pooled))
     }
 
     /// The components whose weights make this model's identity.

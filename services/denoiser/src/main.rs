@@ -248,13 +248,9 @@ impl Core {
                 "this LCM UNet takes guidance_scale as an embedding, with no unconditional branch: send no uncond",
             ));
         }
+        // A cond and uncond of different token counts (AUTOMATIC1111's
+        // chunked prompts) each condition their own half of the guidance.
         let uncond = self.embedding(req.uncond.as_ref(), "uncond", batch, held)?;
-        if uncond.hidden.size()[1] != cond.hidden.size()[1] {
-            return Err(ServiceError::invalid(
-                "uncond",
-                "token count differs from cond",
-            ));
-        }
         Ok((cond, Some(uncond)))
     }
 

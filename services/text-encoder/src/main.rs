@@ -7,7 +7,7 @@ use clap::Parser;
 use sd_models::ModelDir;
 use sd_proto::v1::text_encoder_server::{TextEncoder, TextEncoderServer};
 use sd_proto::v1::{
-    Dtype, EncodeTextRequest, EncodeTextResponse, EncodedPrompt, TextEncoderInfo,
+    Dtype, EncodeTextRequest, EncodeTextResponse, EncodedPrompt, PromptSyntax, TextEncoderInfo,
     TextEncoderInfoRequest,
 };
 use sd_runtime::lifecycle::Lifecycle;
@@ -89,32 +89,68 @@ impl Service {
         let dtype = Dtype::try_from(req.dtype).map_err(|_| {
             ServiceError::invalid("dtype", format_args!("unknown value {}", req.dtype))
         })?;
+        let syntax = PromptSyntax::try_from(req.syntax).map_err(|_| {
+            ServiceError::invalid("syntax", format_args!("unknown value {}", req.syntax))
+        })?;
         let model = self.model.clone();
         let prompts = req.prompts;
         let clip_skip = req.clip_skip as usize;
         let out = self
             .worker
-            .run(Stage::TextForward, move || {
-                let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-                let (ids, hidden, pooled) = model.encode(&refs, clip_skip)?;
-                let ids: Vec<i64> = Vec::<i64>::try_from(ids.flatten(0, -1))?;
-                let per = ids.len() / prompts.len();
-                (0..prompts.len())
-                    .map(|i| {
-                        Ok(EncodedPrompt {
-                            token_ids: ids[i * per..(i + 1) * per].to_vec(),
-                            embeddings: Some(to_wire(&hidden.get(i as i64), dtype)?),
-                            pooled: pooled
-                                .as_ref()
-                                .map(|p| to_wire(&p.get(i as i64), dtype))
-                                .transpose()?,
-                        })
+            .run(Stage::TextForward, move || match syntax {
+                PromptSyntax::Plain => encode_plain(&model, &prompts, clip_skip, dtype),
+                PromptSyntax::A1111 => prompts
+                    .iter()
+                    .map(|p| {
+                        let (ids, hidden, pooled) = model.encode_a1111(p, clip_skip)?;
+                        encoded(
+                            ids,
+                            &hidden.get(0),
+                            pooled.as_ref().map(|p| p.get(0)),
+                            dtype,
+                        )
                     })
-                    .collect::<Result<Vec<_>, ServiceError>>()
+                    .collect(),
             })
             .await?;
         Ok(EncodeTextResponse { prompts: out })
     }
+}
+
+/// Prompts as diffusers reads them, in one batch.
+fn encode_plain(
+    model: &TextEncoders,
+    prompts: &[String],
+    clip_skip: usize,
+    dtype: Dtype,
+) -> Result<Vec<EncodedPrompt>, ServiceError> {
+    let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let (ids, hidden, pooled) = model.encode(&refs, clip_skip)?;
+    let ids: Vec<i64> = Vec::<i64>::try_from(ids.flatten(0, -1))?;
+    let per = ids.len() / prompts.len().max(1);
+    (0..prompts.len())
+        .map(|i| {
+            encoded(
+                ids[i * per..(i + 1) * per].to_vec(),
+                &hidden.get(i as i64),
+                pooled.as_ref().map(|p| p.get(i as i64)),
+                dtype,
+            )
+        })
+        .collect()
+}
+
+fn encoded(
+    token_ids: Vec<i64>,
+    hidden: &tch::Tensor,
+    pooled: Option<tch::Tensor>,
+    dtype: Dtype,
+) -> Result<EncodedPrompt, ServiceError> {
+    Ok(EncodedPrompt {
+        token_ids,
+        embeddings: Some(to_wire(hidden, dtype)?),
+        pooled: pooled.map(|p| to_wire(&p, dtype)).transpose()?,
+    })
 }
 
 fn main() -> anyhow::Result<()> {

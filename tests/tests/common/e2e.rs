@@ -134,6 +134,11 @@ pub fn request(p: &serde_json::Value, e2e: &std::path::Path) -> GenerateRequest 
         seed: p.get("seed").and_then(|v| v.as_u64()),
         num_images: u("num_images"),
         clip_skip: u("clip_skip"),
+        prompt_syntax: if s("prompt_syntax") == "a1111" {
+            sd_proto::v1::PromptSyntax::A1111 as i32
+        } else {
+            sd_proto::v1::PromptSyntax::Plain as i32
+        },
         init_image: match p.get("init_image").and_then(|v| v.as_str()) {
             Some(f) => std::fs::read(e2e.join(f)).expect("init image").into(),
             None => Default::default(),

@@ -286,3 +286,74 @@ mod tests {
         assert!(parse("x BREAK y")[1].is_break());
     }
 }
+
+/// What A1111 reads in a prompt that this implementation does not do —
+/// composable diffusion (`AND`, a trailing `:N` weight), prompt editing and
+/// alternation (`[a:b:N]`, `[a:N]`, `[a|b]`), LoRA tags — named, so the
+/// request is refused rather than drawn without it.
+pub fn unsupported(text: &str) -> Option<&'static str> {
+    if text.contains("<lora:") || text.contains("<lyco:") || text.contains("<hypernet:") {
+        return Some("LoRA and hypernetwork tags (<lora:…>) are not supported yet");
+    }
+    let words_and = text
+        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .any(|w| w == "AND");
+    if words_and {
+        return Some("AND (composable diffusion) is not supported");
+    }
+    let b = text.as_bytes();
+    let (mut square, mut round) = (0usize, 0usize);
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'\\' => i += 1,
+            b'[' => square += 1,
+            b']' => square = square.saturating_sub(1),
+            b'(' => round += 1,
+            b')' => round = round.saturating_sub(1),
+            b':' | b'|' if square > round => {
+                return Some("prompt editing and alternation ([a:b:N], [a|b]) are not supported");
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    let trimmed = text.trim_end();
+    if let Some((head, tail)) = trimmed.rsplit_once(':') {
+        let weight_like = !tail.trim().is_empty() && tail.trim().parse::<f64>().is_ok();
+        if weight_like && !head.ends_with('\\') && round == 0 && !trimmed.ends_with(')') {
+            return Some(
+                "a weight on the whole prompt (`prompt:N`, composable diffusion) is not supported",
+            );
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod unsupported_tests {
+    use super::unsupported;
+
+    #[test]
+    fn what_a1111_does_and_this_does_not_is_named() {
+        for ok in [
+            "a (red:1.2) cube",
+            "a [dim] light",
+            "\\[a:b\\]",
+            "ratio 16:9 poster",
+            "(x:1.1), y",
+        ] {
+            assert_eq!(unsupported(ok), None, "{ok}");
+        }
+        for bad in [
+            "a cat AND a dog",
+            "a [cat:dog:0.5] sitting",
+            "[cat:0.3] x",
+            "a [cat|dog]",
+            "a cat:1.2",
+            "<lora:style:0.8> a cat",
+        ] {
+            assert!(unsupported(bad).is_some(), "{bad}");
+        }
+    }
+}
