@@ -45,6 +45,13 @@ if ! ls /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4 
         || echo "setup: could not install libtcmalloc-minimal4; the model services will use glibc's malloc" >&2
 fi
 
+# Chromium for the web page's tests (playwright drives it; nothing is
+# downloaded by playwright itself).
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+    echo "setup: installing chromium (the web page's tests)" >&2
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium
+fi
+
 "$VENV/bin/python" - <<'PY'
 import torch
 assert torch.__version__.split("+")[0] == "2.13.0", torch.__version__

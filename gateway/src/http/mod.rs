@@ -1,5 +1,5 @@
 //! The HTTP front door beside gRPC: the OpenAI Images API (`/v1`), an
-//! AUTOMATIC1111 subset (`/sdapi/v1`). Every generation runs through the
+//! AUTOMATIC1111 subset (`/sdapi/v1`), and a web page (`/`). Every generation runs through the
 //! same [`GenerationService`] as gRPC — its API keys, validation,
 //! admission, deadline, tracing and metrics — so the two doors differ only
 //! in their wire formats. Request bodies are bounded in bytes and in time
@@ -11,6 +11,7 @@ pub mod fields;
 pub mod jobs;
 pub mod openai;
 pub mod store;
+pub mod ui;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -190,6 +191,7 @@ pub fn router(state: State) -> Router {
     Router::new()
         .merge(openai::routes())
         .merge(a1111::routes())
+        .merge(ui::routes())
         .route("/health", get(|| async { "ok" }))
         .fallback(not_found)
         .with_state(state)
