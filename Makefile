@@ -33,9 +33,9 @@ test: setup fixtures
 	$(CARGO) test --workspace --no-fail-fast
 	python -m pytest -q tests/deploy
 
-## demo: set up, write the tiny model (unless SD_MODEL is set), start the stack, generate demo.png, stop
-demo: build fixtures
-	@scripts/demo.sh "$${SD_MODEL:-$(SD_FIXTURES)/sd1-tiny}"
+## demo: set up, build, start the stack on the default model (or SD_MODEL), generate demo.png, stop
+demo: build
+	@scripts/demo.sh "$${SD_MODEL:-}"
 
 ## bench: the stack against in-process Rust and diffusers (SD_MODEL, default the tiny model); prints Markdown
 ## (BENCH_ARGS: sd-bench flags; the default is the tiny-model run in docs/BENCHMARKS.md)

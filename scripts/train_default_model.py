@@ -365,12 +365,23 @@ def stage_export(args, work):
     shutil.copytree(work / "tokenizer", out / "tokenizer")
     (out / "training").mkdir(exist_ok=True)
     shutil.copy(work / "captions.tsv", out / "training" / "captions.tsv")
+    # The renders it was trained on, 32×32 tiles in captions.tsv's order,
+    # 20 to a row: what the prompt-following test compares against.
+    from PIL import Image
+    imgs = np.load(work / "images.npy")
+    cols = 20
+    rows = (len(imgs) + cols - 1) // cols
+    sheet = np.full((rows * SIDE, cols * SIDE, 3), 255, dtype=np.uint8)
+    for i, im in enumerate(imgs):
+        r, c = divmod(i, cols)
+        sheet[r * SIDE:(r + 1) * SIDE, c * SIDE:(c + 1) * SIDE] = im
+    Image.fromarray(sheet).save(out / "training" / "emoji.png", optimize=True)
     for f in ("loss_vae.tsv", "loss_unet.tsv"):
         shutil.copy(work / f, out / "training" / f)
     (out / "NOTICE").write_text(NOTICE)
     (out / "sdserve.json").write_text(json.dumps({
         "default_steps": args.default_steps, "default_guidance": args.default_guidance,
-        "default_scheduler": "pndm", "about": "sdserve's emoji model: 32×32, trained here",
+        "about": "sdserve's default model: 32x32 emoji, trained by scripts/train_default_model.py",
     }, indent=2) + "\n")
     sums = []
     for f in sorted(out.rglob("*")):
@@ -403,7 +414,7 @@ def main():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--default-steps", type=int, default=25)
-    p.add_argument("--default-guidance", type=float, default=4.0)
+    p.add_argument("--default-guidance", type=float, default=3.0)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)

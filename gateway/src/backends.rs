@@ -235,6 +235,7 @@ impl Backends {
                 } else {
                     Family::default().default_guidance
                 },
+                default_steps: d.default_steps,
             },
         })
     }

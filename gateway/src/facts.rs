@@ -74,6 +74,8 @@ pub struct Family {
     pub requires_aesthetics_score: bool,
     /// The guidance scale a request that sets none gets.
     pub default_guidance: f32,
+    /// The steps a request that sets none gets (0: the gateway's 50).
+    pub default_steps: u32,
 }
 
 impl Family {
@@ -101,6 +103,7 @@ impl Default for Family {
             force_zeros_for_empty_prompt: false,
             requires_aesthetics_score: false,
             default_guidance: 7.5,
+            default_steps: 0,
         }
     }
 }

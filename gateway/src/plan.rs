@@ -16,7 +16,8 @@ use crate::limits::Limits;
 use crate::pipeline::img2img_start;
 
 /// diffusers' defaults where a request leaves a field unset.
-const DEFAULT_STEPS: u32 = 50;
+/// Steps when neither the request nor the model says.
+pub const DEFAULT_STEPS: u32 = 50;
 const DEFAULT_STRENGTH: f32 = 0.8;
 
 /// The initial image of an image-to-image request, ready for the VAE.
@@ -108,7 +109,7 @@ impl Plan {
     pub fn new(req: GenerateRequest, facts: &ModelFacts, limits: &Limits) -> Result<Plan> {
         check_model(&req.model, facts)?;
         let prompt_syntax = check_prompts(&req, limits)?;
-        let steps = steps(req.steps, limits)?;
+        let steps = steps(req.steps, facts.family.default_steps, limits)?;
         let guidance = guidance(req.guidance_scale, facts.family.default_guidance)?;
         let guidance_embedded = facts.family.time_cond_dim > 0;
         let sampler = Sampler::new(&req, facts, steps)?;
@@ -233,9 +234,13 @@ fn check_prompts(req: &GenerateRequest, limits: &Limits) -> Result<PromptSyntax>
     Ok(syntax)
 }
 
-fn steps(requested: u32, limits: &Limits) -> Result<u32> {
+fn steps(requested: u32, model_default: u32, limits: &Limits) -> Result<u32> {
     let steps = if requested == 0 {
-        DEFAULT_STEPS
+        if model_default > 0 {
+            model_default
+        } else {
+            DEFAULT_STEPS
+        }
     } else {
         requested
     };

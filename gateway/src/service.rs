@@ -275,6 +275,11 @@ impl Generation for GenerationService {
         Ok(Response::new(ListModelsResponse {
             models: vec![ModelInfo {
                 default_guidance: f.family.default_guidance,
+                default_steps: if f.family.default_steps > 0 {
+                    f.family.default_steps
+                } else {
+                    crate::plan::DEFAULT_STEPS
+                },
                 family: f.family.name(),
                 id: f.id.clone(),
                 name: f.name.clone(),

@@ -75,6 +75,7 @@ impl InProcess {
                 force_zeros_for_empty_prompt: me.family.force_zeros,
                 requires_aesthetics_score: me.family.requires_aesthetics,
                 default_guidance: me.family.default_guidance,
+                default_steps: me.family.default_steps,
             },
         };
         Ok((me, facts))

@@ -20,9 +20,10 @@ use crate::token::{stack_token, StackToken};
 
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
-    /// Model directory (diffusers layout).
+    /// Model directory (diffusers layout). Unset: sdserve's own default
+    /// model, `models/emoji` (a 32×32 emoji model trained by the project).
     #[arg(long, env = "SD_MODEL")]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Gateway port (0: a free one; the address is printed).
     #[arg(long, default_value_t = 50051)]
     port: u16,
@@ -135,7 +136,11 @@ impl Interrupts {
 
 /// The flags every model service gets.
 fn service_args(args: &UpArgs) -> Vec<String> {
-    let model = args.model.to_string_lossy().into_owned();
+    let model = args
+        .model
+        .as_ref()
+        .map(|m| m.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let drain = args.drain_secs.to_string();
     [
         "--model",
@@ -160,6 +165,47 @@ fn stage_args(args: &UpArgs, stage: Stage) -> Vec<String> {
         v.extend(["--vae".to_string(), vae.to_string_lossy().into_owned()]);
     }
     v
+}
+
+/// Where sdserve's default model is looked for, in order: beside a
+/// checkout's `target/{debug,release}/` binaries, an installed
+/// `share/sdserve/`, the working directory.
+fn default_model_candidates(bin: &Path) -> Vec<PathBuf> {
+    vec![
+        bin.join("../../models/emoji"),
+        bin.join("../share/sdserve/models/emoji"),
+        PathBuf::from("models/emoji"),
+    ]
+}
+
+/// The model to serve: `--model`, or the default model.
+fn model_dir(args: &UpArgs) -> anyhow::Result<PathBuf> {
+    if let Some(m) = &args.model {
+        return Ok(m.clone());
+    }
+    let bin = bin_dir(args)?;
+    let candidates = default_model_candidates(&bin);
+    let found = candidates
+        .iter()
+        .find(|c| c.join("model_index.json").is_file())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no --model given and sdserve's default model is not at {}: pass --model DIR \
+                 (a diffusers-layout Stable Diffusion model)",
+                candidates
+                    .iter()
+                    .map(|c| c.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+    let found = found.canonicalize().unwrap_or_else(|_| found.clone());
+    eprintln!(
+        "sdctl: no --model given: serving sdserve's default model {} (32×32 emoji, trained \
+         by the project; --model DIR for a real Stable Diffusion model)",
+        found.display()
+    );
+    Ok(found)
 }
 
 /// Every replica of every stage, in stage order, each on a free port.
@@ -271,7 +317,8 @@ async fn start_stack(
     sup.bring_up(vec![gateway]).await
 }
 
-pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+pub async fn run(mut args: UpArgs) -> anyhow::Result<()> {
+    args.model = Some(model_dir(&args)?);
     let mut interrupts = Interrupts::listen();
     let dir = bin_dir(&args)?;
     let replicas = Replicas::parse(&args.replicas)?;

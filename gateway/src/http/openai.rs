@@ -303,6 +303,11 @@ fn model_json(http: &State) -> Value {
             "family": f.family.name(),
             "default_size": f.default_side(),
             "default_guidance": f.family.default_guidance,
+            "default_steps": if f.family.default_steps > 0 {
+                f.family.default_steps
+            } else {
+                crate::plan::DEFAULT_STEPS
+            },
         },
     })
 }

@@ -16,8 +16,48 @@ pub struct Family {
     pub force_zeros: bool,
     /// The refiner's time ids: an aesthetic score instead of the target size.
     pub requires_aesthetics: bool,
-    /// The guidance diffusers' pipeline for this family defaults to.
+    /// The guidance diffusers' pipeline for this family defaults to, or
+    /// the model's own (`sdserve.json`).
     pub default_guidance: f32,
+    /// The model's own step count (`sdserve.json`; 0: none, the gateway's).
+    pub default_steps: u32,
+}
+
+/// A model's own defaults, when its directory has an `sdserve.json`
+/// (`{"default_steps": 25, "default_guidance": 4.0}`, both optional): what
+/// draws best with it, as its trainer found.
+#[derive(Debug, Default, Clone, PartialEq, serde::Deserialize)]
+pub struct ModelDefaults {
+    #[serde(default)]
+    pub default_steps: Option<u32>,
+    #[serde(default)]
+    pub default_guidance: Option<f32>,
+}
+
+impl ModelDefaults {
+    pub fn read(dir: &ModelDir) -> anyhow::Result<Self> {
+        let path = dir.root().join("sdserve.json");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Self::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
+        }
+    }
+
+    /// The file's text, checked (other keys are the model's own notes).
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let d: ModelDefaults = serde_json::from_str(text)?;
+        anyhow::ensure!(
+            d.default_steps.is_none_or(|s| (1..=1000).contains(&s)),
+            "default_steps must be in 1..=1000"
+        );
+        anyhow::ensure!(
+            d.default_guidance
+                .is_none_or(|g| g.is_finite() && (0.0..=50.0).contains(&g)),
+            "default_guidance must be in 0..=50"
+        );
+        Ok(d)
+    }
 }
 
 impl Family {
@@ -35,8 +75,19 @@ impl Family {
         }
     }
 
-    /// The family of the model in `dir` whose UNet is `unet`.
+    /// The family of the model in `dir` whose UNet is `unet`, with the
+    /// model's own defaults over the family's.
     pub fn of(dir: &ModelDir, unet: &UNet) -> anyhow::Result<Self> {
+        let own = ModelDefaults::read(dir)?;
+        let mut family = Self::of_files(dir, unet)?;
+        if let Some(g) = own.default_guidance {
+            family.default_guidance = g;
+        }
+        family.default_steps = own.default_steps.unwrap_or(0);
+        Ok(family)
+    }
+
+    fn of_files(dir: &ModelDir, unet: &UNet) -> anyhow::Result<Self> {
         let Some((time_dim, input_dim)) = unet.config().text_time() else {
             return Ok(Family {
                 pooled_dim: 0,
@@ -44,6 +95,7 @@ impl Family {
                 force_zeros: false,
                 requires_aesthetics: false,
                 default_guidance: 7.5,
+                default_steps: 0,
             });
         };
         // SDXL: original size, crop and target size; the refiner: original
@@ -63,6 +115,7 @@ impl Family {
             force_zeros: dir.force_zeros_for_empty_prompt()?,
             requires_aesthetics,
             default_guidance: 5.0,
+            default_steps: 0,
         })
     }
 }
@@ -84,6 +137,27 @@ pub fn vae_placement(placement: Placement, xl: bool, force_upcast: bool) -> Plac
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_models_own_defaults_are_read_and_checked() {
+        let d =
+            ModelDefaults::parse(r#"{"default_steps": 25, "default_guidance": 4.0, "about": "x"}"#)
+                .unwrap();
+        assert_eq!((d.default_steps, d.default_guidance), (Some(25), Some(4.0)));
+        assert_eq!(
+            ModelDefaults::parse("{}").unwrap(),
+            ModelDefaults::default()
+        );
+        for bad in [
+            r#"{"default_steps": 0}"#,
+            r#"{"default_steps": 5000}"#,
+            r#"{"default_guidance": -1}"#,
+            r#"{"default_steps": "many"}"#,
+            "not json",
+        ] {
+            assert!(ModelDefaults::parse(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn only_sdxl_in_fp16_with_force_upcast_decodes_in_fp32() {

@@ -433,6 +433,7 @@ fn load(
         force_zeros_for_empty_prompt: family.force_zeros,
         requires_aesthetics_score: family.requires_aesthetics,
         default_guidance: family.default_guidance,
+        default_steps: family.default_steps,
     };
     tracing::info!(model = %info.model_id, "denoiser ready");
     let unet = Arc::new(unet);
