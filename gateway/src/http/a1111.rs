@@ -24,7 +24,7 @@ use serde_json::{json, Map, Value};
 
 use super::error::{HttpError, HttpResult};
 use super::fields::Fields;
-use super::jobs::{Caller, Job};
+use super::jobs::Job;
 use super::{decode_base64, encode_base64, State};
 use crate::pipeline::Event;
 use sd_proto::v1::{GenerateRequest, GenerateResponse, PromptSyntax};
@@ -324,15 +324,7 @@ fn title(http: &State) -> String {
 
 /// A1111 draws random seeds below 2³² − 1.
 fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish() % 4_294_967_294
+    crate::plan::random_seed() % 4_294_967_294
 }
 
 /// An A1111 request body as the GenerateRequests it makes (one per image),
@@ -368,11 +360,7 @@ async fn generate(S(http): S<State>, headers: HeaderMap, body: Body, img2img: bo
             // CLIP_stop_at_last_layers says (its sdxl_clip_l_skip is off).
             asked.base.clip_skip = 0;
         }
-        let caller = Caller(
-            http.service
-                .keys
-                .caller(super::authorization(&headers).as_deref()),
-        );
+        let caller = http.caller(&headers);
         let running = http.jobs.start(caller, asked.n_iter);
         let mut images = Vec::new();
         for iteration in 0..asked.n_iter {
@@ -544,11 +532,7 @@ async fn progress(
         return e.into_response();
     }
     let skip = q.skip_current_image;
-    let caller = Caller(
-        http.service
-            .keys
-            .caller(super::authorization(&headers).as_deref()),
-    );
+    let caller = http.caller(&headers);
     let Some(job) = http.jobs.current(&caller) else {
         return super::json(json!({
             "progress": 0.0, "eta_relative": 0.0,
@@ -585,11 +569,7 @@ async fn interrupt(S(http): S<State>, headers: HeaderMap) -> Response {
     if let Err(e) = http.check_key(&headers) {
         return e.into_response();
     }
-    let caller = Caller(
-        http.service
-            .keys
-            .caller(super::authorization(&headers).as_deref()),
-    );
+    let caller = http.caller(&headers);
     let n = http.jobs.interrupt(&caller);
     tracing::info!(jobs = n, "interrupt");
     super::json(json!({}))

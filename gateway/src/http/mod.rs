@@ -98,6 +98,11 @@ impl Http {
         Ok(self.service.generate_http(method, req, call).await?)
     }
 
+    /// Who is calling, for A1111's per-caller jobs (progress, interrupt).
+    pub fn caller(&self, headers: &HeaderMap) -> jobs::Caller {
+        jobs::Caller(self.service.keys.caller(authorization(headers).as_deref()))
+    }
+
     /// Refuse a caller without a valid key (routes that generate nothing).
     pub fn check_key(&self, headers: &HeaderMap) -> HttpResult<()> {
         self.service

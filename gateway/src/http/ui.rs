@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use super::error::HttpError;
 use super::fields::Fields;
-use super::jobs::{Caller, Job};
+use super::jobs::Job;
 use super::{decode_base64, encode_base64, State};
 use crate::pipeline::Event;
 use sd_proto::v1::{GenerateRequest, GenerationParameters, PreviewMode};
@@ -103,11 +103,7 @@ async fn generate(S(http): S<State>, headers: HeaderMap, body: Body) -> Response
     let (events_tx, events_rx) = mpsc::channel::<Event>(16);
     // The page's generation is a job like an A1111 one: `/sdapi/v1/progress`
     // shows it and `/sdapi/v1/interrupt` stops it (with the image so far).
-    let caller = Caller(
-        http.service
-            .keys
-            .caller(super::authorization(&headers).as_deref()),
-    );
+    let caller = http.caller(&headers);
     let running = http.jobs.start(caller, 1);
     running.job.iteration(0, 1, req.steps);
     // Events to the client while it listens; when it stops listening the

@@ -35,6 +35,27 @@ pub fn python() -> PathBuf {
         .join("bin/python")
 }
 
+/// Run `tests/clients/SCRIPT` with the venv's Python and `args`; panic
+/// with its output unless it succeeds. Its stdout, for reports.
+pub fn run_client(script: &str, args: &[&std::ffi::OsStr]) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("clients")
+        .join(script);
+    let out = std::process::Command::new(python())
+        .arg(&path)
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 pub fn model(name: &str) -> PathBuf {
     fixtures().join(name)
 }

@@ -47,12 +47,26 @@ impl Stack {
 
     /// A stack with more `sdctl up` flags (e.g. `--precision bf16`).
     pub fn start_with(model: &Path, flags: &[&str]) -> Stack {
+        let mut args = vec!["--model", model.to_str().expect("a UTF-8 model path")];
+        args.extend_from_slice(flags);
+        Stack::launch(&args, &[])
+    }
+
+    /// A stack on sdserve's default model: `sdctl up` with no `--model`
+    /// (and no `SD_MODEL`).
+    pub fn start_default() -> Stack {
+        Stack::launch(&[], &["SD_MODEL"])
+    }
+
+    fn launch(flags: &[&str], unset: &[&str]) -> Stack {
         let mut cmd = Command::new(bin_dir().join("sdctl"));
-        cmd.args(["up", "--port", "0", "--http-port", "0", "--model"])
-            .arg(model)
+        cmd.args(["up", "--port", "0", "--http-port", "0"])
             .args(flags)
             .env("SD_TORCH_THREADS", "1")
             .stderr(Stdio::null());
+        for var in unset {
+            cmd.env_remove(var);
+        }
         let sdctl = Launch::new("sdctl up")
             .address_prefix("gateway ready on http://")
             .timeout(Duration::from_secs(120))
