@@ -31,7 +31,7 @@ build: setup
 test: setup fixtures
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
-	python -m pytest -q tests/deploy
+	python -m pytest -q tests/deploy tests/training
 
 ## demo: set up, build, start the stack on the default model (or SD_MODEL), generate demo.png, stop
 demo: build

@@ -132,6 +132,23 @@ def captions(work):
     return [line.split("\t")[1] for line in (work / "captions.tsv").read_text().splitlines()]
 
 
+def stable_ids(vocab, merges, special):
+    """Token ids in an order that does not depend on hashing: the special
+    tokens, the single symbols sorted, then each merge's result in merge
+    order (the trainer numbers its end-of-word symbols in hash order, which
+    changes from run to run)."""
+    merged = ["".join(m.split(" ")) for m in merges]
+    made = set(merged)
+    order = list(special) + sorted(t for t in vocab if t not in made and t not in special)
+    seen = set(order)
+    for t in merged:
+        if t not in seen:
+            seen.add(t)
+            order.append(t)
+    assert seen == set(vocab), "every token placed once"
+    return {t: i for i, t in enumerate(order)}
+
+
 def stage_tokenizer(args, work):
     """CLIP's tokenizer format, learned from the captions and templates."""
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
@@ -147,12 +164,12 @@ def stage_tokenizer(args, work):
                                   special_tokens=["<|startoftext|>", "<|endoftext|>"])
     tok.train_from_iterator(texts, trainer)
     model = json.loads(tok.to_str())["model"]
-    vocab, merges = model["vocab"], model["merges"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    vocab = stable_ids(model["vocab"], merges, ["<|startoftext|>", "<|endoftext|>"])
     out = work / "tokenizer"
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    lines = [m if isinstance(m, str) else " ".join(m) for m in merges]
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n")
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     special = {
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
         "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
@@ -165,6 +182,29 @@ def stage_tokenizer(args, work):
     t = CLIPTokenizer.from_pretrained(out)
     sample = t("an emoji of cat face").input_ids
     log(f"tokenizer: {len(vocab)} tokens; 'an emoji of cat face' → {sample}")
+
+
+class Interrupted(Exception):
+    """A stage stopped early on purpose (--for-steps)."""
+
+
+class loss_log:
+    """The stage's loss log, cut back to `step` (a resumed run logs again
+    what its interrupted run logged after its last checkpoint)."""
+
+    def __init__(self, path, step):
+        self.path, self.step = path, step
+
+    def __enter__(self):
+        kept = []
+        if self.path.exists() and self.step > 0:
+            kept = [l for l in self.path.read_text().splitlines(keepends=True) if int(l.split("\t")[0]) <= self.step]
+        self.path.write_text("".join(kept))
+        self.f = self.path.open("a")
+        return self.f
+
+    def __exit__(self, *exc):
+        self.f.close()
 
 
 def checkpoint(path, state):
@@ -199,14 +239,18 @@ def stage_vae(args, work):
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr)
     ck = work / "vae.pt"
     step = 0
+    # One random stream for the whole stage, saved in every checkpoint: a
+    # run resumed from any checkpoint draws what an uninterrupted run draws.
+    g = torch.Generator().manual_seed(SEED)
     if args.resume and ck.exists():
         s = torch.load(ck, weights_only=False)
         vae.load_state_dict(s["model"]); opt.load_state_dict(s["opt"]); step = s["step"]
+        g.set_state(s["rng"])
         log(f"vae: resumed at step {step}")
     x_all = images_tensor(work)
-    g = torch.Generator().manual_seed(SEED + step)
-    with (work / "loss_vae.tsv").open("a") as lf:
-        while step < args.vae_steps:
+    stop = min(args.vae_steps, step + args.for_steps) if args.for_steps else args.vae_steps
+    with loss_log(work / "loss_vae.tsv", step) as lf:
+        while step < stop:
             idx = torch.randint(0, len(x_all), (args.batch,), generator=g)
             x = augment(x_all[idx], g).to(args.device)
             post = vae.encode(x).latent_dist
@@ -219,11 +263,13 @@ def stage_vae(args, work):
             loss.backward()
             opt.step()
             step += 1
-            if step % 50 == 0:
+            if step % args.log_every == 0:
                 lf.write(f"{step}\t{recon.item():.5f}\t{kl.item():.5f}\n"); lf.flush()
-            if step % 500 == 0 or step == args.vae_steps:
+            if step % args.checkpoint_every == 0 or step == stop:
                 log(f"vae: step {step}/{args.vae_steps} recon {recon.item():.4f} kl {kl.item():.3f}")
-                checkpoint(ck, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step})
+                checkpoint(ck, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "rng": g.get_state()})
+    if step < args.vae_steps:
+        raise Interrupted(f"vae: stopped at step {step} of {args.vae_steps}; go on with --resume")
     torch.save(vae.state_dict(), work / "vae-final.pt")
 
 
@@ -279,19 +325,21 @@ def stage_unet(args, work):
     sched = noise_schedule()
     ck = work / "unet.pt"
     step = 0
+    g = torch.Generator().manual_seed(SEED + 2)
+    rnd = random.Random(SEED)
     if args.resume and ck.exists():
         s = torch.load(ck, weights_only=False)
         text.load_state_dict(s["text"]); unet.load_state_dict(s["unet"]); opt.load_state_dict(s["opt"])
         ema = s["ema"]; step = s["step"]
+        g.set_state(s["rng"]); rnd.setstate(s["py_rng"])
         log(f"unet: resumed at step {step}")
     n_params = sum(p.numel() for p in params)
     log(f"unet: text encoder + UNet {n_params / 1e6:.2f}M parameters, latents scaled by {scaling:.4f}")
     total = args.steps
-    g = torch.Generator().manual_seed(SEED + 2 + step)
-    rnd = random.Random(SEED + step)
+    stop = min(total, step + args.for_steps) if args.for_steps else total
     alphas = sched.alphas_cumprod
-    with (work / "loss_unet.tsv").open("a") as lf:
-        while step < total:
+    with loss_log(work / "loss_unet.tsv", step) as lf:
+        while step < stop:
             lr = args.lr * min(1.0, (step + 1) / 500) * (0.5 * (1 + math.cos(math.pi * step / total)) * 0.9 + 0.1)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -315,12 +363,14 @@ def stage_unet(args, work):
                 d = min(args.ema, (1 + step) / (10 + step))
                 for e, p in zip(ema, params):
                     e.mul_(d).add_(p.detach(), alpha=1 - d)
-            if step % 50 == 0:
+            if step % args.log_every == 0:
                 lf.write(f"{step}\t{loss.item():.5f}\t{lr:.6f}\n"); lf.flush()
-            if step % 500 == 0 or step == total:
+            if step % args.checkpoint_every == 0 or step == stop:
                 log(f"unet: step {step}/{total} loss {loss.item():.4f} lr {lr:.5f}")
                 checkpoint(ck, {"text": text.state_dict(), "unet": unet.state_dict(), "opt": opt.state_dict(),
-                                "ema": ema, "step": step})
+                                "ema": ema, "step": step, "rng": g.get_state(), "py_rng": rnd.getstate()})
+    if step < total:
+        raise Interrupted(f"unet: stopped at step {step} of {total}; go on with --resume")
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
@@ -378,6 +428,11 @@ def stage_export(args, work):
     Image.fromarray(sheet).save(out / "training" / "emoji.png", optimize=True)
     for f in ("loss_vae.tsv", "loss_unet.tsv"):
         shutil.copy(work / f, out / "training" / f)
+    recipe = json.loads((work / "recipe.json").read_text())
+    recipe.update({k: getattr(args, k) for k in RECIPE["export"]})
+    recipe["command"] = "python scripts/train_default_model.py " + " ".join(
+        f"--{k.replace('_', '-')} {recipe[k]}" for k in sorted(recipe) if k not in ("command", "device"))
+    (out / "training" / "recipe.json").write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
     (out / "NOTICE").write_text(NOTICE)
     (out / "sdserve.json").write_text(json.dumps({
         "default_steps": args.default_steps, "default_guidance": args.default_guidance,
@@ -393,6 +448,22 @@ def stage_export(args, work):
 
 
 STAGES = ["data", "tokenizer", "vae", "unet", "export"]
+# The arguments each stage's result depends on, recorded as it completes
+# and shipped with the model (training/recipe.json).
+RECIPE = {
+    "data": ["emoji"],
+    "tokenizer": ["vocab"],
+    "vae": ["vae_steps", "vae_lr", "kl_weight", "batch", "threads", "device"],
+    "unet": ["steps", "lr", "ema", "batch", "threads", "device"],
+    "export": ["default_steps", "default_guidance"],
+}
+
+
+def record(work, stage, args):
+    path = work / "recipe.json"
+    recipe = json.loads(path.read_text()) if path.exists() else {}
+    recipe.update({k: getattr(args, k) for k in RECIPE[stage]})
+    path.write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
 
 
 def main():
@@ -402,6 +473,10 @@ def main():
     p.add_argument("--from-stage", choices=STAGES, default="data")
     p.add_argument("--to-stage", choices=STAGES, default="export")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (VAE and UNet stages)")
+    p.add_argument("--log-every", type=int, default=50, help="steps between lines of the loss logs")
+    p.add_argument("--for-steps", type=int, default=0,
+                   help="stop the stage in progress after this many steps of this run (go on later with --resume)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--emoji", type=int, default=320)
@@ -410,7 +485,7 @@ def main():
     p.add_argument("--vae-steps", type=int, default=2000)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-4)
-    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--steps", type=int, default=10000)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--default-steps", type=int, default=25)
@@ -425,7 +500,12 @@ def main():
     for stage in run:
         t0 = time.time()
         log(f"stage {stage}")
-        globals()[f"stage_{stage}"](args, work)
+        try:
+            globals()[f"stage_{stage}"](args, work)
+        except Interrupted as e:
+            log(str(e))
+            return
+        record(work, stage, args)
         log(f"stage {stage} done in {time.time() - t0:.0f} s")
 
 

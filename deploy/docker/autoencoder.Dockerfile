@@ -28,10 +28,12 @@ RUN apt-get update \
 # libtorch at the path the binary's rpath names.
 COPY --from=build /opt/venv/lib/python3.11/site-packages /opt/venv/lib/python3.11/site-packages
 COPY --from=build /src/target/release/sd-autoencoder /src/target/release/sdctl /usr/local/bin/
+# The default model (models/emoji, 4 MB), served where SD_MODEL names no other.
+COPY models/emoji /opt/sdserve/models/emoji
 USER 10001
 # tcmalloc for libtorch's allocations: 10-20% faster forwards on CPUs (docs/BENCHMARKS.md).
 ENV LD_PRELOAD=/usr/local/lib/libtcmalloc_minimal.so.4
-ENV SD_LISTEN=0.0.0.0:50052 SD_METRICS_LISTEN=0.0.0.0:9090
+ENV SD_LISTEN=0.0.0.0:50052 SD_METRICS_LISTEN=0.0.0.0:9090 SD_MODEL=/opt/sdserve/models/emoji
 EXPOSE 50052 9090
 HEALTHCHECK --interval=10s --timeout=3s --start-period=300s CMD ["sdctl", "probe", "--addr", "127.0.0.1:50052"]
 ENTRYPOINT ["sd-autoencoder"]

@@ -304,3 +304,29 @@ def test_compose_keeps_the_model_services_internal():
     assert "SD_INTERNAL_TOKEN=" not in text.replace("echo \"SD_INTERNAL_TOKEN=", "")
     ignored = (ROOT / ".gitignore").read_text()
     assert "/deploy/docker/*.env" in ignored, "the env files stay out of git"
+
+
+def test_the_images_carry_the_default_model():
+    """Every model image carries models/emoji and serves it where SD_MODEL
+    names no other; compose serves it unless SD_MODEL_DIR is given; the
+    build context holds it but nothing built, downloaded or secret."""
+    for stage in MODEL_STAGES:
+        text = (DOCKER / f"{stage}.Dockerfile").read_text()
+        runtime = text[text.rindex("\nFROM "):]
+        copy = re.search(r"^COPY models/emoji (\S+)$", runtime, re.M)
+        assert copy, f"{stage}: the default model is not copied into the runtime image"
+        env_lines = " ".join(line for line in runtime.splitlines() if line.startswith("ENV "))
+        assert f"SD_MODEL={copy.group(1)}" in env_lines, f"{stage}: SD_MODEL does not default to {copy.group(1)}"
+        assert not copy.group(1).startswith("/models/"), "the weights volume is mounted at /models and would hide it"
+    assert (ROOT / "models" / "emoji" / "model_index.json").is_file()
+    ignore = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    for excluded in ["target", ".venv", ".git", "deploy/docker/*.env", "models/*"]:
+        assert excluded in ignore, f".dockerignore: {excluded} goes into the build context"
+    assert ignore.index("!models/emoji") > ignore.index("models/*"), "the default model must stay in the context"
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    volume = compose["x-model-service"]["volumes"][0]
+    default = re.fullmatch(r"\$\{SD_MODEL_DIR:-([^}]+)\}:(\S+):ro", volume)
+    assert default, volume
+    assert (DOCKER / default.group(1) / "model_index.json").resolve().is_file(), "compose's default model"
+    assert compose["x-model-service"]["environment"]["SD_MODEL"] == default.group(2)
