@@ -16,6 +16,8 @@ pub mod device;
 pub mod error;
 pub mod layers;
 pub mod model_dir;
+pub mod single_file;
+pub mod standard;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

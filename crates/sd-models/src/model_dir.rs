@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::clip::ClipTextModel;
 use crate::device::Placement;
 use crate::error::{ModelError, Result};
+use crate::single_file::{self, Family};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::UNet;
 use crate::vae::Vae;
@@ -43,20 +44,104 @@ impl Component {
 
 #[derive(Debug, Clone)]
 pub struct ModelDir {
+    /// The diffusers layout: configs, tokenizers, scheduler (and, for a
+    /// model directory, the weights).
     root: PathBuf,
     /// Another VAE served with the model (`--vae`), in place of `vae/`.
     vae: Option<PathBuf>,
+    /// A single-file checkpoint holding every network's weights, `root`
+    /// describing them.
+    single_file: Option<PathBuf>,
 }
 
 const PICKLE_EXTS: [&str; 4] = ["bin", "ckpt", "pt", "pth"];
 
 impl ModelDir {
+    /// A model directory in the diffusers layout, or a single-file
+    /// checkpoint (`.safetensors`) of a standard family, recognised from
+    /// its keys and served with that family's shipped configs.
     pub fn open(root: impl AsRef<Path>) -> Result<Self> {
-        let root = root.as_ref().to_path_buf();
-        if !root.is_dir() {
-            return Err(ModelError::MissingFile { path: root });
+        Self::open_with_config(root, None)
+    }
+
+    /// As [`ModelDir::open`]; for a single-file checkpoint, `config` (a
+    /// diffusers model directory: its config files, tokenizers and
+    /// scheduler) describes it instead of the inferred family's configs
+    /// (diffusers' `from_single_file(config=…)`).
+    pub fn open_with_config(model: impl AsRef<Path>, config: Option<&Path>) -> Result<Self> {
+        let model = model.as_ref().to_path_buf();
+        if model.is_file() {
+            return Self::single_file(model, config);
         }
-        Ok(ModelDir { root, vae: None })
+        if !model.is_dir() {
+            return Err(ModelError::MissingFile { path: model });
+        }
+        if let Some(c) = config {
+            return Err(ModelError::Unsupported {
+                path: c.to_path_buf(),
+                message: "--config describes a single-file checkpoint; a model directory has its own configs"
+                    .into(),
+            });
+        }
+        Ok(ModelDir {
+            root: model,
+            vae: None,
+            single_file: None,
+        })
+    }
+
+    fn single_file(file: PathBuf, config: Option<&Path>) -> Result<Self> {
+        let ext = file
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if PICKLE_EXTS.contains(&ext.as_str()) {
+            return Err(ModelError::Pickle { path: file });
+        }
+        if ext != "safetensors" {
+            return Err(ModelError::Unsupported {
+                path: file,
+                message: "a single-file model must be a .safetensors file".into(),
+            });
+        }
+        let root = match config {
+            Some(dir) => {
+                if !dir.join("unet").join("config.json").is_file() {
+                    return Err(ModelError::MissingFile {
+                        path: dir.join("unet").join("config.json"),
+                    });
+                }
+                dir.to_path_buf()
+            }
+            None => {
+                // Only the header is read here.
+                let w = Weights::open(&file, Placement::cpu())?;
+                crate::standard::config_dir(Family::infer(&w)?)?
+            }
+        };
+        Ok(ModelDir {
+            root,
+            vae: None,
+            single_file: Some(file),
+        })
+    }
+
+    /// The model's name: a single file's stem, or the directory's name.
+    pub fn name(&self) -> String {
+        let path = self.single_file.as_deref().unwrap_or(&self.root);
+        let name = if self.single_file.is_some() {
+            path.file_stem()
+        } else {
+            path.file_name()
+        };
+        name.map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    }
+
+    /// The single-file checkpoint served, if it is one.
+    pub fn single_file_path(&self) -> Option<&Path> {
+        self.single_file.as_deref()
     }
 
     /// Serve the VAE in `dir` instead of the model's own: a VAE folder
@@ -102,6 +187,9 @@ impl ModelDir {
     /// `<stem>.fp16.safetensors` variant (preferred when running in half
     /// precision). Pickle checkpoints are refused by name, never opened.
     pub fn weights_path(&self, c: Component, prefer_fp16: bool) -> Result<PathBuf> {
+        if let Some(file) = self.single_file_for(c) {
+            return Ok(file.to_path_buf());
+        }
         let dir = self.component_dir(c);
         let stem = c.stem();
         let full = dir.join(format!("{stem}.safetensors"));
@@ -132,8 +220,45 @@ impl ModelDir {
     }
 
     pub fn open_weights(&self, c: Component, placement: Placement) -> Result<Weights> {
+        if let Some(file) = self.single_file_for(c) {
+            let w = Weights::open(file, placement)?;
+            let aliases = single_file::aliases(&w, c, &self.single_file_layout()?)?;
+            return Ok(w.with_aliases(aliases));
+        }
         let half = placement.kind != tch::Kind::Float;
         Weights::open(&self.weights_path(c, half)?, placement)
+    }
+
+    /// The single file holding component `c`'s weights (none for a VAE
+    /// served from elsewhere with `--vae`).
+    fn single_file_for(&self, c: Component) -> Option<&Path> {
+        match (c, &self.vae) {
+            (Component::Vae, Some(_)) => None,
+            _ => self.single_file.as_deref(),
+        }
+    }
+
+    /// What the single-file key mapping needs from the configs.
+    fn single_file_layout(&self) -> Result<single_file::Layout> {
+        let count = |c: Component, key: &str| -> Result<Option<serde_json::Value>> {
+            let path = self.config_path(c);
+            if !path.is_file() {
+                return Ok(None);
+            }
+            Ok(crate::config::read_json::<serde_json::Value>(&path)?
+                .get(key)
+                .cloned())
+        };
+        let layers_per_block = count(Component::Unet, "layers_per_block")?
+            .and_then(|v| v.as_u64())
+            .unwrap_or(2) as usize;
+        let vae_blocks = count(Component::Vae, "block_out_channels")?
+            .and_then(|v| v.as_array().map(Vec::len))
+            .unwrap_or(4);
+        Ok(single_file::Layout {
+            layers_per_block,
+            vae_blocks,
+        })
     }
 
     pub fn load_tokenizer(&self) -> Result<ClipTokenizer> {

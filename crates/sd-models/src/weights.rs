@@ -33,6 +33,82 @@ struct Info {
     end: usize,
 }
 
+/// How a tensor the networks ask for is made from one stored in the file
+/// (a single-file checkpoint stores some differently from diffusers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transform {
+    /// As stored.
+    Same,
+    /// Rows `start..start + len` of the stored tensor (one of q/k/v in a fused
+    /// `in_proj_weight`).
+    Rows { start: i64, len: i64 },
+    /// The stored 2-d tensor transposed (OpenCLIP's `text_projection`).
+    Transpose,
+    /// A 1×1 convolution's `[out, in, 1, 1]` weight as a linear `[out, in]`.
+    Flatten1x1,
+}
+
+impl Transform {
+    /// The shape this transform makes of a stored `shape` (None: it does not apply).
+    fn shape(self, stored: &[i64]) -> Option<Vec<i64>> {
+        match self {
+            Transform::Same => Some(stored.to_vec()),
+            Transform::Rows { start, len } => {
+                let (&rows, rest) = stored.split_first()?;
+                (start >= 0 && len > 0 && start + len <= rows).then(|| {
+                    let mut s = vec![len];
+                    s.extend_from_slice(rest);
+                    s
+                })
+            }
+            Transform::Transpose => match stored {
+                [a, b] => Some(vec![*b, *a]),
+                _ => None,
+            },
+            Transform::Flatten1x1 => match stored {
+                [o, i, 1, 1] => Some(vec![*o, *i]),
+                [o, i] => Some(vec![*o, *i]),
+                _ => None,
+            },
+        }
+    }
+
+    fn apply(self, t: Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Transform::Same => t,
+            Transform::Rows { start, len } => {
+                // A copy: a view would keep the whole fused tensor alive
+                // (a converted one three times over, once per q, k and v).
+                let rows = t.f_narrow(0, start, len)?;
+                let mut out = rows.f_empty_like()?;
+                out.f_copy_(&rows)?;
+                out
+            }
+            Transform::Transpose => t.f_tr()?.f_contiguous()?,
+            Transform::Flatten1x1 => {
+                let s = t.size();
+                t.f_reshape([s[0], s[1]])?
+            }
+        })
+    }
+}
+
+/// Where a tensor the networks ask for (a diffusers name) is in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alias {
+    pub source: String,
+    pub transform: Transform,
+}
+
+impl Alias {
+    pub fn same(source: impl Into<String>) -> Self {
+        Alias {
+            source: source.into(),
+            transform: Transform::Same,
+        }
+    }
+}
+
 /// One safetensors file, mapped, with the placement its tensors are loaded to.
 pub struct Weights {
     path: PathBuf,
@@ -40,6 +116,9 @@ pub struct Weights {
     tensors: HashMap<String, Info>,
     placement: Placement,
     used: RefCell<BTreeSet<String>>,
+    /// For a file in another layout: the diffusers names the networks ask
+    /// for, mapped to what is stored (None: the file is in diffusers' names).
+    aliases: Option<HashMap<String, Alias>>,
 }
 
 fn kind_of(dtype: &str) -> Option<Kind> {
@@ -132,7 +211,27 @@ impl Weights {
             tensors,
             placement,
             used: RefCell::new(BTreeSet::new()),
+            aliases: None,
         })
+    }
+
+    /// The stored tensors' names and shapes.
+    pub fn stored(&self) -> impl Iterator<Item = (&str, &[i64])> {
+        self.tensors
+            .iter()
+            .map(|(k, i)| (k.as_str(), i.shape.as_slice()))
+    }
+
+    /// The shape of stored tensor `name`.
+    pub fn stored_shape(&self, name: &str) -> Option<&[i64]> {
+        self.tensors.get(name).map(|i| i.shape.as_slice())
+    }
+
+    /// Serve the networks' names through `aliases` (a single-file
+    /// checkpoint's mapping); names without an alias are missing.
+    pub fn with_aliases(mut self, aliases: HashMap<String, Alias>) -> Self {
+        self.aliases = Some(aliases);
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -149,7 +248,12 @@ impl Weights {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        match &self.aliases {
+            Some(a) => a
+                .get(name)
+                .is_some_and(|a| self.tensors.contains_key(&a.source)),
+            None => self.tensors.contains_key(name),
+        }
     }
 
     /// Values in the file, every tensor's elements together.
@@ -175,28 +279,48 @@ impl Weights {
 
     /// The tensor `name`, checked to have `shape`, in the placement's dtype and device.
     pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        let same = Alias::same(name);
+        let alias = match &self.aliases {
+            Some(a) => a.get(name).ok_or_else(|| ModelError::MissingTensor {
+                path: self.path.clone(),
+                name: name.to_string(),
+            })?,
+            None => &same,
+        };
+        // Errors name the stored tensor, and the network's name where they differ.
+        let shown = if alias.source == name {
+            name.to_string()
+        } else {
+            format!("{} (for {name})", alias.source)
+        };
         let info = self
             .tensors
-            .get(name)
+            .get(&alias.source)
             .ok_or_else(|| ModelError::MissingTensor {
                 path: self.path.clone(),
-                name: name.to_string(),
+                name: shown.clone(),
             })?;
-        if info.shape != shape {
+        if alias.transform.shape(&info.shape).as_deref() != Some(shape) {
             return Err(ModelError::Shape {
                 path: self.path.clone(),
-                name: name.to_string(),
+                name: shown,
                 expected: shape.to_vec(),
                 actual: info.shape.clone(),
             });
         }
+        let t = self.stored_tensor(&alias.source, info, &shown)?;
+        alias.transform.apply(t)
+    }
+
+    fn stored_tensor(&self, name: &str, info: &Info, shown: &str) -> Result<Tensor> {
+        let shape = info.shape.as_slice();
         if !matches!(
             info.kind,
             Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double
         ) {
             return Err(ModelError::Dtype {
                 path: self.path.clone(),
-                name: name.to_string(),
+                name: shown.to_string(),
                 dtype: info.dtype.clone(),
             });
         }

@@ -20,10 +20,16 @@ use crate::token::{stack_token, StackToken};
 
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
-    /// Model directory (diffusers layout). Unset: sdserve's own default
-    /// model, `models/emoji` (a 32×32 emoji model trained by the project).
+    /// The model: a directory in the diffusers layout or a single-file
+    /// checkpoint (`.safetensors`: SD 1.x, SD 2.x, SDXL base or refiner).
+    /// Unset: sdserve's own default model, `models/emoji` (a 32×32 emoji
+    /// model trained by the project).
     #[arg(long, env = "SD_MODEL")]
     model: Option<PathBuf>,
+    /// For a single-file checkpoint of another architecture: a diffusers
+    /// model directory whose configs describe it (the services' `--config`).
+    #[arg(long, env = "SD_MODEL_CONFIG")]
+    config: Option<PathBuf>,
     /// Gateway port (0: a free one; the address is printed).
     #[arg(long, default_value_t = 50051)]
     port: u16,
@@ -154,6 +160,11 @@ fn service_args(args: &UpArgs) -> Vec<String> {
     ]
     .iter()
     .map(|s| s.to_string())
+    .chain(
+        args.config
+            .iter()
+            .flat_map(|c| ["--config".to_string(), c.to_string_lossy().into_owned()]),
+    )
     .collect()
 }
 

@@ -243,7 +243,7 @@ fn load(
     let threads = args
         .model
         .apply_threads(sd_service::machine::Role::Autoencoder, &metrics);
-    let own = ModelDir::open(&args.model.model)?;
+    let own = args.model.model_dir()?;
     let dir = match &args.vae {
         Some(v) => own
             .clone()

@@ -26,9 +26,16 @@ use tonic::Status;
 /// Flags for the model a service loads and where it runs.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Model directory in the diffusers layout.
+    /// The model: a directory in the diffusers layout, or a single-file
+    /// checkpoint (`.safetensors`, original CompVis/Stability layout) of SD
+    /// 1.x, SD 2.x, SDXL base or refiner, recognised from its keys.
     #[arg(long, env = "SD_MODEL")]
     pub model: PathBuf,
+    /// For a single-file checkpoint: a diffusers model directory whose
+    /// configs, tokenizers and scheduler describe it (its weights are not
+    /// read), in place of the recognised family's standard configs.
+    #[arg(long, env = "SD_MODEL_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, env = "SD_DEVICE", default_value = "cpu")]
     pub device: DeviceSpec,
@@ -60,6 +67,11 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The model to serve, as `--model` and `--config` name it.
+    pub fn model_dir(&self) -> sd_models::Result<sd_models::ModelDir> {
+        sd_models::ModelDir::open_with_config(&self.model, self.config.as_deref())
+    }
+
     /// The placement to load to (after the optional start-up delay).
     pub fn placement(&self) -> anyhow::Result<Placement> {
         if self.load_delay_ms > 0 {
@@ -346,11 +358,7 @@ pub fn model_id(dir: &sd_models::ModelDir, components: &[sd_models::Component]) 
             }
         }
     }
-    let name = dir
-        .root()
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
+    let name = dir.name();
     format!("{name}@{:016x}", h.finish())
 }
 

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use clap::Parser;
-use sd_models::{Component, ModelDir, UNet};
+use sd_models::{Component, UNet};
 use sd_proto::v1::denoiser_server::{Denoiser, DenoiserServer};
 use sd_proto::v1::{
     DenoiserInfo, DenoiserInfoRequest, Dtype, Embedding, PredictRequest, PredictResponse,
@@ -391,7 +391,7 @@ fn load(
 ) -> anyhow::Result<DenoiserServer<Service>> {
     let max = args.server.max_message_bytes();
     let placement = args.model.placement()?;
-    let dir = ModelDir::open(&args.model.model)?;
+    let dir = args.model.model_dir()?;
     let unet = sd_service::timed_load(&metrics, "unet", || dir.load_unet(placement))?;
     let vae: sd_models::config::VaeConfig =
         sd_models::config::read_json(&dir.config_path(Component::Vae))?;
@@ -412,11 +412,7 @@ fn load(
     let cost = warm_up(&unet, &args, vae.scale_factor() as i64)?;
     let info = DenoiserInfo {
         model_id: sd_service::model_id(&dir, family.components()),
-        model_name: dir
-            .root()
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        model_name: dir.name(),
         latent_channels: c.in_channels as u32,
         vae_scale_factor: vae.scale_factor() as u32,
         sample_size: c.sample_size as u32,

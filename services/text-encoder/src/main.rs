@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use clap::Parser;
-use sd_models::ModelDir;
 use sd_proto::v1::text_encoder_server::{TextEncoder, TextEncoderServer};
 use sd_proto::v1::{
     Dtype, EncodeTextRequest, EncodeTextResponse, EncodedPrompt, PromptSyntax, TextEncoderInfo,
@@ -175,7 +174,7 @@ fn load(
     let threads = args
         .model
         .apply_threads(sd_service::machine::Role::TextEncoder, &metrics);
-    let dir = ModelDir::open(&args.model.model)?;
+    let dir = args.model.model_dir()?;
     let model = TextEncoders::load(&dir, placement, Some(&metrics))?;
     // Warm up: one forward before reporting SERVING.
     let _warm = model.encode(&[""], 0)?;
