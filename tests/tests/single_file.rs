@@ -3,7 +3,8 @@
 //! the images equal diffusers' `from_single_file(FILE, config=DIR)` for the
 //! same seed (`tests/fixtures/make_single_file.py` writes the files — SD 1.x
 //! with EMA copies and training buffers, SD 2.x in fp16 with an OpenCLIP
-//! text encoder, SDXL with both encoders — and the reference images).
+//! text encoder, SDXL with both encoders, and the SD 1.5 architecture at
+//! full size, served with no `--config` — and the reference images).
 //! Files that are not what they claim fail at start, naming what is wrong.
 
 #![allow(clippy::unwrap_used)]
@@ -39,8 +40,9 @@ fn entries() -> Vec<Entry> {
     serde_json::from_str::<Manifest>(&text).unwrap().cases
 }
 
-/// Serve `file` with `--config`, and check every case written for it.
-fn run(file: &str) {
+/// Serve `file` (with `--config` when `with_config`), and check every case
+/// written for it.
+fn run(file: &str, with_config: bool) {
     let fixtures = common::fixtures();
     let all = entries();
     let mine: Vec<&Entry> = all.iter().filter(|e| e.file == file).collect();
@@ -54,7 +56,8 @@ fn run(file: &str) {
             files: e.files.clone(),
         })
         .collect();
-    let stack = Stack::start_with(&dir().join(file), &["--config", config.to_str().unwrap()]);
+    let flags = ["--config", config.to_str().unwrap()];
+    let stack = Stack::start_with(&dir().join(file), if with_config { &flags } else { &[] });
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut failures = rt.block_on(check_cases(&stack.url, &cases, &dir(), &dir(), file, false));
     failures.extend(rt.block_on(check_cases(&stack.url, &cases, &dir(), &dir(), file, true)));
@@ -63,17 +66,27 @@ fn run(file: &str) {
 
 #[test]
 fn an_sd1_file_with_ema_copies_matches_diffusers() {
-    run("sd1-ema.safetensors");
+    run("sd1-ema.safetensors", true);
 }
 
 #[test]
 fn an_sd2_fp16_file_with_an_openclip_text_encoder_matches_diffusers() {
-    run("sd2-fp16.safetensors");
+    run("sd2-fp16.safetensors", true);
 }
 
 #[test]
 fn an_sdxl_file_with_both_text_encoders_matches_diffusers() {
-    run("sdxl.safetensors");
+    run("sdxl.safetensors", true);
+}
+
+/// The SD 1.5 architecture at full size with no `--config`: recognised,
+/// served with the configs sdserve ships (and its CLIP vocabulary derived
+/// in Rust; diffusers got the same configs with a vocabulary built in
+/// Python).
+#[test]
+fn the_sd15_architecture_is_served_with_no_config() {
+    assert_eq!(family("sd15-architecture.safetensors"), Family::Sd1);
+    run("sd15-architecture.safetensors", false);
 }
 
 fn family(file: &str) -> Family {
