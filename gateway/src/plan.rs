@@ -4,7 +4,9 @@
 //! combination is refused before the text encoder runs.
 
 use sd_proto::status::quote;
-use sd_proto::v1::{GenerateRequest, GenerationParameters, ImageFormat, PreviewMode, PromptSyntax};
+use sd_proto::v1::{
+    GenerateRequest, GenerationParameters, ImageFormat, LoraRef, PreviewMode, PromptSyntax,
+};
 use sd_proto::wire::HostTensor;
 use sd_sampling::schedulers::{build, SchedulerOptions};
 use sd_sampling::{Scheduler, SchedulerError, SchedulerKind};
@@ -61,6 +63,8 @@ pub struct Plan {
     pub prompt_syntax: PromptSyntax,
     /// Set by the HTTP front door: stop early and return the image so far.
     pub stop: Option<crate::pipeline::Stop>,
+    /// LoRA adapters (the request's, and the prompt's A1111 tags).
+    pub loras: Vec<LoraRef>,
 }
 
 impl std::fmt::Debug for Plan {
@@ -106,8 +110,9 @@ struct Source {
 }
 
 impl Plan {
-    pub fn new(req: GenerateRequest, facts: &ModelFacts, limits: &Limits) -> Result<Plan> {
+    pub fn new(mut req: GenerateRequest, facts: &ModelFacts, limits: &Limits) -> Result<Plan> {
         check_model(&req.model, facts)?;
+        let loras = loras(&mut req)?;
         let prompt_syntax = check_prompts(&req, limits)?;
         let steps = steps(req.steps, facts.family.default_steps, limits)?;
         let guidance = guidance(req.guidance_scale, facts.family.default_guidance)?;
@@ -166,6 +171,7 @@ impl Plan {
             guidance_embedded,
             prompt_syntax,
             stop: None,
+            loras,
         })
     }
 
@@ -192,8 +198,79 @@ impl Plan {
             clip_skip: self.clip_skip,
             strength: self.strength,
             model: self.model_id.clone(),
+            loras: self.loras.clone(),
         }
     }
+}
+
+/// Most LoRA adapters one request may use.
+pub const MAX_LORAS: usize = 8;
+
+/// The request's LoRA adapters and, with the A1111 syntax, the prompt's
+/// `<lora:NAME:SCALE>` tags (taken out of the prompt, as A1111 does),
+/// checked: at most [`MAX_LORAS`], each named once, names that are file
+/// names, finite scales within ±10. Whether each exists and fits the model
+/// the denoiser and text encoder say, before any work.
+fn loras(req: &mut GenerateRequest) -> Result<Vec<LoraRef>> {
+    let mut loras = std::mem::take(&mut req.loras);
+    if req.prompt_syntax == PromptSyntax::A1111 as i32 {
+        let (prompt, tags) =
+            sd_prompt::take_loras(&req.prompt).map_err(|e| Error::invalid("prompt", e))?;
+        req.prompt = prompt;
+        loras.extend(tags.into_iter().map(|t| LoraRef {
+            name: t.name,
+            scale: t.scale,
+        }));
+        if req.negative_prompt.contains("<lora:") {
+            return Err(Error::invalid(
+                "negative_prompt",
+                "<lora:…> tags apply from the prompt, not the negative prompt",
+            ));
+        }
+    }
+    check_loras(&loras)?;
+    Ok(loras)
+}
+
+/// The checks of a LoRA list that need no file.
+pub fn check_loras(loras: &[LoraRef]) -> Result<()> {
+    if loras.len() > MAX_LORAS {
+        return Err(Error::invalid(
+            "loras",
+            format!("{} given, at most {MAX_LORAS}", loras.len()),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, l) in loras.iter().enumerate() {
+        let n = &l.name;
+        if n.is_empty()
+            || n.len() > 128
+            || n.starts_with('.')
+            || n.contains(['/', '\\'])
+            || n.chars().any(char::is_control)
+        {
+            return Err(Error::invalid(
+                "loras",
+                format!(
+                    "loras[{i}].name `{}` is not a LoRA name (a file name without .safetensors)",
+                    n.escape_debug()
+                ),
+            ));
+        }
+        if !seen.insert(n.clone()) {
+            return Err(Error::invalid(
+                "loras",
+                format!("loras[{i}].name: `{n}` is named twice"),
+            ));
+        }
+        if !l.scale.is_finite() || l.scale.abs() > 10.0 {
+            return Err(Error::invalid(
+                "loras",
+                format!("loras[{i}].scale: {} given, -10..=10 allowed", l.scale),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_model(model: &str, facts: &ModelFacts) -> Result<()> {

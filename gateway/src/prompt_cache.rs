@@ -26,6 +26,9 @@ pub struct PromptKey {
     /// `PromptSyntax` as sent to the text encoder.
     pub syntax: i32,
     pub prompt: String,
+    /// The LoRA adapters and scales it was encoded with (canonical: sorted,
+    /// `name:scale` joined by `;`; empty: none).
+    pub loras: String,
 }
 
 impl PromptKey {
@@ -110,6 +113,7 @@ mod tests {
             model: "m".into(),
             clip_skip: 0,
             prompt: p.into(),
+            loras: String::new(),
         }
     }
 

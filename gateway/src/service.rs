@@ -7,8 +7,8 @@ use std::sync::Arc;
 use futures::Stream;
 use sd_proto::v1::generation_server::Generation;
 use sd_proto::v1::{
-    generate_event, GenerateEvent, GenerateRequest, GenerateResponse, ListModelsRequest,
-    ListModelsResponse, ModelInfo, Preview, Progress,
+    generate_event, GenerateEvent, GenerateRequest, GenerateResponse, ListLorasRequest,
+    ListLorasResponse, ListModelsRequest, ListModelsResponse, ModelInfo, Preview, Progress,
 };
 use sd_runtime::admission::{Admission, Slot};
 use sd_runtime::deadline::Deadline;
@@ -289,5 +289,22 @@ impl Generation for GenerationService {
                 prediction_type: f.prediction.as_str().to_string(),
             }],
         }))
+    }
+
+    async fn list_loras(
+        &self,
+        request: Request<ListLorasRequest>,
+    ) -> Result<Response<ListLorasResponse>, Status> {
+        self.keys.check(request.metadata()).map_err(Status::from)?;
+        let deadline = Deadline::from_metadata(request.metadata());
+        let req = request.into_inner();
+        crate::plan::check_loras(&req.check).map_err(Status::from)?;
+        let out = self
+            .generator
+            .stages
+            .list_loras(req, &deadline)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(out))
     }
 }

@@ -5,7 +5,7 @@
 
 use sd_proto::v1::{
     DecodeRequest, DecodeResponse, EncodeImageRequest, EncodeImageResponse, EncodeTextRequest,
-    EncodeTextResponse, PredictRequest, PredictResponse,
+    EncodeTextResponse, ListLorasRequest, ListLorasResponse, PredictRequest, PredictResponse,
 };
 use sd_runtime::deadline::Deadline;
 use sd_runtime::telemetry::{context_map, inject};
@@ -37,6 +37,21 @@ pub trait Stages: Send + Sync + 'static {
         req: EncodeImageRequest,
         deadline: &Deadline,
     ) -> Result<EncodeImageResponse>;
+    /// The LoRA adapters the denoiser can load, after loading and checking
+    /// `req.check` (a pipeline without LoRA support refuses any).
+    async fn list_loras(
+        &self,
+        req: ListLorasRequest,
+        _deadline: &Deadline,
+    ) -> Result<ListLorasResponse> {
+        if req.check.is_empty() {
+            return Ok(ListLorasResponse::default());
+        }
+        Err(crate::error::Error::invalid(
+            "loras",
+            "this pipeline applies no LoRA adapters".to_string(),
+        ))
+    }
 }
 
 /// One generation's denoising steps, in order.
@@ -91,6 +106,18 @@ impl Stages for Backends {
             deadline,
             open: None,
         })
+    }
+
+    async fn list_loras(
+        &self,
+        req: ListLorasRequest,
+        deadline: &Deadline,
+    ) -> Result<ListLorasResponse> {
+        call(&self.denoiser, deadline, req, |ch, r| {
+            let mut c = self.denoiser_client(ch);
+            async move { c.list_loras(r).await }
+        })
+        .await
     }
 
     async fn decode(&self, req: DecodeRequest, deadline: &Deadline) -> Result<DecodeResponse> {

@@ -99,6 +99,13 @@ impl Denoiser for FakeDenoiser {
     ) -> Result<Response<DenoiserInfo>, Status> {
         Ok(Response::new(DenoiserInfo::default()))
     }
+
+    async fn list_loras(
+        &self,
+        _: Request<sd_proto::v1::ListLorasRequest>,
+    ) -> Result<Response<sd_proto::v1::ListLorasResponse>, Status> {
+        Ok(Response::new(Default::default()))
+    }
 }
 
 async fn serve(fake: FakeDenoiser) -> SocketAddr {

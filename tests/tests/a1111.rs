@@ -83,7 +83,8 @@ async fn plain_and_weighted(url: &str, cases: &[Case], dir: &std::path::Path) {
     };
     let d = max_diff(&image(weighted).await, &image(unweighted).await);
     assert!(d > 20, "weights barely moved the image ({d}/255)");
-    // Prompt editing, AND and LoRA tags are refused, naming the field.
+    // Prompt editing, AND and LoRA tags in the negative prompt are refused,
+    // naming the field.
     for (prompt, negative) in [
         ("a [cat:dog:0.5]", ""),
         ("a cat AND a dog", ""),

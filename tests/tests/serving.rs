@@ -504,6 +504,7 @@ async fn text_encoder_refuses_bad_calls(url: &str) {
         clip_skip,
         dtype: 0,
         syntax: 0,
+        loras: vec![],
     };
     assert_eq!(
         t.encode(enc(vec![], 0)).await.unwrap_err().code(),

@@ -141,6 +141,7 @@ impl InProcess {
                 uncond: uncond.map(|(hidden, _)| hidden),
                 guidance: req.guidance_scale as f64,
                 xl,
+                loras: Default::default(),
             };
             let out = forward_calls(&self.unet, &[&call])?.remove(0);
             let dtype = Dtype::try_from(req.output_dtype).unwrap_or(Dtype::Float32);

@@ -74,6 +74,8 @@ pub struct ClipTextModel {
     /// CLIPTextModelWithProjection's projection of the pooled output.
     text_projection: Option<Linear>,
     placement: Placement,
+    /// Its LoRA-capable layers.
+    modules: crate::lora::ModuleIndex,
     _storage: Arc<memmap2::Mmap>,
 }
 
@@ -89,6 +91,11 @@ pub struct XlOutput {
 }
 
 impl ClipTextModel {
+    /// Its LoRA-capable layers (canonical paths).
+    pub fn modules(&self) -> &crate::lora::ModuleIndex {
+        &self.modules
+    }
+
     /// Build from `config.json` and load from a safetensors file; the
     /// published files carry a `text_model.` prefix that transformers 5 no
     /// longer writes, so both are accepted.
@@ -107,7 +114,10 @@ impl ClipTextModel {
         let layers = (0..config.num_hidden_layers)
             .map(|i| EncoderLayer::load(&vb.pp("encoder.layers").pp(i), &config))
             .collect::<Result<Vec<_>>>()?;
+        // Before the projection: LoRA files name only the transformer's layers.
+        let modules = weights.module_index();
         Ok(ClipTextModel {
+            modules,
             token_embedding: emb
                 .pp("token_embedding")
                 .get("weight", &[config.vocab_size, h])?,

@@ -1,14 +1,19 @@
 //! The building blocks the three networks share, each loaded by shape from
 //! its weights (`load`) apart from running it (`forward`).
 
+use std::sync::Arc;
+
 use tch::Tensor;
 
 use crate::error::Result;
+use crate::lora::{self, ModuleKind, ModuleShape};
 use crate::weights::Vb;
 
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// Its path, where LoRA adapters may apply (see [`crate::lora`]).
+    path: Option<Arc<str>>,
 }
 
 impl Linear {
@@ -20,11 +25,20 @@ impl Linear {
             } else {
                 None
             },
+            path: vb.register(ModuleShape {
+                kind: ModuleKind::Linear,
+                input: in_dim,
+                output: out_dim,
+            }),
         })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Tensor {
-        xs.linear(&self.weight, self.bias.as_ref())
+        let y = xs.linear(&self.weight, self.bias.as_ref());
+        match &self.path {
+            Some(p) => lora::apply(p, xs, y, None),
+            None => y,
+        }
     }
 }
 
@@ -33,6 +47,8 @@ pub struct Conv2d {
     bias: Tensor,
     stride: i64,
     padding: i64,
+    /// Its path, where LoRA adapters may apply (see [`crate::lora`]).
+    path: Option<Arc<str>>,
 }
 
 impl Conv2d {
@@ -49,18 +65,31 @@ impl Conv2d {
             bias: vb.get("bias", &[cout])?,
             stride,
             padding,
+            path: vb.register(ModuleShape {
+                kind: ModuleKind::Conv {
+                    kernel,
+                    stride,
+                    padding,
+                },
+                input: cin,
+                output: cout,
+            }),
         })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Tensor {
-        xs.conv2d(
+        let y = xs.conv2d(
             &self.weight,
             Some(&self.bias),
             [self.stride, self.stride],
             [self.padding, self.padding],
             [1, 1],
             1,
-        )
+        );
+        match &self.path {
+            Some(p) => lora::apply(p, xs, y, Some((self.stride, self.padding))),
+            None => y,
+        }
     }
 }
 

@@ -15,6 +15,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod layers;
+pub mod lora;
 pub mod model_dir;
 pub mod single_file;
 pub mod standard;

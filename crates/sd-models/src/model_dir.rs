@@ -220,13 +220,25 @@ impl ModelDir {
     }
 
     pub fn open_weights(&self, c: Component, placement: Placement) -> Result<Weights> {
-        if let Some(file) = self.single_file_for(c) {
+        let w = if let Some(file) = self.single_file_for(c) {
             let w = Weights::open(file, placement)?;
             let aliases = single_file::aliases(&w, c, &self.single_file_layout()?)?;
-            return Ok(w.with_aliases(aliases));
-        }
-        let half = placement.kind != tch::Kind::Float;
-        Weights::open(&self.weights_path(c, half)?, placement)
+            w.with_aliases(aliases)
+        } else {
+            let half = placement.kind != tch::Kind::Float;
+            Weights::open(&self.weights_path(c, half)?, placement)?
+        };
+        // The networks LoRA adapts register their layers under their
+        // diffusers names (the VAE is never adapted).
+        Ok(match c {
+            Component::Vae => w,
+            _ => w.with_namespace(c.dir()),
+        })
+    }
+
+    /// The UNet's `layers_per_block` (kohya's original block names need it).
+    pub fn unet_layers_per_block(&self) -> Result<usize> {
+        Ok(self.single_file_layout()?.layers_per_block)
     }
 
     /// The single file holding component `c`'s weights (none for a VAE

@@ -353,6 +353,106 @@ fn unet_name(rest: &str, per: usize) -> Option<String> {
     None
 }
 
+/// A UNet module's path in the original (LDM/SGM) numbering, for kohya
+/// LoRA files that name blocks that way (`input_blocks_4_1_…`): the reverse
+/// of [`unet_name`]. An upsampler is `.1.conv` after a block without
+/// attention and `.2.conv` after one with: both are given.
+pub fn unet_ldm_names(path: &str, layers_per_block: usize) -> Vec<String> {
+    let per = layers_per_block + 1;
+    let resnet = |leaf: &str| -> String {
+        for (to, from) in [
+            ("in_layers.0", "norm1"),
+            ("in_layers.2", "conv1"),
+            ("emb_layers.1", "time_emb_proj"),
+            ("out_layers.0", "norm2"),
+            ("out_layers.3", "conv2"),
+            ("skip_connection", "conv_shortcut"),
+        ] {
+            if leaf == from {
+                return to.to_string();
+            }
+            if let Some(rest) = leaf.strip_prefix(from).and_then(|r| r.strip_prefix('.')) {
+                return format!("{to}.{rest}");
+            }
+        }
+        leaf.to_string()
+    };
+    for (from, to) in [
+        ("time_embedding.linear_1", "time_embed.0"),
+        ("time_embedding.linear_2", "time_embed.2"),
+        ("add_embedding.linear_1", "label_emb.0.0"),
+        ("add_embedding.linear_2", "label_emb.0.2"),
+        ("conv_in", "input_blocks.0.0"),
+        ("conv_norm_out", "out.0"),
+        ("conv_out", "out.2"),
+    ] {
+        if path == from {
+            return vec![to.to_string()];
+        }
+    }
+    let parts: Vec<&str> = path.splitn(5, '.').collect();
+    let num = |i: usize| parts.get(i).and_then(|p| p.parse::<usize>().ok());
+    let tail = |i: usize| parts.get(i).copied().unwrap_or("");
+    match (parts.first().copied(), parts.get(2).copied()) {
+        (Some("down_blocks"), Some(kind)) => {
+            let (Some(b), Some(l)) = (num(1), num(3)) else {
+                return vec![];
+            };
+            match kind {
+                "resnets" => vec![format!(
+                    "input_blocks.{}.0.{}",
+                    1 + b * per + l,
+                    resnet(tail(4))
+                )],
+                "attentions" => vec![format!("input_blocks.{}.1.{}", 1 + b * per + l, tail(4))],
+                "downsamplers" if tail(4) == "conv" => {
+                    vec![format!(
+                        "input_blocks.{}.0.op",
+                        1 + b * per + layers_per_block
+                    )]
+                }
+                _ => vec![],
+            }
+        }
+        (Some("up_blocks"), Some(kind)) => {
+            let (Some(b), Some(l)) = (num(1), num(3)) else {
+                return vec![];
+            };
+            match kind {
+                "resnets" => vec![format!(
+                    "output_blocks.{}.0.{}",
+                    b * per + l,
+                    resnet(tail(4))
+                )],
+                "attentions" => vec![format!("output_blocks.{}.1.{}", b * per + l, tail(4))],
+                "upsamplers" if tail(4) == "conv" => {
+                    let i = b * per + layers_per_block;
+                    vec![
+                        format!("output_blocks.{i}.1.conv"),
+                        format!("output_blocks.{i}.2.conv"),
+                    ]
+                }
+                _ => vec![],
+            }
+        }
+        (Some("mid_block"), Some(_)) => {
+            let rest: Vec<&str> = path.splitn(4, '.').collect();
+            let (Some(kind), Some(i), leaf) =
+                (rest.get(1), rest.get(2), rest.get(3).copied().unwrap_or(""))
+            else {
+                return vec![];
+            };
+            match (*kind, *i) {
+                ("resnets", "0") => vec![format!("middle_block.0.{}", resnet(leaf))],
+                ("resnets", "1") => vec![format!("middle_block.2.{}", resnet(leaf))],
+                ("attentions", "0") => vec![format!("middle_block.1.{leaf}")],
+                _ => vec![],
+            }
+        }
+        _ => vec![],
+    }
+}
+
 /// The LDM autoencoder under `prefix` in diffusers' AutoencoderKL names;
 /// the decoder's `up.{i}` is `up_blocks.{n-1-i}`.
 fn vae(w: &Weights, keys: &[&str], prefix: &str, blocks: usize) -> HashMap<String, Alias> {
@@ -501,6 +601,33 @@ mod tests {
             assert_eq!(unet_name(ldm, per).as_deref(), Some(diffusers), "{ldm}");
         }
         assert_eq!(unet_name("betas", per), None);
+    }
+
+    #[test]
+    fn ldm_module_names_invert_the_single_file_mapping() {
+        for path in [
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+            "down_blocks.0.resnets.1.conv1",
+            "down_blocks.2.resnets.0.conv_shortcut",
+            "down_blocks.0.downsamplers.0.conv",
+            "mid_block.attentions.0.proj_in",
+            "mid_block.resnets.1.time_emb_proj",
+            "up_blocks.3.resnets.2.conv2",
+            "up_blocks.1.attentions.2.transformer_blocks.1.ff.net.2",
+            "up_blocks.0.upsamplers.0.conv",
+            "time_embedding.linear_1",
+            "add_embedding.linear_2",
+        ] {
+            let names = unet_ldm_names(path, 2);
+            assert!(!names.is_empty(), "{path}");
+            for ldm in names {
+                assert_eq!(
+                    unet_name(&format!("{ldm}.weight"), 3).as_deref(),
+                    Some(format!("{path}.weight").as_str()),
+                    "{path} → {ldm}"
+                );
+            }
+        }
     }
 
     #[test]

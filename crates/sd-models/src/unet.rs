@@ -201,6 +201,8 @@ pub struct UNet {
     placement: Placement,
     parameters: u64,
     _storage: Arc<memmap2::Mmap>,
+    /// Its LoRA-capable layers.
+    modules: crate::lora::ModuleIndex,
 }
 
 /// Builds the UNet's parts from its config and weights, in diffusers'
@@ -347,6 +349,13 @@ impl<'a> UNetLoader<'a> {
 }
 
 impl UNet {
+    /// Its LoRA-capable layers (canonical paths).
+    pub fn modules(&self) -> &crate::lora::ModuleIndex {
+        &self.modules
+    }
+}
+
+impl UNet {
     pub fn load(config_path: &Path, weights: &Weights) -> Result<Self> {
         let c: UNetConfig = read_json(config_path)?;
         let (down_specs, up_specs) = c.blocks(config_path)?;
@@ -386,6 +395,7 @@ impl UNet {
             GroupNorm::load(&vb.pp("conv_norm_out"), c.norm_num_groups, ch0, c.norm_eps)?;
         let conv_out = Conv2d::load(&vb.pp("conv_out"), ch0, c.out_channels, 3, 1, 1)?;
         Ok(UNet {
+            modules: weights.module_index(),
             conv_in,
             time_linear_1,
             time_linear_2,

@@ -119,6 +119,13 @@ pub struct Weights {
     /// For a file in another layout: the diffusers names the networks ask
     /// for, mapped to what is stored (None: the file is in diffusers' names).
     aliases: Option<HashMap<String, Alias>>,
+    /// The network these weights are for (`unet`, `text_encoder`, …): its
+    /// layers register under it for LoRA (empty: none).
+    namespace: String,
+    /// The LoRA-capable modules loaded from these weights.
+    modules: RefCell<crate::lora::ModuleIndex>,
+    /// The file's `__metadata__` strings.
+    metadata: HashMap<String, String>,
 }
 
 fn kind_of(dtype: &str) -> Option<Kind> {
@@ -177,8 +184,15 @@ impl Weights {
             serde_json::from_slice(&map[8..data_start]).map_err(|e| bad(e.to_string()))?;
         let data_len = map.len() - data_start;
         let mut tensors = HashMap::new();
+        let mut metadata = HashMap::new();
         for (name, value) in header {
             if name == "__metadata__" {
+                if let Some(o) = value.as_object() {
+                    metadata = o
+                        .iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                        .collect();
+                }
                 continue;
             }
             let raw: RawInfo =
@@ -212,7 +226,47 @@ impl Weights {
             placement,
             used: RefCell::new(BTreeSet::new()),
             aliases: None,
+            namespace: String::new(),
+            modules: RefCell::new(Default::default()),
+            metadata,
         })
+    }
+
+    /// Register the layers loaded from these weights under `network` (for LoRA).
+    pub fn with_namespace(mut self, network: &str) -> Self {
+        self.namespace = network.to_string();
+        self
+    }
+
+    /// A `__metadata__` string of the file.
+    pub fn metadata(&self, key: &str) -> Option<String> {
+        self.metadata.get(key).cloned()
+    }
+
+    /// The LoRA-capable modules loaded so far.
+    pub fn module_index(&self) -> crate::lora::ModuleIndex {
+        self.modules.borrow().clone()
+    }
+
+    /// A LoRA-capable layer at `prefix` (its canonical path, or None when
+    /// these weights have no network name).
+    pub(crate) fn register(
+        &self,
+        prefix: &str,
+        shape: crate::lora::ModuleShape,
+    ) -> Option<Arc<str>> {
+        if self.namespace.is_empty() {
+            return None;
+        }
+        // transformers' CLIP files have a `text_model.` level or not; LoRA
+        // paths are the same either way.
+        let rest = prefix.strip_prefix("text_model.").unwrap_or(prefix);
+        let path = format!("{}.{rest}", self.namespace);
+        self.modules
+            .borrow_mut()
+            .modules
+            .insert(path.clone(), shape);
+        Some(Arc::from(path))
     }
 
     /// The stored tensors' names and shapes.
@@ -382,6 +436,11 @@ impl<'a> Vb<'a> {
 
     pub fn contains(&self, leaf: &str) -> bool {
         self.weights.contains(&self.name(leaf))
+    }
+
+    /// Register this path as a LoRA-capable layer of `shape`.
+    pub fn register(&self, shape: crate::lora::ModuleShape) -> Option<Arc<str>> {
+        self.weights.register(&self.prefix, shape)
     }
 }
 

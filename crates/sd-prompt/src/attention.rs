@@ -289,11 +289,11 @@ mod tests {
 
 /// What A1111 reads in a prompt that this implementation does not do —
 /// composable diffusion (`AND`, a trailing `:N` weight), prompt editing and
-/// alternation (`[a:b:N]`, `[a:N]`, `[a|b]`), LoRA tags — named, so the
+/// alternation (`[a:b:N]`, `[a:N]`, `[a|b]`), hypernetworks — named, so the
 /// request is refused rather than drawn without it.
 pub fn unsupported(text: &str) -> Option<&'static str> {
-    if text.contains("<lora:") || text.contains("<lyco:") || text.contains("<hypernet:") {
-        return Some("LoRA and hypernetwork tags (<lora:…>) are not supported yet");
+    if text.contains("<hypernet:") {
+        return Some("hypernetwork tags (<hypernet:…>) are not supported");
     }
     let words_and = text
         .split(|c: char| !(c.is_alphanumeric() || c == '_'))
@@ -351,7 +351,7 @@ mod unsupported_tests {
             "[cat:0.3] x",
             "a [cat|dog]",
             "a cat:1.2",
-            "<lora:style:0.8> a cat",
+            "<hypernet:style:0.8> a cat",
         ] {
             assert!(unsupported(bad).is_some(), "{bad}");
         }

@@ -6,6 +6,8 @@
 
 pub mod attention;
 pub mod chunks;
+pub mod networks;
 
 pub use attention::{parse, unsupported, Fragment};
 pub use chunks::{chunks, Chunk, Vocab};
+pub use networks::{take_loras, LoraTag};

@@ -126,6 +126,8 @@ pub struct Metrics {
     pub load_seconds: Family<StageLabels, Gauge<f64, AtomicU64>>,
     pub batch_items: Histogram,
     pub threads: Family<ThreadLabels, Gauge>,
+    pub lora_load_seconds: Histogram,
+    pub lora_cache_bytes: Gauge,
 }
 
 impl Metrics {
@@ -186,6 +188,18 @@ impl Metrics {
             "Latents per UNet forward (dynamic batching; a guided latent counts twice)",
             batch_items.clone(),
         );
+        let lora_load_seconds = latency_histogram();
+        registry.register(
+            "lora_load_seconds",
+            "Time to read a LoRA file and fit it to the model (cache misses)",
+            lora_load_seconds.clone(),
+        );
+        let lora_cache_bytes = Gauge::default();
+        registry.register(
+            "lora_cache_bytes",
+            "Bytes of LoRA adapters held loaded",
+            lora_cache_bytes.clone(),
+        );
         registry.register(
             "model_threads",
             "A model service's forwards at once (workers) and libtorch threads (intra_op per forward, inter_op)",
@@ -202,6 +216,8 @@ impl Metrics {
             load_seconds,
             batch_items,
             threads,
+            lora_load_seconds,
+            lora_cache_bytes,
         })
     }
 

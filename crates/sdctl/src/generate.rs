@@ -104,6 +104,10 @@ pub struct GenerateArgs {
     /// (AUTOMATIC1111's attention weights, BREAK, long prompts in chunks).
     #[arg(long, default_value = "plain", value_parser = ["plain", "a1111"])]
     prompt_syntax: String,
+    /// A LoRA adapter to apply, NAME or NAME:SCALE (scale 1 when unsaid;
+    /// repeatable): a NAME.safetensors in the services' --lora-dir.
+    #[arg(long = "lora", value_name = "NAME[:SCALE]", value_parser = parse_lora)]
+    loras: Vec<sd_proto::v1::LoraRef>,
     /// Image-to-image: the initial image (PNG, JPEG or WebP).
     #[arg(long)]
     init_image: Option<PathBuf>,
@@ -205,6 +209,26 @@ fn request(a: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
         } else {
             sd_proto::v1::PromptSyntax::Plain as i32
         },
+        loras: a.loras.clone(),
+    })
+}
+
+/// `NAME` or `NAME:SCALE`.
+fn parse_lora(s: &str) -> Result<sd_proto::v1::LoraRef, String> {
+    let (name, scale) = match s.rsplit_once(':') {
+        Some((n, v)) => (
+            n,
+            v.parse::<f32>()
+                .map_err(|_| format!("`{v}` is not a scale (NAME:SCALE, e.g. style:0.8)"))?,
+        ),
+        None => (s, 1.0),
+    };
+    if name.is_empty() {
+        return Err("no LoRA name (NAME:SCALE)".into());
+    }
+    Ok(sd_proto::v1::LoraRef {
+        name: name.to_string(),
+        scale,
     })
 }
 

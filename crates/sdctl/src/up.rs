@@ -85,6 +85,10 @@ pub struct UpArgs {
     /// Serve this VAE instead of the model's own (the autoencoder's `--vae`).
     #[arg(long)]
     vae: Option<PathBuf>,
+    /// Folder of LoRA files requests may name (the text encoder's and the
+    /// denoiser's `--lora-dir`).
+    #[arg(long, env = "SD_LORA_DIR")]
+    lora_dir: Option<PathBuf>,
 }
 
 impl UpArgs {
@@ -174,6 +178,9 @@ fn stage_args(args: &UpArgs, stage: Stage) -> Vec<String> {
     let mut v = service_args(args);
     if let (Stage::Autoencoder, Some(vae)) = (stage, &args.vae) {
         v.extend(["--vae".to_string(), vae.to_string_lossy().into_owned()]);
+    }
+    if let (Stage::TextEncoder | Stage::Denoiser, Some(dir)) = (stage, &args.lora_dir) {
+        v.extend(["--lora-dir".to_string(), dir.to_string_lossy().into_owned()]);
     }
     v
 }

@@ -68,6 +68,8 @@ pub fn routes() -> Router<State> {
         .route("/sdapi/v1/progress", get(progress))
         .route("/sdapi/v1/interrupt", post(interrupt))
         .route("/sdapi/v1/sd-models", get(sd_models))
+        .route("/sdapi/v1/loras", get(loras))
+        .route("/sdapi/v1/refresh-loras", post(refresh_loras))
         .route("/sdapi/v1/samplers", get(samplers))
         .route("/sdapi/v1/schedulers", get(schedulers))
         .route("/sdapi/v1/options", get(options).post(set_options))
@@ -584,6 +586,41 @@ async fn sd_models(S(http): S<State>, headers: HeaderMap) -> Response {
         "title": title(&http), "model_name": f.name, "hash": null, "sha256": null,
         "filename": f.id, "config": null
     }]))
+}
+
+/// A1111's LoRA list (the Lora extension's): the adapters in the
+/// services' LoRA folder, used in prompts as `<lora:NAME:MULTIPLIER>`.
+async fn loras(S(http): S<State>, headers: HeaderMap) -> Response {
+    let run = async {
+        http.check_key(&headers)?;
+        let deadline = sd_runtime::deadline::Deadline::after(std::time::Duration::from_secs(30));
+        let list = http
+            .service
+            .generator
+            .stages
+            .list_loras(Default::default(), &deadline)
+            .await?;
+        let items: Vec<Value> = list
+            .loras
+            .iter()
+            .map(|l| {
+                json!({
+                    "name": l.name, "alias": l.name,
+                    "path": format!("{}.safetensors", l.name), "metadata": {}
+                })
+            })
+            .collect();
+        Ok::<_, HttpError>(super::json(Value::Array(items)))
+    };
+    run.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// The folder is read on every list and every request: nothing to refresh.
+async fn refresh_loras(S(http): S<State>, headers: HeaderMap) -> Response {
+    match http.check_key(&headers) {
+        Ok(()) => super::json(json!(null)),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn samplers(S(http): S<State>, headers: HeaderMap) -> Response {

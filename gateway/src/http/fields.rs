@@ -94,6 +94,43 @@ impl<'a> Fields<'a> {
     }
 
     /// An object.
+    /// LoRA adapters: an array of `{"name": …, "scale": …}` (scale 1
+    /// when unsaid).
+    pub fn loras(&self, name: &str) -> HttpResult<Vec<sd_proto::v1::LoraRef>> {
+        let items = match self.get(name) {
+            None | Some(Value::Null) => return Ok(Vec::new()),
+            Some(Value::Array(a)) => a,
+            Some(_) => {
+                return Err(HttpError::invalid(
+                    name,
+                    "expected an array of {\"name\": …, \"scale\": …}",
+                ))
+            }
+        };
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let bad = |what: &str| HttpError::invalid(name, format_args!("item {i}: {what}"));
+                let o = v
+                    .as_object()
+                    .ok_or_else(|| bad("expected {\"name\": …, \"scale\": …}"))?;
+                let n = o
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| bad("`name` must be a string"))?;
+                let scale = match o.get("scale") {
+                    None | Some(Value::Null) => 1.0,
+                    Some(v) => v.as_f64().ok_or_else(|| bad("`scale` must be a number"))?,
+                };
+                Ok(sd_proto::v1::LoraRef {
+                    name: n.to_string(),
+                    scale: scale as f32,
+                })
+            })
+            .collect()
+    }
+
     pub fn object(&self, name: &str) -> HttpResult<Option<&'a Map<String, Value>>> {
         match self.get(name) {
             None => Ok(None),

@@ -7,8 +7,9 @@
 //! model this gateway serves, so clients that send their default work
 //! unchanged; any other name must be the served model's id or name.
 //! Extensions beyond OpenAI's fields: `negative_prompt`, `steps`, `seed`,
-//! `guidance_scale`, `scheduler`, `prompt_syntax` (`plain` or `a1111`), and
-//! for edits `strength`.
+//! `guidance_scale`, `scheduler`, `prompt_syntax` (`plain` or `a1111`),
+//! `loras` (`[{"name": …, "scale": …}]`, files in the services' LoRA
+//! folder), and for edits `strength`.
 
 use axum::body::Body;
 use axum::extract::{FromRequest, Multipart, Path, Request, State as S};
@@ -111,6 +112,7 @@ fn request(f: &Fields, served: &str) -> HttpResult<(GenerateRequest, Delivery)> 
         strength: f.f64("strength")?.map(|s| s as f32),
         format: format as i32,
         model,
+        loras: f.loras("loras")?,
         ..Default::default()
     };
     Ok((req, delivery))

@@ -56,6 +56,8 @@ pub(super) struct Denoising<'a> {
     pub started: Instant,
     /// Asked to stop early: the latents so far are the result.
     pub stop: Option<super::Stop>,
+    /// The LoRA adapters every step applies.
+    pub loras: Vec<sd_proto::v1::LoraRef>,
 }
 
 impl Denoising<'_> {
@@ -127,6 +129,7 @@ impl Denoising<'_> {
                 trace_context: Default::default(),
                 time_ids: self.text.time_ids.as_ref().map(|t| t.0.clone()),
                 negative_time_ids: self.text.time_ids.as_ref().map(|t| t.1.clone()),
+                loras: self.loras.clone(),
             };
             match session.step(request).await {
                 Ok(response) => {

@@ -13,7 +13,7 @@ mod text;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use sd_proto::v1::{Dtype, GenerateResponse, GeneratedImage};
+use sd_proto::v1::{Dtype, GenerateResponse, GeneratedImage, ListLorasRequest};
 use sd_runtime::deadline::Deadline;
 use sd_runtime::metrics::{Metrics, Stage};
 use sd_sampling::TorchGenerator;
@@ -92,6 +92,14 @@ impl Generator {
         let shape = LatentShape::of(&plan, &self.facts);
         let mut rng = TorchGenerator::new(plan.seed);
 
+        if !plan.loras.is_empty() {
+            // Before any work: every adapter exists and fits the UNet (the
+            // text encoder checks its part as it encodes).
+            let check = ListLorasRequest {
+                check: plan.loras.clone(),
+            };
+            self.stages.list_loras(check, &deadline).await?;
+        }
         let text = self.condition(&plan, &deadline).await?;
         let start = self
             .initial_latents(&plan, &shape, &mut rng, &deadline)
@@ -106,6 +114,7 @@ impl Generator {
             previews: denoise::Previews::of(&plan),
             started,
             stop: plan.stop.clone(),
+            loras: plan.loras.clone(),
         };
         let (format, num_images) = (plan.format, plan.num_images);
         let latents = steps.run(plan.schedule, start).await?;

@@ -4,7 +4,9 @@
 
 use std::time::Instant;
 
-use sd_proto::v1::{Dtype, Embedding, EncodeTextRequest, PromptSyntax, Tensor as WireTensor};
+use sd_proto::v1::{
+    Dtype, Embedding, EncodeTextRequest, LoraRef, PromptSyntax, Tensor as WireTensor,
+};
 use sd_proto::wire::HostTensor;
 use sd_runtime::deadline::Deadline;
 use sd_runtime::metrics::Stage as Phase;
@@ -105,7 +107,10 @@ impl Generator {
             wanted.push((plan.negative_prompt.as_str(), negative_skip, syntax));
         }
         let started = Instant::now();
-        let mut embeddings = self.embeddings(&wanted, deadline).await?.into_iter();
+        let mut embeddings = self
+            .embeddings(&wanted, &plan.loras, deadline)
+            .await?
+            .into_iter();
         self.metrics.step(Phase::Text, started.elapsed());
         let cond = embeddings
             .next()
@@ -128,8 +133,10 @@ impl Generator {
     async fn embeddings(
         &self,
         wanted: &[(&str, u32, i32)],
+        loras: &[LoraRef],
         deadline: &Deadline,
     ) -> Result<Vec<CachedEmbedding>> {
+        let lora_key = canonical_loras(loras);
         let keys: Vec<PromptKey> = wanted
             .iter()
             .map(|(prompt, clip_skip, syntax)| PromptKey {
@@ -137,6 +144,7 @@ impl Generator {
                 clip_skip: *clip_skip,
                 syntax: *syntax,
                 prompt: prompt.to_string(),
+                loras: lora_key.clone(),
             })
             .collect();
         let mut found = self.cached(&keys)?;
@@ -149,7 +157,7 @@ impl Generator {
         calls.sort_unstable();
         calls.dedup();
         for call in calls {
-            self.encode_missing(&keys, &mut found, call, deadline)
+            self.encode_missing(&keys, &mut found, call, loras, deadline)
                 .await?;
         }
         found
@@ -177,6 +185,7 @@ impl Generator {
         keys: &[PromptKey],
         found: &mut [Option<CachedEmbedding>],
         (clip_skip, syntax): (u32, i32),
+        loras: &[LoraRef],
         deadline: &Deadline,
     ) -> Result<()> {
         let missing: Vec<usize> = (0..keys.len())
@@ -189,6 +198,7 @@ impl Generator {
             clip_skip,
             dtype: Dtype::Float32 as i32,
             syntax,
+            loras: loras.to_vec(),
         };
         let span = tracing::info_span!("text_encode", clip_skip, replica = tracing::field::Empty);
         let response = self
@@ -255,6 +265,7 @@ fn zeros_like(like: &CachedEmbedding, model: &str) -> CachedEmbedding {
             like.tensor.shape,
             like.pooled.as_ref().map(|p| &p.shape)
         ),
+        loras: String::new(),
     };
     CachedEmbedding {
         id: key.embedding_id(),
@@ -277,4 +288,17 @@ fn time_id_rows(plan: &Plan) -> Result<Option<(WireTensor, WireTensor)>> {
             .map_err(|e| Error::Internal(format!("time ids: {e}")))
     };
     Ok(Some((rows(&t.positive)?, rows(&t.negative)?)))
+}
+
+/// A LoRA set as the prompt cache keys it: sorted by name, `name:scale`
+/// joined by `;` (scales as their exact bits' decimal), adapters at scale 0
+/// left out (they change nothing).
+pub(crate) fn canonical_loras(loras: &[LoraRef]) -> String {
+    let mut v: Vec<String> = loras
+        .iter()
+        .filter(|l| l.scale != 0.0)
+        .map(|l| format!("{}:{}", l.name, l.scale))
+        .collect();
+    v.sort();
+    v.join(";")
 }

@@ -2,6 +2,9 @@
 //! guided UNet calls (several merged into one forward) and diffusers'
 //! image postprocessing.
 
+use std::sync::Arc;
+
+use sd_models::lora::{self, Applied, Plan, Span};
 use sd_models::UNet;
 use sd_proto::v1::RgbImage;
 use tch::{Kind, Tensor};
@@ -33,6 +36,8 @@ pub struct Call {
     pub guidance: f64,
     /// The SDXL family's added conditioning (for a UNet that takes it).
     pub xl: Option<XlConditioning>,
+    /// LoRA adapters for this call's rows (empty: the base UNet).
+    pub loras: Arc<[Applied]>,
 }
 
 impl Call {
@@ -88,6 +93,8 @@ struct Inputs {
     text_embeds: Vec<Tensor>,
     time_ids: Vec<Tensor>,
     conds: Vec<Tensor>,
+    /// Each half's rows and LoRA adapters, in order.
+    loras: Vec<(i64, Arc<[Applied]>)>,
 }
 
 impl Inputs {
@@ -101,6 +108,7 @@ impl Inputs {
         };
         self.xs.push(c.latents.shallow_clone());
         self.ts.push(c.timesteps.expand([b], false));
+        self.loras.push((b, c.loras.clone()));
         let ctx = if uncond_half {
             c.uncond.as_ref()
         } else {
@@ -138,16 +146,30 @@ impl Inputs {
             cat(&self.time_ids),
             cat(&self.conds),
         );
-        unet.forward_with(
-            &Tensor::cat(&self.xs, 0),
-            &Tensor::cat(&self.ts, 0),
-            &Tensor::cat(&self.ctxs, 0),
-            sd_models::Added {
-                text_embeds: text_embeds.as_ref(),
-                time_ids: time_ids.as_ref(),
-                timestep_cond: cond.as_ref(),
-            },
-        )
+        // Each half's rows get its own adapters (the base projection runs
+        // once for all rows; see sd_models::lora).
+        let mut spans = Vec::new();
+        let mut start = 0;
+        for (rows, set) in &self.loras {
+            spans.push(Span {
+                start,
+                len: *rows,
+                set: set.clone(),
+            });
+            start += rows;
+        }
+        lora::with_plan(Plan::rows(start, spans), || {
+            unet.forward_with(
+                &Tensor::cat(&self.xs, 0),
+                &Tensor::cat(&self.ts, 0),
+                &Tensor::cat(&self.ctxs, 0),
+                sd_models::Added {
+                    text_embeds: text_embeds.as_ref(),
+                    time_ids: time_ids.as_ref(),
+                    timestep_cond: cond.as_ref(),
+                },
+            )
+        })
     }
 }
 

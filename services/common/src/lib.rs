@@ -3,6 +3,7 @@
 pub mod compute;
 pub mod error;
 pub mod family;
+pub mod lora;
 pub mod machine;
 pub mod text;
 pub mod threads;

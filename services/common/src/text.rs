@@ -243,6 +243,15 @@ impl TextEncoders {
         Ok((ids, tch::Tensor::f_cat(&hidden, -1)?, pooled))
     }
 
+    /// The text encoders' LoRA-capable layers together.
+    pub fn modules(&self) -> sd_models::lora::ModuleIndex {
+        let mut index = sd_models::lora::ModuleIndex::default();
+        for e in self.encoders() {
+            index.merge(e.clip.modules());
+        }
+        index
+    }
+
     /// The components whose weights make this model's identity.
     pub fn components(&self) -> &'static [Component] {
         match self {

@@ -12,11 +12,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use clap::Parser;
+use sd_models::lora::Applied;
 use sd_models::{Component, UNet};
 use sd_proto::v1::denoiser_server::{Denoiser, DenoiserServer};
 use sd_proto::v1::{
-    DenoiserInfo, DenoiserInfoRequest, Dtype, Embedding, PredictRequest, PredictResponse,
-    Tensor as WireTensor,
+    DenoiserInfo, DenoiserInfoRequest, Dtype, Embedding, ListLorasRequest, ListLorasResponse,
+    LoraRef, PredictRequest, PredictResponse, Tensor as WireTensor,
 };
 use sd_runtime::lifecycle::Lifecycle;
 use sd_runtime::metrics::{Metrics, Stage};
@@ -24,6 +25,7 @@ use sd_runtime::tls::ServerTlsArgs;
 use sd_runtime::ServerArgs;
 use sd_sampling::{Prediction, SchedulerConfig};
 use sd_service::compute::{forward_calls, Call, XlConditioning};
+use sd_service::lora::{LoraArgs, LoraStore};
 use sd_service::{from_wire, handle, to_wire, ModelArgs, ServiceError, Timings, Worker};
 use tch::Tensor;
 use tokio_stream::wrappers::ReceiverStream;
@@ -44,6 +46,8 @@ struct Args {
     server: ServerArgs,
     #[command(flatten)]
     tls: ServerTlsArgs,
+    #[command(flatten)]
+    lora: LoraArgs,
     /// Bytes of text embeddings kept by id (MiB), ids and bookkeeping
     /// counted; also what all step streams together may hold (at least
     /// 16 MiB).
@@ -96,6 +100,8 @@ struct Core {
     bounds: Bounds,
     lifecycle: Lifecycle,
     metrics: Arc<Metrics>,
+    /// LoRA adapters (--lora-dir), fitted to the UNet.
+    loras: Arc<LoraStore>,
 }
 
 #[tonic::async_trait]
@@ -165,12 +171,39 @@ impl Denoiser for Service {
         info.cost = self.0.cost.as_ref().map(|c| c.snapshot());
         Ok(Response::new(info))
     }
+
+    async fn list_loras(
+        &self,
+        request: Request<ListLorasRequest>,
+    ) -> Result<Response<ListLorasResponse>, Status> {
+        let core = &self.0;
+        let req = request.into_inner();
+        core.loras(&req.check).await.map_err(Status::from)?;
+        let store = core.loras.clone();
+        let loras = tokio::task::spawn_blocking(move || store.list())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(Status::from)?;
+        Ok(Response::new(ListLorasResponse { loras }))
+    }
 }
 
 /// Ids of stream sessions (`SessionKey::Stream`), one per stream.
 static STREAM_SESSIONS: AtomicU64 = AtomicU64::new(1);
 
 impl Core {
+    /// The adapters a request names, loaded off the async threads on a
+    /// cache miss.
+    async fn loras(&self, refs: &[LoraRef]) -> Result<Arc<[Applied]>, ServiceError> {
+        if refs.is_empty() {
+            return Ok(Arc::from(Vec::new()));
+        }
+        let (store, refs) = (self.loras.clone(), refs.to_vec());
+        tokio::task::spawn_blocking(move || store.resolve(&refs))
+            .await
+            .map_err(|e| ServiceError::Task(e.to_string()))?
+    }
+
     /// One step: check the request, resolve its embeddings, run the UNet
     /// (batched or alone) and answer in the asked dtype.
     async fn predict_inner(
@@ -219,6 +252,7 @@ impl Core {
             uncond: uncond.map(|u| u.hidden),
             guidance,
             xl,
+            loras: self.loras(&req.loras).await?,
         };
         let (output, timings) = self.forward(call, session, out_dtype).await?;
         timings.record(&tracing::Span::current());
@@ -408,6 +442,13 @@ fn load(
         &metrics,
     );
     let family = sd_service::family::Family::of(&dir, &unet)?;
+    let loras = Arc::new(LoraStore::new(
+        &args.lora,
+        unet.modules().clone(),
+        dir.unet_layers_per_block()?,
+        placement,
+        metrics.clone(),
+    )?);
     // Warm up (measuring the cost, unless told not to) before SERVING.
     let cost = warm_up(&unet, &args, vae.scale_factor() as i64)?;
     let info = DenoiserInfo {
@@ -463,6 +504,7 @@ fn load(
         cache: Arc::new(Mutex::new(EmbeddingCache::new(cache_bytes))),
         held: HeldBudget::new(cache_bytes.max(cache::MIN_HELD_BYTES)),
         cost: live_cost,
+        loras,
         worker: Worker::new(threads.workers, args.model.max_queue, metrics.clone()),
         bounds: Bounds {
             latent_channels: info.latent_channels as i64,

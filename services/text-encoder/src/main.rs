@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use clap::Parser;
+use sd_models::lora::{self, Plan};
 use sd_proto::v1::text_encoder_server::{TextEncoder, TextEncoderServer};
 use sd_proto::v1::{
     Dtype, EncodeTextRequest, EncodeTextResponse, EncodedPrompt, PromptSyntax, TextEncoderInfo,
@@ -13,6 +14,7 @@ use sd_runtime::lifecycle::Lifecycle;
 use sd_runtime::metrics::{Metrics, Stage};
 use sd_runtime::tls::ServerTlsArgs;
 use sd_runtime::ServerArgs;
+use sd_service::lora::{LoraArgs, LoraStore};
 use sd_service::text::TextEncoders;
 use sd_service::{handle, to_wire, ModelArgs, ServiceError, Worker};
 use tonic::{Request, Response, Status};
@@ -30,6 +32,8 @@ struct Args {
     /// Most prompts one Encode call may carry.
     #[arg(long, env = "SD_MAX_PROMPTS", default_value_t = 64)]
     max_prompts: usize,
+    #[command(flatten)]
+    lora: LoraArgs,
 }
 
 struct Service {
@@ -39,6 +43,8 @@ struct Service {
     max_prompts: usize,
     lifecycle: Lifecycle,
     metrics: Arc<Metrics>,
+    /// LoRA adapters (--lora-dir), fitted to the text encoder(s).
+    loras: Arc<LoraStore>,
 }
 
 #[tonic::async_trait]
@@ -91,28 +97,48 @@ impl Service {
         let syntax = PromptSyntax::try_from(req.syntax).map_err(|_| {
             ServiceError::invalid("syntax", format_args!("unknown value {}", req.syntax))
         })?;
+        sd_service::lora::check(&req.loras)?;
         let model = self.model.clone();
         let prompts = req.prompts;
         let clip_skip = req.clip_skip as usize;
+        let (store, refs) = (self.loras.clone(), req.loras);
         let out = self
             .worker
-            .run(Stage::TextForward, move || match syntax {
-                PromptSyntax::Plain => encode_plain(&model, &prompts, clip_skip, dtype),
-                PromptSyntax::A1111 => prompts
-                    .iter()
-                    .map(|p| {
-                        let (ids, hidden, pooled) = model.encode_a1111(p, clip_skip)?;
-                        encoded(
-                            ids,
-                            &hidden.get(0),
-                            pooled.as_ref().map(|p| p.get(0)),
-                            dtype,
-                        )
-                    })
-                    .collect(),
+            .run(Stage::TextForward, move || {
+                // Every forward of this call (prompt and negative prompt,
+                // each A1111 chunk) runs with the request's adapters.
+                let set = store.resolve(&refs)?;
+                lora::with_plan(Plan::all(set), || {
+                    encode(&model, &prompts, clip_skip, syntax, dtype)
+                })
             })
             .await?;
         Ok(EncodeTextResponse { prompts: out })
+    }
+}
+
+/// The prompts read as `syntax` says.
+fn encode(
+    model: &TextEncoders,
+    prompts: &[String],
+    clip_skip: usize,
+    syntax: PromptSyntax,
+    dtype: Dtype,
+) -> Result<Vec<EncodedPrompt>, ServiceError> {
+    match syntax {
+        PromptSyntax::Plain => encode_plain(model, prompts, clip_skip, dtype),
+        PromptSyntax::A1111 => prompts
+            .iter()
+            .map(|p| {
+                let (ids, hidden, pooled) = model.encode_a1111(p, clip_skip)?;
+                encoded(
+                    ids,
+                    &hidden.get(0),
+                    pooled.as_ref().map(|p| p.get(0)),
+                    dtype,
+                )
+            })
+            .collect(),
     }
 }
 
@@ -176,6 +202,13 @@ fn load(
         .apply_threads(sd_service::machine::Role::TextEncoder, &metrics);
     let dir = args.model.model_dir()?;
     let model = TextEncoders::load(&dir, placement, Some(&metrics))?;
+    let loras = Arc::new(LoraStore::new(
+        &args.lora,
+        model.modules(),
+        dir.unet_layers_per_block()?,
+        placement,
+        metrics.clone(),
+    )?);
     // Warm up: one forward before reporting SERVING.
     let _warm = model.encode(&[""], 0)?;
     let (hidden, tokens, layers, pooled) = model.shape();
@@ -194,6 +227,7 @@ fn load(
         max_prompts: args.max_prompts,
         lifecycle,
         metrics,
+        loras,
     };
     Ok(TextEncoderServer::new(service)
         .max_decoding_message_size(max)

@@ -145,6 +145,18 @@ pub fn request(p: &serde_json::Value, e2e: &std::path::Path) -> GenerateRequest 
         },
         strength: f("strength").map(|v| v as f32),
         conditioning: conditioning(p),
+        loras: p
+            .get("loras")
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .map(|l| sd_proto::v1::LoraRef {
+                        name: l["name"].as_str().unwrap_or_default().to_string(),
+                        scale: l["scale"].as_f64().unwrap_or(1.0) as f32,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
         ..Default::default()
     }
 }

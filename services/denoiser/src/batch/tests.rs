@@ -32,6 +32,7 @@ fn job(seed: i64, b: i64, t: f32, guided: bool, g: f64) -> Call {
         uncond: guided.then(|| Tensor::randn([1, 77, 32], f)),
         guidance: g,
         xl: None,
+        loras: Default::default(),
     }
 }
 
@@ -474,6 +475,7 @@ fn xl_job(seed: i64, b: i64, t: f32, guided: bool, g: f64) -> Call {
             time_ids: ids(1.0 + seed as f64),
             negative_time_ids: ids(0.5),
         }),
+        loras: Default::default(),
     }
 }
 

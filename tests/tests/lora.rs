@@ -1,0 +1,213 @@
+//! LoRA per request: `sdctl up --lora-dir` serves the adapters in a
+//! folder, requests name them with scales (gRPC `loras`, sdctl `--lora`,
+//! A1111 `<lora:NAME:SCALE>` tags), and the images equal diffusers'
+//! `load_lora_weights` + `set_adapters` for the same seed
+//! (`tests/fixtures/make_lora.py`): kohya at 0.8, PEFT at 1.0, both
+//! together, kohya's original block names — one at a time, and four
+//! generations with different adapters (kohya 0.8, PEFT 1.0, none, kohya
+//! 0.4) at once, so the denoiser runs them in shared forwards. Unknown
+//! names and files that do not fit are refused naming them, before any
+//! work; a request without LoRA after LoRA requests gives the base image.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::e2e::{assert_all_match, check_cases, compare, request, Case};
+use common::stack::Stack;
+use sd_proto::v1::generation_client::GenerationClient;
+use sd_proto::v1::{GenerateRequest, ListLorasRequest, LoraRef, PromptSyntax};
+
+#[derive(serde::Deserialize)]
+struct Manifest {
+    cases: Vec<Case>,
+    together: Vec<String>,
+}
+
+fn dir() -> PathBuf {
+    common::fixtures().join("lora")
+}
+
+fn manifest() -> Manifest {
+    let text = std::fs::read_to_string(dir().join("cases.json")).expect("run make fixtures");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A LoRA folder: the fixtures' files and two that do not fit the model.
+fn lora_dir(tmp: &Path) -> PathBuf {
+    let d = tmp.join("loras");
+    std::fs::create_dir_all(&d).unwrap();
+    for e in std::fs::read_dir(dir()).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            std::fs::copy(&p, d.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let mk = |name: &str, tensors: Vec<(&str, tch::Tensor)>| {
+        tch::Tensor::write_safetensors(&tensors, d.join(format!("{name}.safetensors"))).unwrap();
+    };
+    let f = (tch::Kind::Float, tch::Device::Cpu);
+    // a module the model lacks (a fourth down block)
+    mk(
+        "misfit",
+        vec![
+            (
+                "lora_unet_down_blocks_3_attentions_0_proj_in.lora_down.weight",
+                tch::Tensor::zeros([4, 32], f),
+            ),
+            (
+                "lora_unet_down_blocks_3_attentions_0_proj_in.lora_up.weight",
+                tch::Tensor::zeros([32, 4], f),
+            ),
+        ],
+    );
+    // the right module, the wrong width
+    mk(
+        "wrong-shape",
+        vec![
+            (
+                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
+                tch::Tensor::zeros([4, 999], f),
+            ),
+            (
+                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight",
+                tch::Tensor::zeros([32, 4], f),
+            ),
+        ],
+    );
+    d
+}
+
+fn start(tmp: &Path) -> Stack {
+    let model = common::fixtures().join("a1111/sd1-a1111");
+    let loras = lora_dir(tmp);
+    Stack::start_with(&model, &["--lora-dir", loras.to_str().unwrap()])
+}
+
+#[test]
+fn loras_match_diffusers_alone_and_batched_together() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stack = start(tmp.path());
+    let m = manifest();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut failures = rt.block_on(check_cases(
+        &stack.url,
+        &m.cases,
+        &dir(),
+        &dir(),
+        "lora",
+        false,
+    ));
+    let together: Vec<Case> = m
+        .together
+        .iter()
+        .map(|n| {
+            let c = m.cases.iter().find(|c| &c.name == n).unwrap();
+            Case {
+                name: c.name.clone(),
+                params: c.params.clone(),
+                files: c.files.clone(),
+            }
+        })
+        .collect();
+    failures.extend(rt.block_on(check_cases(
+        &stack.url,
+        &together,
+        &dir(),
+        &dir(),
+        "lora",
+        true,
+    )));
+    // After all of that, no LoRA is the base image, exactly as before.
+    let none = m.cases.iter().find(|c| c.name == "none").unwrap();
+    failures.extend(rt.block_on(check_cases(
+        &stack.url,
+        std::slice::from_ref(none),
+        &dir(),
+        &dir(),
+        "lora, last",
+        false,
+    )));
+    assert_all_match(&failures);
+    // An A1111 tag is the same adapter at the same scale.
+    rt.block_on(async {
+        let c = m.cases.iter().find(|c| c.name == "kohya-0.8").unwrap();
+        let mut req: GenerateRequest = request(&c.params, &dir());
+        req.loras.clear();
+        req.prompt = format!("<lora:kohya:0.8>{}", req.prompt);
+        req.prompt_syntax = PromptSyntax::A1111 as i32;
+        let mut client = GenerationClient::connect(stack.url.clone()).await.unwrap();
+        let resp = client.generate(req).await.unwrap().into_inner();
+        let params = resp.parameters.unwrap();
+        assert_eq!(
+            params.loras,
+            vec![LoraRef {
+                name: "kohya".into(),
+                scale: 0.8
+            }]
+        );
+        assert_eq!(
+            params.prompt,
+            c.params["prompt"].as_str().unwrap(),
+            "the tag is taken out"
+        );
+        compare("a1111 tag", &resp.images[0].data, &dir().join(&c.files[0])).unwrap();
+    });
+}
+
+#[test]
+fn unknown_and_misfit_loras_are_refused_naming_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stack = start(tmp.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut client = GenerationClient::connect(stack.url.clone()).await.unwrap();
+        let listed = client
+            .list_loras(ListLorasRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let names: Vec<&str> = listed.loras.iter().map(|l| l.name.as_str()).collect();
+        for n in ["kohya", "kohya-sgm", "peft", "misfit"] {
+            assert!(names.contains(&n), "{n} not listed: {names:?}");
+        }
+        let refused = |loras: Vec<(&'static str, f32)>| {
+            let mut client = client.clone();
+            async move {
+                let req = GenerateRequest {
+                    prompt: "a cat".into(),
+                    steps: 2,
+                    seed: Some(1),
+                    loras: loras
+                        .into_iter()
+                        .map(|(n, s)| LoraRef {
+                            name: n.into(),
+                            scale: s,
+                        })
+                        .collect(),
+                    ..Default::default()
+                };
+                let e = client.generate(req).await.unwrap_err();
+                assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+                e.message().to_string()
+            }
+        };
+        let m = refused(vec![("kohya", 0.5), ("no-such-style", 1.0)]).await;
+        assert!(
+            m.contains("loras[1].name") && m.contains("no-such-style"),
+            "{m}"
+        );
+        let m = refused(vec![("misfit", 1.0)]).await;
+        assert!(m.contains("misfit") && m.contains("down_blocks_3"), "{m}");
+        let m = refused(vec![("wrong-shape", 1.0)]).await;
+        assert!(m.contains("wrong-shape") && m.contains("999"), "{m}");
+        let m = refused(vec![("../etc/passwd", 1.0)]).await;
+        assert!(m.contains("loras"), "{m}");
+        let m = refused(vec![("kohya", 1.0), ("kohya", 0.5)]).await;
+        assert!(m.contains("twice"), "{m}");
+        let m = refused(vec![("kohya", f32::NAN)]).await;
+        assert!(m.contains("scale"), "{m}");
+    });
+}
