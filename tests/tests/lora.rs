@@ -211,3 +211,104 @@ fn unknown_and_misfit_loras_are_refused_naming_them() {
         assert!(m.contains("scale"), "{m}");
     });
 }
+
+/// An SDXL LoRA in kohya's SDXL naming (`lora_te1_`, `lora_te2_`, the UNet
+/// in the original block names) equals diffusers on an SDXL-style model
+/// whose two text encoders differ in width.
+#[test]
+fn an_sdxl_kohya_lora_matches_diffusers() {
+    #[derive(serde::Deserialize)]
+    struct Xl {
+        xl_model: String,
+        xl_cases: Vec<Case>,
+    }
+    let text = std::fs::read_to_string(dir().join("cases.json")).unwrap();
+    let m: Xl = serde_json::from_str(&text).unwrap();
+    let model = common::fixtures().join(&m.xl_model);
+    let stack = Stack::start_with(&model, &["--lora-dir", dir().to_str().unwrap()]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut failures = rt.block_on(check_cases(
+        &stack.url,
+        &m.xl_cases,
+        &dir(),
+        &dir(),
+        "xl",
+        false,
+    ));
+    failures.extend(rt.block_on(check_cases(
+        &stack.url,
+        &m.xl_cases,
+        &dir(),
+        &dir(),
+        "xl",
+        true,
+    )));
+    assert_all_match(&failures);
+}
+
+/// The text encoder service applies an SDXL LoRA's `lora_te1_` and
+/// `lora_te2_` parts as diffusers does: hidden states of both encoders and
+/// the pooled embedding equal `encode_prompt` with the adapter set.
+#[test]
+fn the_text_encoder_applies_both_sdxl_encoders_parts() {
+    use common::procs::Proc;
+    use sd_proto::v1::text_encoder_client::TextEncoderClient;
+    use sd_proto::v1::EncodeTextRequest;
+    use sd_proto::wire::HostTensor;
+    #[derive(serde::Deserialize)]
+    struct Xl {
+        xl_model: String,
+        xl_cases: Vec<Case>,
+    }
+    let text = std::fs::read_to_string(dir().join("cases.json")).unwrap();
+    let m: Xl = serde_json::from_str(&text).unwrap();
+    let case = m
+        .xl_cases
+        .iter()
+        .find(|c| c.name == "xl-kohya-0.7")
+        .unwrap();
+    let want: std::collections::HashMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(dir().join("xl-kohya-0.7-text.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let model = common::fixtures().join(&m.xl_model);
+    let p = Proc::spawn(
+        "sd-text-encoder",
+        &[
+            "--model".into(),
+            model.to_string_lossy().into_owned(),
+            "--lora-dir".into(),
+            dir().to_string_lossy().into_owned(),
+        ],
+        &[],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        p.wait_serving(std::time::Duration::from_secs(60)).await;
+        let mut c = TextEncoderClient::connect(p.url()).await.unwrap();
+        let out = c
+            .encode(EncodeTextRequest {
+                prompts: vec![case.params["prompt"].as_str().unwrap().to_string()],
+                loras: vec![LoraRef {
+                    name: "xl-kohya".into(),
+                    scale: 0.7,
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let t = |w: &sd_proto::v1::Tensor| {
+            let h = HostTensor::from_wire(w).unwrap();
+            tch::Tensor::from_slice(&h.data).reshape(&h.shape)
+        };
+        let got = &out.prompts[0];
+        common::assert_close(
+            "hidden",
+            &t(got.embeddings.as_ref().unwrap()),
+            &want["hidden"],
+        );
+        common::assert_close("pooled", &t(got.pooled.as_ref().unwrap()), &want["pooled"]);
+    });
+}
