@@ -25,6 +25,7 @@
 mod cost;
 mod diffusers;
 mod inprocess;
+mod lora;
 mod parity;
 mod precision;
 mod report;
@@ -109,6 +110,11 @@ struct Args {
     /// `--precision` (three seeds and prompts); fails beyond the tolerance.
     #[arg(long)]
     parity_check: bool,
+    /// Only time run-time LoRA in process: random adapters of this rank on
+    /// every attention and feed-forward projection, forwards with none, one,
+    /// and three mixed with none (`--forward-rows`, `--size`, `--runs`).
+    #[arg(long)]
+    lora_bench: Option<i64>,
     /// The denoiser's `--calibration-seconds` for `--cost-check`.
     #[arg(long, default_value_t = 10.0)]
     calibration_seconds: f64,
@@ -350,6 +356,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.parity_check {
         return parity::check(&args).await;
+    }
+    if let Some(rank) = args.lora_bench {
+        return lora::bench(&args, rank);
     }
 
     let (generator, models) = in_process_generator(&args)?;
