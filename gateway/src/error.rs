@@ -20,7 +20,7 @@ pub enum Error {
     #[error("{0}")]
     Unauthenticated(&'static str),
     /// The request names a model this gateway does not serve.
-    #[error("model: {requested} is not served here (this gateway serves `{served}`)")]
+    #[error("model: {requested} is not served here (this gateway serves {served})")]
     UnknownModel { requested: String, served: String },
     /// Admission, draining or the deadline refused the work.
     #[error(transparent)]
@@ -108,7 +108,9 @@ impl From<Error> for Status {
         match e {
             Error::Invalid { field, message } => invalid_argument(field, message),
             Error::Unauthenticated(_) => Status::unauthenticated(message),
-            Error::UnknownModel { .. } => Status::not_found(message),
+            // A field of the request names what is not served: the
+            // request is wrong (with the field, as every invalid one).
+            Error::UnknownModel { .. } => invalid_argument("model", message),
             Error::Refused(r) => r.into(),
             Error::DeadlinePassed { .. } => Status::deadline_exceeded(message),
             Error::ClientGone => Status::cancelled(message),
@@ -133,7 +135,7 @@ mod tests {
         let cases = [
             (Error::invalid("width", "7 given"), Code::InvalidArgument),
             (Error::Unauthenticated("no key"), Code::Unauthenticated),
-            (Error::unknown_model("x", "tiny"), Code::NotFound),
+            (Error::unknown_model("x", "tiny"), Code::InvalidArgument),
             (Error::Refused(Refusal::ShuttingDown), Code::Unavailable),
             (
                 Error::DeadlinePassed {

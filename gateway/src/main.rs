@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 use sd_gateway::auth::{ApiKeys, AuthArgs};
 use sd_gateway::backends::{BackendArgs, Backends, Transport};
+use sd_gateway::facts::ModelFacts;
 use sd_gateway::limits::Limits;
 use sd_gateway::pipeline::Generator;
 use sd_gateway::prompt_cache::PromptCache;
@@ -56,6 +57,36 @@ struct Args {
     /// Log prompts at info level.
     #[arg(long, env = "SD_LOG_PROMPTS")]
     log_prompts: bool,
+    /// Another model behind this gateway, with its own model services:
+    /// `NAME=TEXT_ENCODER,DENOISER,AUTOENCODER` (each a URL, or several
+    /// joined by `|`, or `dns://host:port`); repeatable (`;` between routes
+    /// in SD_MODEL_ROUTES). Requests name it in `model`; the services above
+    /// (--text-encoder, …) are the default model.
+    #[arg(long = "model-route", env = "SD_MODEL_ROUTES", value_delimiter = ';')]
+    model_routes: Vec<String>,
+}
+
+/// `NAME=TE,DEN,AE` → (NAME, the backends' addresses).
+fn parse_route(route: &str, base: &BackendArgs) -> anyhow::Result<(String, BackendArgs)> {
+    let (name, urls) = route.split_once('=').ok_or_else(|| {
+        anyhow::anyhow!("--model-route `{route}`: expected NAME=TEXT_ENCODER,DENOISER,AUTOENCODER")
+    })?;
+    let urls: Vec<&str> = urls.split(',').map(str::trim).collect();
+    let name = name.trim();
+    anyhow::ensure!(
+        !name.is_empty() && urls.len() == 3 && urls.iter().all(|u| !u.is_empty()),
+        "--model-route `{route}`: expected NAME=TEXT_ENCODER,DENOISER,AUTOENCODER"
+    );
+    let replicas = |u: &str| u.replace('|', ",");
+    Ok((
+        name.to_string(),
+        BackendArgs {
+            text_encoder: replicas(urls[0]),
+            denoiser: replicas(urls[1]),
+            autoencoder: replicas(urls[2]),
+            ..base.clone()
+        },
+    ))
 }
 
 fn parse_dtype(s: &str) -> Result<Dtype, String> {
@@ -148,7 +179,7 @@ async fn connect(
         tls: args.backend_tls.load()?,
         token: SendToken::new(token),
     };
-    let backends = Backends::connect(&args.backends, internal, transport)?;
+    let backends = Backends::connect(&args.backends, internal, transport.clone())?;
     let facts = backends
         .model_facts(Duration::from_secs(args.backends.backend_wait_secs))
         .await?;
@@ -162,14 +193,38 @@ async fn connect(
         );
     }
     refresh_cost(backends.clone(), facts.cost.clone());
+    // One prompt cache for all models: its keys name the text model.
+    let cache = Arc::new(Mutex::new(PromptCache::new(args.prompt_cache_mib << 20)));
+    let generator = |backends: &Backends, facts: ModelFacts| Generator {
+        stages: Arc::new(backends.clone()),
+        facts: Arc::new(facts),
+        cache: cache.clone(),
+        metrics: metrics.clone(),
+        wire: args.wire_dtype,
+    };
+    let default = generator(&backends, facts);
+    let mut others = Vec::new();
+    let mut all_backends = vec![backends.clone()];
+    for route in &args.model_routes {
+        let (name, route_args) = parse_route(route, &args.backends)?;
+        anyhow::ensure!(
+            name != default.facts.name && others.iter().all(|g: &Generator| g.facts.name != name),
+            "--model-route: `{name}` is served twice"
+        );
+        let b = Backends::connect(&route_args, internal, transport.clone())?;
+        let mut facts = b
+            .model_facts(Duration::from_secs(args.backends.backend_wait_secs))
+            .await?;
+        // The route's name is the one clients use.
+        facts.name = name;
+        tracing::info!(model = %facts.id, name = %facts.name, "model services ready");
+        refresh_cost(b.clone(), facts.cost.clone());
+        others.push(generator(&b, facts));
+        all_backends.push(b);
+    }
     let service = Arc::new(GenerationService {
-        generator: Generator {
-            stages: Arc::new(backends.clone()),
-            facts: Arc::new(facts),
-            cache: Arc::new(Mutex::new(PromptCache::new(args.prompt_cache_mib << 20))),
-            metrics: metrics.clone(),
-            wire: args.wire_dtype,
-        },
+        generator: default,
+        others,
         limits: Arc::new(args.limits.clone()),
         admission: Admission::new("gateway", args.max_concurrent, args.max_queue)
             .with_max_queue_seconds(args.max_queue_seconds),
@@ -188,7 +243,7 @@ async fn connect(
     tokio::spawn(async move {
         let mut last = None;
         loop {
-            let ok = !lifecycle.draining() && backends.all_serving();
+            let ok = !lifecycle.draining() && all_backends.iter().all(Backends::all_serving);
             if last != Some(ok) && !lifecycle.draining() {
                 if ok {
                     health.serving().await;

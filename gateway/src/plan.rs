@@ -277,7 +277,7 @@ fn check_model(model: &str, facts: &ModelFacts) -> Result<()> {
     if model.is_empty() || model == facts.id || model == facts.name {
         Ok(())
     } else {
-        Err(Error::unknown_model(model, &facts.name))
+        Err(Error::unknown_model(model, &format!("`{}`", facts.name)))
     }
 }
 

@@ -26,7 +26,11 @@ use crate::pipeline::{Event, Generator, Stop};
 use crate::plan::Plan;
 
 pub struct GenerationService {
+    /// The default model (requests that name none).
     pub generator: Generator,
+    /// More models behind this gateway, each with its own stage pools
+    /// (`--model-route`); a request's `model` picks one by name or id.
+    pub others: Vec<Generator>,
     pub limits: Arc<Limits>,
     pub admission: Admission,
     pub lifecycle: Lifecycle,
@@ -60,12 +64,40 @@ fn request_span(method: &str) -> tracing::Span {
 }
 
 impl GenerationService {
-    /// Validate, then admit (or refuse at once with RESOURCE_EXHAUSTED),
-    /// waiting in the queue no longer than the deadline.
-    async fn admit(&self, req: GenerateRequest, deadline: &Deadline) -> Result<(Plan, Admitted)> {
+    /// Every model served, the default first.
+    pub fn models(&self) -> impl Iterator<Item = &Generator> {
+        std::iter::once(&self.generator).chain(&self.others)
+    }
+
+    /// The model `name` (its name or id; empty: the default), or
+    /// INVALID_ARGUMENT listing what is served.
+    pub fn pick(&self, name: &str) -> Result<&Generator> {
+        if name.is_empty() {
+            return Ok(&self.generator);
+        }
+        self.models()
+            .find(|g| g.facts.name == name || g.facts.id == name)
+            .ok_or_else(|| {
+                let served: Vec<String> = self
+                    .models()
+                    .map(|g| format!("`{}`", g.facts.name))
+                    .collect();
+                Error::unknown_model(name, &served.join(", "))
+            })
+    }
+
+    /// Validate (for the model the request names), then admit (or refuse
+    /// at once with RESOURCE_EXHAUSTED), waiting in the queue no longer than
+    /// the deadline.
+    async fn admit(
+        &self,
+        req: GenerateRequest,
+        deadline: &Deadline,
+    ) -> Result<(Plan, Admitted, Generator)> {
         let work = self.lifecycle.begin()?;
+        let generator = self.pick(&req.model)?.clone();
         let plan = {
-            let (facts, limits) = (self.generator.facts.clone(), self.limits.clone());
+            let (facts, limits) = (generator.facts.clone(), self.limits.clone());
             let small = req.init_image.len() <= INLINE_BYTES;
             off_thread(small, move || Plan::new(req, &facts, &limits)).await?
         };
@@ -103,6 +135,7 @@ impl GenerationService {
                 _work: work,
                 _slot: slot,
             },
+            generator,
         ))
     }
 }
@@ -134,9 +167,9 @@ impl GenerationService {
         let span = request_span(method);
         let deadline = call.deadline;
         let work = async {
-            let (mut plan, _admitted) = self.admit(req, &deadline).await?;
+            let (mut plan, _admitted, generator) = self.admit(req, &deadline).await?;
             plan.stop = call.stop;
-            within(deadline, self.generator.run(plan, call.events, deadline)).await
+            within(deadline, generator.run(plan, call.events, deadline)).await
         };
         self.metrics.observe(method, work.instrument(span)).await
     }
@@ -187,8 +220,8 @@ impl Generation for GenerationService {
         sd_runtime::telemetry::adopt(&request, &span);
         let deadline = Deadline::from_metadata(request.metadata());
         let work = async {
-            let (plan, _admitted) = self.admit(request.into_inner(), &deadline).await?;
-            within(deadline, self.generator.run(plan, None, deadline)).await
+            let (plan, _admitted, generator) = self.admit(request.into_inner(), &deadline).await?;
+            within(deadline, generator.run(plan, None, deadline)).await
         };
         let out = self
             .metrics
@@ -207,7 +240,7 @@ impl Generation for GenerationService {
         let span = request_span("GenerateStream");
         sd_runtime::telemetry::adopt(&request, &span);
         let deadline = Deadline::from_metadata(request.metadata());
-        let (plan, admitted) = self
+        let (plan, admitted, generator) = self
             .admit(request.into_inner(), &deadline)
             .instrument(span.clone())
             .await
@@ -218,7 +251,6 @@ impl Generation for GenerationService {
             })?;
         let (tx, rx) = mpsc::channel::<Result<GenerateEvent, Status>>(16);
         let (events_tx, mut events_rx) = mpsc::channel::<Event>(16);
-        let generator = self.generator.clone();
         let metrics = self.metrics.clone();
         // Forward progress events to the client as they come.
         let forward_tx = tx.clone();
@@ -270,25 +302,29 @@ impl Generation for GenerationService {
         request: Request<ListModelsRequest>,
     ) -> Result<Response<ListModelsResponse>, Status> {
         self.keys.check(request.metadata()).map_err(Status::from)?;
-        let f = &self.generator.facts;
-        let side = f.default_side();
-        Ok(Response::new(ListModelsResponse {
-            models: vec![ModelInfo {
-                default_guidance: f.family.default_guidance,
-                default_steps: if f.family.default_steps > 0 {
-                    f.family.default_steps
-                } else {
-                    crate::plan::DEFAULT_STEPS
-                },
-                family: f.family.name(),
-                id: f.id.clone(),
-                name: f.name.clone(),
-                default_width: side,
-                default_height: side,
-                default_scheduler: f.default_scheduler.name().to_string(),
-                prediction_type: f.prediction.as_str().to_string(),
-            }],
-        }))
+        let models = self
+            .models()
+            .map(|g| {
+                let f = &g.facts;
+                let side = f.default_side();
+                ModelInfo {
+                    default_guidance: f.family.default_guidance,
+                    default_steps: if f.family.default_steps > 0 {
+                        f.family.default_steps
+                    } else {
+                        crate::plan::DEFAULT_STEPS
+                    },
+                    family: f.family.name(),
+                    id: f.id.clone(),
+                    name: f.name.clone(),
+                    default_width: side,
+                    default_height: side,
+                    default_scheduler: f.default_scheduler.name().to_string(),
+                    prediction_type: f.prediction.as_str().to_string(),
+                }
+            })
+            .collect();
+        Ok(Response::new(ListModelsResponse { models }))
     }
 
     async fn list_loras(

@@ -351,13 +351,14 @@ fn init_images_are_checked_before_decoding() {
 }
 
 #[test]
-fn unknown_models_are_not_found() {
+fn unknown_models_are_invalid_naming_the_field() {
     let e = plan(GenerateRequest {
         model: "sdxl".into(),
         ..req()
     })
     .unwrap_err();
-    assert_eq!(e.code(), Code::NotFound);
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("model:"), "{}", e.message());
 }
 
 /// CRC-32 (PNG's chunk checksum), to forge headers.

@@ -94,7 +94,7 @@ pub fn bench(args: &Args, rank: i64) -> anyhow::Result<()> {
         args.device == sd_models::DeviceSpec::Cpu,
         "--lora-bench runs on the CPU"
     );
-    tch::set_num_threads(args.threads as i32);
+    tch::set_num_threads(args.threads);
     let dir = ModelDir::open(&args.model)?;
     let placement = Placement::cpu();
     let unet = dir.load_unet(placement)?;

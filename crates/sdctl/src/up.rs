@@ -23,9 +23,11 @@ pub struct UpArgs {
     /// The model: a directory in the diffusers layout or a single-file
     /// checkpoint (`.safetensors`: SD 1.x, SD 2.x, SDXL base or refiner).
     /// Unset: sdserve's own default model, `models/emoji` (a 32×32 emoji
-    /// model trained by the project).
+    /// model trained by the project). Repeat it to serve several models
+    /// behind the one gateway, each with its own services (the first is
+    /// the default; requests pick one by its name, the folder's or file's).
     #[arg(long, env = "SD_MODEL")]
-    model: Option<PathBuf>,
+    model: Vec<PathBuf>,
     /// For a single-file checkpoint of another architecture: a diffusers
     /// model directory whose configs describe it (the services' `--config`).
     #[arg(long, env = "SD_MODEL_CONFIG")]
@@ -144,13 +146,9 @@ impl Interrupts {
     }
 }
 
-/// The flags every model service gets.
-fn service_args(args: &UpArgs) -> Vec<String> {
-    let model = args
-        .model
-        .as_ref()
-        .map(|m| m.to_string_lossy().into_owned())
-        .unwrap_or_default();
+/// The flags every model service of `model` gets.
+fn service_args(args: &UpArgs, model: &Path) -> Vec<String> {
+    let model = model.to_string_lossy().into_owned();
     let drain = args.drain_secs.to_string();
     [
         "--model",
@@ -174,8 +172,15 @@ fn service_args(args: &UpArgs) -> Vec<String> {
 
 /// The flags one stage's services get: every service's, and the
 /// autoencoder's `--vae`.
+#[cfg(test)]
 fn stage_args(args: &UpArgs, stage: Stage) -> Vec<String> {
-    let mut v = service_args(args);
+    let first = args.model.first().cloned().unwrap_or_default();
+    stage_args_for(args, stage, &first)
+}
+
+/// The same, for the services of `model`.
+fn stage_args_for(args: &UpArgs, stage: Stage, model: &Path) -> Vec<String> {
+    let mut v = service_args(args, model);
     if let (Stage::Autoencoder, Some(vae)) = (stage, &args.vae) {
         v.extend(["--vae".to_string(), vae.to_string_lossy().into_owned()]);
     }
@@ -198,7 +203,7 @@ fn default_model_candidates(bin: &Path) -> Vec<PathBuf> {
 
 /// The model to serve: `--model`, or the default model.
 fn model_dir(args: &UpArgs) -> anyhow::Result<PathBuf> {
-    if let Some(m) = &args.model {
+    if let Some(m) = args.model.first() {
         return Ok(m.clone());
     }
     let bin = bin_dir(args)?;
@@ -246,22 +251,47 @@ fn service_specs(
         .map(|p| (std::ffi::OsString::from("LD_PRELOAD"), p))
         .collect();
     let mut specs = Vec::new();
-    for stage in Stage::ALL {
-        for replica in 0..replicas.of(stage) {
-            specs.push(Spec {
-                name: stage.name(),
-                replica,
-                bin: dir.join(stage.binary()),
-                args: stage_args(args, stage),
-                listen: "127.0.0.1:0".to_string(),
-                http_listen: None,
-                drain: Duration::from_secs(args.drain_secs),
-                token,
-                env: env.clone(),
-            });
+    for (m, model) in args.model.iter().enumerate() {
+        for stage in Stage::ALL {
+            for replica in 0..replicas.of(stage) {
+                specs.push(Spec {
+                    name: service_name(stage, m, model),
+                    replica,
+                    bin: dir.join(stage.binary()),
+                    args: stage_args_for(args, stage, model),
+                    listen: "127.0.0.1:0".to_string(),
+                    http_listen: None,
+                    drain: Duration::from_secs(args.drain_secs),
+                    token,
+                    env: env.clone(),
+                });
+            }
         }
     }
     Ok(specs)
+}
+
+/// A model's name, as the gateway serves it: a folder's name, a single
+/// file's stem.
+fn model_name(model: &Path) -> String {
+    let name = if model.is_file() {
+        model.file_stem()
+    } else {
+        model.file_name()
+    };
+    name.map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
+
+/// The process name of `stage` for the `m`-th model: the stage's own for
+/// the first (default) model, `stage@name` for the others.
+fn service_name(stage: Stage, m: usize, model: &Path) -> &'static str {
+    if m == 0 {
+        stage.name()
+    } else {
+        // A few per run, for as long as sdctl runs.
+        Box::leak(format!("{}@{}", stage.name(), model_name(model)).into_boxed_str())
+    }
 }
 
 /// The gateway in front of `services`: each stage's URLs, sdctl's drain
@@ -273,14 +303,26 @@ fn gateway_spec(
     token: &'static StackToken,
 ) -> anyhow::Result<Spec> {
     let mut v = Vec::new();
-    for stage in Stage::ALL {
-        let of_stage: Vec<String> = services
+    let urls = |name: &str, sep: &str| -> String {
+        services
             .iter()
-            .filter(|c| c.spec.name == stage.name())
+            .filter(|c| c.spec.name == name)
             .map(Child::url)
-            .collect();
+            .collect::<Vec<_>>()
+            .join(sep)
+    };
+    for stage in Stage::ALL {
         v.push(gateway_flag(stage));
-        v.push(of_stage.join(","));
+        v.push(urls(stage.name(), ","));
+    }
+    // The other models: a route each, to their own services.
+    for (m, model) in args.model.iter().enumerate().skip(1) {
+        let stages: Vec<String> = Stage::ALL
+            .iter()
+            .map(|&s| urls(service_name(s, m, model), "|"))
+            .collect();
+        v.push("--model-route".into());
+        v.push(format!("{}={}", model_name(model), stages.join(",")));
     }
     let drain = match drain_flag(&args.gateway_args)? {
         Some(secs) => secs,
@@ -336,7 +378,18 @@ async fn start_stack(
 }
 
 pub async fn run(mut args: UpArgs) -> anyhow::Result<()> {
-    args.model = Some(model_dir(&args)?);
+    let first = model_dir(&args)?;
+    match args.model.first_mut() {
+        Some(m) => *m = first,
+        None => args.model.push(first),
+    }
+    let mut names: Vec<String> = args.model.iter().map(|m| model_name(m)).collect();
+    names.sort();
+    names.dedup();
+    anyhow::ensure!(
+        names.len() == args.model.len(),
+        "two --model with the same name: each model is served by its folder's (or file's) name"
+    );
     let mut interrupts = Interrupts::listen();
     let dir = bin_dir(&args)?;
     let replicas = Replicas::parse(&args.replicas)?;

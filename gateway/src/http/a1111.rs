@@ -292,31 +292,39 @@ fn clip_stop(f: &Fields) -> HttpResult<u32> {
 }
 
 /// `override_settings.sd_model_checkpoint`, if given, must be this model.
-fn check_checkpoint(http: &State, f: &Fields) -> HttpResult<()> {
+/// The served model `override_settings.sd_model_checkpoint` names (its
+/// name; empty when unsaid: the default model).
+fn checkpoint(http: &State, f: &Fields) -> HttpResult<String> {
     let Some(o) = f.object("override_settings")? else {
-        return Ok(());
+        return Ok(String::new());
     };
-    let o = Fields(o);
-    if let Some(c) = o.str("sd_model_checkpoint")? {
-        if !is_this_model(http, c) {
-            return Err(HttpError::invalid(
-                "override_settings.sd_model_checkpoint",
-                format_args!(
-                    "`{c}` is not served here (this server serves `{}`)",
-                    title(http)
-                ),
-            ));
-        }
+    let Some(c) = Fields(o).str("sd_model_checkpoint")? else {
+        return Ok(String::new());
+    };
+    if let Some(g) = http.service.models().find(|g| names(&g.facts, c)) {
+        return Ok(g.facts.name.clone());
     }
-    Ok(())
+    let served: Vec<&str> = http
+        .service
+        .models()
+        .map(|g| g.facts.name.as_str())
+        .collect();
+    Err(HttpError::invalid(
+        "override_settings.sd_model_checkpoint",
+        format_args!(
+            "`{c}` is not served here (this server serves {})",
+            served.join(", ")
+        ),
+    ))
+}
+
+/// Whether A1111's checkpoint `name` (a title, `name [hash]`, …) is `f`.
+fn names(f: &crate::facts::ModelFacts, name: &str) -> bool {
+    name == f.name || name == f.id || name.starts_with(&format!("{} [", f.name))
 }
 
 fn is_this_model(http: &State, name: &str) -> bool {
-    let f = &http.service.generator.facts;
-    name == f.name
-        || name == f.id
-        || name == title(http)
-        || name.starts_with(&format!("{} [", f.name))
+    names(&http.service.generator.facts, name)
 }
 
 /// The model as A1111 titles checkpoints.
@@ -355,9 +363,17 @@ async fn generate(S(http): S<State>, headers: HeaderMap, body: Body, img2img: bo
     let run = async {
         http.check_key(&headers)?;
         let body = http.json_object(body).await?;
-        check_checkpoint(&http, &Fields(&body))?;
+        let model = checkpoint(&http, &Fields(&body))?;
         let mut asked = read_request(&Fields(&body), img2img)?;
-        if http.service.generator.facts.family.pooled_dim > 0 {
+        asked.base.model = model;
+        if http
+            .service
+            .pick(&asked.base.model)?
+            .facts
+            .family
+            .pooled_dim
+            > 0
+        {
             // A1111 reads SDXL's penultimate layers whatever
             // CLIP_stop_at_last_layers says (its sdxl_clip_l_skip is off).
             asked.base.clip_skip = 0;
@@ -581,11 +597,18 @@ async fn sd_models(S(http): S<State>, headers: HeaderMap) -> Response {
     if let Err(e) = http.check_key(&headers) {
         return e.into_response();
     }
-    let f = &http.service.generator.facts;
-    super::json(json!([{
-        "title": title(&http), "model_name": f.name, "hash": null, "sha256": null,
-        "filename": f.id, "config": null
-    }]))
+    let list: Vec<Value> = http
+        .service
+        .models()
+        .map(|g| {
+            let f = &g.facts;
+            json!({
+                "title": f.name, "model_name": f.name, "hash": null, "sha256": null,
+                "filename": f.id, "config": null
+            })
+        })
+        .collect();
+    super::json(Value::Array(list))
 }
 
 /// A1111's LoRA list (the Lora extension's): the adapters in the

@@ -143,6 +143,11 @@ async fn answer(
 ) -> HttpResult<Response> {
     let served = http.service.generator.facts.name.clone();
     let (mut req, delivery) = request(&Fields(body), &served)?;
+    // OpenAI answers an unknown model 404 (`model_not_found`), as its
+    // clients expect; gRPC says INVALID_ARGUMENT.
+    if let Err(e) = http.service.pick(&req.model) {
+        return Err(HttpError::not_found(e.to_string()));
+    }
     if let Some(image) = init_image {
         req.init_image = image.into();
     }
@@ -293,8 +298,7 @@ async fn file(S(http): S<State>, Path(file): Path<String>) -> Response {
     }
 }
 
-fn model_json(http: &State) -> Value {
-    let f = &http.service.generator.facts;
+fn model_json(f: &crate::facts::ModelFacts) -> Value {
     json!({
         "id": f.name,
         "object": "model",
@@ -316,7 +320,14 @@ fn model_json(http: &State) -> Value {
 
 async fn models(S(http): S<State>, headers: HeaderMap) -> Response {
     match http.check_key(&headers) {
-        Ok(()) => super::json(json!({ "object": "list", "data": [model_json(&http)] })),
+        Ok(()) => {
+            let data: Vec<Value> = http
+                .service
+                .models()
+                .map(|g| model_json(&g.facts))
+                .collect();
+            super::json(json!({ "object": "list", "data": data }))
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -325,15 +336,23 @@ async fn model(S(http): S<State>, headers: HeaderMap, Path(id): Path<String>) ->
     if let Err(e) = http.check_key(&headers) {
         return e.into_response();
     }
-    let f = &http.service.generator.facts;
-    if id == f.name || id == f.id || OPENAI_MODELS.contains(&id.as_str()) {
-        super::json(model_json(&http))
-    } else {
-        HttpError::not_found(format!(
-            "model `{id}` is not served here (this gateway serves `{}`)",
-            f.name
-        ))
-        .into_response()
+    if OPENAI_MODELS.contains(&id.as_str()) {
+        return super::json(model_json(&http.service.generator.facts));
+    }
+    match http.service.pick(&id) {
+        Ok(g) if !id.is_empty() => super::json(model_json(&g.facts)),
+        _ => {
+            let served: Vec<&str> = http
+                .service
+                .models()
+                .map(|g| g.facts.name.as_str())
+                .collect();
+            HttpError::not_found(format!(
+                "model `{id}` is not served here (this gateway serves {})",
+                served.join(", ")
+            ))
+            .into_response()
+        }
     }
 }
 

@@ -144,6 +144,7 @@ pub fn request(p: &serde_json::Value, e2e: &std::path::Path) -> GenerateRequest 
             None => Default::default(),
         },
         strength: f("strength").map(|v| v as f32),
+        model: s("model"),
         conditioning: conditioning(p),
         loras: p
             .get("loras")
