@@ -98,7 +98,7 @@ mod tests {
         assert_eq!(
             take_loras("a cat <lora:style:0.8>, <lora:ink> drawn").unwrap(),
             (
-                "a cat , drawn".to_string(),
+                "a cat ,  drawn".to_string(),
                 vec![tag("style", 0.8), tag("ink", 1.0)]
             )
         );
