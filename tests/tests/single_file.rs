@@ -74,6 +74,21 @@ fn an_sd2_fp16_file_with_an_openclip_text_encoder_matches_diffusers() {
     run("sd2-fp16.safetensors", true);
 }
 
+/// Real SD 2.x files carry one more OpenCLIP block than the text encoder
+/// uses: it is never read, and the picture is the file without it.
+#[test]
+fn an_sd2_file_with_an_unused_openclip_block_draws_the_same() {
+    run("sd2-fp16-extra-block.safetensors", true);
+}
+
+/// The SDXL refiner (OpenCLIP alone, `conditioner.embedders.0.model`),
+/// image to image with aesthetic scores, equals the refiner fixture's own
+/// diffusers images (the same weights).
+#[test]
+fn an_sdxl_refiner_file_matches_diffusers() {
+    run("sdxl-refiner.safetensors", true);
+}
+
 #[test]
 fn an_sdxl_file_with_both_text_encoders_matches_diffusers() {
     run("sdxl.safetensors", true);
@@ -99,6 +114,7 @@ fn the_family_is_recognised_from_the_keys() {
     assert_eq!(family("sd1-ema.safetensors"), Family::Sd1);
     assert_eq!(family("sd2-fp16.safetensors"), Family::Sd2);
     assert_eq!(family("sdxl.safetensors"), Family::SdxlBase);
+    assert_eq!(family("sdxl-refiner.safetensors"), Family::SdxlRefiner);
 }
 
 fn open_error(model: &Path, config: Option<&Path>) -> String {
