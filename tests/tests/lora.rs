@@ -312,3 +312,68 @@ fn the_text_encoder_applies_both_sdxl_encoders_parts() {
         common::assert_close("pooled", &t(got.pooled.as_ref().unwrap()), &want["pooled"]);
     });
 }
+
+/// Through the HTTP door: the OpenAI extension field `loras` and A1111's
+/// `<lora:NAME:SCALE>` prompt tag give diffusers' LoRA image, and
+/// `/sdapi/v1/loras` lists the folder.
+#[test]
+fn loras_through_the_openai_and_a1111_apis() {
+    use common::raw::{exchange, host_port, post_json};
+    let tmp = tempfile::tempdir().unwrap();
+    let stack = start(tmp.path());
+    let m = manifest();
+    let case = m.cases.iter().find(|c| c.name == "kohya-0.8").unwrap();
+    let p = &case.params;
+    let png = |b64: &serde_json::Value| {
+        sd_gateway::http::decode_base64("image", b64.as_str().expect("a base64 image")).unwrap()
+    };
+    let openai = serde_json::json!({
+        "prompt": p["prompt"], "negative_prompt": p["negative_prompt"], "steps": p["steps"],
+        "seed": p["seed"], "guidance_scale": p["guidance"], "loras": p["loras"],
+        "response_format": "b64_json",
+    });
+    let (status, v) = post_json(&stack.http, "/v1/images/generations", &openai.to_string());
+    assert_eq!(status, 200, "{v}");
+    compare(
+        "openai loras",
+        &png(&v["data"][0]["b64_json"]),
+        &dir().join(&case.files[0]),
+    )
+    .unwrap();
+    let a1111 = serde_json::json!({
+        "prompt": format!("<lora:kohya:0.8>{}", p["prompt"].as_str().unwrap()),
+        "negative_prompt": p["negative_prompt"], "steps": p["steps"], "seed": p["seed"],
+        "cfg_scale": p["guidance"], "sampler_name": "PLMS", "width": 32, "height": 32,
+    });
+    let (status, v) = post_json(&stack.http, "/sdapi/v1/txt2img", &a1111.to_string());
+    assert_eq!(status, 200, "{v}");
+    compare(
+        "a1111 <lora:> tag",
+        &png(&v["images"][0]),
+        &dir().join(&case.files[0]),
+    )
+    .unwrap();
+    let (status, v) = post_json(
+        &stack.http,
+        "/v1/images/generations",
+        r#"{"prompt": "x", "loras": [{"name": "nope", "scale": 1}]}"#,
+    );
+    assert_eq!(status, 400, "{v}");
+    assert!(v.to_string().contains("nope"), "{v}");
+    let get = format!(
+        "GET /sdapi/v1/loras HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        host_port(&stack.http)
+    );
+    let (status, v) = exchange(&stack.http, get.as_bytes());
+    assert_eq!(status, 200, "{v}");
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"kohya") && names.contains(&"peft"),
+        "{names:?}"
+    );
+}

@@ -5,6 +5,7 @@
 pub mod e2e;
 pub mod procfs;
 pub mod procs;
+pub mod raw;
 pub mod stack;
 
 use std::collections::HashMap;
