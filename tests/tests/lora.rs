@@ -45,38 +45,29 @@ fn lora_dir(tmp: &Path) -> PathBuf {
             std::fs::copy(&p, d.join(p.file_name().unwrap())).unwrap();
         }
     }
-    let mk = |name: &str, tensors: Vec<(&str, tch::Tensor)>| {
+    // One kohya module (down, up) as a LoRA file of its own.
+    let mk = |name: &str, stem: &str, down: [i64; 2], up: [i64; 2]| {
+        let f = (tch::Kind::Float, tch::Device::Cpu);
+        let (dk, uk) = (
+            format!("{stem}.lora_down.weight"),
+            format!("{stem}.lora_up.weight"),
+        );
+        let tensors = [
+            (dk.as_str(), tch::Tensor::zeros(down, f)),
+            (uk.as_str(), tch::Tensor::zeros(up, f)),
+        ];
         tch::Tensor::write_safetensors(&tensors, d.join(format!("{name}.safetensors"))).unwrap();
     };
-    let f = (tch::Kind::Float, tch::Device::Cpu);
     // a module the model lacks (a fourth down block)
     mk(
         "misfit",
-        vec![
-            (
-                "lora_unet_down_blocks_3_attentions_0_proj_in.lora_down.weight",
-                tch::Tensor::zeros([4, 32], f),
-            ),
-            (
-                "lora_unet_down_blocks_3_attentions_0_proj_in.lora_up.weight",
-                tch::Tensor::zeros([32, 4], f),
-            ),
-        ],
+        "lora_unet_down_blocks_3_attentions_0_proj_in",
+        [4, 32],
+        [32, 4],
     );
     // the right module, the wrong width
-    mk(
-        "wrong-shape",
-        vec![
-            (
-                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
-                tch::Tensor::zeros([4, 999], f),
-            ),
-            (
-                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight",
-                tch::Tensor::zeros([32, 4], f),
-            ),
-        ],
-    );
+    let q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    mk("wrong-shape", q, [4, 999], [32, 4]);
     d
 }
 
