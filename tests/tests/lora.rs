@@ -35,6 +35,18 @@ fn manifest() -> Manifest {
     serde_json::from_str(&text).unwrap()
 }
 
+/// The SDXL part of the LoRA fixtures: its model and cases.
+#[derive(serde::Deserialize)]
+struct Xl {
+    xl_model: String,
+    xl_cases: Vec<Case>,
+}
+
+fn xl_manifest() -> Xl {
+    let text = std::fs::read_to_string(dir().join("cases.json")).expect("run make fixtures");
+    serde_json::from_str(&text).unwrap()
+}
+
 /// A LoRA folder: the fixtures' files and two that do not fit the model.
 fn lora_dir(tmp: &Path) -> PathBuf {
     let d = tmp.join("loras");
@@ -208,13 +220,7 @@ fn unknown_and_misfit_loras_are_refused_naming_them() {
 /// whose two text encoders differ in width.
 #[test]
 fn an_sdxl_kohya_lora_matches_diffusers() {
-    #[derive(serde::Deserialize)]
-    struct Xl {
-        xl_model: String,
-        xl_cases: Vec<Case>,
-    }
-    let text = std::fs::read_to_string(dir().join("cases.json")).unwrap();
-    let m: Xl = serde_json::from_str(&text).unwrap();
+    let m = xl_manifest();
     let model = common::fixtures().join(&m.xl_model);
     let stack = Stack::start_with(&model, &["--lora-dir", dir().to_str().unwrap()]);
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -246,13 +252,7 @@ fn the_text_encoder_applies_both_sdxl_encoders_parts() {
     use sd_proto::v1::text_encoder_client::TextEncoderClient;
     use sd_proto::v1::EncodeTextRequest;
     use sd_proto::wire::HostTensor;
-    #[derive(serde::Deserialize)]
-    struct Xl {
-        xl_model: String,
-        xl_cases: Vec<Case>,
-    }
-    let text = std::fs::read_to_string(dir().join("cases.json")).unwrap();
-    let m: Xl = serde_json::from_str(&text).unwrap();
+    let m = xl_manifest();
     let case = m
         .xl_cases
         .iter()
