@@ -34,7 +34,7 @@ fn sdctl_up_serves_the_default_model_with_its_own_defaults_and_it_follows_prompt
         assert_eq!(m.name, "emoji");
         assert_eq!(
             (m.default_width, m.default_steps, m.default_guidance),
-            (32, 15, 3.0)
+            (32, 8, 3.0)
         );
         let reply = c
             .generate(GenerateRequest {
@@ -46,21 +46,23 @@ fn sdctl_up_serves_the_default_model_with_its_own_defaults_and_it_follows_prompt
             .unwrap()
             .into_inner();
         let p = reply.parameters.unwrap();
-        assert_eq!((p.steps, p.guidance_scale, p.width), (15, 3.0, 32));
+        assert_eq!((p.steps, p.guidance_scale, p.width), (8, 3.0, 32));
         assert_eq!(p.scheduler, "euler-a", "the model's own scheduler");
     });
-    // Prompt-following: floors well above chance (0.3%); the issue's
-    // targets (top-1 30%, top-5 60%) are reported, not yet all met.
+    // Prompt-following on 60 captions drawn at random from the model's list:
+    // the targets, top-1 30% and top-5 60% (chance: 0.3%), through
+    // the stack and in diffusers alike. Over all 320 captions the model
+    // scores 44.1% / 63.4% (docs/BENCHMARKS.md).
     let report = common::run_client(
         "prompt_following.py",
         &[
             stack.http.as_ref(),
             model_dir().as_os_str(),
-            "40".as_ref(),
+            "60".as_ref(),
             "--min-top1".as_ref(),
-            "0.35".as_ref(),
+            "0.3".as_ref(),
             "--min-top5".as_ref(),
-            "0.5".as_ref(),
+            "0.6".as_ref(),
         ],
     );
     eprintln!("{report}");

@@ -53,9 +53,9 @@ pub struct GenerateArgs {
     /// Height in pixels (default: the model's).
     #[arg(long)]
     height: Option<u32>,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 50)]
-    steps: u32,
+    /// Denoising steps (default: the model's — its sdserve.json — else 50).
+    #[arg(long)]
+    steps: Option<u32>,
     /// Classifier-free guidance scale (<= 1 turns guidance off; default:
     /// the model's, 7.5, SDXL 5.0).
     #[arg(long)]
@@ -188,7 +188,7 @@ fn request(a: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
         negative_prompt: a.negative_prompt.clone(),
         width: a.width.unwrap_or(0),
         height: a.height.unwrap_or(0),
-        steps: a.steps,
+        steps: a.steps.unwrap_or(0),
         guidance_scale: a.guidance,
         scheduler: a.scheduler.clone().unwrap_or_default(),
         karras: a.karras,
