@@ -203,12 +203,9 @@ impl Plan {
     }
 }
 
-/// Most LoRA adapters one request may use.
-pub const MAX_LORAS: usize = 8;
-
 /// The request's LoRA adapters and, with the A1111 syntax, the prompt's
 /// `<lora:NAME:SCALE>` tags (taken out of the prompt, as A1111 does),
-/// checked: at most [`MAX_LORAS`], each named once, names that are file
+/// checked: at most `sd_proto::lora::MAX_LORAS`, each named once, names that are file
 /// names, finite scales within ±10. Whether each exists and fits the model
 /// the denoiser and text encoder say, before any work.
 fn loras(req: &mut GenerateRequest) -> Result<Vec<LoraRef>> {
@@ -232,45 +229,11 @@ fn loras(req: &mut GenerateRequest) -> Result<Vec<LoraRef>> {
     Ok(loras)
 }
 
-/// The checks of a LoRA list that need no file.
+/// The checks of a LoRA list that need no file (`sd_proto::lora::check`),
+/// the field and index in the message.
 pub fn check_loras(loras: &[LoraRef]) -> Result<()> {
-    if loras.len() > MAX_LORAS {
-        return Err(Error::invalid(
-            "loras",
-            format!("{} given, at most {MAX_LORAS}", loras.len()),
-        ));
-    }
-    let mut seen = std::collections::HashSet::new();
-    for (i, l) in loras.iter().enumerate() {
-        let n = &l.name;
-        if n.is_empty()
-            || n.len() > 128
-            || n.starts_with('.')
-            || n.contains(['/', '\\'])
-            || n.chars().any(char::is_control)
-        {
-            return Err(Error::invalid(
-                "loras",
-                format!(
-                    "loras[{i}].name `{}` is not a LoRA name (a file name without .safetensors)",
-                    n.escape_debug()
-                ),
-            ));
-        }
-        if !seen.insert(n.clone()) {
-            return Err(Error::invalid(
-                "loras",
-                format!("loras[{i}].name: `{n}` is named twice"),
-            ));
-        }
-        if !l.scale.is_finite() || l.scale.abs() > 10.0 {
-            return Err(Error::invalid(
-                "loras",
-                format!("loras[{i}].scale: {} given, -10..=10 allowed", l.scale),
-            ));
-        }
-    }
-    Ok(())
+    sd_proto::lora::check(loras)
+        .map_err(|e| Error::invalid("loras", format!("{}: {}", e.field, e.message)))
 }
 
 fn check_model(model: &str, facts: &ModelFacts) -> Result<()> {

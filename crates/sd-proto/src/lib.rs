@@ -6,6 +6,7 @@
 
 pub mod codec;
 pub mod cost;
+pub mod lora;
 pub mod stage;
 pub mod status;
 pub mod wire;

@@ -2,10 +2,10 @@
 //! first use, fitted to the service's networks (the text encoders, or the
 //! UNet) and kept in a cache bounded in bytes (least recently used out).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sd_models::lora::{Adapter, Applied, KohyaNames, ModuleIndex};
 use sd_models::Placement;
@@ -14,11 +14,6 @@ use sd_runtime::lru::ByteLru;
 use sd_runtime::metrics::Metrics;
 
 use crate::ServiceError;
-
-/// At most this many adapters per request.
-pub const MAX_LORAS: usize = 8;
-/// Scales outside ±this are refused (a typo, not a style).
-pub const MAX_SCALE: f32 = 10.0;
 
 /// A file's identity in the cache: name, length and modification time, so
 /// a replaced file is read again.
@@ -30,8 +25,14 @@ pub struct LoraStore {
     kohya: KohyaNames,
     placement: Placement,
     cache: Mutex<ByteLru<Key, Arc<Adapter>>>,
+    /// Adapters found on disk in the last [`RECHECK`], by name: a
+    /// generation names its adapters every step, and only this is looked at.
+    recent: Mutex<HashMap<String, (Instant, Arc<Adapter>)>>,
     metrics: Arc<Metrics>,
 }
+
+/// How long a file found unchanged is not looked at again.
+const RECHECK: Duration = Duration::from_secs(1);
 
 /// The `--lora-dir` flags of the services that apply LoRA.
 #[derive(clap::Args, Debug, Clone)]
@@ -63,6 +64,7 @@ impl LoraStore {
             kohya,
             placement,
             cache: Mutex::new(ByteLru::new(args.lora_cache_mb << 20)),
+            recent: Mutex::new(HashMap::new()),
             metrics,
         })
     }
@@ -100,17 +102,37 @@ impl LoraStore {
     /// it may read files.
     pub fn resolve(&self, refs: &[LoraRef]) -> Result<Arc<[Applied]>, ServiceError> {
         check(refs)?;
-        let mut out = Vec::new();
-        for (i, r) in refs.iter().enumerate() {
-            let adapter = self.adapter(&r.name, &format!("loras[{i}].name"))?;
-            if r.scale != 0.0 {
-                out.push(Applied {
-                    adapter,
-                    scale: f64::from(r.scale),
-                });
-            }
-        }
-        Ok(out.into())
+        let adapters = refs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| self.adapter(&r.name, &format!("loras[{i}].name")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(applied(refs, adapters))
+    }
+
+    /// As [`LoraStore::resolve`] when every adapter was found on disk in
+    /// the last second — no file is touched, nothing blocks (what each step
+    /// of a generation needs); None when one must be looked at again.
+    pub fn resolve_recent(&self, refs: &[LoraRef]) -> Result<Option<Arc<[Applied]>>, ServiceError> {
+        check(refs)?;
+        let now = Instant::now();
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let adapters: Option<Vec<_>> = refs
+            .iter()
+            .map(|r| match recent.get(&r.name) {
+                Some((at, a)) if now.duration_since(*at) < RECHECK => Some(a.clone()),
+                _ => None,
+            })
+            .collect();
+        Ok(adapters.map(|a| applied(refs, a)))
+    }
+
+    /// Remember `adapter` as found on disk now (and forget what is stale).
+    fn seen(&self, name: &str, adapter: &Arc<Adapter>) {
+        let now = Instant::now();
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.retain(|_, (at, _)| now.duration_since(*at) < RECHECK);
+        recent.insert(name.to_string(), (now, adapter.clone()));
     }
 
     fn adapter(&self, name: &str, field: &str) -> Result<Arc<Adapter>, ServiceError> {
@@ -138,8 +160,10 @@ impl LoraStore {
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_nanos());
         let key: Key = (name.to_string(), meta.len(), mtime);
-        if let Some(a) = self.lock().get(&key) {
+        let cached = self.lock().get(&key);
+        if let Some(a) = cached {
             self.metrics.cache_lookup("lora", true);
+            self.seen(name, &a);
             return Ok(a);
         }
         self.metrics.cache_lookup("lora", false);
@@ -159,6 +183,8 @@ impl LoraStore {
         let mut cache = self.lock();
         cache.insert(key, adapter.clone(), adapter.bytes() + name.len());
         self.metrics.lora_cache_bytes.set(cache.bytes() as i64);
+        drop(cache);
+        self.seen(name, &adapter);
         Ok(adapter)
     }
 
@@ -171,44 +197,19 @@ impl LoraStore {
     }
 }
 
-/// The checks that need no file: count, names, scales, duplicates.
+/// Each adapter at its request's scale (zero scales dropped).
+fn applied(refs: &[LoraRef], adapters: Vec<Arc<Adapter>>) -> Arc<[Applied]> {
+    refs.iter()
+        .zip(adapters)
+        .filter(|(r, _)| r.scale != 0.0)
+        .map(|(r, adapter)| Applied {
+            adapter,
+            scale: f64::from(r.scale),
+        })
+        .collect()
+}
+
+/// The checks that need no file (`sd_proto::lora::check`), as a field violation.
 pub fn check(refs: &[LoraRef]) -> Result<(), ServiceError> {
-    if refs.len() > MAX_LORAS {
-        return Err(ServiceError::invalid(
-            "loras",
-            format_args!("{} given, at most {MAX_LORAS}", refs.len()),
-        ));
-    }
-    let mut seen = HashSet::new();
-    for (i, r) in refs.iter().enumerate() {
-        let field = format!("loras[{i}].name");
-        let n = &r.name;
-        if n.is_empty()
-            || n.len() > 128
-            || n.starts_with('.')
-            || n.contains(['/', '\\', '\0'])
-            || n.chars().any(char::is_control)
-        {
-            return Err(ServiceError::invalid(
-                field,
-                format_args!(
-                    "`{}` is not a LoRA name (a file name without .safetensors)",
-                    n.escape_debug()
-                ),
-            ));
-        }
-        if !seen.insert(n.as_str()) {
-            return Err(ServiceError::invalid(
-                field,
-                format_args!("`{n}` is named twice"),
-            ));
-        }
-        if !r.scale.is_finite() || r.scale.abs() > MAX_SCALE {
-            return Err(ServiceError::invalid(
-                format!("loras[{i}].scale"),
-                format_args!("{} given, -{MAX_SCALE}..={MAX_SCALE} allowed", r.scale),
-            ));
-        }
-    }
-    Ok(())
+    sd_proto::lora::check(refs).map_err(|e| ServiceError::invalid(e.field, e.message))
 }

@@ -192,11 +192,15 @@ impl Denoiser for Service {
 static STREAM_SESSIONS: AtomicU64 = AtomicU64::new(1);
 
 impl Core {
-    /// The adapters a request names, loaded off the async threads on a
-    /// cache miss.
+    /// The adapters a request names: those found on disk in the last
+    /// second at once (every step of a generation names them), else looked
+    /// at (and loaded on a cache miss) off the async threads.
     async fn loras(&self, refs: &[LoraRef]) -> Result<Arc<[Applied]>, ServiceError> {
         if refs.is_empty() {
             return Ok(Arc::from(Vec::new()));
+        }
+        if let Some(set) = self.loras.resolve_recent(refs)? {
+            return Ok(set);
         }
         let (store, refs) = (self.loras.clone(), refs.to_vec());
         tokio::task::spawn_blocking(move || store.resolve(&refs))

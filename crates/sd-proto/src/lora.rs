@@ -1,0 +1,57 @@
+//! The checks of a request's LoRA list that need no file (count, names,
+//! duplicates, scales): the gateway makes them before any work, and the
+//! services again on what reaches them.
+
+use std::collections::HashSet;
+
+use crate::v1::LoraRef;
+
+/// At most this many adapters per request.
+pub const MAX_LORAS: usize = 8;
+/// Scales outside ±this are refused (a typo, not a style).
+pub const MAX_SCALE: f32 = 10.0;
+
+/// The field at fault (`loras`, `loras[i].name`, `loras[i].scale`) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub field: String,
+    pub message: String,
+}
+
+pub fn check(refs: &[LoraRef]) -> Result<(), Invalid> {
+    let invalid = |field: String, message: String| Err(Invalid { field, message });
+    if refs.len() > MAX_LORAS {
+        return invalid(
+            "loras".into(),
+            format!("{} given, at most {MAX_LORAS}", refs.len()),
+        );
+    }
+    let mut seen = HashSet::new();
+    for (i, r) in refs.iter().enumerate() {
+        let n = &r.name;
+        if n.is_empty()
+            || n.len() > 128
+            || n.starts_with('.')
+            || n.contains(['/', '\\'])
+            || n.chars().any(char::is_control)
+        {
+            return invalid(
+                format!("loras[{i}].name"),
+                format!(
+                    "`{}` is not a LoRA name (a file name without .safetensors)",
+                    n.escape_debug()
+                ),
+            );
+        }
+        if !seen.insert(n.as_str()) {
+            return invalid(format!("loras[{i}].name"), format!("`{n}` is named twice"));
+        }
+        if !r.scale.is_finite() || r.scale.abs() > MAX_SCALE {
+            return invalid(
+                format!("loras[{i}].scale"),
+                format!("{} given, -{MAX_SCALE}..={MAX_SCALE} allowed", r.scale),
+            );
+        }
+    }
+    Ok(())
+}
