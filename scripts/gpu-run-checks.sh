@@ -12,7 +12,9 @@
 # concurrency 1-8, VRAM per service). `--family sdxl` checks the SDXL family
 # instead: tiny SDXL pipelines, and on CUDA the SDXL architecture at 1024²
 # in fp16 (parity and seconds per image); `--family all` runs both, the
-# large models' checks first. Everything lands in $OUT (default
+# large models' checks first. `--family bench` runs the benchmarks alone
+# (no parity): SD 1.5, run-time LoRA on the SD 1.5 UNet, and the SDXL
+# architecture's stack against in process. Everything lands in $OUT (default
 # target/gpu-checks) as gpu-checks.md, with the full log beside it. Each
 # step has a time limit and a failed step does not stop the others; the
 # exit status says whether all passed.
@@ -36,7 +38,7 @@ while (($#)); do
     esac
 done
 case "$DEVICE" in cuda|cuda:*|cpu) ;; *) echo "run-checks: --device cuda or cpu" >&2; exit 2 ;; esac
-case "$FAMILY" in sd|sdxl|all) ;; *) echo "run-checks: --family sd, sdxl or all" >&2; exit 2 ;; esac
+case "$FAMILY" in sd|sdxl|all|bench) ;; *) echo "run-checks: --family sd, sdxl, all or bench" >&2; exit 2 ;; esac
 if [[ -z "$PYTHON" ]]; then
     if [[ -x /opt/torch/.venv/bin/python3 ]]; then PYTHON=/opt/torch/.venv/bin/python3; else PYTHON=python3; fi
 fi
@@ -162,6 +164,15 @@ sd_bench() {
             --requests-per-worker 2 --forward-rows 2,4,8,16 --python "$PYTHON"
     fi
 }
+lora_bench() {
+    if [[ "$DEVICE" == cpu ]]; then
+        step "LoRA bench sd1-tiny fp32" 300 "$BENCH" --model "$WORK/fixtures/sd1-tiny" --device cpu --precision fp32 \
+            --threads 1 --runs 2 --forward-rows 2,4 --lora-bench 8
+    else
+        step "LoRA bench sd15-random fp16 512²" 300 "$BENCH" --model "$WORK/fixtures/sd15-random" --device "$DEVICE" \
+            --precision fp16 --size 512 --threads "$THREADS" --runs 10 --forward-rows 2,4,8,16 --lora-bench 32
+    fi
+}
 xl_tiny_fixtures() { step "SDXL tiny fixtures" 300 "$PYTHON" "$HERE/fixtures/make_xl_models.py" "$WORK/fixtures"; }
 xl_tiny_parity() {
     for precision in fp32 "$HALF"; do parity sdxl-tiny "$precision" --size 32 --steps 6; done
@@ -212,6 +223,18 @@ all)
     xl_tiny_fixtures
     xl_tiny_parity
     sd_tiny_parity
+    ;;
+bench)
+    # The benchmarks alone, the SDXL model written while the SD 1.5 one is
+    # and waited for before any timing.
+    if [[ "$DEVICE" != cpu ]]; then
+        start_xl_writer
+        sd15_fixture
+    fi
+    wait_xl_writer
+    sd_bench
+    lora_bench
+    if [[ "$DEVICE" != cpu ]]; then xl_bench; fi
     ;;
 esac
 
