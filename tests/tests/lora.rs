@@ -3,7 +3,8 @@
 //! A1111 `<lora:NAME:SCALE>` tags), and the images equal diffusers'
 //! `load_lora_weights` + `set_adapters` for the same seed
 //! (`tests/fixtures/make_lora.py`): kohya at 0.8, PEFT at 1.0, both
-//! together, kohya's original block names — one at a time, and four
+//! together, kohya's original block names, LoCon convolutions (3×3,
+//! strided) — one at a time, and four
 //! generations with different adapters (kohya 0.8, PEFT 1.0, none, kohya
 //! 0.4) at once, so the denoiser runs them in shared forwards. Unknown
 //! names and files that do not fit are refused naming them, before any
@@ -157,6 +158,67 @@ fn loras_match_diffusers_alone_and_batched_together() {
             "the tag is taken out"
         );
         compare("a1111 tag", &resp.images[0].data, &dir().join(&c.files[0])).unwrap();
+    });
+}
+
+/// A LoRA file replaced under the same name is what later requests get,
+/// its text-encoder part included: the prompt-embedding cache keys on the
+/// file's version (size and modification time, as the denoiser lists it),
+/// not only its name and scale.
+#[test]
+fn a_replaced_lora_file_is_read_again_prompt_embeddings_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stack = start(tmp.path());
+    let m = manifest();
+    let peft = m.cases.iter().find(|c| c.name == "peft-1.0").unwrap();
+    let swap = tmp.path().join("loras/swap.safetensors");
+    std::fs::copy(dir().join("kohya.safetensors"), &swap).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut client = GenerationClient::connect(stack.url.clone()).await.unwrap();
+        // The PEFT case's request, its adapter named `swap`.
+        let req = || {
+            let mut r: GenerateRequest = request(&peft.params, &dir());
+            r.loras = vec![LoraRef {
+                name: "swap".into(),
+                scale: 1.0,
+            }];
+            r
+        };
+        let first = client.generate(req()).await.unwrap().into_inner();
+        assert!(
+            compare(
+                "kohya as swap",
+                &first.images[0].data,
+                &dir().join(&peft.files[0])
+            )
+            .is_err(),
+            "the kohya adapter draws another image than the PEFT one"
+        );
+        // Replaced by the PEFT adapter; the services look at a file they
+        // found unchanged again after a second.
+        std::fs::copy(dir().join("peft.safetensors"), &swap).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let second = client.generate(req()).await.unwrap().into_inner();
+        compare(
+            "peft as swap",
+            &second.images[0].data,
+            &dir().join(&peft.files[0]),
+        )
+        .unwrap();
+        let listed = client
+            .list_loras(ListLorasRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let info = listed.loras.iter().find(|l| l.name == "swap").unwrap();
+        let bytes = std::fs::metadata(&swap).unwrap().len();
+        assert_eq!(info.file_bytes, bytes);
+        assert!(
+            info.version.starts_with(&format!("{bytes}-")),
+            "{}",
+            info.version
+        );
     });
 }
 

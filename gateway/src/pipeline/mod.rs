@@ -92,15 +92,18 @@ impl Generator {
         let shape = LatentShape::of(&plan, &self.facts);
         let mut rng = TorchGenerator::new(plan.seed);
 
+        let mut lora_key = String::new();
         if !plan.loras.is_empty() {
             // Before any work: every adapter exists and fits the UNet (the
-            // text encoder checks its part as it encodes).
+            // text encoder checks its part as it encodes). The files'
+            // versions key the prompt cache.
             let check = ListLorasRequest {
                 check: plan.loras.clone(),
             };
-            self.stages.list_loras(check, &deadline).await?;
+            let listed = self.stages.list_loras(check, &deadline).await?;
+            lora_key = text::canonical_loras(&plan.loras, &listed.loras);
         }
-        let text = self.condition(&plan, &deadline).await?;
+        let text = self.condition(&plan, &lora_key, &deadline).await?;
         let start = self
             .initial_latents(&plan, &shape, &mut rng, &deadline)
             .await?;

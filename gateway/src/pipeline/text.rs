@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use sd_proto::v1::{
-    Dtype, Embedding, EncodeTextRequest, LoraRef, PromptSyntax, Tensor as WireTensor,
+    Dtype, Embedding, EncodeTextRequest, LoraInfo, LoraRef, PromptSyntax, Tensor as WireTensor,
 };
 use sd_proto::wire::HostTensor;
 use sd_runtime::deadline::Deadline;
@@ -88,7 +88,14 @@ impl Text {
 
 impl Generator {
     /// The text conditioning of `plan`.
-    pub(super) async fn condition(&self, plan: &Plan, deadline: &Deadline) -> Result<Text> {
+    /// `lora_key`: the request's LoRA set as the prompt cache keys it
+    /// ([`canonical_loras`]).
+    pub(super) async fn condition(
+        &self,
+        plan: &Plan,
+        lora_key: &str,
+        deadline: &Deadline,
+    ) -> Result<Text> {
         // diffusers applies clip_skip to the prompt, not to the negative
         // prompt (AUTOMATIC1111 to both); SDXL pipelines with
         // force_zeros_for_empty_prompt guide an empty negative prompt by
@@ -108,7 +115,7 @@ impl Generator {
         }
         let started = Instant::now();
         let mut embeddings = self
-            .embeddings(&wanted, &plan.loras, deadline)
+            .embeddings(&wanted, (&plan.loras, lora_key), deadline)
             .await?
             .into_iter();
         self.metrics.step(Phase::Text, started.elapsed());
@@ -133,10 +140,9 @@ impl Generator {
     async fn embeddings(
         &self,
         wanted: &[(&str, u32, i32)],
-        loras: &[LoraRef],
+        (loras, lora_key): (&[LoraRef], &str),
         deadline: &Deadline,
     ) -> Result<Vec<CachedEmbedding>> {
-        let lora_key = canonical_loras(loras);
         let keys: Vec<PromptKey> = wanted
             .iter()
             .map(|(prompt, clip_skip, syntax)| PromptKey {
@@ -144,7 +150,7 @@ impl Generator {
                 clip_skip: *clip_skip,
                 syntax: *syntax,
                 prompt: prompt.to_string(),
-                loras: lora_key.clone(),
+                loras: lora_key.to_string(),
             })
             .collect();
         let mut found = self.cached(&keys)?;
@@ -290,14 +296,21 @@ fn time_id_rows(plan: &Plan) -> Result<Option<(WireTensor, WireTensor)>> {
     Ok(Some((rows(&t.positive)?, rows(&t.negative)?)))
 }
 
-/// A LoRA set as the prompt cache keys it: sorted by name, `name:scale`
-/// joined by `;` (scales as their exact bits' decimal), adapters at scale 0
-/// left out (they change nothing).
-pub(crate) fn canonical_loras(loras: &[LoraRef]) -> String {
+/// A LoRA set as the prompt cache keys it: sorted by name,
+/// `name@version:scale` joined by `;` (the version as the denoiser lists
+/// the file, so a replaced file is another key; scales as their exact
+/// bits' decimal), adapters at scale 0 left out (they change nothing).
+pub(crate) fn canonical_loras(loras: &[LoraRef], listed: &[LoraInfo]) -> String {
     let mut v: Vec<String> = loras
         .iter()
         .filter(|l| l.scale != 0.0)
-        .map(|l| format!("{}:{}", l.name, l.scale))
+        .map(|l| {
+            let version = listed
+                .iter()
+                .find(|i| i.name == l.name)
+                .map_or("", |i| i.version.as_str());
+            format!("{}@{version}:{}", l.name, l.scale)
+        })
         .collect();
     v.sort();
     v.join(";")

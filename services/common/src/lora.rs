@@ -85,10 +85,11 @@ impl LoraStore {
                     .to_str()?
                     .strip_suffix(".safetensors")?
                     .to_string();
-                let meta = e.metadata().ok().filter(|m| m.is_file())?;
-                (!name.starts_with('.')).then_some(LoraInfo {
+                let meta = std::fs::metadata(&path).ok().filter(|m| m.is_file())?;
+                (!name.starts_with('.')).then(|| LoraInfo {
                     name,
                     file_bytes: meta.len(),
+                    version: format!("{}-{}", meta.len(), mtime_nanos(&meta)),
                 })
             })
             .collect();
@@ -154,12 +155,7 @@ impl LoraStore {
                     ),
                 )
             })?;
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
-        let key: Key = (name.to_string(), meta.len(), mtime);
+        let key: Key = (name.to_string(), meta.len(), mtime_nanos(&meta));
         let cached = self.lock().get(&key);
         if let Some(a) = cached {
             self.metrics.cache_lookup("lora", true);
@@ -195,6 +191,14 @@ impl LoraStore {
     pub fn dir(&self) -> Option<&Path> {
         self.dir.as_deref()
     }
+}
+
+/// A file's modification time, nanoseconds since the epoch (0 unknown).
+fn mtime_nanos(meta: &std::fs::Metadata) -> u128 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos())
 }
 
 /// Each adapter at its request's scale (zero scales dropped).
