@@ -336,7 +336,8 @@ impl Generation for GenerationService {
         let req = request.into_inner();
         crate::plan::check_loras(&req.check).map_err(Status::from)?;
         let out = self
-            .generator
+            .pick(&req.model)
+            .map_err(Status::from)?
             .stages
             .list_loras(req, &deadline)
             .await

@@ -220,6 +220,24 @@ fn a_replaced_lora_file_is_read_again_prompt_embeddings_too() {
             info.version
         );
     });
+    // sdctl loras lists the folder.
+    let out = std::process::Command::new(common::stack::bin_dir().join("sdctl"))
+        .args(["loras", "--gateway", &stack.url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8(out.stdout).unwrap();
+    let names: Vec<&str> = listed
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    for name in ["kohya", "peft", "swap"] {
+        assert!(names.contains(&name), "{listed}");
+    }
 }
 
 #[test]

@@ -12,7 +12,7 @@ mod common;
 use common::e2e::{assert_all_match, check_cases, Case};
 use common::stack::Stack;
 use sd_proto::v1::generation_client::GenerationClient;
-use sd_proto::v1::{GenerateRequest, ListModelsRequest};
+use sd_proto::v1::{GenerateRequest, ListLorasRequest, ListModelsRequest};
 
 #[derive(serde::Deserialize)]
 struct Manifest {
@@ -69,6 +69,24 @@ fn two_models_behind_one_gateway() {
             "{}",
             e.message()
         );
+        // Each model's adapters; an unknown model is refused naming it.
+        for model in ["", "sd2-tiny"] {
+            c.list_loras(ListLorasRequest {
+                model: model.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        let e = c
+            .list_loras(ListLorasRequest {
+                model: "sd3".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("model"), "{}", e.message());
     });
     let all: Vec<Case> = cases(&m, "sd1-tiny")
         .into_iter()

@@ -8,7 +8,8 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use sd_proto::v1::generation_client::GenerationClient;
 use sd_proto::v1::{
-    generate_event, GenerateRequest, GenerateResponse, ImageFormat, ListModelsRequest, Preview,
+    generate_event, GenerateRequest, GenerateResponse, ImageFormat, ListLorasRequest,
+    ListModelsRequest, Preview,
 };
 use tokio_stream::StreamExt;
 
@@ -336,6 +337,33 @@ pub async fn models(conn: &Connection) -> anyhow::Result<()> {
         println!(
             "{}  {}x{}  scheduler {}  {}  ({})",
             m.name, m.default_width, m.default_height, m.default_scheduler, m.prediction_type, m.id
+        );
+    }
+    Ok(())
+}
+
+/// The LoRA adapters a gateway's model can apply (`--lora-dir`), with
+/// each file's size.
+pub async fn loras(conn: &Connection, model: &str) -> anyhow::Result<()> {
+    let mut client = connect(conn).await?;
+    let r = client
+        .list_loras(conn.request(ListLorasRequest {
+            model: model.to_string(),
+            ..Default::default()
+        })?)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if r.loras.is_empty() {
+        eprintln!(
+            "no LoRA adapters (the services were started without --lora-dir, or it is empty)"
+        );
+    }
+    for l in r.loras {
+        println!(
+            "{}  {:.1} MiB",
+            l.name,
+            l.file_bytes as f64 / (1 << 20) as f64
         );
     }
     Ok(())

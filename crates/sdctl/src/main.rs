@@ -42,6 +42,15 @@ enum Command {
         #[command(flatten)]
         conn: generate::Connection,
     },
+    /// List the LoRA adapters a gateway's model can apply (`--lora NAME`).
+    Loras {
+        #[command(flatten)]
+        conn: generate::Connection,
+        /// The model (name or id) whose adapters to list; default: the
+        /// gateway's default model.
+        #[arg(long, default_value = "")]
+        model: String,
+    },
 }
 
 #[tokio::main]
@@ -51,6 +60,7 @@ async fn main() {
         Command::Up(a) => up::run(a).await,
         Command::Generate(a) => generate::run(a).await,
         Command::Models { conn } => generate::models(&conn).await,
+        Command::Loras { conn, model } => generate::loras(&conn, &model).await,
         Command::Probe {
             addr,
             service,

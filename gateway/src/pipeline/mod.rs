@@ -99,6 +99,7 @@ impl Generator {
             // versions key the prompt cache.
             let check = ListLorasRequest {
                 check: plan.loras.clone(),
+                ..Default::default()
             };
             let listed = self.stages.list_loras(check, &deadline).await?;
             lora_key = text::canonical_loras(&plan.loras, &listed.loras);
