@@ -60,7 +60,9 @@ fn main() {
         files
             .iter()
             .map(|f| {
-                let img = image::open(f).unwrap_or_else(|e| panic!("{f}: {e}")).to_rgb8();
+                let img = image::open(f)
+                    .unwrap_or_else(|e| panic!("{f}: {e}"))
+                    .to_rgb8();
                 let (w, h) = img.dimensions();
                 (f.clone(), img.into_raw(), w, h)
             })

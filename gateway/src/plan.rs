@@ -204,7 +204,8 @@ impl Plan {
 }
 
 /// The request's LoRA adapters and, with the A1111 syntax, the prompt's
-/// `<lora:NAME:SCALE>` tags (taken out of the prompt, as A1111 does),
+/// `<lora:NAME:SCALE>` / `<lora:NAME:TE:UNET>` tags (taken out of the
+/// prompt, as A1111 does),
 /// checked: at most `sd_proto::lora::MAX_LORAS`, each named once, names that are file
 /// names, finite scales within ±10. Whether each exists and fits the model
 /// the denoiser and text encoder say, before any work.
@@ -217,6 +218,7 @@ fn loras(req: &mut GenerateRequest) -> Result<Vec<LoraRef>> {
         loras.extend(tags.into_iter().map(|t| LoraRef {
             name: t.name,
             scale: t.scale,
+            unet_scale: t.unet,
         }));
         if req.negative_prompt.contains("<lora:") {
             return Err(Error::invalid(

@@ -4,7 +4,8 @@
 //! `load_lora_weights` + `set_adapters` for the same seed
 //! (`tests/fixtures/make_lora.py`): kohya at 0.8, PEFT at 1.0, both
 //! together, kohya's original block names, LoCon convolutions (3×3,
-//! strided) — one at a time, and four
+//! strided), the text encoder's and the UNet's scales apart (0.8 / 0.3) —
+//! one at a time, and four
 //! generations with different adapters (kohya 0.8, PEFT 1.0, none, kohya
 //! 0.4) at once, so the denoiser runs them in shared forwards. Unknown
 //! names and files that do not fit are refused naming them, before any
@@ -135,29 +136,42 @@ fn loras_match_diffusers_alone_and_batched_together() {
         false,
     )));
     assert_all_match(&failures);
-    // An A1111 tag is the same adapter at the same scale.
+    // An A1111 tag is the same adapter at the same scales; its text
+    // encoder's and UNet's multipliers apart as A1111's Lora extension
+    // reads them.
     rt.block_on(async {
-        let c = m.cases.iter().find(|c| c.name == "kohya-0.8").unwrap();
-        let mut req: GenerateRequest = request(&c.params, &dir());
-        req.loras.clear();
-        req.prompt = format!("<lora:kohya:0.8>{}", req.prompt);
-        req.prompt_syntax = PromptSyntax::A1111 as i32;
         let mut client = GenerationClient::connect(stack.url.clone()).await.unwrap();
-        let resp = client.generate(req).await.unwrap().into_inner();
-        let params = resp.parameters.unwrap();
-        assert_eq!(
-            params.loras,
-            vec![LoraRef {
-                name: "kohya".into(),
-                scale: 0.8
-            }]
-        );
-        assert_eq!(
-            params.prompt,
-            c.params["prompt"].as_str().unwrap(),
-            "the tag is taken out"
-        );
-        compare("a1111 tag", &resp.images[0].data, &dir().join(&c.files[0])).unwrap();
+        for (tag, case, unet_scale) in [
+            ("<lora:kohya:0.8>", "kohya-0.8", None),
+            ("<lora:kohya:0.8:0.3>", "kohya-te0.8-unet0.3", Some(0.3)),
+            (
+                "<lora:kohya:te=0.8:unet=0.3>",
+                "kohya-te0.8-unet0.3",
+                Some(0.3),
+            ),
+        ] {
+            let c = m.cases.iter().find(|c| c.name == case).unwrap();
+            let mut req: GenerateRequest = request(&c.params, &dir());
+            req.loras.clear();
+            req.prompt = format!("{tag}{}", req.prompt);
+            req.prompt_syntax = PromptSyntax::A1111 as i32;
+            let resp = client.generate(req).await.unwrap().into_inner();
+            let params = resp.parameters.unwrap();
+            assert_eq!(
+                params.loras,
+                vec![LoraRef {
+                    name: "kohya".into(),
+                    scale: 0.8,
+                    unet_scale,
+                }]
+            );
+            assert_eq!(
+                params.prompt,
+                c.params["prompt"].as_str().unwrap(),
+                "the tag is taken out"
+            );
+            compare(tag, &resp.images[0].data, &dir().join(&c.files[0])).unwrap();
+        }
     });
 }
 
@@ -182,6 +196,7 @@ fn a_replaced_lora_file_is_read_again_prompt_embeddings_too() {
             r.loras = vec![LoraRef {
                 name: "swap".into(),
                 scale: 1.0,
+                unet_scale: None,
             }];
             r
         };
@@ -268,6 +283,7 @@ fn unknown_and_misfit_loras_are_refused_naming_them() {
                         .map(|(n, s)| LoraRef {
                             name: n.into(),
                             scale: s,
+                            unet_scale: None,
                         })
                         .collect(),
                     ..Default::default()
@@ -364,6 +380,7 @@ fn the_text_encoder_applies_both_sdxl_encoders_parts() {
                 loras: vec![LoraRef {
                     name: "xl-kohya".into(),
                     scale: 0.7,
+                    unet_scale: None,
                 }],
                 ..Default::default()
             })
@@ -398,9 +415,17 @@ fn loras_through_the_openai_and_a1111_apis() {
     let png = |b64: &serde_json::Value| {
         sd_gateway::http::decode_base64("image", b64.as_str().expect("a base64 image")).unwrap()
     };
+    // The OpenAI field with the text encoder's and the UNet's scales apart.
+    let split = m
+        .cases
+        .iter()
+        .find(|c| c.name == "kohya-te0.8-unet0.3")
+        .unwrap();
+    let q = &split.params;
+    assert!(q["loras"][0]["unet_scale"].is_number());
     let openai = serde_json::json!({
-        "prompt": p["prompt"], "negative_prompt": p["negative_prompt"], "steps": p["steps"],
-        "seed": p["seed"], "guidance_scale": p["guidance"], "loras": p["loras"],
+        "prompt": q["prompt"], "negative_prompt": q["negative_prompt"], "steps": q["steps"],
+        "seed": q["seed"], "guidance_scale": q["guidance"], "loras": q["loras"],
         "response_format": "b64_json",
     });
     let (status, v) = post_json(&stack.http, "/v1/images/generations", &openai.to_string());
@@ -408,7 +433,7 @@ fn loras_through_the_openai_and_a1111_apis() {
     compare(
         "openai loras",
         &png(&v["data"][0]["b64_json"]),
-        &dir().join(&case.files[0]),
+        &dir().join(&split.files[0]),
     )
     .unwrap();
     let a1111 = serde_json::json!({
@@ -431,6 +456,13 @@ fn loras_through_the_openai_and_a1111_apis() {
     );
     assert_eq!(status, 400, "{v}");
     assert!(v.to_string().contains("nope"), "{v}");
+    let (status, v) = post_json(
+        &stack.http,
+        "/v1/images/generations",
+        r#"{"prompt": "x", "loras": [{"name": "kohya", "scale": 1, "unet_scale": 11}]}"#,
+    );
+    assert_eq!(status, 400, "{v}");
+    assert!(v.to_string().contains("unet_scale"), "{v}");
     let get = format!(
         "GET /sdapi/v1/loras HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
         host_port(&stack.http)

@@ -1,18 +1,24 @@
-//! AUTOMATIC1111's extra-network tags: `<lora:NAME>` and
-//! `<lora:NAME:MULTIPLIER>` in a prompt name a LoRA to apply (A1111's
-//! `extra_networks.parse_prompt`: every `<word:args>` is taken out of the
-//! prompt text, its args split on `:`).
+//! AUTOMATIC1111's extra-network tags: `<lora:NAME>`,
+//! `<lora:NAME:MULTIPLIER>` and `<lora:NAME:TE:UNET>` (or `te=`/`unet=`)
+//! in a prompt name a LoRA to apply (A1111's `extra_networks.parse_prompt`:
+//! every `<word:args>` is taken out of the prompt text, its args split on
+//! `:`, those with one `=` named, the rest positional; the Lora extension
+//! reads the text encoder's multiplier from the second, 1 when unsaid, and
+//! the UNet's from the third, the text encoder's when unsaid).
 
-/// A LoRA a prompt names, at its multiplier (1 when unsaid).
+/// A LoRA a prompt names, at its multipliers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraTag {
     pub name: String,
+    /// On the text encoder (and on the UNet unless `unet` is given).
     pub scale: f32,
+    /// On the UNet, where the tag gives it apart.
+    pub unet: Option<f32>,
 }
 
 /// The prompt with its `<lora:…>` tags taken out, and the tags; an error
-/// names what is not supported (other extra networks, separate text-encoder
-/// and UNet multipliers, named arguments) or malformed.
+/// names what is not supported (other extra networks, dynamic rank) or
+/// malformed.
 pub fn take_loras(prompt: &str) -> Result<(String, Vec<LoraTag>), String> {
     let mut text = String::with_capacity(prompt.len());
     let mut tags = Vec::new();
@@ -51,13 +57,28 @@ pub fn take_loras(prompt: &str) -> Result<(String, Vec<LoraTag>), String> {
 }
 
 fn lora(args: &str) -> Result<LoraTag, String> {
-    let parts: Vec<&str> = args.split(':').collect();
-    if parts.iter().skip(1).any(|p| p.contains('=')) {
-        return Err(format!(
-            "<lora:{args}>: named multipliers (te=, unet=, dyn=) are not supported"
-        ));
+    let mut positional = Vec::new();
+    let (mut te, mut unet) = (None, None);
+    for item in args.split(':') {
+        match item.split_once('=') {
+            // A1111 takes an item with exactly one `=` as named.
+            Some((key, value)) if !value.contains('=') => match key.trim() {
+                "te" => te = Some(value),
+                "unet" => unet = Some(value),
+                "dyn" => {
+                    return Err(format!(
+                        "<lora:{args}>: dynamic rank (dyn=) is not supported"
+                    ))
+                }
+                other => {
+                    return Err(format!(
+                        "<lora:{args}>: `{other}=` is not a LoRA argument (te=, unet=)"
+                    ))
+                }
+            },
+            _ => positional.push(item),
+        }
     }
-    let name = parts[0].trim().to_string();
     let number = |s: &str| {
         s.trim()
             .parse::<f32>()
@@ -65,21 +86,24 @@ fn lora(args: &str) -> Result<LoraTag, String> {
             .filter(|v| v.is_finite())
             .ok_or_else(|| format!("<lora:{args}>: `{s}` is not a number"))
     };
-    let scale = match parts.get(1) {
-        Some(s) => number(s)?,
-        None => 1.0,
-    };
-    if let Some(unet) = parts.get(2) {
-        if (number(unet)? - scale).abs() > f32::EPSILON || parts.len() > 3 {
-            return Err(format!(
-                "<lora:{args}>: separate text-encoder and UNet multipliers are not supported"
-            ));
-        }
+    if positional.len() > 3 {
+        return Err(format!(
+            "<lora:{args}>: dynamic rank (a fourth argument) is not supported"
+        ));
     }
+    let name = positional.first().map_or("", |n| n.trim()).to_string();
     if name.is_empty() {
         return Err(format!("<lora:{args}>: no name"));
     }
-    Ok(LoraTag { name, scale })
+    let scale = match te.or(positional.get(1).copied()) {
+        Some(s) => number(s)?,
+        None => 1.0,
+    };
+    let unet = match unet.or(positional.get(2).copied()) {
+        Some(s) => Some(number(s)?).filter(|&u| u != scale),
+        None => None,
+    };
+    Ok(LoraTag { name, scale, unet })
 }
 
 #[cfg(test)]
@@ -90,6 +114,14 @@ mod tests {
         LoraTag {
             name: name.into(),
             scale,
+            unet: None,
+        }
+    }
+
+    fn split(name: &str, scale: f32, unet: f32) -> LoraTag {
+        LoraTag {
+            unet: Some(unet),
+            ..tag(name, scale)
         }
     }
 
@@ -114,6 +146,19 @@ mod tests {
     }
 
     #[test]
+    fn text_encoder_and_unet_multipliers_as_a1111_reads_them() {
+        let one = |p: &str| take_loras(p).unwrap().1.remove(0);
+        assert_eq!(one("<lora:s:0.8:0.3>"), split("s", 0.8, 0.3));
+        assert_eq!(one("<lora:s:te=0.8:unet=0.3>"), split("s", 0.8, 0.3));
+        // named win over positional; the UNet's defaults to the text encoder's
+        assert_eq!(one("<lora:s:0.5:te=0.8>"), tag("s", 0.8));
+        assert_eq!(one("<lora:s:0.5:0.2:unet=0.3>"), split("s", 0.5, 0.3));
+        assert_eq!(one("<lora:s:unet=0>"), split("s", 1.0, 0.0));
+        // te= replaces the second positional, which the UNet's then follows
+        assert_eq!(one("<lora:s:te=0:1>"), tag("s", 0.0));
+    }
+
+    #[test]
     fn what_is_not_a_tag_stays_text() {
         for p in [
             "a < b",
@@ -132,10 +177,16 @@ mod tests {
         assert!(take_loras("<hypernet:x:1>")
             .unwrap_err()
             .contains("hypernet"));
-        assert!(take_loras("<lora:x:0.5:1>")
+        assert!(take_loras("<lora:x:0.5:1:8>")
             .unwrap_err()
-            .contains("separate"));
-        assert!(take_loras("<lora:x:te=1>").unwrap_err().contains("named"));
+            .contains("dynamic rank"));
+        assert!(take_loras("<lora:x:dyn=8>")
+            .unwrap_err()
+            .contains("dynamic rank"));
+        assert!(take_loras("<lora:x:lbw=1>").unwrap_err().contains("`lbw=`"));
+        assert!(take_loras("<lora:x:te=big>")
+            .unwrap_err()
+            .contains("not a number"));
         assert!(take_loras("<lora:x:big>")
             .unwrap_err()
             .contains("not a number"));

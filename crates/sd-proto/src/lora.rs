@@ -46,12 +46,29 @@ pub fn check(refs: &[LoraRef]) -> Result<(), Invalid> {
         if !seen.insert(n.as_str()) {
             return invalid(format!("loras[{i}].name"), format!("`{n}` is named twice"));
         }
-        if !r.scale.is_finite() || r.scale.abs() > MAX_SCALE {
-            return invalid(
-                format!("loras[{i}].scale"),
-                format!("{} given, -{MAX_SCALE}..={MAX_SCALE} allowed", r.scale),
-            );
+        for (field, v) in [("scale", Some(r.scale)), ("unet_scale", r.unet_scale)] {
+            match v {
+                Some(v) if !v.is_finite() || v.abs() > MAX_SCALE => {
+                    return invalid(
+                        format!("loras[{i}].{field}"),
+                        format!("{v} given, -{MAX_SCALE}..={MAX_SCALE} allowed"),
+                    )
+                }
+                _ => {}
+            }
         }
     }
     Ok(())
+}
+
+impl LoraRef {
+    /// Its multiplier on the text encoder.
+    pub fn for_text_encoder(&self) -> f32 {
+        self.scale
+    }
+
+    /// Its multiplier on the UNet: `unet_scale`, else `scale`.
+    pub fn for_unet(&self) -> f32 {
+        self.unet_scale.unwrap_or(self.scale)
+    }
 }

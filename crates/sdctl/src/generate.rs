@@ -105,9 +105,10 @@ pub struct GenerateArgs {
     /// (AUTOMATIC1111's attention weights, BREAK, long prompts in chunks).
     #[arg(long, default_value = "plain", value_parser = ["plain", "a1111"])]
     prompt_syntax: String,
-    /// A LoRA adapter to apply, NAME or NAME:SCALE (scale 1 when unsaid;
-    /// repeatable): a NAME.safetensors in the services' --lora-dir.
-    #[arg(long = "lora", value_name = "NAME[:SCALE]", value_parser = parse_lora)]
+    /// A LoRA adapter to apply, NAME, NAME:SCALE (scale 1 when unsaid) or
+    /// NAME:TE:UNET (the text encoder's and the UNet's scales apart);
+    /// repeatable: a NAME.safetensors in the services' --lora-dir.
+    #[arg(long = "lora", value_name = "NAME[:SCALE[:UNET]]", value_parser = parse_lora)]
     loras: Vec<sd_proto::v1::LoraRef>,
     /// Image-to-image: the initial image (PNG, JPEG or WebP).
     #[arg(long)]
@@ -214,22 +215,28 @@ fn request(a: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
     })
 }
 
-/// `NAME` or `NAME:SCALE`.
+/// `NAME`, `NAME:SCALE`, or `NAME:TE:UNET` (the text encoder's and the
+/// UNet's scales apart).
 fn parse_lora(s: &str) -> Result<sd_proto::v1::LoraRef, String> {
-    let (name, scale) = match s.rsplit_once(':') {
-        Some((n, v)) => (
-            n,
-            v.parse::<f32>()
-                .map_err(|_| format!("`{v}` is not a scale (NAME:SCALE, e.g. style:0.8)"))?,
-        ),
-        None => (s, 1.0),
+    let mut parts = s.split(':');
+    let name = parts.next().unwrap_or_default();
+    let scale = |v: &str| {
+        v.parse::<f32>().map_err(|_| {
+            format!("`{v}` is not a scale (NAME:SCALE or NAME:TE:UNET, e.g. style:0.8)")
+        })
     };
+    let te = parts.next().map(scale).transpose()?;
+    let unet = parts.next().map(scale).transpose()?;
+    if parts.next().is_some() {
+        return Err(format!("`{s}`: NAME, NAME:SCALE or NAME:TE:UNET"));
+    }
     if name.is_empty() {
         return Err("no LoRA name (NAME:SCALE)".into());
     }
     Ok(sd_proto::v1::LoraRef {
         name: name.to_string(),
-        scale,
+        scale: te.unwrap_or(1.0),
+        unet_scale: unet,
     })
 }
 
@@ -384,5 +391,16 @@ mod tests {
             PathBuf::from("out/a-1.png")
         );
         assert_eq!(format_of(Path::new("x.JPG")), ImageFormat::Jpeg);
+    }
+
+    #[test]
+    fn lora_flags_give_one_scale_or_the_text_encoders_and_the_unets() {
+        let l = |s: &str| parse_lora(s).map(|r| (r.name, r.scale, r.unet_scale));
+        assert_eq!(l("ink"), Ok(("ink".into(), 1.0, None)));
+        assert_eq!(l("ink:0.8"), Ok(("ink".into(), 0.8, None)));
+        assert_eq!(l("ink:0.8:0.3"), Ok(("ink".into(), 0.8, Some(0.3))));
+        assert!(l("ink:x").unwrap_err().contains("`x`"));
+        assert!(l("ink:1:2:3").is_err());
+        assert!(l(":1").is_err());
     }
 }

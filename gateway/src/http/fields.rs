@@ -123,9 +123,17 @@ impl<'a> Fields<'a> {
                     None | Some(Value::Null) => 1.0,
                     Some(v) => v.as_f64().ok_or_else(|| bad("`scale` must be a number"))?,
                 };
+                let unet_scale = match o.get("unet_scale") {
+                    None | Some(Value::Null) => None,
+                    Some(v) => Some(
+                        v.as_f64()
+                            .ok_or_else(|| bad("`unet_scale` must be a number"))?,
+                    ),
+                };
                 Ok(sd_proto::v1::LoraRef {
                     name: n.to_string(),
                     scale: scale as f32,
+                    unet_scale: unet_scale.map(|u| u as f32),
                 })
             })
             .collect()

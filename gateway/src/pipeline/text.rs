@@ -303,13 +303,13 @@ fn time_id_rows(plan: &Plan) -> Result<Option<(WireTensor, WireTensor)>> {
 pub(crate) fn canonical_loras(loras: &[LoraRef], listed: &[LoraInfo]) -> String {
     let mut v: Vec<String> = loras
         .iter()
-        .filter(|l| l.scale != 0.0)
+        .filter(|l| l.for_text_encoder() != 0.0)
         .map(|l| {
             let version = listed
                 .iter()
                 .find(|i| i.name == l.name)
                 .map_or("", |i| i.version.as_str());
-            format!("{}@{version}:{}", l.name, l.scale)
+            format!("{}@{version}:{}", l.name, l.for_text_encoder())
         })
         .collect();
     v.sort();

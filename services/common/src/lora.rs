@@ -29,6 +29,9 @@ pub struct LoraStore {
     /// generation names its adapters every step, and only this is looked at.
     recent: Mutex<HashMap<String, (Instant, Arc<Adapter>)>>,
     metrics: Arc<Metrics>,
+    /// It serves a UNet (each adapter at its UNet scale), not text
+    /// encoders (at its text encoder scale).
+    unet: bool,
 }
 
 /// How long a file found unchanged is not looked at again.
@@ -58,7 +61,9 @@ impl LoraStore {
             anyhow::ensure!(d.is_dir(), "--lora-dir {}: not a directory", d.display());
         }
         let kohya = KohyaNames::new(&index, layers_per_block);
+        let unet = index.networks().iter().any(|n| n == "unet");
         Ok(LoraStore {
+            unet,
             dir: args.lora_dir.clone(),
             index,
             kohya,
@@ -108,7 +113,7 @@ impl LoraStore {
             .enumerate()
             .map(|(i, r)| self.adapter(&r.name, &format!("loras[{i}].name")))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(applied(refs, adapters))
+        Ok(applied(refs, adapters, self.unet))
     }
 
     /// As [`LoraStore::resolve`] when every adapter was found on disk in
@@ -125,7 +130,7 @@ impl LoraStore {
                 _ => None,
             })
             .collect();
-        Ok(adapters.map(|a| applied(refs, a)))
+        Ok(adapters.map(|a| applied(refs, a, self.unet)))
     }
 
     /// Remember `adapter` as found on disk now (and forget what is stale).
@@ -201,14 +206,23 @@ fn mtime_nanos(meta: &std::fs::Metadata) -> u128 {
         .map_or(0, |d| d.as_nanos())
 }
 
-/// Each adapter at its request's scale (zero scales dropped).
-fn applied(refs: &[LoraRef], adapters: Vec<Arc<Adapter>>) -> Arc<[Applied]> {
+/// Each adapter at its request's scale for a UNet or for text encoders
+/// (zero scales dropped).
+fn applied(refs: &[LoraRef], adapters: Vec<Arc<Adapter>>, unet: bool) -> Arc<[Applied]> {
     refs.iter()
         .zip(adapters)
-        .filter(|(r, _)| r.scale != 0.0)
-        .map(|(r, adapter)| Applied {
+        .map(|(r, adapter)| {
+            let scale = if unet {
+                r.for_unet()
+            } else {
+                r.for_text_encoder()
+            };
+            (scale, adapter)
+        })
+        .filter(|(scale, _)| *scale != 0.0)
+        .map(|(scale, adapter)| Applied {
             adapter,
-            scale: f64::from(r.scale),
+            scale: f64::from(scale),
         })
         .collect()
 }

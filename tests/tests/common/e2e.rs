@@ -154,6 +154,7 @@ pub fn request(p: &serde_json::Value, e2e: &std::path::Path) -> GenerateRequest 
                     .map(|l| sd_proto::v1::LoraRef {
                         name: l["name"].as_str().unwrap_or_default().to_string(),
                         scale: l["scale"].as_f64().unwrap_or(1.0) as f32,
+                        unet_scale: l["unet_scale"].as_f64().map(|u| u as f32),
                     })
                     .collect()
             })
