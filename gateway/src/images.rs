@@ -170,12 +170,32 @@ fn normalized(rgb: &image::RgbImage) -> Result<HostTensor> {
         .map_err(|e| Error::Internal(format!("init image tensor: {e}")))
 }
 
+/// A request's LoRA adapters as AUTOMATIC1111's prompt tags:
+/// `<lora:NAME:SCALE>`, or `<lora:NAME:TE:UNET>` where the scales differ.
+pub fn lora_tags(loras: &[sd_proto::v1::LoraRef]) -> String {
+    loras
+        .iter()
+        .map(|l| match l.unet_scale {
+            Some(u) if u != l.scale => format!("<lora:{}:{}:{u}>", l.name, l.scale),
+            _ => format!("<lora:{}:{}>", l.name, l.scale),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// The generation parameters as text chunks: one key each, plus the
-/// `parameters` summary other SD tools read.
+/// `parameters` summary other SD tools read — its prompt with the LoRA
+/// tags that reproduce the image in AUTOMATIC1111's syntax.
 pub fn text_chunks(p: &GenerationParameters) -> Vec<(String, String)> {
+    let tags = lora_tags(&p.loras);
+    let prompt = match (p.prompt.is_empty(), tags.is_empty()) {
+        (_, true) => p.prompt.clone(),
+        (true, false) => tags.clone(),
+        (false, false) => format!("{} {tags}", p.prompt),
+    };
     let mut summary = format!(
         "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}{}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
-        p.prompt,
+        prompt,
         p.negative_prompt,
         p.steps,
         p.scheduler,
@@ -192,7 +212,7 @@ pub fn text_chunks(p: &GenerationParameters) -> Vec<(String, String)> {
     if p.strength > 0.0 {
         summary.push_str(&format!(", Denoising strength: {}", p.strength));
     }
-    vec![
+    let mut chunks = vec![
         ("parameters".into(), summary),
         ("prompt".into(), p.prompt.clone()),
         ("negative_prompt".into(), p.negative_prompt.clone()),
@@ -207,7 +227,11 @@ pub fn text_chunks(p: &GenerationParameters) -> Vec<(String, String)> {
             "software".into(),
             format!("sdserve {}", env!("CARGO_PKG_VERSION")),
         ),
-    ]
+    ];
+    if !tags.is_empty() {
+        chunks.push(("loras".into(), tags));
+    }
+    chunks
 }
 
 /// PNG with UTF-8 text chunks, compressed with the png crate's `Fast`
@@ -318,5 +342,44 @@ mod tests {
         let e =
             decode_init_image(&whole[..whole.len() - 2], &Limits::default(), 8, None).unwrap_err();
         assert!(e.to_string().contains("truncated JPEG"), "{e}");
+    }
+
+    #[test]
+    fn the_parameters_chunk_carries_the_lora_tags_that_reproduce_the_image() {
+        let lora = |name: &str, scale: f32, unet_scale: Option<f32>| sd_proto::v1::LoraRef {
+            name: name.into(),
+            scale,
+            unet_scale,
+        };
+        let mut p = GenerationParameters {
+            prompt: "a cat".into(),
+            ..Default::default()
+        };
+        let get = |p: &GenerationParameters, key: &str| {
+            text_chunks(p)
+                .into_iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v)
+        };
+        assert!(get(&p, "parameters").unwrap().starts_with("a cat\n"));
+        assert_eq!(get(&p, "loras"), None);
+        p.loras = vec![lora("ink", 0.8, None), lora("style", 1.0, Some(0.3))];
+        let params = get(&p, "parameters").unwrap();
+        assert!(
+            params.starts_with("a cat <lora:ink:0.8> <lora:style:1:0.3>\n"),
+            "{params}"
+        );
+        // The tags read back as the same adapters and scales.
+        let (_, tags) = sd_prompt::take_loras(params.lines().next().unwrap()).unwrap();
+        assert_eq!(
+            tags.iter()
+                .map(|t| (t.name.as_str(), t.scale, t.unet))
+                .collect::<Vec<_>>(),
+            [("ink", 0.8, None), ("style", 1.0, Some(0.3))]
+        );
+        assert_eq!(
+            get(&p, "loras").unwrap(),
+            "<lora:ink:0.8> <lora:style:1:0.3>"
+        );
     }
 }
