@@ -29,6 +29,9 @@ pub struct LoraStore {
     /// generation names its adapters every step, and only this is looked at.
     recent: Mutex<HashMap<String, (Instant, Arc<Adapter>)>>,
     metrics: Arc<Metrics>,
+    /// One gate per file being read: requests that name a new adapter at
+    /// once wait for one read instead of each reading (and holding) it.
+    loading: Mutex<HashMap<Key, Arc<Mutex<()>>>>,
     /// It serves a UNet (each adapter at its UNet scale), not text
     /// encoders (at its text encoder scale).
     unet: bool,
@@ -70,6 +73,7 @@ impl LoraStore {
             placement,
             cache: Mutex::new(ByteLru::new(args.lora_cache_mb << 20)),
             recent: Mutex::new(HashMap::new()),
+            loading: Mutex::new(HashMap::new()),
             metrics,
         })
     }
@@ -168,8 +172,38 @@ impl LoraStore {
             return Ok(a);
         }
         self.metrics.cache_lookup("lora", false);
+        // One read per file: wait for a read under way, then look again.
+        let gate = self
+            .loading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _reading = gate.lock().unwrap_or_else(|e| e.into_inner());
+        let read_meanwhile = self.lock().get(&key);
+        if let Some(a) = read_meanwhile {
+            self.seen(name, &a);
+            return Ok(a);
+        }
+        let loaded = self.load(&path, name, field, key.clone());
+        self.loading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+        loaded
+    }
+
+    /// Read `path`, fit it to the model and cache it under `key`.
+    fn load(
+        &self,
+        path: &Path,
+        name: &str,
+        field: &str,
+        key: Key,
+    ) -> Result<Arc<Adapter>, ServiceError> {
         let start = Instant::now();
-        let adapter = Adapter::load(&path, name, &self.index, &self.kohya, self.placement)
+        let adapter = Adapter::load(path, name, &self.index, &self.kohya, self.placement)
             .map_err(|e| ServiceError::invalid(field, format_args!("LoRA `{name}`: {e}")))?;
         let seconds = start.elapsed().as_secs_f64();
         self.metrics.lora_load_seconds.observe(seconds);
@@ -230,4 +264,81 @@ fn applied(refs: &[LoraRef], adapters: Vec<Arc<Adapter>>, unet: bool) -> Arc<[Ap
 /// The checks that need no file (`sd_proto::lora::check`), as a field violation.
 pub fn check(refs: &[LoraRef]) -> Result<(), ServiceError> {
     sd_proto::lora::check(refs).map_err(|e| ServiceError::invalid(e.field, e.message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sd_models::lora::{ModuleKind, ModuleShape};
+
+    /// A UNet-like index of `n` wide linear layers, and a PEFT file for them.
+    fn fixture(dir: &Path, n: usize, width: i64, rank: i64) -> ModuleIndex {
+        let mut index = ModuleIndex::default();
+        let mut tensors = Vec::new();
+        let f = (tch::Kind::Float, tch::Device::Cpu);
+        for i in 0..n {
+            let path = format!("unet.blocks.{i}.proj");
+            index.modules.insert(
+                path.clone(),
+                ModuleShape {
+                    kind: ModuleKind::Linear,
+                    input: width,
+                    output: width,
+                },
+            );
+            tensors.push((
+                format!("{path}.lora_A.weight"),
+                tch::Tensor::randn([rank, width], f),
+            ));
+            tensors.push((
+                format!("{path}.lora_B.weight"),
+                tch::Tensor::randn([width, rank], f),
+            ));
+        }
+        let named: Vec<(&str, &tch::Tensor)> =
+            tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        tch::Tensor::write_safetensors(&named, dir.join("wide.safetensors")).unwrap();
+        index
+    }
+
+    #[test]
+    fn requests_naming_a_new_adapter_at_once_share_one_read() {
+        let dir = std::env::temp_dir().join(format!("sd-lora-single-read-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let index = fixture(&dir, 40, 1024, 64);
+        let args = LoraArgs {
+            lora_dir: Some(dir.clone()),
+            lora_cache_mb: 1024,
+        };
+        let store =
+            LoraStore::new(&args, index, 2, Placement::cpu(), Metrics::new("test")).unwrap();
+        let refs = [LoraRef {
+            name: "wide".into(),
+            scale: 1.0,
+            unet_scale: None,
+        }];
+        let threads = 8;
+        let start = std::sync::Barrier::new(threads);
+        let sets: Vec<Arc<[Applied]>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        store.resolve(&refs).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        // Each read makes its own adapter: one read, one adapter for all.
+        let first = &sets[0][0].adapter;
+        assert_eq!(first.len(), 40);
+        for set in &sets {
+            assert!(
+                Arc::ptr_eq(&set[0].adapter, first),
+                "the file was read more than once"
+            );
+        }
+    }
 }
