@@ -227,6 +227,20 @@ fn a_replaced_lora_file_is_read_again_prompt_embeddings_too() {
             .unwrap()
             .into_inner();
         let info = listed.loras.iter().find(|l| l.name == "swap").unwrap();
+        // A check lists the checked adapters alone, with the same version.
+        let checked = client
+            .list_loras(ListLorasRequest {
+                check: vec![LoraRef {
+                    name: "swap".into(),
+                    scale: 1.0,
+                    unet_scale: None,
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(checked.loras, vec![info.clone()]);
         let bytes = std::fs::metadata(&swap).unwrap().len();
         assert_eq!(info.file_bytes, bytes);
         assert!(

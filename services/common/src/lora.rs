@@ -89,21 +89,26 @@ impl LoraStore {
             .filter_map(Result::ok)
             .filter_map(|e| {
                 let path = e.path();
-                let name = path
-                    .file_name()?
-                    .to_str()?
-                    .strip_suffix(".safetensors")?
-                    .to_string();
-                let meta = std::fs::metadata(&path).ok().filter(|m| m.is_file())?;
-                (!name.starts_with('.')).then(|| LoraInfo {
-                    name,
-                    file_bytes: meta.len(),
-                    version: format!("{}-{}", meta.len(), mtime_nanos(&meta)),
-                })
+                let name = path.file_name()?.to_str()?.strip_suffix(".safetensors")?;
+                if name.starts_with('.') {
+                    return None;
+                }
+                info(name, &path)
             })
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(v)
+    }
+
+    /// The listing of the adapters `refs` name (those in the folder), with
+    /// no scan of the folder: what a check needs.
+    pub fn infos(&self, refs: &[LoraRef]) -> Vec<LoraInfo> {
+        let Some(dir) = &self.dir else {
+            return Vec::new();
+        };
+        refs.iter()
+            .filter_map(|r| info(&r.name, &dir.join(format!("{}.safetensors", r.name))))
+            .collect()
     }
 
     /// The adapters `refs` name, at their scales (zero scales dropped),
@@ -230,6 +235,16 @@ impl LoraStore {
     pub fn dir(&self) -> Option<&Path> {
         self.dir.as_deref()
     }
+}
+
+/// What a listing says of the LoRA file `name` at `path` (None: no such file).
+fn info(name: &str, path: &Path) -> Option<LoraInfo> {
+    let meta = std::fs::metadata(path).ok().filter(|m| m.is_file())?;
+    Some(LoraInfo {
+        name: name.to_string(),
+        file_bytes: meta.len(),
+        version: format!("{}-{}", meta.len(), mtime_nanos(&meta)),
+    })
 }
 
 /// A file's modification time, nanoseconds since the epoch (0 unknown).

@@ -180,10 +180,18 @@ impl Denoiser for Service {
         let req = request.into_inner();
         core.loras(&req.check).await.map_err(Status::from)?;
         let store = core.loras.clone();
-        let loras = tokio::task::spawn_blocking(move || store.list())
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(Status::from)?;
+        // A check (every generation with LoRAs asks one) lists the checked
+        // adapters alone: no scan of a folder that may hold thousands.
+        let loras = tokio::task::spawn_blocking(move || {
+            if req.check.is_empty() {
+                store.list()
+            } else {
+                Ok(store.infos(&req.check))
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(Status::from)?;
         Ok(Response::new(ListLorasResponse { loras }))
     }
 }
