@@ -330,3 +330,36 @@ def test_the_images_carry_the_default_model():
     assert default, volume
     assert (DOCKER / default.group(1) / "model_index.json").resolve().is_file(), "compose's default model"
     assert compose["x-model-service"]["environment"]["SD_MODEL"] == default.group(2)
+
+
+def test_loras_reach_the_text_encoder_and_denoiser(overlay):
+    """LoRA files live in loras/ on the weights volume (the Job makes the
+    folder: a service refuses a --lora-dir that is not one); the text
+    encoder and denoiser read it, the autoencoder does not."""
+    _, docs = overlay
+    job = one(docs, "Job", "sd-weights-download")
+    assert "mkdir -p /models/loras" in " ".join(container(job)["args"])
+    for stage in MODEL_STAGES:
+        d = one(docs, "Deployment", stage)
+        mounts = {m["name"]: m["mountPath"] for m in container(d)["volumeMounts"]}
+        lora_dir = env(d).get("SD_LORA_DIR")
+        if stage == "autoencoder":
+            assert lora_dir is None
+        else:
+            assert lora_dir == "/models/loras"
+            assert lora_dir.startswith(mounts["weights"] + "/")
+
+
+def test_compose_mounts_a_lora_folder_for_the_text_encoder_and_denoiser():
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    services = compose["services"]
+    assert (DOCKER / "loras").is_dir(), "the default LoRA folder ships (with its README)"
+    for stage in ["text-encoder", "denoiser"]:
+        s = services[stage]
+        assert s["environment"]["SD_LORA_DIR"] == "/loras"
+        assert "${SD_LORA_HOST_DIR:-./loras}:/loras:ro" in s["volumes"]
+        # the model mount stays (a service's own volumes replace the shared ones)
+        assert any(v.endswith(":/models/sd:ro") for v in s["volumes"])
+    assert "SD_LORA_DIR" not in services["autoencoder"]["environment"]
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert "deploy/docker/loras" in ignored, "LoRA files stay out of the image build context"
