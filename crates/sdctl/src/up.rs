@@ -30,8 +30,10 @@ pub struct UpArgs {
     model: Vec<PathBuf>,
     /// For a single-file checkpoint of another architecture: a diffusers
     /// model directory whose configs describe it (the services' `--config`).
+    /// With several single-file `--model`s: once for all of them, or once
+    /// for each, in order; model directories never take it.
     #[arg(long, env = "SD_MODEL_CONFIG")]
-    config: Option<PathBuf>,
+    config: Vec<PathBuf>,
     /// Gateway port (0: a free one; the address is printed).
     #[arg(long, default_value_t = 50051)]
     port: u16,
@@ -163,11 +165,56 @@ fn service_args(args: &UpArgs, model: &Path) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .chain(
-        args.config
-            .iter()
+        config_for(args, Path::new(&model))
+            .into_iter()
             .flat_map(|c| ["--config".to_string(), c.to_string_lossy().into_owned()]),
     )
     .collect()
+}
+
+/// Whether `model` is a single-file checkpoint rather than a model directory.
+fn is_single_file(model: &Path) -> bool {
+    !model.is_dir()
+}
+
+/// The `--config` of `model`: none for a model directory (it has its own
+/// configs); for a single file, the one `--config`, or the one given in
+/// its place among the single-file models.
+fn config_for<'a>(args: &'a UpArgs, model: &Path) -> Option<&'a PathBuf> {
+    if !is_single_file(model) {
+        return None;
+    }
+    match args.config.as_slice() {
+        [] => None,
+        [one] => Some(one),
+        each => {
+            let at = args
+                .model
+                .iter()
+                .filter(|m| is_single_file(m))
+                .position(|m| m == model)?;
+            each.get(at)
+        }
+    }
+}
+
+/// `--config` given once, or once per single-file `--model`, and only
+/// with one.
+fn check_configs(args: &UpArgs) -> anyhow::Result<()> {
+    let singles = args.model.iter().filter(|m| is_single_file(m)).count();
+    match args.config.len() {
+        0 => Ok(()),
+        _ if singles == 0 => anyhow::bail!(
+            "--config describes a single-file checkpoint, and no --model is one (a model \
+             directory has its own configs)"
+        ),
+        1 => Ok(()),
+        n if n == singles => Ok(()),
+        n => anyhow::bail!(
+            "--config given {n} times for {singles} single-file --model(s): give it once for \
+             all of them, or once for each, in order"
+        ),
+    }
 }
 
 /// The flags one stage's services get: every service's, and the
@@ -383,6 +430,7 @@ pub async fn run(mut args: UpArgs) -> anyhow::Result<()> {
         Some(m) => *m = first,
         None => args.model.push(first),
     }
+    check_configs(&args)?;
     let mut names: Vec<String> = args.model.iter().map(|m| model_name(m)).collect();
     names.sort();
     names.dedup();
@@ -458,7 +506,7 @@ pub async fn probe(addr: &str, service: &str, timeout: u64) -> anyhow::Result<()
 
 #[cfg(test)]
 mod tests {
-    use super::{drain_flag, stage_args, Stage, UpArgs};
+    use super::{check_configs, drain_flag, stage_args, stage_args_for, Stage, UpArgs};
     use clap::Parser;
 
     #[derive(Parser)]
@@ -477,6 +525,60 @@ mod tests {
         }
         let cli = Cli::parse_from(["sdctl", "--model", "/m"]);
         assert!(!stage_args(&cli.up, Stage::Autoencoder).contains(&"--vae".to_string()));
+    }
+
+    #[test]
+    fn configs_go_to_single_file_models_alone_once_for_all_or_one_each() {
+        let dir = std::env::temp_dir();
+        let dir = dir.to_str().unwrap();
+        let config = |argv: &[&str], model: &str| {
+            let cli = Cli::parse_from([&["sdctl"], argv].concat());
+            check_configs(&cli.up).map(|()| {
+                let a = stage_args_for(&cli.up, Stage::Denoiser, std::path::Path::new(model));
+                a.iter()
+                    .position(|f| f == "--config")
+                    .map(|i| a[i + 1].clone())
+            })
+        };
+        // One for every single file; the model directory gets none.
+        let one = [
+            "--model",
+            "/a.safetensors",
+            "--model",
+            dir,
+            "--model",
+            "/b.safetensors",
+            "--config",
+            "/c",
+        ];
+        assert_eq!(
+            config(&one, "/a.safetensors").unwrap().as_deref(),
+            Some("/c")
+        );
+        assert_eq!(
+            config(&one, "/b.safetensors").unwrap().as_deref(),
+            Some("/c")
+        );
+        assert_eq!(config(&one, dir).unwrap(), None);
+        // One each, in the single files' order.
+        let each = [&one[..], &["--config", "/d"]].concat();
+        assert_eq!(
+            config(&each, "/a.safetensors").unwrap().as_deref(),
+            Some("/c")
+        );
+        assert_eq!(
+            config(&each, "/b.safetensors").unwrap().as_deref(),
+            Some("/d")
+        );
+        assert_eq!(config(&each, dir).unwrap(), None);
+        // Neither fits: refused, naming the flag.
+        let three = [&each[..], &["--config", "/e"]].concat();
+        let e = config(&three, "/a.safetensors").unwrap_err().to_string();
+        assert!(e.contains("--config given 3 times for 2"), "{e}");
+        let e = config(&["--model", dir, "--config", "/c"], dir)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no --model is one"), "{e}");
     }
 
     fn flag(args: &[&str]) -> anyhow::Result<Option<u64>> {
