@@ -2,7 +2,7 @@
 by the PyPI `playwright`): a person's path through it — type a prompt,
 press Generate (from the keyboard), watch the progress bar and previews,
 get the image with its parameters and a download link; cancel a long one;
-read it on a phone-sized screen.
+pick a LoRA; read it on a phone-sized screen.
 
 Usage: python web_page.py http://127.0.0.1:PORT EXPECTED_SIDE
 """
@@ -76,7 +76,7 @@ def main():
         assert running["state"]["job_count"] == 1 and running["state"]["sampling_steps"] >= 1000, running
         page.get_by_role("button", name="Cancel").click()
         expect(page.get_by_role("status")).to_have_text("Cancelled")
-        deadline = time.time() + 10
+        deadline = time.time() + 30  # the step in progress ends first; slow on a loaded machine
         while True:
             p_ = json.load(urllib.request.urlopen(URL + "/sdapi/v1/progress?skip_current_image=true"))
             if p_["state"]["job_count"] == 0:
@@ -97,6 +97,15 @@ def main():
         page.get_by_label("Width").fill("4096")
         page.get_by_role("button", name="Generate").click()
         expect(page.get_by_role("status")).to_contain_text("Error: width", timeout=30_000)
+
+        # A LoRA from the server's folder, at a scale: the server applies it
+        # (it refuses names it lacks) and the caption says so.
+        expect(page.get_by_label("LoRA (Ctrl/⌘ for several)")).to_be_visible()
+        page.get_by_label("LoRA (Ctrl/⌘ for several)").select_option("ink")
+        page.get_by_label("LoRA scale").fill("0.5")
+        page.get_by_label("Width").fill(str(SIDE))
+        page.get_by_role("button", name="Generate").click()
+        expect(page.locator("figcaption").first).to_contain_text("LoRA ink 0.5", timeout=60_000)
 
         # A phone: nothing wider than the screen.
         phone = browser.new_page(viewport={"width": 390, "height": 844})

@@ -144,7 +144,21 @@ fn bad_input_cases() -> Vec<(&'static str, String, u16, Option<&'static str>)> {
 
 #[test]
 fn the_web_page_works_in_headless_chromium() {
-    let stack = stack(&[]);
+    // A LoRA folder with one adapter for sd1-tiny, for the page's picker.
+    let loras = tempfile::tempdir().unwrap();
+    let stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    let f = (tch::Kind::Float, tch::Device::Cpu);
+    let (down, up) = (
+        format!("{stem}.lora_down.weight"),
+        format!("{stem}.lora_up.weight"),
+    );
+    let tensors = [
+        (down.as_str(), tch::Tensor::randn([4, 32], f)),
+        (up.as_str(), tch::Tensor::randn([32, 4], f)),
+    ];
+    tch::Tensor::write_safetensors(&tensors, loras.path().join("ink.safetensors")).unwrap();
+    let dir = format!("--lora-dir={}", loras.path().display());
+    let stack = stack(&[&dir]);
     common::run_client("web_page.py", &[stack.http.as_ref(), "32".as_ref()]);
 }
 

@@ -73,6 +73,7 @@ fn request(f: &Fields) -> Result<GenerateRequest, HttpError> {
         preview_every: f.int_in("preview_every", 0, 1000)?.unwrap_or(1) as u32,
         preview_mode: PreviewMode::Latent as i32,
         num_images: 1,
+        loras: f.loras("loras")?,
         ..Default::default()
     })
 }
@@ -86,6 +87,9 @@ fn parameters_json(p: &GenerationParameters) -> serde_json::Value {
         "prompt": p.prompt, "negative_prompt": p.negative_prompt, "width": p.width,
         "height": p.height, "steps": p.steps, "guidance_scale": p.guidance_scale,
         "scheduler": p.scheduler, "seed": p.seed, "model": p.model,
+        "loras": p.loras.iter().map(|l| json!({
+            "name": l.name, "scale": l.scale, "unet_scale": l.unet_scale,
+        })).collect::<Vec<_>>(),
     })
 }
 
