@@ -137,7 +137,9 @@ struct Use {
     /// merged; a `len` of -1: every row, whatever the batch.
     segments: Vec<(i64, i64, f64)>,
     /// With several segments: each row's scale (0 where unused), made on
-    /// the first forward's device and dtype, `[rows]`.
+    /// the first forward's device, in fp32 (fp64 for fp64 inputs) so that
+    /// a half-precision forward rounds a row's scale once, as the one-run
+    /// path does, `[rows]`.
     row_scales: RefCell<Option<Tensor>>,
 }
 
@@ -162,11 +164,16 @@ impl Use {
         }
     }
 
-    /// Each row's scale as a tensor like `like` (its device and dtype), `[batch]`.
+    /// Each row's scale on `like`'s device, `[batch]`.
     fn row_scales(&self, batch: i64, like: &Tensor) -> Result<Tensor> {
+        let kind = if like.kind() == tch::Kind::Double {
+            tch::Kind::Double
+        } else {
+            tch::Kind::Float
+        };
         let mut cached = self.row_scales.borrow_mut();
         if let Some(t) = cached.as_ref() {
-            if t.size()[0] == batch && t.device() == like.device() && t.kind() == like.kind() {
+            if t.size()[0] == batch && t.device() == like.device() && t.kind() == kind {
                 return Ok(t.shallow_clone());
             }
         }
@@ -177,7 +184,7 @@ impl Use {
             }
         }
         let t = Tensor::from_slice(&v)
-            .f_to_kind(like.kind())?
+            .f_to_kind(kind)?
             .f_to_device(like.device())?;
         *cached = Some(t.shallow_clone());
         Ok(t)
@@ -533,6 +540,20 @@ struct Parts {
     alpha: Option<String>,
 }
 
+/// The model module a key's stem names: a diffusers/PEFT path the model
+/// has, or a kohya stem resolved against its modules (None: neither).
+fn module_of(
+    direct: Option<String>,
+    stem: &str,
+    index: &ModuleIndex,
+    kohya: &KohyaNames,
+) -> Option<String> {
+    match direct {
+        Some(c) => index.modules.contains_key(&c).then_some(c),
+        None => kohya.resolve(stem).cloned(),
+    }
+}
+
 impl Adapter {
     /// Read `path` as LoRA `name`, keeping the deltas for the networks in
     /// `index` (another service holds the rest); every key of those
@@ -563,15 +584,9 @@ impl Adapter {
             if !held.iter().any(|h| h == network) {
                 continue;
             }
-            let canonical = match direct {
-                Some(c) => c,
-                None => match kohya.resolve(stem) {
-                    Some(c) => c.clone(),
-                    None => {
-                        unknown.push(key.to_string());
-                        continue;
-                    }
-                },
+            let Some(canonical) = module_of(direct, stem, index, kohya) else {
+                unknown.push(key.to_string());
+                continue;
             };
             let entry = modules.entry(canonical).or_insert_with(|| {
                 (
@@ -617,7 +632,9 @@ impl Adapter {
                     format!("`{canonical}`: a down (A) or up (B) weight is missing"),
                 ));
             };
-            let shape = index.modules[&canonical];
+            let Some(&shape) = index.modules.get(&canonical) else {
+                return Err(bad(path, format!("`{canonical}`: no such module")));
+            };
             let (down, up) = fit(&w, &down_key, &up_key, shape, path)?;
             // Copies: on a CPU the weights may be views of the file's map,
             // which goes when `w` does (and an adapter must not change if

@@ -30,12 +30,16 @@ pub struct LoraStore {
     recent: Mutex<HashMap<String, (Instant, Arc<Adapter>)>>,
     metrics: Arc<Metrics>,
     /// One gate per file being read: requests that name a new adapter at
-    /// once wait for one read instead of each reading (and holding) it.
-    loading: Mutex<HashMap<Key, Arc<Mutex<()>>>>,
+    /// once wait for one read instead of each reading (and holding) it,
+    /// and take its outcome — the adapter, or why it was refused.
+    loading: Mutex<HashMap<Key, Gate>>,
     /// It serves a UNet (each adapter at its UNet scale), not text
     /// encoders (at its text encoder scale).
     unet: bool,
 }
+
+/// A read under way and, once done, its outcome (the refusal's message).
+type Gate = Arc<Mutex<Option<Result<Arc<Adapter>, String>>>>;
 
 /// How long a file found unchanged is not looked at again.
 const RECHECK: Duration = Duration::from_secs(1);
@@ -90,7 +94,8 @@ impl LoraStore {
             .filter_map(|e| {
                 let path = e.path();
                 let name = path.file_name()?.to_str()?.strip_suffix(".safetensors")?;
-                if name.starts_with('.') {
+                // names a request cannot give (sd_proto::lora::check)
+                if name.starts_with('.') || name.contains([':', '<', '>']) {
                     return None;
                 }
                 info(name, &path)
@@ -177,7 +182,8 @@ impl LoraStore {
             return Ok(a);
         }
         self.metrics.cache_lookup("lora", false);
-        // One read per file: wait for a read under way, then look again.
+        // One read per file: wait for a read under way and take its
+        // outcome (even one the cache could not keep, or a refusal).
         let gate = self
             .loading
             .lock()
@@ -185,31 +191,41 @@ impl LoraStore {
             .entry(key.clone())
             .or_default()
             .clone();
-        let _reading = gate.lock().unwrap_or_else(|e| e.into_inner());
+        let mut outcome = gate.lock().unwrap_or_else(|e| e.into_inner());
+        // (The cache's lock is let go before a read takes it again.)
         let read_meanwhile = self.lock().get(&key);
-        if let Some(a) = read_meanwhile {
-            self.seen(name, &a);
-            return Ok(a);
+        let done = match outcome.as_ref() {
+            Some(done) => done.clone(),
+            None => match read_meanwhile {
+                // read by a gate that is gone by now
+                Some(a) => Ok(a),
+                None => {
+                    let loaded = self.load(&path, name, key.clone());
+                    *outcome = Some(loaded.clone());
+                    let mut loading = self.loading.lock().unwrap_or_else(|e| e.into_inner());
+                    if loading.get(&key).is_some_and(|g| Arc::ptr_eq(g, &gate)) {
+                        loading.remove(&key);
+                    }
+                    loaded
+                }
+            },
+        };
+        drop(outcome);
+        match done {
+            Ok(a) => {
+                self.seen(name, &a);
+                Ok(a)
+            }
+            Err(message) => Err(ServiceError::invalid(field, message)),
         }
-        let loaded = self.load(&path, name, field, key.clone());
-        self.loading
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&key);
-        loaded
     }
 
-    /// Read `path`, fit it to the model and cache it under `key`.
-    fn load(
-        &self,
-        path: &Path,
-        name: &str,
-        field: &str,
-        key: Key,
-    ) -> Result<Arc<Adapter>, ServiceError> {
+    /// Read `path`, fit it to the model and cache it under `key`; a
+    /// refusal's message.
+    fn load(&self, path: &Path, name: &str, key: Key) -> Result<Arc<Adapter>, String> {
         let start = Instant::now();
         let adapter = Adapter::load(path, name, &self.index, &self.kohya, self.placement)
-            .map_err(|e| ServiceError::invalid(field, format_args!("LoRA `{name}`: {e}")))?;
+            .map_err(|e| format!("LoRA `{name}`: {e}"))?;
         let seconds = start.elapsed().as_secs_f64();
         self.metrics.lora_load_seconds.observe(seconds);
         tracing::info!(
@@ -224,7 +240,6 @@ impl LoraStore {
         cache.insert(key, adapter.clone(), adapter.bytes() + name.len());
         self.metrics.lora_cache_bytes.set(cache.bytes() as i64);
         drop(cache);
-        self.seen(name, &adapter);
         Ok(adapter)
     }
 
@@ -354,6 +369,64 @@ mod tests {
                 Arc::ptr_eq(&set[0].adapter, first),
                 "the file was read more than once"
             );
+        }
+    }
+
+    #[test]
+    fn requests_waiting_on_a_refused_file_get_the_refusal_naming_their_field() {
+        let dir = std::env::temp_dir().join(format!("sd-lora-refused-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let index = fixture(&dir, 2, 64, 4);
+        // The file names a module the model lacks.
+        let f = (tch::Kind::Float, tch::Device::Cpu);
+        let (a, b) = (
+            tch::Tensor::zeros([4, 64], f),
+            tch::Tensor::zeros([64, 4], f),
+        );
+        tch::Tensor::write_safetensors(
+            &[
+                ("unet.nowhere.lora_A.weight", &a),
+                ("unet.nowhere.lora_B.weight", &b),
+            ],
+            dir.join("misfit.safetensors"),
+        )
+        .unwrap();
+        let args = LoraArgs {
+            lora_dir: Some(dir.clone()),
+            lora_cache_mb: 1024,
+        };
+        let store =
+            LoraStore::new(&args, index, 2, Placement::cpu(), Metrics::new("test")).unwrap();
+        let refs = [
+            LoraRef {
+                name: "wide".into(),
+                scale: 1.0,
+                unet_scale: None,
+            },
+            LoraRef {
+                name: "misfit".into(),
+                scale: 1.0,
+                unet_scale: None,
+            },
+        ];
+        let start = std::sync::Barrier::new(4);
+        let errors: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        match store.resolve(&refs) {
+                            Ok(_) => "resolved".to_string(),
+                            Err(e) => format!("{e:?}"),
+                        }
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        for e in errors {
+            assert!(e.contains("loras[1].name") && e.contains("misfit"), "{e}");
         }
     }
 }
