@@ -62,7 +62,7 @@ fn lora(args: &str) -> Result<LoraTag, String> {
     for item in args.split(':') {
         match item.split_once('=') {
             // A1111 takes an item with exactly one `=` as named.
-            Some((key, value)) if !value.contains('=') => match key.trim() {
+            Some((key, value)) if !value.contains('=') => match key {
                 "te" => te = Some(value),
                 "unet" => unet = Some(value),
                 "dyn" => {

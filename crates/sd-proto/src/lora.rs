@@ -32,13 +32,14 @@ pub fn check(refs: &[LoraRef]) -> Result<(), Invalid> {
         if n.is_empty()
             || n.len() > 128
             || n.starts_with('.')
-            || n.contains(['/', '\\'])
+            || n.contains(['/', '\\', ':', '<', '>'])
             || n.chars().any(char::is_control)
         {
             return invalid(
                 format!("loras[{i}].name"),
                 format!(
-                    "`{}` is not a LoRA name (a file name without .safetensors)",
+                    "`{}` is not a LoRA name (a file name without .safetensors, and \
+                     without `:`, `<` or `>`, which a prompt tag cannot carry)",
                     n.escape_debug()
                 ),
             );
@@ -70,5 +71,53 @@ impl LoraRef {
     /// Its multiplier on the UNet: `unet_scale`, else `scale`.
     pub fn for_unet(&self) -> f32 {
         self.unet_scale.unwrap_or(self.scale)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(name: &str, scale: f32, unet_scale: Option<f32>) -> Result<(), Invalid> {
+        check(&[LoraRef {
+            name: name.into(),
+            scale,
+            unet_scale,
+        }])
+    }
+
+    #[test]
+    fn names_a_prompt_tag_can_carry_and_finite_scales_in_range() {
+        assert!(one("style_v2-final.1", 0.8, Some(-2.0)).is_ok());
+        for bad in [
+            "",
+            ".hidden",
+            "a/b",
+            "a\\b",
+            "v1:style",
+            "a<b",
+            "a>b",
+            "tab\tname",
+        ] {
+            let e = one(bad, 1.0, None).unwrap_err();
+            assert_eq!(e.field, "loras[0].name", "{bad}");
+        }
+        let e = one("s", f32::NAN, None).unwrap_err();
+        assert_eq!(e.field, "loras[0].scale");
+        let e = one("s", 1.0, Some(10.5)).unwrap_err();
+        assert_eq!(e.field, "loras[0].unet_scale");
+        let twice = [
+            LoraRef {
+                name: "s".into(),
+                scale: 1.0,
+                unet_scale: None,
+            },
+            LoraRef {
+                name: "s".into(),
+                scale: 0.5,
+                unet_scale: None,
+            },
+        ];
+        assert_eq!(check(&twice).unwrap_err().field, "loras[1].name");
     }
 }

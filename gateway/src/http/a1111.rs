@@ -612,14 +612,20 @@ async fn sd_models(S(http): S<State>, headers: HeaderMap) -> Response {
 }
 
 /// A1111's LoRA list (the Lora extension's): the adapters in the
-/// services' LoRA folder, used in prompts as `<lora:NAME:MULTIPLIER>`.
-async fn loras(S(http): S<State>, headers: HeaderMap) -> Response {
+/// services' LoRA folder, used in prompts as `<lora:NAME:MULTIPLIER>`;
+/// `?model=NAME` (sdserve's) those of another model than the default.
+async fn loras(
+    S(http): S<State>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
     let run = async {
         http.check_key(&headers)?;
         let deadline = sd_runtime::deadline::Deadline::after(std::time::Duration::from_secs(30));
+        let model = q.get("model").map_or("", String::as_str);
         let list = http
             .service
-            .generator
+            .pick(model)?
             .stages
             .list_loras(Default::default(), &deadline)
             .await?;
