@@ -87,6 +87,16 @@ fn two_models_behind_one_gateway() {
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.message().contains("model"), "{}", e.message());
+        // The A1111 list takes the model too (sdserve's ?model=).
+        use common::raw::{exchange, host_port};
+        for (query, ok) in [("sd2-tiny", true), ("sd3", false)] {
+            let get = format!(
+                "GET /sdapi/v1/loras?model={query} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                host_port(&stack.http)
+            );
+            let (status, v) = exchange(&stack.http, get.as_bytes());
+            assert_eq!(status == 200, ok, "{query}: {status} {v}");
+        }
     });
     let all: Vec<Case> = cases(&m, "sd1-tiny")
         .into_iter()
