@@ -7,10 +7,13 @@ use std::time::Duration;
 
 use sd_proto::v1::autoencoder_client::AutoencoderClient;
 use sd_proto::v1::denoiser_client::DenoiserClient;
+use sd_proto::v1::denoiser_info::FamilyParams;
 use sd_proto::v1::text_encoder_client::TextEncoderClient;
 use sd_proto::v1::{
-    AutoencoderInfoRequest, DenoiserInfo, DenoiserInfoRequest, TextEncoderInfoRequest, UnetCost,
+    AutoencoderInfo, AutoencoderInfoRequest, DenoiserInfo, DenoiserInfoRequest, ForwardCost,
+    TextEncoderInfo, TextEncoderInfoRequest,
 };
+use sd_proto::Family;
 use sd_runtime::deadline::Deadline;
 use sd_runtime::internal::SendToken;
 use sd_runtime::tls::ClientTls;
@@ -19,7 +22,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::error::Stage;
-use crate::facts::{Family, ModelFacts, SharedCost};
+use crate::facts::{Layout, ModelFacts, Normalization, Profile, SharedCost};
 use crate::pool::Pool;
 
 /// Where the model services are: comma-separated URLs, or `dns://host:port`
@@ -147,7 +150,7 @@ impl Backends {
     }
 
     /// The denoiser's current UNet cost (it keeps it current as it runs).
-    pub async fn denoiser_cost(&self) -> anyhow::Result<Option<UnetCost>> {
+    pub async fn denoiser_cost(&self) -> anyhow::Result<Option<ForwardCost>> {
         let dl = Deadline::after(Duration::from_secs(10));
         Ok(self.denoiser_info(&dl).await?.cost)
     }
@@ -193,13 +196,96 @@ impl Backends {
             .class_name()
             .and_then(SchedulerKind::from_diffusers_class)
             .unwrap_or(SchedulerKind::Pndm);
-        if a.latent_channels != d.latent_channels || a.scale_factor != d.vae_scale_factor {
+        let facts = Published {
+            denoiser: &d,
+            autoencoder: &a,
+            text: &t,
+        }
+        .check()?;
+        Ok(ModelFacts {
+            id: d.model_id,
+            name: d.model_name,
+            layout: facts.layout,
+            sample_size: d.sample_size,
+            normalization: facts.normalization,
+            max_decode_pixels: a.max_pixels,
+            cost: SharedCost::new(d.cost),
+            scheduler_config,
+            default_scheduler,
+            prediction: d.prediction_type.parse()?,
+            text_layers: t.num_layers,
+            text_model_id: t.model_id,
+            profile: facts.profile,
+        })
+    }
+}
+
+/// What the three services published about their model, before the
+/// gateway serves it.
+struct Published<'a> {
+    denoiser: &'a DenoiserInfo,
+    autoencoder: &'a AutoencoderInfo,
+    text: &'a TextEncoderInfo,
+}
+
+/// What the gateway takes from it, checked.
+struct Checked {
+    layout: Layout,
+    normalization: Normalization,
+    profile: Profile,
+}
+
+impl Published<'_> {
+    /// The services hold one model: the same family, the VAE's latents
+    /// the network's, the text width the network's context width.
+    fn check(&self) -> anyhow::Result<Checked> {
+        let (d, a, t) = (self.denoiser, self.autoencoder, self.text);
+        let family = Family::from_wire(d.family).map_err(|e| anyhow::anyhow!("denoiser: {e}"))?;
+        for (stage, theirs) in [("text encoder", t.family), ("autoencoder", a.family)] {
+            let theirs = Family::from_wire(theirs).map_err(|e| anyhow::anyhow!("{stage}: {e}"))?;
+            anyhow::ensure!(
+                theirs == family,
+                "the {stage} serves an {theirs} model, the denoiser an {family} one: different models?"
+            );
+        }
+        let params = d
+            .family_params
+            .ok_or_else(|| anyhow::anyhow!("denoiser: no family parameters published"))?;
+        let params_family = match &params {
+            FamilyParams::Sd(_) => Family::Sd,
+            FamilyParams::Sdxl(_) => Family::Sdxl,
+        };
+        anyhow::ensure!(
+            params_family == family,
+            "denoiser: {params_family} parameters for an {family} model"
+        );
+        let l = d
+            .layout
+            .ok_or_else(|| anyhow::anyhow!("denoiser: no latent layout published"))?;
+        let layout = Layout {
+            latent_channels: l.latent_channels as usize,
+            in_channels: l.in_channels as usize,
+            scale_factor: l.vae_scale_factor,
+            size_multiple: l.size_multiple,
+            packed: l.packed,
+        };
+        anyhow::ensure!(
+            layout.latent_channels > 0
+                && layout.in_channels >= layout.latent_channels
+                && layout.scale_factor > 0
+                && layout.size_multiple > 0
+                && layout.size_multiple.is_multiple_of(layout.scale_factor),
+            "denoiser: an impossible latent layout {l:?}"
+        );
+        if a.latent_channels as usize != layout.latent_channels
+            || a.scale_factor != layout.scale_factor
+        {
             anyhow::bail!(
                 "autoencoder ({} channels, ×{}) and denoiser ({} channels, ×{}) disagree: different models?",
                 a.latent_channels,
                 a.scale_factor,
-                d.latent_channels,
-                d.vae_scale_factor
+                layout.latent_channels,
+                layout.scale_factor
             );
         }
         if t.hidden_size != d.context_dim {
@@ -209,31 +295,29 @@ impl Backends {
                 d.context_dim
             );
         }
-        Ok(ModelFacts {
-            id: d.model_id,
-            name: d.model_name,
-            latent_channels: d.latent_channels as usize,
-            scale_factor: d.vae_scale_factor,
-            sample_size: d.sample_size,
-            scaling_factor: a.scaling_factor,
-            max_decode_pixels: a.max_pixels,
-            cost: SharedCost::new(d.cost),
-            scheduler_config,
-            default_scheduler,
-            prediction: d.prediction_type.parse()?,
-            text_layers: t.num_layers,
-            text_model_id: t.model_id,
-            family: Family {
-                pooled_dim: d.pooled_dim,
-                time_ids_len: d.time_ids_len,
+        let n = a
+            .normalization
+            .ok_or_else(|| anyhow::anyhow!("autoencoder: no latent normalization published"))?;
+        anyhow::ensure!(
+            n.scale.is_finite() && n.scale != 0.0 && n.shift.is_finite(),
+            "autoencoder: an impossible latent normalization {n:?}"
+        );
+        Ok(Checked {
+            layout,
+            normalization: Normalization {
+                scale: n.scale,
+                shift: n.shift,
+            },
+            profile: Profile {
+                params,
                 time_cond_dim: d.time_cond_dim,
-                force_zeros_for_empty_prompt: d.force_zeros_for_empty_prompt,
-                requires_aesthetics_score: d.requires_aesthetics_score,
+                // Older denoisers say it by the LCM embedding's width alone.
+                guidance_embedded: d.guidance_embedded || d.time_cond_dim > 0,
                 // Older denoisers publish none.
                 default_guidance: if d.default_guidance > 0.0 {
                     d.default_guidance
                 } else {
-                    Family::default().default_guidance
+                    Profile::default().default_guidance
                 },
                 default_steps: d.default_steps,
             },

@@ -3,25 +3,27 @@
 
 use std::sync::{Arc, RwLock};
 
-use sd_proto::v1::UnetCost;
+use sd_proto::v1::denoiser_info::FamilyParams;
+use sd_proto::v1::{ForwardCost, SdParams, SdxlParams};
+use sd_proto::Family;
 use sd_sampling::{Prediction, SchedulerConfig, SchedulerKind};
 
 /// The denoiser's published UNet cost, shared by every request and
 /// replaced when the gateway reads a newer one (the denoiser keeps it
 /// current with the forwards it runs).
 #[derive(Clone, Debug, Default)]
-pub struct SharedCost(Arc<RwLock<Option<UnetCost>>>);
+pub struct SharedCost(Arc<RwLock<Option<ForwardCost>>>);
 
 impl SharedCost {
-    pub fn new(cost: Option<UnetCost>) -> Self {
+    pub fn new(cost: Option<ForwardCost>) -> Self {
         SharedCost(Arc::new(RwLock::new(cost)))
     }
 
-    pub fn get(&self) -> Option<UnetCost> {
+    pub fn get(&self) -> Option<ForwardCost> {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub fn set(&self, cost: Option<UnetCost>) {
+    pub fn set(&self, cost: Option<ForwardCost>) {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = cost;
     }
 }
@@ -33,19 +35,17 @@ pub struct ModelFacts {
     pub id: String,
     /// The model's name, as clients ask for it.
     pub name: String,
-    /// Latent channels (4 for SD 1.x/2.x).
-    pub latent_channels: usize,
-    /// Pixels per latent along a side (8).
-    pub scale_factor: u32,
-    /// The UNet's native latent side (64 for 512² models).
+    /// The latents: channels, what the network takes, sizes, packing.
+    pub layout: Layout,
+    /// The network's native latent side (64 for 512² models).
     pub sample_size: u32,
-    /// The VAE's latent scaling factor (0.18215 for SD 1.x).
-    pub scaling_factor: f32,
+    /// How the VAE's latents map to the denoiser's.
+    pub normalization: Normalization,
     /// Most pixels one Decode may carry (0: no bound published).
     pub max_decode_pixels: u64,
-    /// What a UNet forward costs, as the denoiser measured it (None: it
-    /// published nothing, and requests are not bounded in seconds);
-    /// refreshed while serving.
+    /// What a forward of the network costs, as the denoiser measured it
+    /// (None: it published nothing, and requests are not bounded in
+    /// seconds); refreshed while serving.
     pub cost: SharedCost,
     pub scheduler_config: SchedulerConfig,
     pub default_scheduler: SchedulerKind,
@@ -54,37 +54,90 @@ pub struct ModelFacts {
     pub text_layers: u32,
     /// The text encoder's identity (prompt-cache key).
     pub text_model_id: String,
-    /// What the model's family changes in the pipeline (SDXL, LCM UNets).
-    pub family: Family,
+    /// The model's family, with what it changes in the pipeline.
+    pub profile: Profile,
+}
+
+/// The latents, as the denoiser publishes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// Channels of the VAE's latents (4 for SD 1.x/2.x and SDXL).
+    pub latent_channels: usize,
+    /// Channels the network takes (9 for an inpainting UNet: the latents,
+    /// a mask and the masked image's latents).
+    pub in_channels: usize,
+    /// Pixels per latent along a side (8).
+    pub scale_factor: u32,
+    /// Image sides are multiples of this many pixels.
+    pub size_multiple: u32,
+    /// The network takes latents packed into patches (the denoiser packs).
+    pub packed: bool,
+}
+
+impl Layout {
+    /// SD's: 4 channels, 8 pixels a latent, sides multiples of 8.
+    pub fn sd() -> Self {
+        Layout {
+            latent_channels: 4,
+            in_channels: 4,
+            scale_factor: 8,
+            size_multiple: 8,
+            packed: false,
+        }
+    }
+
+    /// Input channels of image conditioning beside the latents (0: none).
+    pub fn image_channels(&self) -> usize {
+        self.in_channels.saturating_sub(self.latent_channels)
+    }
+}
+
+/// Encode `(sample - shift) * scale`; decode `latents / scale + shift`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Normalization {
+    pub scale: f32,
+    pub shift: f32,
 }
 
 /// What a model family changes in the pipeline, as the denoiser publishes
 /// it; the default is SD 1.x/2.x.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Family {
-    /// SDXL: the pooled embedding's width (0: not SDXL).
-    pub pooled_dim: u32,
-    /// SDXL: time ids per latent (6; the refiner's 5; 0: none).
-    pub time_ids_len: u32,
-    /// LCM UNets: guidance goes in as an embedding, unguided (0: none).
+pub struct Profile {
+    /// The family and its own parameters (SDXL: the pooled width, the time
+    /// ids, the refiner's aesthetic score, empty negatives as zeros).
+    pub params: FamilyParams,
+    /// LCM UNets: the width of their guidance embedding (0: none).
     pub time_cond_dim: u32,
-    /// SDXL: an empty negative prompt is zeros.
-    pub force_zeros_for_empty_prompt: bool,
-    /// The refiner's time ids (aesthetic scores).
-    pub requires_aesthetics_score: bool,
+    /// The network takes guidance as an input: no unconditional branch.
+    pub guidance_embedded: bool,
     /// The guidance scale a request that sets none gets.
     pub default_guidance: f32,
     /// The steps a request that sets none gets (0: the gateway's 50).
     pub default_steps: u32,
 }
 
-impl Family {
+impl Profile {
+    pub fn family(&self) -> Family {
+        match self.params {
+            FamilyParams::Sd(_) => Family::Sd,
+            FamilyParams::Sdxl(_) => Family::Sdxl,
+        }
+    }
+
+    /// SDXL's parameters (None for a family without them).
+    pub fn sdxl(&self) -> Option<&SdxlParams> {
+        match &self.params {
+            FamilyParams::Sd(_) => None,
+            FamilyParams::Sdxl(p) => Some(p),
+        }
+    }
+
     /// "sd", "sdxl" or "sdxl-refiner", with "+lcm" for an LCM UNet.
     pub fn name(&self) -> String {
-        let base = match (self.time_ids_len, self.requires_aesthetics_score) {
-            (0, _) => "sd",
-            (_, true) => "sdxl-refiner",
-            _ => "sdxl",
+        let base = match &self.params {
+            FamilyParams::Sd(_) => "sd",
+            FamilyParams::Sdxl(p) if p.requires_aesthetics_score => "sdxl-refiner",
+            FamilyParams::Sdxl(_) => "sdxl",
         };
         if self.time_cond_dim > 0 {
             format!("{base}+lcm")
@@ -94,14 +147,12 @@ impl Family {
     }
 }
 
-impl Default for Family {
+impl Default for Profile {
     fn default() -> Self {
-        Family {
-            pooled_dim: 0,
-            time_ids_len: 0,
+        Profile {
+            params: FamilyParams::Sd(SdParams {}),
             time_cond_dim: 0,
-            force_zeros_for_empty_prompt: false,
-            requires_aesthetics_score: false,
+            guidance_embedded: false,
             default_guidance: 7.5,
             default_steps: 0,
         }
@@ -111,7 +162,34 @@ impl Default for Family {
 impl ModelFacts {
     /// The default image side in pixels.
     pub fn default_side(&self) -> u32 {
-        self.sample_size * self.scale_factor
+        self.sample_size * self.layout.scale_factor
+    }
+}
+
+impl ModelFacts {
+    /// What an SD 1.5 model's services publish (no cost measured): the one
+    /// fixture of the gateway's unit tests, its integration tests and the
+    /// fuzz targets.
+    pub fn sd15_example() -> Self {
+        ModelFacts {
+            id: "tiny@1".into(),
+            name: "tiny".into(),
+            layout: Layout::sd(),
+            sample_size: 64,
+            normalization: Normalization {
+                scale: 0.18215,
+                shift: 0.0,
+            },
+            max_decode_pixels: 0,
+            cost: Default::default(),
+            scheduler_config: SchedulerConfig::from_json(r#"{"_class_name": "PNDMScheduler"}"#)
+                .unwrap_or_else(|_| unreachable!("a fixed, valid config")),
+            default_scheduler: SchedulerKind::Pndm,
+            prediction: Prediction::Epsilon,
+            text_layers: 12,
+            text_model_id: "tiny@1".into(),
+            profile: Profile::default(),
+        }
     }
 }
 
@@ -121,22 +199,6 @@ pub mod tests {
 
     /// An SD 1.x model's facts, for unit tests.
     pub fn facts() -> ModelFacts {
-        ModelFacts {
-            id: "tiny@1".into(),
-            name: "tiny".into(),
-            latent_channels: 4,
-            scale_factor: 8,
-            sample_size: 64,
-            scaling_factor: 0.18215,
-            max_decode_pixels: 0,
-            cost: Default::default(),
-            scheduler_config: SchedulerConfig::from_json(r#"{"_class_name": "PNDMScheduler"}"#)
-                .expect("a config"),
-            default_scheduler: SchedulerKind::Pndm,
-            prediction: Prediction::Epsilon,
-            text_layers: 12,
-            text_model_id: "tiny@1".into(),
-            family: Family::default(),
-        }
+        ModelFacts::sd15_example()
     }
 }

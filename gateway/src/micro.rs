@@ -76,7 +76,7 @@ pub fn time_ids(
     (height, width): (u32, u32),
     img2img: bool,
 ) -> Result<Option<TimeIds>> {
-    if facts.family.time_ids_len == 0 {
+    let Some(sdxl) = facts.profile.sdxl() else {
         return match c {
             Some(_) => Err(Error::invalid(
                 "conditioning",
@@ -84,7 +84,7 @@ pub fn time_ids(
             )),
             None => Ok(None),
         };
-    }
+    };
     let d = SizeConditioning::default();
     let c = c.unwrap_or(&d);
     let image = (height, width);
@@ -119,7 +119,7 @@ pub fn time_ids(
         v
     };
     let pair = |t: (u32, u32)| [t.0 as f32, t.1 as f32];
-    if facts.family.requires_aesthetics_score {
+    if sdxl.requires_aesthetics_score {
         if c.target_width != 0 || c.negative_target_width != 0 {
             return Err(Error::invalid(
                 "conditioning.target_width",
@@ -163,11 +163,22 @@ pub fn time_ids(
 mod tests {
     use super::*;
     use crate::facts::tests::facts;
+    use sd_proto::v1::denoiser_info::FamilyParams;
+    use sd_proto::v1::SdxlParams;
+
+    fn sdxl(time_ids_len: u32, requires_aesthetics_score: bool) -> ModelFacts {
+        let mut f = facts();
+        f.profile.params = FamilyParams::Sdxl(SdxlParams {
+            pooled_dim: 32,
+            time_ids_len,
+            requires_aesthetics_score,
+            force_zeros_for_empty_prompt: !requires_aesthetics_score,
+        });
+        f
+    }
 
     fn xl() -> ModelFacts {
-        let mut f = facts();
-        f.family.time_ids_len = 6;
-        f
+        sdxl(6, false)
     }
 
     #[test]
@@ -218,9 +229,7 @@ mod tests {
 
     #[test]
     fn the_refiner_takes_aesthetic_scores() {
-        let mut refiner = facts();
-        refiner.family.time_ids_len = 5;
-        refiner.family.requires_aesthetics_score = true;
+        let refiner = sdxl(5, true);
         let t = time_ids(None, &refiner, (1024, 1024), true)
             .unwrap()
             .unwrap();

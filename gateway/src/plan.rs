@@ -112,11 +112,12 @@ struct Source {
 impl Plan {
     pub fn new(mut req: GenerateRequest, facts: &ModelFacts, limits: &Limits) -> Result<Plan> {
         check_model(&req.model, facts)?;
+        check_network_inputs(facts)?;
         let loras = loras(&mut req)?;
         let prompt_syntax = check_prompts(&req, limits)?;
-        let steps = steps(req.steps, facts.family.default_steps, limits)?;
-        let guidance = guidance(req.guidance_scale, facts.family.default_guidance)?;
-        let guidance_embedded = facts.family.time_cond_dim > 0;
+        let steps = steps(req.steps, facts.profile.default_steps, limits)?;
+        let guidance = guidance(req.guidance_scale, facts.profile.default_guidance)?;
+        let guidance_embedded = facts.profile.guidance_embedded;
         let sampler = Sampler::new(&req, facts, steps)?;
         let num_images = num_images(req.num_images, limits)?;
         check_clip_skip(req.clip_skip, facts)?;
@@ -407,7 +408,7 @@ impl Source {
         limits: &Limits,
         steps: u32,
     ) -> Result<Source> {
-        let f = facts.scale_factor;
+        let f = facts.layout.size_multiple.max(1);
         let (mut width, mut height) = (req.width, req.height);
         let (init, strength) = if req.init_image.is_empty() {
             if req.strength.is_some() {
@@ -432,6 +433,24 @@ impl Source {
             strength,
         })
     }
+}
+
+/// A network that takes image conditioning beside the latents (an
+/// inpainting UNet's mask and masked-image latents) cannot run on a prompt
+/// alone; until masks are served its generations are refused by name.
+fn check_network_inputs(facts: &ModelFacts) -> Result<()> {
+    let extra = facts.layout.image_channels();
+    if extra > 0 {
+        return Err(Error::invalid(
+            "model",
+            format!(
+                "{} is an inpainting model ({} input channels: the latents, a mask and the masked \
+                 image's latents); it needs a mask, and inpainting is not served yet",
+                facts.name, facts.layout.in_channels
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn strength(requested: Option<f32>, steps: u32) -> Result<f32> {
@@ -477,7 +496,7 @@ fn predict_seconds(
     steps: u32,
 ) -> Option<(f64, f64)> {
     let cost = facts.cost.get()?;
-    let sf = facts.scale_factor.max(1);
+    let sf = facts.layout.scale_factor.max(1);
     let positions = u64::from(source.width / sf) * u64::from(source.height / sf);
     let rows = u64::from(num_images) * if guided { 2 } else { 1 };
     let start = if source.init.is_some() {

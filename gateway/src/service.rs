@@ -308,13 +308,13 @@ impl Generation for GenerationService {
                 let f = &g.facts;
                 let side = f.default_side();
                 ModelInfo {
-                    default_guidance: f.family.default_guidance,
-                    default_steps: if f.family.default_steps > 0 {
-                        f.family.default_steps
+                    default_guidance: f.profile.default_guidance,
+                    default_steps: if f.profile.default_steps > 0 {
+                        f.profile.default_steps
                     } else {
                         crate::plan::DEFAULT_STEPS
                     },
-                    family: f.family.name(),
+                    family: f.profile.name(),
                     id: f.id.clone(),
                     name: f.name.clone(),
                     default_width: side,

@@ -7,28 +7,12 @@ use sd_gateway::facts::ModelFacts;
 use sd_gateway::limits::Limits;
 use sd_gateway::plan::Plan;
 use sd_proto::status::field_violations;
-use sd_proto::v1::{CostPoint, GenerateRequest, UnetCost};
-use sd_sampling::{Prediction, SchedulerConfig, SchedulerKind};
+use sd_proto::v1::{CostPoint, ForwardCost, GenerateRequest};
+use sd_sampling::{SchedulerConfig, SchedulerKind};
 use tonic::{Code, Status};
 
 fn facts() -> ModelFacts {
-    ModelFacts {
-        id: "tiny@1".into(),
-        name: "tiny".into(),
-        latent_channels: 4,
-        scale_factor: 8,
-        sample_size: 64,
-        scaling_factor: 0.18215,
-        max_decode_pixels: 0,
-        cost: Default::default(),
-        scheduler_config: SchedulerConfig::from_json(r#"{"_class_name": "PNDMScheduler"}"#)
-            .unwrap(),
-        default_scheduler: SchedulerKind::Pndm,
-        prediction: Prediction::Epsilon,
-        text_layers: 12,
-        text_model_id: "tiny@1".into(),
-        family: Default::default(),
-    }
+    ModelFacts::sd15_example()
 }
 
 fn req() -> GenerateRequest {
@@ -219,7 +203,7 @@ fn counts_prompts_and_formats_are_checked() {
 
 /// A denoiser that measured 0.5 s for one row at 64×64 latents (512²).
 fn costed(max_request_seconds: f64) -> (ModelFacts, Limits) {
-    let cost = UnetCost {
+    let cost = ForwardCost {
         points: vec![
             CostPoint {
                 positions: 64,

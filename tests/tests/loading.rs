@@ -160,6 +160,33 @@ fn unsupported_and_inconsistent_configs_are_named() {
 }
 
 #[test]
+fn a_vae_config_key_it_does_not_honour_is_refused_by_name() {
+    let (_tmp, dir) = scratch_copy("sd1-tiny");
+    let cfg = dir.join("vae/config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    // Null is what diffusers writes for options a VAE does not use.
+    c["latents_mean"] = serde_json::Value::Null;
+    c["shift_factor"] = 0.0625.into();
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let vae = ModelDir::open(&dir)
+        .unwrap()
+        .load_vae(Placement::cpu())
+        .unwrap();
+    // The shift is honoured: it is part of the latent normalisation the
+    // autoencoder publishes and applies.
+    assert_eq!(vae.config().normalization(), (0.18215, 0.0625));
+    c["latents_mean"] = serde_json::json!([0.1, 0.2, 0.3, 0.4]);
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let (e, msg) = err_text(ModelDir::open(&dir).unwrap().load_vae(Placement::cpu()));
+    assert!(matches!(e, ModelError::Unsupported { .. }), "{e:?}");
+    assert!(
+        msg.contains("`latents_mean`") && msg.contains("vae/config.json"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn fp16_variant_files_load_and_equal_the_rounded_weights() {
     // sd1-tiny-fp16 holds only diffusion_pytorch_model.fp16.safetensors.
     let fp16 = ModelDir::open(common::model("sd1-tiny-fp16")).unwrap();

@@ -107,7 +107,7 @@ fn every_tensor_in_the_files_is_used() {
     for model in ["sd1-tiny", "sd2-tiny", "sdxl-tiny"] {
         let d = dir(model);
         let mut components = vec![Component::TextEncoder, Component::Unet, Component::Vae];
-        if d.is_xl().unwrap() {
+        if d.family() == sd_models::Family::Sdxl {
             components.push(Component::TextEncoder2);
         }
         for c in components {
@@ -164,6 +164,7 @@ fn sdxl_family_unets_match_diffusers_with_their_added_conditioning_per_row() {
             text_embeds: Some(&r["text_embeds"]),
             time_ids: Some(&r["time_ids"]),
             timestep_cond: r.get("timestep_cond"),
+            control: None,
         };
         let got = unet
             .forward_with(&r["latents"], &r["timesteps"], &r["context"], added)
@@ -176,6 +177,7 @@ fn sdxl_family_unets_match_diffusers_with_their_added_conditioning_per_row() {
             text_embeds: Some(&text),
             time_ids: Some(&ids),
             timestep_cond: cond.as_ref(),
+            control: None,
         };
         let got = unet
             .forward_with(
@@ -205,6 +207,7 @@ fn added_conditioning_is_checked_against_the_unet() {
             text_embeds: Some(&r["text_embeds"]),
             time_ids: Some(&short),
             timestep_cond: None,
+            control: None,
         },
     ));
     assert!(e.contains("add_embedding takes 80"), "{e}");
@@ -217,6 +220,7 @@ fn added_conditioning_is_checked_against_the_unet() {
             text_embeds: Some(&two_rows),
             time_ids: Some(&r["time_ids"]),
             timestep_cond: None,
+            control: None,
         },
     ));
     assert!(e.contains("text_embeds"), "{e}");
@@ -230,6 +234,7 @@ fn added_conditioning_is_checked_against_the_unet() {
             text_embeds: Some(&r["text_embeds"]),
             time_ids: Some(&r["time_ids"]),
             timestep_cond: Some(&cond),
+            control: None,
         },
     ));
     assert!(e.contains("not an LCM UNet"), "{e}");
@@ -244,6 +249,7 @@ fn added_conditioning_is_checked_against_the_unet() {
             text_embeds: Some(&r["text_embeds"]),
             time_ids: Some(&r["time_ids"]),
             timestep_cond: None,
+            control: None,
         },
     ));
     assert!(e.contains("not an SDXL-family UNet"), "{e}");

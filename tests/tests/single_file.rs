@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use common::e2e::{assert_all_match, check_cases, Case};
 use common::stack::Stack;
-use sd_models::single_file::Family;
+use sd_models::single_file::Standard;
 use sd_models::{ModelDir, ModelError, Placement, Weights};
 
 #[derive(serde::Deserialize)]
@@ -100,21 +100,21 @@ fn an_sdxl_file_with_both_text_encoders_matches_diffusers() {
 /// Python).
 #[test]
 fn the_sd15_architecture_is_served_with_no_config() {
-    assert_eq!(family("sd15-architecture.safetensors"), Family::Sd1);
+    assert_eq!(family("sd15-architecture.safetensors"), Standard::Sd1);
     run("sd15-architecture.safetensors", false);
 }
 
-fn family(file: &str) -> Family {
-    Family::infer(&Weights::open(&dir().join(file), Placement::cpu()).unwrap()).unwrap()
+fn family(file: &str) -> Standard {
+    Standard::infer(&Weights::open(&dir().join(file), Placement::cpu()).unwrap()).unwrap()
 }
 
 #[test]
 fn the_family_is_recognised_from_the_keys() {
     // From the text encoders each family has.
-    assert_eq!(family("sd1-ema.safetensors"), Family::Sd1);
-    assert_eq!(family("sd2-fp16.safetensors"), Family::Sd2);
-    assert_eq!(family("sdxl.safetensors"), Family::SdxlBase);
-    assert_eq!(family("sdxl-refiner.safetensors"), Family::SdxlRefiner);
+    assert_eq!(family("sd1-ema.safetensors"), Standard::Sd1);
+    assert_eq!(family("sd2-fp16.safetensors"), Standard::Sd2);
+    assert_eq!(family("sdxl.safetensors"), Standard::SdxlBase);
+    assert_eq!(family("sdxl-refiner.safetensors"), Standard::SdxlRefiner);
 }
 
 fn open_error(model: &Path, config: Option<&Path>) -> String {

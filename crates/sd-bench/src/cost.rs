@@ -5,6 +5,7 @@
 
 use super::*;
 use sd_proto::v1::denoiser_client::DenoiserClient;
+use sd_proto::v1::denoiser_info::FamilyParams;
 use sd_proto::v1::{DenoiserInfoRequest, Embedding, PredictRequest, Tensor as WireTensor};
 
 /// Start a denoiser, read its cost, time Predict at `sides` (pixels) with
@@ -82,7 +83,7 @@ async fn wait_info(
     }
 }
 
-fn points(cost: &sd_proto::v1::UnetCost) -> String {
+fn points(cost: &sd_proto::v1::ForwardCost) -> String {
     let each: Vec<String> = cost
         .points
         .iter()
@@ -113,6 +114,10 @@ async fn time_predict(
     };
     let latents: WireTensor = zeros(vec![rows, i64::from(info.latent_channels), side, side])?;
     let cond = zeros(vec![1, 77, i64::from(info.context_dim)])?;
+    let sdxl = match &info.family_params {
+        Some(FamilyParams::Sdxl(x)) => Some(x),
+        Some(FamilyParams::Sd(_)) | None => None,
+    };
     let mut best = f64::INFINITY;
     for _ in 0..runs.max(1) {
         let req = PredictRequest {
@@ -122,12 +127,12 @@ async fn time_predict(
                 id: String::new(),
                 tensor: Some(cond.clone()),
                 // SDXL-family models: their added conditioning, zeros.
-                pooled: (info.pooled_dim > 0)
-                    .then(|| zeros(vec![1, i64::from(info.pooled_dim)]))
+                pooled: sdxl
+                    .map(|x| zeros(vec![1, i64::from(x.pooled_dim)]))
                     .transpose()?,
             }),
-            time_ids: (info.time_ids_len > 0)
-                .then(|| zeros(vec![1, i64::from(info.time_ids_len)]))
+            time_ids: sdxl
+                .map(|x| zeros(vec![1, i64::from(x.time_ids_len)]))
                 .transpose()?,
             guidance_scale: 1.0,
             ..Default::default()

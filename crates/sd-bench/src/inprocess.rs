@@ -8,45 +8,63 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use sd_gateway::error::{Error, Stage};
-use sd_gateway::facts::{Family as GatewayFamily, ModelFacts};
+use sd_gateway::facts::{Layout, ModelFacts, Normalization, Profile as GatewayProfile};
 use sd_gateway::stages::{Stages, StepSession};
-use sd_models::{Component, ModelDir, Placement, UNet, Vae};
+use sd_models::config::VaeConfig;
+use sd_models::{Component, Denoiser, ModelDir, Placement, Vae};
+use sd_proto::v1::denoiser_info::FamilyParams;
 use sd_proto::v1::{
     DecodeRequest, DecodeResponse, Dtype, Embedding, EncodeImageRequest, EncodeImageResponse,
     EncodeTextRequest, EncodeTextResponse, EncodedPrompt, PredictRequest, PredictResponse,
 };
 use sd_runtime::deadline::Deadline;
 use sd_sampling::{SchedulerConfig, SchedulerKind};
-use sd_service::compute::{forward_calls, to_rgb8, Call, XlConditioning};
-use sd_service::family::{vae_placement, Family};
+use sd_service::compute::{forward_calls, to_rgb8};
+use sd_service::family::{vae_placement, Profile};
+use sd_service::step::{Bounds, Cond, Embeddings, Step};
 use sd_service::text::TextEncoders;
 use sd_service::{from_wire, to_wire, ServiceError};
 use tch::Tensor;
 
 pub struct InProcess {
     text: TextEncoders,
-    unet: UNet,
+    net: Denoiser,
     vae: Vae,
-    family: Family,
+    /// What a step may carry, as the denoiser service checks it.
+    bounds: Bounds,
     /// Embeddings by id: hidden states and, for SDXL, the pooled one.
-    embeddings: Mutex<HashMap<String, (Tensor, Option<Tensor>)>>,
+    embeddings: Mutex<HashMap<String, Cond>>,
 }
 
 impl InProcess {
     pub fn load(dir: &ModelDir, p: Placement) -> anyhow::Result<(Self, ModelFacts)> {
-        let unet = dir.load_unet(p)?;
-        let vae_config: sd_models::config::VaeConfig =
-            sd_models::config::read_json(&dir.config_path(Component::Vae))?;
-        let me = InProcess {
-            text: TextEncoders::load(dir, p, None)?,
-            family: Family::of(dir, &unet)?,
-            unet,
-            vae: dir.load_vae(vae_placement(p, dir.is_xl()?, vae_config.force_upcast))?,
-            embeddings: Mutex::new(HashMap::new()),
-        };
+        let net = Denoiser::load(dir, p)?;
+        let vae_config = VaeConfig::read(&dir.config_path(Component::Vae))?;
+        let layout = net.layout(&vae_config);
+        let profile = Profile::of(dir, &net)?;
         let scheduler_config =
             SchedulerConfig::from_json(&std::fs::read_to_string(dir.scheduler_config_path())?)?;
-        let c = me.unet.config();
+        let xl = match &profile.params {
+            FamilyParams::Sd(_) => None,
+            FamilyParams::Sdxl(x) => Some((i64::from(x.pooled_dim), i64::from(x.time_ids_len))),
+        };
+        let me = InProcess {
+            text: TextEncoders::load(dir, p, None)?,
+            vae: dir.load_vae(vae_placement(p, dir.family(), vae_config.force_upcast))?,
+            bounds: Bounds {
+                latent_channels: layout.latent_channels,
+                image_channels: layout.in_channels - layout.latent_channels,
+                guidance_embedded: net.guidance_dim().is_some(),
+                context_dim: net.context_dim(),
+                max_batch: 64,
+                max_latent_side: 4096,
+                max_timestep: scheduler_config.num_train_timesteps() as f32,
+                xl,
+            },
+            net,
+            embeddings: Mutex::new(HashMap::new()),
+        };
+        let (scale, shift) = vae_config.normalization();
         let facts = ModelFacts {
             id: format!("in-process:{}", dir.root().display()),
             name: dir
@@ -54,10 +72,18 @@ impl InProcess {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
-            latent_channels: c.in_channels as usize,
-            scale_factor: me.vae.scale_factor() as u32,
-            sample_size: c.sample_size as u32,
-            scaling_factor: me.vae.config().scaling_factor as f32,
+            layout: Layout {
+                latent_channels: layout.latent_channels as usize,
+                in_channels: layout.in_channels as usize,
+                scale_factor: layout.vae_scale_factor as u32,
+                size_multiple: layout.size_multiple as u32,
+                packed: layout.packed,
+            },
+            sample_size: layout.native_side as u32,
+            normalization: Normalization {
+                scale: scale as f32,
+                shift: shift as f32,
+            },
             max_decode_pixels: 0,
             cost: Default::default(),
             default_scheduler: scheduler_config
@@ -68,35 +94,29 @@ impl InProcess {
             scheduler_config,
             text_layers: me.text.shape().2.max(0) as u32,
             text_model_id: format!("in-process:{}", dir.root().display()),
-            family: GatewayFamily {
-                pooled_dim: me.family.pooled_dim as u32,
-                time_ids_len: me.family.time_ids_len as u32,
-                time_cond_dim: c.time_cond_proj_dim.unwrap_or(0).max(0) as u32,
-                force_zeros_for_empty_prompt: me.family.force_zeros,
-                requires_aesthetics_score: me.family.requires_aesthetics,
-                default_guidance: me.family.default_guidance,
-                default_steps: me.family.default_steps,
+            profile: GatewayProfile {
+                params: profile.params,
+                time_cond_dim: me.net.guidance_dim().unwrap_or(0).max(0) as u32,
+                guidance_embedded: me.net.guidance_dim().is_some(),
+                default_guidance: profile.default_guidance,
+                default_steps: profile.default_steps,
             },
         };
         Ok((me, facts))
     }
 
-    /// Mean milliseconds of one UNet forward over `rows` latents of `side`².
+    /// Mean milliseconds of one forward of the network over `rows`
+    /// latents of `side`².
     pub fn unet_forward_ms(&self, rows: i64, side: i64) -> anyhow::Result<f64> {
         let _guard = tch::no_grad_guard();
-        let c = self.unet.config();
-        let f = (tch::Kind::Float, tch::Device::Cpu);
-        let x = Tensor::randn([rows, c.in_channels, side, side], f);
-        let t = Tensor::full([rows], 500.0, f);
-        let ctx = Tensor::randn([rows, 77, c.context_dim()], f);
         // Reading a value back waits for the device (CUDA runs async).
         let wait = |y: Tensor| y.sum(tch::Kind::Float).double_value(&[]);
-        wait(self.unet.forward_probe(&x, &t, &ctx)?);
+        wait(self.net.probe(rows, side, 77)?);
         let n = 5;
         let start = std::time::Instant::now();
         let mut y = None;
         for _ in 0..n {
-            y = Some(self.unet.forward_probe(&x, &t, &ctx)?);
+            y = Some(self.net.probe(rows, side, 77)?);
         }
         if let Some(y) = y {
             wait(y);
@@ -104,87 +124,41 @@ impl InProcess {
         Ok(start.elapsed().as_secs_f64() * 1e3 / n as f64)
     }
 
-    /// One step, on this thread.
+    /// One step, on this thread, decoded and checked as the denoiser
+    /// service decodes it.
     fn predict(&self, req: PredictRequest) -> Result<PredictResponse, ServiceError> {
         tokio::task::block_in_place(|| {
-            let latents = from_wire(req.latents.as_ref(), "latents")?;
-            let batch = latents.size()[0];
-            let guided = req.uncond.is_some() && req.guidance_scale > 1.0;
-            let (cond, cond_pooled) = self.embedding(req.cond.as_ref(), "cond")?;
-            let uncond = if guided {
-                Some(self.embedding(req.uncond.as_ref(), "uncond")?)
-            } else {
-                None
-            };
-            let xl = match cond_pooled {
-                Some(cond_pooled) if self.family.pooled_dim > 0 => {
-                    let time_ids = from_wire(req.time_ids.as_ref(), "time_ids")?;
-                    let negative_time_ids = match &req.negative_time_ids {
-                        Some(t) => from_wire(Some(t), "negative_time_ids")?,
-                        None => time_ids.shallow_clone(),
-                    };
-                    Some(XlConditioning {
-                        cond_pooled,
-                        uncond_pooled: uncond
-                            .as_ref()
-                            .and_then(|(_, p)| p.as_ref().map(Tensor::shallow_clone)),
-                        time_ids,
-                        negative_time_ids,
-                    })
-                }
-                _ => None,
-            };
-            let call = Call {
-                timesteps: Tensor::from_slice(&req.timesteps).expand([batch], false),
-                latents,
-                cond,
-                uncond: uncond.map(|(hidden, _)| hidden),
-                guidance: req.guidance_scale as f64,
-                xl,
-                loras: Default::default(),
-            };
-            let out = forward_calls(&self.unet, &[&call])?.remove(0);
-            let dtype = Dtype::try_from(req.output_dtype).unwrap_or(Dtype::Float32);
+            let Step { call, out_dtype } = Step::decode(&req, &self.bounds, &mut Held(self))?;
+            let out = forward_calls(&self.net, &[&call])?.remove(0);
             Ok(PredictResponse {
-                output: Some(to_wire(&out, dtype)?),
+                output: Some(to_wire(&out, out_dtype)?),
             })
         })
     }
+}
 
-    fn embedding(
-        &self,
-        e: Option<&Embedding>,
-        field: &str,
-    ) -> Result<(Tensor, Option<Tensor>), ServiceError> {
-        let e = e.ok_or_else(|| ServiceError::invalid(field, "missing"))?;
+/// Embeddings kept by id, as a denoiser keeps them.
+struct Held<'a>(&'a InProcess);
+
+impl Embeddings for Held<'_> {
+    fn resolve(&mut self, e: &Embedding, field: &str, batch: i64) -> Result<Cond, ServiceError> {
         let mut cache = self
+            .0
             .embeddings
             .lock()
             .map_err(|_| ServiceError::Internal("embedding cache poisoned"))?;
-        let copy = |(h, p): &(Tensor, Option<Tensor>)| {
-            (h.shallow_clone(), p.as_ref().map(Tensor::shallow_clone))
-        };
-        match &e.tensor {
-            Some(t) => {
-                let hidden = from_wire(Some(t), field)?;
-                let pooled = e
-                    .pooled
-                    .as_ref()
-                    .map(|p| from_wire(Some(p), field))
-                    .transpose()?;
-                let entry = (hidden, pooled);
-                let out = copy(&entry);
-                cache.insert(e.id.clone(), entry);
-                Ok(out)
-            }
-            None => cache
+        if e.tensor.is_none() {
+            return cache
                 .get(&e.id)
-                .map(copy)
+                .cloned()
                 .ok_or_else(|| ServiceError::EmbeddingMiss {
                     field: field.to_string(),
                     id: e.id.clone(),
-                }),
+                });
         }
+        let c = self.0.bounds.sent(e, field, batch)?;
+        cache.insert(e.id.clone(), c.clone());
+        Ok(c)
     }
 }
 
@@ -245,8 +219,8 @@ impl InProcess {
     fn decode_here(&self, req: DecodeRequest) -> Result<DecodeResponse, ServiceError> {
         tokio::task::block_in_place(|| {
             let latents = from_wire(req.latents.as_ref(), "latents")?;
-            let sf = self.vae.config().scaling_factor;
-            let pixels = self.vae.decode(&(latents / sf))?;
+            let (scale, shift) = self.vae.config().normalization();
+            let pixels = self.vae.decode(&(latents / scale + shift))?;
             Ok(DecodeResponse {
                 images: to_rgb8(&pixels)?,
             })

@@ -11,9 +11,10 @@
 
 use std::time::Instant;
 
+use sd_models::config::VaeConfig;
 use sd_models::lora::{Adapter, Applied, KohyaNames, ModuleKind};
-use sd_models::{ModelDir, Placement};
-use sd_service::compute::{forward_calls, Call};
+use sd_models::{Component, Denoiser, ModelDir, Placement};
+use sd_service::compute::{forward_calls, Call, Half};
 use tch::{Kind, Tensor};
 
 use crate::Args;
@@ -21,7 +22,7 @@ use crate::Args;
 /// Random kohya-format adapters for every attention and feed-forward
 /// projection of `dir`'s UNet; each file's path.
 fn write_adapters(
-    unet: &sd_models::UNet,
+    unet: &Denoiser,
     rank: i64,
     out: &std::path::Path,
     n: usize,
@@ -70,21 +71,21 @@ fn calls(
         .map(|i| Call {
             latents: Tensor::randn([1, 4, side, side], f),
             timesteps: Tensor::from_slice(&[500.0f32]),
-            cond: Tensor::randn([1, context.0, context.1], f),
-            uncond: Some(Tensor::randn([1, context.0, context.1], f)),
+            cond: Half::text(Tensor::randn([1, context.0, context.1], f)),
+            uncond: Some(Half::text(Tensor::randn([1, context.0, context.1], f))),
             guidance: 7.5,
-            xl: None,
+            image: None,
             loras: sets[i % sets.len()].clone(),
         })
         .collect()
 }
 
-fn time(unet: &sd_models::UNet, calls: &[Call], runs: usize) -> anyhow::Result<f64> {
+fn time(net: &Denoiser, calls: &[Call], runs: usize) -> anyhow::Result<f64> {
     let refs: Vec<&Call> = calls.iter().collect();
-    forward_calls(unet, &refs)?; // warm
+    forward_calls(net, &refs)?; // warm
     let start = Instant::now();
     for _ in 0..runs {
-        forward_calls(unet, &refs)?;
+        forward_calls(net, &refs)?;
     }
     Ok(start.elapsed().as_secs_f64() * 1000.0 / runs as f64)
 }
@@ -96,12 +97,12 @@ pub fn bench(args: &Args, rank: i64) -> anyhow::Result<()> {
     // each timed forward ends in the copy of its outputs to the host, so
     // the clock stops after the device's work.
     let placement = Placement::new(args.device, args.precision)?;
-    let unet = dir.load_unet(placement)?;
-    let c = unet.config().clone();
+    let unet = Denoiser::load(&dir, placement)?;
+    let layout = unet.layout(&VaeConfig::read(&dir.config_path(Component::Vae))?);
     let side = if args.size > 0 {
-        args.size as i64 / 8
+        args.size as i64 / layout.vae_scale_factor
     } else {
-        c.sample_size
+        layout.native_side
     };
     let tmp = std::env::temp_dir().join(format!("sd-bench-lora-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
@@ -131,7 +132,7 @@ pub fn bench(args: &Args, rank: i64) -> anyhow::Result<()> {
         .into()
     };
     let none: std::sync::Arc<[Applied]> = Vec::new().into();
-    let context = (77, c.context_dim());
+    let context = (77, unet.context_dim());
     println!();
     println!(
         "| guided calls (UNet rows) | base = merged weights (ms) | one adapter, run time (ms) | × | three adapters + none, mixed (ms) | × |"

@@ -321,7 +321,7 @@ async fn measure_latency(
     let latent_side = i64::from(if args.size == 0 {
         generator.facts.sample_size
     } else {
-        args.size / generator.facts.scale_factor
+        args.size / generator.facts.layout.scale_factor
     });
     let mut forwards = Vec::new();
     for &rows in &args.forward_rows {

@@ -100,6 +100,19 @@ impl ClipTextModel {
     /// published files carry a `text_model.` prefix that transformers 5 no
     /// longer writes, so both are accepted.
     pub fn load(config_path: &Path, weights: &Weights) -> Result<Self> {
+        Self::load_as(
+            config_path,
+            weights,
+            weights.contains("text_projection.weight"),
+        )
+    }
+
+    /// [`ClipTextModel::load`], reading `text_projection` only where the
+    /// pipeline's network has one (`with_projection`: SDXL's second
+    /// encoder, CLIPTextModelWithProjection). A CLIPTextModel never reads it,
+    /// as transformers' does not: SD 2.x single files carry OpenCLIP's
+    /// projection (1024 × 1024) that their own configs contradict.
+    pub fn load_as(config_path: &Path, weights: &Weights, with_projection: bool) -> Result<Self> {
         let config: ClipConfig = read_json(config_path)?;
         config.validate(config_path)?;
         let activation = config.activation(config_path)?;
@@ -131,8 +144,7 @@ impl ClipTextModel {
                 config.layer_norm_eps,
             )?,
             // At the root, beside `text_model.` where that prefix is used.
-            text_projection: weights
-                .contains("text_projection.weight")
+            text_projection: with_projection
                 .then(|| {
                     let width = config.projection_dim.unwrap_or(h);
                     Linear::load(&Vb::root(weights, "text_projection"), h, width, false)

@@ -1,8 +1,10 @@
-//! Stable Diffusion's three networks in tch, built from the diffusers
-//! layout's `config.json` files and loaded from safetensors:
+//! The networks of the served model families in tch, built from the
+//! diffusers layout's `config.json` files and loaded from safetensors:
 //!
 //! - [`ClipTokenizer`] + [`ClipTextModel`]: prompt → 77 token embeddings;
-//! - [`UNet`]: noisy latents + timestep + text embeddings → noise (or v);
+//! - [`Denoiser`]: the denoising network of the model's [`Family`] (the
+//!   [`UNet`] for SD and SDXL): noisy latents + timestep + conditioning →
+//!   noise (or v);
 //! - [`Vae`]: pixels ↔ latents.
 //!
 //! Each network is loaded (`load`) apart from being run (`forward`,
@@ -12,6 +14,7 @@
 pub mod blocks;
 pub mod clip;
 pub mod config;
+pub mod denoiser;
 pub mod device;
 pub mod error;
 pub mod layers;
@@ -25,10 +28,11 @@ pub mod vae;
 pub mod weights;
 
 pub use clip::{ClipTextModel, XlOutput};
+pub use denoiser::{Conditioning, Denoiser, Layout};
 pub use device::{DeviceSpec, Placement, Precision};
 pub use error::{ModelError, Result};
-pub use model_dir::{Component, ModelDir};
+pub use model_dir::{Component, Family, ModelDir};
 pub use tokenizer::ClipTokenizer;
-pub use unet::{Added, UNet};
+pub use unet::{Added, Residuals, UNet};
 pub use vae::{LatentDist, Vae};
 pub use weights::Weights;

@@ -2,17 +2,22 @@
 //! `model_index.json`, `text_encoder/`, `tokenizer/`, `unet/`, `vae/`,
 //! `scheduler/scheduler_config.json`; the SDXL family adds
 //! `text_encoder_2/` and `tokenizer_2/` (the refiner has only those).
+//!
+//! The model's [`Family`] is decided here, once, when it is opened: from
+//! `model_index.json`'s `_class_name` (a class sdserve does not serve is
+//! refused by name), or for a single file from its keys.
 
 use std::path::{Path, PathBuf};
 
 use crate::clip::ClipTextModel;
 use crate::device::Placement;
 use crate::error::{ModelError, Result};
-use crate::single_file::{self, Family};
+use crate::single_file::{self, Standard};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::UNet;
 use crate::vae::Vae;
 use crate::weights::Weights;
+pub use sd_proto::Family;
 
 /// The networks a model directory holds, with their weight-file stems.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +57,8 @@ pub struct ModelDir {
     /// A single-file checkpoint holding every network's weights, `root`
     /// describing them.
     single_file: Option<PathBuf>,
+    /// What the model is, decided at open.
+    family: Family,
 }
 
 const PICKLE_EXTS: [&str; 4] = ["bin", "ckpt", "pt", "pth"];
@@ -83,10 +90,12 @@ impl ModelDir {
                     .into(),
             });
         }
+        let family = family_of(&model)?;
         Ok(ModelDir {
             root: model,
             vae: None,
             single_file: None,
+            family,
         })
     }
 
@@ -117,10 +126,11 @@ impl ModelDir {
             None => {
                 // Only the header is read here.
                 let w = Weights::open(&file, Placement::cpu())?;
-                crate::standard::config_dir(Family::infer(&w)?)?
+                crate::standard::config_dir(Standard::infer(&w)?)?
             }
         };
         Ok(ModelDir {
+            family: family_of(&root)?,
             root,
             vae: None,
             single_file: Some(file),
@@ -298,9 +308,9 @@ impl ModelDir {
         })
     }
 
-    /// An SDXL-family pipeline: it has a second text encoder.
-    pub fn is_xl(&self) -> Result<bool> {
-        self.has(Component::TextEncoder2.dir())
+    /// The model's family, decided when it was opened.
+    pub fn family(&self) -> Family {
+        self.family
     }
 
     /// SDXL's `force_zeros_for_empty_prompt` (the pipeline's default, true,
@@ -328,12 +338,12 @@ impl ModelDir {
 
     pub fn load_text_encoder_2(&self, placement: Placement) -> Result<ClipTextModel> {
         let w = self.open_weights(Component::TextEncoder2, placement)?;
-        ClipTextModel::load(&self.config_path(Component::TextEncoder2), &w)
+        ClipTextModel::load_as(&self.config_path(Component::TextEncoder2), &w, true)
     }
 
     pub fn load_text_encoder(&self, placement: Placement) -> Result<ClipTextModel> {
         let w = self.open_weights(Component::TextEncoder, placement)?;
-        ClipTextModel::load(&self.config_path(Component::TextEncoder), &w)
+        ClipTextModel::load_as(&self.config_path(Component::TextEncoder), &w, false)
     }
 
     pub fn load_unet(&self, placement: Placement) -> Result<UNet> {
@@ -345,4 +355,36 @@ impl ModelDir {
         let w = self.open_weights(Component::Vae, placement)?;
         Vae::load(&self.config_path(Component::Vae), &w)
     }
+}
+
+/// The family of the pipeline in `root`: its `model_index.json`'s class, or,
+/// for a directory without one (hand-made), what its folders and UNet say —
+/// a second text encoder or SDXL's added conditioning make it SDXL.
+fn family_of(root: &Path) -> Result<Family> {
+    let index = root.join("model_index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::Io {
+            path: index.clone(),
+            source: e,
+        })?;
+        if let Some(f) =
+            Family::of_model_index(&text).map_err(|message| ModelError::Unsupported {
+                path: index.clone(),
+                message,
+            })?
+        {
+            return Ok(f);
+        }
+    }
+    if root.join(Component::TextEncoder2.dir()).is_dir() {
+        return Ok(Family::Sdxl);
+    }
+    let unet = root.join(Component::Unet.dir()).join("config.json");
+    if unet.is_file() {
+        let config: serde_json::Value = crate::config::read_json(&unet)?;
+        if config.get("addition_embed_type").and_then(|v| v.as_str()) == Some("text_time") {
+            return Ok(Family::Sdxl);
+        }
+    }
+    Ok(Family::Sd)
 }

@@ -20,7 +20,6 @@
 //! `logit_scale`, the OpenCLIP block SD 2.x does not use.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use crate::error::{ModelError, Result};
 use crate::model_dir::Component;
@@ -29,9 +28,10 @@ use crate::weights::{Alias, Transform, Weights};
 pub const UNET_PREFIX: &str = "model.diffusion_model.";
 const VAE_PREFIXES: [&str; 2] = ["first_stage_model.", "vae."];
 
-/// The standard model families a single file is recognised as.
+/// The standard models a single file is recognised as, each served with its
+/// shipped configs (whose `model_index.json` names its [`sd_proto::Family`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
+pub enum Standard {
     /// SD 1.x: CLIP ViT-L/14, 768-wide cross-attention.
     Sd1,
     /// SD 2.x: OpenCLIP ViT-H/14, 1024-wide cross-attention; served with
@@ -44,20 +44,20 @@ pub enum Family {
     SdxlRefiner,
 }
 
-impl Family {
+impl Standard {
     pub fn name(self) -> &'static str {
         match self {
-            Family::Sd1 => "sd-v1",
-            Family::Sd2 => "sd-v2",
-            Family::SdxlBase => "sdxl-base",
-            Family::SdxlRefiner => "sdxl-refiner",
+            Standard::Sd1 => "sd-v1",
+            Standard::Sd2 => "sd-v2",
+            Standard::SdxlBase => "sdxl-base",
+            Standard::SdxlRefiner => "sdxl-refiner",
         }
     }
 
-    /// Infer the family from the file's keys and shapes: the text
+    /// Infer the standard model from the file's keys and shapes: the text
     /// encoders' prefixes, and diffusers' marker keys
     /// (`infer_diffusers_model_type`) for files without a text encoder.
-    pub fn infer(w: &Weights) -> Result<Family> {
+    pub fn infer(w: &Weights) -> Result<Standard> {
         let v2 = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight";
         let inpaint = "model.diffusion_model.input_blocks.0.0.weight";
         let unsupported = |message: String| ModelError::Unsupported {
@@ -76,20 +76,20 @@ impl Family {
         // The text encoders tell the families apart (diffusers' marker keys
         // are one block of each, which a pruned or small file may lack).
         if has("conditioner.embedders.1.model.") {
-            return Ok(Family::SdxlBase);
+            return Ok(Standard::SdxlBase);
         }
         if has("conditioner.embedders.0.model.") {
-            return Ok(Family::SdxlRefiner);
+            return Ok(Standard::SdxlRefiner);
         }
         if has("cond_stage_model.model.")
             || w.stored_shape(v2).and_then(|s| s.last()) == Some(&1024)
         {
-            return Ok(Family::Sd2);
+            return Ok(Standard::Sd2);
         }
         if has("cond_stage_model.transformer.")
             || w.contains("model.diffusion_model.output_blocks.11.0.skip_connection.weight")
         {
-            return Ok(Family::Sd1);
+            return Ok(Standard::Sd1);
         }
         if !w.stored().any(|(k, _)| k.starts_with(UNET_PREFIX)) {
             return Err(unsupported(format!(
@@ -103,11 +103,6 @@ impl Family {
                 .into(),
         ))
     }
-}
-
-/// Whether a `--model` path is a single-file checkpoint.
-pub fn is_single_file(path: &Path) -> bool {
-    path.is_file()
 }
 
 /// The alias table serving component `c` from a single file, or an error

@@ -1,5 +1,5 @@
 //! The standard configs for single-file checkpoints of the families
-//! [`Family`] recognises, shipped inside the binaries (nothing can be
+//! [`Standard`] recognises, shipped inside the binaries (nothing can be
 //! fetched): the published diffusers configs of stable-diffusion-v1-5,
 //! stable-diffusion-2-1, stable-diffusion-xl-base-1.0 and
 //! stable-diffusion-xl-refiner-1.0 (`scripts/write_standard_configs.py`).
@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{ModelError, Result};
-use crate::single_file::Family;
+use crate::single_file::Standard;
 
 const FILES: &[(&str, &str)] = &[
     (
@@ -206,7 +206,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> ModelError + '_ {
 
 /// The folder holding `family`'s standard configs in the diffusers layout
 /// (written on first use).
-pub fn config_dir(family: Family) -> Result<PathBuf> {
+pub fn config_dir(family: Standard) -> Result<PathBuf> {
     let cache = std::env::var_os("SD_CONFIG_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tch::Tensor;
 
 use crate::blocks::{Downsample, ResnetBlock, ResnetSpec, Upsample};
-use crate::config::{read_json, VaeConfig};
+use crate::config::VaeConfig;
 use crate::device::Placement;
 use crate::error::{guarded, ModelError, Result};
 use crate::layers::{attention, Conv2d, GroupNorm, Linear};
@@ -232,8 +232,7 @@ pub struct Vae {
 
 impl Vae {
     pub fn load(config_path: &Path, weights: &Weights) -> Result<Self> {
-        let c: VaeConfig = read_json(config_path)?;
-        c.validate(config_path)?;
+        let c = VaeConfig::read(config_path)?;
         let vb = Vb::root(weights, "");
         let l = c.latent_channels;
         Ok(Vae {

@@ -3,9 +3,9 @@
 //! read it: the gateway to admit by predicted seconds, the denoiser's tests
 //! to check what it measured.
 
-use crate::v1::UnetCost;
+use crate::v1::ForwardCost;
 
-impl UnetCost {
+impl ForwardCost {
     /// Predicted seconds of one UNet forward over `rows` rows of
     /// `positions` latent positions (height × width); None when nothing was
     /// measured.
@@ -47,10 +47,10 @@ impl UnetCost {
 
 #[cfg(test)]
 mod tests {
-    use crate::v1::{CostPoint, UnetCost};
+    use crate::v1::{CostPoint, ForwardCost};
 
-    fn cost() -> UnetCost {
-        UnetCost {
+    fn cost() -> ForwardCost {
+        ForwardCost {
             points: vec![
                 CostPoint {
                     positions: 64,
@@ -85,17 +85,17 @@ mod tests {
             "4× positions: 16× beyond"
         );
         assert!(close(c.seconds(256, 3), 0.4 * 2.0), "two more rows at half");
-        let steeper = UnetCost {
+        let steeper = ForwardCost {
             growth_exponent: 2.5,
             ..cost()
         };
         assert!(close(steeper.seconds(4096, 1), 1.6 * 32.0));
-        let linear = UnetCost {
+        let linear = ForwardCost {
             growth_exponent: 1.0,
             ..cost()
         };
         assert!(close(linear.seconds(4096, 1), 1.6 * 4.0));
-        let falling = UnetCost {
+        let falling = ForwardCost {
             growth_exponent: 0.2,
             ..cost()
         };
@@ -107,13 +107,13 @@ mod tests {
 
     #[test]
     fn nothing_measured_predicts_nothing() {
-        assert_eq!(UnetCost::default().seconds(64, 1), None);
-        let junk = UnetCost {
+        assert_eq!(ForwardCost::default().seconds(64, 1), None);
+        let junk = ForwardCost {
             points: vec![CostPoint {
                 positions: 0,
                 seconds: f64::NAN,
             }],
-            ..UnetCost::default()
+            ..ForwardCost::default()
         };
         assert_eq!(junk.seconds(64, 1), None);
     }

@@ -6,6 +6,7 @@
 
 pub mod codec;
 pub mod cost;
+pub mod family;
 pub mod lora;
 pub mod stage;
 pub mod status;
@@ -28,5 +29,6 @@ pub const INTERNAL_TOKEN_ENV: &str = "SD_INTERNAL_TOKEN";
 /// (the `--internal-token-file` flag's).
 pub const INTERNAL_TOKEN_FILE_ENV: &str = "SD_INTERNAL_TOKEN_FILE";
 
+pub use family::Family;
 pub use stage::Stage;
 pub use wire::{HostTensor, WireError};

@@ -198,6 +198,21 @@ fn config_for<'a>(args: &'a UpArgs, model: &Path) -> Option<&'a PathBuf> {
     }
 }
 
+/// A model directory (or `--config` directory) whose pipeline class
+/// sdserve does not serve is refused here, before any service starts:
+/// every service would refuse it too, each after its start-up.
+fn check_family(dir: &Path) -> anyhow::Result<()> {
+    let index = dir.join("model_index.json");
+    if is_single_file(dir) || !index.is_file() {
+        return Ok(());
+    }
+    let text =
+        std::fs::read_to_string(&index).map_err(|e| anyhow::anyhow!("{}: {e}", index.display()))?;
+    sd_proto::Family::of_model_index(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    Ok(())
+}
+
 /// `--config` given once, or once per single-file `--model`, and only
 /// with one.
 fn check_configs(args: &UpArgs) -> anyhow::Result<()> {
@@ -431,6 +446,9 @@ pub async fn run(mut args: UpArgs) -> anyhow::Result<()> {
         None => args.model.push(first),
     }
     check_configs(&args)?;
+    for model in args.model.iter().chain(&args.config) {
+        check_family(model)?;
+    }
     let mut names: Vec<String> = args.model.iter().map(|m| model_name(m)).collect();
     names.sort();
     names.dedup();

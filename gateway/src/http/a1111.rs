@@ -370,9 +370,9 @@ async fn generate(S(http): S<State>, headers: HeaderMap, body: Body, img2img: bo
             .service
             .pick(&asked.base.model)?
             .facts
-            .family
-            .pooled_dim
-            > 0
+            .profile
+            .sdxl()
+            .is_some()
         {
             // A1111 reads SDXL's penultimate layers whatever
             // CLIP_stop_at_last_layers says (its sdxl_clip_l_skip is off).

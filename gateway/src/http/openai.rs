@@ -306,11 +306,11 @@ fn model_json(f: &crate::facts::ModelFacts) -> Value {
         "owned_by": "sdserve",
         "sdserve": {
             "model_id": f.id,
-            "family": f.family.name(),
+            "family": f.profile.name(),
             "default_size": f.default_side(),
-            "default_guidance": f.family.default_guidance,
-            "default_steps": if f.family.default_steps > 0 {
-                f.family.default_steps
+            "default_guidance": f.profile.default_guidance,
+            "default_steps": if f.profile.default_steps > 0 {
+                f.profile.default_steps
             } else {
                 crate::plan::DEFAULT_STEPS
             },

@@ -28,10 +28,10 @@ pub struct LatentShape {
 
 impl LatentShape {
     pub fn of(plan: &Plan, facts: &ModelFacts) -> Self {
-        let f = facts.scale_factor;
+        let f = facts.layout.scale_factor;
         LatentShape {
             images: plan.num_images as usize,
-            channels: facts.latent_channels,
+            channels: facts.layout.latent_channels,
             height: (plan.height / f) as usize,
             width: (plan.width / f) as usize,
         }
@@ -105,7 +105,7 @@ impl Generator {
                 let image = InitLatents {
                     mean: &mean,
                     std: &std,
-                    scaling_factor: self.facts.scaling_factor,
+                    normalization: self.facts.normalization,
                 };
                 let latents = noised(scheduler, image, shape, rng, first);
                 Ok(Start { first, latents })
@@ -152,12 +152,13 @@ impl Generator {
 }
 
 /// diffusers' prepare_latents for image-to-image: one sample of the init
-/// image's distribution, times the VAE's `scaling_factor`, repeated for
-/// each image, noised to timestep index `first`.
+/// image's distribution, normalised as the autoencoder says (`(sample -
+/// shift) * scale`), repeated for each image, noised to timestep index
+/// `first`.
 struct InitLatents<'a> {
     mean: &'a HostTensor,
     std: &'a HostTensor,
-    scaling_factor: f32,
+    normalization: crate::facts::Normalization,
 }
 
 fn noised(
@@ -169,9 +170,10 @@ fn noised(
 ) -> Vec<f32> {
     let per_image = shape.per_image();
     let sample = rng.randn(per_image);
-    let (mean, std, sf) = (&image.mean.data, &image.std.data, image.scaling_factor);
+    let (mean, std) = (&image.mean.data, &image.std.data);
+    let crate::facts::Normalization { scale, shift } = image.normalization;
     let one: Vec<f32> = (0..per_image)
-        .map(|i| sf * (mean[i] + std[i] * sample[i]))
+        .map(|i| scale * ((mean[i] + std[i] * sample[i]) - shift))
         .collect();
     let init: Vec<f32> = one.iter().copied().cycle().take(shape.len()).collect();
     let noise = rng.randn(shape.len());

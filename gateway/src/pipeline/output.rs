@@ -58,7 +58,7 @@ impl Generator {
     ) -> Result<Vec<Pixels>> {
         let per_call = images_per_call(
             &latents.shape,
-            self.facts.scale_factor,
+            self.facts.layout.scale_factor,
             self.facts.max_decode_pixels,
         );
         if per_call >= batch_of(&latents.shape) {

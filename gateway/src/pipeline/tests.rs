@@ -15,7 +15,7 @@ use sd_proto::wire::HostTensor;
 use sd_runtime::deadline::Deadline;
 use sd_runtime::metrics::Metrics;
 use sd_sampling::schedulers::{build, SchedulerOptions};
-use sd_sampling::{Prediction, SchedulerConfig, SchedulerKind};
+use sd_sampling::{SchedulerConfig, SchedulerKind};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::{img2img_start, Event, Generator};
@@ -165,21 +165,15 @@ fn facts() -> ModelFacts {
     ModelFacts {
         id: "fake@1".into(),
         name: "fake".into(),
-        latent_channels: 4,
-        scale_factor: 8,
         sample_size: 4,
-        scaling_factor: 0.18215,
-        max_decode_pixels: 0,
-        cost: Default::default(),
         scheduler_config: SchedulerConfig::from_json(
             r#"{"_class_name": "DDIMScheduler", "steps_offset": 1}"#,
         )
         .unwrap(),
         default_scheduler: SchedulerKind::Ddim,
-        prediction: Prediction::Epsilon,
         text_layers: 2,
         text_model_id: "fake@1".into(),
-        family: Default::default(),
+        ..ModelFacts::sd15_example()
     }
 }
 
@@ -495,4 +489,239 @@ fn unseeded_plans_draw_different_seeds() {
         })
         .collect();
     assert!(seeds.len() > 1, "eight unseeded requests all got {seeds:?}");
+}
+
+/// A network of a second kind through the same seam: a fake "flow" family
+/// whose denoiser publishes 16 latent channels packed into 2×2 patches (so
+/// image sides are multiples of 16), guidance as an input of the network
+/// (no negative branch), and a VAE whose latents are shifted as well as
+/// scaled. The step loop, the plan's checks and the stages are the same;
+/// only the published facts differ.
+fn flow_facts() -> ModelFacts {
+    ModelFacts {
+        id: "flow@1".into(),
+        name: "flow".into(),
+        layout: crate::facts::Layout {
+            latent_channels: 16,
+            in_channels: 16,
+            scale_factor: 8,
+            size_multiple: 16,
+            packed: true,
+        },
+        normalization: crate::facts::Normalization {
+            scale: 0.3611,
+            shift: 0.1159,
+        },
+        profile: crate::facts::Profile {
+            guidance_embedded: true,
+            default_guidance: 3.5,
+            default_steps: 4,
+            ..Default::default()
+        },
+        scheduler_config: SchedulerConfig::from_json(
+            r#"{"_class_name": "EulerDiscreteScheduler"}"#,
+        )
+        .unwrap(),
+        default_scheduler: SchedulerKind::Euler,
+        ..facts()
+    }
+}
+
+/// Stages for the flow family: 16-channel latents everywhere; the VAE's
+/// encoder answers a distribution of one value, `mean`, with no spread.
+struct FlowFake {
+    log: Mutex<Log>,
+    decoded_shapes: Mutex<Vec<Vec<i64>>>,
+    mean: f32,
+}
+
+#[tonic::async_trait]
+impl Stages for FlowFake {
+    async fn encode_text(
+        &self,
+        req: EncodeTextRequest,
+        d: &Deadline,
+    ) -> Result<EncodeTextResponse> {
+        let r = Fake::default().encode_text(req.clone(), d).await;
+        self.log.lock().unwrap().text.push(req);
+        r
+    }
+
+    fn steps<'a>(&'a self, _: &'a Deadline) -> Box<dyn StepSession + 'a> {
+        Box::new(FlowSession(self))
+    }
+
+    async fn decode(&self, req: DecodeRequest, d: &Deadline) -> Result<DecodeResponse> {
+        let shape = req.latents.as_ref().unwrap().shape.clone();
+        self.decoded_shapes.lock().unwrap().push(shape);
+        Fake::default().decode(req, d).await
+    }
+
+    async fn encode_image(
+        &self,
+        req: EncodeImageRequest,
+        _: &Deadline,
+    ) -> Result<EncodeImageResponse> {
+        let shape = req.pixels.unwrap().shape;
+        let latent = vec![1, 16, shape[2] / 8, shape[3] / 8];
+        let n = latent.iter().product::<i64>() as usize;
+        let mean = HostTensor::new(latent.clone(), vec![self.mean; n]).unwrap();
+        Ok(EncodeImageResponse {
+            mean: Some(mean.to_wire(Dtype::Float32)),
+            std: Some(zeros(latent)),
+        })
+    }
+}
+
+struct FlowSession<'a>(&'a FlowFake);
+
+#[tonic::async_trait]
+impl StepSession for FlowSession<'_> {
+    async fn step(&mut self, req: PredictRequest) -> Result<PredictResponse> {
+        self.0.log.lock().unwrap().predicts.push(req.clone());
+        let shape = req.latents.unwrap().shape;
+        Ok(PredictResponse {
+            output: Some(zeros(shape)),
+        })
+    }
+}
+
+fn flow_generator(fake: Arc<FlowFake>) -> Generator {
+    Generator {
+        facts: Arc::new(flow_facts()),
+        ..generator(Arc::new(Fake::default()))
+    }
+    .with_stages(fake)
+}
+
+impl Generator {
+    fn with_stages(self, stages: Arc<dyn Stages>) -> Self {
+        Generator { stages, ..self }
+    }
+}
+
+#[tokio::test]
+async fn a_flow_family_runs_through_the_same_seam() {
+    let fake = Arc::new(FlowFake {
+        log: Mutex::default(),
+        decoded_shapes: Mutex::default(),
+        mean: 0.0,
+    });
+    let facts = flow_facts();
+    let plan = Plan::new(
+        GenerateRequest {
+            prompt: "a cat".into(),
+            negative_prompt: "blurry".into(),
+            width: 48,
+            height: 32,
+            seed: Some(3),
+            ..Default::default()
+        },
+        &facts,
+        &Limits::default(),
+    )
+    .unwrap();
+    let r = flow_generator(fake.clone())
+        .run(plan, None, Deadline::none())
+        .await
+        .unwrap();
+    assert_eq!(r.images.len(), 1);
+    let log = fake.log.lock().unwrap();
+    // The model's own 4 steps; guidance 3.5 as an input, never a second
+    // (negative) row, so no negative prompt was encoded.
+    assert_eq!(log.predicts.len(), 4);
+    for p in &log.predicts {
+        assert!(p.uncond.is_none(), "no unconditional branch");
+        assert_eq!(p.guidance_scale, 3.5);
+        assert_eq!(p.latents.as_ref().unwrap().shape, vec![1, 16, 4, 6]);
+    }
+    assert_eq!(log.text.len(), 1);
+    assert_eq!(log.text[0].prompts, vec!["a cat".to_string()]);
+    assert_eq!(
+        *fake.decoded_shapes.lock().unwrap(),
+        vec![vec![1, 16, 4, 6]]
+    );
+    drop(log);
+
+    // Sides are multiples of the published size multiple (16), not of the
+    // VAE's scale (8).
+    let e = Plan::new(
+        GenerateRequest {
+            prompt: "a cat".into(),
+            width: 40,
+            ..Default::default()
+        },
+        &facts,
+        &Limits::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, Error::Invalid { field, .. } if *field == "width"),
+        "{e:?}"
+    );
+    assert!(format!("{e}").contains("multiple of 16"), "{e}");
+}
+
+#[tokio::test]
+async fn image_to_image_latents_are_normalised_as_the_autoencoder_says() {
+    // The init image's latents (all `mean`) become (mean - shift) * scale
+    // before noising: at strength 1 with zero predictions, Euler's first
+    // model input is (init + σ_max · noise) / sqrt(σ_max² + 1); the same
+    // run with the init at zero tells the noise's part apart.
+    let first_input = |mean: f32| async move {
+        let fake = Arc::new(FlowFake {
+            log: Mutex::default(),
+            decoded_shapes: Mutex::default(),
+            mean,
+        });
+        let plan = Plan::new(
+            GenerateRequest {
+                prompt: "a cat".into(),
+                init_image: png(32, 32).into(),
+                strength: Some(1.0),
+                steps: 2,
+                seed: Some(5),
+                ..Default::default()
+            },
+            &flow_facts(),
+            &Limits::default(),
+        )
+        .unwrap();
+        flow_generator(fake.clone())
+            .run(plan, None, Deadline::none())
+            .await
+            .unwrap();
+        let p = fake.log.lock().unwrap().predicts[0].clone();
+        HostTensor::from_wire(p.latents.as_ref().unwrap())
+            .unwrap()
+            .data
+    };
+    let n = flow_facts().normalization;
+    let euler = build(
+        SchedulerKind::Euler,
+        &flow_facts().scheduler_config,
+        2,
+        SchedulerOptions::default(),
+    )
+    .unwrap();
+    let k = euler.scale_model_input(&[1.0], 0)[0];
+    // The init at exactly the shift normalises to zero: the first input is
+    // the noise alone, σ · noise / sqrt(σ² + 1), with the noise the seed's
+    // draws after the init image's sample (diffusers' order; the sample is
+    // drawn even with no spread).
+    let zero = first_input(n.shift).await;
+    let mut rng = sd_sampling::TorchGenerator::new(5);
+    let _sample = rng.randn(16 * 4 * 4);
+    let noise = rng.randn(16 * 4 * 4);
+    let sigma = zero[0] / k / noise[0];
+    for (z, e) in zero.iter().zip(&noise) {
+        assert!((z / k - sigma * e).abs() < 1e-4, "{z} is not noise alone");
+    }
+    // And an init of 2.0 adds (2.0 - shift) · scale everywhere.
+    let two = first_input(2.0).await;
+    let want = (2.0 - n.shift) * n.scale;
+    for (a, b) in two.iter().zip(&zero) {
+        let init = (a - b) / k;
+        assert!((init - want).abs() < 1e-3, "init {init}, want {want}");
+    }
 }

@@ -102,7 +102,11 @@ impl Generator {
         // zeros instead of an encoded "" (A1111's too).
         let zeros = plan.guided()
             && plan.negative_prompt.is_empty()
-            && self.facts.family.force_zeros_for_empty_prompt;
+            && self
+                .facts
+                .profile
+                .sdxl()
+                .is_some_and(|x| x.force_zeros_for_empty_prompt);
         let syntax = plan.prompt_syntax as i32;
         let negative_skip = if plan.prompt_syntax == PromptSyntax::A1111 {
             plan.clip_skip

@@ -1,4 +1,4 @@
-//! sd-autoencoder: the VAE as a gRPC service. Decode turns scaled latents
+//! sd-autoencoder: the VAE as a gRPC service. Decode turns normalised latents
 //! into RGB 8-bit images (for every generation); Encode turns pixels into the
 //! latent distribution (for image-to-image), leaving the sampling to the
 //! caller so seeds follow diffusers.
@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use clap::Parser;
+use sd_models::config::VaeConfig;
 use sd_models::{Component, ModelDir, Vae};
 use sd_proto::v1::autoencoder_server::{Autoencoder, AutoencoderServer};
 use sd_proto::v1::{
@@ -166,12 +167,14 @@ impl Service {
     async fn decode_inner(&self, request: DecodeRequest) -> Result<DecodeResponse, ServiceError> {
         let latents = from_wire(request.latents.as_ref(), "latents")?;
         self.check(&latents, "latents", self.latents_layout())?;
-        let (vae, sf) = (self.vae.clone(), self.info.scaling_factor as f64);
+        let vae = self.vae.clone();
+        let (scale, shift) = vae.config().normalization();
         let images = self
             .worker
             .run(Stage::VaeDecode, move || {
+                // diffusers' order: latents / scaling_factor + shift_factor.
                 let pixels = vae
-                    .decode(&(latents.to_kind(Kind::Float) / sf))
+                    .decode(&(latents.to_kind(Kind::Float) / scale + shift))
                     .map_err(|e| ServiceError::model_input("latents", e))?;
                 to_rgb8(&pixels)
             })
@@ -220,8 +223,7 @@ fn main() -> anyhow::Result<()> {
 /// latents as many channels and its scale factor the same as the model's
 /// own VAE's (which the UNet and the gateway's sizes assume).
 fn check_fits(vae: &Vae, own: &ModelDir) -> anyhow::Result<()> {
-    let theirs: sd_models::config::VaeConfig =
-        sd_models::config::read_json(&own.config_path(Component::Vae))?;
+    let theirs = VaeConfig::read(&own.config_path(Component::Vae))?;
     let (c, f) = (vae.config().latent_channels, vae.scale_factor());
     let (want_c, want_f) = (theirs.latent_channels, theirs.scale_factor());
     anyhow::ensure!(
@@ -251,10 +253,9 @@ fn load(
             .map_err(|e| anyhow::anyhow!("--vae: {e}"))?,
         None => own.clone(),
     };
-    let vae_config: sd_models::config::VaeConfig =
-        sd_models::config::read_json(&dir.config_path(Component::Vae))?;
+    let vae_config = VaeConfig::read(&dir.config_path(Component::Vae))?;
     let vae_placement =
-        sd_service::family::vae_placement(placement, dir.is_xl()?, vae_config.force_upcast);
+        sd_service::family::vae_placement(placement, dir.family(), vae_config.force_upcast);
     if vae_placement.kind != placement.kind {
         tracing::info!("the VAE runs in fp32 (force_upcast), as diffusers' SDXL pipelines run it");
     }
@@ -268,12 +269,18 @@ fn load(
         [1, c.latent_channels, 4, 4],
         (Kind::Float, tch::Device::Cpu),
     ))?;
+    let (scale, shift) = c.normalization();
     let info = AutoencoderInfo {
         model_id: sd_service::model_id(&dir, &[Component::Vae]),
         scale_factor: vae.scale_factor() as u32,
-        scaling_factor: c.scaling_factor as f32,
+        scaling_factor: scale as f32,
         latent_channels: c.latent_channels as u32,
         max_pixels: args.max_pixels.max(1) as u64,
+        family: sd_proto::v1::ModelFamily::from(dir.family()) as i32,
+        normalization: Some(sd_proto::v1::LatentNormalization {
+            scale: scale as f32,
+            shift: shift as f32,
+        }),
     };
     let service = Service {
         vae: Arc::new(vae),

@@ -1,27 +1,36 @@
 //! Model work shared by the services and the in-process benchmark pipeline:
-//! guided UNet calls (several merged into one forward) and diffusers'
-//! image postprocessing.
+//! guided calls of the denoising network (several merged into one forward)
+//! and diffusers' image postprocessing.
 
 use std::sync::Arc;
 
 use sd_models::lora::{self, Applied, Plan, Span};
-use sd_models::UNet;
+use sd_models::{Conditioning, Denoiser};
 use sd_proto::v1::RgbImage;
 use tch::{Kind, Tensor};
 
 use crate::ServiceError;
 
-/// SDXL's added conditioning of one call: pooled text embeddings and the
-/// size/crop time ids, for each half.
-pub struct XlConditioning {
-    /// (1 or B, pooled)
-    pub cond_pooled: Tensor,
-    /// (1 or B, pooled), present when the call is guided.
-    pub uncond_pooled: Option<Tensor>,
-    /// (B, n)
-    pub time_ids: Tensor,
-    /// (B, n) for the unconditional half.
-    pub negative_time_ids: Tensor,
+/// One half of a guided call (its conditional or unconditional rows): what
+/// those rows are conditioned on, for any family.
+pub struct Half {
+    /// (1 or B, tokens, dim)
+    pub context: Tensor,
+    /// The pooled text embedding, (1 or B, pooled): SDXL.
+    pub pooled: Option<Tensor>,
+    /// The family's vector per latent, (B, n): SDXL's time ids.
+    pub time_ids: Option<Tensor>,
+}
+
+impl Half {
+    /// Text embeddings alone.
+    pub fn text(context: Tensor) -> Self {
+        Half {
+            context,
+            pooled: None,
+            time_ids: None,
+        }
+    }
 }
 
 /// One Predict's tensors, checked.
@@ -30,13 +39,14 @@ pub struct Call {
     pub latents: Tensor,
     /// (B,)
     pub timesteps: Tensor,
-    /// (1 or B, tokens, dim)
-    pub cond: Tensor,
-    pub uncond: Option<Tensor>,
+    pub cond: Half,
+    /// Present when guided (classifier-free: a second row per latent).
+    pub uncond: Option<Half>,
     pub guidance: f64,
-    /// The SDXL family's added conditioning (for a UNet that takes it).
-    pub xl: Option<XlConditioning>,
-    /// LoRA adapters for this call's rows (empty: the base UNet).
+    /// Image conditioning taken beside the latents (an inpainting
+    /// network's mask and masked-image latents), (B, extra, h, w).
+    pub image: Option<Tensor>,
+    /// LoRA adapters for this call's rows (empty: the base network).
     pub loras: Arc<[Applied]>,
 }
 
@@ -45,7 +55,7 @@ impl Call {
         self.latents.size()[0]
     }
 
-    /// UNet rows this call needs (twice its batch when guided).
+    /// Network rows this call needs (twice its batch when guided).
     pub fn rows(&self) -> i64 {
         self.batch() * if self.uncond.is_some() { 2 } else { 1 }
     }
@@ -60,7 +70,7 @@ impl Call {
     pub fn key(&self) -> (Vec<i64>, Vec<i64>) {
         (
             self.latents.size()[1..].to_vec(),
-            self.cond.size()[1..].to_vec(),
+            self.cond.context.size()[1..].to_vec(),
         )
     }
 }
@@ -83,23 +93,24 @@ pub fn guidance_embedding(w: f64, rows: i64, dim: i64) -> Tensor {
     emb.unsqueeze(0).expand([rows, dim], false)
 }
 
-/// The UNet's inputs for several calls, in diffusers' order within each
+/// The network's inputs for several calls, in diffusers' order within each
 /// call ([uncond, cond]).
 #[derive(Default)]
 struct Inputs {
     xs: Vec<Tensor>,
     ts: Vec<Tensor>,
     ctxs: Vec<Tensor>,
-    text_embeds: Vec<Tensor>,
+    pooled: Vec<Tensor>,
     time_ids: Vec<Tensor>,
-    conds: Vec<Tensor>,
+    guidance: Vec<Tensor>,
+    images: Vec<Tensor>,
     /// Each half's rows and LoRA adapters, in order.
     loras: Vec<(i64, Arc<[Applied]>)>,
 }
 
 impl Inputs {
     /// One half of call `c` (its uncond rows, or its cond rows).
-    fn add_half(&mut self, c: &Call, uncond_half: bool, time_cond_dim: Option<i64>) {
+    fn add_half(&mut self, c: &Call, uncond_half: bool, guidance_dim: Option<i64>) {
         let b = c.batch();
         let rows = |t: &Tensor| {
             let mut size = t.size();
@@ -109,42 +120,36 @@ impl Inputs {
         self.xs.push(c.latents.shallow_clone());
         self.ts.push(c.timesteps.expand([b], false));
         self.loras.push((b, c.loras.clone()));
-        let ctx = if uncond_half {
+        let half = if uncond_half {
             c.uncond.as_ref()
         } else {
             Some(&c.cond)
         };
-        if let Some(ctx) = ctx {
-            self.ctxs.push(rows(ctx));
-        }
-        if let Some(xl) = &c.xl {
-            let pooled = if uncond_half {
-                xl.uncond_pooled.as_ref()
-            } else {
-                Some(&xl.cond_pooled)
-            };
-            if let Some(p) = pooled {
-                self.text_embeds.push(rows(p));
+        if let Some(h) = half {
+            self.ctxs.push(rows(&h.context));
+            if let Some(p) = &h.pooled {
+                self.pooled.push(rows(p));
             }
-            let ids = if uncond_half {
-                &xl.negative_time_ids
-            } else {
-                &xl.time_ids
-            };
-            self.time_ids.push(ids.shallow_clone());
+            if let Some(ids) = &h.time_ids {
+                self.time_ids.push(ids.shallow_clone());
+            }
         }
-        if let Some(dim) = time_cond_dim {
-            self.conds
+        if let Some(image) = &c.image {
+            self.images.push(image.shallow_clone());
+        }
+        if let Some(dim) = guidance_dim {
+            self.guidance
                 .push(guidance_embedding(c.guidance - 1.0, b, dim));
         }
     }
 
-    fn forward(&self, unet: &UNet) -> sd_models::Result<Tensor> {
+    fn forward(&self, net: &Denoiser) -> sd_models::Result<Tensor> {
         let cat = |v: &[Tensor]| (!v.is_empty()).then(|| Tensor::cat(v, 0));
-        let (text_embeds, time_ids, cond) = (
-            cat(&self.text_embeds),
+        let (pooled, time_ids, guidance, image) = (
+            cat(&self.pooled),
             cat(&self.time_ids),
-            cat(&self.conds),
+            cat(&self.guidance),
+            cat(&self.images),
         );
         // Each half's rows get its own adapters (the base projection runs
         // once for all rows; see sd_models::lora).
@@ -158,15 +163,18 @@ impl Inputs {
             });
             start += rows;
         }
+        let context = Tensor::cat(&self.ctxs, 0);
         lora::with_plan(Plan::rows(start, spans), || {
-            unet.forward_with(
+            net.forward(
                 &Tensor::cat(&self.xs, 0),
                 &Tensor::cat(&self.ts, 0),
-                &Tensor::cat(&self.ctxs, 0),
-                sd_models::Added {
-                    text_embeds: text_embeds.as_ref(),
+                Conditioning {
+                    context: &context,
+                    pooled: pooled.as_ref(),
                     time_ids: time_ids.as_ref(),
-                    timestep_cond: cond.as_ref(),
+                    guidance: guidance.as_ref(),
+                    image: image.as_ref(),
+                    control: None,
                 },
             )
         })
@@ -177,14 +185,14 @@ impl Inputs {
 /// halves they are (call index, uncond half).
 type Group = (i64, Inputs, Vec<(usize, bool)>);
 
-/// Run several calls as one UNet forward — one per token count of their
-/// texts — (classifier-free guidance per
-/// call: uncond + g · (cond − uncond); an LCM UNet takes the guidance as an
-/// embedding instead); outputs in call order, on the host.
+/// Run several calls as one forward of the network — one per token count
+/// of their texts — (classifier-free guidance per call: uncond + g ·
+/// (cond − uncond); a network with embedded guidance takes it as an input
+/// instead); outputs in call order, on the host.
 /// On a GPU the forward runs asynchronously: copying the results back here
 /// makes the caller's timing the forward's real time, and no gRPC I/O
 /// thread later blocks on the device when it serialises a result.
-pub fn forward_calls(unet: &UNet, calls: &[&Call]) -> sd_models::Result<Vec<Tensor>> {
+pub fn forward_calls(net: &Denoiser, calls: &[&Call]) -> sd_models::Result<Vec<Tensor>> {
     // Rows whose text conditionings have the same number of tokens go in
     // one forward; a call whose prompt and negative prompt differ in length
     // (AUTOMATIC1111's syntax) has its halves in two, as A1111 runs them.
@@ -196,12 +204,12 @@ pub fn forward_calls(unet: &UNet, calls: &[&Call]) -> sd_models::Result<Vec<Tens
             &[false]
         };
         for &uncond_half in halves {
-            let ctx = if uncond_half {
+            let half = if uncond_half {
                 c.uncond.as_ref()
             } else {
                 Some(&c.cond)
             };
-            let tokens = ctx.map_or(0, |t| t.size()[1]);
+            let tokens = half.map_or(0, |h| h.context.size()[1]);
             let at = match groups.iter().position(|g| g.0 == tokens) {
                 Some(at) => at,
                 None => {
@@ -209,7 +217,7 @@ pub fn forward_calls(unet: &UNet, calls: &[&Call]) -> sd_models::Result<Vec<Tens
                     groups.len() - 1
                 }
             };
-            groups[at].1.add_half(c, uncond_half, unet.time_cond_dim());
+            groups[at].1.add_half(c, uncond_half, net.guidance_dim());
             groups[at].2.push((i, uncond_half));
         }
     }
@@ -217,7 +225,7 @@ pub fn forward_calls(unet: &UNet, calls: &[&Call]) -> sd_models::Result<Vec<Tens
     let mut halves: Vec<(Option<Tensor>, Option<Tensor>)> =
         calls.iter().map(|_| (None, None)).collect();
     for (_, inputs, members) in &groups {
-        let out = inputs.forward(unet)?;
+        let out = inputs.forward(net)?;
         let mut offset = 0;
         for &(i, uncond_half) in members {
             let b = calls[i].batch();

@@ -1,21 +1,19 @@
 //! What a model's family changes in the pipeline, read from its files: the
-//! SDXL family's added conditioning, the refiner's time ids, the default
-//! guidance, and the VAE's precision.
+//! family's parameters as the denoiser publishes them (the SDXL family's
+//! added conditioning, the refiner's time ids), the default guidance and
+//! steps, and the VAE's precision.
 
-use sd_models::{Component, ModelDir, Placement, UNet};
+use sd_models::{Component, Denoiser, Family, ModelDir, Placement};
+use sd_proto::v1::denoiser_info::FamilyParams;
+use sd_proto::v1::{SdParams, SdxlParams};
 use tch::Kind;
 
-/// What the model's family changes in the pipeline (SDXL, its refiner, LCM
-/// UNets), as diffusers' pipelines have it.
-pub struct Family {
-    /// The pooled embedding's width (0: not SDXL).
-    pub pooled_dim: i64,
-    /// Time ids per latent: 6, the refiner's 5 (0: not SDXL).
-    pub time_ids_len: i64,
-    /// An empty negative prompt is zeros (`force_zeros_for_empty_prompt`).
-    pub force_zeros: bool,
-    /// The refiner's time ids: an aesthetic score instead of the target size.
-    pub requires_aesthetics: bool,
+/// What the model's family changes in the pipeline, as diffusers'
+/// pipelines have it, with the model's own defaults.
+pub struct Profile {
+    pub family: Family,
+    /// The family's own parameters (the proto's `family_params`).
+    pub params: FamilyParams,
     /// The guidance diffusers' pipeline for this family defaults to, or
     /// the model's own (`sdserve.json`).
     pub default_guidance: f32,
@@ -60,71 +58,88 @@ impl ModelDefaults {
     }
 }
 
-impl Family {
-    /// The components whose weights make the model's identity.
-    pub fn components(&self) -> &'static [Component] {
-        if self.pooled_dim > 0 {
-            &[
-                Component::TextEncoder,
-                Component::TextEncoder2,
-                Component::Unet,
-                Component::Vae,
-            ]
-        } else {
-            &[Component::TextEncoder, Component::Unet, Component::Vae]
-        }
+/// The components whose weights make a model's identity.
+pub fn components(family: Family) -> &'static [Component] {
+    match family {
+        Family::Sd => &[Component::TextEncoder, Component::Unet, Component::Vae],
+        Family::Sdxl => &[
+            Component::TextEncoder,
+            Component::TextEncoder2,
+            Component::Unet,
+            Component::Vae,
+        ],
     }
+}
 
-    /// The family of the model in `dir` whose UNet is `unet`, with the
+impl Profile {
+    /// The profile of the model in `dir` whose network is `net`, with the
     /// model's own defaults over the family's.
-    pub fn of(dir: &ModelDir, unet: &UNet) -> anyhow::Result<Self> {
+    pub fn of(dir: &ModelDir, net: &Denoiser) -> anyhow::Result<Self> {
         let own = ModelDefaults::read(dir)?;
-        let mut family = Self::of_files(dir, unet)?;
+        let mut profile = Self::of_files(dir, net)?;
         if let Some(g) = own.default_guidance {
-            family.default_guidance = g;
+            profile.default_guidance = g;
         }
-        family.default_steps = own.default_steps.unwrap_or(0);
-        Ok(family)
+        profile.default_steps = own.default_steps.unwrap_or(0);
+        Ok(profile)
     }
 
-    fn of_files(dir: &ModelDir, unet: &UNet) -> anyhow::Result<Self> {
-        let Some((time_dim, input_dim)) = unet.config().text_time() else {
-            return Ok(Family {
-                pooled_dim: 0,
-                time_ids_len: 0,
-                force_zeros: false,
-                requires_aesthetics: false,
-                default_guidance: 7.5,
-                default_steps: 0,
-            });
+    fn of_files(dir: &ModelDir, net: &Denoiser) -> anyhow::Result<Self> {
+        let family = dir.family();
+        let (params, default_guidance) = match family {
+            Family::Sd => {
+                anyhow::ensure!(
+                    !net.takes_text_time(),
+                    "unet/config.json: an SD pipeline whose UNet takes SDXL's added conditioning"
+                );
+                (FamilyParams::Sd(SdParams {}), 7.5)
+            }
+            Family::Sdxl => (FamilyParams::Sdxl(sdxl_params(dir, net)?), 5.0),
         };
-        // SDXL: original size, crop and target size; the refiner: original
-        // size, crop and an aesthetic score. The rest of add_embedding's
-        // width is the pooled embedding.
-        let requires_aesthetics = dir.requires_aesthetics_score()?;
-        let n = if requires_aesthetics { 5 } else { 6 };
-        let pooled_dim = input_dim - n * time_dim;
-        anyhow::ensure!(
-            pooled_dim > 0,
-            "unet/config.json: projection_class_embeddings_input_dim {input_dim} leaves no room \
-             for a pooled embedding beside {n} time ids of {time_dim}"
-        );
-        Ok(Family {
-            pooled_dim,
-            time_ids_len: n,
-            force_zeros: dir.force_zeros_for_empty_prompt()?,
-            requires_aesthetics,
-            default_guidance: 5.0,
+        Ok(Profile {
+            family,
+            params,
+            default_guidance,
             default_steps: 0,
         })
     }
 }
 
+/// SDXL: original size, crop and target size; the refiner: original size,
+/// crop and an aesthetic score. The rest of add_embedding's width is the
+/// pooled embedding.
+fn sdxl_params(dir: &ModelDir, net: &Denoiser) -> anyhow::Result<SdxlParams> {
+    let (time_dim, input_dim) = net.text_time_dims().ok_or_else(|| {
+        anyhow::anyhow!(
+            "unet/config.json: an SDXL pipeline whose UNet takes no added conditioning \
+             (addition_embed_type \"text_time\")"
+        )
+    })?;
+    let requires_aesthetics = dir.requires_aesthetics_score()?;
+    let n = if requires_aesthetics { 5 } else { 6 };
+    let pooled_dim = input_dim - n * time_dim;
+    anyhow::ensure!(
+        pooled_dim > 0,
+        "unet/config.json: projection_class_embeddings_input_dim {input_dim} leaves no room \
+         for a pooled embedding beside {n} time ids of {time_dim}"
+    );
+    Ok(SdxlParams {
+        pooled_dim: pooled_dim as u32,
+        time_ids_len: n as u32,
+        requires_aesthetics_score: requires_aesthetics,
+        force_zeros_for_empty_prompt: dir.force_zeros_for_empty_prompt()?,
+    })
+}
+
 /// diffusers' SDXL pipelines decode in fp32 when the VAE is in fp16 and
 /// its config says `force_upcast` (SDXL's VAE overflows in fp16); the SD
 /// 1.x/2.x pipelines never do.
-pub fn vae_placement(placement: Placement, xl: bool, force_upcast: bool) -> Placement {
-    if xl && force_upcast && placement.kind == Kind::Half {
+pub fn vae_placement(placement: Placement, family: Family, force_upcast: bool) -> Placement {
+    let upcasts = match family {
+        Family::Sd => false,
+        Family::Sdxl => force_upcast,
+    };
+    if upcasts && placement.kind == Kind::Half {
         Placement {
             kind: Kind::Float,
             ..placement
@@ -165,13 +180,13 @@ mod tests {
             device: tch::Device::Cpu,
             kind: Kind::Half,
         };
-        assert_eq!(vae_placement(half, true, true).kind, Kind::Float);
-        assert_eq!(vae_placement(half, true, false).kind, Kind::Half);
-        assert_eq!(vae_placement(half, false, true).kind, Kind::Half);
+        assert_eq!(vae_placement(half, Family::Sdxl, true).kind, Kind::Float);
+        assert_eq!(vae_placement(half, Family::Sdxl, false).kind, Kind::Half);
+        assert_eq!(vae_placement(half, Family::Sd, true).kind, Kind::Half);
         let bf16 = Placement {
             kind: Kind::BFloat16,
             ..half
         };
-        assert_eq!(vae_placement(bf16, true, true).kind, Kind::BFloat16);
+        assert_eq!(vae_placement(bf16, Family::Sdxl, true).kind, Kind::BFloat16);
     }
 }

@@ -5,6 +5,7 @@ pub mod error;
 pub mod family;
 pub mod lora;
 pub mod machine;
+pub mod step;
 pub mod text;
 pub mod threads;
 

@@ -117,20 +117,23 @@ impl TextEncoders {
             })?;
             Ok(Encoder { tokenizer, clip })
         };
-        if !dir.is_xl()? {
-            return Ok(TextEncoders::Single(Box::new(encoder(
+        match dir.family() {
+            sd_models::Family::Sd => Ok(TextEncoders::Single(Box::new(encoder(
                 Component::TextEncoder,
-            )?)));
+            )?))),
+            sd_models::Family::Sdxl => {
+                // The refiner has only the second.
+                let first = if dir.has(Component::TextEncoder.dir())? {
+                    Some(Box::new(encoder(Component::TextEncoder)?))
+                } else {
+                    None
+                };
+                Ok(TextEncoders::Xl {
+                    first,
+                    second: Box::new(encoder(Component::TextEncoder2)?),
+                })
+            }
         }
-        let first = if dir.has(Component::TextEncoder.dir())? {
-            Some(Box::new(encoder(Component::TextEncoder)?))
-        } else {
-            None
-        };
-        Ok(TextEncoders::Xl {
-            first,
-            second: Box::new(encoder(Component::TextEncoder2)?),
-        })
     }
 
     pub fn encoders(&self) -> Vec<&Encoder> {

@@ -7,32 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use sd_runtime::lru::ByteLru;
+use sd_service::step::Cond;
 use sd_service::ServiceError;
-use tch::Tensor;
-
-/// A text conditioning: the hidden states and, for the SDXL family, the
-/// pooled embedding. Clones share the tensors' storage.
-pub struct Cond {
-    pub hidden: Tensor,
-    pub pooled: Option<Tensor>,
-}
-
-impl Clone for Cond {
-    fn clone(&self) -> Self {
-        Cond {
-            hidden: self.hidden.shallow_clone(),
-            pooled: self.pooled.as_ref().map(Tensor::shallow_clone),
-        }
-    }
-}
-
-impl Cond {
-    /// Bytes of its tensors' data.
-    fn data_bytes(&self) -> usize {
-        let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
-        bytes(&self.hidden) + self.pooled.as_ref().map_or(0, bytes)
-    }
-}
 
 /// A libtorch tensor's own allocations beside its data (TensorImpl,
 /// storage, sizes and strides): a few hundred bytes.
@@ -165,6 +141,7 @@ impl Drop for Held {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Tensor;
 
     fn cond(t: &Tensor) -> Cond {
         Cond {

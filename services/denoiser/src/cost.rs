@@ -2,7 +2,7 @@
 //! and published in `DenoiserInfo.cost`: one row's seconds at latent sides
 //! doubling from 8 up to twice the model's native side (while a time budget
 //! lasts), and what a second row adds. The gateway admits requests by the
-//! seconds this predicts (sd_proto's `UnetCost::seconds`).
+//! seconds this predicts (sd_proto's `ForwardCost::seconds`).
 //!
 //! How a forward's time grows with the latent size depends on the device
 //! and the attention kernel: between linear (convolutions, memory-efficient
@@ -17,9 +17,9 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use sd_models::UNet;
-use sd_proto::v1::{CostPoint, UnetCost};
-use tch::{Kind, Tensor};
+use sd_models::{Denoiser, Layout};
+use sd_proto::v1::{CostPoint, ForwardCost};
+use tch::Kind;
 
 /// Forward passes per size while forwards are quick; the fastest counts
 /// (the first at a new shape pays one-time set-up, and a busy machine slows
@@ -48,14 +48,14 @@ const OBSERVED_WEIGHT: f64 = 0.2;
 /// runs: each one moves the point of its size toward what it took (or adds
 /// that size), so a start-up measurement skewed by a busy machine mends
 /// with use. Info publishes the current one.
-pub struct LiveCost(Mutex<UnetCost>);
+pub struct LiveCost(Mutex<ForwardCost>);
 
 impl LiveCost {
-    pub fn new(cost: UnetCost) -> Self {
+    pub fn new(cost: ForwardCost) -> Self {
         LiveCost(Mutex::new(cost))
     }
 
-    pub fn snapshot(&self) -> UnetCost {
+    pub fn snapshot(&self) -> ForwardCost {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -91,18 +91,22 @@ pub struct Budget {
     pub max_side: i64,
 }
 
-/// Measure `unet`; the first size is always measured (it is the warm-up).
-pub fn measure(unet: &UNet, budget: Budget) -> sd_models::error::Result<UnetCost> {
+/// Measure `net`; the first size is always measured (it is the warm-up).
+pub fn measure(
+    net: &Denoiser,
+    layout: &Layout,
+    budget: Budget,
+) -> sd_models::error::Result<ForwardCost> {
     let started = Instant::now();
-    let native = unet.config().sample_size.max(1);
+    let native = layout.native_side.max(1);
     let mut side = native.min(8);
     // Untimed: the very first forward sets up libtorch's kernels and pools.
-    let _ = fastest(unet, 1, side, 1)?;
+    let _ = fastest(net, 1, side, 1)?;
     let mut points = Vec::new();
     let mut last = Duration::ZERO;
     let mut runs = RUNS;
     loop {
-        let seconds = fastest(unet, 1, side, runs)?;
+        let seconds = fastest(net, 1, side, runs)?;
         points.push(CostPoint {
             positions: (side * side) as u64,
             seconds: seconds.as_secs_f64(),
@@ -117,15 +121,15 @@ pub fn measure(unet: &UNet, budget: Budget) -> sd_models::error::Result<UnetCost
             break;
         }
     }
-    let row_factor = row_factor(unet, &points, budget.time.saturating_sub(started.elapsed()))?;
-    let cost = UnetCost {
+    let row_factor = row_factor(net, &points, budget.time.saturating_sub(started.elapsed()))?;
+    let cost = ForwardCost {
         growth_exponent: growth_exponent(&points),
         points,
         row_factor,
     };
     tracing::info!(
         took_s = started.elapsed().as_secs_f64(),
-        "UNet cost measured: {}",
+        "forward cost measured: {}",
         describe(&cost)
     );
     Ok(cost)
@@ -133,7 +137,11 @@ pub fn measure(unet: &UNet, budget: Budget) -> sd_models::error::Result<UnetCost
 
 /// What a second row adds, measured at the largest size that fits the
 /// time left (1, linear, when none does).
-fn row_factor(unet: &UNet, points: &[CostPoint], left: Duration) -> sd_models::error::Result<f64> {
+fn row_factor(
+    net: &Denoiser,
+    points: &[CostPoint],
+    left: Duration,
+) -> sd_models::error::Result<f64> {
     let fits = points.iter().rev().find(|p| {
         let two = Duration::from_secs_f64(p.seconds * 2.0);
         two * runs_for(two) as u32 <= left
@@ -141,7 +149,7 @@ fn row_factor(unet: &UNet, points: &[CostPoint], left: Duration) -> sd_models::e
     let Some(p) = fits else { return Ok(1.0) };
     let side = (p.positions as f64).sqrt().round() as i64;
     let expected = Duration::from_secs_f64(p.seconds * 2.0);
-    let two = fastest(unet, 2, side, runs_for(expected))?.as_secs_f64();
+    let two = fastest(net, 2, side, runs_for(expected))?.as_secs_f64();
     Ok((two / p.seconds - 1.0).clamp(0.05, 1.0))
 }
 
@@ -163,16 +171,16 @@ fn growth_exponent(points: &[CostPoint]) -> f64 {
 }
 
 /// The fastest of `runs` forwards of `rows` rows at `side`².
-fn fastest(unet: &UNet, rows: i64, side: i64, runs: usize) -> sd_models::error::Result<Duration> {
-    let c = unet.config();
-    let f = (Kind::Float, tch::Device::Cpu);
-    let latents = Tensor::zeros([rows, c.in_channels, side, side], f);
-    let timesteps = Tensor::from_slice(&[500.0f32]);
-    let context = Tensor::zeros([rows, 77, c.context_dim()], f);
+fn fastest(
+    net: &Denoiser,
+    rows: i64,
+    side: i64,
+    runs: usize,
+) -> sd_models::error::Result<Duration> {
     let mut best = Duration::MAX;
     for _ in 0..runs {
         let start = Instant::now();
-        let out = unet.forward_probe(&latents, &timesteps, &context)?;
+        let out = net.probe(rows, side, 77)?;
         // Reading a value waits for the device to finish.
         let _ = out.f_sum(Kind::Float)?.f_double_value(&[])?;
         best = best.min(start.elapsed());
@@ -181,7 +189,7 @@ fn fastest(unet: &UNet, rows: i64, side: i64, runs: usize) -> sd_models::error::
 }
 
 /// `8²: 0.012 s, 16²: 0.040 s; a row more: ×0.80; beyond: ^2.0`.
-pub fn describe(cost: &UnetCost) -> String {
+pub fn describe(cost: &ForwardCost) -> String {
     let points: Vec<String> = cost
         .points
         .iter()
@@ -203,7 +211,7 @@ mod tests {
     use super::*;
     use sd_models::{ModelDir, Placement};
 
-    fn tiny_unet() -> UNet {
+    fn tiny_unet() -> (Denoiser, Layout) {
         let dir = std::env::var_os("SD_FIXTURES")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| {
@@ -211,20 +219,22 @@ mod tests {
                     .join("../../target/sd-fixtures")
             })
             .join("sd1-tiny");
-        ModelDir::open(dir)
-            .unwrap()
-            .load_unet(Placement::cpu())
-            .unwrap()
+        let dir = ModelDir::open(dir).unwrap();
+        let net = Denoiser::load(&dir, Placement::cpu()).unwrap();
+        let vae = sd_models::config::VaeConfig::read(&dir.config_path(sd_models::Component::Vae))
+            .unwrap();
+        let layout = net.layout(&vae);
+        (net, layout)
     }
 
     #[test]
     fn measures_doubling_sides_and_predicts_what_it_measured() {
-        let unet = tiny_unet();
+        let (unet, layout) = tiny_unet();
         let budget = Budget {
             time: Duration::from_secs(30),
             max_side: 256,
         };
-        let cost = measure(&unet, budget).unwrap();
+        let cost = measure(&unet, &layout, budget).unwrap();
         let sides: Vec<u64> = cost.points.iter().map(|p| p.positions).collect();
         assert_eq!(sides, vec![64, 256], "8² and 16² (twice the native 8)");
         assert!(cost.points.iter().all(|p| p.seconds > 0.0));
@@ -240,7 +250,7 @@ mod tests {
 
     #[test]
     fn observed_forwards_mend_and_extend_the_cost() {
-        let live = LiveCost::new(UnetCost {
+        let live = LiveCost::new(ForwardCost {
             points: vec![CostPoint {
                 positions: 64,
                 seconds: 1.0,
@@ -271,12 +281,12 @@ mod tests {
 
     #[test]
     fn a_spent_budget_measures_only_the_first_size() {
-        let unet = tiny_unet();
+        let (unet, layout) = tiny_unet();
         let budget = Budget {
             time: Duration::ZERO,
             max_side: 256,
         };
-        let cost = measure(&unet, budget).unwrap();
+        let cost = measure(&unet, &layout, budget).unwrap();
         assert_eq!(cost.points.len(), 1);
         assert_eq!(cost.row_factor, 1.0, "no time to measure rows: linear");
         assert_eq!(cost.growth_exponent, 1.0, "one size: linear beyond it");

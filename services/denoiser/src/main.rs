@@ -1,11 +1,12 @@
-//! sd-denoiser: the UNet as a gRPC service. One Predict is one denoising
-//! step for a batch of latents, with classifier-free guidance applied here
-//! so only the guided prediction travels back.
+//! sd-denoiser: the model's denoising network (a [`Denoiser`]: the UNet for
+//! the SD families) as a gRPC service. One Predict is one denoising step
+//! for a batch of latents, with classifier-free guidance applied here so
+//! only the guided prediction travels back.
 
 mod batch;
 mod cache;
-mod checks;
 mod cost;
+mod load;
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,8 +14,8 @@ use std::sync::{Arc, Mutex};
 
 use clap::Parser;
 use sd_models::lora::Applied;
-use sd_models::{Component, UNet};
-use sd_proto::v1::denoiser_server::{Denoiser, DenoiserServer};
+use sd_models::Denoiser;
+use sd_proto::v1::denoiser_server::Denoiser as DenoiserRpc;
 use sd_proto::v1::{
     DenoiserInfo, DenoiserInfoRequest, Dtype, Embedding, ListLorasRequest, ListLorasResponse,
     LoraRef, PredictRequest, PredictResponse, Tensor as WireTensor,
@@ -23,20 +24,18 @@ use sd_runtime::lifecycle::Lifecycle;
 use sd_runtime::metrics::{Metrics, Stage};
 use sd_runtime::tls::ServerTlsArgs;
 use sd_runtime::ServerArgs;
-use sd_sampling::{Prediction, SchedulerConfig};
-use sd_service::compute::{forward_calls, Call, XlConditioning};
+use sd_service::compute::{forward_calls, Call};
 use sd_service::lora::{LoraArgs, LoraStore};
-use sd_service::{from_wire, handle, to_wire, ModelArgs, ServiceError, Timings, Worker};
-use tch::Tensor;
+use sd_service::step::{Bounds, Cond, Embeddings, Step};
+use sd_service::{handle, to_wire, ModelArgs, ServiceError, Timings, Worker};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::batch::Session;
-use crate::cache::{Cond, EmbeddingCache, Held, HeldBudget};
-use crate::checks::Bounds;
+use crate::cache::{EmbeddingCache, Held, HeldBudget};
 
-/// Serve a model's UNet over gRPC (sd.v1.Denoiser).
+/// Serve a model's denoising network over gRPC (sd.v1.Denoiser).
 #[derive(Parser, Debug, Clone)]
 #[command(version)]
 struct Args {
@@ -87,7 +86,7 @@ struct Args {
 struct Service(Arc<Core>);
 
 struct Core {
-    unet: Arc<UNet>,
+    net: Arc<Denoiser>,
     batcher: Option<(batch::Batcher, sd_runtime::admission::Admission)>,
     cache: Arc<Mutex<EmbeddingCache>>,
     /// What all streams together may hold: the cache's bound, at least
@@ -100,12 +99,12 @@ struct Core {
     bounds: Bounds,
     lifecycle: Lifecycle,
     metrics: Arc<Metrics>,
-    /// LoRA adapters (--lora-dir), fitted to the UNet.
+    /// LoRA adapters (--lora-dir), fitted to the network.
     loras: Arc<LoraStore>,
 }
 
 #[tonic::async_trait]
-impl Denoiser for Service {
+impl DenoiserRpc for Service {
     async fn predict(
         &self,
         request: Request<PredictRequest>,
@@ -216,147 +215,25 @@ impl Core {
             .map_err(|e| ServiceError::Task(e.to_string()))?
     }
 
-    /// One step: check the request, resolve its embeddings, run the UNet
-    /// (batched or alone) and answer in the asked dtype.
+    /// One step: check the request, resolve its embeddings, run the
+    /// network (batched or alone) and answer in the asked dtype.
     async fn predict_inner(
         &self,
         req: PredictRequest,
         session: Session,
         held: Option<&mut Held>,
     ) -> Result<PredictResponse, ServiceError> {
-        let latents = self.bounds.latents(req.latents.as_ref())?;
-        let batch = latents.size()[0];
-        let timesteps = self.bounds.timesteps(&req.timesteps, batch)?;
-        let guidance = checks::guidance(req.guidance_scale)?;
-        let out_dtype = checks::output_dtype(&req)?;
-        let (cond, uncond) = self.conditioning(&req, batch, held)?;
-        let xl = match (
-            cond.pooled,
-            self.bounds
-                .time_ids(req.time_ids.as_ref(), batch, "time_ids")?,
-        ) {
-            (Some(cond_pooled), Some(time_ids)) => {
-                let negative_time_ids = self
-                    .bounds
-                    .time_ids(req.negative_time_ids.as_ref(), batch, "negative_time_ids")?
-                    .unwrap_or_else(|| time_ids.shallow_clone());
-                Some(XlConditioning {
-                    cond_pooled,
-                    uncond_pooled: uncond
-                        .as_ref()
-                        .and_then(|u| u.pooled.as_ref().map(Tensor::shallow_clone)),
-                    time_ids,
-                    negative_time_ids,
-                })
-            }
-            (Some(_), None) => {
-                return Err(ServiceError::invalid(
-                    "time_ids",
-                    "missing: an SDXL-family model needs the size and crop conditioning",
-                ))
-            }
-            (None, _) => None,
-        };
-        let call = Call {
-            latents,
-            timesteps,
-            cond: cond.hidden,
-            uncond: uncond.map(|u| u.hidden),
-            guidance,
-            xl,
-            loras: self.loras(&req.loras).await?,
-        };
+        let Step {
+            mut call,
+            out_dtype,
+        } = Step::decode(&req, &self.bounds, &mut Source { core: self, held })?;
+        call.loras = self.loras(&req.loras).await?;
         let (output, timings) = self.forward(call, session, out_dtype).await?;
         timings.record(&tracing::Span::current());
         self.metrics.step(Stage::UnetQueue, timings.queue);
         Ok(PredictResponse {
             output: Some(output),
         })
-    }
-
-    /// The text conditioning: cond, and uncond when guided (guidance > 1
-    /// and an uncond sent), each (1 or batch, tokens, context dim), with
-    /// the same tokens, and their pooled embeddings for SDXL models. An
-    /// LCM UNet takes the guidance as an embedding: no uncond.
-    fn conditioning(
-        &self,
-        req: &PredictRequest,
-        batch: i64,
-        mut held: Option<&mut Held>,
-    ) -> Result<(Cond, Option<Cond>), ServiceError> {
-        let cond = self.embedding(req.cond.as_ref(), "cond", batch, held.as_deref_mut())?;
-        if !(req.uncond.is_some() && req.guidance_scale > 1.0) {
-            return Ok((cond, None));
-        }
-        if self.info.time_cond_dim > 0 {
-            return Err(ServiceError::invalid(
-                "uncond",
-                "this LCM UNet takes guidance_scale as an embedding, with no unconditional branch: send no uncond",
-            ));
-        }
-        // A cond and uncond of different token counts (AUTOMATIC1111's
-        // chunked prompts) each condition their own half of the guidance.
-        let uncond = self.embedding(req.uncond.as_ref(), "uncond", batch, held)?;
-        Ok((cond, Some(uncond)))
-    }
-
-    /// The embedding (and pooled embedding) for `e`, checked for a batch
-    /// of `batch`: as sent (checked in full, then cached and held by the
-    /// stream), or held by the stream, or from the cache.
-    fn embedding(
-        &self,
-        e: Option<&Embedding>,
-        field: &str,
-        batch: i64,
-        held: Option<&mut Held>,
-    ) -> Result<Cond, ServiceError> {
-        let e = e.ok_or_else(|| ServiceError::invalid(field, "missing"))?;
-        checks::embedding_id(e, field)?;
-        let checked = |c: Cond| -> Result<Cond, ServiceError> {
-            self.bounds.embedding(&c.hidden, batch, field)?;
-            if let Some(p) = &c.pooled {
-                self.bounds
-                    .pooled_fits(p, batch, &format!("{field}.pooled"))?;
-            }
-            Ok(c)
-        };
-        if e.tensor.is_none() {
-            if let Some(c) = held.as_ref().and_then(|h| h.get(&e.id)) {
-                self.metrics.cache_lookup("embedding", true);
-                return checked(c);
-            }
-        }
-        let mut cache = self
-            .cache
-            .lock()
-            .map_err(|_| ServiceError::Internal("embedding cache poisoned"))?;
-        let Some(wire) = &e.tensor else {
-            let c = cache
-                .get(&e.id)
-                .inspect(|_| self.metrics.cache_lookup("embedding", true))
-                .ok_or_else(|| ServiceError::EmbeddingMiss {
-                    field: field.to_string(),
-                    id: e.id.clone(),
-                })?;
-            return checked(c);
-        };
-        self.metrics.cache_lookup("embedding", false);
-        // Checked in full before it is kept.
-        let hidden = from_wire(Some(wire), &format!("{field}.tensor"))?;
-        self.bounds.embedding(&hidden, batch, field)?;
-        sd_service::finite(&hidden, &format!("{field}.tensor"))?;
-        let c = Cond {
-            hidden,
-            pooled: self.bounds.pooled(e.pooled.as_ref(), batch, field)?,
-        };
-        if !e.id.is_empty() {
-            if let Some(h) = held {
-                h.hold(&e.id, &c, field)?;
-            }
-            cache.insert(e.id.clone(), &c);
-            tracing::debug!(id = %sd_proto::status::quote(&e.id), cached = cache.len(), "embedding cached");
-        }
-        Ok(c)
     }
 
     /// Run the call through the batcher, or alone on a worker; its output
@@ -372,12 +249,12 @@ impl Core {
             let (out, timings) = batcher.submit(call, session).await?;
             return Ok((to_wire(&out, out_dtype)?, timings));
         }
-        let unet = self.unet.clone();
+        let net = self.net.clone();
         let (positions, rows) = (call.positions(), call.rows());
         let (out, timings) = self
             .worker
             .run_timed(Stage::UnetForward, move || {
-                let out = forward_calls(&unet, &[&call])?.remove(0);
+                let out = forward_calls(&net, &[&call])?.remove(0);
                 to_wire(&out, out_dtype)
             })
             .await?;
@@ -388,9 +265,47 @@ impl Core {
     }
 }
 
-/// The model's prediction type, from its scheduler config (diffusers' default: epsilon).
-fn prediction_type(scheduler_json: &str) -> anyhow::Result<Prediction> {
-    Ok(SchedulerConfig::from_json(scheduler_json)?.prediction()?)
+/// A step's embeddings: sent in full (checked, then cached and held by the
+/// stream), or held by the stream, or from the cache.
+struct Source<'a> {
+    core: &'a Core,
+    held: Option<&'a mut Held>,
+}
+
+impl Embeddings for Source<'_> {
+    fn resolve(&mut self, e: &Embedding, field: &str, batch: i64) -> Result<Cond, ServiceError> {
+        let core = self.core;
+        if e.tensor.is_none() {
+            if let Some(c) = self.held.as_ref().and_then(|h| h.get(&e.id)) {
+                core.metrics.cache_lookup("embedding", true);
+                return Ok(c);
+            }
+        }
+        let mut cache = core
+            .cache
+            .lock()
+            .map_err(|_| ServiceError::Internal("embedding cache poisoned"))?;
+        if e.tensor.is_none() {
+            return cache
+                .get(&e.id)
+                .inspect(|_| core.metrics.cache_lookup("embedding", true))
+                .ok_or_else(|| ServiceError::EmbeddingMiss {
+                    field: field.to_string(),
+                    id: e.id.clone(),
+                });
+        }
+        core.metrics.cache_lookup("embedding", false);
+        // Checked in full before it is kept.
+        let c = core.bounds.sent(e, field, batch)?;
+        if !e.id.is_empty() {
+            if let Some(h) = self.held.as_deref_mut() {
+                h.hold(&e.id, &c, field)?;
+            }
+            cache.insert(e.id.clone(), &c);
+            tracing::debug!(id = %sd_proto::status::quote(&e.id), cached = cache.len(), "embedding cached");
+        }
+        Ok(c)
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -400,137 +315,6 @@ fn main() -> anyhow::Result<()> {
         sd_proto::Stage::Denoiser,
         &server,
         &tls,
-        move |metrics, lifecycle| load(args, metrics, lifecycle),
+        move |metrics, lifecycle| load::load(args, metrics, lifecycle),
     )
-}
-
-/// One forward before serving; with a calibration budget, the measured
-/// cost of a forward (which starts with one).
-fn warm_up(
-    unet: &UNet,
-    args: &Args,
-    scale_factor: i64,
-) -> anyhow::Result<Option<sd_proto::v1::UnetCost>> {
-    let budget = cost::Budget {
-        time: std::time::Duration::from_secs_f64(args.calibration_seconds.clamp(0.0, 3600.0)),
-        max_side: args.max_side / scale_factor.max(1),
-    };
-    if budget.time.is_zero() {
-        let c = unet.config();
-        let side = c.sample_size.clamp(1, 16);
-        let f = (tch::Kind::Float, tch::Device::Cpu);
-        let _ = unet.forward_probe(
-            &Tensor::zeros([1, c.in_channels, side, side], f),
-            &Tensor::from_slice(&[1.0f32]),
-            &Tensor::zeros([1, 77, c.context_dim()], f),
-        )?;
-        return Ok(None);
-    }
-    Ok(Some(cost::measure(unet, budget)?))
-}
-
-/// Load the UNet and what the gateway needs to know; warm up.
-fn load(
-    args: Args,
-    metrics: Arc<Metrics>,
-    lifecycle: Lifecycle,
-) -> anyhow::Result<DenoiserServer<Service>> {
-    let max = args.server.max_message_bytes();
-    let placement = args.model.placement()?;
-    let dir = args.model.model_dir()?;
-    let unet = sd_service::timed_load(&metrics, "unet", || dir.load_unet(placement))?;
-    let vae: sd_models::config::VaeConfig =
-        sd_models::config::read_json(&dir.config_path(Component::Vae))?;
-    let scheduler_path = dir.scheduler_config_path();
-    let scheduler_config_json = std::fs::read_to_string(&scheduler_path)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", scheduler_path.display()))?;
-    let scheduler = SchedulerConfig::from_json(&scheduler_config_json)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", scheduler_path.display()))?;
-    let c = unet.config().clone();
-    let threads = args.model.apply_threads(
-        sd_service::machine::Role::Denoiser {
-            unet_parameters: unet.parameters(),
-        },
-        &metrics,
-    );
-    let family = sd_service::family::Family::of(&dir, &unet)?;
-    let loras = Arc::new(LoraStore::new(
-        &args.lora,
-        unet.modules().clone(),
-        dir.unet_layers_per_block()?,
-        placement,
-        metrics.clone(),
-    )?);
-    // Warm up (measuring the cost, unless told not to) before SERVING.
-    let cost = warm_up(&unet, &args, vae.scale_factor() as i64)?;
-    let info = DenoiserInfo {
-        model_id: sd_service::model_id(&dir, family.components()),
-        model_name: dir.name(),
-        latent_channels: c.in_channels as u32,
-        vae_scale_factor: vae.scale_factor() as u32,
-        sample_size: c.sample_size as u32,
-        prediction_type: prediction_type(&scheduler_config_json)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", scheduler_path.display()))?
-            .as_str()
-            .to_string(),
-        scheduler_config_json,
-        context_dim: c.context_dim() as u32,
-        cost,
-        pooled_dim: family.pooled_dim as u32,
-        time_ids_len: family.time_ids_len as u32,
-        time_cond_dim: c.time_cond_proj_dim.unwrap_or(0).max(0) as u32,
-        force_zeros_for_empty_prompt: family.force_zeros,
-        requires_aesthetics_score: family.requires_aesthetics,
-        default_guidance: family.default_guidance,
-        default_steps: family.default_steps,
-    };
-    tracing::info!(model = %info.model_id, "denoiser ready");
-    let unet = Arc::new(unet);
-    let batcher = if args.no_batching {
-        None
-    } else {
-        let config = batch::BatchConfig {
-            max_items: args.max_batch,
-            max_wait: std::time::Duration::from_millis(args.max_wait_ms),
-            session_wait: std::time::Duration::from_millis(args.session_wait_ms),
-            workers: threads.workers,
-        };
-        let admission = sd_runtime::admission::Admission::new(
-            "denoiser",
-            (args.max_batch as usize).max(1) * 2,
-            args.model.max_queue,
-        );
-        Some((
-            batch::Batcher::start(unet.clone(), config, metrics.clone())?,
-            admission,
-        ))
-    };
-    let cache_bytes = args.embedding_cache_mib << 20;
-    let live_cost = info.cost.clone().map(|c| Arc::new(cost::LiveCost::new(c)));
-    if let (Some((batcher, _)), Some(c)) = (&batcher, &live_cost) {
-        batcher.observe(c.clone());
-    }
-    let service = Service(Arc::new(Core {
-        unet,
-        batcher,
-        cache: Arc::new(Mutex::new(EmbeddingCache::new(cache_bytes))),
-        held: HeldBudget::new(cache_bytes.max(cache::MIN_HELD_BYTES)),
-        cost: live_cost,
-        loras,
-        worker: Worker::new(threads.workers, args.model.max_queue, metrics.clone()),
-        bounds: Bounds {
-            latent_channels: info.latent_channels as i64,
-            context_dim: info.context_dim as i64,
-            max_batch: args.max_batch,
-            max_latent_side: args.max_side / i64::from(info.vae_scale_factor.max(1)),
-            max_timestep: scheduler.num_train_timesteps() as f32,
-            xl: (family.pooled_dim > 0).then_some((family.pooled_dim, family.time_ids_len)),
-        },
-        info,
-        lifecycle,
-        metrics,
-    }));
-    Ok(DenoiserServer::new(service)
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max))
 }

@@ -219,6 +219,7 @@ fn load(
         max_tokens: tokens as u32,
         num_layers: layers.max(0) as u32,
         pooled_size: pooled as u32,
+        family: sd_proto::v1::ModelFamily::from(dir.family()) as i32,
     };
     let service = Service {
         model: Arc::new(model),

@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use sd_models::UNet;
+use sd_models::Denoiser;
 use sd_runtime::metrics::{Metrics, Stage};
 use sd_service::compute::{forward_calls, Call};
 
@@ -177,7 +177,7 @@ impl Drop for Stop {
     }
 }
 
-/// Queue of calls in front of the UNet, drained by `workers` threads.
+/// Queue of calls in front of the network, drained by `workers` threads.
 #[derive(Clone)]
 pub struct Batcher {
     shared: Arc<Shared>,
@@ -186,7 +186,7 @@ pub struct Batcher {
 
 impl Batcher {
     pub fn start(
-        unet: Arc<UNet>,
+        net: Arc<Denoiser>,
         config: BatchConfig,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
@@ -205,14 +205,14 @@ impl Batcher {
         let dispatch = tracing::dispatcher::get_default(|d| d.clone());
         let mut threads = Vec::with_capacity(workers);
         for w in 0..workers {
-            let (unet, shared, metrics) = (unet.clone(), shared.clone(), metrics.clone());
+            let (net, shared, metrics) = (net.clone(), shared.clone(), metrics.clone());
             let dispatch = dispatch.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("unet-worker-{w}"))
                     .spawn(move || {
                         tracing::dispatcher::with_default(&dispatch, || {
-                            work(w, &unet, &shared, config, &metrics)
+                            work(w, &net, &shared, config, &metrics)
                         })
                     })?,
             );
@@ -366,7 +366,7 @@ fn gather<'a>(
     (state, Some(batch))
 }
 
-fn work(w: usize, unet: &UNet, shared: &Shared, config: BatchConfig, metrics: &Metrics) {
+fn work(w: usize, net: &Denoiser, shared: &Shared, config: BatchConfig, metrics: &Metrics) {
     let _guard = tch::no_grad_guard();
     let mut state = shared.lock();
     loop {
@@ -397,7 +397,7 @@ fn work(w: usize, unet: &UNet, shared: &Shared, config: BatchConfig, metrics: &M
             continue;
         }
         drop(s);
-        run_batch(w, unet, shared, batch, metrics);
+        run_batch(w, net, shared, batch, metrics);
         state = shared.lock();
     }
 }
@@ -405,7 +405,7 @@ fn work(w: usize, unet: &UNet, shared: &Shared, config: BatchConfig, metrics: &M
 /// Run a gathered batch as one UNet forward, in a `unet_batch` span that
 /// follows from each call's span; then answer each call with its own
 /// result, its queue wait and the forward's time.
-fn run_batch(w: usize, unet: &UNet, shared: &Shared, batch: Vec<Job>, metrics: &Metrics) {
+fn run_batch(w: usize, net: &Denoiser, shared: &Shared, batch: Vec<Job>, metrics: &Metrics) {
     let key = batch[0].key.clone();
     let rows: i64 = batch.iter().map(|j| j.call.rows()).sum();
     let span = tracing::info_span!(
@@ -421,7 +421,7 @@ fn run_batch(w: usize, unet: &UNet, shared: &Shared, batch: Vec<Job>, metrics: &
     let start = Instant::now();
     let outcome = span.in_scope(|| {
         let refs: Vec<&Call> = batch.iter().map(|j| &j.call).collect();
-        sd_models::error::guarded(|| forward_calls(unet, &refs))
+        sd_models::error::guarded(|| forward_calls(net, &refs))
     });
     let took = start.elapsed();
     if let (Some(cost), Ok(_)) = (shared.cost.get(), &outcome) {

@@ -3,6 +3,7 @@
 
 use super::*;
 use sd_models::{ModelDir, Placement};
+use sd_service::compute::Half;
 
 fn fixture() -> std::path::PathBuf {
     std::env::var_os("SD_FIXTURES")
@@ -13,13 +14,8 @@ fn fixture() -> std::path::PathBuf {
         .join("sd1-tiny")
 }
 
-fn tiny_unet() -> Arc<UNet> {
-    Arc::new(
-        ModelDir::open(fixture())
-            .unwrap()
-            .load_unet(Placement::cpu())
-            .unwrap(),
-    )
+fn tiny_unet() -> Arc<Denoiser> {
+    Arc::new(Denoiser::load(&ModelDir::open(fixture()).unwrap(), Placement::cpu()).unwrap())
 }
 
 fn job(seed: i64, b: i64, t: f32, guided: bool, g: f64) -> Call {
@@ -28,10 +24,10 @@ fn job(seed: i64, b: i64, t: f32, guided: bool, g: f64) -> Call {
     Call {
         latents: Tensor::randn([b, 4, 8, 8], f),
         timesteps: Tensor::from_slice(&vec![t; b as usize]),
-        cond: Tensor::randn([1, 77, 32], f),
-        uncond: guided.then(|| Tensor::randn([1, 77, 32], f)),
+        cond: Half::text(Tensor::randn([1, 77, 32], f)),
+        uncond: guided.then(|| Half::text(Tensor::randn([1, 77, 32], f))),
         guidance: g,
-        xl: None,
+        image: None,
         loras: Default::default(),
     }
 }
@@ -51,8 +47,15 @@ fn merged_forwards_equal_separate_ones() {
         let alone = forward_calls(&unet, &[j]).unwrap().remove(0);
         assert_eq!(alone.size(), m.size());
         let d = (&alone - m).abs().max().double_value(&[]);
-        // Same kernels; only batch-size-dependent summation order differs.
-        assert!(d < 1e-5, "merged vs alone: {d:e}");
+        let scale = alone.abs().max().double_value(&[]).max(1.0);
+        // Same kernels; only batch-size-dependent summation order differs
+        // (which kernels libtorch picks by batch size depends on the CPU:
+        // 1.3e-5 of outputs up to ~2 on an AMD EPYC, guidance 7.5
+        // amplifying it). A wrong row or guidance is off by O(1).
+        assert!(
+            d < 2e-5 * scale,
+            "merged vs alone: {d:e} (outputs up to {scale})"
+        );
     }
     // And the guided result is uncond + g (cond - uncond), not cond alone.
     let mut unguided = job(1, 1, 999.0, true, 1.0);
@@ -444,14 +447,16 @@ async fn stopping_waits_for_the_forward_in_progress() {
 }
 
 /// A UNet of the SDXL family written by `make_xl_models.py`.
-fn xl_unet(name: &str) -> UNet {
+fn xl_unet(name: &str) -> Denoiser {
     let dir = fixture().parent().unwrap().join("unets").join(name);
     let w = sd_models::Weights::open(
         &dir.join("unet/diffusion_pytorch_model.safetensors"),
         Placement::cpu(),
     )
     .unwrap();
-    UNet::load(&dir.join("unet/config.json"), &w).unwrap()
+    sd_models::UNet::load(&dir.join("unet/config.json"), &w)
+        .unwrap()
+        .into()
 }
 
 fn xl_job(seed: i64, b: i64, t: f32, guided: bool, g: f64) -> Call {
@@ -466,15 +471,18 @@ fn xl_job(seed: i64, b: i64, t: f32, guided: bool, g: f64) -> Call {
     Call {
         latents: Tensor::randn([b, 4, 8, 8], f),
         timesteps: Tensor::from_slice(&vec![t; b as usize]),
-        cond: Tensor::randn([1, 77, 64], f),
-        uncond: guided.then(|| Tensor::randn([1, 77, 64], f)),
-        guidance: g,
-        xl: Some(sd_service::compute::XlConditioning {
-            cond_pooled: Tensor::randn([1, 32], f),
-            uncond_pooled: guided.then(|| Tensor::randn([1, 32], f)),
-            time_ids: ids(1.0 + seed as f64),
-            negative_time_ids: ids(0.5),
+        cond: Half {
+            context: Tensor::randn([1, 77, 64], f),
+            pooled: Some(Tensor::randn([1, 32], f)),
+            time_ids: Some(ids(1.0 + seed as f64)),
+        },
+        uncond: guided.then(|| Half {
+            context: Tensor::randn([1, 77, 64], f),
+            pooled: Some(Tensor::randn([1, 32], f)),
+            time_ids: Some(ids(0.5)),
         }),
+        guidance: g,
+        image: None,
         loras: Default::default(),
     }
 }
@@ -491,28 +499,28 @@ fn sdxl_calls_merge_and_each_gets_its_own_guided_result() {
     let merged = forward_calls(&unet, &refs).unwrap();
     for (j, m) in jobs.iter().zip(&merged) {
         // Written out: each half with its own embeddings and time ids.
-        let xl = j.xl.as_ref().unwrap();
         let b = j.batch();
-        let half = |ctx: &Tensor, pooled: &Tensor, ids: &Tensor| {
+        let unet = unet.unet().unwrap();
+        let half = |h: &Half| {
             unet.forward_with(
                 &j.latents,
                 &j.timesteps,
-                &ctx.expand([b, -1, -1], false),
+                &h.context.expand([b, -1, -1], false),
                 sd_models::Added {
-                    text_embeds: Some(&pooled.expand([b, -1], false)),
-                    time_ids: Some(ids),
-                    timestep_cond: None,
+                    text_embeds: Some(&h.pooled.as_ref().unwrap().expand([b, -1], false)),
+                    time_ids: h.time_ids.as_ref(),
+                    ..Default::default()
                 },
             )
             .unwrap()
         };
-        let cond = half(&j.cond, &xl.cond_pooled, &xl.time_ids);
-        let want = match (&j.uncond, &xl.uncond_pooled) {
-            (Some(u), Some(up)) => {
-                let uncond = half(u, up, &xl.negative_time_ids);
+        let cond = half(&j.cond);
+        let want = match &j.uncond {
+            Some(u) => {
+                let uncond = half(u);
                 &uncond + (&cond - &uncond) * j.guidance
             }
-            _ => cond,
+            None => cond,
         };
         let d = (&want - m).abs().max().double_value(&[]);
         assert!(d < 1e-5, "merged vs written out: {d:e}");
@@ -542,17 +550,19 @@ fn an_lcm_unet_takes_the_guidance_as_an_embedding() {
     let refs: Vec<&Call> = jobs.iter().collect();
     let merged = forward_calls(&unet, &refs).unwrap();
     for (j, m) in jobs.iter().zip(&merged) {
-        let xl = j.xl.as_ref().unwrap();
         let cond = sd_service::compute::guidance_embedding(j.guidance - 1.0, 1, 16);
         let want = unet
+            .unet()
+            .unwrap()
             .forward_with(
                 &j.latents,
                 &j.timesteps,
-                &j.cond,
+                &j.cond.context,
                 sd_models::Added {
-                    text_embeds: Some(&xl.cond_pooled),
-                    time_ids: Some(&xl.time_ids),
+                    text_embeds: j.cond.pooled.as_ref(),
+                    time_ids: j.cond.time_ids.as_ref(),
                     timestep_cond: Some(&cond),
+                    control: None,
                 },
             )
             .unwrap();

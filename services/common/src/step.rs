@@ -1,10 +1,146 @@
-//! What a Predict may carry, checked before any of it reaches the UNet:
-//! shapes, sizes (latent sides bounded by the documented pixel side),
-//! finite values, timesteps in the model's range, short ids.
+//! A Predict from the wire to checked step inputs, in one place (the
+//! denoiser service and the benchmark's in-process pipeline both decode
+//! with [`Step::decode`]): shapes, sizes (latent sides bounded by the
+//! documented pixel side), finite values, timesteps in the model's range,
+//! short ids, and each family's conditioning.
 
 use sd_proto::v1::{Dtype, Embedding, PredictRequest, Tensor as WireTensor};
-use sd_service::{finite, from_wire, ServiceError};
 use tch::Tensor;
+
+use crate::compute::{Call, Half};
+use crate::{finite, from_wire, ServiceError};
+
+/// A text conditioning: the hidden states and, for the SDXL family, the
+/// pooled embedding. Clones share the tensors' storage.
+pub struct Cond {
+    pub hidden: Tensor,
+    pub pooled: Option<Tensor>,
+}
+
+impl Clone for Cond {
+    fn clone(&self) -> Self {
+        Cond {
+            hidden: self.hidden.shallow_clone(),
+            pooled: self.pooled.as_ref().map(Tensor::shallow_clone),
+        }
+    }
+}
+
+impl Cond {
+    /// Bytes of its tensors' data.
+    pub fn data_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        bytes(&self.hidden) + self.pooled.as_ref().map_or(0, bytes)
+    }
+}
+
+/// Where a step's embeddings come from: the request's tensor (checked in
+/// full with [`Bounds::sent`]), or one held by id.
+pub trait Embeddings {
+    /// The conditioning `e` names, for a call of `batch` latents; `field`
+    /// (`cond`, `uncond`) names it in errors. [`Step::decode`] checks what
+    /// comes back against the bounds.
+    fn resolve(&mut self, e: &Embedding, field: &str, batch: i64) -> Result<Cond, ServiceError>;
+}
+
+/// One Predict's inputs, checked: the call (its LoRA adapters still to be
+/// resolved by the caller: `loras` is empty) and the dtype to answer in.
+pub struct Step {
+    pub call: Call,
+    pub out_dtype: Dtype,
+}
+
+impl Step {
+    /// Check `req` against `bounds`, its embeddings from `embeddings`.
+    pub fn decode(
+        req: &PredictRequest,
+        bounds: &Bounds,
+        embeddings: &mut dyn Embeddings,
+    ) -> Result<Step, ServiceError> {
+        let latents = bounds.latents(req.latents.as_ref())?;
+        if bounds.image_channels > 0 {
+            return Err(ServiceError::invalid(
+                "latents",
+                format_args!(
+                    "this network takes {} more input channels of image conditioning (an \
+                     inpainting model: a mask and the masked image's latents); inpainting is not served yet",
+                    bounds.image_channels
+                ),
+            ));
+        }
+        let batch = latents.size()[0];
+        let timesteps = bounds.timesteps(&req.timesteps, batch)?;
+        let guidance = guidance(req.guidance_scale)?;
+        let out_dtype = output_dtype(req)?;
+        let mut resolve = |e: Option<&Embedding>, field: &str| -> Result<Cond, ServiceError> {
+            let e = e.ok_or_else(|| ServiceError::invalid(field, "missing"))?;
+            embedding_id(e, field)?;
+            let c = embeddings.resolve(e, field, batch)?;
+            bounds.embedding(&c.hidden, batch, field)?;
+            match (&c.pooled, bounds.xl) {
+                (Some(p), Some(_)) => bounds.pooled_fits(p, batch, &format!("{field}.pooled"))?,
+                (None, None) => {}
+                (Some(_), None) => {
+                    return Err(ServiceError::invalid(
+                        format!("{field}.pooled"),
+                        "this model takes none (not an SDXL-family model)",
+                    ))
+                }
+                (None, Some(_)) => {
+                    return Err(ServiceError::invalid(
+                        format!("{field}.pooled"),
+                        "missing: an SDXL-family model needs the pooled embedding",
+                    ))
+                }
+            }
+            Ok(c)
+        };
+        let cond = resolve(req.cond.as_ref(), "cond")?;
+        // Guided when an uncond is sent and the scale is above one; a
+        // network that takes guidance as an input has no unconditional branch.
+        let uncond = if req.uncond.is_some() && req.guidance_scale > 1.0 {
+            if bounds.guidance_embedded {
+                return Err(ServiceError::invalid(
+                    "uncond",
+                    "this LCM UNet takes guidance_scale as an embedding, with no unconditional branch: send no uncond",
+                ));
+            }
+            // A cond and uncond of different token counts (AUTOMATIC1111's
+            // chunked prompts) each condition their own half of the guidance.
+            Some(resolve(req.uncond.as_ref(), "uncond")?)
+        } else {
+            None
+        };
+        let time_ids = bounds.time_ids(req.time_ids.as_ref(), batch, "time_ids")?;
+        let negative_time_ids =
+            bounds.time_ids(req.negative_time_ids.as_ref(), batch, "negative_time_ids")?;
+        if bounds.xl.is_some() && time_ids.is_none() {
+            return Err(ServiceError::invalid(
+                "time_ids",
+                "missing: an SDXL-family model needs the size and crop conditioning",
+            ));
+        }
+        let negative_time_ids =
+            negative_time_ids.or_else(|| time_ids.as_ref().map(Tensor::shallow_clone));
+        let half = |c: Cond, ids: Option<Tensor>| Half {
+            context: c.hidden,
+            pooled: c.pooled,
+            time_ids: ids,
+        };
+        Ok(Step {
+            call: Call {
+                latents,
+                timesteps,
+                cond: half(cond, time_ids),
+                uncond: uncond.map(|u| half(u, negative_time_ids)),
+                guidance,
+                image: None,
+                loras: Default::default(),
+            },
+            out_dtype,
+        })
+    }
+}
 
 /// Longest embedding id kept (the gateway's are 36 bytes): an id travels
 /// back in the details of an embedding miss, so it must stay small.
@@ -17,7 +153,13 @@ pub const MAX_TOKENS: i64 = 77 * 8;
 /// The limits a request is checked against.
 #[derive(Clone, Copy, Debug)]
 pub struct Bounds {
+    /// Channels of the latents on the wire (the VAE's).
     pub latent_channels: i64,
+    /// Input channels of image conditioning the network takes beside them
+    /// (an inpainting UNet's 5; 0: none).
+    pub image_channels: i64,
+    /// The network takes guidance as an input (LCM): no unconditional rows.
+    pub guidance_embedded: bool,
     pub context_dim: i64,
     /// Latents per call.
     pub max_batch: i64,
@@ -77,6 +219,18 @@ impl Bounds {
             ));
         }
         Ok(Tensor::from_slice(timesteps))
+    }
+
+    /// An embedding sent in full: its tensors checked (shape, finite)
+    /// before anything keeps them.
+    pub fn sent(&self, e: &Embedding, field: &str, batch: i64) -> Result<Cond, ServiceError> {
+        let hidden = from_wire(e.tensor.as_ref(), &format!("{field}.tensor"))?;
+        self.embedding(&hidden, batch, field)?;
+        finite(&hidden, &format!("{field}.tensor"))?;
+        Ok(Cond {
+            hidden,
+            pooled: self.pooled(e.pooled.as_ref(), batch, field)?,
+        })
     }
 
     /// An embedding (1 or batch, 1..=MAX_TOKENS, context dim).
@@ -180,7 +334,7 @@ impl Bounds {
 }
 
 /// An embedding names a short id, or sends its tensor, or both.
-pub fn embedding_id(e: &Embedding, field: &str) -> Result<(), ServiceError> {
+fn embedding_id(e: &Embedding, field: &str) -> Result<(), ServiceError> {
     if e.id.len() > MAX_EMBEDDING_ID_BYTES {
         return Err(ServiceError::invalid(
             format!("{field}.id"),
@@ -193,7 +347,7 @@ pub fn embedding_id(e: &Embedding, field: &str) -> Result<(), ServiceError> {
     Ok(())
 }
 
-pub fn guidance(scale: f32) -> Result<f64, ServiceError> {
+fn guidance(scale: f32) -> Result<f64, ServiceError> {
     if !scale.is_finite() {
         return Err(ServiceError::invalid("guidance_scale", "must be finite"));
     }
@@ -201,7 +355,7 @@ pub fn guidance(scale: f32) -> Result<f64, ServiceError> {
 }
 
 /// The dtype to answer in: as asked, or (unspecified) the latents' own.
-pub fn output_dtype(req: &PredictRequest) -> Result<Dtype, ServiceError> {
+fn output_dtype(req: &PredictRequest) -> Result<Dtype, ServiceError> {
     match Dtype::try_from(req.output_dtype) {
         Ok(Dtype::Unspecified) => {
             Ok(Dtype::try_from(req.latents.as_ref().map_or(1, |l| l.dtype))
@@ -217,11 +371,14 @@ pub fn output_dtype(req: &PredictRequest) -> Result<Dtype, ServiceError> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
-    use sd_service::to_wire;
+    use crate::to_wire;
 
     const B: Bounds = Bounds {
         latent_channels: 4,
+        image_channels: 0,
+        guidance_embedded: false,
         context_dim: 8,
         max_batch: 2,
         max_latent_side: 16,

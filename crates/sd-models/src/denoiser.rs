@@ -1,0 +1,216 @@
+//! The denoising network behind one seam. The denoiser service, its
+//! batcher, its cost probe, the guidance core and the benchmark hold a
+//! [`Denoiser`], never a particular network: each family's network is one
+//! variant, chosen once at load by the model's [`Family`].
+//!
+//! An enum, not a trait object: the set of networks is closed (what
+//! sdserve serves), a forward is matched once per batch (no virtual call per
+//! layer to save), and adding a family is a compile error here and wherever
+//! else the network must decide — a trait would let a new network silently
+//! take a default.
+
+use tch::{Kind, Tensor};
+
+use crate::config::VaeConfig;
+use crate::device::Placement;
+use crate::error::{ModelError, Result};
+use crate::model_dir::{Family, ModelDir};
+use crate::unet::{Added, Residuals, UNet};
+
+/// The networks sdserve runs to denoise.
+pub enum Denoiser {
+    /// SD 1.x/2.x and SDXL: `UNet2DConditionModel`.
+    Unet(UNet),
+}
+
+/// What one forward is conditioned on, whatever the network: one row per
+/// batch item in each tensor.
+#[derive(Debug, Clone, Copy)]
+pub struct Conditioning<'a> {
+    /// The text embeddings the network attends to (B, tokens, dim).
+    pub context: &'a Tensor,
+    /// The pooled text embedding (B, dim): SDXL.
+    pub pooled: Option<&'a Tensor>,
+    /// The family's extra vector per item: SDXL's size and crop time ids
+    /// (B, n).
+    pub time_ids: Option<&'a Tensor>,
+    /// Guidance as an input of the network, not a second row: LCM's
+    /// guidance embedding (B, dim).
+    pub guidance: Option<&'a Tensor>,
+    /// Image conditioning taken beside the latents (concatenated on the
+    /// channels): an inpainting UNet's mask and masked-image latents
+    /// (B, in_channels - latent_channels, h, w).
+    pub image: Option<&'a Tensor>,
+    /// A ControlNet's residuals.
+    pub control: Option<&'a Residuals>,
+}
+
+impl<'a> Conditioning<'a> {
+    /// Text embeddings alone.
+    pub fn text(context: &'a Tensor) -> Self {
+        Conditioning {
+            context,
+            pooled: None,
+            time_ids: None,
+            guidance: None,
+            image: None,
+            control: None,
+        }
+    }
+}
+
+/// How the network's latents are laid out, as the denoiser publishes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// Channels of the VAE's latents (what the scheduler steps).
+    pub latent_channels: i64,
+    /// Channels the network takes: the latents and any image conditioning.
+    pub in_channels: i64,
+    /// Pixels per latent along a side (the VAE's scale factor).
+    pub vae_scale_factor: i64,
+    /// Image sides must be multiples of this many pixels.
+    pub size_multiple: i64,
+    /// Whether the network takes latents packed into patch tokens.
+    pub packed: bool,
+    /// The network's native latent side (its sample size).
+    pub native_side: i64,
+}
+
+impl Denoiser {
+    /// The network of the model in `dir`, for its family.
+    pub fn load(dir: &ModelDir, placement: Placement) -> Result<Self> {
+        match dir.family() {
+            Family::Sd | Family::Sdxl => Ok(Denoiser::Unet(dir.load_unet(placement)?)),
+        }
+    }
+
+    /// Predict the model output for `latents` at `timesteps` (one per item,
+    /// or one for all) under `cond`.
+    pub fn forward(
+        &self,
+        latents: &Tensor,
+        timesteps: &Tensor,
+        cond: Conditioning,
+    ) -> Result<Tensor> {
+        match self {
+            Denoiser::Unet(unet) => {
+                let added = Added {
+                    text_embeds: cond.pooled,
+                    time_ids: cond.time_ids,
+                    timestep_cond: cond.guidance,
+                    control: cond.control,
+                };
+                match cond.image {
+                    None => unet.forward_with(latents, timesteps, cond.context, added),
+                    Some(image) => {
+                        let x = concat_channels(latents, image)?;
+                        unet.forward_with(&x, timesteps, cond.context, added)
+                    }
+                }
+            }
+        }
+    }
+
+    /// A forward of `rows` items at a latent side of `side` with zeros for
+    /// every input: warm-up and the cost model, where only the time counts.
+    pub fn probe(&self, rows: i64, side: i64, tokens: i64) -> Result<Tensor> {
+        let f = (Kind::Float, tch::Device::Cpu);
+        match self {
+            Denoiser::Unet(unet) => {
+                let c = unet.config();
+                unet.forward_probe(
+                    &Tensor::zeros([rows, c.in_channels, side, side], f),
+                    &Tensor::from_slice(&vec![500.0f32; rows as usize]),
+                    &Tensor::zeros([rows, tokens, c.context_dim()], f),
+                )
+            }
+        }
+    }
+
+    /// The latent layout, given the model's VAE.
+    pub fn layout(&self, vae: &VaeConfig) -> Layout {
+        let scale = vae.scale_factor();
+        match self {
+            Denoiser::Unet(unet) => {
+                let c = unet.config();
+                Layout {
+                    latent_channels: vae.latent_channels,
+                    in_channels: c.in_channels,
+                    vae_scale_factor: scale,
+                    // diffusers' SD pipelines ask multiples of the VAE's scale.
+                    size_multiple: scale,
+                    packed: false,
+                    native_side: c.sample_size,
+                }
+            }
+        }
+    }
+
+    /// Width of the text embeddings the network attends to.
+    pub fn context_dim(&self) -> i64 {
+        match self {
+            Denoiser::Unet(unet) => unet.config().context_dim(),
+        }
+    }
+
+    /// Width of an embedded guidance input (LCM UNets; None: guidance is
+    /// classifier-free, a second row).
+    pub fn guidance_dim(&self) -> Option<i64> {
+        match self {
+            Denoiser::Unet(unet) => unet.time_cond_dim(),
+        }
+    }
+
+    /// Whether the network takes SDXL's pooled embedding and time ids.
+    pub fn takes_text_time(&self) -> bool {
+        match self {
+            Denoiser::Unet(unet) => unet.takes_text_time(),
+        }
+    }
+
+    /// SDXL's added conditioning: (the sinusoidal width of each time id,
+    /// the width `add_embedding` takes); None for a network without it.
+    pub fn text_time_dims(&self) -> Option<(i64, i64)> {
+        match self {
+            Denoiser::Unet(unet) => unet.config().text_time(),
+        }
+    }
+
+    /// Parameters in its weights.
+    pub fn parameters(&self) -> u64 {
+        match self {
+            Denoiser::Unet(unet) => unet.parameters(),
+        }
+    }
+
+    /// Its LoRA-capable layers.
+    pub fn modules(&self) -> &crate::lora::ModuleIndex {
+        match self {
+            Denoiser::Unet(unet) => unet.modules(),
+        }
+    }
+
+    /// The UNet, where the caller needs the network itself (tests, tools).
+    pub fn unet(&self) -> Option<&UNet> {
+        match self {
+            Denoiser::Unet(unet) => Some(unet),
+        }
+    }
+}
+
+impl From<UNet> for Denoiser {
+    fn from(unet: UNet) -> Self {
+        Denoiser::Unet(unet)
+    }
+}
+
+/// `latents` and `image` side by side on the channel axis (same batch and size).
+fn concat_channels(latents: &Tensor, image: &Tensor) -> Result<Tensor> {
+    let (l, i) = (latents.size(), image.size());
+    if l.len() != 4 || i.len() != 4 || l[0] != i[0] || l[2..] != i[2..] {
+        return Err(ModelError::Input(format!(
+            "image conditioning {i:?} does not match latents {l:?} (batch, _, h, w)"
+        )));
+    }
+    Ok(Tensor::cat(&[latents, &image.to_kind(latents.kind())], 1))
+}
