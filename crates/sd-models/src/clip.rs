@@ -75,7 +75,7 @@ pub struct ClipTextModel {
     text_projection: Option<Linear>,
     placement: Placement,
     /// Its LoRA-capable layers.
-    modules: crate::lora::ModuleIndex,
+    modules: crate::modules::ModuleIndex,
     _storage: Arc<memmap2::Mmap>,
 }
 
@@ -92,7 +92,7 @@ pub struct XlOutput {
 
 impl ClipTextModel {
     /// Its LoRA-capable layers (canonical paths).
-    pub fn modules(&self) -> &crate::lora::ModuleIndex {
+    pub fn modules(&self) -> &crate::modules::ModuleIndex {
         &self.modules
     }
 

@@ -184,7 +184,7 @@ impl Denoiser {
     }
 
     /// Its LoRA-capable layers.
-    pub fn modules(&self) -> &crate::lora::ModuleIndex {
+    pub fn modules(&self) -> &crate::modules::ModuleIndex {
         match self {
             Denoiser::Unet(unet) => unet.modules(),
         }

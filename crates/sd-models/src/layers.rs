@@ -6,7 +6,8 @@ use std::sync::Arc;
 use tch::Tensor;
 
 use crate::error::Result;
-use crate::lora::{self, ModuleKind, ModuleShape};
+use crate::lora;
+use crate::modules::{ModuleKind, ModuleShape};
 use crate::weights::Vb;
 
 pub struct Linear {

@@ -13,6 +13,7 @@
 
 pub mod blocks;
 pub mod clip;
+pub mod component;
 pub mod config;
 pub mod denoiser;
 pub mod device;
@@ -20,6 +21,7 @@ pub mod error;
 pub mod layers;
 pub mod lora;
 pub mod model_dir;
+pub mod modules;
 pub mod single_file;
 pub mod standard;
 pub mod tokenizer;

@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::clip::ClipTextModel;
+pub use crate::component::Component;
 use crate::device::Placement;
 use crate::error::{ModelError, Result};
 use crate::single_file::{self, Standard};
@@ -18,34 +19,6 @@ use crate::unet::UNet;
 use crate::vae::Vae;
 use crate::weights::Weights;
 pub use sd_proto::Family;
-
-/// The networks a model directory holds, with their weight-file stems.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Component {
-    TextEncoder,
-    /// SDXL's second text encoder (CLIPTextModelWithProjection).
-    TextEncoder2,
-    Unet,
-    Vae,
-}
-
-impl Component {
-    pub fn dir(self) -> &'static str {
-        match self {
-            Component::TextEncoder => "text_encoder",
-            Component::TextEncoder2 => "text_encoder_2",
-            Component::Unet => "unet",
-            Component::Vae => "vae",
-        }
-    }
-
-    fn stem(self) -> &'static str {
-        match self {
-            Component::TextEncoder | Component::TextEncoder2 => "model",
-            Component::Unet | Component::Vae => "diffusion_pytorch_model",
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct ModelDir {

@@ -21,8 +21,8 @@
 
 use std::collections::HashMap;
 
+use crate::component::Component;
 use crate::error::{ModelError, Result};
-use crate::model_dir::Component;
 use crate::weights::{Alias, Transform, Weights};
 
 pub const UNET_PREFIX: &str = "model.diffusion_model.";

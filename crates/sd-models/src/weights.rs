@@ -123,7 +123,7 @@ pub struct Weights {
     /// layers register under it for LoRA (empty: none).
     namespace: String,
     /// The LoRA-capable modules loaded from these weights.
-    modules: RefCell<crate::lora::ModuleIndex>,
+    modules: RefCell<crate::modules::ModuleIndex>,
     /// The file's `__metadata__` strings.
     metadata: HashMap<String, String>,
 }
@@ -244,7 +244,7 @@ impl Weights {
     }
 
     /// The LoRA-capable modules loaded so far.
-    pub fn module_index(&self) -> crate::lora::ModuleIndex {
+    pub fn module_index(&self) -> crate::modules::ModuleIndex {
         self.modules.borrow().clone()
     }
 
@@ -253,7 +253,7 @@ impl Weights {
     pub(crate) fn register(
         &self,
         prefix: &str,
-        shape: crate::lora::ModuleShape,
+        shape: crate::modules::ModuleShape,
     ) -> Option<Arc<str>> {
         if self.namespace.is_empty() {
             return None;
@@ -439,7 +439,7 @@ impl<'a> Vb<'a> {
     }
 
     /// Register this path as a LoRA-capable layer of `shape`.
-    pub fn register(&self, shape: crate::lora::ModuleShape) -> Option<Arc<str>> {
+    pub fn register(&self, shape: crate::modules::ModuleShape) -> Option<Arc<str>> {
         self.weights.register(&self.prefix, shape)
     }
 }

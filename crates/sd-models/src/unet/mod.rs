@@ -76,12 +76,12 @@ pub struct UNet {
     parameters: u64,
     _storage: Arc<memmap2::Mmap>,
     /// Its LoRA-capable layers.
-    modules: crate::lora::ModuleIndex,
+    modules: crate::modules::ModuleIndex,
 }
 
 impl UNet {
     /// Its LoRA-capable layers (canonical paths).
-    pub fn modules(&self) -> &crate::lora::ModuleIndex {
+    pub fn modules(&self) -> &crate::modules::ModuleIndex {
         &self.modules
     }
 }

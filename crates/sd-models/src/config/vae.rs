@@ -1,0 +1,138 @@
+//! `vae/config.json`: AutoencoderKL's config, and what this VAE honours.
+
+use super::*;
+
+/// `vae/config.json` (AutoencoderKL).
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeConfig {
+    #[serde(default = "d_three")]
+    pub in_channels: i64,
+    #[serde(default = "d_three")]
+    pub out_channels: i64,
+    pub block_out_channels: Vec<i64>,
+    #[serde(default = "d_one_i")]
+    pub layers_per_block: i64,
+    #[serde(default = "d_four")]
+    pub latent_channels: i64,
+    #[serde(default = "d_groups")]
+    pub norm_num_groups: i64,
+    #[serde(default = "d_scaling")]
+    pub scaling_factor: f64,
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    #[serde(default = "d_true")]
+    pub use_quant_conv: bool,
+    #[serde(default = "d_true")]
+    pub use_post_quant_conv: bool,
+    #[serde(default = "d_true")]
+    pub mid_block_add_attention: bool,
+    #[serde(default)]
+    pub sample_size: Option<i64>,
+    #[serde(default)]
+    pub down_block_types: Vec<String>,
+    #[serde(default)]
+    pub up_block_types: Vec<String>,
+    #[serde(default = "d_act_silu")]
+    pub act_fn: String,
+    /// SDXL pipelines run this VAE in fp32 when the rest runs in fp16
+    /// (diffusers' default: true; the fp16-fix VAE says false).
+    #[serde(default = "d_true")]
+    pub force_upcast: bool,
+}
+
+fn d_one_i() -> i64 {
+    1
+}
+
+/// The keys of `vae/config.json` this VAE honours (or, for metadata and
+/// the pipeline's own hints, has no use for); any other key with a value is
+/// refused by name rather than silently ignored.
+const VAE_KEYS: [&str; 19] = [
+    "_class_name",
+    "_diffusers_version",
+    "_name_or_path",
+    "in_channels",
+    "out_channels",
+    "block_out_channels",
+    "layers_per_block",
+    "latent_channels",
+    "norm_num_groups",
+    "scaling_factor",
+    "shift_factor",
+    "use_quant_conv",
+    "use_post_quant_conv",
+    "mid_block_add_attention",
+    "sample_size",
+    "down_block_types",
+    "up_block_types",
+    "act_fn",
+    "force_upcast",
+];
+
+impl VaeConfig {
+    /// `path` read and checked: every key with a value is one this VAE
+    /// honours (`latents_mean`, say, is refused by name).
+    pub fn read(path: &Path) -> Result<Self> {
+        let raw: serde_json::Value = read_json(path)?;
+        if let Some(map) = raw.as_object() {
+            if let Some((key, _)) = map
+                .iter()
+                .find(|(k, v)| !v.is_null() && !VAE_KEYS.contains(&k.as_str()))
+            {
+                return Err(unsupported(
+                    path,
+                    format!("`{key}` is not supported by this VAE (it would be ignored)"),
+                ));
+            }
+        }
+        let c: VaeConfig =
+            serde_json::from_value(raw).map_err(|e| config_err(path, e.to_string()))?;
+        c.validate(path)?;
+        Ok(c)
+    }
+
+    /// Pixels per latent along each side: 2^(blocks - 1).
+    pub fn scale_factor(&self) -> i64 {
+        1 << (self.block_out_channels.len().saturating_sub(1))
+    }
+
+    /// How the VAE's latents map to the denoiser's, in diffusers' order:
+    /// encode `(sample - shift) * scale`, decode `latents / scale + shift`
+    /// (`scaling_factor`, `shift_factor`; no shift for SD and SDXL).
+    pub fn normalization(&self) -> (f64, f64) {
+        (self.scaling_factor, self.shift_factor.unwrap_or(0.0))
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let n = self.block_out_channels.len();
+        if n == 0 {
+            return Err(config_err(path, "`block_out_channels` is empty".into()));
+        }
+        if self
+            .block_out_channels
+            .iter()
+            .any(|&c| c <= 0 || c % self.norm_num_groups != 0)
+        {
+            return Err(config_err(
+                path,
+                format!(
+                    "`block_out_channels` {:?} must be positive multiples of norm_num_groups {}",
+                    self.block_out_channels, self.norm_num_groups
+                ),
+            ));
+        }
+        if self
+            .down_block_types
+            .iter()
+            .any(|t| t != "DownEncoderBlock2D")
+            || self.up_block_types.iter().any(|t| t != "UpDecoderBlock2D")
+            || self.act_fn != "silu"
+        {
+            return Err(unsupported(
+                path,
+                "only DownEncoderBlock2D/UpDecoderBlock2D VAEs with silu are supported".into(),
+            ));
+        }
+        Ok(())
+    }
+}
