@@ -14,7 +14,7 @@ use sd_proto::v1::{
     EncodeImageRequest, EncodeImageResponse,
 };
 use sd_runtime::lifecycle::Lifecycle;
-use sd_runtime::metrics::{Metrics, Stage};
+use sd_runtime::metrics::{Metrics, Phase};
 use sd_runtime::tls::ServerTlsArgs;
 use sd_runtime::ServerArgs;
 use sd_service::compute::to_rgb8;
@@ -171,7 +171,7 @@ impl Service {
         let (scale, shift) = vae.config().normalization();
         let images = self
             .worker
-            .run(Stage::VaeDecode, move || {
+            .run(Phase::VaeDecode, move || {
                 // diffusers' order: latents / scaling_factor + shift_factor.
                 let pixels = vae
                     .decode(&(latents.to_kind(Kind::Float) / scale + shift))
@@ -191,7 +191,7 @@ impl Service {
         let vae = self.vae.clone();
         let (mean, std) = self
             .worker
-            .run(Stage::VaeEncode, move || {
+            .run(Phase::VaeEncode, move || {
                 let d = vae
                     .encode(&pixels)
                     .map_err(|e| ServiceError::model_input("pixels", e))?;

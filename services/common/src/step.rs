@@ -4,7 +4,7 @@
 //! documented pixel side), finite values, timesteps in the model's range,
 //! short ids, and each family's conditioning.
 
-use sd_proto::v1::{Dtype, Embedding, PredictRequest, Tensor as WireTensor};
+use sd_proto::v1::{Dtype, Embedding, PredictRequest, SessionTensor, Tensor as WireTensor};
 use tch::Tensor;
 
 use crate::compute::{Call, Half};
@@ -34,13 +34,70 @@ impl Cond {
     }
 }
 
-/// Where a step's embeddings come from: the request's tensor (checked in
-/// full with [`Bounds::sent`]), or one held by id.
-pub trait Embeddings {
+/// Where a step's embeddings and session tensors come from: the request's
+/// tensor (checked in full, then kept), or one held by id.
+pub trait Resolver {
     /// The conditioning `e` names, for a call of `batch` latents; `field`
-    /// (`cond`, `uncond`) names it in errors. [`Step::decode`] checks what
+    /// (`cond`, `uncond`) names it in errors. A sent one is checked in full
+    /// ([`Bounds::sent`]) before it is kept; [`Step::decode`] checks what
     /// comes back against the bounds.
-    fn resolve(&mut self, e: &Embedding, field: &str, batch: i64) -> Result<Cond, ServiceError>;
+    fn embedding(&mut self, e: &Embedding, field: &str, batch: i64) -> Result<Cond, ServiceError>;
+
+    /// The session tensor `t` names: the one it carries (not yet kept), or
+    /// the one held under its id (else an embedding miss naming `field`).
+    fn tensor(&mut self, t: &SessionTensor, field: &str) -> Result<Tensor, ServiceError>;
+
+    /// Keep a sent session tensor under `id`, once [`Step::decode`] has
+    /// checked it.
+    fn keep(&mut self, id: &str, t: &Tensor, field: &str) -> Result<(), ServiceError>;
+}
+
+/// The session tensors a step may carry, by name.
+pub const SESSION_TENSORS: [&str; 2] = ["time_ids", "negative_time_ids"];
+
+/// A session tensor resolved: its value, and whether it was sent (to be
+/// kept once checked).
+struct Resolved {
+    tensor: Tensor,
+    sent: Option<(String, String)>,
+}
+
+/// The session tensors of `req`, by name: each named once, each name known.
+fn session_tensors(
+    req: &PredictRequest,
+    resolver: &mut dyn Resolver,
+) -> Result<Vec<(String, Resolved)>, ServiceError> {
+    let mut out: Vec<(String, Resolved)> = Vec::new();
+    for (i, t) in req.session_tensors.iter().enumerate() {
+        let field = format!("session_tensors[{i}]");
+        if !SESSION_TENSORS.contains(&t.name.as_str()) {
+            return Err(ServiceError::invalid(
+                format!("{field}.name"),
+                format_args!(
+                    "unknown {}, expected one of {}",
+                    sd_proto::status::quote(&t.name),
+                    SESSION_TENSORS.join(", ")
+                ),
+            ));
+        }
+        if out.iter().any(|(n, _)| *n == t.name) {
+            return Err(ServiceError::invalid(
+                format!("{field}.name"),
+                format_args!("{} given twice", t.name),
+            ));
+        }
+        if t.id.len() > MAX_EMBEDDING_ID_BYTES {
+            return Err(ServiceError::invalid(
+                format!("{field}.id"),
+                format_args!("{} bytes, at most {MAX_EMBEDDING_ID_BYTES}", t.id.len()),
+            ));
+        }
+        let named = format!("session_tensors.{}", t.name);
+        let tensor = resolver.tensor(t, &named)?;
+        let sent = (t.tensor.is_some() && !t.id.is_empty()).then(|| (t.id.clone(), named));
+        out.push((t.name.clone(), Resolved { tensor, sent }));
+    }
+    Ok(out)
 }
 
 /// One Predict's inputs, checked: the call (its LoRA adapters still to be
@@ -55,7 +112,7 @@ impl Step {
     pub fn decode(
         req: &PredictRequest,
         bounds: &Bounds,
-        embeddings: &mut dyn Embeddings,
+        resolver: &mut dyn Resolver,
     ) -> Result<Step, ServiceError> {
         let latents = bounds.latents(req.latents.as_ref())?;
         if bounds.image_channels > 0 {
@@ -75,7 +132,7 @@ impl Step {
         let mut resolve = |e: Option<&Embedding>, field: &str| -> Result<Cond, ServiceError> {
             let e = e.ok_or_else(|| ServiceError::invalid(field, "missing"))?;
             embedding_id(e, field)?;
-            let c = embeddings.resolve(e, field, batch)?;
+            let c = resolver.embedding(e, field, batch)?;
             bounds.embedding(&c.hidden, batch, field)?;
             match (&c.pooled, bounds.xl) {
                 (Some(p), Some(_)) => bounds.pooled_fits(p, batch, &format!("{field}.pooled"))?,
@@ -111,15 +168,7 @@ impl Step {
         } else {
             None
         };
-        let time_ids = bounds.time_ids(req.time_ids.as_ref(), batch, "time_ids")?;
-        let negative_time_ids =
-            bounds.time_ids(req.negative_time_ids.as_ref(), batch, "negative_time_ids")?;
-        if bounds.xl.is_some() && time_ids.is_none() {
-            return Err(ServiceError::invalid(
-                "time_ids",
-                "missing: an SDXL-family model needs the size and crop conditioning",
-            ));
-        }
+        let (time_ids, negative_time_ids) = time_ids(req, bounds, batch, resolver)?;
         let negative_time_ids =
             negative_time_ids.or_else(|| time_ids.as_ref().map(Tensor::shallow_clone));
         let half = |c: Cond, ids: Option<Tensor>| Half {
@@ -149,6 +198,55 @@ pub const MAX_EMBEDDING_ID_BYTES: usize = 128;
 /// Most tokens an embedding may have: 8 CLIP windows of 77 (room for long
 /// prompts encoded in chunks); cross-attention's cost grows with them.
 pub const MAX_TOKENS: i64 = 77 * 8;
+
+/// SDXL's time ids and negative time ids: each from its per-step field or
+/// its session tensor, checked (and a sent one then kept).
+fn time_ids(
+    req: &PredictRequest,
+    bounds: &Bounds,
+    batch: i64,
+    resolver: &mut dyn Resolver,
+) -> Result<(Option<Tensor>, Option<Tensor>), ServiceError> {
+    let mut session = session_tensors(req, resolver)?;
+    // Each per-step field, or its session tensor.
+    let mut take = |name: &str, legacy: Option<&WireTensor>| -> Result<_, ServiceError> {
+        if let Some(w) = legacy {
+            return Ok(Some((from_wire(Some(w), name)?, name.to_string(), None)));
+        }
+        Ok(session
+            .iter()
+            .position(|(n, _)| n == name)
+            .map(|i| session.swap_remove(i).1)
+            .map(|r| {
+                let field = r
+                    .sent
+                    .as_ref()
+                    .map_or_else(|| format!("session_tensors.{name}"), |(_, f)| f.clone());
+                (r.tensor, field, r.sent.map(|(id, _)| id))
+            }))
+    };
+    let time_ids = take("time_ids", req.time_ids.as_ref())?;
+    let negative_time_ids = take("negative_time_ids", req.negative_time_ids.as_ref())?;
+    let mut checked = |t: Option<(Tensor, String, Option<String>)>| -> Result<_, ServiceError> {
+        let Some((t, field, keep)) = t else {
+            return Ok(None);
+        };
+        let t = bounds.time_ids(Some(t), batch, &field)?;
+        if let (Some(id), Some(t)) = (keep, &t) {
+            resolver.keep(&id, t, &field)?;
+        }
+        Ok(t)
+    };
+    let time_ids = checked(time_ids)?;
+    let negative_time_ids = checked(negative_time_ids)?;
+    if bounds.xl.is_some() && time_ids.is_none() {
+        return Err(ServiceError::invalid(
+            "time_ids",
+            "missing: an SDXL-family model needs the size and crop conditioning",
+        ));
+    }
+    Ok((time_ids, negative_time_ids))
+}
 
 /// The limits a request is checked against.
 #[derive(Clone, Copy, Debug)]
@@ -299,7 +397,7 @@ impl Bounds {
     /// finite and within 0..=65536 (sizes and crops in pixels, scores).
     pub fn time_ids(
         &self,
-        t: Option<&WireTensor>,
+        t: Option<Tensor>,
         batch: i64,
         field: &str,
     ) -> Result<Option<Tensor>, ServiceError> {
@@ -312,8 +410,7 @@ impl Bounds {
                 )),
             };
         };
-        let Some(w) = t else { return Ok(None) };
-        let t = from_wire(Some(w), field)?;
+        let Some(t) = t else { return Ok(None) };
         let s = t.size();
         if s != [batch, n] {
             return Err(ServiceError::invalid(

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use sd_runtime::lru::ByteLru;
 use sd_service::step::Cond;
 use sd_service::ServiceError;
+use tch::Tensor;
 
 /// A libtorch tensor's own allocations beside its data (TensorImpl,
 /// storage, sizes and strides): a few hundred bytes.
@@ -80,13 +81,24 @@ impl HeldBudget {
     }
 }
 
-/// The embeddings one PredictStream sent in full, by id: they outlive cache
-/// eviction for the stream's life, so a stream never misses its own. At
-/// most [`MAX_HELD`] of them, their bytes taken from the budget all streams
-/// share (given back when the stream ends); a stream that would hold more
-/// is refused with RESOURCE_EXHAUSTED.
+/// Most session tensors one stream holds (a generation's time ids, masks,
+/// control images).
+pub const MAX_HELD_TENSORS: usize = 8;
+
+/// What a stream holds under an id.
+enum Kept {
+    Embedding(Cond),
+    Tensor(Tensor),
+}
+
+/// The embeddings and session tensors one PredictStream sent in full, by
+/// id: they outlive cache eviction for the stream's life, so a stream never
+/// misses its own. At most [`MAX_HELD`] embeddings and
+/// [`MAX_HELD_TENSORS`] tensors, their bytes taken from the budget all
+/// streams share (given back when the stream ends); a stream that would
+/// hold more is refused with RESOURCE_EXHAUSTED.
 pub struct Held {
-    by_id: HashMap<String, (Cond, usize)>,
+    by_id: HashMap<String, (Kept, usize)>,
     budget: HeldBudget,
 }
 
@@ -99,19 +111,51 @@ impl Held {
     }
 
     pub fn get(&self, id: &str) -> Option<Cond> {
-        self.by_id.get(id).map(|(c, _)| c.clone())
+        match self.by_id.get(id) {
+            Some((Kept::Embedding(c), _)) => Some(c.clone()),
+            _ => None,
+        }
+    }
+
+    /// The session tensor held under `id`.
+    pub fn tensor(&self, id: &str) -> Option<Tensor> {
+        match self.by_id.get(id) {
+            Some((Kept::Tensor(t), _)) => Some(t.shallow_clone()),
+            _ => None,
+        }
     }
 
     /// Hold `c` under `id` (replacing what the id held), or refuse.
     pub fn hold(&mut self, id: &str, c: &Cond, field: &str) -> Result<(), ServiceError> {
         let size = c.data_bytes() + id.len();
+        self.keep(id, Kept::Embedding(c.clone()), size, field)
+    }
+
+    /// Hold session tensor `t` under `id`, or refuse.
+    pub fn hold_tensor(&mut self, id: &str, t: &Tensor, field: &str) -> Result<(), ServiceError> {
+        let size = t.numel() * t.kind().elt_size_in_bytes() + id.len();
+        self.keep(id, Kept::Tensor(t.shallow_clone()), size, field)
+    }
+
+    fn keep(&mut self, id: &str, kept: Kept, size: usize, field: &str) -> Result<(), ServiceError> {
         let exhausted = |description: String| ServiceError::Exhausted {
             field: field.to_string(),
             description,
         };
-        if !self.by_id.contains_key(id) && self.by_id.len() >= MAX_HELD {
+        let tensor = matches!(kept, Kept::Tensor(_));
+        let (kind, max) = if tensor {
+            ("session tensors", MAX_HELD_TENSORS)
+        } else {
+            ("embeddings", MAX_HELD)
+        };
+        let count = self
+            .by_id
+            .values()
+            .filter(|(k, _)| matches!(k, Kept::Tensor(_)) == tensor)
+            .count();
+        if !self.by_id.contains_key(id) && count >= max {
             return Err(exhausted(format!(
-                "this stream already holds {MAX_HELD} embeddings, at most {MAX_HELD}"
+                "this stream already holds {max} {kind}, at most {max}"
             )));
         }
         let old = self.by_id.get(id).map_or(0, |(_, s)| *s);
@@ -126,7 +170,7 @@ impl Held {
         } else {
             self.budget.give(old - size);
         }
-        self.by_id.insert(id.to_string(), (c.clone(), size));
+        self.by_id.insert(id.to_string(), (kept, size));
         Ok(())
     }
 }
@@ -141,7 +185,6 @@ impl Drop for Held {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Tensor;
 
     fn cond(t: &Tensor) -> Cond {
         Cond {

@@ -130,7 +130,7 @@ pub fn measure(
     tracing::info!(
         took_s = started.elapsed().as_secs_f64(),
         "forward cost measured: {}",
-        describe(&cost)
+        cost
     );
     Ok(cost)
 }
@@ -186,24 +186,6 @@ fn fastest(
         best = best.min(start.elapsed());
     }
     Ok(best)
-}
-
-/// `8²: 0.012 s, 16²: 0.040 s; a row more: ×0.80; beyond: ^2.0`.
-pub fn describe(cost: &ForwardCost) -> String {
-    let points: Vec<String> = cost
-        .points
-        .iter()
-        .map(|p| {
-            let side = (p.positions as f64).sqrt().round();
-            format!("{side}²: {:.4} s", p.seconds)
-        })
-        .collect();
-    format!(
-        "{}; a row more: ×{:.2}; beyond: ^{:.1}",
-        points.join(", "),
-        cost.row_factor,
-        cost.growth_exponent
-    )
 }
 
 #[cfg(test)]
@@ -290,6 +272,6 @@ mod tests {
         assert_eq!(cost.points.len(), 1);
         assert_eq!(cost.row_factor, 1.0, "no time to measure rows: linear");
         assert_eq!(cost.growth_exponent, 1.0, "one size: linear beyond it");
-        assert!(describe(&cost).starts_with("8²: "), "{}", describe(&cost));
+        assert!(cost.to_string().starts_with("8²: "), "{cost}");
     }
 }

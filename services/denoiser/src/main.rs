@@ -18,15 +18,15 @@ use sd_models::Denoiser;
 use sd_proto::v1::denoiser_server::Denoiser as DenoiserRpc;
 use sd_proto::v1::{
     DenoiserInfo, DenoiserInfoRequest, Dtype, Embedding, ListLorasRequest, ListLorasResponse,
-    LoraRef, PredictRequest, PredictResponse, Tensor as WireTensor,
+    LoraRef, PredictRequest, PredictResponse, SessionTensor, Tensor as WireTensor,
 };
 use sd_runtime::lifecycle::Lifecycle;
-use sd_runtime::metrics::{Metrics, Stage};
+use sd_runtime::metrics::{Metrics, Phase};
 use sd_runtime::tls::ServerTlsArgs;
 use sd_runtime::ServerArgs;
 use sd_service::compute::{forward_calls, Call};
 use sd_service::lora::{LoraArgs, LoraStore};
-use sd_service::step::{Bounds, Cond, Embeddings, Step};
+use sd_service::step::{Bounds, Cond, Resolver, Step};
 use sd_service::{handle, to_wire, ModelArgs, ServiceError, Timings, Worker};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -230,7 +230,7 @@ impl Core {
         call.loras = self.loras(&req.loras).await?;
         let (output, timings) = self.forward(call, session, out_dtype).await?;
         timings.record(&tracing::Span::current());
-        self.metrics.step(Stage::UnetQueue, timings.queue);
+        self.metrics.step(Phase::UnetQueue, timings.queue);
         Ok(PredictResponse {
             output: Some(output),
         })
@@ -253,7 +253,7 @@ impl Core {
         let (positions, rows) = (call.positions(), call.rows());
         let (out, timings) = self
             .worker
-            .run_timed(Stage::UnetForward, move || {
+            .run_timed(Phase::UnetForward, move || {
                 let out = forward_calls(&net, &[&call])?.remove(0);
                 to_wire(&out, out_dtype)
             })
@@ -266,14 +266,15 @@ impl Core {
 }
 
 /// A step's embeddings: sent in full (checked, then cached and held by the
-/// stream), or held by the stream, or from the cache.
+/// stream), or held by the stream, or from the cache; its session tensors:
+/// sent (held by the stream once checked), or held by the stream.
 struct Source<'a> {
     core: &'a Core,
     held: Option<&'a mut Held>,
 }
 
-impl Embeddings for Source<'_> {
-    fn resolve(&mut self, e: &Embedding, field: &str, batch: i64) -> Result<Cond, ServiceError> {
+impl Resolver for Source<'_> {
+    fn embedding(&mut self, e: &Embedding, field: &str, batch: i64) -> Result<Cond, ServiceError> {
         let core = self.core;
         if e.tensor.is_none() {
             if let Some(c) = self.held.as_ref().and_then(|h| h.get(&e.id)) {
@@ -305,6 +306,27 @@ impl Embeddings for Source<'_> {
             tracing::debug!(id = %sd_proto::status::quote(&e.id), cached = cache.len(), "embedding cached");
         }
         Ok(c)
+    }
+
+    fn tensor(&mut self, t: &SessionTensor, field: &str) -> Result<tch::Tensor, ServiceError> {
+        if t.tensor.is_some() {
+            return sd_service::from_wire(t.tensor.as_ref(), &format!("{field}.tensor"));
+        }
+        self.held
+            .as_ref()
+            .and_then(|h| h.tensor(&t.id))
+            .ok_or_else(|| ServiceError::EmbeddingMiss {
+                field: field.to_string(),
+                id: t.id.clone(),
+            })
+    }
+
+    fn keep(&mut self, id: &str, t: &tch::Tensor, field: &str) -> Result<(), ServiceError> {
+        match self.held.as_deref_mut() {
+            Some(h) => h.hold_tensor(id, t, field),
+            // A unary caller sends its session tensors every time.
+            None => Ok(()),
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use sd_proto::v1::{
     TextEncoderInfoRequest,
 };
 use sd_runtime::lifecycle::Lifecycle;
-use sd_runtime::metrics::{Metrics, Stage};
+use sd_runtime::metrics::{Metrics, Phase};
 use sd_runtime::tls::ServerTlsArgs;
 use sd_runtime::ServerArgs;
 use sd_service::lora::{LoraArgs, LoraStore};
@@ -104,7 +104,7 @@ impl Service {
         let (store, refs) = (self.loras.clone(), req.loras);
         let out = self
             .worker
-            .run(Stage::TextForward, move || {
+            .run(Phase::TextForward, move || {
                 // Every forward of this call (prompt and negative prompt,
                 // each A1111 chunk) runs with the request's adapters.
                 let set = store.resolve(&refs)?;

@@ -31,7 +31,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use sd_models::Denoiser;
-use sd_runtime::metrics::{Metrics, Stage};
+use sd_runtime::metrics::{Metrics, Phase};
 use sd_service::compute::{forward_calls, Call};
 
 use crate::cost::LiveCost;
@@ -427,7 +427,7 @@ fn run_batch(w: usize, net: &Denoiser, shared: &Shared, batch: Vec<Job>, metrics
     if let (Some(cost), Ok(_)) = (shared.cost.get(), &outcome) {
         cost.observe(batch[0].call.positions(), rows, took);
     }
-    metrics.step(Stage::UnetForward, took);
+    metrics.step(Phase::UnetForward, took);
     metrics.step_batch(rows as f64);
     shared.forwards[w].fetch_add(1, Ordering::Relaxed);
 

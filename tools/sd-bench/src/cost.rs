@@ -40,8 +40,7 @@ pub(crate) async fn check(args: &Args, sides: &[u32]) -> anyhow::Result<()> {
     println!("\n### UNet cost: predicted (from the denoiser's start-up measurement) vs measured\n");
     println!(
         "Start-up {start_s:.1} s with `--calibration-seconds {}`; measured points: {}\n",
-        args.calibration_seconds,
-        points(&cost)
+        args.calibration_seconds, cost
     );
     println!("| image | latents | rows | predicted s | measured s | measured / predicted |");
     println!("|---|---|---|---|---|---|");
@@ -62,7 +61,7 @@ pub(crate) async fn check(args: &Args, sides: &[u32]) -> anyhow::Result<()> {
     if let Some(after) = wait_info(&mut d).await?.cost {
         println!(
             "\nAfter these forwards the denoiser publishes (kept current by use): {}",
-            points(&after)
+            after
         );
     }
     Ok(())
@@ -81,23 +80,6 @@ async fn wait_info(
             Err(e) => return Err(e.into()),
         }
     }
-}
-
-fn points(cost: &sd_proto::v1::ForwardCost) -> String {
-    let each: Vec<String> = cost
-        .points
-        .iter()
-        .map(|p| {
-            let side = (p.positions as f64).sqrt().round();
-            format!("{side}² latents {:.3} s", p.seconds)
-        })
-        .collect();
-    format!(
-        "{}; a second row ×{:.2}; beyond: positions^{}",
-        each.join(", "),
-        cost.row_factor,
-        cost.growth_exponent
-    )
 }
 
 /// The fastest of `runs` unguided Predict calls of `rows` latents `side`².

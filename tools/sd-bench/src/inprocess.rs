@@ -16,12 +16,13 @@ use sd_proto::v1::denoiser_info::FamilyParams;
 use sd_proto::v1::{
     DecodeRequest, DecodeResponse, Dtype, Embedding, EncodeImageRequest, EncodeImageResponse,
     EncodeTextRequest, EncodeTextResponse, EncodedPrompt, PredictRequest, PredictResponse,
+    SessionTensor,
 };
 use sd_runtime::deadline::Deadline;
 use sd_sampling::{SchedulerConfig, SchedulerKind};
 use sd_service::compute::{forward_calls, to_rgb8};
 use sd_service::family::{vae_placement, Profile};
-use sd_service::step::{Bounds, Cond, Embeddings, Step};
+use sd_service::step::{Bounds, Cond, Resolver, Step};
 use sd_service::text::TextEncoders;
 use sd_service::{from_wire, to_wire, ServiceError};
 use tch::Tensor;
@@ -34,6 +35,8 @@ pub struct InProcess {
     bounds: Bounds,
     /// Embeddings by id: hidden states and, for SDXL, the pooled one.
     embeddings: Mutex<HashMap<String, Cond>>,
+    /// Session tensors by id, as a denoiser stream holds them.
+    tensors: Mutex<HashMap<String, Tensor>>,
 }
 
 impl InProcess {
@@ -63,6 +66,7 @@ impl InProcess {
             },
             net,
             embeddings: Mutex::new(HashMap::new()),
+            tensors: Mutex::new(HashMap::new()),
         };
         let (scale, shift) = vae_config.normalization();
         let facts = ModelFacts {
@@ -140,8 +144,8 @@ impl InProcess {
 /// Embeddings kept by id, as a denoiser keeps them.
 struct Held<'a>(&'a InProcess);
 
-impl Embeddings for Held<'_> {
-    fn resolve(&mut self, e: &Embedding, field: &str, batch: i64) -> Result<Cond, ServiceError> {
+impl Resolver for Held<'_> {
+    fn embedding(&mut self, e: &Embedding, field: &str, batch: i64) -> Result<Cond, ServiceError> {
         let mut cache = self
             .0
             .embeddings
@@ -159,6 +163,32 @@ impl Embeddings for Held<'_> {
         let c = self.0.bounds.sent(e, field, batch)?;
         cache.insert(e.id.clone(), c.clone());
         Ok(c)
+    }
+
+    fn tensor(&mut self, t: &SessionTensor, field: &str) -> Result<Tensor, ServiceError> {
+        if t.tensor.is_some() {
+            return from_wire(t.tensor.as_ref(), field);
+        }
+        let held = self
+            .0
+            .tensors
+            .lock()
+            .map_err(|_| ServiceError::Internal("session tensors poisoned"))?;
+        held.get(&t.id)
+            .map(Tensor::shallow_clone)
+            .ok_or_else(|| ServiceError::EmbeddingMiss {
+                field: field.to_string(),
+                id: t.id.clone(),
+            })
+    }
+
+    fn keep(&mut self, id: &str, t: &Tensor, _: &str) -> Result<(), ServiceError> {
+        self.0
+            .tensors
+            .lock()
+            .map_err(|_| ServiceError::Internal("session tensors poisoned"))?
+            .insert(id.to_string(), t.shallow_clone());
+        Ok(())
     }
 }
 

@@ -96,25 +96,7 @@ pub(crate) fn rgb(png: &[u8]) -> anyhow::Result<image::RgbImage> {
 
 /// Peak signal-to-noise ratio of `b` against `a` (8-bit), in dB.
 pub(crate) fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> anyhow::Result<f64> {
-    anyhow::ensure!(
-        a.dimensions() == b.dimensions(),
-        "images of {:?} and {:?}",
-        a.dimensions(),
-        b.dimensions()
-    );
-    let n = a.as_raw().len() as f64;
-    let se: f64 = a
-        .as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
-        .sum();
-    let mse = se / n;
-    Ok(if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (255.0f64 * 255.0 / mse).log10()
-    })
+    sd_gateway::images::psnr(a, b).map_err(anyhow::Error::msg)
 }
 
 #[cfg(test)]
