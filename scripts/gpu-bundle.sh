@@ -93,7 +93,7 @@ done
 # 5. Assemble.
 rm -rf "$BUNDLE"
 mkdir -p "$BUNDLE/wheels" "$BUNDLE/fixtures"
-cp crates/sd-bench/diffusers_bench.py "$BUILD/release/"
+cp tools/sd-bench/diffusers_bench.py "$BUILD/release/"
 tar -C "$BUILD/release" -cf - "${BINS[@]}" diffusers_bench.py | xz -T0 -6 > "$BUNDLE/bin.tar.xz"
 for pin in "${WHEEL_PINS[@]}"; do
     name=${pin%%==*}; version=${pin##*==}

@@ -184,34 +184,11 @@ pub fn lora_tags(loras: &[sd_proto::v1::LoraRef]) -> String {
 }
 
 /// The generation parameters as text chunks: one key each, plus the
-/// `parameters` summary other SD tools read — its prompt with the LoRA
-/// tags that reproduce the image in AUTOMATIC1111's syntax.
+/// `parameters` infotext AUTOMATIC1111's PNG Info reads (its prompt with
+/// the LoRA tags that reproduce the image; [`crate::infotext`]).
 pub fn text_chunks(p: &GenerationParameters) -> Vec<(String, String)> {
     let tags = lora_tags(&p.loras);
-    let prompt = match (p.prompt.is_empty(), tags.is_empty()) {
-        (_, true) => p.prompt.clone(),
-        (true, false) => tags.clone(),
-        (false, false) => format!("{} {tags}", p.prompt),
-    };
-    let mut summary = format!(
-        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}{}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
-        prompt,
-        p.negative_prompt,
-        p.steps,
-        p.scheduler,
-        if p.karras { " Karras" } else { "" },
-        p.guidance_scale,
-        p.seed,
-        p.width,
-        p.height,
-        p.model
-    );
-    if p.clip_skip > 0 {
-        summary.push_str(&format!(", Clip skip: {}", p.clip_skip + 1));
-    }
-    if p.strength > 0.0 {
-        summary.push_str(&format!(", Denoising strength: {}", p.strength));
-    }
+    let summary = crate::infotext::write(p);
     let mut chunks = vec![
         ("parameters".into(), summary),
         ("prompt".into(), p.prompt.clone()),
@@ -309,6 +286,32 @@ pub fn latent_preview(latents: &[f32], channels: usize, h: usize, w: usize) -> R
         }
     }
     encode_png(&rgb, w as u32, h as u32, &[])
+}
+
+/// Peak signal-to-noise ratio of `b` against `a` (8-bit RGB), in dB
+/// (infinite for equal images): the benchmark's and the tests' one measure
+/// of how far a picture is from its reference.
+pub fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> std::result::Result<f64, String> {
+    if a.dimensions() != b.dimensions() {
+        return Err(format!(
+            "images of {:?} and {:?}",
+            a.dimensions(),
+            b.dimensions()
+        ));
+    }
+    let n = a.as_raw().len() as f64;
+    let se: f64 = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
+        .sum();
+    let mse = se / n;
+    Ok(if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64 * 255.0 / mse).log10()
+    })
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod error;
 pub mod facts;
 pub mod http;
 pub mod images;
+pub mod infotext;
 pub mod limits;
 pub mod micro;
 pub mod pipeline;

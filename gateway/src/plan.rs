@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::facts::ModelFacts;
 use crate::images;
 use crate::limits::Limits;
-use crate::pipeline::img2img_start;
+use sd_sampling::img2img_start;
 
 /// diffusers' defaults where a request leaves a field unset.
 /// Steps when neither the request nor the model says.
@@ -61,8 +61,6 @@ pub struct Plan {
     pub guidance_embedded: bool,
     /// How the prompts are read (plain, or AUTOMATIC1111's syntax).
     pub prompt_syntax: PromptSyntax,
-    /// Set by the HTTP front door: stop early and return the image so far.
-    pub stop: Option<crate::pipeline::Stop>,
     /// LoRA adapters (the request's, and the prompt's A1111 tags).
     pub loras: Vec<LoraRef>,
 }
@@ -171,7 +169,6 @@ impl Plan {
             time_ids,
             guidance_embedded,
             prompt_syntax,
-            stop: None,
             loras,
         })
     }

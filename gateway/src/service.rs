@@ -167,9 +167,9 @@ impl GenerationService {
         let span = request_span(method);
         let deadline = call.deadline;
         let work = async {
-            let (mut plan, _admitted, generator) = self.admit(req, &deadline).await?;
-            plan.stop = call.stop;
-            within(deadline, generator.run(plan, call.events, deadline)).await
+            let (plan, _admitted, generator) = self.admit(req, &deadline).await?;
+            let run = generator.run_stoppable(plan, call.events, call.stop, deadline);
+            within(deadline, run).await
         };
         self.metrics.observe(method, work.instrument(span)).await
     }

@@ -7,6 +7,7 @@
 pub mod codec;
 pub mod cost;
 pub mod family;
+pub mod health;
 pub mod lora;
 pub mod stage;
 pub mod status;

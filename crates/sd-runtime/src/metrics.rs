@@ -26,14 +26,14 @@ pub struct MethodLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StageLabels {
+pub struct PhaseLabels {
     pub stage: String,
 }
 
 /// The `stage` label of `sd_step_duration_seconds`: every phase a process
-/// times, named once (the docs list [`Stage::ALL`]).
+/// times, named once (the docs list [`Phase::ALL`]).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum Stage {
+pub enum Phase {
     /// Gateway: the prompts' embeddings (cache or text encoder).
     Text,
     /// Gateway: the init image through the VAE encoder (image-to-image).
@@ -58,40 +58,40 @@ pub enum Stage {
     VaeEncode,
 }
 
-impl Stage {
-    pub const ALL: [Stage; 11] = [
-        Stage::Text,
-        Stage::EncodeImage,
-        Stage::Denoise,
-        Stage::Decode,
-        Stage::ImageEncode,
-        Stage::Generation,
-        Stage::TextForward,
-        Stage::UnetQueue,
-        Stage::UnetForward,
-        Stage::VaeDecode,
-        Stage::VaeEncode,
+impl Phase {
+    pub const ALL: [Phase; 11] = [
+        Phase::Text,
+        Phase::EncodeImage,
+        Phase::Denoise,
+        Phase::Decode,
+        Phase::ImageEncode,
+        Phase::Generation,
+        Phase::TextForward,
+        Phase::UnetQueue,
+        Phase::UnetForward,
+        Phase::VaeDecode,
+        Phase::VaeEncode,
     ];
 
     /// The label value.
     pub const fn as_str(self) -> &'static str {
         match self {
-            Stage::Text => "text",
-            Stage::EncodeImage => "encode_image",
-            Stage::Denoise => "denoise",
-            Stage::Decode => "decode",
-            Stage::ImageEncode => "image_encode",
-            Stage::Generation => "generation",
-            Stage::TextForward => "text_forward",
-            Stage::UnetQueue => "unet_queue",
-            Stage::UnetForward => "unet_forward",
-            Stage::VaeDecode => "vae_decode",
-            Stage::VaeEncode => "vae_encode",
+            Phase::Text => "text",
+            Phase::EncodeImage => "encode_image",
+            Phase::Denoise => "denoise",
+            Phase::Decode => "decode",
+            Phase::ImageEncode => "image_encode",
+            Phase::Generation => "generation",
+            Phase::TextForward => "text_forward",
+            Phase::UnetQueue => "unet_queue",
+            Phase::UnetForward => "unet_forward",
+            Phase::VaeDecode => "vae_decode",
+            Phase::VaeEncode => "vae_encode",
         }
     }
 }
 
-impl std::fmt::Display for Stage {
+impl std::fmt::Display for Phase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
@@ -119,11 +119,11 @@ pub struct Metrics {
     registry: Registry,
     pub requests: Family<CodeLabels, Counter>,
     pub request_seconds: HistogramFamily<MethodLabels>,
-    pub step_seconds: HistogramFamily<StageLabels>,
+    pub step_seconds: HistogramFamily<PhaseLabels>,
     pub in_flight: Gauge,
     pub queue_depth: Gauge,
     pub cache: Family<CacheLabels, Counter>,
-    pub load_seconds: Family<StageLabels, Gauge<f64, AtomicU64>>,
+    pub load_seconds: Family<PhaseLabels, Gauge<f64, AtomicU64>>,
     pub batch_items: Histogram,
     pub threads: Family<ThreadLabels, Gauge>,
     pub lora_load_seconds: Histogram,
@@ -144,12 +144,12 @@ impl Metrics {
         let requests = Family::<CodeLabels, Counter>::default();
         let request_seconds: HistogramFamily<MethodLabels> =
             Family::new_with_constructor(latency_histogram);
-        let step_seconds: HistogramFamily<StageLabels> =
+        let step_seconds: HistogramFamily<PhaseLabels> =
             Family::new_with_constructor(latency_histogram);
         let in_flight = Gauge::default();
         let queue_depth = Gauge::default();
         let cache = Family::<CacheLabels, Counter>::default();
-        let load_seconds = Family::<StageLabels, Gauge<f64, AtomicU64>>::default();
+        let load_seconds = Family::<PhaseLabels, Gauge<f64, AtomicU64>>::default();
         let batch_items = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]);
         let threads = Family::<ThreadLabels, Gauge>::default();
         registry.register(
@@ -274,7 +274,7 @@ impl Metrics {
 
     pub fn loaded(&self, component: &str, seconds: f64) {
         self.load_seconds
-            .get_or_create(&StageLabels {
+            .get_or_create(&PhaseLabels {
                 stage: component.to_string(),
             })
             .set(seconds);
@@ -284,9 +284,9 @@ impl Metrics {
         self.batch_items.observe(items);
     }
 
-    pub fn step(&self, stage: Stage, elapsed: Duration) {
+    pub fn step(&self, stage: Phase, elapsed: Duration) {
         self.step_seconds
-            .get_or_create(&StageLabels {
+            .get_or_create(&PhaseLabels {
                 stage: stage.as_str().to_string(),
             })
             .observe(elapsed.as_secs_f64());
@@ -339,10 +339,10 @@ mod tests {
     #[test]
     fn every_stage_has_its_own_label_and_the_help_names_it() {
         let labels: std::collections::BTreeSet<&str> =
-            Stage::ALL.iter().map(|s| s.as_str()).collect();
-        assert_eq!(labels.len(), Stage::ALL.len());
+            Phase::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(labels.len(), Phase::ALL.len());
         let m = Metrics::new("test");
-        for s in Stage::ALL {
+        for s in Phase::ALL {
             m.step(s, Duration::from_millis(1));
         }
         let text = m.encode();
@@ -351,7 +351,7 @@ mod tests {
             .find(|l| l.starts_with("# HELP sd_step_duration_seconds"))
             .unwrap_or_default()
             .to_string();
-        for s in Stage::ALL {
+        for s in Phase::ALL {
             assert!(help.contains(s.as_str()), "help misses {s}: {help}");
             assert!(text.contains(&format!("stage=\"{s}\"")), "{s} not recorded");
         }
@@ -361,7 +361,7 @@ mod tests {
     fn the_architecture_doc_lists_every_stage() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/ARCHITECTURE.md");
         let doc = std::fs::read_to_string(path).unwrap_or_default();
-        for s in Stage::ALL {
+        for s in Phase::ALL {
             assert!(
                 doc.contains(&format!("`{s}`")),
                 "docs/ARCHITECTURE.md misses `{s}`"

@@ -12,3 +12,11 @@ pub mod schedulers;
 
 pub use rng::TorchGenerator;
 pub use schedulers::{Prediction, Scheduler, SchedulerConfig, SchedulerError, SchedulerKind};
+
+/// The first timestep index of image-to-image, as diffusers' `get_timesteps`:
+/// skip the first (1 − strength) of the schedule (`order` timesteps a step).
+pub fn img2img_start(steps: u32, strength: f32, order: usize) -> usize {
+    let steps = steps as usize;
+    let init_steps = ((steps as f32 * strength) as usize).min(steps);
+    (steps - init_steps) * order
+}

@@ -103,7 +103,7 @@ impl Http {
         jobs::Caller(self.service.keys.caller(authorization(headers).as_deref()))
     }
 
-    /// Refuse a caller without a valid key (routes that generate nothing).
+    /// Refuse a caller without a valid key ([`router`]'s layer asks).
     pub fn check_key(&self, headers: &HeaderMap) -> HttpResult<()> {
         self.service
             .keys
@@ -191,15 +191,37 @@ pub fn encode_base64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-/// Every route.
+/// Every route: the API's behind one check of the API keys (a route added
+/// there cannot forget it), the page, image URLs and health open.
 pub fn router(state: State) -> Router {
-    Router::new()
+    let api = Router::new()
         .merge(openai::routes())
         .merge(a1111::routes())
         .merge(ui::routes())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_key,
+        ));
+    Router::new()
+        .merge(api)
+        .merge(openai::open_routes())
+        .merge(ui::open_routes())
         .route("/health", get(|| async { "ok" }))
         .fallback(not_found)
         .with_state(state)
+}
+
+/// 401 for a caller without a valid key (when keys are set), before any
+/// handler runs.
+async fn require_key(
+    axum::extract::State(http): axum::extract::State<State>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match http.check_key(req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {

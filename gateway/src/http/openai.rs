@@ -27,13 +27,19 @@ use sd_proto::v1::{GenerateRequest, GenerateResponse, ImageFormat, PromptSyntax}
 /// OpenAI's model names, taken to mean the served model.
 const OPENAI_MODELS: [&str; 4] = ["dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini"];
 
+/// The routes behind the API keys.
 pub fn routes() -> Router<State> {
     Router::new()
         .route("/v1/images/generations", post(generations))
         .route("/v1/images/edits", post(edits))
-        .route("/v1/images/files/{file}", get(file))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
+}
+
+/// The routes open to anyone: an image's URL is its own capability (an
+/// unguessable name, answered for an hour), as OpenAI's are.
+pub fn open_routes() -> Router<State> {
+    Router::new().route("/v1/images/files/{file}", get(file))
 }
 
 /// gRPC's field names as OpenAI's clients know them.
@@ -127,7 +133,6 @@ pub fn parse(body: &[u8]) -> HttpResult<GenerateRequest> {
 
 async fn generations(S(http): S<State>, headers: HeaderMap, body: Body) -> Response {
     let run = async {
-        http.check_key(&headers)?;
         let body = http.json_object(body).await?;
         answer(&http, &headers, &body, None).await
     };
@@ -229,7 +234,6 @@ fn now_secs() -> u64 {
 /// `n`, `size`, `response_format`, and the extensions; image-to-image.
 async fn edits(S(http): S<State>, headers: HeaderMap, req: Request) -> Response {
     let run = async {
-        http.check_key(&headers)?;
         let (fields, image) = read_form(&http, req).await?;
         let image =
             image.ok_or_else(|| HttpError::invalid("image", "required: the image to edit"))?;
@@ -318,24 +322,16 @@ fn model_json(f: &crate::facts::ModelFacts) -> Value {
     })
 }
 
-async fn models(S(http): S<State>, headers: HeaderMap) -> Response {
-    match http.check_key(&headers) {
-        Ok(()) => {
-            let data: Vec<Value> = http
-                .service
-                .models()
-                .map(|g| model_json(&g.facts))
-                .collect();
-            super::json(json!({ "object": "list", "data": data }))
-        }
-        Err(e) => e.into_response(),
-    }
+async fn models(S(http): S<State>) -> Response {
+    let data: Vec<Value> = http
+        .service
+        .models()
+        .map(|g| model_json(&g.facts))
+        .collect();
+    super::json(json!({ "object": "list", "data": data }))
 }
 
-async fn model(S(http): S<State>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if let Err(e) = http.check_key(&headers) {
-        return e.into_response();
-    }
+async fn model(S(http): S<State>, Path(id): Path<String>) -> Response {
     if OPENAI_MODELS.contains(&id.as_str()) {
         return super::json(model_json(&http.service.generator.facts));
     }

@@ -9,7 +9,7 @@ use std::time::Instant;
 use sd_proto::v1::{PredictRequest, PredictResponse, PreviewMode};
 use sd_proto::wire::HostTensor;
 use sd_runtime::deadline::Deadline;
-use sd_runtime::metrics::Stage as Phase;
+use sd_runtime::metrics::Phase;
 use sd_sampling::{Scheduler, TorchGenerator};
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -127,9 +127,10 @@ impl Denoising<'_> {
                 session_id: 0,
                 steps_after,
                 trace_context: Default::default(),
-                time_ids: self.text.time_ids.as_ref().map(|t| t.0.clone()),
-                negative_time_ids: self.text.time_ids.as_ref().map(|t| t.1.clone()),
+                time_ids: None,
+                negative_time_ids: None,
                 loras: self.loras.clone(),
+                session_tensors: self.text.session_tensors(),
             };
             match session.step(request).await {
                 Ok(response) => {

@@ -8,7 +8,7 @@ use std::time::Instant;
 use sd_proto::v1::{Dtype, EncodeImageRequest};
 use sd_proto::wire::HostTensor;
 use sd_runtime::deadline::Deadline;
-use sd_runtime::metrics::Stage as Phase;
+use sd_runtime::metrics::Phase;
 use sd_sampling::{Scheduler, TorchGenerator};
 use tracing::Instrument;
 
@@ -73,14 +73,6 @@ pub(super) struct Start {
     pub latents: Vec<f32>,
 }
 
-/// The first timestep index of image-to-image, as diffusers' `get_timesteps`:
-/// skip the first (1 − strength) of the schedule (`order` timesteps a step).
-pub fn img2img_start(steps: u32, strength: f32, order: usize) -> usize {
-    let steps = steps as usize;
-    let init_steps = ((steps as f32 * strength) as usize).min(steps);
-    (steps - init_steps) * order
-}
-
 impl Generator {
     pub(super) async fn initial_latents(
         &self,
@@ -100,7 +92,8 @@ impl Generator {
                 })
             }
             Some(init) => {
-                let first = img2img_start(plan.steps, plan.strength, scheduler.order());
+                let first =
+                    sd_sampling::img2img_start(plan.steps, plan.strength, scheduler.order());
                 let (mean, std) = self.encode_init_image(init, shape, deadline).await?;
                 let image = InitLatents {
                     mean: &mean,

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use sd_proto::v1::{Dtype, GenerateResponse, GeneratedImage, ListLorasRequest};
 use sd_runtime::deadline::Deadline;
-use sd_runtime::metrics::{Metrics, Stage};
+use sd_runtime::metrics::{Metrics, Phase};
 use sd_sampling::TorchGenerator;
 use tokio::sync::mpsc;
 
@@ -25,7 +25,7 @@ use crate::plan::Plan;
 use crate::prompt_cache::PromptCache;
 use crate::stages::Stages;
 
-pub use latents::{img2img_start, LatentShape};
+pub use latents::LatentShape;
 
 /// What a streaming client hears while its images form: after each step
 /// its progress, then (every `preview_every` steps, not after the last)
@@ -87,6 +87,18 @@ impl Generator {
         events: Option<mpsc::Sender<Event>>,
         deadline: Deadline,
     ) -> Result<GenerateResponse> {
+        self.run_stoppable(plan, events, None, deadline).await
+    }
+
+    /// [`Generator::run`], stopping early (with the image so far) when
+    /// `stop` is set.
+    pub async fn run_stoppable(
+        &self,
+        plan: Plan,
+        events: Option<mpsc::Sender<Event>>,
+        stop: Option<Stop>,
+        deadline: Deadline,
+    ) -> Result<GenerateResponse> {
         let started = Instant::now();
         let parameters = plan.parameters();
         let shape = LatentShape::of(&plan, &self.facts);
@@ -117,7 +129,7 @@ impl Generator {
             deadline: &deadline,
             previews: denoise::Previews::of(&plan),
             started,
-            stop: plan.stop.clone(),
+            stop,
             loras: plan.loras.clone(),
         };
         let (format, num_images) = (plan.format, plan.num_images);
@@ -127,7 +139,7 @@ impl Generator {
             .await?;
         let images = self.encode_images(decoded, format, &parameters).await?;
 
-        self.metrics.step(Stage::Generation, started.elapsed());
+        self.metrics.step(Phase::Generation, started.elapsed());
         tracing::info!(
             seed = parameters.seed,
             steps = parameters.steps,

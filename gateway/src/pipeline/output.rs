@@ -8,7 +8,7 @@ use sd_proto::v1::{
 };
 use sd_proto::wire::HostTensor;
 use sd_runtime::deadline::Deadline;
-use sd_runtime::metrics::Stage as Phase;
+use sd_runtime::metrics::Phase;
 use tracing::Instrument;
 
 use super::Generator;

@@ -18,13 +18,14 @@ use sd_sampling::schedulers::{build, SchedulerOptions};
 use sd_sampling::{SchedulerConfig, SchedulerKind};
 use tokio::sync::{mpsc, Semaphore};
 
-use super::{img2img_start, Event, Generator};
+use super::{Event, Generator};
 use crate::error::{Error, Result, Stage};
 use crate::facts::ModelFacts;
 use crate::limits::Limits;
 use crate::plan::Plan;
 use crate::prompt_cache::PromptCache;
 use crate::stages::{Stages, StepSession};
+use sd_sampling::img2img_start;
 
 const TOKENS: i64 = 3;
 const HIDDEN: i64 = 2;

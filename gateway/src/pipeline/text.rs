@@ -5,11 +5,12 @@
 use std::time::Instant;
 
 use sd_proto::v1::{
-    Dtype, Embedding, EncodeTextRequest, LoraInfo, LoraRef, PromptSyntax, Tensor as WireTensor,
+    Dtype, Embedding, EncodeTextRequest, LoraInfo, LoraRef, PromptSyntax, SessionTensor,
+    Tensor as WireTensor,
 };
 use sd_proto::wire::HostTensor;
 use sd_runtime::deadline::Deadline;
-use sd_runtime::metrics::Stage as Phase;
+use sd_runtime::metrics::Phase;
 use tracing::Instrument;
 
 use super::Generator;
@@ -45,13 +46,16 @@ impl Conditioning {
 }
 
 /// What guides every step: the prompt, the negative prompt (when guided),
-/// the guidance scale, and for SDXL models each latent's time ids.
+/// the guidance scale, and the session tensors (for SDXL models each
+/// latent's time ids), each sent in full until the denoiser has it.
 pub(super) struct Text {
     cond: Conditioning,
     uncond: Option<Conditioning>,
     pub guidance: f32,
-    /// (time ids, negative time ids), (images, n) each.
-    pub time_ids: Option<(WireTensor, WireTensor)>,
+    /// The generation's session tensors by name (their ids too: a stream
+    /// holds one generation's).
+    session: Vec<(&'static str, WireTensor)>,
+    session_sent: bool,
 }
 
 impl Text {
@@ -61,6 +65,18 @@ impl Text {
             self.cond.message(),
             self.uncond.as_ref().map(Conditioning::message),
         )
+    }
+
+    /// The session tensors as the next Predict carries them.
+    pub fn session_tensors(&self) -> Vec<SessionTensor> {
+        self.session
+            .iter()
+            .map(|(name, t)| SessionTensor {
+                name: name.to_string(),
+                id: name.to_string(),
+                tensor: (!self.session_sent).then(|| t.clone()),
+            })
+            .collect()
     }
 
     /// Whether the steps are guided (a negative prompt goes along).
@@ -79,6 +95,7 @@ impl Text {
     }
 
     fn set_sent(&mut self, sent: bool) {
+        self.session_sent = sent;
         self.cond.sent = sent;
         if let Some(u) = self.uncond.as_mut() {
             u.sent = sent;
@@ -135,7 +152,10 @@ impl Generator {
             cond: Conditioning::new(cond),
             uncond: uncond.map(Conditioning::new),
             guidance: plan.guidance,
-            time_ids: time_id_rows(plan)?,
+            session: time_id_rows(plan)?
+                .map(|(pos, neg)| vec![("time_ids", pos), ("negative_time_ids", neg)])
+                .unwrap_or_default(),
+            session_sent: false,
         })
     }
 

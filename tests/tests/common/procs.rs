@@ -7,8 +7,6 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use sd_launch::{Launch, Process};
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 use super::stack::bin_dir;
 
@@ -61,18 +59,10 @@ impl Proc {
 
     /// The status grpc.health.v1 reports for `service` ("" = overall), or None if unreachable.
     pub async fn health(&self, service: &str) -> Option<i32> {
-        let ch = tonic::transport::Endpoint::from_shared(self.url())
-            .ok()?
-            .connect()
+        sd_proto::health::status(&self.url(), service, Duration::from_secs(5))
             .await
-            .ok()?;
-        let r = HealthClient::new(ch)
-            .check(HealthCheckRequest {
-                service: service.to_string(),
-            })
-            .await
-            .ok()?;
-        Some(r.into_inner().status)
+            .ok()
+            .map(|s| s as i32)
     }
 
     pub async fn wait_serving(&self, timeout: Duration) {

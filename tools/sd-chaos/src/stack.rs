@@ -200,21 +200,5 @@ pub fn signal(pid: u32, sig: libc::c_int) -> anyhow::Result<()> {
 
 /// Whether the server at `addr` answers SERVING (within a second).
 pub async fn serving(addr: &str) -> bool {
-    use tonic_health::pb::health_client::HealthClient;
-    let check = async {
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .ok()?
-            .connect()
-            .await
-            .ok()?;
-        let r = HealthClient::new(ch)
-            .check(tonic_health::pb::HealthCheckRequest::default())
-            .await
-            .ok()?;
-        Some(r.into_inner().status == 1)
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), check).await,
-        Ok(Some(true))
-    )
+    sd_proto::health::is_serving(addr, Duration::from_secs(1)).await
 }

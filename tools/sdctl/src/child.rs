@@ -22,9 +22,6 @@ use std::time::{Duration, Instant};
 
 use crate::token::StackToken;
 use sd_launch::{Launch, LaunchError, Process, Stop};
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 /// How long a server may take to print its address (it does so before
 /// loading its model).
@@ -163,24 +160,7 @@ impl Child {
 
     /// Whether it answers SERVING on grpc.health.v1 (within a second).
     pub async fn is_serving(&self) -> bool {
-        let check = async {
-            let ch = tonic::transport::Endpoint::from_shared(self.url())
-                .ok()?
-                .connect()
-                .await
-                .ok()?;
-            let r = HealthClient::new(ch)
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-                .ok()?;
-            Some(r.get_ref().status == ServingStatus::Serving as i32)
-        };
-        matches!(
-            tokio::time::timeout(Duration::from_secs(1), check).await,
-            Ok(Some(true))
-        )
+        sd_proto::health::is_serving(&self.url(), Duration::from_secs(1)).await
     }
 
     /// Mark it SERVING (and say so).

@@ -10,13 +10,17 @@ use std::time::Duration;
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 use crate::child::{Child, Spec, GATEWAY};
 use crate::stage::{gateway_flag, Replicas, Stage};
 use crate::supervise::{Policy, Supervisor};
 use crate::token::{stack_token, StackToken};
+
+mod models;
+mod specs;
+
+use models::*;
+use specs::*;
 
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
@@ -148,282 +152,6 @@ impl Interrupts {
     }
 }
 
-/// The flags every model service of `model` gets.
-fn service_args(args: &UpArgs, model: &Path) -> Vec<String> {
-    let model = model.to_string_lossy().into_owned();
-    let drain = args.drain_secs.to_string();
-    [
-        "--model",
-        &model,
-        "--device",
-        &args.device,
-        "--precision",
-        &args.precision,
-        "--drain-secs",
-        &drain,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain(
-        config_for(args, Path::new(&model))
-            .into_iter()
-            .flat_map(|c| ["--config".to_string(), c.to_string_lossy().into_owned()]),
-    )
-    .collect()
-}
-
-/// Whether `model` is a single-file checkpoint rather than a model directory.
-fn is_single_file(model: &Path) -> bool {
-    !model.is_dir()
-}
-
-/// The `--config` of `model`: none for a model directory (it has its own
-/// configs); for a single file, the one `--config`, or the one given in
-/// its place among the single-file models.
-fn config_for<'a>(args: &'a UpArgs, model: &Path) -> Option<&'a PathBuf> {
-    if !is_single_file(model) {
-        return None;
-    }
-    match args.config.as_slice() {
-        [] => None,
-        [one] => Some(one),
-        each => {
-            let at = args
-                .model
-                .iter()
-                .filter(|m| is_single_file(m))
-                .position(|m| m == model)?;
-            each.get(at)
-        }
-    }
-}
-
-/// A model directory (or `--config` directory) whose pipeline class
-/// sdserve does not serve is refused here, before any service starts:
-/// every service would refuse it too, each after its start-up.
-fn check_family(dir: &Path) -> anyhow::Result<()> {
-    let index = dir.join("model_index.json");
-    if is_single_file(dir) || !index.is_file() {
-        return Ok(());
-    }
-    let text =
-        std::fs::read_to_string(&index).map_err(|e| anyhow::anyhow!("{}: {e}", index.display()))?;
-    sd_proto::Family::of_model_index(&text)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-    Ok(())
-}
-
-/// `--config` given once, or once per single-file `--model`, and only
-/// with one.
-fn check_configs(args: &UpArgs) -> anyhow::Result<()> {
-    let singles = args.model.iter().filter(|m| is_single_file(m)).count();
-    match args.config.len() {
-        0 => Ok(()),
-        _ if singles == 0 => anyhow::bail!(
-            "--config describes a single-file checkpoint, and no --model is one (a model \
-             directory has its own configs)"
-        ),
-        1 => Ok(()),
-        n if n == singles => Ok(()),
-        n => anyhow::bail!(
-            "--config given {n} times for {singles} single-file --model(s): give it once for \
-             all of them, or once for each, in order"
-        ),
-    }
-}
-
-/// The flags one stage's services get: every service's, and the
-/// autoencoder's `--vae`.
-#[cfg(test)]
-fn stage_args(args: &UpArgs, stage: Stage) -> Vec<String> {
-    let first = args.model.first().cloned().unwrap_or_default();
-    stage_args_for(args, stage, &first)
-}
-
-/// The same, for the services of `model`.
-fn stage_args_for(args: &UpArgs, stage: Stage, model: &Path) -> Vec<String> {
-    let mut v = service_args(args, model);
-    if let (Stage::Autoencoder, Some(vae)) = (stage, &args.vae) {
-        v.extend(["--vae".to_string(), vae.to_string_lossy().into_owned()]);
-    }
-    if let (Stage::TextEncoder | Stage::Denoiser, Some(dir)) = (stage, &args.lora_dir) {
-        v.extend(["--lora-dir".to_string(), dir.to_string_lossy().into_owned()]);
-    }
-    v
-}
-
-/// Where sdserve's default model is looked for, in order: beside a
-/// checkout's `target/{debug,release}/` binaries, an installed
-/// `share/sdserve/`, the working directory.
-fn default_model_candidates(bin: &Path) -> Vec<PathBuf> {
-    vec![
-        bin.join("../../models/emoji"),
-        bin.join("../share/sdserve/models/emoji"),
-        PathBuf::from("models/emoji"),
-    ]
-}
-
-/// The model to serve: `--model`, or the default model.
-fn model_dir(args: &UpArgs) -> anyhow::Result<PathBuf> {
-    if let Some(m) = args.model.first() {
-        return Ok(m.clone());
-    }
-    let bin = bin_dir(args)?;
-    let candidates = default_model_candidates(&bin);
-    let found = candidates
-        .iter()
-        .find(|c| c.join("model_index.json").is_file())
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "no --model given and sdserve's default model is not at {}: pass --model DIR \
-                 (a diffusers-layout Stable Diffusion model)",
-                candidates
-                    .iter()
-                    .map(|c| c.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })?;
-    let found = found.canonicalize().unwrap_or_else(|_| found.clone());
-    eprintln!(
-        "sdctl: no --model given: serving sdserve's default model {} (32×32 emoji, trained \
-         by the project; --model DIR for a real Stable Diffusion model)",
-        found.display()
-    );
-    Ok(found)
-}
-
-/// Every replica of every stage, in stage order, each on a free port.
-fn service_specs(
-    args: &UpArgs,
-    dir: &Path,
-    replicas: Replicas,
-    token: &'static StackToken,
-) -> anyhow::Result<Vec<Spec>> {
-    let preload = crate::alloc::preload(args.allocator, std::env::var_os("LD_PRELOAD"))?;
-    match &preload {
-        Some(p) => eprintln!(
-            "model services' allocator: LD_PRELOAD={}",
-            p.to_string_lossy()
-        ),
-        None => eprintln!("model services' allocator: glibc malloc"),
-    }
-    let env: Vec<_> = preload
-        .into_iter()
-        .map(|p| (std::ffi::OsString::from("LD_PRELOAD"), p))
-        .collect();
-    let mut specs = Vec::new();
-    for (m, model) in args.model.iter().enumerate() {
-        for stage in Stage::ALL {
-            for replica in 0..replicas.of(stage) {
-                specs.push(Spec {
-                    name: service_name(stage, m, model),
-                    replica,
-                    bin: dir.join(stage.binary()),
-                    args: stage_args_for(args, stage, model),
-                    listen: "127.0.0.1:0".to_string(),
-                    http_listen: None,
-                    drain: Duration::from_secs(args.drain_secs),
-                    token,
-                    env: env.clone(),
-                });
-            }
-        }
-    }
-    Ok(specs)
-}
-
-/// A model's name, as the gateway serves it: a folder's name, a single
-/// file's stem.
-fn model_name(model: &Path) -> String {
-    let name = if model.is_file() {
-        model.file_stem()
-    } else {
-        model.file_name()
-    };
-    name.map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into())
-}
-
-/// The process name of `stage` for the `m`-th model: the stage's own for
-/// the first (default) model, `stage@name` for the others.
-fn service_name(stage: Stage, m: usize, model: &Path) -> &'static str {
-    if m == 0 {
-        stage.name()
-    } else {
-        // A few per run, for as long as sdctl runs.
-        Box::leak(format!("{}@{}", stage.name(), model_name(model)).into_boxed_str())
-    }
-}
-
-/// The gateway in front of `services`: each stage's URLs, sdctl's drain
-/// time unless the extra flags set their own, then the extra flags.
-fn gateway_spec(
-    args: &UpArgs,
-    dir: &Path,
-    services: &[Child],
-    token: &'static StackToken,
-) -> anyhow::Result<Spec> {
-    let mut v = Vec::new();
-    let urls = |name: &str, sep: &str| -> String {
-        services
-            .iter()
-            .filter(|c| c.spec.name == name)
-            .map(Child::url)
-            .collect::<Vec<_>>()
-            .join(sep)
-    };
-    for stage in Stage::ALL {
-        v.push(gateway_flag(stage));
-        v.push(urls(stage.name(), ","));
-    }
-    // The other models: a route each, to their own services.
-    for (m, model) in args.model.iter().enumerate().skip(1) {
-        let stages: Vec<String> = Stage::ALL
-            .iter()
-            .map(|&s| urls(service_name(s, m, model), "|"))
-            .collect();
-        v.push("--model-route".into());
-        v.push(format!("{}={}", model_name(model), stages.join(",")));
-    }
-    let drain = match drain_flag(&args.gateway_args)? {
-        Some(secs) => secs,
-        None => {
-            v.extend(["--drain-secs".to_string(), args.drain_secs.to_string()]);
-            args.drain_secs
-        }
-    };
-    v.extend(args.gateway_args.iter().cloned());
-    Ok(Spec {
-        name: GATEWAY,
-        replica: 0,
-        bin: dir.join("sd-gateway"),
-        args: v,
-        listen: format!("{}:{}", args.host, args.port),
-        http_listen: (!args.no_http).then(|| format!("{}:{}", args.host, args.http_port)),
-        drain: Duration::from_secs(drain),
-        token,
-        env: Vec::new(),
-    })
-}
-
-/// The `--drain-secs` among the gateway's extra flags, if any.
-fn drain_flag(extra: &[String]) -> anyhow::Result<Option<u64>> {
-    let mut found = None;
-    for (i, a) in extra.iter().enumerate() {
-        let value = match a.strip_prefix("--drain-secs") {
-            Some(rest) if rest.starts_with('=') => Some(&rest[1..]),
-            Some("") => extra.get(i + 1).map(String::as_str),
-            _ => continue,
-        };
-        let secs = value
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("--gateway-arg --drain-secs: expected seconds"))?;
-        found = Some(secs);
-    }
-    Ok(found)
-}
-
 /// The model services, each SERVING, then the gateway in front of them,
 /// SERVING too. Every process started stays in `sup`, also on error.
 async fn start_stack(
@@ -490,35 +218,12 @@ pub async fn run(mut args: UpArgs) -> anyhow::Result<()> {
 
 /// `sdctl probe`: SERVING → Ok, anything else → an error (exit 1).
 pub async fn probe(addr: &str, service: &str, timeout: u64) -> anyhow::Result<()> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let check = async {
-        let ch = tonic::transport::Endpoint::from_shared(url.clone())?
-            .connect()
-            .await?;
-        let r = HealthClient::new(ch)
-            .check(HealthCheckRequest {
-                service: service.to_string(),
-            })
-            .await?;
-        anyhow::Ok(r.into_inner().status)
-    };
-    let status = tokio::time::timeout(Duration::from_secs(timeout), check)
-        .await
-        .map_err(|_| anyhow::anyhow!("{url}: no answer in {timeout}s"))??;
-    if status == ServingStatus::Serving as i32 {
+    let status = sd_proto::health::status(addr, service, Duration::from_secs(timeout)).await?;
+    if status == ServingStatus::Serving {
         println!("SERVING");
         Ok(())
     } else {
-        anyhow::bail!(
-            "{url}: {}",
-            ServingStatus::try_from(status)
-                .map(|s| s.as_str_name())
-                .unwrap_or("UNKNOWN")
-        )
+        anyhow::bail!("{addr}: {}", status.as_str_name())
     }
 }
 
