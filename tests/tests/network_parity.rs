@@ -64,6 +64,51 @@ fn unet_matches_diffusers_for_per_item_timesteps() {
 }
 
 #[test]
+fn controlnet_residuals_are_added_as_diffusers_adds_them() {
+    for model in MODELS {
+        let r = reference(model);
+        let unet = dir(model).load_unet(Placement::cpu()).unwrap();
+        let down: Vec<Tensor> = (0..)
+            .map_while(|i| r.get(&format!("unet.control.down.{i}")))
+            .map(Tensor::shallow_clone)
+            .collect();
+        assert!(!down.is_empty(), "{model}: no residuals in the reference");
+        let control = sd_models::Residuals {
+            down,
+            mid: r["unet.control.mid"].shallow_clone(),
+        };
+        let with = |c: Option<&sd_models::Residuals>| {
+            unet.forward_with(
+                &r["unet.latents"],
+                &r["unet.timesteps"],
+                &r["unet.context"],
+                Added {
+                    control: c,
+                    ..Default::default()
+                },
+            )
+        };
+        let got = with(Some(&control)).unwrap();
+        assert_close(&format!("{model} unet + control"), &got, &r["unet.control.out"]);
+        // The residuals change the output (the reference asserts it too).
+        assert!(common::max_abs_diff(&got, &r["unet.out"]) > 1e-2);
+        // One residual short, or one of the wrong shape: refused, not a panic.
+        let short = sd_models::Residuals {
+            down: control.down[1..].iter().map(Tensor::shallow_clone).collect(),
+            mid: control.mid.shallow_clone(),
+        };
+        let e = with(Some(&short)).unwrap_err().to_string();
+        assert!(e.contains("down residuals"), "{e}");
+        let wrong = sd_models::Residuals {
+            down: control.down.iter().map(Tensor::shallow_clone).collect(),
+            mid: control.mid.narrow(3, 0, 1),
+        };
+        let e = with(Some(&wrong)).unwrap_err().to_string();
+        assert!(e.contains("mid block"), "{e}");
+    }
+}
+
+#[test]
 fn vae_encode_and_decode_match_diffusers() {
     for model in MODELS {
         let r = reference(model);
