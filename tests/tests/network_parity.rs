@@ -89,12 +89,19 @@ fn controlnet_residuals_are_added_as_diffusers_adds_them() {
             )
         };
         let got = with(Some(&control)).unwrap();
-        assert_close(&format!("{model} unet + control"), &got, &r["unet.control.out"]);
+        assert_close(
+            &format!("{model} unet + control"),
+            &got,
+            &r["unet.control.out"],
+        );
         // The residuals change the output (the reference asserts it too).
         assert!(common::max_abs_diff(&got, &r["unet.out"]) > 1e-2);
         // One residual short, or one of the wrong shape: refused, not a panic.
         let short = sd_models::Residuals {
-            down: control.down[1..].iter().map(Tensor::shallow_clone).collect(),
+            down: control.down[1..]
+                .iter()
+                .map(Tensor::shallow_clone)
+                .collect(),
             mid: control.mid.shallow_clone(),
         };
         let e = with(Some(&short)).unwrap_err().to_string();

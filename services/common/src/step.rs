@@ -552,3 +552,159 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod session_tests {
+    #![allow(clippy::unwrap_used)]
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::to_wire;
+
+    const XL: Bounds = Bounds {
+        latent_channels: 4,
+        image_channels: 0,
+        guidance_embedded: false,
+        context_dim: 8,
+        max_batch: 2,
+        max_latent_side: 16,
+        max_timestep: 1000.0,
+        xl: Some((3, 6)),
+    };
+
+    /// A stream's store: embeddings as sent, session tensors kept by id.
+    #[derive(Default)]
+    struct Stream {
+        kept: HashMap<String, Tensor>,
+    }
+
+    impl Resolver for Stream {
+        fn embedding(
+            &mut self,
+            e: &Embedding,
+            field: &str,
+            batch: i64,
+        ) -> Result<Cond, ServiceError> {
+            XL.sent(e, field, batch)
+        }
+
+        fn tensor(&mut self, t: &SessionTensor, field: &str) -> Result<Tensor, ServiceError> {
+            if t.tensor.is_some() {
+                return from_wire(t.tensor.as_ref(), field);
+            }
+            self.kept
+                .get(&t.id)
+                .map(Tensor::shallow_clone)
+                .ok_or_else(|| ServiceError::EmbeddingMiss {
+                    field: field.to_string(),
+                    id: t.id.clone(),
+                })
+        }
+
+        fn keep(&mut self, id: &str, t: &Tensor, _: &str) -> Result<(), ServiceError> {
+            self.kept.insert(id.to_string(), t.shallow_clone());
+            Ok(())
+        }
+    }
+
+    fn wire(t: &Tensor) -> WireTensor {
+        to_wire(t, Dtype::Float32).unwrap()
+    }
+
+    fn ids(v: f32) -> Tensor {
+        Tensor::from_slice(&[v; 6]).view([1, 6])
+    }
+
+    fn session(name: &str, t: Option<&Tensor>) -> SessionTensor {
+        SessionTensor {
+            name: name.into(),
+            id: name.into(),
+            tensor: t.map(wire),
+        }
+    }
+
+    fn request(session_tensors: Vec<SessionTensor>) -> PredictRequest {
+        let f = (tch::Kind::Float, tch::Device::Cpu);
+        let embedding = |id: &str| Embedding {
+            id: id.into(),
+            tensor: Some(wire(&Tensor::zeros([1, 77, 8], f))),
+            pooled: Some(wire(&Tensor::zeros([1, 3], f))),
+        };
+        PredictRequest {
+            latents: Some(wire(&Tensor::zeros([1, 4, 8, 8], f))),
+            timesteps: vec![500.0],
+            cond: Some(embedding("c")),
+            uncond: Some(embedding("u")),
+            guidance_scale: 5.0,
+            session_tensors,
+            ..Default::default()
+        }
+    }
+
+    fn refused(r: Result<Step, ServiceError>) -> ServiceError {
+        match r {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e,
+        }
+    }
+
+    fn field(e: ServiceError) -> String {
+        match e {
+            ServiceError::InvalidField { field, .. }
+            | ServiceError::EmbeddingMiss { field, .. } => field,
+            e => panic!("not a field error: {e}"),
+        }
+    }
+
+    #[test]
+    fn session_tensors_are_sent_once_then_named_by_id() {
+        let mut stream = Stream::default();
+        let first = request(vec![
+            session("time_ids", Some(&ids(64.0))),
+            session("negative_time_ids", Some(&ids(32.0))),
+        ]);
+        let step = Step::decode(&first, &XL, &mut stream).unwrap();
+        let half = |h: &Half| h.time_ids.as_ref().unwrap().double_value(&[0, 0]);
+        assert_eq!(half(&step.call.cond), 64.0);
+        assert_eq!(half(step.call.uncond.as_ref().unwrap()), 32.0);
+        assert_eq!(stream.kept.len(), 2, "kept once checked");
+        // Later steps name them by id alone.
+        let later = request(vec![
+            session("time_ids", None),
+            session("negative_time_ids", None),
+        ]);
+        let step = Step::decode(&later, &XL, &mut stream).unwrap();
+        assert_eq!(half(step.call.uncond.as_ref().unwrap()), 32.0);
+        // A stream that lost them: a miss naming the tensor, so the caller resends.
+        let e = refused(Step::decode(&later, &XL, &mut Stream::default()));
+        assert!(matches!(e, ServiceError::EmbeddingMiss { .. }), "{e:?}");
+        assert_eq!(field(e), "session_tensors.time_ids");
+    }
+
+    #[test]
+    fn bad_session_tensors_are_refused_naming_them() {
+        let mut stream = Stream::default();
+        let unknown = request(vec![session("mask", Some(&ids(1.0)))]);
+        let e = refused(Step::decode(&unknown, &XL, &mut stream));
+        assert_eq!(field(e), "session_tensors[0].name");
+        let twice = request(vec![
+            session("time_ids", Some(&ids(1.0))),
+            session("time_ids", Some(&ids(1.0))),
+        ]);
+        let e = refused(Step::decode(&twice, &XL, &mut stream));
+        assert_eq!(field(e), "session_tensors[1].name");
+        // Out of range or misshaped: refused, and not kept.
+        let huge = request(vec![session("time_ids", Some(&ids(1e9)))]);
+        let e = refused(Step::decode(&huge, &XL, &mut stream));
+        assert_eq!(field(e), "session_tensors.time_ids");
+        let narrow = request(vec![session(
+            "time_ids",
+            Some(&Tensor::from_slice(&[1.0f32; 5]).view([1, 5])),
+        )]);
+        assert!(Step::decode(&narrow, &XL, &mut stream).is_err());
+        assert!(stream.kept.is_empty());
+        // None at all for an SDXL model: the size conditioning is missing.
+        let e = refused(Step::decode(&request(vec![]), &XL, &mut stream));
+        assert_eq!(field(e), "time_ids");
+    }
+}
