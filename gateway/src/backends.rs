@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use sd_proto::v1::autoencoder_client::AutoencoderClient;
 use sd_proto::v1::denoiser_client::DenoiserClient;
-use sd_proto::v1::denoiser_info::FamilyParams;
 use sd_proto::v1::text_encoder_client::TextEncoderClient;
 use sd_proto::v1::{
     AutoencoderInfo, AutoencoderInfoRequest, DenoiserInfo, DenoiserInfoRequest, ForwardCost,
@@ -251,10 +250,7 @@ impl Published<'_> {
         let params = d
             .family_params
             .ok_or_else(|| anyhow::anyhow!("denoiser: no family parameters published"))?;
-        let params_family = match &params {
-            FamilyParams::Sd(_) => Family::Sd,
-            FamilyParams::Sdxl(_) => Family::Sdxl,
-        };
+        let params_family = Family::of_params(&params);
         anyhow::ensure!(
             params_family == family,
             "denoiser: {params_family} parameters for an {family} model"

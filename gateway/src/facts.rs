@@ -5,7 +5,6 @@ use std::sync::{Arc, RwLock};
 
 use sd_proto::v1::denoiser_info::FamilyParams;
 use sd_proto::v1::{ForwardCost, SdParams, SdxlParams};
-use sd_proto::Family;
 use sd_sampling::{Prediction, SchedulerConfig, SchedulerKind};
 
 /// The denoiser's published UNet cost, shared by every request and
@@ -117,13 +116,6 @@ pub struct Profile {
 }
 
 impl Profile {
-    pub fn family(&self) -> Family {
-        match self.params {
-            FamilyParams::Sd(_) => Family::Sd,
-            FamilyParams::Sdxl(_) => Family::Sdxl,
-        }
-    }
-
     /// SDXL's parameters (None for a family without them).
     pub fn sdxl(&self) -> Option<&SdxlParams> {
         match &self.params {

@@ -45,20 +45,6 @@ pub struct Conditioning<'a> {
     pub control: Option<&'a Residuals>,
 }
 
-impl<'a> Conditioning<'a> {
-    /// Text embeddings alone.
-    pub fn text(context: &'a Tensor) -> Self {
-        Conditioning {
-            context,
-            pooled: None,
-            time_ids: None,
-            guidance: None,
-            image: None,
-            control: None,
-        }
-    }
-}
-
 /// How the network's latents are laid out, as the denoiser publishes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {

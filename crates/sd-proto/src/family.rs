@@ -86,11 +86,12 @@ impl Family {
         }
     }
 
-    /// Whether the pipeline has a second text encoder slot.
-    pub const fn text_encoders(self) -> usize {
-        match self {
-            Family::Sd => 1,
-            Family::Sdxl => 2,
+    /// The family a set of published family parameters belongs to.
+    pub fn of_params(params: &v1::denoiser_info::FamilyParams) -> Family {
+        use v1::denoiser_info::FamilyParams;
+        match params {
+            FamilyParams::Sd(_) => Family::Sd,
+            FamilyParams::Sdxl(_) => Family::Sdxl,
         }
     }
 }

@@ -4,6 +4,8 @@
 //! documented pixel side), finite values, timesteps in the model's range,
 //! short ids, and each family's conditioning.
 
+use sd_models::{Denoiser, Layout};
+use sd_proto::v1::denoiser_info::FamilyParams;
 use sd_proto::v1::{Dtype, Embedding, PredictRequest, SessionTensor, Tensor as WireTensor};
 use tch::Tensor;
 
@@ -55,19 +57,21 @@ pub trait Resolver {
 /// The session tensors a step may carry, by name.
 pub const SESSION_TENSORS: [&str; 2] = ["time_ids", "negative_time_ids"];
 
-/// A session tensor resolved: its value, and whether it was sent (to be
-/// kept once checked).
+/// A session tensor resolved: its value, the field naming it, and the id to
+/// keep it under once checked (when it was sent).
 struct Resolved {
+    name: String,
+    field: String,
     tensor: Tensor,
-    sent: Option<(String, String)>,
+    keep: Option<String>,
 }
 
 /// The session tensors of `req`, by name: each named once, each name known.
 fn session_tensors(
     req: &PredictRequest,
     resolver: &mut dyn Resolver,
-) -> Result<Vec<(String, Resolved)>, ServiceError> {
-    let mut out: Vec<(String, Resolved)> = Vec::new();
+) -> Result<Vec<Resolved>, ServiceError> {
+    let mut out: Vec<Resolved> = Vec::new();
     for (i, t) in req.session_tensors.iter().enumerate() {
         let field = format!("session_tensors[{i}]");
         if !SESSION_TENSORS.contains(&t.name.as_str()) {
@@ -80,7 +84,7 @@ fn session_tensors(
                 ),
             ));
         }
-        if out.iter().any(|(n, _)| *n == t.name) {
+        if out.iter().any(|r| r.name == t.name) {
             return Err(ServiceError::invalid(
                 format!("{field}.name"),
                 format_args!("{} given twice", t.name),
@@ -92,10 +96,14 @@ fn session_tensors(
                 format_args!("{} bytes, at most {MAX_EMBEDDING_ID_BYTES}", t.id.len()),
             ));
         }
-        let named = format!("session_tensors.{}", t.name);
-        let tensor = resolver.tensor(t, &named)?;
-        let sent = (t.tensor.is_some() && !t.id.is_empty()).then(|| (t.id.clone(), named));
-        out.push((t.name.clone(), Resolved { tensor, sent }));
+        let field = format!("session_tensors.{}", t.name);
+        let tensor = resolver.tensor(t, &field)?;
+        out.push(Resolved {
+            name: t.name.clone(),
+            keep: (t.tensor.is_some() && !t.id.is_empty()).then(|| t.id.clone()),
+            field,
+            tensor,
+        });
     }
     Ok(out)
 }
@@ -108,7 +116,8 @@ pub struct Step {
 }
 
 impl Step {
-    /// Check `req` against `bounds`, its embeddings from `embeddings`.
+    /// Check `req` against `bounds`, its embeddings and session tensors
+    /// from `resolver`.
     pub fn decode(
         req: &PredictRequest,
         bounds: &Bounds,
@@ -208,37 +217,27 @@ fn time_ids(
     resolver: &mut dyn Resolver,
 ) -> Result<(Option<Tensor>, Option<Tensor>), ServiceError> {
     let mut session = session_tensors(req, resolver)?;
-    // Each per-step field, or its session tensor.
-    let mut take = |name: &str, legacy: Option<&WireTensor>| -> Result<_, ServiceError> {
-        if let Some(w) = legacy {
-            return Ok(Some((from_wire(Some(w), name)?, name.to_string(), None)));
-        }
-        Ok(session
-            .iter()
-            .position(|(n, _)| n == name)
-            .map(|i| session.swap_remove(i).1)
-            .map(|r| {
-                let field = r
-                    .sent
-                    .as_ref()
-                    .map_or_else(|| format!("session_tensors.{name}"), |(_, f)| f.clone());
-                (r.tensor, field, r.sent.map(|(id, _)| id))
-            }))
-    };
-    let time_ids = take("time_ids", req.time_ids.as_ref())?;
-    let negative_time_ids = take("negative_time_ids", req.negative_time_ids.as_ref())?;
-    let mut checked = |t: Option<(Tensor, String, Option<String>)>| -> Result<_, ServiceError> {
-        let Some((t, field, keep)) = t else {
-            return Ok(None);
+    // Each per-step field, or its session tensor; checked, then a sent
+    // session tensor kept.
+    let mut one = |name: &str, legacy: Option<&WireTensor>| -> Result<_, ServiceError> {
+        let (t, field, keep) = match legacy {
+            Some(w) => (from_wire(Some(w), name)?, name.to_string(), None),
+            None => match session.iter().position(|r| r.name == name) {
+                None => return Ok(None),
+                Some(i) => {
+                    let r = session.swap_remove(i);
+                    (r.tensor, r.field, r.keep)
+                }
+            },
         };
-        let t = bounds.time_ids(Some(t), batch, &field)?;
-        if let (Some(id), Some(t)) = (keep, &t) {
-            resolver.keep(&id, t, &field)?;
+        let t = bounds.time_ids(t, batch, &field)?;
+        if let Some(id) = keep {
+            resolver.keep(&id, &t, &field)?;
         }
-        Ok(t)
+        Ok(Some(t))
     };
-    let time_ids = checked(time_ids)?;
-    let negative_time_ids = checked(negative_time_ids)?;
+    let time_ids = one("time_ids", req.time_ids.as_ref())?;
+    let negative_time_ids = one("negative_time_ids", req.negative_time_ids.as_ref())?;
     if bounds.xl.is_some() && time_ids.is_none() {
         return Err(ServiceError::invalid(
             "time_ids",
@@ -270,6 +269,32 @@ pub struct Bounds {
 }
 
 impl Bounds {
+    /// What the network `net`, laid out as `layout`, of a family with
+    /// `params`, takes: at most `max_batch` latents a call, image sides of
+    /// at most `max_side` pixels, timesteps up to `max_timestep`.
+    pub fn of(
+        net: &Denoiser,
+        layout: &Layout,
+        params: &FamilyParams,
+        max_batch: i64,
+        max_side: i64,
+        max_timestep: f32,
+    ) -> Self {
+        Bounds {
+            latent_channels: layout.latent_channels,
+            image_channels: layout.in_channels - layout.latent_channels,
+            guidance_embedded: net.guidance_dim().is_some(),
+            context_dim: net.context_dim(),
+            max_batch,
+            max_latent_side: max_side / layout.vae_scale_factor.max(1),
+            max_timestep,
+            xl: match params {
+                FamilyParams::Sd(_) => None,
+                FamilyParams::Sdxl(p) => Some((i64::from(p.pooled_dim), i64::from(p.time_ids_len))),
+            },
+        }
+    }
+
     /// The latents, (1..=max_batch, channels, 1..=side, 1..=side), finite.
     pub fn latents(&self, t: Option<&WireTensor>) -> Result<Tensor, ServiceError> {
         let latents = from_wire(t, "latents")?;
@@ -395,22 +420,13 @@ impl Bounds {
 
     /// SDXL: the time ids of each latent, (batch, time ids per latent),
     /// finite and within 0..=65536 (sizes and crops in pixels, scores).
-    pub fn time_ids(
-        &self,
-        t: Option<Tensor>,
-        batch: i64,
-        field: &str,
-    ) -> Result<Option<Tensor>, ServiceError> {
+    pub fn time_ids(&self, t: Tensor, batch: i64, field: &str) -> Result<Tensor, ServiceError> {
         let Some((_, n)) = self.xl else {
-            return match t {
-                None => Ok(None),
-                Some(_) => Err(ServiceError::invalid(
-                    field,
-                    "this model takes none (not an SDXL-family model)",
-                )),
-            };
+            return Err(ServiceError::invalid(
+                field,
+                "this model takes none (not an SDXL-family model)",
+            ));
         };
-        let Some(t) = t else { return Ok(None) };
         let s = t.size();
         if s != [batch, n] {
             return Err(ServiceError::invalid(
@@ -426,7 +442,7 @@ impl Bounds {
                 format_args!("values {lo}..={hi}, expected 0..=65536"),
             ));
         }
-        Ok(Some(t.to_kind(tch::Kind::Float)))
+        Ok(t.to_kind(tch::Kind::Float))
     }
 }
 
@@ -472,7 +488,7 @@ mod tests {
     use super::*;
     use crate::to_wire;
 
-    const B: Bounds = Bounds {
+    pub(super) const B: Bounds = Bounds {
         latent_channels: 4,
         image_channels: 0,
         guidance_embedded: false,
@@ -562,14 +578,8 @@ mod session_tests {
     use crate::to_wire;
 
     const XL: Bounds = Bounds {
-        latent_channels: 4,
-        image_channels: 0,
-        guidance_embedded: false,
-        context_dim: 8,
-        max_batch: 2,
-        max_latent_side: 16,
-        max_timestep: 1000.0,
         xl: Some((3, 6)),
+        ..super::tests::B
     };
 
     /// A stream's store: embeddings as sent, session tensors kept by id.

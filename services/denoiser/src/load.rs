@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 
 use sd_models::config::VaeConfig;
 use sd_models::{Component, Denoiser, Layout};
-use sd_proto::v1::denoiser_info::FamilyParams;
 use sd_proto::v1::denoiser_server::DenoiserServer;
 use sd_proto::v1::{DenoiserInfo, LatentLayout};
 use sd_runtime::lifecycle::Lifecycle;
@@ -78,19 +77,14 @@ pub fn load(
     )?);
     // Warm up (measuring the cost, unless told not to) before SERVING.
     let cost = warm_up(&net, &layout, &args)?;
-    let bounds = Bounds {
-        latent_channels: layout.latent_channels,
-        image_channels: layout.in_channels - layout.latent_channels,
-        guidance_embedded: net.guidance_dim().is_some(),
-        context_dim: net.context_dim(),
-        max_batch: args.max_batch,
-        max_latent_side: args.max_side / layout.vae_scale_factor.max(1),
-        max_timestep: scheduler.num_train_timesteps() as f32,
-        xl: match &profile.params {
-            FamilyParams::Sd(_) => None,
-            FamilyParams::Sdxl(p) => Some((i64::from(p.pooled_dim), i64::from(p.time_ids_len))),
-        },
-    };
+    let bounds = Bounds::of(
+        &net,
+        &layout,
+        &profile.params,
+        args.max_batch,
+        args.max_side,
+        scheduler.num_train_timesteps() as f32,
+    );
     let info = DenoiserInfo {
         model_id: sd_service::model_id(&dir, sd_service::family::components(profile.family)),
         model_name: dir.name(),

@@ -12,7 +12,6 @@ use sd_gateway::facts::{Layout, ModelFacts, Normalization, Profile as GatewayPro
 use sd_gateway::stages::{Stages, StepSession};
 use sd_models::config::VaeConfig;
 use sd_models::{Component, Denoiser, ModelDir, Placement, Vae};
-use sd_proto::v1::denoiser_info::FamilyParams;
 use sd_proto::v1::{
     DecodeRequest, DecodeResponse, Dtype, Embedding, EncodeImageRequest, EncodeImageResponse,
     EncodeTextRequest, EncodeTextResponse, EncodedPrompt, PredictRequest, PredictResponse,
@@ -47,23 +46,18 @@ impl InProcess {
         let profile = Profile::of(dir, &net)?;
         let scheduler_config =
             SchedulerConfig::from_json(&std::fs::read_to_string(dir.scheduler_config_path())?)?;
-        let xl = match &profile.params {
-            FamilyParams::Sd(_) => None,
-            FamilyParams::Sdxl(x) => Some((i64::from(x.pooled_dim), i64::from(x.time_ids_len))),
-        };
         let me = InProcess {
             text: TextEncoders::load(dir, p, None)?,
             vae: dir.load_vae(vae_placement(p, dir.family(), vae_config.force_upcast))?,
-            bounds: Bounds {
-                latent_channels: layout.latent_channels,
-                image_channels: layout.in_channels - layout.latent_channels,
-                guidance_embedded: net.guidance_dim().is_some(),
-                context_dim: net.context_dim(),
-                max_batch: 64,
-                max_latent_side: 4096,
-                max_timestep: scheduler_config.num_train_timesteps() as f32,
-                xl,
-            },
+            // The benchmark's own requests: bounds wide enough for any.
+            bounds: Bounds::of(
+                &net,
+                &layout,
+                &profile.params,
+                64,
+                4096 * layout.vae_scale_factor,
+                scheduler_config.num_train_timesteps() as f32,
+            ),
             net,
             embeddings: Mutex::new(HashMap::new()),
             tensors: Mutex::new(HashMap::new()),

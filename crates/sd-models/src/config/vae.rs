@@ -38,55 +38,33 @@ pub struct VaeConfig {
     /// (diffusers' default: true; the fp16-fix VAE says false).
     #[serde(default = "d_true")]
     pub force_upcast: bool,
+    /// Every key not above: diffusers' `_`-prefixed metadata, options left
+    /// null, and options this VAE does not honour ([`VaeConfig::read`]
+    /// refuses those by name).
+    #[serde(flatten)]
+    unread: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 fn d_one_i() -> i64 {
     1
 }
 
-/// The keys of `vae/config.json` this VAE honours (or, for metadata and
-/// the pipeline's own hints, has no use for); any other key with a value is
-/// refused by name rather than silently ignored.
-const VAE_KEYS: [&str; 19] = [
-    "_class_name",
-    "_diffusers_version",
-    "_name_or_path",
-    "in_channels",
-    "out_channels",
-    "block_out_channels",
-    "layers_per_block",
-    "latent_channels",
-    "norm_num_groups",
-    "scaling_factor",
-    "shift_factor",
-    "use_quant_conv",
-    "use_post_quant_conv",
-    "mid_block_add_attention",
-    "sample_size",
-    "down_block_types",
-    "up_block_types",
-    "act_fn",
-    "force_upcast",
-];
-
 impl VaeConfig {
     /// `path` read and checked: every key with a value is one this VAE
     /// honours (`latents_mean`, say, is refused by name).
     pub fn read(path: &Path) -> Result<Self> {
-        let raw: serde_json::Value = read_json(path)?;
-        if let Some(map) = raw.as_object() {
-            if let Some((key, _)) = map
-                .iter()
-                .find(|(k, v)| !v.is_null() && !VAE_KEYS.contains(&k.as_str()))
-            {
-                return Err(unsupported(
-                    path,
-                    format!("`{key}` is not supported by this VAE (it would be ignored)"),
-                ));
-            }
+        let c: VaeConfig = read_json(path)?;
+        if let Some(key) = c
+            .unread
+            .iter()
+            .find(|(k, v)| !v.is_null() && !k.starts_with('_'))
+            .map(|(k, _)| k)
+        {
+            return Err(unsupported(
+                path,
+                format!("`{key}` is not supported by this VAE (it would be ignored)"),
+            ));
         }
-        let c: VaeConfig =
-            serde_json::from_value(raw).map_err(|e| config_err(path, e.to_string()))?;
         c.validate(path)?;
         Ok(c)
     }
