@@ -4,7 +4,7 @@
 use std::sync::{Arc, RwLock};
 
 use sd_proto::v1::denoiser_info::FamilyParams;
-use sd_proto::v1::{ForwardCost, SdParams, SdxlParams};
+use sd_proto::v1::{FluxParams, ForwardCost, SdParams, SdxlParams};
 use sd_sampling::{Prediction, SchedulerConfig, SchedulerKind};
 
 /// The denoiser's published UNet cost, shared by every request and
@@ -119,9 +119,23 @@ impl Profile {
     /// SDXL's parameters (None for a family without them).
     pub fn sdxl(&self) -> Option<&SdxlParams> {
         match &self.params {
-            FamilyParams::Sd(_) => None,
+            FamilyParams::Sd(_) | FamilyParams::Flux(_) => None,
             FamilyParams::Sdxl(p) => Some(p),
         }
+    }
+
+    /// FLUX's parameters (None for a family without them).
+    pub fn flux(&self) -> Option<&FluxParams> {
+        match &self.params {
+            FamilyParams::Sd(_) | FamilyParams::Sdxl(_) => None,
+            FamilyParams::Flux(p) => Some(p),
+        }
+    }
+
+    /// Whether the model is a flow-matching one (its scheduler steps a
+    /// velocity): FLUX.
+    pub fn is_flow(&self) -> bool {
+        self.flux().is_some()
     }
 
     /// "sd", "sdxl" or "sdxl-refiner", with "+lcm" for an LCM UNet.
@@ -130,6 +144,8 @@ impl Profile {
             FamilyParams::Sd(_) => "sd",
             FamilyParams::Sdxl(p) if p.requires_aesthetics_score => "sdxl-refiner",
             FamilyParams::Sdxl(_) => "sdxl",
+            FamilyParams::Flux(p) if p.guidance_distilled => "flux-dev",
+            FamilyParams::Flux(_) => "flux-schnell",
         };
         if self.time_cond_dim > 0 {
             format!("{base}+lcm")

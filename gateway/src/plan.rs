@@ -15,7 +15,6 @@ use crate::error::{Error, Result};
 use crate::facts::ModelFacts;
 use crate::images;
 use crate::limits::Limits;
-use sd_sampling::img2img_start;
 
 /// diffusers' defaults where a request leaves a field unset.
 /// Steps when neither the request nor the model says.
@@ -57,8 +56,15 @@ pub struct Plan {
     pub predicted_step_seconds: Option<f64>,
     /// SDXL family: each latent's time ids (size and crop conditioning).
     pub time_ids: Option<crate::micro::TimeIds>,
-    /// An LCM UNet: the guidance goes in as an embedding; no negative branch.
+    /// An LCM UNet: the guidance goes in as an embedding; no negative
+    /// branch. FLUX.1-dev: the distilled guidance goes in as a value.
     pub guidance_embedded: bool,
+    /// FLUX family: the real classifier-free guidance scale (1: off).
+    pub true_cfg: f32,
+    /// FLUX family: T5 tokens per prompt (0 for other families).
+    pub max_sequence_length: u32,
+    /// The model is a flow-matching one (FLUX): guidance as FLUX reads it.
+    pub flow: bool,
     /// How the prompts are read (plain, or AUTOMATIC1111's syntax).
     pub prompt_syntax: PromptSyntax,
     /// LoRA adapters (the request's, and the prompt's A1111 tags).
@@ -116,7 +122,8 @@ impl Plan {
         let steps = steps(req.steps, facts.profile.default_steps, limits)?;
         let guidance = guidance(req.guidance_scale, facts.profile.default_guidance)?;
         let guidance_embedded = facts.profile.guidance_embedded;
-        let sampler = Sampler::new(&req, facts, steps)?;
+        let (true_cfg, max_sequence_length) = flux_fields(&req, facts)?;
+        let flow = facts.profile.is_flow();
         let num_images = num_images(req.num_images, limits)?;
         check_clip_skip(req.clip_skip, facts)?;
         let format = ImageFormat::try_from(req.format)
@@ -127,12 +134,21 @@ impl Plan {
                 format!("unknown value {}", req.preview_mode),
             )
         })?;
-        let source = Source::new(&req, facts, limits, steps)?;
+        let source = Source::new(&req, facts, limits)?;
+        let sampler = Sampler::new(&req, facts, steps, image_seq_len(facts, &source))?;
+        if source.init.is_some() {
+            check_strength_steps(source.strength, steps, sampler.schedule.as_ref())?;
+        }
+        let guided = if flow {
+            true_cfg > 1.0 && !req.negative_prompt.is_empty()
+        } else {
+            guidance > 1.0 && !guidance_embedded
+        };
         let predicted = predict_seconds(
             facts,
             &source,
             num_images,
-            guidance > 1.0 && !guidance_embedded,
+            guided,
             sampler.schedule.as_ref(),
             steps,
         );
@@ -168,16 +184,40 @@ impl Plan {
             predicted_step_seconds: predicted.map(|p| p.1),
             time_ids,
             guidance_embedded,
+            true_cfg,
+            max_sequence_length,
+            flow,
             prompt_syntax,
             loras,
         })
     }
 
-    /// Classifier-free guidance runs (a negative prompt and two UNet rows
-    /// per latent) when the scale is above 1, as in diffusers — except for
-    /// an LCM UNet, which takes the scale as an embedding.
+    /// Classifier-free guidance runs (a negative prompt and two rows per
+    /// latent) when the scale is above 1, as in diffusers — except for an
+    /// LCM UNet, which takes the scale as an embedding; FLUX runs it when
+    /// `true_cfg_scale` is above 1 and there is a negative prompt.
     pub fn guided(&self) -> bool {
-        self.guidance > 1.0 && !self.guidance_embedded
+        if self.flow {
+            self.true_cfg > 1.0 && !self.negative_prompt.is_empty()
+        } else {
+            self.guidance > 1.0 && !self.guidance_embedded
+        }
+    }
+
+    /// The scale of classifier-free guidance (when guided).
+    pub fn cfg_scale(&self) -> f32 {
+        if self.flow {
+            self.true_cfg
+        } else {
+            self.guidance
+        }
+    }
+
+    /// What a guidance-distilled network takes as its input (FLUX.1-dev's
+    /// distilled guidance); None for the others (an LCM UNet takes
+    /// `guidance_scale` itself).
+    pub fn embedded_guidance(&self) -> Option<f32> {
+        (self.flow && self.guidance_embedded).then_some(self.guidance)
     }
 
     pub fn parameters(&self) -> GenerationParameters {
@@ -197,6 +237,8 @@ impl Plan {
             strength: self.strength,
             model: self.model_id.clone(),
             loras: self.loras.clone(),
+            true_cfg_scale: if self.flow { self.true_cfg } else { 0.0 },
+            max_sequence_length: self.max_sequence_length,
         }
     }
 }
@@ -304,10 +346,78 @@ fn guidance(requested: Option<f32>, default: f32) -> Result<f32> {
     Ok(guidance)
 }
 
+/// FLUX's fields, checked: (true_cfg_scale, max_sequence_length); other
+/// families refuse them by name.
+fn flux_fields(req: &GenerateRequest, facts: &ModelFacts) -> Result<(f32, u32)> {
+    let Some(flux) = facts.profile.flux() else {
+        if req.true_cfg_scale.is_some() {
+            return Err(Error::invalid(
+                "true_cfg_scale",
+                "applies to FLUX models; use guidance_scale",
+            ));
+        }
+        if req.max_sequence_length != 0 {
+            return Err(Error::invalid(
+                "max_sequence_length",
+                "applies to FLUX models (T5 prompts); this model's prompts are 77 CLIP tokens",
+            ));
+        }
+        return Ok((1.0, 0));
+    };
+    let cfg = req.true_cfg_scale.unwrap_or(1.0);
+    if !cfg.is_finite() || !(0.0..=100.0).contains(&cfg) {
+        return Err(Error::invalid(
+            "true_cfg_scale",
+            format!("{cfg} given, a finite value in 0..=100 allowed"),
+        ));
+    }
+    let max = flux.max_sequence_length.max(1);
+    let msl = match req.max_sequence_length {
+        0 => max,
+        n if n <= max => n,
+        n => {
+            return Err(Error::invalid(
+                "max_sequence_length",
+                format!("{n} given, 1..={max} allowed"),
+            ))
+        }
+    };
+    Ok((cfg, msl))
+}
+
+/// The packed image's token count (FLUX's resolution-dependent shift).
+fn image_seq_len(facts: &ModelFacts, source: &Source) -> Option<usize> {
+    facts.layout.packed.then(|| {
+        let side = facts.layout.scale_factor.max(1) as usize * 2;
+        (source.width as usize / side) * (source.height as usize / side)
+    })
+}
+
+/// Image-to-image must leave at least one step to run at this strength.
+fn check_strength_steps(strength: f32, steps: u32, schedule: &dyn Scheduler) -> Result<()> {
+    let start = schedule.start_index(steps, strength);
+    if start >= schedule.timesteps().len() {
+        return Err(Error::invalid(
+            "strength",
+            format!("{strength} × {steps} steps leaves no step to run"),
+        ));
+    }
+    Ok(())
+}
+
 impl Sampler {
-    fn new(req: &GenerateRequest, facts: &ModelFacts, steps: u32) -> Result<Sampler> {
+    fn new(
+        req: &GenerateRequest,
+        facts: &ModelFacts,
+        steps: u32,
+        image_seq_len: Option<usize>,
+    ) -> Result<Sampler> {
+        let flow = facts.profile.is_flow();
         let kind = if req.scheduler.is_empty() {
             facts.default_scheduler
+        } else if flow && req.scheduler.trim().eq_ignore_ascii_case("euler") {
+            // What users type for a flow model: its Euler.
+            SchedulerKind::FlowEuler
         } else {
             req.scheduler.parse().map_err(|e| match e {
                 // The client's input: quoted, not echoed.
@@ -322,6 +432,23 @@ impl Sampler {
                 other => Error::invalid("scheduler", other),
             })?
         };
+        if kind.is_flow() != flow {
+            return Err(Error::invalid(
+                "scheduler",
+                if flow {
+                    format!(
+                        "{kind} does not fit a flow-matching model ({}): use flow-euler \
+                         (or euler), or leave it empty",
+                        facts.profile.name()
+                    )
+                } else {
+                    format!(
+                        "{kind} is for flow-matching models (FLUX); this is {}",
+                        facts.profile.name()
+                    )
+                },
+            ));
+        }
         if req.karras && !kind.supports_karras() {
             return Err(Error::invalid(
                 "karras",
@@ -351,9 +478,14 @@ impl Sampler {
         let options = SchedulerOptions {
             karras: req.karras,
             eta: req.eta,
+            image_seq_len,
         };
         let config = match req.timestep_spacing.as_str() {
             "" => facts.scheduler_config.clone(),
+            _ if flow => return Err(Error::invalid(
+                "timestep_spacing",
+                "flow-matching Euler spaces sigmas as the model's pipeline does; leave it empty",
+            )),
             s @ ("leading" | "trailing" | "linspace") => {
                 facts.scheduler_config.with_str("timestep_spacing", s)
             }
@@ -399,12 +531,7 @@ fn check_clip_skip(clip_skip: u32, facts: &ModelFacts) -> Result<()> {
 }
 
 impl Source {
-    fn new(
-        req: &GenerateRequest,
-        facts: &ModelFacts,
-        limits: &Limits,
-        steps: u32,
-    ) -> Result<Source> {
+    fn new(req: &GenerateRequest, facts: &ModelFacts, limits: &Limits) -> Result<Source> {
         let f = facts.layout.size_multiple.max(1);
         let (mut width, mut height) = (req.width, req.height);
         let (init, strength) = if req.init_image.is_empty() {
@@ -416,7 +543,7 @@ impl Source {
             }
             (None, 0.0)
         } else {
-            let strength = strength(req.strength, steps)?;
+            let strength = strength(req.strength)?;
             let target = (width != 0 || height != 0).then_some((width, height));
             let (pixels, w, h) = images::decode_init_image(&req.init_image, limits, f, target)?;
             (width, height) = (w, h);
@@ -450,18 +577,12 @@ fn check_network_inputs(facts: &ModelFacts) -> Result<()> {
     Ok(())
 }
 
-fn strength(requested: Option<f32>, steps: u32) -> Result<f32> {
+fn strength(requested: Option<f32>) -> Result<f32> {
     let strength = requested.unwrap_or(DEFAULT_STRENGTH);
     if !strength.is_finite() || strength <= 0.0 || strength > 1.0 {
         return Err(Error::invalid(
             "strength",
             format!("{strength} given, (0, 1] allowed"),
-        ));
-    }
-    if ((steps as f32 * strength) as u32) < 1 {
-        return Err(Error::invalid(
-            "strength",
-            format!("{strength} × {steps} steps leaves no step to run"),
         ));
     }
     Ok(strength)
@@ -497,7 +618,7 @@ fn predict_seconds(
     let positions = u64::from(source.width / sf) * u64::from(source.height / sf);
     let rows = u64::from(num_images) * if guided { 2 } else { 1 };
     let start = if source.init.is_some() {
-        img2img_start(steps, source.strength, schedule.order())
+        schedule.start_index(steps, source.strength)
     } else {
         0
     };

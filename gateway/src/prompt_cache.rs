@@ -26,6 +26,8 @@ pub struct PromptKey {
     /// `PromptSyntax` as sent to the text encoder.
     pub syntax: i32,
     pub prompt: String,
+    /// FLUX: the T5 tokens it was padded or cut to (0 for other families).
+    pub max_sequence_length: u32,
     /// The LoRA adapters and scales it was encoded with (canonical: sorted,
     /// `name:scale` joined by `;`; empty: none).
     pub loras: String,
@@ -113,6 +115,7 @@ mod tests {
             model: "m".into(),
             clip_skip: 0,
             prompt: p.into(),
+            max_sequence_length: 0,
             loras: String::new(),
         }
     }

@@ -80,9 +80,9 @@ fn run(bin: &Path, args: &[&str]) -> (bool, String, Duration) {
 
 #[test]
 fn an_unserved_pipeline_class_is_refused_by_name_everywhere_in_seconds() {
-    // FLUX and SD3 directories have a text_encoder_2 as SDXL does: once
-    // they were taken for SDXL and failed on CLIP's config.
-    for class in ["HiDreamImagePipeline", "FluxPipeline"] {
+    // SD3 directories have a text_encoder_2 as SDXL does: once they (and
+    // FLUX's, served now) were taken for SDXL and failed on CLIP's config.
+    for class in ["HiDreamImagePipeline", "StableDiffusion3Pipeline"] {
         let (_tmp, dir) = relabelled(class);
         let d = dir.to_str().unwrap();
         let bins = bin_dir();
@@ -128,6 +128,8 @@ fn every_service_publishes_the_family_and_the_model_crate_reads_it() {
         ("sdxl-tiny", Family::Sdxl),
         ("sdxl-refiner-tiny", Family::Sdxl),
         ("sd1-inpaint-tiny", Family::Sd),
+        ("flux-dev-tiny", Family::Flux),
+        ("flux-schnell-tiny", Family::Flux),
     ] {
         let dir = sd_models::ModelDir::open(f.join(model)).unwrap();
         assert_eq!(dir.family(), family, "{model}");

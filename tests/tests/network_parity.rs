@@ -156,20 +156,44 @@ fn vae_scale_follows_its_block_count() {
 #[test]
 fn every_tensor_in_the_files_is_used() {
     // A weight the loader silently ignores would be a layer it forgot.
-    for model in ["sd1-tiny", "sd2-tiny", "sdxl-tiny"] {
+    for model in [
+        "sd1-tiny",
+        "sd2-tiny",
+        "sdxl-tiny",
+        "flux-dev-tiny",
+        "flux-schnell-tiny",
+    ] {
         let d = dir(model);
-        let mut components = vec![Component::TextEncoder, Component::Unet, Component::Vae];
-        if d.family() == sd_models::Family::Sdxl {
-            components.push(Component::TextEncoder2);
-        }
+        let family = d.family();
+        let components = match family {
+            sd_models::Family::Sd => vec![Component::TextEncoder, Component::Unet, Component::Vae],
+            sd_models::Family::Sdxl => vec![
+                Component::TextEncoder,
+                Component::TextEncoder2,
+                Component::Unet,
+                Component::Vae,
+            ],
+            sd_models::Family::Flux => vec![
+                Component::TextEncoder,
+                Component::TextEncoder2,
+                Component::Transformer,
+                Component::Vae,
+            ],
+        };
         for c in components {
             let w = d.open_weights(c, Placement::cpu()).unwrap();
             let path = d.config_path(c);
             match c {
+                Component::TextEncoder2 if family == sd_models::Family::Flux => {
+                    drop(sd_models::T5Encoder::load(&path, &w).unwrap())
+                }
                 Component::TextEncoder | Component::TextEncoder2 => {
                     drop(sd_models::ClipTextModel::load(&path, &w).unwrap())
                 }
                 Component::Unet => drop(sd_models::UNet::load(&path, &w).unwrap()),
+                Component::Transformer => {
+                    drop(sd_models::FluxTransformer::load(&path, &w).unwrap())
+                }
                 Component::Vae => drop(sd_models::Vae::load(&path, &w).unwrap()),
             }
             let unused: Vec<String> = w

@@ -505,6 +505,7 @@ async fn text_encoder_refuses_bad_calls(url: &str) {
         dtype: 0,
         syntax: 0,
         loras: vec![],
+        max_sequence_length: 0,
     };
     assert_eq!(
         t.encode(enc(vec![], 0)).await.unwrap_err().code(),

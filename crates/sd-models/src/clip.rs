@@ -5,7 +5,6 @@
 //! the end-of-text token, projected.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use tch::{Kind, Tensor};
 
@@ -76,7 +75,7 @@ pub struct ClipTextModel {
     placement: Placement,
     /// Its LoRA-capable layers.
     modules: crate::modules::ModuleIndex,
-    _storage: Arc<memmap2::Mmap>,
+    _storage: crate::weights::Storage,
 }
 
 /// What the SDXL family takes from a text encoder.

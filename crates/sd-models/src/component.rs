@@ -5,9 +5,12 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Component {
     TextEncoder,
-    /// SDXL's second text encoder (CLIPTextModelWithProjection).
+    /// SDXL's second text encoder (CLIPTextModelWithProjection); FLUX's
+    /// T5 encoder.
     TextEncoder2,
     Unet,
+    /// A diffusion transformer (FLUX).
+    Transformer,
     Vae,
 }
 
@@ -17,6 +20,7 @@ impl Component {
             Component::TextEncoder => "text_encoder",
             Component::TextEncoder2 => "text_encoder_2",
             Component::Unet => "unet",
+            Component::Transformer => "transformer",
             Component::Vae => "vae",
         }
     }
@@ -24,7 +28,7 @@ impl Component {
     pub(crate) fn stem(self) -> &'static str {
         match self {
             Component::TextEncoder | Component::TextEncoder2 => "model",
-            Component::Unet | Component::Vae => "diffusion_pytorch_model",
+            Component::Unet | Component::Transformer | Component::Vae => "diffusion_pytorch_model",
         }
     }
 }

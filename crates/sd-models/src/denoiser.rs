@@ -14,13 +14,28 @@ use tch::{Kind, Tensor};
 use crate::config::VaeConfig;
 use crate::device::Placement;
 use crate::error::{ModelError, Result};
+use crate::flux::FluxTransformer;
 use crate::model_dir::{Family, ModelDir};
 use crate::unet::{Added, Residuals, UNet};
 
 /// The networks sdserve runs to denoise.
 pub enum Denoiser {
     /// SD 1.x/2.x and SDXL: `UNet2DConditionModel`.
-    Unet(UNet),
+    Unet(Box<UNet>),
+    /// FLUX.1: `FluxTransformer2DModel`.
+    Flux(Box<FluxTransformer>),
+}
+
+/// How a network takes guidance as an input (instead of, or beside, a
+/// second unconditional row).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuidanceInput {
+    /// An LCM UNet: the sinusoidal embedding (this wide) of the guidance
+    /// scale less one; no unconditional row.
+    Embedding(i64),
+    /// FLUX.1-dev: the distilled guidance value itself, one per row (B,);
+    /// real classifier-free guidance may still add unconditional rows.
+    Value,
 }
 
 /// What one forward is conditioned on, whatever the network: one row per
@@ -35,7 +50,7 @@ pub struct Conditioning<'a> {
     /// (B, n).
     pub time_ids: Option<&'a Tensor>,
     /// Guidance as an input of the network, not a second row: LCM's
-    /// guidance embedding (B, dim).
+    /// guidance embedding (B, dim); FLUX.1-dev's guidance values (B,).
     pub guidance: Option<&'a Tensor>,
     /// Image conditioning taken beside the latents (concatenated on the
     /// channels): an inpainting UNet's mask and masked-image latents
@@ -66,7 +81,8 @@ impl Denoiser {
     /// The network of the model in `dir`, for its family.
     pub fn load(dir: &ModelDir, placement: Placement) -> Result<Self> {
         match dir.family() {
-            Family::Sd | Family::Sdxl => Ok(Denoiser::Unet(dir.load_unet(placement)?)),
+            Family::Sd | Family::Sdxl => Ok(Denoiser::Unet(Box::new(dir.load_unet(placement)?))),
+            Family::Flux => Ok(Denoiser::Flux(Box::new(dir.load_transformer(placement)?))),
         }
     }
 
@@ -94,6 +110,16 @@ impl Denoiser {
                     }
                 }
             }
+            Denoiser::Flux(flux) => {
+                if cond.image.is_some() || cond.control.is_some() || cond.time_ids.is_some() {
+                    return Err(ModelError::Input(
+                        "FLUX takes no image conditioning, ControlNet residuals or time ids \
+                         (not served yet)"
+                            .into(),
+                    ));
+                }
+                flux.forward(latents, timesteps, cond.context, cond.pooled, cond.guidance)
+            }
         }
     }
 
@@ -108,6 +134,18 @@ impl Denoiser {
                     &Tensor::zeros([rows, c.in_channels, side, side], f),
                     &Tensor::from_slice(&vec![500.0f32; rows as usize]),
                     &Tensor::zeros([rows, tokens, c.context_dim()], f),
+                )
+            }
+            Denoiser::Flux(flux) => {
+                let c = flux.config();
+                // `side` latents: an even number for the 2×2 packing.
+                let side = (side + 1) / 2 * 2;
+                flux.forward(
+                    &Tensor::zeros([rows, c.latent_channels(), side, side], f),
+                    &Tensor::from_slice(&vec![500.0f32; rows as usize]),
+                    &Tensor::zeros([rows, tokens, c.joint_attention_dim], f),
+                    Some(&Tensor::zeros([rows, c.pooled_projection_dim], f)),
+                    Some(&Tensor::from_slice(&vec![3.5f32; rows as usize])),
                 )
             }
         }
@@ -129,6 +167,16 @@ impl Denoiser {
                     native_side: c.sample_size,
                 }
             }
+            Denoiser::Flux(flux) => Layout {
+                latent_channels: vae.latent_channels,
+                in_channels: flux.config().latent_channels(),
+                vae_scale_factor: scale,
+                // 2×2 latent patches: sides are multiples of twice the scale.
+                size_multiple: 2 * scale,
+                packed: true,
+                // The pipelines' default_sample_size: 1024 px at scale 8.
+                native_side: 128,
+            },
         }
     }
 
@@ -136,14 +184,39 @@ impl Denoiser {
     pub fn context_dim(&self) -> i64 {
         match self {
             Denoiser::Unet(unet) => unet.config().context_dim(),
+            Denoiser::Flux(flux) => flux.config().joint_attention_dim,
         }
     }
 
-    /// Width of an embedded guidance input (LCM UNets; None: guidance is
-    /// classifier-free, a second row).
-    pub fn guidance_dim(&self) -> Option<i64> {
+    /// How the network takes guidance as an input (None: guidance is
+    /// classifier-free alone, a second row).
+    pub fn guidance_input(&self) -> Option<GuidanceInput> {
         match self {
-            Denoiser::Unet(unet) => unet.time_cond_dim(),
+            Denoiser::Unet(unet) => unet.time_cond_dim().map(GuidanceInput::Embedding),
+            Denoiser::Flux(flux) => flux
+                .config()
+                .guidance_embeds
+                .then_some(GuidanceInput::Value),
+        }
+    }
+
+    /// Width of an LCM UNet's guidance embedding (0: none).
+    pub fn time_cond_dim(&self) -> i64 {
+        match self.guidance_input() {
+            Some(GuidanceInput::Embedding(d)) => d,
+            Some(GuidanceInput::Value) | None => 0,
+        }
+    }
+
+    /// Width of the pooled text embedding the network takes (0: none).
+    pub fn pooled_dim(&self) -> i64 {
+        match self {
+            Denoiser::Unet(unet) => unet
+                .config()
+                .text_time()
+                .map(|(_, total)| total)
+                .unwrap_or(0),
+            Denoiser::Flux(flux) => flux.config().pooled_projection_dim,
         }
     }
 
@@ -151,6 +224,7 @@ impl Denoiser {
     pub fn takes_text_time(&self) -> bool {
         match self {
             Denoiser::Unet(unet) => unet.takes_text_time(),
+            Denoiser::Flux(_) => false,
         }
     }
 
@@ -159,6 +233,7 @@ impl Denoiser {
     pub fn text_time_dims(&self) -> Option<(i64, i64)> {
         match self {
             Denoiser::Unet(unet) => unet.config().text_time(),
+            Denoiser::Flux(_) => None,
         }
     }
 
@@ -166,6 +241,7 @@ impl Denoiser {
     pub fn parameters(&self) -> u64 {
         match self {
             Denoiser::Unet(unet) => unet.parameters(),
+            Denoiser::Flux(flux) => flux.parameters(),
         }
     }
 
@@ -173,20 +249,22 @@ impl Denoiser {
     pub fn modules(&self) -> &crate::modules::ModuleIndex {
         match self {
             Denoiser::Unet(unet) => unet.modules(),
+            Denoiser::Flux(flux) => flux.modules(),
         }
     }
 
     /// The UNet, where the caller needs the network itself (tests, tools).
     pub fn unet(&self) -> Option<&UNet> {
         match self {
-            Denoiser::Unet(unet) => Some(unet),
+            Denoiser::Unet(unet) => Some(unet.as_ref()),
+            Denoiser::Flux(_) => None,
         }
     }
 }
 
 impl From<UNet> for Denoiser {
     fn from(unet: UNet) -> Self {
-        Denoiser::Unet(unet)
+        Denoiser::Unet(Box::new(unet))
     }
 }
 

@@ -34,6 +34,15 @@ impl Linear {
         })
     }
 
+    /// This layer with its weights in `kind` (T5's float32 `wo`).
+    pub fn into_kind(self, kind: tch::Kind) -> Self {
+        Linear {
+            weight: self.weight.to_kind(kind),
+            bias: self.bias.map(|b| b.to_kind(kind)),
+            path: self.path,
+        }
+    }
+
     pub fn forward(&self, xs: &Tensor) -> Tensor {
         let y = xs.linear(&self.weight, self.bias.as_ref());
         match &self.path {

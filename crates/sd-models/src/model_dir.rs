@@ -193,11 +193,15 @@ impl ModelDir {
                 }
             }
         }
-        if dir.join(format!("{stem}.safetensors.index.json")).is_file() {
-            return Err(ModelError::Unsupported {
-                path: dir.join(format!("{stem}.safetensors.index.json")),
-                message: "sharded weights are not supported for SD 1.x/2.x components".into(),
-            });
+        // Sharded (the published FLUX transformer and T5): the index.
+        for variant in [
+            format!("{stem}.safetensors.index.json"),
+            format!("{stem}.safetensors.index.fp16.json"),
+        ] {
+            let p = dir.join(variant);
+            if p.is_file() {
+                return Ok(p);
+            }
         }
         Err(ModelError::MissingFile { path: full })
     }
@@ -324,6 +328,23 @@ impl ModelDir {
         UNet::load(&self.config_path(Component::Unet), &w)
     }
 
+    /// FLUX's T5 tokenizer (`tokenizer_2/tokenizer.json`).
+    pub fn load_t5_tokenizer(&self) -> Result<crate::tokenizer::T5Tokenizer> {
+        crate::tokenizer::T5Tokenizer::load(&self.root.join("tokenizer_2"))
+    }
+
+    /// FLUX's T5 encoder (`text_encoder_2/`).
+    pub fn load_t5(&self, placement: Placement) -> Result<crate::t5::T5Encoder> {
+        let w = self.open_weights(Component::TextEncoder2, placement)?;
+        crate::t5::T5Encoder::load(&self.config_path(Component::TextEncoder2), &w)
+    }
+
+    /// FLUX's transformer (`transformer/`).
+    pub fn load_transformer(&self, placement: Placement) -> Result<crate::flux::FluxTransformer> {
+        let w = self.open_weights(Component::Transformer, placement)?;
+        crate::flux::FluxTransformer::load(&self.config_path(Component::Transformer), &w)
+    }
+
     pub fn load_vae(&self, placement: Placement) -> Result<Vae> {
         let w = self.open_weights(Component::Vae, placement)?;
         Vae::load(&self.config_path(Component::Vae), &w)
@@ -348,6 +369,11 @@ fn family_of(root: &Path) -> Result<Family> {
         {
             return Ok(f);
         }
+    }
+    if root.join(Component::Transformer.dir()).is_dir()
+        && !root.join(Component::Unet.dir()).is_dir()
+    {
+        return Ok(Family::Flux);
     }
     if root.join(Component::TextEncoder2.dir()).is_dir() {
         return Ok(Family::Sdxl);

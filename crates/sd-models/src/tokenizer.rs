@@ -236,3 +236,96 @@ impl ClipTokenizer {
         Ok(tch::Tensor::from_slice(&flat).view([prompts.len() as i64, self.max_length as i64]))
     }
 }
+
+/// T5's tokenizer (FLUX's `tokenizer_2/`) from the model's own
+/// `tokenizer.json`: the prompt's tokens cut to `length − 1`, `</s>`, then
+/// `<pad>` to `length` — transformers' `padding="max_length",
+/// truncation=True` with T5's `$A </s>` template.
+pub struct T5Tokenizer {
+    inner: Tokenizer,
+    eos_id: u32,
+    pad_id: u32,
+    /// The model's `model_max_length` (512 for FLUX's).
+    max_length: usize,
+}
+
+impl T5Tokenizer {
+    /// Load from a model's `tokenizer_2/` directory.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            let spm = dir.join("spiece.model");
+            return Err(if spm.is_file() {
+                tok_err(
+                    &spm,
+                    "a SentencePiece model alone is not read: the T5 tokenizer needs its \
+                     tokenizer.json (as the FLUX repositories publish it)",
+                )
+            } else {
+                ModelError::MissingFile { path }
+            });
+        }
+        let inner = Tokenizer::from_file(&path).map_err(|e| tok_err(&path, e))?;
+        let config = read_optional_json(&dir.join("tokenizer_config.json"))?;
+        let special = |key: &str, default: &str| {
+            token_text(config.as_ref().and_then(|c| c.get(key))).unwrap_or(default.to_string())
+        };
+        let id = |t: String| {
+            inner
+                .token_to_id(&t)
+                .ok_or_else(|| tok_err(&path, format!("the tokenizer has no `{t}` token")))
+        };
+        let eos_id = id(special("eos_token", "</s>"))?;
+        let pad_id = id(special("pad_token", "<pad>"))?;
+        let max_length = config
+            .as_ref()
+            .and_then(|c| c.get("model_max_length"))
+            .and_then(Value::as_u64)
+            .filter(|&n| (1..=1 << 20).contains(&n))
+            .unwrap_or(512) as usize;
+        Ok(T5Tokenizer {
+            inner,
+            eos_id,
+            pad_id,
+            max_length,
+        })
+    }
+
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    /// One prompt's ids at `length` tokens (at least 1: `</s>`).
+    pub fn encode(&self, prompt: &str, length: usize) -> Result<Vec<i64>> {
+        let enc = self
+            .inner
+            .encode(prompt, false)
+            .map_err(|e| ModelError::Input(format!("tokenizing the prompt: {e}")))?;
+        let keep = length.saturating_sub(1);
+        let mut ids: Vec<i64> = enc.get_ids().iter().take(keep).map(|&i| i as i64).collect();
+        if length > 0 {
+            ids.push(self.eos_id as i64);
+        }
+        ids.resize(length, self.pad_id as i64);
+        Ok(ids)
+    }
+
+    /// How many tokens `prompt` takes, `</s>` included (to say what a
+    /// `length` cuts off).
+    pub fn count(&self, prompt: &str) -> Result<usize> {
+        let enc = self
+            .inner
+            .encode(prompt, false)
+            .map_err(|e| ModelError::Input(format!("tokenizing the prompt: {e}")))?;
+        Ok(enc.get_ids().len() + 1)
+    }
+
+    /// Ids for several prompts as a (batch, length) int64 tensor.
+    pub fn encode_batch(&self, prompts: &[&str], length: usize) -> Result<tch::Tensor> {
+        let mut flat = Vec::with_capacity(prompts.len() * length);
+        for p in prompts {
+            flat.extend(self.encode(p, length)?);
+        }
+        Ok(tch::Tensor::from_slice(&flat).view([prompts.len() as i64, length as i64]))
+    }
+}

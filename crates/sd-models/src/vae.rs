@@ -4,7 +4,6 @@
 //! are the raw networks.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use tch::Tensor;
 
@@ -227,7 +226,7 @@ pub struct Vae {
     post_quant_conv: Option<Conv2d>,
     decoder: Decoder,
     placement: Placement,
-    _storage: Arc<memmap2::Mmap>,
+    _storage: crate::weights::Storage,
 }
 
 impl Vae {

@@ -26,6 +26,8 @@ struct RawInfo {
 
 #[derive(Debug)]
 struct Info {
+    /// Which of the mapped files holds it (0 but for sharded weights).
+    file: usize,
     kind: Kind,
     dtype: String,
     shape: Vec<i64>,
@@ -109,10 +111,15 @@ impl Alias {
     }
 }
 
-/// One safetensors file, mapped, with the placement its tensors are loaded to.
+/// The mapped files of a network's weights; models hold it so zero-copy
+/// CPU tensors stay valid.
+pub type Storage = Arc<Vec<memmap2::Mmap>>;
+
+/// One safetensors file — or the shards a `*.safetensors.index.json` lists —
+/// mapped, with the placement its tensors are loaded to.
 pub struct Weights {
     path: PathBuf,
-    map: Arc<memmap2::Mmap>,
+    maps: Storage,
     tensors: HashMap<String, Info>,
     placement: Placement,
     used: RefCell<BTreeSet<String>>,
@@ -134,6 +141,9 @@ fn kind_of(dtype: &str) -> Option<Kind> {
         "F16" => Kind::Half,
         "BF16" => Kind::BFloat16,
         "F64" => Kind::Double,
+        // FLUX's most downloaded files: upcast to the placement at load.
+        "F8_E4M3" => Kind::Float8e4m3fn,
+        "F8_E5M2" => Kind::Float8e5m2,
         "I64" => Kind::Int64,
         "I32" => Kind::Int,
         _ => return None,
@@ -141,7 +151,109 @@ fn kind_of(dtype: &str) -> Option<Kind> {
 }
 
 impl Weights {
+    /// A safetensors file, or the shards of a `*.safetensors.index.json`
+    /// (its `weight_map` names each tensor's file, beside the index).
     pub fn open(path: &Path, placement: Placement) -> Result<Self> {
+        if path.to_string_lossy().ends_with(".index.json") {
+            return Self::open_sharded(path, placement);
+        }
+        let (map, tensors, metadata) = Self::map_file(path, 0)?;
+        Ok(Self::from_parts(
+            path,
+            vec![map],
+            tensors,
+            metadata,
+            placement,
+        ))
+    }
+
+    fn from_parts(
+        path: &Path,
+        maps: Vec<memmap2::Mmap>,
+        tensors: HashMap<String, Info>,
+        metadata: HashMap<String, String>,
+        placement: Placement,
+    ) -> Self {
+        Weights {
+            path: path.to_path_buf(),
+            maps: Arc::new(maps),
+            tensors,
+            placement,
+            used: RefCell::new(BTreeSet::new()),
+            aliases: None,
+            namespace: String::new(),
+            modules: RefCell::new(Default::default()),
+            metadata,
+        }
+    }
+
+    /// The shards an index lists, each mapped; every tensor must be in the
+    /// shard the index names, and none in two.
+    fn open_sharded(index: &Path, placement: Placement) -> Result<Self> {
+        let bad = |message: String| ModelError::Safetensors {
+            path: index.to_path_buf(),
+            message,
+        };
+        let text = std::fs::read_to_string(index).map_err(|source| ModelError::Io {
+            path: index.to_path_buf(),
+            source,
+        })?;
+        let parsed: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let map = parsed
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| bad("no `weight_map` object".into()))?;
+        let mut files: Vec<String> = Vec::new();
+        let mut wanted: HashMap<&str, usize> = HashMap::new();
+        for (name, file) in map {
+            let file = file
+                .as_str()
+                .ok_or_else(|| bad(format!("`{name}`: the file is not a string")))?;
+            // A shard beside the index, never a path elsewhere.
+            if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+                return Err(bad(format!("`{name}`: shard `{file}` is not a file name")));
+            }
+            let i = match files.iter().position(|f| f == file) {
+                Some(i) => i,
+                None => {
+                    files.push(file.to_string());
+                    files.len() - 1
+                }
+            };
+            wanted.insert(name.as_str(), i);
+        }
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let (mut maps, mut tensors, mut metadata) = (Vec::new(), HashMap::new(), HashMap::new());
+        for (i, file) in files.iter().enumerate() {
+            let (m, t, meta) = Self::map_file(&dir.join(file), i)?;
+            for (name, info) in t {
+                if wanted.get(name.as_str()) != Some(&i) {
+                    return Err(bad(format!(
+                        "`{name}` is in {file}, which the index does not name for it"
+                    )));
+                }
+                tensors.insert(name, info);
+            }
+            metadata.extend(meta);
+            maps.push(m);
+        }
+        if let Some(name) = wanted.keys().find(|n| !tensors.contains_key(**n)) {
+            return Err(bad(format!("`{name}` is in none of its shards")));
+        }
+        Ok(Self::from_parts(index, maps, tensors, metadata, placement))
+    }
+
+    /// One file mapped and its header read; its tensors marked as file `file`.
+    #[allow(clippy::type_complexity)]
+    fn map_file(
+        path: &Path,
+        file_index: usize,
+    ) -> Result<(
+        memmap2::Mmap,
+        HashMap<String, Info>,
+        HashMap<String, String>,
+    )> {
         let bad = |message: String| ModelError::Safetensors {
             path: path.to_path_buf(),
             message,
@@ -211,6 +323,7 @@ impl Weights {
             tensors.insert(
                 name,
                 Info {
+                    file: file_index,
                     kind,
                     dtype: raw.dtype,
                     shape: raw.shape,
@@ -219,17 +332,7 @@ impl Weights {
                 },
             );
         }
-        Ok(Weights {
-            path: path.to_path_buf(),
-            map: Arc::new(map),
-            tensors,
-            placement,
-            used: RefCell::new(BTreeSet::new()),
-            aliases: None,
-            namespace: String::new(),
-            modules: RefCell::new(Default::default()),
-            metadata,
-        })
+        Ok((map, tensors, metadata))
     }
 
     /// Register the layers loaded from these weights under `network` (for LoRA).
@@ -296,9 +399,9 @@ impl Weights {
         self.placement
     }
 
-    /// The mapping; models hold it so zero-copy CPU tensors stay valid.
-    pub fn storage(&self) -> Arc<memmap2::Mmap> {
-        self.map.clone()
+    /// The mappings; models hold them so zero-copy CPU tensors stay valid.
+    pub fn storage(&self) -> Storage {
+        self.maps.clone()
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -370,7 +473,12 @@ impl Weights {
         let shape = info.shape.as_slice();
         if !matches!(
             info.kind,
-            Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double
+            Kind::Float
+                | Kind::Half
+                | Kind::BFloat16
+                | Kind::Double
+                | Kind::Float8e4m3fn
+                | Kind::Float8e5m2
         ) {
             return Err(ModelError::Dtype {
                 path: self.path.clone(),
@@ -379,7 +487,7 @@ impl Weights {
             });
         }
         self.used.borrow_mut().insert(name.to_string());
-        let bytes = &self.map[info.start..info.end];
+        let bytes = &self.maps[info.file][info.start..info.end];
         let Placement { device, kind } = self.placement;
         let aligned = (bytes.as_ptr() as usize).is_multiple_of(info.kind.elt_size_in_bytes());
         let t = if device == tch::Device::Cpu && info.kind == kind && aligned && !bytes.is_empty() {
@@ -477,7 +585,8 @@ mod tests {
         write_safetensors(&path, &[1.0, 2.0, 3.0, 4.0]);
         let weights = Weights::open(&path, Placement::cpu()).expect("open");
         let w = weights.get("w", &[4]).expect("get");
-        let map = weights.storage();
+        let maps = weights.storage();
+        let map = &maps[0];
         let (start, end) = (map.as_ptr() as usize, map.as_ptr() as usize + map.len());
         assert!(
             (start..end).contains(&(w.data_ptr() as usize)),
@@ -492,7 +601,7 @@ mod tests {
         let reopened = Weights::open(&path, Placement::cpu()).expect("reopen");
         assert_eq!(values(&reopened.get("w", &[4]).expect("get")), [9.0; 4]);
         assert_eq!(values(&w), [1.0, 2.0, 3.0, 4.0]);
-        drop(map);
+        drop(maps);
     }
 
     /// The case the SAFETY comment in `open` warns about: a private map is

@@ -17,11 +17,14 @@ pub enum Family {
     Sd,
     /// SDXL, base and refiner.
     Sdxl,
+    /// FLUX.1 (dev, schnell): CLIP-L and T5 text encoders, the Flux
+    /// transformer (flow matching), a 16-channel VAE.
+    Flux,
 }
 
 /// The pipeline classes served, by family: what `model_index.json`'s
 /// `_class_name` may say.
-const SERVED: [(&str, Family); 8] = [
+const SERVED: [(&str, Family); 10] = [
     ("StableDiffusionPipeline", Family::Sd),
     ("StableDiffusionImg2ImgPipeline", Family::Sd),
     ("StableDiffusionInpaintPipeline", Family::Sd),
@@ -30,6 +33,8 @@ const SERVED: [(&str, Family); 8] = [
     ("StableDiffusionXLPipeline", Family::Sdxl),
     ("StableDiffusionXLImg2ImgPipeline", Family::Sdxl),
     ("StableDiffusionXLInpaintPipeline", Family::Sdxl),
+    ("FluxPipeline", Family::Flux),
+    ("FluxImg2ImgPipeline", Family::Flux),
 ];
 
 /// A pipeline class sdserve does not serve.
@@ -55,7 +60,7 @@ impl fmt::Display for Unsupported {
 impl std::error::Error for Unsupported {}
 
 impl Family {
-    pub const ALL: [Family; 2] = [Family::Sd, Family::Sdxl];
+    pub const ALL: [Family; 3] = [Family::Sd, Family::Sdxl, Family::Flux];
 
     /// The family of a diffusers pipeline class (`_class_name`).
     pub fn of_pipeline_class(class: &str) -> Result<Family, Unsupported> {
@@ -83,6 +88,7 @@ impl Family {
         match self {
             Family::Sd => "sd",
             Family::Sdxl => "sdxl",
+            Family::Flux => "flux",
         }
     }
 
@@ -92,6 +98,7 @@ impl Family {
         match params {
             FamilyParams::Sd(_) => Family::Sd,
             FamilyParams::Sdxl(_) => Family::Sdxl,
+            FamilyParams::Flux(_) => Family::Flux,
         }
     }
 }
@@ -107,6 +114,7 @@ impl From<Family> for v1::ModelFamily {
         match f {
             Family::Sd => v1::ModelFamily::Sd,
             Family::Sdxl => v1::ModelFamily::Sdxl,
+            Family::Flux => v1::ModelFamily::Flux,
         }
     }
 }
@@ -118,6 +126,7 @@ impl TryFrom<v1::ModelFamily> for Family {
         match f {
             v1::ModelFamily::Sd => Ok(Family::Sd),
             v1::ModelFamily::Sdxl => Ok(Family::Sdxl),
+            v1::ModelFamily::Flux => Ok(Family::Flux),
             v1::ModelFamily::Unspecified => Err("no model family published"),
         }
     }
@@ -168,11 +177,10 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("StableDiffusionXLPipeline"), "{e}");
-        // FLUX's and SD3's directories have a text_encoder_2 too: refused by
-        // their class, never taken for SDXL.
-        for class in ["FluxPipeline", "StableDiffusion3Pipeline"] {
-            assert!(Family::of_pipeline_class(class).is_err());
-        }
+        // SD3's directories have a text_encoder_2 too: refused by its
+        // class, never taken for SDXL; FLUX's are FLUX.
+        assert!(Family::of_pipeline_class("StableDiffusion3Pipeline").is_err());
+        assert_eq!(Family::of_pipeline_class("FluxPipeline"), Ok(Family::Flux));
     }
 
     #[test]
@@ -185,8 +193,8 @@ mod tests {
         assert_eq!(Family::of_model_index(index), Ok(Some(Family::Sdxl)));
         assert_eq!(Family::of_model_index("{}"), Ok(None));
         assert_eq!(Family::of_model_index(r#"{"_class_name": null}"#), Ok(None));
-        let e = Family::of_model_index(r#"{"_class_name":"FluxPipeline"}"#).unwrap_err();
-        assert!(e.starts_with("FluxPipeline is not supported"), "{e}");
+        let e = Family::of_model_index(r#"{"_class_name":"FluxKontextPipeline"}"#).unwrap_err();
+        assert!(e.starts_with("FluxKontextPipeline is not supported"), "{e}");
         assert!(Family::of_model_index(r#"{"_class_name": 3}"#).is_err());
     }
 

@@ -38,6 +38,12 @@ struct Run {
     #[serde(default)]
     noise: Vec<f32>,
     trajectory: Vec<Vec<f32>>,
+    /// Flow matching: the packed image's token count (mu).
+    #[serde(default)]
+    image_seq_len: Option<usize>,
+    /// Flow matching img2img: the strength the start index comes from.
+    #[serde(default)]
+    strength: Option<f32>,
 }
 
 #[derive(Deserialize)]
@@ -123,6 +129,7 @@ fn every_scheduler_matches_diffusers() {
             SchedulerOptions {
                 karras: run.karras,
                 eta: run.eta,
+                image_seq_len: run.image_seq_len,
             },
         )
         .unwrap_or_else(|e| panic!("{label}: {e}"));
@@ -148,7 +155,14 @@ fn every_scheduler_matches_diffusers() {
         let x0 = g.randn(run.x0.len());
         assert!(max_rel_diff(&x0, &run.x0) <= RNG_TOL);
         let start = run.start_index;
-        let mut x: Vec<f32> = if start > 0 {
+        if let Some(strength) = run.strength {
+            let got = s.start_index(run.steps as u32, strength);
+            if got != start {
+                failures.push(format!("{label}: img2img start {got}, want {start}"));
+                continue;
+            }
+        }
+        let mut x: Vec<f32> = if start > 0 || run.strength.is_some() {
             let noise = g.randn(x0.len());
             assert!(max_rel_diff(&noise, &run.noise) <= RNG_TOL);
             s.add_noise(&x0, &noise, start)

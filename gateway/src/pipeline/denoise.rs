@@ -123,6 +123,7 @@ impl Denoising<'_> {
                 cond: Some(cond),
                 uncond,
                 guidance_scale: self.text.guidance,
+                embedded_guidance: self.text.embedded_guidance,
                 output_dtype: self.generator.wire as i32,
                 session_id: 0,
                 steps_after,

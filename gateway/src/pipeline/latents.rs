@@ -92,8 +92,7 @@ impl Generator {
                 })
             }
             Some(init) => {
-                let first =
-                    sd_sampling::img2img_start(plan.steps, plan.strength, scheduler.order());
+                let first = scheduler.start_index(plan.steps, plan.strength);
                 let (mean, std) = self.encode_init_image(init, shape, deadline).await?;
                 let image = InitLatents {
                     mean: &mean,

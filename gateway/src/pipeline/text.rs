@@ -51,7 +51,11 @@ impl Conditioning {
 pub(super) struct Text {
     cond: Conditioning,
     uncond: Option<Conditioning>,
+    /// The classifier-free guidance scale (with `uncond`).
     pub guidance: f32,
+    /// The guidance a guidance-distilled network takes as its input
+    /// (FLUX.1-dev), sent beside it.
+    pub embedded_guidance: Option<f32>,
     /// The generation's session tensors by name (their ids too: a stream
     /// holds one generation's).
     session: Vec<(&'static str, WireTensor)>,
@@ -130,9 +134,10 @@ impl Generator {
         } else {
             0
         };
-        let mut wanted = vec![(plan.prompt.as_str(), plan.clip_skip, syntax)];
+        let msl = plan.max_sequence_length;
+        let mut wanted = vec![(plan.prompt.as_str(), plan.clip_skip, syntax, msl)];
         if plan.guided() && !zeros {
-            wanted.push((plan.negative_prompt.as_str(), negative_skip, syntax));
+            wanted.push((plan.negative_prompt.as_str(), negative_skip, syntax, msl));
         }
         let started = Instant::now();
         let mut embeddings = self
@@ -151,7 +156,8 @@ impl Generator {
         Ok(Text {
             cond: Conditioning::new(cond),
             uncond: uncond.map(Conditioning::new),
-            guidance: plan.guidance,
+            guidance: plan.cfg_scale(),
+            embedded_guidance: plan.embedded_guidance(),
             session: time_id_rows(plan)?
                 .map(|(pos, neg)| vec![("time_ids", pos), ("negative_time_ids", neg)])
                 .unwrap_or_default(),
@@ -159,30 +165,31 @@ impl Generator {
         })
     }
 
-    /// Embeddings for each (prompt, clip_skip, syntax), from the cache or
-    /// the text encoder, in order.
+    /// Embeddings for each (prompt, clip_skip, syntax, max_sequence_length),
+    /// from the cache or the text encoder, in order.
     async fn embeddings(
         &self,
-        wanted: &[(&str, u32, i32)],
+        wanted: &[(&str, u32, i32, u32)],
         (loras, lora_key): (&[LoraRef], &str),
         deadline: &Deadline,
     ) -> Result<Vec<CachedEmbedding>> {
         let keys: Vec<PromptKey> = wanted
             .iter()
-            .map(|(prompt, clip_skip, syntax)| PromptKey {
+            .map(|(prompt, clip_skip, syntax, msl)| PromptKey {
                 model: self.facts.text_model_id.clone(),
                 clip_skip: *clip_skip,
                 syntax: *syntax,
                 prompt: prompt.to_string(),
+                max_sequence_length: *msl,
                 loras: lora_key.to_string(),
             })
             .collect();
         let mut found = self.cached(&keys)?;
-        let mut calls: Vec<(u32, i32)> = keys
+        let mut calls: Vec<(u32, i32, u32)> = keys
             .iter()
             .zip(&found)
             .filter(|(_, f)| f.is_none())
-            .map(|(k, _)| (k.clip_skip, k.syntax))
+            .map(|(k, _)| (k.clip_skip, k.syntax, k.max_sequence_length))
             .collect();
         calls.sort_unstable();
         calls.dedup();
@@ -208,19 +215,23 @@ impl Generator {
         Ok(found)
     }
 
-    /// One Encode call for the prompts with this (clip_skip, syntax) not
-    /// found yet; the results go into `found` and the cache.
+    /// One Encode call for the prompts with this (clip_skip, syntax,
+    /// max_sequence_length) not found yet; the results go into `found` and
+    /// the cache.
     async fn encode_missing(
         &self,
         keys: &[PromptKey],
         found: &mut [Option<CachedEmbedding>],
-        (clip_skip, syntax): (u32, i32),
+        (clip_skip, syntax, max_sequence_length): (u32, i32, u32),
         loras: &[LoraRef],
         deadline: &Deadline,
     ) -> Result<()> {
         let missing: Vec<usize> = (0..keys.len())
             .filter(|&i| {
-                found[i].is_none() && keys[i].clip_skip == clip_skip && keys[i].syntax == syntax
+                found[i].is_none()
+                    && keys[i].clip_skip == clip_skip
+                    && keys[i].syntax == syntax
+                    && keys[i].max_sequence_length == max_sequence_length
             })
             .collect();
         let request = EncodeTextRequest {
@@ -229,6 +240,7 @@ impl Generator {
             dtype: Dtype::Float32 as i32,
             syntax,
             loras: loras.to_vec(),
+            max_sequence_length,
         };
         let span = tracing::info_span!("text_encode", clip_skip, replica = tracing::field::Empty);
         let response = self
@@ -290,6 +302,7 @@ fn zeros_like(like: &CachedEmbedding, model: &str) -> CachedEmbedding {
         model: model.to_string(),
         clip_skip: u32::MAX,
         syntax: 0,
+        max_sequence_length: 0,
         prompt: format!(
             "zeros {:?} {:?}",
             like.tensor.shape,

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use sd_models::lora::{self, Applied, Plan, Span};
-use sd_models::{Conditioning, Denoiser};
+use sd_models::{Conditioning, Denoiser, GuidanceInput};
 use sd_proto::v1::RgbImage;
 use tch::{Kind, Tensor};
 
@@ -43,6 +43,9 @@ pub struct Call {
     /// Present when guided (classifier-free: a second row per latent).
     pub uncond: Option<Half>,
     pub guidance: f64,
+    /// What a guidance-distilled network takes as its input (FLUX.1-dev);
+    /// None: an LCM UNet's embedding comes from `guidance`.
+    pub embedded_guidance: Option<f64>,
     /// Image conditioning taken beside the latents (an inpainting
     /// network's mask and masked-image latents), (B, extra, h, w).
     pub image: Option<Tensor>,
@@ -110,7 +113,7 @@ struct Inputs {
 
 impl Inputs {
     /// One half of call `c` (its uncond rows, or its cond rows).
-    fn add_half(&mut self, c: &Call, uncond_half: bool, guidance_dim: Option<i64>) {
+    fn add_half(&mut self, c: &Call, uncond_half: bool, input: Option<GuidanceInput>) {
         let b = c.batch();
         let rows = |t: &Tensor| {
             let mut size = t.size();
@@ -137,9 +140,16 @@ impl Inputs {
         if let Some(image) = &c.image {
             self.images.push(image.shallow_clone());
         }
-        if let Some(dim) = guidance_dim {
-            self.guidance
-                .push(guidance_embedding(c.guidance - 1.0, b, dim));
+        match input {
+            Some(GuidanceInput::Embedding(dim)) => {
+                self.guidance
+                    .push(guidance_embedding(c.guidance - 1.0, b, dim))
+            }
+            Some(GuidanceInput::Value) => {
+                let g = c.embedded_guidance.unwrap_or(c.guidance) as f32;
+                self.guidance.push(Tensor::from_slice(&vec![g; b as usize]));
+            }
+            None => {}
         }
     }
 
@@ -217,7 +227,7 @@ pub fn forward_calls(net: &Denoiser, calls: &[&Call]) -> sd_models::Result<Vec<T
                     groups.len() - 1
                 }
             };
-            groups[at].1.add_half(c, uncond_half, net.guidance_dim());
+            groups[at].1.add_half(c, uncond_half, net.guidance_input());
             groups[at].2.push((i, uncond_half));
         }
     }

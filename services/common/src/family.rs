@@ -3,9 +3,9 @@
 //! added conditioning, the refiner's time ids), the default guidance and
 //! steps, and the VAE's precision.
 
-use sd_models::{Component, Denoiser, Family, ModelDir, Placement};
+use sd_models::{Component, Denoiser, Family, GuidanceInput, ModelDir, Placement};
 use sd_proto::v1::denoiser_info::FamilyParams;
-use sd_proto::v1::{SdParams, SdxlParams};
+use sd_proto::v1::{FluxParams, SdParams, SdxlParams};
 use tch::Kind;
 
 /// What the model's family changes in the pipeline, as diffusers'
@@ -68,8 +68,17 @@ pub fn components(family: Family) -> &'static [Component] {
             Component::Unet,
             Component::Vae,
         ],
+        Family::Flux => &[
+            Component::TextEncoder,
+            Component::TextEncoder2,
+            Component::Transformer,
+            Component::Vae,
+        ],
     }
 }
+
+/// The most T5 tokens FLUX's pipelines take (`max_sequence_length`).
+pub const FLUX_MAX_SEQUENCE_LENGTH: u32 = 512;
 
 impl Profile {
     /// The profile of the model in `dir` whose network is `net`, with the
@@ -80,7 +89,9 @@ impl Profile {
         if let Some(g) = own.default_guidance {
             profile.default_guidance = g;
         }
-        profile.default_steps = own.default_steps.unwrap_or(0);
+        if let Some(steps) = own.default_steps {
+            profile.default_steps = steps;
+        }
         Ok(profile)
     }
 
@@ -95,12 +106,28 @@ impl Profile {
                 (FamilyParams::Sd(SdParams {}), 7.5)
             }
             Family::Sdxl => (FamilyParams::Sdxl(sdxl_params(dir, net)?), 5.0),
+            // diffusers' FluxPipeline: guidance_scale 3.5 (schnell ignores it).
+            Family::Flux => (
+                FamilyParams::Flux(FluxParams {
+                    pooled_dim: net.pooled_dim() as u32,
+                    max_sequence_length: FLUX_MAX_SEQUENCE_LENGTH,
+                    guidance_distilled: net.guidance_input() == Some(GuidanceInput::Value),
+                }),
+                3.5,
+            ),
+        };
+        // FLUX.1-dev's 28 steps (the pipeline's default); schnell is
+        // distilled for 4.
+        let default_steps = match &params {
+            FamilyParams::Flux(p) if p.guidance_distilled => 28,
+            FamilyParams::Flux(_) => 4,
+            FamilyParams::Sd(_) | FamilyParams::Sdxl(_) => 0,
         };
         Ok(Profile {
             family,
             params,
             default_guidance,
-            default_steps: 0,
+            default_steps,
         })
     }
 }
@@ -138,6 +165,8 @@ pub fn vae_placement(placement: Placement, family: Family, force_upcast: bool) -
     let upcasts = match family {
         Family::Sd => false,
         Family::Sdxl => force_upcast,
+        // FluxPipeline decodes in the VAE's own precision.
+        Family::Flux => false,
     };
     if upcasts && placement.kind == Kind::Half {
         Placement {

@@ -4,7 +4,7 @@
 //! documented pixel side), finite values, timesteps in the model's range,
 //! short ids, and each family's conditioning.
 
-use sd_models::{Denoiser, Layout};
+use sd_models::{Denoiser, GuidanceInput, Layout};
 use sd_proto::v1::denoiser_info::FamilyParams;
 use sd_proto::v1::{Dtype, Embedding, PredictRequest, SessionTensor, Tensor as WireTensor};
 use tch::Tensor;
@@ -137,25 +137,39 @@ impl Step {
         let batch = latents.size()[0];
         let timesteps = bounds.timesteps(&req.timesteps, batch)?;
         let guidance = guidance(req.guidance_scale)?;
+        let embedded_guidance = match (req.embedded_guidance, bounds.guidance_input) {
+            (None, _) => None,
+            (Some(g), Some(GuidanceInput::Value)) => {
+                if !g.is_finite() || !(0.0..=1000.0).contains(&g) {
+                    return Err(ServiceError::invalid(
+                        "embedded_guidance",
+                        format_args!("{g} given, a finite value in 0..=1000 allowed"),
+                    ));
+                }
+                Some(f64::from(g))
+            }
+            // schnell, SD: nothing takes it (diffusers drops it too).
+            (Some(_), _) => None,
+        };
         let out_dtype = output_dtype(req)?;
         let mut resolve = |e: Option<&Embedding>, field: &str| -> Result<Cond, ServiceError> {
             let e = e.ok_or_else(|| ServiceError::invalid(field, "missing"))?;
             embedding_id(e, field)?;
             let c = resolver.embedding(e, field, batch)?;
             bounds.embedding(&c.hidden, batch, field)?;
-            match (&c.pooled, bounds.xl) {
+            match (&c.pooled, bounds.pooled) {
                 (Some(p), Some(_)) => bounds.pooled_fits(p, batch, &format!("{field}.pooled"))?,
                 (None, None) => {}
                 (Some(_), None) => {
                     return Err(ServiceError::invalid(
                         format!("{field}.pooled"),
-                        "this model takes none (not an SDXL-family model)",
+                        "this model takes none (not an SDXL or FLUX model)",
                     ))
                 }
                 (None, Some(_)) => {
                     return Err(ServiceError::invalid(
                         format!("{field}.pooled"),
-                        "missing: an SDXL-family model needs the pooled embedding",
+                        "missing: this model needs the pooled embedding",
                     ))
                 }
             }
@@ -165,7 +179,7 @@ impl Step {
         // Guided when an uncond is sent and the scale is above one; a
         // network that takes guidance as an input has no unconditional branch.
         let uncond = if req.uncond.is_some() && req.guidance_scale > 1.0 {
-            if bounds.guidance_embedded {
+            if matches!(bounds.guidance_input, Some(GuidanceInput::Embedding(_))) {
                 return Err(ServiceError::invalid(
                     "uncond",
                     "this LCM UNet takes guidance_scale as an embedding, with no unconditional branch: send no uncond",
@@ -192,6 +206,7 @@ impl Step {
                 cond: half(cond, time_ids),
                 uncond: uncond.map(|u| half(u, negative_time_ids)),
                 guidance,
+                embedded_guidance,
                 image: None,
                 loras: Default::default(),
             },
@@ -255,9 +270,14 @@ pub struct Bounds {
     /// Input channels of image conditioning the network takes beside them
     /// (an inpainting UNet's 5; 0: none).
     pub image_channels: i64,
-    /// The network takes guidance as an input (LCM): no unconditional rows.
-    pub guidance_embedded: bool,
+    /// How the network takes guidance as an input: an LCM UNet's
+    /// embedding (then no unconditional rows), FLUX.1-dev's value.
+    pub guidance_input: Option<GuidanceInput>,
     pub context_dim: i64,
+    /// Width of the pooled text embedding each call brings (SDXL, FLUX).
+    pub pooled: Option<i64>,
+    /// The network packs 2×2 latent patches: latent sides must be even.
+    pub even_sides: bool,
     /// Latents per call.
     pub max_batch: i64,
     /// Largest latent side: `--max-side` pixels over the VAE's scale factor.
@@ -283,13 +303,19 @@ impl Bounds {
         Bounds {
             latent_channels: layout.latent_channels,
             image_channels: layout.in_channels - layout.latent_channels,
-            guidance_embedded: net.guidance_dim().is_some(),
+            guidance_input: net.guidance_input(),
             context_dim: net.context_dim(),
+            pooled: match params {
+                FamilyParams::Sd(_) => None,
+                FamilyParams::Sdxl(p) => Some(i64::from(p.pooled_dim)),
+                FamilyParams::Flux(p) => Some(i64::from(p.pooled_dim)),
+            },
+            even_sides: layout.packed,
             max_batch,
             max_latent_side: max_side / layout.vae_scale_factor.max(1),
             max_timestep,
             xl: match params {
-                FamilyParams::Sd(_) => None,
+                FamilyParams::Sd(_) | FamilyParams::Flux(_) => None,
                 FamilyParams::Sdxl(p) => Some((i64::from(p.pooled_dim), i64::from(p.time_ids_len))),
             },
         }
@@ -318,6 +344,15 @@ impl Bounds {
                 "latents",
                 format_args!(
                     "{}×{} latents exceed {side}×{side} (the largest image side over the VAE's scale factor)",
+                    s[3], s[2]
+                ),
+            ));
+        }
+        if self.even_sides && (s[2] % 2 != 0 || s[3] % 2 != 0) {
+            return Err(ServiceError::invalid(
+                "latents",
+                format_args!(
+                    "{}×{} latents: this network packs 2×2 patches, sides must be even",
                     s[3], s[2]
                 ),
             ));
@@ -386,15 +421,15 @@ impl Bounds {
         field: &str,
     ) -> Result<Option<Tensor>, ServiceError> {
         let field = format!("{field}.pooled");
-        match (self.xl, t) {
+        match (self.pooled, t) {
             (None, None) => Ok(None),
             (None, Some(_)) => Err(ServiceError::invalid(
                 field,
-                "this model takes none (not an SDXL-family model)",
+                "this model takes none (not an SDXL or FLUX model)",
             )),
             (Some(_), None) => Err(ServiceError::invalid(
                 field,
-                "missing: an SDXL-family model needs the pooled embedding",
+                "missing: this model needs the pooled embedding",
             )),
             (Some(_), Some(w)) => {
                 let t = from_wire(Some(w), &field)?;
@@ -407,7 +442,7 @@ impl Bounds {
 
     /// A pooled embedding (kept or sent) fits a call of `batch`.
     pub fn pooled_fits(&self, t: &Tensor, batch: i64, field: &str) -> Result<(), ServiceError> {
-        let dim = self.xl.map_or(0, |(d, _)| d);
+        let dim = self.pooled.unwrap_or(0);
         let s = t.size();
         if s.len() != 2 || !(s[0] == 1 || s[0] == batch) || s[1] != dim {
             return Err(ServiceError::invalid(
@@ -491,8 +526,10 @@ mod tests {
     pub(super) const B: Bounds = Bounds {
         latent_channels: 4,
         image_channels: 0,
-        guidance_embedded: false,
+        guidance_input: None,
         context_dim: 8,
+        pooled: None,
+        even_sides: false,
         max_batch: 2,
         max_latent_side: 16,
         max_timestep: 1000.0,
@@ -579,6 +616,7 @@ mod session_tests {
 
     const XL: Bounds = Bounds {
         xl: Some((3, 6)),
+        pooled: Some(3),
         ..super::tests::B
     };
 

@@ -1,9 +1,10 @@
 //! The text encoders of a model, as the text-encoder service and the
 //! in-process benchmark pipeline run them: one CLIP for SD 1.x/2.x; for the
 //! SDXL family both (the refiner: the second alone), their penultimate
-//! hidden states concatenated and the second's pooled, projected output.
+//! hidden states concatenated and the second's pooled, projected output;
+//! for FLUX, T5's last hidden states beside CLIP's pooled output.
 
-use sd_models::{ClipTextModel, ClipTokenizer, Component, ModelDir};
+use sd_models::{ClipTextModel, ClipTokenizer, Component, ModelDir, T5Encoder, T5Tokenizer};
 use sd_runtime::metrics::Metrics;
 
 use crate::ServiceError;
@@ -74,6 +75,12 @@ pub struct Encoder {
     pub clip: ClipTextModel,
 }
 
+/// T5's tokenizer and encoder (FLUX).
+pub struct T5 {
+    pub tokenizer: T5Tokenizer,
+    pub model: T5Encoder,
+}
+
 /// The text encoders of a model.
 pub enum TextEncoders {
     /// SD 1.x/2.x: one encoder; `clip_skip` counts from the last layer.
@@ -85,6 +92,9 @@ pub enum TextEncoders {
         first: Option<Box<Encoder>>,
         second: Box<Encoder>,
     },
+    /// FLUX: CLIP for the pooled embedding, T5 for the hidden states the
+    /// transformer attends to (padded to the request's length, unmasked).
+    Flux { clip: Box<Encoder>, t5: Box<T5> },
 }
 
 impl TextEncoders {
@@ -133,6 +143,19 @@ impl TextEncoders {
                     second: Box::new(encoder(Component::TextEncoder2)?),
                 })
             }
+            sd_models::Family::Flux => {
+                let clip = Box::new(encoder(Component::TextEncoder)?);
+                let tokenizer =
+                    crate::maybe_timed_load(metrics, "tokenizer_2", || dir.load_t5_tokenizer())?;
+                let model =
+                    crate::maybe_timed_load(metrics, Component::TextEncoder2.dir(), || {
+                        dir.load_t5(placement)
+                    })?;
+                Ok(TextEncoders::Flux {
+                    clip,
+                    t5: Box::new(T5 { tokenizer, model }),
+                })
+            }
         }
     }
 
@@ -142,12 +165,30 @@ impl TextEncoders {
             TextEncoders::Xl { first, second } => {
                 first.iter().chain([second]).map(|e| e.as_ref()).collect()
             }
+            TextEncoders::Flux { clip, .. } => vec![clip.as_ref()],
+        }
+    }
+
+    /// FLUX's T5 (None for the CLIP-only families).
+    pub fn t5(&self) -> Option<&T5> {
+        match self {
+            TextEncoders::Flux { t5, .. } => Some(t5),
+            TextEncoders::Single(_) | TextEncoders::Xl { .. } => None,
         }
     }
 
     /// What the Info call says: (hidden size, max tokens, clip_skip bound,
     /// pooled size).
     pub fn shape(&self) -> (i64, i64, i64, i64) {
+        if let TextEncoders::Flux { clip, t5 } = self {
+            // No clip_skip: FLUX reads CLIP's pooled output alone.
+            return (
+                t5.model.hidden_size(),
+                t5.tokenizer.max_length() as i64,
+                1,
+                clip.clip.hidden_size(),
+            );
+        }
         let encoders = self.encoders();
         let hidden = encoders.iter().map(|e| e.clip.hidden_size()).sum();
         let tokens = encoders
@@ -161,7 +202,7 @@ impl TextEncoders {
             .min()
             .unwrap_or(0);
         match self {
-            TextEncoders::Single(_) => (hidden, tokens, layers, 0),
+            TextEncoders::Single(_) | TextEncoders::Flux { .. } => (hidden, tokens, layers, 0),
             TextEncoders::Xl { second, .. } => (
                 hidden,
                 tokens,
@@ -175,12 +216,14 @@ impl TextEncoders {
         }
     }
 
-    /// Token ids (the first encoder's), hidden states and, for SDXL, the
-    /// pooled embeddings of `prompts`.
+    /// Token ids (the first encoder's; FLUX: T5's), hidden states and, for
+    /// SDXL and FLUX, the pooled embeddings of `prompts`. `length`: FLUX's
+    /// T5 tokens per prompt (the others ignore it).
     pub fn encode(
         &self,
         prompts: &[&str],
         clip_skip: usize,
+        length: usize,
     ) -> Result<(tch::Tensor, tch::Tensor, Option<tch::Tensor>), ServiceError> {
         let tokens = |e: &Encoder| {
             e.tokenizer
@@ -206,6 +249,17 @@ impl TextEncoders {
                 let ids = first_ids.ok_or_else(|| ServiceError::Task("no text encoder".into()))?;
                 Ok((ids, tch::Tensor::f_cat(&hidden, -1)?, pooled))
             }
+            TextEncoders::Flux { clip, t5 } => {
+                // diffusers: CLIP's pooled output (77 tokens, cut), T5's
+                // last hidden states at `length` tokens, pads included.
+                let pooled = clip.clip.forward_xl(&tokens(clip)?, 0)?.pooled;
+                let ids = t5
+                    .tokenizer
+                    .encode_batch(prompts, length)
+                    .map_err(|e| ServiceError::model_input("prompts", e))?;
+                let hidden = t5.model.forward(&ids)?;
+                Ok((ids, hidden, Some(pooled)))
+            }
         }
     }
 
@@ -220,8 +274,17 @@ impl TextEncoders {
         &self,
         prompt: &str,
         clip_skip: usize,
+        length: usize,
     ) -> Result<(Vec<i64>, tch::Tensor, Option<tch::Tensor>), ServiceError> {
         let fragments = sd_prompt::parse(prompt);
+        if let TextEncoders::Flux { .. } = self {
+            // T5 reads the text; attention weights and BREAK are refused
+            // rather than silently read as words.
+            let text = flux_a1111_text(&fragments)?;
+            let (ids, hidden, pooled) = self.encode(&[text.as_str()], 0, length)?;
+            let ids = Vec::<i64>::try_from(ids.flatten(0, -1))?;
+            return Ok((ids, hidden, pooled));
+        }
         let mut hidden = Vec::new();
         let (mut first_ids, mut pooled) = (None, None);
         for e in self.encoders() {
@@ -230,7 +293,9 @@ impl TextEncoders {
             let k = chunks.len() as i64;
             let ids_t = tch::Tensor::from_slice(&ids).view([k, -1]);
             let z = match self {
-                TextEncoders::Single(_) => e.clip.forward(&ids_t, clip_skip)?,
+                TextEncoders::Single(_) | TextEncoders::Flux { .. } => {
+                    e.clip.forward(&ids_t, clip_skip)?
+                }
                 TextEncoders::Xl { .. } => {
                     let out = e.clip.forward_xl(&ids_t, clip_skip)?;
                     pooled = Some(out.pooled.narrow(0, 0, 1));
@@ -252,6 +317,9 @@ impl TextEncoders {
         for e in self.encoders() {
             index.merge(e.clip.modules());
         }
+        if let Some(t5) = self.t5() {
+            index.merge(t5.model.modules());
+        }
         index
     }
 
@@ -263,6 +331,36 @@ impl TextEncoders {
                 &[Component::TextEncoder, Component::TextEncoder2]
             }
             TextEncoders::Xl { first: None, .. } => &[Component::TextEncoder2],
+            TextEncoders::Flux { .. } => &[Component::TextEncoder, Component::TextEncoder2],
         }
     }
+}
+
+/// A FLUX prompt in A1111's syntax as the text T5 reads: escapes resolved,
+/// fragments joined. Attention weights other than 1 and `BREAK` are
+/// refused naming the prompt: FLUX's T5 has no emphasis here (Forge
+/// scales T5's embeddings; sdserve does not pretend to).
+fn flux_a1111_text(fragments: &[sd_prompt::Fragment]) -> Result<String, ServiceError> {
+    let mut text = String::new();
+    for f in fragments {
+        if f.is_break() {
+            return Err(ServiceError::invalid(
+                "prompts",
+                "BREAK is not read on a FLUX prompt (T5 takes one sequence)",
+            ));
+        }
+        if (f.weight - 1.0).abs() > 1e-6 {
+            return Err(ServiceError::invalid(
+                "prompts",
+                format_args!(
+                    "attention weights are not applied to a FLUX (T5) prompt: `{}` has weight {}; \
+                     remove the (…:w) / […] syntax",
+                    f.text.trim(),
+                    f.weight
+                ),
+            ));
+        }
+        text.push_str(&f.text);
+    }
+    Ok(text)
 }

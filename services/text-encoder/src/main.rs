@@ -98,6 +98,23 @@ impl Service {
             ServiceError::invalid("syntax", format_args!("unknown value {}", req.syntax))
         })?;
         sd_service::lora::check(&req.loras)?;
+        let length = match (self.model.t5(), req.max_sequence_length) {
+            (None, 0) => 0,
+            (None, _) => {
+                return Err(ServiceError::invalid(
+                    "max_sequence_length",
+                    "applies to FLUX models (T5) only",
+                ))
+            }
+            (Some(_), 0) => self.info.max_tokens as usize,
+            (Some(_), n) if n <= self.info.max_tokens => n as usize,
+            (Some(_), n) => {
+                return Err(ServiceError::invalid(
+                    "max_sequence_length",
+                    format_args!("{n} given, 1..={} allowed", self.info.max_tokens),
+                ))
+            }
+        };
         let model = self.model.clone();
         let prompts = req.prompts;
         let clip_skip = req.clip_skip as usize;
@@ -109,7 +126,7 @@ impl Service {
                 // each A1111 chunk) runs with the request's adapters.
                 let set = store.resolve(&refs)?;
                 lora::with_plan(Plan::all(set), || {
-                    encode(&model, &prompts, clip_skip, syntax, dtype)
+                    encode(&model, &prompts, (clip_skip, length), syntax, dtype)
                 })
             })
             .await?;
@@ -118,19 +135,20 @@ impl Service {
 }
 
 /// The prompts read as `syntax` says.
+/// `(clip_skip, length)`: `length` is FLUX's T5 tokens per prompt.
 fn encode(
     model: &TextEncoders,
     prompts: &[String],
-    clip_skip: usize,
+    (clip_skip, length): (usize, usize),
     syntax: PromptSyntax,
     dtype: Dtype,
 ) -> Result<Vec<EncodedPrompt>, ServiceError> {
     match syntax {
-        PromptSyntax::Plain => encode_plain(model, prompts, clip_skip, dtype),
+        PromptSyntax::Plain => encode_plain(model, prompts, (clip_skip, length), dtype),
         PromptSyntax::A1111 => prompts
             .iter()
             .map(|p| {
-                let (ids, hidden, pooled) = model.encode_a1111(p, clip_skip)?;
+                let (ids, hidden, pooled) = model.encode_a1111(p, clip_skip, length)?;
                 encoded(
                     ids,
                     &hidden.get(0),
@@ -146,11 +164,11 @@ fn encode(
 fn encode_plain(
     model: &TextEncoders,
     prompts: &[String],
-    clip_skip: usize,
+    (clip_skip, length): (usize, usize),
     dtype: Dtype,
 ) -> Result<Vec<EncodedPrompt>, ServiceError> {
     let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-    let (ids, hidden, pooled) = model.encode(&refs, clip_skip)?;
+    let (ids, hidden, pooled) = model.encode(&refs, clip_skip, length)?;
     let ids: Vec<i64> = Vec::<i64>::try_from(ids.flatten(0, -1))?;
     let per = ids.len() / prompts.len().max(1);
     (0..prompts.len())
@@ -210,7 +228,7 @@ fn load(
         metrics.clone(),
     )?);
     // Warm up: one forward before reporting SERVING.
-    let _warm = model.encode(&[""], 0)?;
+    let _warm = model.encode(&[""], 0, 16)?;
     let (hidden, tokens, layers, pooled) = model.shape();
     let components = model.components();
     let info = TextEncoderInfo {

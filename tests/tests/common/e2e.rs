@@ -159,6 +159,8 @@ pub fn request(p: &serde_json::Value, e2e: &std::path::Path) -> GenerateRequest 
                     .collect()
             })
             .unwrap_or_default(),
+        true_cfg_scale: f("true_cfg_scale").map(|v| v as f32),
+        max_sequence_length: u("max_sequence_length"),
         ..Default::default()
     }
 }

@@ -94,11 +94,22 @@ async fn time_predict(
         let n = shape.iter().product::<i64>() as usize;
         sd_proto::wire::HostTensor::new(shape, vec![0.0; n]).map(|t| t.to_wire(Dtype::Float32))
     };
+    // FLUX: even sides (2×2 patches), its T5 length, its pooled width.
+    let (side, tokens, pooled_dim, embedded_guidance) = match &info.family_params {
+        Some(FamilyParams::Flux(f)) => (
+            (side + 1) / 2 * 2,
+            i64::from(f.max_sequence_length),
+            Some(i64::from(f.pooled_dim)),
+            f.guidance_distilled.then_some(3.5),
+        ),
+        Some(FamilyParams::Sdxl(x)) => (side, 77, Some(i64::from(x.pooled_dim)), None),
+        Some(FamilyParams::Sd(_)) | None => (side, 77, None, None),
+    };
     let latents: WireTensor = zeros(vec![rows, i64::from(info.latent_channels), side, side])?;
-    let cond = zeros(vec![1, 77, i64::from(info.context_dim)])?;
+    let cond = zeros(vec![1, tokens, i64::from(info.context_dim)])?;
     let sdxl = match &info.family_params {
         Some(FamilyParams::Sdxl(x)) => Some(x),
-        Some(FamilyParams::Sd(_)) | None => None,
+        Some(FamilyParams::Sd(_) | FamilyParams::Flux(_)) | None => None,
     };
     let mut best = f64::INFINITY;
     for _ in 0..runs.max(1) {
@@ -108,15 +119,14 @@ async fn time_predict(
             cond: Some(Embedding {
                 id: String::new(),
                 tensor: Some(cond.clone()),
-                // SDXL-family models: their added conditioning, zeros.
-                pooled: sdxl
-                    .map(|x| zeros(vec![1, i64::from(x.pooled_dim)]))
-                    .transpose()?,
+                // SDXL and FLUX: their pooled embedding, zeros.
+                pooled: pooled_dim.map(|d| zeros(vec![1, d])).transpose()?,
             }),
             time_ids: sdxl
                 .map(|x| zeros(vec![1, i64::from(x.time_ids_len)]))
                 .transpose()?,
             guidance_scale: 1.0,
+            embedded_guidance,
             ..Default::default()
         };
         let t = Instant::now();

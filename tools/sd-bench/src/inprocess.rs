@@ -94,8 +94,8 @@ impl InProcess {
             text_model_id: format!("in-process:{}", dir.root().display()),
             profile: GatewayProfile {
                 params: profile.params,
-                time_cond_dim: me.net.guidance_dim().unwrap_or(0).max(0) as u32,
-                guidance_embedded: me.net.guidance_dim().is_some(),
+                time_cond_dim: me.net.time_cond_dim().max(0) as u32,
+                guidance_embedded: me.net.guidance_input().is_some(),
                 default_guidance: profile.default_guidance,
                 default_steps: profile.default_steps,
             },
@@ -223,7 +223,11 @@ impl InProcess {
     fn encode_text_here(&self, req: EncodeTextRequest) -> Result<EncodeTextResponse, ServiceError> {
         tokio::task::block_in_place(|| {
             let refs: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
-            let (_, hidden, pooled) = self.text.encode(&refs, req.clip_skip as usize)?;
+            let length = match req.max_sequence_length {
+                0 => self.text.shape().1 as usize,
+                n => n as usize,
+            };
+            let (_, hidden, pooled) = self.text.encode(&refs, req.clip_skip as usize, length)?;
             let prompts = (0..refs.len())
                 .map(|i| {
                     Ok(EncodedPrompt {

@@ -74,6 +74,7 @@ fn calls(
             cond: Half::text(Tensor::randn([1, context.0, context.1], f)),
             uncond: Some(Half::text(Tensor::randn([1, context.0, context.1], f))),
             guidance: 7.5,
+            embedded_guidance: None,
             image: None,
             loras: sets[i % sets.len()].clone(),
         })

@@ -61,6 +61,13 @@ pub struct GenerateArgs {
     /// the model's, 7.5, SDXL 5.0).
     #[arg(long)]
     guidance: Option<f32>,
+    /// FLUX: real classifier-free guidance on top of the distilled
+    /// guidance, with --negative-prompt (diffusers' true_cfg_scale; 1: off).
+    #[arg(long)]
+    true_cfg_scale: Option<f32>,
+    /// FLUX: T5 tokens each prompt is padded or cut to (1..=512; default 512).
+    #[arg(long, default_value_t = 0)]
+    max_sequence_length: u32,
     /// ddim, pndm, euler, euler-a, lms, heun, dpmpp-2m, unipc, lcm (default: the model's own).
     #[arg(long)]
     scheduler: Option<String>,
@@ -212,6 +219,8 @@ fn request(a: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
             sd_proto::v1::PromptSyntax::Plain as i32
         },
         loras: a.loras.clone(),
+        true_cfg_scale: a.true_cfg_scale,
+        max_sequence_length: a.max_sequence_length,
     })
 }
 

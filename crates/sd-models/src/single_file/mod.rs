@@ -130,6 +130,12 @@ pub fn aliases(w: &Weights, c: Component, layout: &Layout) -> Result<HashMap<Str
         }
         Component::TextEncoder => text_encoder(w, &keys, c)?,
         Component::TextEncoder2 => text_encoder(w, &keys, c)?,
+        Component::Transformer => {
+            return Err(ModelError::Unsupported {
+                path: w.path().to_path_buf(),
+                message: "a transformer in a single file is not read here".into(),
+            })
+        }
     };
     if map.is_empty() {
         return Err(ModelError::Unsupported {

@@ -15,7 +15,6 @@ mod embeddings;
 mod transformer;
 
 use std::path::Path;
-use std::sync::Arc;
 
 use tch::{Kind, Tensor};
 
@@ -74,7 +73,7 @@ pub struct UNet {
     conv_out: Conv2d,
     placement: Placement,
     parameters: u64,
-    _storage: Arc<memmap2::Mmap>,
+    _storage: crate::weights::Storage,
     /// Its LoRA-capable layers.
     modules: crate::modules::ModuleIndex,
 }

@@ -11,6 +11,7 @@ mod common;
 mod ddim;
 mod dpmpp;
 mod euler;
+mod flow;
 mod heun;
 mod lcm;
 mod lms;
@@ -21,6 +22,7 @@ use std::fmt;
 use std::str::FromStr;
 
 pub use common::{Prediction, SchedulerConfig, Spacing};
+pub use flow::flux_mu;
 
 /// The schedulers sdserve offers, by the names users type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,10 +36,12 @@ pub enum SchedulerKind {
     DpmPp2m,
     UniPc,
     Lcm,
+    /// Flow matching (FLUX): diffusers' `FlowMatchEulerDiscreteScheduler`.
+    FlowEuler,
 }
 
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 9] = [
+    pub const ALL: [SchedulerKind; 10] = [
         SchedulerKind::Ddim,
         SchedulerKind::Pndm,
         SchedulerKind::Euler,
@@ -47,6 +51,7 @@ impl SchedulerKind {
         SchedulerKind::DpmPp2m,
         SchedulerKind::UniPc,
         SchedulerKind::Lcm,
+        SchedulerKind::FlowEuler,
     ];
 
     pub fn name(self) -> &'static str {
@@ -60,6 +65,7 @@ impl SchedulerKind {
             SchedulerKind::DpmPp2m => "dpmpp-2m",
             SchedulerKind::UniPc => "unipc",
             SchedulerKind::Lcm => "lcm",
+            SchedulerKind::FlowEuler => "flow-euler",
         }
     }
 
@@ -75,6 +81,7 @@ impl SchedulerKind {
             SchedulerKind::DpmPp2m => "DPMSolverMultistepScheduler",
             SchedulerKind::UniPc => "UniPCMultistepScheduler",
             SchedulerKind::Lcm => "LCMScheduler",
+            SchedulerKind::FlowEuler => "FlowMatchEulerDiscreteScheduler",
         }
     }
 
@@ -92,6 +99,12 @@ impl SchedulerKind {
                 | SchedulerKind::DpmPp2m
                 | SchedulerKind::UniPc
         )
+    }
+
+    /// Whether this scheduler steps a flow-matching model (a velocity
+    /// from pure noise at σ = 1); the others step noise-prediction models.
+    pub fn is_flow(self) -> bool {
+        self == SchedulerKind::FlowEuler
     }
 
     /// Whether `eta` means something (DDIM only).
@@ -122,6 +135,7 @@ impl FromStr for SchedulerKind {
             "euler_a" | "euler-ancestral" => Some(SchedulerKind::EulerAncestral),
             "plms" => Some(SchedulerKind::Pndm),
             "dpm++2m" | "dpmpp_2m" | "dpm-solver++" => Some(SchedulerKind::DpmPp2m),
+            "flow_euler" | "flowmatch-euler" | "flow-match-euler" => Some(SchedulerKind::FlowEuler),
             _ => None,
         };
         Self::ALL
@@ -150,6 +164,9 @@ pub enum SchedulerError {
 pub struct SchedulerOptions {
     pub karras: bool,
     pub eta: f32,
+    /// Flow models: the packed latents' token count (FLUX's
+    /// resolution-dependent shift).
+    pub image_seq_len: Option<usize>,
 }
 
 /// One scheduler, set up for a number of inference steps.
@@ -185,6 +202,12 @@ pub trait Scheduler: Send + Sync {
 
     /// Image-to-image: noise `original` to the level of timestep index `i`.
     fn add_noise(&self, original: &[f32], noise: &[f32], i: usize) -> Vec<f32>;
+
+    /// Image-to-image: the first timestep index at `strength` of `steps`
+    /// (diffusers' `get_timesteps` of the pipelines this scheduler serves).
+    fn start_index(&self, steps: u32, strength: f32) -> usize {
+        crate::img2img_start(steps, strength, self.order())
+    }
 }
 
 /// Build `kind` from the model's scheduler config, set to `steps` inference steps.
@@ -215,5 +238,8 @@ pub fn build(
         SchedulerKind::DpmPp2m => Box::new(dpmpp::DpmPp2m::new(config, steps, options.karras)?),
         SchedulerKind::UniPc => Box::new(unipc::UniPc::new(config, steps, options.karras)?),
         SchedulerKind::Lcm => Box::new(lcm::Lcm::new(config, steps)?),
+        SchedulerKind::FlowEuler => {
+            Box::new(flow::FlowEuler::new(config, steps, options.image_seq_len)?)
+        }
     })
 }

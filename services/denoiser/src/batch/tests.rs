@@ -27,6 +27,7 @@ fn job(seed: i64, b: i64, t: f32, guided: bool, g: f64) -> Call {
         cond: Half::text(Tensor::randn([1, 77, 32], f)),
         uncond: guided.then(|| Half::text(Tensor::randn([1, 77, 32], f))),
         guidance: g,
+        embedded_guidance: None,
         image: None,
         loras: Default::default(),
     }
@@ -482,6 +483,7 @@ fn xl_job(seed: i64, b: i64, t: f32, guided: bool, g: f64) -> Call {
             time_ids: Some(ids(0.5)),
         }),
         guidance: g,
+        embedded_guidance: None,
         image: None,
         loras: Default::default(),
     }

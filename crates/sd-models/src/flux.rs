@@ -1,0 +1,678 @@
+//! FLUX.1's transformer (diffusers' `FluxTransformer2DModel`): latents
+//! packed into 2×2 patches as tokens, double-stream blocks (image and text
+//! each with their own weights, attending jointly), single-stream blocks
+//! over the joined sequence, rotary positions on three axes, and AdaLN
+//! modulation from the timestep, the pooled text embedding and (dev) the
+//! distilled guidance. The network takes and returns unpacked latents
+//! (batch, channels, h, w): packing is its own business.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use tch::{Kind, Tensor};
+
+use crate::config::read_json;
+use crate::error::{guarded, ModelError, Result};
+use crate::layers::Linear;
+use crate::modules::ModuleIndex;
+use crate::weights::{Storage, Vb, Weights};
+
+/// The keys of the transformer's `config.json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FluxConfig {
+    #[serde(default = "one")]
+    pub patch_size: i64,
+    #[serde(default = "in_channels")]
+    pub in_channels: i64,
+    #[serde(default)]
+    pub out_channels: Option<i64>,
+    #[serde(default = "double")]
+    pub num_layers: i64,
+    #[serde(default = "single")]
+    pub num_single_layers: i64,
+    #[serde(default = "head_dim")]
+    pub attention_head_dim: i64,
+    #[serde(default = "heads")]
+    pub num_attention_heads: i64,
+    #[serde(default = "joint")]
+    pub joint_attention_dim: i64,
+    #[serde(default = "pooled")]
+    pub pooled_projection_dim: i64,
+    #[serde(default)]
+    pub guidance_embeds: bool,
+    #[serde(default = "axes")]
+    pub axes_dims_rope: Vec<i64>,
+}
+
+fn one() -> i64 {
+    1
+}
+fn in_channels() -> i64 {
+    64
+}
+fn double() -> i64 {
+    19
+}
+fn single() -> i64 {
+    38
+}
+fn head_dim() -> i64 {
+    128
+}
+fn heads() -> i64 {
+    24
+}
+fn joint() -> i64 {
+    4096
+}
+fn pooled() -> i64 {
+    768
+}
+fn axes() -> Vec<i64> {
+    vec![16, 56, 56]
+}
+
+/// Sinusoids of the timestep and guidance embeddings.
+const TIME_PROJ_DIM: i64 = 256;
+/// The rotary base.
+const THETA: f64 = 10000.0;
+
+impl FluxConfig {
+    pub fn inner_dim(&self) -> i64 {
+        self.num_attention_heads * self.attention_head_dim
+    }
+
+    /// Channels of the VAE latents it denoises (the packed tokens carry
+    /// four of each).
+    pub fn latent_channels(&self) -> i64 {
+        self.in_channels / 4
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |message: String| ModelError::Config {
+            path: path.to_path_buf(),
+            message,
+        };
+        if self.patch_size != 1 {
+            return Err(bad(format!(
+                "patch_size {} (FLUX packs 2×2 patches outside the network: 1)",
+                self.patch_size
+            )));
+        }
+        if self.in_channels < 4 || self.in_channels % 4 != 0 {
+            return Err(bad(format!(
+                "in_channels {} is not four latent channels' worth",
+                self.in_channels
+            )));
+        }
+        if let Some(o) = self.out_channels {
+            if o != self.in_channels {
+                return Err(bad(format!(
+                    "out_channels {o} differs from in_channels {} (a FLUX Fill or \
+                     Kontext transformer is not served yet)",
+                    self.in_channels
+                )));
+            }
+        }
+        for (k, v) in [
+            ("num_attention_heads", self.num_attention_heads),
+            ("attention_head_dim", self.attention_head_dim),
+            ("joint_attention_dim", self.joint_attention_dim),
+            ("pooled_projection_dim", self.pooled_projection_dim),
+        ] {
+            if v < 1 {
+                return Err(bad(format!("`{k}` must be positive, got {v}")));
+            }
+        }
+        if self.num_layers < 0 || self.num_single_layers < 0 {
+            return Err(bad("block counts must not be negative".into()));
+        }
+        if self.axes_dims_rope.len() != 3
+            || self.axes_dims_rope.iter().any(|d| *d < 2 || d % 2 != 0)
+            || self.axes_dims_rope.iter().sum::<i64>() != self.attention_head_dim
+        {
+            return Err(bad(format!(
+                "axes_dims_rope {:?}: three even sizes summing to attention_head_dim {}",
+                self.axes_dims_rope, self.attention_head_dim
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Linear → SiLU → linear (diffusers' `TimestepEmbedding` and
+/// `PixArtAlphaTextProjection` with SiLU).
+struct Mlp {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl Mlp {
+    fn load(vb: &Vb, input: i64, dim: i64) -> Result<Self> {
+        Ok(Mlp {
+            linear_1: Linear::load(&vb.pp("linear_1"), input, dim, true)?,
+            linear_2: Linear::load(&vb.pp("linear_2"), dim, dim, true)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        self.linear_2.forward(&self.linear_1.forward(xs).silu())
+    }
+}
+
+/// diffusers' `get_timestep_embedding` with FLUX's settings (cos first, no
+/// frequency shift), in float32.
+fn sinusoids(t: &Tensor) -> Tensor {
+    let half = TIME_PROJ_DIM / 2;
+    let exponent =
+        Tensor::arange(half, (Kind::Float, t.device())) * (-(10000f64.ln())) / (half as f64);
+    let emb = t.to_kind(Kind::Float).unsqueeze(1) * exponent.exp().unsqueeze(0);
+    Tensor::cat(&[emb.cos(), emb.sin()], -1)
+}
+
+/// Modulation from the conditioning vector: SiLU → linear → `n` chunks.
+struct Modulation {
+    linear: Linear,
+    n: i64,
+}
+
+impl Modulation {
+    fn load(vb: &Vb, dim: i64, n: i64) -> Result<Self> {
+        Ok(Modulation {
+            linear: Linear::load(&vb.pp("linear"), dim, n * dim, true)?,
+            n,
+        })
+    }
+
+    /// Each chunk (B, 1, dim), ready to broadcast over tokens.
+    fn forward(&self, temb: &Tensor) -> Vec<Tensor> {
+        self.linear
+            .forward(&temb.silu())
+            .unsqueeze(1)
+            .chunk(self.n, -1)
+    }
+}
+
+/// LayerNorm without affine parameters (eps 1e-6), then `x·(1+scale)+shift`.
+fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Tensor {
+    let d = x.size()[2];
+    x.layer_norm([d], None::<Tensor>, None::<Tensor>, 1e-6, true) * (scale + 1.0) + shift
+}
+
+/// Query/key RMS norm over the head dimension (torch's `RMSNorm`).
+struct QkNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl QkNorm {
+    fn load(vb: &Vb, dim: i64, eps: f64) -> Result<Self> {
+        Ok(QkNorm {
+            weight: vb.get("weight", &[dim])?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let d = *x.size().last().unwrap_or(&1);
+        x.rms_norm([d], Some(&self.weight), self.eps)
+    }
+}
+
+/// Projections of one stream's queries, keys and values, with their norms.
+struct Qkv {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    norm_q: QkNorm,
+    norm_k: QkNorm,
+}
+
+impl Qkv {
+    fn load(vb: &Vb, names: [&str; 5], dim: i64, head_dim: i64) -> Result<Self> {
+        Ok(Qkv {
+            q: Linear::load(&vb.pp(names[0]), dim, dim, true)?,
+            k: Linear::load(&vb.pp(names[1]), dim, dim, true)?,
+            v: Linear::load(&vb.pp(names[2]), dim, dim, true)?,
+            norm_q: QkNorm::load(&vb.pp(names[3]), head_dim, 1e-6)?,
+            norm_k: QkNorm::load(&vb.pp(names[4]), head_dim, 1e-6)?,
+        })
+    }
+
+    /// (B, S, heads, head_dim) each.
+    fn forward(&self, x: &Tensor, head_dim: i64) -> (Tensor, Tensor, Tensor) {
+        let (b, s, _) = x.size3().expect("3-d tokens");
+        let split = |t: Tensor| t.view([b, s, -1, head_dim]);
+        (
+            self.norm_q.forward(&split(self.q.forward(x))),
+            self.norm_k.forward(&split(self.k.forward(x))),
+            split(self.v.forward(x)),
+        )
+    }
+}
+
+const MAIN: [&str; 5] = ["to_q", "to_k", "to_v", "norm_q", "norm_k"];
+const ADDED: [&str; 5] = [
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "norm_added_q",
+    "norm_added_k",
+];
+
+/// Rotary embedding on (B, S, H, D) with (S, D) cos and sin (pairs of
+/// adjacent channels rotate together), in float32.
+fn rotate(x: &Tensor, rope: &(Tensor, Tensor)) -> Tensor {
+    let (cos, sin) = rope;
+    let s = x.size();
+    let pairs = x.reshape([s[0], s[1], s[2], -1, 2]);
+    let (re, im) = (pairs.select(-1, 0), pairs.select(-1, 1));
+    let rotated = Tensor::stack(&[-im, re], -1).flatten(3, -1);
+    let cos = cos.unsqueeze(0).unsqueeze(2);
+    let sin = sin.unsqueeze(0).unsqueeze(2);
+    (x.to_kind(Kind::Float) * cos + rotated.to_kind(Kind::Float) * sin).to_kind(x.kind())
+}
+
+/// Joint attention over already rotated (B, S, H, D) queries, keys, values;
+/// (B, S, H·D) out.
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+    let t = |x: &Tensor| x.transpose(1, 2);
+    let out = Tensor::scaled_dot_product_attention::<Tensor>(
+        &t(q),
+        &t(k),
+        &t(v),
+        None,
+        0.0,
+        false,
+        None,
+        false,
+    );
+    out.transpose(1, 2).flatten(2, 3)
+}
+
+/// diffusers' `FeedForward` with tanh-approximated GELU (`net.0.proj`, `net.2`).
+struct FeedForward {
+    up: Linear,
+    down: Linear,
+}
+
+impl FeedForward {
+    fn load(vb: &Vb, dim: i64) -> Result<Self> {
+        Ok(FeedForward {
+            up: Linear::load(&vb.pp("net.0.proj"), dim, 4 * dim, true)?,
+            down: Linear::load(&vb.pp("net.2"), 4 * dim, dim, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.down.forward(&self.up.forward(x).gelu("tanh"))
+    }
+}
+
+/// A double-stream block: image and text tokens each with their own
+/// modulation, projections and feed-forward, attending jointly.
+struct DoubleBlock {
+    norm1: Modulation,
+    norm1_context: Modulation,
+    img: Qkv,
+    txt: Qkv,
+    to_out: Linear,
+    to_add_out: Linear,
+    ff: FeedForward,
+    ff_context: FeedForward,
+}
+
+impl DoubleBlock {
+    fn load(vb: &Vb, dim: i64, head_dim: i64) -> Result<Self> {
+        let attn = vb.pp("attn");
+        Ok(DoubleBlock {
+            norm1: Modulation::load(&vb.pp("norm1"), dim, 6)?,
+            norm1_context: Modulation::load(&vb.pp("norm1_context"), dim, 6)?,
+            img: Qkv::load(&attn, MAIN, dim, head_dim)?,
+            txt: Qkv::load(&attn, ADDED, dim, head_dim)?,
+            to_out: Linear::load(&attn.pp("to_out.0"), dim, dim, true)?,
+            to_add_out: Linear::load(&attn.pp("to_add_out"), dim, dim, true)?,
+            ff: FeedForward::load(&vb.pp("ff"), dim)?,
+            ff_context: FeedForward::load(&vb.pp("ff_context"), dim)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        temb: &Tensor,
+        rope: &(Tensor, Tensor),
+        head_dim: i64,
+    ) -> (Tensor, Tensor) {
+        let m = self.norm1.forward(temb);
+        let c = self.norm1_context.forward(temb);
+        let img_n = modulate(img, &m[0], &m[1]);
+        let txt_n = modulate(txt, &c[0], &c[1]);
+        let (iq, ik, iv) = self.img.forward(&img_n, head_dim);
+        let (tq, tk, tv) = self.txt.forward(&txt_n, head_dim);
+        // Text first, as diffusers joins them.
+        let q = rotate(&Tensor::cat(&[tq, iq], 1), rope);
+        let k = rotate(&Tensor::cat(&[tk, ik], 1), rope);
+        let v = Tensor::cat(&[tv, iv], 1);
+        let a = attend(&q, &k, &v);
+        let n_txt = txt.size()[1];
+        let txt_a = a.narrow(1, 0, n_txt);
+        let img_a = a.narrow(1, n_txt, a.size()[1] - n_txt);
+
+        let img = img + &m[2] * self.to_out.forward(&img_a.contiguous());
+        let ff = self.ff.forward(&modulate(&img, &m[3], &m[4]));
+        let img = &img + &m[5] * ff;
+
+        let txt = txt + &c[2] * self.to_add_out.forward(&txt_a.contiguous());
+        let ff = self.ff_context.forward(&modulate(&txt, &c[3], &c[4]));
+        let txt = &txt + &c[5] * ff;
+        (clip_half(img), clip_half(txt))
+    }
+}
+
+/// diffusers clips fp16 activations to the finite range after each block.
+fn clip_half(x: Tensor) -> Tensor {
+    if x.kind() == Kind::Half {
+        x.clamp(-65504.0, 65504.0)
+    } else {
+        x
+    }
+}
+
+/// A single-stream block over the joined text and image tokens: attention
+/// and an MLP side by side, one output projection.
+struct SingleBlock {
+    norm: Modulation,
+    qkv: Qkv,
+    proj_mlp: Linear,
+    proj_out: Linear,
+}
+
+impl SingleBlock {
+    fn load(vb: &Vb, dim: i64, head_dim: i64) -> Result<Self> {
+        Ok(SingleBlock {
+            norm: Modulation::load(&vb.pp("norm"), dim, 3)?,
+            qkv: Qkv::load(&vb.pp("attn"), MAIN, dim, head_dim)?,
+            proj_mlp: Linear::load(&vb.pp("proj_mlp"), dim, 4 * dim, true)?,
+            proj_out: Linear::load(&vb.pp("proj_out"), 5 * dim, dim, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, temb: &Tensor, rope: &(Tensor, Tensor), head_dim: i64) -> Tensor {
+        let m = self.norm.forward(temb);
+        let n = modulate(x, &m[0], &m[1]);
+        let mlp = self.proj_mlp.forward(&n).gelu("tanh");
+        let (q, k, v) = self.qkv.forward(&n, head_dim);
+        let a = attend(&rotate(&q, rope), &rotate(&k, rope), &v);
+        let out = self.proj_out.forward(&Tensor::cat(&[a, mlp], 2));
+        clip_half(x + &m[2] * out)
+    }
+}
+
+/// FLUX.1's transformer, loaded from `transformer/`.
+pub struct FluxTransformer {
+    config: FluxConfig,
+    x_embedder: Linear,
+    context_embedder: Linear,
+    time: Mlp,
+    guidance: Option<Mlp>,
+    text: Mlp,
+    double: Vec<DoubleBlock>,
+    single: Vec<SingleBlock>,
+    norm_out: Linear,
+    proj_out: Linear,
+    modules: ModuleIndex,
+    device: tch::Device,
+    kind: Kind,
+    parameters: u64,
+    _storage: Storage,
+}
+
+impl FluxTransformer {
+    pub fn load(config_path: &Path, weights: &Weights) -> Result<Self> {
+        let config: FluxConfig = read_json(config_path)?;
+        config.validate(config_path)?;
+        let vb = Vb::root(weights, "");
+        let (dim, hd) = (config.inner_dim(), config.attention_head_dim);
+        let tte = vb.pp("time_text_embed");
+        let double = (0..config.num_layers)
+            .map(|i| DoubleBlock::load(&vb.pp("transformer_blocks").pp(i), dim, hd))
+            .collect::<Result<Vec<_>>>()?;
+        let single = (0..config.num_single_layers)
+            .map(|i| SingleBlock::load(&vb.pp("single_transformer_blocks").pp(i), dim, hd))
+            .collect::<Result<Vec<_>>>()?;
+        let guidance = if config.guidance_embeds {
+            Some(Mlp::load(&tte.pp("guidance_embedder"), TIME_PROJ_DIM, dim)?)
+        } else {
+            None
+        };
+        let me = FluxTransformer {
+            x_embedder: Linear::load(&vb.pp("x_embedder"), config.in_channels, dim, true)?,
+            context_embedder: Linear::load(
+                &vb.pp("context_embedder"),
+                config.joint_attention_dim,
+                dim,
+                true,
+            )?,
+            time: Mlp::load(&tte.pp("timestep_embedder"), TIME_PROJ_DIM, dim)?,
+            guidance,
+            text: Mlp::load(&tte.pp("text_embedder"), config.pooled_projection_dim, dim)?,
+            double,
+            single,
+            norm_out: Linear::load(&vb.pp("norm_out.linear"), dim, 2 * dim, true)?,
+            proj_out: Linear::load(&vb.pp("proj_out"), dim, config.in_channels, true)?,
+            modules: weights.module_index(),
+            device: weights.placement().device,
+            kind: weights.placement().kind,
+            parameters: weights.parameter_count(),
+            _storage: weights.storage(),
+            config,
+        };
+        Ok(me)
+    }
+
+    pub fn config(&self) -> &FluxConfig {
+        &self.config
+    }
+
+    pub fn modules(&self) -> &ModuleIndex {
+        &self.modules
+    }
+
+    pub fn parameters(&self) -> u64 {
+        self.parameters
+    }
+
+    /// The velocity for `latents` (B, C, h, w) at `timesteps` (σ·1000, one
+    /// per item or one for all) given the T5 `context` (B, L, joint), the
+    /// pooled CLIP embedding (B, pooled) and, for a guidance-distilled
+    /// model, the guidance per item (B,).
+    pub fn forward(
+        &self,
+        latents: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        pooled: Option<&Tensor>,
+        guidance: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let size = latents.size();
+        let [b, ch, h, w] = size[..] else {
+            return Err(ModelError::Input(format!(
+                "latents must be 4-d (batch, channels, h, w), got {size:?}"
+            )));
+        };
+        if ch != c.latent_channels() || h % 2 != 0 || w % 2 != 0 || h < 2 || w < 2 {
+            return Err(ModelError::Input(format!(
+                "latents {size:?}: need {} channels and even sides",
+                c.latent_channels()
+            )));
+        }
+        let cs = context.size();
+        if cs.len() != 3 || cs[0] != b || cs[2] != c.joint_attention_dim || cs[1] < 1 {
+            return Err(ModelError::Input(format!(
+                "context {cs:?} does not fit latents {size:?} (batch, tokens, {})",
+                c.joint_attention_dim
+            )));
+        }
+        let pooled = pooled
+            .ok_or_else(|| ModelError::Input("FLUX needs the pooled text embedding".into()))?;
+        if pooled.size() != [b, c.pooled_projection_dim] {
+            return Err(ModelError::Input(format!(
+                "pooled {:?}: need ({b}, {})",
+                pooled.size(),
+                c.pooled_projection_dim
+            )));
+        }
+        let guidance = match (&self.guidance, guidance) {
+            (Some(_), Some(g)) => Some(g),
+            (Some(_), None) => {
+                return Err(ModelError::Input(
+                    "this guidance-distilled transformer needs a guidance value".into(),
+                ))
+            }
+            // schnell: the guidance value is not an input (diffusers drops it).
+            (None, _) => None,
+        };
+        let nt = timesteps.numel() as i64;
+        if nt != 1 && nt != b {
+            return Err(ModelError::Input(format!(
+                "{nt} timesteps for a batch of {b}"
+            )));
+        }
+        guarded(|| {
+            let _guard = tch::no_grad_guard();
+            let dev = self.device;
+            let kind = self.kind;
+            let x = pack(&latents.to_device(dev).to_kind(kind));
+            let t = timesteps
+                .to_device(dev)
+                .to_kind(Kind::Float)
+                .reshape([-1])
+                .expand([b], false);
+            // The pipeline passes t/1000 and the network multiplies by 1000,
+            // each in the network's precision.
+            let t = (t.to_kind(kind) / 1000.0).to_kind(kind) * 1000.0;
+            let pooled = pooled.to_device(dev).to_kind(kind);
+            let mut temb = self.time.forward(&sinusoids(&t).to_kind(kind));
+            if let (Some(mlp), Some(g)) = (&self.guidance, guidance) {
+                let g = g
+                    .to_device(dev)
+                    .to_kind(Kind::Float)
+                    .reshape([-1])
+                    .expand([b], false)
+                    .to_kind(kind)
+                    * 1000.0;
+                temb += mlp.forward(&sinusoids(&g).to_kind(kind));
+            }
+            let temb = temb + self.text.forward(&pooled);
+            let mut img = self.x_embedder.forward(&x);
+            let mut txt = self
+                .context_embedder
+                .forward(&context.to_device(dev).to_kind(kind));
+            let rope = rope(&self.config, cs[1], h / 2, w / 2, dev);
+            let hd = c.attention_head_dim;
+            for block in &self.double {
+                let (i, t) = block.forward(&img, &txt, &temb, &rope, hd);
+                img = i;
+                txt = t;
+            }
+            let n_txt = cs[1];
+            let mut x = Tensor::cat(&[txt, img], 1);
+            for block in &self.single {
+                x = block.forward(&x, &temb, &rope, hd);
+            }
+            let img = x.narrow(1, n_txt, x.size()[1] - n_txt);
+            // AdaLayerNormContinuous: scale first, then shift.
+            let m = self
+                .norm_out
+                .forward(&temb.silu())
+                .unsqueeze(1)
+                .chunk(2, -1);
+            let img = modulate(&img, &m[1], &m[0]);
+            let out = self.proj_out.forward(&img);
+            Ok(unpack(&out, ch, h, w))
+        })
+    }
+}
+
+/// (B, C, h, w) → (B, h/2 · w/2, 4C): each 2×2 patch one token.
+pub fn pack(x: &Tensor) -> Tensor {
+    let s = x.size();
+    let (b, c, h, w) = (s[0], s[1], s[2], s[3]);
+    x.view([b, c, h / 2, 2, w / 2, 2])
+        .permute([0, 2, 4, 1, 3, 5])
+        .reshape([b, (h / 2) * (w / 2), c * 4])
+}
+
+/// The inverse of [`pack`].
+pub fn unpack(x: &Tensor, c: i64, h: i64, w: i64) -> Tensor {
+    let b = x.size()[0];
+    x.view([b, h / 2, w / 2, c, 2, 2])
+        .permute([0, 3, 1, 4, 2, 5])
+        .reshape([b, c, h, w])
+}
+
+/// Rotary cos and sin (tokens, head_dim) for `text` tokens (all at
+/// position 0) then an `h × w` grid of image tokens (axis 1 the row, axis 2
+/// the column); frequencies in float64, as diffusers computes them on CPU.
+fn rope(c: &FluxConfig, text: i64, h: i64, w: i64, device: tch::Device) -> (Tensor, Tensor) {
+    let n = text + h * w;
+    let mut ids = vec![0f64; (n * 3) as usize];
+    for i in 0..h {
+        for j in 0..w {
+            let t = (text + i * w + j) as usize;
+            ids[t * 3 + 1] = i as f64;
+            ids[t * 3 + 2] = j as f64;
+        }
+    }
+    let ids = Tensor::from_slice(&ids).view([n, 3]);
+    let (mut coss, mut sins) = (Vec::new(), Vec::new());
+    for (axis, &d) in c.axes_dims_rope.iter().enumerate() {
+        let freqs = (Tensor::arange_start_step(0, d, 2, (Kind::Double, tch::Device::Cpu))
+            / d as f64)
+            .g_mul_scalar(THETA.ln())
+            .exp()
+            .reciprocal();
+        let pos = ids.select(1, axis as i64);
+        let angles = pos.unsqueeze(1) * freqs.unsqueeze(0);
+        coss.push(
+            angles
+                .cos()
+                .repeat_interleave_self_int(2, 1, None)
+                .to_kind(Kind::Float),
+        );
+        sins.push(
+            angles
+                .sin()
+                .repeat_interleave_self_int(2, 1, None)
+                .to_kind(Kind::Float),
+        );
+    }
+    (
+        Tensor::cat(&coss, -1).to_device(device),
+        Tensor::cat(&sins, -1).to_device(device),
+    )
+}
+
+// SAFETY: the weights are written once, at load, and only read afterwards;
+// libtorch allows concurrent reads of a tensor from several threads, and
+// `forward` creates all of its intermediate tensors per call.
+unsafe impl Sync for FluxTransformer {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packing_is_undone_by_unpacking_and_takes_2x2_patches() {
+        let x = Tensor::arange(2 * 3 * 4 * 6, (Kind::Float, tch::Device::Cpu)).view([2, 3, 4, 6]);
+        let p = pack(&x);
+        assert_eq!(p.size(), [2, 6, 12]);
+        // The first token: channel 0's top-left 2×2 patch, then channel 1's.
+        let first: Vec<f32> = Vec::try_from(p.get(0).get(0).narrow(0, 0, 5)).unwrap_or_default();
+        assert_eq!(first, [0.0, 1.0, 6.0, 7.0, 24.0]);
+        assert!(unpack(&p, 3, 4, 6).equal(&x));
+    }
+}

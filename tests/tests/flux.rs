@@ -1,0 +1,194 @@
+//! FLUX.1 through sdserve: each network equal to diffusers/transformers on
+//! the tiny pipelines `make_flux_models.py` writes (the T5 encoder and its
+//! tokenizer, CLIP's pooled output, the transformer on fixed inputs, the
+//! 16-channel VAE), and whole generations through `sdctl up` equal to
+//! `FluxPipeline` / `FluxImg2ImgPipeline` images, one at a time and batched.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{assert_close, reference};
+use sd_models::{Conditioning, Denoiser, ModelDir, Placement};
+use tch::Tensor;
+
+const MODELS: [&str; 2] = ["flux-dev-tiny", "flux-schnell-tiny"];
+
+fn prompts(model: &str) -> Vec<String> {
+    serde_json::from_str(
+        &std::fs::read_to_string(common::model(model).join("reference_prompts.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn the_t5_tokenizer_and_encoder_match_transformers() {
+    for model in MODELS {
+        let dir = ModelDir::open(common::model(model)).unwrap();
+        assert_eq!(dir.family(), sd_models::Family::Flux);
+        let r = reference(model);
+        let tok = dir.load_t5_tokenizer().unwrap();
+        let t5 = dir.load_t5(Placement::cpu()).unwrap();
+        let prompts = prompts(model);
+        let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        for len in [512usize, 16] {
+            let ids = tok.encode_batch(&refs, len).unwrap();
+            assert!(
+                ids.equal(&r[&format!("t5.ids.{len}")]),
+                "{model}: T5 ids at {len} differ:\n{ids}\n{}",
+                r[&format!("t5.ids.{len}")]
+            );
+            let hidden = t5.forward(&ids).unwrap();
+            assert_close(
+                &format!("{model} T5 hidden at {len}"),
+                &hidden,
+                &r[&format!("t5.hidden.{len}")],
+            );
+        }
+    }
+}
+
+#[test]
+fn clip_gives_its_pooled_output_unprojected() {
+    let model = "flux-dev-tiny";
+    let dir = ModelDir::open(common::model(model)).unwrap();
+    let r = reference(model);
+    let tok = dir.load_tokenizer().unwrap();
+    let clip = dir.load_text_encoder(Placement::cpu()).unwrap();
+    let prompts = prompts(model);
+    let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let out = clip
+        .forward_xl(&tok.encode_batch(&refs).unwrap(), 0)
+        .unwrap();
+    assert_close("CLIP pooled", &out.pooled, &r["clip.pooled"]);
+}
+
+#[test]
+fn the_transformer_matches_diffusers_per_row_timesteps_and_guidance() {
+    for model in MODELS {
+        let dir = ModelDir::open(common::model(model)).unwrap();
+        let r = reference(model);
+        let net = Denoiser::load(&dir, Placement::cpu()).unwrap();
+        let guidance = r.get("flux.guidance");
+        assert_eq!(guidance.is_some(), model.contains("dev"));
+        let out = net
+            .forward(
+                &r["flux.latents"],
+                &r["flux.timesteps"],
+                Conditioning {
+                    context: &r["flux.context"],
+                    pooled: Some(&r["flux.pooled"]),
+                    time_ids: None,
+                    guidance,
+                    image: None,
+                    control: None,
+                },
+            )
+            .unwrap();
+        assert_close(&format!("{model} transformer"), &out, &r["flux.output"]);
+        // The guidance input changes dev's prediction (it is no constant).
+        if let Some(g) = guidance {
+            let other = net
+                .forward(
+                    &r["flux.latents"],
+                    &r["flux.timesteps"],
+                    Conditioning {
+                        context: &r["flux.context"],
+                        pooled: Some(&r["flux.pooled"]),
+                        time_ids: None,
+                        guidance: Some(&(g * 2.0)),
+                        image: None,
+                        control: None,
+                    },
+                )
+                .unwrap();
+            assert!(common::max_abs_diff(&other, &out) > 1e-3);
+        }
+    }
+}
+
+#[test]
+fn the_16_channel_vae_decodes_as_diffusers_does() {
+    let model = "flux-dev-tiny";
+    let dir = ModelDir::open(common::model(model)).unwrap();
+    let r = reference(model);
+    let vae = dir.load_vae(Placement::cpu()).unwrap();
+    assert_eq!(vae.config().normalization(), (0.3611, 0.1159));
+    let out = vae.decode(&r["vae.latents"]).unwrap();
+    assert_close("FLUX VAE decode", &out, &r["vae.decoded"]);
+}
+
+#[test]
+fn bad_transformer_inputs_are_errors_not_aborts() {
+    let dir = ModelDir::open(common::model("flux-dev-tiny")).unwrap();
+    let net = Denoiser::load(&dir, Placement::cpu()).unwrap();
+    let f = (tch::Kind::Float, tch::Device::Cpu);
+    let ctx = Tensor::zeros([1, 4, 32], f);
+    let pooled = Tensor::zeros([1, 32], f);
+    let g = Tensor::from_slice(&[3.5f32]);
+    let t = Tensor::from_slice(&[500f32]);
+    let run = |lat: &Tensor, ctx: &Tensor, guidance: Option<&Tensor>| {
+        net.forward(
+            lat,
+            &t,
+            Conditioning {
+                context: ctx,
+                pooled: Some(&pooled),
+                time_ids: None,
+                guidance,
+                image: None,
+                control: None,
+            },
+        )
+    };
+    // Odd sides, wrong channels, wrong context width, no guidance for dev.
+    assert!(run(&Tensor::zeros([1, 16, 3, 4], f), &ctx, Some(&g)).is_err());
+    assert!(run(&Tensor::zeros([1, 4, 4, 4], f), &ctx, Some(&g)).is_err());
+    assert!(run(
+        &Tensor::zeros([1, 16, 4, 4], f),
+        &Tensor::zeros([1, 4, 8], f),
+        Some(&g)
+    )
+    .is_err());
+    assert!(run(&Tensor::zeros([1, 16, 4, 4], f), &ctx, None).is_err());
+    assert!(run(&Tensor::zeros([1, 16, 4, 4], f), &ctx, Some(&g)).is_ok());
+}
+
+#[derive(serde::Deserialize)]
+struct Cases {
+    cases: Vec<common::e2e::Case>,
+}
+
+/// Every case of `model` through `sdctl up`, one at a time, then all at
+/// once (the denoiser batches their transformer forwards: different
+/// prompts, sizes, distilled guidances, true CFG and not).
+fn run_model(model: &str) {
+    let dir = common::model(model);
+    let e2e = dir.join("e2e");
+    let cases: Cases =
+        serde_json::from_str(&std::fs::read_to_string(e2e.join("cases.json")).unwrap()).unwrap();
+    let stack = common::stack::Stack::start(&dir);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut failures = Vec::new();
+    for together in [false, true] {
+        failures.extend(rt.block_on(common::e2e::check_cases(
+            &stack.url,
+            &cases.cases,
+            &e2e,
+            &e2e,
+            model,
+            together,
+        )));
+    }
+    common::e2e::assert_all_match(&failures);
+}
+
+#[test]
+fn flux_dev_generations_match_diffusers_images() {
+    run_model("flux-dev-tiny");
+}
+
+#[test]
+fn flux_schnell_generations_match_diffusers_images() {
+    run_model("flux-schnell-tiny");
+}
