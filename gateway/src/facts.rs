@@ -201,6 +201,50 @@ impl ModelFacts {
     }
 }
 
+impl ModelFacts {
+    /// What a FLUX.1-dev model's services publish (`dev: false`: schnell).
+    pub fn flux_example(dev: bool) -> Self {
+        let config = if dev {
+            r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "use_dynamic_shifting": true,
+                "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}"#
+        } else {
+            r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 1.0, "use_dynamic_shifting": false}"#
+        };
+        ModelFacts {
+            id: "flux@1".into(),
+            name: "flux".into(),
+            layout: Layout {
+                latent_channels: 16,
+                in_channels: 16,
+                scale_factor: 8,
+                size_multiple: 16,
+                packed: true,
+            },
+            sample_size: 128,
+            normalization: Normalization {
+                scale: 0.3611,
+                shift: 0.1159,
+            },
+            scheduler_config: SchedulerConfig::from_json(config)
+                .unwrap_or_else(|_| unreachable!("a fixed, valid config")),
+            default_scheduler: SchedulerKind::FlowEuler,
+            text_layers: 1,
+            profile: Profile {
+                params: FamilyParams::Flux(FluxParams {
+                    pooled_dim: 768,
+                    max_sequence_length: 512,
+                    guidance_distilled: dev,
+                }),
+                time_cond_dim: 0,
+                guidance_embedded: dev,
+                default_guidance: 3.5,
+                default_steps: if dev { 28 } else { 4 },
+            },
+            ..Self::sd15_example()
+        }
+    }
+}
+
 #[cfg(test)]
 pub mod tests {
     use super::*;

@@ -208,6 +208,14 @@ pub fn text_chunks(p: &GenerationParameters) -> Vec<(String, String)> {
     if !tags.is_empty() {
         chunks.push(("loras".into(), tags));
     }
+    if p.max_sequence_length > 0 {
+        // FLUX: guidance_scale is the distilled guidance; these are its own.
+        chunks.push(("true_cfg_scale".into(), p.true_cfg_scale.to_string()));
+        chunks.push((
+            "max_sequence_length".into(),
+            p.max_sequence_length.to_string(),
+        ));
+    }
     chunks
 }
 
@@ -268,6 +276,28 @@ const LATENT_RGB: [[f32; 3]; 4] = [
     [-0.184, -0.271, -0.473],
 ];
 
+/// Latent → RGB factors and bias for FLUX.1's 16-channel latents (the fit
+/// ComfyUI's previews use for them).
+const FLUX_LATENT_RGB: [[f32; 3]; 16] = [
+    [-0.0346, 0.0244, 0.0681],
+    [0.0034, 0.0210, 0.0687],
+    [0.0275, -0.0668, -0.0433],
+    [-0.0174, 0.0160, 0.0617],
+    [0.0859, 0.0721, 0.0329],
+    [0.0004, 0.0383, 0.0115],
+    [0.0405, 0.0861, 0.0915],
+    [-0.0236, -0.0185, -0.0259],
+    [-0.0245, 0.0250, 0.1180],
+    [0.1008, 0.0755, -0.0421],
+    [-0.0515, 0.0201, 0.0011],
+    [0.0428, -0.0012, -0.0036],
+    [0.0817, 0.0765, 0.0749],
+    [-0.1264, -0.0522, -0.1103],
+    [-0.0280, -0.0881, -0.0499],
+    [-0.1262, -0.0982, -0.0778],
+];
+const FLUX_LATENT_RGB_BIAS: [f32; 3] = [-0.0329, -0.0718, -0.0851];
+
 /// A preview of one image's (unscaled-by-VAE, model-space) latents: a linear
 /// projection to RGB at latent resolution, PNG-encoded.
 pub fn latent_preview(latents: &[f32], channels: usize, h: usize, w: usize) -> Result<Vec<u8>> {
@@ -279,6 +309,11 @@ pub fn latent_preview(latents: &[f32], channels: usize, h: usize, w: usize) -> R
                 (0..4)
                     .map(|k| latents[k * plane + i] * LATENT_RGB[k][c])
                     .sum()
+            } else if channels == 16 {
+                FLUX_LATENT_RGB_BIAS[c]
+                    + (0..16)
+                        .map(|k| latents[k * plane + i] * FLUX_LATENT_RGB[k][c])
+                        .sum::<f32>()
             } else {
                 (0..channels).map(|k| latents[k * plane + i]).sum::<f32>() / channels as f32 * 0.5
             };

@@ -31,6 +31,10 @@ pub const SAMPLERS: [(&str, &[&str], &str, bool); 8] = [
 /// "Automatic" resolved to where that is a schedule of its own (DPM++ 2M's
 /// Karras), and none where the model's own sigmas ran.
 pub fn a1111_sampler(scheduler: &str, karras: bool) -> (&str, Option<&'static str>) {
+    if scheduler == "flow-euler" {
+        // Forge's name for a flow model's Euler and its schedule.
+        return ("Euler", Some("Simple"));
+    }
     let name = SAMPLERS
         .iter()
         .find(|(_, _, ours, _)| *ours == scheduler)
@@ -54,9 +58,19 @@ pub fn write(p: &GenerationParameters) -> String {
     }
     let (sampler, schedule) = a1111_sampler(&p.scheduler, p.karras);
     let schedule = schedule.map_or(String::new(), |s| format!(", Schedule type: {s}"));
+    // FLUX (a sequence length is set): Forge's two scales — real CFG and
+    // the distilled guidance.
+    let cfg = if p.max_sequence_length > 0 {
+        format!(
+            "CFG scale: {}, Distilled CFG Scale: {}",
+            p.true_cfg_scale, p.guidance_scale
+        )
+    } else {
+        format!("CFG scale: {}", p.guidance_scale)
+    };
     t.push_str(&format!(
-        "\nSteps: {}, Sampler: {sampler}{schedule}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
-        p.steps, p.guidance_scale, p.seed, p.width, p.height, p.model
+        "\nSteps: {}, Sampler: {sampler}{schedule}, {cfg}, Seed: {}, Size: {}x{}, Model: {}",
+        p.steps, p.seed, p.width, p.height, p.model
     ));
     if p.clip_skip > 0 {
         t.push_str(&format!(", Clip skip: {}", p.clip_skip + 1));
@@ -109,5 +123,19 @@ mod tests {
             "{t}"
         );
         assert_eq!(a1111_sampler("lcm", false), ("lcm", None));
+        // FLUX, as Forge writes it.
+        let t = write(&GenerationParameters {
+            scheduler: "flow-euler".into(),
+            guidance_scale: 3.5,
+            true_cfg_scale: 1.0,
+            max_sequence_length: 512,
+            ..p
+        });
+        assert!(
+            t.contains(
+                "Sampler: Euler, Schedule type: Simple, CFG scale: 1, Distilled CFG Scale: 3.5, Seed: 5"
+            ),
+            "{t}"
+        );
     }
 }

@@ -124,6 +124,9 @@ impl Plan {
         let guidance_embedded = facts.profile.guidance_embedded;
         let (true_cfg, max_sequence_length) = flux_fields(&req, facts)?;
         let flow = facts.profile.is_flow();
+        if flow && prompt_syntax == PromptSyntax::A1111 {
+            check_t5_prompts(&req)?;
+        }
         let num_images = num_images(req.num_images, limits)?;
         check_clip_skip(req.clip_skip, facts)?;
         let format = ImageFormat::try_from(req.format)
@@ -385,6 +388,36 @@ fn flux_fields(req: &GenerateRequest, facts: &ModelFacts) -> Result<(f32, u32)> 
     Ok((cfg, msl))
 }
 
+/// A FLUX prompt in A1111's syntax: T5 reads the text; attention weights
+/// and BREAK are refused by field rather than silently read as words.
+fn check_t5_prompts(req: &GenerateRequest) -> Result<()> {
+    for (field, text) in [
+        ("prompt", &req.prompt),
+        ("negative_prompt", &req.negative_prompt),
+    ] {
+        for f in sd_prompt::parse(text) {
+            if f.is_break() {
+                return Err(Error::invalid(
+                    field,
+                    "BREAK is not read on a FLUX prompt (T5 takes one sequence)",
+                ));
+            }
+            if (f.weight - 1.0).abs() > 1e-6 {
+                return Err(Error::invalid(
+                    field,
+                    format!(
+                        "attention weights are not applied to a FLUX (T5) prompt: {} has weight {}; \
+                         remove the (…:w) / […] syntax or escape the brackets",
+                        quote(f.text.trim()),
+                        f.weight
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The packed image's token count (FLUX's resolution-dependent shift).
 fn image_seq_len(facts: &ModelFacts, source: &Source) -> Option<usize> {
     facts.layout.packed.then(|| {
@@ -396,7 +429,8 @@ fn image_seq_len(facts: &ModelFacts, source: &Source) -> Option<usize> {
 /// Image-to-image must leave at least one step to run at this strength.
 fn check_strength_steps(strength: f32, steps: u32, schedule: &dyn Scheduler) -> Result<()> {
     let start = schedule.start_index(steps, strength);
-    if start >= schedule.timesteps().len() {
+    // `steps` steps of `order` timesteps: starting past the last leaves none.
+    if start >= steps as usize * schedule.order() {
         return Err(Error::invalid(
             "strength",
             format!("{strength} × {steps} steps leaves no step to run"),

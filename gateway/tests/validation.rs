@@ -498,3 +498,93 @@ fn a_request_may_set_the_timestep_spacing() {
     .unwrap_err();
     assert_eq!(field_violations(&e)[0].field, "timestep_spacing");
 }
+
+fn flux_plan(r: GenerateRequest, dev: bool) -> Result<Plan, Status> {
+    Plan::new(r, &ModelFacts::flux_example(dev), &Limits::default()).map_err(Status::from)
+}
+
+fn flux_refused(r: GenerateRequest, field: &str) {
+    let e = flux_plan(r, true).expect_err("should be refused");
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert_eq!(field_violations(&e)[0].field, field, "{}", e.message());
+}
+
+#[test]
+fn flux_defaults_follow_its_pipeline_and_guidance_is_distilled() {
+    let p = flux_plan(req(), true).unwrap();
+    assert_eq!(
+        (p.width, p.height, p.steps, p.guidance),
+        (1024, 1024, 28, 3.5)
+    );
+    assert_eq!(p.scheduler, SchedulerKind::FlowEuler);
+    assert_eq!(p.max_sequence_length, 512);
+    // Distilled guidance is an input: one row, no negative prompt.
+    assert!(!p.guided());
+    assert_eq!(p.embedded_guidance(), Some(3.5));
+    // True CFG runs with a negative prompt above 1, and not without one
+    // (diffusers accepts the scale and does nothing).
+    let cfg = |neg: &str, s: f32| GenerateRequest {
+        negative_prompt: neg.into(),
+        true_cfg_scale: Some(s),
+        ..req()
+    };
+    let p = flux_plan(cfg("blurry", 4.0), true).unwrap();
+    assert!(p.guided());
+    assert_eq!((p.cfg_scale(), p.embedded_guidance()), (4.0, Some(3.5)));
+    assert!(!flux_plan(cfg("", 4.0), true).unwrap().guided());
+    assert!(!flux_plan(cfg("blurry", 1.0), true).unwrap().guided());
+    // schnell: 4 steps, no guidance input.
+    let s = flux_plan(req(), false).unwrap();
+    assert_eq!((s.steps, s.embedded_guidance()), (4, None));
+    // "euler" is a flow model's Euler.
+    let e = flux_plan(
+        GenerateRequest {
+            scheduler: "euler".into(),
+            ..req()
+        },
+        true,
+    )
+    .unwrap();
+    assert_eq!(e.scheduler, SchedulerKind::FlowEuler);
+}
+
+#[test]
+fn flux_fields_are_bounded_and_refused_by_name() {
+    let with = |f: fn(&mut GenerateRequest)| {
+        let mut r = req();
+        f(&mut r);
+        r
+    };
+    // Sides are multiples of 16 (2×2 patches of 8-pixel latents).
+    flux_refused(with(|r| r.width = 1000), "width");
+    flux_refused(with(|r| r.height = 520), "height");
+    flux_refused(with(|r| r.max_sequence_length = 513), "max_sequence_length");
+    flux_refused(
+        with(|r| r.true_cfg_scale = Some(f32::NAN)),
+        "true_cfg_scale",
+    );
+    flux_refused(with(|r| r.true_cfg_scale = Some(-1.0)), "true_cfg_scale");
+    // Schedulers of noise-prediction models do not fit a flow model.
+    for s in ["ddim", "euler-a", "dpmpp-2m", "lcm"] {
+        flux_refused(
+            with(match s {
+                "ddim" => |r: &mut GenerateRequest| r.scheduler = "ddim".into(),
+                "euler-a" => |r: &mut GenerateRequest| r.scheduler = "euler-a".into(),
+                "dpmpp-2m" => |r: &mut GenerateRequest| r.scheduler = "dpmpp-2m".into(),
+                _ => |r: &mut GenerateRequest| r.scheduler = "lcm".into(),
+            }),
+            "scheduler",
+        );
+    }
+    flux_refused(with(|r| r.karras = true), "karras");
+    flux_refused(
+        with(|r| r.timestep_spacing = "trailing".into()),
+        "timestep_spacing",
+    );
+    flux_refused(with(|r| r.clip_skip = 1), "clip_skip");
+    assert!(flux_plan(with(|r| r.max_sequence_length = 77), true).is_ok());
+    // …and an SD model refuses FLUX's fields and scheduler by name.
+    refused(with(|r| r.true_cfg_scale = Some(2.0)), "true_cfg_scale");
+    refused(with(|r| r.max_sequence_length = 256), "max_sequence_length");
+    refused(with(|r| r.scheduler = "flow-euler".into()), "scheduler");
+}

@@ -192,3 +192,18 @@ fn flux_dev_generations_match_diffusers_images() {
 fn flux_schnell_generations_match_diffusers_images() {
     run_model("flux-schnell-tiny");
 }
+
+#[test]
+fn openai_and_webuiapi_clients_get_diffusers_images_from_flux() {
+    let model = "flux-dev-tiny";
+    let dir = common::model(model);
+    let stack = common::stack::Stack::start(&dir);
+    common::run_client(
+        "flux_clients.py",
+        &[
+            stack.http.as_ref(),
+            model.as_ref(),
+            dir.join("e2e").as_os_str(),
+        ],
+    );
+}

@@ -119,6 +119,8 @@ fn request(f: &Fields, served: &str) -> HttpResult<(GenerateRequest, Delivery)> 
         format: format as i32,
         model,
         loras: f.loras("loras")?,
+        true_cfg_scale: f.f64("true_cfg_scale")?.map(|g| g as f32),
+        max_sequence_length: f.int_in("max_sequence_length", 1, 4096)?.unwrap_or(0) as u32,
         ..Default::default()
     };
     Ok((req, delivery))

@@ -78,6 +78,8 @@ fn request(f: &Fields) -> Result<GenerateRequest, HttpError> {
         preview_mode: PreviewMode::Latent as i32,
         num_images: 1,
         loras: f.loras("loras")?,
+        true_cfg_scale: f.f64("true_cfg_scale")?.map(|g| g as f32),
+        max_sequence_length: f.int_in("max_sequence_length", 0, 4096)?.unwrap_or(0) as u32,
         ..Default::default()
     })
 }
@@ -91,6 +93,8 @@ fn parameters_json(p: &GenerationParameters) -> serde_json::Value {
         "prompt": p.prompt, "negative_prompt": p.negative_prompt, "width": p.width,
         "height": p.height, "steps": p.steps, "guidance_scale": p.guidance_scale,
         "scheduler": p.scheduler, "seed": p.seed, "model": p.model,
+        "true_cfg_scale": (p.max_sequence_length > 0).then_some(p.true_cfg_scale),
+        "max_sequence_length": (p.max_sequence_length > 0).then_some(p.max_sequence_length),
         "loras": p.loras.iter().map(|l| json!({
             "name": l.name, "scale": l.scale, "unet_scale": l.unet_scale,
         })).collect::<Vec<_>>(),

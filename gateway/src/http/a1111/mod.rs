@@ -84,17 +84,14 @@ async fn generate(S(http): S<State>, headers: HeaderMap, body: Body, img2img: bo
         let model = checkpoint(&http, &Fields(&body))?;
         let mut asked = read_request(&Fields(&body), img2img)?;
         asked.base.model = model;
-        if http
-            .service
-            .pick(&asked.base.model)?
-            .facts
-            .profile
-            .sdxl()
-            .is_some()
-        {
+        let profile = http.service.pick(&asked.base.model)?.facts.profile.clone();
+        if profile.sdxl().is_some() {
             // A1111 reads SDXL's penultimate layers whatever
             // CLIP_stop_at_last_layers says (its sdxl_clip_l_skip is off).
             asked.base.clip_skip = 0;
+        }
+        if profile.is_flow() {
+            request::as_forge_flux(&Fields(&body), &mut asked)?;
         }
         let caller = http.caller(&headers);
         let running = http.jobs.start(caller, asked.n_iter);
@@ -207,6 +204,7 @@ fn answer(
         "height": b.height,
         "sampler_name": asked.sampler_name,
         "cfg_scale": asked.cfg_scale,
+        "distilled_cfg_scale": asked.distilled_cfg_scale,
         "steps": b.steps,
         "batch_size": asked.batch_size,
         "restore_faces": false,

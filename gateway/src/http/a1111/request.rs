@@ -131,6 +131,8 @@ pub(super) struct Asked {
     /// As asked (f64, so `info` echoes 0.6, not 0.6000000238).
     pub(super) denoising_strength: Option<f64>,
     pub(super) cfg_scale: f64,
+    /// FLUX (Forge's field): the distilled guidance.
+    pub(super) distilled_cfg_scale: Option<f64>,
 }
 
 pub(super) fn read_request(f: &Fields, img2img: bool) -> HttpResult<Asked> {
@@ -195,10 +197,27 @@ pub(super) fn read_request(f: &Fields, img2img: bool) -> HttpResult<Asked> {
             None
         },
         cfg_scale,
+        distilled_cfg_scale: None,
     })
 }
 
 /// `override_settings.CLIP_stop_at_last_layers` (1: the last layer).
+/// A FLUX model on the A1111 routes, as Forge serves it: `distilled_cfg_scale`
+/// (default 3.5) is the distilled guidance the transformer takes,
+/// `cfg_scale` real classifier-free guidance with the negative prompt
+/// (Forge's FLUX default 1: off); clip skip does not apply (FLUX reads
+/// CLIP's pooled output).
+pub(super) fn as_forge_flux(f: &Fields, asked: &mut Asked) -> HttpResult<()> {
+    let distilled = f.f64("distilled_cfg_scale")?.unwrap_or(3.5);
+    let cfg = f.f64("cfg_scale")?.unwrap_or(1.0);
+    asked.base.guidance_scale = Some(distilled as f32);
+    asked.base.true_cfg_scale = Some(cfg as f32);
+    asked.base.clip_skip = 0;
+    asked.cfg_scale = cfg;
+    asked.distilled_cfg_scale = Some(distilled);
+    Ok(())
+}
+
 pub(super) fn clip_stop(f: &Fields) -> HttpResult<u32> {
     let Some(o) = f.object("override_settings")? else {
         return Ok(1);
