@@ -207,3 +207,54 @@ fn openai_and_webuiapi_clients_get_diffusers_images_from_flux() {
         ],
     );
 }
+
+/// The transformer served from one downloaded file (`--transformer`):
+/// BFL's layout (fused q/k/v and linear1 split at load) equals the
+/// pipeline; the fp8 file under ComfyUI's prefix, upcast at load, equals
+/// the pipeline run on the same fp8 weights upcast.
+#[test]
+fn transformer_files_in_bfl_layout_and_fp8_match_diffusers() {
+    let dir = common::model("flux-dev-tiny");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut failures = Vec::new();
+    for (file, refs, only) in [
+        (
+            "flux-bfl.safetensors",
+            "e2e",
+            Some(["g3.5", "true-cfg", "img2img"]),
+        ),
+        ("flux-fp8.safetensors", "e2e-fp8", None),
+    ] {
+        let path = dir.join("single").join(file);
+        let stack =
+            common::stack::Stack::start_with(&dir, &["--transformer", path.to_str().unwrap()]);
+        let e2e = dir.join(refs);
+        let cases: Cases =
+            serde_json::from_str(&std::fs::read_to_string(e2e.join("cases.json")).unwrap())
+                .unwrap();
+        let cases: Vec<_> = cases
+            .cases
+            .into_iter()
+            .filter(|c| only.is_none_or(|o| o.contains(&c.name.as_str())))
+            .collect();
+        assert!(!cases.is_empty());
+        failures.extend(rt.block_on(common::e2e::check_cases(
+            &stack.url, &cases, &e2e, &e2e, file, true,
+        )));
+    }
+    common::e2e::assert_all_match(&failures);
+    // Every tensor of the BFL file is read (a forgotten one would be a
+    // layer left at its diffusers name).
+    let d = ModelDir::open(&dir)
+        .unwrap()
+        .with_transformer(dir.join("single/flux-bfl.safetensors"))
+        .unwrap();
+    let w = d
+        .open_weights(sd_models::Component::Transformer, Placement::cpu())
+        .unwrap();
+    drop(
+        sd_models::FluxTransformer::load(&d.config_path(sd_models::Component::Transformer), &w)
+            .unwrap(),
+    );
+    assert!(w.unused().is_empty(), "unused: {:?}", w.unused());
+}

@@ -30,6 +30,8 @@ pub struct ModelDir {
     /// A single-file checkpoint holding every network's weights, `root`
     /// describing them.
     single_file: Option<PathBuf>,
+    /// Another transformer file served with the model (`--transformer`).
+    transformer: Option<PathBuf>,
     /// What the model is, decided at open.
     family: Family,
 }
@@ -67,6 +69,7 @@ impl ModelDir {
         Ok(ModelDir {
             root: model,
             vae: None,
+            transformer: None,
             single_file: None,
             family,
         })
@@ -106,6 +109,7 @@ impl ModelDir {
             family: family_of(&root)?,
             root,
             vae: None,
+            transformer: None,
             single_file: Some(file),
         })
     }
@@ -142,6 +146,38 @@ impl ModelDir {
         Ok(self)
     }
 
+    /// Serve the transformer from `file` (a FLUX transformer alone, as
+    /// people download it: BFL's layout, ComfyUI's `model.diffusion_model.`
+    /// prefix, or diffusers' names; bf16, fp16, fp32 or fp8) with this
+    /// model's config.
+    pub fn with_transformer(mut self, file: impl AsRef<Path>) -> Result<Self> {
+        let file = file.as_ref();
+        if self.family != Family::Flux {
+            return Err(ModelError::Unsupported {
+                path: file.to_path_buf(),
+                message: format!(
+                    "--transformer replaces a FLUX model's transformer; this is a {} model",
+                    self.family
+                ),
+            });
+        }
+        if !file.is_file() {
+            return Err(ModelError::MissingFile {
+                path: file.to_path_buf(),
+            });
+        }
+        if PICKLE_EXTS
+            .iter()
+            .any(|e| file.extension().is_some_and(|x| x.eq_ignore_ascii_case(e)))
+        {
+            return Err(ModelError::Pickle {
+                path: file.to_path_buf(),
+            });
+        }
+        self.transformer = Some(file.to_path_buf());
+        Ok(self)
+    }
+
     /// Where component `c`'s config and weights are.
     fn component_dir(&self, c: Component) -> PathBuf {
         match (c, &self.vae) {
@@ -170,6 +206,9 @@ impl ModelDir {
     /// `<stem>.fp16.safetensors` variant (preferred when running in half
     /// precision). Pickle checkpoints are refused by name, never opened.
     pub fn weights_path(&self, c: Component, prefer_fp16: bool) -> Result<PathBuf> {
+        if let (Component::Transformer, Some(file)) = (c, &self.transformer) {
+            return Ok(file.clone());
+        }
         if let Some(file) = self.single_file_for(c) {
             return Ok(file.to_path_buf());
         }
@@ -207,7 +246,17 @@ impl ModelDir {
     }
 
     pub fn open_weights(&self, c: Component, placement: Placement) -> Result<Weights> {
-        let w = if let Some(file) = self.single_file_for(c) {
+        let w = if let (Component::Transformer, Some(file)) = (c, &self.transformer) {
+            let w = Weights::open(file, placement)?;
+            match single_file::flux::bfl_prefix(&w) {
+                Some(_) => {
+                    let aliases = single_file::aliases(&w, c, &self.single_file_layout()?)?;
+                    w.with_aliases(aliases)
+                }
+                // A file in diffusers' names.
+                None => w,
+            }
+        } else if let Some(file) = self.single_file_for(c) {
             let w = Weights::open(file, placement)?;
             let aliases = single_file::aliases(&w, c, &self.single_file_layout()?)?;
             w.with_aliases(aliases)

@@ -48,6 +48,9 @@ pub enum Transform {
     Transpose,
     /// A 1×1 convolution's `[out, in, 1, 1]` weight as a linear `[out, in]`.
     Flatten1x1,
+    /// The two halves of the first axis swapped (BFL's final modulation:
+    /// shift then scale, where diffusers has scale then shift).
+    SwapHalves,
 }
 
 impl Transform {
@@ -72,6 +75,10 @@ impl Transform {
                 [o, i] => Some(vec![*o, *i]),
                 _ => None,
             },
+            Transform::SwapHalves => match stored.first() {
+                Some(&n) if n % 2 == 0 => Some(stored.to_vec()),
+                _ => None,
+            },
         }
     }
 
@@ -90,6 +97,10 @@ impl Transform {
             Transform::Flatten1x1 => {
                 let s = t.size();
                 t.f_reshape([s[0], s[1]])?
+            }
+            Transform::SwapHalves => {
+                let n = t.size()[0] / 2;
+                Tensor::f_cat(&[t.f_narrow(0, n, n)?, t.f_narrow(0, 0, n)?], 0)?
             }
         })
     }

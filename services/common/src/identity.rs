@@ -11,7 +11,10 @@ pub fn model_id(dir: &sd_models::ModelDir, components: &[sd_models::Component]) 
         if let Ok(cfg) = std::fs::read(dir.config_path(*c)) {
             h.write(&cfg);
         }
-        if let Ok(path) = dir.weights_path(*c, false) {
+        let Ok(path) = dir.weights_path(*c, false) else {
+            continue;
+        };
+        for path in shards_of(&path) {
             if let Ok(mut f) = std::fs::File::open(&path) {
                 let len = f.metadata().map(|m| m.len()).unwrap_or(0);
                 h.write_u64(len);
@@ -27,4 +30,30 @@ pub fn model_id(dir: &sd_models::ModelDir, components: &[sd_models::Component]) 
     }
     let name = dir.name();
     format!("{name}@{:016x}", h.finish())
+}
+
+/// The files whose bytes make a component's identity: the file itself, or
+/// the shards a `*.index.json` lists (in the index's order).
+fn shards_of(path: &std::path::Path) -> Vec<std::path::PathBuf> {
+    if !path.to_string_lossy().ends_with(".index.json") {
+        return vec![path.to_path_buf()];
+    }
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let index: Option<serde_json::Value> = std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let mut files: Vec<String> = index
+        .as_ref()
+        .and_then(|i| i.get("weight_map")?.as_object())
+        .map(|m| {
+            m.values()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files.dedup();
+    let mut out = vec![path.to_path_buf()];
+    out.extend(files.iter().map(|f| dir.join(f)));
+    out
 }

@@ -50,7 +50,12 @@ pub fn load(
 ) -> anyhow::Result<DenoiserServer<Service>> {
     let max = args.server.max_message_bytes();
     let placement = args.model.placement()?;
-    let dir = args.model.model_dir()?;
+    let mut dir = args.model.model_dir()?;
+    if let Some(file) = &args.transformer {
+        dir = dir
+            .with_transformer(file)
+            .map_err(|e| anyhow::anyhow!("--transformer: {e}"))?;
+    }
     let net = sd_service::timed_load(&metrics, "unet", || Denoiser::load(&dir, placement))?;
     let vae = VaeConfig::read(&dir.config_path(Component::Vae))?;
     let layout = net.layout(&vae);

@@ -47,6 +47,11 @@ struct Args {
     tls: ServerTlsArgs,
     #[command(flatten)]
     lora: LoraArgs,
+    /// FLUX: serve this transformer file instead of the model's own (BFL's
+    /// layout as downloaded, ComfyUI's prefixed one, or diffusers' names;
+    /// bf16, fp16, fp32 or fp8 e4m3/e5m2, upcast to --precision at load).
+    #[arg(long, env = "SD_TRANSFORMER")]
+    transformer: Option<std::path::PathBuf>,
     /// Bytes of text embeddings kept by id (MiB), ids and bookkeeping
     /// counted; also what all step streams together may hold (at least
     /// 16 MiB).

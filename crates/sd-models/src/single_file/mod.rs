@@ -25,6 +25,7 @@ use crate::component::Component;
 use crate::error::{ModelError, Result};
 use crate::weights::{Alias, Transform, Weights};
 
+pub mod flux;
 mod text;
 mod unet;
 mod vae;
@@ -130,12 +131,10 @@ pub fn aliases(w: &Weights, c: Component, layout: &Layout) -> Result<HashMap<Str
         }
         Component::TextEncoder => text_encoder(w, &keys, c)?,
         Component::TextEncoder2 => text_encoder(w, &keys, c)?,
-        Component::Transformer => {
-            return Err(ModelError::Unsupported {
-                path: w.path().to_path_buf(),
-                message: "a transformer in a single file is not read here".into(),
-            })
-        }
+        Component::Transformer => match flux::bfl_prefix(w) {
+            Some(prefix) => flux::bfl_aliases(w, prefix)?,
+            None => HashMap::new(),
+        },
     };
     if map.is_empty() {
         return Err(ModelError::Unsupported {

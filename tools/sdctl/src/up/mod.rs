@@ -93,6 +93,10 @@ pub struct UpArgs {
     /// Serve this VAE instead of the model's own (the autoencoder's `--vae`).
     #[arg(long)]
     vae: Option<PathBuf>,
+    /// FLUX: serve this transformer file instead of the model's own (the
+    /// denoiser's `--transformer`).
+    #[arg(long)]
+    transformer: Option<PathBuf>,
     /// Folder of LoRA files requests may name (the text encoder's and the
     /// denoiser's `--lora-dir`).
     #[arg(long, env = "SD_LORA_DIR")]

@@ -41,6 +41,12 @@ pub(super) fn stage_args_for(args: &UpArgs, stage: Stage, model: &Path) -> Vec<S
     if let (Stage::Autoencoder, Some(vae)) = (stage, &args.vae) {
         v.extend(["--vae".to_string(), vae.to_string_lossy().into_owned()]);
     }
+    if let (Stage::Denoiser, Some(file)) = (stage, &args.transformer) {
+        v.extend([
+            "--transformer".to_string(),
+            file.to_string_lossy().into_owned(),
+        ]);
+    }
     if let (Stage::TextEncoder | Stage::Denoiser, Some(dir)) = (stage, &args.lora_dir) {
         v.extend(["--lora-dir".to_string(), dir.to_string_lossy().into_owned()]);
     }
