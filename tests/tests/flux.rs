@@ -258,3 +258,31 @@ fn transformer_files_in_bfl_layout_and_fp8_match_diffusers() {
     );
     assert!(w.unused().is_empty(), "unused: {:?}", w.unused());
 }
+
+/// FLUX LoRAs in both layouts people have: diffusers/PEFT under
+/// `transformer.`, and kohya's BFL names (fused q/k/v and linear1 deltas
+/// split across the diffusers projections; CLIP and T5 parts) — each equal
+/// to diffusers' image, alone and mixed with each other and with none in
+/// shared forwards.
+#[test]
+fn flux_loras_in_peft_and_kohya_layouts_match_diffusers() {
+    let dir = common::model("flux-dev-tiny");
+    let loras = dir.join("loras");
+    let stack = common::stack::Stack::start_with(&dir, &["--lora-dir", loras.to_str().unwrap()]);
+    let e2e = dir.join("e2e-lora");
+    let cases: Cases =
+        serde_json::from_str(&std::fs::read_to_string(e2e.join("cases.json")).unwrap()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut failures = Vec::new();
+    for together in [false, true] {
+        failures.extend(rt.block_on(common::e2e::check_cases(
+            &stack.url,
+            &cases.cases,
+            &e2e,
+            &e2e,
+            "flux-lora",
+            together,
+        )));
+    }
+    common::e2e::assert_all_match(&failures);
+}

@@ -68,7 +68,12 @@ impl LoraStore {
             anyhow::ensure!(d.is_dir(), "--lora-dir {}: not a directory", d.display());
         }
         let kohya = KohyaNames::new(&index, layers_per_block);
-        let unet = index.networks().iter().any(|n| n == "unet");
+        // The denoising network (a UNet, FLUX's transformer) takes the
+        // adapters' UNet scale; the text encoders theirs.
+        let unet = index
+            .networks()
+            .iter()
+            .any(|n| n == "unet" || n == "transformer");
         Ok(LoraStore {
             unet,
             dir: args.lora_dir.clone(),

@@ -5,9 +5,14 @@
 //!   `.alpha` (scale alpha / rank; 1 without alpha); 4-d weights for
 //!   convolutions;
 //! - diffusers / PEFT: `unet.….lora_A.weight` / `.lora_B.weight`,
-//!   `text_encoder[_2].[text_model.]…`; alpha from the safetensors metadata
-//!   `lora_adapter_metadata` (`<network>.lora_alpha`, `.alpha_pattern`,
-//!   `.use_rslora`), else alpha = rank.
+//!   `transformer.…` (FLUX), `text_encoder[_2].[text_model.]…`; alpha from
+//!   the safetensors metadata `lora_adapter_metadata` (`<network>.lora_alpha`,
+//!   `.alpha_pattern`, `.use_rslora`), else alpha = rank;
+//! - FLUX in Black Forest Labs' names: kohya's `lora_unet_double_blocks_0_…`
+//!   and the dotted `diffusion_model.double_blocks.0.…` (ComfyUI,
+//!   ai-toolkit); a fused `qkv` / `linear1` delta is split across the
+//!   diffusers projections by rows of its up weight (the down weight is
+//!   shared), as diffusers' own conversion does; kohya's T5 is `lora_te3_`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -90,65 +95,190 @@ fn split_key(key: &str) -> Option<(&str, Part)> {
     None
 }
 
+/// Which rows of a (possibly fused) delta's up weight a module takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpRows {
+    All,
+    /// Rows `start..start + len` (one of a fused q/k/v or linear1).
+    Rows {
+        start: i64,
+        len: i64,
+    },
+    /// The halves swapped (BFL's final modulation: shift, scale).
+    Swapped,
+}
+
 /// kohya's names for a model's modules: the canonical path with `.` → `_`
 /// after the network's own prefix, plus the original (LDM/SGM) block names
-/// for the UNet.
+/// for the UNet, and BFL's names (fused projections split) for FLUX.
 pub struct KohyaNames {
-    names: HashMap<String, String>,
+    names: HashMap<String, Vec<(String, UpRows)>>,
 }
 
 impl KohyaNames {
     pub fn new(index: &ModuleIndex, layers_per_block: usize) -> Self {
-        let mut names = HashMap::new();
-        for path in index.modules.keys() {
+        let mut names: HashMap<String, Vec<(String, UpRows)>> = HashMap::new();
+        let mut put = |stem: String, path: &String, rows: UpRows| {
+            names.entry(stem).or_default().push((path.clone(), rows));
+        };
+        let under = |s: &str| s.replace('.', "_");
+        for (path, shape) in &index.modules {
             let Some((network, rest)) = path.split_once('.') else {
                 continue;
             };
-            let kohya = match network {
-                "unet" => "lora_unet_",
-                "text_encoder" => "lora_te_",
-                "text_encoder_2" => "lora_te2_",
-                _ => continue,
-            };
-            let under = |s: &str| s.replace('.', "_");
             match network {
                 "unet" => {
-                    names.insert(format!("{kohya}{}", under(rest)), path.clone());
+                    put(format!("lora_unet_{}", under(rest)), path, UpRows::All);
                     for ldm in crate::single_file::unet_ldm_names(rest, layers_per_block) {
-                        names.insert(format!("{kohya}{}", under(&ldm)), path.clone());
+                        put(format!("lora_unet_{}", under(&ldm)), path, UpRows::All);
                     }
                 }
-                _ => {
-                    names.insert(format!("{kohya}text_model_{}", under(rest)), path.clone());
+                "transformer" => {
+                    put(format!("lora_unet_{}", under(rest)), path, UpRows::All);
+                    if let Some((bfl, rows)) = bfl_name(rest, shape.output) {
+                        put(format!("lora_unet_{}", under(&bfl)), path, rows);
+                        put(format!("diffusion_model.{bfl}"), path, rows);
+                    }
+                }
+                // FLUX's T5 (kohya's sd-scripts call it te3).
+                "text_encoder_2" if rest.starts_with("encoder.") => {
+                    put(format!("lora_te3_{}", under(rest)), path, UpRows::All);
+                }
+                "text_encoder" | "text_encoder_2" => {
+                    let kohya = if network == "text_encoder" {
+                        "lora_te_"
+                    } else {
+                        "lora_te2_"
+                    };
+                    put(
+                        format!("{kohya}text_model_{}", under(rest)),
+                        path,
+                        UpRows::All,
+                    );
                     if network == "text_encoder" {
-                        // SDXL names the first encoder te1
-                        names.insert(format!("lora_te1_text_model_{}", under(rest)), path.clone());
+                        // SDXL and FLUX name the first encoder te1
+                        put(
+                            format!("lora_te1_text_model_{}", under(rest)),
+                            path,
+                            UpRows::All,
+                        );
                     }
                 }
+                _ => {}
             }
         }
         KohyaNames { names }
     }
 
-    fn resolve(&self, stem: &str) -> Option<&String> {
-        self.names.get(stem)
+    fn resolve(&self, stem: &str) -> Option<&[(String, UpRows)]> {
+        self.names.get(stem).map(Vec::as_slice)
+    }
+}
+
+/// BFL's name for a FLUX transformer module (its diffusers path `rest`,
+/// `out` wide), and the rows of the fused projection it is.
+fn bfl_name(rest: &str, out: i64) -> Option<(String, UpRows)> {
+    let parts: Vec<&str> = rest.split('.').collect();
+    let all = |s: String| Some((s, UpRows::All));
+    let rows = |s: String, i: i64| {
+        Some((
+            s,
+            UpRows::Rows {
+                start: i * out,
+                len: out,
+            },
+        ))
+    };
+    match parts.as_slice() {
+        ["x_embedder"] => all("img_in".into()),
+        ["context_embedder"] => all("txt_in".into()),
+        ["proj_out"] => all("final_layer.linear".into()),
+        ["norm_out", "linear"] => Some(("final_layer.adaLN_modulation.1".into(), UpRows::Swapped)),
+        ["time_text_embed", emb, layer] => {
+            let e = match *emb {
+                "timestep_embedder" => "time_in",
+                "guidance_embedder" => "guidance_in",
+                "text_embedder" => "vector_in",
+                _ => return None,
+            };
+            let l = match *layer {
+                "linear_1" => "in_layer",
+                "linear_2" => "out_layer",
+                _ => return None,
+            };
+            all(format!("{e}.{l}"))
+        }
+        ["transformer_blocks", n, tail @ ..] => {
+            let b = format!("double_blocks.{n}");
+            match tail {
+                ["norm1", "linear"] => all(format!("{b}.img_mod.lin")),
+                ["norm1_context", "linear"] => all(format!("{b}.txt_mod.lin")),
+                ["attn", "to_out", "0"] => all(format!("{b}.img_attn.proj")),
+                ["attn", "to_add_out"] => all(format!("{b}.txt_attn.proj")),
+                ["ff", "net", "0", "proj"] => all(format!("{b}.img_mlp.0")),
+                ["ff", "net", "2"] => all(format!("{b}.img_mlp.2")),
+                ["ff_context", "net", "0", "proj"] => all(format!("{b}.txt_mlp.0")),
+                ["ff_context", "net", "2"] => all(format!("{b}.txt_mlp.2")),
+                ["attn", p] => {
+                    let i = [
+                        "to_q",
+                        "to_k",
+                        "to_v",
+                        "add_q_proj",
+                        "add_k_proj",
+                        "add_v_proj",
+                    ]
+                    .iter()
+                    .position(|x| x == p)? as i64;
+                    let stream = if i < 3 { "img_attn" } else { "txt_attn" };
+                    rows(format!("{b}.{stream}.qkv"), i % 3)
+                }
+                _ => None,
+            }
+        }
+        ["single_transformer_blocks", n, tail @ ..] => {
+            let b = format!("single_blocks.{n}");
+            match tail {
+                ["norm", "linear"] => all(format!("{b}.modulation.lin")),
+                ["proj_out"] => all(format!("{b}.linear2")),
+                // q, k, v, then the MLP's input (4× as wide) in linear1.
+                ["attn", p @ ("to_q" | "to_k" | "to_v")] => {
+                    let i = ["to_q", "to_k", "to_v"].iter().position(|x| x == p)? as i64;
+                    rows(format!("{b}.linear1"), i)
+                }
+                ["proj_mlp"] => Some((
+                    format!("{b}.linear1"),
+                    UpRows::Rows {
+                        start: 3 * (out / 4),
+                        len: out,
+                    },
+                )),
+                _ => None,
+            }
+        }
+        _ => None,
     }
 }
 
 /// The network a key belongs to (for skipping what another service holds),
 /// and its canonical module path where the format names it directly.
-fn network_of(stem: &str) -> Option<(&'static str, Option<String>)> {
+/// `denoiser`: the denoising network's name here (`unet`, or FLUX's
+/// `transformer`), which kohya's `lora_unet_` and BFL's `diffusion_model.`
+/// keys name whatever it is.
+fn network_of(stem: &str, denoiser: &'static str) -> Option<(&'static str, Option<String>)> {
     for (prefix, network) in [
-        ("lora_unet_", "unet"),
+        ("lora_unet_", denoiser),
+        ("diffusion_model.", denoiser),
         ("lora_te1_", "text_encoder"),
         ("lora_te2_", "text_encoder_2"),
+        ("lora_te3_", "text_encoder_2"),
         ("lora_te_", "text_encoder"),
     ] {
         if stem.starts_with(prefix) {
             return Some((network, None));
         }
     }
-    for network in ["unet", "text_encoder_2", "text_encoder"] {
+    for network in ["unet", "transformer", "text_encoder_2", "text_encoder"] {
         if let Some(rest) = stem.strip_prefix(network).and_then(|r| r.strip_prefix('.')) {
             let rest = rest.strip_prefix("text_model.").unwrap_or(rest);
             return Some((network, Some(format!("{network}.{rest}"))));
@@ -228,19 +358,23 @@ struct Parts {
     down: Option<String>,
     up: Option<String>,
     alpha: Option<String>,
+    /// The rows of the up weight this module takes.
+    rows: UpRows,
 }
 
-/// The model module a key's stem names: a diffusers/PEFT path the model
-/// has, or a kohya stem resolved against its modules (None: neither).
-fn module_of(
+/// The model modules a key's stem names: a diffusers/PEFT path the model
+/// has, or a kohya/BFL stem resolved against its modules (several for a
+/// fused projection; empty: neither).
+fn modules_of(
     direct: Option<String>,
     stem: &str,
     index: &ModuleIndex,
     kohya: &KohyaNames,
-) -> Option<String> {
+) -> Vec<(String, UpRows)> {
     match direct {
-        Some(c) => index.modules.contains_key(&c).then_some(c),
-        None => kohya.resolve(stem).cloned(),
+        Some(c) if index.modules.contains_key(&c) => vec![(c, UpRows::All)],
+        Some(_) => Vec::new(),
+        None => kohya.resolve(stem).map(<[_]>::to_vec).unwrap_or_default(),
     }
 }
 
@@ -256,63 +390,8 @@ impl Adapter {
         placement: Placement,
     ) -> Result<Adapter> {
         let w = Weights::open(path, placement)?;
-        let held = index.networks();
         let peft = PeftAlphas::from_metadata(w.metadata("lora_adapter_metadata").as_deref());
-        let mut modules: HashMap<String, (String, Parts)> = HashMap::new();
-        let mut unknown = Vec::new();
-        let mut stems = 0usize;
-        for (key, _) in w.stored() {
-            let Some((stem, part)) = split_key(key) else {
-                unknown.push(key.to_string());
-                continue;
-            };
-            let Some((network, direct)) = network_of(stem) else {
-                unknown.push(key.to_string());
-                continue;
-            };
-            stems += 1;
-            if !held.iter().any(|h| h == network) {
-                continue;
-            }
-            let Some(canonical) = module_of(direct, stem, index, kohya) else {
-                unknown.push(key.to_string());
-                continue;
-            };
-            let entry = modules.entry(canonical).or_insert_with(|| {
-                (
-                    network.to_string(),
-                    Parts {
-                        down: None,
-                        up: None,
-                        alpha: None,
-                    },
-                )
-            });
-            let slot = match part {
-                Part::Down => &mut entry.1.down,
-                Part::Up => &mut entry.1.up,
-                Part::Alpha => &mut entry.1.alpha,
-            };
-            *slot = Some(key.to_string());
-        }
-        if stems == 0 {
-            return Err(bad(
-                path,
-                "no LoRA weights in it (expected kohya `lora_unet_…`/`lora_te…` or diffusers \
-                 `unet.….lora_A.weight` keys)",
-            ));
-        }
-        if !unknown.is_empty() {
-            unknown.sort();
-            return Err(bad(
-                path,
-                format!(
-                    "{} keys do not fit this model (no such module), e.g. `{}`",
-                    unknown.len(),
-                    unknown[0]
-                ),
-            ));
-        }
+        let modules = modules_in(&w, path, index, kohya)?;
         let mut deltas = HashMap::new();
         let mut bytes = 0usize;
         for (canonical, (network, parts)) in modules {
@@ -325,7 +404,7 @@ impl Adapter {
             let Some(&shape) = index.modules.get(&canonical) else {
                 return Err(bad(path, format!("`{canonical}`: no such module")));
             };
-            let (down, up) = fit(&w, &down_key, &up_key, shape, path)?;
+            let (down, up) = fit(&w, (&down_key, &up_key, parts.rows), shape, path)?;
             // Copies: on a CPU the weights may be views of the file's map,
             // which goes when `w` does (and an adapter must not change if
             // its file is rewritten in place).
@@ -355,22 +434,137 @@ impl Adapter {
     }
 }
 
+/// Each module of the networks in `index` that a key of `w` names, with
+/// the keys of its parts; every key of those networks must name one.
+fn modules_in(
+    w: &Weights,
+    path: &Path,
+    index: &ModuleIndex,
+    kohya: &KohyaNames,
+) -> Result<HashMap<String, (String, Parts)>> {
+    let held = index.networks();
+    let denoiser = if held.iter().any(|h| h == "transformer") {
+        "transformer"
+    } else {
+        "unet"
+    };
+    let mut modules: HashMap<String, (String, Parts)> = HashMap::new();
+    let mut unknown = Vec::new();
+    let mut stems = 0usize;
+    for (key, _) in w.stored() {
+        let Some((stem, part)) = split_key(key) else {
+            unknown.push(key.to_string());
+            continue;
+        };
+        let Some((network, direct)) = network_of(stem, denoiser) else {
+            unknown.push(key.to_string());
+            continue;
+        };
+        stems += 1;
+        if !held.iter().any(|h| h == network) {
+            continue;
+        }
+        let targets = modules_of(direct, stem, index, kohya);
+        if targets.is_empty() {
+            unknown.push(key.to_string());
+            continue;
+        }
+        for (canonical, rows) in targets {
+            let entry = modules.entry(canonical).or_insert_with(|| {
+                (
+                    network.to_string(),
+                    Parts {
+                        down: None,
+                        up: None,
+                        alpha: None,
+                        rows,
+                    },
+                )
+            });
+            let slot = match part {
+                Part::Down => &mut entry.1.down,
+                Part::Up => &mut entry.1.up,
+                Part::Alpha => &mut entry.1.alpha,
+            };
+            *slot = Some(key.to_string());
+        }
+    }
+    if stems == 0 {
+        return Err(bad(
+            path,
+            "no LoRA weights in it (expected kohya `lora_unet_…`/`lora_te…` or diffusers \
+             `unet.….lora_A.weight` / `transformer.….lora_A.weight` keys)",
+        ));
+    }
+    if !unknown.is_empty() {
+        unknown.sort();
+        return Err(bad(
+            path,
+            format!(
+                "{} keys do not fit this model (no such module), e.g. `{}`",
+                unknown.len(),
+                unknown[0]
+            ),
+        ));
+    }
+    Ok(modules)
+}
+
 fn owned(t: &Tensor) -> Result<Tensor> {
     let mut out = t.f_empty_like()?;
     out.f_copy_(t)?;
     Ok(out)
 }
 
-/// The down and up weights of a module, shaped for its kind.
+/// The down and up weights of a module (its `rows` of the up weight),
+/// shaped for its kind.
 fn fit(
     w: &Weights,
-    down_key: &str,
-    up_key: &str,
+    (down_key, up_key, rows): (&str, &str, UpRows),
     shape: ModuleShape,
     path: &Path,
 ) -> Result<(Tensor, Tensor)> {
     let stored = |k: &str| w.stored_shape(k).map(<[i64]>::to_vec).unwrap_or_default();
-    let (ds, us) = (stored(down_key), stored(up_key));
+    let ds = stored(down_key);
+    let mut us = stored(up_key);
+    // A fused delta: this module's rows of it.
+    let full_up = us.first().copied().unwrap_or(0);
+    match rows {
+        UpRows::All => {}
+        UpRows::Rows { start, len } => {
+            if us.is_empty() || start + len > full_up {
+                return Err(bad(
+                    path,
+                    format!(
+                        "`{up_key}` {us:?} has no rows {start}..{} to split",
+                        start + len
+                    ),
+                ));
+            }
+            us[0] = len;
+        }
+        UpRows::Swapped => {
+            if full_up % 2 != 0 {
+                return Err(bad(path, format!("`{up_key}` {us:?}: odd rows to swap")));
+            }
+        }
+    }
+    let up_of = |t: Tensor| -> Result<Tensor> {
+        Ok(match rows {
+            UpRows::All => t,
+            UpRows::Rows { start, len } => t.f_narrow(0, start, len)?,
+            UpRows::Swapped => {
+                let n = full_up / 2;
+                Tensor::f_cat(&[t.f_narrow(0, n, n)?, t.f_narrow(0, 0, n)?], 0)?
+            }
+        })
+    };
+    let full_shape = |mut s: Vec<i64>| {
+        if let Some(first) = s.first_mut() {
+            *first = full_up;
+        }
+        s
+    };
     let rank = *ds.first().unwrap_or(&0);
     let mismatch = || {
         bad(
@@ -392,7 +586,7 @@ fn fit(
                 return Err(mismatch());
             }
             let down = w.get(down_key, &ds)?.reshape([rank, shape.input]);
-            let up = w.get(up_key, &us)?.reshape([shape.output, rank]);
+            let up = up_of(w.get(up_key, &full_shape(us.clone()))?)?.reshape([shape.output, rank]);
             Ok((down, up))
         }
         ModuleKind::Conv { kernel, .. } => {
@@ -405,7 +599,8 @@ fn fit(
                 return Err(mismatch());
             }
             let down = w.get(down_key, &ds)?.reshape([rank, shape.input, k, k]);
-            let up = w.get(up_key, &us)?.reshape([shape.output, rank, 1, 1]);
+            let up =
+                up_of(w.get(up_key, &full_shape(us.clone()))?)?.reshape([shape.output, rank, 1, 1]);
             Ok((down, up))
         }
     }

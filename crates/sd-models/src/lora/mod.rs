@@ -16,5 +16,5 @@ mod adapter;
 mod plan;
 
 pub use crate::modules::{ModuleIndex, ModuleKind, ModuleShape};
-pub use adapter::{Adapter, Delta, KohyaNames};
+pub use adapter::{Adapter, Delta, KohyaNames, UpRows};
 pub use plan::{apply, with_plan, Applied, Plan, Span};
