@@ -100,7 +100,8 @@ for pin in "${WHEEL_PINS[@]}"; do
     cp "$WHEELS"/"${name//-/_}"-"$version"-*.whl "$BUNDLE/wheels/"
 done
 cp tests/fixtures/make_tiny_models.py tests/fixtures/make_sd15_random.py tests/fixtures/make_xl_models.py \
-    tests/fixtures/make_sdxl_random.py "$BUNDLE/fixtures/"
+    tests/fixtures/make_sdxl_random.py tests/fixtures/make_flux_models.py tests/fixtures/make_flux_random.py \
+    "$BUNDLE/fixtures/"
 cp scripts/gpu-run-checks.sh "$BUNDLE/run-checks.sh"
 chmod +x "$BUNDLE/run-checks.sh"
 {

@@ -14,7 +14,12 @@
 # in fp16 (parity and seconds per image); `--family all` runs both, the
 # large models' checks first. `--family bench` runs the benchmarks alone
 # (no parity): SD 1.5, run-time LoRA on the SD 1.5 UNet, and the SDXL
-# architecture's stack against in process. Everything lands in $OUT (default
+# architecture's stack against in process. `--family flux`: the tiny FLUX.1
+# dev and schnell pipelines' parity in fp32 and bf16, then on CUDA the full
+# FLUX.1-dev architecture with random weights (12B transformer, T5-XXL) at
+# 1024², 28 steps, bf16: stack vs in-process (vs diffusers where the GPU
+# holds all three copies: 120 GiB or more, an H200), VRAM per service.
+# Everything lands in $OUT (default
 # target/gpu-checks) as gpu-checks.md, with the full log beside it. Each
 # step has a time limit and a failed step does not stop the others; the
 # exit status says whether all passed.
@@ -38,7 +43,7 @@ while (($#)); do
     esac
 done
 case "$DEVICE" in cuda|cuda:*|cpu) ;; *) echo "run-checks: --device cuda or cpu" >&2; exit 2 ;; esac
-case "$FAMILY" in sd|sdxl|all|bench) ;; *) echo "run-checks: --family sd, sdxl, all or bench" >&2; exit 2 ;; esac
+case "$FAMILY" in sd|sdxl|all|bench|flux) ;; *) echo "run-checks: --family sd, sdxl, all, bench or flux" >&2; exit 2 ;; esac
 if [[ -z "$PYTHON" ]]; then
     if [[ -x /opt/torch/.venv/bin/python3 ]]; then PYTHON=/opt/torch/.venv/bin/python3; else PYTHON=python3; fi
 fi
@@ -185,6 +190,24 @@ xl_bench() {
         --requests-per-worker 2 --forward-rows 2,4,8 --no-diffusers --python "$PYTHON"
 }
 
+flux_tiny() {
+    step "FLUX tiny fixtures" 300 "$PYTHON" "$HERE/fixtures/make_flux_models.py" "$WORK/fixtures"
+    # FLUX runs in bf16 (it overflows fp16), on the CPU too.
+    for precision in fp32 bf16; do parity flux-dev-tiny "$precision" --size 32 --steps 4; done
+    parity flux-schnell-tiny bf16 --size 32 --steps 4
+}
+flux_big() {
+    step "FLUX.1-dev-architecture random model" 600 "$PYTHON" "$HERE/fixtures/make_flux_random.py" \
+        "$WORK/fixtures/flux-random" --full
+    local vram diffusers=()
+    vram=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>>"$LOG" | head -1)
+    # Three copies (stack, in process, diffusers) need ~105 GiB in bf16.
+    if [[ -z "$vram" ]] || ((vram < 120000)); then diffusers=(--no-diffusers); fi
+    step "bench flux-random bf16 1024² 28 steps" 600 "$BENCH" --model "$WORK/fixtures/flux-random" \
+        --device "$DEVICE" --precision bf16 --size 1024 --steps 28 --threads "$THREADS" --runs 1 \
+        --concurrency 1 --requests-per-worker 1 --forward-rows 1,2 "${diffusers[@]}" --python "$PYTHON"
+}
+
 # 1. Fixtures, written by diffusers on this machine.
 step "tiny fixtures" 300 "$PYTHON" "$HERE/fixtures/make_tiny_models.py" "$WORK/fixtures"
 
@@ -223,6 +246,10 @@ all)
     xl_tiny_fixtures
     xl_tiny_parity
     sd_tiny_parity
+    ;;
+flux)
+    flux_tiny
+    if [[ "$DEVICE" != cpu ]]; then flux_big; fi
     ;;
 bench)
     # The benchmarks alone, the SDXL model written while the SD 1.5 one is

@@ -1,5 +1,5 @@
 """diffusers' text-to-image pipeline for the model (StableDiffusionPipeline,
-or StableDiffusionXLPipeline for the SDXL family), timed image by image for
+StableDiffusionXLPipeline for the SDXL family, FluxPipeline for FLUX), timed image by image for
 sd-bench:
 MODEL STEPS SIZE THREADS [DEVICE [PRECISION]] (SIZE 0: the model's default;
 DEVICE cpu, cuda or cuda:N; PRECISION fp32, fp16 or bf16).
@@ -25,9 +25,11 @@ dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
 ]
 torch.set_num_threads(threads)
 extra = {}
-if "XL" in __import__("json").load(open(f"{model}/model_index.json"))["_class_name"]:
+pipeline_class = __import__("json").load(open(f"{model}/model_index.json"))["_class_name"]
+flux = pipeline_class.startswith("Flux")
+if "XL" in pipeline_class:
     extra["add_watermarker"] = False
-else:
+elif not flux:
     extra.update(safety_checker=None, requires_safety_checker=False)
 # Models stored in fp16 only (`*.fp16.safetensors`, as the random benchmark
 # models are) load as that variant.
@@ -76,6 +78,11 @@ def initial_noise(generator):
     half-precision normals differently on the CPU, so they are drawn here
     and passed in. The generator goes on to the pipeline in the state this
     leaves it, as if the pipeline had drawn them itself."""
+    if flux:
+        # FLUX: 16 channels drawn unpacked, then packed into 2×2 patches.
+        side = (size or pipe.default_sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
+        noise = torch.randn((1, 16, side, side), generator=generator, dtype=torch.float32).to(dtype)
+        return pipe._pack_latents(noise, 1, 16, side, side)
     side_h = (size or pipe.unet.config.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
     shape = (1, pipe.unet.config.in_channels, side_h, side_h)
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(dtype)

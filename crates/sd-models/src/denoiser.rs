@@ -180,6 +180,15 @@ impl Denoiser {
         }
     }
 
+    /// Text tokens a typical call brings (CLIP's 77; FLUX: T5's default
+    /// 512): the warm-up's and the cost model's context length.
+    pub fn typical_tokens(&self) -> i64 {
+        match self {
+            Denoiser::Unet(_) => 77,
+            Denoiser::Flux(_) => 512,
+        }
+    }
+
     /// Width of the text embeddings the network attends to.
     pub fn context_dim(&self) -> i64 {
         match self {

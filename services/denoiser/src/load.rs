@@ -36,7 +36,7 @@ fn warm_up(
         max_side: args.max_side / layout.vae_scale_factor.max(1),
     };
     if budget.time.is_zero() {
-        let _ = net.probe(1, layout.native_side.clamp(1, 16), 77)?;
+        let _ = net.probe(1, layout.native_side.clamp(1, 16), net.typical_tokens())?;
         return Ok(None);
     }
     Ok(Some(cost::measure(net, layout, budget)?))

@@ -109,12 +109,12 @@ impl InProcess {
         let _guard = tch::no_grad_guard();
         // Reading a value back waits for the device (CUDA runs async).
         let wait = |y: Tensor| y.sum(tch::Kind::Float).double_value(&[]);
-        wait(self.net.probe(rows, side, 77)?);
+        wait(self.net.probe(rows, side, self.net.typical_tokens())?);
         let n = 5;
         let start = std::time::Instant::now();
         let mut y = None;
         for _ in 0..n {
-            y = Some(self.net.probe(rows, side, 77)?);
+            y = Some(self.net.probe(rows, side, self.net.typical_tokens())?);
         }
         if let Some(y) = y {
             wait(y);

@@ -141,7 +141,7 @@ impl KohyaNames {
                     }
                 }
                 // FLUX's T5 (kohya's sd-scripts call it te3).
-                "text_encoder_2" if rest.starts_with("encoder.") => {
+                "text_encoder_2" if rest.starts_with("encoder.block.") => {
                     put(format!("lora_te3_{}", under(rest)), path, UpRows::All);
                 }
                 "text_encoder" | "text_encoder_2" => {
