@@ -101,6 +101,7 @@ for pin in "${WHEEL_PINS[@]}"; do
 done
 cp tests/fixtures/make_tiny_models.py tests/fixtures/make_sd15_random.py tests/fixtures/make_xl_models.py \
     tests/fixtures/make_sdxl_random.py tests/fixtures/make_flux_models.py tests/fixtures/make_flux_random.py \
+    tests/fixtures/make_single_file.py \
     "$BUNDLE/fixtures/"
 cp scripts/gpu-run-checks.sh "$BUNDLE/run-checks.sh"
 chmod +x "$BUNDLE/run-checks.sh"

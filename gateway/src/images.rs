@@ -353,6 +353,27 @@ pub fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> std::result::Result<f64
 mod tests {
     use super::*;
 
+    #[test]
+    fn flux_latents_preview_through_their_own_factors() {
+        // One latent pixel, channel 4 alone set: FLUX's factors for that
+        // channel plus the bias, not the channel mean the fallback takes.
+        let mut latents = vec![0.0f32; 16];
+        latents[4] = 2.0;
+        let png = latent_preview(&latents, 16, 1, 1).unwrap();
+        let px = image::load_from_memory(&png)
+            .unwrap()
+            .to_rgb8()
+            .get_pixel(0, 0)
+            .0;
+        let want = |c: usize| {
+            let v = FLUX_LATENT_RGB_BIAS[c] + 2.0 * FLUX_LATENT_RGB[4][c];
+            ((v + 1.0) / 2.0 * 255.0).round() as u8
+        };
+        assert_eq!(px, [want(0), want(1), want(2)]);
+        // The fallback (mean of channels, halved) would give 136 everywhere.
+        assert_ne!(px, [136, 136, 136]);
+    }
+
     fn jpeg(w: u32, h: u32) -> Vec<u8> {
         let img = image::RgbImage::from_pixel(w, h, image::Rgb([200, 30, 60]));
         let mut out = Cursor::new(Vec::new());

@@ -211,9 +211,10 @@ fn openai_and_webuiapi_clients_get_diffusers_images_from_flux() {
 /// The transformer served from one downloaded file (`--transformer`):
 /// BFL's layout (fused q/k/v and linear1 split at load) equals the
 /// pipeline; the fp8 file under ComfyUI's prefix, upcast at load, equals
-/// the pipeline run on the same fp8 weights upcast.
+/// the pipeline run on the same fp8 weights upcast; ComfyUI's all-in-one
+/// file (every network) with `--config` equals the pipeline.
 #[test]
-fn transformer_files_in_bfl_layout_and_fp8_match_diffusers() {
+fn transformer_files_and_comfy_all_in_one_match_diffusers() {
     let dir = common::model("flux-dev-tiny");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut failures = Vec::new();
@@ -242,7 +243,25 @@ fn transformer_files_in_bfl_layout_and_fp8_match_diffusers() {
             &stack.url, &cases, &e2e, &e2e, file, true,
         )));
     }
+    // ComfyUI's all-in-one file (every network in one file) with the
+    // directory's configs and tokenizers (`--config`).
+    let aio = dir.join("single/flux-aio.safetensors");
+    let stack = common::stack::Stack::start_with(&aio, &["--config", dir.to_str().unwrap()]);
+    let e2e = dir.join("e2e");
+    let cases: Cases =
+        serde_json::from_str(&std::fs::read_to_string(e2e.join("cases.json")).unwrap()).unwrap();
+    let cases: Vec<_> = cases
+        .cases
+        .into_iter()
+        .filter(|c| ["g3.5", "true-cfg", "img2img"].contains(&c.name.as_str()))
+        .collect();
+    failures.extend(rt.block_on(common::e2e::check_cases(
+        &stack.url, &cases, &e2e, &e2e, "flux-aio", true,
+    )));
     common::e2e::assert_all_match(&failures);
+    // Without --config the file is refused, saying what to do.
+    let e = ModelDir::open(&aio).err().unwrap().to_string();
+    assert!(e.contains("--config"), "{e}");
     // Every tensor of the BFL file is read (a forgotten one would be a
     // layer left at its diffusers name).
     let d = ModelDir::open(&dir)

@@ -92,7 +92,11 @@ impl ModelDir {
         }
         let root = match config {
             Some(dir) => {
-                if !dir.join("unet").join("config.json").is_file() {
+                // A UNet pipeline's configs, or a FLUX one's.
+                let net = ["unet", "transformer"]
+                    .into_iter()
+                    .find(|n| dir.join(n).join("config.json").is_file());
+                if net.is_none() {
                     return Err(ModelError::MissingFile {
                         path: dir.join("unet").join("config.json"),
                     });

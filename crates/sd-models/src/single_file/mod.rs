@@ -83,6 +83,14 @@ impl Standard {
             ));
         }
         let has = |prefix: &str| w.stored().any(|(k, _)| k.starts_with(prefix));
+        if flux::bfl_prefix(w).is_some() {
+            return Err(unsupported(
+                "a FLUX checkpoint: serve it with --config naming a FLUX.1 model directory in the \
+                 diffusers layout (its configs and tokenizers; its weights are not read), or serve \
+                 the transformer alone with --transformer beside such a directory"
+                    .into(),
+            ));
+        }
         // The text encoders tell the families apart (diffusers' marker keys
         // are one block of each, which a pruned or small file may lack).
         if has("conditioner.embedders.1.model.") {
@@ -129,6 +137,9 @@ pub fn aliases(w: &Weights, c: Component, layout: &Layout) -> Result<HashMap<Str
                 .unwrap_or(VAE_PREFIXES[0]);
             vae(w, &keys, prefix, layout.vae_blocks)
         }
+        // ComfyUI's FLUX all-in-one: CLIP-L and T5 under `text_encoders.`.
+        Component::TextEncoder if has_prefix(&keys, COMFY_CLIP_L) => clip(&keys, COMFY_CLIP_L),
+        Component::TextEncoder2 if has_prefix(&keys, COMFY_T5) => stripped(&keys, COMFY_T5),
         Component::TextEncoder => text_encoder(w, &keys, c)?,
         Component::TextEncoder2 => text_encoder(w, &keys, c)?,
         Component::Transformer => match flux::bfl_prefix(w) {
@@ -143,6 +154,21 @@ pub fn aliases(w: &Weights, c: Component, layout: &Layout) -> Result<HashMap<Str
         });
     }
     Ok(map)
+}
+
+/// ComfyUI's all-in-one FLUX files: where the text encoders are.
+const COMFY_CLIP_L: &str = "text_encoders.clip_l.transformer.";
+const COMFY_T5: &str = "text_encoders.t5xxl.transformer.";
+
+fn has_prefix(keys: &[&str], prefix: &str) -> bool {
+    keys.iter().any(|k| k.starts_with(prefix))
+}
+
+/// The tensors under `prefix`, served under the rest of their names.
+fn stripped(keys: &[&str], prefix: &str) -> HashMap<String, Alias> {
+    keys.iter()
+        .filter_map(|k| Some((k.strip_prefix(prefix)?.to_string(), Alias::same(*k))))
+        .collect()
 }
 
 /// What the mapping needs from the model's configs.
