@@ -305,3 +305,13 @@ fn flux_loras_in_peft_and_kohya_layouts_match_diffusers() {
     }
     common::e2e::assert_all_match(&failures);
 }
+
+#[test]
+fn the_web_page_fits_a_flux_model_in_headless_chromium() {
+    let model = "flux-dev-tiny";
+    let stack = common::stack::Stack::start(&common::model(model));
+    common::run_client(
+        "web_page_flux.py",
+        &[stack.http.as_ref(), model.as_ref()],
+    );
+}
