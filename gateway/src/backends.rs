@@ -247,9 +247,16 @@ impl Published<'_> {
                 "the {stage} serves an {theirs} model, the denoiser an {family} one: different models?"
             );
         }
-        let params = d
+        let mut params = d
             .family_params
             .ok_or_else(|| anyhow::anyhow!("denoiser: no family parameters published"))?;
+        // FLUX: the longest T5 prompt both the text encoder's tokenizer and
+        // the denoiser take.
+        if let sd_proto::v1::denoiser_info::FamilyParams::Flux(f) = &mut params {
+            if t.max_tokens > 0 {
+                f.max_sequence_length = f.max_sequence_length.min(t.max_tokens);
+            }
+        }
         let params_family = Family::of_params(&params);
         anyhow::ensure!(
             params_family == family,

@@ -310,8 +310,61 @@ fn flux_loras_in_peft_and_kohya_layouts_match_diffusers() {
 fn the_web_page_fits_a_flux_model_in_headless_chromium() {
     let model = "flux-dev-tiny";
     let stack = common::stack::Stack::start(&common::model(model));
-    common::run_client(
-        "web_page_flux.py",
-        &[stack.http.as_ref(), model.as_ref()],
-    );
+    common::run_client("web_page_flux.py", &[stack.http.as_ref(), model.as_ref()]);
+}
+
+/// A LoRA of the other kind of network is refused, not loaded as an
+/// adapter that does nothing: a FLUX LoRA on a UNet, an SD LoRA on FLUX.
+#[test]
+fn a_lora_for_the_other_architecture_is_refused() {
+    use sd_models::lora::{Adapter, KohyaNames};
+    let flux_dir = ModelDir::open(common::model("flux-dev-tiny")).unwrap();
+    let flux = Denoiser::load(&flux_dir, Placement::cpu()).unwrap();
+    let sd_dir = ModelDir::open(common::model("sd1-tiny")).unwrap();
+    let unet = Denoiser::load(&sd_dir, Placement::cpu()).unwrap();
+    let flux_lora = flux_dir.root().join("loras/flux-peft.safetensors");
+    let flux_kohya = flux_dir.root().join("loras/flux-kohya.safetensors");
+    let sd_lora = common::fixtures().join("lora/peft.safetensors");
+    let load = |net: &Denoiser, path: &std::path::Path| {
+        let kohya = KohyaNames::new(net.modules(), 2);
+        Adapter::load(path, "x", net.modules(), &kohya, Placement::cpu())
+    };
+    assert!(load(&flux, &flux_lora).is_ok());
+    assert!(load(&flux, &flux_kohya).is_ok());
+    for (net, path) in [(&unet, &flux_lora), (&unet, &flux_kohya), (&flux, &sd_lora)] {
+        let e = load(net, path).err().expect("refused").to_string();
+        assert!(
+            e.contains("do not fit this model"),
+            "{}: {e}",
+            path.display()
+        );
+    }
+}
+
+/// A transformer file whose fp8 weights need per-tensor scales (ComfyUI's
+/// `fp8_scaled`) is refused by name, not upcast into wrong weights.
+#[test]
+fn scaled_fp8_transformer_files_are_refused() {
+    let dir = common::model("flux-dev-tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("scaled.safetensors");
+    let t = Tensor::zeros([2], (tch::Kind::Float, tch::Device::Cpu));
+    Tensor::write_safetensors(
+        &[
+            ("double_blocks.0.img_attn.qkv.weight", &t),
+            ("double_blocks.0.img_attn.qkv.scale_weight", &t),
+        ],
+        &path,
+    )
+    .unwrap();
+    let d = ModelDir::open(&dir)
+        .unwrap()
+        .with_transformer(&path)
+        .unwrap();
+    let e = d
+        .open_weights(sd_models::Component::Transformer, Placement::cpu())
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("scaled fp8"), "{e}");
 }

@@ -367,11 +367,13 @@ impl DoubleBlock {
         let txt = txt + &c[2] * self.to_add_out.forward(&txt_a.contiguous());
         let ff = self.ff_context.forward(&modulate(&txt, &c[3], &c[4]));
         let txt = &txt + &c[5] * ff;
-        (clip_half(img), clip_half(txt))
+        // diffusers clips the text stream here, not the image stream.
+        (img, clip_half(txt))
     }
 }
 
-/// diffusers clips fp16 activations to the finite range after each block.
+/// diffusers clips fp16 activations to the finite range (the text stream
+/// after a double block, the joined one after a single block).
 fn clip_half(x: Tensor) -> Tensor {
     if x.kind() == Kind::Half {
         x.clamp(-65504.0, 65504.0)

@@ -43,6 +43,11 @@ impl Linear {
         }
     }
 
+    /// The element type of its weights.
+    pub fn kind(&self) -> tch::Kind {
+        self.weight.kind()
+    }
+
     pub fn forward(&self, xs: &Tensor) -> Tensor {
         let y = xs.linear(&self.weight, self.bias.as_ref());
         match &self.path {

@@ -252,6 +252,7 @@ impl ModelDir {
     pub fn open_weights(&self, c: Component, placement: Placement) -> Result<Weights> {
         let w = if let (Component::Transformer, Some(file)) = (c, &self.transformer) {
             let w = Weights::open(file, placement)?;
+            single_file::flux::refuse_scaled_fp8(&w)?;
             match single_file::flux::bfl_prefix(&w) {
                 Some(_) => {
                     let aliases = single_file::aliases(&w, c, &self.single_file_layout()?)?;
@@ -262,6 +263,7 @@ impl ModelDir {
             }
         } else if let Some(file) = self.single_file_for(c) {
             let w = Weights::open(file, placement)?;
+            single_file::flux::refuse_scaled_fp8(&w)?;
             let aliases = single_file::aliases(&w, c, &self.single_file_layout()?)?;
             w.with_aliases(aliases)
         } else {

@@ -6,8 +6,9 @@
 //! to the sequence length and let the pad tokens through.
 //!
 //! As transformers does, the feed-forward's output projection (`wo`) stays
-//! in float32 when the rest runs in half precision; the residual stream
-//! then promotes to float32 after the first block, as it does there.
+//! in float32 when the rest runs in fp16 (`_keep_in_fp32_modules`, fp16
+//! only: bf16 keeps it bf16); the residual stream then promotes to float32
+//! after the first block, as it does there.
 
 use std::path::Path;
 
@@ -150,7 +151,7 @@ struct Block {
 }
 
 impl Block {
-    fn load(vb: &Vb, c: &T5Config, ff: FeedForward) -> Result<Self> {
+    fn load(vb: &Vb, c: &T5Config, ff: FeedForward, kind: Kind) -> Result<Self> {
         let (d, inner) = (c.d_model, c.num_heads * c.d_kv);
         let attn = vb.pp("layer.0");
         let sa = attn.pp("SelfAttention");
@@ -171,8 +172,15 @@ impl Block {
             o: Linear::load(&sa.pp("o"), inner, d, false)?,
             norm_ff: RmsNorm::load(&dense.pp("layer_norm"), d, c.layer_norm_epsilon)?,
             wi,
-            // transformers' `_keep_in_fp32_modules = ["wo"]`.
-            wo: Linear::load(&drd.pp("wo"), c.d_ff, d, false)?.into_kind(Kind::Float),
+            // transformers' `_keep_in_fp32_modules = ["wo"]`, for fp16.
+            wo: {
+                let wo = Linear::load(&drd.pp("wo"), c.d_ff, d, false)?;
+                if kind == Kind::Half {
+                    wo.into_kind(Kind::Float)
+                } else {
+                    wo
+                }
+            },
         })
     }
 
@@ -207,7 +215,7 @@ impl Block {
             [wi] => wi.forward(&h).relu(),
             _ => unreachable!("one or two input projections"),
         };
-        let h = h.to_kind(Kind::Float);
+        let h = h.to_kind(self.wo.kind());
         &xs + self.wo.forward(&h)
     }
 }
@@ -231,7 +239,7 @@ impl T5Encoder {
         let ff = config.feed_forward(config_path)?;
         let vb = Vb::root(weights, "encoder");
         let blocks = (0..config.num_layers)
-            .map(|i| Block::load(&vb.pp("block").pp(i), &config, ff))
+            .map(|i| Block::load(&vb.pp("block").pp(i), &config, ff, weights.placement().kind))
             .collect::<Result<Vec<_>>>()?;
         let shape = [config.vocab_size, config.d_model];
         // Tied files keep `shared.weight` alone; others both.

@@ -265,7 +265,10 @@ impl T5Tokenizer {
                 ModelError::MissingFile { path }
             });
         }
-        let inner = Tokenizer::from_file(&path).map_err(|e| tok_err(&path, e))?;
+        let mut inner = Tokenizer::from_file(&path).map_err(|e| tok_err(&path, e))?;
+        // Cut and padded here, whatever the file sets.
+        inner.with_truncation(None).map_err(|e| tok_err(&path, e))?;
+        inner.with_padding(None);
         let config = read_optional_json(&dir.join("tokenizer_config.json"))?;
         let special = |key: &str, default: &str| {
             token_text(config.as_ref().and_then(|c| c.get(key))).unwrap_or(default.to_string())
@@ -281,8 +284,10 @@ impl T5Tokenizer {
             .as_ref()
             .and_then(|c| c.get("model_max_length"))
             .and_then(Value::as_u64)
-            .filter(|&n| (1..=1 << 20).contains(&n))
-            .unwrap_or(512) as usize;
+            .filter(|&n| n >= 1)
+            .unwrap_or(512)
+            // FLUX's pipelines take at most 512 T5 tokens.
+            .min(512) as usize;
         Ok(T5Tokenizer {
             inner,
             eos_id,

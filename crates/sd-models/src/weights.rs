@@ -146,6 +146,13 @@ pub struct Weights {
     metadata: HashMap<String, String>,
 }
 
+/// Whether `path` is a sharded checkpoint's index
+/// (`*.safetensors.index.json`, or a variant's `*.safetensors.index.fp16.json`).
+pub fn is_index(path: &Path) -> bool {
+    let name = path.to_string_lossy();
+    name.contains(".safetensors.index") && name.ends_with(".json")
+}
+
 fn kind_of(dtype: &str) -> Option<Kind> {
     Some(match dtype {
         "F32" => Kind::Float,
@@ -165,7 +172,7 @@ impl Weights {
     /// A safetensors file, or the shards of a `*.safetensors.index.json`
     /// (its `weight_map` names each tensor's file, beside the index).
     pub fn open(path: &Path, placement: Placement) -> Result<Self> {
-        if path.to_string_lossy().ends_with(".index.json") {
+        if is_index(path) {
             return Self::open_sharded(path, placement);
         }
         let (map, tensors, metadata) = Self::map_file(path, 0)?;

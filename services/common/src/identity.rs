@@ -35,7 +35,7 @@ pub fn model_id(dir: &sd_models::ModelDir, components: &[sd_models::Component]) 
 /// The files whose bytes make a component's identity: the file itself, or
 /// the shards a `*.index.json` lists (in the index's order).
 fn shards_of(path: &std::path::Path) -> Vec<std::path::PathBuf> {
-    if !path.to_string_lossy().ends_with(".index.json") {
+    if !sd_models::weights::is_index(path) {
         return vec![path.to_path_buf()];
     }
     let dir = path.parent().unwrap_or(std::path::Path::new("."));

@@ -138,6 +138,12 @@ impl Step {
         let timesteps = bounds.timesteps(&req.timesteps, batch)?;
         let guidance = guidance(req.guidance_scale)?;
         let embedded_guidance = match (req.embedded_guidance, bounds.guidance_input) {
+            (None, Some(GuidanceInput::Value)) => {
+                return Err(ServiceError::invalid(
+                    "embedded_guidance",
+                    "missing: this guidance-distilled transformer takes its guidance here",
+                ))
+            }
             (None, _) => None,
             (Some(g), Some(GuidanceInput::Value)) => {
                 if !g.is_finite() || !(0.0..=1000.0).contains(&g) {
@@ -754,5 +760,94 @@ mod session_tests {
         // None at all for an SDXL model: the size conditioning is missing.
         let e = refused(Step::decode(&request(vec![]), &XL, &mut stream));
         assert_eq!(field(e), "time_ids");
+    }
+}
+
+#[cfg(test)]
+mod flux_tests {
+    #![allow(clippy::unwrap_used)]
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::to_wire;
+
+    /// FLUX.1-dev's bounds: 16 packed channels, pooled 3, guidance a value.
+    const FLUX: Bounds = Bounds {
+        latent_channels: 16,
+        image_channels: 0,
+        guidance_input: Some(GuidanceInput::Value),
+        context_dim: 8,
+        pooled: Some(3),
+        even_sides: true,
+        max_batch: 2,
+        max_latent_side: 16,
+        max_timestep: 1000.0,
+        xl: None,
+    };
+
+    #[derive(Default)]
+    struct Sent(HashMap<String, Tensor>);
+
+    impl Resolver for Sent {
+        fn embedding(
+            &mut self,
+            e: &Embedding,
+            field: &str,
+            _batch: i64,
+        ) -> Result<Cond, ServiceError> {
+            let hidden = crate::from_wire(e.tensor.as_ref(), field)?;
+            let pooled = e
+                .pooled
+                .as_ref()
+                .map(|p| crate::from_wire(Some(p), field))
+                .transpose()?;
+            Ok(Cond { hidden, pooled })
+        }
+        fn tensor(&mut self, t: &SessionTensor, field: &str) -> Result<Tensor, ServiceError> {
+            crate::from_wire(t.tensor.as_ref(), field)
+        }
+        fn keep(&mut self, id: &str, t: &Tensor, _: &str) -> Result<(), ServiceError> {
+            self.0.insert(id.into(), t.shallow_clone());
+            Ok(())
+        }
+    }
+
+    fn request(side: i64, embedded: Option<f32>) -> PredictRequest {
+        let f = (tch::Kind::Float, tch::Device::Cpu);
+        let wire = |t: &Tensor| to_wire(t, Dtype::Float32).unwrap();
+        PredictRequest {
+            latents: Some(wire(&Tensor::zeros([1, 16, side, side], f))),
+            timesteps: vec![500.0],
+            cond: Some(Embedding {
+                id: "c".into(),
+                tensor: Some(wire(&Tensor::zeros([1, 12, 8], f))),
+                pooled: Some(wire(&Tensor::zeros([1, 3], f))),
+            }),
+            guidance_scale: 1.0,
+            embedded_guidance: embedded,
+            ..Default::default()
+        }
+    }
+
+    fn field(r: Result<Step, ServiceError>) -> String {
+        match r {
+            Err(ServiceError::InvalidField { field, .. }) => field,
+            Err(e) => panic!("not a field error: {e}"),
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    #[test]
+    fn a_distilled_transformer_needs_its_guidance_bounded_and_even_latents() {
+        let step = Step::decode(&request(8, Some(3.5)), &FLUX, &mut Sent::default()).unwrap();
+        assert_eq!(step.call.embedded_guidance, Some(3.5));
+        for (req, want) in [
+            (request(8, None), "embedded_guidance"),
+            (request(8, Some(f32::NAN)), "embedded_guidance"),
+            (request(8, Some(1e30)), "embedded_guidance"),
+            (request(7, Some(3.5)), "latents"),
+        ] {
+            assert_eq!(field(Step::decode(&req, &FLUX, &mut Sent::default())), want);
+        }
     }
 }

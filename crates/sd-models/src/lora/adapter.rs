@@ -461,6 +461,14 @@ fn modules_in(
             continue;
         };
         stems += 1;
+        // A key for the other kind of denoising network (a FLUX LoRA on a
+        // UNet, an SD LoRA on FLUX) fits nothing here.
+        let is_denoiser = |n: &str| n == "unet" || n == "transformer";
+        let denoiser_held = held.iter().any(|h| is_denoiser(h));
+        if denoiser_held && is_denoiser(network) && network != denoiser {
+            unknown.push(key.to_string());
+            continue;
+        }
         if !held.iter().any(|h| h == network) {
             continue;
         }

@@ -191,6 +191,14 @@ fn add_delta(
     factor: &Factor,
     conv: Option<(i64, i64)>,
 ) -> Result<()> {
+    // A layer kept in another precision than the adapter's (T5's float32
+    // `wo` in fp16): the product in the adapter's, added in the layer's.
+    if xs.kind() != d.down.kind() {
+        let mut delta = ys.f_zeros_like()?.f_to_kind(d.down.kind())?;
+        add_delta(&mut delta, &xs.f_to_kind(d.down.kind())?, d, factor, conv)?;
+        let _ = ys.f_add_(&delta.f_to_kind(ys.kind())?)?;
+        return Ok(());
+    }
     let mut mid = match conv {
         None => xs.f_linear(&d.down, None::<Tensor>)?,
         Some((stride, padding)) => {

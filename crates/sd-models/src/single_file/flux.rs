@@ -15,6 +15,30 @@ use crate::weights::{Alias, Transform, Weights};
 /// The prefix ComfyUI's all-in-one files keep the transformer under.
 pub const COMFY_PREFIX: &str = "model.diffusion_model.";
 
+/// Refuse a file whose fp8 weights need per-tensor scales (ComfyUI's
+/// `fp8_scaled` files: `scaled_fp8`, `*.scale_weight`, …): upcast without
+/// them, the weights would be wrong with no error.
+pub fn refuse_scaled_fp8(w: &Weights) -> Result<()> {
+    let scaled = w.stored().find(|(k, _)| {
+        *k == "scaled_fp8"
+            || k.ends_with(".scaled_fp8")
+            || k.ends_with(".scale_weight")
+            || k.ends_with(".weight_scale")
+            || k.ends_with(".scale_input")
+            || k.ends_with(".input_scale")
+    });
+    match scaled {
+        Some((k, _)) => Err(ModelError::Unsupported {
+            path: w.path().to_path_buf(),
+            message: format!(
+                "scaled fp8 weights (`{k}`: per-tensor scales) are not read; use a plain fp8 \
+                 (float8_e4m3fn), bf16 or fp16 file"
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Where the BFL transformer's keys start in `w` (`""` or
 /// [`COMFY_PREFIX`]), or None when the file is not in that layout.
 pub fn bfl_prefix(w: &Weights) -> Option<&'static str> {

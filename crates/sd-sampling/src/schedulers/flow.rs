@@ -39,6 +39,7 @@ impl FlowEuler {
             "use_beta_sigmas",
             "invert_sigmas",
             "stochastic_sampling",
+            "use_flow_sigmas",
         ] {
             if c.bool_or(key, false) {
                 return Err(SchedulerError::Config(format!(
