@@ -16,15 +16,9 @@ import urllib.request
 
 from playwright.sync_api import expect, sync_playwright
 
+from browser import chromium
+
 URL, SIDE = sys.argv[1], int(sys.argv[2])
-
-
-def chromium():
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    raise SystemExit("no chromium on PATH: make setup installs Debian's chromium")
 
 
 def main():

@@ -6,19 +6,13 @@ keyboard-only generation comes back with FLUX's settings in its caption.
 Usage: python web_page_flux.py http://127.0.0.1:PORT MODEL_NAME
 """
 
-import shutil
 import sys
 
 from playwright.sync_api import expect, sync_playwright
 
+from browser import chromium
+
 URL, MODEL = sys.argv[1], sys.argv[2]
-
-
-def chromium():
-    path = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
-    if not path:
-        raise SystemExit("no chromium on PATH: make setup installs Debian's chromium")
-    return path
 
 
 def main():

@@ -71,8 +71,8 @@ fn the_transformer_matches_diffusers_per_row_timesteps_and_guidance() {
         let net = Denoiser::load(&dir, Placement::cpu()).unwrap();
         let guidance = r.get("flux.guidance");
         assert_eq!(guidance.is_some(), model.contains("dev"));
-        let out = net
-            .forward(
+        let run = |guidance: Option<&Tensor>| {
+            net.forward(
                 &r["flux.latents"],
                 &r["flux.timesteps"],
                 Conditioning {
@@ -84,25 +84,13 @@ fn the_transformer_matches_diffusers_per_row_timesteps_and_guidance() {
                     control: None,
                 },
             )
-            .unwrap();
+            .unwrap()
+        };
+        let out = run(guidance);
         assert_close(&format!("{model} transformer"), &out, &r["flux.output"]);
         // The guidance input changes dev's prediction (it is no constant).
         if let Some(g) = guidance {
-            let other = net
-                .forward(
-                    &r["flux.latents"],
-                    &r["flux.timesteps"],
-                    Conditioning {
-                        context: &r["flux.context"],
-                        pooled: Some(&r["flux.pooled"]),
-                        time_ids: None,
-                        guidance: Some(&(g * 2.0)),
-                        image: None,
-                        control: None,
-                    },
-                )
-                .unwrap();
-            assert!(common::max_abs_diff(&other, &out) > 1e-3);
+            assert!(common::max_abs_diff(&run(Some(&(g * 2.0))), &out) > 1e-3);
         }
     }
 }
@@ -154,43 +142,14 @@ fn bad_transformer_inputs_are_errors_not_aborts() {
     assert!(run(&Tensor::zeros([1, 16, 4, 4], f), &ctx, Some(&g)).is_ok());
 }
 
-#[derive(serde::Deserialize)]
-struct Cases {
-    cases: Vec<common::e2e::Case>,
-}
-
-/// Every case of `model` through `sdctl up`, one at a time, then all at
-/// once (the denoiser batches their transformer forwards: different
-/// prompts, sizes, distilled guidances, true CFG and not).
-fn run_model(model: &str) {
-    let dir = common::model(model);
-    let e2e = dir.join("e2e");
-    let cases: Cases =
-        serde_json::from_str(&std::fs::read_to_string(e2e.join("cases.json")).unwrap()).unwrap();
-    let stack = common::stack::Stack::start(&dir);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut failures = Vec::new();
-    for together in [false, true] {
-        failures.extend(rt.block_on(common::e2e::check_cases(
-            &stack.url,
-            &cases.cases,
-            &e2e,
-            &e2e,
-            model,
-            together,
-        )));
-    }
-    common::e2e::assert_all_match(&failures);
-}
-
 #[test]
 fn flux_dev_generations_match_diffusers_images() {
-    run_model("flux-dev-tiny");
+    common::e2e::run_model("flux-dev-tiny");
 }
 
 #[test]
 fn flux_schnell_generations_match_diffusers_images() {
-    run_model("flux-schnell-tiny");
+    common::e2e::run_model("flux-schnell-tiny");
 }
 
 #[test]
@@ -230,11 +189,7 @@ fn transformer_files_and_comfy_all_in_one_match_diffusers() {
         let stack =
             common::stack::Stack::start_with(&dir, &["--transformer", path.to_str().unwrap()]);
         let e2e = dir.join(refs);
-        let cases: Cases =
-            serde_json::from_str(&std::fs::read_to_string(e2e.join("cases.json")).unwrap())
-                .unwrap();
-        let cases: Vec<_> = cases
-            .cases
+        let cases: Vec<_> = common::e2e::load_cases(&e2e)
             .into_iter()
             .filter(|c| only.is_none_or(|o| o.contains(&c.name.as_str())))
             .collect();
@@ -248,10 +203,7 @@ fn transformer_files_and_comfy_all_in_one_match_diffusers() {
     let aio = dir.join("single/flux-aio.safetensors");
     let stack = common::stack::Stack::start_with(&aio, &["--config", dir.to_str().unwrap()]);
     let e2e = dir.join("e2e");
-    let cases: Cases =
-        serde_json::from_str(&std::fs::read_to_string(e2e.join("cases.json")).unwrap()).unwrap();
-    let cases: Vec<_> = cases
-        .cases
+    let cases: Vec<_> = common::e2e::load_cases(&e2e)
         .into_iter()
         .filter(|c| ["g3.5", "true-cfg", "img2img"].contains(&c.name.as_str()))
         .collect();
@@ -289,21 +241,12 @@ fn flux_loras_in_peft_and_kohya_layouts_match_diffusers() {
     let loras = dir.join("loras");
     let stack = common::stack::Stack::start_with(&dir, &["--lora-dir", loras.to_str().unwrap()]);
     let e2e = dir.join("e2e-lora");
-    let cases: Cases =
-        serde_json::from_str(&std::fs::read_to_string(e2e.join("cases.json")).unwrap()).unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut failures = Vec::new();
-    for together in [false, true] {
-        failures.extend(rt.block_on(common::e2e::check_cases(
-            &stack.url,
-            &cases.cases,
-            &e2e,
-            &e2e,
-            "flux-lora",
-            together,
-        )));
-    }
-    common::e2e::assert_all_match(&failures);
+    common::e2e::check_all(
+        &stack.url,
+        &common::e2e::load_cases(&e2e),
+        &e2e,
+        "flux-lora",
+    );
 }
 
 #[test]

@@ -89,50 +89,22 @@ async fn the_text_encoder_service_encodes_with_both_sdxl_encoders() {
     assert!(e.message().contains("clip_skip"), "{}", e.message());
 }
 
-#[derive(serde::Deserialize)]
-struct Cases {
-    cases: Vec<common::e2e::Case>,
-}
-
-/// Every case of `model` through `sdctl up`, one at a time, then all at
-/// once (the denoiser batches their steps; results must not change).
-fn run_model(model: &str) {
-    let dir = common::model(model);
-    let e2e = dir.join("e2e");
-    let cases: Cases =
-        serde_json::from_str(&std::fs::read_to_string(e2e.join("cases.json")).unwrap()).unwrap();
-    let stack = common::stack::Stack::start(&dir);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut failures = Vec::new();
-    for together in [false, true] {
-        failures.extend(rt.block_on(common::e2e::check_cases(
-            &stack.url,
-            &cases.cases,
-            &e2e,
-            &e2e,
-            model,
-            together,
-        )));
-    }
-    common::e2e::assert_all_match(&failures);
-}
-
 #[test]
 fn sdxl_generations_match_diffusers_images() {
-    run_model("sdxl-tiny");
+    common::e2e::run_model("sdxl-tiny");
 }
 
 #[test]
 fn turbo_style_generations_match_diffusers_images() {
-    run_model("sdxl-turbo-tiny");
+    common::e2e::run_model("sdxl-turbo-tiny");
 }
 
 #[test]
 fn an_lcm_unet_takes_guidance_as_diffusers_does() {
-    run_model("sdxl-lcm-tiny");
+    common::e2e::run_model("sdxl-lcm-tiny");
 }
 
 #[test]
 fn the_refiner_matches_diffusers_image_to_image() {
-    run_model("sdxl-refiner-tiny");
+    common::e2e::run_model("sdxl-refiner-tiny");
 }

@@ -75,6 +75,39 @@ pub async fn check_cases(
     failures
 }
 
+/// The cases a fixture script listed in `dir/cases.json`.
+pub fn load_cases(dir: &Path) -> Vec<Case> {
+    #[derive(serde::Deserialize)]
+    struct Cases {
+        cases: Vec<Case>,
+    }
+    let path = dir.join("cases.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str::<Cases>(&text)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .cases
+}
+
+/// Every case in `e2e` (references and inputs there) through the stack at
+/// `url`, one at a time, then all at once (the denoiser batches their
+/// steps; results must not change); the test fails listing what differs.
+pub fn check_all(url: &str, cases: &[Case], e2e: &Path, label: &str) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut failures = Vec::new();
+    for together in [false, true] {
+        failures.extend(rt.block_on(check_cases(url, cases, e2e, e2e, label, together)));
+    }
+    assert_all_match(&failures);
+}
+
+/// Every case of fixture `model`'s `e2e/` through `sdctl up` on it.
+pub fn run_model(model: &str) {
+    let dir = super::model(model);
+    let e2e = dir.join("e2e");
+    let stack = super::stack::Stack::start(&dir);
+    check_all(&stack.url, &load_cases(&e2e), &e2e, model);
+}
+
 /// Fail the test listing every image that differs.
 pub fn assert_all_match(failures: &[String]) {
     assert!(
