@@ -61,6 +61,8 @@ def check_openai():
 def check_webuiapi():
     host, port = URL.removeprefix("http://").split(":")
     api = webuiapi.WebUIApi(host=host, port=int(port))
+    # A FLUX model's one sampler, as Forge lists it.
+    assert [x["name"] for x in api.get_samplers()] == ["Euler"], api.get_samplers()
     p = CASES["a1111-default"]["params"]
     # Forge's FLUX defaults: cfg_scale 1 (no real CFG), distilled 3.5.
     r = api.txt2img(prompt=p["prompt"], seed=p["seed"], steps=p["steps"], cfg_scale=1.0,

@@ -68,7 +68,8 @@ pub struct GenerateArgs {
     /// FLUX: T5 tokens each prompt is padded or cut to (1..=512; default 512).
     #[arg(long, default_value_t = 0)]
     max_sequence_length: u32,
-    /// ddim, pndm, euler, euler-a, lms, heun, dpmpp-2m, unipc, lcm (default: the model's own).
+    /// ddim, pndm, euler, euler-a, lms, heun, dpmpp-2m, unipc, lcm; FLUX: flow-euler (or
+    /// euler) (default: the model's own).
     #[arg(long)]
     scheduler: Option<String>,
     /// Karras sigmas (euler, lms, heun, dpmpp-2m, unipc).

@@ -54,9 +54,13 @@ pub(super) async fn refresh_loras() -> Response {
     crate::http::json(json!(null))
 }
 
-pub(super) async fn samplers() -> Response {
+/// A1111's sampler list; for a FLUX model its one sampler, "Euler" (the
+/// flow-matching Euler, as Forge lists it), since the others do not fit.
+pub(super) async fn samplers(S(http): S<State>) -> Response {
+    let flow = http.service.generator.facts.profile.is_flow();
     let list: Vec<Value> = SAMPLERS
         .iter()
+        .filter(|(_, _, ours, _)| !flow || *ours == "euler")
         .map(|(name, aliases, _, auto_karras)| {
             let options = if *auto_karras {
                 json!({"scheduler": "karras"})
