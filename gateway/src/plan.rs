@@ -97,6 +97,27 @@ pub fn random_seed() -> u64 {
     h.finish() & 0xffff_ffff
 }
 
+/// What decides whether classifier-free guidance runs.
+struct Guidance {
+    flow: bool,
+    guidance: f32,
+    guidance_embedded: bool,
+    true_cfg: f32,
+    negative: bool,
+}
+
+impl Guidance {
+    /// SD: a scale above 1 on a network that takes no guidance embedding;
+    /// FLUX: `true_cfg_scale` above 1 with a negative prompt.
+    fn guided(&self) -> bool {
+        if self.flow {
+            self.true_cfg > 1.0 && self.negative
+        } else {
+            self.guidance > 1.0 && !self.guidance_embedded
+        }
+    }
+}
+
 /// The scheduler a request asked for, checked against the model's config.
 struct Sampler {
     kind: SchedulerKind,
@@ -142,11 +163,14 @@ impl Plan {
         if source.init.is_some() {
             check_strength_steps(source.strength, steps, sampler.schedule.as_ref())?;
         }
-        let guided = if flow {
-            true_cfg > 1.0 && !req.negative_prompt.is_empty()
-        } else {
-            guidance > 1.0 && !guidance_embedded
-        };
+        let guided = Guidance {
+            flow,
+            guidance,
+            guidance_embedded,
+            true_cfg,
+            negative: !req.negative_prompt.is_empty(),
+        }
+        .guided();
         let predicted = predict_seconds(
             facts,
             &source,
@@ -200,11 +224,14 @@ impl Plan {
     /// LCM UNet, which takes the scale as an embedding; FLUX runs it when
     /// `true_cfg_scale` is above 1 and there is a negative prompt.
     pub fn guided(&self) -> bool {
-        if self.flow {
-            self.true_cfg > 1.0 && !self.negative_prompt.is_empty()
-        } else {
-            self.guidance > 1.0 && !self.guidance_embedded
+        Guidance {
+            flow: self.flow,
+            guidance: self.guidance,
+            guidance_embedded: self.guidance_embedded,
+            true_cfg: self.true_cfg,
+            negative: !self.negative_prompt.is_empty(),
         }
+        .guided()
     }
 
     /// The scale of classifier-free guidance (when guided).
@@ -395,25 +422,8 @@ fn check_t5_prompts(req: &GenerateRequest) -> Result<()> {
         ("prompt", &req.prompt),
         ("negative_prompt", &req.negative_prompt),
     ] {
-        for f in sd_prompt::parse(text) {
-            if f.is_break() {
-                return Err(Error::invalid(
-                    field,
-                    "BREAK is not read on a FLUX prompt (T5 takes one sequence)",
-                ));
-            }
-            if (f.weight - 1.0).abs() > 1e-6 {
-                return Err(Error::invalid(
-                    field,
-                    format!(
-                        "attention weights are not applied to a FLUX (T5) prompt: {} has weight {}; \
-                         remove the (…:w) / […] syntax or escape the brackets",
-                        quote(f.text.trim()),
-                        f.weight
-                    ),
-                ));
-            }
-        }
+        sd_prompt::unweighted(text)
+            .map_err(|e| Error::invalid(field, format!("FLUX (T5) prompt: {e}")))?;
     }
     Ok(())
 }

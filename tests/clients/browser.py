@@ -3,6 +3,8 @@
 
 import shutil
 
+ARGS = ["--no-sandbox", "--disable-gpu"]
+
 
 def chromium():
     for name in ("chromium", "chromium-browser", "google-chrome"):
@@ -10,3 +12,8 @@ def chromium():
         if path:
             return path
     raise SystemExit("no chromium on PATH: make setup installs Debian's chromium")
+
+
+def launch(playwright):
+    """Headless Chromium as the tests run it."""
+    return playwright.chromium.launch(executable_path=chromium(), headless=True, args=ARGS)

@@ -9,22 +9,20 @@ Usage: python web_page.py http://127.0.0.1:PORT EXPECTED_SIDE
 
 import base64
 import json
-import shutil
 import sys
 import time
 import urllib.request
 
 from playwright.sync_api import expect, sync_playwright
 
-from browser import chromium
+from browser import launch
 
 URL, SIDE = sys.argv[1], int(sys.argv[2])
 
 
 def main():
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium(), headless=True,
-                                    args=["--no-sandbox", "--disable-gpu"])
+        browser = launch(p)
         page = browser.new_page()
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))

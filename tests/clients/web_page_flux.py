@@ -10,15 +10,14 @@ import sys
 
 from playwright.sync_api import expect, sync_playwright
 
-from browser import chromium
+from browser import launch
 
 URL, MODEL = sys.argv[1], sys.argv[2]
 
 
 def main():
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium(), headless=True,
-                                    args=["--no-sandbox", "--disable-gpu"])
+        browser = launch(p)
         page = browser.new_page()
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))

@@ -217,15 +217,13 @@ impl Denoiser {
         }
     }
 
-    /// Width of the pooled text embedding the network takes (0: none).
-    pub fn pooled_dim(&self) -> i64 {
+    /// Width of the pooled text embedding, where the network alone fixes
+    /// it (FLUX); an SDXL UNet's shares `add_embedding` with its time ids,
+    /// so its family parameters say it (None here).
+    pub fn pooled_dim(&self) -> Option<i64> {
         match self {
-            Denoiser::Unet(unet) => unet
-                .config()
-                .text_time()
-                .map(|(_, total)| total)
-                .unwrap_or(0),
-            Denoiser::Flux(flux) => flux.config().pooled_projection_dim,
+            Denoiser::Unet(_) => None,
+            Denoiser::Flux(flux) => Some(flux.config().pooled_projection_dim),
         }
     }
 

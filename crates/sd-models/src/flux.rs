@@ -618,44 +618,34 @@ pub fn unpack(x: &Tensor, c: i64, h: i64, w: i64) -> Tensor {
 
 /// Rotary cos and sin (tokens, head_dim) for `text` tokens (all at
 /// position 0) then an `h × w` grid of image tokens (axis 1 the row, axis 2
-/// the column); frequencies in float64, as diffusers computes them on CPU.
+/// the column); frequencies in float64, as diffusers computes them. Made on
+/// the device each forward: a handful of small kernels, no table copied
+/// from the host per step.
 fn rope(c: &FluxConfig, text: i64, h: i64, w: i64, device: tch::Device) -> (Tensor, Tensor) {
-    let n = text + h * w;
-    let mut ids = vec![0f64; (n * 3) as usize];
-    for i in 0..h {
-        for j in 0..w {
-            let t = (text + i * w + j) as usize;
-            ids[t * 3 + 1] = i as f64;
-            ids[t * 3 + 2] = j as f64;
-        }
-    }
-    let ids = Tensor::from_slice(&ids).view([n, 3]);
+    let f64s = (Kind::Double, device);
+    let txt = Tensor::zeros([text], f64s);
+    let rows = Tensor::arange(h, f64s).repeat_interleave_self_int(w, 0, None);
+    let cols = Tensor::arange(w, f64s).repeat([h]);
+    let positions = [
+        Tensor::zeros([text + h * w], f64s),
+        Tensor::cat(&[&txt, &rows], 0),
+        Tensor::cat(&[&txt, &cols], 0),
+    ];
     let (mut coss, mut sins) = (Vec::new(), Vec::new());
-    for (axis, &d) in c.axes_dims_rope.iter().enumerate() {
-        let freqs = (Tensor::arange_start_step(0, d, 2, (Kind::Double, tch::Device::Cpu))
-            / d as f64)
+    for (pos, &d) in positions.iter().zip(&c.axes_dims_rope) {
+        let freqs = (Tensor::arange_start_step(0, d, 2, f64s) / d as f64)
             .g_mul_scalar(THETA.ln())
             .exp()
             .reciprocal();
-        let pos = ids.select(1, axis as i64);
         let angles = pos.unsqueeze(1) * freqs.unsqueeze(0);
-        coss.push(
-            angles
-                .cos()
-                .repeat_interleave_self_int(2, 1, None)
-                .to_kind(Kind::Float),
-        );
-        sins.push(
-            angles
-                .sin()
-                .repeat_interleave_self_int(2, 1, None)
-                .to_kind(Kind::Float),
-        );
+        let table = |t: Tensor| {
+            t.repeat_interleave_self_int(2, 1, None)
+                .to_kind(Kind::Float)
+        };
+        coss.push(table(angles.cos()));
+        sins.push(table(angles.sin()));
     }
-    (
-        Tensor::cat(&coss, -1).to_device(device),
-        Tensor::cat(&sins, -1).to_device(device),
-    )
+    (Tensor::cat(&coss, -1), Tensor::cat(&sins, -1))
 }
 
 // SAFETY: the weights are written once, at load, and only read afterwards;

@@ -287,6 +287,56 @@ mod tests {
     }
 }
 
+/// Why a prompt cannot be read without A1111's attention weights.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Emphasis {
+    Break,
+    Weighted { text: String, weight: f64 },
+}
+
+impl std::fmt::Display for Emphasis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Emphasis::Break => {
+                f.write_str("BREAK is not read here (the encoder takes one sequence)")
+            }
+            Emphasis::Weighted { text, weight } => {
+                // The client's text, quoted and cut short.
+                let mut end = text.len().min(64);
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                write!(
+                    f,
+                    "attention weights are not applied here: {:?} has weight {weight}; remove \
+                     the (…:w) / […] syntax or escape the brackets",
+                    &text[..end]
+                )
+            }
+        }
+    }
+}
+
+/// A prompt in A1111's syntax read as plain text, for an encoder where
+/// attention weights have no meaning here (FLUX's T5): escapes resolved,
+/// fragments joined; a weight other than 1 or `BREAK` is an error.
+pub fn unweighted(text: &str) -> Result<String, Emphasis> {
+    let mut out = String::new();
+    for f in parse(text) {
+        if f.is_break() {
+            return Err(Emphasis::Break);
+        }
+        if (f.weight - 1.0).abs() > 1e-6 {
+            return Err(Emphasis::Weighted {
+                text: f.text.trim().to_string(),
+                weight: f.weight,
+            });
+        }
+        out.push_str(&f.text);
+    }
+    Ok(out)
+}
+
 /// What A1111 reads in a prompt that this implementation does not do —
 /// composable diffusion (`AND`, a trailing `:N` weight), prompt editing and
 /// alternation (`[a:b:N]`, `[a:N]`, `[a|b]`), hypernetworks — named, so the
@@ -332,7 +382,7 @@ pub fn unsupported(text: &str) -> Option<&'static str> {
 
 #[cfg(test)]
 mod unsupported_tests {
-    use super::unsupported;
+    use super::{unsupported, unweighted, Emphasis};
 
     #[test]
     fn what_a1111_does_and_this_does_not_is_named() {
@@ -355,5 +405,22 @@ mod unsupported_tests {
         ] {
             assert!(unsupported(bad).is_some(), "{bad}");
         }
+    }
+
+    #[test]
+    fn unweighted_reads_plain_text_and_refuses_weights() {
+        assert_eq!(
+            unweighted(r"a \(cat\) on a mat").unwrap(),
+            "a (cat) on a mat"
+        );
+        assert_eq!(
+            unweighted("a (cat:1.3)"),
+            Err(Emphasis::Weighted {
+                text: "cat".into(),
+                weight: 1.3
+            })
+        );
+        assert_eq!(unweighted("a BREAK b"), Err(Emphasis::Break));
+        assert!(unweighted("[dim]").is_err());
     }
 }

@@ -8,6 +8,6 @@ pub mod attention;
 pub mod chunks;
 pub mod networks;
 
-pub use attention::{parse, unsupported, Fragment};
+pub use attention::{parse, unsupported, unweighted, Emphasis, Fragment};
 pub use chunks::{chunks, Chunk, Vocab};
 pub use networks::{take_loras, LoraTag};

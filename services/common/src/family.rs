@@ -109,7 +109,9 @@ impl Profile {
             // diffusers' FluxPipeline: guidance_scale 3.5 (schnell ignores it).
             Family::Flux => (
                 FamilyParams::Flux(FluxParams {
-                    pooled_dim: net.pooled_dim() as u32,
+                    pooled_dim: net.pooled_dim().ok_or_else(|| {
+                        anyhow::anyhow!("a FLUX pipeline whose network is no FLUX transformer")
+                    })? as u32,
                     max_sequence_length: FLUX_MAX_SEQUENCE_LENGTH,
                     guidance_distilled: net.guidance_input() == Some(GuidanceInput::Value),
                 }),

@@ -259,7 +259,7 @@ fn time_ids(
     };
     let time_ids = one("time_ids", req.time_ids.as_ref())?;
     let negative_time_ids = one("negative_time_ids", req.negative_time_ids.as_ref())?;
-    if bounds.xl.is_some() && time_ids.is_none() {
+    if bounds.time_ids_len.is_some() && time_ids.is_none() {
         return Err(ServiceError::invalid(
             "time_ids",
             "missing: an SDXL-family model needs the size and crop conditioning",
@@ -290,8 +290,8 @@ pub struct Bounds {
     pub max_latent_side: i64,
     /// The scheduler's training timesteps: timesteps lie in [0, this].
     pub max_timestep: f32,
-    /// SDXL family: (pooled embedding width, time ids per latent).
-    pub xl: Option<(i64, i64)>,
+    /// SDXL family: time ids per latent.
+    pub time_ids_len: Option<i64>,
 }
 
 impl Bounds {
@@ -320,9 +320,9 @@ impl Bounds {
             max_batch,
             max_latent_side: max_side / layout.vae_scale_factor.max(1),
             max_timestep,
-            xl: match params {
+            time_ids_len: match params {
                 FamilyParams::Sd(_) | FamilyParams::Flux(_) => None,
-                FamilyParams::Sdxl(p) => Some((i64::from(p.pooled_dim), i64::from(p.time_ids_len))),
+                FamilyParams::Sdxl(p) => Some(i64::from(p.time_ids_len)),
             },
         }
     }
@@ -462,7 +462,7 @@ impl Bounds {
     /// SDXL: the time ids of each latent, (batch, time ids per latent),
     /// finite and within 0..=65536 (sizes and crops in pixels, scores).
     pub fn time_ids(&self, t: Tensor, batch: i64, field: &str) -> Result<Tensor, ServiceError> {
-        let Some((_, n)) = self.xl else {
+        let Some(n) = self.time_ids_len else {
             return Err(ServiceError::invalid(
                 field,
                 "this model takes none (not an SDXL-family model)",
@@ -539,7 +539,7 @@ mod tests {
         max_batch: 2,
         max_latent_side: 16,
         max_timestep: 1000.0,
-        xl: None,
+        time_ids_len: None,
     };
 
     fn wire(t: &Tensor) -> WireTensor {
@@ -621,7 +621,7 @@ mod session_tests {
     use crate::to_wire;
 
     const XL: Bounds = Bounds {
-        xl: Some((3, 6)),
+        time_ids_len: Some(6),
         pooled: Some(3),
         ..super::tests::B
     };
@@ -782,7 +782,7 @@ mod flux_tests {
         max_batch: 2,
         max_latent_side: 16,
         max_timestep: 1000.0,
-        xl: None,
+        time_ids_len: None,
     };
 
     #[derive(Default)]

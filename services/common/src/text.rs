@@ -276,15 +276,17 @@ impl TextEncoders {
         clip_skip: usize,
         length: usize,
     ) -> Result<(Vec<i64>, tch::Tensor, Option<tch::Tensor>), ServiceError> {
-        let fragments = sd_prompt::parse(prompt);
         if let TextEncoders::Flux { .. } = self {
             // T5 reads the text; attention weights and BREAK are refused
             // rather than silently read as words.
-            let text = flux_a1111_text(&fragments)?;
+            let text = sd_prompt::unweighted(prompt).map_err(|e| {
+                ServiceError::invalid("prompts", format_args!("FLUX (T5) prompt: {e}"))
+            })?;
             let (ids, hidden, pooled) = self.encode(&[text.as_str()], 0, length)?;
             let ids = Vec::<i64>::try_from(ids.flatten(0, -1))?;
             return Ok((ids, hidden, pooled));
         }
+        let fragments = sd_prompt::parse(prompt);
         let mut hidden = Vec::new();
         let (mut first_ids, mut pooled) = (None, None);
         for e in self.encoders() {
@@ -334,33 +336,4 @@ impl TextEncoders {
             TextEncoders::Flux { .. } => &[Component::TextEncoder, Component::TextEncoder2],
         }
     }
-}
-
-/// A FLUX prompt in A1111's syntax as the text T5 reads: escapes resolved,
-/// fragments joined. Attention weights other than 1 and `BREAK` are
-/// refused naming the prompt: FLUX's T5 has no emphasis here (Forge
-/// scales T5's embeddings; sdserve does not pretend to).
-fn flux_a1111_text(fragments: &[sd_prompt::Fragment]) -> Result<String, ServiceError> {
-    let mut text = String::new();
-    for f in fragments {
-        if f.is_break() {
-            return Err(ServiceError::invalid(
-                "prompts",
-                "BREAK is not read on a FLUX prompt (T5 takes one sequence)",
-            ));
-        }
-        if (f.weight - 1.0).abs() > 1e-6 {
-            return Err(ServiceError::invalid(
-                "prompts",
-                format_args!(
-                    "attention weights are not applied to a FLUX (T5) prompt: `{}` has weight {}; \
-                     remove the (…:w) / […] syntax",
-                    f.text.trim(),
-                    f.weight
-                ),
-            ));
-        }
-        text.push_str(&f.text);
-    }
-    Ok(text)
 }

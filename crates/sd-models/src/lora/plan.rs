@@ -297,6 +297,17 @@ mod tests {
         })
     }
 
+    /// An adapter of zeros on module `m` (rank 2, 3 → 3): for plans alone.
+    fn zero_adapter(name: &str) -> Arc<Adapter> {
+        adapter(
+            name,
+            "m",
+            Tensor::zeros([2, 3], F),
+            Tensor::zeros([3, 2], F),
+            1.0,
+        )
+    }
+
     fn set(a: &Arc<Adapter>, scale: f64) -> Arc<[Applied]> {
         vec![Applied {
             adapter: a.clone(),
@@ -350,20 +361,8 @@ mod tests {
 
     #[test]
     fn adjacent_rows_at_one_scale_are_one_segment_and_shared_adapters_one_use() {
-        let a = adapter(
-            "a",
-            "m",
-            Tensor::zeros([2, 3], F),
-            Tensor::zeros([3, 2], F),
-            1.0,
-        );
-        let b = adapter(
-            "b",
-            "m",
-            Tensor::zeros([2, 3], F),
-            Tensor::zeros([3, 2], F),
-            1.0,
-        );
+        let a = zero_adapter("a");
+        let b = zero_adapter("b");
         let (plan, _) = mixed(&a, &b);
         assert_eq!(plan.uses.len(), 2);
         assert_eq!(plan.uses[0].segments, vec![(0, 2, 0.8), (4, 2, 0.4)]);
@@ -421,20 +420,8 @@ mod tests {
 
     #[test]
     fn a_rows_factor_is_rounded_once_as_the_one_run_path_rounds_it() {
-        let a = adapter(
-            "a",
-            "m",
-            Tensor::zeros([2, 3], F),
-            Tensor::zeros([3, 2], F),
-            1.0,
-        );
-        let b = adapter(
-            "b",
-            "m",
-            Tensor::zeros([2, 3], F),
-            Tensor::zeros([3, 2], F),
-            1.0,
-        );
+        let a = zero_adapter("a");
+        let b = zero_adapter("b");
         let (plan, scales) = mixed(&a, &b);
         let like = Tensor::zeros([8], (tch::Kind::Float, tch::Device::Cpu));
         // An alpha/rank whose product with 0.8 rounds differently in two
