@@ -49,22 +49,7 @@ pub fn decode_init_image(
     scale: u32,
     target: Option<(u32, u32)>,
 ) -> Result<(HostTensor, u32, u32)> {
-    if bytes.len() > limits.max_init_image_bytes {
-        return Err(invalid(format!(
-            "{} bytes, at most {} allowed",
-            bytes.len(),
-            limits.max_init_image_bytes
-        )));
-    }
-    let format = sniff(bytes).ok_or_else(|| invalid("not a PNG, JPEG or WebP image"))?;
-    if format == Fmt::Jpeg && !jpeg_ends(bytes) {
-        // The decoder would fill what is missing with gray; PIL refuses.
-        return Err(invalid(
-            "truncated JPEG: no end-of-image marker after its scans",
-        ));
-    }
-    let stored = checked_dimensions(bytes, format)?;
-    let img = decode_oriented(bytes, format, stored)?;
+    let img = decode_picture(bytes, limits).map_err(invalid)?;
     let (w, h) = (img.width(), img.height());
     let round = |v: u32| v - v % scale;
     let (tw, th) = match target {
@@ -87,6 +72,27 @@ pub fn decode_init_image(
     };
     let (tw, th) = rgb.dimensions();
     Ok((normalized(&rgb)?, tw, th))
+}
+
+/// A picture a request sends (an init image, a mask), as PIL's `open`
+/// and diffusers' `load_image` take it: checked before it is decoded
+/// (format by its magic bytes, size by its header, within the limits),
+/// turned as its EXIF orientation says, the first frame of an animation.
+pub fn decode_picture(bytes: &[u8], limits: &Limits) -> std::result::Result<DynamicImage, String> {
+    if bytes.len() > limits.max_init_image_bytes {
+        return Err(format!(
+            "{} bytes, at most {} allowed",
+            bytes.len(),
+            limits.max_init_image_bytes
+        ));
+    }
+    let format = sniff(bytes).ok_or("not a PNG, JPEG or WebP image")?;
+    if format == Fmt::Jpeg && !jpeg_ends(bytes) {
+        // The decoder would fill what is missing with gray; PIL refuses.
+        return Err("truncated JPEG: no end-of-image marker after its scans".into());
+    }
+    let stored = checked_dimensions(bytes, format)?;
+    decode_oriented(bytes, format, stored)
 }
 
 /// Whether a JPEG's scans end with an end-of-image marker (FF D9), as
@@ -117,19 +123,15 @@ fn jpeg_ends(bytes: &[u8]) -> bool {
 
 /// The stored size from the header alone, before any pixel is allocated,
 /// checked against the limits.
-fn checked_dimensions(bytes: &[u8], format: Fmt) -> Result<(u32, u32)> {
+fn checked_dimensions(bytes: &[u8], format: Fmt) -> std::result::Result<(u32, u32), String> {
     let (w, h) = ImageReader::with_format(Cursor::new(bytes), format)
         .into_dimensions()
-        .map_err(|e| invalid(format!("unreadable header: {e}")))?;
+        .map_err(|e| format!("unreadable header: {e}"))?;
     if w == 0 || h == 0 || w > MAX_SOURCE_SIDE || h > MAX_SOURCE_SIDE {
-        return Err(invalid(format!(
-            "{w}×{h}: each side must be 1..={MAX_SOURCE_SIDE}"
-        )));
+        return Err(format!("{w}×{h}: each side must be 1..={MAX_SOURCE_SIDE}"));
     }
     if w as u64 * h as u64 > MAX_SOURCE_PIXELS {
-        return Err(invalid(format!(
-            "{w}×{h} is more than {MAX_SOURCE_PIXELS} pixels"
-        )));
+        return Err(format!("{w}×{h} is more than {MAX_SOURCE_PIXELS} pixels"));
     }
     Ok((w, h))
 }
@@ -138,8 +140,12 @@ fn checked_dimensions(bytes: &[u8], format: Fmt) -> Result<(u32, u32)> {
 /// image as its EXIF orientation says (an orientation that cannot be read
 /// leaves it as stored, as PIL does). Animated images give their first
 /// frame.
-fn decode_oriented(bytes: &[u8], format: Fmt, (w, h): (u32, u32)) -> Result<DynamicImage> {
-    let cannot = |e: image::ImageError| invalid(format!("cannot decode: {e}"));
+fn decode_oriented(
+    bytes: &[u8],
+    format: Fmt,
+    (w, h): (u32, u32),
+) -> std::result::Result<DynamicImage, String> {
+    let cannot = |e: image::ImageError| format!("cannot decode: {e}");
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_SOURCE_SIDE);
     limits.max_image_height = Some(MAX_SOURCE_SIDE);

@@ -14,6 +14,7 @@ pub mod http;
 pub mod images;
 pub mod infotext;
 pub mod limits;
+pub mod mask;
 pub mod micro;
 pub mod pipeline;
 pub mod plan;

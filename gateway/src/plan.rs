@@ -5,7 +5,8 @@
 
 use sd_proto::status::quote;
 use sd_proto::v1::{
-    GenerateRequest, GenerationParameters, ImageFormat, LoraRef, PreviewMode, PromptSyntax,
+    GenerateRequest, GenerationParameters, ImageFormat, LoraRef, MaskedContent, PreviewMode,
+    PromptSyntax,
 };
 use sd_proto::wire::HostTensor;
 use sd_sampling::schedulers::{build, SchedulerOptions};
@@ -20,12 +21,28 @@ use crate::limits::Limits;
 /// Steps when neither the request nor the model says.
 pub const DEFAULT_STEPS: u32 = 50;
 const DEFAULT_STRENGTH: f32 = 0.8;
+/// … and with a mask (diffusers' inpainting pipelines: the masked part
+/// from pure noise).
+const DEFAULT_INPAINT_STRENGTH: f32 = 1.0;
 
 /// The initial image of an image-to-image request, ready for the VAE.
 #[derive(Debug, Clone)]
 pub struct InitImage {
     /// (1, 3, H, W) in [-1, 1].
     pub pixels: HostTensor,
+}
+
+/// Inpainting: the mask over the init image and how it is applied.
+#[derive(Debug, Clone)]
+pub struct Inpaint {
+    pub mask: crate::mask::Mask,
+    /// What the masked part starts from (A1111's latent fills).
+    pub masked_content: MaskedContent,
+    /// AUTOMATIC1111's blend of the denoised prediction each step (else
+    /// diffusers' blend of the re-noised picture after each step).
+    pub blend_denoised: bool,
+    /// A1111's `initial_noise_multiplier` (1: none).
+    pub noise_multiplier: f32,
 }
 
 pub struct Plan {
@@ -43,6 +60,8 @@ pub struct Plan {
     pub clip_skip: u32,
     pub init: Option<InitImage>,
     pub strength: f32,
+    /// Inpainting (with `init`): the mask and how it is applied.
+    pub inpaint: Option<Inpaint>,
     pub format: ImageFormat,
     pub preview_every: u32,
     pub preview_mode: PreviewMode,
@@ -81,6 +100,7 @@ impl std::fmt::Debug for Plan {
             .field("seed", &self.seed)
             .field("num_images", &self.num_images)
             .field("img2img", &self.init.is_some())
+            .field("inpaint", &self.inpaint.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -132,12 +152,13 @@ struct Source {
     height: u32,
     init: Option<InitImage>,
     strength: f32,
+    inpaint: Option<Inpaint>,
 }
 
 impl Plan {
     pub fn new(mut req: GenerateRequest, facts: &ModelFacts, limits: &Limits) -> Result<Plan> {
         check_model(&req.model, facts)?;
-        check_network_inputs(facts)?;
+        check_network_inputs(facts, !req.mask.is_empty())?;
         let loras = loras(&mut req)?;
         let prompt_syntax = check_prompts(&req, limits)?;
         let steps = steps(req.steps, facts.profile.default_steps, limits)?;
@@ -202,6 +223,7 @@ impl Plan {
             clip_skip: req.clip_skip,
             init: source.init,
             strength: source.strength,
+            inpaint: source.inpaint,
             format,
             preview_every: req.preview_every,
             preview_mode,
@@ -578,6 +600,13 @@ impl Source {
     fn new(req: &GenerateRequest, facts: &ModelFacts, limits: &Limits) -> Result<Source> {
         let f = facts.layout.size_multiple.max(1);
         let (mut width, mut height) = (req.width, req.height);
+        let masked = !req.mask.is_empty();
+        if req.inpaint.is_some() && !masked {
+            return Err(Error::invalid(
+                "inpaint",
+                "applies to inpainting only (set mask)",
+            ));
+        }
         let (init, strength) = if req.init_image.is_empty() {
             if req.strength.is_some() {
                 return Err(Error::invalid(
@@ -585,35 +614,95 @@ impl Source {
                     "applies to image-to-image only (set init_image)",
                 ));
             }
+            if masked {
+                return Err(Error::invalid(
+                    "mask",
+                    "marks what to repaint in init_image: set init_image too",
+                ));
+            }
             (None, 0.0)
         } else {
-            let strength = strength(req.strength)?;
+            let default = if masked {
+                DEFAULT_INPAINT_STRENGTH
+            } else {
+                DEFAULT_STRENGTH
+            };
+            let strength = strength(req.strength.or(Some(default)))?;
             let target = (width != 0 || height != 0).then_some((width, height));
             let (pixels, w, h) = images::decode_init_image(&req.init_image, limits, f, target)?;
             (width, height) = (w, h);
             (Some(InitImage { pixels }), strength)
         };
         let or_default = |v: u32| if v == 0 { facts.default_side() } else { v };
+        let width = check_side("width", or_default(width), f, limits)?;
+        let height = check_side("height", or_default(height), f, limits)?;
+        let inpaint = if masked {
+            Some(inpaint(req, limits, width, height)?)
+        } else {
+            None
+        };
         Ok(Source {
-            width: check_side("width", or_default(width), f, limits)?,
-            height: check_side("height", or_default(height), f, limits)?,
+            width,
+            height,
             init,
             strength,
+            inpaint,
         })
     }
 }
 
+/// The request's mask at the image's size, and its options.
+fn inpaint(req: &GenerateRequest, limits: &Limits, width: u32, height: u32) -> Result<Inpaint> {
+    let mask = crate::mask::Mask::decode(&req.mask, limits, width, height)?;
+    let options = req.inpaint.clone().unwrap_or_default();
+    let masked_content = MaskedContent::try_from(options.masked_content).map_err(|_| {
+        Error::invalid(
+            "inpaint.masked_content",
+            format!("unknown value {}", options.masked_content),
+        )
+    })?;
+    let multiplier = options.initial_noise_multiplier;
+    if !multiplier.is_finite() || !(0.0..=2.0).contains(&multiplier) {
+        return Err(Error::invalid(
+            "inpaint.initial_noise_multiplier",
+            format!("{multiplier} given, 0..=2 allowed (0: 1)"),
+        ));
+    }
+    Ok(Inpaint {
+        mask,
+        masked_content,
+        blend_denoised: options.blend_denoised,
+        noise_multiplier: if multiplier == 0.0 { 1.0 } else { multiplier },
+    })
+}
+
 /// A network that takes image conditioning beside the latents (an
-/// inpainting UNet's mask and masked-image latents) cannot run on a prompt
-/// alone; until masks are served its generations are refused by name.
-fn check_network_inputs(facts: &ModelFacts) -> Result<()> {
+/// inpainting UNet's mask and masked-image latents) runs only with a mask;
+/// it must take one mask channel and the masked image's latents.
+fn check_network_inputs(facts: &ModelFacts, masked: bool) -> Result<()> {
     let extra = facts.layout.image_channels();
-    if extra > 0 {
+    if extra == 0 {
+        return Ok(());
+    }
+    if extra != 1 + facts.layout.latent_channels {
         return Err(Error::invalid(
             "model",
             format!(
-                "{} is an inpainting model ({} input channels: the latents, a mask and the masked \
-                 image's latents); it needs a mask, and inpainting is not served yet",
+                "{} takes {} input channels beside its {} latent ones; served inpainting \
+                 networks take a mask and the masked image's latents ({})",
+                facts.name,
+                extra,
+                facts.layout.latent_channels,
+                1 + facts.layout.latent_channels
+            ),
+        ));
+    }
+    if !masked {
+        return Err(Error::invalid(
+            "mask",
+            format!(
+                "{} is an inpainting model ({} input channels: the latents, a mask and the \
+                 masked image's latents): send init_image and mask",
                 facts.name, facts.layout.in_channels
             ),
         ));

@@ -34,6 +34,46 @@ fn lanczos(x: f64) -> f64 {
     }
 }
 
+/// Pillow's bicubic kernel (a = −0.5), support 2.
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// A Pillow resampling filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    /// `Image.LANCZOS` (what diffusers' VaeImageProcessor and A1111's
+    /// resize_image use).
+    Lanczos,
+    /// `Image.BICUBIC` (PIL's default for `resize`, what A1111 shrinks its
+    /// inpainting mask to the latents with).
+    Bicubic,
+}
+
+impl Filter {
+    fn support(self) -> f64 {
+        match self {
+            Filter::Lanczos => SUPPORT,
+            Filter::Bicubic => 2.0,
+        }
+    }
+
+    fn at(self, x: f64) -> f64 {
+        match self {
+            Filter::Lanczos => lanczos(x),
+            Filter::Bicubic => bicubic(x),
+        }
+    }
+}
+
 /// For each output position: the first input index and the fixed-point
 /// weights of the inputs from there on.
 struct Taps {
@@ -41,10 +81,10 @@ struct Taps {
     weights: Vec<Vec<i32>>,
 }
 
-fn taps(in_size: usize, out_size: usize) -> Taps {
+fn taps(in_size: usize, out_size: usize, filter: Filter) -> Taps {
     let scale = in_size as f64 / out_size as f64;
     let filter_scale = scale.max(1.0);
-    let support = SUPPORT * filter_scale;
+    let support = filter.support() * filter_scale;
     // Pillow multiplies by the reciprocal; so do we, for the same rounding.
     let inv = 1.0 / filter_scale;
     let mut first = Vec::with_capacity(out_size);
@@ -55,7 +95,7 @@ fn taps(in_size: usize, out_size: usize) -> Taps {
         let lo = ((center - support + 0.5) as i64).max(0) as usize;
         let hi = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
         let w: Vec<f64> = (lo..hi)
-            .map(|i| lanczos((i as f64 - center + 0.5) * inv))
+            .map(|i| filter.at((i as f64 - center + 0.5) * inv))
             .collect();
         let sum: f64 = w.iter().sum();
         let fixed = w
@@ -82,6 +122,12 @@ fn clip8(acc: i64) -> u8 {
 /// `img` resized to `width`×`height` as `PIL.Image.resize((width, height),
 /// Image.LANCZOS)` resizes an RGB image (Pillow 13).
 pub fn resize_lanczos(img: &RgbImage, width: u32, height: u32) -> RgbImage {
+    resize(img, width, height, Filter::Lanczos)
+}
+
+/// `img` resized to `width`×`height` as `PIL.Image.resize((width, height),
+/// filter)` resizes an RGB image (Pillow 13).
+pub fn resize(img: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbImage {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let (ow, oh) = (width as usize, height as usize);
     if ow == 0 || oh == 0 || w == 0 || h == 0 {
@@ -94,12 +140,12 @@ pub fn resize_lanczos(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     // order shows in the result.
     let vertical_first = oh < h && (h - oh) as i64 > 2 * (w as i64 - ow as i64);
     let out = if vertical_first {
-        let tmp = columns(src, w, h, oh);
-        let second = rows(tmp.as_deref().unwrap_or(src), w, oh, ow);
+        let tmp = columns(src, w, h, oh, filter);
+        let second = rows(tmp.as_deref().unwrap_or(src), w, oh, ow, filter);
         second.or(tmp)
     } else {
-        let tmp = rows(src, w, h, ow);
-        let second = columns(tmp.as_deref().unwrap_or(src), ow, h, oh);
+        let tmp = rows(src, w, h, ow, filter);
+        let second = columns(tmp.as_deref().unwrap_or(src), ow, h, oh, filter);
         second.or(tmp)
     }
     // Neither pass ran (same size): a copy.
@@ -108,11 +154,11 @@ pub fn resize_lanczos(img: &RgbImage, width: u32, height: u32) -> RgbImage {
 }
 
 /// Each row of a `w`×`h` RGB buffer resized to `ow` pixels (None: same width).
-fn rows(src: &[u8], w: usize, h: usize, ow: usize) -> Option<Vec<u8>> {
+fn rows(src: &[u8], w: usize, h: usize, ow: usize, filter: Filter) -> Option<Vec<u8>> {
     if ow == w {
         return None;
     }
-    let t = taps(w, ow);
+    let t = taps(w, ow, filter);
     let round = 1i64 << (PRECISION_BITS - 1);
     let mut out = vec![0u8; ow * h * 3];
     for (line, dst) in src.chunks_exact(w * 3).zip(out.chunks_exact_mut(ow * 3)) {
@@ -132,11 +178,11 @@ fn rows(src: &[u8], w: usize, h: usize, ow: usize) -> Option<Vec<u8>> {
 }
 
 /// Each column of a `w`×`h` RGB buffer resized to `oh` pixels (None: same height).
-fn columns(src: &[u8], w: usize, h: usize, oh: usize) -> Option<Vec<u8>> {
+fn columns(src: &[u8], w: usize, h: usize, oh: usize, filter: Filter) -> Option<Vec<u8>> {
     if oh == h {
         return None;
     }
-    let t = taps(h, oh);
+    let t = taps(h, oh, filter);
     let round = 1i64 << (PRECISION_BITS - 1);
     let stride = w * 3;
     let mut out = vec![0u8; oh * stride];
@@ -162,7 +208,7 @@ mod tests {
     #[test]
     fn weights_sum_to_one_in_fixed_point() {
         for (i, o) in [(37, 32), (32, 48), (4096, 512), (7, 64), (100, 99)] {
-            let t = taps(i, o);
+            let t = taps(i, o, Filter::Lanczos);
             for (lo, ks) in t.first.iter().zip(&t.weights) {
                 let sum: i32 = ks.iter().sum();
                 assert!(

@@ -11,7 +11,9 @@ pub mod rng;
 pub mod schedulers;
 
 pub use rng::TorchGenerator;
-pub use schedulers::{Prediction, Scheduler, SchedulerConfig, SchedulerError, SchedulerKind};
+pub use schedulers::{
+    blend_denoised, Output, Prediction, Scheduler, SchedulerConfig, SchedulerError, SchedulerKind,
+};
 
 /// The first timestep index of image-to-image, as diffusers' `get_timesteps`:
 /// skip the first (1 − strength) of the schedule (`order` timesteps a step).

@@ -71,6 +71,7 @@ impl Denoising<'_> {
         let total = (timesteps.len() - start.first) as u32;
         let mut session = self.generator.stages.steps(self.deadline);
         let mut latents = start.latents;
+        let inpaint = start.inpaint;
         for (k, i) in (start.first..timesteps.len()).enumerate() {
             let step = k as u32 + 1;
             if self.stop.as_ref().is_some_and(super::Stop::stopped) {
@@ -100,8 +101,18 @@ impl Denoising<'_> {
             self.generator
                 .metrics
                 .step(Phase::Denoise, started.elapsed());
+            let prediction = match &inpaint {
+                Some(p) => p.prediction(&*scheduler, prediction, &latents, i),
+                None => prediction,
+            };
             latents = scheduler.step(&prediction, i, &latents, &mut |n| self.rng.randn(n));
+            if let Some(p) = &inpaint {
+                p.after_step(&*scheduler, &mut latents, i, timesteps.len());
+            }
             self.report(step, total, t, &latents).await?;
+        }
+        if let Some(p) = &inpaint {
+            p.finish(&mut latents);
         }
         Ok(latents)
     }

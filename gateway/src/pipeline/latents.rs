@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use sd_proto::v1::{Dtype, EncodeImageRequest};
+use sd_proto::v1::{Dtype, EncodeImageRequest, MaskedContent};
 use sd_proto::wire::HostTensor;
 use sd_runtime::deadline::Deadline;
 use sd_runtime::metrics::Phase;
@@ -71,6 +71,84 @@ impl LatentShape {
 pub(super) struct Start {
     pub first: usize,
     pub latents: Vec<f32>,
+    /// Inpainting: what the steps blend, and a 9-channel network's inputs.
+    pub inpaint: Option<Inpainting>,
+}
+
+/// How the steps keep the unmasked part of the picture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Blend {
+    /// An inpainting network is given the mask; nothing is blended
+    /// (diffusers with a 9-channel UNet).
+    Nothing,
+    /// diffusers with an ordinary network: after each step the picture,
+    /// re-noised to the next timestep, replaces the kept part.
+    AfterStep,
+    /// AUTOMATIC1111: each step's denoised prediction is the picture where
+    /// the mask keeps, and the final latents are too.
+    Denoised,
+}
+
+/// One inpainting generation's state for the steps (all of the latents'
+/// length: images × channels × h × w).
+pub(super) struct Inpainting {
+    pub blend: Blend,
+    /// The picture's latents, for each image.
+    pub image: Vec<f32>,
+    /// The noise the start was drawn with (diffusers re-noises with it).
+    pub noise: Vec<f32>,
+    /// 1 where the mask repaints, 0 where it keeps.
+    pub repaint: Vec<f32>,
+    /// A 9-channel network's `mask` and `masked_image_latents`, sent once.
+    pub conditioning: Option<(HostTensor, HostTensor)>,
+}
+
+impl Inpainting {
+    /// diffusers' blend after the step at index `i` of `timesteps` timesteps.
+    pub fn after_step(
+        &self,
+        scheduler: &dyn Scheduler,
+        latents: &mut [f32],
+        i: usize,
+        timesteps: usize,
+    ) {
+        if self.blend != Blend::AfterStep {
+            return;
+        }
+        let proper = if i + 1 < timesteps {
+            scheduler.add_noise(&self.image, &self.noise, i + 1)
+        } else {
+            self.image.clone()
+        };
+        for ((l, p), m) in latents.iter_mut().zip(&proper).zip(&self.repaint) {
+            *l = (1.0 - m) * p + m * *l;
+        }
+    }
+
+    /// AUTOMATIC1111's blend of the prediction at index `i` for `latents`.
+    pub fn prediction(
+        &self,
+        scheduler: &dyn Scheduler,
+        output: Vec<f32>,
+        latents: &[f32],
+        i: usize,
+    ) -> Vec<f32> {
+        if self.blend != Blend::Denoised {
+            return output;
+        }
+        let keep: Vec<f32> = self.repaint.iter().map(|m| 1.0 - m).collect();
+        sd_sampling::blend_denoised(scheduler, &output, latents, i, &self.image, &keep)
+    }
+
+    /// AUTOMATIC1111's last blend: the picture's latents where the mask keeps.
+    pub fn finish(&self, latents: &mut [f32]) {
+        if self.blend != Blend::Denoised {
+            return;
+        }
+        for ((l, p), m) in latents.iter_mut().zip(&self.image).zip(&self.repaint) {
+            *l = (1.0 - m) * p + m * *l;
+        }
+    }
 }
 
 impl Generator {
@@ -89,7 +167,11 @@ impl Generator {
                 Ok(Start {
                     first: 0,
                     latents: latents.collect(),
+                    inpaint: None,
                 })
+            }
+            Some(init) if plan.inpaint.is_some() => {
+                self.inpaint_latents(plan, init, shape, rng, deadline).await
             }
             Some(init) => {
                 let first = scheduler.start_index(plan.steps, plan.strength);
@@ -100,9 +182,121 @@ impl Generator {
                     normalization: self.facts.normalization,
                 };
                 let latents = noised(scheduler, image, shape, rng, first);
-                Ok(Start { first, latents })
+                Ok(Start {
+                    first,
+                    latents,
+                    inpaint: None,
+                })
             }
         }
+    }
+
+    /// diffusers' inpainting start (StableDiffusion(XL)InpaintPipeline,
+    /// FluxInpaintPipeline), in their order of draws from the generator:
+    /// the picture's latents (unless a 9-channel network starts from pure
+    /// noise), the noise, the masked picture's latents (drawn even where an
+    /// ordinary network does not use them, as diffusers encodes them
+    /// anyway). At strength 1 an SD-family start is pure noise; FLUX's is
+    /// the picture noised to σ = 1, which is the same. AUTOMATIC1111's
+    /// options on top: latent fills of the masked part and a noise
+    /// multiplier.
+    async fn inpaint_latents(
+        &self,
+        plan: &Plan,
+        init: &InitImage,
+        shape: &LatentShape,
+        rng: &mut TorchGenerator,
+        deadline: &Deadline,
+    ) -> Result<Start> {
+        let Some(inpaint) = &plan.inpaint else {
+            return Err(Error::Internal("inpaint_latents without a mask".into()));
+        };
+        let scheduler = &*plan.schedule;
+        let nine = self.facts.layout.image_channels() > 0;
+        let first = scheduler.start_index(plan.steps, plan.strength);
+        let pure_noise = plan.strength >= 1.0 && !plan.flow && !inpaint.blend_denoised;
+        let normalization = self.facts.normalization;
+        let f = self.facts.layout.scale_factor;
+        let picture = if !nine || !pure_noise {
+            let (mean, std) = self.encode_init_image(init, shape, deadline).await?;
+            sample(&mean, &std, normalization, rng)
+        } else {
+            vec![0.0; shape.per_image()]
+        };
+        let mut image: Vec<f32> = picture.iter().copied().cycle().take(shape.len()).collect();
+        let plane = shape.height * shape.width;
+        let per_latent =
+            |m: &[f32]| -> Vec<f32> { (0..shape.len()).map(|i| m[i % plane]).collect() };
+        let repaint = per_latent(&if inpaint.blend_denoised {
+            inpaint.mask.latent_a1111(f)
+        } else {
+            inpaint.mask.latent_nearest(f)
+        });
+        let noise: Vec<f32> = rng
+            .randn(shape.len())
+            .into_iter()
+            .map(|v| v * inpaint.noise_multiplier)
+            .collect();
+        match inpaint.masked_content {
+            MaskedContent::Original => {}
+            MaskedContent::LatentNoise => {
+                let fresh = rng.randn(shape.len());
+                for ((v, m), n) in image.iter_mut().zip(&repaint).zip(fresh) {
+                    *v = (1.0 - m) * *v + m * n;
+                }
+            }
+            MaskedContent::LatentNothing => {
+                for (v, m) in image.iter_mut().zip(&repaint) {
+                    *v *= 1.0 - m;
+                }
+            }
+        }
+        let latents = if pure_noise {
+            let sigma = scheduler.init_noise_sigma();
+            noise.iter().map(|v| v * sigma).collect()
+        } else {
+            scheduler.add_noise(&image, &noise, first)
+        };
+        let masked = InitImage {
+            pixels: inpaint.mask.masked_image(&init.pixels),
+        };
+        let conditioning = if nine {
+            let (mean, std) = self.encode_init_image(&masked, shape, deadline).await?;
+            let latents = sample(&mean, &std, normalization, rng);
+            let (h, w) = (shape.height as i64, shape.width as i64);
+            let mask = HostTensor {
+                shape: vec![1, 1, h, w],
+                data: inpaint.mask.latent_nearest(f),
+            };
+            let masked = HostTensor {
+                shape: vec![1, shape.channels as i64, h, w],
+                data: latents,
+            };
+            Some((mask, masked))
+        } else {
+            // diffusers encodes the masked picture whatever the network:
+            // its draw moves the generator on.
+            rng.randn(shape.per_image());
+            None
+        };
+        let blend = if inpaint.blend_denoised {
+            Blend::Denoised
+        } else if nine {
+            Blend::Nothing
+        } else {
+            Blend::AfterStep
+        };
+        Ok(Start {
+            first,
+            latents,
+            inpaint: Some(Inpainting {
+                blend,
+                image,
+                noise,
+                repaint,
+                conditioning,
+            }),
+        })
     }
 
     /// The init image's latent distribution (mean, std), from the VAE encoder.
@@ -160,14 +354,27 @@ fn noised(
     rng: &mut TorchGenerator,
     first: usize,
 ) -> Vec<f32> {
-    let per_image = shape.per_image();
-    let sample = rng.randn(per_image);
-    let (mean, std) = (&image.mean.data, &image.std.data);
-    let crate::facts::Normalization { scale, shift } = image.normalization;
-    let one: Vec<f32> = (0..per_image)
-        .map(|i| scale * ((mean[i] + std[i] * sample[i]) - shift))
-        .collect();
+    let one = sample(image.mean, image.std, image.normalization, rng);
     let init: Vec<f32> = one.iter().copied().cycle().take(shape.len()).collect();
     let noise = rng.randn(shape.len());
     scheduler.add_noise(&init, &noise, first)
+}
+
+/// One sample of a latent distribution (mean, std), drawn from `rng` as
+/// diffusers' `latent_dist.sample(generator)`, normalised as the
+/// autoencoder says (`(sample − shift) · scale`).
+fn sample(
+    mean: &HostTensor,
+    std: &HostTensor,
+    normalization: crate::facts::Normalization,
+    rng: &mut TorchGenerator,
+) -> Vec<f32> {
+    let draw = rng.randn(mean.data.len());
+    let crate::facts::Normalization { scale, shift } = normalization;
+    mean.data
+        .iter()
+        .zip(&std.data)
+        .zip(draw)
+        .map(|((m, s), d)| scale * ((m + s * d) - shift))
+        .collect()
 }

@@ -116,10 +116,14 @@ impl Generator {
             let listed = self.stages.list_loras(check, &deadline).await?;
             lora_key = text::canonical_loras(&plan.loras, &listed.loras);
         }
-        let text = self.condition(&plan, &lora_key, &deadline).await?;
-        let start = self
+        let mut text = self.condition(&plan, &lora_key, &deadline).await?;
+        let mut start = self
             .initial_latents(&plan, &shape, &mut rng, &deadline)
             .await?;
+        if let Some((mask, masked)) = start.inpaint.as_mut().and_then(|i| i.conditioning.take()) {
+            text.add_session_tensor("mask", mask.to_wire(Dtype::Float32));
+            text.add_session_tensor("masked_image_latents", masked.to_wire(self.wire));
+        }
         let steps = denoise::Denoising {
             generator: self,
             text,

@@ -83,6 +83,12 @@ impl Text {
             .collect()
     }
 
+    /// Add a session tensor (sent with the next Predict, then by id).
+    pub fn add_session_tensor(&mut self, name: &'static str, tensor: WireTensor) {
+        self.session.push((name, tensor));
+        self.session_sent = false;
+    }
+
     /// Whether the steps are guided (a negative prompt goes along).
     pub fn guided(&self) -> bool {
         self.uncond.is_some()

@@ -55,7 +55,12 @@ pub trait Resolver {
 }
 
 /// The session tensors a step may carry, by name.
-pub const SESSION_TENSORS: [&str; 2] = ["time_ids", "negative_time_ids"];
+pub const SESSION_TENSORS: [&str; 4] = [
+    "time_ids",
+    "negative_time_ids",
+    "mask",
+    "masked_image_latents",
+];
 
 /// A session tensor resolved: its value, the field naming it, and the id to
 /// keep it under once checked (when it was sent).
@@ -124,16 +129,6 @@ impl Step {
         resolver: &mut dyn Resolver,
     ) -> Result<Step, ServiceError> {
         let latents = bounds.latents(req.latents.as_ref())?;
-        if bounds.image_channels > 0 {
-            return Err(ServiceError::invalid(
-                "latents",
-                format_args!(
-                    "this network takes {} more input channels of image conditioning (an \
-                     inpainting model: a mask and the masked image's latents); inpainting is not served yet",
-                    bounds.image_channels
-                ),
-            ));
-        }
         let batch = latents.size()[0];
         let timesteps = bounds.timesteps(&req.timesteps, batch)?;
         let guidance = guidance(req.guidance_scale)?;
@@ -197,7 +192,10 @@ impl Step {
         } else {
             None
         };
-        let (time_ids, negative_time_ids) = time_ids(req, bounds, batch, resolver)?;
+        let mut session = session_tensors(req, resolver)?;
+        let (time_ids, negative_time_ids) = time_ids(req, bounds, batch, &mut session, resolver)?;
+        let (h, w) = (latents.size()[2], latents.size()[3]);
+        let image = image_conditioning(bounds, (batch, h, w), &mut session, resolver)?;
         let negative_time_ids =
             negative_time_ids.or_else(|| time_ids.as_ref().map(Tensor::shallow_clone));
         let half = |c: Cond, ids: Option<Tensor>| Half {
@@ -213,7 +211,7 @@ impl Step {
                 uncond: uncond.map(|u| half(u, negative_time_ids)),
                 guidance,
                 embedded_guidance,
-                image: None,
+                image,
                 loras: Default::default(),
             },
             out_dtype,
@@ -235,9 +233,9 @@ fn time_ids(
     req: &PredictRequest,
     bounds: &Bounds,
     batch: i64,
+    session: &mut Vec<Resolved>,
     resolver: &mut dyn Resolver,
 ) -> Result<(Option<Tensor>, Option<Tensor>), ServiceError> {
-    let mut session = session_tensors(req, resolver)?;
     // Each per-step field, or its session tensor; checked, then a sent
     // session tensor kept.
     let mut one = |name: &str, legacy: Option<&WireTensor>| -> Result<_, ServiceError> {
@@ -266,6 +264,80 @@ fn time_ids(
         ));
     }
     Ok((time_ids, negative_time_ids))
+}
+
+/// Take the session tensor `name` out of `session`.
+fn take(session: &mut Vec<Resolved>, name: &str) -> Option<Resolved> {
+    let i = session.iter().position(|r| r.name == name)?;
+    Some(session.swap_remove(i))
+}
+
+/// An inpainting network's image conditioning, (batch, 1 + latent
+/// channels, h, w): the `mask` (1 or batch, 1, h, w), values in 0..=1, and
+/// the `masked_image_latents` (1 or batch, latent channels, h, w), finite,
+/// both at the latents' size (h, w); None for a network that takes none
+/// (and either sent to one is refused).
+fn image_conditioning(
+    bounds: &Bounds,
+    (batch, h, w): (i64, i64, i64),
+    session: &mut Vec<Resolved>,
+    resolver: &mut dyn Resolver,
+) -> Result<Option<Tensor>, ServiceError> {
+    let mask = take(session, "mask");
+    let masked = take(session, "masked_image_latents");
+    if bounds.image_channels == 0 {
+        if let Some(r) = mask.as_ref().or(masked.as_ref()) {
+            return Err(ServiceError::invalid(
+                &r.field,
+                "this network takes no image conditioning (not an inpainting model)",
+            ));
+        }
+        return Ok(None);
+    }
+    let latent = bounds.image_channels - 1;
+    let mut part =
+        |r: Option<Resolved>, name: &str, channels: i64| -> Result<Tensor, ServiceError> {
+            let Some(r) = r else {
+                return Err(ServiceError::invalid(
+                    format!("session_tensors.{name}"),
+                    format_args!(
+                        "missing: this inpainting network takes the mask and the masked image's \
+                     latents beside the latents ({} channels)",
+                        bounds.image_channels
+                    ),
+                ));
+            };
+            let s = r.tensor.size();
+            if s.len() != 4
+                || !(s[0] == 1 || s[0] == batch)
+                || s[1] != channels
+                || s[2] != h
+                || s[3] != w
+            {
+                return Err(ServiceError::invalid(
+                    &r.field,
+                    format_args!("shape {s:?}, expected (1 or {batch}, {channels}, {h}, {w})"),
+                ));
+            }
+            finite(&r.tensor, &r.field)?;
+            let t = r.tensor.to_kind(tch::Kind::Float);
+            if name == "mask" {
+                let (lo, hi) = (t.min().double_value(&[]), t.max().double_value(&[]));
+                if lo < 0.0 || hi > 1.0 {
+                    return Err(ServiceError::invalid(
+                        &r.field,
+                        format_args!("values {lo}..={hi}, expected 0..=1"),
+                    ));
+                }
+            }
+            if let Some(id) = &r.keep {
+                resolver.keep(id, &t, &r.field)?;
+            }
+            Ok(t.expand([batch, channels, h, w], false))
+        };
+    let mask = part(mask, "mask", 1)?;
+    let masked = part(masked, "masked_image_latents", latent)?;
+    Ok(Some(Tensor::cat(&[mask, masked], 1)))
 }
 
 /// The limits a request is checked against.

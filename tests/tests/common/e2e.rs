@@ -92,10 +92,16 @@ pub fn load_cases(dir: &Path) -> Vec<Case> {
 /// `url`, one at a time, then all at once (the denoiser batches their
 /// steps; results must not change); the test fails listing what differs.
 pub fn check_all(url: &str, cases: &[Case], e2e: &Path, label: &str) {
+    check_all_in(url, cases, e2e, e2e, label);
+}
+
+/// [`check_all`] with the inputs (init images, masks) in `inputs` and the
+/// references in `references`.
+pub fn check_all_in(url: &str, cases: &[Case], inputs: &Path, references: &Path, label: &str) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut failures = Vec::new();
     for together in [false, true] {
-        failures.extend(rt.block_on(check_cases(url, cases, e2e, e2e, label, together)));
+        failures.extend(rt.block_on(check_cases(url, cases, inputs, references, label, together)));
     }
     assert_all_match(&failures);
 }
@@ -177,6 +183,10 @@ pub fn request(p: &serde_json::Value, e2e: &std::path::Path) -> GenerateRequest 
             None => Default::default(),
         },
         strength: f("strength").map(|v| v as f32),
+        mask: match p.get("mask").and_then(|v| v.as_str()) {
+            Some(f) => std::fs::read(e2e.join(f)).expect("mask").into(),
+            None => Default::default(),
+        },
         model: s("model"),
         conditioning: conditioning(p),
         loras: p

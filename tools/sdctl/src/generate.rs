@@ -121,9 +121,27 @@ pub struct GenerateArgs {
     /// Image-to-image: the initial image (PNG, JPEG or WebP).
     #[arg(long)]
     init_image: Option<PathBuf>,
-    /// Image-to-image: how much to change the initial image, in (0, 1].
+    /// Image-to-image: how much to change the initial image, in (0, 1]
+    /// (0.8; with --mask 1.0).
     #[arg(long, requires = "init_image")]
     strength: Option<f32>,
+    /// Inpainting: what to repaint in the initial image (white repaints,
+    /// black keeps; PNG, JPEG or WebP).
+    #[arg(long, requires = "init_image")]
+    mask: Option<PathBuf>,
+    /// Hires fix: after the image, an image-to-image pass at this many times
+    /// its size (AUTOMATIC1111's enable_hr with hr_scale).
+    #[arg(long)]
+    hires_scale: Option<f32>,
+    /// Hires fix: how to enlarge (Latent, Latent (nearest), …, None, Lanczos).
+    #[arg(long, requires = "hires_scale")]
+    hires_upscaler: Option<String>,
+    /// Hires fix: the second pass's steps (0: the first pass's).
+    #[arg(long, requires = "hires_scale", default_value_t = 0)]
+    hires_steps: u32,
+    /// Hires fix: how much the second pass changes the enlarged image (0.7).
+    #[arg(long, requires = "hires_scale")]
+    hires_strength: Option<f32>,
     /// Send a latent preview every this many steps, written next to the output.
     #[arg(long, default_value_t = 0)]
     preview_every: u32,
@@ -193,6 +211,17 @@ fn request(a: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
         Some(p) => std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
         None => Vec::new(),
     };
+    let mask = match &a.mask {
+        Some(p) => std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+        None => Vec::new(),
+    };
+    let hires = a.hires_scale.map(|scale| sd_proto::v1::Hires {
+        scale,
+        upscaler: a.hires_upscaler.clone().unwrap_or_default(),
+        steps: a.hires_steps,
+        strength: a.hires_strength,
+        ..Default::default()
+    });
     Ok(GenerateRequest {
         prompt: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone(),
@@ -222,6 +251,9 @@ fn request(a: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
         loras: a.loras.clone(),
         true_cfg_scale: a.true_cfg_scale,
         max_sequence_length: a.max_sequence_length,
+        mask: mask.into(),
+        hires,
+        inpaint: None,
     })
 }
 

@@ -95,6 +95,10 @@ impl Scheduler for Ddim {
         prev
     }
 
+    fn output(&self) -> super::Output {
+        self.common.prediction.into()
+    }
+
     fn add_noise(&self, original: &[f32], noise: &[f32], i: usize) -> Vec<f32> {
         add_alpha_noise(
             original,

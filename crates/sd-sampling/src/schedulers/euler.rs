@@ -23,6 +23,10 @@ macro_rules! sigma_schedule_methods {
         fn add_noise(&self, original: &[f32], noise: &[f32], i: usize) -> Vec<f32> {
             $crate::schedulers::common::add_sigma_noise(original, noise, self.s.sigmas[i])
         }
+
+        fn output(&self) -> $crate::schedulers::Output {
+            self.s.common.prediction.into()
+        }
     };
 }
 pub(super) use sigma_schedule_methods;

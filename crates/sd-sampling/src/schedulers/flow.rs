@@ -132,6 +132,10 @@ impl Scheduler for FlowEuler {
     }
 
     /// `scale_noise`: σ·noise + (1 − σ)·original.
+    fn output(&self) -> super::Output {
+        super::Output::Velocity
+    }
+
     fn add_noise(&self, original: &[f32], noise: &[f32], i: usize) -> Vec<f32> {
         let s = self.sigmas[i];
         original

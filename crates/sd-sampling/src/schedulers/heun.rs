@@ -101,6 +101,10 @@ impl Scheduler for Heun {
         }
     }
 
+    fn output(&self) -> super::Output {
+        self.s.common.prediction.into()
+    }
+
     fn add_noise(&self, original: &[f32], noise: &[f32], i: usize) -> Vec<f32> {
         add_sigma_noise(original, noise, self.sigmas[i])
     }

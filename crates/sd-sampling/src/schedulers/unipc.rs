@@ -177,6 +177,10 @@ impl Scheduler for UniPc {
         prev
     }
 
+    fn output(&self) -> super::Output {
+        self.common.prediction.into()
+    }
+
     fn add_noise(&self, original: &[f32], noise: &[f32], i: usize) -> Vec<f32> {
         vp_add_noise(original, noise, self.sigmas[i])
     }

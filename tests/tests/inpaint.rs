@@ -1,0 +1,147 @@
+//! Inpainting through sdserve: a picture and a mask through the gRPC
+//! stack equal to diffusers' inpainting pipelines on the tiny fixtures
+//! (`make_inpaint_reference.py`), one at a time and batched — ordinary
+//! networks (the kept part re-noised and blended after each step: SD,
+//! SDXL, FLUX) and 9-channel inpainting UNets (the mask and the masked
+//! picture's latents as input: SD, SDXL) — and bad masks refused naming
+//! the field.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use sd_proto::v1::generation_client::GenerationClient;
+use sd_proto::v1::GenerateRequest;
+
+/// Every inpainting case of `model` through `sdctl up` on it.
+fn run(model: &str) {
+    let inputs = common::fixtures().join("inpaint");
+    let references = inputs.join(model);
+    let cases = common::e2e::load_cases(&references);
+    // The references are inpaintings, not copies of the picture: the
+    // masked part changed, the rest (nearly) kept.
+    for case in cases.iter().filter(|c| c.params.get("mask").is_some()) {
+        let init = image::open(inputs.join(case.params["init_image"].as_str().unwrap()))
+            .unwrap()
+            .to_rgb8();
+        let out = image::open(references.join(&case.files[0]))
+            .unwrap()
+            .to_rgb8();
+        let diff: u64 = init
+            .as_raw()
+            .iter()
+            .zip(out.as_raw())
+            .map(|(a, b)| u64::from(a.abs_diff(*b)))
+            .sum();
+        assert!(
+            diff > 1000,
+            "{model}/{}: the reference is the picture",
+            case.name
+        );
+    }
+    let stack = common::stack::Stack::start(&common::model(model));
+    common::e2e::check_all_in(&stack.url, &cases, &inputs, &references, model);
+}
+
+#[test]
+fn sd_inpainting_matches_diffusers_on_an_ordinary_unet() {
+    run("sd1-tiny");
+}
+
+#[test]
+fn sd_inpainting_matches_diffusers_on_a_9_channel_unet() {
+    run("sd1-inpaint-tiny");
+}
+
+#[test]
+fn sdxl_inpainting_matches_diffusers_on_both_kinds_of_unet() {
+    run("sdxl-tiny");
+    run("sdxl-inpaint-tiny");
+}
+
+#[test]
+fn flux_inpainting_matches_diffusers() {
+    run("flux-dev-tiny");
+}
+
+#[test]
+fn bad_masks_are_refused_naming_the_field() {
+    let inputs = common::fixtures().join("inpaint");
+    let read = |f: &str| std::fs::read(inputs.join(f)).unwrap();
+    let stack = common::stack::Stack::start(&common::model("sd1-inpaint-tiny"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut client = GenerationClient::connect(stack.url.clone()).await.unwrap();
+        let base = GenerateRequest {
+            prompt: "a cat".into(),
+            steps: 2,
+            seed: Some(1),
+            init_image: read("init-sd1.png").into(),
+            mask: read("mask-sd1.png").into(),
+            ..Default::default()
+        };
+        let black = {
+            let mut png = Vec::new();
+            image::GrayImage::new(64, 64)
+                .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                .unwrap();
+            png
+        };
+        let cases: Vec<(GenerateRequest, &str, &str)> = vec![
+            (
+                GenerateRequest {
+                    mask: Default::default(),
+                    ..base.clone()
+                },
+                "mask",
+                "inpainting model",
+            ),
+            (
+                GenerateRequest {
+                    init_image: Default::default(),
+                    ..base.clone()
+                },
+                "mask",
+                "init_image",
+            ),
+            (
+                GenerateRequest {
+                    mask: black.into(),
+                    ..base.clone()
+                },
+                "mask",
+                "all black",
+            ),
+            (
+                GenerateRequest {
+                    mask: b"not an image".to_vec().into(),
+                    ..base.clone()
+                },
+                "mask",
+                "not a PNG",
+            ),
+            (
+                GenerateRequest {
+                    inpaint: Some(sd_proto::v1::InpaintOptions {
+                        initial_noise_multiplier: f32::NAN,
+                        ..Default::default()
+                    }),
+                    ..base.clone()
+                },
+                "inpaint.initial_noise_multiplier",
+                "allowed",
+            ),
+        ];
+        for (req, field, says) in cases {
+            let e = client.generate(req).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{field}: {e:?}");
+            assert!(
+                e.message().contains(field) && e.message().contains(says),
+                "{field}: {}",
+                e.message()
+            );
+        }
+        // The model still serves a good request.
+        client.generate(base).await.unwrap();
+    });
+}
