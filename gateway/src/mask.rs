@@ -134,6 +134,32 @@ impl Mask {
     }
 }
 
+/// OpenAI's mask convention read into ours: where the picture has an
+/// alpha channel with any pixel below 255, its transparency marks what to
+/// repaint (white = 255 − alpha, so fully transparent repaints, opaque
+/// keeps); otherwise its luminance does, as A1111 and diffusers read it.
+/// None when `bytes` has no transparency (for an image standing in as its
+/// own mask).
+pub fn alpha_as_mask(img: &image::DynamicImage) -> Option<GrayImage> {
+    if !img.color().has_alpha() {
+        return None;
+    }
+    let rgba = img.to_rgba8();
+    if rgba.pixels().all(|p| p.0[3] == 255) {
+        return None;
+    }
+    Some(GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+        Luma([255 - rgba.get_pixel(x, y).0[3]])
+    }))
+}
+
+/// A grayscale mask as PNG bytes (RGB, each channel the value: its
+/// luminance is the value again).
+pub fn to_png(gray: &GrayImage) -> Result<Vec<u8>> {
+    let rgb: Vec<u8> = gray.as_raw().iter().flat_map(|&v| [v, v, v]).collect();
+    crate::images::encode_png(&rgb, gray.width(), gray.height(), &[])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +207,23 @@ mod tests {
             m.masked_image(&px).data,
             vec![0.5, 0.0, -0.2, 0.0, 1.0, 0.0]
         );
+    }
+
+    #[test]
+    fn transparency_marks_the_repaint_and_opaque_images_have_none() {
+        let img = image::RgbaImage::from_fn(2, 1, |x, _| {
+            image::Rgba([9, 9, 9, if x == 0 { 0 } else { 255 }])
+        });
+        let m = alpha_as_mask(&image::DynamicImage::ImageRgba8(img)).unwrap();
+        assert_eq!(m.as_raw(), &vec![255, 0]);
+        let opaque = image::RgbaImage::from_pixel(2, 1, image::Rgba([0, 0, 0, 255]));
+        assert!(alpha_as_mask(&image::DynamicImage::ImageRgba8(opaque)).is_none());
+        let rgb = image::RgbImage::new(2, 1);
+        assert!(alpha_as_mask(&image::DynamicImage::ImageRgb8(rgb)).is_none());
+        // Luminance back from the PNG.
+        let png = to_png(&m).unwrap();
+        let back = image::load_from_memory(&png).unwrap().to_luma8();
+        assert_eq!(back.as_raw(), &vec![255, 0]);
     }
 
     #[test]

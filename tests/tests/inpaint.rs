@@ -145,3 +145,64 @@ fn bad_masks_are_refused_naming_the_field() {
         client.generate(base).await.unwrap();
     });
 }
+
+/// A smooth, colourful `side`² picture as PNG bytes.
+fn picture(side: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(side, side, |x, y| {
+        let (u, v) = (x as f32 / side as f32, y as f32 / side as f32);
+        image::Rgb([
+            ((6.0 * u).sin() * 127.0 + 128.0) as u8,
+            ((5.0 * v).cos() * 127.0 + 128.0) as u8,
+            ((u * v).sqrt() * 255.0) as u8,
+        ])
+    });
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    png
+}
+
+#[test]
+fn openai_and_webuiapi_clients_inpaint_and_outpaint() {
+    let stack = common::stack::Stack::start(&common::model("sd1-tiny"));
+    let dir = tempfile::tempdir().unwrap();
+    let side = 64;
+    let init = picture(side);
+    let mut mask = Vec::new();
+    image::GrayImage::from_fn(side, side, |x, y| {
+        image::Luma([if (16..40).contains(&x) && (8..48).contains(&y) {
+            255
+        } else {
+            0
+        }])
+    })
+    .write_to(
+        &mut std::io::Cursor::new(&mut mask),
+        image::ImageFormat::Png,
+    )
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let grpc = rt.block_on(async {
+        let mut client = GenerationClient::connect(stack.url.clone()).await.unwrap();
+        client
+            .generate(GenerateRequest {
+                prompt: "a red cube".into(),
+                steps: 6,
+                seed: Some(31),
+                guidance_scale: Some(7.5),
+                init_image: init.clone().into(),
+                mask: mask.clone().into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    std::fs::write(dir.path().join("init.png"), &init).unwrap();
+    std::fs::write(dir.path().join("mask.png"), &mask).unwrap();
+    std::fs::write(dir.path().join("grpc.png"), &grpc.images[0].data).unwrap();
+    common::run_client(
+        "inpaint_clients.py",
+        &[stack.http.as_ref(), dir.path().as_os_str()],
+    );
+}

@@ -9,7 +9,8 @@
 //! Extensions beyond OpenAI's fields: `negative_prompt`, `steps`, `seed`,
 //! `guidance_scale`, `scheduler`, `prompt_syntax` (`plain` or `a1111`),
 //! `loras` (`[{"name": …, "scale": …}]`, files in the services' LoRA
-//! folder), and for edits `strength`.
+//! folder), and for edits `strength` (with a `mask`: inpainting, 1.0 by
+//! default).
 
 use axum::body::Body;
 use axum::extract::{FromRequest, Multipart, Path, Request, State as S};
@@ -146,7 +147,7 @@ async fn answer(
     http: &State,
     headers: &HeaderMap,
     body: &Map<String, Value>,
-    init_image: Option<Vec<u8>>,
+    edit: Option<(Vec<u8>, Vec<u8>)>,
 ) -> HttpResult<Response> {
     let served = http.service.generator.facts.name.clone();
     let (mut req, delivery) = request(&Fields(body), &served)?;
@@ -155,8 +156,9 @@ async fn answer(
     if let Err(e) = http.service.pick(&req.model) {
         return Err(HttpError::not_found(e.to_string()));
     }
-    if let Some(image) = init_image {
+    if let Some((image, mask)) = edit {
         req.init_image = image.into();
+        req.mask = mask.into();
     }
     let reply = http
         .generate("OpenAI", headers, req, None, None)
@@ -232,30 +234,73 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// `POST /v1/images/edits`: multipart with `image` (one file), `prompt`,
-/// `n`, `size`, `response_format`, and the extensions; image-to-image.
+/// `POST /v1/images/edits`: multipart with `image` (one file), `mask`
+/// (optional), `prompt`, `n`, `size`, `response_format`, and the
+/// extensions; inpainting with a mask (strength 1.0 unless `strength`
+/// says), image-to-image without.
 async fn edits(S(http): S<State>, headers: HeaderMap, req: Request) -> Response {
     let run = async {
-        let (fields, image) = read_form(&http, req).await?;
+        let (fields, image, mask) = read_form(&http, req).await?;
         let image =
             image.ok_or_else(|| HttpError::invalid("image", "required: the image to edit"))?;
-        answer(&http, &headers, &fields, Some(image)).await
+        let mask = edit_mask(&http, &image, mask.as_deref())?;
+        answer(&http, &headers, &fields, Some((image, mask))).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-/// A multipart form's text fields, and its one `image` file.
+/// An edit's mask in our convention (white repaints) as PNG bytes, from
+/// OpenAI's: the `mask` file's transparency (alpha 0 repaints) or, with no
+/// alpha in it, its luminance; with no `mask`, the image's own
+/// transparency when it has some (as OpenAI's dall-e-2 edits take it);
+/// none: the whole image is changed (image-to-image). A mask of another
+/// size than the image is refused, as OpenAI refuses it.
+fn edit_mask(http: &State, image: &[u8], mask: Option<&[u8]>) -> HttpResult<Vec<u8>> {
+    use crate::mask::{alpha_as_mask, to_png};
+    let limits = &http.service.limits;
+    let picture =
+        crate::images::decode_picture(image, limits).map_err(|e| HttpError::invalid("image", e))?;
+    let Some(mask) = mask else {
+        return match alpha_as_mask(&picture) {
+            Some(gray) => to_png(&gray).map_err(|e| HttpError::invalid("image", e)),
+            None => Ok(Vec::new()),
+        };
+    };
+    let m =
+        crate::images::decode_picture(mask, limits).map_err(|e| HttpError::invalid("mask", e))?;
+    if (m.width(), m.height()) != (picture.width(), picture.height()) {
+        return Err(HttpError::invalid(
+            "mask",
+            format_args!(
+                "{}x{}: the mask must have the image's size, {}x{}",
+                m.width(),
+                m.height(),
+                picture.width(),
+                picture.height()
+            ),
+        ));
+    }
+    let gray = alpha_as_mask(&m).unwrap_or_else(|| {
+        let rgb = m.to_rgb8();
+        image::GrayImage::from_fn(rgb.width(), rgb.height(), |x, y| {
+            image::Luma([crate::mask::luma(rgb.get_pixel(x, y).0)])
+        })
+    });
+    to_png(&gray).map_err(|e| HttpError::invalid("mask", e))
+}
+
+/// A multipart form's text fields, its one `image` file and its `mask`.
 async fn read_form(
     http: &State,
     req: Request,
-) -> HttpResult<(Map<String, Value>, Option<Vec<u8>>)> {
+) -> HttpResult<(Map<String, Value>, Option<Vec<u8>>, Option<Vec<u8>>)> {
     let (parts, body) = req.into_parts();
     let bytes = http.body(body).await?;
     let req = Request::from_parts(parts, Body::from(bytes));
     let mut form = Multipart::from_request(req, &()).await.map_err(|e| {
         HttpError::invalid("body", format_args!("expected multipart/form-data: {e}"))
     })?;
-    let (mut fields, mut image) = (Map::new(), None);
+    let (mut fields, mut image, mut mask) = (Map::new(), None, None);
     while let Some(field) = form
         .next_field()
         .await
@@ -275,10 +320,10 @@ async fn read_form(
                 image = Some(data.to_vec());
             }
             "mask" => {
-                return Err(HttpError::invalid(
-                    "mask",
-                    "inpainting is not supported: send no mask (the whole image is changed)",
-                ))
+                if mask.is_some() {
+                    return Err(HttpError::invalid("mask", "one mask at a time"));
+                }
+                mask = Some(data.to_vec());
             }
             _ if is_file => {
                 return Err(HttpError::invalid(&name, "a file where text was expected"));
@@ -290,7 +335,7 @@ async fn read_form(
             }
         }
     }
-    Ok((fields, image))
+    Ok((fields, image, mask))
 }
 
 /// An image handed out by URL, while the store keeps it.

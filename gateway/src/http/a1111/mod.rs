@@ -7,10 +7,11 @@
 //! Semantics as A1111 1.10 has them: `seed` -1 is random; image i of
 //! `batch_size × n_iter` uses seed + i with a generator of its own (each
 //! image is its own generation here, run together so the denoiser batches
-//! them); samplers by A1111's names; unknown fields are ignored; fields we
-//! do not support that would change the result (hires fix, face
-//! restoration, tiling, styles, subseeds, scripts, …) are refused with 400
-//! naming them when set to anything but their default — never dropped.
+//! them); samplers by A1111's names; img2img's `mask` with A1111's
+//! inpainting (`inpaint.rs`); unknown fields are ignored; fields we do not
+//! support that would change the result (face restoration, tiling, styles,
+//! subseeds, scripts, …) are refused with 400 naming them when set to
+//! anything but their default — never dropped.
 
 use std::sync::Arc;
 
@@ -46,6 +47,8 @@ const RENAMES: &[(&str, &str)] = &[
 const DEFAULT_SAMPLER: &str = "Euler";
 
 mod catalogue;
+mod inpaint;
+mod picture;
 mod request;
 
 use catalogue::*;
@@ -93,6 +96,19 @@ async fn generate(S(http): S<State>, headers: HeaderMap, body: Body, img2img: bo
         if profile.is_flow() {
             request::as_forge_flux(&Fields(&body), &mut asked)?;
         }
+        if img2img {
+            let size = (asked.base.width, asked.base.height);
+            let p = inpaint::prepare(
+                &Fields(&body),
+                &asked.init_images,
+                size,
+                &http.service.limits,
+            )?;
+            asked.prepared = p.images;
+            asked.mask = p.mask;
+            asked.inpaint = p.options;
+            asked.infotext = p.infotext;
+        }
         let caller = http.caller(&headers);
         let running = http.jobs.start(caller, asked.n_iter);
         let mut images = Vec::new();
@@ -129,11 +145,13 @@ async fn run_batch(
             preview_every: 5,
             ..asked.base.clone()
         };
-        if !asked.init_images.is_empty() {
-            req.init_image = asked.init_images[index as usize % asked.init_images.len()]
-                .clone()
-                .into();
+        let prepared = (!asked.prepared.is_empty())
+            .then(|| &asked.prepared[index as usize % asked.prepared.len()]);
+        if let Some(p) = prepared {
+            req.init_image = p.image.clone().into();
             req.strength = asked.denoising_strength.map(|d| d as f32);
+            req.mask = asked.mask.clone().into();
+            req.inpaint = asked.inpaint.clone();
         }
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let watch = follow(job.clone(), b as usize, rx);
@@ -143,7 +161,15 @@ async fn run_batch(
                 .await
                 .map_err(|e| e.renamed(RENAMES));
             let _ = watch.await;
-            out.map(|r| (seed, r))
+            let mut r = out?;
+            if let Some(overlay) = prepared.and_then(|p| p.overlay.as_ref()) {
+                let chunks = chunks(&r, &asked.infotext);
+                for image in &mut r.images {
+                    let (png, w, h) = overlay.apply(&image.data, &chunks)?;
+                    (image.data, image.width, image.height) = (png.into(), w, h);
+                }
+            }
+            Ok((seed, r))
         }
     });
     futures::future::join_all(runs).await.into_iter().collect()
@@ -169,6 +195,33 @@ fn follow(
     })
 }
 
+/// A generation's infotext with what A1111 adds for the request (`key:
+/// value` pairs, quoted as A1111 quotes values with `,`, `:` or newlines).
+fn infotext(p: &sd_proto::v1::GenerationParameters, extra: &[(String, String)]) -> String {
+    let mut t = crate::infotext::write(p);
+    for (k, v) in extra {
+        let v = if v.contains([',', ':', '\n']) {
+            serde_json::to_string(v).unwrap_or_default()
+        } else {
+            v.clone()
+        };
+        t.push_str(&format!(", {k}: {v}"));
+    }
+    t
+}
+
+/// A result's PNG text chunks with the request's infotext additions.
+fn chunks(r: &GenerateResponse, extra: &[(String, String)]) -> Vec<(String, String)> {
+    let Some(p) = &r.parameters else {
+        return Vec::new();
+    };
+    let mut chunks = crate::images::text_chunks(p);
+    if let Some(c) = chunks.iter_mut().find(|(k, _)| k == "parameters") {
+        c.1 = infotext(p, extra);
+    }
+    chunks
+}
+
 /// A1111's answer: `{images, parameters, info}`, `info` a JSON string.
 fn answer(
     http: &State,
@@ -185,7 +238,7 @@ fn answer(
         .map(|(_, r)| {
             r.parameters
                 .as_ref()
-                .map(crate::infotext::write)
+                .map(|p| infotext(p, &asked.infotext))
                 .unwrap_or_default()
         })
         .collect();

@@ -90,7 +90,7 @@ pub(super) fn refuse_unsupported(f: &Fields) -> HttpResult<()> {
             "k-diffusion noise options are not supported: send 1",
         ));
     }
-    for name in ["script_name", "refiner_checkpoint", "infotext", "mask"] {
+    for name in ["script_name", "refiner_checkpoint", "infotext"] {
         if f.str(name)?.is_some_and(|s| !s.is_empty() && s != "None") {
             return Err(HttpError::invalid(name, "not supported by this server"));
         }
@@ -110,12 +110,6 @@ pub(super) fn refuse_unsupported(f: &Fields) -> HttpResult<()> {
             "scripts are not supported: send []",
         ));
     }
-    if f.i64("resize_mode")?.unwrap_or(0) != 0 {
-        return Err(HttpError::invalid(
-            "resize_mode",
-            "only 0 (just resize) is supported",
-        ));
-    }
     Ok(())
 }
 
@@ -133,6 +127,14 @@ pub(super) struct Asked {
     pub(super) cfg_scale: f64,
     /// FLUX (Forge's field): the distilled guidance.
     pub(super) distilled_cfg_scale: Option<f64>,
+    /// img2img: the init images as prepared (resized, masked, filled) and
+    /// how each result gets the original back outside the mask.
+    pub(super) prepared: Vec<super::inpaint::Prepared>,
+    /// img2img with a mask: the mask (PNG) and A1111's inpainting options.
+    pub(super) mask: Vec<u8>,
+    pub(super) inpaint: Option<sd_proto::v1::InpaintOptions>,
+    /// What A1111's infotext adds for this request ("Mask blur: 4", …).
+    pub(super) infotext: Vec<(String, String)>,
 }
 
 pub(super) fn read_request(f: &Fields, img2img: bool) -> HttpResult<Asked> {
@@ -198,6 +200,10 @@ pub(super) fn read_request(f: &Fields, img2img: bool) -> HttpResult<Asked> {
         },
         cfg_scale,
         distilled_cfg_scale: None,
+        prepared: Vec::new(),
+        mask: Vec::new(),
+        inpaint: None,
+        infotext: Vec::new(),
     })
 }
 
