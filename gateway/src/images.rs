@@ -163,7 +163,7 @@ fn decode_oriented(
 }
 
 /// RGB8 pixels as a (1, 3, H, W) tensor in [-1, 1].
-fn normalized(rgb: &image::RgbImage) -> Result<HostTensor> {
+pub fn normalized(rgb: &image::RgbImage) -> Result<HostTensor> {
     let (w, h) = rgb.dimensions();
     let plane = (w * h) as usize;
     let mut data = vec![0f32; 3 * plane];

@@ -47,6 +47,12 @@ pub fn a1111_sampler(scheduler: &str, karras: bool) -> (&str, Option<&'static st
 /// A1111 writes it), then `Steps, Sampler, [Schedule type,] CFG scale,
 /// Seed, Size, Model` and, when set, `Clip skip` and `Denoising strength`.
 pub fn write(p: &GenerationParameters) -> String {
+    write_with(p, &[])
+}
+
+/// [`write`] with the `key: value` pairs a door adds (A1111's inpainting
+/// keys, …) before the version.
+pub fn write_with(p: &GenerationParameters, extra: &[(String, String)]) -> String {
     let tags = lora_tags(&p.loras);
     let mut t = match (p.prompt.is_empty(), tags.is_empty()) {
         (_, true) => p.prompt.clone(),
@@ -78,8 +84,46 @@ pub fn write(p: &GenerationParameters) -> String {
     if p.strength > 0.0 {
         t.push_str(&format!(", Denoising strength: {}", p.strength));
     }
+    if let Some(h) = &p.hires {
+        if p.strength == 0.0 {
+            if let Some(s) = h.strength {
+                t.push_str(&format!(", Denoising strength: {s}"));
+            }
+        }
+        if !h.prompt.is_empty() && h.prompt != p.prompt {
+            t.push_str(&format!(", Hires prompt: {}", quote(&h.prompt)));
+        }
+        if !h.negative_prompt.is_empty() && h.negative_prompt != p.negative_prompt {
+            t.push_str(&format!(
+                ", Hires negative prompt: {}",
+                quote(&h.negative_prompt)
+            ));
+        }
+        if h.scale > 0.0 {
+            t.push_str(&format!(", Hires upscale: {}", h.scale));
+        } else {
+            t.push_str(&format!(", Hires resize: {}x{}", h.width, h.height));
+        }
+        if h.steps > 0 {
+            t.push_str(&format!(", Hires steps: {}", h.steps));
+        }
+        t.push_str(&format!(", Hires upscaler: {}", h.upscaler));
+    }
+    for (k, v) in extra {
+        t.push_str(&format!(", {k}: {}", quote(v)));
+    }
     t.push_str(&format!(", Version: sdserve {}", env!("CARGO_PKG_VERSION")));
     t
+}
+
+/// A value as A1111's infotext writes it: JSON-quoted when it holds `,`,
+/// `:` or a newline.
+fn quote(v: &str) -> String {
+    if v.contains([',', ':', '\n']) {
+        serde_json::to_string(v).unwrap_or_default()
+    } else {
+        v.to_string()
+    }
 }
 
 #[cfg(test)]

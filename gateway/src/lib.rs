@@ -10,6 +10,7 @@ pub mod backends;
 pub mod blocking;
 pub mod error;
 pub mod facts;
+pub mod hires;
 pub mod http;
 pub mod images;
 pub mod infotext;

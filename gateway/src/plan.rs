@@ -88,6 +88,8 @@ pub struct Plan {
     pub prompt_syntax: PromptSyntax,
     /// LoRA adapters (the request's, and the prompt's A1111 tags).
     pub loras: Vec<LoraRef>,
+    /// Hires fix: the second pass.
+    pub hires: Option<crate::hires::HiresPlan>,
 }
 
 impl std::fmt::Debug for Plan {
@@ -157,6 +159,15 @@ struct Source {
 
 impl Plan {
     pub fn new(mut req: GenerateRequest, facts: &ModelFacts, limits: &Limits) -> Result<Plan> {
+        let hires = req.hires.take().map(|h| (h, req.clone()));
+        let mut plan = Plan::first_pass(req, facts, limits)?;
+        if let Some((h, req)) = hires {
+            plan.hires = Some(crate::hires::plan(&h, &req, &plan, facts, limits)?);
+        }
+        Ok(plan)
+    }
+
+    fn first_pass(mut req: GenerateRequest, facts: &ModelFacts, limits: &Limits) -> Result<Plan> {
         check_model(&req.model, facts)?;
         check_network_inputs(facts, !req.mask.is_empty())?;
         let loras = loras(&mut req)?;
@@ -238,6 +249,7 @@ impl Plan {
             flow,
             prompt_syntax,
             loras,
+            hires: None,
         })
     }
 
@@ -291,6 +303,7 @@ impl Plan {
             loras: self.loras.clone(),
             true_cfg_scale: if self.flow { self.true_cfg } else { 0.0 },
             max_sequence_length: self.max_sequence_length,
+            hires: self.hires.as_ref().map(|h| h.resolved.clone()),
         }
     }
 }

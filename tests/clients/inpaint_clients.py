@@ -120,9 +120,39 @@ def check_webuiapi():
     assert r.images[0].size == (w, h)
 
 
+def check_hires():
+    """Hires fix from webuiapi's txt2img: the image at the larger size, the
+    infotext saying how, the upscalers A1111 lists; a model upscaler is
+    refused naming hr_upscaler."""
+    host = urlparse(URL)
+    api = webuiapi.WebUIApi(host=host.hostname, port=host.port, sampler="Euler", steps=4)
+    w = Image.open(DIR / "init.png").width
+    plain = api.txt2img(prompt="a lighthouse", width=w, height=w, seed=5, cfg_scale=7)
+    r = api.txt2img(prompt="a lighthouse", width=w, height=w, seed=5, cfg_scale=7, enable_hr=True, hr_scale=1.5,
+                    hr_upscaler="Latent (nearest-exact)", hr_second_pass_steps=2, denoising_strength=0.5)
+    assert r.images[0].size == (w * 3 // 2, w * 3 // 2), r.images[0].size
+    info = r.info["infotexts"][0]
+    for want in ("Hires upscale: 1.5", "Hires steps: 2", "Hires upscaler: Latent (nearest-exact)",
+                 "Denoising strength: 0.5", f"Size: {w}x{w}"):
+        assert want in info, info
+    small = r.images[0].resize(plain.images[0].size)
+    assert (px(small) != px(plain.images[0])).any(), "the second pass changed nothing"
+    r = api.txt2img(prompt="a lighthouse", width=w, height=w, seed=5, enable_hr=True, hr_resize_x=w * 2,
+                    hr_upscaler="Lanczos", hr_second_pass_steps=2)
+    assert r.images[0].size == (w * 2, w * 2), r.images[0].size
+    assert "Latent (nearest)" in [m["name"] for m in api.get_latent_upscale_modes()]
+    assert "Lanczos" in [u["name"] for u in api.get_upscalers()]
+    try:
+        api.txt2img(prompt="x", width=w, height=w, enable_hr=True, hr_upscaler="R-ESRGAN 4x+")
+        raise AssertionError("a model upscaler was accepted")
+    except RuntimeError as e:
+        assert "hr_upscaler" in str(e), str(e)
+
+
 def main():
     check_openai()
     check_webuiapi()
+    check_hires()
     print("inpaint clients: ok")
 
 

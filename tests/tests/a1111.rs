@@ -6,7 +6,9 @@
 //! with BREAK and a comma-rich tail (3 chunks), a long negative prompt with
 //! a short prompt (different lengths: each half of the guidance on its
 //! own), CLIP_stop_at_last_layers 2 — one at a time and all at once
-//! (batched in the denoiser).
+//! (batched in the denoiser); and hires fix in three of A1111's latent
+//! modes (a scale, second-pass steps, a size of another aspect ratio
+//! cropped), against the reference written from its `sample_hr_pass`.
 
 #![allow(clippy::unwrap_used)]
 

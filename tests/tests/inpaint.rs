@@ -163,7 +163,7 @@ fn picture(side: u32) -> Vec<u8> {
 }
 
 #[test]
-fn openai_and_webuiapi_clients_inpaint_and_outpaint() {
+fn openai_and_webuiapi_clients_inpaint_outpaint_and_hires_fix() {
     let stack = common::stack::Stack::start(&common::model("sd1-tiny"));
     let dir = tempfile::tempdir().unwrap();
     let side = 64;

@@ -300,7 +300,7 @@ impl Generator {
     }
 
     /// The init image's latent distribution (mean, std), from the VAE encoder.
-    async fn encode_init_image(
+    pub(super) async fn encode_init_image(
         &self,
         init: &InitImage,
         shape: &LatentShape,

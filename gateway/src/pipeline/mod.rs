@@ -4,6 +4,7 @@
 //! the scheduler between UNet predictions → decode → encode the images.
 
 mod denoise;
+mod hires;
 mod latents;
 mod output;
 #[cfg(test)]
@@ -94,13 +95,14 @@ impl Generator {
     /// `stop` is set.
     pub async fn run_stoppable(
         &self,
-        plan: Plan,
+        mut plan: Plan,
         events: Option<mpsc::Sender<Event>>,
         stop: Option<Stop>,
         deadline: Deadline,
     ) -> Result<GenerateResponse> {
         let started = Instant::now();
         let parameters = plan.parameters();
+        let hires = plan.hires.take();
         let shape = LatentShape::of(&plan, &self.facts);
         let mut rng = TorchGenerator::new(plan.seed);
 
@@ -133,11 +135,23 @@ impl Generator {
             deadline: &deadline,
             previews: denoise::Previews::of(&plan),
             started,
-            stop,
+            stop: stop.clone(),
             loras: plan.loras.clone(),
         };
         let (format, num_images) = (plan.format, plan.num_images);
-        let latents = steps.run(plan.schedule, start).await?;
+        let mut latents = steps.run(plan.schedule, start).await?;
+        let mut shape = shape;
+        // Stopped early (A1111's interrupt): the first pass is the result.
+        if let Some(h) = hires.filter(|_| !stop.as_ref().is_some_and(Stop::stopped)) {
+            let pass = hires::Pass {
+                lora_key: &lora_key,
+                events: events.as_ref(),
+                stop,
+                deadline: &deadline,
+                started,
+            };
+            (latents, shape) = self.hires_pass(h, latents, shape, pass).await?;
+        }
         let decoded = self
             .decode(shape.tensor(latents), num_images, &deadline)
             .await?;

@@ -202,6 +202,18 @@ pub fn request(p: &serde_json::Value, e2e: &std::path::Path) -> GenerateRequest 
                     .collect()
             })
             .unwrap_or_default(),
+        hires: p.get("hires").map(|h| {
+            let u = |k: &str| h.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+            sd_proto::v1::Hires {
+                scale: h.get("scale").and_then(|v| v.as_f64()).unwrap_or(0.0) as f32,
+                width: u("width"),
+                height: u("height"),
+                upscaler: h["upscaler"].as_str().unwrap_or_default().to_string(),
+                steps: u("steps"),
+                strength: h.get("strength").and_then(|v| v.as_f64()).map(|v| v as f32),
+                ..Default::default()
+            }
+        }),
         true_cfg_scale: f("true_cfg_scale").map(|v| v as f32),
         max_sequence_length: u("max_sequence_length"),
         ..Default::default()

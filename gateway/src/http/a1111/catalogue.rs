@@ -134,3 +134,22 @@ pub(super) async fn scripts() -> Response {
 pub(super) async fn empty_list() -> Response {
     crate::http::json(json!([]))
 }
+
+/// `/sdapi/v1/upscalers`: the image upscalers hires fix takes (no models).
+pub(super) async fn upscalers() -> Response {
+    let list: Vec<Value> = ["None", "Lanczos", "Nearest"]
+        .iter()
+        .map(|n| json!({"name": n, "model_name": null, "model_path": null, "model_url": null, "scale": 4}))
+        .collect();
+    crate::http::json(json!(list))
+}
+
+/// `/sdapi/v1/latent-upscale-modes`: A1111's latent upscalers.
+pub(super) async fn latent_upscale_modes() -> Response {
+    let list: Vec<Value> = crate::hires::UPSCALERS
+        .iter()
+        .filter(|n| n.starts_with("Latent"))
+        .map(|n| json!({ "name": n }))
+        .collect();
+    crate::http::json(json!(list))
+}

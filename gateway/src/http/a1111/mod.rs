@@ -41,6 +41,7 @@ const RENAMES: &[(&str, &str)] = &[
     ("init_image", "init_images"),
     ("strength", "denoising_strength"),
     ("scheduler", "sampler_name"),
+    ("hires", "enable_hr"),
 ];
 
 /// The sampler A1111's API uses when a request names none.
@@ -67,9 +68,9 @@ pub fn routes() -> Router<State> {
         .route("/sdapi/v1/samplers", get(samplers))
         .route("/sdapi/v1/schedulers", get(schedulers))
         .route("/sdapi/v1/options", get(options).post(set_options))
-        .route("/sdapi/v1/upscalers", get(empty_list))
+        .route("/sdapi/v1/upscalers", get(upscalers))
         .route("/sdapi/v1/sd-vae", get(empty_list))
-        .route("/sdapi/v1/latent-upscale-modes", get(empty_list))
+        .route("/sdapi/v1/latent-upscale-modes", get(latent_upscale_modes))
         .route("/sdapi/v1/scripts", get(scripts))
 }
 
@@ -198,16 +199,7 @@ fn follow(
 /// A generation's infotext with what A1111 adds for the request (`key:
 /// value` pairs, quoted as A1111 quotes values with `,`, `:` or newlines).
 fn infotext(p: &sd_proto::v1::GenerationParameters, extra: &[(String, String)]) -> String {
-    let mut t = crate::infotext::write(p);
-    for (k, v) in extra {
-        let v = if v.contains([',', ':', '\n']) {
-            serde_json::to_string(v).unwrap_or_default()
-        } else {
-            v.clone()
-        };
-        t.push_str(&format!(", {k}: {v}"));
-    }
-    t
+    crate::infotext::write_with(p, extra)
 }
 
 /// A result's PNG text chunks with the request's infotext additions.

@@ -48,7 +48,7 @@ pub fn sampler(
 /// refused when set to anything but their default.
 pub(super) fn refuse_unsupported(f: &Fields) -> HttpResult<()> {
     let on = |name: &str| -> HttpResult<bool> { Ok(f.bool(name)?.unwrap_or(false)) };
-    for name in ["enable_hr", "restore_faces", "tiling"] {
+    for name in ["restore_faces", "tiling"] {
         if on(name)? {
             return Err(HttpError::invalid(
                 name,
@@ -166,6 +166,11 @@ pub(super) fn read_request(f: &Fields, img2img: bool) -> HttpResult<Asked> {
         Vec::new()
     };
     let cfg_scale = f.f64("cfg_scale")?.unwrap_or(7.0);
+    let hires = if !img2img && f.bool("enable_hr")?.unwrap_or(false) {
+        Some(hires(f)?)
+    } else {
+        None
+    };
     let base = GenerateRequest {
         prompt: f.string_or("prompt", "")?,
         negative_prompt: f.string_or("negative_prompt", "")?,
@@ -183,6 +188,7 @@ pub(super) fn read_request(f: &Fields, img2img: bool) -> HttpResult<Asked> {
             0.0
         },
         num_images: 1,
+        hires,
         ..Default::default()
     };
     Ok(Asked {
@@ -193,7 +199,7 @@ pub(super) fn read_request(f: &Fields, img2img: bool) -> HttpResult<Asked> {
         sampler_name,
         send_images: f.bool("send_images")?.unwrap_or(true),
         init_images,
-        denoising_strength: if img2img {
+        denoising_strength: if img2img || f.bool("enable_hr")?.unwrap_or(false) {
             Some(f.f64("denoising_strength")?.unwrap_or(0.75))
         } else {
             None
@@ -204,6 +210,50 @@ pub(super) fn read_request(f: &Fields, img2img: bool) -> HttpResult<Asked> {
         mask: Vec::new(),
         inpaint: None,
         infotext: Vec::new(),
+    })
+}
+
+/// txt2img's hires fix fields as a `Hires`: `hr_scale` (2.0) or
+/// `hr_resize_x/y`, `hr_upscaler`, `hr_second_pass_steps`,
+/// `denoising_strength` (0.75, the second pass's), `hr_prompt`,
+/// `hr_negative_prompt`, `hr_sampler_name`; a refiner or another
+/// checkpoint for the second pass is refused.
+fn hires(f: &Fields) -> HttpResult<sd_proto::v1::Hires> {
+    let rx = f.int_in("hr_resize_x", 0, 16_384)?.unwrap_or(0) as u32;
+    let ry = f.int_in("hr_resize_y", 0, 16_384)?.unwrap_or(0) as u32;
+    let scale = if rx == 0 && ry == 0 {
+        f.f64("hr_scale")?.unwrap_or(2.0) as f32
+    } else {
+        0.0
+    };
+    let upscaler = f.str("hr_upscaler")?.unwrap_or("Latent").to_string();
+    crate::hires::upscaler(&upscaler).map_err(|e| HttpError::invalid("hr_upscaler", e))?;
+    let scheduler = match f.str("hr_sampler_name")?.filter(|s| !s.is_empty()) {
+        Some(name) => sampler(name, None)
+            .map_err(|e| e.renamed(&[("sampler_name", "hr_sampler_name")]))?
+            .0
+            .to_string(),
+        None => String::new(),
+    };
+    if let Some(c) = f
+        .str("hr_checkpoint_name")?
+        .filter(|s| !s.is_empty() && *s != "Use same checkpoint")
+    {
+        return Err(HttpError::invalid(
+            "hr_checkpoint_name",
+            format_args!("`{c}`: the second pass runs on the same checkpoint here"),
+        ));
+    }
+    Ok(sd_proto::v1::Hires {
+        scale,
+        width: rx,
+        height: ry,
+        upscaler,
+        steps: f.int_in("hr_second_pass_steps", 0, 10_000)?.unwrap_or(0) as u32,
+        strength: Some(f.f64("denoising_strength")?.unwrap_or(0.75) as f32),
+        prompt: f.string_or("hr_prompt", "")?,
+        negative_prompt: f.string_or("hr_negative_prompt", "")?,
+        scheduler,
     })
 }
 
