@@ -214,6 +214,7 @@ impl Backends {
             prediction: d.prediction_type.parse()?,
             text_layers: t.num_layers,
             text_model_id: t.model_id,
+            textual_inversions: t.textual_inversions,
             profile: facts.profile,
         })
     }

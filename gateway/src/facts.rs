@@ -53,6 +53,8 @@ pub struct ModelFacts {
     pub text_layers: u32,
     /// The text encoder's identity (prompt-cache key).
     pub text_model_id: String,
+    /// The text encoder's textual-inversion embeddings (loaded, skipped).
+    pub textual_inversions: Vec<sd_proto::v1::TextualInversion>,
     /// The model's family, with what it changes in the pipeline.
     pub profile: Profile,
 }
@@ -196,6 +198,7 @@ impl ModelFacts {
             prediction: Prediction::Epsilon,
             text_layers: 12,
             text_model_id: "tiny@1".into(),
+            textual_inversions: Vec::new(),
             profile: Profile::default(),
         }
     }

@@ -109,6 +109,12 @@ pub fn write_with(p: &GenerationParameters, extra: &[(String, String)]) -> Strin
         }
         t.push_str(&format!(", Hires upscaler: {}", h.upscaler));
     }
+    if !p.textual_inversions.is_empty() {
+        t.push_str(&format!(
+            ", TI hashes: {}",
+            quote(&p.textual_inversions.join(", "))
+        ));
+    }
     for (k, v) in extra {
         t.push_str(&format!(", {k}: {}", quote(v)));
     }

@@ -304,6 +304,7 @@ impl Plan {
             true_cfg_scale: if self.flow { self.true_cfg } else { 0.0 },
             max_sequence_length: self.max_sequence_length,
             hires: self.hires.as_ref().map(|h| h.resolved.clone()),
+            textual_inversions: Vec::new(),
         }
     }
 }

@@ -17,6 +17,8 @@ pub struct CachedEmbedding {
     pub tensor: WireTensor,
     /// SDXL family: the pooled embedding, (1, pooled).
     pub pooled: Option<WireTensor>,
+    /// The textual-inversion embeddings the prompt used, by name.
+    pub textual_inversions: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -175,10 +175,20 @@ impl ClipTextModel {
     /// `clip_skip = k` is the hidden state k layers before the last, passed
     /// through the final layer norm, as diffusers computes it.
     pub fn forward(&self, ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+        self.forward_fixed(ids, clip_skip, &[])
+    }
+
+    /// [`ClipTextModel::forward`] with some token embeddings replaced
+    /// (textual inversion: each fix's vector in place of the token
+    /// embedding at its row and position, before the position embeddings
+    /// are added, as A1111's `EmbeddingsWithFixes` and diffusers' added
+    /// tokens do).
+    pub fn forward_fixed(&self, ids: &Tensor, clip_skip: usize, fixes: &[Fix]) -> Result<Tensor> {
         let ids = self.check_ids(ids, clip_skip)?;
+        self.check_fixes(&ids, fixes)?;
         guarded(|| {
             let _guard = tch::no_grad_guard();
-            let mut xs = self.embed(&ids);
+            let mut xs = self.embed(&ids, fixes);
             let heads = self.config.num_attention_heads;
             for layer in &self.layers[..self.layers.len() - clip_skip] {
                 xs = layer.forward(&xs, heads, self.activation);
@@ -191,6 +201,16 @@ impl ClipTextModel {
     /// before the last with no final layer norm (`hidden_states[-(k + 2)]`),
     /// and the pooled output of the whole model, projected.
     pub fn forward_xl(&self, ids: &Tensor, clip_skip: usize) -> Result<XlOutput> {
+        self.forward_xl_fixed(ids, clip_skip, &[])
+    }
+
+    /// [`ClipTextModel::forward_xl`] with fixes, as [`ClipTextModel::forward_fixed`].
+    pub fn forward_xl_fixed(
+        &self,
+        ids: &Tensor,
+        clip_skip: usize,
+        fixes: &[Fix],
+    ) -> Result<XlOutput> {
         if clip_skip + 1 >= self.layers.len() {
             return Err(ModelError::Input(format!(
                 "clip_skip {clip_skip} must be below {} for this {}-layer text encoder \
@@ -200,9 +220,10 @@ impl ClipTextModel {
             )));
         }
         let ids = self.check_ids(ids, 0)?;
+        self.check_fixes(&ids, fixes)?;
         guarded(|| {
             let _guard = tch::no_grad_guard();
-            let mut xs = self.embed(&ids);
+            let mut xs = self.embed(&ids, fixes);
             let heads = self.config.num_attention_heads;
             let keep = self.layers.len() - 1 - clip_skip;
             let mut hidden = None;
@@ -215,8 +236,19 @@ impl ClipTextModel {
             let last = self.final_layer_norm.forward(&xs);
             let ids = ids.to_device(last.device());
             // transformers: with eos_token_id 2 (legacy configs) the largest
-            // id marks the end of the text; else the first eos_token_id.
+            // id marks the end of the text; else the first eos_token_id. A
+            // ranked fix counts as a token added past the vocabulary (as
+            // diffusers adds textual-inversion tokens), in rank order.
             let eos = if self.config.eos_token_id == 2 {
+                let ids = ids.copy();
+                for f in fixes {
+                    if let Some(rank) = f.rank {
+                        let _ = ids
+                            .get(f.row)
+                            .get(f.position)
+                            .fill_(self.config.vocab_size + rank);
+                    }
+                }
                 ids.argmax(-1, false)
             } else {
                 ids.eq(self.config.eos_token_id)
@@ -268,12 +300,53 @@ impl ClipTextModel {
         Ok(ids)
     }
 
-    /// Token plus position embeddings.
-    fn embed(&self, ids: &Tensor) -> Tensor {
+    /// Each fix within the ids' rows and positions, a vector of the
+    /// embedding's width.
+    fn check_fixes(&self, ids: &Tensor, fixes: &[Fix]) -> Result<()> {
+        let (rows, len) = (ids.size()[0], ids.size()[1]);
+        let width = self.token_embedding.size()[1];
+        for f in fixes {
+            if !(0..rows).contains(&f.row) || !(0..len).contains(&f.position) {
+                return Err(ModelError::Input(format!(
+                    "an embedding fix at ({}, {}) outside the ids {rows}×{len}",
+                    f.row, f.position
+                )));
+            }
+            if f.vector.size() != [width] {
+                return Err(ModelError::Input(format!(
+                    "an embedding vector of shape {:?} for a text encoder of width {width}",
+                    f.vector.size()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Token plus position embeddings, the fixes' vectors in place of
+    /// their tokens'.
+    fn embed(&self, ids: &Tensor, fixes: &[Fix]) -> Tensor {
         let ids = ids.to_device(self.placement.device);
         let positions = self.position_embedding.narrow(0, 0, ids.size()[1]);
-        Tensor::embedding(&self.token_embedding, &ids, -1, false, false) + positions
+        let tokens = Tensor::embedding(&self.token_embedding, &ids, -1, false, false);
+        for f in fixes {
+            let v = f.vector.to_kind(tokens.kind()).to_device(tokens.device());
+            tokens.get(f.row).get(f.position).copy_(&v);
+        }
+        tokens + positions
     }
+}
+
+/// A token embedding replaced by a vector (textual inversion): the
+/// `vector` (width of the token embeddings) at (`row`, `position`).
+pub struct Fix {
+    pub row: i64,
+    pub position: i64,
+    pub vector: Tensor,
+    /// Where the token would rank among tokens added past the vocabulary
+    /// (diffusers' added textual-inversion tokens), for the pooled
+    /// output's legacy end-of-text search; None: the stand-in token's own
+    /// id counts (A1111).
+    pub rank: Option<i64>,
 }
 
 // SAFETY: the weights are written once, at load, and only read afterwards;

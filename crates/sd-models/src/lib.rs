@@ -31,7 +31,7 @@ pub mod unet;
 pub mod vae;
 pub mod weights;
 
-pub use clip::{ClipTextModel, XlOutput};
+pub use clip::{ClipTextModel, Fix, XlOutput};
 pub use denoiser::{Conditioning, Denoiser, GuidanceInput, Layout};
 pub use device::{DeviceSpec, Placement, Precision};
 pub use error::{ModelError, Result};

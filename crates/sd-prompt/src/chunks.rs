@@ -25,6 +25,25 @@ pub struct Chunk {
     pub weights: Vec<f64>,
 }
 
+/// A textual-inversion embedding's `j`-th vector of embedding `index` as
+/// a token: a negative id (no vocabulary has one). A run of them, `j` from
+/// 0, is one embedding: it never straddles chunks, as A1111 lays them out.
+pub const fn placeholder(index: usize, j: usize) -> i64 {
+    -(1 + (index as i64) * MAX_VECTORS as i64 + j as i64)
+}
+
+/// The (embedding, vector) a [`placeholder`] stands for; None for a token.
+pub const fn placeholder_parts(id: i64) -> Option<(usize, usize)> {
+    if id >= 0 {
+        return None;
+    }
+    let v = (-id - 1) as usize;
+    Some((v / MAX_VECTORS, v % MAX_VECTORS))
+}
+
+/// Most vectors one embedding may have (A1111's are ≤ 75: one chunk).
+pub const MAX_VECTORS: usize = 1024;
+
 /// Tokens per chunk between the start and end tokens.
 pub const CHUNK_LENGTH: usize = 75;
 /// A1111's `comma_padding_backtrack` default.
@@ -65,6 +84,27 @@ impl Builder {
     }
 
     fn push(&mut self, token: i64, weight: f64, backtrack: usize) {
+        self.make_room(token, backtrack);
+        self.ids.push(token);
+        self.weights.push(weight);
+    }
+
+    /// An embedding's `n` vectors at `weight`: in the next chunk when they
+    /// do not fit in this one.
+    fn push_embedding(&mut self, first: i64, n: usize, weight: f64, backtrack: usize) {
+        self.make_room(first, backtrack);
+        if self.ids.len() + n > CHUNK_LENGTH {
+            self.next_chunk();
+        }
+        for j in 0..n as i64 {
+            self.ids.push(first - j);
+            self.weights.push(weight);
+        }
+    }
+
+    /// Before `token`: the comma backtrack, and a new chunk when this one
+    /// is full.
+    fn make_room(&mut self, token: i64, backtrack: usize) {
         if Some(token) == self.vocab.comma {
             self.last_comma = Some(self.ids.len());
         } else if let Some(comma) = self.last_comma {
@@ -83,8 +123,6 @@ impl Builder {
         if self.ids.len() == CHUNK_LENGTH {
             self.next_chunk();
         }
-        self.ids.push(token);
-        self.weights.push(weight);
     }
 }
 
@@ -105,8 +143,22 @@ pub fn chunks(
         match f {
             None => b.next_chunk(),
             Some((tokens, weight)) => {
-                for &t in tokens {
-                    b.push(t, *weight, comma_backtrack);
+                let mut i = 0;
+                while i < tokens.len() {
+                    let t = tokens[i];
+                    if placeholder_parts(t).is_some_and(|(_, j)| j == 0) {
+                        // The run of this embedding's vectors, j = 0, 1, …
+                        let n = 1 + tokens[i + 1..]
+                            .iter()
+                            .zip(1..)
+                            .take_while(|(&u, j)| u == t - j)
+                            .count();
+                        b.push_embedding(t, n, *weight, comma_backtrack);
+                        i += n;
+                    } else {
+                        b.push(t, *weight, comma_backtrack);
+                        i += 1;
+                    }
                 }
             }
         }
@@ -120,6 +172,23 @@ pub fn chunks(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_embedding_never_straddles_chunks() {
+        let emb: Vec<i64> = (0..4).map(|j| placeholder(2, j)).collect();
+        assert_eq!(placeholder_parts(emb[3]), Some((2, 3)));
+        let mut tokens = vec![5; 73];
+        tokens.extend(&emb);
+        let c = chunks(&[frag(&tokens, 1.0)], V, 0);
+        assert_eq!(c.len(), 2);
+        assert_eq!(&c[0].ids[73..75], &[5, 1001]);
+        assert_eq!(&c[1].ids[1..5], &emb[..]);
+        // Two in a row are two embeddings.
+        let twice: Vec<i64> = emb.iter().chain(&emb).copied().collect();
+        let c = chunks(&[frag(&twice, 1.2)], V, 0);
+        assert_eq!(&c[0].ids[1..9], &twice[..]);
+        assert_eq!(c[0].weights[8], 1.2);
+    }
 
     const V: Vocab = Vocab {
         bos: 1000,

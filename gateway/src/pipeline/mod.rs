@@ -79,6 +79,23 @@ pub struct Generator {
 }
 
 impl Generator {
+    /// Embeddings by name as A1111's "TI hashes" list them: `NAME: HASH`,
+    /// the file's SHA-256's first 12 hex digits.
+    fn ti_hashes(&self, names: &[String]) -> Vec<String> {
+        names
+            .iter()
+            .map(|n| {
+                let hash = self
+                    .facts
+                    .textual_inversions
+                    .iter()
+                    .find(|t| &t.name == n)
+                    .map_or("", |t| &t.sha256[..t.sha256.len().min(12)]);
+                format!("{}: {hash}", n.replace([':', ','], ""))
+            })
+            .collect()
+    }
+
     /// Run `plan`; progress and previews go to `events` when given. A
     /// closed `events` (the client went away) stops the loop, as does the
     /// deadline, between steps.
@@ -101,7 +118,7 @@ impl Generator {
         deadline: Deadline,
     ) -> Result<GenerateResponse> {
         let started = Instant::now();
-        let parameters = plan.parameters();
+        let mut parameters = plan.parameters();
         let hires = plan.hires.take();
         let shape = LatentShape::of(&plan, &self.facts);
         let mut rng = TorchGenerator::new(plan.seed);
@@ -119,6 +136,7 @@ impl Generator {
             lora_key = text::canonical_loras(&plan.loras, &listed.loras);
         }
         let mut text = self.condition(&plan, &lora_key, &deadline).await?;
+        parameters.textual_inversions = self.ti_hashes(&text.textual_inversions());
         let mut start = self
             .initial_latents(&plan, &shape, &mut rng, &deadline)
             .await?;

@@ -83,6 +83,22 @@ impl Text {
             .collect()
     }
 
+    /// The textual-inversion embeddings the prompts used, by name (the
+    /// prompt's first).
+    pub fn textual_inversions(&self) -> Vec<String> {
+        let mut names = self.cond.embedding.textual_inversions.clone();
+        for n in self
+            .uncond
+            .iter()
+            .flat_map(|u| &u.embedding.textual_inversions)
+        {
+            if !names.contains(n) {
+                names.push(n.clone());
+            }
+        }
+        names
+    }
+
     /// Add a session tensor (sent with the next Predict, then by id).
     pub fn add_session_tensor(&mut self, name: &'static str, tensor: WireTensor) {
         self.session.push((name, tensor));
@@ -285,6 +301,7 @@ impl Generator {
                 id: keys[i].embedding_id(),
                 tensor,
                 pooled,
+                textual_inversions: encoded.textual_inversions.clone(),
             };
             if let Ok(mut cache) = self.cache.lock() {
                 cache.insert(keys[i].clone(), embedding.clone());
@@ -320,6 +337,7 @@ fn zeros_like(like: &CachedEmbedding, model: &str) -> CachedEmbedding {
         id: key.embedding_id(),
         tensor: zeros(&like.tensor),
         pooled: like.pooled.as_ref().map(zeros),
+        textual_inversions: Vec::new(),
     }
 }
 

@@ -11,6 +11,7 @@ mod serve;
 pub mod step;
 pub mod text;
 pub mod threads;
+pub mod ti;
 mod wire;
 mod worker;
 

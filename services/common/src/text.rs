@@ -28,6 +28,8 @@ fn a1111_chunks(
                     .tokenizer
                     .encode_words(&f.text)
                     .map_err(|err| ServiceError::model_input("prompts", err))?;
+                // Textual-inversion names become their vectors' placeholders.
+                let ids = crate::ti::splice(&ids, &e.inversions).0;
                 Ok(Some((ids, f.weight)))
             }
         })
@@ -69,10 +71,41 @@ fn emphasis(z: &tch::Tensor, chunks: &[sd_prompt::Chunk]) -> Result<tch::Tensor,
     Ok(scaled * (before / after))
 }
 
-/// A tokenizer and the text encoder it feeds.
+/// A tokenizer and the text encoder it feeds, and the textual-inversion
+/// embeddings it takes.
 pub struct Encoder {
     pub tokenizer: ClipTokenizer,
     pub clip: ClipTextModel,
+    pub inversions: Vec<crate::ti::Inversion>,
+}
+
+impl Encoder {
+    /// `prompts` as diffusers tokenizes them, with the fixes that put
+    /// textual-inversion vectors in place.
+    fn ids(&self, prompts: &[&str]) -> Result<(tch::Tensor, Vec<sd_models::Fix>), ServiceError> {
+        let input = |e| ServiceError::model_input("prompts", e);
+        let mut rows = Vec::with_capacity(prompts.len());
+        let mut any = false;
+        for p in prompts {
+            match crate::ti::plain_ids(self, p)? {
+                Some(ids) => {
+                    any = true;
+                    rows.push(ids);
+                }
+                None => rows.push(self.tokenizer.encode(p).map_err(input)?),
+            }
+        }
+        if !any {
+            return Ok((
+                self.tokenizer.encode_batch(prompts).map_err(input)?,
+                Vec::new(),
+            ));
+        }
+        let fixes = crate::ti::fixes(&mut rows, &self.inversions, true);
+        let len = rows[0].len() as i64;
+        let flat: Vec<i64> = rows.concat();
+        Ok((tch::Tensor::from_slice(&flat).view([-1, len]), fixes))
+    }
 }
 
 /// T5's tokenizer and encoder (FLUX).
@@ -125,7 +158,11 @@ impl TextEncoders {
                     dir.load_text_encoder(placement)
                 }
             })?;
-            Ok(Encoder { tokenizer, clip })
+            Ok(Encoder {
+                tokenizer,
+                clip,
+                inversions: Vec::new(),
+            })
         };
         match dir.family() {
             sd_models::Family::Sd => Ok(TextEncoders::Single(Box::new(encoder(
@@ -232,16 +269,16 @@ impl TextEncoders {
         };
         match self {
             TextEncoders::Single(e) => {
-                let ids = tokens(e)?;
-                let hidden = e.clip.forward(&ids, clip_skip)?;
+                let (ids, fixes) = e.ids(prompts)?;
+                let hidden = e.clip.forward_fixed(&ids, clip_skip, &fixes)?;
                 Ok((ids, hidden, None))
             }
             TextEncoders::Xl { .. } => {
                 let mut hidden = Vec::new();
                 let (mut first_ids, mut pooled) = (None, None);
                 for e in self.encoders() {
-                    let ids = tokens(e)?;
-                    let out = e.clip.forward_xl(&ids, clip_skip)?;
+                    let (ids, fixes) = e.ids(prompts)?;
+                    let out = e.clip.forward_xl_fixed(&ids, clip_skip, &fixes)?;
                     hidden.push(out.hidden);
                     pooled = Some(out.pooled);
                     first_ids.get_or_insert(ids);
@@ -291,15 +328,17 @@ impl TextEncoders {
         let (mut first_ids, mut pooled) = (None, None);
         for e in self.encoders() {
             let chunks = a1111_chunks(e, &fragments)?;
-            let ids: Vec<i64> = chunks.iter().flat_map(|c| c.ids.iter().copied()).collect();
+            let mut rows: Vec<Vec<i64>> = chunks.iter().map(|c| c.ids.clone()).collect();
+            let fixes = crate::ti::fixes(&mut rows, &e.inversions, false);
+            let ids: Vec<i64> = rows.concat();
             let k = chunks.len() as i64;
             let ids_t = tch::Tensor::from_slice(&ids).view([k, -1]);
             let z = match self {
                 TextEncoders::Single(_) | TextEncoders::Flux { .. } => {
-                    e.clip.forward(&ids_t, clip_skip)?
+                    e.clip.forward_fixed(&ids_t, clip_skip, &fixes)?
                 }
                 TextEncoders::Xl { .. } => {
-                    let out = e.clip.forward_xl(&ids_t, clip_skip)?;
+                    let out = e.clip.forward_xl_fixed(&ids_t, clip_skip, &fixes)?;
                     pooled = Some(out.pooled.narrow(0, 0, 1));
                     out.hidden
                 }

@@ -34,6 +34,11 @@ struct Args {
     max_prompts: usize,
     #[command(flatten)]
     lora: LoraArgs,
+    /// Textual-inversion embeddings: `NAME.safetensors` files (A1111's and
+    /// diffusers' layouts, SDXL's clip_l/clip_g); a prompt word NAME is
+    /// replaced by the file's vectors. Read at start.
+    #[arg(long, env = "SD_EMBEDDINGS_DIR")]
+    embeddings_dir: Option<std::path::PathBuf>,
 }
 
 struct Service {
@@ -149,12 +154,14 @@ fn encode(
             .iter()
             .map(|p| {
                 let (ids, hidden, pooled) = model.encode_a1111(p, clip_skip, length)?;
-                encoded(
+                let mut e = encoded(
                     ids,
                     &hidden.get(0),
                     pooled.as_ref().map(|p| p.get(0)),
                     dtype,
-                )
+                )?;
+                e.textual_inversions = model.inversions_in(p, true)?;
+                Ok(e)
             })
             .collect(),
     }
@@ -173,12 +180,14 @@ fn encode_plain(
     let per = ids.len() / prompts.len().max(1);
     (0..prompts.len())
         .map(|i| {
-            encoded(
+            let mut e = encoded(
                 ids[i * per..(i + 1) * per].to_vec(),
                 &hidden.get(i as i64),
                 pooled.as_ref().map(|p| p.get(i as i64)),
                 dtype,
-            )
+            )?;
+            e.textual_inversions = model.inversions_in(&prompts[i], false)?;
+            Ok(e)
         })
         .collect()
 }
@@ -193,6 +202,7 @@ fn encoded(
         token_ids,
         embeddings: Some(to_wire(hidden, dtype)?),
         pooled: pooled.map(|p| to_wire(&p, dtype)).transpose()?,
+        textual_inversions: Vec::new(),
     })
 }
 
@@ -219,7 +229,11 @@ fn load(
         .model
         .apply_threads(sd_service::machine::Role::TextEncoder, &metrics);
     let dir = args.model.model_dir()?;
-    let model = TextEncoders::load(&dir, placement, Some(&metrics))?;
+    let mut model = TextEncoders::load(&dir, placement, Some(&metrics))?;
+    let textual_inversions = match &args.embeddings_dir {
+        Some(d) => model.load_embeddings(d)?,
+        None => Vec::new(),
+    };
     let loras = Arc::new(LoraStore::new(
         &args.lora,
         model.modules(),
@@ -231,13 +245,27 @@ fn load(
     let _warm = model.encode(&[""], 0, 16)?;
     let (hidden, tokens, layers, pooled) = model.shape();
     let components = model.components();
+    // The embeddings are part of what a prompt encodes to: they key the
+    // gateway's prompt cache with the weights.
+    let mut model_id = sd_service::model_id(&dir, components);
+    let loaded: Vec<&str> = textual_inversions
+        .iter()
+        .filter(|t| t.skipped.is_empty())
+        .map(|t| t.sha256.as_str())
+        .collect();
+    if !loaded.is_empty() {
+        let joined = loaded.join(",");
+        let h = &sd_service::ti::digest(joined.as_bytes())[..12];
+        model_id = format!("{model_id}+ti:{h}");
+    }
     let info = TextEncoderInfo {
-        model_id: sd_service::model_id(&dir, components),
+        model_id,
         hidden_size: hidden as u32,
         max_tokens: tokens as u32,
         num_layers: layers.max(0) as u32,
         pooled_size: pooled as u32,
         family: sd_proto::v1::ModelFamily::from(dir.family()) as i32,
+        textual_inversions,
     };
     let service = Service {
         model: Arc::new(model),

@@ -9,7 +9,7 @@ use sd_proto::v1::{GenerateRequest, SizeConditioning};
 
 /// One case as the fixture scripts list it: parameters and the reference
 /// images diffusers made for them.
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, Clone)]
 pub struct Case {
     pub name: String,
     pub params: serde_json::Value,

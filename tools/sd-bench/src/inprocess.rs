@@ -84,6 +84,7 @@ impl InProcess {
             },
             max_decode_pixels: 0,
             cost: Default::default(),
+            textual_inversions: Vec::new(),
             default_scheduler: scheduler_config
                 .class_name()
                 .and_then(SchedulerKind::from_diffusers_class)
@@ -237,6 +238,7 @@ impl InProcess {
                             .as_ref()
                             .map(|p| to_wire(&p.get(i as i64), Dtype::Float32))
                             .transpose()?,
+                        textual_inversions: Vec::new(),
                     })
                 })
                 .collect::<Result<Vec<_>, ServiceError>>()?;

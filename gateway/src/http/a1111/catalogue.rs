@@ -153,3 +153,23 @@ pub(super) async fn latent_upscale_modes() -> Response {
         .collect();
     crate::http::json(json!(list))
 }
+
+/// `/sdapi/v1/embeddings`: the text encoder's textual-inversion embeddings,
+/// `{loaded: {NAME: {step, sd_checkpoint, sd_checkpoint_name, shape,
+/// vectors}}, skipped: {…}}` as A1111 answers it (safetensors carry no
+/// training step or checkpoint: null).
+pub(super) async fn embeddings(S(http): S<State>) -> Response {
+    let (mut loaded, mut skipped) = (Map::new(), Map::new());
+    for t in &http.service.generator.facts.textual_inversions {
+        let entry = json!({
+            "step": null, "sd_checkpoint": null, "sd_checkpoint_name": null,
+            "shape": t.shape, "vectors": t.vectors,
+        });
+        if t.skipped.is_empty() {
+            loaded.insert(t.name.clone(), entry);
+        } else {
+            skipped.insert(t.name.clone(), entry);
+        }
+    }
+    crate::http::json(json!({ "loaded": loaded, "skipped": skipped }))
+}

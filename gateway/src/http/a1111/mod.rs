@@ -64,6 +64,7 @@ pub fn routes() -> Router<State> {
         .route("/sdapi/v1/interrupt", post(interrupt))
         .route("/sdapi/v1/sd-models", get(sd_models))
         .route("/sdapi/v1/loras", get(loras))
+        .route("/sdapi/v1/embeddings", get(embeddings))
         .route("/sdapi/v1/refresh-loras", post(refresh_loras))
         .route("/sdapi/v1/samplers", get(samplers))
         .route("/sdapi/v1/schedulers", get(schedulers))

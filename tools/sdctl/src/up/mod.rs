@@ -101,6 +101,10 @@ pub struct UpArgs {
     /// denoiser's `--lora-dir`).
     #[arg(long, env = "SD_LORA_DIR")]
     lora_dir: Option<PathBuf>,
+    /// Folder of textual-inversion embeddings (`NAME.safetensors`) prompts
+    /// may name (the text encoder's `--embeddings-dir`).
+    #[arg(long, env = "SD_EMBEDDINGS_DIR")]
+    embeddings_dir: Option<PathBuf>,
 }
 
 impl UpArgs {
