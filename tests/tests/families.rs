@@ -2,8 +2,8 @@
 //! is refused by name by every service and by `sdctl up`, in seconds; each
 //! service publishes the family; an inpainting model (a 9-channel UNet)
 //! loads and serves, its latent layout published apart from its network's
-//! input channels, and its generations refused by name until masks are
-//! served.
+//! input channels, and its generations without a mask refused by name
+//! (tests/tests/inpaint.rs paints with it).
 
 #![allow(clippy::unwrap_used)]
 
@@ -180,7 +180,7 @@ fn every_service_publishes_the_family_and_the_model_crate_reads_it() {
 }
 
 #[test]
-fn an_inpainting_unet_serves_and_its_generations_are_refused_by_name() {
+fn an_inpainting_unet_serves_and_its_generations_without_a_mask_are_refused_by_name() {
     let dir = common::fixtures().join("sd1-inpaint-tiny");
     let index = std::fs::read_to_string(dir.join("model_index.json")).unwrap();
     assert!(index.contains("StableDiffusionInpaintPipeline"), "{index}");

@@ -53,6 +53,81 @@ fn sd_inpainting_matches_diffusers_on_a_9_channel_unet() {
     run("sd1-inpaint-tiny");
 }
 
+/// An inpainting checkpoint as one LDM-layout file, served with --config,
+/// paints what its diffusers directory paints.
+#[test]
+fn a_single_file_inpainting_checkpoint_matches_diffusers() {
+    let inputs = common::fixtures().join("inpaint");
+    let references = inputs.join("sd1-inpaint-tiny");
+    let config = common::model("sd1-inpaint-tiny");
+    let stack = common::stack::Stack::start_with(
+        &inputs.join("sd1-inpaint.safetensors"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let cases = common::e2e::load_cases(&references);
+    common::e2e::check_all_in(
+        &stack.url,
+        &cases,
+        &inputs,
+        &references,
+        "sd1-inpaint.safetensors",
+    );
+}
+
+/// A single file with a 9-channel UNet input is recognised as its
+/// family's inpainting model and served with the shipped configs of it
+/// (9 input channels, the inpainting pipeline's class; SD 2's epsilon).
+#[test]
+fn single_file_inpainting_checkpoints_get_inpainting_configs() {
+    use sd_models::single_file::Standard;
+    use sd_models::{Component, ModelDir, Placement, Weights};
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+            Standard::Sd1Inpaint,
+            "StableDiffusionInpaintPipeline",
+        ),
+        (
+            "cond_stage_model.model.ln_final.weight",
+            Standard::Sd2Inpaint,
+            "StableDiffusionInpaintPipeline",
+        ),
+        (
+            "conditioner.embedders.1.model.ln_final.weight",
+            Standard::SdxlInpaint,
+            "StableDiffusionXLInpaintPipeline",
+        ),
+    ];
+    for (i, (text_key, want, class)) in cases.into_iter().enumerate() {
+        let path = dir.path().join(format!("inpaint-{i}.safetensors"));
+        let f = (tch::Kind::Half, tch::Device::Cpu);
+        tch::Tensor::write_safetensors(
+            &[
+                (
+                    "model.diffusion_model.input_blocks.0.0.weight",
+                    tch::Tensor::zeros([320, 9, 3, 3], f),
+                ),
+                (text_key, tch::Tensor::zeros([4], f)),
+            ],
+            &path,
+        )
+        .unwrap();
+        let w = Weights::open(&path, Placement::cpu()).unwrap();
+        assert_eq!(Standard::infer(&w).unwrap(), want);
+        let model = ModelDir::open(&path).unwrap();
+        let unet = std::fs::read_to_string(model.config_path(Component::Unet)).unwrap();
+        let unet: serde_json::Value = serde_json::from_str(&unet).unwrap();
+        assert_eq!(unet["in_channels"], 9, "{want:?}");
+        let index = std::fs::read_to_string(model.root().join("model_index.json")).unwrap();
+        assert!(index.contains(class), "{want:?}: {index}");
+        if want == Standard::Sd2Inpaint {
+            let s = std::fs::read_to_string(model.scheduler_config_path()).unwrap();
+            assert!(s.contains("\"epsilon\""), "{s}");
+        }
+    }
+}
+
 #[test]
 fn sdxl_inpainting_matches_diffusers_on_both_kinds_of_unet() {
     run("sdxl-tiny");

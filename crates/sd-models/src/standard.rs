@@ -188,7 +188,10 @@ pub fn clip_vocab_json() -> String {
 fn fingerprint() -> u64 {
     // FNV-1a over every file: a changed config gets a fresh folder.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for (name, text) in FILES.iter().chain([&("merges", MERGES)]) {
+    // What is derived from the files (the inpainting folders) has a
+    // version of its own.
+    const DERIVED: (&str, &str) = ("derived", "inpaint folders 1");
+    for (name, text) in FILES.iter().chain([&("merges", MERGES), &DERIVED]) {
         for b in name.bytes().chain(text.bytes()) {
             h ^= u64::from(b);
             h = h.wrapping_mul(0x100_0000_01b3);
@@ -217,6 +220,61 @@ pub fn config_dir(family: Standard) -> Result<PathBuf> {
     Ok(root.join(family.name()))
 }
 
+/// An inpainting standard's folder: its base's files, the UNet taking 9
+/// input channels, the inpainting pipeline's class; SD 2's as
+/// stable-diffusion-2-inpainting (512², epsilon).
+fn write_inpaint(tmp: &Path, inpaint: Standard) -> Result<()> {
+    let Some((base, class)) = inpaint.inpaint_base() else {
+        return Ok(());
+    };
+    let prefix = format!("{}/", base.name());
+    let edit = |path: &str, f: &dyn Fn(&mut serde_json::Value)| -> Result<String> {
+        let text = FILES
+            .iter()
+            .find(|(n, _)| *n == path)
+            .map(|(_, t)| *t)
+            .unwrap_or("{}");
+        let mut v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| ModelError::Config {
+                path: PathBuf::from(path),
+                message: e.to_string(),
+            })?;
+        f(&mut v);
+        Ok(serde_json::to_string_pretty(&v).unwrap_or_default())
+    };
+    let sd2 = base == Standard::Sd2;
+    for (name, text) in FILES.iter().filter(|(n, _)| n.starts_with(&prefix)) {
+        let rel = &name[prefix.len()..];
+        let text = match rel {
+            "model_index.json" => edit(name, &|v| v["_class_name"] = class.into())?,
+            "unet/config.json" => edit(name, &|v| {
+                v["in_channels"] = 9.into();
+                if sd2 {
+                    v["sample_size"] = 64.into();
+                }
+            })?,
+            "scheduler/scheduler_config.json" if sd2 => {
+                edit(name, &|v| v["prediction_type"] = "epsilon".into())?
+            }
+            _ => text.to_string(),
+        };
+        let path = tmp.join(inpaint.name()).join(rel);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io(dir))?;
+            if dir.ends_with("tokenizer") || dir.ends_with("tokenizer_2") {
+                let base_dir = tmp
+                    .join(base.name())
+                    .join(dir.file_name().unwrap_or_default());
+                for f in ["vocab.json", "merges.txt"] {
+                    std::fs::copy(base_dir.join(f), dir.join(f)).map_err(io(dir))?;
+                }
+            }
+        }
+        std::fs::write(&path, text).map_err(io(&path))?;
+    }
+    Ok(())
+}
+
 fn write_all(cache: &Path, root: &Path) -> Result<()> {
     std::fs::create_dir_all(cache).map_err(io(cache))?;
     let tmp = cache.join(format!(
@@ -235,6 +293,13 @@ fn write_all(cache: &Path, root: &Path) -> Result<()> {
             }
         }
         std::fs::write(&path, text).map_err(io(&path))?;
+    }
+    for inpaint in [
+        Standard::Sd1Inpaint,
+        Standard::Sd2Inpaint,
+        Standard::SdxlInpaint,
+    ] {
+        write_inpaint(&tmp, inpaint)?;
     }
     std::fs::write(tmp.join("complete"), "").map_err(io(&tmp))?;
     // Another process may have written it first: either copy will do.

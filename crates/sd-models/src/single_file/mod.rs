@@ -52,6 +52,13 @@ pub enum Standard {
     SdxlBase,
     /// SDXL refiner: OpenCLIP ViT-bigG only.
     SdxlRefiner,
+    /// The inpainting checkpoints of SD 1.x, SD 2.x and SDXL: their base's
+    /// configs with a 9-channel UNet input (the latents, a mask, the masked
+    /// image's latents) and the inpainting pipeline's class; SD 2's as
+    /// stable-diffusion-2-inpainting (512², epsilon).
+    Sd1Inpaint,
+    Sd2Inpaint,
+    SdxlInpaint,
 }
 
 impl Standard {
@@ -61,6 +68,29 @@ impl Standard {
             Standard::Sd2 => "sd-v2",
             Standard::SdxlBase => "sdxl-base",
             Standard::SdxlRefiner => "sdxl-refiner",
+            Standard::Sd1Inpaint => "sd-v1-inpaint",
+            Standard::Sd2Inpaint => "sd-v2-inpaint",
+            Standard::SdxlInpaint => "sdxl-inpaint",
+        }
+    }
+
+    /// An inpainting standard: (its base, the pipeline class it is served as).
+    pub fn inpaint_base(self) -> Option<(Standard, &'static str)> {
+        match self {
+            Standard::Sd1Inpaint => Some((Standard::Sd1, "StableDiffusionInpaintPipeline")),
+            Standard::Sd2Inpaint => Some((Standard::Sd2, "StableDiffusionInpaintPipeline")),
+            Standard::SdxlInpaint => Some((Standard::SdxlBase, "StableDiffusionXLInpaintPipeline")),
+            _ => None,
+        }
+    }
+
+    /// The inpainting standard of a base (None: the refiner has none).
+    fn inpainting(self) -> Option<Standard> {
+        match self {
+            Standard::Sd1 => Some(Standard::Sd1Inpaint),
+            Standard::Sd2 => Some(Standard::Sd2Inpaint),
+            Standard::SdxlBase => Some(Standard::SdxlInpaint),
+            _ => None,
         }
     }
 
@@ -68,20 +98,28 @@ impl Standard {
     /// encoders' prefixes, and diffusers' marker keys
     /// (`infer_diffusers_model_type`) for files without a text encoder.
     pub fn infer(w: &Weights) -> Result<Standard> {
-        let v2 = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight";
+        let base = Standard::infer_base(w)?;
         let inpaint = "model.diffusion_model.input_blocks.0.0.weight";
+        if w.stored_shape(inpaint)
+            .is_some_and(|s| s.get(1) == Some(&9))
+        {
+            return base.inpainting().ok_or_else(|| ModelError::Unsupported {
+                path: w.path().to_path_buf(),
+                message: format!(
+                    "a 9-channel (inpainting) UNet in a {} checkpoint",
+                    base.name()
+                ),
+            });
+        }
+        Ok(base)
+    }
+
+    fn infer_base(w: &Weights) -> Result<Standard> {
+        let v2 = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight";
         let unsupported = |message: String| ModelError::Unsupported {
             path: w.path().to_path_buf(),
             message,
         };
-        if w.stored_shape(inpaint)
-            .is_some_and(|s| s.get(1) == Some(&9))
-        {
-            return Err(unsupported(
-                "an inpainting checkpoint (a 9-channel UNet input); inpainting models are not served"
-                    .into(),
-            ));
-        }
         let has = |prefix: &str| w.stored().any(|(k, _)| k.starts_with(prefix));
         if flux::bfl_prefix(w).is_some() {
             return Err(unsupported(
