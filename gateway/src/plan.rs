@@ -668,7 +668,7 @@ impl Source {
 /// The request's mask at the image's size, and its options.
 fn inpaint(req: &GenerateRequest, limits: &Limits, width: u32, height: u32) -> Result<Inpaint> {
     let mask = crate::mask::Mask::decode(&req.mask, limits, width, height)?;
-    let options = req.inpaint.clone().unwrap_or_default();
+    let options = req.inpaint.unwrap_or_default();
     let masked_content = MaskedContent::try_from(options.masked_content).map_err(|_| {
         Error::invalid(
             "inpaint.masked_content",

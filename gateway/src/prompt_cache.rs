@@ -103,6 +103,7 @@ mod tests {
         CachedEmbedding {
             id: "x".into(),
             pooled: None,
+            textual_inversions: Vec::new(),
             tensor: WireTensor {
                 shape: vec![bytes as i64 / 4],
                 dtype: 1,

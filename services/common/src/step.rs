@@ -810,9 +810,17 @@ mod session_tests {
     #[test]
     fn bad_session_tensors_are_refused_naming_them() {
         let mut stream = Stream::default();
-        let unknown = request(vec![session("mask", Some(&ids(1.0)))]);
+        let unknown = request(vec![session("depth_hint", Some(&ids(1.0)))]);
         let e = refused(Step::decode(&unknown, &XL, &mut stream));
         assert_eq!(field(e), "session_tensors[0].name");
+        // A mask for a network that takes no image conditioning.
+        let mask = request(vec![
+            session("time_ids", Some(&ids(1.0))),
+            session("mask", Some(&ids(1.0))),
+        ]);
+        let e = refused(Step::decode(&mask, &XL, &mut Stream::default()));
+        let f = field(e);
+        assert!(f.contains("mask"), "{f}");
         let twice = request(vec![
             session("time_ids", Some(&ids(1.0))),
             session("time_ids", Some(&ids(1.0))),

@@ -89,21 +89,7 @@ pub(super) fn prepare(
     };
     let mut infotext = Vec::new();
     let Some(mask) = mask else {
-        let images = originals
-            .iter()
-            .map(|o| {
-                Ok(Prepared {
-                    image: png(&picture::resize_image(resize_mode, o, width, height))?,
-                    overlay: None,
-                })
-            })
-            .collect::<HttpResult<_>>()?;
-        return Ok(Pictures {
-            images,
-            mask: Vec::new(),
-            options: None,
-            infotext,
-        });
+        return plain(&originals, resize_mode, (width, height));
     };
     let first = &originals[0];
     let blurred = read_mask(f, &mask, limits)?;
@@ -148,53 +134,14 @@ pub(super) fn prepare(
     };
     if mask_image.pixels().all(|p| p.0[0] < 128) {
         // Nothing reaches the latents: plain img2img of the whole picture.
-        let images = originals
-            .iter()
-            .map(|o| {
-                Ok(Prepared {
-                    image: png(&picture::resize_image(resize_mode, o, width, height))?,
-                    overlay: None,
-                })
-            })
-            .collect::<HttpResult<_>>()?;
-        return Ok(Pictures {
-            images,
-            mask: Vec::new(),
-            options: None,
-            infotext: Vec::new(),
-        });
+        return plain(&originals, resize_mode, (width, height));
     }
-    let mut images = Vec::new();
-    for original in &originals {
-        let (mut image, kept) = match crop {
-            Some(c) => {
-                let o = if original.dimensions() == first.dimensions() {
-                    original.clone()
-                } else {
-                    picture::resize_image(0, original, first.width(), first.height())
-                };
-                (
-                    picture::resize_image(2, &picture::crop(&o, c), width, height),
-                    o,
-                )
-            }
-            None => {
-                let r = picture::resize_image(resize_mode, original, width, height);
-                (r.clone(), r)
-            }
-        };
-        if fill != 1 {
-            image = picture::fill(&image, &mask_image);
-        }
-        images.push(Prepared {
-            image: png(&image)?,
-            overlay: Some(Overlay {
-                original: kept,
-                mask: overlay_mask.clone(),
-                paste_to: crop,
-            }),
-        });
-    }
+    let images = masked_images(
+        &originals,
+        (resize_mode, fill == 1),
+        (&mask_image, &overlay_mask, crop),
+        (width, height),
+    )?;
     let masked_content = match fill {
         2 => MaskedContent::LatentNoise,
         3 => MaskedContent::LatentNothing,
@@ -245,4 +192,71 @@ impl Overlay {
             .map_err(|e| HttpError::invalid("init_images", e))?;
         Ok((png, out.width(), out.height()))
     }
+}
+
+/// Each init image resized (or cropped to the masked region) for the
+/// latents, filled under the mask unless the original is kept (`keep`), with
+/// what is laid back over the result.
+fn masked_images(
+    originals: &[RgbImage],
+    (resize_mode, keep): (i64, bool),
+    (mask_image, overlay_mask, crop): (&GrayImage, &GrayImage, Option<picture::Region>),
+    (width, height): (u32, u32),
+) -> HttpResult<Vec<Prepared>> {
+    let first = &originals[0];
+    let mut images = Vec::new();
+    for original in originals {
+        let (mut image, kept) = match crop {
+            Some(c) => {
+                let o = if original.dimensions() == first.dimensions() {
+                    original.clone()
+                } else {
+                    picture::resize_image(0, original, first.width(), first.height())
+                };
+                (
+                    picture::resize_image(2, &picture::crop(&o, c), width, height),
+                    o,
+                )
+            }
+            None => {
+                let r = picture::resize_image(resize_mode, original, width, height);
+                (r.clone(), r)
+            }
+        };
+        if !keep {
+            image = picture::fill(&image, mask_image);
+        }
+        images.push(Prepared {
+            image: png(&image)?,
+            overlay: Some(Overlay {
+                original: kept,
+                mask: overlay_mask.clone(),
+                paste_to: crop,
+            }),
+        });
+    }
+    Ok(images)
+}
+
+/// Plain img2img: each init image resized by `resize_mode`, nothing masked.
+fn plain(
+    originals: &[RgbImage],
+    resize_mode: i64,
+    (width, height): (u32, u32),
+) -> HttpResult<Pictures> {
+    let images = originals
+        .iter()
+        .map(|o| {
+            Ok(Prepared {
+                image: png(&picture::resize_image(resize_mode, o, width, height))?,
+                overlay: None,
+            })
+        })
+        .collect::<HttpResult<_>>()?;
+    Ok(Pictures {
+        images,
+        mask: Vec::new(),
+        options: None,
+        infotext: Vec::new(),
+    })
 }

@@ -153,7 +153,7 @@ async fn run_batch(
             req.init_image = p.image.clone().into();
             req.strength = asked.denoising_strength.map(|d| d as f32);
             req.mask = asked.mask.clone().into();
-            req.inpaint = asked.inpaint.clone();
+            req.inpaint = asked.inpaint;
         }
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let watch = follow(job.clone(), b as usize, rx);
@@ -402,7 +402,6 @@ mod tests {
                         "script_name": null, "resize_mode": 0, "unknown_field": 3});
         assert!(refuse_unsupported(&Fields(ok.as_object().unwrap())).is_ok());
         for (k, v) in [
-            ("enable_hr", json!(true)),
             ("restore_faces", json!(true)),
             ("tiling", json!(true)),
             ("styles", json!(["cinematic"])),
@@ -412,8 +411,6 @@ mod tests {
             ("s_noise", json!(0.9)),
             ("script_name", json!("x/y/z plot")),
             ("alwayson_scripts", json!({"controlnet": {}})),
-            ("resize_mode", json!(1)),
-            ("mask", json!("aGk=")),
         ] {
             let m = json!({ k: v });
             let e = refuse_unsupported(&Fields(m.as_object().unwrap())).unwrap_err();
