@@ -59,6 +59,11 @@ BLOCKS = [
 TEMPLATES = ["{}", "a {}", "an emoji of {}", "{} emoji", "a picture of {}"]
 
 
+# Captions from the training set the model draws well: what the web page
+# proposes first (sdserve.json's example_prompts).
+EXAMPLE_PROMPTS = ["grinning face with big eyes", "smiling face with horns", "crying face",
+                   "winking face with tongue"]
+
 def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -442,6 +447,7 @@ def stage_export(args, work):
     (out / "NOTICE").write_text(NOTICE)
     (out / "sdserve.json").write_text(json.dumps({
         "default_steps": args.default_steps, "default_guidance": args.default_guidance,
+        "example_prompts": EXAMPLE_PROMPTS,
         "about": "sdserve's default model: 32x32 emoji, trained by scripts/train_default_model.py",
     }, indent=2) + "\n")
     sums = []

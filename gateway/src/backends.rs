@@ -324,6 +324,7 @@ impl Published<'_> {
                     Profile::default().default_guidance
                 },
                 default_steps: d.default_steps,
+                example_prompts: d.example_prompts.clone(),
             },
         })
     }

@@ -115,6 +115,8 @@ pub struct Profile {
     pub default_guidance: f32,
     /// The steps a request that sets none gets (0: the gateway's 50).
     pub default_steps: u32,
+    /// Prompts the model draws well (its sdserve.json's).
+    pub example_prompts: Vec<String>,
 }
 
 impl Profile {
@@ -165,6 +167,7 @@ impl Default for Profile {
             guidance_embedded: false,
             default_guidance: 7.5,
             default_steps: 0,
+            example_prompts: Vec::new(),
         }
     }
 }
@@ -242,6 +245,7 @@ impl ModelFacts {
                 guidance_embedded: dev,
                 default_guidance: 3.5,
                 default_steps: if dev { 28 } else { 4 },
+                example_prompts: Vec::new(),
             },
             ..Self::sd15_example()
         }

@@ -321,6 +321,7 @@ impl Generation for GenerationService {
                     default_height: side,
                     default_scheduler: f.default_scheduler.name().to_string(),
                     prediction_type: f.prediction.as_str().to_string(),
+                    example_prompts: f.profile.example_prompts.clone(),
                 }
             })
             .collect();

@@ -281,3 +281,12 @@ fn openai_and_webuiapi_clients_inpaint_outpaint_and_hires_fix() {
         &[stack.http.as_ref(), dir.path().as_os_str()],
     );
 }
+
+/// The web page on sdserve's default model, in headless Chromium: its
+/// example prompt, the mask brush and eraser, outpainting by enlarging the
+/// canvas, the hires-fix toggle (tests/clients/web_page_inpaint.py).
+#[test]
+fn the_web_page_paints_masks_outpaints_and_toggles_hires_fix() {
+    let stack = common::stack::Stack::start_default();
+    common::run_client("web_page_inpaint.py", &[stack.http.as_ref()]);
+}

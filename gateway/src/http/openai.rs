@@ -360,6 +360,7 @@ fn model_json(f: &crate::facts::ModelFacts) -> Value {
             "family": f.profile.name(),
             "default_size": f.default_side(),
             "default_guidance": f.profile.default_guidance,
+            "example_prompts": f.profile.example_prompts,
             "default_steps": if f.profile.default_steps > 0 {
                 f.profile.default_steps
             } else {

@@ -58,6 +58,31 @@ fn request(f: &Fields) -> Result<GenerateRequest, HttpError> {
         Some(s) if !s.is_empty() => decode_base64("init_image", s)?,
         _ => Vec::new(),
     };
+    let mask = match f.str("mask")? {
+        Some(s) if !s.is_empty() => decode_base64("mask", s)?,
+        _ => Vec::new(),
+    };
+    let hires = match f.object("hires")? {
+        Some(h) => {
+            let h = Fields(h);
+            let rename = |e: HttpError| {
+                let p = e.param.clone().unwrap_or_default();
+                let m = e
+                    .message
+                    .strip_prefix(&format!("{p}: "))
+                    .unwrap_or(&e.message);
+                HttpError::invalid(format!("hires.{p}"), m)
+            };
+            Some(sd_proto::v1::Hires {
+                scale: h.f64("scale").map_err(rename)?.unwrap_or(2.0) as f32,
+                upscaler: h.string_or("upscaler", "").map_err(rename)?,
+                steps: h.int_in("steps", 0, 10_000).map_err(rename)?.unwrap_or(0) as u32,
+                strength: h.f64("strength").map_err(rename)?.map(|s| s as f32),
+                ..Default::default()
+            })
+        }
+        None => None,
+    };
     Ok(GenerateRequest {
         prompt: f.string_or("prompt", "")?,
         negative_prompt: f.string_or("negative_prompt", "")?,
@@ -73,6 +98,8 @@ fn request(f: &Fields) -> Result<GenerateRequest, HttpError> {
             f.f64("strength")?.map(|s| s as f32)
         },
         init_image: init.into(),
+        mask: mask.into(),
+        hires,
         model: f.string_or("model", "")?,
         preview_every: f.int_in("preview_every", 0, 1000)?.unwrap_or(1) as u32,
         preview_mode: PreviewMode::Latent as i32,
@@ -98,6 +125,9 @@ fn parameters_json(p: &GenerationParameters) -> serde_json::Value {
         "loras": p.loras.iter().map(|l| json!({
             "name": l.name, "scale": l.scale, "unet_scale": l.unet_scale,
         })).collect::<Vec<_>>(),
+        "hires": p.hires.as_ref().map(|h| json!({
+            "width": h.width, "height": h.height, "upscaler": h.upscaler, "steps": h.steps,
+        })),
     })
 }
 

@@ -19,6 +19,8 @@ pub struct Profile {
     pub default_guidance: f32,
     /// The model's own step count (`sdserve.json`; 0: none, the gateway's).
     pub default_steps: u32,
+    /// Prompts the model draws well (`sdserve.json`'s `example_prompts`).
+    pub example_prompts: Vec<String>,
 }
 
 /// A model's own defaults, when its directory has an `sdserve.json`
@@ -30,6 +32,9 @@ pub struct ModelDefaults {
     pub default_steps: Option<u32>,
     #[serde(default)]
     pub default_guidance: Option<f32>,
+    /// Prompts it draws well (a page proposes the first).
+    #[serde(default)]
+    pub example_prompts: Vec<String>,
 }
 
 impl ModelDefaults {
@@ -53,6 +58,10 @@ impl ModelDefaults {
             d.default_guidance
                 .is_none_or(|g| g.is_finite() && (0.0..=50.0).contains(&g)),
             "default_guidance must be in 0..=50"
+        );
+        anyhow::ensure!(
+            d.example_prompts.len() <= 32 && d.example_prompts.iter().all(|p| p.len() <= 1000),
+            "example_prompts: at most 32 prompts of at most 1000 bytes"
         );
         Ok(d)
     }
@@ -92,6 +101,7 @@ impl Profile {
         if let Some(steps) = own.default_steps {
             profile.default_steps = steps;
         }
+        profile.example_prompts = own.example_prompts;
         Ok(profile)
     }
 
@@ -130,6 +140,7 @@ impl Profile {
             params,
             default_guidance,
             default_steps,
+            example_prompts: Vec::new(),
         })
     }
 }

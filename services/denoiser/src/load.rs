@@ -153,6 +153,7 @@ fn published(net: &Denoiser, layout: &Layout, profile: Profile) -> DenoiserInfo 
         guidance_embedded: net.guidance_input().is_some(),
         default_guidance: profile.default_guidance,
         default_steps: profile.default_steps,
+        example_prompts: profile.example_prompts,
         family: sd_proto::v1::ModelFamily::from(profile.family) as i32,
         family_params: Some(profile.params),
         layout: Some(LatentLayout {

@@ -99,6 +99,7 @@ impl InProcess {
                 guidance_embedded: me.net.guidance_input().is_some(),
                 default_guidance: profile.default_guidance,
                 default_steps: profile.default_steps,
+                example_prompts: profile.example_prompts,
             },
         };
         Ok((me, facts))
