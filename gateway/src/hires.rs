@@ -197,13 +197,39 @@ pub fn plan(
         conditioning: None,
         ..req.clone()
     };
-    let second = Plan::new(second_req, facts, limits).map_err(within_hires)?;
+    // The time limit is checked on both passes together, below.
+    let unlimited = Limits {
+        max_request_seconds: f64::INFINITY,
+        ..limits.clone()
+    };
+    let mut second = Plan::new(second_req, facts, &unlimited).map_err(within_hires)?;
     let order = second.schedule.timesteps().len() / total.max(1) as usize;
     let first_index = second
         .schedule
         .timesteps()
         .len()
         .saturating_sub(steps as usize * order.max(1));
+    // Only the tail of the longer schedule runs.
+    let forwards = second.schedule.timesteps().len() - first_index;
+    second.predicted_seconds = second
+        .predicted_step_seconds
+        .map(|step| step * forwards as f64);
+    if let (Some(a), Some(b)) = (first.predicted_seconds, second.predicted_seconds) {
+        if a + b > limits.max_request_seconds {
+            return Err(Error::invalid(
+                "hires",
+                format!(
+                    "the first pass ({a:.0} s) and the second at {}×{} ({b:.0} s) are predicted \
+                     to take {:.0} s of UNet time on this model's denoiser, at most {:.0} s \
+                     allowed: lower the scale, the steps or the size",
+                    second.width,
+                    second.height,
+                    a + b,
+                    limits.max_request_seconds
+                ),
+            ));
+        }
+    }
     Ok(HiresPlan {
         resolved: Hires {
             scale: h.scale,

@@ -162,7 +162,13 @@ impl Plan {
         let hires = req.hires.take().map(|h| (h, req.clone()));
         let mut plan = Plan::first_pass(req, facts, limits)?;
         if let Some((h, req)) = hires {
-            plan.hires = Some(crate::hires::plan(&h, &req, &plan, facts, limits)?);
+            let hires = crate::hires::plan(&h, &req, &plan, facts, limits)?;
+            // Admitted at the cost of both passes.
+            plan.predicted_seconds = plan
+                .predicted_seconds
+                .zip(hires.second.predicted_seconds)
+                .map(|(a, b)| a + b);
+            plan.hires = Some(hires);
         }
         Ok(plan)
     }

@@ -99,9 +99,15 @@ fn bad_input_cases() -> Vec<(&'static str, String, u16, Option<&'static str>)> {
         ),
         (
             "/sdapi/v1/txt2img",
-            r#"{"prompt": "x", "enable_hr": true}"#.into(),
+            r#"{"prompt": "x", "enable_hr": true, "hr_scale": 9}"#.into(),
             400,
-            Some("enable_hr"),
+            Some("hr_scale"),
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            r#"{"prompt": "x", "enable_hr": true, "hr_upscaler": "R-ESRGAN 4x+"}"#.into(),
+            400,
+            Some("hr_upscaler"),
         ),
         (
             "/sdapi/v1/txt2img",

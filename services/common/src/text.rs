@@ -53,7 +53,7 @@ fn a1111_chunks(
 
 /// A1111's "Original" emphasis on `z` (chunks, 77, hidden): each chunk
 /// scaled by its tokens' weights, then by its mean before over its mean
-/// after.
+/// after (1 where that ratio is not finite).
 fn emphasis(z: &tch::Tensor, chunks: &[sd_prompt::Chunk]) -> Result<tch::Tensor, ServiceError> {
     let weights: Vec<f32> = chunks
         .iter()
@@ -68,7 +68,11 @@ fn emphasis(z: &tch::Tensor, chunks: &[sd_prompt::Chunk]) -> Result<tch::Tensor,
     let before = z.f_mean_dim(dims, true, z.kind())?;
     let scaled = z * &w;
     let after = scaled.f_mean_dim(dims, true, z.kind())?;
-    Ok(scaled * (before / after))
+    // A chunk whose mean is zero (a random-weight encoder's final norm can
+    // give exactly that) keeps its scale, where A1111's division would fill
+    // it with NaN.
+    let ratio = (before / after).f_nan_to_num(Some(1.0), Some(1.0), Some(1.0))?;
+    Ok(scaled * ratio)
 }
 
 /// A tokenizer and the text encoder it feeds, and the textual-inversion
@@ -373,6 +377,42 @@ impl TextEncoders {
             }
             TextEncoders::Xl { first: None, .. } => &[Component::TextEncoder2],
             TextEncoders::Flux { .. } => &[Component::TextEncoder, Component::TextEncoder2],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::emphasis;
+    use sd_prompt::Chunk;
+
+    fn chunk(weights: &[f64]) -> Chunk {
+        Chunk {
+            ids: vec![0; weights.len()],
+            weights: weights.to_vec(),
+        }
+    }
+
+    #[test]
+    fn emphasis_scales_tokens_and_restores_the_chunk_mean() {
+        let z = tch::Tensor::from_slice(&[1.0f32, 3.0, 2.0, 2.0]).view([1, 2, 2]);
+        let out = emphasis(&z, &[chunk(&[1.0, 2.0])]).unwrap();
+        let got: Vec<f32> = Vec::try_from(out.flatten(0, -1)).unwrap();
+        // Scaled to [1, 3, 4, 4] (mean 3), then by 2/3 back to mean 2.
+        let want = [2.0 / 3.0, 2.0, 8.0 / 3.0, 8.0 / 3.0];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{got:?}");
+        }
+    }
+
+    #[test]
+    fn a_chunk_of_mean_zero_keeps_its_scale_instead_of_nan() {
+        let z = tch::Tensor::from_slice(&[1.0f32, -1.0, 2.0, -2.0]).view([1, 2, 2]);
+        for weights in [[1.0, 1.0], [1.0, 1.5]] {
+            let out = emphasis(&z, &[chunk(&weights)]).unwrap();
+            let got: Vec<f32> = Vec::try_from(out.flatten(0, -1)).unwrap();
+            assert!(got.iter().all(|v| v.is_finite()), "{got:?}");
+            assert_eq!(got[0], 1.0, "{got:?}");
         }
     }
 }

@@ -42,6 +42,15 @@ const RENAMES: &[(&str, &str)] = &[
     ("strength", "denoising_strength"),
     ("scheduler", "sampler_name"),
     ("hires", "enable_hr"),
+    ("hires.scale", "hr_scale"),
+    ("hires.width", "hr_resize_x"),
+    ("hires.height", "hr_resize_y"),
+    ("hires.upscaler", "hr_upscaler"),
+    ("hires.steps", "hr_second_pass_steps"),
+    ("hires.strength", "denoising_strength"),
+    ("hires.scheduler", "hr_sampler_name"),
+    ("hires.prompt", "hr_prompt"),
+    ("hires.negative_prompt", "hr_negative_prompt"),
 ];
 
 /// The sampler A1111's API uses when a request names none.

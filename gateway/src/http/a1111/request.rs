@@ -227,7 +227,7 @@ fn hires(f: &Fields) -> HttpResult<sd_proto::v1::Hires> {
         0.0
     };
     let upscaler = f.str("hr_upscaler")?.unwrap_or("Latent").to_string();
-    crate::hires::upscaler(&upscaler).map_err(|e| HttpError::invalid("hr_upscaler", e))?;
+    crate::hires::upscaler(&upscaler).map_err(|e| HttpError::from(e).renamed(super::RENAMES))?;
     let scheduler = match f.str("hr_sampler_name")?.filter(|s| !s.is_empty()) {
         Some(name) => sampler(name, None)
             .map_err(|e| e.renamed(&[("sampler_name", "hr_sampler_name")]))?
