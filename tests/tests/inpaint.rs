@@ -290,3 +290,32 @@ fn the_web_page_paints_masks_outpaints_and_toggles_hires_fix() {
     let stack = common::stack::Stack::start_default();
     common::run_client("web_page_inpaint.py", &[stack.http.as_ref()]);
 }
+
+/// grpcio stubs generated from our proto by a Python client: inpainting on
+/// both kinds of UNet and textual inversion equal to diffusers, hires fix,
+/// and bad masks named (`tests/clients/grpc_clients.py`).
+#[test]
+fn grpcio_stubs_inpaint_use_embeddings_and_run_hires_fix() {
+    let ti = common::fixtures().join("ti").join("sd1").join("embeddings");
+    let inpaint = common::model("sd1-inpaint-tiny");
+    let stack = common::stack::Stack::start_with(
+        &common::model("sd1-tiny"),
+        &[
+            "--model",
+            inpaint.to_str().unwrap(),
+            "--embeddings-dir",
+            ti.to_str().unwrap(),
+        ],
+    );
+    let target = stack.url.trim_start_matches("http://");
+    let proto = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    let out = common::run_client(
+        "grpc_clients.py",
+        &[
+            target.as_ref(),
+            common::fixtures().as_os_str(),
+            proto.as_os_str(),
+        ],
+    );
+    assert!(out.contains("bad masks refused"), "{out}");
+}
