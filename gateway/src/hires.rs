@@ -214,22 +214,7 @@ pub fn plan(
     second.predicted_seconds = second
         .predicted_step_seconds
         .map(|step| step * forwards as f64);
-    if let (Some(a), Some(b)) = (first.predicted_seconds, second.predicted_seconds) {
-        if a + b > limits.max_request_seconds {
-            return Err(Error::invalid(
-                "hires",
-                format!(
-                    "the first pass ({a:.0} s) and the second at {}×{} ({b:.0} s) are predicted \
-                     to take {:.0} s of UNet time on this model's denoiser, at most {:.0} s \
-                     allowed: lower the scale, the steps or the size",
-                    second.width,
-                    second.height,
-                    a + b,
-                    limits.max_request_seconds
-                ),
-            ));
-        }
-    }
+    check_seconds(first, &second, limits)?;
     Ok(HiresPlan {
         resolved: Hires {
             scale: h.scale,
@@ -251,6 +236,27 @@ pub fn plan(
         latent_size: (lh as usize, lw as usize),
         first: first_index,
     })
+}
+
+/// Both passes together within `--max-request-seconds`.
+fn check_seconds(first: &Plan, second: &Plan, limits: &Limits) -> Result<()> {
+    if let (Some(a), Some(b)) = (first.predicted_seconds, second.predicted_seconds) {
+        if a + b > limits.max_request_seconds {
+            return Err(Error::invalid(
+                "hires",
+                format!(
+                    "the first pass ({a:.0} s) and the second at {}×{} ({b:.0} s) are predicted \
+                     to take {:.0} s of UNet time on this model's denoiser, at most {:.0} s \
+                     allowed: lower the scale, the steps or the size",
+                    second.width,
+                    second.height,
+                    a + b,
+                    limits.max_request_seconds
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Cubic convolution weights (torch's: A = −0.75; antialiased: −0.5).

@@ -105,12 +105,6 @@ fn bad_input_cases() -> Vec<(&'static str, String, u16, Option<&'static str>)> {
         ),
         (
             "/sdapi/v1/txt2img",
-            r#"{"prompt": "x", "enable_hr": true, "hr_upscaler": "R-ESRGAN 4x+"}"#.into(),
-            400,
-            Some("hr_upscaler"),
-        ),
-        (
-            "/sdapi/v1/txt2img",
             r#"{"prompt": "a [cat:dog:0.5]"}"#.into(),
             400,
             Some("prompt"),
