@@ -334,3 +334,169 @@ impl T5Tokenizer {
         Ok(tch::Tensor::from_slice(&flat).view([prompts.len() as i64, length as i64]))
     }
 }
+
+/// Qwen's tokenizer (FLUX.2 Klein's and Z-Image's `tokenizer/`) with the
+/// model's chat template: a prompt becomes one user turn with the
+/// assistant's turn opened (`apply_chat_template(…,
+/// add_generation_prompt=True, enable_thinking=…)`), tokenized with the
+/// added tokens, cut to a length and padded after it with the pad token —
+/// transformers' `padding="max_length", truncation=True` (right side).
+pub struct QwenTokenizer {
+    inner: Tokenizer,
+    pad_id: u32,
+    template: String,
+}
+
+impl QwenTokenizer {
+    /// Load from a model's `tokenizer/` directory: `tokenizer.json`, and
+    /// the chat template from `chat_template.jinja` or
+    /// `tokenizer_config.json`'s `chat_template`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(ModelError::MissingFile { path });
+        }
+        let mut inner = Tokenizer::from_file(&path).map_err(|e| tok_err(&path, e))?;
+        inner.with_truncation(None).map_err(|e| tok_err(&path, e))?;
+        inner.with_padding(None);
+        let config_path = dir.join("tokenizer_config.json");
+        let config = read_optional_json(&config_path)?;
+        if let Some(side) = config
+            .as_ref()
+            .and_then(|c| c.get("padding_side"))
+            .and_then(Value::as_str)
+            .filter(|s| *s != "right")
+        {
+            return Err(tok_err(
+                &config_path,
+                format!("padding_side `{side}`: the pipelines' Qwen tokenizers pad on the right"),
+            ));
+        }
+        let pad = token_text(config.as_ref().and_then(|c| c.get("pad_token")))
+            .unwrap_or_else(|| "<|endoftext|>".to_string());
+        let pad_id = inner
+            .token_to_id(&pad)
+            .ok_or_else(|| tok_err(&path, format!("the tokenizer has no `{pad}` token")))?;
+        let jinja = dir.join("chat_template.jinja");
+        let template = if jinja.is_file() {
+            std::fs::read_to_string(&jinja).map_err(|source| ModelError::Io {
+                path: jinja.clone(),
+                source,
+            })?
+        } else {
+            match config.as_ref().and_then(|c| c.get("chat_template")) {
+                Some(Value::String(s)) => s.clone(),
+                // A list of named templates: the default one.
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                    .and_then(|t| t.get("template"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                    .ok_or_else(|| tok_err(&config_path, "no `default` chat template"))?,
+                _ => {
+                    return Err(tok_err(
+                        &config_path,
+                        "no chat template (chat_template.jinja or `chat_template`): the \
+                         pipelines read prompts as a chat turn",
+                    ))
+                }
+            }
+        };
+        let tokenizer = QwenTokenizer {
+            inner,
+            pad_id,
+            template,
+        };
+        // A template that does not render is refused at load, not per request.
+        tokenizer
+            .chat("", Some(false))
+            .map_err(|e| tok_err(&config_path, e))?;
+        Ok(tokenizer)
+    }
+
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
+    /// The prompt as the chat template lays it out: one user message and
+    /// the generation prompt, with `enable_thinking` when given.
+    pub fn chat(&self, prompt: &str, thinking: Option<bool>) -> Result<String> {
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        let template = env
+            .template_from_str(&self.template)
+            .map_err(|e| ModelError::Input(format!("the chat template: {e:#}")))?;
+        let messages = vec![minijinja::context! { role => "user", content => prompt }];
+        let ctx = match thinking {
+            Some(t) => minijinja::context! {
+                messages => messages,
+                add_generation_prompt => true,
+                enable_thinking => t,
+            },
+            None => minijinja::context! {
+                messages => messages,
+                add_generation_prompt => true,
+            },
+        };
+        template
+            .render(ctx)
+            .map_err(|e| ModelError::Input(format!("rendering the chat template: {e:#}")))
+    }
+
+    /// How many tokens `text` (an already templated prompt) takes.
+    pub fn count(&self, text: &str) -> Result<usize> {
+        Ok(self.tokens(text)?.len())
+    }
+
+    fn tokens(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| ModelError::Input(format!("tokenizing the prompt: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// One templated prompt's ids and attention mask at `length` tokens.
+    pub fn encode(&self, text: &str, length: usize) -> Result<(Vec<i64>, Vec<i64>)> {
+        let mut ids: Vec<i64> = self
+            .tokens(text)?
+            .into_iter()
+            .take(length)
+            .map(i64::from)
+            .collect();
+        let mut mask = vec![1i64; ids.len()];
+        ids.resize(length, i64::from(self.pad_id));
+        mask.resize(length, 0);
+        Ok((ids, mask))
+    }
+
+    /// Ids and masks for several templated prompts, each (batch, length).
+    pub fn encode_batch(
+        &self,
+        texts: &[&str],
+        length: usize,
+    ) -> Result<(tch::Tensor, tch::Tensor)> {
+        let (mut ids, mut mask) = (Vec::new(), Vec::new());
+        for t in texts {
+            let (i, m) = self.encode(t, length)?;
+            ids.extend(i);
+            mask.extend(m);
+        }
+        let shape = [texts.len() as i64, length as i64];
+        Ok((
+            tch::Tensor::from_slice(&ids).view(shape),
+            tch::Tensor::from_slice(&mask).view(shape),
+        ))
+    }
+}
