@@ -163,7 +163,12 @@ impl Mlp {
 /// diffusers' `get_timestep_embedding` with FLUX's settings (cos first, no
 /// frequency shift), in float32.
 fn sinusoids(t: &Tensor) -> Tensor {
-    let half = TIME_PROJ_DIM / 2;
+    sinusoids_of(t, TIME_PROJ_DIM)
+}
+
+/// The same with `channels` sinusoids (FLUX.2 reads them from its config).
+pub(crate) fn sinusoids_of(t: &Tensor, channels: i64) -> Tensor {
+    let half = channels / 2;
     let exponent =
         Tensor::arange(half, (Kind::Float, t.device())) * (-(10000f64.ln())) / (half as f64);
     let emb = t.to_kind(Kind::Float).unsqueeze(1) * exponent.exp().unsqueeze(0);
@@ -194,26 +199,26 @@ impl Modulation {
 }
 
 /// LayerNorm without affine parameters (eps 1e-6), then `x·(1+scale)+shift`.
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Tensor {
+pub(crate) fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Tensor {
     let d = x.size()[2];
     x.layer_norm([d], None::<Tensor>, None::<Tensor>, 1e-6, true) * (scale + 1.0) + shift
 }
 
 /// Query/key RMS norm over the head dimension (torch's `RMSNorm`).
-struct QkNorm {
+pub(crate) struct QkNorm {
     weight: Tensor,
     eps: f64,
 }
 
 impl QkNorm {
-    fn load(vb: &Vb, dim: i64, eps: f64) -> Result<Self> {
+    pub(crate) fn load(vb: &Vb, dim: i64, eps: f64) -> Result<Self> {
         Ok(QkNorm {
             weight: vb.get("weight", &[dim])?,
             eps,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
         let d = *x.size().last().unwrap_or(&1);
         x.rms_norm([d], Some(&self.weight), self.eps)
     }
@@ -262,7 +267,7 @@ const ADDED: [&str; 5] = [
 
 /// Rotary embedding on (B, S, H, D) with (S, D) cos and sin (pairs of
 /// adjacent channels rotate together), in float32.
-fn rotate(x: &Tensor, rope: &(Tensor, Tensor)) -> Tensor {
+pub(crate) fn rotate(x: &Tensor, rope: &(Tensor, Tensor)) -> Tensor {
     let (cos, sin) = rope;
     let s = x.size();
     let pairs = x.reshape([s[0], s[1], s[2], -1, 2]);
@@ -275,7 +280,7 @@ fn rotate(x: &Tensor, rope: &(Tensor, Tensor)) -> Tensor {
 
 /// Joint attention over already rotated (B, S, H, D) queries, keys, values;
 /// (B, S, H·D) out.
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
     let t = |x: &Tensor| x.transpose(1, 2);
     let out = Tensor::scaled_dot_product_attention::<Tensor>(
         &t(q),
@@ -374,7 +379,7 @@ impl DoubleBlock {
 
 /// diffusers clips fp16 activations to the finite range (the text stream
 /// after a double block, the joined one after a single block).
-fn clip_half(x: Tensor) -> Tensor {
+pub(crate) fn clip_half(x: Tensor) -> Tensor {
     if x.kind() == Kind::Half {
         x.clamp(-65504.0, 65504.0)
     } else {

@@ -225,8 +225,34 @@ pub struct Vae {
     quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
     decoder: Decoder,
+    latent_norm: Option<LatentNorm>,
     placement: Placement,
     _storage: crate::weights::Storage,
+}
+
+/// FLUX.2's latent normalisation: 2×2 patches of latents as channels,
+/// each channel shifted by its running mean and divided by its running
+/// standard deviation (`bn.running_mean`, `sqrt(bn.running_var + eps)`).
+struct LatentNorm {
+    mean: Tensor,
+    std: Tensor,
+}
+
+/// (B, C, H, W) → (B, 4C, H/2, W/2): channel c's 2×2 patch as channels
+/// 4c..4c+3 (diffusers' `_patchify_latents`).
+pub fn patchify(z: &Tensor) -> Tensor {
+    let (b, c, h, w) = z.size4().expect("4-d latents");
+    z.view([b, c, h / 2, 2, w / 2, 2])
+        .permute([0, 1, 3, 5, 2, 4])
+        .reshape([b, c * 4, h / 2, w / 2])
+}
+
+/// The inverse of [`patchify`].
+pub fn unpatchify(x: &Tensor) -> Tensor {
+    let (b, c, h, w) = x.size4().expect("4-d latents");
+    x.reshape([b, c / 4, 2, 2, h, w])
+        .permute([0, 1, 4, 2, 5, 3])
+        .reshape([b, c / 4, h * 2, w * 2])
 }
 
 impl Vae {
@@ -247,6 +273,17 @@ impl Vae {
                 None
             },
             decoder: Decoder::load(&vb.pp("decoder"), &c)?,
+            latent_norm: match c.batch_norm_eps {
+                Some(eps) => {
+                    let bn = vb.pp("bn");
+                    let var = bn.get("running_var", &[4 * l])?;
+                    Some(LatentNorm {
+                        mean: bn.get("running_mean", &[4 * l])?.view([1, -1, 1, 1]),
+                        std: (var + eps).sqrt().view([1, -1, 1, 1]),
+                    })
+                }
+                None => None,
+            },
             placement: weights.placement(),
             _storage: weights.storage(),
             config: c,
@@ -260,6 +297,41 @@ impl Vae {
     /// Pixels per latent along each side.
     pub fn scale_factor(&self) -> i64 {
         self.config.scale_factor()
+    }
+
+    /// Whether latents travel patchified and batch-normalised (FLUX.2):
+    /// the denoiser's latents have 4× the channels at half the size.
+    pub fn patched(&self) -> bool {
+        self.latent_norm.is_some()
+    }
+
+    /// The VAE's latents (B, C, H, W) as the denoiser takes them: for
+    /// FLUX.2 patchified and normalised (the pipeline's image latents);
+    /// otherwise as they are.
+    pub fn to_denoiser(&self, z: &Tensor) -> Result<Tensor> {
+        let Some(n) = &self.latent_norm else {
+            return Ok(z.shallow_clone());
+        };
+        self.check(z, "latents", self.config.latent_channels, 2)?;
+        guarded(|| {
+            let z = patchify(&z.to_device(self.placement.device));
+            let k = z.kind();
+            Ok((z - n.mean.to_kind(k)) / n.std.to_kind(k))
+        })
+    }
+
+    /// The inverse of [`Vae::to_denoiser`]: the denoiser's latents back to
+    /// the VAE's, ready for [`Vae::decode`].
+    pub fn from_denoiser(&self, x: &Tensor) -> Result<Tensor> {
+        let Some(n) = &self.latent_norm else {
+            return Ok(x.shallow_clone());
+        };
+        self.check(x, "latents", 4 * self.config.latent_channels, 1)?;
+        guarded(|| {
+            let x = x.to_device(self.placement.device);
+            let k = x.kind();
+            Ok(unpatchify(&(x * n.std.to_kind(k) + n.mean.to_kind(k))))
+        })
     }
 
     fn check(&self, t: &Tensor, what: &str, channels: i64, multiple: i64) -> Result<()> {

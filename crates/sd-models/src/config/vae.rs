@@ -38,6 +38,21 @@ pub struct VaeConfig {
     /// (diffusers' default: true; the fp16-fix VAE says false).
     #[serde(default = "d_true")]
     pub force_upcast: bool,
+    /// FLUX.2's `AutoencoderKLFlux2`: latents 2×2-patchified and normalised
+    /// per channel by the running statistics of a batch norm (`bn.*`),
+    /// with this epsilon, in place of `scaling_factor`/`shift_factor`.
+    #[serde(default)]
+    pub batch_norm_eps: Option<f64>,
+    /// Training only (the running statistics' update rate): read, unused.
+    #[serde(default)]
+    pub batch_norm_momentum: Option<f64>,
+    /// FLUX.2's patch of latents: (2, 2).
+    #[serde(default)]
+    pub patch_size: Option<Vec<i64>>,
+    /// A decoder with other widths than the encoder: not served (null or
+    /// equal to `block_out_channels`).
+    #[serde(default)]
+    pub decoder_block_out_channels: Option<Vec<i64>>,
     /// Every key not above: diffusers' `_`-prefixed metadata, options left
     /// null, and options this VAE does not honour ([`VaeConfig::read`]
     /// refuses those by name).
@@ -78,6 +93,10 @@ impl VaeConfig {
     /// encode `(sample - shift) * scale`, decode `latents / scale + shift`
     /// (`scaling_factor`, `shift_factor`; no shift for SD and SDXL).
     pub fn normalization(&self) -> (f64, f64) {
+        if self.batch_norm_eps.is_some() {
+            // FLUX.2: the batch norm's statistics normalise, per channel.
+            return (1.0, 0.0);
+        }
         (self.scaling_factor, self.shift_factor.unwrap_or(0.0))
     }
 
@@ -98,6 +117,30 @@ impl VaeConfig {
                     self.block_out_channels, self.norm_num_groups
                 ),
             ));
+        }
+        if let Some(d) = &self.decoder_block_out_channels {
+            if *d != self.block_out_channels {
+                return Err(unsupported(
+                    path,
+                    format!(
+                        "`decoder_block_out_channels` {d:?} other than block_out_channels {:?}",
+                        self.block_out_channels
+                    ),
+                ));
+            }
+        }
+        match (&self.patch_size, self.batch_norm_eps) {
+            (None, None) => {}
+            (Some(p), Some(eps)) if p[..] == [2, 2] && eps > 0.0 => {}
+            (p, eps) => {
+                return Err(unsupported(
+                    path,
+                    format!(
+                        "patch_size {p:?} with batch_norm_eps {eps:?}: FLUX.2's VAE patches 2×2 \
+                         and normalises with a positive epsilon"
+                    ),
+                ))
+            }
         }
         if self
             .down_block_types

@@ -1,0 +1,130 @@
+//! FLUX.2 Klein's networks on the tiny pipeline `make_klein_models.py`
+//! writes, each equal to diffusers: the transformer (per-row timesteps,
+//! two reference images' tokens at their own time coordinates, and the
+//! guidance-embedding variant FLUX.2-dev uses) and the 32-channel-style
+//! VAE as the pipeline drives it (latents patchified 2×2 and normalised by
+//! the batch-norm statistics, both ways).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{assert_close, reference};
+use sd_models::flux2::{reference_ids, References};
+use sd_models::{Flux2Transformer, Placement, Vae, Weights};
+
+const MODEL: &str = "klein-tiny";
+
+fn transformer(folder: &str) -> Flux2Transformer {
+    let dir = common::model(MODEL).join(folder);
+    let w = Weights::open(
+        &dir.join("diffusion_pytorch_model.safetensors"),
+        Placement::cpu(),
+    )
+    .unwrap();
+    Flux2Transformer::load(&dir.join("config.json"), &w).unwrap()
+}
+
+#[test]
+fn the_flux2_transformer_matches_diffusers() {
+    let r = reference(MODEL);
+    let net = transformer("transformer");
+    let timesteps = &r["flux2.sigmas"] * 1000.0;
+    let out = net
+        .forward(
+            &r["flux2.latents"],
+            &timesteps,
+            &r["flux2.context"],
+            None,
+            None,
+        )
+        .unwrap();
+    assert_close("FLUX.2 transformer", &out, &r["flux2.out"]);
+    // Reference images: their tokens attend with the generated ones.
+    let ids = reference_ids(&[(2, 2), (3, 4)], tch::Device::Cpu);
+    assert!(ids.equal(&r["flux2.ref_ids"]), "{ids}");
+    let refs = References {
+        tokens: &r["flux2.ref_tokens"],
+        ids: &ids,
+    };
+    let with_refs = net
+        .forward(
+            &r["flux2.latents"],
+            &timesteps,
+            &r["flux2.context"],
+            None,
+            Some(refs),
+        )
+        .unwrap();
+    assert_close("FLUX.2 with references", &with_refs, &r["flux2.out_refs"]);
+    assert!(
+        common::max_abs_diff(&with_refs, &out) > 1e-3,
+        "the references changed nothing"
+    );
+    // The guidance-distilled variant needs its guidance.
+    let guided = transformer("transformer-guidance");
+    let g = &r["flux2.guidance"];
+    let out = guided
+        .forward(
+            &r["flux2.latents"],
+            &timesteps,
+            &r["flux2.context"],
+            Some(g),
+            None,
+        )
+        .unwrap();
+    assert_close("FLUX.2 guided", &out, &r["flux2.out_guided"]);
+    assert!(guided
+        .forward(
+            &r["flux2.latents"],
+            &timesteps,
+            &r["flux2.context"],
+            None,
+            None
+        )
+        .is_err());
+    // Misfits are errors, not aborts.
+    let short = r["flux2.context"].narrow(2, 0, 10);
+    assert!(net
+        .forward(&r["flux2.latents"], &timesteps, &short, None, None)
+        .is_err());
+    let bad = References {
+        tokens: &r["flux2.ref_tokens"],
+        ids: &ids.narrow(0, 0, 3),
+    };
+    assert!(net
+        .forward(
+            &r["flux2.latents"],
+            &timesteps,
+            &r["flux2.context"],
+            None,
+            Some(bad)
+        )
+        .is_err());
+}
+
+#[test]
+fn the_flux2_vae_patchifies_and_normalises_as_the_pipeline_does() {
+    let r = reference(MODEL);
+    let dir = common::model(MODEL).join("vae");
+    let w = Weights::open(
+        &dir.join("diffusion_pytorch_model.safetensors"),
+        Placement::cpu(),
+    )
+    .unwrap();
+    let vae = Vae::load(&dir.join("config.json"), &w).unwrap();
+    assert!(vae.patched());
+    assert_eq!(vae.config().normalization(), (1.0, 0.0));
+    let z = vae.from_denoiser(&r["vae.normalised"]).unwrap();
+    assert_eq!(z.size(), [1, 4, 4, 6]);
+    let decoded = vae.decode(&z).unwrap();
+    assert_close("FLUX.2 VAE decode", &decoded, &r["vae.decoded"]);
+    let mean = vae.encode(&r["vae.image"]).unwrap().mean;
+    let encoded = vae.to_denoiser(&mean).unwrap();
+    assert_close("FLUX.2 VAE encode", &encoded, &r["vae.encoded"]);
+    // The two directions undo each other.
+    let back = vae
+        .to_denoiser(&vae.from_denoiser(&encoded).unwrap())
+        .unwrap();
+    assert_close("round trip", &back, &encoded);
+}
