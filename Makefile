@@ -29,6 +29,7 @@ fixtures: setup
 	@python tests/fixtures/make_ti_reference.py $(SD_FIXTURES)
 	@python tests/fixtures/make_qwen3_reference.py $(SD_FIXTURES)
 	@python tests/fixtures/make_klein_models.py $(SD_FIXTURES)
+	@python tests/fixtures/make_zimage_models.py $(SD_FIXTURES)
 
 ## build: release binaries into target/release/
 build: setup

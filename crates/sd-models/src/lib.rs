@@ -32,6 +32,7 @@ pub mod tokenizer;
 pub mod unet;
 pub mod vae;
 pub mod weights;
+pub mod zimage;
 
 pub use clip::{ClipTextModel, Fix, XlOutput};
 pub use denoiser::{Conditioning, Denoiser, GuidanceInput, Layout};
@@ -46,3 +47,4 @@ pub use tokenizer::{ClipTokenizer, QwenTokenizer, T5Tokenizer};
 pub use unet::{Added, Residuals, UNet};
 pub use vae::{LatentDist, Vae};
 pub use weights::Weights;
+pub use zimage::ZImageTransformer;
