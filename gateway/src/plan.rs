@@ -565,6 +565,8 @@ impl Sampler {
             karras: req.karras,
             eta: req.eta,
             image_seq_len,
+            // The only flow family served yet is FLUX.1.
+            flow: sd_sampling::schedulers::FlowSchedule::Flux,
         };
         let config = match req.timestep_spacing.as_str() {
             "" => facts.scheduler_config.clone(),

@@ -130,6 +130,7 @@ fn every_scheduler_matches_diffusers() {
                 karras: run.karras,
                 eta: run.eta,
                 image_seq_len: run.image_seq_len,
+                ..Default::default()
             },
         )
         .unwrap_or_else(|e| panic!("{label}: {e}"));

@@ -167,6 +167,22 @@ pub struct SchedulerOptions {
     /// Flow models: the packed latents' token count (FLUX's
     /// resolution-dependent shift).
     pub image_seq_len: Option<usize>,
+    /// Flow models: how the family's pipeline lays out the sigmas.
+    pub flow: FlowSchedule,
+}
+
+/// How a flow-matching pipeline lays out its sigmas before the shift.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FlowSchedule {
+    /// FLUX.1's pipelines: numpy's `linspace(1, 1/N, N)`, `mu` from
+    /// `calculate_shift` (the token count between the config's bounds).
+    #[default]
+    Flux,
+    /// FLUX.2 Klein's: the same sigmas, `mu` from
+    /// `compute_empirical_mu(tokens, steps)`.
+    Flux2,
+    /// Z-Image's: torch's float32 `linspace(1, 1/N, N)`, `mu` as FLUX.1's.
+    ZImage,
 }
 
 /// What a network's output is: the noise (ε), v (Salimans & Ho), or a
@@ -309,8 +325,11 @@ pub fn build(
         SchedulerKind::DpmPp2m => Box::new(dpmpp::DpmPp2m::new(config, steps, options.karras)?),
         SchedulerKind::UniPc => Box::new(unipc::UniPc::new(config, steps, options.karras)?),
         SchedulerKind::Lcm => Box::new(lcm::Lcm::new(config, steps)?),
-        SchedulerKind::FlowEuler => {
-            Box::new(flow::FlowEuler::new(config, steps, options.image_seq_len)?)
-        }
+        SchedulerKind::FlowEuler => Box::new(flow::FlowEuler::new(
+            config,
+            steps,
+            options.image_seq_len,
+            options.flow,
+        )?),
     })
 }
