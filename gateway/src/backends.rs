@@ -250,6 +250,7 @@ impl Published<'_> {
         }
         let mut params = d
             .family_params
+            .clone()
             .ok_or_else(|| anyhow::anyhow!("denoiser: no family parameters published"))?;
         // FLUX: the longest T5 prompt both the text encoder's tokenizer and
         // the denoiser take.

@@ -4,7 +4,7 @@
 use std::sync::{Arc, RwLock};
 
 use sd_proto::v1::denoiser_info::FamilyParams;
-use sd_proto::v1::{FluxParams, ForwardCost, SdParams, SdxlParams};
+use sd_proto::v1::{FluxParams, ForwardCost, KleinParams, SdParams, SdxlParams};
 use sd_sampling::{Prediction, SchedulerConfig, SchedulerKind};
 
 /// The denoiser's published UNet cost, shared by every request and
@@ -123,7 +123,7 @@ impl Profile {
     /// SDXL's parameters (None for a family without them).
     pub fn sdxl(&self) -> Option<&SdxlParams> {
         match &self.params {
-            FamilyParams::Sd(_) | FamilyParams::Flux(_) => None,
+            FamilyParams::Sd(_) | FamilyParams::Flux(_) | FamilyParams::Klein(_) => None,
             FamilyParams::Sdxl(p) => Some(p),
         }
     }
@@ -131,15 +131,23 @@ impl Profile {
     /// FLUX's parameters (None for a family without them).
     pub fn flux(&self) -> Option<&FluxParams> {
         match &self.params {
-            FamilyParams::Sd(_) | FamilyParams::Sdxl(_) => None,
+            FamilyParams::Sd(_) | FamilyParams::Sdxl(_) | FamilyParams::Klein(_) => None,
             FamilyParams::Flux(p) => Some(p),
         }
     }
 
+    /// FLUX.2 Klein's parameters (None for a family without them).
+    pub fn klein(&self) -> Option<&KleinParams> {
+        match &self.params {
+            FamilyParams::Klein(p) => Some(p),
+            FamilyParams::Sd(_) | FamilyParams::Sdxl(_) | FamilyParams::Flux(_) => None,
+        }
+    }
+
     /// Whether the model is a flow-matching one (its scheduler steps a
-    /// velocity): FLUX.
+    /// velocity): FLUX.1, FLUX.2 Klein.
     pub fn is_flow(&self) -> bool {
-        self.flux().is_some()
+        self.flux().is_some() || self.klein().is_some()
     }
 
     /// "sd", "sdxl" or "sdxl-refiner", with "+lcm" for an LCM UNet.
@@ -150,6 +158,8 @@ impl Profile {
             FamilyParams::Sdxl(_) => "sdxl",
             FamilyParams::Flux(p) if p.guidance_distilled => "flux-dev",
             FamilyParams::Flux(_) => "flux-schnell",
+            FamilyParams::Klein(p) if p.distilled => "klein-distilled",
+            FamilyParams::Klein(_) => "klein",
         };
         if self.time_cond_dim > 0 {
             format!("{base}+lcm")

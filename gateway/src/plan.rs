@@ -82,6 +82,8 @@ pub struct Plan {
     pub true_cfg: f32,
     /// FLUX family: T5 tokens per prompt (0 for other families).
     pub max_sequence_length: u32,
+    /// The family's rule for classifier-free guidance.
+    pub guidance_rule: GuidanceRule,
     /// The model is a flow-matching one (FLUX): guidance as FLUX reads it.
     pub flow: bool,
     /// How the prompts are read (plain, or AUTOMATIC1111's syntax).
@@ -119,9 +121,33 @@ pub fn random_seed() -> u64 {
     h.finish() & 0xffff_ffff
 }
 
+/// Each family's rule for classifier-free guidance, as its pipeline has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuidanceRule {
+    /// SD, SDXL: `guidance_scale` above 1, unless the network embeds it.
+    Sd,
+    /// FLUX.1: `true_cfg_scale` above 1 with a negative prompt.
+    Flux,
+    /// FLUX.2 Klein: `guidance_scale` above 1 against an empty prompt,
+    /// unless the model is step-distilled.
+    Klein { distilled: bool },
+}
+
+impl GuidanceRule {
+    fn of(facts: &ModelFacts) -> Self {
+        match (facts.profile.klein(), facts.profile.flux()) {
+            (Some(k), _) => GuidanceRule::Klein {
+                distilled: k.distilled,
+            },
+            (None, Some(_)) => GuidanceRule::Flux,
+            (None, None) => GuidanceRule::Sd,
+        }
+    }
+}
+
 /// What decides whether classifier-free guidance runs.
 struct Guidance {
-    flow: bool,
+    rule: GuidanceRule,
     guidance: f32,
     guidance_embedded: bool,
     true_cfg: f32,
@@ -129,13 +155,11 @@ struct Guidance {
 }
 
 impl Guidance {
-    /// SD: a scale above 1 on a network that takes no guidance embedding;
-    /// FLUX: `true_cfg_scale` above 1 with a negative prompt.
     fn guided(&self) -> bool {
-        if self.flow {
-            self.true_cfg > 1.0 && self.negative
-        } else {
-            self.guidance > 1.0 && !self.guidance_embedded
+        match self.rule {
+            GuidanceRule::Sd => self.guidance > 1.0 && !self.guidance_embedded,
+            GuidanceRule::Flux => self.true_cfg > 1.0 && self.negative,
+            GuidanceRule::Klein { distilled } => self.guidance > 1.0 && !distilled,
         }
     }
 }
@@ -183,6 +207,14 @@ impl Plan {
         let guidance_embedded = facts.profile.guidance_embedded;
         let (true_cfg, max_sequence_length) = flux_fields(&req, facts)?;
         let flow = facts.profile.is_flow();
+        let guidance_rule = GuidanceRule::of(facts);
+        if matches!(guidance_rule, GuidanceRule::Klein { .. }) && !req.negative_prompt.is_empty() {
+            return Err(Error::invalid(
+                "negative_prompt",
+                "FLUX.2 Klein's pipeline guides against an empty prompt: a negative prompt \
+                 does not apply",
+            ));
+        }
         if flow && prompt_syntax == PromptSyntax::A1111 {
             check_t5_prompts(&req)?;
         }
@@ -202,7 +234,7 @@ impl Plan {
             check_strength_steps(source.strength, steps, sampler.schedule.as_ref())?;
         }
         let guided = Guidance {
-            flow,
+            rule: guidance_rule,
             guidance,
             guidance_embedded,
             true_cfg,
@@ -253,6 +285,7 @@ impl Plan {
             true_cfg,
             max_sequence_length,
             flow,
+            guidance_rule,
             prompt_syntax,
             loras,
             hires: None,
@@ -265,7 +298,7 @@ impl Plan {
     /// `true_cfg_scale` is above 1 and there is a negative prompt.
     pub fn guided(&self) -> bool {
         Guidance {
-            flow: self.flow,
+            rule: self.guidance_rule,
             guidance: self.guidance,
             guidance_embedded: self.guidance_embedded,
             true_cfg: self.true_cfg,
@@ -276,10 +309,9 @@ impl Plan {
 
     /// The scale of classifier-free guidance (when guided).
     pub fn cfg_scale(&self) -> f32 {
-        if self.flow {
-            self.true_cfg
-        } else {
-            self.guidance
+        match self.guidance_rule {
+            GuidanceRule::Flux => self.true_cfg,
+            GuidanceRule::Sd | GuidanceRule::Klein { .. } => self.guidance,
         }
     }
 
@@ -421,6 +453,15 @@ fn guidance(requested: Option<f32>, default: f32) -> Result<f32> {
 /// FLUX's fields, checked: (true_cfg_scale, max_sequence_length); other
 /// families refuse them by name.
 fn flux_fields(req: &GenerateRequest, facts: &ModelFacts) -> Result<(f32, u32)> {
+    if let Some(klein) = facts.profile.klein() {
+        if req.true_cfg_scale.is_some() {
+            return Err(Error::invalid(
+                "true_cfg_scale",
+                "applies to FLUX.1 models; FLUX.2 Klein guides with guidance_scale",
+            ));
+        }
+        return Ok((1.0, sequence_length(req, klein.max_sequence_length)?));
+    }
     let Some(flux) = facts.profile.flux() else {
         if req.true_cfg_scale.is_some() {
             return Err(Error::invalid(
@@ -443,18 +484,20 @@ fn flux_fields(req: &GenerateRequest, facts: &ModelFacts) -> Result<(f32, u32)> 
             format!("{cfg} given, a finite value in 0..=100 allowed"),
         ));
     }
-    let max = flux.max_sequence_length.max(1);
-    let msl = match req.max_sequence_length {
-        0 => max,
-        n if n <= max => n,
-        n => {
-            return Err(Error::invalid(
-                "max_sequence_length",
-                format!("{n} given, 1..={max} allowed"),
-            ))
-        }
-    };
-    Ok((cfg, msl))
+    Ok((cfg, sequence_length(req, flux.max_sequence_length)?))
+}
+
+/// The request's `max_sequence_length` within the model's (0: the model's).
+fn sequence_length(req: &GenerateRequest, max: u32) -> Result<u32> {
+    let max = max.max(1);
+    match req.max_sequence_length {
+        0 => Ok(max),
+        n if n <= max => Ok(n),
+        n => Err(Error::invalid(
+            "max_sequence_length",
+            format!("{n} given, 1..={max} allowed"),
+        )),
+    }
 }
 
 /// A FLUX prompt in A1111's syntax: T5 reads the text; attention weights
@@ -470,10 +513,12 @@ fn check_t5_prompts(req: &GenerateRequest) -> Result<()> {
     Ok(())
 }
 
-/// The packed image's token count (FLUX's resolution-dependent shift).
+/// The image's token count for a flow model (the resolution-dependent
+/// shift): one token per `size_multiple` pixels a side (FLUX.1's 2×2
+/// packed patches; FLUX.2's patchified latents).
 fn image_seq_len(facts: &ModelFacts, source: &Source) -> Option<usize> {
-    facts.layout.packed.then(|| {
-        let side = facts.layout.scale_factor.max(1) as usize * 2;
+    facts.profile.is_flow().then(|| {
+        let side = facts.layout.size_multiple.max(1) as usize;
         (source.width as usize / side) * (source.height as usize / side)
     })
 }
@@ -565,8 +610,11 @@ impl Sampler {
             karras: req.karras,
             eta: req.eta,
             image_seq_len,
-            // The only flow family served yet is FLUX.1.
-            flow: sd_sampling::schedulers::FlowSchedule::Flux,
+            flow: if facts.profile.klein().is_some() {
+                sd_sampling::schedulers::FlowSchedule::Flux2
+            } else {
+                sd_sampling::schedulers::FlowSchedule::Flux
+            },
         };
         let config = match req.timestep_spacing.as_str() {
             "" => facts.scheduler_config.clone(),

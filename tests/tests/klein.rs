@@ -128,3 +128,74 @@ fn the_flux2_vae_patchifies_and_normalises_as_the_pipeline_does() {
         .unwrap();
     assert_close("round trip", &back, &encoded);
 }
+
+/// Whole generations through `sdctl up` on the tiny Klein pipeline equal
+/// `Flux2KleinPipeline`'s images, one at a time and batched: guided
+/// against the empty prompt, unguided, non-square, two images, a shorter
+/// prompt length.
+#[test]
+fn klein_generations_match_diffusers_images() {
+    common::e2e::run_model(MODEL);
+}
+
+/// What the family refuses, by field: a negative prompt (Klein guides
+/// against ""), FLUX.1's true CFG, a prompt longer than 512 tokens' worth.
+#[test]
+fn klein_refuses_what_its_pipeline_does_not_take() {
+    use sd_proto::v1::generation_client::GenerationClient;
+    use sd_proto::v1::GenerateRequest;
+    let stack = common::stack::Stack::start(&common::model(MODEL));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut client = GenerationClient::connect(stack.url.clone()).await.unwrap();
+        let base = GenerateRequest {
+            prompt: "x".into(),
+            width: 64,
+            height: 64,
+            steps: 1,
+            ..Default::default()
+        };
+        for (req, field) in [
+            (
+                GenerateRequest {
+                    negative_prompt: "blurry".into(),
+                    ..base.clone()
+                },
+                "negative_prompt",
+            ),
+            (
+                GenerateRequest {
+                    true_cfg_scale: Some(4.0),
+                    ..base.clone()
+                },
+                "true_cfg_scale",
+            ),
+            (
+                GenerateRequest {
+                    max_sequence_length: 513,
+                    ..base.clone()
+                },
+                "max_sequence_length",
+            ),
+            (
+                GenerateRequest {
+                    width: 72,
+                    ..base.clone()
+                },
+                "width",
+            ),
+        ] {
+            let e = client.generate(req).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{field}: {e:?}");
+            assert!(e.message().starts_with(field), "{field}: {}", e.message());
+        }
+        let models = client
+            .list_models(sd_proto::v1::ListModelsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let m = &models.models[0];
+        assert_eq!(m.family, "klein");
+        assert_eq!((m.default_steps, m.default_guidance), (50, 4.0));
+    });
+}

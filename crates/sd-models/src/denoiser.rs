@@ -15,6 +15,7 @@ use crate::config::VaeConfig;
 use crate::device::Placement;
 use crate::error::{ModelError, Result};
 use crate::flux::FluxTransformer;
+use crate::flux2::Flux2Transformer;
 use crate::model_dir::{Family, ModelDir};
 use crate::unet::{Added, Residuals, UNet};
 
@@ -24,6 +25,8 @@ pub enum Denoiser {
     Unet(Box<UNet>),
     /// FLUX.1: `FluxTransformer2DModel`.
     Flux(Box<FluxTransformer>),
+    /// FLUX.2 Klein: `Flux2Transformer2DModel`.
+    Flux2(Box<Flux2Transformer>),
 }
 
 /// How a network takes guidance as an input (instead of, or beside, a
@@ -83,6 +86,9 @@ impl Denoiser {
         match dir.family() {
             Family::Sd | Family::Sdxl => Ok(Denoiser::Unet(Box::new(dir.load_unet(placement)?))),
             Family::Flux => Ok(Denoiser::Flux(Box::new(dir.load_transformer(placement)?))),
+            Family::Klein => Ok(Denoiser::Flux2(Box::new(
+                dir.load_flux2_transformer(placement)?,
+            ))),
         }
     }
 
@@ -120,6 +126,20 @@ impl Denoiser {
                 }
                 flux.forward(latents, timesteps, cond.context, cond.pooled, cond.guidance)
             }
+            Denoiser::Flux2(flux) => {
+                if cond.image.is_some()
+                    || cond.control.is_some()
+                    || cond.time_ids.is_some()
+                    || cond.pooled.is_some()
+                {
+                    return Err(ModelError::Input(
+                        "FLUX.2 takes no pooled embedding, image conditioning, ControlNet \
+                         residuals or time ids"
+                            .into(),
+                    ));
+                }
+                flux.forward(latents, timesteps, cond.context, cond.guidance, None)
+            }
         }
     }
 
@@ -146,6 +166,17 @@ impl Denoiser {
                     &Tensor::zeros([rows, tokens, c.joint_attention_dim], f),
                     Some(&Tensor::zeros([rows, c.pooled_projection_dim], f)),
                     Some(&Tensor::from_slice(&vec![3.5f32; rows as usize])),
+                )
+            }
+            Denoiser::Flux2(flux) => {
+                let c = flux.config();
+                let guidance = Tensor::from_slice(&vec![4.0f32; rows as usize]);
+                flux.forward(
+                    &Tensor::zeros([rows, c.in_channels, side, side], f),
+                    &Tensor::from_slice(&vec![500.0f32; rows as usize]),
+                    &Tensor::zeros([rows, tokens, c.joint_attention_dim], f),
+                    c.guidance_embeds.then_some(&guidance),
+                    None,
                 )
             }
         }
@@ -177,6 +208,17 @@ impl Denoiser {
                 // The pipelines' default_sample_size: 1024 px at scale 8.
                 native_side: 128,
             },
+            // The pipeline patchifies the VAE's latents 2×2: the network and
+            // the scheduler see 4× the channels at twice the scale.
+            Denoiser::Flux2(flux) => Layout {
+                latent_channels: 4 * vae.latent_channels,
+                in_channels: flux.config().in_channels,
+                vae_scale_factor: 2 * scale,
+                size_multiple: 2 * scale,
+                packed: false,
+                // default_sample_size 128 at scale 8: 1024 px.
+                native_side: 64,
+            },
         }
     }
 
@@ -185,7 +227,7 @@ impl Denoiser {
     pub fn typical_tokens(&self) -> i64 {
         match self {
             Denoiser::Unet(_) => 77,
-            Denoiser::Flux(_) => 512,
+            Denoiser::Flux(_) | Denoiser::Flux2(_) => 512,
         }
     }
 
@@ -194,6 +236,7 @@ impl Denoiser {
         match self {
             Denoiser::Unet(unet) => unet.config().context_dim(),
             Denoiser::Flux(flux) => flux.config().joint_attention_dim,
+            Denoiser::Flux2(flux) => flux.config().joint_attention_dim,
         }
     }
 
@@ -203,6 +246,10 @@ impl Denoiser {
         match self {
             Denoiser::Unet(unet) => unet.time_cond_dim().map(GuidanceInput::Embedding),
             Denoiser::Flux(flux) => flux
+                .config()
+                .guidance_embeds
+                .then_some(GuidanceInput::Value),
+            Denoiser::Flux2(flux) => flux
                 .config()
                 .guidance_embeds
                 .then_some(GuidanceInput::Value),
@@ -224,6 +271,7 @@ impl Denoiser {
         match self {
             Denoiser::Unet(_) => None,
             Denoiser::Flux(flux) => Some(flux.config().pooled_projection_dim),
+            Denoiser::Flux2(_) => None,
         }
     }
 
@@ -231,7 +279,7 @@ impl Denoiser {
     pub fn takes_text_time(&self) -> bool {
         match self {
             Denoiser::Unet(unet) => unet.takes_text_time(),
-            Denoiser::Flux(_) => false,
+            Denoiser::Flux(_) | Denoiser::Flux2(_) => false,
         }
     }
 
@@ -240,7 +288,7 @@ impl Denoiser {
     pub fn text_time_dims(&self) -> Option<(i64, i64)> {
         match self {
             Denoiser::Unet(unet) => unet.config().text_time(),
-            Denoiser::Flux(_) => None,
+            Denoiser::Flux(_) | Denoiser::Flux2(_) => None,
         }
     }
 
@@ -249,6 +297,7 @@ impl Denoiser {
         match self {
             Denoiser::Unet(unet) => unet.parameters(),
             Denoiser::Flux(flux) => flux.parameters(),
+            Denoiser::Flux2(flux) => flux.parameters(),
         }
     }
 
@@ -257,6 +306,7 @@ impl Denoiser {
         match self {
             Denoiser::Unet(unet) => unet.modules(),
             Denoiser::Flux(flux) => flux.modules(),
+            Denoiser::Flux2(flux) => flux.modules(),
         }
     }
 
@@ -264,7 +314,7 @@ impl Denoiser {
     pub fn unet(&self) -> Option<&UNet> {
         match self {
             Denoiser::Unet(unet) => Some(unet.as_ref()),
-            Denoiser::Flux(_) => None,
+            Denoiser::Flux(_) | Denoiser::Flux2(_) => None,
         }
     }
 }

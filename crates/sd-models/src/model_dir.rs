@@ -400,6 +400,49 @@ impl ModelDir {
         crate::flux::FluxTransformer::load(&self.config_path(Component::Transformer), &w)
     }
 
+    /// FLUX.2's transformer (`transformer/`).
+    pub fn load_flux2_transformer(
+        &self,
+        placement: Placement,
+    ) -> Result<crate::flux2::Flux2Transformer> {
+        let w = self.open_weights(Component::Transformer, placement)?;
+        crate::flux2::Flux2Transformer::load(&self.config_path(Component::Transformer), &w)
+    }
+
+    /// A Qwen3 text encoder (`text_encoder/`: Klein's, Z-Image's).
+    pub fn load_qwen3(&self, placement: Placement) -> Result<crate::qwen3::Qwen3Encoder> {
+        let w = self.open_weights(Component::TextEncoder, placement)?;
+        crate::qwen3::Qwen3Encoder::load(&self.config_path(Component::TextEncoder), &w)
+    }
+
+    /// Qwen's tokenizer and chat template (`tokenizer/`).
+    pub fn load_qwen_tokenizer(&self) -> Result<crate::tokenizer::QwenTokenizer> {
+        crate::tokenizer::QwenTokenizer::load(&self.tokenizer_dir())
+    }
+
+    /// The pipeline's `is_distilled` (FLUX.2 Klein: a step-distilled model
+    /// runs no classifier-free guidance); false when unsaid.
+    pub fn is_distilled(&self) -> Result<bool> {
+        let index = self.root.join("model_index.json");
+        let text = match std::fs::read_to_string(&index) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(source) => {
+                return Err(ModelError::Io {
+                    path: index,
+                    source,
+                })
+            }
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            path: index.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(v.get("is_distilled")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false))
+    }
+
     pub fn load_vae(&self, placement: Placement) -> Result<Vae> {
         let w = self.open_weights(Component::Vae, placement)?;
         Vae::load(&self.config_path(Component::Vae), &w)

@@ -320,6 +320,21 @@ impl Vae {
         })
     }
 
+    /// A standard deviation of the VAE's latents in the denoiser's space
+    /// (FLUX.2: patchified and divided by the batch norm's; otherwise as
+    /// it is).
+    pub fn std_to_denoiser(&self, std: &Tensor) -> Result<Tensor> {
+        let Some(n) = &self.latent_norm else {
+            return Ok(std.shallow_clone());
+        };
+        self.check(std, "std", self.config.latent_channels, 2)?;
+        guarded(|| {
+            let z = patchify(&std.to_device(self.placement.device));
+            let k = z.kind();
+            Ok(z / n.std.to_kind(k))
+        })
+    }
+
     /// The inverse of [`Vae::to_denoiser`]: the denoiser's latents back to
     /// the VAE's, ready for [`Vae::decode`].
     pub fn from_denoiser(&self, x: &Tensor) -> Result<Tensor> {

@@ -20,11 +20,14 @@ pub enum Family {
     /// FLUX.1 (dev, schnell): CLIP-L and T5 text encoders, the Flux
     /// transformer (flow matching), a 16-channel VAE.
     Flux,
+    /// FLUX.2 Klein: a Qwen3 text encoder, the FLUX.2 transformer on
+    /// patchified latents, the 32-channel FLUX.2 VAE.
+    Klein,
 }
 
 /// The pipeline classes served, by family: what `model_index.json`'s
 /// `_class_name` may say.
-const SERVED: [(&str, Family); 10] = [
+const SERVED: [(&str, Family); 11] = [
     ("StableDiffusionPipeline", Family::Sd),
     ("StableDiffusionImg2ImgPipeline", Family::Sd),
     ("StableDiffusionInpaintPipeline", Family::Sd),
@@ -35,6 +38,7 @@ const SERVED: [(&str, Family); 10] = [
     ("StableDiffusionXLInpaintPipeline", Family::Sdxl),
     ("FluxPipeline", Family::Flux),
     ("FluxImg2ImgPipeline", Family::Flux),
+    ("Flux2KleinPipeline", Family::Klein),
 ];
 
 /// A pipeline class sdserve does not serve.
@@ -60,7 +64,7 @@ impl fmt::Display for Unsupported {
 impl std::error::Error for Unsupported {}
 
 impl Family {
-    pub const ALL: [Family; 3] = [Family::Sd, Family::Sdxl, Family::Flux];
+    pub const ALL: [Family; 4] = [Family::Sd, Family::Sdxl, Family::Flux, Family::Klein];
 
     /// The family of a diffusers pipeline class (`_class_name`).
     pub fn of_pipeline_class(class: &str) -> Result<Family, Unsupported> {
@@ -89,6 +93,7 @@ impl Family {
             Family::Sd => "sd",
             Family::Sdxl => "sdxl",
             Family::Flux => "flux",
+            Family::Klein => "klein",
         }
     }
 
@@ -99,6 +104,7 @@ impl Family {
             FamilyParams::Sd(_) => Family::Sd,
             FamilyParams::Sdxl(_) => Family::Sdxl,
             FamilyParams::Flux(_) => Family::Flux,
+            FamilyParams::Klein(_) => Family::Klein,
         }
     }
 }
@@ -115,6 +121,7 @@ impl From<Family> for v1::ModelFamily {
             Family::Sd => v1::ModelFamily::Sd,
             Family::Sdxl => v1::ModelFamily::Sdxl,
             Family::Flux => v1::ModelFamily::Flux,
+            Family::Klein => v1::ModelFamily::Klein,
         }
     }
 }
@@ -127,6 +134,7 @@ impl TryFrom<v1::ModelFamily> for Family {
             v1::ModelFamily::Sd => Ok(Family::Sd),
             v1::ModelFamily::Sdxl => Ok(Family::Sdxl),
             v1::ModelFamily::Flux => Ok(Family::Flux),
+            v1::ModelFamily::Klein => Ok(Family::Klein),
             v1::ModelFamily::Unspecified => Err("no model family published"),
         }
     }

@@ -173,8 +173,12 @@ impl Service {
             .worker
             .run(Phase::VaeDecode, move || {
                 // diffusers' order: latents / scaling_factor + shift_factor.
+                // FLUX.2: the batch norm undone and the patches unfolded.
+                let z = vae
+                    .from_denoiser(&(latents.to_kind(Kind::Float) / scale + shift))
+                    .map_err(|e| ServiceError::model_input("latents", e))?;
                 let pixels = vae
-                    .decode(&(latents.to_kind(Kind::Float) / scale + shift))
+                    .decode(&z)
                     .map_err(|e| ServiceError::model_input("latents", e))?;
                 to_rgb8(&pixels)
             })
@@ -195,9 +199,13 @@ impl Service {
                 let d = vae
                     .encode(&pixels)
                     .map_err(|e| ServiceError::model_input("pixels", e))?;
+                // In the denoiser's space (FLUX.2: patchified, normalised).
+                let input = |e| ServiceError::model_input("pixels", e);
+                let mean = vae.to_denoiser(&d.mean).map_err(input)?;
+                let std = vae.std_to_denoiser(&d.std).map_err(input)?;
                 Ok((
-                    to_wire(&d.mean, Dtype::Float32)?,
-                    to_wire(&d.std, Dtype::Float32)?,
+                    to_wire(&mean, Dtype::Float32)?,
+                    to_wire(&std, Dtype::Float32)?,
                 ))
             })
             .await?;
@@ -270,11 +278,14 @@ fn load(
         (Kind::Float, tch::Device::Cpu),
     ))?;
     let (scale, shift) = c.normalization();
+    // The latents as the denoiser sees them: FLUX.2's 2×2 patches are 4×
+    // the channels at twice the scale.
+    let patch = if vae.patched() { 2 } else { 1 };
     let info = AutoencoderInfo {
         model_id: sd_service::model_id(&dir, &[Component::Vae]),
-        scale_factor: vae.scale_factor() as u32,
+        scale_factor: (vae.scale_factor() * patch) as u32,
         scaling_factor: scale as f32,
-        latent_channels: c.latent_channels as u32,
+        latent_channels: (c.latent_channels * patch * patch) as u32,
         max_pixels: args.max_pixels.max(1) as u64,
         family: sd_proto::v1::ModelFamily::from(dir.family()) as i32,
         normalization: Some(sd_proto::v1::LatentNormalization {

@@ -5,7 +5,7 @@
 
 use sd_models::{Component, Denoiser, Family, GuidanceInput, ModelDir, Placement};
 use sd_proto::v1::denoiser_info::FamilyParams;
-use sd_proto::v1::{FluxParams, SdParams, SdxlParams};
+use sd_proto::v1::{FluxParams, KleinParams, SdParams, SdxlParams};
 use tch::Kind;
 
 /// What the model's family changes in the pipeline, as diffusers'
@@ -83,6 +83,11 @@ pub fn components(family: Family) -> &'static [Component] {
             Component::Transformer,
             Component::Vae,
         ],
+        Family::Klein => &[
+            Component::TextEncoder,
+            Component::Transformer,
+            Component::Vae,
+        ],
     }
 }
 
@@ -127,12 +132,28 @@ impl Profile {
                 }),
                 3.5,
             ),
+            // diffusers' Flux2KleinPipeline: guidance_scale 4.0 (a distilled
+            // model ignores it).
+            Family::Klein => (
+                FamilyParams::Klein(KleinParams {
+                    text_layers: crate::text::KLEIN_TEXT_LAYERS
+                        .iter()
+                        .map(|&l| l as u32)
+                        .collect(),
+                    max_sequence_length: crate::text::KLEIN_MAX_SEQUENCE_LENGTH,
+                    distilled: dir.is_distilled()?,
+                }),
+                4.0,
+            ),
         };
         // FLUX.1-dev's 28 steps (the pipeline's default); schnell is
         // distilled for 4.
         let default_steps = match &params {
             FamilyParams::Flux(p) if p.guidance_distilled => 28,
             FamilyParams::Flux(_) => 4,
+            // The pipeline's 50; the distilled Klein models draw in 4.
+            FamilyParams::Klein(p) if p.distilled => 4,
+            FamilyParams::Klein(_) => 50,
             FamilyParams::Sd(_) | FamilyParams::Sdxl(_) => 0,
         };
         Ok(Profile {
@@ -178,8 +199,8 @@ pub fn vae_placement(placement: Placement, family: Family, force_upcast: bool) -
     let upcasts = match family {
         Family::Sd => false,
         Family::Sdxl => force_upcast,
-        // FluxPipeline decodes in the VAE's own precision.
-        Family::Flux => false,
+        // The FLUX pipelines decode in the VAE's own precision.
+        Family::Flux | Family::Klein => false,
     };
     if upcasts && placement.kind == Kind::Half {
         Placement {

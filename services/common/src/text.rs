@@ -132,7 +132,26 @@ pub enum TextEncoders {
     /// FLUX: CLIP for the pooled embedding, T5 for the hidden states the
     /// transformer attends to (padded to the request's length, unmasked).
     Flux { clip: Box<Encoder>, t5: Box<T5> },
+    /// FLUX.2 Klein: Qwen3 read as an encoder — the prompt as a chat turn
+    /// (thinking off), padded to the request's length, the hidden states
+    /// `layers` side by side, every position kept.
+    Qwen(Box<Qwen>),
 }
+
+/// A Qwen3 encoder with its tokenizer, and which hidden states the
+/// family's pipeline stacks.
+pub struct Qwen {
+    pub tokenizer: sd_models::QwenTokenizer,
+    pub model: sd_models::Qwen3Encoder,
+    pub layers: Vec<usize>,
+}
+
+/// FLUX.2 Klein's `text_encoder_out_layers`.
+pub const KLEIN_TEXT_LAYERS: [usize; 3] = [9, 18, 27];
+
+/// The most prompt tokens (the chat template's included) Klein's pipeline
+/// takes, and pads every prompt to.
+pub const KLEIN_MAX_SEQUENCE_LENGTH: u32 = 512;
 
 impl TextEncoders {
     /// Load the model's tokenizers and text encoders (timed into `metrics`
@@ -197,7 +216,30 @@ impl TextEncoders {
                     t5: Box::new(T5 { tokenizer, model }),
                 })
             }
+            sd_models::Family::Klein => {
+                let tokenizer =
+                    crate::maybe_timed_load(metrics, "tokenizer", || dir.load_qwen_tokenizer())?;
+                let model = crate::maybe_timed_load(metrics, Component::TextEncoder.dir(), || {
+                    dir.load_qwen3(placement)
+                })?;
+                let layers = model.config().num_hidden_layers as usize;
+                anyhow::ensure!(
+                    KLEIN_TEXT_LAYERS.iter().all(|&l| l <= layers),
+                    "text_encoder/config.json: {layers} layers, FLUX.2 Klein reads hidden states \
+                     {KLEIN_TEXT_LAYERS:?}"
+                );
+                Ok(TextEncoders::Qwen(Box::new(Qwen {
+                    tokenizer,
+                    model,
+                    layers: KLEIN_TEXT_LAYERS.to_vec(),
+                })))
+            }
         }
+    }
+
+    /// Whether prompts are padded to a requested length (T5, Qwen3).
+    pub fn takes_length(&self) -> bool {
+        matches!(self, TextEncoders::Flux { .. } | TextEncoders::Qwen(_))
     }
 
     pub fn encoders(&self) -> Vec<&Encoder> {
@@ -207,14 +249,15 @@ impl TextEncoders {
                 first.iter().chain([second]).map(|e| e.as_ref()).collect()
             }
             TextEncoders::Flux { clip, .. } => vec![clip.as_ref()],
+            TextEncoders::Qwen(_) => Vec::new(),
         }
     }
 
-    /// FLUX's T5 (None for the CLIP-only families).
+    /// FLUX's T5 (None for the other families).
     pub fn t5(&self) -> Option<&T5> {
         match self {
             TextEncoders::Flux { t5, .. } => Some(t5),
-            TextEncoders::Single(_) | TextEncoders::Xl { .. } => None,
+            TextEncoders::Single(_) | TextEncoders::Xl { .. } | TextEncoders::Qwen(_) => None,
         }
     }
 
@@ -230,6 +273,14 @@ impl TextEncoders {
                 clip.clip.hidden_size(),
             );
         }
+        if let TextEncoders::Qwen(q) = self {
+            return (
+                q.model.hidden_size() * q.layers.len() as i64,
+                i64::from(KLEIN_MAX_SEQUENCE_LENGTH),
+                1,
+                0,
+            );
+        }
         let encoders = self.encoders();
         let hidden = encoders.iter().map(|e| e.clip.hidden_size()).sum();
         let tokens = encoders
@@ -243,7 +294,9 @@ impl TextEncoders {
             .min()
             .unwrap_or(0);
         match self {
-            TextEncoders::Single(_) | TextEncoders::Flux { .. } => (hidden, tokens, layers, 0),
+            TextEncoders::Single(_) | TextEncoders::Flux { .. } | TextEncoders::Qwen(_) => {
+                (hidden, tokens, layers, 0)
+            }
             TextEncoders::Xl { second, .. } => (
                 hidden,
                 tokens,
@@ -301,6 +354,17 @@ impl TextEncoders {
                 let hidden = t5.model.forward(&ids)?;
                 Ok((ids, hidden, Some(pooled)))
             }
+            TextEncoders::Qwen(q) => {
+                let input = |e| ServiceError::model_input("prompts", e);
+                let texts = prompts
+                    .iter()
+                    .map(|p| q.tokenizer.chat(p, Some(false)).map_err(input))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                let (ids, mask) = q.tokenizer.encode_batch(&refs, length).map_err(input)?;
+                let hidden = q.model.hidden_states(&ids, &mask, &q.layers)?;
+                Ok((ids, sd_models::qwen3::stacked(&hidden), None))
+            }
         }
     }
 
@@ -317,11 +381,11 @@ impl TextEncoders {
         clip_skip: usize,
         length: usize,
     ) -> Result<(Vec<i64>, tch::Tensor, Option<tch::Tensor>), ServiceError> {
-        if let TextEncoders::Flux { .. } = self {
-            // T5 reads the text; attention weights and BREAK are refused
-            // rather than silently read as words.
+        if self.takes_length() {
+            // T5 or Qwen3 reads the text; attention weights and BREAK are
+            // refused rather than silently read as words.
             let text = sd_prompt::unweighted(prompt).map_err(|e| {
-                ServiceError::invalid("prompts", format_args!("FLUX (T5) prompt: {e}"))
+                ServiceError::invalid("prompts", format_args!("FLUX (T5/Qwen3) prompt: {e}"))
             })?;
             let (ids, hidden, pooled) = self.encode(&[text.as_str()], 0, length)?;
             let ids = Vec::<i64>::try_from(ids.flatten(0, -1))?;
@@ -338,7 +402,7 @@ impl TextEncoders {
             let k = chunks.len() as i64;
             let ids_t = tch::Tensor::from_slice(&ids).view([k, -1]);
             let z = match self {
-                TextEncoders::Single(_) | TextEncoders::Flux { .. } => {
+                TextEncoders::Single(_) | TextEncoders::Flux { .. } | TextEncoders::Qwen(_) => {
                     e.clip.forward_fixed(&ids_t, clip_skip, &fixes)?
                 }
                 TextEncoders::Xl { .. } => {
@@ -365,6 +429,9 @@ impl TextEncoders {
         if let Some(t5) = self.t5() {
             index.merge(t5.model.modules());
         }
+        if let TextEncoders::Qwen(q) = self {
+            index.merge(q.model.modules());
+        }
         index
     }
 
@@ -377,6 +444,7 @@ impl TextEncoders {
             }
             TextEncoders::Xl { first: None, .. } => &[Component::TextEncoder2],
             TextEncoders::Flux { .. } => &[Component::TextEncoder, Component::TextEncoder2],
+            TextEncoders::Qwen(_) => &[Component::TextEncoder],
         }
     }
 }

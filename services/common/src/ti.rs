@@ -174,6 +174,11 @@ impl TextEncoders {
             (TextEncoders::Flux { .. }, _) => {
                 return Err("FLUX reads prompts with T5: textual inversion does not apply".into())
             }
+            (TextEncoders::Qwen(_), _) => {
+                return Err(
+                    "this model reads prompts with Qwen3: textual inversion does not apply".into(),
+                )
+            }
         };
         let mut checked = Vec::new();
         let (mut vectors, mut shape) = (0, 0);
@@ -223,6 +228,7 @@ impl TextEncoders {
                 v
             }
             TextEncoders::Flux { clip, .. } => vec![clip.as_mut()],
+            TextEncoders::Qwen(_) => Vec::new(),
         }
     }
 

@@ -103,17 +103,17 @@ impl Service {
             ServiceError::invalid("syntax", format_args!("unknown value {}", req.syntax))
         })?;
         sd_service::lora::check(&req.loras)?;
-        let length = match (self.model.t5(), req.max_sequence_length) {
-            (None, 0) => 0,
-            (None, _) => {
+        let length = match (self.model.takes_length(), req.max_sequence_length) {
+            (false, 0) => 0,
+            (false, _) => {
                 return Err(ServiceError::invalid(
                     "max_sequence_length",
-                    "applies to FLUX models (T5) only",
+                    "applies to FLUX models (T5, Qwen3) only",
                 ))
             }
-            (Some(_), 0) => self.info.max_tokens as usize,
-            (Some(_), n) if n <= self.info.max_tokens => n as usize,
-            (Some(_), n) => {
+            (true, 0) => self.info.max_tokens as usize,
+            (true, n) if n <= self.info.max_tokens => n as usize,
+            (true, n) => {
                 return Err(ServiceError::invalid(
                     "max_sequence_length",
                     format_args!("{n} given, 1..={} allowed", self.info.max_tokens),
