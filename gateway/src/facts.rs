@@ -4,7 +4,7 @@
 use std::sync::{Arc, RwLock};
 
 use sd_proto::v1::denoiser_info::FamilyParams;
-use sd_proto::v1::{FluxParams, ForwardCost, KleinParams, SdParams, SdxlParams};
+use sd_proto::v1::{FluxParams, ForwardCost, KleinParams, SdParams, SdxlParams, ZImageParams};
 use sd_sampling::{Prediction, SchedulerConfig, SchedulerKind};
 
 /// The denoiser's published UNet cost, shared by every request and
@@ -123,7 +123,10 @@ impl Profile {
     /// SDXL's parameters (None for a family without them).
     pub fn sdxl(&self) -> Option<&SdxlParams> {
         match &self.params {
-            FamilyParams::Sd(_) | FamilyParams::Flux(_) | FamilyParams::Klein(_) => None,
+            FamilyParams::Sd(_)
+            | FamilyParams::Flux(_)
+            | FamilyParams::Klein(_)
+            | FamilyParams::Zimage(_) => None,
             FamilyParams::Sdxl(p) => Some(p),
         }
     }
@@ -131,7 +134,10 @@ impl Profile {
     /// FLUX's parameters (None for a family without them).
     pub fn flux(&self) -> Option<&FluxParams> {
         match &self.params {
-            FamilyParams::Sd(_) | FamilyParams::Sdxl(_) | FamilyParams::Klein(_) => None,
+            FamilyParams::Sd(_)
+            | FamilyParams::Sdxl(_)
+            | FamilyParams::Klein(_)
+            | FamilyParams::Zimage(_) => None,
             FamilyParams::Flux(p) => Some(p),
         }
     }
@@ -140,14 +146,28 @@ impl Profile {
     pub fn klein(&self) -> Option<&KleinParams> {
         match &self.params {
             FamilyParams::Klein(p) => Some(p),
-            FamilyParams::Sd(_) | FamilyParams::Sdxl(_) | FamilyParams::Flux(_) => None,
+            FamilyParams::Sd(_)
+            | FamilyParams::Sdxl(_)
+            | FamilyParams::Flux(_)
+            | FamilyParams::Zimage(_) => None,
+        }
+    }
+
+    /// Z-Image's parameters (None for a family without them).
+    pub fn zimage(&self) -> Option<&ZImageParams> {
+        match &self.params {
+            FamilyParams::Zimage(p) => Some(p),
+            FamilyParams::Sd(_)
+            | FamilyParams::Sdxl(_)
+            | FamilyParams::Flux(_)
+            | FamilyParams::Klein(_) => None,
         }
     }
 
     /// Whether the model is a flow-matching one (its scheduler steps a
-    /// velocity): FLUX.1, FLUX.2 Klein.
+    /// velocity): FLUX.1, FLUX.2 Klein, Z-Image.
     pub fn is_flow(&self) -> bool {
-        self.flux().is_some() || self.klein().is_some()
+        self.flux().is_some() || self.klein().is_some() || self.zimage().is_some()
     }
 
     /// "sd", "sdxl" or "sdxl-refiner", with "+lcm" for an LCM UNet.
@@ -160,6 +180,7 @@ impl Profile {
             FamilyParams::Flux(_) => "flux-schnell",
             FamilyParams::Klein(p) if p.distilled => "klein-distilled",
             FamilyParams::Klein(_) => "klein",
+            FamilyParams::Zimage(_) => "zimage",
         };
         if self.time_cond_dim > 0 {
             format!("{base}+lcm")

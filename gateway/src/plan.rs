@@ -131,6 +131,9 @@ pub enum GuidanceRule {
     /// FLUX.2 Klein: `guidance_scale` above 1 against an empty prompt,
     /// unless the model is step-distilled.
     Klein { distilled: bool },
+    /// Z-Image: `guidance_scale` above 0, as `pos + g·(pos − neg)` (the
+    /// negative prompt, "" when none).
+    ZImage,
 }
 
 impl GuidanceRule {
@@ -140,6 +143,7 @@ impl GuidanceRule {
                 distilled: k.distilled,
             },
             (None, Some(_)) => GuidanceRule::Flux,
+            (None, None) if facts.profile.zimage().is_some() => GuidanceRule::ZImage,
             (None, None) => GuidanceRule::Sd,
         }
     }
@@ -160,6 +164,7 @@ impl Guidance {
             GuidanceRule::Sd => self.guidance > 1.0 && !self.guidance_embedded,
             GuidanceRule::Flux => self.true_cfg > 1.0 && self.negative,
             GuidanceRule::Klein { distilled } => self.guidance > 1.0 && !distilled,
+            GuidanceRule::ZImage => self.guidance > 0.0,
         }
     }
 }
@@ -312,6 +317,9 @@ impl Plan {
         match self.guidance_rule {
             GuidanceRule::Flux => self.true_cfg,
             GuidanceRule::Sd | GuidanceRule::Klein { .. } => self.guidance,
+            // pos + g·(pos − neg) is neg + (1 + g)·(pos − neg): the
+            // denoiser's guidance at 1 + g.
+            GuidanceRule::ZImage => 1.0 + self.guidance,
         }
     }
 
@@ -461,6 +469,15 @@ fn flux_fields(req: &GenerateRequest, facts: &ModelFacts) -> Result<(f32, u32)> 
             ));
         }
         return Ok((1.0, sequence_length(req, klein.max_sequence_length)?));
+    }
+    if let Some(z) = facts.profile.zimage() {
+        if req.true_cfg_scale.is_some() {
+            return Err(Error::invalid(
+                "true_cfg_scale",
+                "applies to FLUX.1 models; Z-Image guides with guidance_scale",
+            ));
+        }
+        return Ok((1.0, sequence_length(req, z.max_sequence_length)?));
     }
     let Some(flux) = facts.profile.flux() else {
         if req.true_cfg_scale.is_some() {
@@ -612,6 +629,8 @@ impl Sampler {
             image_seq_len,
             flow: if facts.profile.klein().is_some() {
                 sd_sampling::schedulers::FlowSchedule::Flux2
+            } else if facts.profile.zimage().is_some() {
+                sd_sampling::schedulers::FlowSchedule::ZImage
             } else {
                 sd_sampling::schedulers::FlowSchedule::Flux
             },

@@ -163,6 +163,7 @@ fn every_tensor_in_the_files_is_used() {
         "flux-dev-tiny",
         "flux-schnell-tiny",
         "klein-tiny",
+        "zimage-tiny",
     ] {
         let d = dir(model);
         let family = d.family();
@@ -180,7 +181,7 @@ fn every_tensor_in_the_files_is_used() {
                 Component::Transformer,
                 Component::Vae,
             ],
-            sd_models::Family::Klein => {
+            sd_models::Family::Klein | sd_models::Family::ZImage => {
                 vec![
                     Component::TextEncoder,
                     Component::Transformer,
@@ -195,11 +196,16 @@ fn every_tensor_in_the_files_is_used() {
                 Component::TextEncoder2 if family == sd_models::Family::Flux => {
                     drop(sd_models::T5Encoder::load(&path, &w).unwrap())
                 }
-                Component::TextEncoder if family == sd_models::Family::Klein => {
+                Component::TextEncoder
+                    if matches!(family, sd_models::Family::Klein | sd_models::Family::ZImage) =>
+                {
                     drop(sd_models::Qwen3Encoder::load(&path, &w).unwrap())
                 }
                 Component::Transformer if family == sd_models::Family::Klein => {
                     drop(sd_models::Flux2Transformer::load(&path, &w).unwrap())
+                }
+                Component::Transformer if family == sd_models::Family::ZImage => {
+                    drop(sd_models::ZImageTransformer::load(&path, &w).unwrap())
                 }
                 Component::TextEncoder | Component::TextEncoder2 => {
                     drop(sd_models::ClipTextModel::load(&path, &w).unwrap())

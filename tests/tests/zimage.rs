@@ -60,3 +60,12 @@ fn the_z_image_transformer_matches_diffusers() {
     let odd = r["zimage.latents"].narrow(3, 0, 5);
     assert!(net.forward(&odd, &timesteps, &caps).is_err());
 }
+
+/// Whole generations through `sdctl up` on the tiny Z-Image pipeline equal
+/// `ZImagePipeline`'s images, one at a time and batched: guided above 0
+/// against "" and against a negative prompt (prompts of different lengths
+/// in one forward), unguided at 0, non-square, two images.
+#[test]
+fn z_image_generations_match_diffusers_images() {
+    common::e2e::run_model(MODEL);
+}

@@ -18,6 +18,7 @@ use crate::flux::FluxTransformer;
 use crate::flux2::Flux2Transformer;
 use crate::model_dir::{Family, ModelDir};
 use crate::unet::{Added, Residuals, UNet};
+use crate::zimage::ZImageTransformer;
 
 /// The networks sdserve runs to denoise.
 pub enum Denoiser {
@@ -27,6 +28,8 @@ pub enum Denoiser {
     Flux(Box<FluxTransformer>),
     /// FLUX.2 Klein: `Flux2Transformer2DModel`.
     Flux2(Box<Flux2Transformer>),
+    /// Z-Image: `ZImageTransformer2DModel`.
+    ZImage(Box<ZImageTransformer>),
 }
 
 /// How a network takes guidance as an input (instead of, or beside, a
@@ -89,6 +92,9 @@ impl Denoiser {
             Family::Klein => Ok(Denoiser::Flux2(Box::new(
                 dir.load_flux2_transformer(placement)?,
             ))),
+            Family::ZImage => Ok(Denoiser::ZImage(Box::new(
+                dir.load_zimage_transformer(placement)?,
+            ))),
         }
     }
 
@@ -140,6 +146,25 @@ impl Denoiser {
                 }
                 flux.forward(latents, timesteps, cond.context, cond.guidance, None)
             }
+            Denoiser::ZImage(z) => {
+                if cond.image.is_some()
+                    || cond.control.is_some()
+                    || cond.time_ids.is_some()
+                    || cond.pooled.is_some()
+                    || cond.guidance.is_some()
+                {
+                    return Err(ModelError::Input(
+                        "Z-Image takes no pooled embedding, guidance input, image conditioning, \
+                         ControlNet residuals or time ids"
+                            .into(),
+                    ));
+                }
+                let captions: Vec<Tensor> = (0..cond.context.size()[0])
+                    .map(|i| cond.context.get(i))
+                    .collect();
+                // The pipeline negates the network's output: the flow's velocity.
+                Ok(-z.forward(latents, timesteps, &captions)?)
+            }
         }
     }
 
@@ -177,6 +202,18 @@ impl Denoiser {
                     &Tensor::zeros([rows, tokens, c.joint_attention_dim], f),
                     c.guidance_embeds.then_some(&guidance),
                     None,
+                )
+            }
+            Denoiser::ZImage(z) => {
+                let c = z.config();
+                let side = (side + 1) / 2 * 2;
+                let captions: Vec<Tensor> = (0..rows)
+                    .map(|_| Tensor::zeros([tokens, c.cap_feat_dim], f))
+                    .collect();
+                z.forward(
+                    &Tensor::zeros([rows, c.in_channels, side, side], f),
+                    &Tensor::from_slice(&vec![500.0f32; rows as usize]),
+                    &captions,
                 )
             }
         }
@@ -219,6 +256,28 @@ impl Denoiser {
                 // default_sample_size 128 at scale 8: 1024 px.
                 native_side: 64,
             },
+            Denoiser::ZImage(z) => Layout {
+                latent_channels: vae.latent_channels,
+                in_channels: z.config().in_channels,
+                vae_scale_factor: scale,
+                // 2×2 patches inside the network.
+                size_multiple: 2 * scale,
+                packed: true,
+                // The pipeline's 1024 px default.
+                native_side: 128,
+            },
+        }
+    }
+
+    /// The largest latent side the network can place (Z-Image's position
+    /// table; None: no bound of its own).
+    pub fn max_latent_side(&self) -> Option<i64> {
+        match self {
+            Denoiser::ZImage(z) => {
+                let l = &z.config().axes_lens;
+                Some(2 * l[1].min(l[2]))
+            }
+            Denoiser::Unet(_) | Denoiser::Flux(_) | Denoiser::Flux2(_) => None,
         }
     }
 
@@ -228,6 +287,8 @@ impl Denoiser {
         match self {
             Denoiser::Unet(_) => 77,
             Denoiser::Flux(_) | Denoiser::Flux2(_) => 512,
+            // The prompt's own tokens: a short prompt's, in its chat turn.
+            Denoiser::ZImage(_) => 64,
         }
     }
 
@@ -237,6 +298,7 @@ impl Denoiser {
             Denoiser::Unet(unet) => unet.config().context_dim(),
             Denoiser::Flux(flux) => flux.config().joint_attention_dim,
             Denoiser::Flux2(flux) => flux.config().joint_attention_dim,
+            Denoiser::ZImage(z) => z.config().cap_feat_dim,
         }
     }
 
@@ -253,6 +315,7 @@ impl Denoiser {
                 .config()
                 .guidance_embeds
                 .then_some(GuidanceInput::Value),
+            Denoiser::ZImage(_) => None,
         }
     }
 
@@ -271,7 +334,7 @@ impl Denoiser {
         match self {
             Denoiser::Unet(_) => None,
             Denoiser::Flux(flux) => Some(flux.config().pooled_projection_dim),
-            Denoiser::Flux2(_) => None,
+            Denoiser::Flux2(_) | Denoiser::ZImage(_) => None,
         }
     }
 
@@ -279,7 +342,7 @@ impl Denoiser {
     pub fn takes_text_time(&self) -> bool {
         match self {
             Denoiser::Unet(unet) => unet.takes_text_time(),
-            Denoiser::Flux(_) | Denoiser::Flux2(_) => false,
+            Denoiser::Flux(_) | Denoiser::Flux2(_) | Denoiser::ZImage(_) => false,
         }
     }
 
@@ -288,7 +351,7 @@ impl Denoiser {
     pub fn text_time_dims(&self) -> Option<(i64, i64)> {
         match self {
             Denoiser::Unet(unet) => unet.config().text_time(),
-            Denoiser::Flux(_) | Denoiser::Flux2(_) => None,
+            Denoiser::Flux(_) | Denoiser::Flux2(_) | Denoiser::ZImage(_) => None,
         }
     }
 
@@ -298,6 +361,7 @@ impl Denoiser {
             Denoiser::Unet(unet) => unet.parameters(),
             Denoiser::Flux(flux) => flux.parameters(),
             Denoiser::Flux2(flux) => flux.parameters(),
+            Denoiser::ZImage(z) => z.parameters(),
         }
     }
 
@@ -307,6 +371,7 @@ impl Denoiser {
             Denoiser::Unet(unet) => unet.modules(),
             Denoiser::Flux(flux) => flux.modules(),
             Denoiser::Flux2(flux) => flux.modules(),
+            Denoiser::ZImage(z) => z.modules(),
         }
     }
 
@@ -314,7 +379,7 @@ impl Denoiser {
     pub fn unet(&self) -> Option<&UNet> {
         match self {
             Denoiser::Unet(unet) => Some(unet.as_ref()),
-            Denoiser::Flux(_) | Denoiser::Flux2(_) => None,
+            Denoiser::Flux(_) | Denoiser::Flux2(_) | Denoiser::ZImage(_) => None,
         }
     }
 }

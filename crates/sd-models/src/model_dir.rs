@@ -409,6 +409,15 @@ impl ModelDir {
         crate::flux2::Flux2Transformer::load(&self.config_path(Component::Transformer), &w)
     }
 
+    /// Z-Image's transformer (`transformer/`).
+    pub fn load_zimage_transformer(
+        &self,
+        placement: Placement,
+    ) -> Result<crate::zimage::ZImageTransformer> {
+        let w = self.open_weights(Component::Transformer, placement)?;
+        crate::zimage::ZImageTransformer::load(&self.config_path(Component::Transformer), &w)
+    }
+
     /// A Qwen3 text encoder (`text_encoder/`: Klein's, Z-Image's).
     pub fn load_qwen3(&self, placement: Placement) -> Result<crate::qwen3::Qwen3Encoder> {
         let w = self.open_weights(Component::TextEncoder, placement)?;

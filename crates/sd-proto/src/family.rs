@@ -23,11 +23,14 @@ pub enum Family {
     /// FLUX.2 Klein: a Qwen3 text encoder, the FLUX.2 transformer on
     /// patchified latents, the 32-channel FLUX.2 VAE.
     Klein,
+    /// Z-Image: a Qwen3 text encoder, the single-stream Z-Image
+    /// transformer, a 16-channel VAE.
+    ZImage,
 }
 
 /// The pipeline classes served, by family: what `model_index.json`'s
 /// `_class_name` may say.
-const SERVED: [(&str, Family); 11] = [
+const SERVED: [(&str, Family); 12] = [
     ("StableDiffusionPipeline", Family::Sd),
     ("StableDiffusionImg2ImgPipeline", Family::Sd),
     ("StableDiffusionInpaintPipeline", Family::Sd),
@@ -39,6 +42,7 @@ const SERVED: [(&str, Family); 11] = [
     ("FluxPipeline", Family::Flux),
     ("FluxImg2ImgPipeline", Family::Flux),
     ("Flux2KleinPipeline", Family::Klein),
+    ("ZImagePipeline", Family::ZImage),
 ];
 
 /// A pipeline class sdserve does not serve.
@@ -64,7 +68,13 @@ impl fmt::Display for Unsupported {
 impl std::error::Error for Unsupported {}
 
 impl Family {
-    pub const ALL: [Family; 4] = [Family::Sd, Family::Sdxl, Family::Flux, Family::Klein];
+    pub const ALL: [Family; 5] = [
+        Family::Sd,
+        Family::Sdxl,
+        Family::Flux,
+        Family::Klein,
+        Family::ZImage,
+    ];
 
     /// The family of a diffusers pipeline class (`_class_name`).
     pub fn of_pipeline_class(class: &str) -> Result<Family, Unsupported> {
@@ -94,6 +104,7 @@ impl Family {
             Family::Sdxl => "sdxl",
             Family::Flux => "flux",
             Family::Klein => "klein",
+            Family::ZImage => "zimage",
         }
     }
 
@@ -105,6 +116,7 @@ impl Family {
             FamilyParams::Sdxl(_) => Family::Sdxl,
             FamilyParams::Flux(_) => Family::Flux,
             FamilyParams::Klein(_) => Family::Klein,
+            FamilyParams::Zimage(_) => Family::ZImage,
         }
     }
 }
@@ -122,6 +134,7 @@ impl From<Family> for v1::ModelFamily {
             Family::Sdxl => v1::ModelFamily::Sdxl,
             Family::Flux => v1::ModelFamily::Flux,
             Family::Klein => v1::ModelFamily::Klein,
+            Family::ZImage => v1::ModelFamily::Zimage,
         }
     }
 }
@@ -135,6 +148,7 @@ impl TryFrom<v1::ModelFamily> for Family {
             v1::ModelFamily::Sdxl => Ok(Family::Sdxl),
             v1::ModelFamily::Flux => Ok(Family::Flux),
             v1::ModelFamily::Klein => Ok(Family::Klein),
+            v1::ModelFamily::Zimage => Ok(Family::ZImage),
             v1::ModelFamily::Unspecified => Err("no model family published"),
         }
     }

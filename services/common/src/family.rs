@@ -5,7 +5,7 @@
 
 use sd_models::{Component, Denoiser, Family, GuidanceInput, ModelDir, Placement};
 use sd_proto::v1::denoiser_info::FamilyParams;
-use sd_proto::v1::{FluxParams, KleinParams, SdParams, SdxlParams};
+use sd_proto::v1::{FluxParams, KleinParams, SdParams, SdxlParams, ZImageParams};
 use tch::Kind;
 
 /// What the model's family changes in the pipeline, as diffusers'
@@ -83,7 +83,7 @@ pub fn components(family: Family) -> &'static [Component] {
             Component::Transformer,
             Component::Vae,
         ],
-        Family::Klein => &[
+        Family::Klein | Family::ZImage => &[
             Component::TextEncoder,
             Component::Transformer,
             Component::Vae,
@@ -145,6 +145,13 @@ impl Profile {
                 }),
                 4.0,
             ),
+            // diffusers' ZImagePipeline: guidance_scale 5.0.
+            Family::ZImage => (
+                FamilyParams::Zimage(ZImageParams {
+                    max_sequence_length: crate::text::QWEN_MAX_SEQUENCE_LENGTH,
+                }),
+                5.0,
+            ),
         };
         // FLUX.1-dev's 28 steps (the pipeline's default); schnell is
         // distilled for 4.
@@ -153,7 +160,7 @@ impl Profile {
             FamilyParams::Flux(_) => 4,
             // The pipeline's 50; the distilled Klein models draw in 4.
             FamilyParams::Klein(p) if p.distilled => 4,
-            FamilyParams::Klein(_) => 50,
+            FamilyParams::Klein(_) | FamilyParams::Zimage(_) => 50,
             FamilyParams::Sd(_) | FamilyParams::Sdxl(_) => 0,
         };
         Ok(Profile {
@@ -200,7 +207,7 @@ pub fn vae_placement(placement: Placement, family: Family, force_upcast: bool) -
         Family::Sd => false,
         Family::Sdxl => force_upcast,
         // The FLUX pipelines decode in the VAE's own precision.
-        Family::Flux | Family::Klein => false,
+        Family::Flux | Family::Klein | Family::ZImage => false,
     };
     if upcasts && placement.kind == Kind::Half {
         Placement {

@@ -384,7 +384,7 @@ impl Bounds {
             guidance_input: net.guidance_input(),
             context_dim: net.context_dim(),
             pooled: match params {
-                FamilyParams::Sd(_) | FamilyParams::Klein(_) => None,
+                FamilyParams::Sd(_) | FamilyParams::Klein(_) | FamilyParams::Zimage(_) => None,
                 FamilyParams::Sdxl(p) => Some(i64::from(p.pooled_dim)),
                 FamilyParams::Flux(p) => Some(i64::from(p.pooled_dim)),
             },
@@ -393,7 +393,10 @@ impl Bounds {
             max_latent_side: max_side / layout.vae_scale_factor.max(1),
             max_timestep,
             time_ids_len: match params {
-                FamilyParams::Sd(_) | FamilyParams::Flux(_) | FamilyParams::Klein(_) => None,
+                FamilyParams::Sd(_)
+                | FamilyParams::Flux(_)
+                | FamilyParams::Klein(_)
+                | FamilyParams::Zimage(_) => None,
                 FamilyParams::Sdxl(p) => Some(i64::from(p.time_ids_len)),
             },
         }

@@ -132,26 +132,39 @@ pub enum TextEncoders {
     /// FLUX: CLIP for the pooled embedding, T5 for the hidden states the
     /// transformer attends to (padded to the request's length, unmasked).
     Flux { clip: Box<Encoder>, t5: Box<T5> },
-    /// FLUX.2 Klein: Qwen3 read as an encoder — the prompt as a chat turn
-    /// (thinking off), padded to the request's length, the hidden states
-    /// `layers` side by side, every position kept.
+    /// FLUX.2 Klein and Z-Image: Qwen3 read as an encoder, the prompt as a
+    /// chat turn, padded to the request's length, read as the family does.
     Qwen(Box<Qwen>),
 }
 
-/// A Qwen3 encoder with its tokenizer, and which hidden states the
-/// family's pipeline stacks.
+/// A Qwen3 encoder with its tokenizer, and how the family's pipeline reads
+/// its hidden states.
 pub struct Qwen {
     pub tokenizer: sd_models::QwenTokenizer,
     pub model: sd_models::Qwen3Encoder,
-    pub layers: Vec<usize>,
+    pub reading: QwenReading,
+}
+
+/// How a pipeline reads Qwen3's hidden states.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QwenReading {
+    /// FLUX.2 Klein: thinking off, these hidden states side by side, every
+    /// position (pads included) kept.
+    Stacked(Vec<usize>),
+    /// Z-Image: thinking on, the penultimate hidden state, the prompt's
+    /// own tokens alone (each prompt its own length).
+    Penultimate,
 }
 
 /// FLUX.2 Klein's `text_encoder_out_layers`.
 pub const KLEIN_TEXT_LAYERS: [usize; 3] = [9, 18, 27];
 
-/// The most prompt tokens (the chat template's included) Klein's pipeline
-/// takes, and pads every prompt to.
-pub const KLEIN_MAX_SEQUENCE_LENGTH: u32 = 512;
+/// The most prompt tokens (the chat template's included) the Qwen3
+/// pipelines take; Klein pads every prompt to it.
+pub const QWEN_MAX_SEQUENCE_LENGTH: u32 = 512;
+
+/// Klein's name for it.
+pub const KLEIN_MAX_SEQUENCE_LENGTH: u32 = QWEN_MAX_SEQUENCE_LENGTH;
 
 impl TextEncoders {
     /// Load the model's tokenizers and text encoders (timed into `metrics`
@@ -216,22 +229,31 @@ impl TextEncoders {
                     t5: Box::new(T5 { tokenizer, model }),
                 })
             }
-            sd_models::Family::Klein => {
+            family @ (sd_models::Family::Klein | sd_models::Family::ZImage) => {
                 let tokenizer =
                     crate::maybe_timed_load(metrics, "tokenizer", || dir.load_qwen_tokenizer())?;
                 let model = crate::maybe_timed_load(metrics, Component::TextEncoder.dir(), || {
                     dir.load_qwen3(placement)
                 })?;
                 let layers = model.config().num_hidden_layers as usize;
-                anyhow::ensure!(
-                    KLEIN_TEXT_LAYERS.iter().all(|&l| l <= layers),
-                    "text_encoder/config.json: {layers} layers, FLUX.2 Klein reads hidden states \
-                     {KLEIN_TEXT_LAYERS:?}"
-                );
+                let reading = if family == sd_models::Family::Klein {
+                    anyhow::ensure!(
+                        KLEIN_TEXT_LAYERS.iter().all(|&l| l <= layers),
+                        "text_encoder/config.json: {layers} layers, FLUX.2 Klein reads hidden \
+                         states {KLEIN_TEXT_LAYERS:?}"
+                    );
+                    QwenReading::Stacked(KLEIN_TEXT_LAYERS.to_vec())
+                } else {
+                    anyhow::ensure!(
+                        layers >= 2,
+                        "text_encoder/config.json: Z-Image reads the penultimate of at least 2 layers"
+                    );
+                    QwenReading::Penultimate
+                };
                 Ok(TextEncoders::Qwen(Box::new(Qwen {
                     tokenizer,
                     model,
-                    layers: KLEIN_TEXT_LAYERS.to_vec(),
+                    reading,
                 })))
             }
         }
@@ -240,6 +262,12 @@ impl TextEncoders {
     /// Whether prompts are padded to a requested length (T5, Qwen3).
     pub fn takes_length(&self) -> bool {
         matches!(self, TextEncoders::Flux { .. } | TextEncoders::Qwen(_))
+    }
+
+    /// Whether each prompt's embedding has its own length (Z-Image keeps a
+    /// prompt's own tokens): prompts are then encoded one at a time.
+    pub fn per_prompt_length(&self) -> bool {
+        matches!(self, TextEncoders::Qwen(q) if q.reading == QwenReading::Penultimate)
     }
 
     pub fn encoders(&self) -> Vec<&Encoder> {
@@ -274,9 +302,13 @@ impl TextEncoders {
             );
         }
         if let TextEncoders::Qwen(q) = self {
+            let states = match &q.reading {
+                QwenReading::Stacked(layers) => layers.len() as i64,
+                QwenReading::Penultimate => 1,
+            };
             return (
-                q.model.hidden_size() * q.layers.len() as i64,
-                i64::from(KLEIN_MAX_SEQUENCE_LENGTH),
+                q.model.hidden_size() * states,
+                i64::from(QWEN_MAX_SEQUENCE_LENGTH),
                 1,
                 0,
             );
@@ -356,14 +388,31 @@ impl TextEncoders {
             }
             TextEncoders::Qwen(q) => {
                 let input = |e| ServiceError::model_input("prompts", e);
+                let thinking = q.reading == QwenReading::Penultimate;
                 let texts = prompts
                     .iter()
-                    .map(|p| q.tokenizer.chat(p, Some(false)).map_err(input))
+                    .map(|p| q.tokenizer.chat(p, Some(thinking)).map_err(input))
                     .collect::<Result<Vec<_>, _>>()?;
                 let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
                 let (ids, mask) = q.tokenizer.encode_batch(&refs, length).map_err(input)?;
-                let hidden = q.model.hidden_states(&ids, &mask, &q.layers)?;
-                Ok((ids, sd_models::qwen3::stacked(&hidden), None))
+                match &q.reading {
+                    QwenReading::Stacked(layers) => {
+                        let hidden = q.model.hidden_states(&ids, &mask, layers)?;
+                        Ok((ids, sd_models::qwen3::stacked(&hidden), None))
+                    }
+                    QwenReading::Penultimate => {
+                        // One prompt: its own tokens (per_prompt_length).
+                        if prompts.len() != 1 {
+                            return Err(ServiceError::Task(
+                                "Z-Image prompts are encoded one at a time".into(),
+                            ));
+                        }
+                        let layers = q.model.config().num_hidden_layers as usize;
+                        let hidden = q.model.hidden_states(&ids, &mask, &[layers - 1])?;
+                        let n = mask.sum(tch::Kind::Int64).int64_value(&[]);
+                        Ok((ids.narrow(1, 0, n), hidden[0].narrow(1, 0, n), None))
+                    }
+                }
             }
         }
     }

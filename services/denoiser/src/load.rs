@@ -33,7 +33,8 @@ fn warm_up(
 ) -> anyhow::Result<Option<sd_proto::v1::ForwardCost>> {
     let budget = cost::Budget {
         time: std::time::Duration::from_secs_f64(args.calibration_seconds.clamp(0.0, 3600.0)),
-        max_side: args.max_side / layout.vae_scale_factor.max(1),
+        max_side: (args.max_side / layout.vae_scale_factor.max(1))
+            .min(net.max_latent_side().unwrap_or(i64::MAX)),
     };
     if budget.time.is_zero() {
         let _ = net.probe(1, layout.native_side.clamp(1, 16), net.typical_tokens())?;
@@ -87,7 +88,9 @@ pub fn load(
         &layout,
         &profile.params,
         args.max_batch,
-        args.max_side,
+        // Within what the network can place (Z-Image's position table).
+        args.max_side
+            .min(net.max_latent_side().unwrap_or(i64::MAX) * layout.vae_scale_factor),
         scheduler.num_train_timesteps() as f32,
     );
     let info = DenoiserInfo {

@@ -174,6 +174,21 @@ fn encode_plain(
     (clip_skip, length): (usize, usize),
     dtype: Dtype,
 ) -> Result<Vec<EncodedPrompt>, ServiceError> {
+    if model.per_prompt_length() {
+        // Each prompt its own length (Z-Image's unpadded tokens).
+        return prompts
+            .iter()
+            .map(|p| {
+                let (ids, hidden, _) = model.encode(&[p.as_str()], clip_skip, length)?;
+                encoded(
+                    Vec::<i64>::try_from(ids.flatten(0, -1))?,
+                    &hidden.get(0),
+                    None,
+                    dtype,
+                )
+            })
+            .collect();
+    }
     let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
     let (ids, hidden, pooled) = model.encode(&refs, clip_skip, length)?;
     let ids: Vec<i64> = Vec::<i64>::try_from(ids.flatten(0, -1))?;

@@ -104,13 +104,21 @@ async fn time_predict(
         ),
         Some(FamilyParams::Sdxl(x)) => (side, 77, Some(i64::from(x.pooled_dim)), None),
         Some(FamilyParams::Klein(k)) => (side, i64::from(k.max_sequence_length), None, None),
+        // A short prompt's own tokens; 2×2 patches.
+        Some(FamilyParams::Zimage(_)) => ((side + 1) / 2 * 2, 64, None, None),
         Some(FamilyParams::Sd(_)) | None => (side, 77, None, None),
     };
     let latents: WireTensor = zeros(vec![rows, i64::from(info.latent_channels), side, side])?;
     let cond = zeros(vec![1, tokens, i64::from(info.context_dim)])?;
     let sdxl = match &info.family_params {
         Some(FamilyParams::Sdxl(x)) => Some(x),
-        Some(FamilyParams::Sd(_) | FamilyParams::Flux(_) | FamilyParams::Klein(_)) | None => None,
+        Some(
+            FamilyParams::Sd(_)
+            | FamilyParams::Flux(_)
+            | FamilyParams::Klein(_)
+            | FamilyParams::Zimage(_),
+        )
+        | None => None,
     };
     let mut best = f64::INFINITY;
     for _ in 0..runs.max(1) {
