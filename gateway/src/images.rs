@@ -214,9 +214,11 @@ pub fn text_chunks(p: &GenerationParameters) -> Vec<(String, String)> {
     if !tags.is_empty() {
         chunks.push(("loras".into(), tags));
     }
-    if p.max_sequence_length > 0 {
-        // FLUX: guidance_scale is the distilled guidance; these are its own.
+    if p.true_cfg_scale > 0.0 {
+        // FLUX.1: guidance_scale is the distilled guidance; this is its own.
         chunks.push(("true_cfg_scale".into(), p.true_cfg_scale.to_string()));
+    }
+    if p.max_sequence_length > 0 {
         chunks.push((
             "max_sequence_length".into(),
             p.max_sequence_length.to_string(),

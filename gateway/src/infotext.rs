@@ -64,9 +64,9 @@ pub fn write_with(p: &GenerationParameters, extra: &[(String, String)]) -> Strin
     }
     let (sampler, schedule) = a1111_sampler(&p.scheduler, p.karras);
     let schedule = schedule.map_or(String::new(), |s| format!(", Schedule type: {s}"));
-    // FLUX (a sequence length is set): Forge's two scales — real CFG and
+    // FLUX.1 (a true CFG scale is set): Forge's two scales — real CFG and
     // the distilled guidance.
-    let cfg = if p.max_sequence_length > 0 {
+    let cfg = if p.true_cfg_scale > 0.0 {
         format!(
             "CFG scale: {}, Distilled CFG Scale: {}",
             p.true_cfg_scale, p.guidance_scale

@@ -347,7 +347,12 @@ impl Plan {
             strength: self.strength,
             model: self.model_id.clone(),
             loras: self.loras.clone(),
-            true_cfg_scale: if self.flow { self.true_cfg } else { 0.0 },
+            // FLUX.1's alone (Klein and Z-Image guide with guidance_scale).
+            true_cfg_scale: if self.guidance_rule == GuidanceRule::Flux {
+                self.true_cfg
+            } else {
+                0.0
+            },
             max_sequence_length: self.max_sequence_length,
             hires: self.hires.as_ref().map(|h| h.resolved.clone()),
             textual_inversions: Vec::new(),

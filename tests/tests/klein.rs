@@ -199,3 +199,20 @@ fn klein_refuses_what_its_pipeline_does_not_take() {
         assert_eq!((m.default_steps, m.default_guidance), (50, 4.0));
     });
 }
+
+/// The official `openai` client and `webuiapi` get diffusers' images from
+/// this family (cfg_scale read as its own guidance on the A1111 routes).
+#[test]
+fn openai_and_webuiapi_clients_get_diffusers_images_from_klein() {
+    let dir = common::model(MODEL);
+    let stack = common::stack::Stack::start(&dir);
+    common::run_client(
+        "qwen_family_clients.py",
+        &[
+            stack.http.as_ref(),
+            MODEL.as_ref(),
+            dir.join("e2e").as_os_str(),
+            "klein".as_ref(),
+        ],
+    );
+}

@@ -69,3 +69,20 @@ fn the_z_image_transformer_matches_diffusers() {
 fn z_image_generations_match_diffusers_images() {
     common::e2e::run_model(MODEL);
 }
+
+/// The official `openai` client and `webuiapi` get diffusers' images from
+/// this family (cfg_scale read as its own guidance on the A1111 routes).
+#[test]
+fn openai_and_webuiapi_clients_get_diffusers_images_from_zimage() {
+    let dir = common::model(MODEL);
+    let stack = common::stack::Stack::start(&dir);
+    common::run_client(
+        "qwen_family_clients.py",
+        &[
+            stack.http.as_ref(),
+            MODEL.as_ref(),
+            dir.join("e2e").as_os_str(),
+            "zimage".as_ref(),
+        ],
+    );
+}

@@ -120,7 +120,7 @@ fn parameters_json(p: &GenerationParameters) -> serde_json::Value {
         "prompt": p.prompt, "negative_prompt": p.negative_prompt, "width": p.width,
         "height": p.height, "steps": p.steps, "guidance_scale": p.guidance_scale,
         "scheduler": p.scheduler, "seed": p.seed, "model": p.model,
-        "true_cfg_scale": (p.max_sequence_length > 0).then_some(p.true_cfg_scale),
+        "true_cfg_scale": (p.true_cfg_scale > 0.0).then_some(p.true_cfg_scale),
         "max_sequence_length": (p.max_sequence_length > 0).then_some(p.max_sequence_length),
         "loras": p.loras.iter().map(|l| json!({
             "name": l.name, "scale": l.scale, "unet_scale": l.unet_scale,

@@ -89,8 +89,9 @@ pub fn load(
         &profile.params,
         args.max_batch,
         // Within what the network can place (Z-Image's position table).
-        args.max_side
-            .min(net.max_latent_side().unwrap_or(i64::MAX) * layout.vae_scale_factor),
+        net.max_latent_side().map_or(args.max_side, |l| {
+            args.max_side.min(l * layout.vae_scale_factor)
+        }),
         scheduler.num_train_timesteps() as f32,
     );
     let info = DenoiserInfo {

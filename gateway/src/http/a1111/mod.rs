@@ -104,8 +104,10 @@ async fn generate(S(http): S<State>, headers: HeaderMap, body: Body, img2img: bo
             // CLIP_stop_at_last_layers says (its sdxl_clip_l_skip is off).
             asked.base.clip_skip = 0;
         }
-        if profile.is_flow() {
+        if profile.flux().is_some() {
             request::as_forge_flux(&Fields(&body), &mut asked)?;
+        } else if profile.is_flow() {
+            request::as_qwen_family(&Fields(&body), &mut asked, profile.default_guidance)?;
         }
         if img2img {
             let size = (asked.base.width, asked.base.height);

@@ -274,6 +274,17 @@ pub(super) fn as_forge_flux(f: &Fields, asked: &mut Asked) -> HttpResult<()> {
     Ok(())
 }
 
+/// FLUX.2 Klein and Z-Image on the A1111 routes: `cfg_scale` is the
+/// pipeline's own guidance (no distilled value; the model's default when
+/// absent, not A1111's 7), and no CLIP layer to stop at.
+pub(super) fn as_qwen_family(f: &Fields, asked: &mut Asked, default: f32) -> HttpResult<()> {
+    let cfg = f.f64("cfg_scale")?;
+    asked.base.guidance_scale = cfg.map(|c| c as f32);
+    asked.base.clip_skip = 0;
+    asked.cfg_scale = cfg.unwrap_or(f64::from(default));
+    Ok(())
+}
+
 pub(super) fn clip_stop(f: &Fields) -> HttpResult<u32> {
     let Some(o) = f.object("override_settings")? else {
         return Ok(1);

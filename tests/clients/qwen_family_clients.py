@@ -1,0 +1,76 @@
+"""Clients nobody here wrote, against a live sdserve gateway serving a tiny
+FLUX.2 Klein or Z-Image fixture: the official `openai` package and the PyPI
+`webuiapi` A1111 client, each image compared with the one diffusers'
+pipeline made for the same parameters (within 2/255); the model listing;
+and the family's refusals by field.
+
+Usage: python qwen_family_clients.py http://127.0.0.1:PORT MODEL_NAME E2E_DIR FAMILY
+"""
+
+import base64
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import openai
+import webuiapi
+from PIL import Image
+
+URL, MODEL, E2E, FAMILY = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+CASES = {c["name"]: c for c in json.loads((E2E / "cases.json").read_text())["cases"]}
+
+
+def pixels(img):
+    return np.asarray(img.convert("RGB"), dtype=np.int16)
+
+
+def same_as(img, case):
+    want = Image.open(E2E / CASES[case]["files"][0])
+    d = np.abs(pixels(img) - pixels(want)).max()
+    assert d <= 2, f"{case}: {d}/255 from diffusers' image"
+
+
+def check_openai(case):
+    client = openai.OpenAI(base_url=f"{URL}/v1", api_key="unused", max_retries=0)
+    p = CASES[case]["params"]
+    extra = {"steps": p["steps"], "seed": p["seed"], "guidance_scale": p["guidance"]}
+    if "negative_prompt" in p:
+        extra["negative_prompt"] = p["negative_prompt"]
+    r = client.images.generate(prompt=p["prompt"], size=f"{p['width']}x{p['height']}",
+                               response_format="b64_json", extra_body=extra)
+    same_as(Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))), case)
+    models = {m.id: m for m in client.models.list()}
+    assert models[MODEL].model_extra["sdserve"]["family"] == FAMILY, models[MODEL]
+    # FLUX.1's true CFG is not these families' guidance.
+    try:
+        client.images.generate(prompt="x", size="64x64", extra_body={"steps": 1, "true_cfg_scale": 4})
+        raise AssertionError("true_cfg_scale was accepted")
+    except openai.BadRequestError as e:
+        assert e.body.get("param") == "true_cfg_scale", e.body
+
+
+def check_webuiapi(case):
+    host, port = URL.removeprefix("http://").split(":")
+    api = webuiapi.WebUIApi(host=host, port=int(port))
+    assert [x["name"] for x in api.get_samplers()] == ["Euler"], api.get_samplers()
+    p = CASES[case]["params"]
+    # cfg_scale is the pipeline's own guidance on these families.
+    r = api.txt2img(prompt=p["prompt"], negative_prompt=p.get("negative_prompt", ""), seed=p["seed"],
+                    steps=p["steps"], cfg_scale=p["guidance"], width=p["width"], height=p["height"],
+                    sampler_name="Euler")
+    same_as(r.image, case)
+    text = r.info["infotexts"][0]
+    assert f"CFG scale: {p['guidance']:g}" in text and "Distilled" not in text, text
+
+
+def main():
+    first = next(iter(CASES))
+    check_openai(first)
+    check_webuiapi(first)
+    print(f"{FAMILY}: openai and webuiapi images equal diffusers'")
+
+
+if __name__ == "__main__":
+    main()
