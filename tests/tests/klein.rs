@@ -216,3 +216,21 @@ fn openai_and_webuiapi_clients_get_diffusers_images_from_klein() {
         ],
     );
 }
+
+/// PEFT LoRAs for the transformer, as diffusers saves them: none, one, and
+/// two at other scales, each equal to the pipeline's image with
+/// load_lora_weights and set_adapters (one at a time and batched: mixed
+/// LoRAs in one forward).
+#[test]
+fn peft_loras_match_diffusers_load_lora_weights() {
+    let dir = common::model(MODEL);
+    let loras = dir.join("loras");
+    let stack = common::stack::Stack::start_with(&dir, &["--lora-dir", loras.to_str().unwrap()]);
+    let e2e = dir.join("e2e-lora");
+    common::e2e::check_all(
+        &stack.url,
+        &common::e2e::load_cases(&e2e),
+        &e2e,
+        "klein-lora",
+    );
+}

@@ -539,21 +539,37 @@ impl ZImageTransformer {
     fn captions(&self, captions: &[Tensor], cap_lens: &[i64]) -> (Tensor, (Tensor, Tensor)) {
         let c = &self.config;
         let (dev, kind) = (self.device, self.kind);
-        // Captions: each embedded, padded to a multiple of 32 with the pad
-        // token, then the rows padded to the longest with a mask.
+        // Captions: embedded together (rows padded to the longest, so the
+        // embedder sees the batch its LoRA plan expects), then each row's
+        // tokens up to a multiple of 32 the pad token, zeros beyond.
         let longest = cap_lens.iter().copied().max().unwrap_or(1);
-        let caps: Vec<Tensor> = captions
-            .iter()
-            .zip(cap_lens)
-            .map(|(cap, &len)| {
-                let e = self
-                    .cap_linear
-                    .forward(&self.cap_norm.forward(&cap.to_device(dev).to_kind(kind)));
-                pad_rows(&e.unsqueeze(0), len, &self.cap_pad)
-                    .squeeze_dim(0)
-                    .constant_pad_nd([0, 0, 0, longest - len])
-            })
-            .collect();
+        let raw = Tensor::stack(
+            &captions
+                .iter()
+                .map(|c| {
+                    c.to_device(dev)
+                        .to_kind(kind)
+                        .constant_pad_nd([0, 0, 0, longest - c.size()[0]])
+                })
+                .collect::<Vec<_>>(),
+            0,
+        );
+        let embedded = self.cap_linear.forward(&self.cap_norm.forward(&raw));
+        let rows = |lens: Vec<i64>| {
+            Tensor::stack(
+                &lens
+                    .iter()
+                    .map(|&l| Tensor::arange(longest, (Kind::Int64, dev)).lt(l))
+                    .collect::<Vec<_>>(),
+                0,
+            )
+            .unsqueeze(-1)
+        };
+        let real = rows(captions.iter().map(|c| c.size()[0]).collect());
+        let padded = rows(cap_lens.to_vec());
+        let pad = self.cap_pad.to_kind(embedded.kind()).view([1, 1, -1]);
+        let fill = pad.where_self(&padded, &embedded.zeros_like());
+        let caps = embedded.where_self(&real, &fill);
         let cap_ids = Tensor::stack(
             &cap_lens
                 .iter()
@@ -568,7 +584,7 @@ impl ZImageTransformer {
             mask: cap_mask.as_ref(),
             heads: c.n_heads,
         };
-        let mut cap = Tensor::stack(&caps, 0);
+        let mut cap = caps;
         for block in &self.context_refiner {
             cap = block.forward(&cap, &cap_seq, None);
         }
