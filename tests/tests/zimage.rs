@@ -104,3 +104,18 @@ fn peft_loras_match_diffusers_load_lora_weights() {
         "zimage-lora",
     );
 }
+
+/// The web page fits this family in headless Chromium and generates.
+#[test]
+fn the_web_page_fits_a_zimage_model_in_headless_chromium() {
+    let stack = common::stack::Stack::start(&common::model(MODEL));
+    common::run_client(
+        "web_page_qwen_family.py",
+        &[
+            stack.http.as_ref(),
+            MODEL.as_ref(),
+            "zimage".as_ref(),
+            "5".as_ref(),
+        ],
+    );
+}
