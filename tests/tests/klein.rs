@@ -249,3 +249,26 @@ fn the_web_page_fits_a_klein_model_in_headless_chromium() {
         ],
     );
 }
+
+/// A step-distilled Klein (`is_distilled`): guidance runs no CFG rows (the
+/// pipeline ignores it), and it defaults to 4 steps; its images equal the
+/// pipeline's, one at a time and batched.
+#[test]
+fn a_distilled_klein_ignores_guidance_as_its_pipeline_does() {
+    common::e2e::run_model("klein-distilled-tiny");
+    let stack = common::stack::Stack::start(&common::model("klein-distilled-tiny"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let models = rt.block_on(async {
+        let mut client =
+            sd_proto::v1::generation_client::GenerationClient::connect(stack.url.clone())
+                .await
+                .unwrap();
+        client
+            .list_models(sd_proto::v1::ListModelsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    assert_eq!(models.models[0].family, "klein-distilled");
+    assert_eq!(models.models[0].default_steps, 4);
+}
