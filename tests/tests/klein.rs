@@ -204,17 +204,7 @@ fn klein_refuses_what_its_pipeline_does_not_take() {
 /// this family (cfg_scale read as its own guidance on the A1111 routes).
 #[test]
 fn openai_and_webuiapi_clients_get_diffusers_images_from_klein() {
-    let dir = common::model(MODEL);
-    let stack = common::stack::Stack::start(&dir);
-    common::run_client(
-        "qwen_family_clients.py",
-        &[
-            stack.http.as_ref(),
-            MODEL.as_ref(),
-            dir.join("e2e").as_os_str(),
-            "klein".as_ref(),
-        ],
-    );
+    common::families::clients(MODEL, "klein");
 }
 
 /// PEFT LoRAs for the transformer, as diffusers saves them: none, one, and
@@ -223,31 +213,13 @@ fn openai_and_webuiapi_clients_get_diffusers_images_from_klein() {
 /// LoRAs in one forward).
 #[test]
 fn peft_loras_match_diffusers_load_lora_weights() {
-    let dir = common::model(MODEL);
-    let loras = dir.join("loras");
-    let stack = common::stack::Stack::start_with(&dir, &["--lora-dir", loras.to_str().unwrap()]);
-    let e2e = dir.join("e2e-lora");
-    common::e2e::check_all(
-        &stack.url,
-        &common::e2e::load_cases(&e2e),
-        &e2e,
-        "klein-lora",
-    );
+    common::families::loras(MODEL);
 }
 
 /// The web page fits this family in headless Chromium and generates.
 #[test]
 fn the_web_page_fits_a_klein_model_in_headless_chromium() {
-    let stack = common::stack::Stack::start(&common::model(MODEL));
-    common::run_client(
-        "web_page_qwen_family.py",
-        &[
-            stack.http.as_ref(),
-            MODEL.as_ref(),
-            "klein".as_ref(),
-            "4".as_ref(),
-        ],
-    );
+    common::families::web_page(MODEL, "klein", "4");
 }
 
 /// A step-distilled Klein (`is_distilled`): guidance runs no CFG rows (the

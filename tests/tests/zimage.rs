@@ -74,17 +74,7 @@ fn z_image_generations_match_diffusers_images() {
 /// this family (cfg_scale read as its own guidance on the A1111 routes).
 #[test]
 fn openai_and_webuiapi_clients_get_diffusers_images_from_zimage() {
-    let dir = common::model(MODEL);
-    let stack = common::stack::Stack::start(&dir);
-    common::run_client(
-        "qwen_family_clients.py",
-        &[
-            stack.http.as_ref(),
-            MODEL.as_ref(),
-            dir.join("e2e").as_os_str(),
-            "zimage".as_ref(),
-        ],
-    );
+    common::families::clients(MODEL, "zimage");
 }
 
 /// PEFT LoRAs for the transformer, as diffusers saves them: none, one, and
@@ -93,29 +83,11 @@ fn openai_and_webuiapi_clients_get_diffusers_images_from_zimage() {
 /// LoRAs in one forward).
 #[test]
 fn peft_loras_match_diffusers_load_lora_weights() {
-    let dir = common::model(MODEL);
-    let loras = dir.join("loras");
-    let stack = common::stack::Stack::start_with(&dir, &["--lora-dir", loras.to_str().unwrap()]);
-    let e2e = dir.join("e2e-lora");
-    common::e2e::check_all(
-        &stack.url,
-        &common::e2e::load_cases(&e2e),
-        &e2e,
-        "zimage-lora",
-    );
+    common::families::loras(MODEL);
 }
 
 /// The web page fits this family in headless Chromium and generates.
 #[test]
 fn the_web_page_fits_a_zimage_model_in_headless_chromium() {
-    let stack = common::stack::Stack::start(&common::model(MODEL));
-    common::run_client(
-        "web_page_qwen_family.py",
-        &[
-            stack.http.as_ref(),
-            MODEL.as_ref(),
-            "zimage".as_ref(),
-            "5".as_ref(),
-        ],
-    );
+    common::families::web_page(MODEL, "zimage", "5");
 }

@@ -271,33 +271,17 @@ impl ClipTextModel {
     /// The ids as int64 after checking their shape and range, and that
     /// `skip` layers can be skipped.
     fn check_ids(&self, ids: &Tensor, skip: usize) -> Result<Tensor> {
-        let size = ids.size();
-        let [batch, seq] = size[..] else {
-            return Err(ModelError::Input(format!(
-                "token ids must be 2-d (batch, seq), got {size:?}"
-            )));
-        };
-        if batch < 1 || seq < 1 || seq > self.config.max_position_embeddings {
-            return Err(ModelError::Input(format!(
-                "token ids shape {size:?}: need batch >= 1 and 1..={} tokens",
-                self.config.max_position_embeddings
-            )));
-        }
         if skip >= self.layers.len() {
             return Err(ModelError::Input(format!(
                 "clip_skip {skip} must be below the text encoder's {} layers",
                 self.layers.len()
             )));
         }
-        let ids = ids.f_to_kind(Kind::Int64)?;
-        let (lo, hi) = (ids.f_min()?.int64_value(&[]), ids.f_max()?.int64_value(&[]));
-        if lo < 0 || hi >= self.config.vocab_size {
-            return Err(ModelError::Input(format!(
-                "token ids must lie in 0..{}, got {lo}..={hi}",
-                self.config.vocab_size
-            )));
-        }
-        Ok(ids)
+        crate::layers::token_ids(
+            ids,
+            self.config.vocab_size,
+            self.config.max_position_embeddings,
+        )
     }
 
     /// Each fix within the ids' rows and positions, a vector of the

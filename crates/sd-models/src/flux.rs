@@ -542,12 +542,7 @@ impl FluxTransformer {
             // schnell: the guidance value is not an input (diffusers drops it).
             (None, _) => None,
         };
-        let nt = timesteps.numel() as i64;
-        if nt != 1 && nt != b {
-            return Err(ModelError::Input(format!(
-                "{nt} timesteps for a batch of {b}"
-            )));
-        }
+        per_row_timesteps(timesteps, b)?;
         guarded(|| {
             let _guard = tch::no_grad_guard();
             let dev = self.device;
@@ -602,6 +597,17 @@ impl FluxTransformer {
             Ok(unpack(&out, ch, h, w))
         })
     }
+}
+
+/// One timestep for all `b` rows, or one per row; anything else refused.
+pub(crate) fn per_row_timesteps(timesteps: &Tensor, b: i64) -> Result<()> {
+    let nt = timesteps.numel() as i64;
+    if nt != 1 && nt != b {
+        return Err(ModelError::Input(format!(
+            "{nt} timesteps for a batch of {b}"
+        )));
+    }
+    Ok(())
 }
 
 /// (B, C, h, w) → (B, h/2 · w/2, 4C): each 2×2 patch one token.

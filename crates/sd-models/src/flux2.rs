@@ -502,12 +502,7 @@ impl Flux2Transformer {
                 "this guidance-distilled transformer needs a guidance value".into(),
             ));
         }
-        let nt = timesteps.numel() as i64;
-        if nt != 1 && nt != b {
-            return Err(ModelError::Input(format!(
-                "{nt} timesteps for a batch of {b}"
-            )));
-        }
+        crate::flux::per_row_timesteps(timesteps, b)?;
         if let Some(r) = &references {
             let (ts, is) = (r.tokens.size(), r.ids.size());
             if ts.len() != 3

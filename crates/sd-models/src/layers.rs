@@ -200,3 +200,28 @@ pub fn attention(
     };
     out.transpose(1, 2).reshape([b, n, inner])
 }
+
+/// Token ids as a text encoder takes them: (batch >= 1, 1..=`max_len`
+/// tokens), each in 0..`vocab`; returned as int64.
+pub fn token_ids(ids: &Tensor, vocab: i64, max_len: i64) -> Result<Tensor> {
+    use crate::error::ModelError;
+    let size = ids.size();
+    let [batch, seq] = size[..] else {
+        return Err(ModelError::Input(format!(
+            "token ids must be 2-d (batch, seq), got {size:?}"
+        )));
+    };
+    if batch < 1 || seq < 1 || seq > max_len {
+        return Err(ModelError::Input(format!(
+            "token ids shape {size:?}: need batch >= 1 and 1..={max_len} tokens"
+        )));
+    }
+    let ids = ids.f_to_kind(tch::Kind::Int64)?;
+    let (lo, hi) = (ids.f_min()?.int64_value(&[]), ids.f_max()?.int64_value(&[]));
+    if lo < 0 || hi >= vocab {
+        return Err(ModelError::Input(format!(
+            "token ids must lie in 0..{vocab}, got {lo}..={hi}"
+        )));
+    }
+    Ok(ids)
+}

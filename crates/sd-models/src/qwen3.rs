@@ -335,17 +335,9 @@ impl Qwen3Encoder {
         mask: &Tensor,
         states: &[usize],
     ) -> Result<Vec<Tensor>> {
+        let ids = crate::layers::token_ids(ids, self.config.vocab_size, i64::MAX)?;
         let size = ids.size();
-        let [batch, seq] = size[..] else {
-            return Err(ModelError::Input(format!(
-                "token ids must be 2-d (batch, seq), got {size:?}"
-            )));
-        };
-        if batch < 1 || seq < 1 {
-            return Err(ModelError::Input(format!(
-                "token ids shape {size:?}: need batch >= 1 and tokens >= 1"
-            )));
-        }
+        let seq = size[1];
         if mask.size() != size {
             return Err(ModelError::Input(format!(
                 "attention mask shape {:?}, the ids' is {size:?}",
@@ -356,14 +348,6 @@ impl Qwen3Encoder {
         if let Some(&s) = states.iter().find(|&&s| s > layers) {
             return Err(ModelError::Input(format!(
                 "hidden state {s} asked of a {layers}-layer encoder (0..={layers})"
-            )));
-        }
-        let ids = ids.f_to_kind(Kind::Int64)?;
-        let (lo, hi) = (ids.f_min()?.int64_value(&[]), ids.f_max()?.int64_value(&[]));
-        if lo < 0 || hi >= self.config.vocab_size {
-            return Err(ModelError::Input(format!(
-                "token ids must lie in 0..{}, got {lo}..={hi}",
-                self.config.vocab_size
             )));
         }
         guarded(|| {

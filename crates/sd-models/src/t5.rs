@@ -287,25 +287,8 @@ impl T5Encoder {
     /// Token ids (batch, seq) → the last hidden states (batch, seq, d_model),
     /// after the final norm.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let size = ids.size();
-        let [batch, seq] = size[..] else {
-            return Err(ModelError::Input(format!(
-                "token ids must be 2-d (batch, seq), got {size:?}"
-            )));
-        };
-        if batch < 1 || seq < 1 {
-            return Err(ModelError::Input(format!(
-                "token ids shape {size:?}: need batch >= 1 and tokens >= 1"
-            )));
-        }
-        let ids = ids.f_to_kind(Kind::Int64)?;
-        let (lo, hi) = (ids.f_min()?.int64_value(&[]), ids.f_max()?.int64_value(&[]));
-        if lo < 0 || hi >= self.config.vocab_size {
-            return Err(ModelError::Input(format!(
-                "token ids must lie in 0..{}, got {lo}..={hi}",
-                self.config.vocab_size
-            )));
-        }
+        let ids = crate::layers::token_ids(ids, self.config.vocab_size, i64::MAX)?;
+        let seq = ids.size()[1];
         guarded(|| {
             let _guard = tch::no_grad_guard();
             let ids = ids.to_device(self.device);

@@ -344,7 +344,8 @@ impl T5Tokenizer {
 pub struct QwenTokenizer {
     inner: Tokenizer,
     pad_id: u32,
-    template: String,
+    /// The chat template, compiled once (as `chat`).
+    chat: minijinja::Environment<'static>,
 }
 
 impl QwenTokenizer {
@@ -403,10 +404,24 @@ impl QwenTokenizer {
                 }
             }
         };
+        let mut chat = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut chat);
+        chat.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        chat.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        chat.add_template_owned("chat", template)
+            .map_err(|e| tok_err(&config_path, format!("the chat template: {e:#}")))?;
         let tokenizer = QwenTokenizer {
             inner,
             pad_id,
-            template,
+            chat,
         };
         // A template that does not render is refused at load, not per request.
         tokenizer
@@ -422,20 +437,9 @@ impl QwenTokenizer {
     /// The prompt as the chat template lays it out: one user message and
     /// the generation prompt, with `enable_thinking` when given.
     pub fn chat(&self, prompt: &str, thinking: Option<bool>) -> Result<String> {
-        let mut env = minijinja::Environment::new();
-        minijinja_contrib::add_to_environment(&mut env);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        let template = env
-            .template_from_str(&self.template)
+        let template = self
+            .chat
+            .get_template("chat")
             .map_err(|e| ModelError::Input(format!("the chat template: {e:#}")))?;
         let messages = vec![minijinja::context! { role => "user", content => prompt }];
         let ctx = match thinking {

@@ -436,12 +436,7 @@ impl ZImageTransformer {
                 c.axes_lens
             )));
         }
-        let nt = timesteps.numel() as i64;
-        if nt != 1 && nt != b {
-            return Err(ModelError::Input(format!(
-                "{nt} timesteps for a batch of {b}"
-            )));
-        }
+        crate::flux::per_row_timesteps(timesteps, b)?;
         guarded(|| {
             let _guard = tch::no_grad_guard();
             Ok(self.run(latents, timesteps, captions, (b, ch, h, w)))

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod e2e;
+pub mod families;
 pub mod procfs;
 pub mod procs;
 pub mod raw;
