@@ -92,6 +92,8 @@ pub struct Plan {
     pub loras: Vec<LoraRef>,
     /// Hires fix: the second pass.
     pub hires: Option<crate::hires::HiresPlan>,
+    /// FLUX.2 Klein: the reference images, prepared.
+    pub references: Vec<crate::reference::Reference>,
 }
 
 impl std::fmt::Debug for Plan {
@@ -105,6 +107,7 @@ impl std::fmt::Debug for Plan {
             .field("num_images", &self.num_images)
             .field("img2img", &self.init.is_some())
             .field("inpaint", &self.inpaint.is_some())
+            .field("references", &self.references.len())
             .finish_non_exhaustive()
     }
 }
@@ -233,6 +236,7 @@ impl Plan {
                 format!("unknown value {}", req.preview_mode),
             )
         })?;
+        let references = references(&mut req, facts, limits)?;
         let source = Source::new(&req, facts, limits)?;
         let sampler = Sampler::new(&req, facts, steps, image_seq_len(facts, &source))?;
         if source.init.is_some() {
@@ -253,6 +257,7 @@ impl Plan {
             guided,
             sampler.schedule.as_ref(),
             steps,
+            reference_positions(facts, &references),
         );
         let predicted_seconds = predicted.map(|p| p.0);
         check_seconds(predicted_seconds, num_images, steps, &source, limits)?;
@@ -294,6 +299,7 @@ impl Plan {
             prompt_syntax,
             loras,
             hires: None,
+            references,
         })
     }
 
@@ -839,10 +845,12 @@ fn predict_seconds(
     guided: bool,
     schedule: &dyn Scheduler,
     steps: u32,
+    reference_positions: u64,
 ) -> Option<(f64, f64)> {
     let cost = facts.cost.get()?;
     let sf = facts.layout.scale_factor.max(1);
-    let positions = u64::from(source.width / sf) * u64::from(source.height / sf);
+    let positions =
+        u64::from(source.width / sf) * u64::from(source.height / sf) + reference_positions;
     let rows = u64::from(num_images) * if guided { 2 } else { 1 };
     let start = if source.init.is_some() {
         schedule.start_index(steps, source.strength)
@@ -852,6 +860,48 @@ fn predict_seconds(
     let forwards = schedule.timesteps().len().saturating_sub(start).max(1);
     let step = cost.seconds(positions, rows)?;
     Some((forwards as f64 * step, step))
+}
+
+/// The request's reference images (FLUX.2 Klein's alone), prepared as
+/// its pipeline does; an unset width or height becomes the first one's.
+fn references(
+    req: &mut GenerateRequest,
+    facts: &ModelFacts,
+    limits: &Limits,
+) -> Result<Vec<crate::reference::Reference>> {
+    if req.reference_images.is_empty() {
+        return Ok(Vec::new());
+    }
+    if facts.profile.klein().is_none() {
+        return Err(Error::invalid(
+            "reference_images",
+            "this model takes none: reference images are FLUX.2 Klein's (use init_image \
+             for image-to-image)",
+        ));
+    }
+    let refs = crate::reference::prepare(
+        &req.reference_images,
+        limits,
+        facts.layout.size_multiple,
+        "reference_images",
+    )?;
+    if let Some(first) = refs.first() {
+        if req.width == 0 {
+            req.width = first.width;
+        }
+        if req.height == 0 {
+            req.height = first.height;
+        }
+    }
+    Ok(refs)
+}
+
+/// Latent positions the references add to every forward.
+fn reference_positions(facts: &ModelFacts, refs: &[crate::reference::Reference]) -> u64 {
+    let sf = facts.layout.scale_factor.max(1);
+    refs.iter()
+        .map(|r| u64::from(r.width / sf) * u64::from(r.height / sf))
+        .sum()
 }
 
 /// Refuse a request predicted to take longer than `--max-request-seconds`,

@@ -51,6 +51,35 @@ def check_openai(case):
         assert e.body.get("param") == "true_cfg_scale", e.body
 
 
+def check_openai_references(case):
+    """FLUX.2 Klein: several `image` files to /v1/images/edits are the
+    pipeline's reference images (as gpt-image-1 takes several)."""
+    client = openai.OpenAI(base_url=f"{URL}/v1", api_key="unused", max_retries=0)
+    c = CASES[case]
+    p = c["params"]
+    files = [(f, (E2E / f).read_bytes(), "image/png") for f in p["references"]]
+    size = f"{p['width']}x{p['height']}" if "width" in p else "auto"
+    r = client.images.edit(image=files, prompt=p["prompt"], size=size, n=p.get("num_images", 1),
+                           response_format="b64_json",
+                           extra_body={"steps": p["steps"], "seed": p["seed"], "guidance_scale": p["guidance"]})
+    assert len(r.data) == len(c["files"]), r.data
+    for d, f in zip(r.data, c["files"]):
+        got = Image.open(io.BytesIO(base64.b64decode(d.b64_json)))
+        want = Image.open(E2E / f)
+        assert got.size == want.size, (got.size, want.size)
+        diff = np.abs(pixels(got) - pixels(want)).max()
+        assert diff <= 2, f"{case} {f}: {diff}/255 from diffusers' image"
+    # A reference below the pipeline's 64 pixels a side is refused, by field.
+    tiny = io.BytesIO()
+    Image.new("RGB", (32, 96)).save(tiny, format="PNG")
+    try:
+        client.images.edit(image=[("tiny.png", tiny.getvalue(), "image/png")], prompt="x",
+                           extra_body={"steps": 1})
+        raise AssertionError("a 32x96 reference was accepted")
+    except openai.BadRequestError as e:
+        assert e.body.get("param") == "image" and "too small" in e.body.get("message", ""), e.body
+
+
 def check_webuiapi(case):
     host, port = URL.removeprefix("http://").split(":")
     api = webuiapi.WebUIApi(host=host, port=int(port))
@@ -69,7 +98,20 @@ def main():
     first = next(iter(CASES))
     check_openai(first)
     check_webuiapi(first)
-    print(f"{FAMILY}: openai and webuiapi images equal diffusers'")
+    if not FAMILY.startswith("klein"):
+        # One picture to change: several are Klein's reference images.
+        client = openai.OpenAI(base_url=f"{URL}/v1", api_key="unused", max_retries=0)
+        two = [(f"{i}.png", (E2E / CASES[first]["files"][0]).read_bytes(), "image/png") for i in range(2)]
+        try:
+            client.images.edit(image=two, prompt="x", extra_body={"steps": 1})
+            raise AssertionError("two images were accepted")
+        except openai.BadRequestError as e:
+            assert e.body.get("param") == "image" and "Klein" in e.body.get("message", ""), e.body
+    with_references = [n for n, c in CASES.items() if "references" in c["params"]]
+    for case in with_references:
+        check_openai_references(case)
+    print(f"{FAMILY}: openai and webuiapi images equal diffusers' "
+          f"({len(with_references)} edits from reference images)")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ fn the_transformer_matches_diffusers_per_row_timesteps_and_guidance() {
                     guidance,
                     image: None,
                     control: None,
+                    references: None,
                 },
             )
             .unwrap()
@@ -126,6 +127,7 @@ fn bad_transformer_inputs_are_errors_not_aborts() {
                 guidance,
                 image: None,
                 control: None,
+                references: None,
             },
         )
     };

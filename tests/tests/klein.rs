@@ -184,6 +184,21 @@ fn klein_refuses_what_its_pipeline_does_not_take() {
                 },
                 "width",
             ),
+            // Below the pipeline's 64 pixels a side; more than 16.
+            (
+                GenerateRequest {
+                    reference_images: vec![common::png(32, 96).into()],
+                    ..base.clone()
+                },
+                "reference_images",
+            ),
+            (
+                GenerateRequest {
+                    reference_images: vec![common::png(64, 64).into(); 17],
+                    ..base.clone()
+                },
+                "reference_images",
+            ),
         ] {
             let e = client.generate(req).await.unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{field}: {e:?}");
@@ -243,4 +258,48 @@ fn a_distilled_klein_ignores_guidance_as_its_pipeline_does() {
     });
     assert_eq!(models.models[0].family, "klein-distilled");
     assert_eq!(models.models[0].default_steps, 4);
+}
+
+/// `sdctl generate --reference` (repeatable) edits from reference images:
+/// the fixture's two-reference case, equal to the pipeline's images.
+#[test]
+fn sdctl_generates_from_reference_images() {
+    let dir = common::model(MODEL);
+    let e2e = dir.join("e2e");
+    let case = common::e2e::load_cases(&e2e)
+        .into_iter()
+        .find(|c| c.name == "ref-two")
+        .unwrap();
+    let p = &case.params;
+    let stack = common::stack::Stack::start(&dir);
+    let out = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(common::stack::bin_dir().join("sdctl"));
+    cmd.args(["generate", "--gateway", &stack.url, "--output"])
+        .arg(out.path().join("edit.png"));
+    for (flag, key) in [
+        ("--prompt", "prompt"),
+        ("--width", "width"),
+        ("--height", "height"),
+        ("--steps", "steps"),
+        ("--seed", "seed"),
+        ("--guidance", "guidance"),
+        ("--num-images", "num_images"),
+    ] {
+        let v = &p[key];
+        cmd.arg(flag)
+            .arg(v.as_str().map_or_else(|| v.to_string(), str::to_string));
+    }
+    for r in p["references"].as_array().unwrap() {
+        cmd.arg("--reference").arg(e2e.join(r.as_str().unwrap()));
+    }
+    let run = cmd.output().unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    for (i, want) in case.files.iter().enumerate() {
+        let got = std::fs::read(out.path().join(format!("edit-{i}.png"))).unwrap();
+        common::e2e::compare(&format!("sdctl {want}"), &got, &e2e.join(want)).unwrap();
+    }
 }

@@ -15,7 +15,7 @@ use crate::config::VaeConfig;
 use crate::device::Placement;
 use crate::error::{ModelError, Result};
 use crate::flux::FluxTransformer;
-use crate::flux2::Flux2Transformer;
+use crate::flux2::{Flux2Transformer, References};
 use crate::model_dir::{Family, ModelDir};
 use crate::unet::{Added, Residuals, UNet};
 use crate::zimage::ZImageTransformer;
@@ -64,6 +64,9 @@ pub struct Conditioning<'a> {
     pub image: Option<&'a Tensor>,
     /// A ControlNet's residuals.
     pub control: Option<&'a Residuals>,
+    /// FLUX.2 Klein: reference images' tokens, attended to beside the
+    /// generated ones.
+    pub references: Option<References<'a>>,
 }
 
 /// How the network's latents are laid out, as the denoiser publishes it.
@@ -108,6 +111,9 @@ impl Denoiser {
     ) -> Result<Tensor> {
         match self {
             Denoiser::Unet(unet) => {
+                if cond.references.is_some() {
+                    return Err(ModelError::Input("a UNet takes no reference images".into()));
+                }
                 let added = Added {
                     text_embeds: cond.pooled,
                     time_ids: cond.time_ids,
@@ -123,10 +129,14 @@ impl Denoiser {
                 }
             }
             Denoiser::Flux(flux) => {
-                if cond.image.is_some() || cond.control.is_some() || cond.time_ids.is_some() {
+                if cond.image.is_some()
+                    || cond.control.is_some()
+                    || cond.time_ids.is_some()
+                    || cond.references.is_some()
+                {
                     return Err(ModelError::Input(
-                        "FLUX takes no image conditioning, ControlNet residuals or time ids \
-                         (not served yet)"
+                        "FLUX takes no image conditioning, ControlNet residuals, time ids or \
+                         reference images (not served yet)"
                             .into(),
                     ));
                 }
@@ -144,7 +154,13 @@ impl Denoiser {
                             .into(),
                     ));
                 }
-                flux.forward(latents, timesteps, cond.context, cond.guidance, None)
+                flux.forward(
+                    latents,
+                    timesteps,
+                    cond.context,
+                    cond.guidance,
+                    cond.references,
+                )
             }
             Denoiser::ZImage(z) => {
                 if cond.image.is_some()
@@ -152,10 +168,11 @@ impl Denoiser {
                     || cond.time_ids.is_some()
                     || cond.pooled.is_some()
                     || cond.guidance.is_some()
+                    || cond.references.is_some()
                 {
                     return Err(ModelError::Input(
                         "Z-Image takes no pooled embedding, guidance input, image conditioning, \
-                         ControlNet residuals or time ids"
+                         ControlNet residuals, time ids or reference images"
                             .into(),
                     ));
                 }
@@ -279,6 +296,11 @@ impl Denoiser {
             }
             Denoiser::Unet(_) | Denoiser::Flux(_) | Denoiser::Flux2(_) => None,
         }
+    }
+
+    /// Whether the network attends to reference images' tokens (FLUX.2).
+    pub fn takes_references(&self) -> bool {
+        matches!(self, Denoiser::Flux2(_))
     }
 
     /// Text tokens a typical call brings (CLIP's 77; FLUX: T5's default

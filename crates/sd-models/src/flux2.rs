@@ -381,6 +381,7 @@ struct Shared {
 
 /// Reference images' tokens for a forward: (1 or batch, tokens, channels)
 /// and their positions (tokens, 4), as [`reference_ids`] lays them out.
+#[derive(Debug, Clone, Copy)]
 pub struct References<'a> {
     pub tokens: &'a Tensor,
     pub ids: &'a Tensor,

@@ -49,6 +49,7 @@ const RENAMES: &[(&str, &str)] = &[
     ("height", "size"),
     ("num_images", "n"),
     ("init_image", "image"),
+    ("reference_images", "image"),
 ];
 
 /// How the images come back.
@@ -142,23 +143,35 @@ async fn generations(S(http): S<State>, headers: HeaderMap, body: Body) -> Respo
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-/// Generate for an OpenAI request (with an init image for edits).
+/// An edit's pictures: the image to change and its mask (either may be
+/// empty), and FLUX.2 Klein's reference images.
+#[derive(Default)]
+struct Edit {
+    image: Vec<u8>,
+    mask: Vec<u8>,
+    references: Vec<Vec<u8>>,
+}
+
+/// Generate for an OpenAI request (with its pictures for edits).
 async fn answer(
     http: &State,
     headers: &HeaderMap,
     body: &Map<String, Value>,
-    edit: Option<(Vec<u8>, Vec<u8>)>,
+    edit: Option<Form>,
 ) -> HttpResult<Response> {
     let served = http.service.generator.facts.name.clone();
     let (mut req, delivery) = request(&Fields(body), &served)?;
     // OpenAI answers an unknown model 404 (`model_not_found`), as its
     // clients expect; gRPC says INVALID_ARGUMENT.
-    if let Err(e) = http.service.pick(&req.model) {
-        return Err(HttpError::not_found(e.to_string()));
-    }
-    if let Some((image, mask)) = edit {
-        req.init_image = image.into();
-        req.mask = mask.into();
+    let klein = match http.service.pick(&req.model) {
+        Ok(g) => g.facts.profile.klein().is_some(),
+        Err(e) => return Err(HttpError::not_found(e.to_string())),
+    };
+    if let Some(form) = edit {
+        let edit = edit_pictures(http, form, klein)?;
+        req.init_image = edit.image.into();
+        req.mask = edit.mask.into();
+        req.reference_images = edit.references.into_iter().map(Into::into).collect();
     }
     let reply = http
         .generate("OpenAI", headers, req, None, None)
@@ -234,19 +247,53 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// `POST /v1/images/edits`: multipart with `image` (one file), `mask`
-/// (optional), `prompt`, `n`, `size`, `response_format`, and the
-/// extensions; inpainting with a mask (strength 1.0 unless `strength`
-/// says), image-to-image without.
+/// `POST /v1/images/edits`: multipart with `image` (one file; on FLUX.2
+/// Klein up to 16, its reference images), `mask` (optional), `prompt`,
+/// `n`, `size`, `response_format`, and the extensions; inpainting with a
+/// mask (strength 1.0 unless `strength` says), image-to-image without.
 async fn edits(S(http): S<State>, headers: HeaderMap, req: Request) -> Response {
     let run = async {
-        let (fields, image, mask) = read_form(&http, req).await?;
-        let image =
-            image.ok_or_else(|| HttpError::invalid("image", "required: the image to edit"))?;
-        let mask = edit_mask(&http, &image, mask.as_deref())?;
-        answer(&http, &headers, &fields, Some((image, mask))).await
+        let form = read_form(&http, req).await?;
+        let fields = form.fields.clone();
+        answer(&http, &headers, &fields, Some(form)).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Most `image` files an edit takes (OpenAI's limit).
+const MAX_EDIT_IMAGES: usize = crate::reference::MAX_REFERENCES;
+
+/// What an edit's files mean for the model: on FLUX.2 Klein every `image`
+/// is a reference image (as gpt-image-1 takes several), unless a `mask`
+/// comes along — then the first is the picture the mask repaints and the
+/// rest references; on other models one image, changed or repainted.
+fn edit_pictures(http: &State, form: Form, klein: bool) -> HttpResult<Edit> {
+    let mut images = form.images.into_iter();
+    let Some(first) = images.next() else {
+        return Err(HttpError::invalid("image", "required: the image to edit"));
+    };
+    if klein && form.mask.is_none() {
+        return Ok(Edit {
+            references: std::iter::once(first).chain(images).collect(),
+            ..Edit::default()
+        });
+    }
+    let rest: Vec<Vec<u8>> = images.collect();
+    if !klein && !rest.is_empty() {
+        return Err(HttpError::invalid(
+            "image",
+            format_args!(
+                "{} images: this model edits one (several are FLUX.2 Klein's reference images)",
+                rest.len() + 1
+            ),
+        ));
+    }
+    let mask = edit_mask(http, &first, form.mask.as_deref())?;
+    Ok(Edit {
+        image: first,
+        mask,
+        references: rest,
+    })
 }
 
 /// An edit's mask in our convention (white repaints) as PNG bytes, from
@@ -289,18 +336,22 @@ fn edit_mask(http: &State, image: &[u8], mask: Option<&[u8]>) -> HttpResult<Vec<
     to_png(&gray).map_err(|e| HttpError::invalid("mask", e))
 }
 
-/// A multipart form's text fields, its one `image` file and its `mask`.
-async fn read_form(
-    http: &State,
-    req: Request,
-) -> HttpResult<(Map<String, Value>, Option<Vec<u8>>, Option<Vec<u8>>)> {
+/// An edit's multipart form: its text fields, its `image` files (`image`
+/// or `image[]`, in order) and its `mask`.
+struct Form {
+    fields: Map<String, Value>,
+    images: Vec<Vec<u8>>,
+    mask: Option<Vec<u8>>,
+}
+
+async fn read_form(http: &State, req: Request) -> HttpResult<Form> {
     let (parts, body) = req.into_parts();
     let bytes = http.body(body).await?;
     let req = Request::from_parts(parts, Body::from(bytes));
     let mut form = Multipart::from_request(req, &()).await.map_err(|e| {
         HttpError::invalid("body", format_args!("expected multipart/form-data: {e}"))
     })?;
-    let (mut fields, mut image, mut mask) = (Map::new(), None, None);
+    let (mut fields, mut images, mut mask) = (Map::new(), Vec::new(), None);
     while let Some(field) = form
         .next_field()
         .await
@@ -314,10 +365,13 @@ async fn read_form(
             .map_err(|e| HttpError::invalid(&name, format_args!("could not be read: {e}")))?;
         match name.as_str() {
             "image" | "image[]" => {
-                if image.is_some() {
-                    return Err(HttpError::invalid("image", "one image at a time"));
+                if images.len() == MAX_EDIT_IMAGES {
+                    return Err(HttpError::invalid(
+                        "image",
+                        format_args!("more than {MAX_EDIT_IMAGES} images"),
+                    ));
                 }
-                image = Some(data.to_vec());
+                images.push(data.to_vec());
             }
             "mask" => {
                 if mask.is_some() {
@@ -335,7 +389,11 @@ async fn read_form(
             }
         }
     }
-    Ok((fields, image, mask))
+    Ok(Form {
+        fields,
+        images,
+        mask,
+    })
 }
 
 /// An image handed out by URL, while the store keeps it.

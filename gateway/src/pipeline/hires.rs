@@ -53,8 +53,10 @@ impl Generator {
             (shape.images, shape.channels, lh, lw),
             (big.height, big.width),
         );
-        let text = self
+        let mut text = self
             .condition(&second, pass.lora_key, pass.deadline)
+            .await?;
+        self.add_references(&second.references, &mut text, pass.deadline)
             .await?;
         // A1111: fresh generators from the same seed, at the larger shape.
         let mut rng = TorchGenerator::new(second.seed);

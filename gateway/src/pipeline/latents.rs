@@ -337,6 +337,45 @@ impl Generator {
     }
 }
 
+impl Generator {
+    /// FLUX.2 Klein's reference images as the transformer takes them: each
+    /// encoded (the distribution's mean, in the denoiser's space: the
+    /// pipeline's `sample_mode="argmax"`), packed as tokens with their
+    /// positions; sent once per generation as session tensors.
+    pub(super) async fn add_references(
+        &self,
+        references: &[crate::reference::Reference],
+        text: &mut super::text::Text,
+        deadline: &Deadline,
+    ) -> Result<()> {
+        if references.is_empty() {
+            return Ok(());
+        }
+        let sf = self.facts.layout.scale_factor.max(1) as usize;
+        let crate::facts::Normalization { scale, shift } = self.facts.normalization;
+        let mut latents = Vec::with_capacity(references.len());
+        for r in references {
+            let (h, w) = (r.height as usize / sf, r.width as usize / sf);
+            let shape = LatentShape {
+                images: 1,
+                channels: self.facts.layout.latent_channels,
+                height: h,
+                width: w,
+            };
+            let init = InitImage {
+                pixels: r.pixels.clone(),
+            };
+            let (mean, _std) = self.encode_init_image(&init, &shape, deadline).await?;
+            let data = mean.data.iter().map(|m| scale * (m - shift)).collect();
+            latents.push(shape.tensor(data));
+        }
+        let (tokens, ids) = crate::reference::pack(&latents)?;
+        text.add_session_tensor("reference_tokens", tokens.to_wire(self.wire));
+        text.add_session_tensor("reference_ids", ids.to_wire(Dtype::Float32));
+        Ok(())
+    }
+}
+
 /// diffusers' prepare_latents for image-to-image: one sample of the init
 /// image's distribution, normalised as the autoencoder says (`(sample -
 /// shift) * scale`), repeated for each image, noised to timestep index

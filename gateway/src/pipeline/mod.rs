@@ -144,6 +144,8 @@ impl Generator {
             text.add_session_tensor("mask", mask.to_wire(Dtype::Float32));
             text.add_session_tensor("masked_image_latents", masked.to_wire(self.wire));
         }
+        self.add_references(&plan.references, &mut text, &deadline)
+            .await?;
         let steps = denoise::Denoising {
             generator: self,
             text,

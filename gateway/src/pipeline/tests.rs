@@ -726,3 +726,17 @@ async fn image_to_image_latents_are_normalised_as_the_autoencoder_says() {
         assert!((init - want).abs() < 1e-3, "init {init}, want {want}");
     }
 }
+
+#[test]
+fn reference_images_are_refused_by_field_on_a_model_that_takes_none() {
+    let req = GenerateRequest {
+        reference_images: vec![png(64, 64).into()],
+        ..request(2)
+    };
+    let e = Plan::new(req, &facts(), &Limits::default()).unwrap_err();
+    assert!(
+        matches!(&e, Error::Invalid { field, message }
+            if *field == "reference_images" && message.contains("FLUX.2 Klein")),
+        "{e:?}"
+    );
+}

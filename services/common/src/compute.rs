@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use sd_models::flux2::References;
 use sd_models::lora::{self, Applied, Plan, Span};
 use sd_models::{Conditioning, Denoiser, GuidanceInput};
 use sd_proto::v1::RgbImage;
@@ -51,6 +52,41 @@ pub struct Call {
     pub image: Option<Tensor>,
     /// LoRA adapters for this call's rows (empty: the base network).
     pub loras: Arc<[Applied]>,
+    /// FLUX.2 Klein's reference images, attended to by every row.
+    pub references: Option<ReferenceTokens>,
+}
+
+/// Reference images' tokens for a call: (1, n, channels) and their
+/// positions (n, 4). Clones share the tensors' storage.
+pub struct ReferenceTokens {
+    pub tokens: Tensor,
+    pub ids: Tensor,
+}
+
+impl Clone for ReferenceTokens {
+    fn clone(&self) -> Self {
+        ReferenceTokens {
+            tokens: self.tokens.shallow_clone(),
+            ids: self.ids.shallow_clone(),
+        }
+    }
+}
+
+impl ReferenceTokens {
+    /// Tokens per row.
+    pub fn len(&self) -> i64 {
+        self.ids.size()[0]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether two calls' references sit at the same positions (then their
+    /// rows share one forward).
+    fn same_layout(&self, other: &ReferenceTokens) -> bool {
+        self.ids.size() == other.ids.size() && self.ids.equal(&other.ids)
+    }
 }
 
 impl Call {
@@ -69,11 +105,13 @@ impl Call {
         (s[2] * s[3]).max(0) as u64
     }
 
-    /// Calls merge when latents and text embeddings have the same shape past the batch.
-    pub fn key(&self) -> (Vec<i64>, Vec<i64>) {
+    /// Calls merge when latents and text embeddings have the same shape
+    /// past the batch, and as many reference tokens.
+    pub fn key(&self) -> (Vec<i64>, Vec<i64>, i64) {
         (
             self.latents.size()[1..].to_vec(),
             self.cond.context.size()[1..].to_vec(),
+            self.references.as_ref().map_or(0, ReferenceTokens::len),
         )
     }
 }
@@ -107,6 +145,9 @@ struct Inputs {
     time_ids: Vec<Tensor>,
     guidance: Vec<Tensor>,
     images: Vec<Tensor>,
+    /// Reference tokens per row, and their positions (the same for all).
+    references: Vec<Tensor>,
+    reference_ids: Option<Tensor>,
     /// Each half's rows and LoRA adapters, in order.
     loras: Vec<(i64, Arc<[Applied]>)>,
 }
@@ -139,6 +180,11 @@ impl Inputs {
         }
         if let Some(image) = &c.image {
             self.images.push(image.shallow_clone());
+        }
+        if let Some(r) = &c.references {
+            self.references.push(rows(&r.tokens));
+            self.reference_ids
+                .get_or_insert_with(|| r.ids.shallow_clone());
         }
         match input {
             Some(GuidanceInput::Embedding(dim)) => {
@@ -174,6 +220,11 @@ impl Inputs {
             start += rows;
         }
         let context = Tensor::cat(&self.ctxs, 0);
+        let reference_tokens = cat(&self.references);
+        let references = reference_tokens
+            .as_ref()
+            .zip(self.reference_ids.as_ref())
+            .map(|(tokens, ids)| References { tokens, ids });
         lora::with_plan(Plan::rows(start, spans), || {
             net.forward(
                 &Tensor::cat(&self.xs, 0),
@@ -185,15 +236,17 @@ impl Inputs {
                     guidance: guidance.as_ref(),
                     image: image.as_ref(),
                     control: None,
+                    references,
                 },
             )
         })
     }
 }
 
-/// Rows of one forward: their text's token count, the inputs, and whose
-/// halves they are (call index, uncond half).
-type Group = (i64, Inputs, Vec<(usize, bool)>);
+/// Rows of one forward: their text's token count, the call whose
+/// reference layout they share (if any), the inputs, and whose halves they
+/// are (call index, uncond half).
+type Group = (i64, Option<usize>, Inputs, Vec<(usize, bool)>);
 
 /// Run several calls as one forward of the network — one per token count
 /// of their texts — (classifier-free guidance per call: uncond + g ·
@@ -220,21 +273,35 @@ pub fn forward_calls(net: &Denoiser, calls: &[&Call]) -> sd_models::Result<Vec<T
                 Some(&c.cond)
             };
             let tokens = half.map_or(0, |h| h.context.size()[1]);
-            let at = match groups.iter().position(|g| g.0 == tokens) {
+            // Rows with references share a forward only with rows whose
+            // references sit at the same positions.
+            let layout = c.references.as_ref().map(|_| i);
+            let fits = |g: &Group| {
+                g.0 == tokens
+                    && match (g.1, &c.references) {
+                        (None, None) => true,
+                        (Some(j), Some(r)) => calls[j]
+                            .references
+                            .as_ref()
+                            .is_some_and(|o| o.same_layout(r)),
+                        _ => false,
+                    }
+            };
+            let at = match groups.iter().position(fits) {
                 Some(at) => at,
                 None => {
-                    groups.push((tokens, Inputs::default(), Vec::new()));
+                    groups.push((tokens, layout, Inputs::default(), Vec::new()));
                     groups.len() - 1
                 }
             };
-            groups[at].1.add_half(c, uncond_half, net.guidance_input());
-            groups[at].2.push((i, uncond_half));
+            groups[at].2.add_half(c, uncond_half, net.guidance_input());
+            groups[at].3.push((i, uncond_half));
         }
     }
     // Each call's (uncond, cond) outputs.
     let mut halves: Vec<(Option<Tensor>, Option<Tensor>)> =
         calls.iter().map(|_| (None, None)).collect();
-    for (_, inputs, members) in &groups {
+    for (_, _, inputs, members) in &groups {
         let out = inputs.forward(net)?;
         let mut offset = 0;
         for &(i, uncond_half) in members {

@@ -9,7 +9,7 @@ use sd_proto::v1::denoiser_info::FamilyParams;
 use sd_proto::v1::{Dtype, Embedding, PredictRequest, SessionTensor, Tensor as WireTensor};
 use tch::Tensor;
 
-use crate::compute::{Call, Half};
+use crate::compute::{Call, Half, ReferenceTokens};
 use crate::{finite, from_wire, ServiceError};
 
 /// A text conditioning: the hidden states and, for the SDXL family, the
@@ -55,12 +55,19 @@ pub trait Resolver {
 }
 
 /// The session tensors a step may carry, by name.
-pub const SESSION_TENSORS: [&str; 4] = [
+pub const SESSION_TENSORS: [&str; 6] = [
     "time_ids",
     "negative_time_ids",
     "mask",
     "masked_image_latents",
+    "reference_tokens",
+    "reference_ids",
 ];
+
+/// Most reference tokens a call may bring: 16 images (the OpenAI edit
+/// route's limit) of 1024² pixels (the pipeline's largest) at 16 pixels a
+/// token.
+pub const MAX_REFERENCE_TOKENS: i64 = 16 * 64 * 64;
 
 /// A session tensor resolved: its value, the field naming it, and the id to
 /// keep it under once checked (when it was sent).
@@ -196,6 +203,7 @@ impl Step {
         let (time_ids, negative_time_ids) = time_ids(req, bounds, batch, &mut session, resolver)?;
         let (h, w) = (latents.size()[2], latents.size()[3]);
         let image = image_conditioning(bounds, (batch, h, w), &mut session, resolver)?;
+        let references = references(bounds, &mut session, resolver)?;
         let negative_time_ids =
             negative_time_ids.or_else(|| time_ids.as_ref().map(Tensor::shallow_clone));
         let half = |c: Cond, ids: Option<Tensor>| Half {
@@ -213,6 +221,7 @@ impl Step {
                 embedded_guidance,
                 image,
                 loras: Default::default(),
+                references,
             },
             out_dtype,
         })
@@ -340,6 +349,86 @@ fn image_conditioning(
     Ok(Some(Tensor::cat(&[mask, masked], 1)))
 }
 
+/// FLUX.2 Klein's reference images: `reference_tokens` (1, n, latent
+/// channels) and `reference_ids` (n, 4), both finite, the positions whole
+/// numbers in 0..=65536, n at most [`MAX_REFERENCE_TOKENS`]; None when
+/// neither is sent (and either sent to a network that takes none is
+/// refused).
+fn references(
+    bounds: &Bounds,
+    session: &mut Vec<Resolved>,
+    resolver: &mut dyn Resolver,
+) -> Result<Option<ReferenceTokens>, ServiceError> {
+    let tokens = take(session, "reference_tokens");
+    let ids = take(session, "reference_ids");
+    let (tokens, ids) = match (tokens, ids) {
+        (None, None) => return Ok(None),
+        (Some(t), Some(i)) => (t, i),
+        (Some(r), None) | (None, Some(r)) => {
+            let other = if r.name == "reference_tokens" {
+                "reference_ids"
+            } else {
+                "reference_tokens"
+            };
+            return Err(ServiceError::invalid(
+                format!("session_tensors.{other}"),
+                format_args!("missing: sent with {}", r.name),
+            ));
+        }
+    };
+    if !bounds.references {
+        return Err(ServiceError::invalid(
+            &tokens.field,
+            "this network takes no reference images (not a FLUX.2 model)",
+        ));
+    }
+    let c = bounds.latent_channels;
+    let ts = tokens.tensor.size();
+    if ts.len() != 3 || ts[0] != 1 || ts[1] < 1 || ts[2] != c {
+        return Err(ServiceError::invalid(
+            &tokens.field,
+            format_args!("shape {ts:?}, expected (1, tokens, {c})"),
+        ));
+    }
+    if ts[1] > MAX_REFERENCE_TOKENS {
+        return Err(ServiceError::invalid(
+            &tokens.field,
+            format_args!("{} tokens, at most {MAX_REFERENCE_TOKENS}", ts[1]),
+        ));
+    }
+    let is = ids.tensor.size();
+    if is != [ts[1], 4] {
+        return Err(ServiceError::invalid(
+            &ids.field,
+            format_args!("shape {is:?}, expected ({}, 4)", ts[1]),
+        ));
+    }
+    finite(&tokens.tensor, &tokens.field)?;
+    finite(&ids.tensor, &ids.field)?;
+    let positions = ids.tensor.to_kind(tch::Kind::Float);
+    let (lo, hi) = (
+        positions.min().double_value(&[]),
+        positions.max().double_value(&[]),
+    );
+    let whole = positions.frac().abs().max().double_value(&[]) == 0.0;
+    if lo < 0.0 || hi > 65536.0 || !whole {
+        return Err(ServiceError::invalid(
+            &ids.field,
+            format_args!("values {lo}..={hi}, expected whole numbers in 0..=65536"),
+        ));
+    }
+    let tokens_t = tokens.tensor.to_kind(tch::Kind::Float);
+    for (r, t) in [(&tokens, &tokens_t), (&ids, &positions)] {
+        if let Some(id) = &r.keep {
+            resolver.keep(id, t, &r.field)?;
+        }
+    }
+    Ok(Some(ReferenceTokens {
+        tokens: tokens_t,
+        ids: positions,
+    }))
+}
+
 /// The limits a request is checked against.
 #[derive(Clone, Copy, Debug)]
 pub struct Bounds {
@@ -364,6 +453,8 @@ pub struct Bounds {
     pub max_timestep: f32,
     /// SDXL family: time ids per latent.
     pub time_ids_len: Option<i64>,
+    /// The network attends to reference images (FLUX.2).
+    pub references: bool,
 }
 
 impl Bounds {
@@ -399,6 +490,7 @@ impl Bounds {
                 | FamilyParams::Zimage(_) => None,
                 FamilyParams::Sdxl(p) => Some(i64::from(p.time_ids_len)),
             },
+            references: net.takes_references(),
         }
     }
 
@@ -615,6 +707,7 @@ mod tests {
         max_latent_side: 16,
         max_timestep: 1000.0,
         time_ids_len: None,
+        references: false,
     };
 
     fn wire(t: &Tensor) -> WireTensor {
@@ -844,6 +937,67 @@ mod session_tests {
         let e = refused(Step::decode(&request(vec![]), &XL, &mut stream));
         assert_eq!(field(e), "time_ids");
     }
+
+    #[test]
+    fn reference_tokens_travel_once_and_are_checked() {
+        let f = (tch::Kind::Float, tch::Device::Cpu);
+        let klein = Bounds {
+            references: true,
+            ..XL
+        };
+        let tokens = Tensor::ones([1, 6, 4], f);
+        let positions = sd_models::flux2::reference_ids(&[(2, 3)], tch::Device::Cpu);
+        let with = |tokens: &Tensor, ids: &Tensor| {
+            request(vec![
+                session("time_ids", Some(&super::session_tests::ids(1.0))),
+                session("reference_tokens", Some(tokens)),
+                session("reference_ids", Some(ids)),
+            ])
+        };
+        let mut stream = Stream::default();
+        let step = Step::decode(&with(&tokens, &positions), &klein, &mut stream).unwrap();
+        let r = step.call.references.as_ref().unwrap();
+        assert_eq!((r.len(), r.tokens.size()), (6, vec![1, 6, 4]));
+        assert_eq!(step.call.key().2, 6, "calls merge by reference tokens");
+        // Later steps by id.
+        let later = request(vec![
+            session("time_ids", Some(&super::session_tests::ids(1.0))),
+            session("reference_tokens", None),
+            session("reference_ids", None),
+        ]);
+        assert!(Step::decode(&later, &klein, &mut stream).is_ok());
+        // A network without references; one half of the pair; misfits.
+        let e = refused(Step::decode(&with(&tokens, &positions), &XL, &mut stream));
+        assert_eq!(field(e), "session_tensors.reference_tokens");
+        let alone = request(vec![
+            session("time_ids", Some(&super::session_tests::ids(1.0))),
+            session("reference_tokens", Some(&tokens)),
+        ]);
+        let e = refused(Step::decode(&alone, &klein, &mut Stream::default()));
+        assert_eq!(field(e), "session_tensors.reference_ids");
+        for (t, i, bad) in [
+            (
+                Tensor::ones([1, 6, 5], f),
+                positions.shallow_clone(),
+                "reference_tokens",
+            ),
+            (
+                tokens.shallow_clone(),
+                positions.narrow(0, 0, 5),
+                "reference_ids",
+            ),
+            (tokens.shallow_clone(), &positions + 0.5, "reference_ids"),
+            (tokens.shallow_clone(), &positions - 20.0, "reference_ids"),
+            (
+                tokens.fill(f64::NAN),
+                positions.shallow_clone(),
+                "reference_tokens",
+            ),
+        ] {
+            let e = refused(Step::decode(&with(&t, &i), &klein, &mut Stream::default()));
+            assert_eq!(field(e), format!("session_tensors.{bad}"));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -866,6 +1020,7 @@ mod flux_tests {
         max_latent_side: 16,
         max_timestep: 1000.0,
         time_ids_len: None,
+        references: false,
     };
 
     #[derive(Default)]

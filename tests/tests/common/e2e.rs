@@ -216,6 +216,18 @@ pub fn request(p: &serde_json::Value, e2e: &std::path::Path) -> GenerateRequest 
         }),
         true_cfg_scale: f("true_cfg_scale").map(|v| v as f32),
         max_sequence_length: u("max_sequence_length"),
+        reference_images: p
+            .get("references")
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .map(|f| {
+                        let f = f.as_str().expect("a reference's file name");
+                        std::fs::read(e2e.join(f)).expect("reference").into()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
         ..Default::default()
     }
 }

@@ -100,3 +100,11 @@ pub fn wire_zeros(shape: &[i64]) -> sd_proto::v1::Tensor {
         .unwrap()
         .to_wire(sd_proto::v1::Dtype::Float32)
 }
+
+/// A `w × h` PNG of a colour gradient.
+pub fn png(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 3) as u8, (y * 5) as u8, 90]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}

@@ -77,6 +77,7 @@ fn calls(
             embedded_guidance: None,
             image: None,
             loras: sets[i % sets.len()].clone(),
+            references: None,
         })
         .collect()
 }

@@ -129,6 +129,11 @@ pub struct GenerateArgs {
     /// black keeps; PNG, JPEG or WebP).
     #[arg(long, requires = "init_image")]
     mask: Option<PathBuf>,
+    /// FLUX.2 Klein: a reference image to edit from or compose with (PNG,
+    /// JPEG or WebP), repeatable (at most 16); without --width/--height the
+    /// first one's size.
+    #[arg(long = "reference", value_name = "IMG")]
+    references: Vec<PathBuf>,
     /// Hires fix: after the image, an image-to-image pass at this many times
     /// its size (AUTOMATIC1111's enable_hr with hr_scale).
     #[arg(long)]
@@ -215,6 +220,15 @@ fn request(a: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
         Some(p) => std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
         None => Vec::new(),
     };
+    let reference_images = a
+        .references
+        .iter()
+        .map(|p| {
+            std::fs::read(p)
+                .map(Into::into)
+                .with_context(|| format!("reading {}", p.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let hires = a.hires_scale.map(|scale| sd_proto::v1::Hires {
         scale,
         upscaler: a.hires_upscaler.clone().unwrap_or_default(),
@@ -254,6 +268,7 @@ fn request(a: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
         mask: mask.into(),
         hires,
         inpaint: None,
+        reference_images,
     })
 }
 

@@ -87,7 +87,7 @@ struct Job {
     reply: tokio::sync::oneshot::Sender<Reply>,
 }
 
-type Key = (Vec<i64>, Vec<i64>);
+type Key = (Vec<i64>, Vec<i64>, i64);
 
 #[derive(Clone, Copy, Debug)]
 pub struct BatchConfig {

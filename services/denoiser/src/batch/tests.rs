@@ -30,6 +30,7 @@ fn job(seed: i64, b: i64, t: f32, guided: bool, g: f64) -> Call {
         embedded_guidance: None,
         image: None,
         loras: Default::default(),
+        references: None,
     }
 }
 
@@ -486,6 +487,7 @@ fn xl_job(seed: i64, b: i64, t: f32, guided: bool, g: f64) -> Call {
         embedded_guidance: None,
         image: None,
         loras: Default::default(),
+        references: None,
     }
 }
 
