@@ -101,8 +101,11 @@ for pin in "${WHEEL_PINS[@]}"; do
 done
 cp tests/fixtures/make_tiny_models.py tests/fixtures/make_sd15_random.py tests/fixtures/make_xl_models.py \
     tests/fixtures/make_sdxl_random.py tests/fixtures/make_flux_models.py tests/fixtures/make_flux_random.py \
-    tests/fixtures/make_single_file.py \
+    tests/fixtures/make_single_file.py tests/fixtures/make_qwen3_reference.py tests/fixtures/make_klein_models.py \
+    tests/fixtures/make_zimage_models.py \
     "$BUNDLE/fixtures/"
+mkdir -p "$BUNDLE/bench"
+cp tools/bench/klein_pipeline.py "$BUNDLE/bench/"
 cp scripts/gpu-run-checks.sh "$BUNDLE/run-checks.sh"
 chmod +x "$BUNDLE/run-checks.sh"
 {

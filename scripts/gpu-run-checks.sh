@@ -19,6 +19,11 @@
 # FLUX.1-dev architecture with random weights (12B transformer, T5-XXL) at
 # 1024², 28 steps, bf16: stack vs in-process (vs diffusers where the GPU
 # holds all three copies: 120 GiB or more, an H200), VRAM per service.
+# `--family klein` / `--family zimage`: the tiny FLUX.2 Klein (base and
+# step-distilled) / Z-Image pipelines' parity in fp32 and bf16, then on
+# CUDA the Klein-4B architecture with random weights (all 5 + 20 blocks,
+# the Qwen3-4B-wide encoder's 27 layers) at 1024², 4 steps, bf16: stack vs
+# in-process vs diffusers, VRAM per service.
 # Everything lands in $OUT (default
 # target/gpu-checks) as gpu-checks.md, with the full log beside it. Each
 # step has a time limit and a failed step does not stop the others; the
@@ -43,7 +48,7 @@ while (($#)); do
     esac
 done
 case "$DEVICE" in cuda|cuda:*|cpu) ;; *) echo "run-checks: --device cuda or cpu" >&2; exit 2 ;; esac
-case "$FAMILY" in sd|sdxl|all|bench|flux) ;; *) echo "run-checks: --family sd, sdxl, all, bench or flux" >&2; exit 2 ;; esac
+case "$FAMILY" in sd|sdxl|all|bench|flux|klein|zimage) ;; *) echo "run-checks: --family sd, sdxl, all, bench, flux, klein or zimage" >&2; exit 2 ;; esac
 if [[ -z "$PYTHON" ]]; then
     if [[ -x /opt/torch/.venv/bin/python3 ]]; then PYTHON=/opt/torch/.venv/bin/python3; else PYTHON=python3; fi
 fi
@@ -208,6 +213,23 @@ flux_big() {
         --concurrency 1 --requests-per-worker 1 --forward-rows 1,2 "${diffusers[@]}" --python "$PYTHON"
 }
 
+klein_tiny() {
+    step "FLUX.2 Klein tiny fixtures" 300 "$PYTHON" "$HERE/fixtures/make_klein_models.py" "$WORK/fixtures"
+    for precision in fp32 bf16; do parity klein-tiny "$precision" --size 64 --steps 4; done
+    parity klein-distilled-tiny bf16 --size 64 --steps 4
+}
+klein_big() {
+    step "Klein-4B-architecture random model" 900 "$PYTHON" "$HERE/bench/klein_pipeline.py" "$WORK/fixtures" \
+        --double 5 --single 20 --write-only
+    step "bench Klein-4B random bf16 1024² 4 steps" 600 "$BENCH" --model "$WORK/fixtures/klein-4b-width-5d20s" \
+        --device "$DEVICE" --precision bf16 --size 1024 --steps 4 --threads "$THREADS" --runs 2 \
+        --concurrency 1,2,4 --requests-per-worker 2 --forward-rows 1,2,4 --python "$PYTHON"
+}
+zimage_tiny() {
+    step "Z-Image tiny fixtures" 300 "$PYTHON" "$HERE/fixtures/make_zimage_models.py" "$WORK/fixtures"
+    for precision in fp32 bf16; do parity zimage-tiny "$precision" --size 64 --steps 4; done
+}
+
 # 1. Fixtures, written by diffusers on this machine.
 step "tiny fixtures" 300 "$PYTHON" "$HERE/fixtures/make_tiny_models.py" "$WORK/fixtures"
 
@@ -250,6 +272,13 @@ all)
 flux)
     flux_tiny
     if [[ "$DEVICE" != cpu ]]; then flux_big; fi
+    ;;
+klein)
+    klein_tiny
+    if [[ "$DEVICE" != cpu ]]; then klein_big; fi
+    ;;
+zimage)
+    zimage_tiny
     ;;
 bench)
     # The benchmarks alone, the SDXL model written while the SD 1.5 one is

@@ -2,12 +2,19 @@
 Chromium: the form fits the family — "Guidance" at the model's default,
 no true CFG, the negative prompt hidden for Klein and shown for Z-Image,
 the flow Euler alone, sides in steps of 16 — and a keyboard-only
-generation comes back at its size with the guidance in its caption.
+generation comes back at its size with the guidance in its caption; on
+Klein, reference images picked in the form travel with the request and the
+image comes back.
 
 Usage: python web_page_qwen_family.py http://127.0.0.1:PORT MODEL_NAME FAMILY GUIDANCE
 """
 
+import base64
+import io
+import json
 import sys
+
+from PIL import Image
 
 from playwright.sync_api import expect, sync_playwright
 
@@ -20,8 +27,9 @@ def main():
     with sync_playwright() as p:
         browser = launch(p)
         page = browser.new_page()
-        errors = []
+        errors, sent = [], []
         page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/ui/generate") else None)
         page.goto(URL + "/")
         expect(page.get_by_label("Model")).to_have_value(MODEL)
         guidance = page.get_by_label("Guidance", exact=True)
@@ -52,6 +60,21 @@ def main():
         caption = page.locator("figcaption").first.inner_text()
         assert f"guidance {GUIDANCE}" in caption and "flow-euler" in caption, caption
         assert "distilled" not in caption, caption
+        refs = page.get_by_label("Reference images (FLUX.2 Klein: edit from or combine, up to 16)")
+        if FAMILY.startswith("klein"):
+            files = []
+            for i, size in enumerate(((80, 64), (64, 96))):
+                buf = io.BytesIO()
+                Image.new("RGB", size, (40 * i, 200, 90)).save(buf, format="PNG")
+                files.append({"name": f"r{i}.png", "mimeType": "image/png", "buffer": buf.getvalue()})
+            refs.set_input_files(files=files)
+            page.get_by_role("button", name="Generate").click()
+            expect(page.get_by_role("img", name="Generated image 1")).to_have_count(2, timeout=60_000)
+            got = [Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))).size
+                   for u in sent[-1]["reference_images"]]
+            assert got == [(80, 64), (64, 96)], got
+        else:
+            expect(refs).to_be_hidden()
         assert not errors, errors
         browser.close()
     print(f"web page: {FAMILY} form and generation work")

@@ -1,5 +1,6 @@
 """diffusers' text-to-image pipeline for the model (StableDiffusionPipeline,
-StableDiffusionXLPipeline for the SDXL family, FluxPipeline for FLUX), timed image by image for
+StableDiffusionXLPipeline for the SDXL family, FluxPipeline for FLUX,
+Flux2KleinPipeline, ZImagePipeline), timed image by image for
 sd-bench:
 MODEL STEPS SIZE THREADS [DEVICE [PRECISION]] (SIZE 0: the model's default;
 DEVICE cpu, cuda or cuda:N; PRECISION fp32, fp16 or bf16).
@@ -16,7 +17,7 @@ import sys
 import time
 
 import torch
-from diffusers import AutoPipelineForText2Image
+from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
 model, steps, size, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 device = sys.argv[5] if len(sys.argv) > 5 else "cpu"
@@ -27,6 +28,8 @@ torch.set_num_threads(threads)
 extra = {}
 pipeline_class = __import__("json").load(open(f"{model}/model_index.json"))["_class_name"]
 flux = pipeline_class.startswith("Flux")
+klein = pipeline_class == "Flux2KleinPipeline"
+zimage = pipeline_class == "ZImagePipeline"
 if "XL" in pipeline_class:
     extra["add_watermarker"] = False
 elif not flux:
@@ -38,7 +41,8 @@ if not (unet_dir / "diffusion_pytorch_model.safetensors").exists() and (
     unet_dir / "diffusion_pytorch_model.fp16.safetensors"
 ).exists():
     extra["variant"] = "fp16"
-pipe = AutoPipelineForText2Image.from_pretrained(model, dtype=dtype, **extra).to(device)
+loader = DiffusionPipeline if klein or zimage else AutoPipelineForText2Image
+pipe = loader.from_pretrained(model, dtype=dtype, **extra).to(device)
 pipe.set_progress_bar_config(disable=True)
 kwargs = dict(num_inference_steps=steps, guidance_scale=7.5)
 if size:
@@ -78,6 +82,14 @@ def initial_noise(generator):
     half-precision normals differently on the CPU, so they are drawn here
     and passed in. The generator goes on to the pipeline in the state this
     leaves it, as if the pipeline had drawn them itself."""
+    if klein or zimage:
+        # FLUX.2: the 2×2 patches' 4·C channels at a sixteenth of the side;
+        # Z-Image: C channels at an eighth. Both take them unpacked.
+        f = pipe.vae_scale_factor * 2
+        side = (size or getattr(pipe, "default_sample_size", 128) * pipe.vae_scale_factor) // f
+        c = pipe.transformer.config.in_channels
+        shape = (1, c, side, side) if klein else (1, c, 2 * side, 2 * side)
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(dtype)
     if flux:
         # FLUX: 16 channels drawn unpacked, then packed into 2×2 patches.
         side = (size or pipe.default_sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
@@ -94,7 +106,7 @@ def generate(seed, prompt, png=None):
     t = time.perf_counter()
     generator = torch.Generator("cpu").manual_seed(seed)
     out = pipe(
-        prompt,
+        prompt=prompt,
         generator=generator,
         latents=initial_noise(generator),
         callback_on_step_end=on_step_end,

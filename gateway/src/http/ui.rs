@@ -62,6 +62,26 @@ fn request(f: &Fields) -> Result<GenerateRequest, HttpError> {
         Some(s) if !s.is_empty() => decode_base64("mask", s)?,
         _ => Vec::new(),
     };
+    let reference_images = match f.0.get("reference_images") {
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v.as_str() {
+                Some(s) => decode_base64("reference_images", s).map(Into::into),
+                None => Err(HttpError::invalid(
+                    "reference_images",
+                    format_args!("item {i}: expected a base64 image or data: URL"),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(_) => {
+            return Err(HttpError::invalid(
+                "reference_images",
+                "expected an array of base64 images",
+            ))
+        }
+    };
     let hires = match f.object("hires")? {
         Some(h) => {
             let h = Fields(h);
@@ -107,6 +127,7 @@ fn request(f: &Fields) -> Result<GenerateRequest, HttpError> {
         loras: f.loras("loras")?,
         true_cfg_scale: f.f64("true_cfg_scale")?.map(|g| g as f32),
         max_sequence_length: f.int_in("max_sequence_length", 0, 4096)?.unwrap_or(0) as u32,
+        reference_images,
         ..Default::default()
     })
 }
