@@ -251,7 +251,10 @@ impl InProcess {
         tokio::task::block_in_place(|| {
             let latents = from_wire(req.latents.as_ref(), "latents")?;
             let (scale, shift) = self.vae.config().normalization();
-            let pixels = self.vae.decode(&(latents / scale + shift))?;
+            // As the autoencoder service: FLUX.2's batch norm undone and its
+            // 2×2 patches unfolded (nothing for other VAEs).
+            let z = self.vae.from_denoiser(&(latents / scale + shift))?;
+            let pixels = self.vae.decode(&z)?;
             Ok(DecodeResponse {
                 images: to_rgb8(&pixels)?,
             })
@@ -265,9 +268,11 @@ impl InProcess {
         tokio::task::block_in_place(|| {
             let pixels = from_wire(req.pixels.as_ref(), "pixels")?;
             let d = self.vae.encode(&pixels)?;
+            let mean = self.vae.to_denoiser(&d.mean)?;
+            let std = self.vae.std_to_denoiser(&d.std)?;
             Ok(EncodeImageResponse {
-                mean: Some(to_wire(&d.mean, Dtype::Float32)?),
-                std: Some(to_wire(&d.std, Dtype::Float32)?),
+                mean: Some(to_wire(&mean, Dtype::Float32)?),
+                std: Some(to_wire(&std, Dtype::Float32)?),
             })
         })
     }
