@@ -78,15 +78,20 @@ fn diffusers_images(
     precision: Precision,
 ) -> anyhow::Result<(Vec<image::RgbImage>, Vec<f64>)> {
     let dir = precision::scratch_dir(&format!("parity-{precision}"))?;
-    let mut d = Diffusers::start_in(args, precision)?;
-    let (mut images, mut seconds) = (Vec::new(), Vec::new());
-    for (i, (seed, prompt)) in CASES.iter().enumerate() {
-        let png = dir.join(format!("diffusers-{i}.png"));
-        seconds.push(d.image_to(*seed, prompt, Some(&png))?.0);
-        images.push(precision::rgb(&std::fs::read(&png)?)?);
-    }
+    let run = || -> anyhow::Result<(Vec<image::RgbImage>, Vec<f64>)> {
+        let mut d = Diffusers::start_in(args, precision)?;
+        let (mut images, mut seconds) = (Vec::new(), Vec::new());
+        for (i, (seed, prompt)) in CASES.iter().enumerate() {
+            let png = dir.join(format!("diffusers-{i}.png"));
+            seconds.push(d.image_to(*seed, prompt, Some(&png))?.0);
+            images.push(precision::rgb(&std::fs::read(&png)?)?);
+        }
+        Ok((images, seconds))
+    };
+    // The scratch folder goes whether diffusers succeeded or not.
+    let result = run();
     let _ = std::fs::remove_dir_all(&dir);
-    Ok((images, seconds))
+    result
 }
 
 /// Generate the cases with diffusers (and, for half precision, its fp32
