@@ -863,7 +863,8 @@ fn predict_seconds(
 }
 
 /// The request's reference images (FLUX.2 Klein's alone), prepared as
-/// its pipeline does; an unset width or height becomes the first one's.
+/// its pipeline does; an unset width or height becomes the first one's
+/// (an init image's own size wins: it is the picture being changed).
 fn references(
     req: &mut GenerateRequest,
     facts: &ModelFacts,
@@ -885,7 +886,7 @@ fn references(
         facts.layout.size_multiple,
         "reference_images",
     )?;
-    if let Some(first) = refs.first() {
+    if let Some(first) = refs.first().filter(|_| req.init_image.is_empty()) {
         if req.width == 0 {
             req.width = first.width;
         }

@@ -69,6 +69,23 @@ def check_openai_references(case):
         assert got.size == want.size, (got.size, want.size)
         diff = np.abs(pixels(got) - pixels(want)).max()
         assert diff <= 2, f"{case} {f}: {diff}/255 from diffusers' image"
+    # With a mask, the first image is the one repainted and the rest are
+    # references: the image comes back at the first one's size.
+    first = Image.open(E2E / p["references"][0]).convert("RGB")
+    base, mask = io.BytesIO(), io.BytesIO()
+    picture = first.resize((64, 64))
+    picture.save(base, format="PNG")
+    hole = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    hole.paste((0, 0, 0, 0), (16, 16, 48, 48))
+    hole.save(mask, format="PNG")
+    r = client.images.edit(image=[("base.png", base.getvalue(), "image/png"), files[0]], mask=("m.png", mask.getvalue(), "image/png"),
+                           prompt=p["prompt"], response_format="b64_json",
+                           extra_body={"steps": 2, "seed": 3, "guidance_scale": 1.0})
+    got = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).convert("RGB")
+    assert got.size == (64, 64), got.size
+    kept = np.abs(pixels(got)[:8, :8] - pixels(picture)[:8, :8]).max()
+    changed = np.abs(pixels(got)[24:40, 24:40] - pixels(picture)[24:40, 24:40]).max()
+    assert changed > kept, (changed, kept)
     # A reference below the pipeline's 64 pixels a side is refused, by field.
     tiny = io.BytesIO()
     Image.new("RGB", (32, 96)).save(tiny, format="PNG")
