@@ -887,11 +887,23 @@ fn references(
         "reference_images",
     )?;
     if let Some(first) = refs.first().filter(|_| req.init_image.is_empty()) {
+        let (w, h) = (first.width, first.height);
+        if (req.width == 0 && w > limits.max_side) || (req.height == 0 && h > limits.max_side) {
+            // The client set no size: name what it did send.
+            return Err(Error::invalid(
+                "reference_images",
+                format!(
+                    "the first one's size, {w}×{h}, is the image's when width and height are \
+                     unset, and exceeds the largest side ({}): set width and height",
+                    limits.max_side
+                ),
+            ));
+        }
         if req.width == 0 {
-            req.width = first.width;
+            req.width = w;
         }
         if req.height == 0 {
-            req.height = first.height;
+            req.height = h;
         }
     }
     Ok(refs)

@@ -48,7 +48,10 @@ pub fn prepare(
         .enumerate()
         .map(|(i, bytes)| {
             let which = |e: String| {
-                Error::invalid(field, format!("image {} of {}: {e}", i + 1, images.len()))
+                Error::invalid(
+                    field,
+                    format!("reference image {} of {}: {e}", i + 1, images.len()),
+                )
             };
             let img = crate::images::decode_picture(bytes.as_ref(), limits).map_err(which)?;
             prepare_one(&img.to_rgb8(), multiple).map_err(which)

@@ -71,7 +71,11 @@ fn request(f: &Fields) -> Result<GenerateRequest, HttpError> {
                 Some(s) => decode_base64("reference_images", s).map(Into::into),
                 None => Err(HttpError::invalid(
                     "reference_images",
-                    format_args!("item {i}: expected a base64 image or data: URL"),
+                    format_args!(
+                        "reference image {} of {}: expected a base64 image or data: URL",
+                        i + 1,
+                        items.len()
+                    ),
                 )),
             })
             .collect::<Result<Vec<_>, _>>()?,

@@ -740,3 +740,40 @@ fn reference_images_are_refused_by_field_on_a_model_that_takes_none() {
         "{e:?}"
     );
 }
+
+#[test]
+fn a_reference_too_wide_to_be_the_images_size_is_refused_naming_it() {
+    use sd_proto::v1::denoiser_info::FamilyParams;
+    let mut klein = facts();
+    klein.profile.params = FamilyParams::Klein(sd_proto::v1::KleinParams {
+        text_layers: vec![9, 18, 27],
+        max_sequence_length: 512,
+        distilled: true,
+    });
+    klein.scheduler_config = SchedulerConfig::from_json(
+        r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "use_dynamic_shifting": true}"#,
+    )
+    .unwrap();
+    klein.default_scheduler = SchedulerKind::FlowEuler;
+    let wide = GenerateRequest {
+        reference_images: vec![png(2400, 400).into()],
+        ..request(2)
+    };
+    let e = Plan::new(wide.clone(), &klein, &Limits::default()).unwrap_err();
+    assert!(
+        matches!(&e, Error::Invalid { field, message }
+            if *field == "reference_images" && message.contains("2400×400")),
+        "{e:?}"
+    );
+    // With a size of its own the reference is fine.
+    let sized = GenerateRequest {
+        width: 64,
+        height: 64,
+        ..wide
+    };
+    let plan = Plan::new(sized, &klein, &Limits::default()).unwrap();
+    assert_eq!(
+        (plan.width, plan.height, plan.references.len()),
+        (64, 64, 1)
+    );
+}

@@ -99,10 +99,12 @@ impl Call {
         self.batch() * if self.uncond.is_some() { 2 } else { 1 }
     }
 
-    /// Latent positions (height × width).
+    /// Latent positions (height × width) and the reference tokens every
+    /// row attends to beside them: what a forward's cost grows with.
     pub fn positions(&self) -> u64 {
         let s = self.latents.size();
-        (s[2] * s[3]).max(0) as u64
+        let refs = self.references.as_ref().map_or(0, ReferenceTokens::len);
+        (s[2] * s[3] + refs).max(0) as u64
     }
 
     /// Calls merge when latents and text embeddings have the same shape

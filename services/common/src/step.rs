@@ -959,6 +959,11 @@ mod session_tests {
         let r = step.call.references.as_ref().unwrap();
         assert_eq!((r.len(), r.tokens.size()), (6, vec![1, 6, 4]));
         assert_eq!(step.call.key().2, 6, "calls merge by reference tokens");
+        assert_eq!(
+            step.call.positions(),
+            8 * 8 + 6,
+            "references count in the cost"
+        );
         // Later steps by id.
         let later = request(vec![
             session("time_ids", Some(&super::session_tests::ids(1.0))),
