@@ -25,3 +25,4 @@ pub mod reference;
 pub mod resample;
 pub mod service;
 pub mod stages;
+pub mod webhook;
