@@ -52,6 +52,14 @@ if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null;
     apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium
 fi
 
+# Redis: the store of the async jobs API under way (its tests will start
+# real redis-servers on free ports).
+if ! command -v redis-server >/dev/null; then
+    echo "setup: installing redis-server (the async jobs' store)" >&2
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server; } \
+        || echo "setup: could not install redis-server; the jobs API will need --redis URL" >&2
+fi
+
 "$VENV/bin/python" - <<'PY'
 import torch
 assert torch.__version__.split("+")[0] == "2.13.0", torch.__version__
