@@ -105,7 +105,7 @@ cp tests/fixtures/make_tiny_models.py tests/fixtures/make_sd15_random.py tests/f
     tests/fixtures/make_zimage_models.py \
     "$BUNDLE/fixtures/"
 mkdir -p "$BUNDLE/bench"
-cp tools/bench/klein_pipeline.py "$BUNDLE/bench/"
+cp tools/bench/klein_pipeline.py tools/bench/grpc_stubs.py "$BUNDLE/bench/"
 cp scripts/gpu-run-checks.sh "$BUNDLE/run-checks.sh"
 chmod +x "$BUNDLE/run-checks.sh"
 {

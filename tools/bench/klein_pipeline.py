@@ -28,7 +28,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # `--write-only`).
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+from grpc_stubs import free_port, stubs  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, dramatic light, 35mm"
 SIZE = 512
@@ -88,27 +88,6 @@ def write_model(out: Path, double: int, single: int):
     }
     (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
     tmp.rename(out)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stubs(out):
-    from grpc_tools import protoc
-    import grpc_tools
-
-    proto = ROOT / "proto"
-    include = Path(grpc_tools.__file__).parent / "_proto"
-    files = [str(p.relative_to(proto)) for p in sorted((proto / "sd" / "v1").glob("*.proto"))]
-    assert protoc.main(["protoc", f"-I{proto}", f"-I{include}", f"--python_out={out}",
-                        f"--grpc_python_out={out}", *files]) == 0
-    sys.path.insert(0, out)
-    from sd.v1 import generation_pb2, generation_pb2_grpc
-
-    return generation_pb2, generation_pb2_grpc
 
 
 def children(pid: int):
@@ -226,7 +205,7 @@ def main():
         print(f"wrote {model}")
         return
     with tempfile.TemporaryDirectory(prefix="sd-bench-stubs-") as out:
-        pb, pb_grpc = stubs(out)
+        pb, pb_grpc = stubs(out, "generation")
         first, ours_png, peaks = stack_turn(model, a.runs, a.threads, pb, pb_grpc)
         print(f"stack turn 1: {first}", file=sys.stderr)
         theirs, theirs_png, their_peak = diffusers_turn(model, a.runs, a.threads)

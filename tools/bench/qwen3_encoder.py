@@ -15,7 +15,6 @@ Usage: python tools/bench/qwen3_encoder.py WORK_DIR [--layers N] [--runs N] [--p
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
 from make_qwen3_reference import tokenizer as qwen_tokenizer  # noqa: E402
+from grpc_stubs import free_port, stubs  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, dramatic light, 35mm"
 
@@ -55,27 +55,6 @@ def write_model(out: Path, layers: int, dtype):
         '{"_class_name": "ZImagePipeline", "text_encoder": ["transformers", "Qwen3ForCausalLM"], '
         '"tokenizer": ["transformers", "Qwen2Tokenizer"]}')
     del model, tok
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stubs(out):
-    from grpc_tools import protoc
-    import grpc_tools
-
-    proto = ROOT / "proto"
-    include = Path(grpc_tools.__file__).parent / "_proto"
-    files = [str(p.relative_to(proto)) for p in sorted((proto / "sd" / "v1").glob("*.proto"))]
-    assert protoc.main(["protoc", f"-I{proto}", f"-I{include}", f"--python_out={out}",
-                        f"--grpc_python_out={out}", *files]) == 0
-    sys.path.insert(0, out)
-    from sd.v1 import text_encoder_pb2, text_encoder_pb2_grpc
-
-    return text_encoder_pb2, text_encoder_pb2_grpc
 
 
 def stack_seconds(model: Path, precision: str, runs: int, threads: int, pb, pb_grpc):
@@ -143,7 +122,7 @@ def main():
     model = a.work / f"qwen3-4b-width-{a.layers}l-{a.precision}"
     write_model(model, a.layers, dtype)
     with tempfile.TemporaryDirectory(prefix="sd-bench-stubs-") as out:
-        pb, pb_grpc = stubs(out)
+        pb, pb_grpc = stubs(out, "text_encoder")
         first = stack_seconds(model, a.precision, a.runs, a.threads, pb, pb_grpc)
         reference = transformers_seconds(model, dtype, a.runs, a.threads)
         second = stack_seconds(model, a.precision, a.runs, a.threads, pb, pb_grpc)

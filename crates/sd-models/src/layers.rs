@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::error::Result;
 use crate::lora;
@@ -161,6 +161,36 @@ impl LayerNorm {
             self.eps,
             true,
         )
+    }
+}
+
+/// RMS norm as T5 and diffusers' `RMSNorm` compute it: no mean, no bias;
+/// the variance in float32, the normed values cast to a half-precision
+/// weight's kind before the product.
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(vb: &Vb, dim: i64, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: vb.get("weight", &[dim])?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        let var = xs
+            .to_kind(Kind::Float)
+            .pow_tensor_scalar(2)
+            .mean_dim(-1, true, Kind::Float);
+        let normed = xs * (var + self.eps).rsqrt();
+        let normed = match self.weight.kind() {
+            Kind::Half | Kind::BFloat16 => normed.to_kind(self.weight.kind()),
+            _ => normed,
+        };
+        &self.weight * normed
     }
 }
 

@@ -17,7 +17,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::read_json;
 use crate::error::{guarded, ModelError, Result};
-use crate::layers::Linear;
+use crate::layers::{Linear, RmsNorm};
 use crate::modules::ModuleIndex;
 use crate::weights::{Storage, Vb, Weights};
 
@@ -106,35 +106,6 @@ impl T5Config {
             });
         }
         Ok(())
-    }
-}
-
-/// T5's layer norm: no mean, no bias; the variance in float32, the result
-/// in the weight's precision.
-struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl RmsNorm {
-    fn load(vb: &Vb, dim: i64, eps: f64) -> Result<Self> {
-        Ok(RmsNorm {
-            weight: vb.get("weight", &[dim])?,
-            eps,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> Tensor {
-        let var = xs
-            .to_kind(Kind::Float)
-            .pow_tensor_scalar(2)
-            .mean_dim(-1, true, Kind::Float);
-        let normed = xs * (var + self.eps).rsqrt();
-        let normed = match self.weight.kind() {
-            Kind::Half | Kind::BFloat16 => normed.to_kind(self.weight.kind()),
-            _ => normed,
-        };
-        &self.weight * normed
     }
 }
 

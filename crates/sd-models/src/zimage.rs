@@ -21,7 +21,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::read_json;
 use crate::error::{guarded, ModelError, Result};
-use crate::layers::Linear;
+use crate::layers::{Linear, RmsNorm};
 use crate::modules::ModuleIndex;
 use crate::weights::{Storage, Vb, Weights};
 
@@ -167,35 +167,6 @@ impl ZImageConfig {
             )));
         }
         Ok(())
-    }
-}
-
-/// diffusers' `RMSNorm`: the variance in float32; with a half-precision
-/// weight the normed values are cast to it before the product.
-struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl RmsNorm {
-    fn load(vb: &Vb, dim: i64, eps: f64) -> Result<Self> {
-        Ok(RmsNorm {
-            weight: vb.get("weight", &[dim])?,
-            eps,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let var = x
-            .to_kind(Kind::Float)
-            .pow_tensor_scalar(2)
-            .mean_dim(-1, true, Kind::Float);
-        let h = x * (var + self.eps).rsqrt();
-        let h = match self.weight.kind() {
-            Kind::Half | Kind::BFloat16 => h.to_kind(self.weight.kind()),
-            _ => h,
-        };
-        h * &self.weight
     }
 }
 

@@ -62,30 +62,11 @@ fn request(f: &Fields) -> Result<GenerateRequest, HttpError> {
         Some(s) if !s.is_empty() => decode_base64("mask", s)?,
         _ => Vec::new(),
     };
-    let reference_images = match f.0.get("reference_images") {
-        None | Some(serde_json::Value::Null) => Vec::new(),
-        Some(serde_json::Value::Array(items)) => items
-            .iter()
-            .enumerate()
-            .map(|(i, v)| match v.as_str() {
-                Some(s) => decode_base64("reference_images", s).map(Into::into),
-                None => Err(HttpError::invalid(
-                    "reference_images",
-                    format_args!(
-                        "reference image {} of {}: expected a base64 image or data: URL",
-                        i + 1,
-                        items.len()
-                    ),
-                )),
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-        Some(_) => {
-            return Err(HttpError::invalid(
-                "reference_images",
-                "expected an array of base64 images",
-            ))
-        }
-    };
+    let reference_images = f
+        .strings("reference_images")?
+        .into_iter()
+        .map(|s| decode_base64("reference_images", s).map(Into::into))
+        .collect::<Result<Vec<_>, _>>()?;
     let hires = match f.object("hires")? {
         Some(h) => {
             let h = Fields(h);

@@ -76,6 +76,8 @@ struct Resolved {
     field: String,
     tensor: Tensor,
     keep: Option<String>,
+    /// It came with this request (a held one was checked when kept).
+    sent: bool,
 }
 
 /// The session tensors of `req`, by name: each named once, each name known.
@@ -113,6 +115,7 @@ fn session_tensors(
         out.push(Resolved {
             name: t.name.clone(),
             keep: (t.tensor.is_some() && !t.id.is_empty()).then(|| t.id.clone()),
+            sent: t.tensor.is_some(),
             field,
             tensor,
         });
@@ -403,19 +406,25 @@ fn references(
             format_args!("shape {is:?}, expected ({}, 4)", ts[1]),
         ));
     }
-    finite(&tokens.tensor, &tokens.field)?;
-    finite(&ids.tensor, &ids.field)?;
+    // Values are checked once, when sent: every later step of the stream
+    // names the held tensors by id.
+    if tokens.sent {
+        finite(&tokens.tensor, &tokens.field)?;
+    }
     let positions = ids.tensor.to_kind(tch::Kind::Float);
-    let (lo, hi) = (
-        positions.min().double_value(&[]),
-        positions.max().double_value(&[]),
-    );
-    let whole = positions.frac().abs().max().double_value(&[]) == 0.0;
-    if lo < 0.0 || hi > 65536.0 || !whole {
-        return Err(ServiceError::invalid(
-            &ids.field,
-            format_args!("values {lo}..={hi}, expected whole numbers in 0..=65536"),
-        ));
+    if ids.sent {
+        finite(&ids.tensor, &ids.field)?;
+        let (lo, hi) = (
+            positions.min().double_value(&[]),
+            positions.max().double_value(&[]),
+        );
+        let whole = positions.frac().abs().max().double_value(&[]) == 0.0;
+        if lo < 0.0 || hi > 65536.0 || !whole {
+            return Err(ServiceError::invalid(
+                &ids.field,
+                format_args!("values {lo}..={hi}, expected whole numbers in 0..=65536"),
+            ));
+        }
     }
     let tokens_t = tokens.tensor.to_kind(tch::Kind::Float);
     for (r, t) in [(&tokens, &tokens_t), (&ids, &positions)] {
