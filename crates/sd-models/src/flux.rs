@@ -141,21 +141,21 @@ impl FluxConfig {
 }
 
 /// Linear → SiLU → linear (diffusers' `TimestepEmbedding` and
-/// `PixArtAlphaTextProjection` with SiLU).
-struct Mlp {
+/// `PixArtAlphaTextProjection` with SiLU; FLUX.2's without biases).
+pub(crate) struct Mlp {
     linear_1: Linear,
     linear_2: Linear,
 }
 
 impl Mlp {
-    fn load(vb: &Vb, input: i64, dim: i64) -> Result<Self> {
+    pub(crate) fn load(vb: &Vb, input: i64, dim: i64, bias: bool) -> Result<Self> {
         Ok(Mlp {
-            linear_1: Linear::load(&vb.pp("linear_1"), input, dim, true)?,
-            linear_2: Linear::load(&vb.pp("linear_2"), dim, dim, true)?,
+            linear_1: Linear::load(&vb.pp("linear_1"), input, dim, bias)?,
+            linear_2: Linear::load(&vb.pp("linear_2"), dim, dim, bias)?,
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Tensor {
+    pub(crate) fn forward(&self, xs: &Tensor) -> Tensor {
         self.linear_2.forward(&self.linear_1.forward(xs).silu())
     }
 }
@@ -175,22 +175,23 @@ pub(crate) fn sinusoids_of(t: &Tensor, channels: i64) -> Tensor {
     Tensor::cat(&[emb.cos(), emb.sin()], -1)
 }
 
-/// Modulation from the conditioning vector: SiLU → linear → `n` chunks.
-struct Modulation {
+/// Modulation from the conditioning vector: SiLU → linear → `n` chunks
+/// (FLUX.2's shared modulations have no bias).
+pub(crate) struct Modulation {
     linear: Linear,
     n: i64,
 }
 
 impl Modulation {
-    fn load(vb: &Vb, dim: i64, n: i64) -> Result<Self> {
+    pub(crate) fn load(vb: &Vb, dim: i64, n: i64, bias: bool) -> Result<Self> {
         Ok(Modulation {
-            linear: Linear::load(&vb.pp("linear"), dim, n * dim, true)?,
+            linear: Linear::load(&vb.pp("linear"), dim, n * dim, bias)?,
             n,
         })
     }
 
     /// Each chunk (B, 1, dim), ready to broadcast over tokens.
-    fn forward(&self, temb: &Tensor) -> Vec<Tensor> {
+    pub(crate) fn forward(&self, temb: &Tensor) -> Vec<Tensor> {
         self.linear
             .forward(&temb.silu())
             .unsqueeze(1)
@@ -198,10 +199,13 @@ impl Modulation {
     }
 }
 
-/// LayerNorm without affine parameters (eps 1e-6), then `x·(1+scale)+shift`.
-pub(crate) fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Tensor {
+/// FLUX.1's layer-norm epsilon.
+const EPS: f64 = 1e-6;
+
+/// LayerNorm without affine parameters, then `x·(1+scale)+shift`.
+pub(crate) fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Tensor {
     let d = x.size()[2];
-    x.layer_norm([d], None::<Tensor>, None::<Tensor>, 1e-6, true) * (scale + 1.0) + shift
+    x.layer_norm([d], None::<Tensor>, None::<Tensor>, eps, true) * (scale + 1.0) + shift
 }
 
 /// Query/key RMS norm over the head dimension (torch's `RMSNorm`).
@@ -265,17 +269,22 @@ const ADDED: [&str; 5] = [
     "norm_added_k",
 ];
 
-/// Rotary embedding on (B, S, H, D) with (S, D) cos and sin (pairs of
-/// adjacent channels rotate together), in float32.
+/// Rotary embedding on (B, S, H, D) with cos and sin of (S, D), or per row
+/// (B, S, D) (pairs of adjacent channels rotate together, as diffusers'
+/// complex product), in float32.
 pub(crate) fn rotate(x: &Tensor, rope: &(Tensor, Tensor)) -> Tensor {
     let (cos, sin) = rope;
     let s = x.size();
     let pairs = x.reshape([s[0], s[1], s[2], -1, 2]);
     let (re, im) = (pairs.select(-1, 0), pairs.select(-1, 1));
     let rotated = Tensor::stack(&[-im, re], -1).flatten(3, -1);
-    let cos = cos.unsqueeze(0).unsqueeze(2);
-    let sin = sin.unsqueeze(0).unsqueeze(2);
-    (x.to_kind(Kind::Float) * cos + rotated.to_kind(Kind::Float) * sin).to_kind(x.kind())
+    // (S, D) or (B, S, D) → (1 or B, S, 1, D), over the heads.
+    let heads = |t: &Tensor| match t.dim() {
+        2 => t.unsqueeze(0).unsqueeze(2),
+        _ => t.unsqueeze(2),
+    };
+    (x.to_kind(Kind::Float) * heads(cos) + rotated.to_kind(Kind::Float) * heads(sin))
+        .to_kind(x.kind())
 }
 
 /// Joint attention over already rotated (B, S, H, D) queries, keys, values;
@@ -331,8 +340,8 @@ impl DoubleBlock {
     fn load(vb: &Vb, dim: i64, head_dim: i64) -> Result<Self> {
         let attn = vb.pp("attn");
         Ok(DoubleBlock {
-            norm1: Modulation::load(&vb.pp("norm1"), dim, 6)?,
-            norm1_context: Modulation::load(&vb.pp("norm1_context"), dim, 6)?,
+            norm1: Modulation::load(&vb.pp("norm1"), dim, 6, true)?,
+            norm1_context: Modulation::load(&vb.pp("norm1_context"), dim, 6, true)?,
             img: Qkv::load(&attn, MAIN, dim, head_dim)?,
             txt: Qkv::load(&attn, ADDED, dim, head_dim)?,
             to_out: Linear::load(&attn.pp("to_out.0"), dim, dim, true)?,
@@ -352,8 +361,8 @@ impl DoubleBlock {
     ) -> (Tensor, Tensor) {
         let m = self.norm1.forward(temb);
         let c = self.norm1_context.forward(temb);
-        let img_n = modulate(img, &m[0], &m[1]);
-        let txt_n = modulate(txt, &c[0], &c[1]);
+        let img_n = modulate(img, &m[0], &m[1], EPS);
+        let txt_n = modulate(txt, &c[0], &c[1], EPS);
         let (iq, ik, iv) = self.img.forward(&img_n, head_dim);
         let (tq, tk, tv) = self.txt.forward(&txt_n, head_dim);
         // Text first, as diffusers joins them.
@@ -366,11 +375,11 @@ impl DoubleBlock {
         let img_a = a.narrow(1, n_txt, a.size()[1] - n_txt);
 
         let img = img + &m[2] * self.to_out.forward(&img_a.contiguous());
-        let ff = self.ff.forward(&modulate(&img, &m[3], &m[4]));
+        let ff = self.ff.forward(&modulate(&img, &m[3], &m[4], EPS));
         let img = &img + &m[5] * ff;
 
         let txt = txt + &c[2] * self.to_add_out.forward(&txt_a.contiguous());
-        let ff = self.ff_context.forward(&modulate(&txt, &c[3], &c[4]));
+        let ff = self.ff_context.forward(&modulate(&txt, &c[3], &c[4], EPS));
         let txt = &txt + &c[5] * ff;
         // diffusers clips the text stream here, not the image stream.
         (img, clip_half(txt))
@@ -399,7 +408,7 @@ struct SingleBlock {
 impl SingleBlock {
     fn load(vb: &Vb, dim: i64, head_dim: i64) -> Result<Self> {
         Ok(SingleBlock {
-            norm: Modulation::load(&vb.pp("norm"), dim, 3)?,
+            norm: Modulation::load(&vb.pp("norm"), dim, 3, true)?,
             qkv: Qkv::load(&vb.pp("attn"), MAIN, dim, head_dim)?,
             proj_mlp: Linear::load(&vb.pp("proj_mlp"), dim, 4 * dim, true)?,
             proj_out: Linear::load(&vb.pp("proj_out"), 5 * dim, dim, true)?,
@@ -408,7 +417,7 @@ impl SingleBlock {
 
     fn forward(&self, x: &Tensor, temb: &Tensor, rope: &(Tensor, Tensor), head_dim: i64) -> Tensor {
         let m = self.norm.forward(temb);
-        let n = modulate(x, &m[0], &m[1]);
+        let n = modulate(x, &m[0], &m[1], EPS);
         let mlp = self.proj_mlp.forward(&n).gelu("tanh");
         let (q, k, v) = self.qkv.forward(&n, head_dim);
         let a = attend(&rotate(&q, rope), &rotate(&k, rope), &v);
@@ -450,7 +459,12 @@ impl FluxTransformer {
             .map(|i| SingleBlock::load(&vb.pp("single_transformer_blocks").pp(i), dim, hd))
             .collect::<Result<Vec<_>>>()?;
         let guidance = if config.guidance_embeds {
-            Some(Mlp::load(&tte.pp("guidance_embedder"), TIME_PROJ_DIM, dim)?)
+            Some(Mlp::load(
+                &tte.pp("guidance_embedder"),
+                TIME_PROJ_DIM,
+                dim,
+                true,
+            )?)
         } else {
             None
         };
@@ -462,9 +476,14 @@ impl FluxTransformer {
                 dim,
                 true,
             )?,
-            time: Mlp::load(&tte.pp("timestep_embedder"), TIME_PROJ_DIM, dim)?,
+            time: Mlp::load(&tte.pp("timestep_embedder"), TIME_PROJ_DIM, dim, true)?,
             guidance,
-            text: Mlp::load(&tte.pp("text_embedder"), config.pooled_projection_dim, dim)?,
+            text: Mlp::load(
+                &tte.pp("text_embedder"),
+                config.pooled_projection_dim,
+                dim,
+                true,
+            )?,
             double,
             single,
             norm_out: Linear::load(&vb.pp("norm_out.linear"), dim, 2 * dim, true)?,
@@ -592,7 +611,7 @@ impl FluxTransformer {
                 .forward(&temb.silu())
                 .unsqueeze(1)
                 .chunk(2, -1);
-            let img = modulate(&img, &m[1], &m[0]);
+            let img = modulate(&img, &m[1], &m[0], EPS);
             let out = self.proj_out.forward(&img);
             Ok(unpack(&out, ch, h, w))
         })

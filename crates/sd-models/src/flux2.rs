@@ -18,7 +18,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::read_json;
 use crate::error::{guarded, ModelError, Result};
-use crate::flux::{attend, clip_half, rotate, sinusoids_of, QkNorm};
+use crate::flux::{attend, clip_half, modulate, rotate, sinusoids_of, Mlp, Modulation, QkNorm};
 use crate::layers::Linear;
 use crate::modules::ModuleIndex;
 use crate::weights::{Storage, Vb, Weights};
@@ -165,59 +165,10 @@ impl Flux2Config {
     }
 }
 
-/// LayerNorm without affine parameters, then `x·(1+scale)+shift`.
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Tensor {
-    let d = x.size()[2];
-    x.layer_norm([d], None::<Tensor>, None::<Tensor>, eps, true) * (scale + 1.0) + shift
-}
-
 /// SiLU of the first half times the second half.
 fn swiglu(x: &Tensor) -> Tensor {
     let halves = x.chunk(2, -1);
     halves[0].silu() * &halves[1]
-}
-
-/// A shared modulation: SiLU → linear (no bias) → `3n` chunks, each
-/// (B, 1, dim).
-struct Modulation {
-    linear: Linear,
-    chunks: i64,
-}
-
-impl Modulation {
-    fn load(vb: &Vb, dim: i64, sets: i64) -> Result<Self> {
-        Ok(Modulation {
-            linear: Linear::load(&vb.pp("linear"), dim, 3 * sets * dim, false)?,
-            chunks: 3 * sets,
-        })
-    }
-
-    fn forward(&self, temb: &Tensor) -> Vec<Tensor> {
-        self.linear
-            .forward(&temb.silu())
-            .unsqueeze(1)
-            .chunk(self.chunks, -1)
-    }
-}
-
-/// Linear (no bias) → SiLU → linear (no bias): `TimestepEmbedding` with
-/// `sample_proj_bias=False`.
-struct Embedder {
-    linear_1: Linear,
-    linear_2: Linear,
-}
-
-impl Embedder {
-    fn load(vb: &Vb, input: i64, dim: i64) -> Result<Self> {
-        Ok(Embedder {
-            linear_1: Linear::load(&vb.pp("linear_1"), input, dim, false)?,
-            linear_2: Linear::load(&vb.pp("linear_2"), dim, dim, false)?,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> Tensor {
-        self.linear_2.forward(&self.linear_1.forward(xs).silu())
-    }
 }
 
 /// `Flux2FeedForward`: linear_in to twice the hidden width, SwiGLU,
@@ -392,8 +343,8 @@ pub struct Flux2Transformer {
     config: Flux2Config,
     x_embedder: Linear,
     context_embedder: Linear,
-    time: Embedder,
-    guidance: Option<Embedder>,
+    time: Mlp,
+    guidance: Option<Mlp>,
     img_mod: Modulation,
     txt_mod: Modulation,
     single_mod: Modulation,
@@ -423,7 +374,7 @@ impl Flux2Transformer {
             .map(|i| SingleBlock::load(&vb.pp("single_transformer_blocks").pp(i), &config))
             .collect::<Result<Vec<_>>>()?;
         let guidance = if config.guidance_embeds {
-            Some(Embedder::load(&tge.pp("guidance_embedder"), tc, dim)?)
+            Some(Mlp::load(&tge.pp("guidance_embedder"), tc, dim, false)?)
         } else {
             None
         };
@@ -435,11 +386,11 @@ impl Flux2Transformer {
                 dim,
                 false,
             )?,
-            time: Embedder::load(&tge.pp("timestep_embedder"), tc, dim)?,
+            time: Mlp::load(&tge.pp("timestep_embedder"), tc, dim, false)?,
             guidance,
-            img_mod: Modulation::load(&vb.pp("double_stream_modulation_img"), dim, 2)?,
-            txt_mod: Modulation::load(&vb.pp("double_stream_modulation_txt"), dim, 2)?,
-            single_mod: Modulation::load(&vb.pp("single_stream_modulation"), dim, 1)?,
+            img_mod: Modulation::load(&vb.pp("double_stream_modulation_img"), dim, 6, false)?,
+            txt_mod: Modulation::load(&vb.pp("double_stream_modulation_txt"), dim, 6, false)?,
+            single_mod: Modulation::load(&vb.pp("single_stream_modulation"), dim, 3, false)?,
             double,
             single,
             norm_out: Linear::load(&vb.pp("norm_out.linear"), dim, 2 * dim, false)?,

@@ -21,6 +21,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::read_json;
 use crate::error::{guarded, ModelError, Result};
+use crate::flux::rotate;
 use crate::layers::{Linear, RmsNorm};
 use crate::modules::ModuleIndex;
 use crate::weights::{Storage, Vb, Weights};
@@ -575,17 +576,6 @@ impl ZImageTransformer {
         let emb = Tensor::cat(&[args.cos(), args.sin()], -1).to_kind(self.kind);
         self.t_mlp.1.forward(&self.t_mlp.0.forward(&emb).silu())
     }
-}
-
-/// Rotary embedding on (B, S, H, D) with per-row (B, S, D) cos and sin
-/// (adjacent channels pair up), in float32 as diffusers' complex product.
-fn rotate(x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Tensor {
-    let s = x.size();
-    let pairs = x.reshape([s[0], s[1], s[2], -1, 2]);
-    let (re, im) = (pairs.select(-1, 0), pairs.select(-1, 1));
-    let rotated = Tensor::stack(&[-im, re], -1).flatten(3, -1);
-    let (cos, sin) = (cos.unsqueeze(2), sin.unsqueeze(2));
-    (x.to_kind(Kind::Float) * cos + rotated.to_kind(Kind::Float) * sin).to_kind(x.kind())
 }
 
 /// `n` rounded up to a multiple of 32.
