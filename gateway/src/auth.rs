@@ -95,8 +95,17 @@ impl ApiKeys {
     /// AUTOMATIC1111 clients, whose API takes HTTP Basic) `Basic` with the
     /// key as the password.
     pub fn check_authorization(&self, value: Option<&str>) -> Result<()> {
+        self.owner(value).map(|_| ())
+    }
+
+    /// The owner of what a caller keeps (async jobs): a digest of its
+    /// accepted key (SHA-256, the first 16 bytes in hex), the same from
+    /// every gateway and for every way of sending the key; `open` without
+    /// keys. UNAUTHENTICATED as [`ApiKeys::check_authorization`] says.
+    pub fn owner(&self, value: Option<&str>) -> Result<String> {
+        use sha2::Digest;
         if !self.enabled() {
-            return Ok(());
+            return Ok("open".into());
         }
         let token = value.and_then(|v| {
             v.strip_prefix("Bearer ")
@@ -105,7 +114,10 @@ impl ApiKeys {
                 .or_else(|| basic_password(v))
         });
         match token {
-            Some(t) if self.accepts(&t) => Ok(()),
+            Some(t) if self.accepts(&t) => {
+                let digest = sha2::Sha256::digest(&t);
+                Ok(digest[..16].iter().map(|b| format!("{b:02x}")).collect())
+            }
             Some(_) => Err(Error::Unauthenticated("invalid API key")),
             None => Err(Error::Unauthenticated(
                 "missing API key: send `authorization: Bearer <key>`",
@@ -176,6 +188,12 @@ mod tests {
             .check_authorization(Some("Basic dXNlcjp3cm9uZw=="))
             .is_err());
         assert!(k.check_authorization(Some("Basic !!!")).is_err());
+        // The owner of a key's jobs: one digest however the key is sent.
+        let owner = k.owner(Some("Bearer s3cret")).unwrap();
+        assert_eq!(owner.len(), 32);
+        assert_eq!(k.owner(Some("Basic dXNlcjpzM2NyZXQ=")).unwrap(), owner);
+        assert_ne!(k.owner(Some("Bearer other")).unwrap(), owner);
+        assert!(k.owner(Some("Bearer nope")).is_err());
         let open = ApiKeys::new(vec![]);
         assert!(open.check(with(None).metadata()).is_ok());
     }

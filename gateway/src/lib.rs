@@ -21,6 +21,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod pool;
 pub mod prompt_cache;
+pub mod queue;
 pub mod reference;
 pub mod resample;
 pub mod service;

@@ -37,6 +37,8 @@ struct Args {
     auth: AuthArgs,
     #[command(flatten)]
     http: sd_gateway::http::HttpArgs,
+    #[command(flatten)]
+    jobs: sd_gateway::queue::JobArgs,
     /// Generations run at once.
     #[arg(long, env = "SD_MAX_CONCURRENT", default_value_t = 4)]
     max_concurrent: usize,
@@ -135,6 +137,46 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
+/// SERVING only while every stage has a SERVING replica (and not draining).
+fn report_health(
+    lifecycle: sd_runtime::lifecycle::Lifecycle,
+    health: Arc<sd_runtime::Health>,
+    all_backends: Vec<Backends>,
+) {
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            let ok = !lifecycle.draining() && all_backends.iter().all(Backends::all_serving);
+            if last != Some(ok) && !lifecycle.draining() {
+                if ok {
+                    health.serving().await;
+                } else {
+                    tracing::warn!("a stage has no SERVING replica: NOT_SERVING");
+                    health.not_serving().await;
+                }
+                last = Some(ok);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+}
+
+/// The async job store, when `--redis` names one.
+async fn job_store(
+    args: &sd_gateway::queue::JobArgs,
+) -> anyhow::Result<Option<sd_gateway::queue::Shared>> {
+    let Some(url) = &args.redis else {
+        return Ok(None);
+    };
+    let jobs = Arc::new(sd_gateway::queue::Jobs::new(args, url).await?);
+    tracing::info!(
+        redis = %sd_gateway::queue::store::redact(url),
+        worker = %jobs.worker,
+        "async jobs served"
+    );
+    Ok(Some(jobs))
+}
+
 /// How often the gateway rereads the denoiser's UNet cost.
 const COST_REFRESH: Duration = Duration::from_secs(30);
 
@@ -222,6 +264,7 @@ async fn connect(
         others.push(generator(&b, facts));
         all_backends.push(b);
     }
+    let jobs = job_store(&args.jobs).await?;
     let service = Arc::new(GenerationService {
         generator: default,
         others,
@@ -232,30 +275,20 @@ async fn connect(
         metrics,
         log_prompts: args.log_prompts,
         keys,
+        jobs: jobs.clone(),
     });
+    if let Some(jobs) = jobs {
+        let workers = Some(args.jobs.job_workers).filter(|&n| n > 0);
+        let workers = workers.unwrap_or(args.max_concurrent);
+        sd_gateway::queue::worker::spawn(service.clone(), jobs, workers);
+    }
     if let Some(door) = door {
         door.open(Arc::new(sd_gateway::http::Http::new(
             service.clone(),
             &args.http,
         )));
     }
-    // SERVING only while every stage has a SERVING replica (and not draining).
-    tokio::spawn(async move {
-        let mut last = None;
-        loop {
-            let ok = !lifecycle.draining() && all_backends.iter().all(Backends::all_serving);
-            if last != Some(ok) && !lifecycle.draining() {
-                if ok {
-                    health.serving().await;
-                } else {
-                    tracing::warn!("a stage has no SERVING replica: NOT_SERVING");
-                    health.not_serving().await;
-                }
-                last = Some(ok);
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    });
+    report_health(lifecycle, health, all_backends);
     Ok(GenerationServer::from_arc(service)
         .max_decoding_message_size(max_in)
         .max_encoding_message_size(max_out))

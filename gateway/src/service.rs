@@ -4,11 +4,12 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use sd_proto::v1::generation_server::Generation;
 use sd_proto::v1::{
-    generate_event, GenerateEvent, GenerateRequest, GenerateResponse, ListLorasRequest,
-    ListLorasResponse, ListModelsRequest, ListModelsResponse, ModelInfo, Preview, Progress,
+    generate_event, GenerateEvent, GenerateRequest, GenerateResponse, Job, JobRequest,
+    ListJobsRequest, ListJobsResponse, ListLorasRequest, ListLorasResponse, ListModelsRequest,
+    ListModelsResponse, ModelInfo, Preview, Progress, SubmitJobRequest,
 };
 use sd_runtime::admission::{Admission, Slot};
 use sd_runtime::deadline::Deadline;
@@ -39,6 +40,8 @@ pub struct GenerationService {
     pub log_prompts: bool,
     /// API keys (none: open).
     pub keys: crate::auth::ApiKeys,
+    /// The async job store (`--redis`; none: jobs are not served).
+    pub jobs: Option<crate::queue::Shared>,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<GenerateEvent, Status>> + Send>>;
@@ -175,6 +178,36 @@ impl GenerationService {
     }
 }
 
+impl GenerationService {
+    /// Run a queued job's generation (its caller was checked when it was
+    /// queued) through the same admission, tracing and metrics as the rest.
+    pub async fn run_job(
+        &self,
+        req: GenerateRequest,
+        events: mpsc::Sender<Event>,
+        deadline: Deadline,
+    ) -> Result<GenerateResponse, Status> {
+        let span = request_span("Job");
+        let work = async {
+            let (plan, _admitted, generator) = self.admit(req, &deadline).await?;
+            within(deadline, generator.run(plan, Some(events), deadline)).await
+        };
+        self.metrics.observe("Job", work.instrument(span)).await
+    }
+
+    /// The job store, or UNIMPLEMENTED.
+    fn job_store(&self) -> Result<&crate::queue::Shared, Status> {
+        self.jobs.as_ref().ok_or_else(crate::queue::doors::unserved)
+    }
+
+    /// The caller's identity as the job store keys it.
+    fn job_owner(&self, metadata: &tonic::metadata::MetadataMap) -> Result<String, Status> {
+        self.keys
+            .owner(metadata.get("authorization").and_then(|v| v.to_str().ok()))
+            .map_err(Status::from)
+    }
+}
+
 /// Refuse at once a request whose deadline is shorter than one of its UNet
 /// steps is predicted to take: a forward, once started, runs to its end, so
 /// it would only hold the denoiser for a caller already gone.
@@ -295,6 +328,121 @@ impl Generation for GenerationService {
             .instrument(span),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn submit_job(
+        &self,
+        request: Request<SubmitJobRequest>,
+    ) -> Result<Response<Job>, Status> {
+        let owner = self.job_owner(request.metadata())?;
+        let jobs = self.job_store()?;
+        let req = request.into_inner();
+        let Some(generate) = req.request else {
+            return Err(Error::invalid("request", "required: the generation to queue").into());
+        };
+        self.check(&generate).await?;
+        let new = crate::queue::NewJob {
+            request: generate,
+            webhook_url: req.webhook_url,
+            idempotency_key: req.idempotency_key,
+        };
+        let (id, _) = jobs
+            .submit(&owner, new)
+            .await
+            .map_err(crate::queue::doors::refused)?;
+        let job = jobs
+            .store
+            .get(&id, Some(&owner), false)
+            .await
+            .map_err(|e| crate::queue::doors::store_error(&e))?
+            .ok_or_else(|| crate::queue::doors::not_found(&id))?;
+        Ok(Response::new(job.to_proto()))
+    }
+
+    async fn get_job(&self, request: Request<JobRequest>) -> Result<Response<Job>, Status> {
+        let owner = self.job_owner(request.metadata())?;
+        let id = request.into_inner().id;
+        let job = self
+            .job_store()?
+            .store
+            .get(&id, Some(&owner), true)
+            .await
+            .map_err(|e| crate::queue::doors::store_error(&e))?
+            .ok_or_else(|| crate::queue::doors::not_found(&id))?;
+        Ok(Response::new(job.to_proto()))
+    }
+
+    async fn cancel_job(&self, request: Request<JobRequest>) -> Result<Response<Job>, Status> {
+        use crate::queue::store::Cancelled;
+        let owner = self.job_owner(request.metadata())?;
+        let id = request.into_inner().id;
+        let jobs = self.job_store()?;
+        let store_error = |e: redis::RedisError| crate::queue::doors::store_error(&e);
+        match jobs.store.cancel(&id, &owner).await.map_err(store_error)? {
+            Cancelled::Missing => return Err(crate::queue::doors::not_found(&id)),
+            Cancelled::Finished(s) if s != crate::queue::Status::Cancelled => {
+                return Err(Status::failed_precondition(format!(
+                    "job {id} is already {}",
+                    s.as_str()
+                )))
+            }
+            _ => {}
+        }
+        let job = jobs
+            .store
+            .get(&id, Some(&owner), false)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| crate::queue::doors::not_found(&id))?;
+        Ok(Response::new(job.to_proto()))
+    }
+
+    type WatchJobStream = EventStream;
+
+    async fn watch_job(
+        &self,
+        request: Request<JobRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        use crate::queue::doors::{final_event, watch, Watched};
+        let owner = self.job_owner(request.metadata())?;
+        let id = request.into_inner().id;
+        let jobs = self.job_store()?.clone();
+        jobs.store
+            .get(&id, Some(&owner), false)
+            .await
+            .map_err(|e| crate::queue::doors::store_error(&e))?
+            .ok_or_else(|| crate::queue::doors::not_found(&id))?;
+        let watched = watch(jobs, id);
+        let stream = ReceiverStream::new(watched).map(|w| match w? {
+            Watched::Step(e) => Ok(e),
+            Watched::End(job) => final_event(&job),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsResponse>, Status> {
+        let owner = self.job_owner(request.metadata())?;
+        let req = request.into_inner();
+        let status = sd_proto::v1::JobStatus::try_from(req.status)
+            .ok()
+            .and_then(crate::queue::Status::from_proto);
+        let limit = if req.limit == 0 {
+            100
+        } else {
+            req.limit.min(1000)
+        } as usize;
+        let jobs = self
+            .job_store()?
+            .store
+            .list(&owner, status, limit)
+            .await
+            .map_err(|e| crate::queue::doors::store_error(&e))?;
+        Ok(Response::new(ListJobsResponse {
+            jobs: jobs.iter().map(crate::queue::Job::to_proto).collect(),
+        }))
     }
 
     async fn list_models(

@@ -133,6 +133,40 @@ impl Allow {
 }
 
 /// Whether entry `e` allows `host` (lowercase) at `port`.
+/// Whether a listed `host` may be reached at `ip`, the address it resolves
+/// to when the webhook is sent (checked again at every delivery, so a name
+/// re-pointed at an internal address is not followed): loopback,
+/// link-local (cloud metadata), unspecified and multicast addresses only
+/// when the operator listed that very address.
+pub fn address_ok(host: &str, ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    let listed_literal = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .is_ok_and(|h| h == ip);
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    let internal = match ip {
+        IpAddr::V4(v4) => {
+            v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+        }
+        IpAddr::V6(v6) => {
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (v6.segments()[0] & 0xffc0) == 0xfe80
+        }
+    };
+    listed_literal || !internal
+}
+
 fn allows(e: &str, host: &str, port: Option<u16>) -> bool {
     // An entry's port, when it has one, must match; `[v6]:port` keeps its
     // brackets as the URI's host does.
@@ -182,6 +216,25 @@ mod tests {
         assert!(!s.verifies(ID, TIMESTAMP + 1, BODY, &sig.1));
         assert!(!s.verifies(ID, TIMESTAMP, b"{}", &sig.1));
         assert!(!s.verifies(ID, TIMESTAMP, BODY, "v2,whatever"));
+    }
+
+    #[test]
+    fn resolved_addresses_are_checked_again() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(address_ok("hooks.example.com", ip("93.184.216.34")));
+        assert!(address_ok("hooks.example.com", ip("10.0.0.7")));
+        for internal in [
+            "127.0.0.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(!address_ok("hooks.example.com", ip(internal)), "{internal}");
+        }
+        assert!(address_ok("127.0.0.1", ip("127.0.0.1")));
+        assert!(address_ok("[::1]", ip("::1")));
     }
 
     #[test]

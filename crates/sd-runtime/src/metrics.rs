@@ -97,6 +97,12 @@ impl std::fmt::Display for Phase {
     }
 }
 
+/// An async job's or webhook's outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ThreadLabels {
     pub kind: String,
@@ -128,6 +134,50 @@ pub struct Metrics {
     pub threads: Family<ThreadLabels, Gauge>,
     pub lora_load_seconds: Histogram,
     pub lora_cache_bytes: Gauge,
+    /// Async jobs queued in the store (all gateways'), and the oldest's age.
+    pub jobs_queued: Gauge,
+    pub jobs_oldest_queued_seconds: Gauge<f64, AtomicU64>,
+    /// Jobs this gateway finished (completed, failed, cancelled), started
+    /// (`started`, `resumed` after another gateway's) and webhooks sent.
+    pub jobs: Family<OutcomeLabels, Counter>,
+    pub webhooks: Family<OutcomeLabels, Counter>,
+}
+
+/// The async jobs' metrics (gateways with a job store).
+#[allow(clippy::type_complexity)]
+fn job_metrics(
+    registry: &mut Registry,
+) -> (
+    Gauge,
+    Gauge<f64, AtomicU64>,
+    Family<OutcomeLabels, Counter>,
+    Family<OutcomeLabels, Counter>,
+) {
+    let jobs_queued = Gauge::default();
+    registry.register(
+        "jobs_queued",
+        "Async jobs waiting in the job store (every gateway's)",
+        jobs_queued.clone(),
+    );
+    let jobs_oldest_queued_seconds = Gauge::<f64, AtomicU64>::default();
+    registry.register(
+        "jobs_oldest_queued_seconds",
+        "Age of the oldest queued async job",
+        jobs_oldest_queued_seconds.clone(),
+    );
+    let jobs = Family::<OutcomeLabels, Counter>::default();
+    registry.register(
+        "jobs",
+        "Async jobs this gateway started, resumed and finished, by outcome",
+        jobs.clone(),
+    );
+    let webhooks = Family::<OutcomeLabels, Counter>::default();
+    registry.register(
+        "webhooks",
+        "Webhook delivery attempts, by outcome",
+        webhooks.clone(),
+    );
+    (jobs_queued, jobs_oldest_queued_seconds, jobs, webhooks)
 }
 
 impl Metrics {
@@ -205,6 +255,7 @@ impl Metrics {
             "A model service's forwards at once (workers) and libtorch threads (intra_op per forward, inter_op)",
             threads.clone(),
         );
+        let (jobs_queued, jobs_oldest_queued_seconds, jobs, webhooks) = job_metrics(&mut registry);
         Arc::new(Metrics {
             registry,
             requests,
@@ -218,7 +269,20 @@ impl Metrics {
             threads,
             lora_load_seconds,
             lora_cache_bytes,
+            jobs_queued,
+            jobs_oldest_queued_seconds,
+            jobs,
+            webhooks,
         })
+    }
+
+    /// Count an async job's or webhook's outcome.
+    pub fn count(family: &Family<OutcomeLabels, Counter>, outcome: &str) {
+        family
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_string(),
+            })
+            .inc();
     }
 
     /// Publish a model service's thread choice (`kind`: workers, intra_op, inter_op).

@@ -6,6 +6,7 @@
 //! (a slow client is cut off), and so are request headers.
 
 pub mod a1111;
+pub mod async_jobs;
 pub mod error;
 pub mod fields;
 pub mod jobs;
@@ -196,6 +197,7 @@ pub fn encode_base64(bytes: &[u8]) -> String {
 pub fn router(state: State) -> Router {
     let api = Router::new()
         .merge(openai::routes())
+        .merge(async_jobs::routes())
         .merge(a1111::routes())
         .merge(ui::routes())
         .route_layer(axum::middleware::from_fn_with_state(

@@ -128,6 +128,76 @@ fn request(f: &Fields, served: &str) -> HttpResult<(GenerateRequest, Delivery)> 
     Ok((req, delivery))
 }
 
+/// An async job's body (`POST /v1/jobs`): a generations body, or an edit's
+/// as JSON — `image` a base64 picture or a list of them, `mask` base64 —
+/// read as the two routes read theirs. Jobs answer with `b64_json`.
+pub(crate) fn job_request(http: &State, body: &Map<String, Value>) -> HttpResult<GenerateRequest> {
+    let served = http.service.generator.facts.name.clone();
+    let (mut req, delivery) = request(&Fields(body), &served)?;
+    if delivery == Delivery::Url {
+        return Err(HttpError::invalid(
+            "response_format",
+            "a job's images come as b64_json from GET /v1/jobs/{id}",
+        ));
+    }
+    let klein = match http.service.pick(&req.model) {
+        Ok(g) => g.facts.profile.klein().is_some(),
+        Err(e) => return Err(HttpError::not_found(e.to_string())),
+    };
+    let images: Vec<Vec<u8>> = match body.get("image") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![super::decode_base64("image", s)?],
+        Some(Value::Array(items)) if items.len() <= MAX_EDIT_IMAGES => items
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => super::decode_base64("image", s),
+                _ => Err(HttpError::invalid("image", "expected base64 strings")),
+            })
+            .collect::<HttpResult<_>>()?,
+        Some(Value::Array(_)) => {
+            return Err(HttpError::invalid(
+                "image",
+                format_args!("more than {MAX_EDIT_IMAGES} images"),
+            ))
+        }
+        Some(_) => {
+            return Err(HttpError::invalid(
+                "image",
+                "expected a base64 picture or a list of them",
+            ))
+        }
+    };
+    let mask = match body.get("mask") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(super::decode_base64("mask", s)?),
+        Some(_) => return Err(HttpError::invalid("mask", "expected a base64 picture")),
+    };
+    if images.is_empty() {
+        if mask.is_some() {
+            return Err(HttpError::invalid(
+                "mask",
+                "a mask needs an `image` to repaint",
+            ));
+        }
+        return Ok(req);
+    }
+    let form = Form {
+        fields: Map::new(),
+        images,
+        mask,
+    };
+    let edit = edit_pictures(http, form, klein)?;
+    req.init_image = edit.image.into();
+    req.mask = edit.mask.into();
+    req.reference_images = edit.references.into_iter().map(Into::into).collect();
+    Ok(req)
+}
+
+/// gRPC's field names as a job's clients know them.
+pub(crate) fn renamed(e: HttpError) -> HttpError {
+    e.renamed(RENAMES)
+}
+
 /// An OpenAI generations body as a GenerateRequest, or the error a client
 /// would get: for fuzzing and tests.
 pub fn parse(body: &[u8]) -> HttpResult<GenerateRequest> {
