@@ -33,6 +33,17 @@ pub const EXIT_MARGIN: Duration = Duration::from_secs(10);
 
 /// The name of the gateway's process (the others are named by stage).
 pub const GATEWAY: &str = "gateway";
+/// The name of the job store's process (`sdctl up --jobs`).
+pub const REDIS: &str = "redis";
+
+/// What kind of server a process is: one of ours (it prints `listening on
+/// ADDR` and answers grpc.health.v1), or the job store's `redis-server`
+/// (on the port chosen for it, SERVING once it answers PING).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Grpc,
+    Redis,
+}
 
 /// What a supervised process is and how it is started.
 #[derive(Debug, Clone)]
@@ -57,6 +68,7 @@ pub struct Spec {
     pub token: &'static StackToken,
     /// More environment (the model services' `LD_PRELOAD`).
     pub env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+    pub kind: Kind,
 }
 
 /// Where a supervised process is in its life.
@@ -123,15 +135,31 @@ impl Child {
     /// the servers print it before loading anything); from then on it
     /// listens on that address, restarts included.
     pub fn start(&mut self) -> Result<(), LaunchError> {
-        let mut command = std::process::Command::new(&self.spec.bin);
-        command
-            .args(&self.spec.args)
-            .args(["--listen", &self.spec.listen])
-            .stderr(Stdio::inherit());
-        if let Some(http) = &self.spec.http_listen {
-            command.args(["--http-listen", http]);
-        }
-        self.spec.token.give_to(&mut command);
+        let mut command = match self.spec.kind {
+            Kind::Grpc => {
+                let mut command = std::process::Command::new(&self.spec.bin);
+                command
+                    .args(&self.spec.args)
+                    .args(["--listen", &self.spec.listen]);
+                if let Some(http) = &self.spec.http_listen {
+                    command.args(["--http-listen", http]);
+                }
+                self.spec.token.give_to(&mut command);
+                command
+            }
+            // redis-server says nothing of its address on stdout: a shell
+            // says it (the port is fixed in its flags), then becomes it.
+            Kind::Redis => {
+                let mut command = std::process::Command::new("sh");
+                command
+                    .args(["-c", "echo \"listening on $0\"; exec \"$@\""])
+                    .arg(&self.spec.listen)
+                    .arg(&self.spec.bin)
+                    .args(&self.spec.args);
+                command
+            }
+        };
+        command.stderr(Stdio::inherit());
         command.envs(self.spec.env.iter().map(|(k, v)| (k, v)));
         detach(&mut command);
         let process = Launch::new(self.label())
@@ -160,7 +188,10 @@ impl Child {
 
     /// Whether it answers SERVING on grpc.health.v1 (within a second).
     pub async fn is_serving(&self) -> bool {
-        sd_proto::health::is_serving(&self.url(), Duration::from_secs(1)).await
+        match self.spec.kind {
+            Kind::Grpc => sd_proto::health::is_serving(&self.url(), Duration::from_secs(1)).await,
+            Kind::Redis => redis_pong(&self.spec.listen).await,
+        }
     }
 
     /// Mark it SERVING (and say so).
@@ -185,6 +216,24 @@ impl Child {
             self.spec.name, self.spec.replica, self.pid, self.spec.listen, self.restarts
         );
     }
+}
+
+/// Whether a Redis at `addr` answers PING (within a second); a Redis still
+/// loading its append-only file answers `-LOADING`, which is not yet.
+async fn redis_pong(addr: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let talk = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(b"PING\r\n").await.ok()?;
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).await.ok()?;
+        Some(buf[..n].starts_with(b"+PONG"))
+    };
+    tokio::time::timeout(Duration::from_secs(1), talk)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }
 
 /// `code:N` or `signal:N`.

@@ -261,6 +261,7 @@ mod tests {
                 drain: Duration::from_secs(30),
                 token: crate::token::stack_token().unwrap(),
                 env: Vec::new(),
+                kind: crate::child::Kind::Grpc,
             },
             policy().first_backoff,
         );

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::child::{Child, Spec, GATEWAY};
+use crate::child::{Child, Kind, Spec, GATEWAY, REDIS};
 use crate::stage::{gateway_flag, Replicas, Stage};
 use crate::supervise::{Policy, Supervisor};
 use crate::token::{stack_token, StackToken};
@@ -105,6 +105,21 @@ pub struct UpArgs {
     /// may name (the text encoder's `--embeddings-dir`).
     #[arg(long, env = "SD_EMBEDDINGS_DIR")]
     embeddings_dir: Option<PathBuf>,
+    /// Serve async jobs (/v1/jobs, SubmitJob…): start and supervise a local
+    /// `redis-server` as the job store (persistent: its append-only file,
+    /// synced at every write, in --jobs-dir).
+    #[arg(long, conflicts_with = "redis")]
+    jobs: bool,
+    /// Where --jobs keeps the job store's data.
+    #[arg(long, env = "SD_JOBS_DIR", default_value = "sdserve-jobs")]
+    jobs_dir: PathBuf,
+    /// The local job store's port (0: a free one).
+    #[arg(long, default_value_t = 0)]
+    redis_port: u16,
+    /// Serve async jobs from an existing Redis instead (the gateway's
+    /// `--redis`: `redis://[:password@]host:port[/db]`).
+    #[arg(long, env = "SD_REDIS_URL")]
+    redis: Option<String>,
 }
 
 impl UpArgs {
@@ -169,6 +184,9 @@ async fn start_stack(
     sup: &mut Supervisor,
 ) -> anyhow::Result<()> {
     let token = stack_token()?;
+    if args.jobs {
+        sup.bring_up(vec![redis_spec(args, token)?]).await?;
+    }
     sup.bring_up(service_specs(args, dir, replicas, token)?)
         .await?;
     let gateway = gateway_spec(args, dir, sup.children(), token)?;

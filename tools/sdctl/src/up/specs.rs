@@ -92,6 +92,7 @@ pub(super) fn service_specs(
                     drain: Duration::from_secs(args.drain_secs),
                     token,
                     env: env.clone(),
+                    kind: Kind::Grpc,
                 });
             }
         }
@@ -140,6 +141,9 @@ pub(super) fn gateway_spec(
         v.push("--model-route".into());
         v.push(format!("{}={}", model_name(model), stages.join(",")));
     }
+    if let Some(url) = redis_url(args, services) {
+        v.extend(["--redis".to_string(), url]);
+    }
     let drain = match drain_flag(&args.gateway_args)? {
         Some(secs) => secs,
         None => {
@@ -158,7 +162,86 @@ pub(super) fn gateway_spec(
         drain: Duration::from_secs(drain),
         token,
         env: Vec::new(),
+        kind: Kind::Grpc,
     })
+}
+
+/// The job store for `--jobs`: a local `redis-server` on a free port
+/// (or `--redis-port`), its data in `--jobs-dir` with the append-only file
+/// synced at every write (`appendfsync always`), so a job the gateway
+/// acknowledged survives a SIGKILL of Redis. Its log goes to
+/// `redis.log` there.
+pub(super) fn redis_spec(args: &UpArgs, token: &'static StackToken) -> anyhow::Result<Spec> {
+    let bin = which("redis-server").ok_or_else(|| {
+        anyhow::anyhow!(
+            "--jobs: redis-server not found on PATH (`make setup` installs it); or point the \
+             gateway at a Redis with --redis URL"
+        )
+    })?;
+    std::fs::create_dir_all(&args.jobs_dir)
+        .map_err(|e| anyhow::anyhow!("--jobs-dir {}: {e}", args.jobs_dir.display()))?;
+    let dir = args.jobs_dir.canonicalize()?;
+    let port = match args.redis_port {
+        0 => std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port(),
+        p => p,
+    };
+    let dir_s = dir.to_string_lossy().into_owned();
+    let log = dir.join("redis.log").to_string_lossy().into_owned();
+    let flags = [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--protected-mode",
+        "yes",
+        "--dir",
+        &dir_s,
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--save",
+        "",
+        "--logfile",
+        &log,
+        "--daemonize",
+        "no",
+    ];
+    Ok(Spec {
+        name: REDIS,
+        replica: 0,
+        bin,
+        args: flags.iter().map(|s| s.to_string()).collect(),
+        listen: format!("127.0.0.1:{port}"),
+        http_listen: None,
+        drain: Duration::from_secs(5),
+        token,
+        env: Vec::new(),
+        kind: Kind::Redis,
+    })
+}
+
+/// `name`'s path on PATH.
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_string_lossy()
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+/// The job store the gateway uses: `--redis`, or the local one `--jobs`
+/// started.
+fn redis_url(args: &UpArgs, services: &[Child]) -> Option<String> {
+    if let Some(url) = &args.redis {
+        return Some(url.clone());
+    }
+    services
+        .iter()
+        .find(|c| c.spec.kind == Kind::Redis)
+        .map(|c| format!("redis://{}/0", c.addr()))
 }
 
 /// The `--drain-secs` among the gateway's extra flags, if any.
