@@ -5,8 +5,12 @@ HPAs, PDBs, grace periods above the drain time, non-root), and internal
 traffic is locked: only the gateway reaches the model services (a
 NetworkPolicy; compose: an internal network, no published port), all of them
 share the internal token from a Secret or an env file, and no secret is on
-any command line."""
+any command line. The async jobs API's Redis: a StatefulSet on a volume
+with an append-only file fsynced on every write, reached by the gateway
+alone, the webhook secret a file from a Secret; the optional components
+(KEDA on the job queue, a managed Redis) render and keep those properties."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -25,11 +29,29 @@ MODEL_STAGES = ["text-encoder", "denoiser", "autoencoder"]
 STAGES = MODEL_STAGES + ["gateway"]
 
 
-def render(overlay):
+def kustomize(path):
     kubectl = shutil.which("kubectl")
     assert kubectl, "kubectl is required (scripts/setup.sh installs it)"
-    out = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)], check=True, capture_output=True, text=True)
+    out = subprocess.run([kubectl, "kustomize", str(path)], check=True, capture_output=True, text=True)
     return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def render(overlay):
+    return kustomize(K8S / "overlays" / overlay)
+
+
+def render_with(tmp, overlay, components):
+    """An overlay with optional components, as an operator's own overlay
+    would take them (kustomize wants relative paths)."""
+    rel = lambda p: os.path.relpath(p, tmp)
+    (tmp / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": "sdserve",
+        "resources": [rel(K8S / "overlays" / overlay)],
+        "components": [rel(K8S / "components" / c) for c in components],
+    }))
+    return kustomize(tmp)
 
 
 @pytest.fixture(scope="module", params=["cpu", "gpu"])
@@ -55,11 +77,26 @@ def env(deploy):
     return {e["name"]: e.get("value") for e in container(deploy).get("env", [])}
 
 
+# Custom resources the Kubernetes schemas do not know: checked field by
+# field in their own tests instead.
+NOT_IN_THE_SCHEMAS = {"keda.sh"}
+
+
+def validate_strictly(docs):
+    """Validate every object the schemas know; the custom ones skipped."""
+    skipped = []
+    for d in docs:
+        if d["apiVersion"].split("/")[0] in NOT_IN_THE_SCHEMAS:
+            skipped.append(d["kind"])
+            continue
+        kubernetes_validate.validate(d, KUBE_VERSION, strict=True)
+    return skipped
+
+
 def test_every_object_validates_strictly(overlay):
     name, docs = overlay
     assert len(docs) > 15
-    for d in docs:
-        kubernetes_validate.validate(d, KUBE_VERSION, strict=True)
+    assert validate_strictly(docs) == [], "the plain overlays need no CRDs"
 
 
 def test_each_stage_has_a_deployment_service_and_pdb(overlay):
@@ -175,7 +212,7 @@ def test_dockerfiles_pass_hadolint_and_are_lean():
 def test_compose_runs_the_stack_on_one_gpu_machine():
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == set(STAGES)
+    assert set(services) == set(STAGES) | {"redis"}
     devices = services["denoiser"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
     gw = services["gateway"]["environment"]
@@ -363,3 +400,220 @@ def test_compose_mounts_a_lora_folder_for_the_text_encoder_and_denoiser():
     assert "SD_LORA_DIR" not in services["autoencoder"]["environment"]
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert "deploy/docker/loras" in ignored, "LoRA files stay out of the image build context"
+
+
+# The async jobs API: Redis, webhooks, KEDA, a managed Redis.
+
+JOB_STREAM, JOB_GROUP = "sd:jobs", "gateways"
+
+
+def flag(args, name):
+    """The value after `name` in an argument list."""
+    args = [str(a) for a in args]
+    assert name in args, f"{name} not in {args}"
+    return args[args.index(name) + 1]
+
+
+def pod_labels(docs, kind, name):
+    return one(docs, kind, name)["spec"]["template"]["metadata"]["labels"]
+
+
+def test_redis_keeps_the_jobs_on_a_volume_fsynced_on_every_write(overlay):
+    _, docs = overlay
+    sts = one(docs, "StatefulSet", "redis")
+    spec = sts["spec"]
+    assert spec["replicas"] == 1, "one primary: two would each take writes"
+    c = container(sts)
+    args = argv(c)
+    assert flag(args, "--appendonly") == "yes" and flag(args, "--appendfsync") == "always"
+    assert flag(args, "--maxmemory-policy") == "noeviction", "a full Redis must never drop jobs"
+    image = c["image"]
+    assert ":" in image and not image.endswith(":latest"), f"{image}: a pinned tag"
+    # The data directory is the claim template's volume.
+    claims = {t["metadata"]["name"]: t for t in spec["volumeClaimTemplates"]}
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    data = next(n for n, path in mounts.items() if path == flag(args, "--dir"))
+    assert data in claims, "--dir is on the persistent volume"
+    assert claims[data]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claims[data]["spec"]["resources"]["requests"]["storage"]
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["fsGroup"], "the volume writable by the non-root user"
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert "redis-cli ping" in " ".join(c["readinessProbe"]["exec"]["command"])
+    assert "livenessProbe" in c
+    assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"]
+    # The Service: port 6379 on the StatefulSet's pods, named by serviceName.
+    svc = one(docs, "Service", "redis")
+    assert spec["serviceName"] == "redis"
+    labels = pod_labels(docs, "StatefulSet", "redis")
+    assert all(labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+    port = next(p for p in svc["spec"]["ports"] if p["port"] == 6379)
+    assert port["targetPort"] in ("redis", 6379) and {"name": "redis", "containerPort": 6379} in c["ports"]
+    assert find(docs, "PodDisruptionBudget", "redis") == [], "one replica: a PDB would block every drain"
+
+
+def test_the_gateway_takes_jobs_from_that_redis(overlay):
+    _, docs = overlay
+    gw = one(docs, "Deployment", "gateway")
+    url = env(gw)["SD_REDIS_URL"]
+    port = next(p["port"] for p in one(docs, "Service", "redis")["spec"]["ports"] if p["name"] == "redis")
+    assert url == f"redis://redis:{port}/0"
+    assert "@" not in url, "no credentials in plain text"
+    # The webhook hosts from a ConfigMap that has them.
+    ref = env_from(gw, "SD_WEBHOOK_ALLOW")["valueFrom"]["configMapKeyRef"]
+    assert one(docs, "ConfigMap", ref["name"])["data"][ref["key"]]
+
+
+def test_the_webhook_secret_is_a_file_from_a_secret(overlay):
+    _, docs = overlay
+    gw = one(docs, "Deployment", "gateway")
+    c, pod = container(gw), gw["spec"]["template"]["spec"]
+    path = env(gw)["SD_WEBHOOK_SECRET_FILE"]
+    # Only the file's path is in the environment: no variable carries it.
+    assert not [e for e in c["env"] if "WEBHOOK_SECRET" in e["name"] and e["name"] != "SD_WEBHOOK_SECRET_FILE"]
+    assert "webhook" not in str(c.get("envFrom", [])).lower()
+    mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/"))
+    assert mount["readOnly"] is True
+    vol = next(v for v in pod["volumes"] if v["name"] == mount["name"])["secret"]
+    assert vol["secretName"] == "sdserve-webhook-secret"
+    assert not vol.get("optional"), "must not start without it"
+    file = path[len(mount["mountPath"].rstrip("/")) + 1:]
+    assert file in [i["path"] for i in vol["items"]], "the variable names the Secret's file"
+    assert vol["defaultMode"] & 0o007 == 0, "not readable by every user"
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"], "readable by the gateway's group"
+
+
+def redis_policies(docs):
+    labels = pod_labels(docs, "StatefulSet", "redis") if find(docs, "StatefulSet", "redis") else {
+        "app.kubernetes.io/name": "sdserve", "app.kubernetes.io/component": "redis"}
+    policies = []
+    for p in find(docs, "NetworkPolicy"):
+        sel = p["spec"]["podSelector"]
+        match = all(labels.get(k) == v for k, v in sel.get("matchLabels", {}).items())
+        for expr in sel.get("matchExpressions", []):
+            match = match and expr["operator"] == "In" and labels.get(expr["key"]) in expr["values"]
+        if match:
+            policies.append(p)
+    return policies
+
+
+def redis_sources(docs):
+    """The policy's sources, every rule checked to name port 6379 only."""
+    policies = redis_policies(docs)
+    assert len(policies) == 1, f"redis: {len(policies)} NetworkPolicies"
+    policy = policies[0]
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    for rule in policy["spec"]["ingress"]:
+        assert [p["port"] for p in rule["ports"]] in (["redis"], [6379]), "nothing but 6379"
+    return [src for rule in policy["spec"]["ingress"] for src in rule["from"]]
+
+
+def test_only_the_gateway_reaches_redis(overlay):
+    _, docs = overlay
+    gateway_labels = pod_labels(docs, "Deployment", "gateway")
+    sources = redis_sources(docs)
+    assert sources
+    for src in sources:
+        assert set(src) == {"podSelector"}, f"{src}: only pods of this namespace"
+        want = src["podSelector"]["matchLabels"]
+        assert want["app.kubernetes.io/component"] == "gateway"
+        assert all(gateway_labels.get(k) == v for k, v in want.items())
+
+
+VARIANTS = {"gpu+keda": ("gpu", ["keda"]), "cpu+external-redis": ("cpu", ["external-redis"]),
+            "gpu+keda+external-redis": ("gpu", ["keda", "external-redis"])}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request, tmp_path_factory):
+    overlay, components = VARIANTS[request.param]
+    return overlay, components, render_with(tmp_path_factory.mktemp(request.param), overlay, components)
+
+
+def test_the_components_render_and_validate(variant):
+    overlay, components, docs = variant
+    skipped = validate_strictly(docs)
+    assert skipped == (["ScaledObject"] if "keda" in components else [])
+    # What the base promises still holds.
+    for stage in STAGES:
+        one(docs, "Deployment", stage)
+    assert env(one(docs, "Deployment", "gateway"))["SD_WEBHOOK_SECRET_FILE"]
+    assert find(docs, "Secret") == []
+    assert all(d["metadata"].get("namespace") == "sdserve" for d in docs if d["kind"] != "Namespace")
+
+
+def test_keda_scales_the_gateway_on_the_job_queue(tmp_path):
+    base = render("gpu")
+    docs = render_with(tmp_path, "gpu", ["keda"])
+    so = one(docs, "ScaledObject", "gateway")
+    assert so["apiVersion"] == "keda.sh/v1alpha1"
+    spec = so["spec"]
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "gateway"}
+    hpa = one(base, "HorizontalPodAutoscaler", "gateway")["spec"]
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (hpa["minReplicas"], hpa["maxReplicas"])
+    triggers = {t["type"]: t for t in spec["triggers"]}
+    assert set(triggers) == {"redis-streams", "cpu"}
+    queue = triggers["redis-streams"]["metadata"]
+    assert (queue["stream"], queue["consumerGroup"]) == (JOB_STREAM, JOB_GROUP)
+    # Pending entries are the jobs running, at most a replica's job workers
+    # (4 by default): a target at or above that would never scale up.
+    assert 1 <= int(queue["pendingEntriesCount"]) < 4
+    # KEDA's operator connects from its own namespace: the Service's full
+    # name, its port, the gateway's database.
+    svc = one(docs, "Service", "redis")
+    port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "redis")
+    assert queue["address"] == f"redis.{so['metadata']['namespace']}.svc:{port}"
+    assert env(one(docs, "Deployment", "gateway"))["SD_REDIS_URL"].endswith("/" + queue.get("databaseIndex", "0"))
+    # The base HPA's CPU target, carried over.
+    cpu_target = next(m["resource"]["target"]["averageUtilization"] for m in hpa["metrics"] if m["type"] == "Resource")
+    assert triggers["cpu"]["metricType"] == "Utilization" and int(triggers["cpu"]["metadata"]["value"]) == cpu_target
+    # One autoscaler per Deployment: KEDA's HPA is the gateway's only one
+    # (and takes over the plain one where a cluster has it already).
+    assert not [h for h in find(docs, "HorizontalPodAutoscaler") if h["spec"]["scaleTargetRef"]["name"] == "gateway"]
+    assert spec["advanced"]["horizontalPodAutoscalerConfig"]["name"] == "gateway"
+    assert so["metadata"]["annotations"]["scaledobject.keda.sh/transfer-hpa-ownership"] == "true"
+    one(docs, "HorizontalPodAutoscaler", "denoiser")
+    # Redis lets KEDA's operator in beside the gateway, and nobody else.
+    sources = redis_sources(docs)
+    keda = [s for s in sources if "namespaceSelector" in s]
+    assert len(keda) == 1 and keda[0]["namespaceSelector"]["matchLabels"] and keda[0]["podSelector"]["matchLabels"]
+    assert [s["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for s in sources if s not in keda] == ["gateway"]
+
+
+def test_an_external_redis_replaces_the_statefulset(tmp_path):
+    docs = render_with(tmp_path, "cpu", ["external-redis"])
+    assert find(docs, "StatefulSet") == [] and find(docs, "Service", "redis") == []
+    assert redis_policies(docs) == []
+    e = env_from(one(docs, "Deployment", "gateway"), "SD_REDIS_URL")
+    assert "value" not in e, "its URL carries a password: from a Secret"
+    ref = e["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["key"]) == ("sdserve-redis", "url") and not ref.get("optional")
+
+
+def test_compose_runs_redis_for_the_jobs_api():
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    services, networks = compose["services"], compose["networks"]
+    internal = {n for n, cfg in networks.items() if (cfg or {}).get("internal")}
+    redis = services["redis"]
+    image = redis["image"]
+    assert image.startswith("redis:") and not image.endswith(":latest")
+    cmd = redis["command"]
+    cmd = cmd.split() if isinstance(cmd, str) else cmd
+    assert flag(cmd, "--appendonly") == "yes" and flag(cmd, "--appendfsync") == "always"
+    volume = next(v for v in redis["volumes"] if v.endswith(":" + flag(cmd, "--dir")))
+    assert volume.split(":")[0] in compose["volumes"], "the data in a named volume"
+    assert "ports" not in redis and set(redis["networks"]) <= internal, "reachable from the backend only"
+    assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
+    gw = services["gateway"]
+    assert gw["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert set(gw["depends_on"]) >= set(MODEL_STAGES)
+    gw_env = gw["environment"]
+    assert gw_env["SD_REDIS_URL"] == "redis://redis:6379/0"
+    assert gw_env["SD_WEBHOOK_ALLOW"]
+    # The webhook secret: a compose secret, a file the gateway alone gets,
+    # named like the env files so git and the build context leave it out.
+    (name,) = gw["secrets"]
+    assert gw_env["SD_WEBHOOK_SECRET_FILE"] == f"/run/secrets/{name}"
+    assert compose["secrets"][name]["file"].endswith(".env") and "/" not in compose["secrets"][name]["file"]
+    assert not [s for s, svc in services.items() if s != "gateway" and svc.get("secrets")]
