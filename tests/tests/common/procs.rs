@@ -53,6 +53,16 @@ impl Proc {
         self.process.id()
     }
 
+    /// The gateway's HTTP base URL (started with `--http-listen`).
+    pub fn http(&self) -> String {
+        format!(
+            "http://{}",
+            self.process
+                .http_addr()
+                .expect("started with --http-listen")
+        )
+    }
+
     pub fn port(&self) -> u16 {
         self.process.port().expect("port")
     }
@@ -101,13 +111,19 @@ impl Proc {
     /// Scrape `/metrics` and return the value of the first sample whose line
     /// starts with `prefix` (0 when absent).
     pub async fn metric(&self, prefix: &str) -> f64 {
+        self.metric_where(prefix, "").await
+    }
+
+    /// The same, summed over the samples whose line also contains `label`
+    /// (e.g. `outcome="started"`).
+    pub async fn metric_where(&self, prefix: &str, label: &str) -> f64 {
         let addr = self
             .process
             .metrics_addr()
             .expect("started with --metrics-listen");
         let body = http_get(&addr, "/metrics").await;
         body.lines()
-            .filter(|l| l.starts_with(prefix))
+            .filter(|l| l.starts_with(prefix) && l.contains(label))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
