@@ -554,11 +554,15 @@ def test_keda_scales_the_gateway_on_the_job_queue(tmp_path):
     assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (hpa["minReplicas"], hpa["maxReplicas"])
     triggers = {t["type"]: t for t in spec["triggers"]}
     assert set(triggers) == {"redis-streams", "cpu"}
-    queue = triggers["redis-streams"]["metadata"]
-    assert (queue["stream"], queue["consumerGroup"]) == (JOB_STREAM, JOB_GROUP)
+    streams = [t["metadata"] for t in spec["triggers"] if t["type"] == "redis-streams"]
+    for q in streams:
+        assert (q["stream"], q["consumerGroup"]) == (JOB_STREAM, JOB_GROUP)
     # Pending entries are the jobs running, at most a replica's job workers
     # (4 by default): a target at or above that would never scale up.
+    queue = next(q for q in streams if "pendingEntriesCount" in q)
     assert 1 <= int(queue["pendingEntriesCount"]) < 4
+    # The jobs waiting (the group's lag) scale it too.
+    assert any(int(q.get("lagCount", 0)) >= 1 for q in streams)
     # KEDA's operator connects from its own namespace: the Service's full
     # name, its port, the gateway's database.
     svc = one(docs, "Service", "redis")
