@@ -650,6 +650,26 @@ async fn accepted_jobs_survive_a_gateway_kill_and_a_redis_kill_with_signed_webho
         delivered.len(),
         want.len()
     );
+    // What the store holds per finished job (its hash: request, status,
+    // one 64x64 PNG).
+    let bytes: Vec<u64> = ids
+        .iter()
+        .filter_map(|id| {
+            let r = redis.command(&format!("MEMORY USAGE sd:job:{id} SAMPLES 0"));
+            r.strip_prefix(':')?.parse().ok()
+        })
+        .collect();
+    assert_eq!(
+        bytes.len(),
+        ids.len(),
+        "MEMORY USAGE answered for every job"
+    );
+    println!(
+        "store memory per completed job: {} to {} bytes (mean {})",
+        bytes.iter().min().unwrap(),
+        bytes.iter().max().unwrap(),
+        bytes.iter().sum::<u64>() / bytes.len() as u64
+    );
     // gRPC reads the same job, with its images.
     let g = grpc
         .get_job(JobRequest { id: ids[9].clone() })
@@ -666,7 +686,11 @@ async fn grpc_jobs_watch_cancel_and_match_generate() {
     let dir = tempfile::tempdir().unwrap();
     let redis = Redis::start(dir.path());
     let services = Services::start();
-    let g = services.gateway(&redis, &[]).await;
+    // The long job below must not be refused for its predicted cost on a
+    // busy machine.
+    let g = services
+        .gateway(&redis, &["--max-request-seconds", "1000000"])
+        .await;
     let mut c = GenerationClient::connect(g.url()).await.unwrap();
     let req = GenerateRequest {
         prompt: "a lighthouse".into(),
@@ -864,4 +888,46 @@ async fn jobs_are_taken_in_turn_across_api_keys_and_belong_to_their_key() {
         positions.iter().all(|&p| p <= 4),
         "the quiet key waited behind the flood: {positions:?}"
     );
+}
+
+/// `sdctl up --jobs` (its own supervised redis-server) driven by clients
+/// nobody here wrote: grpcio stubs from our proto, plain HTTP, and the
+/// Standard Webhooks reference library verifying every webhook
+/// (`tests/clients/job_clients.py`).
+#[test]
+fn sdctl_jobs_with_grpcio_stubs_and_the_standard_webhooks_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("webhook-secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let jobs_dir = dir.path().join("jobs");
+    let stack = common::stack::Stack::start_with(
+        &common::model("sd1-tiny"),
+        &[
+            "--jobs",
+            "--jobs-dir",
+            jobs_dir.to_str().unwrap(),
+            &format!("--gateway-arg=--webhook-secret-file={}", secret.display()),
+            "--gateway-arg=--webhook-allow=127.0.0.1",
+            "--gateway-arg=--max-request-seconds=1000000",
+        ],
+    );
+    let target = stack.url.trim_start_matches("http://");
+    let proto = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    let out = common::run_client(
+        "job_clients.py",
+        &[
+            target.as_ref(),
+            stack.http.as_ref(),
+            proto.as_os_str(),
+            SECRET.as_ref(),
+        ],
+    );
+    assert!(out.contains("job clients ok"), "{out}");
+    // The store keeps its data where it was told, as an append-only file.
+    assert!(
+        jobs_dir.join("appendonlydir").is_dir(),
+        "no append-only file in {}",
+        jobs_dir.display()
+    );
+    println!("{out}");
 }

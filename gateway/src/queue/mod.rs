@@ -307,6 +307,9 @@ pub struct Jobs {
     pub webhook_retry: Duration,
     /// Wakes this gateway's workers when it queues a job.
     pub wake: tokio::sync::Notify,
+    /// The jobs this gateway runs now (a claim of its own that it takes
+    /// back after the store was away is not run twice).
+    pub running: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// A job to queue, checked.
@@ -361,6 +364,7 @@ impl Jobs {
             max_attempts: args.job_max_attempts.max(1),
             webhook_retry: Duration::from_secs(args.webhook_retry_secs),
             wake: tokio::sync::Notify::new(),
+            running: std::sync::Mutex::new(std::collections::HashSet::new()),
         })
     }
 

@@ -23,13 +23,14 @@
 //! - `P:hooks` — webhooks to deliver (a stream, group `gateways`).
 
 /// Queue a job: `ARGV` prefix, id, owner, now (ms), idempotency key (or
-/// ""), its lifetime (s), the limit per owner, the limit in all, then the
-/// job's fields. `{"queued", id}`, `{"existing", id}` (the idempotency
+/// ""), its lifetime (s), the limit per owner, the limit in all, a
+/// finished job's lifetime (ms), then the job's fields. The owner's index
+/// forgets entries older than twice that lifetime (their jobs are gone). `{"queued", id}`, `{"existing", id}` (the idempotency
 /// key's job) or `{"full", "key" | "all"}`.
 pub const SUBMIT: &str = r"
 local p, id, owner, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local idem, idem_ttl = ARGV[5], tonumber(ARGV[6])
-local per_key, all = tonumber(ARGV[7]), tonumber(ARGV[8])
+local per_key, all, ttl_ms = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local idem_key = p .. ':idem:' .. owner .. ':' .. idem
 if idem ~= '' then
   local prev = redis.call('GET', idem_key)
@@ -40,13 +41,15 @@ end
 if redis.call('ZCARD', p .. ':queued') >= all then return {'full', 'all'} end
 if redis.call('LLEN', p .. ':q:' .. owner) >= per_key then return {'full', 'key'} end
 local job = p .. ':job:' .. id
-redis.call('HSET', job, unpack(ARGV, 9))
+redis.call('HSET', job, unpack(ARGV, 10))
 redis.call('RPUSH', p .. ':q:' .. owner, id)
 if redis.call('SADD', p .. ':ringset', owner) == 1 then
   redis.call('RPUSH', p .. ':ring', owner)
 end
 redis.call('ZADD', p .. ':queued', now, id)
-redis.call('ZADD', p .. ':owner:' .. owner, now, id)
+local index = p .. ':owner:' .. owner
+redis.call('ZREMRANGEBYSCORE', index, '-inf', tonumber(now) - 2 * ttl_ms)
+redis.call('ZADD', index, now, id)
 redis.call('XADD', p .. ':jobs', '*', 'job', id)
 if idem ~= '' then redis.call('SET', idem_key, id, 'EX', idem_ttl) end
 return {'queued', id}

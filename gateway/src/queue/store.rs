@@ -182,6 +182,7 @@ impl Store {
             .arg(self.config.idempotency.as_secs().max(1))
             .arg(self.config.max_queued_per_key)
             .arg(self.config.max_queued)
+            .arg(self.config.ttl.as_millis() as u64)
             .arg("owner")
             .arg(owner)
             .arg("status")

@@ -43,7 +43,9 @@ async fn consume(service: Arc<GenerationService>, jobs: Shared, workers: usize) 
         }
         match jobs.store.next(&jobs.worker, true).await {
             Ok(Some(claim)) => {
-                tokio::spawn(run(service.clone(), jobs.clone(), claim, permit));
+                if jobs.start(&claim.id) {
+                    tokio::spawn(run(service.clone(), jobs.clone(), claim, permit));
+                }
                 continue;
             }
             Ok(None) => {}
@@ -59,6 +61,22 @@ async fn consume(service: Arc<GenerationService>, jobs: Shared, workers: usize) 
         tokio::select! {
             () = jobs.wake.notified() => {}
             () = tokio::time::sleep(IDLE_POLL) => {}
+        }
+    }
+}
+
+impl super::Jobs {
+    /// Mark `id` running here; false when it already is.
+    fn start(&self, id: &str) -> bool {
+        self.running
+            .lock()
+            .map(|mut r| r.insert(id.to_string()))
+            .unwrap_or(true)
+    }
+
+    fn done(&self, id: &str) {
+        if let Ok(mut r) = self.running.lock() {
+            r.remove(id);
         }
     }
 }
@@ -234,6 +252,7 @@ async fn run(
     let stopped = *stop_rx.borrow();
     let _ = stop_tx.send(Keep::Stop);
     beat.abort();
+    jobs.done(&claim.id);
     let outcome = match outcome {
         Ran::Unread => return,
         _ if stopped == Keep::Lost => {
