@@ -546,6 +546,29 @@ fn completion_order(h: &str, n: usize) -> Vec<String> {
     order
 }
 
+/// What the store holds per finished job (its hash: request, status, one
+/// 64x64 PNG), as Redis counts it.
+fn memory_per_job(redis: &Redis, ids: &[String]) {
+    let bytes: Vec<u64> = ids
+        .iter()
+        .filter_map(|id| {
+            let r = redis.command(&format!("MEMORY USAGE sd:job:{id} SAMPLES 0"));
+            r.strip_prefix(':')?.parse().ok()
+        })
+        .collect();
+    assert_eq!(
+        bytes.len(),
+        ids.len(),
+        "MEMORY USAGE answered for every job"
+    );
+    println!(
+        "store memory per completed job: {} to {} bytes (mean {})",
+        bytes.iter().min().unwrap(),
+        bytes.iter().max().unwrap(),
+        bytes.iter().sum::<u64>() / bytes.len() as u64
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn accepted_jobs_survive_a_gateway_kill_and_a_redis_kill_with_signed_webhooks() {
     let dir = tempfile::tempdir().unwrap();
@@ -650,26 +673,7 @@ async fn accepted_jobs_survive_a_gateway_kill_and_a_redis_kill_with_signed_webho
         delivered.len(),
         want.len()
     );
-    // What the store holds per finished job (its hash: request, status,
-    // one 64x64 PNG).
-    let bytes: Vec<u64> = ids
-        .iter()
-        .filter_map(|id| {
-            let r = redis.command(&format!("MEMORY USAGE sd:job:{id} SAMPLES 0"));
-            r.strip_prefix(':')?.parse().ok()
-        })
-        .collect();
-    assert_eq!(
-        bytes.len(),
-        ids.len(),
-        "MEMORY USAGE answered for every job"
-    );
-    println!(
-        "store memory per completed job: {} to {} bytes (mean {})",
-        bytes.iter().min().unwrap(),
-        bytes.iter().max().unwrap(),
-        bytes.iter().sum::<u64>() / bytes.len() as u64
-    );
+    memory_per_job(&redis, &ids);
     // gRPC reads the same job, with its images.
     let g = grpc
         .get_job(JobRequest { id: ids[9].clone() })
