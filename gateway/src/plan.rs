@@ -94,6 +94,9 @@ pub struct Plan {
     pub hires: Option<crate::hires::HiresPlan>,
     /// FLUX.2 Klein: the reference images, prepared.
     pub references: Vec<crate::reference::Reference>,
+    /// An async job's step record (predictions to replay, and where new
+    /// ones go); none for other generations.
+    pub replay: Option<crate::pipeline::Replay>,
 }
 
 impl std::fmt::Debug for Plan {
@@ -300,6 +303,7 @@ impl Plan {
             loras,
             hires: None,
             references,
+            replay: None,
         })
     }
 

@@ -186,10 +186,12 @@ impl GenerationService {
         req: GenerateRequest,
         events: mpsc::Sender<Event>,
         deadline: Deadline,
+        replay: Option<crate::pipeline::Replay>,
     ) -> Result<GenerateResponse, Status> {
         let span = request_span("Job");
         let work = async {
-            let (plan, _admitted, generator) = self.admit(req, &deadline).await?;
+            let (mut plan, _admitted, generator) = self.admit(req, &deadline).await?;
+            plan.replay = replay;
             within(deadline, generator.run(plan, Some(events), deadline)).await
         };
         self.metrics.observe("Job", work.instrument(span)).await

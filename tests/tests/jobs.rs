@@ -346,8 +346,20 @@ fn wait_all(base: &str, key: &str, ids: &[String], within: Duration) -> HashMap<
     }
 }
 
+/// Half the jobs sample ancestrally (Euler a: noise drawn at every step,
+/// so a resumed job must continue the generator where it was), the rest
+/// with the model's PNDM (a multistep history a resumed job must carry).
+fn scheduler_for(prompt: &str) -> &'static str {
+    if prompt.ends_with(['1', '3', '5', '7']) {
+        "euler-a"
+    } else {
+        "pndm"
+    }
+}
+
 fn job_body(prompt: &str, webhook: &str) -> Value {
-    json!({"prompt": prompt, "size": "64x64", "steps": 60, "webhook_url": webhook})
+    json!({"prompt": prompt, "size": "64x64", "steps": 60, "webhook_url": webhook,
+        "scheduler": scheduler_for(prompt)})
 }
 
 fn image_of(job: &Value) -> Vec<u8> {
@@ -495,8 +507,9 @@ fn same_image_as_the_synchronous_route(hb: &str, r: &Value, ids: &[String]) {
             _ => "over grpc".into(),
         }
     };
-    let sync_body = json!({"prompt": prompt_of(r["id"].as_str().unwrap()), "size": "64x64",
-        "steps": 60, "seed": seed});
+    let prompt = prompt_of(r["id"].as_str().unwrap());
+    let sync_body = json!({"prompt": prompt, "size": "64x64", "steps": 60, "seed": seed,
+        "scheduler": scheduler_for(&prompt)});
     let (code, sync) = post(
         hb,
         "/v1/images/generations",
@@ -569,6 +582,28 @@ fn memory_per_job(redis: &Redis, ids: &[String]) {
     );
 }
 
+/// Until gateway A runs a job and every running job is between a fifth
+/// and four fifths through its steps.
+async fn wait_until_under_way(a: &Proc, hb: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let count = |o: &'static str| a.metric_where("sd_jobs_total", o);
+        let open = count("outcome=\"started\"").await + count("outcome=\"resumed\"").await
+            - count("outcome=\"completed\"").await;
+        let running = get(hb, "/v1/jobs?status=in_progress", "").1;
+        let running = running["data"].as_array().cloned().unwrap_or_default();
+        let under_way = !running.is_empty()
+            && running
+                .iter()
+                .all(|j| (0.2..0.8).contains(&j["progress"].as_f64().unwrap_or(0.0)));
+        if open >= 1.0 && under_way {
+            break;
+        }
+        assert!(Instant::now() < deadline, "gateway A never ran a job");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn accepted_jobs_survive_a_gateway_kill_and_a_redis_kill_with_signed_webhooks() {
     let dir = tempfile::tempdir().unwrap();
@@ -626,18 +661,10 @@ async fn accepted_jobs_survive_a_gateway_kill_and_a_redis_kill_with_signed_webho
     );
 
     // Gateway A dies while it runs a job (its `started` count is ahead of
-    // its finished ones); B takes the job over after the lease.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let count = |o: &'static str| a.metric_where("sd_jobs_total", o);
-        let open = count("outcome=\"started\"").await + count("outcome=\"resumed\"").await
-            - count("outcome=\"completed\"").await;
-        if open >= 1.0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "gateway A never ran a job");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // its finished ones) a fifth of the way or more through its steps (so
+    // its checkpoint holds some); B takes the job over after the lease and
+    // goes on from the checkpoint.
+    wait_until_under_way(&a, &hb).await;
     a.signal(libc::SIGKILL);
     // Then Redis dies too, with jobs still queued, and comes back.
     std::thread::sleep(Duration::from_millis(300));
@@ -654,7 +681,17 @@ async fn accepted_jobs_survive_a_gateway_kill_and_a_redis_kill_with_signed_webho
         .filter(|s| s["attempts"].as_u64() > Some(1))
         .collect();
     assert!(!resumed.is_empty(), "no job was taken over from gateway A");
-    same_image_as_the_synchronous_route(&hb, resumed[0], &ids);
+    // It went on from A's checkpoint (steps replayed, not computed again),
+    // and made the image an uninterrupted run makes.
+    let r = resumed
+        .iter()
+        .find(|r| r["resumed_from_step"].as_u64() > Some(0))
+        .unwrap_or_else(|| panic!("no job resumed from a checkpoint: {resumed:?}"));
+    println!(
+        "resumed from step {} (60 steps; PNDM evaluates 61 times)",
+        r["resumed_from_step"]
+    );
+    same_image_as_the_synchronous_route(&hb, r, &ids);
     let cancelled = get(&hb, &format!("/v1/jobs/{victim}"), "").1;
     assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
     assert!(cancelled["data"].is_null(), "a cancelled job has no images");
@@ -664,7 +701,7 @@ async fn accepted_jobs_survive_a_gateway_kill_and_a_redis_kill_with_signed_webho
     let delivered = signed_webhooks(&hooks, &want, &victim);
     let repeats = delivered.len() - want.len();
     println!(
-        "jobs: {} accepted, {} completed, {} cancelled, {} resumed after the gateway's SIGKILL; \
+        "jobs: {} accepted, {} completed, {} cancelled, {} taken over after the gateway's SIGKILL; \
          Redis SIGKILLed and restarted; webhooks: {} deliveries for {} jobs ({repeats} retries)",
         ids.len() + 1,
         states.len(),

@@ -58,6 +58,8 @@ pub(super) struct Denoising<'a> {
     pub stop: Option<super::Stop>,
     /// The LoRA adapters every step applies.
     pub loras: Vec<sd_proto::v1::LoraRef>,
+    /// An async job's record: predictions to replay, new ones to keep.
+    pub replay: Option<super::Replay>,
 }
 
 impl Denoising<'_> {
@@ -94,13 +96,22 @@ impl Denoising<'_> {
                 replica = tracing::field::Empty
             );
             let started = Instant::now();
-            let prediction = self
-                .predict(&mut *session, input, t, total - step)
-                .instrument(span)
-                .await?;
-            self.generator
-                .metrics
-                .step(Phase::Denoise, started.elapsed());
+            let prediction = match self.replay.as_ref().and_then(|r| r.next(latents.len())) {
+                Some(p) => p,
+                None => {
+                    let p = self
+                        .predict(&mut *session, input, t, total - step)
+                        .instrument(span)
+                        .await?;
+                    if let Some(r) = &self.replay {
+                        r.record(&p);
+                    }
+                    self.generator
+                        .metrics
+                        .step(Phase::Denoise, started.elapsed());
+                    p
+                }
+            };
             let prediction = match &inpaint {
                 Some(p) => p.prediction(&*scheduler, prediction, &latents, i),
                 None => prediction,

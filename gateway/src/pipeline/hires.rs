@@ -23,6 +23,7 @@ pub(super) struct Pass<'a> {
     pub stop: Option<Stop>,
     pub deadline: &'a Deadline,
     pub started: Instant,
+    pub replay: Option<super::Replay>,
 }
 
 impl Generator {
@@ -77,6 +78,7 @@ impl Generator {
             started: pass.started,
             stop: pass.stop,
             loras: second.loras.clone(),
+            replay: pass.replay,
         };
         Ok((steps.run(second.schedule, start).await?, big))
     }

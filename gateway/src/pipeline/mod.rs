@@ -67,6 +67,65 @@ impl Stop {
 }
 
 /// Runs generations against the model stages.
+/// An async job's record of its steps, for resuming it elsewhere: the
+/// denoiser's predictions (as the scheduler takes them), in order. A run
+/// given predictions replays them instead of calling the denoiser — the
+/// scheduler steps through them as it did, drawing the same noise, so its
+/// whole state (multistep histories, the generator's position) and the
+/// latents come back exactly — and sends each new prediction to `sink`.
+/// Both passes of hires fix share one record.
+#[derive(Clone, Default)]
+pub struct Replay(Arc<Mutex<ReplayState>>);
+
+#[derive(Default)]
+struct ReplayState {
+    stored: std::collections::VecDeque<Vec<f32>>,
+    replayed: usize,
+    sink: Option<mpsc::UnboundedSender<Vec<f32>>>,
+}
+
+impl Replay {
+    pub fn new(stored: Vec<Vec<f32>>, sink: Option<mpsc::UnboundedSender<Vec<f32>>>) -> Self {
+        Replay(Arc::new(Mutex::new(ReplayState {
+            stored: stored.into(),
+            replayed: 0,
+            sink,
+        })))
+    }
+
+    /// The next stored prediction, if it fits latents of `len` values (a
+    /// record that does not fit is dropped whole: the rest is computed).
+    fn next(&self, len: usize) -> Option<Vec<f32>> {
+        let mut s = self.0.lock().ok()?;
+        let p = s.stored.pop_front()?;
+        if p.len() != len {
+            tracing::warn!(
+                got = p.len(),
+                want = len,
+                "a stored prediction does not fit: computing from here"
+            );
+            s.stored.clear();
+            return None;
+        }
+        s.replayed += 1;
+        Some(p)
+    }
+
+    /// Record a prediction the denoiser made.
+    fn record(&self, p: &[f32]) {
+        if let Ok(s) = self.0.lock() {
+            if let Some(sink) = &s.sink {
+                let _ = sink.send(p.to_vec());
+            }
+        }
+    }
+
+    /// Predictions replayed so far.
+    pub fn replayed(&self) -> usize {
+        self.0.lock().map_or(0, |s| s.replayed)
+    }
+}
+
 #[derive(Clone)]
 pub struct Generator {
     pub stages: Arc<dyn Stages>,
@@ -157,6 +216,7 @@ impl Generator {
             started,
             stop: stop.clone(),
             loras: plan.loras.clone(),
+            replay: plan.replay.clone(),
         };
         let (format, num_images) = (plan.format, plan.num_images);
         let mut latents = steps.run(plan.schedule, start).await?;
@@ -169,6 +229,7 @@ impl Generator {
                 stop,
                 deadline: &deadline,
                 started,
+                replay: plan.replay.clone(),
             };
             (latents, shape) = self.hires_pass(h, latents, shape, pass).await?;
         }

@@ -55,6 +55,11 @@ pub struct JobArgs {
     /// Largest result a job keeps (MiB of encoded images); beyond: failed.
     #[arg(long, env = "SD_JOB_MAX_RESULT_MIB", default_value_t = 64)]
     pub job_max_result_mib: usize,
+    /// Checkpoint a running job's steps (MiB of predictions kept per job;
+    /// 0: none): a gateway that takes the job over replays them and goes on
+    /// from the last one kept, instead of starting again.
+    #[arg(long, env = "SD_JOB_CHECKPOINT_MIB", default_value_t = 256)]
+    pub job_checkpoint_mib: usize,
     /// Seconds one run of a job may take.
     #[arg(long, env = "SD_JOB_TIMEOUT_SECS", default_value_t = 3600)]
     pub job_timeout_secs: u64,
@@ -179,6 +184,9 @@ pub struct Job {
     pub attempts: u32,
     /// How its webhook went (`delivered after N attempts`, …).
     pub webhook: Option<String>,
+    /// Taken over from a gateway that died: the steps replayed from its
+    /// checkpoint instead of computed again.
+    pub resumed_from: Option<u32>,
 }
 
 impl Job {
@@ -206,6 +214,7 @@ impl Job {
             webhook_url: text("webhook_url").unwrap_or_default(),
             attempts: num("attempts").unwrap_or(0) as u32,
             webhook: text("webhook"),
+            resumed_from: num("resumed_from").map(|n| n as u32),
         })
     }
 
@@ -248,6 +257,9 @@ impl Job {
             "error": self.error.as_ref().map(|e| json!({"code": e.code, "message": e.message})),
             "attempts": self.attempts,
         });
+        if let Some(n) = self.resumed_from {
+            v["resumed_from_step"] = json!(n);
+        }
         if !self.webhook_url.is_empty() {
             v["webhook_url"] = json!(self.webhook_url);
             v["webhook"] = json!(self.webhook);
@@ -302,6 +314,7 @@ pub struct Jobs {
     pub secret: Option<Secret>,
     pub worker: String,
     pub max_result_bytes: usize,
+    pub checkpoint_bytes: usize,
     pub timeout: Duration,
     pub max_attempts: u32,
     pub webhook_retry: Duration,
@@ -360,6 +373,7 @@ impl Jobs {
             secret,
             worker: format!("{host}-{}-{}", std::process::id(), &new_id()[4..12]),
             max_result_bytes: args.job_max_result_mib << 20,
+            checkpoint_bytes: args.job_checkpoint_mib << 20,
             timeout: Duration::from_secs(args.job_timeout_secs.max(1)),
             max_attempts: args.job_max_attempts.max(1),
             webhook_retry: Duration::from_secs(args.webhook_retry_secs),

@@ -21,6 +21,9 @@
 //! - `P:idem:{owner}:{key}` — an idempotency key's job, for a day.
 //! - `P:ev:{id}` — a running job's events (progress, previews), capped.
 //! - `P:hooks` — webhooks to deliver (a stream, group `gateways`).
+//! - `P:ck:{id}` — a running job's checkpoint: the denoiser's predictions
+//!   so far (f32 little-endian each), replayed by the gateway that takes
+//!   the job over; dropped when the job finishes.
 
 /// Queue a job: `ARGV` prefix, id, owner, now (ms), idempotency key (or
 /// ""), its lifetime (s), the limit per owner, the limit in all, a
@@ -160,10 +163,28 @@ if h[2] == 'in_progress' then
   redis.call('EXPIRE', ev, ttl)
   done = 1
 end
+redis.call('DEL', p .. ':ck:' .. id)
 redis.call('HDEL', p .. ':claims', token)
 redis.call('XACK', p .. ':jobs', 'gateways', token)
 redis.call('XDEL', p .. ':jobs', token)
 return done
+";
+
+/// Keep a running job's new predictions: `ARGV` prefix, id, worker, ttl
+/// (s), a note of how many predictions were replayed (or ""), then the
+/// predictions. 1, or 0 when the job is no longer this worker's.
+pub const CHECKPOINT: &str = r"
+local p, id, who, ttl, replayed = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local job = p .. ':job:' .. id
+local h = redis.call('HMGET', job, 'worker', 'status')
+if h[1] ~= who or h[2] ~= 'in_progress' then return 0 end
+if replayed ~= '' then redis.call('HSET', job, 'resumed_from', replayed) end
+if #ARGV > 5 then
+  local ck = p .. ':ck:' .. id
+  redis.call('RPUSH', ck, unpack(ARGV, 6))
+  redis.call('EXPIRE', ck, ttl)
+end
+return 1
 ";
 
 /// Cancel: `ARGV` prefix, id, owner, now (ms), ttl (s). `'cancelled'`,
@@ -187,6 +208,7 @@ if h[3] and h[3] ~= '' then redis.call('XADD', p .. ':hooks', '*', 'job', id) en
 local ev = p .. ':ev:' .. id
 redis.call('XADD', ev, 'MAXLEN', '~', 32, '*', 'end', 'cancelled')
 redis.call('EXPIRE', ev, ttl)
+redis.call('DEL', p .. ':ck:' .. id)
 return 'cancelled'
 ";
 

@@ -85,6 +85,7 @@ struct Scripts {
     finish: Script,
     cancel: Script,
     list: Script,
+    checkpoint: Script,
 }
 
 fn now_ms() -> i64 {
@@ -129,6 +130,7 @@ impl Store {
                 finish: Script::new(scripts::FINISH),
                 cancel: Script::new(scripts::CANCEL),
                 list: Script::new(scripts::LIST),
+                checkpoint: Script::new(scripts::CHECKPOINT),
             }),
         };
         store.ensure_groups().await?;
@@ -426,6 +428,38 @@ impl Store {
         })
     }
 
+    /// Keep new predictions of a running job (and, once, how many were
+    /// replayed at its start).
+    pub async fn checkpoint(
+        &self,
+        worker: &str,
+        id: &str,
+        replayed: Option<usize>,
+        predictions: &[Vec<u8>],
+    ) -> R<Keep> {
+        let mut inv = self.scripts.checkpoint.prepare_invoke();
+        inv.arg(&self.config.prefix)
+            .arg(id)
+            .arg(worker)
+            .arg(self.config.ttl.as_secs().max(1))
+            .arg(replayed.map_or(String::new(), |n| n.to_string()));
+        for p in predictions {
+            inv.arg(p.as_slice());
+        }
+        let r: i64 = inv.invoke_async(&mut self.con.clone()).await?;
+        Ok(if r == 1 { Keep::Running } else { Keep::Stop })
+    }
+
+    /// A job's checkpoint: its predictions so far.
+    pub async fn checkpoints(&self, id: &str) -> R<Vec<Vec<u8>>> {
+        redis::cmd("LRANGE")
+            .arg(self.key(&format!("ck:{id}")))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut self.con.clone())
+            .await
+    }
+
     /// A job's events after `after` (a stream id; "0" from the start), and
     /// the last id read.
     pub async fn events(&self, id: &str, after: &str) -> R<Vec<(String, Event)>> {
@@ -573,7 +607,7 @@ pub enum Event {
 }
 
 /// The job hash's fields read by [`Store::get`] (the result apart).
-const FIELDS: [&str; 13] = [
+const FIELDS: [&str; 14] = [
     "owner",
     "status",
     "progress",
@@ -587,6 +621,7 @@ const FIELDS: [&str; 13] = [
     "attempts",
     "webhook",
     "model",
+    "resumed_from",
 ];
 
 /// Job ids are ours (`job_` and hex): anything else names no job (and

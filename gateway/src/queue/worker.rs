@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::store::{Claim, Keep};
 use super::{JobError, Shared};
-use crate::pipeline::Event;
+use crate::pipeline::{Event, Replay};
 use crate::service::GenerationService;
 
 /// How often an idle gateway looks for work (a job it queues itself wakes
@@ -159,6 +159,80 @@ async fn report(
     }
 }
 
+/// A job's step record: the predictions its checkpoint holds (replayed by
+/// the run), and a task keeping the new ones (ends with the run).
+async fn checkpoints(
+    jobs: &Shared,
+    id: &str,
+) -> (Option<Replay>, Option<tokio::task::JoinHandle<()>>) {
+    if jobs.checkpoint_bytes == 0 {
+        return (None, None);
+    }
+    let stored: Vec<Vec<f32>> = match jobs.store.checkpoints(id).await {
+        Ok(s) => s
+            .iter()
+            .map(|b| {
+                b.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect()
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(job = %id, "checkpoint not read, starting from the first step: {e}");
+            Vec::new()
+        }
+    };
+    let kept: usize = stored.iter().map(|p| p.len() * 4).sum();
+    if !stored.is_empty() {
+        tracing::info!(job = %id, steps = stored.len(), "resuming from a checkpoint");
+    }
+    let replayed = (!stored.is_empty()).then_some(stored.len());
+    let (tx, rx) = mpsc::unbounded_channel();
+    let saver = tokio::spawn(save(jobs.clone(), id.to_string(), rx, kept, replayed));
+    (Some(Replay::new(stored, Some(tx))), Some(saver))
+}
+
+/// Append each new prediction to the job's checkpoint (those that arrive
+/// together in one write), until its bytes reach `--job-checkpoint-mib`.
+async fn save(
+    jobs: Shared,
+    id: String,
+    mut rx: mpsc::UnboundedReceiver<Vec<f32>>,
+    mut kept: usize,
+    mut replayed: Option<usize>,
+) {
+    if let Some(n) = replayed.take() {
+        let _ = jobs.store.checkpoint(&jobs.worker, &id, Some(n), &[]).await;
+    }
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while let Ok(p) = rx.try_recv() {
+            batch.push(p);
+        }
+        let bytes: Vec<Vec<u8>> = batch
+            .iter()
+            .map(|p| p.iter().flat_map(|v| v.to_le_bytes()).collect())
+            .collect();
+        let size: usize = bytes.iter().map(Vec::len).sum();
+        if kept.saturating_add(size) > jobs.checkpoint_bytes {
+            // Full: the record must stay whole, so no later step is kept.
+            tracing::debug!(job = %id, "checkpoint full: later steps are not kept");
+            kept = usize::MAX;
+            continue;
+        }
+        match jobs.store.checkpoint(&jobs.worker, &id, None, &bytes).await {
+            Ok(Keep::Running) => kept += size,
+            Ok(_) => return,
+            // A step not kept cannot be followed by later ones (the record
+            // must be whole): stop keeping.
+            Err(e) => {
+                tracing::warn!(job = %id, "checkpoint not written: {e}");
+                kept = usize::MAX;
+            }
+        }
+    }
+}
+
 /// Failures worth another try: the model services or this gateway busy or
 /// away for a while.
 fn passing(code: tonic::Code) -> bool {
@@ -215,11 +289,15 @@ async fn run(
             let (tx, rx) = mpsc::channel::<Event>(16);
             let reporter = tokio::spawn(report(jobs.clone(), claim.id.clone(), rx, stop_tx.clone()));
             let deadline = Deadline::after(jobs.timeout);
+            let (replay, saver) = checkpoints(&jobs, &claim.id).await;
             let r = tokio::select! {
-                r = service.run_job(req.clone(), tx, deadline) => Some(r),
+                r = service.run_job(req.clone(), tx, deadline, replay) => Some(r),
                 _ = stop_rx.wait_for(|k| *k != Keep::Running) => None,
             };
             let _ = reporter.await;
+            if let Some(saver) = saver {
+                let _ = saver.await;
+            }
             let Some(r) = r else {
                 return Ran::Stopped;
             };
