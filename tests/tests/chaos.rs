@@ -1,7 +1,9 @@
 //! Short runs of the chaos and soak harness (`sd-chaos`, the tables in
 //! docs/RELIABILITY.md come from its long runs): a denoiser replica killed
 //! under load loses no request; 150 generations leave every process with
-//! no more threads or open files than after the first 50.
+//! no more threads or open files than after the first 50; async jobs
+//! submitted while the gateway, Redis and a denoiser replica are SIGKILLed
+//! all complete.
 
 #![allow(clippy::unwrap_used)]
 
@@ -46,6 +48,28 @@ fn a_denoiser_replica_killed_under_load_loses_no_request() {
     assert!(report.contains("| during SIGKILL denoiser#0 |"), "{report}");
     assert!(
         report.contains("around the denoiser kill: 0; sdctl up throughout: true"),
+        "{report}"
+    );
+}
+
+#[test]
+fn accepted_jobs_survive_sigkills_of_the_gateway_redis_and_a_denoiser() {
+    let report = sd_chaos(&[
+        "--jobs",
+        "--phase-secs",
+        "4",
+        "--clients",
+        "2",
+        "--drain-secs",
+        "60",
+        "--max-seconds",
+        "60",
+    ]);
+    for phase in ["SIGKILL gateway", "SIGKILL redis", "SIGKILL denoiser#0"] {
+        assert!(report.contains(&format!("| after {phase} |")), "{report}");
+    }
+    assert!(
+        report.contains("Jobs lost: 0, failed: 0, cancelled: 0; sdctl up throughout: true."),
         "{report}"
     );
 }

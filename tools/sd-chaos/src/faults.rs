@@ -15,6 +15,12 @@ pub enum Fault {
     TermGateway,
     /// SIGTERM to the text encoder: it drains and exits; sdctl restarts it.
     RestartTextEncoder,
+    /// SIGKILL to the gateway: no drain; sdctl restarts it (`--jobs`: its
+    /// running jobs wait out their lease, then run again).
+    KillGateway,
+    /// SIGKILL to the job store's redis-server (`--jobs`); sdctl restarts
+    /// it on the same port and it reloads its append-only file.
+    KillRedis,
 }
 
 impl Fault {
@@ -25,13 +31,17 @@ impl Fault {
         Fault::RestartTextEncoder,
     ];
 
+    /// The jobs phase's faults (`--jobs`), in order.
+    pub const JOBS: [Fault; 3] = [Fault::KillGateway, Fault::KillRedis, Fault::KillDenoiser];
+
     /// The process it hits: (name, replica).
     fn target(self) -> (&'static str, usize) {
         match self {
             Fault::KillDenoiser => ("denoiser", 0),
             Fault::StopDenoiser => ("denoiser", 1),
-            Fault::TermGateway => ("gateway", 0),
+            Fault::TermGateway | Fault::KillGateway => ("gateway", 0),
             Fault::RestartTextEncoder => ("text-encoder", 0),
+            Fault::KillRedis => ("redis", 0),
         }
     }
 
@@ -41,6 +51,8 @@ impl Fault {
             Fault::StopDenoiser => "SIGSTOP/SIGCONT denoiser#1",
             Fault::TermGateway => "SIGTERM gateway",
             Fault::RestartTextEncoder => "SIGTERM text-encoder",
+            Fault::KillGateway => "SIGKILL gateway",
+            Fault::KillRedis => "SIGKILL redis",
         }
     }
 }
@@ -83,10 +95,9 @@ pub async fn inject(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     } else {
-        let sig = if fault == Fault::KillDenoiser {
-            libc::SIGKILL
-        } else {
-            libc::SIGTERM
+        let sig = match fault {
+            Fault::KillDenoiser | Fault::KillGateway | Fault::KillRedis => libc::SIGKILL,
+            _ => libc::SIGTERM,
         };
         signal(m.pid, sig)?;
         let back = stack

@@ -238,12 +238,12 @@ pub async fn client(url: String, load: Arc<Load>, mix: Mix, seed: u64) {
 }
 
 /// A client's pause after a failed request.
-const AFTER_FAILURE: Duration = Duration::from_millis(250);
+pub const AFTER_FAILURE: Duration = Duration::from_millis(250);
 
 /// A request of `kind`: a small size, a few steps, any scheduler; prompts
 /// from a short list (the caches hit) or, `unique` percent of them, of
 /// their own (the text encoder works, the caches fill).
-fn request(rng: &mut Rng, kind: Kind, n: usize, init: &[u8], unique: u64) -> GenerateRequest {
+pub fn request(rng: &mut Rng, kind: Kind, n: usize, init: &[u8], unique: u64) -> GenerateRequest {
     let side = *rng.pick(&[32u32, 48, 64]);
     let prompt = if rng.below(100) < unique {
         format!("{} #{n}", rng.pick(PROMPTS))
@@ -345,7 +345,7 @@ fn failed(s: &tonic::Status) -> Outcome {
 }
 
 /// A `w`×`h` RGB gradient as PNG bytes: the image-to-image input.
-fn gradient_png(w: u32, h: u32) -> anyhow::Result<Vec<u8>> {
+pub fn gradient_png(w: u32, h: u32) -> anyhow::Result<Vec<u8>> {
     let mut out = Vec::new();
     let mut enc = png::Encoder::new(&mut out, w, h);
     enc.set_color(png::ColorType::Rgb);

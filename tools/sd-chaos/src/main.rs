@@ -7,9 +7,15 @@
 //! and every process's RSS, threads and open files at the end of each
 //! phase. `--soak N` instead runs N generations without faults and reports
 //! how each process's usage moved from the baseline call to the last.
+//! `--jobs` instead runs the stack with its job store (`sdctl up --jobs`),
+//! submits async jobs throughout, SIGKILLs the gateway, Redis and a
+//! denoiser replica, and reports every accepted job's fate: completed,
+//! failed, or lost.
 
 mod chaos;
 mod faults;
+mod jobs;
+mod jobs_report;
 mod load;
 mod procs;
 mod report;
@@ -64,8 +70,18 @@ struct Args {
     #[arg(long, default_value_t = 33, value_parser = clap::value_parser!(u64).range(0..=100))]
     unique_prompts: u64,
     /// Soak instead: this many generations, no faults.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "jobs")]
     soak: Option<usize>,
+    /// Async jobs instead: `sdctl up --jobs` (a supervised Redis, in a
+    /// temporary folder), jobs submitted over gRPC throughout, faults
+    /// (default: SIGKILL of the gateway, of Redis, of denoiser#0) a phase
+    /// apart; then every accepted job followed until it ends.
+    #[arg(long)]
+    jobs: bool,
+    /// `--jobs`: seconds the accepted jobs may take to end once submitting
+    /// stops (those still unfinished then count as lost).
+    #[arg(long, default_value_t = 120)]
+    drain_secs: u64,
     /// The soak's baseline call (usage growth is measured from it).
     #[arg(long, default_value_t = 100)]
     soak_baseline: usize,
@@ -78,7 +94,8 @@ struct Args {
     /// Exit 1 unless the run met its targets: no request lost before or
     /// around the denoiser kill and sdctl up throughout (chaos); no failed
     /// request, RSS within `--max-rss-growth`, no more threads or fds
-    /// (soak); and sdctl exiting 0 when stopped.
+    /// (soak); no job lost, failed or cancelled and sdctl up throughout
+    /// (jobs); and sdctl exiting 0 when stopped.
     #[arg(long)]
     check: bool,
     #[arg(long, default_value_t = 1)]
@@ -129,19 +146,43 @@ async fn main() -> anyhow::Result<()> {
         None => sd_launch::bin_dir()?,
     };
     header(&args);
-    let mut stack = Stack::start(&StackArgs {
+    let jobs_dir = args
+        .jobs
+        .then(|| std::env::temp_dir().join(format!("sd-chaos-jobs-{}", std::process::id())));
+    let mut gateway_args = args.gateway_args.clone();
+    if args.jobs
+        && !gateway_args
+            .iter()
+            .any(|a| a.starts_with("--job-lease-secs"))
+    {
+        gateway_args.push(format!("--job-lease-secs={JOB_LEASE_SECS}"));
+    }
+    let started = Stack::start(&StackArgs {
         bin_dir: &bin_dir,
         model: &args.model,
         denoisers: args.denoisers,
-        gateway_args: &args.gateway_args,
+        gateway_args: &gateway_args,
         log: args.log.as_deref(),
         torch_threads: args.torch_threads,
-    })?;
-    let met = match args.soak {
-        Some(calls) => soak(&args, &stack, mix, calls).await?,
-        None => chaos(&args, &mut stack, mix).await?,
+        jobs_dir: jobs_dir.as_deref(),
+    });
+    let outcome = match started {
+        Ok(mut stack) => {
+            let met = match (args.soak, args.jobs) {
+                (Some(calls), _) => soak(&args, &stack, mix, calls).await,
+                (None, true) => jobs(&args, &mut stack, &gateway_args).await,
+                (None, false) => chaos(&args, &mut stack, mix).await,
+            };
+            // Stopped whether or not the run went to its end.
+            stack.stop().map(|status| (met, status))
+        }
+        Err(e) => Err(e),
     };
-    let status = stack.stop()?;
+    if let Some(d) = &jobs_dir {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    let (met, status) = outcome?;
+    let met = met?;
     println!("\nsdctl stopped: {status}.");
     if args.check && !(met && status.success()) {
         anyhow::bail!("the run missed its targets (see above)");
@@ -186,6 +227,53 @@ async fn chaos(args: &Args, stack: &mut Stack, mix: Mix) -> anyhow::Result<bool>
         o.sdctl_survived
     );
     Ok(lost == 0 && o.sdctl_survived)
+}
+
+/// The gateway's job lease for `--jobs` (unless `--gateway-arg` sets one):
+/// short, so that a killed gateway's jobs are taken over within the run.
+const JOB_LEASE_SECS: u64 = 3;
+
+async fn jobs(args: &Args, stack: &mut Stack, gateway_args: &[String]) -> anyhow::Result<bool> {
+    let faults = if args.faults.is_empty() {
+        Fault::JOBS
+            .into_iter()
+            .filter(|&f| f != Fault::KillDenoiser || args.denoisers >= 2)
+            .collect()
+    } else {
+        args.faults.clone()
+    };
+    let plan = jobs::Plan {
+        clients: args.clients,
+        unique_prompts: args.unique_prompts,
+        seed: args.seed,
+        quiet: Duration::from_secs(args.phase_secs),
+        faults,
+        stopped_for: Duration::from_secs(args.stop_secs),
+        drain: Duration::from_secs(args.drain_secs),
+        max_time: Duration::from_secs(args.max_seconds),
+    };
+    let o = jobs::run(stack, &plan).await?;
+    println!("Gateway flags: `{}`.\n", gateway_args.join(" "));
+    println!("### Jobs submitted by phase\n");
+    println!("{}", jobs_report::phases_table(&o.phases, &o.submissions));
+    println!("### Refused submissions\n");
+    println!("{}", jobs_report::refusals_table(&o.phases, &o.submissions));
+    println!("### Every accepted job\n");
+    println!("{}", jobs_report::totals_table(&o));
+    println!("### Jobs not completed\n");
+    println!(
+        "{}",
+        jobs_report::unfinished_table(&o.phases, &o.submissions)
+    );
+    let t = jobs_report::Totals::of(&o.submissions);
+    println!(
+        "Jobs lost: {}, failed: {}, cancelled: {}; sdctl up throughout: {}.",
+        t.lost,
+        t.failures(),
+        t.cancelled,
+        o.sdctl_survived
+    );
+    Ok(t.lost == 0 && t.failures() == 0 && t.cancelled == 0 && o.sdctl_survived)
 }
 
 async fn soak(args: &Args, stack: &Stack, mix: Mix, calls: usize) -> anyhow::Result<bool> {

@@ -83,6 +83,9 @@ pub struct StackArgs<'a> {
     pub log: Option<&'a Path>,
     /// libtorch threads per model service (`SD_TORCH_THREADS`).
     pub torch_threads: u32,
+    /// `sdctl up --jobs --jobs-dir DIR`: a supervised redis-server (its
+    /// append-only file in DIR) and async jobs in the gateway.
+    pub jobs_dir: Option<&'a Path>,
 }
 
 impl Stack {
@@ -93,6 +96,13 @@ impl Stack {
             .arg(a.model)
             .args(["--replicas", &format!("denoiser={}", a.denoisers)])
             .args(a.gateway_args.iter().map(|g| format!("--gateway-arg={g}")))
+            .args(a.jobs_dir.iter().flat_map(|d| {
+                [
+                    std::ffi::OsString::from("--jobs"),
+                    "--jobs-dir".into(),
+                    d.into(),
+                ]
+            }))
             .env("SD_TORCH_THREADS", a.torch_threads.to_string())
             .stderr(match a.log {
                 Some(p) => Stdio::from(std::fs::File::create(p)?),
