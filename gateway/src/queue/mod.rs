@@ -238,6 +238,7 @@ impl Job {
                 .and_then(|r| GenerateResponse::decode(r).ok()),
             attempts: self.attempts,
             webhook_url: self.webhook_url.clone(),
+            resumed_from_step: self.resumed_from.unwrap_or(0),
         }
     }
 
@@ -419,11 +420,22 @@ impl Jobs {
         if !webhook_url.is_empty() {
             fields.push(("webhook_url", webhook_url.into_bytes()));
         }
-        let r = self
-            .store
-            .submit(&id, owner, &idem, &fields)
-            .await
-            .map_err(|e| Refused::Store(e.to_string()))?;
+        // The store restarting (a failover, a SIGKILL): the job's id makes
+        // sending it again safe, so wait a few seconds for it.
+        let give_up = tokio::time::Instant::now() + SUBMIT_PATIENCE;
+        let r = loop {
+            match self.store.submit(&id, owner, &idem, &fields).await {
+                Ok(r) => break r,
+                Err(e)
+                    if (e.is_io_error() || e.is_connection_dropped() || e.is_timeout())
+                        && tokio::time::Instant::now() < give_up =>
+                {
+                    tracing::debug!("job store away, submission sent again: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(Refused::Store(e.to_string())),
+            }
+        };
         match r {
             store::Submitted::Queued(id) => {
                 self.wake.notify_one();
@@ -435,9 +447,8 @@ impl Jobs {
     }
 }
 
-/// Seconds a client refused for a full queue should wait: the queue's
-/// expected drain, bounded to a sensible range.
-pub const RETRY_AFTER_SECS: u64 = 5;
+/// How long a submission waits for a store that went away.
+const SUBMIT_PATIENCE: Duration = Duration::from_secs(5);
 
 pub type Shared = Arc<Jobs>;
 

@@ -41,6 +41,8 @@ if idem ~= '' then
     return {'existing', prev}
   end
 end
+-- Sent again after a lost answer: the job is there already.
+if redis.call('EXISTS', p .. ':job:' .. id) == 1 then return {'queued', id} end
 if redis.call('ZCARD', p .. ':queued') >= all then return {'full', 'all'} end
 if redis.call('LLEN', p .. ':q:' .. owner) >= per_key then return {'full', 'key'} end
 local job = p .. ':job:' .. id

@@ -53,6 +53,8 @@ pub struct Seen {
     /// None: NOT_FOUND.
     pub status: Option<JobStatus>,
     pub attempts: u32,
+    /// Steps replayed from a checkpoint when it was taken over.
+    pub resumed_from_step: u32,
     /// The job's error (code, message), when it failed.
     pub error: Option<(String, String)>,
     /// Bytes of its encoded images, once completed.
@@ -65,6 +67,7 @@ impl Seen {
             at,
             status: Some(job.status()),
             attempts: job.attempts,
+            resumed_from_step: job.resumed_from_step,
             error: job
                 .error
                 .as_ref()
@@ -261,6 +264,7 @@ async fn poller(mut client: GenerationClient<Channel>, shared: Arc<Shared>) {
                     at: Instant::now(),
                     status: None,
                     attempts: 0,
+                    resumed_from_step: 0,
                     error: Some(("not_found".into(), s.message().to_string())),
                     image_bytes: 0,
                 },

@@ -27,6 +27,8 @@ pub struct Totals {
     pub lost: usize,
     /// Run more than once (attempts > 1): a gateway died while running it.
     pub taken_over: usize,
+    /// Of those, resumed from a checkpoint (steps replayed, not recomputed).
+    pub resumed: usize,
     /// Seconds from submission until completion was seen.
     pub latencies: Vec<f64>,
     /// Seconds SubmitJob took to answer (accepted or refused).
@@ -48,6 +50,9 @@ impl Totals {
             let seen = s.seen.as_ref();
             if seen.is_some_and(|j| j.attempts > 1) {
                 t.taken_over += 1;
+            }
+            if seen.is_some_and(|j| j.resumed_from_step > 0) {
+                t.resumed += 1;
             }
             match s.status() {
                 Some(JobStatus::Completed) => {
@@ -171,19 +176,20 @@ pub fn totals_table(o: &Outcome) -> String {
         format!("{:.1}", t.image_bytes as f64 / t.completed as f64 / 1024.0)
     };
     let mut s = String::from(
-        "| accepted | completed | failed | cancelled | lost | taken over | p50 s | p99 s \
+        "| accepted | completed | failed | cancelled | lost | taken over (from a checkpoint) | p50 s | p99 s \
          | drained in s | Redis KiB per completed job | image KiB per job |\n\
          |---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let _ = writeln!(
         s,
-        "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {redis} | {images} |",
+        "| {} | {} | {} | {} | {} | {} ({}) | {} | {} | {:.1} | {redis} | {images} |",
         t.accepted,
         t.completed,
         by_code(&t.failed),
         t.cancelled,
         t.lost,
         t.taken_over,
+        t.resumed,
         secs(t.quantile(0.5)),
         secs(t.quantile(0.99)),
         o.drained_in.as_secs_f64(),
@@ -301,6 +307,7 @@ mod tests {
                 at: at + Duration::from_millis(500),
                 status,
                 attempts,
+                resumed_from_step: 0,
                 error: (status == Some(JobStatus::Failed))
                     .then(|| ("unavailable".into(), "gone".into())),
                 image_bytes: 1000,
