@@ -51,14 +51,17 @@ BENCH_ARGS ?= --steps 20 --threads 1 --runs 20 --concurrency 1,2,4,8 --requests-
 bench: build fixtures
 	target/release/sd-bench --model $${SD_MODEL:-$(SD_FIXTURES)/sd1-tiny} --python $(VENV)/bin/python $(BENCH_ARGS)
 
-## chaos: the chaos run (faults under load) and a 1,000-generation soak on the tiny model (SD_MODEL to change),
-## through `sdctl up` with two denoiser replicas; prints Markdown and fails if a target is missed
-## (CHAOS_ARGS, SOAK_ARGS: sd-chaos flags; debug binaries, as `make test` builds them)
+## chaos: the chaos run (faults under load), async jobs under faults (gateway, Redis, denoiser SIGKILLed) and a
+## 1,000-generation soak on the tiny model (SD_MODEL to change), through `sdctl up` with two denoiser replicas;
+## prints Markdown and fails if a target is missed
+## (CHAOS_ARGS, JOBS_ARGS, SOAK_ARGS: sd-chaos flags; debug binaries, as `make test` builds them)
 CHAOS_ARGS ?=
+JOBS_ARGS ?= --jobs
 SOAK_ARGS ?= --soak 1000 --unique-prompts 0
 chaos: setup fixtures
 	$(CARGO) build --workspace --bins
 	target/debug/sd-chaos --model $${SD_MODEL:-$(SD_FIXTURES)/sd1-tiny} --check $(CHAOS_ARGS)
+	target/debug/sd-chaos --model $${SD_MODEL:-$(SD_FIXTURES)/sd1-tiny} --check $(JOBS_ARGS)
 	target/debug/sd-chaos --model $${SD_MODEL:-$(SD_FIXTURES)/sd1-tiny} --check $(SOAK_ARGS)
 
 ## gpu-bundle: release binaries against PyPI torch==2.11.0 (tch 0.24, venv .venv-gpu) with the wheels,
