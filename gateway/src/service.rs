@@ -428,9 +428,10 @@ impl Generation for GenerationService {
     ) -> Result<Response<ListJobsResponse>, Status> {
         let owner = self.job_owner(request.metadata())?;
         let req = request.into_inner();
-        let status = sd_proto::v1::JobStatus::try_from(req.status)
-            .ok()
-            .and_then(crate::queue::Status::from_proto);
+        let status = sd_proto::v1::JobStatus::try_from(req.status).map_err(|_| {
+            Error::invalid("status", format_args!("{}: no such status", req.status))
+        })?;
+        let status = crate::queue::Status::from_proto(status);
         let limit = if req.limit == 0 {
             100
         } else {

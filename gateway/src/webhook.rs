@@ -90,17 +90,21 @@ impl Secret {
 /// (`hooks.example.com`), a domain's subdomains (`*.example.com`), or
 /// either with a port (`127.0.0.1:9000`). Nothing is allowed by default.
 #[derive(Debug, Clone, Default)]
-pub struct Allow(Vec<String>);
+pub struct Allow {
+    entries: Vec<String>,
+    private: bool,
+}
 
 impl Allow {
     pub fn new(entries: impl IntoIterator<Item = String>) -> Self {
-        Allow(
-            entries
+        Allow {
+            entries: entries
                 .into_iter()
                 .map(|e| e.trim().to_ascii_lowercase())
                 .filter(|e| !e.is_empty())
                 .collect(),
-        )
+            private: false,
+        }
     }
 
     /// Check a client's `webhook_url`: an absolute `http`/`https` URL with
@@ -122,7 +126,7 @@ impl Allow {
         }
         let host = authority.host().to_ascii_lowercase();
         let port = authority.port_u16();
-        if self.0.iter().any(|e| allows(e, &host, port)) {
+        if self.entries.iter().any(|e| allows(e, &host, port)) {
             Ok(uri)
         } else {
             Err(format!(
@@ -133,38 +137,101 @@ impl Allow {
 }
 
 /// Whether entry `e` allows `host` (lowercase) at `port`.
-/// Whether a listed `host` may be reached at `ip`, the address it resolves
-/// to when the webhook is sent (checked again at every delivery, so a name
-/// re-pointed at an internal address is not followed): loopback,
-/// link-local (cloud metadata), unspecified and multicast addresses only
-/// when the operator listed that very address.
-pub fn address_ok(host: &str, ip: std::net::IpAddr) -> bool {
-    use std::net::IpAddr;
-    let listed_literal = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse::<IpAddr>()
-        .is_ok_and(|h| h == ip);
+/// How far inside a network an address is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    Public,
+    /// Private ranges (RFC 1918, carrier-grade NAT 100.64/10, IPv6 unique
+    /// local fc00::/7): another service's address, perhaps the gateway's
+    /// own network's.
+    Private,
+    /// Loopback, link-local (cloud metadata: 169.254.169.254, and AWS's
+    /// fd00:ec2::254 is unique-local, so Private), unspecified, multicast,
+    /// broadcast: never a webhook receiver's.
+    Internal,
+}
+
+/// Where `ip` points, with IPv6 forms that carry an IPv4 address (mapped,
+/// compatible, NAT64 64:ff9b::/96, 6to4 2002::/16) judged by that address.
+pub fn reach(ip: std::net::IpAddr) -> Reach {
+    use std::net::{IpAddr, Ipv4Addr};
     let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V6(v6) => {
+            let seg = v6.segments();
+            let embedded = if let Some(v4) = v6.to_ipv4_mapped() {
+                Some(v4)
+            } else if seg[..6] == [0, 0, 0, 0, 0, 0] && !v6.is_loopback() && !v6.is_unspecified() {
+                v6.to_ipv4() // IPv4-compatible ::a.b.c.d
+            } else if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                let o = v6.octets();
+                Some(Ipv4Addr::new(o[12], o[13], o[14], o[15]))
+            } else if seg[0] == 0x2002 {
+                let o = v6.octets();
+                Some(Ipv4Addr::new(o[2], o[3], o[4], o[5]))
+            } else {
+                None
+            };
+            embedded.map_or(ip, IpAddr::V4)
+        }
         v4 => v4,
     };
-    let internal = match ip {
+    match ip {
         IpAddr::V4(v4) => {
-            v4.is_loopback()
+            if v4.is_loopback()
                 || v4.is_link_local()
                 || v4.is_unspecified()
                 || v4.is_multicast()
                 || v4.is_broadcast()
+            {
+                Reach::Internal
+            } else if v4.is_private() || (v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64) {
+                Reach::Private
+            } else {
+                Reach::Public
+            }
         }
         IpAddr::V6(v6) => {
-            v6.is_loopback()
+            if v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (v6.segments()[0] & 0xffc0) == 0xfe80
+            {
+                Reach::Internal
+            } else if (v6.segments()[0] & 0xfe00) == 0xfc00 {
+                Reach::Private
+            } else {
+                Reach::Public
+            }
         }
-    };
-    listed_literal || !internal
+    }
+}
+
+impl Allow {
+    /// Whether a listed `host` may be reached at `ip`, the address it
+    /// resolves to when the webhook is sent (checked again at every try, so
+    /// a name re-pointed at an inside address is not followed): public
+    /// addresses always; private ones with `--webhook-allow-private`;
+    /// anything when the operator listed that very address.
+    pub fn address_ok(&self, host: &str, ip: std::net::IpAddr) -> bool {
+        let listed_literal = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|h| h == ip);
+        listed_literal
+            || match reach(ip) {
+                Reach::Public => true,
+                Reach::Private => self.private,
+                Reach::Internal => false,
+            }
+    }
+
+    /// Let listed names resolve to private addresses (receivers inside the
+    /// gateway's own network).
+    pub fn with_private(mut self, private: bool) -> Self {
+        self.private = private;
+        self
+    }
 }
 
 fn allows(e: &str, host: &str, port: Option<u16>) -> bool {
@@ -221,8 +288,26 @@ mod tests {
     #[test]
     fn resolved_addresses_are_checked_again() {
         let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
-        assert!(address_ok("hooks.example.com", ip("93.184.216.34")));
-        assert!(address_ok("hooks.example.com", ip("10.0.0.7")));
+        let strict = Allow::new([]);
+        let inside = Allow::new([]).with_private(true);
+        assert!(strict.address_ok("hooks.example.com", ip("93.184.216.34")));
+        assert!(strict.address_ok("hooks.example.com", ip("2606:4700::1111")));
+        for private in [
+            "10.0.0.7",
+            "192.168.1.2",
+            "172.16.0.1",
+            "100.100.100.200",
+            "fd00:ec2::254",
+        ] {
+            assert!(
+                !strict.address_ok("hooks.example.com", ip(private)),
+                "{private}"
+            );
+            assert!(
+                inside.address_ok("hooks.example.com", ip(private)),
+                "{private}"
+            );
+        }
         for internal in [
             "127.0.0.1",
             "169.254.169.254",
@@ -230,11 +315,21 @@ mod tests {
             "::1",
             "fe80::1",
             "::ffff:127.0.0.1",
+            "::127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
         ] {
-            assert!(!address_ok("hooks.example.com", ip(internal)), "{internal}");
+            assert!(
+                !strict.address_ok("hooks.example.com", ip(internal)),
+                "{internal}"
+            );
+            assert!(
+                !inside.address_ok("hooks.example.com", ip(internal)),
+                "{internal}"
+            );
         }
-        assert!(address_ok("127.0.0.1", ip("127.0.0.1")));
-        assert!(address_ok("[::1]", ip("::1")));
+        assert!(strict.address_ok("127.0.0.1", ip("127.0.0.1")));
+        assert!(strict.address_ok("[::1]", ip("::1")));
     }
 
     #[test]

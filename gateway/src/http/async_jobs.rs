@@ -150,7 +150,7 @@ async fn cancel(S(http): S<State>, headers: HeaderMap, Path(id): Path<String>) -
 #[derive(serde::Deserialize)]
 struct ListQuery {
     status: Option<String>,
-    limit: Option<usize>,
+    limit: Option<String>,
 }
 
 async fn list(S(http): S<State>, headers: HeaderMap, Query(q): Query<ListQuery>) -> Response {
@@ -167,7 +167,14 @@ async fn list(S(http): S<State>, headers: HeaderMap, Query(q): Query<ListQuery>)
                 )
             })?),
         };
-        let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+        let limit = match q.limit.as_deref() {
+            None | Some("") => 100,
+            Some(l) => l
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=1000).contains(n))
+                .ok_or_else(|| HttpError::invalid("limit", format_args!("`{l}`: 1 to 1000")))?,
+        };
         let list = jobs
             .store
             .list(&owner, status, limit)
@@ -204,7 +211,16 @@ async fn events(S(http): S<State>, headers: HeaderMap, Path(id): Path<String>) -
         if tx.send(sse_event("job", &job.to_json())).await.is_err() {
             return;
         }
-        while let Some(w) = watched.recv().await {
+        loop {
+            // A client gone stops the watch (and its polling) at once, even
+            // while the job waits in the queue and no event comes.
+            let w = tokio::select! {
+                () = tx.closed() => return,
+                w = watched.recv() => match w {
+                    Some(w) => w,
+                    None => return,
+                },
+            };
             let msg = match w {
                 Ok(Watched::Step(e)) => match e.event {
                     Some(sd_proto::v1::generate_event::Event::Progress(p)) => sse_event(

@@ -105,6 +105,8 @@ impl Replay {
                 "a stored prediction does not fit: computing from here"
             );
             s.stored.clear();
+            // The record no longer matches this run: keep nothing more.
+            s.sink = None;
             return None;
         }
         s.replayed += 1;

@@ -24,6 +24,9 @@ pub fn refused(r: Refused) -> Status {
             "the job queue is full (--max-queued-jobs); retry later"
         }),
         Refused::Store(e) => Status::unavailable(format!("the job store is unreachable: {e}")),
+        Refused::StoreFull => {
+            Status::resource_exhausted("the job store is out of memory; retry later")
+        }
     }
 }
 

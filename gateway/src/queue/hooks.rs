@@ -86,8 +86,17 @@ async fn send(
     let msg = message_id(&id);
     let give_up = tokio::time::Instant::now() + jobs.webhook_retry;
     let mut backoff = Duration::from_secs(1);
-    let mut last_beat = tokio::time::Instant::now();
     let mut tries = 0u32;
+    // The claim is renewed all along (a try can outlast the lease).
+    let beat = {
+        let (jobs, entry) = (jobs.clone(), entry.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(jobs.store.config.lease / 3).await;
+                let _ = jobs.store.hook_heartbeat(&jobs.worker, &entry).await;
+            }
+        })
+    };
     let outcome = loop {
         tries += 1;
         let ts = std::time::SystemTime::now()
@@ -115,11 +124,8 @@ async fn send(
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
-        if last_beat.elapsed() >= jobs.store.config.lease / 3 {
-            let _ = jobs.store.hook_heartbeat(&jobs.worker, &entry).await;
-            last_beat = tokio::time::Instant::now();
-        }
     };
+    beat.abort();
     for _ in 0..20 {
         if jobs.store.hook_done(&entry, &id, &outcome).await.is_ok() {
             return;
@@ -143,13 +149,19 @@ pub async fn post(
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
-    let addrs = tokio::net::lookup_host((bare.as_str(), port))
-        .await
-        .map_err(|e| format!("{host} not resolved: {e}"))?;
+    let addrs = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio::net::lookup_host((bare.as_str(), port)),
+    )
+    .await
+    .map_err(|_| format!("{host} not resolved within {} s", CONNECT_TIMEOUT.as_secs()))?
+    .map_err(|e| format!("{host} not resolved: {e}"))?;
     let addr = addrs
         .into_iter()
-        .find(|a| crate::webhook::address_ok(&host, a.ip()))
-        .ok_or_else(|| format!("{host} resolves only to internal addresses"))?;
+        .find(|a| allow.address_ok(&host, a.ip()))
+        .ok_or_else(|| {
+            format!("{host} resolves only to inside addresses (--webhook-allow-private lets private ones)")
+        })?;
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
         .await
         .map_err(|_| format!("{addr}: connect timed out"))?

@@ -58,7 +58,7 @@ pub struct JobArgs {
     /// Checkpoint a running job's steps (MiB of predictions kept per job;
     /// 0: none): a gateway that takes the job over replays them and goes on
     /// from the last one kept, instead of starting again.
-    #[arg(long, env = "SD_JOB_CHECKPOINT_MIB", default_value_t = 256)]
+    #[arg(long, env = "SD_JOB_CHECKPOINT_MIB", default_value_t = 64)]
     pub job_checkpoint_mib: usize,
     /// Seconds one run of a job may take.
     #[arg(long, env = "SD_JOB_TIMEOUT_SECS", default_value_t = 3600)]
@@ -74,6 +74,12 @@ pub struct JobArgs {
     /// comma-separated). None: jobs take no webhook_url.
     #[arg(long, env = "SD_WEBHOOK_ALLOW", value_delimiter = ',')]
     pub webhook_allow: Vec<String>,
+    /// Let allowed webhook hosts resolve to private addresses (RFC 1918,
+    /// 100.64/10, fc00::/7): receivers inside the gateway's own network.
+    /// Loopback and link-local (cloud metadata) addresses stay refused
+    /// unless listed as such.
+    #[arg(long, env = "SD_WEBHOOK_ALLOW_PRIVATE")]
+    pub webhook_allow_private: bool,
     /// Seconds a webhook is retried (with backoff) before it is given up.
     #[arg(long, env = "SD_WEBHOOK_RETRY_SECS", default_value_t = 3600)]
     pub webhook_retry_secs: u64,
@@ -342,6 +348,8 @@ pub enum Refused {
     Full { per_key: bool },
     /// The store could not be reached.
     Store(String),
+    /// The store is out of memory (Redis's `maxmemory`).
+    StoreFull,
 }
 
 impl Jobs {
@@ -370,7 +378,8 @@ impl Jobs {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "gateway".into());
         Ok(Jobs {
             store,
-            allow: Allow::new(args.webhook_allow.iter().cloned()),
+            allow: Allow::new(args.webhook_allow.iter().cloned())
+                .with_private(args.webhook_allow_private),
             secret,
             worker: format!("{host}-{}-{}", std::process::id(), &new_id()[4..12]),
             max_result_bytes: args.job_max_result_mib << 20,
@@ -433,6 +442,7 @@ impl Jobs {
                     tracing::debug!("job store away, submission sent again: {e}");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
+                Err(e) if e.code() == Some("OOM") => return Err(Refused::StoreFull),
                 Err(e) => return Err(Refused::Store(e.to_string())),
             }
         };

@@ -35,14 +35,14 @@ local p, id, owner, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local idem, idem_ttl = ARGV[5], tonumber(ARGV[6])
 local per_key, all, ttl_ms = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local idem_key = p .. ':idem:' .. owner .. ':' .. idem
+-- Sent again after a lost answer: the job is there already.
+if redis.call('EXISTS', p .. ':job:' .. id) == 1 then return {'queued', id} end
 if idem ~= '' then
   local prev = redis.call('GET', idem_key)
   if prev and redis.call('EXISTS', p .. ':job:' .. prev) == 1 then
     return {'existing', prev}
   end
 end
--- Sent again after a lost answer: the job is there already.
-if redis.call('EXISTS', p .. ':job:' .. id) == 1 then return {'queued', id} end
 if redis.call('ZCARD', p .. ':queued') >= all then return {'full', 'all'} end
 if redis.call('LLEN', p .. ':q:' .. owner) >= per_key then return {'full', 'key'} end
 local job = p .. ':job:' .. id
@@ -55,6 +55,7 @@ redis.call('ZADD', p .. ':queued', now, id)
 local index = p .. ':owner:' .. owner
 redis.call('ZREMRANGEBYSCORE', index, '-inf', tonumber(now) - 2 * ttl_ms)
 redis.call('ZADD', index, now, id)
+redis.call('PEXPIRE', index, 2 * ttl_ms)
 redis.call('XADD', p .. ':jobs', '*', 'job', id)
 if idem ~= '' then redis.call('SET', idem_key, id, 'EX', idem_ttl) end
 return {'queued', id}
@@ -66,6 +67,9 @@ return {'queued', id}
 /// `'retry'` when jobs are queued but none could be taken this time.
 pub const TAKE: &str = r"
 local p, token, now, who = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+-- Bound already (delivered again after its group was made anew): it is
+-- resumed when claimed after the lease, never bound to a second job.
+if redis.call('HEXISTS', p .. ':claims', token) == 1 then return 'retry' end
 local ring = p .. ':ring'
 local tries = redis.call('LLEN', ring) + redis.call('ZCARD', p .. ':queued') + 1
 for _ = 1, tries do
@@ -155,6 +159,9 @@ local p, token, id, who, status, now, ttl =
 local job = p .. ':job:' .. id
 local h = redis.call('HMGET', job, 'worker', 'status', 'token', 'webhook_url')
 if h[1] ~= who or h[3] ~= token then return -1 end
+-- First, and not refused when Redis is out of memory: frees what the
+-- writes below need.
+redis.call('DEL', p .. ':ck:' .. id)
 local done = 0
 if h[2] == 'in_progress' then
   redis.call('HSET', job, 'status', status, 'completed_ms', now, unpack(ARGV, 8))
@@ -165,7 +172,6 @@ if h[2] == 'in_progress' then
   redis.call('EXPIRE', ev, ttl)
   done = 1
 end
-redis.call('DEL', p .. ':ck:' .. id)
 redis.call('HDEL', p .. ':claims', token)
 redis.call('XACK', p .. ':jobs', 'gateways', token)
 redis.call('XDEL', p .. ':jobs', token)
@@ -198,6 +204,7 @@ local p, id, owner, now, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV
 local job = p .. ':job:' .. id
 local h = redis.call('HMGET', job, 'owner', 'status', 'webhook_url')
 if h[1] ~= owner then return 'missing' end
+if h[2] == 'queued' or h[2] == 'in_progress' then redis.call('DEL', p .. ':ck:' .. id) end
 if h[2] == 'queued' then
   redis.call('LREM', p .. ':q:' .. owner, 0, id)
   redis.call('ZREM', p .. ':queued', id)
@@ -210,8 +217,19 @@ if h[3] and h[3] ~= '' then redis.call('XADD', p .. ':hooks', '*', 'job', id) en
 local ev = p .. ':ev:' .. id
 redis.call('XADD', ev, 'MAXLEN', '~', 32, '*', 'end', 'cancelled')
 redis.call('EXPIRE', ev, ttl)
-redis.call('DEL', p .. ':ck:' .. id)
 return 'cancelled'
+";
+
+/// A webhook delivered or given up: `ARGV` prefix, stream entry, job id,
+/// outcome. Noted on the job if it is still kept (an expired job is not
+/// made anew), the entry acknowledged and dropped.
+pub const HOOK_DONE: &str = r"
+local p, entry, id, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local job = p .. ':job:' .. id
+if redis.call('EXISTS', job) == 1 then redis.call('HSET', job, 'webhook', outcome) end
+redis.call('XACK', p .. ':hooks', 'gateways', entry)
+redis.call('XDEL', p .. ':hooks', entry)
+return 1
 ";
 
 /// An owner's job ids, newest first, with the expired ones forgotten:

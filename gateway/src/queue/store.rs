@@ -74,6 +74,23 @@ pub struct Store {
     con: ConnectionManager,
     pub config: Config,
     scripts: std::sync::Arc<Scripts>,
+    /// Where each stream's `XAUTOCLAIM` scan goes on from (it looks at a
+    /// few pending entries per call: starting over each time would never
+    /// reach those behind the first few live ones).
+    cursors: std::sync::Arc<std::sync::Mutex<Cursors>>,
+}
+
+#[derive(Default)]
+struct Cursors {
+    jobs: Option<String>,
+    hooks: Option<String>,
+}
+
+/// The stream whose pending entries a scan goes through.
+#[derive(Clone, Copy)]
+enum Scan {
+    Jobs,
+    Hooks,
 }
 
 struct Scripts {
@@ -86,6 +103,7 @@ struct Scripts {
     cancel: Script,
     list: Script,
     checkpoint: Script,
+    hook_done: Script,
 }
 
 fn now_ms() -> i64 {
@@ -131,7 +149,9 @@ impl Store {
                 cancel: Script::new(scripts::CANCEL),
                 list: Script::new(scripts::LIST),
                 checkpoint: Script::new(scripts::CHECKPOINT),
+                hook_done: Script::new(scripts::HOOK_DONE),
             }),
+            cursors: std::sync::Arc::new(std::sync::Mutex::new(Cursors::default())),
         };
         store.ensure_groups().await?;
         Ok(store)
@@ -326,6 +346,31 @@ impl Store {
         })
     }
 
+    fn cursor(&self, scan: Scan) -> String {
+        self.cursors
+            .lock()
+            .ok()
+            .and_then(|c| match scan {
+                Scan::Jobs => c.jobs.clone(),
+                Scan::Hooks => c.hooks.clone(),
+            })
+            .unwrap_or_else(|| "0-0".into())
+    }
+
+    /// Keep the scan's next cursor from an `XAUTOCLAIM` reply.
+    fn advance(&self, scan: Scan, reply: &Value) {
+        let next = match reply {
+            Value::Array(parts) => parts.first().and_then(as_string),
+            _ => None,
+        };
+        if let (Some(next), Ok(mut c)) = (next, self.cursors.lock()) {
+            match scan {
+                Scan::Jobs => c.jobs = Some(next),
+                Scan::Hooks => c.hooks = Some(next),
+            }
+        }
+    }
+
     /// Claim one token idle past the lease, and what it means.
     async fn reclaim(&self, worker: &str) -> R<Option<Claim>> {
         let reply: Value = redis::cmd("XAUTOCLAIM")
@@ -333,12 +378,13 @@ impl Store {
             .arg(GROUP)
             .arg(worker)
             .arg(self.config.lease.as_millis() as u64)
-            .arg("0-0")
+            .arg(self.cursor(Scan::Jobs))
             .arg("COUNT")
             .arg(1)
             .arg("JUSTID")
             .query_async(&mut self.con.clone())
             .await?;
+        self.advance(Scan::Jobs, &reply);
         let Some(token) = autoclaimed(&reply) else {
             return Ok(None);
         };
@@ -509,11 +555,12 @@ impl Store {
             .arg(GROUP)
             .arg(worker)
             .arg(self.config.lease.as_millis() as u64)
-            .arg("0-0")
+            .arg(self.cursor(Scan::Hooks))
             .arg("COUNT")
             .arg(1)
             .query_async(&mut self.con.clone())
             .await?;
+        self.advance(Scan::Hooks, &reply);
         let claimed = match &reply {
             Value::Array(parts) if parts.len() >= 2 => entries(&parts[1]),
             _ => Vec::new(),
@@ -562,25 +609,15 @@ impl Store {
 
     /// A webhook delivered (or given up): record it on the job, drop the entry.
     pub async fn hook_done(&self, entry: &str, id: &str, outcome: &str) -> R<()> {
-        let hooks = self.key("hooks");
-        let job = self.key(&format!("job:{id}"));
-        let _: Value = redis::pipe()
-            .atomic()
-            .cmd("HSET")
-            .arg(&job)
-            .arg("webhook")
+        let _: i64 = self
+            .scripts
+            .hook_done
+            .prepare_invoke()
+            .arg(&self.config.prefix)
+            .arg(entry)
+            .arg(id)
             .arg(outcome)
-            .ignore()
-            .cmd("XACK")
-            .arg(&hooks)
-            .arg(GROUP)
-            .arg(entry)
-            .ignore()
-            .cmd("XDEL")
-            .arg(&hooks)
-            .arg(entry)
-            .ignore()
-            .query_async(&mut self.con.clone())
+            .invoke_async(&mut self.con.clone())
             .await?;
         Ok(())
     }

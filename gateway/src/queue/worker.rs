@@ -317,6 +317,9 @@ async fn run(
                     }
                     return Ran::Done(Ok(bytes));
                 }
+                // This gateway is stopping: the job is left for another
+                // (its claim lapses when the heartbeat stops).
+                Err(_) if service.lifecycle.draining() => return Ran::Unread,
                 Err(s) if passing(s.code()) && attempt < jobs.max_attempts => {
                     let wait = Duration::from_secs(1 << attempt.min(5));
                     tracing::warn!(job = %claim.id, attempt, "job retried in {wait:?}: {}", s.message());
@@ -328,29 +331,45 @@ async fn run(
     }
     .await;
     let stopped = *stop_rx.borrow();
+    conclude(&service, &jobs, &claim, outcome, stopped).await;
     let _ = stop_tx.send(Keep::Stop);
     beat.abort();
     jobs.done(&claim.id);
+}
+
+/// Store how a run ended (nothing when the job was not read or another
+/// gateway has it now).
+async fn conclude(
+    service: &GenerationService,
+    jobs: &Shared,
+    claim: &Claim,
+    outcome: Ran,
+    stopped: Keep,
+) {
     let outcome = match outcome {
-        Ran::Unread => return,
+        Ran::Unread => None,
         _ if stopped == Keep::Lost => {
             tracing::warn!(job = %claim.id, "job taken over by another gateway");
-            return;
+            None
         }
-        Ran::Done(o) => o,
+        Ran::Done(o) => Some(o),
         // Cancelled: the store has its status already; finishing only
         // acknowledges the claim (or, taken over, touches nothing).
-        Ran::Stopped => Err(JobError {
+        Ran::Stopped => Some(Err(JobError {
             code: "cancelled".into(),
             message: "cancelled".into(),
-        }),
+        })),
     };
-    let label = if outcome.is_ok() {
-        "completed"
-    } else {
-        "failed"
-    };
-    finish(&jobs, &service.metrics, &claim, outcome, label).await;
+    if let Some(outcome) = outcome {
+        let label = if outcome.is_ok() {
+            "completed"
+        } else {
+            "failed"
+        };
+        // The claim is renewed, and the job counted as running here, until
+        // the outcome is stored: this gateway does not take it back meanwhile.
+        finish(jobs, &service.metrics, claim, outcome, label).await;
+    }
 }
 
 /// How a run of a job ended.
