@@ -817,6 +817,23 @@ async fn grpc_jobs_watch_cancel_and_match_generate() {
     let text = sse(&g.http(), &format!("/v1/jobs/{}/events", got.id));
     assert!(text.contains("event: job"), "{text}");
     assert!(text.contains("event: completed"), "{text}");
+    // A job asking for previews: progress and previews on its events, as
+    // the web page gets them, then the job with its image.
+    let body = json!({"prompt": "a kite", "size": "64x64", "steps": 12, "preview_every": 4});
+    let (code, j) = crate::submit(&g.http(), "", &body, None);
+    assert_eq!(code, 202, "{j}");
+    let text = sse(
+        &g.http(),
+        &format!("/v1/jobs/{}/events", j["id"].as_str().unwrap()),
+    );
+    for e in [
+        "event: progress",
+        "event: preview",
+        "event: completed",
+        "b64_json",
+    ] {
+        assert!(text.contains(e), "no {e} in {text}");
+    }
 }
 
 /// A whole (finite) SSE response's text.

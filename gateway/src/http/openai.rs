@@ -140,6 +140,9 @@ pub(crate) fn job_request(http: &State, body: &Map<String, Value>) -> HttpResult
             "a job's images come as b64_json from GET /v1/jobs/{id}",
         ));
     }
+    // Previews on the job's event stream (`GET /v1/jobs/{id}/events`),
+    // every this many steps (0, the default: none).
+    req.preview_every = Fields(body).int_in("preview_every", 0, 1000)?.unwrap_or(0) as u32;
     let klein = match http.service.pick(&req.model) {
         Ok(g) => g.facts.profile.klein().is_some(),
         Err(e) => return Err(HttpError::not_found(e.to_string())),
