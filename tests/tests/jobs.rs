@@ -234,6 +234,8 @@ struct Services {
     text: Proc,
     denoiser: Proc,
     vae: Proc,
+    /// The gateways' webhook secret file (removed with the services).
+    secrets: tempfile::TempDir,
 }
 
 impl Services {
@@ -248,6 +250,7 @@ impl Services {
             text: Proc::spawn("sd-text-encoder", &args(), &[]),
             denoiser: Proc::spawn("sd-denoiser", &args(), &[]),
             vae: Proc::spawn("sd-autoencoder", &args(), &[]),
+            secrets: tempfile::tempdir().unwrap(),
         }
     }
 
@@ -272,7 +275,7 @@ impl Services {
             "127.0.0.1".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let secret = std::env::temp_dir().join(format!("sd-jobs-secret-{}", std::process::id()));
+        let secret = self.secrets.path().join("webhook-secret");
         std::fs::write(&secret, SECRET).unwrap();
         args.extend([
             "--webhook-secret-file".to_string(),
