@@ -92,6 +92,24 @@ impl Redis {
         }
     }
 
+    /// A command sent as RESP (arguments of any bytes); its reply's first line.
+    fn resp(&self, args: &[&str]) -> String {
+        let mut cmd = format!("*{}\r\n", args.len());
+        for a in args {
+            cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(cmd.as_bytes()).unwrap();
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    }
+
     /// One inline command's first reply line ("" when unreachable).
     fn command(&self, cmd: &str) -> String {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
@@ -725,6 +743,41 @@ async fn accepted_jobs_survive_a_gateway_kill_and_a_redis_kill_with_signed_webho
     drop(b);
 }
 
+/// A finished job's events over HTTP; a job's previews there; consumers
+/// forgotten and made anew.
+fn events_and_consumers(g: &Proc, redis: &Redis, finished: &str) {
+    // Server-sent events over HTTP for a finished job: its state, then the
+    // job under its status's name.
+    let text = sse(&g.http(), &format!("/v1/jobs/{}/events", finished));
+    assert!(text.contains("event: job"), "{text}");
+    assert!(text.contains("event: completed"), "{text}");
+    // Consumers with nothing pending are forgotten (here: idle past 0 ms,
+    // so this gateway's own), and a gateway whose consumer was forgotten
+    // takes jobs as before (reading makes it anew).
+    let pruned = redis.resp(&["EVAL", sd_gateway::queue::scripts::PRUNE, "0", "sd", "0"]);
+    assert!(
+        pruned.strip_prefix(':').and_then(|n| n.parse::<u32>().ok()) >= Some(1),
+        "{pruned}"
+    );
+    // A job asking for previews: progress and previews on its events, as
+    // the web page gets them, then the job with its image.
+    let body = json!({"prompt": "a kite", "size": "64x64", "steps": 12, "preview_every": 4});
+    let (code, j) = crate::submit(&g.http(), "", &body, None);
+    assert_eq!(code, 202, "{j}");
+    let text = sse(
+        &g.http(),
+        &format!("/v1/jobs/{}/events", j["id"].as_str().unwrap()),
+    );
+    for e in [
+        "event: progress",
+        "event: preview",
+        "event: completed",
+        "b64_json",
+    ] {
+        assert!(text.contains(e), "no {e} in {text}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn grpc_jobs_watch_cancel_and_match_generate() {
     let dir = tempfile::tempdir().unwrap();
@@ -815,28 +868,7 @@ async fn grpc_jobs_watch_cancel_and_match_generate() {
         let e = c.get_job(JobRequest { id: id.into() }).await.unwrap_err();
         assert_eq!(e.code(), Code::NotFound, "{id}");
     }
-    // Server-sent events over HTTP for a finished job: its state, then the
-    // job under its status's name.
-    let text = sse(&g.http(), &format!("/v1/jobs/{}/events", got.id));
-    assert!(text.contains("event: job"), "{text}");
-    assert!(text.contains("event: completed"), "{text}");
-    // A job asking for previews: progress and previews on its events, as
-    // the web page gets them, then the job with its image.
-    let body = json!({"prompt": "a kite", "size": "64x64", "steps": 12, "preview_every": 4});
-    let (code, j) = crate::submit(&g.http(), "", &body, None);
-    assert_eq!(code, 202, "{j}");
-    let text = sse(
-        &g.http(),
-        &format!("/v1/jobs/{}/events", j["id"].as_str().unwrap()),
-    );
-    for e in [
-        "event: progress",
-        "event: preview",
-        "event: completed",
-        "b64_json",
-    ] {
-        assert!(text.contains(e), "no {e} in {text}");
-    }
+    events_and_consumers(&g, &redis, &got.id);
 }
 
 /// A whole (finite) SSE response's text.

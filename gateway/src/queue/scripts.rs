@@ -232,6 +232,29 @@ redis.call('XDEL', p .. ':hooks', entry)
 return 1
 ";
 
+/// Forget the consumers of gateways long gone: `ARGV` prefix, idle (ms).
+/// A consumer with nothing pending, idle that long, is deleted from both
+/// streams' groups (atomically with the check: one that just took an entry
+/// has it pending, and stays). The count deleted.
+pub const PRUNE: &str = r"
+local p, idle = ARGV[1], tonumber(ARGV[2])
+local n = 0
+for _, stream in ipairs({p .. ':jobs', p .. ':hooks'}) do
+  local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', stream, 'gateways')
+  if ok then
+    for _, c in ipairs(consumers) do
+      local f = {}
+      for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+      if tonumber(f['pending']) == 0 and tonumber(f['idle']) > idle then
+        redis.call('XGROUP', 'DELCONSUMER', stream, 'gateways', f['name'])
+        n = n + 1
+      end
+    end
+  end
+end
+return n
+";
+
 /// An owner's job ids, newest first, with the expired ones forgotten:
 /// `ARGV` prefix, owner, limit, status filter (or ""). Scans at most a
 /// few hundred entries past the limit.

@@ -104,6 +104,7 @@ struct Scripts {
     list: Script,
     checkpoint: Script,
     hook_done: Script,
+    prune: Script,
 }
 
 fn now_ms() -> i64 {
@@ -150,6 +151,7 @@ impl Store {
                 list: Script::new(scripts::LIST),
                 checkpoint: Script::new(scripts::CHECKPOINT),
                 hook_done: Script::new(scripts::HOOK_DONE),
+                prune: Script::new(scripts::PRUNE),
             }),
             cursors: std::sync::Arc::new(std::sync::Mutex::new(Cursors::default())),
         };
@@ -620,6 +622,18 @@ impl Store {
             .invoke_async(&mut self.con.clone())
             .await?;
         Ok(())
+    }
+
+    /// Delete the consumers (gateways) idle past `idle` with nothing
+    /// pending; how many.
+    pub async fn prune_consumers(&self, idle: Duration) -> R<i64> {
+        self.scripts
+            .prune
+            .prepare_invoke()
+            .arg(&self.config.prefix)
+            .arg(idle.as_millis() as u64)
+            .invoke_async(&mut self.con.clone())
+            .await
     }
 
     /// Bytes Redis holds for a job (`MEMORY USAGE` of its hash).

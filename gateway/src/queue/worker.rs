@@ -81,9 +81,26 @@ impl super::Jobs {
     }
 }
 
-/// Publish the queue's depth and the oldest queued job's age.
+/// How often a gateway looks for consumers of gateways long gone, and how
+/// idle one must be.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+const CONSUMER_IDLE: Duration = Duration::from_secs(86_400);
+
+/// Publish the queue's depth and the oldest queued job's age, and forget
+/// the consumers of gateways long gone.
 async fn gauges(jobs: Shared, metrics: Arc<Metrics>) {
+    let mut last_prune = tokio::time::Instant::now();
     loop {
+        // Gateways that died (each start is a new consumer) are forgotten
+        // once idle a day with nothing pending.
+        if last_prune.elapsed() >= PRUNE_EVERY {
+            last_prune = tokio::time::Instant::now();
+            match jobs.store.prune_consumers(CONSUMER_IDLE).await {
+                Ok(n) if n > 0 => tracing::info!(consumers = n, "idle job consumers forgotten"),
+                Ok(_) => {}
+                Err(e) => tracing::debug!("consumers not pruned: {e}"),
+            }
+        }
         if let Ok((n, oldest)) = jobs.store.depth().await {
             metrics.jobs_queued.set(n as i64);
             let now = std::time::SystemTime::now()
