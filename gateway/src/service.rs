@@ -352,25 +352,14 @@ impl Generation for GenerationService {
             .submit(&owner, new)
             .await
             .map_err(crate::queue::doors::refused)?;
-        let job = jobs
-            .store
-            .get(&id, Some(&owner), false)
-            .await
-            .map_err(|e| crate::queue::doors::store_error(&e))?
-            .ok_or_else(|| crate::queue::doors::not_found(&id))?;
+        let job = jobs.owned(&id, &owner, false).await?;
         Ok(Response::new(job.to_proto()))
     }
 
     async fn get_job(&self, request: Request<JobRequest>) -> Result<Response<Job>, Status> {
         let owner = self.job_owner(request.metadata())?;
         let id = request.into_inner().id;
-        let job = self
-            .job_store()?
-            .store
-            .get(&id, Some(&owner), true)
-            .await
-            .map_err(|e| crate::queue::doors::store_error(&e))?
-            .ok_or_else(|| crate::queue::doors::not_found(&id))?;
+        let job = self.job_store()?.owned(&id, &owner, true).await?;
         Ok(Response::new(job.to_proto()))
     }
 
@@ -390,12 +379,7 @@ impl Generation for GenerationService {
             }
             _ => {}
         }
-        let job = jobs
-            .store
-            .get(&id, Some(&owner), false)
-            .await
-            .map_err(store_error)?
-            .ok_or_else(|| crate::queue::doors::not_found(&id))?;
+        let job = jobs.owned(&id, &owner, false).await?;
         Ok(Response::new(job.to_proto()))
     }
 
@@ -409,11 +393,7 @@ impl Generation for GenerationService {
         let owner = self.job_owner(request.metadata())?;
         let id = request.into_inner().id;
         let jobs = self.job_store()?.clone();
-        jobs.store
-            .get(&id, Some(&owner), false)
-            .await
-            .map_err(|e| crate::queue::doors::store_error(&e))?
-            .ok_or_else(|| crate::queue::doors::not_found(&id))?;
+        jobs.owned(&id, &owner, false).await?;
         let watched = watch(jobs, id);
         let stream = ReceiverStream::new(watched).map(|w| match w? {
             Watched::Step(e) => Ok(e),

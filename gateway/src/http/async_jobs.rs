@@ -88,11 +88,9 @@ async fn submit(S(http): S<State>, headers: HeaderMap, body: Body) -> Response {
             .await
             .map_err(|r| HttpError::from(refused(r)))?;
         let job = jobs
-            .store
-            .get(&id, Some(&owner), false)
+            .owned(&id, &owner, false)
             .await
-            .map_err(|e| HttpError::from(store_error(&e)))?
-            .ok_or_else(|| HttpError::not_found(format!("no job {id}")))?;
+            .map_err(HttpError::from)?;
         let mut r = (StatusCode::ACCEPTED, axum::Json(job.to_json())).into_response();
         if let Ok(v) = HeaderValue::from_str(&format!("/v1/jobs/{id}")) {
             r.headers_mut().insert(header::LOCATION, v);
@@ -110,11 +108,9 @@ async fn read(S(http): S<State>, headers: HeaderMap, Path(id): Path<String>) -> 
     let run = async {
         let (jobs, owner) = caller(&http, &headers)?;
         let job = jobs
-            .store
-            .get(&id, Some(&owner), true)
+            .owned(&id, &owner, true)
             .await
-            .map_err(|e| HttpError::from(store_error(&e)))?
-            .ok_or_else(|| HttpError::not_found(format!("no job {id}")))?;
+            .map_err(HttpError::from)?;
         Ok::<_, HttpError>(super::json(job.to_json()))
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
@@ -137,11 +133,9 @@ async fn cancel(S(http): S<State>, headers: HeaderMap, Path(id): Path<String>) -
             _ => {}
         }
         let job = jobs
-            .store
-            .get(&id, Some(&owner), false)
+            .owned(&id, &owner, false)
             .await
-            .map_err(store)?
-            .ok_or_else(|| HttpError::not_found(format!("no job {id}")))?;
+            .map_err(HttpError::from)?;
         Ok::<_, HttpError>(super::json(job.to_json()))
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
@@ -194,11 +188,9 @@ async fn events(S(http): S<State>, headers: HeaderMap, Path(id): Path<String>) -
     let prepared = async {
         let (jobs, owner) = caller(&http, &headers)?;
         let job = jobs
-            .store
-            .get(&id, Some(&owner), false)
+            .owned(&id, &owner, false)
             .await
-            .map_err(|e| HttpError::from(store_error(&e)))?
-            .ok_or_else(|| HttpError::not_found(format!("no job {id}")))?;
+            .map_err(HttpError::from)?;
         Ok::<_, HttpError>((jobs, job))
     };
     let (jobs, job) = match prepared.await {

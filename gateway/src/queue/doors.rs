@@ -42,6 +42,18 @@ pub fn not_found(id: &str) -> Status {
     Status::not_found(format!("no job {id}"))
 }
 
+impl super::Jobs {
+    /// Job `id` if `owner`'s (with its images when `with_result`), else
+    /// NOT_FOUND as for an unknown one; UNAVAILABLE when the store is away.
+    pub async fn owned(&self, id: &str, owner: &str, with_result: bool) -> Result<Job, Status> {
+        self.store
+            .get(id, Some(owner), with_result)
+            .await
+            .map_err(|e| store_error(&e))?
+            .ok_or_else(|| not_found(id))
+    }
+}
+
 impl GenerationService {
     /// Check a job's request as a synchronous generation is checked (the
     /// model, every field, the images), so that nothing invalid is queued.

@@ -309,6 +309,15 @@ impl Store {
                 return Ok(Some(c));
             }
         }
+        match self.read_new(&self.jobs_stream(), worker).await? {
+            Some((token, _)) => self.take(worker, &token).await,
+            None => Ok(None),
+        }
+    }
+
+    /// One entry of `stream` never delivered to the group before, now
+    /// pending for `worker`: (id, fields).
+    async fn read_new(&self, stream: &str, worker: &str) -> R<Option<Entry>> {
         let reply: Value = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(GROUP)
@@ -316,14 +325,11 @@ impl Store {
             .arg("COUNT")
             .arg(1)
             .arg("STREAMS")
-            .arg(self.jobs_stream())
+            .arg(stream)
             .arg(">")
             .query_async(&mut self.con.clone())
             .await?;
-        match first_entry(&reply) {
-            Some(token) => self.take(worker, &token).await,
-            None => Ok(None),
-        }
+        Ok(first_entry(&reply))
     }
 
     async fn take(&self, worker: &str, token: &str) -> R<Option<Claim>> {
@@ -569,25 +575,7 @@ impl Store {
         };
         let mut found = claimed.into_iter().next();
         if found.is_none() {
-            let reply: Value = redis::cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg(GROUP)
-                .arg(worker)
-                .arg("COUNT")
-                .arg(1)
-                .arg("STREAMS")
-                .arg(&hooks)
-                .arg(">")
-                .query_async(&mut self.con.clone())
-                .await?;
-            found = match &reply {
-                Value::Array(streams) => streams.first().and_then(|s| match s {
-                    Value::Array(kv) if kv.len() == 2 => entries(&kv[1]).into_iter().next(),
-                    _ => None,
-                }),
-                Value::Map(m) => m.first().and_then(|(_, v)| entries(v).into_iter().next()),
-                _ => None,
-            };
+            found = self.read_new(&hooks, worker).await?;
         }
         Ok(found.and_then(|(entry, fields)| {
             let id = String::from_utf8(fields.get("job")?.clone()).ok()?;
@@ -698,8 +686,11 @@ fn as_string(v: &Value) -> Option<String> {
     }
 }
 
+/// A stream entry: its id and fields.
+type Entry = (String, HashMap<String, Vec<u8>>);
+
 /// Stream entries `[[id, [k, v, …]], …]` as (id, fields).
-fn entries(v: &Value) -> Vec<(String, HashMap<String, Vec<u8>>)> {
+fn entries(v: &Value) -> Vec<Entry> {
     let Value::Array(items) = v else {
         return Vec::new();
     };
@@ -726,15 +717,16 @@ fn entries(v: &Value) -> Vec<(String, HashMap<String, Vec<u8>>)> {
 }
 
 /// The first entry id of an XREADGROUP reply (one stream).
-fn first_entry(v: &Value) -> Option<String> {
-    match v {
+fn first_entry(v: &Value) -> Option<Entry> {
+    let entries_of = match v {
         Value::Array(streams) => match streams.first()? {
-            Value::Array(kv) if kv.len() == 2 => entries(&kv[1]).into_iter().next().map(|e| e.0),
-            _ => None,
+            Value::Array(kv) if kv.len() == 2 => &kv[1],
+            _ => return None,
         },
-        Value::Map(m) => entries(&m.first()?.1).into_iter().next().map(|e| e.0),
-        _ => None,
-    }
+        Value::Map(m) => &m.first()?.1,
+        _ => return None,
+    };
+    entries(entries_of).into_iter().next()
 }
 
 /// The claimed id of an `XAUTOCLAIM … JUSTID` reply.
@@ -785,7 +777,7 @@ mod tests {
             bulk("sd:jobs"),
             Value::Array(vec![entry.clone()]),
         ])]);
-        assert_eq!(first_entry(&read).as_deref(), Some("1-0"));
+        assert_eq!(first_entry(&read).map(|e| e.0).as_deref(), Some("1-0"));
         assert_eq!(first_entry(&Value::Nil), None);
         let claimed = Value::Array(vec![
             bulk("0-0"),
