@@ -44,6 +44,7 @@ pub use model_dir::{Component, Family, ModelDir};
 pub use qwen3::Qwen3Encoder;
 pub use t5::T5Encoder;
 pub use tokenizer::{ClipTokenizer, QwenTokenizer, T5Tokenizer};
+pub use unet::controlnet::ControlNet;
 pub use unet::{Added, Residuals, UNet};
 pub use vae::{LatentDist, Vae};
 pub use weights::Weights;

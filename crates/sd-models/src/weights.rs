@@ -402,6 +402,15 @@ impl Weights {
         self.tensors.get(name).map(|i| i.shape.as_slice())
     }
 
+    /// The stored shape of the tensor a network asks for by `name`
+    /// (through the aliases; a transformed alias's is the stored one's).
+    pub fn shape_of(&self, name: &str) -> Option<&[i64]> {
+        match &self.aliases {
+            Some(a) => self.stored_shape(&a.get(name)?.source),
+            None => self.stored_shape(name),
+        }
+    }
+
     /// Serve the networks' names through `aliases` (a single-file
     /// checkpoint's mapping); names without an alias are missing.
     pub fn with_aliases(mut self, aliases: HashMap<String, Alias>) -> Self {

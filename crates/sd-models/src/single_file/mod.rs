@@ -25,6 +25,7 @@ use crate::component::Component;
 use crate::error::{ModelError, Result};
 use crate::weights::{Alias, Transform, Weights};
 
+pub mod controlnet;
 pub mod flux;
 mod text;
 mod unet;

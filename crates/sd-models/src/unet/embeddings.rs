@@ -4,7 +4,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::{Added, UNet};
+use super::{Added, Encoder};
 use crate::config::UNetConfig;
 use crate::device::Placement;
 use crate::error::{ModelError, Result};
@@ -21,7 +21,7 @@ pub(super) struct AddEmbedding {
     pub(super) linear_2: Linear,
 }
 
-impl UNet {
+impl Encoder {
     /// Sinusoidal embedding of one (possibly fractional) timestep per item, in fp32.
     fn timestep_embedding(&self, timesteps: &Tensor) -> Tensor {
         sinusoidal(timesteps, self.config.block_out_channels[0], &self.config)
@@ -30,7 +30,7 @@ impl UNet {
     /// The embedding every resnet is conditioned on: the timesteps' (with
     /// the guidance embedding for LCM UNets) plus, for SDXL, the added
     /// conditioning's. `added` is checked.
-    pub(super) fn embedding(&self, timesteps: &Tensor, added: &Added, b: i64) -> Tensor {
+    pub(crate) fn embedding(&self, timesteps: &Tensor, added: &Added, b: i64) -> Tensor {
         let Placement { device, kind } = self.placement;
         let mut t_emb = self.timestep_embedding(timesteps).to_kind(kind);
         if let (Some(proj), Some(cond)) = (&self.time_cond_proj, added.timestep_cond) {
@@ -56,7 +56,7 @@ impl UNet {
     }
 
     /// `added` as this UNet needs it for a batch of `b`.
-    pub(super) fn check_added(&self, added: &Added, b: i64) -> Result<()> {
+    pub(crate) fn check_added(&self, added: &Added, b: i64) -> Result<()> {
         let rows = |t: &Tensor, name: &str, width: Option<i64>| -> Result<i64> {
             let s = t.size();
             match s[..] {

@@ -11,6 +11,7 @@
 //! loader; `embeddings.rs`: the conditioning embedding; here the model.
 
 mod blocks;
+pub mod controlnet;
 mod embeddings;
 mod transformer;
 
@@ -56,8 +57,9 @@ pub struct Residuals {
     pub mid: Tensor,
 }
 
-/// The denoising UNet, loaded from `unet/`.
-pub struct UNet {
+/// The UNet's encoding half — the conditioning embedding, `conv_in`, the
+/// down blocks and the mid block — which a ControlNet copies.
+pub(crate) struct Encoder {
     config: UNetConfig,
     conv_in: Conv2d,
     time_linear_1: Linear,
@@ -68,10 +70,15 @@ pub struct UNet {
     down: Vec<DownBlock>,
     mid_resnets: [ResnetBlock; 2],
     mid_attention: SpatialTransformer,
+    placement: Placement,
+}
+
+/// The denoising UNet, loaded from `unet/`.
+pub struct UNet {
+    enc: Encoder,
     up: Vec<UpBlock>,
     norm_out: GroupNorm,
     conv_out: Conv2d,
-    placement: Placement,
     parameters: u64,
     _storage: crate::weights::Storage,
     /// Its LoRA-capable layers.
@@ -85,18 +92,17 @@ impl UNet {
     }
 }
 
-impl UNet {
-    pub fn load(config_path: &Path, weights: &Weights) -> Result<Self> {
-        let c: UNetConfig = read_json(config_path)?;
-        let (down_specs, up_specs) = c.blocks(config_path)?;
+impl Encoder {
+    /// The encoding half of the network in `weights` (diffusers' names),
+    /// configured by `c` (read from `config_path`, named in errors).
+    pub(crate) fn load(c: UNetConfig, config_path: &Path, weights: &Weights) -> Result<Self> {
+        let (down_specs, _) = c.blocks(config_path)?;
         let last_down = down_specs
             .last()
             .ok_or_else(|| config_err(config_path, "`block_out_channels` is empty".into()))?;
         let loader = UNetLoader::new(weights, &c);
         let down = loader.down_blocks(&down_specs)?;
         let (mid_resnets, mid_attention) = loader.mid_block(last_down)?;
-        let up = loader.up_blocks(&up_specs)?;
-
         let (vb, ch0, temb) = (&loader.vb, c.block_out_channels[0], loader.temb);
         let conv_in = Conv2d::load(&vb.pp("conv_in"), c.in_channels, ch0, 3, 1, 1)?;
         let time_linear_1 = Linear::load(&vb.pp("time_embedding.linear_1"), ch0, temb, true)?;
@@ -121,11 +127,7 @@ impl UNet {
                 })
             })
             .transpose()?;
-        let norm_out =
-            GroupNorm::load(&vb.pp("conv_norm_out"), c.norm_num_groups, ch0, c.norm_eps)?;
-        let conv_out = Conv2d::load(&vb.pp("conv_out"), ch0, c.out_channels, 3, 1, 1)?;
-        Ok(UNet {
-            modules: weights.module_index(),
+        Ok(Encoder {
             conv_in,
             time_linear_1,
             time_linear_2,
@@ -134,18 +136,80 @@ impl UNet {
             down,
             mid_resnets,
             mid_attention,
-            up,
-            norm_out,
-            conv_out,
             placement: weights.placement(),
-            parameters: weights.parameter_count(),
-            _storage: weights.storage(),
             config: c,
         })
     }
 
-    pub fn config(&self) -> &UNetConfig {
+    pub(crate) fn config(&self) -> &UNetConfig {
         &self.config
+    }
+
+    pub(crate) fn placement(&self) -> Placement {
+        self.placement
+    }
+
+    /// The sample (on the device, in the model's precision) through
+    /// `conv_in` (plus a ControlNet's `hint` embedding), the down blocks
+    /// and the mid block, under the conditioning embedding `emb`: the mid
+    /// block's output and the skip connections, in the order the down path
+    /// makes them.
+    pub(crate) fn run(
+        &self,
+        sample: &Tensor,
+        emb: &Tensor,
+        context: &Tensor,
+        hint: Option<&Tensor>,
+    ) -> (Tensor, Vec<Tensor>) {
+        let mut xs = self.conv_in.forward(sample);
+        if let Some(hint) = hint {
+            xs += hint;
+        }
+        let mut skips = vec![xs.shallow_clone()];
+        for block in &self.down {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                xs = resnet.forward(&xs, Some(emb));
+                if let Some(attn) = block.attentions.get(j) {
+                    xs = attn.forward(&xs, context);
+                }
+                skips.push(xs.shallow_clone());
+            }
+            if let Some(down) = &block.downsample {
+                xs = down.forward(&xs);
+                skips.push(xs.shallow_clone());
+            }
+        }
+        xs = self.mid_resnets[0].forward(&xs, Some(emb));
+        xs = self.mid_attention.forward(&xs, context);
+        xs = self.mid_resnets[1].forward(&xs, Some(emb));
+        (xs, skips)
+    }
+}
+
+impl UNet {
+    pub fn load(config_path: &Path, weights: &Weights) -> Result<Self> {
+        let c: UNetConfig = read_json(config_path)?;
+        let (_, up_specs) = c.blocks(config_path)?;
+        let loader = UNetLoader::new(weights, &c);
+        let up = loader.up_blocks(&up_specs)?;
+        let (vb, ch0) = (&loader.vb, c.block_out_channels[0]);
+        let norm_out =
+            GroupNorm::load(&vb.pp("conv_norm_out"), c.norm_num_groups, ch0, c.norm_eps)?;
+        let conv_out = Conv2d::load(&vb.pp("conv_out"), ch0, c.out_channels, 3, 1, 1)?;
+        let enc = Encoder::load(c.clone(), config_path, weights)?;
+        Ok(UNet {
+            modules: weights.module_index(),
+            enc,
+            up,
+            norm_out,
+            conv_out,
+            parameters: weights.parameter_count(),
+            _storage: weights.storage(),
+        })
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.enc.config
     }
 
     /// Parameters in its weights file (SD 1.5: 859.5M).
@@ -154,18 +218,18 @@ impl UNet {
     }
 
     pub fn placement(&self) -> Placement {
-        self.placement
+        self.enc.placement
     }
 
     /// Whether this UNet takes SDXL's added conditioning (pooled text
     /// embeddings and time ids).
     pub fn takes_text_time(&self) -> bool {
-        self.add_embedding.is_some()
+        self.enc.add_embedding.is_some()
     }
 
     /// LCM UNets: the width of the guidance embedding they take.
     pub fn time_cond_dim(&self) -> Option<i64> {
-        self.config.time_cond_proj_dim
+        self.enc.config.time_cond_proj_dim
     }
 
     fn check_inputs(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<()> {
@@ -175,10 +239,10 @@ impl UNet {
                 "latents must be 4-d (batch, channels, h, w), got {s:?}"
             )));
         };
-        if b < 1 || c != self.config.in_channels || h < 1 || w < 1 {
+        if b < 1 || c != self.enc.config.in_channels || h < 1 || w < 1 {
             return Err(ModelError::Input(format!(
                 "latents {s:?}: expected (batch >= 1, {}, h, w)",
-                self.config.in_channels
+                self.enc.config.in_channels
             )));
         }
         let t = timesteps.size();
@@ -188,7 +252,7 @@ impl UNet {
             )));
         }
         let ctx = context.size();
-        let dim = self.config.context_dim();
+        let dim = self.enc.config.context_dim();
         if !(ctx.len() == 3 && ctx[0] == b && ctx[1] >= 1 && ctx[2] == dim) {
             return Err(ModelError::Input(format!(
                 "text embeddings {ctx:?}: expected ({b}, tokens, {dim})"
@@ -221,7 +285,7 @@ impl UNet {
     ) -> Result<Tensor> {
         let b = sample.size().first().copied().unwrap_or(1);
         let f = (Kind::Float, tch::Device::Cpu);
-        let (text, ids) = match &self.add_embedding {
+        let (text, ids) = match &self.enc.add_embedding {
             // Any split of add_embedding's width between the two costs the same.
             Some(add) => (
                 Some(Tensor::zeros([b, add.input_dim - add.time_dim], f)),
@@ -230,6 +294,7 @@ impl UNet {
             None => (None, None),
         };
         let cond = self
+            .enc
             .config
             .time_cond_proj_dim
             .map(|d| Tensor::zeros([b, d], f));
@@ -256,39 +321,19 @@ impl UNet {
         added: Added,
     ) -> Result<Tensor> {
         self.check_inputs(sample, timesteps, context)?;
-        self.check_added(&added, sample.size()[0])?;
+        self.enc.check_added(&added, sample.size()[0])?;
         guarded(|| {
             let _guard = tch::no_grad_guard();
-            let Placement { device, kind } = self.placement;
+            let Placement { device, kind } = self.enc.placement;
             let sample = sample.to_device(device).to_kind(kind);
             let context = context.to_device(device).to_kind(kind);
             let b = sample.size()[0];
             let timesteps = timesteps.to_device(device).expand([b], false);
-            let emb = self.embedding(&timesteps, &added, b);
-
-            let mut xs = self.conv_in.forward(&sample);
-            let mut skips = vec![xs.shallow_clone()];
-            for block in &self.down {
-                for (j, resnet) in block.resnets.iter().enumerate() {
-                    xs = resnet.forward(&xs, Some(&emb));
-                    if let Some(attn) = block.attentions.get(j) {
-                        xs = attn.forward(&xs, &context);
-                    }
-                    skips.push(xs.shallow_clone());
-                }
-                if let Some(down) = &block.downsample {
-                    xs = down.forward(&xs);
-                    skips.push(xs.shallow_clone());
-                }
-            }
-
+            let emb = self.enc.embedding(&timesteps, &added, b);
+            let (mut xs, mut skips) = self.enc.run(&sample, &emb, &context, None);
+            // The mid block took the unadded features, as in diffusers.
             if let Some(control) = added.control {
                 add_residuals(&mut skips, control)?;
-            }
-            xs = self.mid_resnets[0].forward(&xs, Some(&emb));
-            xs = self.mid_attention.forward(&xs, &context);
-            xs = self.mid_resnets[1].forward(&xs, Some(&emb));
-            if let Some(control) = added.control {
                 xs = checked_add(&xs, &control.mid, "mid block")?;
             }
 
