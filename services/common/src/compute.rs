@@ -10,6 +10,7 @@ use sd_models::{Conditioning, Denoiser, GuidanceInput};
 use sd_proto::v1::RgbImage;
 use tch::{Kind, Tensor};
 
+use crate::control::{self, Control, ControlInputs, RowControls};
 use crate::ServiceError;
 
 /// One half of a guided call (its conditional or unconditional rows): what
@@ -54,6 +55,8 @@ pub struct Call {
     pub loras: Arc<[Applied]>,
     /// FLUX.2 Klein's reference images, attended to by every row.
     pub references: Option<ReferenceTokens>,
+    /// ControlNets on this call's rows (SD and SDXL UNets).
+    pub controls: Vec<Control>,
 }
 
 /// Reference images' tokens for a call: (1, n, channels) and their
@@ -107,6 +110,20 @@ impl Call {
         (s[2] * s[3] + refs).max(0) as u64
     }
 
+    /// Rows' worth of ControlNet work on this call, in UNet rows: each
+    /// control's measured cost ratio times the rows it runs on (what a
+    /// forward's time is shared with, for the cost model).
+    pub fn control_rows(&self) -> f64 {
+        self.controls
+            .iter()
+            .map(|c| {
+                let halves = f64::from(u8::from(c.scale != 0.0))
+                    + f64::from(u8::from(self.uncond.is_some() && c.uncond_scale != 0.0));
+                c.net.cost_ratio.unwrap_or(0.0) * halves * self.batch() as f64
+            })
+            .sum()
+    }
+
     /// Calls merge when latents and text embeddings have the same shape
     /// past the batch, and as many reference tokens.
     pub fn key(&self) -> (Vec<i64>, Vec<i64>, i64) {
@@ -152,6 +169,10 @@ struct Inputs {
     reference_ids: Option<Tensor>,
     /// Each half's rows and LoRA adapters, in order.
     loras: Vec<(i64, Arc<[Applied]>)>,
+    /// Each half's rows and the ControlNets on them.
+    controls: Vec<RowControls>,
+    /// Rows so far.
+    rows: i64,
 }
 
 impl Inputs {
@@ -166,6 +187,20 @@ impl Inputs {
         self.xs.push(c.latents.shallow_clone());
         self.ts.push(c.timesteps.expand([b], false));
         self.loras.push((b, c.loras.clone()));
+        self.controls.push(RowControls {
+            start: self.rows,
+            rows: b,
+            controls: c
+                .controls
+                .iter()
+                .map(|k| {
+                    let s = if uncond_half { k.uncond_scale } else { k.scale };
+                    (k.clone(), s)
+                })
+                .filter(|(_, s)| *s != 0.0)
+                .collect(),
+        });
+        self.rows += b;
         let half = if uncond_half {
             c.uncond.as_ref()
         } else {
@@ -222,6 +257,19 @@ impl Inputs {
             start += rows;
         }
         let context = Tensor::cat(&self.ctxs, 0);
+        let (xs, ts) = (Tensor::cat(&self.xs, 0), Tensor::cat(&self.ts, 0));
+        // The ControlNets first, outside the LoRA plan: adapters are the
+        // UNet's, not theirs.
+        let control = control::residuals(
+            &self.controls,
+            &ControlInputs {
+                latents: &xs,
+                timesteps: &ts,
+                context: &context,
+                pooled: pooled.as_ref(),
+                time_ids: time_ids.as_ref(),
+            },
+        )?;
         let reference_tokens = cat(&self.references);
         let references = reference_tokens
             .as_ref()
@@ -229,15 +277,15 @@ impl Inputs {
             .map(|(tokens, ids)| References { tokens, ids });
         lora::with_plan(Plan::rows(start, spans), || {
             net.forward(
-                &Tensor::cat(&self.xs, 0),
-                &Tensor::cat(&self.ts, 0),
+                &xs,
+                &ts,
                 Conditioning {
                     context: &context,
                     pooled: pooled.as_ref(),
                     time_ids: time_ids.as_ref(),
                     guidance: guidance.as_ref(),
                     image: image.as_ref(),
-                    control: None,
+                    control: control.as_ref(),
                     references,
                 },
             )

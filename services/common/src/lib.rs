@@ -2,6 +2,7 @@
 
 mod args;
 pub mod compute;
+pub mod control;
 pub mod error;
 pub mod family;
 mod identity;

@@ -10,6 +10,7 @@ use sd_proto::v1::{Dtype, Embedding, PredictRequest, SessionTensor, Tensor as Wi
 use tch::Tensor;
 
 use crate::compute::{Call, Half, ReferenceTokens};
+use crate::control::{ControlSpec, Hint, MAX_CONTROLS};
 use crate::{finite, from_wire, ServiceError};
 
 /// A text conditioning: the hidden states and, for the SDXL family, the
@@ -69,10 +70,19 @@ pub const SESSION_TENSORS: [&str; 6] = [
 /// token.
 pub const MAX_REFERENCE_TOKENS: i64 = 16 * 64 * 64;
 
+/// Whether `name` is a ControlNet's hint image (`control.0` … `control.7`).
+fn is_control_image(name: &str) -> bool {
+    name.strip_prefix("control.")
+        .and_then(|i| i.parse::<usize>().ok())
+        .is_some_and(|i| i < crate::control::MAX_CONTROLS && name.len() == 9)
+}
+
 /// A session tensor resolved: its value, the field naming it, and the id to
 /// keep it under once checked (when it was sent).
 struct Resolved {
     name: String,
+    /// The id it travels under.
+    id: String,
     field: String,
     tensor: Tensor,
     keep: Option<String>,
@@ -88,13 +98,14 @@ fn session_tensors(
     let mut out: Vec<Resolved> = Vec::new();
     for (i, t) in req.session_tensors.iter().enumerate() {
         let field = format!("session_tensors[{i}]");
-        if !SESSION_TENSORS.contains(&t.name.as_str()) {
+        if !SESSION_TENSORS.contains(&t.name.as_str()) && !is_control_image(&t.name) {
             return Err(ServiceError::invalid(
                 format!("{field}.name"),
                 format_args!(
-                    "unknown {}, expected one of {}",
+                    "unknown {}, expected one of {}, control.0 … control.{}",
                     sd_proto::status::quote(&t.name),
-                    SESSION_TENSORS.join(", ")
+                    SESSION_TENSORS.join(", "),
+                    crate::control::MAX_CONTROLS - 1
                 ),
             ));
         }
@@ -114,6 +125,7 @@ fn session_tensors(
         let tensor = resolver.tensor(t, &field)?;
         out.push(Resolved {
             name: t.name.clone(),
+            id: t.id.clone(),
             keep: (t.tensor.is_some() && !t.id.is_empty()).then(|| t.id.clone()),
             sent: t.tensor.is_some(),
             field,
@@ -128,6 +140,9 @@ fn session_tensors(
 pub struct Step {
     pub call: Call,
     pub out_dtype: Dtype,
+    /// The ControlNets it names, checked, still to be resolved
+    /// ([`crate::control::resolve`]) into `call.controls`.
+    pub controls: Vec<ControlSpec>,
 }
 
 impl Step {
@@ -207,6 +222,7 @@ impl Step {
         let (h, w) = (latents.size()[2], latents.size()[3]);
         let image = image_conditioning(bounds, (batch, h, w), &mut session, resolver)?;
         let references = references(bounds, &mut session, resolver)?;
+        let controls = controls(req, bounds, (batch, h, w), &mut session, resolver)?;
         let negative_time_ids =
             negative_time_ids.or_else(|| time_ids.as_ref().map(Tensor::shallow_clone));
         let half = |c: Cond, ids: Option<Tensor>| Half {
@@ -225,8 +241,10 @@ impl Step {
                 image,
                 loras: Default::default(),
                 references,
+                controls: Vec::new(),
             },
             out_dtype,
+            controls,
         })
     }
 }
@@ -438,6 +456,115 @@ fn references(
     }))
 }
 
+/// The ControlNets a call names: each its own hint image (a session
+/// tensor `control.N`), at scales in 0..=10; the image (1 or batch, 3,
+/// h·scale, w·scale), values in 0..=1 (checked when sent; held ones are
+/// the embeddings made of them). Hint images no control names are refused.
+fn controls(
+    req: &PredictRequest,
+    bounds: &Bounds,
+    (batch, h, w): (i64, i64, i64),
+    session: &mut Vec<Resolved>,
+    resolver: &mut dyn Resolver,
+) -> Result<Vec<ControlSpec>, ServiceError> {
+    if req.controls.len() > MAX_CONTROLS {
+        return Err(ServiceError::invalid(
+            "controls",
+            format_args!("{} given, at most {MAX_CONTROLS}", req.controls.len()),
+        ));
+    }
+    if !req.controls.is_empty() && bounds.control_scale == 0 {
+        return Err(ServiceError::invalid(
+            "controls",
+            "this model's network takes no ControlNet (SD 1.x/2.x and SDXL UNets do)",
+        ));
+    }
+    let mut out = Vec::with_capacity(req.controls.len());
+    for (i, c) in req.controls.iter().enumerate() {
+        let field = format!("controls[{i}]");
+        let scale_ok = |s: f32| s.is_finite() && (0.0..=10.0).contains(&s);
+        let uncond = c.uncond_scale.unwrap_or(c.scale);
+        for (name, s) in [("scale", c.scale), ("uncond_scale", uncond)] {
+            if !scale_ok(s) {
+                return Err(ServiceError::invalid(
+                    format!("{field}.{name}"),
+                    format_args!("{s} given, a finite value in 0..=10 allowed"),
+                ));
+            }
+        }
+        let Some(r) = take(session, &c.image) else {
+            return Err(ServiceError::invalid(
+                format!("{field}.image"),
+                format_args!(
+                    "names no session tensor sent with this call ({})",
+                    sd_proto::status::quote(&c.image)
+                ),
+            ));
+        };
+        let (sh, sw) = (h * bounds.control_scale, w * bounds.control_scale);
+        // A held tensor is the embedding made of the image, or the image
+        // itself when no step had named it yet (told apart by its size).
+        let held_image = !r.sent && r.tensor.size().get(2..) == Some(&[sh, sw][..]);
+        let hint = if r.sent || held_image {
+            let t = control_image(&r, batch, (sh, sw))?;
+            Hint::Image {
+                image: t,
+                keep: if r.sent { r.keep } else { Some(r.id) },
+                field: r.field,
+            }
+        } else {
+            Hint::Embedded(r.tensor)
+        };
+        out.push(ControlSpec {
+            name: c.name.clone(),
+            field,
+            hint,
+            scale: f64::from(c.scale),
+            uncond_scale: f64::from(uncond),
+            soft: c.soft,
+        });
+    }
+    // Hint images no control names this step (outside their windows):
+    // checked and held as they are until one does.
+    for r in session
+        .iter()
+        .filter(|r| r.sent && is_control_image(&r.name))
+    {
+        let t = control_image(
+            r,
+            batch,
+            (h * bounds.control_scale, w * bounds.control_scale),
+        )?;
+        if let Some(id) = &r.keep {
+            resolver.keep(id, &t, &r.field)?;
+        }
+    }
+    Ok(out)
+}
+
+/// A hint image (1 or batch, 3, sh, sw), finite, values in 0..=1.
+fn control_image(r: &Resolved, batch: i64, (sh, sw): (i64, i64)) -> Result<Tensor, ServiceError> {
+    let s = r.tensor.size();
+    if s.len() != 4 || !(s[0] == 1 || s[0] == batch) || s[1] != 3 || s[2] != sh || s[3] != sw {
+        return Err(ServiceError::invalid(
+            &r.field,
+            format_args!("shape {s:?}, expected (1 or {batch}, 3, {sh}, {sw})"),
+        ));
+    }
+    let t = r.tensor.to_kind(tch::Kind::Float);
+    if r.sent {
+        finite(&t, &r.field)?;
+        let (lo, hi) = (t.min().double_value(&[]), t.max().double_value(&[]));
+        if lo < 0.0 || hi > 1.0 {
+            return Err(ServiceError::invalid(
+                &r.field,
+                format_args!("values {lo}..={hi}, expected 0..=1"),
+            ));
+        }
+    }
+    Ok(t)
+}
+
 /// The limits a request is checked against.
 #[derive(Clone, Copy, Debug)]
 pub struct Bounds {
@@ -464,6 +591,9 @@ pub struct Bounds {
     pub time_ids_len: Option<i64>,
     /// The network attends to reference images (FLUX.2).
     pub references: bool,
+    /// Pixels per latent of a ControlNet's hint image (the VAE's scale);
+    /// 0: the network takes no ControlNet.
+    pub control_scale: i64,
 }
 
 impl Bounds {
@@ -500,6 +630,11 @@ impl Bounds {
                 FamilyParams::Sdxl(p) => Some(i64::from(p.time_ids_len)),
             },
             references: net.takes_references(),
+            control_scale: if net.unet().is_some() {
+                layout.vae_scale_factor
+            } else {
+                0
+            },
         }
     }
 
@@ -717,6 +852,7 @@ mod tests {
         max_timestep: 1000.0,
         time_ids_len: None,
         references: false,
+        control_scale: 0,
     };
 
     fn wire(t: &Tensor) -> WireTensor {
@@ -1035,6 +1171,7 @@ mod flux_tests {
         max_timestep: 1000.0,
         time_ids_len: None,
         references: false,
+        control_scale: 0,
     };
 
     #[derive(Default)]

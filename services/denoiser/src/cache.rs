@@ -83,7 +83,7 @@ impl HeldBudget {
 
 /// Most session tensors one stream holds (a generation's time ids, masks,
 /// control images).
-pub const MAX_HELD_TENSORS: usize = 8;
+pub const MAX_HELD_TENSORS: usize = 16;
 
 /// What a stream holds under an id.
 enum Kept {

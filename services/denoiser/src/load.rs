@@ -104,6 +104,12 @@ pub fn load(
     };
     tracing::info!(model = %info.model_id, family = %dir.family(), "denoiser ready");
     let net = Arc::new(net);
+    let controls = Arc::new(sd_service::control::ControlStore::new(
+        &args.control,
+        net.unet().map(|u| u.config().clone()),
+        placement,
+        Some(measure_controlnets(net.clone(), &layout)),
+    )?);
     let batcher = if args.no_batching {
         None
     } else {
@@ -135,6 +141,7 @@ pub fn load(
         held: HeldBudget::new(cache_bytes.max(cache::MIN_HELD_BYTES)),
         cost: live_cost,
         loras,
+        controls,
         worker: Worker::new(threads.workers, args.model.max_queue, metrics.clone()),
         bounds,
         info,
@@ -144,6 +151,30 @@ pub fn load(
     Ok(DenoiserServer::new(service)
         .max_decoding_message_size(max)
         .max_encoding_message_size(max))
+}
+
+/// How a loaded ControlNet is measured against the UNet: one row at the
+/// model's native latent side (at most 64), the typical text length; the
+/// better of two timed forwards of each after a warm-up.
+fn measure_controlnets(net: Arc<Denoiser>, layout: &Layout) -> sd_service::control::Measure {
+    let side = layout.native_side.clamp(8, 64);
+    Box::new(move |control| {
+        let tokens = net.typical_tokens();
+        let time = |f: &dyn Fn() -> bool| -> Option<f64> {
+            let mut best = f64::INFINITY;
+            for _ in 0..3 {
+                let start = std::time::Instant::now();
+                if !f() {
+                    return None;
+                }
+                best = best.min(start.elapsed().as_secs_f64());
+            }
+            Some(best)
+        };
+        let unet = time(&|| net.probe(1, side, tokens).is_ok())?;
+        let cn = time(&|| control.probe(1, side, tokens).is_ok())?;
+        (unet > 0.0).then(|| cn / unet)
+    })
 }
 
 /// What the network and the family say about the model in Info.

@@ -17,14 +17,16 @@ use sd_models::lora::Applied;
 use sd_models::Denoiser;
 use sd_proto::v1::denoiser_server::Denoiser as DenoiserRpc;
 use sd_proto::v1::{
-    DenoiserInfo, DenoiserInfoRequest, Dtype, Embedding, ListLorasRequest, ListLorasResponse,
-    LoraRef, PredictRequest, PredictResponse, SessionTensor, Tensor as WireTensor,
+    DenoiserInfo, DenoiserInfoRequest, Dtype, Embedding, ListControlNetsRequest,
+    ListControlNetsResponse, ListLorasRequest, ListLorasResponse, LoraRef, PredictRequest,
+    PredictResponse, SessionTensor, Tensor as WireTensor,
 };
 use sd_runtime::lifecycle::Lifecycle;
 use sd_runtime::metrics::{Metrics, Phase};
 use sd_runtime::tls::ServerTlsArgs;
 use sd_runtime::ServerArgs;
 use sd_service::compute::{forward_calls, Call};
+use sd_service::control::{ControlArgs, ControlStore};
 use sd_service::lora::{LoraArgs, LoraStore};
 use sd_service::step::{Bounds, Cond, Resolver, Step};
 use sd_service::{handle, to_wire, ModelArgs, ServiceError, Timings, Worker};
@@ -47,6 +49,8 @@ struct Args {
     tls: ServerTlsArgs,
     #[command(flatten)]
     lora: LoraArgs,
+    #[command(flatten)]
+    control: ControlArgs,
     /// FLUX: serve this transformer file instead of the model's own (BFL's
     /// layout as downloaded, ComfyUI's prefixed one, or diffusers' names;
     /// bf16, fp16, fp32 or fp8 e4m3/e5m2, upcast to --precision at load).
@@ -106,6 +110,8 @@ struct Core {
     metrics: Arc<Metrics>,
     /// LoRA adapters (--lora-dir), fitted to the network.
     loras: Arc<LoraStore>,
+    /// ControlNets (--controlnet-dir).
+    controls: Arc<ControlStore>,
 }
 
 #[tonic::async_trait]
@@ -176,6 +182,35 @@ impl DenoiserRpc for Service {
         Ok(Response::new(info))
     }
 
+    async fn list_control_nets(
+        &self,
+        request: Request<ListControlNetsRequest>,
+    ) -> Result<Response<ListControlNetsResponse>, Status> {
+        let store = self.0.controls.clone();
+        let req = request.into_inner();
+        let controlnets = tokio::task::spawn_blocking(move || {
+            if req.check.is_empty() {
+                return store.list();
+            }
+            req.check
+                .iter()
+                .enumerate()
+                .map(|(i, name)| {
+                    // Named as the request's unit, which the gateway checks.
+                    let field = format!("controlnets[{i}].name");
+                    store.get(name, &field)?;
+                    store
+                        .info(name)
+                        .ok_or_else(|| ServiceError::invalid(field, "gone from the folder"))
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(Status::from)?;
+        Ok(Response::new(ListControlNetsResponse { controlnets }))
+    }
+
     async fn list_loras(
         &self,
         request: Request<ListLorasRequest>,
@@ -228,10 +263,27 @@ impl Core {
         session: Session,
         held: Option<&mut Held>,
     ) -> Result<PredictResponse, ServiceError> {
+        let mut source = Source { core: self, held };
         let Step {
             mut call,
             out_dtype,
-        } = Step::decode(&req, &self.bounds, &mut Source { core: self, held })?;
+            controls,
+        } = Step::decode(&req, &self.bounds, &mut source)?;
+        if !controls.is_empty() {
+            let store = self.controls.clone();
+            let (resolved, keeps) = if sd_service::control::needs_blocking(&controls, &store) {
+                tokio::task::spawn_blocking(move || sd_service::control::resolve(controls, &store))
+                    .await
+                    .map_err(|e| ServiceError::Task(e.to_string()))??
+            } else {
+                sd_service::control::resolve(controls, &store)?
+            };
+            // The stream holds each hint's embedding in its image's place.
+            for (id, t, field) in keeps {
+                source.keep(&id, &t, &field)?;
+            }
+            call.controls = resolved;
+        }
         call.loras = self.loras(&req.loras).await?;
         let (output, timings) = self.forward(call, session, out_dtype).await?;
         timings.record(&tracing::Span::current());
@@ -256,6 +308,7 @@ impl Core {
         }
         let net = self.net.clone();
         let (positions, rows) = (call.positions(), call.rows());
+        let share = rows as f64 / (rows as f64 + call.control_rows());
         let (out, timings) = self
             .worker
             .run_timed(Phase::UnetForward, move || {
@@ -264,7 +317,7 @@ impl Core {
             })
             .await?;
         if let Some(cost) = &self.cost {
-            cost.observe(positions, rows, timings.forward);
+            cost.observe(positions, rows, timings.forward.mul_f64(share));
         }
         Ok((out, timings))
     }

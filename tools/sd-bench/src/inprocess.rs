@@ -128,7 +128,17 @@ impl InProcess {
     /// service decodes it.
     fn predict(&self, req: PredictRequest) -> Result<PredictResponse, ServiceError> {
         tokio::task::block_in_place(|| {
-            let Step { call, out_dtype } = Step::decode(&req, &self.bounds, &mut Held(self))?;
+            let Step {
+                call,
+                out_dtype,
+                controls,
+            } = Step::decode(&req, &self.bounds, &mut Held(self))?;
+            if !controls.is_empty() {
+                return Err(ServiceError::invalid(
+                    "controls",
+                    "the in-process benchmark pipeline serves no ControlNets",
+                ));
+            }
             let out = forward_calls(&self.net, &[&call])?.remove(0);
             Ok(PredictResponse {
                 output: Some(to_wire(&out, out_dtype)?),

@@ -78,6 +78,7 @@ fn calls(
             image: None,
             loras: sets[i % sets.len()].clone(),
             references: None,
+            controls: Vec::new(),
         })
         .collect()
 }

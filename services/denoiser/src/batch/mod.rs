@@ -425,7 +425,12 @@ fn run_batch(w: usize, net: &Denoiser, shared: &Shared, batch: Vec<Job>, metrics
     });
     let took = start.elapsed();
     if let (Some(cost), Ok(_)) = (shared.cost.get(), &outcome) {
-        cost.observe(batch[0].call.positions(), rows, took);
+        // The UNet's part of the time: ControlNet work is counted apart
+        // (each network's measured ratio), so the published cost stays the
+        // UNet's.
+        let control: f64 = batch.iter().map(|j| j.call.control_rows()).sum();
+        let unet = took.mul_f64(rows as f64 / (rows as f64 + control));
+        cost.observe(batch[0].call.positions(), rows, unet);
     }
     metrics.step(Phase::UnetForward, took);
     metrics.step_batch(rows as f64);

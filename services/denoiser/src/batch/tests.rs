@@ -31,6 +31,7 @@ fn job(seed: i64, b: i64, t: f32, guided: bool, g: f64) -> Call {
         image: None,
         loras: Default::default(),
         references: None,
+        controls: Vec::new(),
     }
 }
 
@@ -488,6 +489,7 @@ fn xl_job(seed: i64, b: i64, t: f32, guided: bool, g: f64) -> Call {
         image: None,
         loras: Default::default(),
         references: None,
+        controls: Vec::new(),
     }
 }
 
