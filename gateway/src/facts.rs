@@ -11,19 +11,46 @@ use sd_sampling::{Prediction, SchedulerConfig, SchedulerKind};
 /// replaced when the gateway reads a newer one (the denoiser keeps it
 /// current with the forwards it runs).
 #[derive(Clone, Debug, Default)]
-pub struct SharedCost(Arc<RwLock<Option<ForwardCost>>>);
+pub struct SharedCost {
+    unet: Arc<RwLock<Option<ForwardCost>>>,
+    /// Each ControlNet's forward over the UNet's, as the denoiser measured
+    /// it, by name (learnt when requests name them).
+    controls: Arc<RwLock<std::collections::HashMap<String, f64>>>,
+}
 
 impl SharedCost {
     pub fn new(cost: Option<ForwardCost>) -> Self {
-        SharedCost(Arc::new(RwLock::new(cost)))
+        SharedCost {
+            unet: Arc::new(RwLock::new(cost)),
+            controls: Default::default(),
+        }
     }
 
     pub fn get(&self) -> Option<ForwardCost> {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.unet.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn set(&self, cost: Option<ForwardCost>) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = cost;
+        *self.unet.write().unwrap_or_else(|e| e.into_inner()) = cost;
+    }
+
+    /// ControlNet `name`'s cost ratio, when known.
+    pub fn control_ratio(&self, name: &str) -> Option<f64> {
+        self.controls
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .copied()
+    }
+
+    /// Remember ControlNet `name`'s measured cost ratio (0: unmeasured, kept out).
+    pub fn set_control_ratio(&self, name: &str, ratio: f64) {
+        if ratio > 0.0 && ratio.is_finite() {
+            self.controls
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(name.to_string(), ratio);
+        }
     }
 }
 
@@ -161,6 +188,14 @@ impl Profile {
             | FamilyParams::Sdxl(_)
             | FamilyParams::Flux(_)
             | FamilyParams::Klein(_) => None,
+        }
+    }
+
+    /// Whether its network takes ControlNets: the SD and SDXL UNets.
+    pub fn takes_controlnet(&self) -> bool {
+        match &self.params {
+            FamilyParams::Sd(_) | FamilyParams::Sdxl(_) => true,
+            FamilyParams::Flux(_) | FamilyParams::Klein(_) | FamilyParams::Zimage(_) => false,
         }
     }
 

@@ -8,6 +8,8 @@
 pub mod auth;
 pub mod backends;
 pub mod blocking;
+pub mod canny;
+pub mod control;
 pub mod error;
 pub mod facts;
 pub mod hires;

@@ -94,6 +94,8 @@ pub struct Plan {
     pub hires: Option<crate::hires::HiresPlan>,
     /// FLUX.2 Klein: the reference images, prepared.
     pub references: Vec<crate::reference::Reference>,
+    /// ControlNet units, their hints made at this pass's size.
+    pub controls: Vec<crate::control::ControlPlan>,
     /// An async job's step record (predictions to replay, and where new
     /// ones go); none for other generations.
     pub replay: Option<crate::pipeline::Replay>,
@@ -219,16 +221,7 @@ impl Plan {
         let (true_cfg, max_sequence_length) = flux_fields(&req, facts)?;
         let flow = facts.profile.is_flow();
         let guidance_rule = GuidanceRule::of(facts);
-        if matches!(guidance_rule, GuidanceRule::Klein { .. }) && !req.negative_prompt.is_empty() {
-            return Err(Error::invalid(
-                "negative_prompt",
-                "FLUX.2 Klein's pipeline guides against an empty prompt: a negative prompt \
-                 does not apply",
-            ));
-        }
-        if flow && prompt_syntax == PromptSyntax::A1111 {
-            check_t5_prompts(&req)?;
-        }
+        check_family_prompts(&req, guidance_rule, flow, prompt_syntax)?;
         let num_images = num_images(req.num_images, limits)?;
         check_clip_skip(req.clip_skip, facts)?;
         let format = ImageFormat::try_from(req.format)
@@ -262,6 +255,15 @@ impl Plan {
             steps,
             reference_positions(facts, &references),
         );
+        let controls = crate::control::plan(
+            &req.controlnets,
+            facts,
+            limits,
+            (source.width, source.height),
+        )?;
+        let steps_run = sampler.schedule.timesteps().len();
+        let factor = crate::control::cost_factor(&controls, &facts.cost, steps_run);
+        let predicted = predicted.map(|(total, step)| (total * factor, step));
         let predicted_seconds = predicted.map(|p| p.0);
         check_seconds(predicted_seconds, num_images, steps, &source, limits)?;
         let time_ids = crate::micro::time_ids(
@@ -303,6 +305,7 @@ impl Plan {
             loras,
             hires: None,
             references,
+            controls,
             replay: None,
         })
     }
@@ -366,6 +369,7 @@ impl Plan {
             max_sequence_length: self.max_sequence_length,
             hires: self.hires.as_ref().map(|h| h.resolved.clone()),
             textual_inversions: Vec::new(),
+            controlnets: self.controls.iter().map(|c| c.unit.clone()).collect(),
         }
     }
 }
@@ -919,6 +923,27 @@ fn reference_positions(facts: &ModelFacts, refs: &[crate::reference::Reference])
     refs.iter()
         .map(|r| u64::from(r.width / sf) * u64::from(r.height / sf))
         .sum()
+}
+
+/// What a family's prompts cannot be: FLUX.2 Klein takes no negative
+/// prompt; the flow models' T5/LLM prompts in A1111's syntax are checked.
+fn check_family_prompts(
+    req: &GenerateRequest,
+    rule: GuidanceRule,
+    flow: bool,
+    syntax: PromptSyntax,
+) -> Result<()> {
+    if matches!(rule, GuidanceRule::Klein { .. }) && !req.negative_prompt.is_empty() {
+        return Err(Error::invalid(
+            "negative_prompt",
+            "FLUX.2 Klein's pipeline guides against an empty prompt: a negative prompt \
+             does not apply",
+        ));
+    }
+    if flow && syntax == PromptSyntax::A1111 {
+        check_t5_prompts(req)?;
+    }
+    Ok(())
 }
 
 /// Refuse a request predicted to take longer than `--max-request-seconds`,

@@ -8,8 +8,9 @@ use futures::{Stream, StreamExt};
 use sd_proto::v1::generation_server::Generation;
 use sd_proto::v1::{
     generate_event, GenerateEvent, GenerateRequest, GenerateResponse, Job, JobRequest,
-    ListJobsRequest, ListJobsResponse, ListLorasRequest, ListLorasResponse, ListModelsRequest,
-    ListModelsResponse, ModelInfo, Preview, Progress, SubmitJobRequest,
+    ListControlNetsRequest, ListControlNetsResponse, ListJobsRequest, ListJobsResponse,
+    ListLorasRequest, ListLorasResponse, ListModelsRequest, ListModelsResponse, ModelInfo, Preview,
+    Progress, SubmitJobRequest,
 };
 use sd_runtime::admission::{Admission, Slot};
 use sd_runtime::deadline::Deadline;
@@ -474,6 +475,38 @@ impl Generation for GenerationService {
             .list_loras(req, &deadline)
             .await
             .map_err(Status::from)?;
+        Ok(Response::new(out))
+    }
+
+    async fn list_control_nets(
+        &self,
+        request: Request<ListControlNetsRequest>,
+    ) -> Result<Response<ListControlNetsResponse>, Status> {
+        self.keys.check(request.metadata()).map_err(Status::from)?;
+        let deadline = Deadline::from_metadata(request.metadata());
+        let req = request.into_inner();
+        if req.check.len() > crate::control::MAX_UNITS {
+            return Err(Status::from(Error::invalid(
+                "check",
+                format!(
+                    "{} names, at most {}",
+                    req.check.len(),
+                    crate::control::MAX_UNITS
+                ),
+            )));
+        }
+        let generator = self.pick(&req.model).map_err(Status::from)?;
+        let out = generator
+            .stages
+            .list_controlnets(req, &deadline)
+            .await
+            .map_err(Status::from)?;
+        for c in &out.controlnets {
+            generator
+                .facts
+                .cost
+                .set_control_ratio(&c.name, c.cost_ratio);
+        }
         Ok(Response::new(out))
     }
 }

@@ -5,7 +5,8 @@
 
 use sd_proto::v1::{
     DecodeRequest, DecodeResponse, EncodeImageRequest, EncodeImageResponse, EncodeTextRequest,
-    EncodeTextResponse, ListLorasRequest, ListLorasResponse, PredictRequest, PredictResponse,
+    EncodeTextResponse, ListControlNetsRequest, ListControlNetsResponse, ListLorasRequest,
+    ListLorasResponse, PredictRequest, PredictResponse,
 };
 use sd_runtime::deadline::Deadline;
 use sd_runtime::telemetry::{context_map, inject};
@@ -50,6 +51,21 @@ pub trait Stages: Send + Sync + 'static {
         Err(crate::error::Error::invalid(
             "loras",
             "this pipeline applies no LoRA adapters".to_string(),
+        ))
+    }
+    /// The ControlNets the denoiser serves, after loading and checking
+    /// `req.check` (a pipeline without ControlNets refuses any).
+    async fn list_controlnets(
+        &self,
+        req: ListControlNetsRequest,
+        _deadline: &Deadline,
+    ) -> Result<ListControlNetsResponse> {
+        if req.check.is_empty() {
+            return Ok(ListControlNetsResponse::default());
+        }
+        Err(crate::error::Error::invalid(
+            "controlnets",
+            "this pipeline applies no ControlNets".to_string(),
         ))
     }
 }
@@ -116,6 +132,18 @@ impl Stages for Backends {
         call(&self.denoiser, deadline, req, |ch, r| {
             let mut c = self.denoiser_client(ch);
             async move { c.list_loras(r).await }
+        })
+        .await
+    }
+
+    async fn list_controlnets(
+        &self,
+        req: ListControlNetsRequest,
+        deadline: &Deadline,
+    ) -> Result<ListControlNetsResponse> {
+        call(&self.denoiser, deadline, req, |ch, r| {
+            let mut c = self.denoiser_client(ch);
+            async move { c.list_control_nets(r).await }
         })
         .await
     }

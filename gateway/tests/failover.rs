@@ -106,6 +106,13 @@ impl Denoiser for FakeDenoiser {
     ) -> Result<Response<sd_proto::v1::ListLorasResponse>, Status> {
         Ok(Response::new(Default::default()))
     }
+
+    async fn list_control_nets(
+        &self,
+        _: Request<sd_proto::v1::ListControlNetsRequest>,
+    ) -> Result<Response<sd_proto::v1::ListControlNetsResponse>, Status> {
+        Ok(Response::new(Default::default()))
+    }
 }
 
 async fn serve(fake: FakeDenoiser) -> SocketAddr {

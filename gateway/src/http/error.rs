@@ -50,6 +50,16 @@ impl HttpError {
         self
     }
 
+    /// The field named as a part of the object at `prefix` (`prefix.field`).
+    pub fn within(mut self, prefix: &str) -> Self {
+        if let Some(p) = &self.param {
+            let named = format!("{prefix}.{p}");
+            self.message = self.message.replacen(p.as_str(), &named, 1);
+            self.param = Some(named);
+        }
+        self
+    }
+
     /// OpenAI's `type` for this status.
     fn kind(&self) -> &'static str {
         match self.status {

@@ -139,6 +139,76 @@ impl<'a> Fields<'a> {
             .collect()
     }
 
+    /// ControlNet units (the gRPC `controlnets` as JSON): an array of
+    /// `{"name", "image" (base64 or a data URL), "weight", "start", "end",
+    /// "mode" (balanced, prompt, control), "preprocessor" (none, canny),
+    /// "threshold_a", "threshold_b", "processor_res", "resize_mode"
+    /// (just_resize, crop_and_resize, resize_and_fill)}`.
+    pub fn controlnets(&self, name: &str) -> HttpResult<Vec<sd_proto::v1::ControlUnit>> {
+        use sd_proto::v1::ControlUnit;
+        let items = match self.get(name) {
+            None | Some(Value::Null) => return Ok(Vec::new()),
+            Some(Value::Array(a)) => a,
+            Some(v) => return Err(wrong(name, "an array of ControlNet units", v)),
+        };
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let at = format!("{name}[{i}]");
+                let o = v
+                    .as_object()
+                    .ok_or_else(|| wrong(&at, "a ControlNet unit object", v))?;
+                let f = Fields(o);
+                let within = |e: HttpError| e.within(&at);
+                let image = f.str("image").map_err(within)?.unwrap_or("");
+                let image = if image.is_empty() {
+                    Vec::new()
+                } else {
+                    super::decode_base64(&format!("{at}.image"), image)?
+                };
+                let choice = |key: &str, options: &[&str]| -> HttpResult<i32> {
+                    match f.str(key).map_err(within)? {
+                        None => Ok(0),
+                        Some(v) => options
+                            .iter()
+                            .position(|o| *o == v)
+                            .map(|p| p as i32)
+                            .ok_or_else(|| {
+                                HttpError::invalid(
+                                    format!("{at}.{key}"),
+                                    format_args!("`{v}`: expected {}", options.join(", ")),
+                                )
+                            }),
+                    }
+                };
+                let number = |key: &str| -> HttpResult<Option<f32>> {
+                    Ok(f.f64(key).map_err(within)?.map(|v| v as f32))
+                };
+                Ok(ControlUnit {
+                    name: f.string_or("name", "").map_err(within)?,
+                    image: image.into(),
+                    weight: number("weight")?,
+                    start: number("start")?,
+                    end: number("end")?,
+                    mode: choice("mode", &["balanced", "prompt", "control"])?,
+                    preprocessor: f.string_or("preprocessor", "").map_err(within)?,
+                    threshold_a: number("threshold_a")?,
+                    threshold_b: number("threshold_b")?,
+                    processor_res: f
+                        .int_in("processor_res", 0, 4096)
+                        .map_err(within)?
+                        .unwrap_or(0) as u32,
+                    resize_mode: choice(
+                        "resize_mode",
+                        &["just_resize", "crop_and_resize", "resize_and_fill"],
+                    )?,
+                    ..ControlUnit::default()
+                })
+            })
+            .collect()
+    }
+
     pub fn object(&self, name: &str) -> HttpResult<Option<&'a Map<String, Value>>> {
         match self.get(name) {
             None => Ok(None),

@@ -199,6 +199,7 @@ pub fn router(state: State) -> Router {
         .merge(openai::routes())
         .merge(async_jobs::routes())
         .merge(a1111::routes())
+        .merge(a1111::controlnet::routes())
         .merge(ui::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -58,6 +58,8 @@ pub(super) struct Denoising<'a> {
     pub stop: Option<super::Stop>,
     /// The LoRA adapters every step applies.
     pub loras: Vec<sd_proto::v1::LoraRef>,
+    /// ControlNet units (their hints travel as session tensors).
+    pub controls: Vec<crate::control::ControlPlan>,
     /// An async job's record: predictions to replay, new ones to keep.
     pub replay: Option<super::Replay>,
 }
@@ -99,8 +101,9 @@ impl Denoising<'_> {
             let prediction = match self.replay.as_ref().and_then(|r| r.next(latents.len())) {
                 Some(p) => p,
                 None => {
+                    let controls = crate::control::refs(&self.controls, k, total as usize);
                     let p = self
-                        .predict(&mut *session, input, t, total - step)
+                        .predict(&mut *session, input, t, total - step, controls)
                         .instrument(span)
                         .await?;
                     if let Some(r) = &self.replay {
@@ -135,6 +138,7 @@ impl Denoising<'_> {
         input: HostTensor,
         timestep: f32,
         steps_after: u32,
+        controls: Vec<sd_proto::v1::ControlRef>,
     ) -> Result<Vec<f32>> {
         let latents = input.to_wire(self.generator.wire);
         for attempt in 0..2 {
@@ -154,6 +158,7 @@ impl Denoising<'_> {
                 negative_time_ids: None,
                 loras: self.loras.clone(),
                 session_tensors: self.text.session_tensors(),
+                controls: controls.clone(),
             };
             match session.step(request).await {
                 Ok(response) => {

@@ -59,6 +59,9 @@ impl Generator {
             .await?;
         self.add_references(&second.references, &mut text, pass.deadline)
             .await?;
+        // The ControlNets steer this pass too, their hints made at its size
+        // and their windows over its own steps (A1111's counter restarts).
+        super::add_controls(&second.controls, &mut text);
         // A1111: fresh generators from the same seed, at the larger shape.
         let mut rng = TorchGenerator::new(second.seed);
         let noise = rng.randn(big.len());
@@ -78,6 +81,7 @@ impl Generator {
             started: pass.started,
             stop: pass.stop,
             loras: second.loras.clone(),
+            controls: second.controls.clone(),
             replay: pass.replay,
         };
         Ok((steps.run(second.schedule, start).await?, big))

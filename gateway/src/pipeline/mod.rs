@@ -157,6 +157,28 @@ impl Generator {
             .collect()
     }
 
+    /// Before any work: every ControlNet exists and fits the UNet (the
+    /// denoiser loads it, and measures it against the UNet when new: its
+    /// cost ratio is remembered for the admission of later requests).
+    pub(crate) async fn check_controls(
+        &self,
+        controls: &[crate::control::ControlPlan],
+        deadline: &Deadline,
+    ) -> Result<()> {
+        if controls.is_empty() {
+            return Ok(());
+        }
+        let check = sd_proto::v1::ListControlNetsRequest {
+            check: controls.iter().map(|c| c.unit.name.clone()).collect(),
+            ..Default::default()
+        };
+        let listed = self.stages.list_controlnets(check, deadline).await?;
+        for c in &listed.controlnets {
+            self.facts.cost.set_control_ratio(&c.name, c.cost_ratio);
+        }
+        Ok(())
+    }
+
     /// Run `plan`; progress and previews go to `events` when given. A
     /// closed `events` (the client went away) stops the loop, as does the
     /// deadline, between steps.
@@ -196,6 +218,7 @@ impl Generator {
             let listed = self.stages.list_loras(check, &deadline).await?;
             lora_key = text::canonical_loras(&plan.loras, &listed.loras);
         }
+        self.check_controls(&plan.controls, &deadline).await?;
         let mut text = self.condition(&plan, &lora_key, &deadline).await?;
         parameters.textual_inversions = self.ti_hashes(&text.textual_inversions());
         let mut start = self
@@ -207,6 +230,7 @@ impl Generator {
         }
         self.add_references(&plan.references, &mut text, &deadline)
             .await?;
+        add_controls(&plan.controls, &mut text);
         let steps = denoise::Denoising {
             generator: self,
             text,
@@ -218,6 +242,7 @@ impl Generator {
             started,
             stop: stop.clone(),
             loras: plan.loras.clone(),
+            controls: plan.controls.clone(),
             replay: plan.replay.clone(),
         };
         let (format, num_images) = (plan.format, plan.num_images);
@@ -252,5 +277,16 @@ impl Generator {
             images,
             parameters: Some(parameters),
         })
+    }
+}
+
+/// Each ControlNet unit's hint image as its session tensor (fp32: the
+/// hint's k/255 values travel exactly).
+fn add_controls(controls: &[crate::control::ControlPlan], text: &mut text::Text) {
+    for (i, c) in controls.iter().enumerate() {
+        text.add_session_tensor(
+            crate::control::IMAGE_NAMES[i],
+            c.hint.to_wire(Dtype::Float32),
+        );
     }
 }

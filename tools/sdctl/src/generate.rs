@@ -134,6 +134,20 @@ pub struct GenerateArgs {
     /// first one's size.
     #[arg(long = "reference", value_name = "IMG")]
     references: Vec<PathBuf>,
+    /// A ControlNet (SD, SDXL) and its hint image: NAME:IMAGE, with the
+    /// weight (1) and the start and end of its window (0 and 1) when given;
+    /// repeatable (several are summed): a folder or .safetensors file in the
+    /// denoiser's --controlnet-dir.
+    #[arg(
+        long = "controlnet",
+        value_name = "NAME:IMAGE[:WEIGHT[:START:END]]",
+        value_parser = parse_controlnet
+    )]
+    controlnets: Vec<ControlArg>,
+    /// The preprocessor every --controlnet's image goes through first:
+    /// none (the image is the hint) or canny.
+    #[arg(long, default_value = "none")]
+    controlnet_preprocessor: String,
     /// Hires fix: after the image, an image-to-image pass at this many times
     /// its size (AUTOMATIC1111's enable_hr with hr_scale).
     #[arg(long)]
@@ -229,6 +243,23 @@ fn request(a: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
                 .with_context(|| format!("reading {}", p.display()))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let controlnets = a
+        .controlnets
+        .iter()
+        .map(|(name, path, weight, window)| {
+            Ok(sd_proto::v1::ControlUnit {
+                name: name.clone(),
+                image: std::fs::read(path)
+                    .with_context(|| format!("reading {}", path.display()))?
+                    .into(),
+                weight: *weight,
+                start: window.map(|w| w.0),
+                end: window.map(|w| w.1),
+                preprocessor: a.controlnet_preprocessor.clone(),
+                ..Default::default()
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let hires = a.hires_scale.map(|scale| sd_proto::v1::Hires {
         scale,
         upscaler: a.hires_upscaler.clone().unwrap_or_default(),
@@ -269,7 +300,34 @@ fn request(a: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
         hires,
         inpaint: None,
         reference_images,
+        controlnets,
     })
+}
+
+/// `NAME:IMAGE`, `NAME:IMAGE:WEIGHT` or `NAME:IMAGE:WEIGHT:START:END`.
+type ControlArg = (String, PathBuf, Option<f32>, Option<(f32, f32)>);
+
+fn parse_controlnet(s: &str) -> Result<ControlArg, String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let number = |v: &str, what: &str| {
+        v.parse::<f32>()
+            .map_err(|_| format!("{what} `{v}` is not a number"))
+    };
+    match parts[..] {
+        [name, image] if !name.is_empty() && !image.is_empty() => {
+            Ok((name.into(), image.into(), None, None))
+        }
+        [name, image, w] if !name.is_empty() => {
+            Ok((name.into(), image.into(), Some(number(w, "weight")?), None))
+        }
+        [name, image, w, a, b] if !name.is_empty() => Ok((
+            name.into(),
+            image.into(),
+            Some(number(w, "weight")?),
+            Some((number(a, "start")?, number(b, "end")?)),
+        )),
+        _ => Err("expected NAME:IMAGE, NAME:IMAGE:WEIGHT or NAME:IMAGE:WEIGHT:START:END".into()),
+    }
 }
 
 /// `NAME`, `NAME:SCALE`, or `NAME:TE:UNET` (the text encoder's and the

@@ -57,6 +57,7 @@ const RENAMES: &[(&str, &str)] = &[
 const DEFAULT_SAMPLER: &str = "Euler";
 
 mod catalogue;
+pub mod controlnet;
 mod inpaint;
 mod picture;
 mod request;
@@ -122,6 +123,12 @@ async fn generate(S(http): S<State>, headers: HeaderMap, body: Body, img2img: bo
             asked.inpaint = p.options;
             asked.infotext = p.infotext;
         }
+        let size = (asked.base.width, asked.base.height);
+        let mut units = controlnet::units(&Fields(&body), size)?;
+        controlnet::resolve(&http, &asked.base.model, &mut units).await?;
+        asked.infotext.extend(controlnet::infotext(&units));
+        asked.control_indices = units.iter().map(|u| u.index).collect();
+        asked.base.controlnets = units.into_iter().map(|u| u.unit).collect();
         let caller = http.caller(&headers);
         let running = http.jobs.start(caller, asked.n_iter);
         let mut images = Vec::new();
@@ -172,7 +179,7 @@ async fn run_batch(
             let out = http
                 .generate("A1111", headers, req, Some(tx), Some(job.stop.clone()))
                 .await
-                .map_err(|e| e.renamed(RENAMES));
+                .map_err(|e| controlnet::rename(e.renamed(RENAMES), &asked.control_indices));
             let _ = watch.await;
             let mut r = out?;
             if let Some(overlay) = prepared.and_then(|p| p.overlay.as_ref()) {
@@ -421,11 +428,16 @@ mod tests {
             ("s_churn", json!(0.5)),
             ("s_noise", json!(0.9)),
             ("script_name", json!("x/y/z plot")),
-            ("alwayson_scripts", json!({"controlnet": {}})),
         ] {
             let m = json!({ k: v });
             let e = refuse_unsupported(&Fields(m.as_object().unwrap())).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(k));
         }
+        // Extensions other than ControlNet, named.
+        let m = json!({"alwayson_scripts": {"ControlNet": {"args": []}, "ADetailer": {}}});
+        let e = refuse_unsupported(&Fields(m.as_object().unwrap())).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("alwayson_scripts.ADetailer"));
+        let m = json!({"alwayson_scripts": {"ControlNet": {"args": []}}});
+        assert!(refuse_unsupported(&Fields(m.as_object().unwrap())).is_ok());
     }
 }

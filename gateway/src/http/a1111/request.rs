@@ -95,10 +95,15 @@ pub(super) fn refuse_unsupported(f: &Fields) -> HttpResult<()> {
             return Err(HttpError::invalid(name, "not supported by this server"));
         }
     }
-    if f.object("alwayson_scripts")?.is_some_and(|m| !m.is_empty()) {
+    // The ControlNet extension's units are served (controlnet.rs); other
+    // extensions are not.
+    if let Some(other) = f
+        .object("alwayson_scripts")?
+        .and_then(|m| m.keys().find(|k| !k.eq_ignore_ascii_case("controlnet")))
+    {
         return Err(HttpError::invalid(
-            "alwayson_scripts",
-            "extensions are not supported: send {}",
+            format!("alwayson_scripts.{other}"),
+            "this extension is not served (ControlNet's is)",
         ));
     }
     if !f
@@ -135,6 +140,8 @@ pub(super) struct Asked {
     pub(super) inpaint: Option<sd_proto::v1::InpaintOptions>,
     /// What A1111's infotext adds for this request ("Mask blur: 4", …).
     pub(super) infotext: Vec<(String, String)>,
+    /// Each ControlNet unit's place in `alwayson_scripts.controlnet.args`.
+    pub(super) control_indices: Vec<usize>,
 }
 
 pub(super) fn read_request(f: &Fields, img2img: bool) -> HttpResult<Asked> {
@@ -210,6 +217,7 @@ pub(super) fn read_request(f: &Fields, img2img: bool) -> HttpResult<Asked> {
         mask: Vec::new(),
         inpaint: None,
         infotext: Vec::new(),
+        control_indices: Vec::new(),
     })
 }
 

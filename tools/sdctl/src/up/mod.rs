@@ -105,6 +105,10 @@ pub struct UpArgs {
     /// may name (the text encoder's `--embeddings-dir`).
     #[arg(long, env = "SD_EMBEDDINGS_DIR")]
     embeddings_dir: Option<PathBuf>,
+    /// Folder of ControlNets requests may name (diffusers folders and
+    /// single .safetensors files; the denoiser's `--controlnet-dir`).
+    #[arg(long)]
+    controlnet_dir: Option<PathBuf>,
     /// Serve async jobs (/v1/jobs, SubmitJob…): start and supervise a local
     /// `redis-server` as the job store (persistent: its append-only file,
     /// synced at every write, in --jobs-dir).

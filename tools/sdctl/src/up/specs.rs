@@ -50,6 +50,12 @@ pub(super) fn stage_args_for(args: &UpArgs, stage: Stage, model: &Path) -> Vec<S
     if let (Stage::TextEncoder | Stage::Denoiser, Some(dir)) = (stage, &args.lora_dir) {
         v.extend(["--lora-dir".to_string(), dir.to_string_lossy().into_owned()]);
     }
+    if let (Stage::Denoiser, Some(dir)) = (stage, &args.controlnet_dir) {
+        v.extend([
+            "--controlnet-dir".to_string(),
+            dir.to_string_lossy().into_owned(),
+        ]);
+    }
     if let (Stage::TextEncoder, Some(dir)) = (stage, &args.embeddings_dir) {
         v.extend([
             "--embeddings-dir".to_string(),
