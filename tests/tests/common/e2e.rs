@@ -228,6 +228,28 @@ pub fn request(p: &serde_json::Value, e2e: &std::path::Path) -> GenerateRequest 
                     .collect()
             })
             .unwrap_or_default(),
+        controlnets: p
+            .get("controlnets")
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().map(|c| control_unit(c, e2e)).collect())
+            .unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+/// A case's ControlNet unit: `{name, image, weight, start, end}` (the
+/// image a file among the inputs), diffusers' window rule.
+fn control_unit(c: &serde_json::Value, inputs: &Path) -> sd_proto::v1::ControlUnit {
+    let f = |k: &str| c.get(k).and_then(|v| v.as_f64()).map(|v| v as f32);
+    let image = c["image"].as_str().expect("a control image's file name");
+    sd_proto::v1::ControlUnit {
+        name: c["name"].as_str().unwrap_or_default().to_string(),
+        image: std::fs::read(inputs.join(image))
+            .expect("control image")
+            .into(),
+        weight: f("weight"),
+        start: f("start"),
+        end: f("end"),
         ..Default::default()
     }
 }
