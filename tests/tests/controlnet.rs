@@ -184,3 +184,57 @@ fn bad_units(unit: &ControlUnit) -> Vec<(ControlUnit, &'static str, &'static str
         ),
     ]
 }
+
+/// webuiapi's ControlNetUnit on A1111's txt2img equals gRPC's request with
+/// A1111's window rule (and not diffusers'); the openai package's
+/// `controlnets` equals diffusers' reference (tests/clients/controlnet_clients.py).
+#[test]
+fn webuiapi_and_openai_clients_steer_with_controlnets() {
+    use sd_proto::v1::ControlWindowRule;
+    let (stack, inputs) = stack("sd1-tiny");
+    let dir = tempfile::tempdir().unwrap();
+    let hint = std::fs::read(inputs.join("control-sd1.png")).unwrap();
+    let unit = |rule: ControlWindowRule| ControlUnit {
+        name: "edges".into(),
+        image: hint.clone().into(),
+        weight: Some(0.8),
+        start: Some(0.0),
+        end: Some(0.5),
+        window_rule: rule as i32,
+        ..Default::default()
+    };
+    // What the A1111 route asks for webuiapi's request.
+    let req = |rule| GenerateRequest {
+        prompt: "a photograph of an astronaut riding a horse".into(),
+        prompt_syntax: sd_proto::v1::PromptSyntax::A1111 as i32,
+        steps: 8,
+        seed: Some(7),
+        guidance_scale: Some(7.0),
+        scheduler: "euler".into(),
+        width: 32,
+        height: 32,
+        controlnets: vec![unit(rule)],
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut client = GenerationClient::connect(stack.url.clone()).await.unwrap();
+        for (rule, file) in [
+            (ControlWindowRule::A1111, "a1111.png"),
+            (ControlWindowRule::Diffusers, "diffusers.png"),
+        ] {
+            let r = client.generate(req(rule)).await.unwrap().into_inner();
+            std::fs::write(dir.path().join(file), &r.images[0].data).unwrap();
+        }
+    });
+    std::fs::write(dir.path().join("hint.png"), &hint).unwrap();
+    std::fs::copy(
+        inputs.join("sd1-tiny").join("weight-0.png"),
+        dir.path().join("weight.png"),
+    )
+    .unwrap();
+    common::run_client(
+        "controlnet_clients.py",
+        &[stack.http.as_ref(), dir.path().as_os_str()],
+    );
+}

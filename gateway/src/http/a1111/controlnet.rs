@@ -163,13 +163,14 @@ fn unit(
     let text = vec![
         ("Module", module.clone()),
         ("Model", model.clone()),
-        ("Weight", format!("{weight}")),
+        // Python's float formatting, as the extension writes them.
+        ("Weight", format!("{weight:?}")),
         ("Resize Mode", resize_label(resize).into()),
         ("Processor Res", format!("{}", asked_res as i64)),
         ("Threshold A", format!("{a:.1}")),
         ("Threshold B", format!("{b:.1}")),
-        ("Guidance Start", format!("{start}")),
-        ("Guidance End", format!("{end}")),
+        ("Guidance Start", format!("{start:?}")),
+        ("Guidance End", format!("{end:?}")),
         (
             "Pixel Perfect",
             if pixel_perfect { "True" } else { "False" }.into(),
@@ -413,7 +414,8 @@ pub(in super::super) fn infotext(units: &[Unit]) -> Vec<(String, String)> {
                 .map(|(k, v)| format!("{k}: {v}"))
                 .collect::<Vec<_>>()
                 .join(", ");
-            (format!("ControlNet {n}"), format!("\"{body}\""))
+            // The writer quotes a value with commas, as A1111 does.
+            (format!("ControlNet {n}"), body)
         })
         .collect()
 }
