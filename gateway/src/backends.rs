@@ -216,6 +216,7 @@ impl Backends {
             text_model_id: t.model_id,
             textual_inversions: t.textual_inversions,
             profile: facts.profile,
+            image_encoder: t.image_encoder,
         })
     }
 }

@@ -64,18 +64,56 @@ pub struct ControlPlan {
     /// The hint (1, 3, H, W), RGB in 0..=1, at the output size.
     pub hint: HostTensor,
     pub weight: f32,
+    pub mode: ControlMode,
+    pub window: Window,
+}
+
+/// The part of the steps a unit (a ControlNet, an IP-Adapter) steers.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
     pub start: f32,
     pub end: f32,
-    pub mode: ControlMode,
     pub rule: ControlWindowRule,
 }
 
-impl ControlPlan {
-    /// Whether this unit controls step `k` (0-based) of `n` model
-    /// evaluations: diffusers' `not (k/n < start or (k+1)/n > end)`;
+impl Window {
+    /// `start` and `end` (fractions, unset: 0 and 1) and `rule`, checked;
+    /// errors name unit `i` of `list`.
+    pub fn new(
+        list: &'static str,
+        i: usize,
+        (start, end): (Option<f32>, Option<f32>),
+        rule: i32,
+    ) -> Result<Self> {
+        let (start, end) = (start.unwrap_or(0.0), end.unwrap_or(1.0));
+        for (name, v) in [("start", start), ("end", end)] {
+            if !v.is_finite() || !(0.0..=1.0).contains(&v) {
+                return Err(Error::invalid(
+                    field_name(list, i, name),
+                    format!("{v} given, a fraction in 0..=1 allowed"),
+                ));
+            }
+        }
+        if start > end {
+            return Err(Error::invalid(
+                field_name(list, i, "start"),
+                format!("{start} is after end {end}"),
+            ));
+        }
+        let rule = ControlWindowRule::try_from(rule).map_err(|_| {
+            Error::invalid(
+                field_name(list, i, "window_rule"),
+                format!("unknown rule {rule}"),
+            )
+        })?;
+        Ok(Window { start, end, rule })
+    }
+
+    /// Whether step `k` (0-based) of `n` model evaluations is in the
+    /// window: diffusers' `not (k/n < start or (k+1)/n > end)`;
     /// AUTOMATIC1111's extension reads its step counter, which its sampler
     /// moves after each step's model call, so step k sees max(k − 1, 0)/n,
-    /// and controls when start <= that <= end.
+    /// and is in when start <= that <= end.
     pub fn active(&self, k: usize, n: usize) -> bool {
         let n = n.max(1) as f64;
         let (start, end) = (f64::from(self.start), f64::from(self.end));
@@ -91,6 +129,19 @@ impl ControlPlan {
     /// The share of `n` steps it controls.
     pub fn share(&self, n: usize) -> f64 {
         (0..n).filter(|&k| self.active(k, n)).count() as f64 / n.max(1) as f64
+    }
+}
+
+impl ControlPlan {
+    /// Whether this unit controls step `k` (0-based) of `n` model
+    /// evaluations (its window's rule).
+    pub fn active(&self, k: usize, n: usize) -> bool {
+        self.window.active(k, n)
+    }
+
+    /// The share of `n` steps it controls.
+    pub fn share(&self, n: usize) -> f64 {
+        self.window.share(n)
     }
 }
 
@@ -152,7 +203,7 @@ pub fn plan(
 }
 
 fn unit(i: usize, u: &ControlUnit, limits: &Limits, size: (u32, u32)) -> Result<ControlPlan> {
-    let field = |f: &str| -> &'static str { field_name(i, f) };
+    let field = |f: &str| -> &'static str { field_name("controlnets", i, f) };
     if u.name.is_empty() {
         return Err(Error::invalid(
             field("name"),
@@ -166,29 +217,9 @@ fn unit(i: usize, u: &ControlUnit, limits: &Limits, size: (u32, u32)) -> Result<
             format!("{weight} given, 0..=2 allowed"),
         ));
     }
-    let (start, end) = (u.start.unwrap_or(0.0), u.end.unwrap_or(1.0));
-    for (name, v) in [("start", start), ("end", end)] {
-        if !v.is_finite() || !(0.0..=1.0).contains(&v) {
-            return Err(Error::invalid(
-                field(name),
-                format!("{v} given, a fraction in 0..=1 allowed"),
-            ));
-        }
-    }
-    if start > end {
-        return Err(Error::invalid(
-            field("start"),
-            format!("{start} is after end {end}"),
-        ));
-    }
+    let window = Window::new("controlnets", i, (u.start, u.end), u.window_rule)?;
     let mode = ControlMode::try_from(u.mode)
         .map_err(|_| Error::invalid(field("mode"), format!("unknown mode {}", u.mode)))?;
-    let rule = ControlWindowRule::try_from(u.window_rule).map_err(|_| {
-        Error::invalid(
-            field("window_rule"),
-            format!("unknown rule {}", u.window_rule),
-        )
-    })?;
     let resize = ControlResize::try_from(u.resize_mode).map_err(|_| {
         Error::invalid(
             field("resize_mode"),
@@ -212,10 +243,8 @@ fn unit(i: usize, u: &ControlUnit, limits: &Limits, size: (u32, u32)) -> Result<
         unit: reported,
         hint: to_tensor(&hint)?,
         weight,
-        start,
-        end,
         mode,
-        rule,
+        window,
     })
 }
 
@@ -230,7 +259,7 @@ fn preprocess(i: usize, u: &ControlUnit, picture: RgbImage) -> Result<RgbImage> 
             for (name, v) in [("threshold_a", low), ("threshold_b", high)] {
                 if !v.is_finite() || !(0.0..=255.0).contains(&v) {
                     return Err(Error::invalid(
-                        field_name(i, name),
+                        field_name("controlnets", i, name),
                         format!("{v} given, 0..=255 allowed"),
                     ));
                 }
@@ -242,7 +271,7 @@ fn preprocess(i: usize, u: &ControlUnit, picture: RgbImage) -> Result<RgbImage> 
             };
             if !(64..=2048).contains(&res) {
                 return Err(Error::invalid(
-                    field_name(i, "processor_res"),
+                    field_name("controlnets", i, "processor_res"),
                     format!("{res} given, 64..=2048 allowed"),
                 ));
             }
@@ -259,7 +288,7 @@ fn preprocess(i: usize, u: &ControlUnit, picture: RgbImage) -> Result<RgbImage> 
                 "unknown"
             };
             Err(Error::invalid(
-                field_name(i, "preprocessor"),
+                field_name("controlnets", i, "preprocessor"),
                 format!(
                     "{} {why} (served: none, canny)",
                     sd_proto::status::quote(other)
@@ -396,11 +425,13 @@ fn to_tensor(img: &RgbImage) -> Result<HostTensor> {
         .map_err(|e| Error::Internal(format!("a hint tensor: {e}")))
 }
 
-/// `controlnets[i].FIELD`, as a static name for errors.
-fn field_name(i: usize, f: &str) -> &'static str {
-    const FIELDS: [&str; 9] = [
+/// `LIST[i].FIELD` (LIST `controlnets` or `ip_adapters`), as a static
+/// name for errors; `LIST` alone past the known fields.
+pub fn field_name(list: &'static str, i: usize, f: &str) -> &'static str {
+    const FIELDS: [&str; 13] = [
         "name",
         "weight",
+        "scale",
         "start",
         "end",
         "mode",
@@ -408,30 +439,32 @@ fn field_name(i: usize, f: &str) -> &'static str {
         "resize_mode",
         "image",
         "preprocessor",
+        "threshold_a",
+        "threshold_b",
+        "processor_res",
     ];
-    const MORE: [&str; 3] = ["threshold_a", "threshold_b", "processor_res"];
-    let known = FIELDS.iter().chain(MORE.iter()).any(|k| *k == f);
-    if !known || i >= MAX_UNITS {
-        return "controlnets";
+    const LISTS: [&str; 2] = ["controlnets", "ip_adapters"];
+    if i >= MAX_UNITS || !FIELDS.contains(&f) || !LISTS.contains(&list) {
+        return list;
     }
-    // Errors name a field once per request: leak-free static strings
-    // built once per (unit, field) pair.
-    static NAMES: std::sync::OnceLock<Vec<(usize, &'static str, &'static str)>> =
+    // Built once: (list, unit, field) → its name.
+    static NAMES: std::sync::OnceLock<Vec<(&'static str, usize, &'static str, String)>> =
         std::sync::OnceLock::new();
     let names = NAMES.get_or_init(|| {
         let mut v = Vec::new();
-        for i in 0..MAX_UNITS {
-            for f in FIELDS.iter().chain(MORE.iter()) {
-                let s: &'static str = Box::leak(format!("controlnets[{i}].{f}").into_boxed_str());
-                v.push((i, *f, s));
+        for l in LISTS {
+            for i in 0..MAX_UNITS {
+                for f in FIELDS {
+                    v.push((l, i, f, format!("{l}[{i}].{f}")));
+                }
             }
         }
         v
     });
     names
         .iter()
-        .find(|(j, g, _)| *j == i && *g == f)
-        .map_or("controlnets", |(_, _, s)| s)
+        .find(|(l, j, g, _)| *l == list && *j == i && *g == f)
+        .map_or(list, |(_, _, _, s)| s.as_str())
 }
 
 #[cfg(test)]
@@ -443,10 +476,8 @@ mod tests {
             unit: ControlUnit::default(),
             hint: HostTensor::new(vec![1], vec![0.0]).unwrap(),
             weight: 1.0,
-            start,
-            end,
             mode: ControlMode::Balanced,
-            rule,
+            window: Window { start, end, rule },
         }
     }
 
@@ -551,8 +582,18 @@ mod tests {
 
     #[test]
     fn field_names_are_per_unit() {
-        assert_eq!(field_name(2, "weight"), "controlnets[2].weight");
-        assert_eq!(field_name(0, "threshold_b"), "controlnets[0].threshold_b");
-        assert_eq!(field_name(9, "weight"), "controlnets");
+        assert_eq!(
+            field_name("controlnets", 2, "weight"),
+            "controlnets[2].weight"
+        );
+        assert_eq!(
+            field_name("controlnets", 0, "threshold_b"),
+            "controlnets[0].threshold_b"
+        );
+        assert_eq!(
+            field_name("ip_adapters", 1, "scale"),
+            "ip_adapters[1].scale"
+        );
+        assert_eq!(field_name("controlnets", 9, "weight"), "controlnets");
     }
 }

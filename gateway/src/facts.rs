@@ -84,6 +84,8 @@ pub struct ModelFacts {
     pub textual_inversions: Vec<sd_proto::v1::TextualInversion>,
     /// The model's family, with what it changes in the pipeline.
     pub profile: Profile,
+    /// The IP-Adapters' image encoder the text encoder serves (None: none).
+    pub image_encoder: Option<sd_proto::v1::ImageEncoderInfo>,
 }
 
 /// The latents, as the denoiser publishes them.
@@ -269,6 +271,7 @@ impl ModelFacts {
             text_model_id: "tiny@1".into(),
             textual_inversions: Vec::new(),
             profile: Profile::default(),
+            image_encoder: None,
         }
     }
 }

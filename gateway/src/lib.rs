@@ -16,6 +16,7 @@ pub mod hires;
 pub mod http;
 pub mod images;
 pub mod infotext;
+pub mod ip;
 pub mod limits;
 pub mod mask;
 pub mod micro;

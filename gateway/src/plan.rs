@@ -96,6 +96,8 @@ pub struct Plan {
     pub references: Vec<crate::reference::Reference>,
     /// ControlNet units, their hints made at this pass's size.
     pub controls: Vec<crate::control::ControlPlan>,
+    /// IP-Adapters, their pictures prepared for the image encoder.
+    pub ip_adapters: Vec<crate::ip::IpPlan>,
     /// An async job's step record (predictions to replay, and where new
     /// ones go); none for other generations.
     pub replay: Option<crate::pipeline::Replay>,
@@ -261,6 +263,7 @@ impl Plan {
             limits,
             (source.width, source.height),
         )?;
+        let ip_adapters = crate::ip::plan(&req.ip_adapters, facts, limits)?;
         let steps_run = sampler.schedule.timesteps().len();
         let factor = crate::control::cost_factor(&controls, &facts.cost, steps_run);
         let predicted = predicted.map(|(total, step)| (total * factor, step));
@@ -306,6 +309,7 @@ impl Plan {
             hires: None,
             references,
             controls,
+            ip_adapters,
             replay: None,
         })
     }
@@ -370,6 +374,7 @@ impl Plan {
             hires: self.hires.as_ref().map(|h| h.resolved.clone()),
             textual_inversions: Vec::new(),
             controlnets: self.controls.iter().map(|c| c.unit.clone()).collect(),
+            ip_adapters: self.ip_adapters.iter().map(|c| c.unit.clone()).collect(),
         }
     }
 }

@@ -8,9 +8,9 @@ use futures::{Stream, StreamExt};
 use sd_proto::v1::generation_server::Generation;
 use sd_proto::v1::{
     generate_event, GenerateEvent, GenerateRequest, GenerateResponse, Job, JobRequest,
-    ListControlNetsRequest, ListControlNetsResponse, ListJobsRequest, ListJobsResponse,
-    ListLorasRequest, ListLorasResponse, ListModelsRequest, ListModelsResponse, ModelInfo, Preview,
-    Progress, SubmitJobRequest,
+    ListControlNetsRequest, ListControlNetsResponse, ListIpAdaptersRequest, ListIpAdaptersResponse,
+    ListJobsRequest, ListJobsResponse, ListLorasRequest, ListLorasResponse, ListModelsRequest,
+    ListModelsResponse, ModelInfo, Preview, Progress, SubmitJobRequest,
 };
 use sd_runtime::admission::{Admission, Slot};
 use sd_runtime::deadline::Deadline;
@@ -473,6 +473,33 @@ impl Generation for GenerationService {
             .map_err(Status::from)?
             .stages
             .list_loras(req, &deadline)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(out))
+    }
+
+    async fn list_ip_adapters(
+        &self,
+        request: Request<ListIpAdaptersRequest>,
+    ) -> Result<Response<ListIpAdaptersResponse>, Status> {
+        self.keys.check(request.metadata()).map_err(Status::from)?;
+        let deadline = Deadline::from_metadata(request.metadata());
+        let req = request.into_inner();
+        if req.check.len() > crate::control::MAX_UNITS {
+            return Err(Status::from(Error::invalid(
+                "check",
+                format!(
+                    "{} names, at most {}",
+                    req.check.len(),
+                    crate::control::MAX_UNITS
+                ),
+            )));
+        }
+        let out = self
+            .pick(&req.model)
+            .map_err(Status::from)?
+            .stages
+            .list_ip_adapters(req, &deadline)
             .await
             .map_err(Status::from)?;
         Ok(Response::new(out))

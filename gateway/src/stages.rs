@@ -4,8 +4,9 @@
 //! step loop without gRPC.
 
 use sd_proto::v1::{
-    DecodeRequest, DecodeResponse, EncodeImageRequest, EncodeImageResponse, EncodeTextRequest,
-    EncodeTextResponse, ListControlNetsRequest, ListControlNetsResponse, ListLorasRequest,
+    DecodeRequest, DecodeResponse, EncodeImageRequest, EncodeImageResponse, EncodeImagesRequest,
+    EncodeImagesResponse, EncodeTextRequest, EncodeTextResponse, ListControlNetsRequest,
+    ListControlNetsResponse, ListIpAdaptersRequest, ListIpAdaptersResponse, ListLorasRequest,
     ListLorasResponse, PredictRequest, PredictResponse,
 };
 use sd_runtime::deadline::Deadline;
@@ -51,6 +52,32 @@ pub trait Stages: Send + Sync + 'static {
         Err(crate::error::Error::invalid(
             "loras",
             "this pipeline applies no LoRA adapters".to_string(),
+        ))
+    }
+    /// The IP-Adapters the denoiser serves, after loading and checking
+    /// `req.check` (a pipeline without them refuses any).
+    async fn list_ip_adapters(
+        &self,
+        req: ListIpAdaptersRequest,
+        _deadline: &Deadline,
+    ) -> Result<ListIpAdaptersResponse> {
+        if req.check.is_empty() {
+            return Ok(ListIpAdaptersResponse::default());
+        }
+        Err(crate::error::Error::invalid(
+            "ip_adapters",
+            "this pipeline applies no IP-Adapters".to_string(),
+        ))
+    }
+    /// Pictures through the text encoder's image encoder (IP-Adapters).
+    async fn encode_images(
+        &self,
+        _req: EncodeImagesRequest,
+        _deadline: &Deadline,
+    ) -> Result<EncodeImagesResponse> {
+        Err(crate::error::Error::invalid(
+            "ip_adapters",
+            "this pipeline has no image encoder".to_string(),
         ))
     }
     /// The ControlNets the denoiser serves, after loading and checking
@@ -132,6 +159,30 @@ impl Stages for Backends {
         call(&self.denoiser, deadline, req, |ch, r| {
             let mut c = self.denoiser_client(ch);
             async move { c.list_loras(r).await }
+        })
+        .await
+    }
+
+    async fn list_ip_adapters(
+        &self,
+        req: ListIpAdaptersRequest,
+        deadline: &Deadline,
+    ) -> Result<ListIpAdaptersResponse> {
+        call(&self.denoiser, deadline, req, |ch, r| {
+            let mut c = self.denoiser_client(ch);
+            async move { c.list_ip_adapters(r).await }
+        })
+        .await
+    }
+
+    async fn encode_images(
+        &self,
+        req: EncodeImagesRequest,
+        deadline: &Deadline,
+    ) -> Result<EncodeImagesResponse> {
+        call(&self.text, deadline, req, |ch, r| {
+            let mut c = self.text_client(ch);
+            async move { c.encode_images(r).await }
         })
         .await
     }

@@ -113,6 +113,13 @@ impl Denoiser for FakeDenoiser {
     ) -> Result<Response<sd_proto::v1::ListControlNetsResponse>, Status> {
         Ok(Response::new(Default::default()))
     }
+
+    async fn list_ip_adapters(
+        &self,
+        _: Request<sd_proto::v1::ListIpAdaptersRequest>,
+    ) -> Result<Response<sd_proto::v1::ListIpAdaptersResponse>, Status> {
+        Ok(Response::new(Default::default()))
+    }
 }
 
 async fn serve(fake: FakeDenoiser) -> SocketAddr {

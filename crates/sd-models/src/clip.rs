@@ -14,7 +14,8 @@ use crate::error::{guarded, ModelError, Result};
 use crate::layers::{attention, LayerNorm, Linear};
 use crate::weights::{Vb, Weights};
 
-struct EncoderLayer {
+/// One pre-norm transformer layer of CLIP's encoders (text and vision).
+pub(crate) struct EncoderLayer {
     layer_norm1: LayerNorm,
     q_proj: Linear,
     k_proj: Linear,
@@ -27,22 +28,37 @@ struct EncoderLayer {
 
 impl EncoderLayer {
     fn load(vb: &Vb, c: &ClipConfig) -> Result<Self> {
-        let (h, i) = (c.hidden_size, c.intermediate_size);
+        Self::load_dims(vb, c.hidden_size, c.intermediate_size, c.layer_norm_eps)
+    }
+
+    /// A layer of width `h`, MLP width `i`.
+    pub(crate) fn load_dims(vb: &Vb, h: i64, i: i64, eps: f64) -> Result<Self> {
         let attn = vb.pp("self_attn");
         let mlp = vb.pp("mlp");
         Ok(EncoderLayer {
-            layer_norm1: LayerNorm::load(&vb.pp("layer_norm1"), h, c.layer_norm_eps)?,
+            layer_norm1: LayerNorm::load(&vb.pp("layer_norm1"), h, eps)?,
             q_proj: Linear::load(&attn.pp("q_proj"), h, h, true)?,
             k_proj: Linear::load(&attn.pp("k_proj"), h, h, true)?,
             v_proj: Linear::load(&attn.pp("v_proj"), h, h, true)?,
             out_proj: Linear::load(&attn.pp("out_proj"), h, h, true)?,
-            layer_norm2: LayerNorm::load(&vb.pp("layer_norm2"), h, c.layer_norm_eps)?,
+            layer_norm2: LayerNorm::load(&vb.pp("layer_norm2"), h, eps)?,
             fc1: Linear::load(&mlp.pp("fc1"), h, i, true)?,
             fc2: Linear::load(&mlp.pp("fc2"), i, h, true)?,
         })
     }
 
     fn forward(&self, xs: &Tensor, heads: i64, act: Activation) -> Tensor {
+        self.forward_masked(xs, heads, act, true)
+    }
+
+    /// With causal self-attention (the text encoder) or not (the vision one).
+    pub(crate) fn forward_masked(
+        &self,
+        xs: &Tensor,
+        heads: i64,
+        act: Activation,
+        causal: bool,
+    ) -> Tensor {
         let h = self.layer_norm1.forward(xs);
         let (q, k, v) = (
             self.q_proj.forward(&h),
@@ -51,7 +67,7 @@ impl EncoderLayer {
         );
         let h = self
             .out_proj
-            .forward(&attention(&q, &k, &v, heads, true, false));
+            .forward(&attention(&q, &k, &v, heads, causal, false));
         let xs = xs + h;
         let h = self.fc1.forward(&self.layer_norm2.forward(&xs));
         let h = match act {

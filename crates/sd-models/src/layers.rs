@@ -57,6 +57,33 @@ impl Linear {
     }
 }
 
+/// A convolution without bias whose stride is its kernel (a ViT's patch
+/// embedding).
+pub struct Conv2dNoBias {
+    weight: Tensor,
+    kernel: i64,
+}
+
+impl Conv2dNoBias {
+    pub fn load(vb: &Vb, cin: i64, cout: i64, kernel: i64) -> Result<Self> {
+        Ok(Conv2dNoBias {
+            weight: vb.get("weight", &[cout, cin, kernel, kernel])?,
+            kernel,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        xs.conv2d::<Tensor>(
+            &self.weight,
+            None,
+            [self.kernel, self.kernel],
+            [0, 0],
+            [1, 1],
+            1,
+        )
+    }
+}
+
 pub struct Conv2d {
     weight: Tensor,
     bias: Tensor,

@@ -13,6 +13,7 @@
 
 pub mod blocks;
 pub mod clip;
+pub mod clip_vision;
 pub mod component;
 pub mod config;
 pub mod denoiser;
@@ -20,6 +21,7 @@ pub mod device;
 pub mod error;
 pub mod flux;
 pub mod flux2;
+pub mod ip_adapter;
 pub mod layers;
 pub mod lora;
 pub mod model_dir;

@@ -573,6 +573,11 @@ impl<'a> Vb<'a> {
         self.weights.contains(&self.name(leaf))
     }
 
+    /// The names' prefix (a module's diffusers path).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// Register this path as a LoRA-capable layer of `shape`.
     pub fn register(&self, shape: crate::modules::ModuleShape) -> Option<Arc<str>> {
         self.weights.register(&self.prefix, shape)

@@ -60,6 +60,8 @@ pub(super) struct Denoising<'a> {
     pub loras: Vec<sd_proto::v1::LoraRef>,
     /// ControlNet units (their hints travel as session tensors).
     pub controls: Vec<crate::control::ControlPlan>,
+    /// IP-Adapters (their image embeddings travel as session tensors).
+    pub ip_adapters: Vec<crate::ip::IpPlan>,
     /// An async job's record: predictions to replay, new ones to keep.
     pub replay: Option<super::Replay>,
 }
@@ -101,9 +103,12 @@ impl Denoising<'_> {
             let prediction = match self.replay.as_ref().and_then(|r| r.next(latents.len())) {
                 Some(p) => p,
                 None => {
-                    let controls = crate::control::refs(&self.controls, k, total as usize);
+                    let refs = (
+                        crate::control::refs(&self.controls, k, total as usize),
+                        crate::ip::refs(&self.ip_adapters, k, total as usize),
+                    );
                     let p = self
-                        .predict(&mut *session, input, t, total - step, controls)
+                        .predict(&mut *session, input, t, total - step, refs)
                         .instrument(span)
                         .await?;
                     if let Some(r) = &self.replay {
@@ -138,7 +143,10 @@ impl Denoising<'_> {
         input: HostTensor,
         timestep: f32,
         steps_after: u32,
-        controls: Vec<sd_proto::v1::ControlRef>,
+        (controls, ip_adapters): (
+            Vec<sd_proto::v1::ControlRef>,
+            Vec<sd_proto::v1::IpAdapterRef>,
+        ),
     ) -> Result<Vec<f32>> {
         let latents = input.to_wire(self.generator.wire);
         for attempt in 0..2 {
@@ -159,6 +167,7 @@ impl Denoising<'_> {
                 loras: self.loras.clone(),
                 session_tensors: self.text.session_tensors(),
                 controls: controls.clone(),
+                ip_adapters: ip_adapters.clone(),
             };
             match session.step(request).await {
                 Ok(response) => {

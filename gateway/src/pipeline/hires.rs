@@ -62,6 +62,8 @@ impl Generator {
         // The ControlNets steer this pass too, their hints made at its size
         // and their windows over its own steps (A1111's counter restarts).
         super::add_controls(&second.controls, &mut text);
+        self.add_ip_adapters(&second.ip_adapters, &mut text, pass.deadline)
+            .await?;
         // A1111: fresh generators from the same seed, at the larger shape.
         let mut rng = TorchGenerator::new(second.seed);
         let noise = rng.randn(big.len());
@@ -82,6 +84,7 @@ impl Generator {
             stop: pass.stop,
             loras: second.loras.clone(),
             controls: second.controls.clone(),
+            ip_adapters: second.ip_adapters.clone(),
             replay: pass.replay,
         };
         Ok((steps.run(second.schedule, start).await?, big))

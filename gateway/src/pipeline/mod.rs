@@ -15,12 +15,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use sd_proto::v1::{Dtype, GenerateResponse, GeneratedImage, ListLorasRequest};
+use sd_proto::wire::HostTensor;
 use sd_runtime::deadline::Deadline;
 use sd_runtime::metrics::{Metrics, Phase};
 use sd_sampling::TorchGenerator;
 use tokio::sync::mpsc;
 
-use crate::error::Result;
+use crate::error::{Error, Result, Stage};
 use crate::facts::ModelFacts;
 use crate::plan::Plan;
 use crate::prompt_cache::PromptCache;
@@ -179,6 +180,87 @@ impl Generator {
         Ok(())
     }
 
+    /// Before any work: every IP-Adapter exists and fits the UNet.
+    pub(crate) async fn check_ip_adapters(
+        &self,
+        units: &[crate::ip::IpPlan],
+        deadline: &Deadline,
+    ) -> Result<()> {
+        if units.is_empty() {
+            return Ok(());
+        }
+        let check = sd_proto::v1::ListIpAdaptersRequest {
+            check: units.iter().map(|u| u.unit.name.clone()).collect(),
+            ..Default::default()
+        };
+        self.stages.list_ip_adapters(check, deadline).await?;
+        Ok(())
+    }
+
+    /// Each IP-Adapter's picture through the image encoder (or from the
+    /// cache, keyed by the encoder and the prepared picture, as prompts
+    /// are), its embeddings a session tensor.
+    async fn add_ip_adapters(
+        &self,
+        units: &[crate::ip::IpPlan],
+        text: &mut text::Text,
+        deadline: &Deadline,
+    ) -> Result<()> {
+        let Some(encoder) = self.facts.image_encoder.as_ref() else {
+            return Ok(());
+        };
+        for (i, u) in units.iter().enumerate() {
+            let key = crate::prompt_cache::PromptKey {
+                model: encoder.id.clone(),
+                clip_skip: 0,
+                syntax: -1,
+                prompt: format!("image:{}", u.digest),
+                max_sequence_length: 0,
+                loras: String::new(),
+            };
+            let cached = self
+                .cache
+                .lock()
+                .map_err(|_| Error::Internal("prompt cache poisoned".into()))?
+                .get(&key);
+            self.metrics.cache_lookup("image", cached.is_some());
+            let embeds = match cached {
+                Some(c) => c.tensor,
+                None => {
+                    let req = sd_proto::v1::EncodeImagesRequest {
+                        pixels: Some(u.pixels.to_wire(Dtype::Float32)),
+                    };
+                    let out = self.stages.encode_images(req, deadline).await?;
+                    let e = out.image_embeds.ok_or_else(|| {
+                        Error::bad_reply(Stage::TextEncoder, "no image embeddings")
+                    })?;
+                    let host = HostTensor::from_wire(&e).map_err(|e| {
+                        Error::bad_reply(Stage::TextEncoder, format!("image embeddings: {e}"))
+                    })?;
+                    // (1, D) → (1 row, 1 picture, D).
+                    let dim = host.numel() as i64;
+                    let t = HostTensor::new(vec![1, 1, dim], host.data)
+                        .map_err(|e| Error::Internal(e.to_string()))?
+                        .to_wire(Dtype::Float32);
+                    if let Ok(mut cache) = self.cache.lock() {
+                        cache.insert(
+                            key,
+                            crate::prompt_cache::CachedEmbedding {
+                                id: String::new(),
+                                tensor: t.clone(),
+                                pooled: None,
+                                textual_inversions: Vec::new(),
+                            },
+                        );
+                    }
+                    t
+                }
+            };
+            text.add_session_tensor(crate::ip::EMBEDS_NAMES[i], embeds);
+        }
+        Ok(())
+    }
+
     /// Run `plan`; progress and previews go to `events` when given. A
     /// closed `events` (the client went away) stops the loop, as does the
     /// deadline, between steps.
@@ -219,6 +301,7 @@ impl Generator {
             lora_key = text::canonical_loras(&plan.loras, &listed.loras);
         }
         self.check_controls(&plan.controls, &deadline).await?;
+        self.check_ip_adapters(&plan.ip_adapters, &deadline).await?;
         let mut text = self.condition(&plan, &lora_key, &deadline).await?;
         parameters.textual_inversions = self.ti_hashes(&text.textual_inversions());
         let mut start = self
@@ -231,6 +314,8 @@ impl Generator {
         self.add_references(&plan.references, &mut text, &deadline)
             .await?;
         add_controls(&plan.controls, &mut text);
+        self.add_ip_adapters(&plan.ip_adapters, &mut text, &deadline)
+            .await?;
         let steps = denoise::Denoising {
             generator: self,
             text,
@@ -243,6 +328,7 @@ impl Generator {
             stop: stop.clone(),
             loras: plan.loras.clone(),
             controls: plan.controls.clone(),
+            ip_adapters: plan.ip_adapters.clone(),
             replay: plan.replay.clone(),
         };
         let (format, num_images) = (plan.format, plan.num_images);

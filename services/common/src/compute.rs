@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use sd_models::flux2::References;
+use sd_models::ip_adapter::{self, IpRows};
 use sd_models::lora::{self, Applied, Plan, Span};
 use sd_models::{Conditioning, Denoiser, GuidanceInput};
 use sd_proto::v1::RgbImage;
@@ -57,6 +58,8 @@ pub struct Call {
     pub references: Option<ReferenceTokens>,
     /// ControlNets on this call's rows (SD and SDXL UNets).
     pub controls: Vec<Control>,
+    /// IP-Adapters on this call's rows (SD and SDXL UNets).
+    pub ip: Vec<crate::ip::IpControl>,
 }
 
 /// Reference images' tokens for a call: (1, n, channels) and their
@@ -171,6 +174,8 @@ struct Inputs {
     loras: Vec<(i64, Arc<[Applied]>)>,
     /// Each half's rows and the ControlNets on them.
     controls: Vec<RowControls>,
+    /// Rows attending to image prompts.
+    ip: Vec<(i64, i64, crate::ip::IpControl, bool)>,
     /// Rows so far.
     rows: i64,
 }
@@ -200,6 +205,11 @@ impl Inputs {
                 .filter(|(_, s)| *s != 0.0)
                 .collect(),
         });
+        for k in &c.ip {
+            if k.scale != 0.0 {
+                self.ip.push((self.rows, b, k.clone(), uncond_half));
+            }
+        }
         self.rows += b;
         let half = if uncond_half {
             c.uncond.as_ref()
@@ -275,20 +285,39 @@ impl Inputs {
             .as_ref()
             .zip(self.reference_ids.as_ref())
             .map(|(tokens, ids)| References { tokens, ids });
-        lora::with_plan(Plan::rows(start, spans), || {
-            net.forward(
-                &xs,
-                &ts,
-                Conditioning {
-                    context: &context,
-                    pooled: pooled.as_ref(),
-                    time_ids: time_ids.as_ref(),
-                    guidance: guidance.as_ref(),
-                    image: image.as_ref(),
-                    control: control.as_ref(),
-                    references,
+        let ip = self
+            .ip
+            .iter()
+            .map(|(start, len, k, uncond)| IpRows {
+                start: *start,
+                len: *len,
+                adapter: k.adapter.item.clone(),
+                tokens: if *uncond {
+                    k.uncond.shallow_clone()
+                } else {
+                    k.cond.shallow_clone()
                 },
-            )
+                scale: k.scale,
+            })
+            .collect();
+        // Image prompts and LoRA adapters are the UNet's alone: planned
+        // around its forward, after the ControlNets ran.
+        ip_adapter::with_plan(ip, || {
+            lora::with_plan(Plan::rows(start, spans), || {
+                net.forward(
+                    &xs,
+                    &ts,
+                    Conditioning {
+                        context: &context,
+                        pooled: pooled.as_ref(),
+                        time_ids: time_ids.as_ref(),
+                        guidance: guidance.as_ref(),
+                        image: image.as_ref(),
+                        control: control.as_ref(),
+                        references,
+                    },
+                )
+            })
         })
     }
 }

@@ -6,10 +6,8 @@
 //! batched forward: each ControlNet runs on the rows that use it, each row
 //! at its own scale, and rows without control get none.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use sd_models::config::UNetConfig;
 use sd_models::{Added, ControlNet, Placement, Residuals};
@@ -79,18 +77,17 @@ impl Clone for Control {
     }
 }
 
-/// A ControlNet loaded from the folder, with its identity and its cost.
-pub struct Loaded {
-    pub name: String,
-    /// Its files' identity (sizes and modification times).
-    pub version: String,
-    pub net: ControlNet,
-    /// Its forward's seconds over the UNet's at the same size and rows,
-    /// measured when it was loaded (None: not measured).
-    pub cost_ratio: Option<f64>,
-    pub layout: &'static str,
-    pub file_bytes: u64,
+/// A ControlNet loaded from the folder (its identity, its cost).
+pub type Loaded = crate::folder::Loaded<ControlNet>;
+
+impl crate::folder::Item for ControlNet {
+    fn bytes(&self) -> u64 {
+        ControlNet::bytes(self)
+    }
 }
+
+/// The ControlNets of `--controlnet-dir`.
+pub type ControlStore = crate::folder::Store<ControlNet>;
 
 /// The `--controlnet-dir` flags.
 #[derive(clap::Args, Debug, Clone)]
@@ -107,305 +104,59 @@ pub struct ControlArgs {
     pub controlnet_cache_mb: usize,
 }
 
-/// How to measure a loaded ControlNet against the UNet: seconds of the
-/// UNet's own forward at `side` latents, one row, `tokens` text tokens.
+/// How to measure a loaded ControlNet against the UNet: its forward's
+/// seconds over the UNet's at the same size and rows.
 pub type Measure = Box<dyn Fn(&ControlNet) -> Option<f64> + Send + Sync>;
 
-/// The ControlNets of `--controlnet-dir`, loaded on first use and kept
-/// (least recently used out past the memory bound).
-pub struct ControlStore {
-    dir: Option<PathBuf>,
+/// The store of `--controlnet-dir` for a UNet configured as `base` (None:
+/// the network takes no ControlNet, and any named is refused).
+pub fn store(
+    args: &ControlArgs,
     base: Option<UNetConfig>,
     placement: Placement,
-    budget: u64,
-    /// Loaded, by name, with when each was last used.
-    loaded: Mutex<HashMap<String, (Instant, Arc<Loaded>)>>,
-    /// One load at a time: requests naming a new ControlNet at once wait
-    /// for one read of it.
-    loading: Mutex<()>,
     measure: Option<Measure>,
-    /// When each name was last found unchanged on disk.
-    checked: Mutex<HashMap<String, Instant>>,
-}
-
-/// How long a ControlNet found unchanged on disk is not looked at again.
-const RECHECK: Duration = Duration::from_secs(1);
-
-impl ControlStore {
-    /// The store for a UNet configured as `base` (None: the network takes
-    /// no ControlNet — any named is refused).
-    pub fn new(
-        args: &ControlArgs,
-        base: Option<UNetConfig>,
-        placement: Placement,
-        measure: Option<Measure>,
-    ) -> anyhow::Result<Self> {
-        if let Some(d) = &args.controlnet_dir {
-            anyhow::ensure!(
-                d.is_dir(),
-                "--controlnet-dir {}: not a directory",
-                d.display()
-            );
-        }
-        Ok(ControlStore {
-            dir: args.controlnet_dir.clone(),
-            base,
-            placement,
-            budget: (args.controlnet_cache_mb as u64) << 20,
-            loaded: Mutex::new(HashMap::new()),
-            loading: Mutex::new(()),
-            measure,
-            checked: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// Every ControlNet in the folder (loaded ones with their cost).
-    pub fn list(&self) -> Result<Vec<ControlNetInfo>, ServiceError> {
-        let Some(dir) = &self.dir else {
-            return Ok(Vec::new());
-        };
-        let entries = std::fs::read_dir(dir)
-            .map_err(|e| ServiceError::Task(format!("{}: {e}", dir.display())))?;
-        let mut names: Vec<String> = entries
-            .filter_map(Result::ok)
-            .filter_map(|e| {
-                let name = e.file_name().to_str()?.to_string();
-                let stem = if e.path().is_dir() {
-                    name
-                } else {
-                    name.strip_suffix(".safetensors")?.to_string()
-                };
-                (!stem.starts_with('.')).then_some(stem)
-            })
-            .collect();
-        names.sort();
-        names.dedup();
-        Ok(names.iter().filter_map(|n| self.info(n)).collect())
-    }
-
-    /// What a listing says of `name` (None: not in the folder).
-    pub fn info(&self, name: &str) -> Option<ControlNetInfo> {
-        let (path, layout, file_bytes, version) = self.locate(name).ok()?;
-        let loaded = self.lock().get(name).map(|(_, l)| l.clone());
-        Some(ControlNetInfo {
-            name: name.to_string(),
-            layout: layout.to_string(),
-            file_bytes,
-            version: version.clone(),
-            cost_ratio: loaded
-                .filter(|l| l.version == version)
-                .and_then(|l| l.cost_ratio)
-                .unwrap_or(0.0),
-            short_hash: short_hash(&path),
-        })
-    }
-
-    /// Where `name` is: its path, layout, bytes and version; an error's
-    /// message otherwise.
-    fn locate(&self, name: &str) -> Result<(PathBuf, &'static str, u64, String), String> {
-        let Some(dir) = &self.dir else {
-            return Err(format!(
-                "unknown ControlNet `{name}`: this server has no ControlNet folder (--controlnet-dir)"
-            ));
-        };
-        if name.is_empty()
-            || name.starts_with('.')
-            || name.contains(['/', '\\'])
-            || name.len() > 200
-        {
-            return Err(format!(
-                "{} is not a ControlNet name",
-                sd_proto::status::quote(name)
-            ));
-        }
-        let folder = dir.join(name);
-        if folder.is_dir() {
-            let mut bytes = 0;
-            let mut stamp = 0u128;
-            for e in std::fs::read_dir(&folder).into_iter().flatten().flatten() {
-                if let Ok(m) = e.metadata() {
-                    bytes += m.len();
-                    stamp = stamp.max(mtime(&m));
-                }
-            }
-            return Ok((folder, "folder", bytes, format!("{bytes}-{stamp}")));
-        }
-        for ext in ["pth", "ckpt", "bin", "pt"] {
-            if dir.join(format!("{name}.{ext}")).is_file() {
+) -> anyhow::Result<ControlStore> {
+    let load: crate::folder::LoadFn<ControlNet> = match base {
+        None => Err("this model's network takes no ControlNet (SD 1.x/2.x and SDXL UNets do)"),
+        Some(base) => Ok(Box::new(move |path: &Path, name: &str| {
+            let net = ControlNet::load(path, &base, placement)
+                .map_err(|e| format!("ControlNet `{name}`: {e}"))?;
+            let with_ids = |yes: bool| if yes { " with SDXL's time ids" } else { "" };
+            if net.context_dim() != base.context_dim()
+                || net.takes_text_time() != base.text_time().is_some()
+            {
                 return Err(format!(
-                    "ControlNet `{name}` is a pickle ({name}.{ext}): pickles can run arbitrary \
-                     code and are refused; convert it to .safetensors"
+                    "ControlNet `{name}` is for another model: it attends to {}-wide text{}, \
+                     this UNet to {}-wide{}",
+                    net.context_dim(),
+                    with_ids(net.takes_text_time()),
+                    base.context_dim(),
+                    with_ids(base.text_time().is_some()),
                 ));
             }
-        }
-        let file = dir.join(format!("{name}.safetensors"));
-        match std::fs::metadata(&file) {
-            Ok(m) if m.is_file() => {
-                Ok((file, "file", m.len(), format!("{}-{}", m.len(), mtime(&m))))
-            }
-            _ => Err(format!(
-                "unknown ControlNet `{name}` (no folder or .safetensors file of that name in \
-                 the ControlNet folder)"
-            )),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, Arc<Loaded>)>> {
-        self.loaded.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The ControlNet `name` as loaded and checked within the last second,
-    /// with no file touched (what each step needs); None: look again.
-    pub fn recent(&self, name: &str) -> Option<Arc<Loaded>> {
-        let fresh = self
-            .checked
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .is_some_and(|at| at.elapsed() < RECHECK);
-        if !fresh {
-            return None;
-        }
-        let mut loaded = self.lock();
-        let entry = loaded.get_mut(name)?;
-        entry.0 = Instant::now();
-        Some(entry.1.clone())
-    }
-
-    /// The ControlNet `name`, loaded (or found loaded, unchanged on disk);
-    /// errors name `field`. Blocking: it may read files.
-    pub fn get(&self, name: &str, field: &str) -> Result<Arc<Loaded>, ServiceError> {
-        let Some(base) = &self.base else {
-            return Err(ServiceError::invalid(
-                field,
-                "this model's network takes no ControlNet (SD 1.x/2.x and SDXL UNets do)",
-            ));
-        };
-        let (path, layout, file_bytes, version) = self
-            .locate(name)
-            .map_err(|m| ServiceError::invalid(field, m))?;
-        let found = |l: &Arc<Loaded>| {
-            self.checked
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(name.to_string(), Instant::now());
-            l.clone()
-        };
-        if let Some((_, l)) = self.lock().get(name).filter(|(_, l)| l.version == version) {
-            return Ok(found(l));
-        }
-        let _one = self.loading.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, l)) = self.lock().get(name).filter(|(_, l)| l.version == version) {
-            return Ok(found(l));
-        }
-        let start = Instant::now();
-        let net = ControlNet::load(&path, base, self.placement)
-            .map_err(|e| ServiceError::invalid(field, format_args!("ControlNet `{name}`: {e}")))?;
-        let unet = base;
-        if net.context_dim() != unet.context_dim()
-            || net.takes_text_time() != unet.text_time().is_some()
-        {
-            return Err(ServiceError::invalid(
-                field,
-                format_args!(
-                    "ControlNet `{name}` is for another model: it attends to {}-wide text{}, this \
-                     UNet to {}-wide{}",
-                    net.context_dim(),
-                    if net.takes_text_time() {
-                        " with SDXL's time ids"
-                    } else {
-                        ""
-                    },
-                    unet.context_dim(),
-                    if unet.text_time().is_some() {
-                        " with SDXL's time ids"
-                    } else {
-                        ""
-                    },
-                ),
-            ));
-        }
-        let cost_ratio = self.measure.as_ref().and_then(|m| m(&net));
-        let loaded = Arc::new(Loaded {
-            name: name.to_string(),
-            version,
-            cost_ratio,
-            layout,
-            file_bytes,
-            net,
-        });
-        tracing::info!(
-            controlnet = name,
-            parameters = loaded.net.parameters(),
-            seconds = start.elapsed().as_secs_f64(),
-            cost_ratio,
-            "ControlNet loaded"
-        );
-        let mut map = self.lock();
-        map.insert(name.to_string(), (Instant::now(), loaded.clone()));
-        // Least recently used out past the budget; the new one stays.
-        loop {
-            let total: u64 = map.values().map(|(_, l)| l.net.bytes()).sum();
-            if total <= self.budget || map.len() <= 1 {
-                break;
-            }
-            let oldest = map
-                .iter()
-                .filter(|(n, _)| n.as_str() != name)
-                .min_by_key(|(_, (at, _))| *at)
-                .map(|(n, _)| n.clone());
-            match oldest {
-                Some(n) => map.remove(&n),
-                None => break,
-            };
-        }
-        drop(map);
-        Ok(found(&loaded))
-    }
-
-    pub fn dir(&self) -> Option<&Path> {
-        self.dir.as_deref()
-    }
+            let ratio = measure.as_ref().and_then(|m| m(&net));
+            Ok((net, ratio))
+        })),
+    };
+    crate::folder::Store::new(
+        "ControlNet",
+        args.controlnet_dir.clone(),
+        args.controlnet_cache_mb,
+        true,
+        load,
+    )
 }
 
-/// AUTOMATIC1111's short model hash of the weights at `path` (a folder's
-/// weights file): the first 8 hex digits of the SHA-256 of the 64 KiB at
-/// 1 MiB (empty when unreadable).
-fn short_hash(path: &Path) -> String {
-    use sha2::Digest;
-    use std::io::{Read, Seek};
-    let file = if path.is_dir() {
-        [
-            "diffusion_pytorch_model.safetensors",
-            "diffusion_pytorch_model.fp16.safetensors",
-        ]
-        .iter()
-        .map(|n| path.join(n))
-        .find(|p| p.is_file())
-    } else {
-        Some(path.to_path_buf())
-    };
-    let read = |p: &Path| -> std::io::Result<Vec<u8>> {
-        let mut f = std::fs::File::open(p)?;
-        f.seek(std::io::SeekFrom::Start(0x10_0000))?;
-        let mut buf = Vec::with_capacity(0x1_0000);
-        f.take(0x1_0000).read_to_end(&mut buf)?;
-        Ok(buf)
-    };
-    match file.as_deref().map(read) {
-        Some(Ok(bytes)) => {
-            let digest = sha2::Sha256::digest(&bytes);
-            digest.iter().take(4).map(|b| format!("{b:02x}")).collect()
-        }
-        _ => String::new(),
+/// What a listing says of a ControlNet.
+pub fn info(l: crate::folder::Listing) -> ControlNetInfo {
+    ControlNetInfo {
+        name: l.name,
+        layout: l.layout.to_string(),
+        file_bytes: l.file_bytes,
+        version: l.version,
+        cost_ratio: l.cost_ratio.unwrap_or(0.0),
+        short_hash: l.short_hash,
     }
-}
-
-fn mtime(m: &std::fs::Metadata) -> u128 {
-    m.modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos())
 }
 
 /// A hint embedding to hold under a session tensor's id: (id, embedding,
@@ -429,7 +180,7 @@ pub fn resolve(
         let hint = match spec.hint {
             Hint::Embedded(t) => t,
             Hint::Image { image, keep, field } => {
-                let t = net.net.embed(&image).map_err(|e| {
+                let t = net.item.embed(&image).map_err(|e| {
                     ServiceError::invalid(&field, format_args!("ControlNet `{}`: {e}", spec.name))
                 })?;
                 if let Some(id) = keep {
@@ -515,7 +266,7 @@ pub fn residuals(
             .collect();
         let hint = Tensor::cat(&hints, 0);
         let (pooled, time_ids) = (x.pooled.map(pick), x.time_ids.map(pick));
-        let r = net.net.forward(
+        let r = net.item.forward(
             &pick(x.latents),
             &pick(x.timesteps),
             &pick(x.context),

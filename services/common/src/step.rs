@@ -11,6 +11,7 @@ use tch::Tensor;
 
 use crate::compute::{Call, Half, ReferenceTokens};
 use crate::control::{ControlSpec, Hint, MAX_CONTROLS};
+use crate::ip::{IpSpec, MAX_IP_ADAPTERS, MAX_PICTURES};
 use crate::{finite, from_wire, ServiceError};
 
 /// A text conditioning: the hidden states and, for the SDXL family, the
@@ -77,6 +78,13 @@ fn is_control_image(name: &str) -> bool {
         .is_some_and(|i| i < crate::control::MAX_CONTROLS && name.len() == 9)
 }
 
+/// Whether `name` is an IP-Adapter's image embeddings (`ip.0` … `ip.7`).
+fn is_ip_embeds(name: &str) -> bool {
+    name.strip_prefix("ip.")
+        .and_then(|i| i.parse::<usize>().ok())
+        .is_some_and(|i| i < crate::ip::MAX_IP_ADAPTERS && name.len() == 4)
+}
+
 /// A session tensor resolved: its value, the field naming it, and the id to
 /// keep it under once checked (when it was sent).
 struct Resolved {
@@ -98,14 +106,18 @@ fn session_tensors(
     let mut out: Vec<Resolved> = Vec::new();
     for (i, t) in req.session_tensors.iter().enumerate() {
         let field = format!("session_tensors[{i}]");
-        if !SESSION_TENSORS.contains(&t.name.as_str()) && !is_control_image(&t.name) {
+        if !SESSION_TENSORS.contains(&t.name.as_str())
+            && !is_control_image(&t.name)
+            && !is_ip_embeds(&t.name)
+        {
             return Err(ServiceError::invalid(
                 format!("{field}.name"),
                 format_args!(
-                    "unknown {}, expected one of {}, control.0 … control.{}",
+                    "unknown {}, expected one of {}, control.0 … control.{}, ip.0 … ip.{}",
                     sd_proto::status::quote(&t.name),
                     SESSION_TENSORS.join(", "),
-                    crate::control::MAX_CONTROLS - 1
+                    crate::control::MAX_CONTROLS - 1,
+                    crate::ip::MAX_IP_ADAPTERS - 1
                 ),
             ));
         }
@@ -143,6 +155,9 @@ pub struct Step {
     /// The ControlNets it names, checked, still to be resolved
     /// ([`crate::control::resolve`]) into `call.controls`.
     pub controls: Vec<ControlSpec>,
+    /// The IP-Adapters it names, checked, still to be resolved
+    /// ([`crate::ip::resolve`]) into `call.ip`.
+    pub ip: Vec<IpSpec>,
 }
 
 impl Step {
@@ -223,6 +238,7 @@ impl Step {
         let image = image_conditioning(bounds, (batch, h, w), &mut session, resolver)?;
         let references = references(bounds, &mut session, resolver)?;
         let controls = controls(req, bounds, (batch, h, w), &mut session, resolver)?;
+        let ip = ip_adapters(req, bounds, batch, &mut session, resolver)?;
         let negative_time_ids =
             negative_time_ids.or_else(|| time_ids.as_ref().map(Tensor::shallow_clone));
         let half = |c: Cond, ids: Option<Tensor>| Half {
@@ -242,9 +258,11 @@ impl Step {
                 loras: Default::default(),
                 references,
                 controls: Vec::new(),
+                ip: Vec::new(),
             },
             out_dtype,
             controls,
+            ip,
         })
     }
 }
@@ -535,6 +553,85 @@ fn controls(
             batch,
             (h * bounds.control_scale, w * bounds.control_scale),
         )?;
+        if let Some(id) = &r.keep {
+            resolver.keep(id, &t, &r.field)?;
+        }
+    }
+    Ok(out)
+}
+
+/// The IP-Adapters a call names: each its own image embeddings (a session
+/// tensor `ip.N`: (1 or batch, pictures, width), finite), at scales in
+/// 0..=10. Embeddings no adapter names this step are held for later ones.
+fn ip_adapters(
+    req: &PredictRequest,
+    bounds: &Bounds,
+    batch: i64,
+    session: &mut Vec<Resolved>,
+    resolver: &mut dyn Resolver,
+) -> Result<Vec<IpSpec>, ServiceError> {
+    if req.ip_adapters.len() > MAX_IP_ADAPTERS {
+        return Err(ServiceError::invalid(
+            "ip_adapters",
+            format_args!("{} given, at most {MAX_IP_ADAPTERS}", req.ip_adapters.len()),
+        ));
+    }
+    if !req.ip_adapters.is_empty() && bounds.control_scale == 0 {
+        return Err(ServiceError::invalid(
+            "ip_adapters",
+            "this model's network takes no IP-Adapter (SD 1.x/2.x and SDXL UNets do)",
+        ));
+    }
+    let check = |r: &Resolved| -> Result<Tensor, ServiceError> {
+        let s = r.tensor.size();
+        if s.len() != 3
+            || !(s[0] == 1 || s[0] == batch)
+            || !(1..=MAX_PICTURES).contains(&s[1])
+            || s[2] < 1
+        {
+            return Err(ServiceError::invalid(
+                &r.field,
+                format_args!(
+                    "shape {s:?}, expected (1 or {batch}, 1..={MAX_PICTURES} pictures, width)"
+                ),
+            ));
+        }
+        if r.sent {
+            finite(&r.tensor, &r.field)?;
+        }
+        Ok(r.tensor.to_kind(tch::Kind::Float))
+    };
+    let mut out = Vec::with_capacity(req.ip_adapters.len());
+    for (i, a) in req.ip_adapters.iter().enumerate() {
+        let field = format!("ip_adapters[{i}]");
+        if !a.scale.is_finite() || !(0.0..=10.0).contains(&a.scale) {
+            return Err(ServiceError::invalid(
+                format!("{field}.scale"),
+                format_args!("{} given, a finite value in 0..=10 allowed", a.scale),
+            ));
+        }
+        let Some(r) = take(session, &a.embeds).filter(|r| is_ip_embeds(&r.name)) else {
+            return Err(ServiceError::invalid(
+                format!("{field}.embeds"),
+                format_args!(
+                    "names no ip.N session tensor sent with this call ({})",
+                    sd_proto::status::quote(&a.embeds)
+                ),
+            ));
+        };
+        let embeds = check(&r)?;
+        if let Some(id) = &r.keep {
+            resolver.keep(id, &embeds, &r.field)?;
+        }
+        out.push(IpSpec {
+            name: a.name.clone(),
+            field,
+            embeds,
+            scale: f64::from(a.scale),
+        });
+    }
+    for r in session.iter().filter(|r| r.sent && is_ip_embeds(&r.name)) {
+        let t = check(r)?;
         if let Some(id) = &r.keep {
             resolver.keep(id, &t, &r.field)?;
         }

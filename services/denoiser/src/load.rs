@@ -104,12 +104,13 @@ pub fn load(
     };
     tracing::info!(model = %info.model_id, family = %dir.family(), "denoiser ready");
     let net = Arc::new(net);
-    let controls = Arc::new(sd_service::control::ControlStore::new(
+    let controls = Arc::new(sd_service::control::store(
         &args.control,
         net.unet().map(|u| u.config().clone()),
         placement,
         Some(measure_controlnets(net.clone(), &layout)),
     )?);
+    let ip_adapters = Arc::new(sd_service::ip::store(&args.ip, net.clone(), placement)?);
     let batcher = if args.no_batching {
         None
     } else {
@@ -142,6 +143,7 @@ pub fn load(
         cost: live_cost,
         loras,
         controls,
+        ip_adapters,
         worker: Worker::new(threads.workers, args.model.max_queue, metrics.clone()),
         bounds,
         info,

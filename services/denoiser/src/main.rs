@@ -18,8 +18,9 @@ use sd_models::Denoiser;
 use sd_proto::v1::denoiser_server::Denoiser as DenoiserRpc;
 use sd_proto::v1::{
     DenoiserInfo, DenoiserInfoRequest, Dtype, Embedding, ListControlNetsRequest,
-    ListControlNetsResponse, ListLorasRequest, ListLorasResponse, LoraRef, PredictRequest,
-    PredictResponse, SessionTensor, Tensor as WireTensor,
+    ListControlNetsResponse, ListIpAdaptersRequest, ListIpAdaptersResponse, ListLorasRequest,
+    ListLorasResponse, LoraRef, PredictRequest, PredictResponse, SessionTensor,
+    Tensor as WireTensor,
 };
 use sd_runtime::lifecycle::Lifecycle;
 use sd_runtime::metrics::{Metrics, Phase};
@@ -27,6 +28,7 @@ use sd_runtime::tls::ServerTlsArgs;
 use sd_runtime::ServerArgs;
 use sd_service::compute::{forward_calls, Call};
 use sd_service::control::{ControlArgs, ControlStore};
+use sd_service::ip::{IpArgs, IpStore};
 use sd_service::lora::{LoraArgs, LoraStore};
 use sd_service::step::{Bounds, Cond, Resolver, Step};
 use sd_service::{handle, to_wire, ModelArgs, ServiceError, Timings, Worker};
@@ -51,6 +53,8 @@ struct Args {
     lora: LoraArgs,
     #[command(flatten)]
     control: ControlArgs,
+    #[command(flatten)]
+    ip: IpArgs,
     /// FLUX: serve this transformer file instead of the model's own (BFL's
     /// layout as downloaded, ComfyUI's prefixed one, or diffusers' names;
     /// bf16, fp16, fp32 or fp8 e4m3/e5m2, upcast to --precision at load).
@@ -112,6 +116,8 @@ struct Core {
     loras: Arc<LoraStore>,
     /// ControlNets (--controlnet-dir).
     controls: Arc<ControlStore>,
+    /// IP-Adapters (--ip-adapter-dir).
+    ip_adapters: Arc<IpStore>,
 }
 
 #[tonic::async_trait]
@@ -190,7 +196,11 @@ impl DenoiserRpc for Service {
         let req = request.into_inner();
         let controlnets = tokio::task::spawn_blocking(move || {
             if req.check.is_empty() {
-                return store.list();
+                return Ok(store
+                    .list()?
+                    .into_iter()
+                    .map(sd_service::control::info)
+                    .collect());
             }
             req.check
                 .iter()
@@ -201,6 +211,7 @@ impl DenoiserRpc for Service {
                     store.get(name, &field)?;
                     store
                         .info(name)
+                        .map(sd_service::control::info)
                         .ok_or_else(|| ServiceError::invalid(field, "gone from the folder"))
                 })
                 .collect()
@@ -209,6 +220,39 @@ impl DenoiserRpc for Service {
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(Status::from)?;
         Ok(Response::new(ListControlNetsResponse { controlnets }))
+    }
+
+    async fn list_ip_adapters(
+        &self,
+        request: Request<ListIpAdaptersRequest>,
+    ) -> Result<Response<ListIpAdaptersResponse>, Status> {
+        let store = self.0.ip_adapters.clone();
+        let req = request.into_inner();
+        let ip_adapters = tokio::task::spawn_blocking(move || {
+            if req.check.is_empty() {
+                return Ok(store
+                    .list()?
+                    .into_iter()
+                    .map(sd_service::ip::info)
+                    .collect());
+            }
+            req.check
+                .iter()
+                .enumerate()
+                .map(|(i, name)| {
+                    let field = format!("ip_adapters[{i}].name");
+                    store.get(name, &field)?;
+                    store
+                        .info(name)
+                        .map(sd_service::ip::info)
+                        .ok_or_else(|| ServiceError::invalid(field, "gone from the folder"))
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(Status::from)?;
+        Ok(Response::new(ListIpAdaptersResponse { ip_adapters }))
     }
 
     async fn list_loras(
@@ -268,7 +312,18 @@ impl Core {
             mut call,
             out_dtype,
             controls,
+            ip,
         } = Step::decode(&req, &self.bounds, &mut source)?;
+        if !ip.is_empty() {
+            let store = self.ip_adapters.clone();
+            call.ip = if sd_service::ip::needs_blocking(&ip, &store) {
+                tokio::task::spawn_blocking(move || sd_service::ip::resolve(ip, &store))
+                    .await
+                    .map_err(|e| ServiceError::Task(e.to_string()))??
+            } else {
+                sd_service::ip::resolve(ip, &store)?
+            };
+        }
         if !controls.is_empty() {
             let store = self.controls.clone();
             let (resolved, keeps) = if sd_service::control::needs_blocking(&controls, &store) {

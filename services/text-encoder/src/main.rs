@@ -4,11 +4,12 @@
 use std::sync::Arc;
 
 use clap::Parser;
+use sd_models::clip_vision::ClipVisionModel;
 use sd_models::lora::{self, Plan};
 use sd_proto::v1::text_encoder_server::{TextEncoder, TextEncoderServer};
 use sd_proto::v1::{
-    Dtype, EncodeTextRequest, EncodeTextResponse, EncodedPrompt, PromptSyntax, TextEncoderInfo,
-    TextEncoderInfoRequest,
+    Dtype, EncodeImagesRequest, EncodeImagesResponse, EncodeTextRequest, EncodeTextResponse,
+    EncodedPrompt, ImageEncoderInfo, PromptSyntax, TextEncoderInfo, TextEncoderInfoRequest,
 };
 use sd_runtime::lifecycle::Lifecycle;
 use sd_runtime::metrics::{Metrics, Phase};
@@ -39,6 +40,13 @@ struct Args {
     /// replaced by the file's vectors. Read at start.
     #[arg(long, env = "SD_EMBEDDINGS_DIR")]
     embeddings_dir: Option<std::path::PathBuf>,
+    /// IP-Adapters' folder: its `image_encoder/` (a CLIP vision model, as
+    /// published beside the adapters) reads requests' pictures.
+    #[arg(long, env = "SD_IP_ADAPTER_DIR")]
+    ip_adapter_dir: Option<std::path::PathBuf>,
+    /// Most pictures one EncodeImages call may carry.
+    #[arg(long, env = "SD_MAX_PICTURES", default_value_t = 16)]
+    max_pictures: i64,
 }
 
 struct Service {
@@ -50,6 +58,9 @@ struct Service {
     metrics: Arc<Metrics>,
     /// LoRA adapters (--lora-dir), fitted to the text encoder(s).
     loras: Arc<LoraStore>,
+    /// The IP-Adapters' image encoder (--ip-adapter-dir).
+    vision: Option<Arc<ClipVisionModel>>,
+    max_pictures: i64,
 }
 
 #[tonic::async_trait]
@@ -70,9 +81,55 @@ impl TextEncoder for Service {
     ) -> Result<Response<TextEncoderInfo>, Status> {
         Ok(Response::new(self.info.clone()))
     }
+
+    async fn encode_images(
+        &self,
+        request: Request<EncodeImagesRequest>,
+    ) -> Result<Response<EncodeImagesResponse>, Status> {
+        handle(
+            &self.lifecycle,
+            &self.metrics,
+            "EncodeImages",
+            request,
+            |req| self.encode_images_inner(req),
+        )
+        .await
+    }
 }
 
 impl Service {
+    /// Pictures (n, 3, size, size) through the image encoder.
+    async fn encode_images_inner(
+        &self,
+        req: EncodeImagesRequest,
+    ) -> Result<EncodeImagesResponse, ServiceError> {
+        let Some(vision) = self.vision.clone() else {
+            return Err(ServiceError::invalid(
+                "pixels",
+                "this text encoder has no image encoder (started without --ip-adapter-dir)",
+            ));
+        };
+        let pixels = sd_service::from_wire(req.pixels.as_ref(), "pixels")?;
+        let (s, side) = (pixels.size(), vision.config().image_size);
+        if s.len() != 4 || !(1..=self.max_pictures).contains(&s[0]) || s[1..] != [3, side, side] {
+            return Err(ServiceError::invalid(
+                "pixels",
+                format_args!(
+                    "shape {s:?}, expected (1..={}, 3, {side}, {side})",
+                    self.max_pictures
+                ),
+            ));
+        }
+        sd_service::finite(&pixels, "pixels")?;
+        let embeds = self
+            .worker
+            .run(Phase::TextForward, move || Ok(vision.forward(&pixels)?))
+            .await?;
+        Ok(EncodeImagesResponse {
+            image_embeds: Some(to_wire(&embeds, Dtype::Float32)?),
+        })
+    }
+
     async fn encode_inner(
         &self,
         req: EncodeTextRequest,
@@ -273,7 +330,15 @@ fn load(
         let h = &sd_service::ti::digest(joined.as_bytes())[..12];
         model_id = format!("{model_id}+ti:{h}");
     }
+    let (vision, image_encoder) = match &args.ip_adapter_dir {
+        Some(d) => {
+            let (v, info) = image_encoder(d, placement)?;
+            (Some(Arc::new(v)), Some(info))
+        }
+        None => (None, None),
+    };
     let info = TextEncoderInfo {
+        image_encoder,
         model_id,
         hidden_size: hidden as u32,
         max_tokens: tokens as u32,
@@ -290,8 +355,58 @@ fn load(
         lifecycle,
         metrics,
         loras,
+        vision,
+        max_pictures: args.max_pictures,
     };
     Ok(TextEncoderServer::new(service)
         .max_decoding_message_size(max)
         .max_encoding_message_size(max))
+}
+
+/// The IP-Adapters' image encoder in `dir/image_encoder`, warmed up, and
+/// what the gateway needs to prepare pictures for it.
+fn image_encoder(
+    dir: &std::path::Path,
+    placement: sd_models::Placement,
+) -> anyhow::Result<(ClipVisionModel, ImageEncoderInfo)> {
+    let folder = dir.join("image_encoder");
+    anyhow::ensure!(
+        folder.is_dir(),
+        "--ip-adapter-dir {}: no image_encoder/ folder (the CLIP vision model the adapters \
+         read pictures with)",
+        dir.display()
+    );
+    let v = ClipVisionModel::load(&folder, placement)?;
+    let p = v.preprocessing().clone();
+    let (side, embed_dim) = (v.config().image_size, v.config().projection_dim);
+    let _warm = v.forward(&tch::Tensor::zeros(
+        [1, 3, side, side],
+        (tch::Kind::Float, tch::Device::Cpu),
+    ))?;
+    // Its identity: the config and the weights' sizes and times.
+    let mut stamp = std::fs::read(folder.join("config.json")).unwrap_or_default();
+    for e in std::fs::read_dir(&folder)?.flatten() {
+        if let Ok(m) = e.metadata() {
+            stamp.extend(
+                format!(
+                    "{}:{}:{:?};",
+                    e.file_name().to_string_lossy(),
+                    m.len(),
+                    m.modified().ok()
+                )
+                .bytes(),
+            );
+        }
+    }
+    let id = sd_service::ti::digest(&stamp)[..16].to_string();
+    Ok((
+        v,
+        ImageEncoderInfo {
+            size: side as u32,
+            mean: p.mean.to_vec(),
+            std: p.std.to_vec(),
+            embed_dim: embed_dim as u32,
+            id,
+        },
+    ))
 }

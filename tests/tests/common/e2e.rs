@@ -233,6 +233,22 @@ pub fn request(p: &serde_json::Value, e2e: &std::path::Path) -> GenerateRequest 
             .and_then(|v| v.as_array())
             .map(|a| a.iter().map(|c| control_unit(c, e2e)).collect())
             .unwrap_or_default(),
+        ip_adapters: p
+            .get("ip_adapters")
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .map(|u| sd_proto::v1::IpAdapterUnit {
+                        name: u["name"].as_str().unwrap_or_default().to_string(),
+                        image: std::fs::read(e2e.join(u["image"].as_str().expect("a picture")))
+                            .expect("IP-Adapter picture")
+                            .into(),
+                        scale: u.get("scale").and_then(|v| v.as_f64()).map(|v| v as f32),
+                        ..Default::default()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
         ..Default::default()
     }
 }

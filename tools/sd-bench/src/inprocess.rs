@@ -101,6 +101,7 @@ impl InProcess {
                 default_steps: profile.default_steps,
                 example_prompts: profile.example_prompts,
             },
+            image_encoder: None,
         };
         Ok((me, facts))
     }
@@ -132,7 +133,14 @@ impl InProcess {
                 call,
                 out_dtype,
                 controls,
+                ip,
             } = Step::decode(&req, &self.bounds, &mut Held(self))?;
+            if !ip.is_empty() {
+                return Err(ServiceError::invalid(
+                    "ip_adapters",
+                    "the in-process benchmark pipeline serves no IP-Adapters",
+                ));
+            }
             if !controls.is_empty() {
                 return Err(ServiceError::invalid(
                     "controls",

@@ -79,6 +79,7 @@ fn calls(
             loras: sets[i % sets.len()].clone(),
             references: None,
             controls: Vec::new(),
+            ip: Vec::new(),
         })
         .collect()
 }

@@ -144,6 +144,11 @@ pub struct GenerateArgs {
         value_parser = parse_controlnet
     )]
     controlnets: Vec<ControlArg>,
+    /// An IP-Adapter (SD, SDXL) and its picture: NAME:IMAGE, with the scale
+    /// (1) when given; repeatable: a .safetensors file in the services'
+    /// --ip-adapter-dir.
+    #[arg(long = "ip-adapter", value_name = "NAME:IMAGE[:SCALE]", value_parser = parse_ip_adapter)]
+    ip_adapters: Vec<(String, PathBuf, Option<f32>)>,
     /// The preprocessor every --controlnet's image goes through first:
     /// none (the image is the hint) or canny.
     #[arg(long, default_value = "none")]
@@ -260,6 +265,20 @@ fn request(a: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let ip_adapters = a
+        .ip_adapters
+        .iter()
+        .map(|(name, path, scale)| {
+            Ok(sd_proto::v1::IpAdapterUnit {
+                name: name.clone(),
+                image: std::fs::read(path)
+                    .with_context(|| format!("reading {}", path.display()))?
+                    .into(),
+                scale: *scale,
+                ..Default::default()
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let hires = a.hires_scale.map(|scale| sd_proto::v1::Hires {
         scale,
         upscaler: a.hires_upscaler.clone().unwrap_or_default(),
@@ -301,7 +320,24 @@ fn request(a: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
         inpaint: None,
         reference_images,
         controlnets,
+        ip_adapters,
     })
+}
+
+/// `NAME:IMAGE` or `NAME:IMAGE:SCALE`.
+fn parse_ip_adapter(s: &str) -> Result<(String, PathBuf, Option<f32>), String> {
+    match s.split(':').collect::<Vec<_>>()[..] {
+        [name, image] if !name.is_empty() && !image.is_empty() => {
+            Ok((name.into(), image.into(), None))
+        }
+        [name, image, scale] if !name.is_empty() && !image.is_empty() => {
+            let scale = scale
+                .parse::<f32>()
+                .map_err(|_| format!("scale `{scale}` is not a number"))?;
+            Ok((name.into(), image.into(), Some(scale)))
+        }
+        _ => Err("expected NAME:IMAGE or NAME:IMAGE:SCALE".into()),
+    }
 }
 
 /// `NAME:IMAGE`, `NAME:IMAGE:WEIGHT` or `NAME:IMAGE:WEIGHT:START:END`.

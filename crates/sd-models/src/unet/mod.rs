@@ -227,6 +227,18 @@ impl UNet {
         self.enc.add_embedding.is_some()
     }
 
+    /// Its cross-attention layers' diffusers paths in the order diffusers
+    /// lists its attention processors (down blocks, up blocks, then the
+    /// mid block): how IP-Adapter files number them.
+    pub fn cross_attention_keys(&self) -> Vec<String> {
+        let down = self.enc.down.iter().flat_map(|b| &b.attentions);
+        let up = self.up.iter().flat_map(|b| &b.attentions);
+        down.chain(up)
+            .chain(std::iter::once(&self.enc.mid_attention))
+            .flat_map(|t| t.cross_keys())
+            .collect()
+    }
+
     /// LCM UNets: the width of the guidance embedding they take.
     pub fn time_cond_dim(&self) -> Option<i64> {
         self.enc.config.time_cond_proj_dim

@@ -16,6 +16,9 @@ struct Attention {
     to_out: Linear,
     heads: i64,
     upcast: bool,
+    /// Its diffusers path (`…transformer_blocks.0.attn2`): where an
+    /// IP-Adapter's keys and values for it are found.
+    key: String,
 }
 
 impl Attention {
@@ -27,6 +30,7 @@ impl Attention {
             to_out: Linear::load(&vb.pp("to_out.0"), dim, dim, true)?,
             heads,
             upcast,
+            key: vb.prefix().to_string(),
         })
     }
 
@@ -37,8 +41,16 @@ impl Attention {
             self.to_k.forward(ctx),
             self.to_v.forward(ctx),
         );
-        self.to_out
-            .forward(&attention(&q, &k, &v, self.heads, false, self.upcast))
+        let mut out = attention(&q, &k, &v, self.heads, false, self.upcast);
+        if context.is_some() {
+            // Image prompts' attention beside the text's (IP-Adapters).
+            if let Some(extra) =
+                crate::ip_adapter::contribution(&self.key, &q, self.heads, self.upcast)
+            {
+                out += extra;
+            }
+        }
+        self.to_out.forward(&out)
     }
 }
 
@@ -116,6 +128,11 @@ impl SpatialTransformer {
             blocks,
             proj_out: proj("proj_out")?,
         })
+    }
+
+    /// Its cross-attention layers' diffusers paths, in order.
+    pub(crate) fn cross_keys(&self) -> Vec<String> {
+        self.blocks.iter().map(|b| b.attn2.key.clone()).collect()
     }
 
     pub(crate) fn forward(&self, xs: &Tensor, context: &Tensor) -> Tensor {

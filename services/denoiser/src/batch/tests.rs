@@ -32,6 +32,7 @@ fn job(seed: i64, b: i64, t: f32, guided: bool, g: f64) -> Call {
         loras: Default::default(),
         references: None,
         controls: Vec::new(),
+        ip: Vec::new(),
     }
 }
 
@@ -490,6 +491,7 @@ fn xl_job(seed: i64, b: i64, t: f32, guided: bool, g: f64) -> Call {
         loras: Default::default(),
         references: None,
         controls: Vec::new(),
+        ip: Vec::new(),
     }
 }
 

@@ -109,6 +109,11 @@ pub struct UpArgs {
     /// single .safetensors files; the denoiser's `--controlnet-dir`).
     #[arg(long)]
     controlnet_dir: Option<PathBuf>,
+    /// Folder of IP-Adapters requests may name, with the CLIP vision
+    /// encoder they read pictures with in `image_encoder/` (the text
+    /// encoder's and the denoiser's `--ip-adapter-dir`).
+    #[arg(long)]
+    ip_adapter_dir: Option<PathBuf>,
     /// Serve async jobs (/v1/jobs, SubmitJob…): start and supervise a local
     /// `redis-server` as the job store (persistent: its append-only file,
     /// synced at every write, in --jobs-dir).

@@ -56,6 +56,12 @@ pub(super) fn stage_args_for(args: &UpArgs, stage: Stage, model: &Path) -> Vec<S
             dir.to_string_lossy().into_owned(),
         ]);
     }
+    if let (Stage::TextEncoder | Stage::Denoiser, Some(dir)) = (stage, &args.ip_adapter_dir) {
+        v.extend([
+            "--ip-adapter-dir".to_string(),
+            dir.to_string_lossy().into_owned(),
+        ]);
+    }
     if let (Stage::TextEncoder, Some(dir)) = (stage, &args.embeddings_dir) {
         v.extend([
             "--embeddings-dir".to_string(),
