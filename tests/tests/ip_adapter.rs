@@ -92,7 +92,7 @@ fn pictures_embeddings_and_tokens_equal_the_references() {
         common::assert_close(&format!("{file}: image_embeds"), &embeds, &want);
     }
     for model in ["sd1-tiny", "sdxl-tiny"] {
-        let unet = sd_models::ModelDir::open(&common::model(model))
+        let unet = sd_models::ModelDir::open(common::model(model))
             .unwrap()
             .load_unet(Placement::cpu())
             .unwrap();
@@ -192,4 +192,54 @@ fn bad_image_prompts_are_refused_by_field() {
             .await
             .unwrap();
     });
+}
+
+/// The openai package's `ip_adapters` equals diffusers' reference;
+/// webuiapi's ControlNetUnit with an IP-Adapter module equals gRPC's
+/// request (tests/clients/ip_adapter_clients.py).
+#[test]
+fn openai_and_webuiapi_clients_send_image_prompts() {
+    let dir = adapter_dir("sd1-tiny");
+    let root = common::fixtures().join("ip-adapter");
+    let stack = common::stack::Stack::start_with(
+        &common::model("sd1-tiny"),
+        &["--ip-adapter-dir", dir.path().to_str().unwrap()],
+    );
+    let work = tempfile::tempdir().unwrap();
+    let picture = std::fs::read(root.join("ref-a.png")).unwrap();
+    // What the A1111 route asks for webuiapi's request.
+    let req = GenerateRequest {
+        prompt: "a photograph of an astronaut riding a horse".into(),
+        prompt_syntax: sd_proto::v1::PromptSyntax::A1111 as i32,
+        steps: 6,
+        seed: Some(3),
+        guidance_scale: Some(7.0),
+        scheduler: "euler".into(),
+        width: 32,
+        height: 32,
+        ip_adapters: vec![IpAdapterUnit {
+            name: "face".into(),
+            image: picture.clone().into(),
+            scale: Some(0.7),
+            window_rule: sd_proto::v1::ControlWindowRule::A1111 as i32,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let a1111 = rt.block_on(async {
+        let mut client = GenerationClient::connect(stack.url.clone()).await.unwrap();
+        client.generate(req).await.unwrap().into_inner()
+    });
+    std::fs::write(work.path().join("a1111.png"), &a1111.images[0].data).unwrap();
+    std::fs::write(work.path().join("ref.png"), &picture).unwrap();
+    std::fs::copy(
+        root.join("sd1-tiny").join("scale-0.png"),
+        work.path().join("scale.png"),
+    )
+    .unwrap();
+    common::run_client(
+        "ip_adapter_clients.py",
+        &[stack.http.as_ref(), work.path().as_os_str()],
+    );
 }

@@ -209,6 +209,45 @@ impl<'a> Fields<'a> {
             .collect()
     }
 
+    /// IP-Adapters (the gRPC `ip_adapters` as JSON): an array of `{"name",
+    /// "image" (base64 or a data URL), "scale", "start", "end"}`.
+    pub fn ip_adapters(&self, name: &str) -> HttpResult<Vec<sd_proto::v1::IpAdapterUnit>> {
+        let items = match self.get(name) {
+            None | Some(Value::Null) => return Ok(Vec::new()),
+            Some(Value::Array(a)) => a,
+            Some(v) => return Err(wrong(name, "an array of IP-Adapter units", v)),
+        };
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let at = format!("{name}[{i}]");
+                let o = v
+                    .as_object()
+                    .ok_or_else(|| wrong(&at, "an IP-Adapter unit object", v))?;
+                let f = Fields(o);
+                let within = |e: HttpError| e.within(&at);
+                let image = f.str("image").map_err(within)?.unwrap_or("");
+                let number = |key: &str| -> HttpResult<Option<f32>> {
+                    Ok(f.f64(key).map_err(within)?.map(|v| v as f32))
+                };
+                Ok(sd_proto::v1::IpAdapterUnit {
+                    name: f.string_or("name", "").map_err(within)?,
+                    image: if image.is_empty() {
+                        Vec::new()
+                    } else {
+                        super::decode_base64(&format!("{at}.image"), image)?
+                    }
+                    .into(),
+                    scale: number("scale")?,
+                    start: number("start")?,
+                    end: number("end")?,
+                    ..Default::default()
+                })
+            })
+            .collect()
+    }
+
     pub fn object(&self, name: &str) -> HttpResult<Option<&'a Map<String, Value>>> {
         match self.get(name) {
             None => Ok(None),

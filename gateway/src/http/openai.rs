@@ -10,7 +10,9 @@
 //! `guidance_scale`, `scheduler`, `prompt_syntax` (`plain` or `a1111`),
 //! `loras` (`[{"name": …, "scale": …}]`, files in the services' LoRA
 //! folder), `controlnets` (`[{"name", "image" (base64), "weight", "start",
-//! "end", "mode", "preprocessor", …}]`, as gRPC's `ControlUnit`), and for edits `strength` (with a `mask`: inpainting, 1.0 by
+//! "end", "mode", "preprocessor", …}]`, as gRPC's `ControlUnit`),
+//! `ip_adapters` (`[{"name", "image" (base64), "scale", "start", "end"}]`),
+//! and for edits `strength` (with a `mask`: inpainting, 1.0 by
 //! default).
 
 use axum::body::Body;
@@ -123,6 +125,7 @@ fn request(f: &Fields, served: &str) -> HttpResult<(GenerateRequest, Delivery)> 
         model,
         loras: f.loras("loras")?,
         controlnets: f.controlnets("controlnets")?,
+        ip_adapters: f.ip_adapters("ip_adapters")?,
         true_cfg_scale: f.f64("true_cfg_scale")?.map(|g| g as f32),
         max_sequence_length: f.int_in("max_sequence_length", 1, 4096)?.unwrap_or(0) as u32,
         ..Default::default()

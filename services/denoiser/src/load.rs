@@ -104,13 +104,7 @@ pub fn load(
     };
     tracing::info!(model = %info.model_id, family = %dir.family(), "denoiser ready");
     let net = Arc::new(net);
-    let controls = Arc::new(sd_service::control::store(
-        &args.control,
-        net.unet().map(|u| u.config().clone()),
-        placement,
-        Some(measure_controlnets(net.clone(), &layout)),
-    )?);
-    let ip_adapters = Arc::new(sd_service::ip::store(&args.ip, net.clone(), placement)?);
+    let (controls, ip_adapters) = stores(&args, &net, &layout)?;
     let batcher = if args.no_batching {
         None
     } else {
@@ -153,6 +147,24 @@ pub fn load(
     Ok(DenoiserServer::new(service)
         .max_decoding_message_size(max)
         .max_encoding_message_size(max))
+}
+
+/// The folders of ControlNets and IP-Adapters requests may name.
+type Stores = (
+    Arc<sd_service::control::ControlStore>,
+    Arc<sd_service::ip::IpStore>,
+);
+
+fn stores(args: &Args, net: &Arc<Denoiser>, layout: &Layout) -> anyhow::Result<Stores> {
+    let placement = args.model.placement()?;
+    let controls = sd_service::control::store(
+        &args.control,
+        net.unet().map(|u| u.config().clone()),
+        placement,
+        Some(measure_controlnets(net.clone(), layout)),
+    )?;
+    let ip = sd_service::ip::store(&args.ip, net.clone(), placement)?;
+    Ok((Arc::new(controls), Arc::new(ip)))
 }
 
 /// How a loaded ControlNet is measured against the UNet: one row at the

@@ -14,8 +14,8 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 use sd_proto::v1::{
-    ControlMode, ControlNetInfo, ControlResize, ControlUnit, ControlWindowRule,
-    ListControlNetsRequest,
+    ControlMode, ControlResize, ControlUnit, ControlWindowRule, ListControlNetsRequest,
+    ListIpAdaptersRequest,
 };
 use serde_json::{json, Map, Value};
 
@@ -27,7 +27,15 @@ use super::super::{decode_base64, State};
 const API_VERSION: u32 = 3;
 
 /// Preprocessors served here (`/controlnet/module_list`), with their sliders.
-const MODULES: [&str; 2] = ["none", "canny"];
+const MODULES: [&str; 7] = [
+    "none",
+    "ip-adapter-auto",
+    "ip-adapter_clip_h",
+    "canny",
+    "ip-adapter_clip_sd15",
+    "ip-adapter_clip_sdxl_plus_vith",
+    "ip-adapter_clip_g",
+];
 
 pub fn routes() -> Router<State> {
     Router::new()
@@ -41,6 +49,9 @@ pub fn routes() -> Router<State> {
 pub(in super::super) struct Unit {
     /// Its index in `args` (errors name it).
     pub index: usize,
+    /// An `ip-adapter_*` module's unit: an image prompt (`unit`'s image,
+    /// weight and window), not a ControlNet.
+    pub ip: bool,
     pub unit: ControlUnit,
     /// The model as asked (matched against the served ones later).
     pub model: String,
@@ -177,8 +188,10 @@ fn unit(
         ),
         ("Control Mode", mode_label(mode).into()),
     ];
+    let ip = is_ip_adapter(&module)?.map_err(|why| err("module", why))?;
     Ok(Some(Unit {
         index,
+        ip,
         model,
         text,
         unit: ControlUnit {
@@ -196,6 +209,32 @@ fn unit(
             window_rule: ControlWindowRule::A1111 as i32,
         },
     }))
+}
+
+/// Whether `module` is one of the extension's IP-Adapter preprocessors
+/// (the CLIP vision encoders plain adapters read pictures with); Err: one
+/// whose adapter kind (face ID, PuLID, InstantID) is not served.
+fn is_ip_adapter(module: &str) -> HttpResult<Result<bool, String>> {
+    let m = module.to_ascii_lowercase();
+    if !m.starts_with("ip-adapter") {
+        return Ok(Ok(false));
+    }
+    const PLAIN: [&str; 6] = [
+        "ip-adapter_clip_sd15",
+        "ip-adapter_clip_h",
+        "ip-adapter_clip_sdxl",
+        "ip-adapter_clip_g",
+        "ip-adapter_clip_sdxl_plus_vith",
+        "ip-adapter-auto",
+    ];
+    Ok(if PLAIN.contains(&m.as_str()) {
+        Ok(true)
+    } else {
+        Err(format!(
+            "`{module}` is not served (the plain IP-Adapters' modules are: {})",
+            PLAIN.join(", ")
+        ))
+    })
 }
 
 /// The unit's picture: `image` (or the legacy `input_image`) as base64, a
@@ -335,25 +374,38 @@ fn pixel_perfect_res(image: &[u8], (w, h): (u32, u32), resize: ControlResize) ->
     Some((k * f64::from(rw.min(rh))).round_ties_even())
 }
 
-/// A1111's short hash of a model file, as the served list shows it.
-fn listed(c: &ControlNetInfo) -> String {
-    if c.short_hash.is_empty() {
-        c.name.clone()
+/// A model as the extension's list shows it: `name [short hash]`.
+fn listed((name, hash): &Named) -> String {
+    if hash.is_empty() {
+        name.clone()
     } else {
-        format!("{} [{}]", c.name, c.short_hash)
+        format!("{name} [{hash}]")
     }
 }
 
-/// The ControlNets served with `model` (empty: the default model).
-async fn served(http: &State, model: &str) -> HttpResult<Vec<ControlNetInfo>> {
+/// What the served lists name: (name, short hash).
+type Named = (String, String);
+
+/// The ControlNets and the IP-Adapters served with `model` (empty: the
+/// default model), as the extension's model list has them together.
+async fn served(http: &State, model: &str) -> HttpResult<(Vec<Named>, Vec<Named>)> {
     let deadline = sd_runtime::deadline::Deadline::after(std::time::Duration::from_secs(30));
-    Ok(http
-        .service
-        .pick(model)?
-        .stages
+    let stages = &http.service.pick(model)?.stages;
+    let controls = stages
         .list_controlnets(ListControlNetsRequest::default(), &deadline)
         .await?
-        .controlnets)
+        .controlnets
+        .into_iter()
+        .map(|c| (c.name, c.short_hash))
+        .collect();
+    let ips = stages
+        .list_ip_adapters(ListIpAdaptersRequest::default(), &deadline)
+        .await?
+        .ip_adapters
+        .into_iter()
+        .map(|c| (c.name, c.short_hash))
+        .collect();
+    Ok((controls, ips))
 }
 
 /// Each unit's model matched as the extension matches it: `name [hash]`
@@ -367,39 +419,50 @@ pub(in super::super) async fn resolve(
     if units.is_empty() {
         return Ok(());
     }
-    let served = served(http, model).await?;
+    let (controls, ips) = served(http, model).await?;
     for u in units.iter_mut() {
+        let served = if u.ip { &ips } else { &controls };
         let asked = u.model.trim();
-        let bare = asked.split(" [").next().unwrap_or(asked).to_lowercase();
-        let exact = served.iter().find(|c| listed(c) == asked);
-        let by_name = || served.iter().find(|c| c.name.to_lowercase() == bare);
-        let contains = || {
-            served
-                .iter()
-                .filter(|c| c.name.to_lowercase().contains(&asked.to_lowercase()))
-                .min_by_key(|c| c.name.len())
-        };
-        let hash_ok = |c: &ControlNetInfo| {
-            !asked.contains(" [") || listed(c) == asked || c.short_hash.is_empty()
-        };
-        let found = exact
-            .or_else(|| by_name().filter(|c| hash_ok(c)))
-            .or_else(contains);
-        let Some(c) = found else {
+        let Some(c) = matched(asked, served) else {
+            let names: Vec<String> = served.iter().map(listed).collect();
             return Err(HttpError::invalid(
                 format!("alwayson_scripts.controlnet.args[{}].model", u.index),
                 format_args!(
-                    "model not found: `{asked}` (served: {})",
-                    served.iter().map(listed).collect::<Vec<_>>().join(", ")
+                    "model not found: `{asked}` (served {}: {})",
+                    if u.ip { "IP-Adapters" } else { "ControlNets" },
+                    names.join(", ")
                 ),
             ));
         };
-        u.unit.name = c.name.clone();
+        u.unit.name = c.0.clone();
+        let shown = listed(c);
         if let Some(t) = u.text.iter_mut().find(|(k, _)| *k == "Model") {
-            t.1 = listed(c);
+            t.1 = shown;
         }
     }
     Ok(())
+}
+
+/// `asked` among `served` as the extension matches it: `name [hash]`
+/// exactly, the name without its hash (any case), or the shortest name
+/// containing it.
+fn matched<'a>(asked: &str, served: &'a [Named]) -> Option<&'a Named> {
+    let bare = asked.split(" [").next().unwrap_or(asked).to_lowercase();
+    let hash_ok = |c: &Named| !asked.contains(" [") || listed(c) == asked || c.1.is_empty();
+    served
+        .iter()
+        .find(|c| listed(c) == asked)
+        .or_else(|| {
+            served
+                .iter()
+                .find(|c| c.0.to_lowercase() == bare && hash_ok(c))
+        })
+        .or_else(|| {
+            served
+                .iter()
+                .filter(|c| c.0.to_lowercase().contains(&asked.to_lowercase()))
+                .min_by_key(|c| c.0.len())
+        })
 }
 
 /// The infotext's `ControlNet N` entries (N counts enabled units).
@@ -420,27 +483,59 @@ pub(in super::super) fn infotext(units: &[Unit]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// A gateway error about `controlnets[i].F` named as the request's unit
-/// (`indices`: each enabled unit's place in `args`).
-pub(in super::super) fn rename(mut e: HttpError, indices: &[usize]) -> HttpError {
-    if let Some(p) = &e.param {
-        if let Some(rest) = p.strip_prefix("controlnets[") {
-            if let Some((i, tail)) = rest.split_once(']') {
-                if let Some(index) = i.parse::<usize>().ok().and_then(|i| indices.get(i)) {
-                    let tail = match tail {
-                        ".name" => ".model",
-                        ".start" => ".guidance_start",
-                        ".end" => ".guidance_end",
-                        ".preprocessor" => ".module",
-                        ".mode" => ".control_mode",
-                        t => t,
-                    };
-                    e.param = Some(format!("alwayson_scripts.controlnet.args[{index}]{tail}"));
-                }
-            }
-        }
+/// A gateway error about `controlnets[i].F` or `ip_adapters[i].F` named
+/// as the request's unit (`indices`: each list's units' places in `args`).
+pub(in super::super) fn rename(mut e: HttpError, indices: &Indices) -> HttpError {
+    let Some(p) = e.param.clone() else {
+        return e;
+    };
+    for (list, places) in [("controlnets[", &indices.0), ("ip_adapters[", &indices.1)] {
+        let Some((i, tail)) = p.strip_prefix(list).and_then(|r| r.split_once(']')) else {
+            continue;
+        };
+        let Some(index) = i.parse::<usize>().ok().and_then(|i| places.get(i)) else {
+            continue;
+        };
+        let tail = match tail {
+            ".name" => ".model",
+            ".start" => ".guidance_start",
+            ".end" => ".guidance_end",
+            ".preprocessor" => ".module",
+            ".mode" => ".control_mode",
+            ".scale" => ".weight",
+            t => t,
+        };
+        e.param = Some(format!("alwayson_scripts.controlnet.args[{index}]{tail}"));
     }
     e
+}
+
+/// Each list's units' places in `args`: (ControlNets, IP-Adapters).
+pub(in super::super) type Indices = (Vec<usize>, Vec<usize>);
+
+/// The enabled units as the request's ControlNets and IP-Adapters, and
+/// their places in `args`.
+pub(in super::super) fn split(
+    units: Vec<Unit>,
+) -> (Vec<ControlUnit>, Vec<sd_proto::v1::IpAdapterUnit>, Indices) {
+    let (mut controls, mut ips, mut at) = (Vec::new(), Vec::new(), (Vec::new(), Vec::new()));
+    for u in units {
+        if u.ip {
+            at.1.push(u.index);
+            ips.push(sd_proto::v1::IpAdapterUnit {
+                name: u.unit.name,
+                image: u.unit.image,
+                scale: u.unit.weight,
+                start: u.unit.start,
+                end: u.unit.end,
+                window_rule: u.unit.window_rule,
+            });
+        } else {
+            at.0.push(u.index);
+            controls.push(u.unit);
+        }
+    }
+    (controls, ips, at)
 }
 
 async fn version() -> Response {
@@ -453,9 +548,11 @@ async fn settings() -> Response {
 
 async fn model_list(S(http): S<State>) -> Response {
     match served(&http, "").await {
-        Ok(list) => super::super::json(json!({
-            "model_list": list.iter().map(listed).collect::<Vec<_>>()
-        })),
+        Ok((controls, ips)) => {
+            let mut names: Vec<String> = controls.iter().chain(&ips).map(listed).collect();
+            names.sort();
+            super::super::json(json!({ "model_list": names }))
+        }
         Err(e) => axum::response::IntoResponse::into_response(e),
     }
 }
@@ -466,6 +563,11 @@ async fn module_list(Query(_q): Query<std::collections::HashMap<String, String>>
         "module_list": MODULES,
         "module_detail": {
             "none": {"model_free": false, "sliders": []},
+            "ip-adapter-auto": {"model_free": false, "sliders": []},
+            "ip-adapter_clip_h": {"model_free": false, "sliders": []},
+            "ip-adapter_clip_sd15": {"model_free": false, "sliders": []},
+            "ip-adapter_clip_sdxl_plus_vith": {"model_free": false, "sliders": []},
+            "ip-adapter_clip_g": {"model_free": false, "sliders": []},
             "canny": {"model_free": false, "sliders": [
                 slider("Resolution", 512.0, 64.0, 2048.0, 8.0),
                 slider("Low Threshold", 100.0, 1.0, 255.0, 1.0),

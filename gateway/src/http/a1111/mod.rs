@@ -127,8 +127,9 @@ async fn generate(S(http): S<State>, headers: HeaderMap, body: Body, img2img: bo
         let mut units = controlnet::units(&Fields(&body), size)?;
         controlnet::resolve(&http, &asked.base.model, &mut units).await?;
         asked.infotext.extend(controlnet::infotext(&units));
-        asked.control_indices = units.iter().map(|u| u.index).collect();
-        asked.base.controlnets = units.into_iter().map(|u| u.unit).collect();
+        let (controls, ips, indices) = controlnet::split(units);
+        (asked.base.controlnets, asked.base.ip_adapters) = (controls, ips);
+        asked.control_indices = indices;
         let caller = http.caller(&headers);
         let running = http.jobs.start(caller, asked.n_iter);
         let mut images = Vec::new();

@@ -140,8 +140,9 @@ pub(super) struct Asked {
     pub(super) inpaint: Option<sd_proto::v1::InpaintOptions>,
     /// What A1111's infotext adds for this request ("Mask blur: 4", …).
     pub(super) infotext: Vec<(String, String)>,
-    /// Each ControlNet unit's place in `alwayson_scripts.controlnet.args`.
-    pub(super) control_indices: Vec<usize>,
+    /// Each ControlNet's and IP-Adapter's place in
+    /// `alwayson_scripts.controlnet.args`.
+    pub(super) control_indices: super::controlnet::Indices,
 }
 
 pub(super) fn read_request(f: &Fields, img2img: bool) -> HttpResult<Asked> {
@@ -217,7 +218,7 @@ pub(super) fn read_request(f: &Fields, img2img: bool) -> HttpResult<Asked> {
         mask: Vec::new(),
         inpaint: None,
         infotext: Vec::new(),
-        control_indices: Vec::new(),
+        control_indices: Default::default(),
     })
 }
 
