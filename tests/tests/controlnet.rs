@@ -238,3 +238,86 @@ fn webuiapi_and_openai_clients_steer_with_controlnets() {
         &[stack.http.as_ref(), dir.path().as_os_str()],
     );
 }
+
+/// Four guided calls in one batched forward — a ControlNet at a weight,
+/// the other with A1111's soft injection and no control on the
+/// unconditional rows, both at once, and none — run the UNet once on all
+/// eight rows, each ControlNet once on its rows; each call's prediction
+/// equals its own forward's, and the controlled ones differ from the plain.
+#[test]
+fn mixed_controls_share_one_forward_and_each_call_equals_its_own() {
+    use sd_models::{Denoiser, ModelDir, Placement};
+    use sd_service::compute::{forward_calls, Call, Half};
+    use sd_service::control::{Control, ControlArgs};
+    use tch::{Kind, Tensor};
+    let net = Denoiser::load(
+        &ModelDir::open(common::model("sd1-tiny")).unwrap(),
+        Placement::cpu(),
+    )
+    .unwrap();
+    let args = ControlArgs {
+        controlnet_dir: Some(common::fixtures().join("controlnet/sd1-tiny/nets")),
+        controlnet_cache_mb: 1024,
+    };
+    let base = net.unet().unwrap().config().clone();
+    let store = sd_service::control::store(&args, Some(base), Placement::cpu(), None).unwrap();
+    let f = (Kind::Float, tch::Device::Cpu);
+    tch::manual_seed(7);
+    let control = |name: &str, scale: f64, uncond_scale: f64, soft: bool| {
+        let net = store.get(name, "test").unwrap();
+        let hint = net.item.embed(&Tensor::rand([1, 3, 32, 32], f)).unwrap();
+        Control {
+            net,
+            hint,
+            scale,
+            uncond_scale,
+            soft,
+        }
+    };
+    let call = |controls: Vec<Control>| Call {
+        latents: Tensor::randn([1, 4, 8, 8], f),
+        timesteps: Tensor::from_slice(&[500.0f32]),
+        cond: Half::text(Tensor::randn([1, 77, 32], f)),
+        uncond: Some(Half::text(Tensor::randn([1, 77, 32], f))),
+        guidance: 7.5,
+        embedded_guidance: None,
+        image: None,
+        loras: Default::default(),
+        references: None,
+        controls,
+        ip: Vec::new(),
+    };
+    let calls = [
+        call(vec![control("edges", 0.7, 0.7, false)]),
+        call(vec![control("depth", 1.0, 0.0, true)]),
+        call(vec![
+            control("edges", 1.0, 1.0, false),
+            control("depth", 0.5, 0.5, false),
+        ]),
+        call(Vec::new()),
+    ];
+    let refs: Vec<&Call> = calls.iter().collect();
+    let together = forward_calls(&net, &refs).unwrap();
+    for (i, c) in calls.iter().enumerate() {
+        let alone = forward_calls(&net, &[c]).unwrap().remove(0);
+        let d = common::max_abs_diff(&together[i], &alone);
+        assert!(d < 1e-4, "call {i}: batched differs from alone by {d}");
+    }
+    // The same inputs without their controls: the controls changed them.
+    for (i, c) in calls.iter().take(3).enumerate() {
+        let plain = Call {
+            latents: c.latents.shallow_clone(),
+            timesteps: c.timesteps.shallow_clone(),
+            cond: Half::text(c.cond.context.shallow_clone()),
+            uncond: c
+                .uncond
+                .as_ref()
+                .map(|u| Half::text(u.context.shallow_clone())),
+            controls: Vec::new(),
+            ..call(Vec::new())
+        };
+        let p = forward_calls(&net, &[&plain]).unwrap().remove(0);
+        let d = common::max_abs_diff(&together[i], &p);
+        assert!(d > 1e-3, "call {i}: its controls changed nothing ({d})");
+    }
+}
