@@ -269,10 +269,11 @@ fn preprocess(i: usize, u: &ControlUnit, picture: RgbImage) -> Result<RgbImage> 
             } else {
                 u.processor_res
             };
-            if !(64..=2048).contains(&res) {
+            // A1111's slider is 64..=2048; its pixel perfect may go below.
+            if !(1..=4096).contains(&res) {
                 return Err(Error::invalid(
                     field_name("controlnets", i, "processor_res"),
-                    format!("{res} given, 64..=2048 allowed"),
+                    format!("{res} given, 1..=4096 allowed"),
                 ));
             }
             Ok(canny_at(&picture, res, low.trunc(), high.trunc()))

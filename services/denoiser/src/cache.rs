@@ -82,8 +82,8 @@ impl HeldBudget {
 }
 
 /// Most session tensors one stream holds (a generation's time ids, masks,
-/// control images).
-pub const MAX_HELD_TENSORS: usize = 16;
+/// reference images, 8 ControlNet hints and 8 IP-Adapters' embeddings).
+pub const MAX_HELD_TENSORS: usize = 24;
 
 /// What a stream holds under an id.
 enum Kept {
