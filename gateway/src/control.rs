@@ -248,6 +248,20 @@ fn unit(i: usize, u: &ControlUnit, limits: &Limits, size: (u32, u32)) -> Result<
     })
 }
 
+/// The hint unit `u` makes at `width`×`height`, as PNG: what A1111's
+/// ControlNet extension returns as the unit's detected map.
+pub fn hint_png(u: &ControlUnit, limits: &Limits, (width, height): (u32, u32)) -> Result<Vec<u8>> {
+    let resize = ControlResize::try_from(u.resize_mode).unwrap_or(ControlResize::JustResize);
+    let picture = crate::images::decode_picture(&u.image, limits)
+        .map_err(|e| Error::invalid("controlnets", e))?
+        .to_rgb8();
+    let hint = fit(&preprocess(0, u, picture)?, (width, height), resize);
+    let mut png = Vec::new();
+    hint.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| Error::Internal(format!("a hint's PNG: {e}")))?;
+    Ok(png)
+}
+
 /// The hint the unit's preprocessor makes of `picture`.
 fn preprocess(i: usize, u: &ControlUnit, picture: RgbImage) -> Result<RgbImage> {
     let module = u.preprocessor.trim().to_ascii_lowercase();

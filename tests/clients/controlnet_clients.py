@@ -51,7 +51,11 @@ def check_webuiapi():
     assert (got == want).all(), f"webuiapi's ControlNet differs from gRPC's with A1111's rule: max {np.abs(got - want).max()}"
     other = px(Image.open(DIR / "diffusers.png"))
     assert (got != other).any(), "A1111's window rule gave diffusers' image"
-    assert 'ControlNet 0: "Module: none, Model: edges [' in r.info["infotexts"][0], r.info["infotexts"][0]
+    assert 'ControlNet 0: "Module: none, Model: edges, Weight: 0.8, Resize Mode: Just Resize' in r.info["infotexts"][0], \
+        r.info["infotexts"][0]
+    # The extension's detected map follows the image: here the hint itself.
+    assert len(r.images) == 2, len(r.images)
+    assert (px(r.images[1]) == px(hint)).all(), "the detected map is not the hint"
     # The model by a partial name, any case, as the extension matches it.
     unit.model = "EDG"
     r2 = api.txt2img(prompt=PROMPT, steps=8, seed=7, cfg_scale=7, width=32, height=32, sampler_name="Euler",

@@ -434,11 +434,9 @@ pub(in super::super) async fn resolve(
                 ),
             ));
         };
+        // (The infotext keeps the model as the client sent it, as the
+        // extension writes it.)
         u.unit.name = c.0.clone();
-        let shown = listed(c);
-        if let Some(t) = u.text.iter_mut().find(|(k, _)| *k == "Model") {
-            t.1 = shown;
-        }
     }
     Ok(())
 }
@@ -508,6 +506,66 @@ pub(in super::super) fn rename(mut e: HttpError, indices: &Indices) -> HttpError
         e.param = Some(format!("alwayson_scripts.controlnet.args[{index}]{tail}"));
     }
     e
+}
+
+/// What a unit's detected map is made of: a ControlNet unit's hint, or an
+/// IP-Adapter unit's picture (the extension shows its input).
+pub(in super::super) enum MapSource {
+    Hint(ControlUnit),
+    Picture(Vec<u8>),
+}
+
+/// Each enabled unit's detected-map source, in order.
+pub(in super::super) fn map_sources(units: &[Unit]) -> Vec<MapSource> {
+    units
+        .iter()
+        .map(|u| {
+            if u.ip {
+                MapSource::Picture(u.unit.image.to_vec())
+            } else {
+                MapSource::Hint(u.unit.clone())
+            }
+        })
+        .collect()
+}
+
+/// The detected maps the extension appends after the generated images:
+/// one per enabled unit at the generation's size (`low`), and with hires
+/// fix the final size's first (`high`); base64 PNGs.
+pub(in super::super) fn maps(
+    sources: &[MapSource],
+    limits: &crate::limits::Limits,
+    low: (u32, u32),
+    high: Option<(u32, u32)>,
+) -> HttpResult<Vec<String>> {
+    let mut out = Vec::new();
+    for s in sources {
+        let sizes = high.into_iter().chain(std::iter::once(low));
+        match s {
+            MapSource::Hint(u) => {
+                for size in sizes {
+                    out.push(super::super::encode_base64(&crate::control::hint_png(
+                        u, limits, size,
+                    )?));
+                }
+            }
+            MapSource::Picture(bytes) => {
+                let png = crate::images::decode_picture(bytes, limits)
+                    .ok()
+                    .and_then(|img| {
+                        let mut png = Vec::new();
+                        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                            .ok()
+                            .map(|()| png)
+                    })
+                    .unwrap_or_else(|| bytes.clone());
+                for _ in sizes {
+                    out.push(super::super::encode_base64(&png));
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Each list's units' places in `args`: (ControlNets, IP-Adapters).

@@ -127,6 +127,7 @@ async fn generate(S(http): S<State>, headers: HeaderMap, body: Body, img2img: bo
         let mut units = controlnet::units(&Fields(&body), size)?;
         controlnet::resolve(&http, &asked.base.model, &mut units).await?;
         asked.infotext.extend(controlnet::infotext(&units));
+        let sources = controlnet::map_sources(&units);
         let (controls, ips, indices) = controlnet::split(units);
         (asked.base.controlnets, asked.base.ip_adapters) = (controls, ips);
         asked.control_indices = indices;
@@ -143,7 +144,17 @@ async fn generate(S(http): S<State>, headers: HeaderMap, body: Body, img2img: bo
                 break;
             }
         }
-        Ok::<_, HttpError>(super::json(answer(&http, &body, &asked, &images)))
+        // The ControlNet extension's detected maps follow the images.
+        let last = images.last().and_then(|(_, r)| r.images.first());
+        let high = last
+            .map(|i| (i.width, i.height))
+            .filter(|_| asked.base.hires.is_some());
+        let maps = if asked.send_images {
+            controlnet::maps(&sources, &http.service.limits, size, high)?
+        } else {
+            Vec::new()
+        };
+        Ok::<_, HttpError>(super::json(answer(&http, &body, &asked, &images, maps)))
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
@@ -240,6 +251,7 @@ fn answer(
     body: &Map<String, Value>,
     asked: &Asked,
     images: &[(u64, GenerateResponse)],
+    maps: Vec<String>,
 ) -> Value {
     let b = &asked.base;
     let seeds: Vec<u64> = images.iter().map(|(s, _)| *s).collect();
@@ -298,6 +310,7 @@ fn answer(
         images
             .iter()
             .flat_map(|(_, r)| r.images.iter().map(|i| encode_base64(&i.data)))
+            .chain(maps)
             .collect()
     } else {
         Vec::new()
