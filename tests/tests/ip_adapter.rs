@@ -243,3 +243,35 @@ fn openai_and_webuiapi_clients_send_image_prompts() {
         &[stack.http.as_ref(), work.path().as_os_str()],
     );
 }
+
+/// The web page in headless Chromium offers the served ControlNets and
+/// IP-Adapters; each, chosen with its picture, gives diffusers' image
+/// (tests/clients/web_page_controls.py).
+#[test]
+fn the_web_page_steers_with_a_controlnet_and_an_image_prompt() {
+    let dir = adapter_dir("sd1-tiny");
+    let f = common::fixtures();
+    let nets = f.join("controlnet/sd1-tiny/nets");
+    let stack = common::stack::Stack::start_with(
+        &common::model("sd1-tiny"),
+        &[
+            "--ip-adapter-dir",
+            dir.path().to_str().unwrap(),
+            "--controlnet-dir",
+            nets.to_str().unwrap(),
+        ],
+    );
+    let work = tempfile::tempdir().unwrap();
+    for (from, to) in [
+        ("controlnet/control-sd1.png", "hint.png"),
+        ("controlnet/sd1-tiny/weight-0.png", "controlnet.png"),
+        ("ip-adapter/ref-a.png", "picture.png"),
+        ("ip-adapter/sd1-tiny/scale-0.png", "ip.png"),
+    ] {
+        std::fs::copy(f.join(from), work.path().join(to)).unwrap();
+    }
+    common::run_client(
+        "web_page_controls.py",
+        &[stack.http.as_ref(), work.path().as_os_str()],
+    );
+}

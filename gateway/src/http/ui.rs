@@ -35,7 +35,9 @@ pub fn open_routes() -> Router<State> {
 
 /// The page's API, behind the API keys.
 pub fn routes() -> Router<State> {
-    Router::new().route("/ui/generate", post(generate))
+    Router::new()
+        .route("/ui/generate", post(generate))
+        .route("/ui/controls", get(controls))
 }
 
 async fn page() -> Response {
@@ -110,6 +112,8 @@ fn request(f: &Fields) -> Result<GenerateRequest, HttpError> {
         preview_mode: PreviewMode::Latent as i32,
         num_images: 1,
         loras: f.loras("loras")?,
+        controlnets: f.controlnets("controlnets")?,
+        ip_adapters: f.ip_adapters("ip_adapters")?,
         true_cfg_scale: f.f64("true_cfg_scale")?.map(|g| g as f32),
         max_sequence_length: f.int_in("max_sequence_length", 0, 4096)?.unwrap_or(0) as u32,
         reference_images,
@@ -134,7 +138,49 @@ fn parameters_json(p: &GenerationParameters) -> serde_json::Value {
         "hires": p.hires.as_ref().map(|h| json!({
             "width": h.width, "height": h.height, "upscaler": h.upscaler, "steps": h.steps,
         })),
+        "controlnets": p.controlnets.iter().map(|c| json!({
+            "name": c.name, "weight": shortest(c.weight.unwrap_or(1.0)),
+            "preprocessor": c.preprocessor,
+        })).collect::<Vec<_>>(),
+        "ip_adapters": p.ip_adapters.iter().map(|a| json!({
+            "name": a.name, "scale": shortest(a.scale.unwrap_or(1.0)),
+        })).collect::<Vec<_>>(),
     })
+}
+
+/// A float32 as the number it was typed as (0.7, not 0.699999988).
+fn shortest(v: f32) -> f64 {
+    v.to_string().parse().unwrap_or(f64::from(v))
+}
+
+/// What the page can steer with on a model (`GET /ui/controls?model=`):
+/// the ControlNets and IP-Adapters its denoiser serves, by name (empty
+/// lists where it serves none).
+async fn controls(
+    S(http): S<State>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let model = q.get("model").map_or("", String::as_str);
+    let deadline = sd_runtime::deadline::Deadline::after(std::time::Duration::from_secs(30));
+    let stages = match http.service.pick(model) {
+        Ok(g) => g.stages.clone(),
+        Err(e) => return HttpError::from(e).into_response(),
+    };
+    let names = |v: Vec<String>| json!(v);
+    let controlnets = stages
+        .list_controlnets(Default::default(), &deadline)
+        .await
+        .map(|l| l.controlnets.into_iter().map(|c| c.name).collect())
+        .unwrap_or_default();
+    let ip_adapters = stages
+        .list_ip_adapters(Default::default(), &deadline)
+        .await
+        .map(|l| l.ip_adapters.into_iter().map(|c| c.name).collect())
+        .unwrap_or_default();
+    super::json(json!({
+        "controlnets": names(controlnets),
+        "ip_adapters": names(ip_adapters),
+    }))
 }
 
 async fn generate(S(http): S<State>, headers: HeaderMap, body: Body) -> Response {
