@@ -6,7 +6,10 @@ textual-inversion embeddings) and sd1-inpaint-tiny.
   inversion: each case of the fixtures' diffusers references, within 2/255
   (max) and 99.9% within 1/255, as the Rust tests compare;
 - hires fix: the image at twice the size, its parameters echoed;
-- bad masks: INVALID_ARGUMENT naming `mask`.
+- bad masks: INVALID_ARGUMENT naming `mask`;
+- ControlNets and IP-Adapters (the fixtures' diffusers references, each
+  within the same bounds), ListControlNets, and a bad unit named
+  (`controlnets[0].weight`).
 
 Usage: grpc_clients.py HOST:PORT FIXTURES_DIR PROTO_DIR
 """
@@ -67,6 +70,13 @@ def request(pb, params, inputs, model):
     for field in ("init_image", "mask"):
         if field in params:
             setattr(r, field, (inputs / params[field]).read_bytes())
+    for u in params.get("controlnets", []):
+        unit = r.controlnets.add(name=u["name"], image=(inputs / u["image"]).read_bytes())
+        for k in ("weight", "start", "end"):
+            if k in u:
+                setattr(unit, k, u[k])
+    for u in params.get("ip_adapters", []):
+        r.ip_adapters.add(name=u["name"], image=(inputs / u["image"]).read_bytes(), scale=u.get("scale", 1.0))
     return r
 
 
@@ -122,6 +132,20 @@ def main(out):
     refused(stub, pb.GenerateRequest(**base, model="sd1-tiny", init_image=init, mask=black.getvalue()), "mask")
     refused(stub, pb.GenerateRequest(**base, model="sd1-inpaint-tiny", init_image=init), "mask")
     print("bad masks refused naming mask")
+
+    # ControlNets and IP-Adapters, equal to diffusers'.
+    control, ip = FIXTURES / "controlnet", FIXTURES / "ip-adapter"
+    cases(stub, pb, control, control / "sd1-tiny", "sd1-tiny")
+    cases(stub, pb, ip, ip / "sd1-tiny", "sd1-tiny")
+    from sd.v1 import tensor_pb2  # noqa: E402 (generated above)
+
+    listed = stub.ListControlNets(tensor_pb2.ListControlNetsRequest(model="sd1-tiny"), timeout=60)
+    assert sorted((c.name, c.layout) for c in listed.controlnets) == [("depth", "file"), ("edges", "folder")], listed
+    hint = (control / "control-sd1.png").read_bytes()
+    refused(stub, pb.GenerateRequest(**base, model="sd1-tiny",
+                                     controlnets=[pb.ControlUnit(name="edges", image=hint, weight=7)]),
+            "controlnets[0].weight")
+    print("ControlNets and IP-Adapters equal diffusers'; a bad unit refused naming it")
 
 
 if __name__ == "__main__":

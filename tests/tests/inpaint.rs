@@ -292,12 +292,27 @@ fn the_web_page_paints_masks_outpaints_and_toggles_hires_fix() {
 }
 
 /// grpcio stubs generated from our proto by a Python client: inpainting on
-/// both kinds of UNet and textual inversion equal to diffusers, hires fix,
-/// and bad masks named (`tests/clients/grpc_clients.py`).
+/// both kinds of UNet, textual inversion, ControlNets and IP-Adapters equal
+/// to diffusers, hires fix, and bad masks and units named
+/// (`tests/clients/grpc_clients.py`).
 #[test]
 fn grpcio_stubs_inpaint_use_embeddings_and_run_hires_fix() {
-    let ti = common::fixtures().join("ti").join("sd1").join("embeddings");
+    let f = common::fixtures();
+    let ti = f.join("ti").join("sd1").join("embeddings");
     let inpaint = common::model("sd1-inpaint-tiny");
+    let nets = f.join("controlnet").join("sd1-tiny").join("nets");
+    // The IP-Adapters beside their image encoder, as they are published.
+    let ip = tempfile::tempdir().unwrap();
+    let ip_root = f.join("ip-adapter");
+    std::os::unix::fs::symlink(
+        ip_root.join("image_encoder"),
+        ip.path().join("image_encoder"),
+    )
+    .unwrap();
+    for name in ["face.safetensors", "style.safetensors"] {
+        let adapters = ip_root.join("sd1-tiny").join("adapters");
+        std::os::unix::fs::symlink(adapters.join(name), ip.path().join(name)).unwrap();
+    }
     let stack = common::stack::Stack::start_with(
         &common::model("sd1-tiny"),
         &[
@@ -305,6 +320,10 @@ fn grpcio_stubs_inpaint_use_embeddings_and_run_hires_fix() {
             inpaint.to_str().unwrap(),
             "--embeddings-dir",
             ti.to_str().unwrap(),
+            "--controlnet-dir",
+            nets.to_str().unwrap(),
+            "--ip-adapter-dir",
+            ip.path().to_str().unwrap(),
         ],
     );
     let target = stack.url.trim_start_matches("http://");
@@ -318,4 +337,5 @@ fn grpcio_stubs_inpaint_use_embeddings_and_run_hires_fix() {
         ],
     );
     assert!(out.contains("bad masks refused"), "{out}");
+    assert!(out.contains("a bad unit refused"), "{out}");
 }
