@@ -485,16 +485,7 @@ impl Generation for GenerationService {
         self.keys.check(request.metadata()).map_err(Status::from)?;
         let deadline = Deadline::from_metadata(request.metadata());
         let req = request.into_inner();
-        if req.check.len() > crate::control::MAX_UNITS {
-            return Err(Status::from(Error::invalid(
-                "check",
-                format!(
-                    "{} names, at most {}",
-                    req.check.len(),
-                    crate::control::MAX_UNITS
-                ),
-            )));
-        }
+        check_names(&req.check)?;
         let out = self
             .pick(&req.model)
             .map_err(Status::from)?
@@ -512,16 +503,7 @@ impl Generation for GenerationService {
         self.keys.check(request.metadata()).map_err(Status::from)?;
         let deadline = Deadline::from_metadata(request.metadata());
         let req = request.into_inner();
-        if req.check.len() > crate::control::MAX_UNITS {
-            return Err(Status::from(Error::invalid(
-                "check",
-                format!(
-                    "{} names, at most {}",
-                    req.check.len(),
-                    crate::control::MAX_UNITS
-                ),
-            )));
-        }
+        check_names(&req.check)?;
         let generator = self.pick(&req.model).map_err(Status::from)?;
         let out = generator
             .stages
@@ -536,4 +518,16 @@ impl Generation for GenerationService {
         }
         Ok(Response::new(out))
     }
+}
+
+/// A ControlNet or IP-Adapter listing's `check`: at most a request's units.
+fn check_names(check: &[String]) -> Result<(), Status> {
+    let max = crate::control::MAX_UNITS;
+    if check.len() > max {
+        return Err(Status::from(Error::invalid(
+            "check",
+            format!("{} names, at most {max}", check.len()),
+        )));
+    }
+    Ok(())
 }

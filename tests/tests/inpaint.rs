@@ -301,18 +301,7 @@ fn grpcio_stubs_inpaint_use_embeddings_and_run_hires_fix() {
     let ti = f.join("ti").join("sd1").join("embeddings");
     let inpaint = common::model("sd1-inpaint-tiny");
     let nets = f.join("controlnet").join("sd1-tiny").join("nets");
-    // The IP-Adapters beside their image encoder, as they are published.
-    let ip = tempfile::tempdir().unwrap();
-    let ip_root = f.join("ip-adapter");
-    std::os::unix::fs::symlink(
-        ip_root.join("image_encoder"),
-        ip.path().join("image_encoder"),
-    )
-    .unwrap();
-    for name in ["face.safetensors", "style.safetensors"] {
-        let adapters = ip_root.join("sd1-tiny").join("adapters");
-        std::os::unix::fs::symlink(adapters.join(name), ip.path().join(name)).unwrap();
-    }
+    let ip = common::ip_adapter_dir("sd1-tiny");
     let stack = common::stack::Stack::start_with(
         &common::model("sd1-tiny"),
         &[

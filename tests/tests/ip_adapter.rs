@@ -17,22 +17,8 @@ use sd_proto::v1::generation_client::GenerationClient;
 use sd_proto::v1::{GenerateRequest, IpAdapterUnit};
 use tch::Tensor;
 
-/// `--ip-adapter-dir` for `model`: its adapters and the image encoder
-/// beside them, as the adapters are published.
-fn adapter_dir(model: &str) -> tempfile::TempDir {
-    let root = common::fixtures().join("ip-adapter");
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(root.join("image_encoder"), dir.path().join("image_encoder"))
-        .unwrap();
-    for e in std::fs::read_dir(root.join(model).join("adapters")).unwrap() {
-        let e = e.unwrap();
-        std::os::unix::fs::symlink(e.path(), dir.path().join(e.file_name())).unwrap();
-    }
-    dir
-}
-
 fn run(model: &str) {
-    let dir = adapter_dir(model);
+    let dir = common::ip_adapter_dir(model);
     let inputs = common::fixtures().join("ip-adapter");
     let references = inputs.join(model);
     let stack = common::stack::Stack::start_with(
@@ -116,7 +102,7 @@ fn pictures_embeddings_and_tokens_equal_the_references() {
 /// Adapters that cannot work are refused before any step, naming the field.
 #[test]
 fn bad_image_prompts_are_refused_by_field() {
-    let dir = adapter_dir("sd1-tiny");
+    let dir = common::ip_adapter_dir("sd1-tiny");
     let root = common::fixtures().join("ip-adapter");
     let stack = common::stack::Stack::start_with(
         &common::model("sd1-tiny"),
@@ -199,7 +185,7 @@ fn bad_image_prompts_are_refused_by_field() {
 /// request (tests/clients/ip_adapter_clients.py).
 #[test]
 fn openai_and_webuiapi_clients_send_image_prompts() {
-    let dir = adapter_dir("sd1-tiny");
+    let dir = common::ip_adapter_dir("sd1-tiny");
     let root = common::fixtures().join("ip-adapter");
     let stack = common::stack::Stack::start_with(
         &common::model("sd1-tiny"),
@@ -249,7 +235,7 @@ fn openai_and_webuiapi_clients_send_image_prompts() {
 /// (tests/clients/web_page_controls.py).
 #[test]
 fn the_web_page_steers_with_a_controlnet_and_an_image_prompt() {
-    let dir = adapter_dir("sd1-tiny");
+    let dir = common::ip_adapter_dir("sd1-tiny");
     let f = common::fixtures();
     let nets = f.join("controlnet/sd1-tiny/nets");
     let stack = common::stack::Stack::start_with(

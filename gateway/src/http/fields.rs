@@ -139,113 +139,105 @@ impl<'a> Fields<'a> {
             .collect()
     }
 
+    /// Field `name`'s array of unit objects (absent: none), each read by
+    /// `read` with its own fields, its path (`name[i]`) and its `image`
+    /// (base64 or a `data:` URL; empty when absent); `(many, one)` say
+    /// what the array and a unit are in errors.
+    fn units<T>(
+        &self,
+        name: &str,
+        (many, one): (&str, &str),
+        read: impl Fn(&Fields, &str, Vec<u8>) -> HttpResult<T>,
+    ) -> HttpResult<Vec<T>> {
+        let items = match self.get(name) {
+            None | Some(Value::Null) => return Ok(Vec::new()),
+            Some(Value::Array(a)) => a,
+            Some(v) => return Err(wrong(name, many, v)),
+        };
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let at = format!("{name}[{i}]");
+                let o = v.as_object().ok_or_else(|| wrong(&at, one, v))?;
+                let f = Fields(o);
+                let image = f.str("image").map_err(|e| e.within(&at))?.unwrap_or("");
+                let image = if image.is_empty() {
+                    Vec::new()
+                } else {
+                    super::decode_base64(&format!("{at}.image"), image)?
+                };
+                read(&f, &at, image)
+            })
+            .collect()
+    }
+
+    /// A number as f32 (absent: None), its error named within `at`.
+    fn f32_within(&self, key: &str, at: &str) -> HttpResult<Option<f32>> {
+        Ok(self.f64(key).map_err(|e| e.within(at))?.map(|v| v as f32))
+    }
+
     /// ControlNet units (the gRPC `controlnets` as JSON): an array of
     /// `{"name", "image" (base64 or a data URL), "weight", "start", "end",
     /// "mode" (balanced, prompt, control), "preprocessor" (none, canny),
     /// "threshold_a", "threshold_b", "processor_res", "resize_mode"
     /// (just_resize, crop_and_resize, resize_and_fill)}`.
     pub fn controlnets(&self, name: &str) -> HttpResult<Vec<sd_proto::v1::ControlUnit>> {
-        use sd_proto::v1::ControlUnit;
-        let items = match self.get(name) {
-            None | Some(Value::Null) => return Ok(Vec::new()),
-            Some(Value::Array(a)) => a,
-            Some(v) => return Err(wrong(name, "an array of ControlNet units", v)),
-        };
-        items
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let at = format!("{name}[{i}]");
-                let o = v
-                    .as_object()
-                    .ok_or_else(|| wrong(&at, "a ControlNet unit object", v))?;
-                let f = Fields(o);
-                let within = |e: HttpError| e.within(&at);
-                let image = f.str("image").map_err(within)?.unwrap_or("");
-                let image = if image.is_empty() {
-                    Vec::new()
-                } else {
-                    super::decode_base64(&format!("{at}.image"), image)?
-                };
-                let choice = |key: &str, options: &[&str]| -> HttpResult<i32> {
-                    match f.str(key).map_err(within)? {
-                        None => Ok(0),
-                        Some(v) => options
-                            .iter()
-                            .position(|o| *o == v)
-                            .map(|p| p as i32)
-                            .ok_or_else(|| {
-                                HttpError::invalid(
-                                    format!("{at}.{key}"),
-                                    format_args!("`{v}`: expected {}", options.join(", ")),
-                                )
-                            }),
-                    }
-                };
-                let number = |key: &str| -> HttpResult<Option<f32>> {
-                    Ok(f.f64(key).map_err(within)?.map(|v| v as f32))
-                };
-                Ok(ControlUnit {
-                    name: f.string_or("name", "").map_err(within)?,
-                    image: image.into(),
-                    weight: number("weight")?,
-                    start: number("start")?,
-                    end: number("end")?,
-                    mode: choice("mode", &["balanced", "prompt", "control"])?,
-                    preprocessor: f.string_or("preprocessor", "").map_err(within)?,
-                    threshold_a: number("threshold_a")?,
-                    threshold_b: number("threshold_b")?,
-                    processor_res: f
-                        .int_in("processor_res", 0, 4096)
-                        .map_err(within)?
-                        .unwrap_or(0) as u32,
-                    resize_mode: choice(
-                        "resize_mode",
-                        &["just_resize", "crop_and_resize", "resize_and_fill"],
-                    )?,
-                    ..ControlUnit::default()
-                })
+        let what = ("an array of ControlNet units", "a ControlNet unit object");
+        self.units(name, what, |f, at, image| {
+            let within = |e: HttpError| e.within(at);
+            let choice = |key: &str, options: &[&str]| -> HttpResult<i32> {
+                match f.str(key).map_err(within)? {
+                    None => Ok(0),
+                    Some(v) => options
+                        .iter()
+                        .position(|o| *o == v)
+                        .map(|p| p as i32)
+                        .ok_or_else(|| {
+                            HttpError::invalid(
+                                format!("{at}.{key}"),
+                                format_args!("`{v}`: expected {}", options.join(", ")),
+                            )
+                        }),
+                }
+            };
+            Ok(sd_proto::v1::ControlUnit {
+                name: f.string_or("name", "").map_err(within)?,
+                image: image.into(),
+                weight: f.f32_within("weight", at)?,
+                start: f.f32_within("start", at)?,
+                end: f.f32_within("end", at)?,
+                mode: choice("mode", &["balanced", "prompt", "control"])?,
+                preprocessor: f.string_or("preprocessor", "").map_err(within)?,
+                threshold_a: f.f32_within("threshold_a", at)?,
+                threshold_b: f.f32_within("threshold_b", at)?,
+                processor_res: f
+                    .int_in("processor_res", 0, 4096)
+                    .map_err(within)?
+                    .unwrap_or(0) as u32,
+                resize_mode: choice(
+                    "resize_mode",
+                    &["just_resize", "crop_and_resize", "resize_and_fill"],
+                )?,
+                ..Default::default()
             })
-            .collect()
+        })
     }
 
     /// IP-Adapters (the gRPC `ip_adapters` as JSON): an array of `{"name",
     /// "image" (base64 or a data URL), "scale", "start", "end"}`.
     pub fn ip_adapters(&self, name: &str) -> HttpResult<Vec<sd_proto::v1::IpAdapterUnit>> {
-        let items = match self.get(name) {
-            None | Some(Value::Null) => return Ok(Vec::new()),
-            Some(Value::Array(a)) => a,
-            Some(v) => return Err(wrong(name, "an array of IP-Adapter units", v)),
-        };
-        items
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let at = format!("{name}[{i}]");
-                let o = v
-                    .as_object()
-                    .ok_or_else(|| wrong(&at, "an IP-Adapter unit object", v))?;
-                let f = Fields(o);
-                let within = |e: HttpError| e.within(&at);
-                let image = f.str("image").map_err(within)?.unwrap_or("");
-                let number = |key: &str| -> HttpResult<Option<f32>> {
-                    Ok(f.f64(key).map_err(within)?.map(|v| v as f32))
-                };
-                Ok(sd_proto::v1::IpAdapterUnit {
-                    name: f.string_or("name", "").map_err(within)?,
-                    image: if image.is_empty() {
-                        Vec::new()
-                    } else {
-                        super::decode_base64(&format!("{at}.image"), image)?
-                    }
-                    .into(),
-                    scale: number("scale")?,
-                    start: number("start")?,
-                    end: number("end")?,
-                    ..Default::default()
-                })
+        let what = ("an array of IP-Adapter units", "an IP-Adapter unit object");
+        self.units(name, what, |f, at, image| {
+            Ok(sd_proto::v1::IpAdapterUnit {
+                name: f.string_or("name", "").map_err(|e| e.within(at))?,
+                image: image.into(),
+                scale: f.f32_within("scale", at)?,
+                start: f.f32_within("start", at)?,
+                end: f.f32_within("end", at)?,
+                ..Default::default()
             })
-            .collect()
+        })
     }
 
     pub fn object(&self, name: &str) -> HttpResult<Option<&'a Map<String, Value>>> {

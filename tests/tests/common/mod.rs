@@ -62,6 +62,20 @@ pub fn model(name: &str) -> PathBuf {
     fixtures().join(name)
 }
 
+/// `--ip-adapter-dir` for fixture `model`: its IP-Adapters and the image
+/// encoder beside them, as the adapters are published.
+pub fn ip_adapter_dir(model: &str) -> tempfile::TempDir {
+    let root = fixtures().join("ip-adapter");
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(root.join("image_encoder"), dir.path().join("image_encoder"))
+        .unwrap();
+    for e in std::fs::read_dir(root.join(model).join("adapters")).unwrap() {
+        let e = e.unwrap();
+        std::os::unix::fs::symlink(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    dir
+}
+
 /// The reference tensors diffusers/transformers computed for a fixture.
 pub fn reference(name: &str) -> HashMap<String, Tensor> {
     let path = model(name).join("reference.safetensors");
