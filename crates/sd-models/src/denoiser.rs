@@ -12,12 +12,13 @@
 use tch::{Kind, Tensor};
 
 use crate::config::VaeConfig;
+use crate::control::ControlResiduals;
 use crate::device::Placement;
 use crate::error::{ModelError, Result};
 use crate::flux::FluxTransformer;
 use crate::flux2::{Flux2Transformer, References};
 use crate::model_dir::{Family, ModelDir};
-use crate::unet::{Added, Residuals, UNet};
+use crate::unet::{Added, UNet};
 use crate::zimage::ZImageTransformer;
 
 /// The networks sdserve runs to denoise.
@@ -62,8 +63,8 @@ pub struct Conditioning<'a> {
     /// channels): an inpainting UNet's mask and masked-image latents
     /// (B, in_channels - latent_channels, h, w).
     pub image: Option<&'a Tensor>,
-    /// A ControlNet's residuals.
-    pub control: Option<&'a Residuals>,
+    /// ControlNets' residuals (a UNet's or FLUX's).
+    pub control: Option<&'a ControlResiduals>,
     /// FLUX.2 Klein: reference images' tokens, attended to beside the
     /// generated ones.
     pub references: Option<References<'a>>,
@@ -114,11 +115,20 @@ impl Denoiser {
                 if cond.references.is_some() {
                     return Err(ModelError::Input("a UNet takes no reference images".into()));
                 }
+                let control = match cond.control {
+                    None => None,
+                    Some(ControlResiduals::Unet(r)) => Some(r),
+                    Some(ControlResiduals::Flux(_)) => {
+                        return Err(ModelError::Input(
+                            "a FLUX ControlNet's samples given to a UNet".into(),
+                        ))
+                    }
+                };
                 let added = Added {
                     text_embeds: cond.pooled,
                     time_ids: cond.time_ids,
                     timestep_cond: cond.guidance,
-                    control: cond.control,
+                    control,
                 };
                 match cond.image {
                     None => unet.forward_with(latents, timesteps, cond.context, added),
@@ -129,18 +139,30 @@ impl Denoiser {
                 }
             }
             Denoiser::Flux(flux) => {
-                if cond.image.is_some()
-                    || cond.control.is_some()
-                    || cond.time_ids.is_some()
-                    || cond.references.is_some()
-                {
+                if cond.image.is_some() || cond.time_ids.is_some() || cond.references.is_some() {
                     return Err(ModelError::Input(
-                        "FLUX takes no image conditioning, ControlNet residuals, time ids or \
-                         reference images (not served yet)"
+                        "FLUX takes no image conditioning, time ids or reference images (not \
+                         served yet)"
                             .into(),
                     ));
                 }
-                flux.forward(latents, timesteps, cond.context, cond.pooled, cond.guidance)
+                let control = match cond.control {
+                    None => None,
+                    Some(ControlResiduals::Flux(r)) => Some(r),
+                    Some(ControlResiduals::Unet(_)) => {
+                        return Err(ModelError::Input(
+                            "a UNet ControlNet's residuals given to FLUX".into(),
+                        ))
+                    }
+                };
+                flux.forward(
+                    latents,
+                    timesteps,
+                    cond.context,
+                    cond.pooled,
+                    cond.guidance,
+                    control,
+                )
             }
             Denoiser::Flux2(flux) => {
                 if cond.image.is_some()
@@ -208,6 +230,7 @@ impl Denoiser {
                     &Tensor::zeros([rows, tokens, c.joint_attention_dim], f),
                     Some(&Tensor::zeros([rows, c.pooled_projection_dim], f)),
                     Some(&Tensor::from_slice(&vec![3.5f32; rows as usize])),
+                    None,
                 )
             }
             Denoiser::Flux2(flux) => {
@@ -394,6 +417,29 @@ impl Denoiser {
             Denoiser::Flux(flux) => flux.modules(),
             Denoiser::Flux2(flux) => flux.modules(),
             Denoiser::ZImage(z) => z.modules(),
+        }
+    }
+
+    /// The network ControlNets are loaded for (None: it takes none).
+    pub fn control_base(&self) -> Option<crate::control::ControlBase> {
+        match self {
+            Denoiser::Unet(unet) => Some(crate::control::ControlBase::Unet(Box::new(
+                unet.config().clone(),
+            ))),
+            Denoiser::Flux(flux) => Some(crate::control::ControlBase::Flux(flux.config().clone())),
+            Denoiser::Flux2(_) | Denoiser::ZImage(_) => None,
+        }
+    }
+
+    /// FLUX.1's double- and single-stream block counts (None: another
+    /// network).
+    pub fn flux_blocks(&self) -> Option<(usize, usize)> {
+        match self {
+            Denoiser::Flux(flux) => Some((
+                flux.config().num_layers.max(0) as usize,
+                flux.config().num_single_layers.max(0) as usize,
+            )),
+            Denoiser::Unet(_) | Denoiser::Flux2(_) | Denoiser::ZImage(_) => None,
         }
     }
 

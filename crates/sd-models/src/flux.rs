@@ -13,6 +13,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::read_json;
 use crate::error::{guarded, ModelError, Result};
+use crate::flux_controlnet::FluxResiduals;
 use crate::layers::Linear;
 use crate::modules::ModuleIndex;
 use crate::weights::{Storage, Vb, Weights};
@@ -88,7 +89,7 @@ impl FluxConfig {
         self.in_channels / 4
     }
 
-    fn validate(&self, path: &Path) -> Result<()> {
+    pub(crate) fn validate(&self, path: &Path) -> Result<()> {
         let bad = |message: String| ModelError::Config {
             path: path.to_path_buf(),
             message,
@@ -200,7 +201,7 @@ impl Modulation {
 }
 
 /// FLUX.1's layer-norm epsilon.
-const EPS: f64 = 1e-6;
+pub(crate) const EPS: f64 = 1e-6;
 
 /// LayerNorm without affine parameters, then `x·(1+scale)+shift`.
 pub(crate) fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Tensor {
@@ -325,7 +326,7 @@ impl FeedForward {
 
 /// A double-stream block: image and text tokens each with their own
 /// modulation, projections and feed-forward, attending jointly.
-struct DoubleBlock {
+pub(crate) struct DoubleBlock {
     norm1: Modulation,
     norm1_context: Modulation,
     img: Qkv,
@@ -337,7 +338,7 @@ struct DoubleBlock {
 }
 
 impl DoubleBlock {
-    fn load(vb: &Vb, dim: i64, head_dim: i64) -> Result<Self> {
+    pub(crate) fn load(vb: &Vb, dim: i64, head_dim: i64) -> Result<Self> {
         let attn = vb.pp("attn");
         Ok(DoubleBlock {
             norm1: Modulation::load(&vb.pp("norm1"), dim, 6, true)?,
@@ -351,7 +352,7 @@ impl DoubleBlock {
         })
     }
 
-    fn forward(
+    pub(crate) fn forward(
         &self,
         img: &Tensor,
         txt: &Tensor,
@@ -398,7 +399,7 @@ pub(crate) fn clip_half(x: Tensor) -> Tensor {
 
 /// A single-stream block over the joined text and image tokens: attention
 /// and an MLP side by side, one output projection.
-struct SingleBlock {
+pub(crate) struct SingleBlock {
     norm: Modulation,
     qkv: Qkv,
     proj_mlp: Linear,
@@ -406,7 +407,7 @@ struct SingleBlock {
 }
 
 impl SingleBlock {
-    fn load(vb: &Vb, dim: i64, head_dim: i64) -> Result<Self> {
+    pub(crate) fn load(vb: &Vb, dim: i64, head_dim: i64) -> Result<Self> {
         Ok(SingleBlock {
             norm: Modulation::load(&vb.pp("norm"), dim, 3, true)?,
             qkv: Qkv::load(&vb.pp("attn"), MAIN, dim, head_dim)?,
@@ -415,7 +416,13 @@ impl SingleBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, temb: &Tensor, rope: &(Tensor, Tensor), head_dim: i64) -> Tensor {
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        rope: &(Tensor, Tensor),
+        head_dim: i64,
+    ) -> Tensor {
         let m = self.norm.forward(temb);
         let n = modulate(x, &m[0], &m[1], EPS);
         let mlp = self.proj_mlp.forward(&n).gelu("tanh");
@@ -431,9 +438,7 @@ pub struct FluxTransformer {
     config: FluxConfig,
     x_embedder: Linear,
     context_embedder: Linear,
-    time: Mlp,
-    guidance: Option<Mlp>,
-    text: Mlp,
+    embed: TimeText,
     double: Vec<DoubleBlock>,
     single: Vec<SingleBlock>,
     norm_out: Linear,
@@ -450,24 +455,8 @@ impl FluxTransformer {
         let config: FluxConfig = read_json(config_path)?;
         config.validate(config_path)?;
         let vb = Vb::root(weights, "");
-        let (dim, hd) = (config.inner_dim(), config.attention_head_dim);
-        let tte = vb.pp("time_text_embed");
-        let double = (0..config.num_layers)
-            .map(|i| DoubleBlock::load(&vb.pp("transformer_blocks").pp(i), dim, hd))
-            .collect::<Result<Vec<_>>>()?;
-        let single = (0..config.num_single_layers)
-            .map(|i| SingleBlock::load(&vb.pp("single_transformer_blocks").pp(i), dim, hd))
-            .collect::<Result<Vec<_>>>()?;
-        let guidance = if config.guidance_embeds {
-            Some(Mlp::load(
-                &tte.pp("guidance_embedder"),
-                TIME_PROJ_DIM,
-                dim,
-                true,
-            )?)
-        } else {
-            None
-        };
+        let dim = config.inner_dim();
+        let (double, single) = blocks(&vb, &config)?;
         let me = FluxTransformer {
             x_embedder: Linear::load(&vb.pp("x_embedder"), config.in_channels, dim, true)?,
             context_embedder: Linear::load(
@@ -476,14 +465,7 @@ impl FluxTransformer {
                 dim,
                 true,
             )?,
-            time: Mlp::load(&tte.pp("timestep_embedder"), TIME_PROJ_DIM, dim, true)?,
-            guidance,
-            text: Mlp::load(
-                &tte.pp("text_embedder"),
-                config.pooled_projection_dim,
-                dim,
-                true,
-            )?,
+            embed: TimeText::load(&vb, &config)?,
             double,
             single,
             norm_out: Linear::load(&vb.pp("norm_out.linear"), dim, 2 * dim, true)?,
@@ -513,7 +495,8 @@ impl FluxTransformer {
     /// The velocity for `latents` (B, C, h, w) at `timesteps` (σ·1000, one
     /// per item or one for all) given the T5 `context` (B, L, joint), the
     /// pooled CLIP embedding (B, pooled) and, for a guidance-distilled
-    /// model, the guidance per item (B,).
+    /// model, the guidance per item (B,); with ControlNets' samples added
+    /// to the image tokens after each block (diffusers' rule).
     pub fn forward(
         &self,
         latents: &Tensor,
@@ -521,88 +504,49 @@ impl FluxTransformer {
         context: &Tensor,
         pooled: Option<&Tensor>,
         guidance: Option<&Tensor>,
+        control: Option<&FluxResiduals>,
     ) -> Result<Tensor> {
         let c = &self.config;
-        let size = latents.size();
-        let [b, ch, h, w] = size[..] else {
-            return Err(ModelError::Input(format!(
-                "latents must be 4-d (batch, channels, h, w), got {size:?}"
-            )));
-        };
-        if ch != c.latent_channels() || h % 2 != 0 || w % 2 != 0 || h < 2 || w < 2 {
-            return Err(ModelError::Input(format!(
-                "latents {size:?}: need {} channels and even sides",
-                c.latent_channels()
-            )));
-        }
+        let ((b, ch, h, w), pooled) = check_inputs(c, latents, context, pooled)?;
         let cs = context.size();
-        if cs.len() != 3 || cs[0] != b || cs[2] != c.joint_attention_dim || cs[1] < 1 {
-            return Err(ModelError::Input(format!(
-                "context {cs:?} does not fit latents {size:?} (batch, tokens, {})",
-                c.joint_attention_dim
-            )));
-        }
-        let pooled = pooled
-            .ok_or_else(|| ModelError::Input("FLUX needs the pooled text embedding".into()))?;
-        if pooled.size() != [b, c.pooled_projection_dim] {
-            return Err(ModelError::Input(format!(
-                "pooled {:?}: need ({b}, {})",
-                pooled.size(),
-                c.pooled_projection_dim
-            )));
-        }
-        let guidance = match (&self.guidance, guidance) {
-            (Some(_), Some(g)) => Some(g),
-            (Some(_), None) => {
-                return Err(ModelError::Input(
-                    "this guidance-distilled transformer needs a guidance value".into(),
-                ))
-            }
-            // schnell: the guidance value is not an input (diffusers drops it).
-            (None, _) => None,
-        };
+        let guidance = self.embed.check_guidance(guidance)?;
         per_row_timesteps(timesteps, b)?;
+        if let Some(r) = control {
+            r.check(b, (h / 2) * (w / 2), c.inner_dim())?;
+        }
         guarded(|| {
             let _guard = tch::no_grad_guard();
             let dev = self.device;
             let kind = self.kind;
             let x = pack(&latents.to_device(dev).to_kind(kind));
-            let t = timesteps
-                .to_device(dev)
-                .to_kind(Kind::Float)
-                .reshape([-1])
-                .expand([b], false);
-            // The pipeline passes t/1000 and the network multiplies by 1000,
-            // each in the network's precision.
-            let t = (t.to_kind(kind) / 1000.0).to_kind(kind) * 1000.0;
-            let pooled = pooled.to_device(dev).to_kind(kind);
-            let mut temb = self.time.forward(&sinusoids(&t).to_kind(kind));
-            if let (Some(mlp), Some(g)) = (&self.guidance, guidance) {
-                let g = g
-                    .to_device(dev)
-                    .to_kind(Kind::Float)
-                    .reshape([-1])
-                    .expand([b], false)
-                    .to_kind(kind)
-                    * 1000.0;
-                temb += mlp.forward(&sinusoids(&g).to_kind(kind));
-            }
-            let temb = temb + self.text.forward(&pooled);
+            let temb = self
+                .embed
+                .forward(timesteps, guidance, pooled, b, (dev, kind));
             let mut img = self.x_embedder.forward(&x);
             let mut txt = self
                 .context_embedder
                 .forward(&context.to_device(dev).to_kind(kind));
             let rope = rope(&self.config, cs[1], h / 2, w / 2, dev);
             let hd = c.attention_head_dim;
-            for block in &self.double {
-                let (i, t) = block.forward(&img, &txt, &temb, &rope, hd);
-                img = i;
+            let n_double = self.double.len();
+            for (i, block) in self.double.iter().enumerate() {
+                let (im, t) = block.forward(&img, &txt, &temb, &rope, hd);
+                img = im;
                 txt = t;
+                if let Some(s) = control.and_then(|r| r.double_sample(i, n_double)) {
+                    img += s.to_kind(kind);
+                }
             }
             let n_txt = cs[1];
             let mut x = Tensor::cat(&[txt, img], 1);
-            for block in &self.single {
+            let n_single = self.single.len();
+            for (i, block) in self.single.iter().enumerate() {
                 x = block.forward(&x, &temb, &rope, hd);
+                if let Some(s) = control.and_then(|r| r.single_sample(i, n_single)) {
+                    // The image tokens, after the text's.
+                    let mut image = x.narrow(1, n_txt, x.size()[1] - n_txt);
+                    image += s.to_kind(kind);
+                }
             }
             let img = x.narrow(1, n_txt, x.size()[1] - n_txt);
             // AdaLayerNormContinuous: scale first, then shift.
@@ -616,6 +560,143 @@ impl FluxTransformer {
             Ok(unpack(&out, ch, h, w))
         })
     }
+}
+
+/// A latents tensor's (B, C, h, w).
+pub(crate) type Dims = (i64, i64, i64, i64);
+
+/// `latents` (B, C, h, w) with C the network's latent channels and even
+/// sides, `context` (B, L ≥ 1, joint) and `pooled` (B, pooled) checked:
+/// (B, C, h, w) and the pooled embedding.
+pub(crate) fn check_inputs<'a>(
+    c: &FluxConfig,
+    latents: &Tensor,
+    context: &Tensor,
+    pooled: Option<&'a Tensor>,
+) -> Result<(Dims, &'a Tensor)> {
+    let size = latents.size();
+    let [b, ch, h, w] = size[..] else {
+        return Err(ModelError::Input(format!(
+            "latents must be 4-d (batch, channels, h, w), got {size:?}"
+        )));
+    };
+    if ch != c.latent_channels() || h % 2 != 0 || w % 2 != 0 || h < 2 || w < 2 {
+        return Err(ModelError::Input(format!(
+            "latents {size:?}: need {} channels and even sides",
+            c.latent_channels()
+        )));
+    }
+    let cs = context.size();
+    if cs.len() != 3 || cs[0] != b || cs[2] != c.joint_attention_dim || cs[1] < 1 {
+        return Err(ModelError::Input(format!(
+            "context {cs:?} does not fit latents {size:?} (batch, tokens, {})",
+            c.joint_attention_dim
+        )));
+    }
+    let pooled =
+        pooled.ok_or_else(|| ModelError::Input("FLUX needs the pooled text embedding".into()))?;
+    if pooled.size() != [b, c.pooled_projection_dim] {
+        return Err(ModelError::Input(format!(
+            "pooled {:?}: need ({b}, {})",
+            pooled.size(),
+            c.pooled_projection_dim
+        )));
+    }
+    Ok(((b, ch, h, w), pooled))
+}
+
+/// The time, guidance and pooled-text embedding (`time_text_embed`): the
+/// vector every block's modulation is made from.
+pub(crate) struct TimeText {
+    time: Mlp,
+    guidance: Option<Mlp>,
+    text: Mlp,
+}
+
+impl TimeText {
+    pub(crate) fn load(vb: &Vb, config: &FluxConfig) -> Result<Self> {
+        let dim = config.inner_dim();
+        let tte = vb.pp("time_text_embed");
+        let guidance = if config.guidance_embeds {
+            Some(Mlp::load(
+                &tte.pp("guidance_embedder"),
+                TIME_PROJ_DIM,
+                dim,
+                true,
+            )?)
+        } else {
+            None
+        };
+        Ok(TimeText {
+            time: Mlp::load(&tte.pp("timestep_embedder"), TIME_PROJ_DIM, dim, true)?,
+            guidance,
+            text: Mlp::load(
+                &tte.pp("text_embedder"),
+                config.pooled_projection_dim,
+                dim,
+                true,
+            )?,
+        })
+    }
+
+    /// The guidance to embed: required by a guidance-distilled network,
+    /// dropped by one without (schnell: diffusers drops it).
+    pub(crate) fn check_guidance<'a>(
+        &self,
+        guidance: Option<&'a Tensor>,
+    ) -> Result<Option<&'a Tensor>> {
+        match (&self.guidance, guidance) {
+            (Some(_), Some(g)) => Ok(Some(g)),
+            (Some(_), None) => Err(ModelError::Input(
+                "this guidance-distilled network needs a guidance value".into(),
+            )),
+            (None, _) => Ok(None),
+        }
+    }
+
+    /// The embedding (B, dim) of `timesteps` (σ·1000, one or B), the
+    /// guidance (one or B) and `pooled` (B, pooled), on `dev` in `kind`.
+    pub(crate) fn forward(
+        &self,
+        timesteps: &Tensor,
+        guidance: Option<&Tensor>,
+        pooled: &Tensor,
+        b: i64,
+        (dev, kind): (tch::Device, Kind),
+    ) -> Tensor {
+        let t = timesteps
+            .to_device(dev)
+            .to_kind(Kind::Float)
+            .reshape([-1])
+            .expand([b], false);
+        // The pipeline passes t/1000 and the network multiplies by 1000,
+        // each in the network's precision.
+        let t = (t.to_kind(kind) / 1000.0).to_kind(kind) * 1000.0;
+        let mut temb = self.time.forward(&sinusoids(&t).to_kind(kind));
+        if let (Some(mlp), Some(g)) = (&self.guidance, guidance) {
+            let g = g
+                .to_device(dev)
+                .to_kind(Kind::Float)
+                .reshape([-1])
+                .expand([b], false)
+                .to_kind(kind)
+                * 1000.0;
+            temb += mlp.forward(&sinusoids(&g).to_kind(kind));
+        }
+        temb + self.text.forward(&pooled.to_device(dev).to_kind(kind))
+    }
+}
+
+/// The double- and single-stream blocks of a network configured as `config`.
+pub(crate) fn blocks(vb: &Vb, config: &FluxConfig) -> Result<(Vec<DoubleBlock>, Vec<SingleBlock>)> {
+    let (dim, hd) = (config.inner_dim(), config.attention_head_dim);
+    let double = (0..config.num_layers)
+        .map(|i| DoubleBlock::load(&vb.pp("transformer_blocks").pp(i), dim, hd))
+        .collect::<Result<Vec<_>>>()?;
+    let single = (0..config.num_single_layers)
+        .map(|i| SingleBlock::load(&vb.pp("single_transformer_blocks").pp(i), dim, hd))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((double, single))
 }
 
 /// One timestep for all `b` rows, or one per row; anything else refused.
@@ -651,7 +732,13 @@ pub fn unpack(x: &Tensor, c: i64, h: i64, w: i64) -> Tensor {
 /// the column); frequencies in float64, as diffusers computes them. Made on
 /// the device each forward: a handful of small kernels, no table copied
 /// from the host per step.
-fn rope(c: &FluxConfig, text: i64, h: i64, w: i64, device: tch::Device) -> (Tensor, Tensor) {
+pub(crate) fn rope(
+    c: &FluxConfig,
+    text: i64,
+    h: i64,
+    w: i64,
+    device: tch::Device,
+) -> (Tensor, Tensor) {
     let f64s = (Kind::Double, device);
     let txt = Tensor::zeros([text], f64s);
     let rows = Tensor::arange(h, f64s).repeat_interleave_self_int(w, 0, None);

@@ -56,7 +56,7 @@ pub struct Call {
     pub loras: Arc<[Applied]>,
     /// FLUX.2 Klein's reference images, attended to by every row.
     pub references: Option<ReferenceTokens>,
-    /// ControlNets on this call's rows (SD and SDXL UNets).
+    /// ControlNets on this call's rows (SD and SDXL UNets, FLUX.1).
     pub controls: Vec<Control>,
     /// IP-Adapters on this call's rows (SD and SDXL UNets).
     pub ip: Vec<crate::ip::IpControl>,
@@ -174,6 +174,10 @@ struct Inputs {
     loras: Vec<(i64, Arc<[Applied]>)>,
     /// Each half's rows and the ControlNets on them.
     controls: Vec<RowControls>,
+    /// FLUX ControlNets' view: each half's first row, its call's
+    /// conditional text and pooled embedding; each row's guidance value.
+    cond: Vec<(i64, Tensor, Tensor)>,
+    control_guidance: Vec<f32>,
     /// Rows attending to image prompts.
     ip: Vec<(i64, i64, crate::ip::IpControl, bool)>,
     /// Rows so far.
@@ -210,6 +214,12 @@ impl Inputs {
                 self.ip.push((self.rows, b, k.clone(), uncond_half));
             }
         }
+        if let (false, Some(p)) = (c.controls.is_empty(), &c.cond.pooled) {
+            self.cond.push((self.rows, rows(&c.cond.context), rows(p)));
+        }
+        let g = c.embedded_guidance.unwrap_or(c.guidance) as f32;
+        self.control_guidance
+            .extend(std::iter::repeat_n(g, b as usize));
         self.rows += b;
         let half = if uncond_half {
             c.uncond.as_ref()
@@ -269,7 +279,8 @@ impl Inputs {
         let context = Tensor::cat(&self.ctxs, 0);
         let (xs, ts) = (Tensor::cat(&self.xs, 0), Tensor::cat(&self.ts, 0));
         // The ControlNets first, outside the LoRA plan: adapters are the
-        // UNet's, not theirs.
+        // denoiser's, not theirs.
+        let control_guidance = Tensor::from_slice(&self.control_guidance);
         let control = control::residuals(
             &self.controls,
             &ControlInputs {
@@ -278,6 +289,11 @@ impl Inputs {
                 context: &context,
                 pooled: pooled.as_ref(),
                 time_ids: time_ids.as_ref(),
+                flux: net.flux_blocks().map(|blocks| control::FluxInputs {
+                    cond: &self.cond,
+                    guidance: &control_guidance,
+                    blocks,
+                }),
             },
         )?;
         let reference_tokens = cat(&self.references);

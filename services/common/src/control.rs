@@ -9,8 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use sd_models::config::UNetConfig;
-use sd_models::{Added, ControlNet, Placement, Residuals};
+use sd_models::{
+    Added, ControlBase, ControlNetwork, ControlResiduals, FluxResiduals, Placement, Residuals,
+};
 use sd_proto::v1::ControlNetInfo;
 use tch::Tensor;
 
@@ -40,12 +41,15 @@ pub struct ControlSpec {
     pub scale: f64,
     pub uncond_scale: f64,
     pub soft: bool,
+    /// A union ControlNet's control type.
+    pub mode: Option<i64>,
 }
 
 /// A control's hint as a step brings it.
 pub enum Hint {
-    /// The image as sent (1 or B, 3, H, W), values in 0..=1; to be
-    /// embedded, then held under `keep` (its session tensor's id).
+    /// The image as sent (1 or B, 3, H, W), values in 0..=1 — for FLUX,
+    /// its latents (1 or B, C, h, w); to be embedded, then held under
+    /// `keep` (its session tensor's id).
     Image {
         image: Tensor,
         keep: Option<String>,
@@ -58,11 +62,12 @@ pub enum Hint {
 /// A control resolved: the network and the embedded hint.
 pub struct Control {
     pub net: Arc<Loaded>,
-    /// (1 or B, width, h, w)
+    /// (1 or B, width, h, w); FLUX: (1 or B, tokens, dim)
     pub hint: Tensor,
     pub scale: f64,
     pub uncond_scale: f64,
     pub soft: bool,
+    pub mode: Option<i64>,
 }
 
 impl Clone for Control {
@@ -73,29 +78,30 @@ impl Clone for Control {
             scale: self.scale,
             uncond_scale: self.uncond_scale,
             soft: self.soft,
+            mode: self.mode,
         }
     }
 }
 
 /// A ControlNet loaded from the folder (its identity, its cost).
-pub type Loaded = crate::folder::Loaded<ControlNet>;
+pub type Loaded = crate::folder::Loaded<ControlNetwork>;
 
-impl crate::folder::Item for ControlNet {
+impl crate::folder::Item for ControlNetwork {
     fn bytes(&self) -> u64 {
-        ControlNet::bytes(self)
+        ControlNetwork::bytes(self)
     }
 }
 
 /// The ControlNets of `--controlnet-dir`.
-pub type ControlStore = crate::folder::Store<ControlNet>;
+pub type ControlStore = crate::folder::Store<ControlNetwork>;
 
 /// The `--controlnet-dir` flags.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ControlArgs {
-    /// Folder of ControlNets requests may name: diffusers ControlNetModel
-    /// folders and single `.safetensors` files (the original
-    /// `control_model.*` layout, or diffusers' names); read again as it
-    /// changes.
+    /// Folder of ControlNets requests may name: for SD and SDXL, diffusers
+    /// ControlNetModel folders and single `.safetensors` files (the
+    /// original `control_model.*` layout, or diffusers' names); for FLUX.1,
+    /// diffusers FluxControlNetModel folders; read again as it changes.
     #[arg(long, env = "SD_CONTROLNET_DIR")]
     pub controlnet_dir: Option<PathBuf>,
     /// Memory for loaded ControlNets, MiB (least recently used out; one is
@@ -106,34 +112,26 @@ pub struct ControlArgs {
 
 /// How to measure a loaded ControlNet against the UNet: its forward's
 /// seconds over the UNet's at the same size and rows.
-pub type Measure = Box<dyn Fn(&ControlNet) -> Option<f64> + Send + Sync>;
+pub type Measure = Box<dyn Fn(&ControlNetwork) -> Option<f64> + Send + Sync>;
 
-/// The store of `--controlnet-dir` for a UNet configured as `base` (None:
-/// the network takes no ControlNet, and any named is refused).
+/// The store of `--controlnet-dir` for the network configured as `base`
+/// (None: the network takes no ControlNet, and any named is refused).
 pub fn store(
     args: &ControlArgs,
-    base: Option<UNetConfig>,
+    base: Option<ControlBase>,
     placement: Placement,
     measure: Option<Measure>,
 ) -> anyhow::Result<ControlStore> {
-    let load: crate::folder::LoadFn<ControlNet> = match base {
-        None => Err("this model's network takes no ControlNet (SD 1.x/2.x and SDXL UNets do)"),
+    let load: crate::folder::LoadFn<ControlNetwork> = match base {
+        None => Err(
+            "this model's network takes no ControlNet (SD 1.x/2.x and SDXL UNets and \
+                     the FLUX.1 transformer do)",
+        ),
         Some(base) => Ok(Box::new(move |path: &Path, name: &str| {
-            let net = ControlNet::load(path, &base, placement)
+            let net = ControlNetwork::load(path, &base, placement)
                 .map_err(|e| format!("ControlNet `{name}`: {e}"))?;
-            let with_ids = |yes: bool| if yes { " with SDXL's time ids" } else { "" };
-            if net.context_dim() != base.context_dim()
-                || net.takes_text_time() != base.text_time().is_some()
-            {
-                return Err(format!(
-                    "ControlNet `{name}` is for another model: it attends to {}-wide text{}, \
-                     this UNet to {}-wide{}",
-                    net.context_dim(),
-                    with_ids(net.takes_text_time()),
-                    base.context_dim(),
-                    with_ids(base.text_time().is_some()),
-                ));
-            }
+            fits(&net, &base)
+                .map_err(|e| format!("ControlNet `{name}` is for another model: {e}"))?;
             let ratio = measure.as_ref().and_then(|m| m(&net));
             Ok((net, ratio))
         })),
@@ -147,9 +145,56 @@ pub fn store(
     )
 }
 
+/// Whether a loaded ControlNet steers the network configured as `base`.
+fn fits(net: &ControlNetwork, base: &ControlBase) -> Result<(), String> {
+    match (net, base) {
+        (ControlNetwork::Unet(net), ControlBase::Unet(base)) => {
+            let with_ids = |yes: bool| if yes { " with SDXL's time ids" } else { "" };
+            if net.context_dim() != base.context_dim()
+                || net.takes_text_time() != base.text_time().is_some()
+            {
+                return Err(format!(
+                    "it attends to {}-wide text{}, this UNet to {}-wide{}",
+                    net.context_dim(),
+                    with_ids(net.takes_text_time()),
+                    base.context_dim(),
+                    with_ids(base.text_time().is_some()),
+                ));
+            }
+            Ok(())
+        }
+        (ControlNetwork::Flux(net), ControlBase::Flux(base)) => {
+            let c = net.config();
+            let shape = |c: &sd_models::flux::FluxConfig| {
+                (
+                    c.in_channels,
+                    c.inner_dim(),
+                    c.joint_attention_dim,
+                    c.pooled_projection_dim,
+                )
+            };
+            if shape(c) != shape(base) {
+                return Err(format!(
+                    "(in channels, width, text width, pooled width) {:?}, the transformer's {:?}",
+                    shape(c),
+                    shape(base)
+                ));
+            }
+            Ok(())
+        }
+        _ => Err("a ControlNet of another network family".into()),
+    }
+}
+
 /// What a listing says of a ControlNet.
-pub fn info(l: crate::folder::Listing) -> ControlNetInfo {
+pub fn info(l: crate::folder::Listing<ControlNetwork>) -> ControlNetInfo {
     ControlNetInfo {
+        union_modes: l
+            .item
+            .as_ref()
+            .and_then(|n| n.union_modes())
+            .unwrap_or(0)
+            .max(0) as u32,
         name: l.name,
         layout: l.layout.to_string(),
         file_bytes: l.file_bytes,
@@ -177,6 +222,7 @@ pub fn resolve(
             Some(n) => n,
             None => store.get(&spec.name, &format!("{}.name", spec.field))?,
         };
+        check_kind(&spec, &net.item)?;
         let hint = match spec.hint {
             Hint::Embedded(t) => t,
             Hint::Image { image, keep, field } => {
@@ -195,9 +241,38 @@ pub fn resolve(
             scale: spec.scale,
             uncond_scale: spec.uncond_scale,
             soft: spec.soft,
+            mode: spec.mode,
         });
     }
     Ok((out, keeps))
+}
+
+/// A control's options fit its network: a union's control type within
+/// its types (and only a union's), soft injection only on a UNet's.
+fn check_kind(spec: &ControlSpec, net: &ControlNetwork) -> Result<(), ServiceError> {
+    let field = |f: &str| format!("{}.{f}", spec.field);
+    match (net.union_modes(), spec.mode) {
+        (Some(n), None) => Err(ServiceError::invalid(
+            field("union_mode"),
+            format_args!(
+                "ControlNet `{}` is a union of {n} control types: name one (0..{n})",
+                spec.name
+            ),
+        )),
+        (Some(n), Some(m)) if !(0..n).contains(&m) => Err(ServiceError::invalid(
+            field("union_mode"),
+            format_args!("{m}: ControlNet `{}` has control types 0..{n}", spec.name),
+        )),
+        (None, Some(m)) => Err(ServiceError::invalid(
+            field("union_mode"),
+            format_args!("{m} given, but ControlNet `{}` is not a union", spec.name),
+        )),
+        _ if spec.soft && net.takes_latents() => Err(ServiceError::invalid(
+            field("soft"),
+            "soft injection (A1111's control modes) applies to UNet ControlNets, not FLUX's",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Whether resolving `specs` may block: a network not recently checked,
@@ -223,6 +298,23 @@ pub struct ControlInputs<'a> {
     pub context: &'a Tensor,
     pub pooled: Option<&'a Tensor>,
     pub time_ids: Option<&'a Tensor>,
+    /// FLUX: each row's call's conditional text and pooled embedding
+    /// (diffusers runs a FLUX ControlNet on the prompt's alone, and its
+    /// true-CFG negative pass reuses those samples), the guidance value
+    /// its ControlNet may take, and the transformer's block counts
+    /// (double, single).
+    pub flux: Option<FluxInputs<'a>>,
+}
+
+/// What a FLUX ControlNet sees beyond the transformer's own inputs.
+pub struct FluxInputs<'a> {
+    /// Each half's first row and its call's conditional text (rows,
+    /// tokens, dim) and pooled embedding (rows, pooled).
+    pub cond: &'a [(i64, Tensor, Tensor)],
+    /// The guidance value of every row's call (rows,).
+    pub guidance: &'a Tensor,
+    /// The transformer's double- and single-stream block counts.
+    pub blocks: (usize, usize),
 }
 
 /// The summed residuals of every control on `halves` (None: no row is
@@ -232,7 +324,7 @@ pub struct ControlInputs<'a> {
 pub fn residuals(
     halves: &[RowControls],
     x: &ControlInputs,
-) -> sd_models::Result<Option<Residuals>> {
+) -> sd_models::Result<Option<ControlResiduals>> {
     // Networks in order of first use, with the rows that use them.
     let mut groups: Vec<(Arc<Loaded>, Vec<Entry>)> = Vec::new();
     for h in halves {
@@ -247,26 +339,50 @@ pub fn residuals(
     if groups.is_empty() {
         return Ok(None);
     }
+    match &x.flux {
+        None => unet_residuals(&groups, x).map(|r| Some(ControlResiduals::Unet(r))),
+        Some(f) => flux_residuals(halves, &groups, x, f).map(|r| Some(ControlResiduals::Flux(r))),
+    }
+}
+
+/// One network's group: the rows that use it.
+type Group<'a> = (Arc<Loaded>, Vec<Entry<'a>>);
+
+/// The rows of a group as an index, and its entries' hints, one per row.
+fn group_rows(entries: &[Entry], device: tch::Device) -> (Vec<i64>, Tensor, Tensor) {
+    let rows: Vec<i64> = entries
+        .iter()
+        .flat_map(|(start, n, _, _)| *start..*start + *n)
+        .collect();
+    let index = Tensor::from_slice(&rows).to_device(device);
+    let hints: Vec<Tensor> = entries
+        .iter()
+        .map(|(_, n, c, _)| {
+            let mut size = c.hint.size();
+            size[0] = *n;
+            c.hint.expand(size, false)
+        })
+        .collect();
+    (rows, index, Tensor::cat(&hints, 0))
+}
+
+fn mismatch(name: &str) -> sd_models::ModelError {
+    sd_models::ModelError::Input(format!(
+        "ControlNet `{name}` is for another network than this forward's"
+    ))
+}
+
+fn unet_residuals(groups: &[Group], x: &ControlInputs) -> sd_models::Result<Residuals> {
     let total_rows = x.latents.size()[0];
     let mut sum: Option<Residuals> = None;
-    for (net, entries) in &groups {
-        let rows: Vec<i64> = entries
-            .iter()
-            .flat_map(|(start, n, _, _)| *start..*start + *n)
-            .collect();
-        let index = Tensor::from_slice(&rows).to_device(x.latents.device());
+    for (net, entries) in groups {
+        let ControlNetwork::Unet(item) = &*net.item else {
+            return Err(mismatch(&net.name));
+        };
+        let (rows, index, hint) = group_rows(entries, x.latents.device());
         let pick = |t: &Tensor| t.index_select(0, &index.to_device(t.device()));
-        let hints: Vec<Tensor> = entries
-            .iter()
-            .map(|(_, n, c, _)| {
-                let mut size = c.hint.size();
-                size[0] = *n;
-                c.hint.expand(size, false)
-            })
-            .collect();
-        let hint = Tensor::cat(&hints, 0);
         let (pooled, time_ids) = (x.pooled.map(pick), x.time_ids.map(pick));
-        let r = net.item.forward(
+        let r = item.forward(
             &pick(x.latents),
             &pick(x.timesteps),
             &pick(x.context),
@@ -310,13 +426,140 @@ pub fn residuals(
             let _ = target.index_add_(0, &index.to_device(res.device()), &(res * s));
         }
     }
-    Ok(sum)
+    sum.ok_or_else(|| sd_models::ModelError::Input("no ControlNet ran".into()))
+}
+
+/// FLUX: each ControlNet on its rows (with their calls' conditional text,
+/// each row's control type), its samples summed into each row at its
+/// scale. Several ControlNets on one call merge as diffusers'
+/// MultiControlNet does: sample k of each summed, as many as the
+/// shallowest gives. When the calls of one forward merge to different
+/// counts, the samples are laid out one per transformer block instead.
+fn flux_residuals(
+    halves: &[RowControls],
+    groups: &[Group],
+    x: &ControlInputs,
+    f: &FluxInputs,
+) -> sd_models::Result<FluxResiduals> {
+    let depth = |c: &Control| match &*c.net.item {
+        ControlNetwork::Flux(n) => Ok((
+            n.config().num_layers.max(0) as usize,
+            n.config().num_single_layers.max(0) as usize,
+        )),
+        ControlNetwork::Unet(_) => Err(mismatch(&c.net.name)),
+    };
+    // Each controlled half's merged sample counts.
+    let mut merged: Vec<(i64, (usize, usize))> = Vec::new();
+    for h in halves.iter().filter(|h| !h.controls.is_empty()) {
+        let mut m = (usize::MAX, usize::MAX);
+        for (c, _) in &h.controls {
+            let d = depth(c)?;
+            m = (m.0.min(d.0), m.1.min(d.1));
+        }
+        merged.push((h.start, m));
+    }
+    let common = merged
+        .first()
+        .map(|(_, m)| *m)
+        .filter(|m| merged.iter().all(|(_, o)| o == m));
+    let (slots_d, slots_s) = common.unwrap_or(f.blocks);
+    let total_rows = x.latents.size()[0];
+    let (mut double, mut single): (Vec<Tensor>, Vec<Tensor>) = (Vec::new(), Vec::new());
+    for (net, entries) in &by_text_length(groups, f.cond) {
+        let ControlNetwork::Flux(item) = &*net.item else {
+            return Err(mismatch(&net.name));
+        };
+        let (_, index, hint) = group_rows(entries, x.latents.device());
+        let pick = |t: &Tensor| t.index_select(0, &index.to_device(t.device()));
+        let cond = |k: usize| -> Tensor {
+            let parts: Vec<&Tensor> = entries
+                .iter()
+                .filter_map(|(start, ..)| f.cond.iter().find(|c| c.0 == *start))
+                .map(|c| if k == 0 { &c.1 } else { &c.2 })
+                .collect();
+            Tensor::cat(&parts, 0)
+        };
+        let modes: Option<Tensor> = item.union_modes().map(|_| {
+            let m: Vec<i64> = entries
+                .iter()
+                .flat_map(|(_, n, c, _)| std::iter::repeat_n(c.mode.unwrap_or(0), *n as usize))
+                .collect();
+            Tensor::from_slice(&m)
+        });
+        let guidance = pick(f.guidance);
+        let r = item.forward(
+            &pick(x.latents),
+            &pick(x.timesteps),
+            &cond(0),
+            Some(&cond(1)),
+            item.takes_guidance().then_some(&guidance),
+            &hint,
+            modes.as_ref(),
+        )?;
+        let mut offset = 0;
+        for (start, n, _, scale) in entries {
+            let m = merged
+                .iter()
+                .find(|(s, _)| s == start)
+                .map_or((0, 0), |(_, m)| *m);
+            let add = |acc: &mut Vec<Tensor>, samples: &[Tensor], slots: usize, m: usize| {
+                for (j, slot) in (0..slots).map(|j| (j, source(j, slots, m, common.is_some()))) {
+                    let Some(sample) = slot.and_then(|k| samples.get(k)) else {
+                        continue;
+                    };
+                    if acc.len() < slots {
+                        acc.resize_with(slots, || zeros_for(sample, total_rows));
+                    }
+                    let mut rows = acc[j].narrow(0, *start, *n);
+                    rows += sample.narrow(0, offset, *n) * *scale;
+                }
+            };
+            add(&mut double, &r.double, slots_d, m.0);
+            add(&mut single, &r.single, slots_s, m.1);
+            offset += n;
+        }
+    }
+    Ok(FluxResiduals { double, single })
+}
+
+/// Each group split by the length of its rows' conditional texts (one
+/// ControlNet forward each).
+fn by_text_length<'a>(groups: &[Group<'a>], cond: &[(i64, Tensor, Tensor)]) -> Vec<Group<'a>> {
+    let mut out: Vec<(i64, Group)> = Vec::new();
+    for (net, entries) in groups {
+        for e in entries {
+            let tokens = cond
+                .iter()
+                .find(|c| c.0 == e.0)
+                .map_or(0, |c| c.1.size()[1]);
+            match out
+                .iter_mut()
+                .find(|(t, (n, _))| *t == tokens && Arc::ptr_eq(n, net))
+            {
+                Some((_, (_, v))) => v.push(*e),
+                None => out.push((tokens, (net.clone(), vec![*e]))),
+            }
+        }
+    }
+    out.into_iter().map(|(_, g)| g).collect()
+}
+
+/// Which of a ControlNet's samples goes to slot `j` of `slots`, its call
+/// merging `m` samples: sample j itself when the forward's slots are the
+/// merged samples, else (one slot per block) diffusers' interval rule.
+fn source(j: usize, slots: usize, m: usize, merged: bool) -> Option<usize> {
+    if m == 0 {
+        return None;
+    }
+    if merged {
+        return (j < m).then_some(j);
+    }
+    Some(j / slots.div_ceil(m).max(1))
 }
 
 /// Rows of one ControlNet's group: (first row, rows, the control, its
 /// scale on them).
 type Entry<'a> = (i64, i64, &'a Control, f64);
-
 /// Each of `rows` rows' scale for each of `n_res` residuals, (rows, n_res):
 /// its control's scale, times A1111's soft factor where asked.
 fn row_scales(entries: &[Entry], rows: usize, n_res: usize) -> Tensor {

@@ -31,7 +31,7 @@ pub struct Loaded<T> {
 }
 
 /// What a listing says of one entry.
-pub struct Listing {
+pub struct Listing<T> {
     pub name: String,
     pub layout: &'static str,
     pub file_bytes: u64,
@@ -40,6 +40,8 @@ pub struct Listing {
     pub cost_ratio: Option<f64>,
     /// AUTOMATIC1111's short hash of its weights file.
     pub short_hash: String,
+    /// The network, when loaded from its current files.
+    pub item: Option<Arc<T>>,
 }
 
 /// How an entry at a path is loaded (and measured): the item and its cost
@@ -98,7 +100,7 @@ impl<T: Item> Store<T> {
     }
 
     /// Every entry in the folder.
-    pub fn list(&self) -> Result<Vec<Listing>, ServiceError> {
+    pub fn list(&self) -> Result<Vec<Listing<T>>, ServiceError> {
         let Some(dir) = &self.dir else {
             return Ok(Vec::new());
         };
@@ -122,16 +124,19 @@ impl<T: Item> Store<T> {
     }
 
     /// What a listing says of `name` (None: not in the folder).
-    pub fn info(&self, name: &str) -> Option<Listing> {
+    pub fn info(&self, name: &str) -> Option<Listing<T>> {
         let (path, layout, file_bytes, version) = self.locate(name).ok()?;
-        let loaded = self.lock().get(name).map(|(_, l)| l.clone());
+        let loaded = self
+            .lock()
+            .get(name)
+            .map(|(_, l)| l.clone())
+            .filter(|l| l.version == version);
         Some(Listing {
             name: name.to_string(),
             layout,
             file_bytes,
-            cost_ratio: loaded
-                .filter(|l| l.version == version)
-                .and_then(|l| l.cost_ratio),
+            cost_ratio: loaded.as_ref().and_then(|l| l.cost_ratio),
+            item: loaded.map(|l| l.item.clone()),
             version,
             short_hash: short_hash(&path),
         })

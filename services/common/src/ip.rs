@@ -65,7 +65,7 @@ pub fn store(args: &IpArgs, net: Arc<Denoiser>, placement: Placement) -> anyhow:
 }
 
 /// What a listing says of an IP-Adapter.
-pub fn info(l: crate::folder::Listing) -> IpAdapterInfo {
+pub fn info<T>(l: crate::folder::Listing<T>) -> IpAdapterInfo {
     IpAdapterInfo {
         name: l.name,
         file_bytes: l.file_bytes,

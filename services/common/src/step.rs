@@ -494,9 +494,11 @@ fn controls(
     if !req.controls.is_empty() && bounds.control_scale == 0 {
         return Err(ServiceError::invalid(
             "controls",
-            "this model's network takes no ControlNet (SD 1.x/2.x and SDXL UNets do)",
+            "this model's network takes no ControlNet (SD 1.x/2.x and SDXL UNets and the \
+             FLUX.1 transformer do)",
         ));
     }
+    let hint_shape = bounds.hint_shape(h, w);
     let mut out = Vec::with_capacity(req.controls.len());
     for (i, c) in req.controls.iter().enumerate() {
         let field = format!("controls[{i}]");
@@ -519,12 +521,11 @@ fn controls(
                 ),
             ));
         };
-        let (sh, sw) = (h * bounds.control_scale, w * bounds.control_scale);
         // A held tensor is the embedding made of the image, or the image
         // itself when no step had named it yet (told apart by its size).
-        let held_image = !r.sent && r.tensor.size().get(2..) == Some(&[sh, sw][..]);
+        let held_image = !r.sent && r.tensor.size().get(1..) == Some(&hint_shape[..]);
         let hint = if r.sent || held_image {
-            let t = control_image(&r, batch, (sh, sw))?;
+            let t = control_image(&r, batch, hint_shape, bounds.control_latents)?;
             Hint::Image {
                 image: t,
                 keep: if r.sent { r.keep } else { Some(r.id) },
@@ -540,6 +541,7 @@ fn controls(
             scale: f64::from(c.scale),
             uncond_scale: f64::from(uncond),
             soft: c.soft,
+            mode: c.union_mode.map(i64::from),
         });
     }
     // Hint images no control names this step (outside their windows):
@@ -548,11 +550,7 @@ fn controls(
         .iter()
         .filter(|r| r.sent && is_control_image(&r.name))
     {
-        let t = control_image(
-            r,
-            batch,
-            (h * bounds.control_scale, w * bounds.control_scale),
-        )?;
+        let t = control_image(r, batch, hint_shape, bounds.control_latents)?;
         if let Some(id) = &r.keep {
             resolver.keep(id, &t, &r.field)?;
         }
@@ -639,18 +637,27 @@ fn ip_adapters(
     Ok(out)
 }
 
-/// A hint image (1 or batch, 3, sh, sw), finite, values in 0..=1.
-fn control_image(r: &Resolved, batch: i64, (sh, sw): (i64, i64)) -> Result<Tensor, ServiceError> {
+/// A hint (1 or batch, `shape`), finite: an image's values in 0..=1, a
+/// FLUX control image's latents (`latents`) any.
+fn control_image(
+    r: &Resolved,
+    batch: i64,
+    shape: [i64; 3],
+    latents: bool,
+) -> Result<Tensor, ServiceError> {
     let s = r.tensor.size();
-    if s.len() != 4 || !(s[0] == 1 || s[0] == batch) || s[1] != 3 || s[2] != sh || s[3] != sw {
+    if s.len() != 4 || !(s[0] == 1 || s[0] == batch) || s[1..] != shape {
+        let [c, sh, sw] = shape;
         return Err(ServiceError::invalid(
             &r.field,
-            format_args!("shape {s:?}, expected (1 or {batch}, 3, {sh}, {sw})"),
+            format_args!("shape {s:?}, expected (1 or {batch}, {c}, {sh}, {sw})"),
         ));
     }
     let t = r.tensor.to_kind(tch::Kind::Float);
     if r.sent {
         finite(&t, &r.field)?;
+    }
+    if r.sent && !latents {
         let (lo, hi) = (t.min().double_value(&[]), t.max().double_value(&[]));
         if lo < 0.0 || hi > 1.0 {
             return Err(ServiceError::invalid(
@@ -691,6 +698,9 @@ pub struct Bounds {
     /// Pixels per latent of a ControlNet's hint image (the VAE's scale);
     /// 0: the network takes no ControlNet.
     pub control_scale: i64,
+    /// A ControlNet's hint is the control image's latents (FLUX), not the
+    /// image.
+    pub control_latents: bool,
 }
 
 impl Bounds {
@@ -727,11 +737,21 @@ impl Bounds {
                 FamilyParams::Sdxl(p) => Some(i64::from(p.time_ids_len)),
             },
             references: net.takes_references(),
-            control_scale: if net.unet().is_some() {
-                layout.vae_scale_factor
-            } else {
-                0
+            control_scale: match net.control_base() {
+                Some(sd_models::ControlBase::Unet(_)) => layout.vae_scale_factor,
+                Some(sd_models::ControlBase::Flux(_)) => 1,
+                None => 0,
             },
+            control_latents: matches!(net.control_base(), Some(sd_models::ControlBase::Flux(_))),
+        }
+    }
+
+    /// A ControlNet hint's (channels, height, width) for latents of `h`×`w`.
+    fn hint_shape(&self, h: i64, w: i64) -> [i64; 3] {
+        if self.control_latents {
+            [self.latent_channels, h, w]
+        } else {
+            [3, h * self.control_scale, w * self.control_scale]
         }
     }
 
@@ -950,6 +970,7 @@ mod tests {
         time_ids_len: None,
         references: false,
         control_scale: 0,
+        control_latents: false,
     };
 
     fn wire(t: &Tensor) -> WireTensor {
@@ -1269,6 +1290,7 @@ mod flux_tests {
         time_ids_len: None,
         references: false,
         control_scale: 0,
+        control_latents: false,
     };
 
     #[derive(Default)]

@@ -159,7 +159,7 @@ fn stores(args: &Args, net: &Arc<Denoiser>, layout: &Layout) -> anyhow::Result<S
     let placement = args.model.placement()?;
     let controls = sd_service::control::store(
         &args.control,
-        net.unet().map(|u| u.config().clone()),
+        net.control_base(),
         placement,
         Some(measure_controlnets(net.clone(), layout)),
     )?;

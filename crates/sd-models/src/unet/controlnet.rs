@@ -177,23 +177,7 @@ impl ControlNet {
             .map_err(|e| config_err(&config_path, e.to_string()))?;
         let extra: Extra =
             serde_json::from_value(value).map_err(|e| config_err(&config_path, e.to_string()))?;
-        let stem = "diffusion_pytorch_model";
-        let half = placement.kind != tch::Kind::Float;
-        let (full, fp16) = (
-            dir.join(format!("{stem}.safetensors")),
-            dir.join(format!("{stem}.fp16.safetensors")),
-        );
-        let order = if half { [&fp16, &full] } else { [&full, &fp16] };
-        let Some(file) = order.into_iter().find(|p| p.is_file()) else {
-            for ext in PICKLES {
-                let p = dir.join(format!("{stem}.{ext}"));
-                if p.is_file() {
-                    return Err(ModelError::Pickle { path: p });
-                }
-            }
-            return Err(ModelError::MissingFile { path: full });
-        };
-        let w = Weights::open(file, placement)?;
+        let w = folder_weights(dir, placement)?;
         Self::build(config, extra, &config_path, &w)
     }
 
@@ -504,3 +488,26 @@ fn file_config(w: &Weights, base: &UNetConfig) -> Result<(UNetConfig, Extra)> {
 // SAFETY: as for the UNet: weights written once at load, only read after;
 // every forward makes its own intermediate tensors.
 unsafe impl Sync for ControlNet {}
+
+/// A diffusers folder's weights: `diffusion_pytorch_model.safetensors`, or
+/// its `.fp16` variant (preferred for a half-precision placement);
+/// pickles refused by name.
+pub(crate) fn folder_weights(dir: &Path, placement: Placement) -> Result<Weights> {
+    let stem = "diffusion_pytorch_model";
+    let half = placement.kind != tch::Kind::Float;
+    let (full, fp16) = (
+        dir.join(format!("{stem}.safetensors")),
+        dir.join(format!("{stem}.fp16.safetensors")),
+    );
+    let order = if half { [&fp16, &full] } else { [&full, &fp16] };
+    let Some(file) = order.into_iter().find(|p| p.is_file()) else {
+        for ext in PICKLES {
+            let p = dir.join(format!("{stem}.{ext}"));
+            if p.is_file() {
+                return Err(ModelError::Pickle { path: p });
+            }
+        }
+        return Err(ModelError::MissingFile { path: full });
+    };
+    Weights::open(file, placement)
+}
