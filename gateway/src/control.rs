@@ -61,7 +61,8 @@ const NEED_NETWORKS: [&str; 24] = [
 pub struct ControlPlan {
     /// The unit as given, its image left out (what the parameters report).
     pub unit: ControlUnit,
-    /// The hint (1, 3, H, W), RGB in 0..=1, at the output size.
+    /// The hint (1, 3, H, W), RGB in 0..=1, at the output size (a FLUX
+    /// ControlNet sees its VAE latents, made by the pipeline).
     pub hint: HostTensor,
     pub weight: f32,
     pub mode: ControlMode,
@@ -158,6 +159,7 @@ pub fn refs(units: &[ControlPlan], k: usize, n: usize) -> Vec<ControlRef> {
             scale: u.weight,
             uncond_scale: (u.mode == ControlMode::Control).then_some(0.0),
             soft: u.mode != ControlMode::Balanced,
+            union_mode: u.unit.union_mode,
         })
         .collect()
 }
@@ -186,9 +188,10 @@ pub fn plan(
     if !facts.profile.takes_controlnet() {
         return Err(Error::invalid(
             "controlnets",
-            "this model takes none: ControlNets serve SD 1.x/2.x and SDXL models",
+            "this model takes none: ControlNets serve SD 1.x/2.x, SDXL and FLUX.1 models",
         ));
     }
+    let flux = facts.profile.controlnet_takes_latents();
     if units.len() > MAX_UNITS {
         return Err(Error::invalid(
             "controlnets",
@@ -198,7 +201,17 @@ pub fn plan(
     units
         .iter()
         .enumerate()
-        .map(|(i, u)| unit(i, u, limits, (width, height)))
+        .map(|(i, u)| {
+            let plan = unit(i, u, limits, (width, height))?;
+            if flux && plan.mode != ControlMode::Balanced {
+                return Err(Error::invalid(
+                    field_name("controlnets", i, "mode"),
+                    "the prompt/ControlNet balance (A1111's control modes) applies to UNet \
+                     ControlNets; FLUX's take the weight alone",
+                ));
+            }
+            Ok(plan)
+        })
         .collect()
 }
 
@@ -443,8 +456,9 @@ fn to_tensor(img: &RgbImage) -> Result<HostTensor> {
 /// `LIST[i].FIELD` (LIST `controlnets` or `ip_adapters`), as a static
 /// name for errors; `LIST` alone past the known fields.
 pub fn field_name(list: &'static str, i: usize, f: &str) -> &'static str {
-    const FIELDS: [&str; 13] = [
+    const FIELDS: [&str; 14] = [
         "name",
+        "union_mode",
         "weight",
         "scale",
         "start",

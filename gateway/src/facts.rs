@@ -193,8 +193,23 @@ impl Profile {
         }
     }
 
-    /// Whether its network takes ControlNets: the SD and SDXL UNets.
+    /// Whether its network takes ControlNets: the SD and SDXL UNets and
+    /// the FLUX.1 transformer.
     pub fn takes_controlnet(&self) -> bool {
+        match &self.params {
+            FamilyParams::Sd(_) | FamilyParams::Sdxl(_) | FamilyParams::Flux(_) => true,
+            FamilyParams::Klein(_) | FamilyParams::Zimage(_) => false,
+        }
+    }
+
+    /// Whether its ControlNets see the control image's VAE latents (FLUX.1's)
+    /// rather than the image (the UNets').
+    pub fn controlnet_takes_latents(&self) -> bool {
+        matches!(&self.params, FamilyParams::Flux(_))
+    }
+
+    /// Whether its network takes IP-Adapters: the SD and SDXL UNets.
+    pub fn takes_ip_adapter(&self) -> bool {
         match &self.params {
             FamilyParams::Sd(_) | FamilyParams::Sdxl(_) => true,
             FamilyParams::Flux(_) | FamilyParams::Klein(_) | FamilyParams::Zimage(_) => false,

@@ -37,7 +37,7 @@ pub fn plan(units: &[IpAdapterUnit], facts: &ModelFacts, limits: &Limits) -> Res
     if units.is_empty() {
         return Ok(Vec::new());
     }
-    if !facts.profile.takes_controlnet() {
+    if !facts.profile.takes_ip_adapter() {
         return Err(Error::invalid(
             "ip_adapters",
             "this model takes none: IP-Adapters serve SD 1.x/2.x and SDXL models",

@@ -201,6 +201,13 @@ impl Plan {
         let hires = req.hires.take().map(|h| (h, req.clone()));
         let mut plan = Plan::first_pass(req, facts, limits)?;
         if let Some((h, req)) = hires {
+            if !plan.controls.is_empty() && facts.profile.controlnet_takes_latents() {
+                return Err(Error::invalid(
+                    "hires",
+                    "a hires pass with FLUX ControlNets is not served (their control latents \
+                     are drawn before the first pass's noise)",
+                ));
+            }
             let hires = crate::hires::plan(&h, &req, &plan, facts, limits)?;
             // Admitted at the cost of both passes.
             plan.predicted_seconds = plan

@@ -181,7 +181,8 @@ impl<'a> Fields<'a> {
     /// `{"name", "image" (base64 or a data URL), "weight", "start", "end",
     /// "mode" (balanced, prompt, control), "preprocessor" (none, canny),
     /// "threshold_a", "threshold_b", "processor_res", "resize_mode"
-    /// (just_resize, crop_and_resize, resize_and_fill)}`.
+    /// (just_resize, crop_and_resize, resize_and_fill), "union_mode" (a
+    /// union ControlNet's control type)}`.
     pub fn controlnets(&self, name: &str) -> HttpResult<Vec<sd_proto::v1::ControlUnit>> {
         let what = ("an array of ControlNet units", "a ControlNet unit object");
         self.units(name, what, |f, at, image| {
@@ -219,6 +220,10 @@ impl<'a> Fields<'a> {
                     "resize_mode",
                     &["just_resize", "crop_and_resize", "resize_and_fill"],
                 )?,
+                union_mode: f
+                    .int_in("union_mode", 0, 255)
+                    .map_err(within)?
+                    .map(|m| m as u32),
                 ..Default::default()
             })
         })

@@ -61,7 +61,7 @@ impl Generator {
             .await?;
         // The ControlNets steer this pass too, their hints made at its size
         // and their windows over its own steps (A1111's counter restarts).
-        super::add_controls(&second.controls, &mut text);
+        super::add_controls(&second.controls, None, &mut text);
         self.add_ip_adapters(&second.ip_adapters, &mut text, pass.deadline)
             .await?;
         // A1111: fresh generators from the same seed, at the larger shape.

@@ -402,7 +402,7 @@ fn noised(
 /// One sample of a latent distribution (mean, std), drawn from `rng` as
 /// diffusers' `latent_dist.sample(generator)`, normalised as the
 /// autoencoder says (`(sample − shift) · scale`).
-fn sample(
+pub(super) fn sample(
     mean: &HostTensor,
     std: &HostTensor,
     normalization: crate::facts::Normalization,

@@ -177,7 +177,68 @@ impl Generator {
         for c in &listed.controlnets {
             self.facts.cost.set_control_ratio(&c.name, c.cost_ratio);
         }
+        for (i, (c, info)) in controls.iter().zip(&listed.controlnets).enumerate() {
+            let field = crate::control::field_name("controlnets", i, "union_mode");
+            match (info.union_modes, c.unit.union_mode) {
+                (0, None) => {}
+                (0, Some(m)) => {
+                    return Err(Error::invalid(
+                        field,
+                        format!("{m} given, but ControlNet `{}` is not a union", info.name),
+                    ))
+                }
+                (n, None) => {
+                    return Err(Error::invalid(
+                        field,
+                        format!(
+                            "ControlNet `{}` is a union of {n} control types: name one (0..{n})",
+                            info.name
+                        ),
+                    ))
+                }
+                (n, Some(m)) if m >= n => {
+                    return Err(Error::invalid(
+                        field,
+                        format!("{m}: ControlNet `{}` has control types 0..{n}", info.name),
+                    ))
+                }
+                _ => {}
+            }
+        }
         Ok(())
+    }
+
+    /// FLUX ControlNets see each control image's VAE latents: each encoded
+    /// and sampled from the request's generator, in unit order, before the
+    /// start's noise (diffusers' FluxControlNetPipeline's draws), normalised
+    /// as the latents are. None for a UNet's (which see the image).
+    async fn encode_controls(
+        &self,
+        controls: &[crate::control::ControlPlan],
+        shape: &LatentShape,
+        rng: &mut TorchGenerator,
+        deadline: &Deadline,
+    ) -> Result<Option<Vec<HostTensor>>> {
+        if controls.is_empty() || !self.facts.profile.controlnet_takes_latents() {
+            return Ok(None);
+        }
+        let one = LatentShape {
+            images: 1,
+            ..*shape
+        };
+        let mut out = Vec::with_capacity(controls.len());
+        for c in controls {
+            // The image processor's [-1, 1].
+            let pixels = HostTensor {
+                shape: c.hint.shape.clone(),
+                data: c.hint.data.iter().map(|v| 2.0 * v - 1.0).collect(),
+            };
+            let init = crate::plan::InitImage { pixels };
+            let (mean, std) = self.encode_init_image(&init, &one, deadline).await?;
+            let z = latents::sample(&mean, &std, self.facts.normalization, rng);
+            out.push(one.tensor(z));
+        }
+        Ok(Some(out))
     }
 
     /// Before any work: every IP-Adapter exists and fits the UNet.
@@ -304,6 +365,9 @@ impl Generator {
         self.check_ip_adapters(&plan.ip_adapters, &deadline).await?;
         let mut text = self.condition(&plan, &lora_key, &deadline).await?;
         parameters.textual_inversions = self.ti_hashes(&text.textual_inversions());
+        let control_latents = self
+            .encode_controls(&plan.controls, &shape, &mut rng, &deadline)
+            .await?;
         let mut start = self
             .initial_latents(&plan, &shape, &mut rng, &deadline)
             .await?;
@@ -313,7 +377,7 @@ impl Generator {
         }
         self.add_references(&plan.references, &mut text, &deadline)
             .await?;
-        add_controls(&plan.controls, &mut text);
+        add_controls(&plan.controls, control_latents, &mut text);
         self.add_ip_adapters(&plan.ip_adapters, &mut text, &deadline)
             .await?;
         let steps = denoise::Denoising {
@@ -366,13 +430,18 @@ impl Generator {
     }
 }
 
-/// Each ControlNet unit's hint image as its session tensor (fp32: the
-/// hint's k/255 values travel exactly).
-fn add_controls(controls: &[crate::control::ControlPlan], text: &mut text::Text) {
-    for (i, c) in controls.iter().enumerate() {
-        text.add_session_tensor(
-            crate::control::IMAGE_NAMES[i],
-            c.hint.to_wire(Dtype::Float32),
-        );
+/// Each ControlNet unit's hint as its session tensor: the image (fp32: the
+/// hint's k/255 values travel exactly), or FLUX's its latents.
+fn add_controls(
+    controls: &[crate::control::ControlPlan],
+    latents: Option<Vec<HostTensor>>,
+    text: &mut text::Text,
+) {
+    let hints: Vec<&HostTensor> = match &latents {
+        Some(l) => l.iter().collect(),
+        None => controls.iter().map(|c| &c.hint).collect(),
+    };
+    for (i, h) in hints.into_iter().enumerate() {
+        text.add_session_tensor(crate::control::IMAGE_NAMES[i], h.to_wire(Dtype::Float32));
     }
 }

@@ -134,13 +134,14 @@ pub struct GenerateArgs {
     /// first one's size.
     #[arg(long = "reference", value_name = "IMG")]
     references: Vec<PathBuf>,
-    /// A ControlNet (SD, SDXL) and its hint image: NAME:IMAGE, with the
-    /// weight (1) and the start and end of its window (0 and 1) when given;
-    /// repeatable (several are summed): a folder or .safetensors file in the
-    /// denoiser's --controlnet-dir.
+    /// A ControlNet (SD, SDXL, FLUX.1) and its hint image: NAME:IMAGE, with
+    /// the weight (1) and the start and end of its window (0 and 1) when
+    /// given; repeatable (several are summed): a folder or .safetensors file
+    /// in the denoiser's --controlnet-dir. A union ControlNet's control type
+    /// follows its name: NAME/TYPE (e.g. union/2:depth.png).
     #[arg(
         long = "controlnet",
-        value_name = "NAME:IMAGE[:WEIGHT[:START:END]]",
+        value_name = "NAME[/TYPE]:IMAGE[:WEIGHT[:START:END]]",
         value_parser = parse_controlnet
     )]
     controlnets: Vec<ControlArg>,
@@ -248,23 +249,7 @@ fn request(a: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
                 .with_context(|| format!("reading {}", p.display()))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let controlnets = a
-        .controlnets
-        .iter()
-        .map(|(name, path, weight, window)| {
-            Ok(sd_proto::v1::ControlUnit {
-                name: name.clone(),
-                image: std::fs::read(path)
-                    .with_context(|| format!("reading {}", path.display()))?
-                    .into(),
-                weight: *weight,
-                start: window.map(|w| w.0),
-                end: window.map(|w| w.1),
-                preprocessor: a.controlnet_preprocessor.clone(),
-                ..Default::default()
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let controlnets = control_units(a)?;
     let ip_adapters = a
         .ip_adapters
         .iter()
@@ -338,6 +323,36 @@ fn parse_ip_adapter(s: &str) -> Result<(String, PathBuf, Option<f32>), String> {
         }
         _ => Err("expected NAME:IMAGE or NAME:IMAGE:SCALE".into()),
     }
+}
+
+/// The --controlnet units, their hint images read.
+fn control_units(a: &GenerateArgs) -> anyhow::Result<Vec<sd_proto::v1::ControlUnit>> {
+    a.controlnets
+        .iter()
+        .map(|(name, path, weight, window)| {
+            let (name, union_mode) = match name.split_once('/') {
+                Some((n, m)) => (
+                    n.to_string(),
+                    Some(m.parse::<u32>().with_context(|| {
+                        format!("--controlnet {name}: the control type `{m}` is not a number")
+                    })?),
+                ),
+                None => (name.clone(), None),
+            };
+            Ok(sd_proto::v1::ControlUnit {
+                name,
+                union_mode,
+                image: std::fs::read(path)
+                    .with_context(|| format!("reading {}", path.display()))?
+                    .into(),
+                weight: *weight,
+                start: window.map(|w| w.0),
+                end: window.map(|w| w.1),
+                preprocessor: a.controlnet_preprocessor.clone(),
+                ..Default::default()
+            })
+        })
+        .collect()
 }
 
 /// `NAME:IMAGE`, `NAME:IMAGE:WEIGHT` or `NAME:IMAGE:WEIGHT:START:END`.

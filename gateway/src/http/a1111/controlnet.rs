@@ -118,16 +118,11 @@ fn unit(
     {
         return Ok(None);
     }
-    let module = f
-        .str("module")
-        .map_err(|e| e.within(field))?
-        .unwrap_or("none")
-        .to_string();
-    let model = f
-        .str("model")
-        .map_err(|e| e.within(field))?
-        .unwrap_or("None")
-        .to_string();
+    let text_or = |n: &str, default: &str| -> HttpResult<String> {
+        let v = f.str(n).map_err(|e| e.within(field))?;
+        Ok(v.unwrap_or(default).to_string())
+    };
+    let (module, model) = (text_or("module", "none")?, text_or("model", "None")?);
     if model.is_empty() || model == "None" {
         return Err(err(
             "model",
@@ -207,6 +202,7 @@ fn unit(
             processor_res: res.max(0.0).round() as u32,
             resize_mode: resize as i32,
             window_rule: ControlWindowRule::A1111 as i32,
+            union_mode: None,
         },
     }))
 }
