@@ -31,6 +31,7 @@ fixtures: setup
 	@python tests/fixtures/make_klein_models.py $(SD_FIXTURES)
 	@python tests/fixtures/make_zimage_models.py $(SD_FIXTURES)
 	@python tests/fixtures/make_controlnet_reference.py $(SD_FIXTURES)
+	@python tests/fixtures/make_flux_controlnet_reference.py $(SD_FIXTURES)
 	@python tests/fixtures/make_ip_adapter_reference.py $(SD_FIXTURES)
 
 ## build: release binaries into target/release/

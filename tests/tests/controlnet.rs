@@ -6,7 +6,10 @@
 //! once, and the cases all at once (different ControlNets, weights and
 //! windows, and one without, batched into shared UNet forwards), each
 //! equal to its own reference within 2/255; and bad units refused naming
-//! the field.
+//! the field. FLUX.1's ControlNets (`make_flux_controlnet_reference.py`:
+//! an InstantX-style one shallower than the transformer and a union) the
+//! same against FluxControlNetPipeline, and the network alone against
+//! FluxControlNetModel on fixed inputs.
 
 #![allow(clippy::unwrap_used)]
 
@@ -45,6 +48,201 @@ fn sd_controlnets_match_diffusers_alone_and_batched() {
 #[test]
 fn sdxl_controlnets_match_diffusers_alone_and_batched() {
     run("sdxl-tiny");
+}
+
+/// Weight, window, a union's control type, two at once (diffusers'
+/// MultiControlNet merge of a shallower and a deeper net), true CFG (the
+/// negative pass reuses the prompt's samples) and a plain case, one at a
+/// time and batched.
+#[test]
+fn flux_controlnets_match_diffusers_alone_and_batched() {
+    run("flux-dev-tiny");
+}
+
+/// FLUX ControlNets are listed with a union's control types; units that
+/// cannot work on them are refused before any step, naming the field: a
+/// union without its control type or with one past its types, a control
+/// type for a net that is no union, A1111's control modes, a hires pass.
+#[test]
+fn flux_controlnets_list_union_types_and_refuse_bad_units() {
+    let (stack, inputs) = stack("flux-dev-tiny");
+    let hint = std::fs::read(inputs.join("control-flux.png")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut client = GenerationClient::connect(stack.url.clone()).await.unwrap();
+        let listed = client
+            .list_control_nets(ListControlNetsRequest {
+                check: vec!["canny".into(), "union".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let types: Vec<(&str, u32)> = listed
+            .controlnets
+            .iter()
+            .map(|c| (c.name.as_str(), c.union_modes))
+            .collect();
+        assert_eq!(types, [("canny", 0), ("union", 3)]);
+        assert!(listed.controlnets.iter().all(|c| c.cost_ratio > 0.0));
+        let unit = |name: &str, union_mode: Option<u32>| ControlUnit {
+            name: name.into(),
+            image: hint.clone().into(),
+            union_mode,
+            ..Default::default()
+        };
+        let base = GenerateRequest {
+            prompt: "a cat".into(),
+            width: 32,
+            height: 32,
+            steps: 2,
+            seed: Some(1),
+            ..Default::default()
+        };
+        let with = |units: Vec<ControlUnit>| GenerateRequest {
+            controlnets: units,
+            ..base.clone()
+        };
+        let cases = [
+            (
+                with(vec![unit("union", None)]),
+                "controlnets[0].union_mode",
+                "union of 3",
+            ),
+            (
+                with(vec![unit("union", Some(3))]),
+                "controlnets[0].union_mode",
+                "0..3",
+            ),
+            (
+                with(vec![unit("canny", None), unit("canny", Some(1))]),
+                "controlnets[1].union_mode",
+                "not a union",
+            ),
+            (
+                with(vec![ControlUnit {
+                    mode: sd_proto::v1::ControlMode::Prompt as i32,
+                    ..unit("canny", None)
+                }]),
+                "controlnets[0].mode",
+                "UNet ControlNets",
+            ),
+            (
+                GenerateRequest {
+                    hires: Some(sd_proto::v1::Hires {
+                        scale: 2.0,
+                        ..Default::default()
+                    }),
+                    ..with(vec![unit("canny", None)])
+                },
+                "hires",
+                "FLUX ControlNets",
+            ),
+        ];
+        for (req, field, says) in cases {
+            let e = client.generate(req).await.unwrap_err();
+            assert_eq!(
+                e.code(),
+                tonic::Code::InvalidArgument,
+                "{field}: {}",
+                e.message()
+            );
+            assert!(
+                e.message().contains(field) && e.message().contains(says),
+                "{field}: {}",
+                e.message()
+            );
+        }
+        // A good union unit runs, and steers the picture.
+        let plain = client.generate(base.clone()).await.unwrap().into_inner();
+        let union = client
+            .generate(with(vec![unit("union", Some(2))]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_ne!(plain.images[0].data, union.images[0].data);
+        let p = union.parameters.unwrap();
+        assert_eq!(p.controlnets[0].union_mode, Some(2));
+    });
+}
+
+/// The FLUX ControlNet alone on diffusers' fixed inputs (packed latents
+/// and control latents, per-row timesteps and guidance, a union's control
+/// types), and the transformer with its samples added.
+#[test]
+fn the_flux_controlnet_and_its_samples_match_diffusers() {
+    use sd_models::flux::{pack, unpack};
+    use sd_models::{ControlResiduals, FluxControlNet, FluxResiduals, Placement};
+    let root = common::fixtures().join("controlnet/flux-dev-tiny");
+    let r: std::collections::HashMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(root.join("forward.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let latents = unpack(&r["hidden_states"], 16, 4, 4);
+    let control = unpack(&r["controlnet_cond"], 16, 4, 4);
+    let timesteps = &r["timestep"] * 1000.0;
+    let modes = r["controlnet_mode"].reshape([-1]);
+    let mut samples = Vec::new();
+    for name in ["canny", "union"] {
+        let net = FluxControlNet::load(&root.join("nets").join(name), Placement::cpu()).unwrap();
+        assert_eq!(net.union_modes().is_some(), name == "union");
+        let out = net
+            .forward(
+                &latents,
+                &timesteps,
+                &r["encoder_hidden_states"],
+                Some(&r["pooled_projections"]),
+                Some(&r["guidance"]),
+                &net.embed(&control).unwrap(),
+                net.union_modes().map(|_| &modes),
+            )
+            .unwrap();
+        for (kind, got) in [("double", &out.double), ("single", &out.single)] {
+            for (i, t) in got.iter().enumerate() {
+                let key = format!("{name}.{kind}.{i}");
+                common::assert_close(&key, t, &r[&key]);
+            }
+        }
+        samples.push(out);
+    }
+    let dir = sd_models::ModelDir::open(common::model("flux-dev-tiny")).unwrap();
+    let transformer = sd_models::Denoiser::load(&dir, Placement::cpu()).unwrap();
+    let run = |control: Option<&FluxResiduals>| {
+        let control = control.map(|c| {
+            ControlResiduals::Flux(FluxResiduals {
+                double: c.double.iter().map(|t| t.shallow_clone()).collect(),
+                single: c.single.iter().map(|t| t.shallow_clone()).collect(),
+            })
+        });
+        let out = transformer
+            .forward(
+                &latents,
+                &timesteps,
+                sd_models::Conditioning {
+                    context: &r["encoder_hidden_states"],
+                    pooled: Some(&r["pooled_projections"]),
+                    time_ids: None,
+                    guidance: Some(&r["guidance"]),
+                    image: None,
+                    control: control.as_ref(),
+                    references: None,
+                },
+            )
+            .unwrap();
+        pack(&out)
+    };
+    let plain = run(None);
+    common::assert_close("transformer.out.plain", &plain, &r["transformer.out.plain"]);
+    for (name, s) in ["canny", "union"].iter().zip(&samples) {
+        let key = format!("transformer.out.{name}");
+        let got = run(Some(s));
+        common::assert_close(&key, &got, &r[&key]);
+        assert!(
+            common::max_abs_diff(&got, &plain) > 1e-2,
+            "{name}'s samples change the prediction"
+        );
+    }
 }
 
 /// Both layouts are listed and loaded; units that cannot work are refused
@@ -259,8 +457,8 @@ fn mixed_controls_share_one_forward_and_each_call_equals_its_own() {
         controlnet_dir: Some(common::fixtures().join("controlnet/sd1-tiny/nets")),
         controlnet_cache_mb: 1024,
     };
-    let base = net.unet().unwrap().config().clone();
-    let store = sd_service::control::store(&args, Some(base), Placement::cpu(), None).unwrap();
+    let store =
+        sd_service::control::store(&args, net.control_base(), Placement::cpu(), None).unwrap();
     let f = (Kind::Float, tch::Device::Cpu);
     tch::manual_seed(7);
     let control = |name: &str, scale: f64, uncond_scale: f64, soft: bool| {
@@ -272,6 +470,7 @@ fn mixed_controls_share_one_forward_and_each_call_equals_its_own() {
             scale,
             uncond_scale,
             soft,
+            mode: None,
         }
     };
     let call = |controls: Vec<Control>| Call {

@@ -253,8 +253,9 @@ pub fn request(p: &serde_json::Value, e2e: &std::path::Path) -> GenerateRequest 
     }
 }
 
-/// A case's ControlNet unit: `{name, image, weight, start, end}` (the
-/// image a file among the inputs), diffusers' window rule.
+/// A case's ControlNet unit: `{name, image, weight, start, end,
+/// union_mode}` (the image a file among the inputs), diffusers' window
+/// rule.
 fn control_unit(c: &serde_json::Value, inputs: &Path) -> sd_proto::v1::ControlUnit {
     let f = |k: &str| c.get(k).and_then(|v| v.as_f64()).map(|v| v as f32);
     let image = c["image"].as_str().expect("a control image's file name");
@@ -266,6 +267,10 @@ fn control_unit(c: &serde_json::Value, inputs: &Path) -> sd_proto::v1::ControlUn
         weight: f("weight"),
         start: f("start"),
         end: f("end"),
+        union_mode: c
+            .get("union_mode")
+            .and_then(serde_json::Value::as_u64)
+            .map(|m| m as u32),
         ..Default::default()
     }
 }
