@@ -67,12 +67,15 @@ def request(pb, params, inputs, model):
         r.seed = params["seed"]
     if "strength" in params:
         r.strength = params["strength"]
+    for field in ("true_cfg_scale", "max_sequence_length"):
+        if field in params:
+            setattr(r, field, params[field])
     for field in ("init_image", "mask"):
         if field in params:
             setattr(r, field, (inputs / params[field]).read_bytes())
     for u in params.get("controlnets", []):
         unit = r.controlnets.add(name=u["name"], image=(inputs / u["image"]).read_bytes())
-        for k in ("weight", "start", "end"):
+        for k in ("weight", "start", "end", "union_mode"):
             if k in u:
                 setattr(unit, k, u[k])
     for u in params.get("ip_adapters", []):

@@ -166,6 +166,69 @@ fn flux_controlnets_list_union_types_and_refuse_bad_units() {
     });
 }
 
+/// FLUX ControlNets through grpcio stubs generated from our proto (every
+/// case equal to diffusers', a union's types listed, a unit without one
+/// named) and the official openai package (the union case with
+/// `union_mode`; a bad type named by `param`):
+/// tests/clients/flux_controlnet_clients.py.
+#[test]
+fn grpcio_and_openai_clients_steer_flux_with_controlnets() {
+    let (stack, _) = stack("flux-dev-tiny");
+    let target = stack.url.trim_start_matches("http://");
+    let proto = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    let out = common::run_client(
+        "flux_controlnet_clients.py",
+        &[
+            target.as_ref(),
+            common::fixtures().as_os_str(),
+            proto.as_os_str(),
+            stack.http.as_ref(),
+        ],
+    );
+    assert!(out.contains("a bad type named"), "{out}");
+}
+
+/// The web page in headless Chromium on FLUX: a union ControlNet shows its
+/// control types, and with one chosen gives gRPC's image for the same
+/// request (tests/clients/web_page_flux_controls.py).
+#[test]
+fn the_web_page_offers_a_union_controlnets_types_on_flux() {
+    let (stack, inputs) = stack("flux-dev-tiny");
+    let work = tempfile::tempdir().unwrap();
+    let hint = std::fs::read(inputs.join("control-flux.png")).unwrap();
+    std::fs::write(work.path().join("hint.png"), &hint).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let image = rt.block_on(async {
+        let mut client = GenerationClient::connect(stack.url.clone()).await.unwrap();
+        let r = client
+            .generate(GenerateRequest {
+                prompt: "a photograph of an astronaut riding a horse".into(),
+                width: 32,
+                height: 32,
+                steps: 4,
+                seed: Some(63),
+                guidance_scale: Some(3.5),
+                controlnets: vec![ControlUnit {
+                    name: "union".into(),
+                    image: hint.into(),
+                    weight: Some(0.8),
+                    union_mode: Some(1),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        r.images[0].data.clone()
+    });
+    std::fs::write(work.path().join("union.png"), image).unwrap();
+    common::run_client(
+        "web_page_flux_controls.py",
+        &[stack.http.as_ref(), work.path().as_os_str()],
+    );
+}
+
 /// The FLUX ControlNet alone on diffusers' fixed inputs (packed latents
 /// and control latents, per-row timesteps and guidance, a union's control
 /// types), and the transformer with its samples added.

@@ -140,7 +140,7 @@ fn parameters_json(p: &GenerationParameters) -> serde_json::Value {
         })),
         "controlnets": p.controlnets.iter().map(|c| json!({
             "name": c.name, "weight": shortest(c.weight.unwrap_or(1.0)),
-            "preprocessor": c.preprocessor,
+            "preprocessor": c.preprocessor, "union_mode": c.union_mode,
         })).collect::<Vec<_>>(),
         "ip_adapters": p.ip_adapters.iter().map(|a| json!({
             "name": a.name, "scale": shortest(a.scale.unwrap_or(1.0)),
@@ -155,7 +155,8 @@ fn shortest(v: f32) -> f64 {
 
 /// What the page can steer with on a model (`GET /ui/controls?model=`):
 /// the ControlNets and IP-Adapters its denoiser serves, by name (empty
-/// lists where it serves none).
+/// lists where it serves none), and each union ControlNet's number of
+/// control types.
 async fn controls(
     S(http): S<State>,
     axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
@@ -167,11 +168,17 @@ async fn controls(
         Err(e) => return HttpError::from(e).into_response(),
     };
     let names = |v: Vec<String>| json!(v);
-    let controlnets = stages
+    let listed = stages
         .list_controlnets(Default::default(), &deadline)
         .await
-        .map(|l| l.controlnets.into_iter().map(|c| c.name).collect())
+        .map(|l| l.controlnets)
         .unwrap_or_default();
+    let control_types: serde_json::Map<String, serde_json::Value> = listed
+        .iter()
+        .filter(|c| c.union_modes > 0)
+        .map(|c| (c.name.clone(), json!(c.union_modes)))
+        .collect();
+    let controlnets = listed.into_iter().map(|c| c.name).collect();
     let ip_adapters = stages
         .list_ip_adapters(Default::default(), &deadline)
         .await
@@ -179,6 +186,7 @@ async fn controls(
         .unwrap_or_default();
     super::json(json!({
         "controlnets": names(controlnets),
+        "control_types": control_types,
         "ip_adapters": names(ip_adapters),
     }))
 }

@@ -189,12 +189,10 @@ fn fits(net: &ControlNetwork, base: &ControlBase) -> Result<(), String> {
 /// What a listing says of a ControlNet.
 pub fn info(l: crate::folder::Listing<ControlNetwork>) -> ControlNetInfo {
     ControlNetInfo {
-        union_modes: l
-            .item
-            .as_ref()
-            .and_then(|n| n.union_modes())
-            .unwrap_or(0)
-            .max(0) as u32,
+        union_modes: match &l.item {
+            Some(n) => n.union_modes().unwrap_or(0).max(0) as u32,
+            None => configured_union_modes(&l.path),
+        },
         name: l.name,
         layout: l.layout.to_string(),
         file_bytes: l.file_bytes,
@@ -202,6 +200,16 @@ pub fn info(l: crate::folder::Listing<ControlNetwork>) -> ControlNetInfo {
         cost_ratio: l.cost_ratio.unwrap_or(0.0),
         short_hash: l.short_hash,
     }
+}
+
+/// A FLUX ControlNet folder's `num_mode` as its config says, before it is
+/// loaded (0: none, or not such a folder).
+fn configured_union_modes(path: &Path) -> u32 {
+    std::fs::read_to_string(path.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("num_mode")?.as_u64())
+        .map_or(0, |n| n.min(u64::from(u32::MAX)) as u32)
 }
 
 /// A hint embedding to hold under a session tensor's id: (id, embedding,

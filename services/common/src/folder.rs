@@ -42,6 +42,8 @@ pub struct Listing<T> {
     pub short_hash: String,
     /// The network, when loaded from its current files.
     pub item: Option<Arc<T>>,
+    /// Its folder or file.
+    pub path: PathBuf,
 }
 
 /// How an entry at a path is loaded (and measured): the item and its cost
@@ -139,6 +141,7 @@ impl<T: Item> Store<T> {
             item: loaded.map(|l| l.item.clone()),
             version,
             short_hash: short_hash(&path),
+            path,
         })
     }
 
