@@ -583,3 +583,95 @@ fn mixed_controls_share_one_forward_and_each_call_equals_its_own() {
         assert!(d > 1e-3, "call {i}: its controls changed nothing ({d})");
     }
 }
+
+/// FLUX calls with ControlNets of different depths in one batched forward
+/// — the shallow net, the deeper union with a control type, both on one
+/// call (diffusers' merge), none, and a true-CFG call whose unconditional
+/// rows take the prompt's samples — each equal to its own forward (the
+/// forward lays the samples out per block, as the calls merge to
+/// different counts), the controlled ones different from the plain.
+#[test]
+fn flux_controls_of_different_depths_share_one_forward() {
+    use sd_models::{Denoiser, ModelDir, Placement};
+    use sd_service::compute::{forward_calls, Call, Half};
+    use sd_service::control::{Control, ControlArgs};
+    use tch::{Kind, Tensor};
+    let net = Denoiser::load(
+        &ModelDir::open(common::model("flux-dev-tiny")).unwrap(),
+        Placement::cpu(),
+    )
+    .unwrap();
+    let args = ControlArgs {
+        controlnet_dir: Some(common::fixtures().join("controlnet/flux-dev-tiny/nets")),
+        controlnet_cache_mb: 1024,
+    };
+    let store =
+        sd_service::control::store(&args, net.control_base(), Placement::cpu(), None).unwrap();
+    let f = (Kind::Float, tch::Device::Cpu);
+    tch::manual_seed(11);
+    let control = |name: &str, scale: f64, mode: Option<i64>| {
+        let net = store.get(name, "test").unwrap();
+        let hint = net.item.embed(&Tensor::randn([1, 16, 4, 4], f)).unwrap();
+        Control {
+            net,
+            hint,
+            scale,
+            uncond_scale: scale,
+            soft: false,
+            mode,
+        }
+    };
+    let half = || Half {
+        context: Tensor::randn([1, 8, 32], f),
+        pooled: Some(Tensor::randn([1, 32], f)),
+        time_ids: None,
+    };
+    let call = |controls: Vec<Control>, true_cfg: bool| Call {
+        latents: Tensor::randn([1, 16, 4, 4], f),
+        timesteps: Tensor::from_slice(&[700.0f32]),
+        cond: half(),
+        uncond: true_cfg.then(half),
+        guidance: if true_cfg { 4.0 } else { 1.0 },
+        embedded_guidance: Some(3.5),
+        image: None,
+        loras: Default::default(),
+        references: None,
+        controls,
+        ip: Vec::new(),
+    };
+    let calls = [
+        call(vec![control("canny", 0.7, None)], false),
+        call(vec![control("union", 0.8, Some(1))], false),
+        call(
+            vec![control("canny", 1.0, None), control("union", 0.5, Some(2))],
+            false,
+        ),
+        call(Vec::new(), false),
+        call(vec![control("canny", 1.0, None)], true),
+    ];
+    let refs: Vec<&Call> = calls.iter().collect();
+    let together = forward_calls(&net, &refs).unwrap();
+    for (i, c) in calls.iter().enumerate() {
+        let alone = forward_calls(&net, &[c]).unwrap().remove(0);
+        let d = common::max_abs_diff(&together[i], &alone);
+        assert!(d < 1e-4, "call {i}: batched differs from alone by {d}");
+    }
+    for i in [0, 1, 2, 4] {
+        let c = &calls[i];
+        let clone = |h: &Half| Half {
+            context: h.context.shallow_clone(),
+            pooled: h.pooled.as_ref().map(Tensor::shallow_clone),
+            time_ids: None,
+        };
+        let plain = Call {
+            latents: c.latents.shallow_clone(),
+            cond: clone(&c.cond),
+            uncond: c.uncond.as_ref().map(clone),
+            guidance: c.guidance,
+            ..call(Vec::new(), false)
+        };
+        let p = forward_calls(&net, &[&plain]).unwrap().remove(0);
+        let d = common::max_abs_diff(&together[i], &p);
+        assert!(d > 1e-3, "call {i}: its controls changed nothing ({d})");
+    }
+}
