@@ -185,6 +185,7 @@ fn grpcio_and_openai_clients_steer_flux_with_controlnets() {
             stack.http.as_ref(),
         ],
     );
+    eprintln!("{out}");
     assert!(out.contains("a bad type named"), "{out}");
 }
 
