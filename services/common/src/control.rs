@@ -479,14 +479,13 @@ fn flux_residuals(
         };
         let (_, index, hint) = group_rows(entries, x.latents.device());
         let pick = |t: &Tensor| t.index_select(0, &index.to_device(t.device()));
-        let cond = |k: usize| -> Tensor {
-            let parts: Vec<&Tensor> = entries
-                .iter()
-                .filter_map(|(start, ..)| f.cond.iter().find(|c| c.0 == *start))
-                .map(|c| if k == 0 { &c.1 } else { &c.2 })
-                .collect();
-            Tensor::cat(&parts, 0)
-        };
+        // Each entry's call's conditional text and pooled embedding.
+        let cond: Vec<&(i64, Tensor, Tensor)> = entries
+            .iter()
+            .filter_map(|(start, ..)| f.cond.iter().find(|c| c.0 == *start))
+            .collect();
+        let context = Tensor::cat(&cond.iter().map(|c| &c.1).collect::<Vec<_>>(), 0);
+        let pooled = Tensor::cat(&cond.iter().map(|c| &c.2).collect::<Vec<_>>(), 0);
         let modes: Option<Tensor> = item.union_modes().map(|_| {
             let m: Vec<i64> = entries
                 .iter()
@@ -498,8 +497,8 @@ fn flux_residuals(
         let r = item.forward(
             &pick(x.latents),
             &pick(x.timesteps),
-            &cond(0),
-            Some(&cond(1)),
+            &context,
+            Some(&pooled),
             item.takes_guidance().then_some(&guidance),
             &hint,
             modes.as_ref(),
