@@ -124,6 +124,44 @@ impl std::fmt::Display for Precision {
     }
 }
 
+/// How a FLUX transformer's block weights are kept on the device: as
+/// loaded (in the placement's precision), or in fp8 e4m3 with one scale
+/// per tensor — half the memory of bf16 — computed either by upcasting each
+/// layer's weight to the activations' precision (`Upcast`) or with scaled
+/// fp8 matrix products, the activations quantized per call (`Scaled`:
+/// Hopper's fp8 tensor cores on a GPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fp8 {
+    #[default]
+    Off,
+    Upcast,
+    Scaled,
+}
+
+impl FromStr for Fp8 {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "off" | "none" | "no" => Ok(Fp8::Off),
+            "upcast" => Ok(Fp8::Upcast),
+            "scaled" => Ok(Fp8::Scaled),
+            other => Err(ModelError::Device(format!(
+                "`{other}`: expected off, upcast or scaled"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Fp8 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Fp8::Off => "off",
+            Fp8::Upcast => "upcast",
+            Fp8::Scaled => "scaled",
+        })
+    }
+}
+
 impl Precision {
     pub fn kind(self) -> tch::Kind {
         match self {

@@ -688,7 +688,9 @@ impl TimeText {
 }
 
 /// The double- and single-stream blocks of a network configured as `config`.
+/// Their linear layers are kept as the weights' fp8 setting says.
 pub(crate) fn blocks(vb: &Vb, config: &FluxConfig) -> Result<(Vec<DoubleBlock>, Vec<SingleBlock>)> {
+    let vb = vb.fp8_scope();
     let (dim, hd) = (config.inner_dim(), config.attention_head_dim);
     let double = (0..config.num_layers)
         .map(|i| DoubleBlock::load(&vb.pp("transformer_blocks").pp(i), dim, hd))

@@ -368,10 +368,15 @@ impl Flux2Transformer {
         let tge = vb.pp("time_guidance_embed");
         let tc = config.timestep_guidance_channels;
         let double = (0..config.num_layers)
-            .map(|i| DoubleBlock::load(&vb.pp("transformer_blocks").pp(i), &config))
+            .map(|i| DoubleBlock::load(&vb.fp8_scope().pp("transformer_blocks").pp(i), &config))
             .collect::<Result<Vec<_>>>()?;
         let single = (0..config.num_single_layers)
-            .map(|i| SingleBlock::load(&vb.pp("single_transformer_blocks").pp(i), &config))
+            .map(|i| {
+                SingleBlock::load(
+                    &vb.fp8_scope().pp("single_transformer_blocks").pp(i),
+                    &config,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let guidance = if config.guidance_embeds {
             Some(Mlp::load(&tge.pp("guidance_embedder"), tc, dim, false)?)

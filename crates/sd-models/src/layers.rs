@@ -5,22 +5,63 @@ use std::sync::Arc;
 
 use tch::{Kind, Tensor};
 
+use crate::device::Fp8;
 use crate::error::Result;
 use crate::lora;
 use crate::modules::{ModuleKind, ModuleShape};
 use crate::weights::Vb;
 
 pub struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
     /// Its path, where LoRA adapters may apply (see [`crate::lora`]).
     path: Option<Arc<str>>,
 }
 
+/// How a layer's weight is kept.
+enum Weight {
+    /// As loaded.
+    Dense(Tensor),
+    /// fp8 e4m3, `weight ≈ w · scale` (one float32 scale for the tensor),
+    /// with the kind it was loaded in and how it is computed.
+    Fp8 {
+        w: Tensor,
+        scale: Tensor,
+        kind: Kind,
+        mode: Fp8,
+    },
+}
+
+/// The largest finite e4m3 value.
+const E4M3_MAX: f64 = 448.0;
+
+/// `t` as fp8 e4m3 and its float32 scale: `t ≈ q · scale`, the largest
+/// magnitude mapped to e4m3's largest.
+fn quantize(t: &Tensor) -> (Tensor, Tensor) {
+    let f = t.to_kind(Kind::Float);
+    let amax = f.abs().max();
+    let scale = (amax / E4M3_MAX).clamp_min(f64::from(f32::MIN_POSITIVE));
+    let q = (f / &scale).to_kind(Kind::Float8e4m3fn);
+    (q, scale)
+}
+
 impl Linear {
     pub fn load(vb: &Vb, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self> {
+        let weight = vb.get("weight", &[out_dim, in_dim])?;
+        let weight = match vb.fp8() {
+            Fp8::Off => Weight::Dense(weight),
+            mode => {
+                let (w, scale) = quantize(&weight);
+                Weight::Fp8 {
+                    w,
+                    scale,
+                    kind: weight.kind(),
+                    mode,
+                }
+            }
+        };
         Ok(Linear {
-            weight: vb.get("weight", &[out_dim, in_dim])?,
+            weight,
             bias: if bias {
                 Some(vb.get("bias", &[out_dim])?)
             } else {
@@ -34,27 +75,111 @@ impl Linear {
         })
     }
 
-    /// This layer with its weights in `kind` (T5's float32 `wo`).
+    /// This layer with its weights in `kind` (T5's float32 `wo`); an fp8
+    /// layer keeps its storage and computes in `kind`.
     pub fn into_kind(self, kind: tch::Kind) -> Self {
+        let weight = match self.weight {
+            Weight::Dense(w) => Weight::Dense(w.to_kind(kind)),
+            Weight::Fp8 { w, scale, mode, .. } => Weight::Fp8 {
+                w,
+                scale,
+                kind,
+                mode,
+            },
+        };
         Linear {
-            weight: self.weight.to_kind(kind),
+            weight,
             bias: self.bias.map(|b| b.to_kind(kind)),
             path: self.path,
         }
     }
 
-    /// The element type of its weights.
+    /// The element type it computes in (its weights', or an fp8 layer's
+    /// as loaded).
     pub fn kind(&self) -> tch::Kind {
-        self.weight.kind()
+        match &self.weight {
+            Weight::Dense(w) => w.kind(),
+            Weight::Fp8 { kind, .. } => *kind,
+        }
+    }
+
+    /// Bytes its weight and bias take on the device.
+    pub fn bytes(&self) -> u64 {
+        let size = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+        let w = match &self.weight {
+            Weight::Dense(w) => size(w),
+            Weight::Fp8 { w, scale, .. } => size(w) + size(scale),
+        };
+        w + self.bias.as_ref().map_or(0, size)
     }
 
     pub fn forward(&self, xs: &Tensor) -> Tensor {
-        let y = xs.linear(&self.weight, self.bias.as_ref());
+        let y = match &self.weight {
+            Weight::Dense(w) => xs.linear(w, self.bias.as_ref()),
+            Weight::Fp8 {
+                w,
+                scale,
+                mode: Fp8::Scaled,
+                ..
+            } => scaled_fp8(xs, w, scale, self.bias.as_ref()),
+            Weight::Fp8 { w, scale, .. } => {
+                let k = xs.kind();
+                xs.linear(&(w.to_kind(k) * scale.to_kind(k)), self.bias.as_ref())
+            }
+        };
         match &self.path {
             Some(p) => lora::apply(p, xs, y, None),
             None => y,
         }
     }
+}
+
+/// `xs · (w · scale)ᵀ + bias` as one scaled fp8 matrix product: the
+/// activations quantized to e4m3 with one scale per row (token), the
+/// weight's one scale spread over its columns — the row-wise form Hopper's
+/// kernels take, with a bf16 result (rows padded to a multiple of 16, as
+/// they ask) — then in `xs`'s kind.
+fn scaled_fp8(xs: &Tensor, w: &Tensor, scale: &Tensor, bias: Option<&Tensor>) -> Tensor {
+    let size = xs.size();
+    let k = *size.last().unwrap_or(&1);
+    let x = xs.reshape([-1, k]).to_kind(Kind::Float);
+    let rows = x.size()[0];
+    let pad = (16 - rows % 16) % 16;
+    let x = if pad > 0 {
+        x.constant_pad_nd([0, 0, 0, pad])
+    } else {
+        x
+    };
+    let x_scale =
+        (x.abs().amax([1i64].as_slice(), true) / E4M3_MAX).clamp_min(f64::from(f32::MIN_POSITIVE));
+    let x8 = (&x / &x_scale).to_kind(Kind::Float8e4m3fn);
+    let n = w.size()[0];
+    let w_scale = scale
+        .to_device(x8.device())
+        .reshape([1, 1])
+        .expand([1, n], false)
+        .contiguous();
+    let y = x8
+        .internal_scaled_mm(
+            &w.tr(),
+            &x_scale,
+            &w_scale,
+            None::<Tensor>,
+            None::<Tensor>,
+            Kind::BFloat16,
+            false,
+        )
+        .narrow(0, 0, rows)
+        .to_kind(xs.kind());
+    let y = match bias {
+        Some(b) => y + b.to_kind(xs.kind()),
+        None => y,
+    };
+    let mut out = size;
+    if let Some(last) = out.last_mut() {
+        *last = n;
+    }
+    y.reshape(out)
 }
 
 /// A convolution without bias whose stride is its kernel (a ViT's patch
@@ -281,4 +406,63 @@ pub fn token_ids(ids: &Tensor, vocab: i64, max_len: i64) -> Result<Tensor> {
         )));
     }
     Ok(ids)
+}
+
+#[cfg(test)]
+mod fp8_tests {
+    use super::*;
+
+    #[test]
+    fn fp8_weights_round_trip_within_e4m3s_precision() {
+        tch::manual_seed(3);
+        let w = Tensor::randn([64, 48], (Kind::Float, tch::Device::Cpu)) * 0.02;
+        let (q, scale) = quantize(&w);
+        assert_eq!(q.kind(), Kind::Float8e4m3fn);
+        let back = q.to_kind(Kind::Float) * &scale;
+        // The largest magnitude maps to e4m3's largest, exactly.
+        let qmax = q.to_kind(Kind::Float).abs().max().double_value(&[]);
+        assert!((qmax - E4M3_MAX).abs() < 1e-6, "{qmax}");
+        // Three mantissa bits: each normal value within 2^-4 of itself.
+        let rel = ((&back - &w).abs() / (w.abs() + 1e-6))
+            .max()
+            .double_value(&[]);
+        let err = (&back - &w).abs().max().double_value(&[]);
+        assert!(
+            rel <= 0.0625 + 1e-3 || err < 1e-4,
+            "relative {rel}, absolute {err}"
+        );
+    }
+
+    #[test]
+    fn fp8_layers_compute_what_their_dense_weights_would() {
+        tch::manual_seed(4);
+        let f = (Kind::Float, tch::Device::Cpu);
+        let w = Tensor::randn([32, 48], f) * 0.05;
+        let bias = Tensor::randn([32], f);
+        // 2 × 9 rows: not a multiple of 16, so the scaled path pads.
+        let x = Tensor::randn([2, 9, 48], f);
+        let (q, scale) = quantize(&w);
+        let dense = x.linear(&(q.to_kind(Kind::Float) * &scale), Some(&bias));
+        let layer = |mode| Linear {
+            weight: Weight::Fp8 {
+                w: q.shallow_clone(),
+                scale: scale.shallow_clone(),
+                kind: Kind::Float,
+                mode,
+            },
+            bias: Some(bias.shallow_clone()),
+            path: None,
+        };
+        let upcast = layer(Fp8::Upcast).forward(&x);
+        assert!(upcast.allclose(&dense, 1e-5, 1e-5, false));
+        let scaled = layer(Fp8::Scaled).forward(&x);
+        assert_eq!(scaled.size(), [2, 9, 32]);
+        // The activations' own quantization: a few percent of the output.
+        let d = (&scaled - &dense).abs().max().double_value(&[]);
+        let m = dense.abs().max().double_value(&[]);
+        assert!(d > 0.0 && d < 0.08 * m, "scaled fp8 off by {d} (max {m})");
+        let l = layer(Fp8::Upcast);
+        assert_eq!(l.bytes(), 32 * 48 + 4 + 32 * 4);
+        assert_eq!(l.kind(), Kind::Float);
+    }
 }

@@ -41,7 +41,7 @@ pub mod zimage;
 pub use clip::{ClipTextModel, Fix, XlOutput};
 pub use control::{ControlBase, ControlNetwork, ControlResiduals};
 pub use denoiser::{Conditioning, Denoiser, GuidanceInput, Layout};
-pub use device::{DeviceSpec, Placement, Precision};
+pub use device::{DeviceSpec, Fp8, Placement, Precision};
 pub use error::{ModelError, Result};
 pub use flux::FluxTransformer;
 pub use flux2::Flux2Transformer;

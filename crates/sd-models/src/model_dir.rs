@@ -34,6 +34,8 @@ pub struct ModelDir {
     transformer: Option<PathBuf>,
     /// What the model is, decided at open.
     family: Family,
+    /// How the transformer's block weights are kept (`--fp8`).
+    fp8: crate::device::Fp8,
 }
 
 const PICKLE_EXTS: [&str; 4] = ["bin", "ckpt", "pt", "pth"];
@@ -72,6 +74,7 @@ impl ModelDir {
             transformer: None,
             single_file: None,
             family,
+            fp8: crate::device::Fp8::Off,
         })
     }
 
@@ -115,6 +118,7 @@ impl ModelDir {
             vae: None,
             transformer: None,
             single_file: Some(file),
+            fp8: crate::device::Fp8::Off,
         })
     }
 
@@ -147,6 +151,23 @@ impl ModelDir {
                 path: dir.join("config.json"),
             })?;
         self.vae = Some(found);
+        Ok(self)
+    }
+
+    /// This model with its transformer's block weights kept as `fp8` says
+    /// (FLUX.1 and FLUX.2 Klein; refused for another family).
+    pub fn with_fp8(mut self, fp8: crate::device::Fp8) -> Result<Self> {
+        if fp8 != crate::device::Fp8::Off && !matches!(self.family, Family::Flux | Family::Klein) {
+            return Err(ModelError::Unsupported {
+                path: self.root.clone(),
+                message: format!(
+                    "fp8 weights are served for the FLUX transformers (FLUX.1, FLUX.2 Klein); this \
+                     is a {} model",
+                    self.family
+                ),
+            });
+        }
+        self.fp8 = fp8;
         Ok(self)
     }
 
@@ -269,6 +290,10 @@ impl ModelDir {
         } else {
             let half = placement.kind != tch::Kind::Float;
             Weights::open(&self.weights_path(c, half)?, placement)?
+        };
+        let w = match c {
+            Component::Transformer => w.with_fp8(self.fp8),
+            _ => w,
         };
         // The networks LoRA adapts register their layers under their
         // diffusers names (the VAE is never adapted).

@@ -144,6 +144,8 @@ pub struct Weights {
     modules: RefCell<crate::modules::ModuleIndex>,
     /// The file's `__metadata__` strings.
     metadata: HashMap<String, String>,
+    /// How linear layers in an fp8 scope keep their weights.
+    fp8: crate::device::Fp8,
 }
 
 /// Whether `path` is a sharded checkpoint's index
@@ -202,6 +204,7 @@ impl Weights {
             namespace: String::new(),
             modules: RefCell::new(Default::default()),
             metadata,
+            fp8: crate::device::Fp8::Off,
         }
     }
 
@@ -356,6 +359,13 @@ impl Weights {
     /// Register the layers loaded from these weights under `network` (for LoRA).
     pub fn with_namespace(mut self, network: &str) -> Self {
         self.namespace = network.to_string();
+        self
+    }
+
+    /// These weights with the linear layers of their fp8 scopes (a FLUX
+    /// transformer's blocks) kept as `fp8` says.
+    pub fn with_fp8(mut self, fp8: crate::device::Fp8) -> Self {
+        self.fp8 = fp8;
         self
     }
 
@@ -539,6 +549,8 @@ impl Weights {
 pub struct Vb<'a> {
     weights: &'a Weights,
     prefix: String,
+    /// Linear layers under this path take the weights' fp8 storage.
+    fp8: bool,
 }
 
 impl<'a> Vb<'a> {
@@ -546,6 +558,25 @@ impl<'a> Vb<'a> {
         Vb {
             weights,
             prefix: prefix.to_string(),
+            fp8: false,
+        }
+    }
+
+    /// This path, its linear layers kept as the weights' `fp8` says (a
+    /// FLUX transformer's blocks).
+    pub fn fp8_scope(&self) -> Vb<'a> {
+        Vb {
+            fp8: true,
+            ..self.clone()
+        }
+    }
+
+    /// How linear layers here keep their weights.
+    pub fn fp8(&self) -> crate::device::Fp8 {
+        if self.fp8 {
+            self.weights.fp8
+        } else {
+            crate::device::Fp8::Off
         }
     }
 
@@ -562,6 +593,7 @@ impl<'a> Vb<'a> {
         Vb {
             weights: self.weights,
             prefix: self.name(&child.to_string()),
+            fp8: self.fp8,
         }
     }
 

@@ -57,6 +57,9 @@ pub fn load(
             .with_transformer(file)
             .map_err(|e| anyhow::anyhow!("--transformer: {e}"))?;
     }
+    dir = dir
+        .with_fp8(args.fp8)
+        .map_err(|e| anyhow::anyhow!("--fp8: {e}"))?;
     let net = sd_service::timed_load(&metrics, "unet", || Denoiser::load(&dir, placement))?;
     let vae = VaeConfig::read(&dir.config_path(Component::Vae))?;
     let layout = net.layout(&vae);

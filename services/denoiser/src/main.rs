@@ -60,6 +60,13 @@ struct Args {
     /// bf16, fp16, fp32 or fp8 e4m3/e5m2, upcast to --precision at load).
     #[arg(long, env = "SD_TRANSFORMER")]
     transformer: Option<std::path::PathBuf>,
+    /// FLUX.1 and FLUX.2 Klein: keep the transformer blocks' linear weights
+    /// in fp8 e4m3 with one scale per tensor (half bf16's memory): `upcast`
+    /// computes each layer in --precision from them, `scaled` with scaled
+    /// fp8 matrix products (the activations quantized per call; Hopper's
+    /// fp8 tensor cores); `off` keeps them as loaded.
+    #[arg(long, env = "SD_FP8", default_value = "off")]
+    fp8: sd_models::Fp8,
     /// Bytes of text embeddings kept by id (MiB), ids and bookkeeping
     /// counted; also what all step streams together may hold (at least
     /// 16 MiB).

@@ -97,6 +97,10 @@ pub struct UpArgs {
     /// denoiser's `--transformer`).
     #[arg(long)]
     transformer: Option<PathBuf>,
+    /// FLUX: the transformer blocks' weights in fp8 (the denoiser's
+    /// `--fp8`: off, upcast or scaled).
+    #[arg(long)]
+    fp8: Option<String>,
     /// Folder of LoRA files requests may name (the text encoder's and the
     /// denoiser's `--lora-dir`).
     #[arg(long, env = "SD_LORA_DIR")]

@@ -47,6 +47,9 @@ pub(super) fn stage_args_for(args: &UpArgs, stage: Stage, model: &Path) -> Vec<S
             file.to_string_lossy().into_owned(),
         ]);
     }
+    if let (Stage::Denoiser, Some(fp8)) = (stage, &args.fp8) {
+        v.extend(["--fp8".to_string(), fp8.clone()]);
+    }
     if let (Stage::TextEncoder | Stage::Denoiser, Some(dir)) = (stage, &args.lora_dir) {
         v.extend(["--lora-dir".to_string(), dir.to_string_lossy().into_owned()]);
     }
