@@ -200,6 +200,10 @@ flux_tiny() {
     # FLUX runs in bf16 (it overflows fp16), on the CPU too.
     for precision in fp32 bf16; do parity flux-dev-tiny "$precision" --size 32 --steps 4; done
     parity flux-schnell-tiny bf16 --size 32 --steps 4
+    # fp8 block weights (issue 30): off, upcast and scaled through the stack.
+    step "fp8 check flux-dev-tiny" 300 "$BENCH" --model "$WORK/fixtures/flux-dev-tiny" --device "$DEVICE" \
+        --precision "$([[ "$DEVICE" == cpu ]] && echo fp32 || echo bf16)" --size 32 --steps 4 --threads "$THREADS" \
+        --fp8-check
 }
 flux_big() {
     step "FLUX.1-dev-architecture random model" 600 "$PYTHON" "$HERE/fixtures/make_flux_random.py" \
@@ -211,6 +215,11 @@ flux_big() {
     step "bench flux-random bf16 1024² 28 steps" 600 "$BENCH" --model "$WORK/fixtures/flux-random" \
         --device "$DEVICE" --precision bf16 --size 1024 --steps 28 --threads "$THREADS" --runs 1 \
         --concurrency 1 --requests-per-worker 1 --forward-rows 1,2 "${diffusers[@]}" --python "$PYTHON"
+    # The blocks in fp8 e4m3 (per-tensor scales), upcast per layer and as
+    # scaled fp8 products: seconds per image, the denoiser's VRAM, PSNR
+    # against the bf16 image.
+    step "fp8 check flux-random 1024² 28 steps" 600 "$BENCH" --model "$WORK/fixtures/flux-random" \
+        --device "$DEVICE" --precision bf16 --size 1024 --steps 28 --threads "$THREADS" --fp8-check
 }
 
 klein_tiny() {

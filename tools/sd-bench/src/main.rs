@@ -14,7 +14,9 @@
 //! (predicted vs measured forwards, see `cost.rs`); `--precision-check`
 //! compares bf16 with fp32 for time and image (`precision.rs`);
 //! `--parity-check` compares the stack's images with diffusers' on the
-//! device and precision given (`parity.rs`, run by the GPU bundle).
+//! device and precision given (`parity.rs`, run by the GPU bundle);
+//! `--fp8-check` a FLUX model's fp8 block weights against the model as
+//! loaded (`fp8.rs`).
 //!
 //! `--device cuda --precision fp16` runs all three on a GPU; diffusers' step
 //! time (between its step callbacks; CUDA events on a GPU) stands next to
@@ -24,6 +26,7 @@
 
 mod cost;
 mod diffusers;
+mod fp8;
 mod inprocess;
 mod lora;
 mod parity;
@@ -110,6 +113,15 @@ struct Args {
     /// `--precision` (three seeds and prompts); fails beyond the tolerance.
     #[arg(long)]
     parity_check: bool,
+    /// FLUX: the stack's transformer blocks in fp8 (the denoiser's
+    /// `--fp8`: off, upcast or scaled), for every run.
+    #[arg(long, default_value = "off")]
+    fp8: sd_models::Fp8,
+    /// Only compare a FLUX model's fp8 block weights with the model as
+    /// loaded: the stack with `--fp8` off, upcast and scaled, for time,
+    /// the denoiser's memory and the image (PSNR against off).
+    #[arg(long)]
+    fp8_check: bool,
     /// Only time run-time LoRA in process: random adapters of this rank on
     /// every attention and feed-forward projection, forwards with none, one,
     /// and three mixed with none (`--forward-rows`, `--size`, `--runs`).
@@ -356,6 +368,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.parity_check {
         return parity::check(&args).await;
+    }
+    if args.fp8_check {
+        return fp8::check(&args).await;
     }
     if let Some(rank) = args.lora_bench {
         return lora::bench(&args, rank);

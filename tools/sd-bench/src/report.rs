@@ -230,7 +230,7 @@ pub(crate) fn print_peak_rss(stack: &Stack) {
 }
 
 /// `VmHWM` of a `/proc/PID/status` text, in KiB.
-fn vm_hwm_kib(status: &str) -> Option<u64> {
+pub(crate) fn vm_hwm_kib(status: &str) -> Option<u64> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))

@@ -115,6 +115,7 @@ pub(crate) fn start_stack(
         ("SD_MODEL_CONCURRENCY", unet_workers.to_string()),
         ("SD_DEVICE", args.device.to_string()),
         ("SD_PRECISION", args.precision.to_string()),
+        ("SD_FP8", args.fp8.to_string()),
     ];
     if !batching {
         env.push(("SD_NO_BATCHING", "true".into()));
