@@ -201,7 +201,13 @@ impl Backends {
             text: &t,
         }
         .check()?;
+        // Older denoisers publish none: their float32.
+        let compute_dtype = sd_proto::v1::Dtype::try_from(d.compute_dtype)
+            .ok()
+            .filter(|t| *t != sd_proto::v1::Dtype::Unspecified)
+            .unwrap_or(sd_proto::v1::Dtype::Float32);
         Ok(ModelFacts {
+            compute_dtype,
             id: d.model_id,
             name: d.model_name,
             layout: facts.layout,

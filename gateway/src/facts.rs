@@ -59,6 +59,9 @@ impl SharedCost {
 pub struct ModelFacts {
     /// The weights' identity (changes when they do).
     pub id: String,
+    /// What the denoiser computes in: the wire's type with `--wire-dtype
+    /// auto`.
+    pub compute_dtype: sd_proto::v1::Dtype,
     /// The model's name, as clients ask for it.
     pub name: String,
     /// The latents: channels, what the network takes, sizes, packing.
@@ -268,6 +271,7 @@ impl ModelFacts {
     /// fuzz targets.
     pub fn sd15_example() -> Self {
         ModelFacts {
+            compute_dtype: sd_proto::v1::Dtype::Float32,
             id: "tiny@1".into(),
             name: "tiny".into(),
             layout: Layout::sd(),

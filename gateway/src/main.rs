@@ -53,9 +53,13 @@ struct Args {
     /// Bytes of prompt embeddings kept in the gateway (MiB).
     #[arg(long, env = "SD_PROMPT_CACHE_MIB", default_value_t = 256)]
     prompt_cache_mib: usize,
-    /// Element type of latents on the wire each step: f32, f16 or bf16.
-    #[arg(long, env = "SD_WIRE_DTYPE", default_value = "f32", value_parser = parse_dtype)]
-    wire_dtype: Dtype,
+    /// Element type of latents and predictions on the wire each step: f32,
+    /// f16 or bf16, or `auto`, the type the denoiser computes in (its
+    /// --precision: half the bytes for a half-precision model, and the same
+    /// images — the network casts its input to that type first, and its
+    /// prediction is made in it).
+    #[arg(long, env = "SD_WIRE_DTYPE", default_value = "auto", value_parser = parse_dtype)]
+    wire_dtype: Wire,
     /// Log prompts at info level.
     #[arg(long, env = "SD_LOG_PROMPTS")]
     log_prompts: bool,
@@ -91,12 +95,30 @@ fn parse_route(route: &str, base: &BackendArgs) -> anyhow::Result<(String, Backe
     ))
 }
 
-fn parse_dtype(s: &str) -> Result<Dtype, String> {
+/// The wire's element type: the denoiser's own, or one given.
+#[derive(Debug, Clone, Copy)]
+enum Wire {
+    Auto,
+    Is(Dtype),
+}
+
+impl Wire {
+    /// The type for a model whose denoiser computes in `compute`.
+    fn for_model(self, compute: Dtype) -> Dtype {
+        match self {
+            Wire::Auto => compute,
+            Wire::Is(d) => d,
+        }
+    }
+}
+
+fn parse_dtype(s: &str) -> Result<Wire, String> {
     match s {
-        "f32" | "fp32" | "float32" => Ok(Dtype::Float32),
-        "f16" | "fp16" | "float16" => Ok(Dtype::Float16),
-        "bf16" | "bfloat16" => Ok(Dtype::Bfloat16),
-        other => Err(format!("`{other}`: expected f32, f16 or bf16")),
+        "auto" => Ok(Wire::Auto),
+        "f32" | "fp32" | "float32" => Ok(Wire::Is(Dtype::Float32)),
+        "f16" | "fp16" | "float16" => Ok(Wire::Is(Dtype::Float16)),
+        "bf16" | "bfloat16" => Ok(Wire::Is(Dtype::Bfloat16)),
+        other => Err(format!("`{other}`: expected auto, f32, f16 or bf16")),
     }
 }
 
@@ -239,10 +261,10 @@ async fn connect(
     let cache = Arc::new(Mutex::new(PromptCache::new(args.prompt_cache_mib << 20)));
     let generator = |backends: &Backends, facts: ModelFacts| Generator {
         stages: Arc::new(backends.clone()),
+        wire: args.wire_dtype.for_model(facts.compute_dtype),
         facts: Arc::new(facts),
         cache: cache.clone(),
         metrics: metrics.clone(),
-        wire: args.wire_dtype,
     };
     let default = generator(&backends, facts);
     let mut others = Vec::new();
@@ -292,4 +314,27 @@ async fn connect(
     Ok(GenerationServer::from_arc(service)
         .max_decoding_message_size(max_in)
         .max_encoding_message_size(max_out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wire_is_the_denoisers_type_unless_one_is_given() {
+        let auto = parse_dtype("auto").unwrap_or(Wire::Is(Dtype::Unspecified));
+        assert_eq!(auto.for_model(Dtype::Bfloat16), Dtype::Bfloat16);
+        assert_eq!(auto.for_model(Dtype::Float32), Dtype::Float32);
+        let f32 = parse_dtype("f32").unwrap_or(Wire::Auto);
+        assert_eq!(f32.for_model(Dtype::Bfloat16), Dtype::Float32);
+        assert!(parse_dtype("f8").is_err());
+        // The flag parses as the gateway reads it, default and given.
+        let args = |extra: &[&str]| {
+            let mut v = vec!["sd-gateway"];
+            v.extend_from_slice(extra);
+            Args::try_parse_from(v).map(|a| a.wire_dtype.for_model(Dtype::Float16))
+        };
+        assert_eq!(args(&[]).ok(), Some(Dtype::Float16));
+        assert_eq!(args(&["--wire-dtype", "bf16"]).ok(), Some(Dtype::Bfloat16));
+    }
 }

@@ -58,11 +58,24 @@ impl Stack {
         Stack::launch(&[], &["SD_MODEL"])
     }
 
+    /// A stack with more `sdctl up` flags and environment for its servers
+    /// (e.g. the gateway's `SD_WIRE_DTYPE`).
+    pub fn start_with_env(model: &Path, flags: &[&str], env: &[(&str, &str)]) -> Stack {
+        let mut args = vec!["--model", model.to_str().expect("a UTF-8 model path")];
+        args.extend_from_slice(flags);
+        Stack::launch_with(&args, &[], env)
+    }
+
     fn launch(flags: &[&str], unset: &[&str]) -> Stack {
+        Stack::launch_with(flags, unset, &[])
+    }
+
+    fn launch_with(flags: &[&str], unset: &[&str], env: &[(&str, &str)]) -> Stack {
         let mut cmd = Command::new(bin_dir().join("sdctl"));
         cmd.args(["up", "--port", "0", "--http-port", "0"])
             .args(flags)
             .env("SD_TORCH_THREADS", "1")
+            .envs(env.iter().copied())
             .stderr(Stdio::null());
         for var in unset {
             cmd.env_remove(var);

@@ -64,6 +64,8 @@ impl InProcess {
         };
         let (scale, shift) = vae_config.normalization();
         let facts = ModelFacts {
+            // No wire in process: nothing is sent.
+            compute_dtype: Dtype::Float32,
             id: format!("in-process:{}", dir.root().display()),
             name: dir
                 .root()
