@@ -147,16 +147,19 @@ impl ControlPlan {
 }
 
 /// The ControlRefs of step `k` of `n`: the active units, each naming its
-/// hint image's session tensor.
-pub fn refs(units: &[ControlPlan], k: usize, n: usize) -> Vec<ControlRef> {
+/// hint image's session tensor. With `all` (FLUX), every unit, those
+/// outside their window or at weight 0 at scale 0: diffusers' FLUX
+/// MultiControlNet runs them at 0, and how many samples its merge keeps
+/// depends on every unit's depth.
+pub fn refs(units: &[ControlPlan], k: usize, n: usize, all: bool) -> Vec<ControlRef> {
     units
         .iter()
         .enumerate()
-        .filter(|(_, u)| u.active(k, n) && u.weight != 0.0)
+        .filter(|(_, u)| all || (u.active(k, n) && u.weight != 0.0))
         .map(|(i, u)| ControlRef {
             name: u.unit.name.clone(),
             image: IMAGE_NAMES[i].to_string(),
-            scale: u.weight,
+            scale: if u.active(k, n) { u.weight } else { 0.0 },
             uncond_scale: (u.mode == ControlMode::Control).then_some(0.0),
             soft: u.mode != ControlMode::Balanced,
             union_mode: u.unit.union_mode,
@@ -547,23 +550,26 @@ mod tests {
         let mut u = unit(0.0, 1.0, ControlWindowRule::Diffusers);
         u.unit.name = "edges".into();
         u.weight = 0.6;
-        let r = refs(std::slice::from_ref(&u), 0, 4);
+        let r = refs(std::slice::from_ref(&u), 0, 4, false);
         assert_eq!(
             (r[0].scale, r[0].uncond_scale, r[0].soft),
             (0.6, None, false)
         );
         u.mode = ControlMode::Prompt;
-        let r = refs(std::slice::from_ref(&u), 0, 4);
+        let r = refs(std::slice::from_ref(&u), 0, 4, false);
         assert_eq!((r[0].uncond_scale, r[0].soft), (None, true));
         u.mode = ControlMode::Control;
-        let r = refs(std::slice::from_ref(&u), 0, 4);
+        let r = refs(std::slice::from_ref(&u), 0, 4, false);
         assert_eq!((r[0].uncond_scale, r[0].soft), (Some(0.0), true));
         assert_eq!(r[0].image, "control.0");
         u.weight = 0.0;
         assert!(
-            refs(&[u], 0, 4).is_empty(),
+            refs(std::slice::from_ref(&u), 0, 4, false).is_empty(),
             "a zero weight controls nothing"
         );
+        // FLUX's: every unit, at scale 0 where it does not control.
+        let r = refs(&[u], 0, 4, true);
+        assert_eq!((r.len(), r[0].scale), (1, 0.0));
     }
 
     #[test]

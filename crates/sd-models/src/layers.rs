@@ -35,14 +35,29 @@ enum Weight {
 /// The largest finite e4m3 value.
 const E4M3_MAX: f64 = 448.0;
 
-/// `t` as fp8 e4m3 and its float32 scale: `t ≈ q · scale`, the largest
-/// magnitude mapped to e4m3's largest.
+/// `t` as fp8 e4m3 and its float32 scale: `t ≈ q · scale`, the scale the
+/// power of two that maps the largest magnitude into (224, 448] — exact in
+/// bf16 and fp16 too, so upcasting a layer multiplies by it without
+/// rounding (e4m3 being floating point, the power of two costs no
+/// precision).
 fn quantize(t: &Tensor) -> (Tensor, Tensor) {
     let f = t.to_kind(Kind::Float);
     let amax = f.abs().max();
-    let scale = (amax / E4M3_MAX).clamp_min(f64::from(f32::MIN_POSITIVE));
+    let scale = (amax / E4M3_MAX)
+        .clamp_min(f64::from(f32::MIN_POSITIVE))
+        .log2()
+        .ceil()
+        .exp2();
     let q = (f / &scale).to_kind(Kind::Float8e4m3fn);
     (q, scale)
+}
+
+/// Rows of `x` (M, K) as fp8 e4m3 with one float32 scale per row (M, 1),
+/// each row's largest magnitude mapped to e4m3's largest.
+fn quantize_rows(x: &Tensor) -> (Tensor, Tensor) {
+    let scale =
+        (x.abs().amax([1i64].as_slice(), true) / E4M3_MAX).clamp_min(f64::from(f32::MIN_POSITIVE));
+    ((x / &scale).to_kind(Kind::Float8e4m3fn), scale)
 }
 
 impl Linear {
@@ -150,9 +165,7 @@ fn scaled_fp8(xs: &Tensor, w: &Tensor, scale: &Tensor, bias: Option<&Tensor>) ->
     } else {
         x
     };
-    let x_scale =
-        (x.abs().amax([1i64].as_slice(), true) / E4M3_MAX).clamp_min(f64::from(f32::MIN_POSITIVE));
-    let x8 = (&x / &x_scale).to_kind(Kind::Float8e4m3fn);
+    let (x8, x_scale) = quantize_rows(&x);
     let n = w.size()[0];
     let w_scale = scale
         .to_device(x8.device())
@@ -419,9 +432,12 @@ mod fp8_tests {
         let (q, scale) = quantize(&w);
         assert_eq!(q.kind(), Kind::Float8e4m3fn);
         let back = q.to_kind(Kind::Float) * &scale;
-        // The largest magnitude maps to e4m3's largest, exactly.
+        // The largest magnitude lands in e4m3's top octave, the scale a
+        // power of two.
         let qmax = q.to_kind(Kind::Float).abs().max().double_value(&[]);
-        assert!((qmax - E4M3_MAX).abs() < 1e-6, "{qmax}");
+        assert!(qmax > E4M3_MAX / 2.0 && qmax <= E4M3_MAX, "{qmax}");
+        let s = scale.double_value(&[]);
+        assert_eq!(s.log2().fract(), 0.0, "scale {s} is no power of two");
         // Three mantissa bits: each normal value within 2^-4 of itself.
         let rel = ((&back - &w).abs() / (w.abs() + 1e-6))
             .max()

@@ -104,7 +104,12 @@ impl Denoising<'_> {
                 Some(p) => p,
                 None => {
                     let refs = (
-                        crate::control::refs(&self.controls, k, total as usize),
+                        crate::control::refs(
+                            &self.controls,
+                            k,
+                            total as usize,
+                            self.generator.facts.profile.controlnet_takes_latents(),
+                        ),
                         crate::ip::refs(&self.ip_adapters, k, total as usize),
                     );
                     let p = self

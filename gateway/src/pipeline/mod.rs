@@ -209,9 +209,10 @@ impl Generator {
     }
 
     /// FLUX ControlNets see each control image's VAE latents: each encoded
-    /// and sampled from the request's generator, in unit order, before the
-    /// start's noise (diffusers' FluxControlNetPipeline's draws), normalised
-    /// as the latents are. None for a UNet's (which see the image).
+    /// and sampled from the request's generator — one sample per image —,
+    /// in unit order, before the start's noise (diffusers'
+    /// FluxControlNetPipeline's draws), normalised as the latents are. None
+    /// for a UNet's (which see the image).
     async fn encode_controls(
         &self,
         controls: &[crate::control::ControlPlan],
@@ -235,8 +236,12 @@ impl Generator {
             };
             let init = crate::plan::InitImage { pixels };
             let (mean, std) = self.encode_init_image(&init, &one, deadline).await?;
+            // diffusers repeats the control image for each image and
+            // samples each row.
+            let each = |t: HostTensor| shape.tensor(t.data.repeat(shape.images));
+            let (mean, std) = (each(mean), each(std));
             let z = latents::sample(&mean, &std, self.facts.normalization, rng);
-            out.push(one.tensor(z));
+            out.push(shape.tensor(z));
         }
         Ok(Some(out))
     }

@@ -185,8 +185,14 @@ struct Inputs {
 }
 
 impl Inputs {
-    /// One half of call `c` (its uncond rows, or its cond rows).
-    fn add_half(&mut self, c: &Call, uncond_half: bool, input: Option<GuidanceInput>) {
+    /// One half of call `c` (number `call` of the forward's calls: its
+    /// uncond rows, or its cond rows).
+    fn add_half(
+        &mut self,
+        (call, c): (usize, &Call),
+        uncond_half: bool,
+        input: Option<GuidanceInput>,
+    ) {
         let b = c.batch();
         let rows = |t: &Tensor| {
             let mut size = t.size();
@@ -208,6 +214,9 @@ impl Inputs {
                 })
                 .filter(|(_, s)| *s != 0.0)
                 .collect(),
+            depth: control::merged_depth(&c.controls),
+            call,
+            uncond: uncond_half,
         });
         for k in &c.ip {
             if k.scale != 0.0 {
@@ -389,7 +398,9 @@ pub fn forward_calls(net: &Denoiser, calls: &[&Call]) -> sd_models::Result<Vec<T
                     groups.len() - 1
                 }
             };
-            groups[at].2.add_half(c, uncond_half, net.guidance_input());
+            groups[at]
+                .2
+                .add_half((i, c), uncond_half, net.guidance_input());
             groups[at].3.push((i, uncond_half));
         }
     }

@@ -165,6 +165,13 @@ fn fits(net: &ControlNetwork, base: &ControlBase) -> Result<(), String> {
         }
         (ControlNetwork::Flux(net), ControlBase::Flux(base)) => {
             let c = net.config();
+            if c.guidance_embeds && !base.guidance_embeds {
+                return Err(
+                    "it takes a guidance value (made for FLUX.1-dev); this transformer \
+                            takes none (schnell)"
+                        .into(),
+                );
+            }
             let shape = |c: &sd_models::flux::FluxConfig| {
                 (
                     c.in_channels,
@@ -297,6 +304,32 @@ pub struct RowControls {
     pub rows: i64,
     /// Each control and its scale on these rows (zero scales left out).
     pub controls: Vec<(Control, f64)>,
+    /// FLUX: how many double- and single-block samples the call's
+    /// ControlNets merge to — all of them, those at scale 0 too
+    /// ([`merged_depth`]).
+    pub depth: Option<(usize, usize)>,
+    /// Which of the forward's calls these rows are, and whether they are
+    /// its unconditional half.
+    pub call: usize,
+    pub uncond: bool,
+}
+
+/// How many samples of each kind (double, single) diffusers'
+/// FLUX MultiControlNet keeps of `controls`, in unit order: the first's
+/// count, then the smaller of it and each next one's — a ControlNet giving
+/// none of a kind leaves it as it is, and a first giving none keeps none
+/// (its `zip` over `None`). None: no FLUX ControlNet.
+pub fn merged_depth(controls: &[Control]) -> Option<(usize, usize)> {
+    let mut depths = controls.iter().filter_map(|c| match &*c.net.item {
+        ControlNetwork::Flux(n) => Some((
+            n.config().num_layers.max(0) as usize,
+            n.config().num_single_layers.max(0) as usize,
+        )),
+        ControlNetwork::Unet(_) => None,
+    });
+    let first = depths.next()?;
+    let merge = |m: usize, d: usize| if m > 0 && d > 0 { m.min(d) } else { m };
+    Some(depths.fold(first, |m, d| (merge(m.0, d.0), merge(m.1, d.1))))
 }
 
 /// The network's inputs the ControlNets see, all rows.
@@ -449,23 +482,12 @@ fn flux_residuals(
     x: &ControlInputs,
     f: &FluxInputs,
 ) -> sd_models::Result<FluxResiduals> {
-    let depth = |c: &Control| match &*c.net.item {
-        ControlNetwork::Flux(n) => Ok((
-            n.config().num_layers.max(0) as usize,
-            n.config().num_single_layers.max(0) as usize,
-        )),
-        ControlNetwork::Unet(_) => Err(mismatch(&c.net.name)),
-    };
     // Each controlled half's merged sample counts.
-    let mut merged: Vec<(i64, (usize, usize))> = Vec::new();
-    for h in halves.iter().filter(|h| !h.controls.is_empty()) {
-        let mut m = (usize::MAX, usize::MAX);
-        for (c, _) in &h.controls {
-            let d = depth(c)?;
-            m = (m.0.min(d.0), m.1.min(d.1));
-        }
-        merged.push((h.start, m));
-    }
+    let merged: Vec<(i64, (usize, usize))> = halves
+        .iter()
+        .filter(|h| !h.controls.is_empty())
+        .map(|h| (h.start, h.depth.unwrap_or((0, 0))))
+        .collect();
     let common = merged
         .first()
         .map(|(_, m)| *m)
@@ -473,10 +495,22 @@ fn flux_residuals(
     let (slots_d, slots_s) = common.unwrap_or(f.blocks);
     let total_rows = x.latents.size()[0];
     let (mut double, mut single): (Vec<Tensor>, Vec<Tensor>) = (Vec::new(), Vec::new());
+    let twins = twins(halves);
     for (net, entries) in &by_text_length(groups, f.cond) {
         let ControlNetwork::Flux(item) = &*net.item else {
             return Err(mismatch(&net.name));
         };
+        // A true-CFG call's unconditional rows take its conditional rows'
+        // samples (the same inputs): not run again.
+        let entries: Vec<Entry> = entries
+            .iter()
+            .filter(|e| !twins.iter().any(|t| t.0 == e.0))
+            .copied()
+            .collect();
+        if entries.is_empty() {
+            continue;
+        }
+        let entries = &entries;
         let (_, index, hint) = group_rows(entries, x.latents.device());
         let pick = |t: &Tensor| t.index_select(0, &index.to_device(t.device()));
         // Each entry's call's conditional text and pooled embedding.
@@ -526,7 +560,39 @@ fn flux_residuals(
             offset += n;
         }
     }
+    for (u, c, n) in twins {
+        for t in double.iter_mut().chain(single.iter_mut()) {
+            let from = t.narrow(0, c, n).copy();
+            t.narrow(0, u, n).copy_(&from);
+        }
+    }
     Ok(FluxResiduals { double, single })
+}
+
+/// The unconditional halves whose call's conditional half is in the same
+/// forward with the same ControlNets at the same scales: (its first row,
+/// the conditional half's, rows). diffusers' true CFG gives the negative
+/// pass the prompt's samples, which those rows would compute again.
+fn twins(halves: &[RowControls]) -> Vec<(i64, i64, i64)> {
+    let same = |a: &[(Control, f64)], b: &[(Control, f64)]| {
+        a.len() == b.len()
+            && a.iter().zip(b).all(|((x, s), (y, t))| {
+                Arc::ptr_eq(&x.net, &y.net)
+                    && s == t
+                    && x.mode == y.mode
+                    && x.hint.size() == y.hint.size()
+            })
+    };
+    halves
+        .iter()
+        .filter(|h| h.uncond && !h.controls.is_empty())
+        .filter_map(|h| {
+            halves
+                .iter()
+                .find(|g| g.call == h.call && !g.uncond && same(&g.controls, &h.controls))
+                .map(|g| (h.start, g.start, h.rows))
+        })
+        .collect()
 }
 
 /// Each group split by the length of its rows' conditional texts (one

@@ -86,7 +86,8 @@ fn print_table(args: &Args, rows: &[Row]) {
         args.device
     );
     let memory = if args.device == DeviceSpec::Cpu {
-        "denoiser peak RSS (MiB)"
+        // The weights file's mapped pages count in it too.
+        "denoiser peak RSS (MiB, mapped weights included)"
     } else {
         "denoiser VRAM (MiB)"
     };
