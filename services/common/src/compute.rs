@@ -120,8 +120,12 @@ impl Call {
         self.controls
             .iter()
             .map(|c| {
-                let halves = f64::from(u8::from(c.scale != 0.0))
-                    + f64::from(u8::from(self.uncond.is_some() && c.uncond_scale != 0.0));
+                // A FLUX ControlNet's unconditional rows copy the
+                // conditional rows' samples: it runs on those alone.
+                let uncond = self.uncond.is_some()
+                    && c.uncond_scale != 0.0
+                    && !(c.net.item.takes_latents() && c.scale == c.uncond_scale);
+                let halves = f64::from(u8::from(c.scale != 0.0)) + f64::from(u8::from(uncond));
                 c.net.cost_ratio.unwrap_or(0.0) * halves * self.batch() as f64
             })
             .sum()
