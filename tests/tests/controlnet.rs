@@ -141,17 +141,7 @@ fn flux_controlnets_list_union_types_and_refuse_bad_units() {
         ];
         for (req, field, says) in cases {
             let e = client.generate(req).await.unwrap_err();
-            assert_eq!(
-                e.code(),
-                tonic::Code::InvalidArgument,
-                "{field}: {}",
-                e.message()
-            );
-            assert!(
-                e.message().contains(field) && e.message().contains(says),
-                "{field}: {}",
-                e.message()
-            );
+            common::assert_refused(&e, field, says);
         }
         // A good union unit runs, and steers the picture.
         let plain = client.generate(base.clone()).await.unwrap().into_inner();
@@ -357,17 +347,7 @@ fn controlnets_are_listed_and_bad_units_refused_by_field() {
         });
         for (req, field, says) in cases {
             let e = client.generate(req).await.unwrap_err();
-            assert_eq!(
-                e.code(),
-                tonic::Code::InvalidArgument,
-                "{field}: {}",
-                e.message()
-            );
-            assert!(
-                e.message().contains(field) && e.message().contains(says),
-                "{field}: {}",
-                e.message()
-            );
+            common::assert_refused(&e, field, says);
         }
         // Canny on the hint picture: it runs, and steers the image.
         let plain = client
@@ -501,6 +481,26 @@ fn webuiapi_and_openai_clients_steer_with_controlnets() {
     );
 }
 
+/// Fixture `model`'s denoising network and a store of its fixture
+/// ControlNets, in process.
+fn network_and_controlnets(
+    model: &str,
+) -> (sd_models::Denoiser, sd_service::control::ControlStore) {
+    use sd_models::{Denoiser, ModelDir, Placement};
+    let net = Denoiser::load(
+        &ModelDir::open(common::model(model)).unwrap(),
+        Placement::cpu(),
+    )
+    .unwrap();
+    let args = sd_service::control::ControlArgs {
+        controlnet_dir: Some(common::fixtures().join(format!("controlnet/{model}/nets"))),
+        controlnet_cache_mb: 1024,
+    };
+    let store =
+        sd_service::control::store(&args, net.control_base(), Placement::cpu(), None).unwrap();
+    (net, store)
+}
+
 /// Four guided calls in one batched forward — a ControlNet at a weight,
 /// the other with A1111's soft injection and no control on the
 /// unconditional rows, both at once, and none — run the UNet once on all
@@ -508,21 +508,10 @@ fn webuiapi_and_openai_clients_steer_with_controlnets() {
 /// equals its own forward's, and the controlled ones differ from the plain.
 #[test]
 fn mixed_controls_share_one_forward_and_each_call_equals_its_own() {
-    use sd_models::{Denoiser, ModelDir, Placement};
     use sd_service::compute::{forward_calls, Call, Half};
-    use sd_service::control::{Control, ControlArgs};
+    use sd_service::control::Control;
     use tch::{Kind, Tensor};
-    let net = Denoiser::load(
-        &ModelDir::open(common::model("sd1-tiny")).unwrap(),
-        Placement::cpu(),
-    )
-    .unwrap();
-    let args = ControlArgs {
-        controlnet_dir: Some(common::fixtures().join("controlnet/sd1-tiny/nets")),
-        controlnet_cache_mb: 1024,
-    };
-    let store =
-        sd_service::control::store(&args, net.control_base(), Placement::cpu(), None).unwrap();
+    let (net, store) = network_and_controlnets("sd1-tiny");
     let f = (Kind::Float, tch::Device::Cpu);
     tch::manual_seed(7);
     let control = |name: &str, scale: f64, uncond_scale: f64, soft: bool| {
@@ -593,21 +582,10 @@ fn mixed_controls_share_one_forward_and_each_call_equals_its_own() {
 /// different counts), the controlled ones different from the plain.
 #[test]
 fn flux_controls_of_different_depths_share_one_forward() {
-    use sd_models::{Denoiser, ModelDir, Placement};
     use sd_service::compute::{forward_calls, Call, Half};
-    use sd_service::control::{Control, ControlArgs};
+    use sd_service::control::Control;
     use tch::{Kind, Tensor};
-    let net = Denoiser::load(
-        &ModelDir::open(common::model("flux-dev-tiny")).unwrap(),
-        Placement::cpu(),
-    )
-    .unwrap();
-    let args = ControlArgs {
-        controlnet_dir: Some(common::fixtures().join("controlnet/flux-dev-tiny/nets")),
-        controlnet_cache_mb: 1024,
-    };
-    let store =
-        sd_service::control::store(&args, net.control_base(), Placement::cpu(), None).unwrap();
+    let (net, store) = network_and_controlnets("flux-dev-tiny");
     let f = (Kind::Float, tch::Device::Cpu);
     tch::manual_seed(11);
     let control = |name: &str, scale: f64, mode: Option<i64>| {

@@ -436,9 +436,7 @@ impl SingleBlock {
 /// FLUX.1's transformer, loaded from `transformer/`.
 pub struct FluxTransformer {
     config: FluxConfig,
-    x_embedder: Linear,
-    context_embedder: Linear,
-    embed: TimeText,
+    embedders: Embedders,
     double: Vec<DoubleBlock>,
     single: Vec<SingleBlock>,
     norm_out: Linear,
@@ -458,14 +456,7 @@ impl FluxTransformer {
         let dim = config.inner_dim();
         let (double, single) = blocks(&vb, &config)?;
         let me = FluxTransformer {
-            x_embedder: Linear::load(&vb.pp("x_embedder"), config.in_channels, dim, true)?,
-            context_embedder: Linear::load(
-                &vb.pp("context_embedder"),
-                config.joint_attention_dim,
-                dim,
-                true,
-            )?,
-            embed: TimeText::load(&vb, &config)?,
+            embedders: Embedders::load(&vb, &config)?,
             double,
             single,
             norm_out: Linear::load(&vb.pp("norm_out.linear"), dim, 2 * dim, true)?,
@@ -509,7 +500,7 @@ impl FluxTransformer {
         let c = &self.config;
         let ((b, ch, h, w), pooled) = check_inputs(c, latents, context, pooled)?;
         let cs = context.size();
-        let guidance = self.embed.check_guidance(guidance)?;
+        let guidance = self.embedders.time.check_guidance(guidance)?;
         per_row_timesteps(timesteps, b)?;
         if let Some(r) = control {
             r.check(b, (h / 2) * (w / 2), c.inner_dim())?;
@@ -519,13 +510,10 @@ impl FluxTransformer {
             let dev = self.device;
             let kind = self.kind;
             let x = pack(&latents.to_device(dev).to_kind(kind));
-            let temb = self
-                .embed
-                .forward(timesteps, guidance, pooled, b, (dev, kind));
-            let mut img = self.x_embedder.forward(&x);
-            let mut txt = self
-                .context_embedder
-                .forward(&context.to_device(dev).to_kind(kind));
+            let e = &self.embedders;
+            let temb = e.time.forward(timesteps, guidance, pooled, b, (dev, kind));
+            let mut img = e.x.forward(&x);
+            let mut txt = e.context.forward(&context.to_device(dev).to_kind(kind));
             let rope = rope(&self.config, cs[1], h / 2, w / 2, dev);
             let hd = c.attention_head_dim;
             let n_double = self.double.len();
@@ -603,6 +591,31 @@ pub(crate) fn check_inputs<'a>(
         )));
     }
     Ok(((b, ch, h, w), pooled))
+}
+
+/// What the transformer and its ControlNets embed alike: the packed
+/// latents (`x_embedder`), the T5 text (`context_embedder`), and the time,
+/// guidance and pooled text (`time_text_embed`).
+pub(crate) struct Embedders {
+    pub(crate) x: Linear,
+    pub(crate) context: Linear,
+    pub(crate) time: TimeText,
+}
+
+impl Embedders {
+    pub(crate) fn load(vb: &Vb, config: &FluxConfig) -> Result<Self> {
+        let dim = config.inner_dim();
+        Ok(Embedders {
+            x: Linear::load(&vb.pp("x_embedder"), config.in_channels, dim, true)?,
+            context: Linear::load(
+                &vb.pp("context_embedder"),
+                config.joint_attention_dim,
+                dim,
+                true,
+            )?,
+            time: TimeText::load(vb, config)?,
+        })
+    }
 }
 
 /// The time, guidance and pooled-text embedding (`time_text_embed`): the

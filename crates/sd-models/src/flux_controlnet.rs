@@ -25,8 +25,8 @@ use crate::config::{config_err, read_json};
 use crate::device::Placement;
 use crate::error::{guarded, ModelError, Result};
 use crate::flux::{
-    blocks, check_inputs, pack, per_row_timesteps, rope, DoubleBlock, FluxConfig, SingleBlock,
-    TimeText,
+    blocks, check_inputs, pack, per_row_timesteps, rope, DoubleBlock, Embedders, FluxConfig,
+    SingleBlock,
 };
 use crate::layers::Linear;
 use crate::weights::{Storage, Vb};
@@ -88,10 +88,8 @@ struct Extra {
 /// A loaded FLUX ControlNet.
 pub struct FluxControlNet {
     config: FluxConfig,
-    x_embedder: Linear,
+    embedders: Embedders,
     controlnet_x_embedder: Linear,
-    context_embedder: Linear,
-    embed: TimeText,
     double: Vec<DoubleBlock>,
     single: Vec<SingleBlock>,
     controlnet_blocks: Vec<Linear>,
@@ -142,15 +140,8 @@ impl FluxControlNet {
                 .collect::<Result<Vec<_>>>()
         };
         Ok(FluxControlNet {
-            x_embedder: Linear::load(&vb.pp("x_embedder"), ic, dim, true)?,
+            embedders: Embedders::load(&vb, &config)?,
             controlnet_x_embedder: Linear::load(&vb.pp("controlnet_x_embedder"), ic, dim, true)?,
-            context_embedder: Linear::load(
-                &vb.pp("context_embedder"),
-                config.joint_attention_dim,
-                dim,
-                true,
-            )?,
-            embed: TimeText::load(&vb, &config)?,
             controlnet_blocks: zero("controlnet_blocks", double.len())?,
             controlnet_single_blocks: zero("controlnet_single_blocks", single.len())?,
             double,
@@ -246,20 +237,17 @@ impl FluxControlNet {
                 latents.size()
             )));
         }
-        let guidance = self.embed.check_guidance(guidance)?;
+        let guidance = self.embedders.time.check_guidance(guidance)?;
         per_row_timesteps(timesteps, b)?;
         let modes = self.check_modes(modes, b)?;
         guarded(|| {
             let _guard = tch::no_grad_guard();
             let Placement { device: dev, kind } = self.placement;
             let x = pack(&latents.to_device(dev).to_kind(kind));
-            let mut img = self.x_embedder.forward(&x) + hint.to_device(dev).to_kind(kind);
-            let temb = self
-                .embed
-                .forward(timesteps, guidance, pooled, b, (dev, kind));
-            let mut txt = self
-                .context_embedder
-                .forward(&context.to_device(dev).to_kind(kind));
+            let e = &self.embedders;
+            let mut img = e.x.forward(&x) + hint.to_device(dev).to_kind(kind);
+            let temb = e.time.forward(timesteps, guidance, pooled, b, (dev, kind));
+            let mut txt = e.context.forward(&context.to_device(dev).to_kind(kind));
             if let (Some(table), Some(m)) = (&self.modes, &modes) {
                 // The control type, one more text token at the front.
                 let token = table.index_select(0, &m.to_device(dev)).unsqueeze(1);

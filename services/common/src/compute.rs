@@ -227,7 +227,9 @@ impl Inputs {
                 self.ip.push((self.rows, b, k.clone(), uncond_half));
             }
         }
-        if let (false, Some(p)) = (c.controls.is_empty(), &c.cond.pooled) {
+        // What a FLUX ControlNet sees of the call (only its calls).
+        let flux_controlled = c.controls.iter().any(|k| k.net.item.takes_latents());
+        if let (true, Some(p)) = (flux_controlled, &c.cond.pooled) {
             self.cond.push((self.rows, rows(&c.cond.context), rows(p)));
         }
         let g = c.embedded_guidance.unwrap_or(c.guidance) as f32;
@@ -293,7 +295,8 @@ impl Inputs {
         let (xs, ts) = (Tensor::cat(&self.xs, 0), Tensor::cat(&self.ts, 0));
         // The ControlNets first, outside the LoRA plan: adapters are the
         // denoiser's, not theirs.
-        let control_guidance = Tensor::from_slice(&self.control_guidance);
+        let control_guidance =
+            (!self.cond.is_empty()).then(|| Tensor::from_slice(&self.control_guidance));
         let control = control::residuals(
             &self.controls,
             &ControlInputs {
@@ -302,11 +305,14 @@ impl Inputs {
                 context: &context,
                 pooled: pooled.as_ref(),
                 time_ids: time_ids.as_ref(),
-                flux: net.flux_blocks().map(|blocks| control::FluxInputs {
-                    cond: &self.cond,
-                    guidance: &control_guidance,
-                    blocks,
-                }),
+                flux: net
+                    .flux_blocks()
+                    .zip(control_guidance.as_ref())
+                    .map(|(blocks, guidance)| control::FluxInputs {
+                        cond: &self.cond,
+                        guidance,
+                        blocks,
+                    }),
             },
         )?;
         let reference_tokens = cat(&self.references);

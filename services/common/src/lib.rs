@@ -22,5 +22,5 @@ pub use args::ModelArgs;
 pub use error::ServiceError;
 pub use identity::model_id;
 pub use serve::{answer, handle, maybe_timed_load, rpc_span, serve_model, timed_load};
-pub use wire::{finite, from_wire, to_wire};
+pub use wire::{dtype_of, finite, from_wire, to_wire};
 pub use worker::{Timings, Worker};

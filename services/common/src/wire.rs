@@ -34,6 +34,16 @@ pub fn finite(t: &Tensor, field: &str) -> Result<(), ServiceError> {
     Err(ServiceError::invalid(field, "holds NaN or infinite values"))
 }
 
+/// The wire's element type for tensors of `kind` (float32 for any but
+/// the two half precisions).
+pub fn dtype_of(kind: Kind) -> Dtype {
+    match kind {
+        Kind::Half => Dtype::Float16,
+        Kind::BFloat16 => Dtype::Bfloat16,
+        _ => Dtype::Float32,
+    }
+}
+
 /// A tch tensor on the wire as `dtype` (unspecified: float32).
 pub fn to_wire(t: &Tensor, dtype: Dtype) -> Result<WireTensor, ServiceError> {
     let (kind, dtype) = match dtype {

@@ -103,7 +103,7 @@ pub fn load(
         prediction_type: prediction.as_str().to_string(),
         scheduler_config_json,
         cost,
-        compute_dtype: compute_dtype(placement.kind) as i32,
+        compute_dtype: sd_service::dtype_of(placement.kind) as i32,
         ..published(&net, &layout, profile)
     };
     tracing::info!(model = %info.model_id, family = %dir.family(), "denoiser ready");
@@ -193,15 +193,6 @@ fn measure_controlnets(net: Arc<Denoiser>, layout: &Layout) -> sd_service::contr
         let cn = time(&|| control.probe(1, side, tokens).is_ok())?;
         (unet > 0.0).then(|| cn / unet)
     })
-}
-
-/// The wire's element type for what the network computes in.
-fn compute_dtype(kind: tch::Kind) -> sd_proto::v1::Dtype {
-    match kind {
-        tch::Kind::Half => sd_proto::v1::Dtype::Float16,
-        tch::Kind::BFloat16 => sd_proto::v1::Dtype::Bfloat16,
-        _ => sd_proto::v1::Dtype::Float32,
-    }
 }
 
 /// What the network and the family say about the model in Info.

@@ -107,6 +107,22 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
     assert!(d <= TOL, "{what}: max |diff| {d:.3e} exceeds {TOL:e}");
 }
 
+/// A refusal as a client reads it: INVALID_ARGUMENT, its message naming
+/// `field` and saying `says`.
+pub fn assert_refused(e: &tonic::Status, field: &str, says: &str) {
+    assert_eq!(
+        e.code(),
+        tonic::Code::InvalidArgument,
+        "{field}: {}",
+        e.message()
+    );
+    assert!(
+        e.message().contains(field) && e.message().contains(says),
+        "{field}: {}",
+        e.message()
+    );
+}
+
 /// Zeros of `shape` as a float32 wire tensor.
 pub fn wire_zeros(shape: &[i64]) -> sd_proto::v1::Tensor {
     let n = shape.iter().product::<i64>() as usize;

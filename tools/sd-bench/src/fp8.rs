@@ -61,19 +61,10 @@ fn denoiser_memory(stack: &Stack, device: DeviceSpec) -> Option<u64> {
         .find(|s| s.process.name().contains("denoiser"))?;
     let pid = den.process.id();
     if device == DeviceSpec::Cpu {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        return vm_hwm_kib(&status).map(|k| k / 1024);
+        peak_rss_mib(pid)
+    } else {
+        vram_by_process().ok()?.get(&pid).copied()
     }
-    let out = Command::new("nvidia-smi")
-        .args([
-            "--query-compute-apps=pid,used_memory",
-            "--format=csv,noheader,nounits",
-        ])
-        .output()
-        .ok()?;
-    vram_by_pid(&String::from_utf8_lossy(&out.stdout))
-        .get(&pid)
-        .copied()
 }
 
 fn print_table(args: &Args, rows: &[Row]) {

@@ -177,24 +177,13 @@ pub(crate) async fn print_throughput(args: &Args) -> anyhow::Result<()> {
 /// caching allocator keeps what it reserved, so this is its peak), as
 /// `nvidia-smi` reports it per process.
 pub(crate) fn print_vram(stack: &Stack) {
-    let out = Command::new("nvidia-smi")
-        .args([
-            "--query-compute-apps=pid,used_memory",
-            "--format=csv,noheader,nounits",
-        ])
-        .output();
-    let text = match out {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
-        Ok(o) => {
-            println!("VRAM per service: nvidia-smi failed ({})\n", o.status);
-            return;
-        }
-        Err(e) => {
-            println!("VRAM per service: nvidia-smi not run ({e})\n");
+    let used = match vram_by_process() {
+        Ok(used) => used,
+        Err(why) => {
+            println!("VRAM per service: {why}\n");
             return;
         }
     };
-    let used = vram_by_pid(&text);
     println!("| service | VRAM (MiB, after the runs above) |\n|---|---:|");
     for s in &stack.services {
         let cell = used
@@ -205,19 +194,34 @@ pub(crate) fn print_vram(stack: &Stack) {
     println!();
 }
 
+/// GPU memory (MiB) by process id, as `nvidia-smi` reports it; why not,
+/// when it cannot be read.
+pub(crate) fn vram_by_process() -> Result<BTreeMap<u32, u64>, String> {
+    let out = Command::new("nvidia-smi")
+        .args([
+            "--query-compute-apps=pid,used_memory",
+            "--format=csv,noheader,nounits",
+        ])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Ok(vram_by_pid(&String::from_utf8_lossy(&o.stdout))),
+        Ok(o) => Err(format!("nvidia-smi failed ({})", o.status)),
+        Err(e) => Err(format!("nvidia-smi not run ({e})")),
+    }
+}
+
+/// Peak resident memory (MiB) of process `pid`: the kernel's `VmHWM`.
+pub(crate) fn peak_rss_mib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    vm_hwm_kib(&status).map(|k| (k + 512) / 1024)
+}
+
 /// Peak resident memory of each model service (the kernel's `VmHWM`) and
 /// of this process, which holds the in-process pipeline: what each needs
 /// on a CPU machine.
 pub(crate) fn print_peak_rss(stack: &Stack) {
-    let peak = |pid: u32| -> String {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| vm_hwm_kib(&s))
-            .map_or_else(
-                || "not read".to_string(),
-                |k| format!("{:.0}", k as f64 / 1024.0),
-            )
-    };
+    let peak =
+        |pid: u32| peak_rss_mib(pid).map_or_else(|| "not read".to_string(), |m| m.to_string());
     println!("| process | peak RSS (MiB, after the runs above) |\n|---|---:|");
     for s in &stack.services {
         println!("| {} | {} |", s.process.name(), peak(s.process.id()));
@@ -230,7 +234,7 @@ pub(crate) fn print_peak_rss(stack: &Stack) {
 }
 
 /// `VmHWM` of a `/proc/PID/status` text, in KiB.
-pub(crate) fn vm_hwm_kib(status: &str) -> Option<u64> {
+fn vm_hwm_kib(status: &str) -> Option<u64> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
